@@ -1,0 +1,34 @@
+"""Low-pass filters and soft masks (RELION-style raised-cosine edges)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .grids import irfft3_centered, rfft3_centered, rfft_freqs_3d
+
+
+def low_pass_filter(volume: torch.Tensor, resolution_angst: float, angpix: float, edge_width_shells: float = 2.0) -> torch.Tensor:
+    """Low-pass a (d, d, d) map to ``resolution_angst`` with a raised-cosine edge ``edge_width_shells`` wide."""
+    d = volume.shape[-1]
+    f = rfft3_centered(volume)
+    kz, ky, kx = rfft_freqs_3d(d, volume.device, torch.float64)
+    r = torch.sqrt(kx**2 + ky**2 + kz**2)
+    cutoff = d * angpix / resolution_angst
+    lo, hi = cutoff - edge_width_shells / 2, cutoff + edge_width_shells / 2
+    filt = torch.where(r <= lo, 1.0, torch.where(r >= hi, 0.0, 0.5 + 0.5 * torch.cos(math.pi * (r - lo) / max(hi - lo, 1e-9))))
+    return irfft3_centered(f * filt.to(f.real.dtype), d).to(volume.dtype)
+
+
+def _radius_from_centre(shape, device, dtype):
+    axes = [torch.arange(n, device=device, dtype=dtype) - n // 2 for n in shape]
+    grids = torch.meshgrid(*axes, indexing="ij")
+    return torch.sqrt(sum(g**2 for g in grids))
+
+
+def soft_sphere(shape, radius_px: float, edge_px: float = 5.0, device=None, dtype=torch.float32) -> torch.Tensor:
+    """1 inside ``radius_px`` of the centre pixel, cosine fall-off to 0 over ``edge_px`` (2D or 3D shape)."""
+    r = _radius_from_centre(shape, device, torch.float64)
+    m = torch.where(r <= radius_px, 1.0, torch.where(r >= radius_px + edge_px, 0.0, 0.5 + 0.5 * torch.cos(math.pi * (r - radius_px) / max(edge_px, 1e-9))))
+    return m.to(dtype)

@@ -1,0 +1,82 @@
+"""Frequency grids in torch's rfft layouts, integer Fourier shells, and centring conventions.
+
+Real-space images and volumes have their centre at pixel ``d // 2`` (RELION's convention).
+Transforms are unnormalised (``norm="backward"``): the central slice of a volume's 3D transform
+equals the 2D transform of its projection (sum along the beam), so no scale factors hide in the
+projector. ``ifftshift`` before the forward transform puts the phase origin at the centre pixel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rfft2_centered(images: torch.Tensor) -> torch.Tensor:
+    """(..., d, d) real -> (..., d, d//2+1) complex, phase origin at pixel d//2."""
+    return torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1)))
+
+
+def irfft2_centered(f_rfft: torch.Tensor, box: int) -> torch.Tensor:
+    """Inverse of :func:`rfft2_centered`: (..., d, d//2+1) -> (..., d, d) real."""
+    return torch.fft.fftshift(torch.fft.irfft2(f_rfft, s=(box, box)), dim=(-2, -1))
+
+
+def rfft3_centered(volume: torch.Tensor) -> torch.Tensor:
+    """(d, d, d) real (z, y, x) -> (d, d, d//2+1) complex, phase origin at the centre voxel."""
+    return torch.fft.rfftn(torch.fft.ifftshift(volume, dim=(-3, -2, -1)), dim=(-3, -2, -1))
+
+
+def irfft3_centered(f_rfft: torch.Tensor, box: int) -> torch.Tensor:
+    return torch.fft.fftshift(torch.fft.irfftn(f_rfft, s=(box, box, box), dim=(-3, -2, -1)), dim=(-3, -2, -1))
+
+
+def rfft_freqs_2d(box: int, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer frequencies (ky, kx), each (d, d//2+1), of torch's rfft2 layout (ky unshifted)."""
+    ky = torch.fft.fftfreq(box, d=1.0 / box, device=device, dtype=dtype)
+    kx = torch.arange(box // 2 + 1, device=device, dtype=dtype)
+    return torch.meshgrid(ky, kx, indexing="ij")
+
+
+def rfft_freqs_3d(box: int, device=None, dtype=torch.float32):
+    """Integer frequencies (kz, ky, kx), each (d, d, d//2+1), of torch's rfftn layout."""
+    k = torch.fft.fftfreq(box, d=1.0 / box, device=device, dtype=dtype)
+    kx = torch.arange(box // 2 + 1, device=device, dtype=dtype)
+    return torch.meshgrid(k, k, kx, indexing="ij")
+
+
+def shell_index_2d(box: int, device=None) -> torch.Tensor:
+    """(d, d//2+1) int64: round(|k|), RELION's integer shells."""
+    ky, kx = rfft_freqs_2d(box, device, torch.float64)
+    return torch.round(torch.sqrt(kx**2 + ky**2)).long()
+
+
+def shell_index_3d(box: int, device=None) -> torch.Tensor:
+    kz, ky, kx = rfft_freqs_3d(box, device, torch.float64)
+    return torch.round(torch.sqrt(kx**2 + ky**2 + kz**2)).long()
+
+
+def window_pixels_2d(box: int, max_shell: int, device=None, include_dc: bool = False):
+    """The Fourier pixels of the E-step window: rfft half-plane pixels with 0 < round(|k|) <= max_shell.
+
+    Returns (flat_index (j,) into the (d*(d//2+1)) rfft image, ky (j,), kx (j,), shell (j,)).
+    Ordered by shell so a window of a smaller radius is a prefix of a larger one.
+    """
+    shells = shell_index_2d(box, device).flatten()
+    ky, kx = (g.flatten() for g in rfft_freqs_2d(box, device))
+    keep = shells <= max_shell
+    if not include_dc:
+        keep &= shells > 0
+    idx = torch.nonzero(keep).squeeze(1)
+    order = torch.argsort(shells[idx] * (box * box) + idx)  # stable: by shell, then raster
+    idx = idx[order]
+    return idx, ky[idx], kx[idx], shells[idx]
+
+
+def radial_average(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> torch.Tensor:
+    """Mean of ``values`` (..., j) over integer ``shells`` (j,) -> (..., n_shells); empty shells give 0."""
+    s = shells.clamp(max=n_shells)  # shell n_shells collects everything beyond, then dropped
+    count = torch.zeros(n_shells + 1, dtype=values.dtype, device=values.device).index_add_(0, s, torch.ones_like(s, dtype=values.dtype))
+    flat = values.reshape(-1, values.shape[-1])
+    total = torch.zeros(flat.shape[0], n_shells + 1, dtype=values.dtype, device=values.device).index_add_(1, s, flat)
+    mean = total / count.clamp(min=1)
+    return mean[:, :n_shells].reshape(*values.shape[:-1], n_shells)

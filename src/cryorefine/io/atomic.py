@@ -1,0 +1,49 @@
+"""Atomic file writes: write to a hidden temporary in the same folder, then rename."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from pathlib import Path
+
+from cryorefine.errors import CryoInputError
+
+_USER_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EACCES: "the folder is not writable",
+                errno.EROFS: "the file system is read-only", errno.EPERM: "the folder is not writable",
+                errno.EDQUOT: "the disk quota is exceeded"}
+
+
+def temp_path_for(path) -> Path:
+    """`.{stem}.tmp{pid}{suffix}` next to `path` (the extension stays last for mrcfile/starfile)."""
+    path = Path(path)
+    return path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+
+
+def user_os_error(exc: OSError, folder) -> CryoInputError | None:
+    """A CryoInputError for OS errors the user can fix (full disk, no permission), else None."""
+    reason = _USER_ERRNOS.get(exc.errno)
+    if reason is None:
+        return None
+    return CryoInputError(f"cannot write here: {reason} ({exc.strerror}); free space or choose "
+                          "another output folder", path=folder)
+
+
+@contextlib.contextmanager
+def atomic_write(path):
+    """Yield a temporary path; on success os.replace it onto `path`, on failure remove it."""
+    path = Path(path)
+    folder = path.parent.resolve()
+    if not folder.is_dir():
+        raise CryoInputError("output folder does not exist; create it first", path=folder)
+    tmp = temp_path_for(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError):
+            err = user_os_error(exc, folder)
+            if err is not None:
+                raise err from exc
+        raise

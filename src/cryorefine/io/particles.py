@@ -1,0 +1,366 @@
+"""The particle table (STAR 3.0 / 3.1 / cryoSPARC exports) as structure-of-arrays, plus image reads."""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cryorefine.errors import CryoInputError
+from cryorefine.io.mrc import ImageStack, open_stack
+from cryorefine.io.star import read_star, write_star
+
+MAX_OPEN_STACKS = 128
+_PIXEL_COLUMNS = ("rlnImagePixelSize", "rlnDetectorPixelSize", "rlnMagnification")
+_OPTICS_VALUE_COLUMNS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
+_OPTICS_OWN_COLUMNS = ("rlnOpticsGroup", "rlnOpticsGroupName", "rlnImageSize", "rlnImageDimensionality",
+                       *_PIXEL_COLUMNS, *_OPTICS_VALUE_COLUMNS)
+# particle columns turned into table fields (everything else goes to `extra`)
+_PARTICLE_OWN_COLUMNS = ("rlnImageName", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi",
+                         "rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginX", "rlnOriginY",
+                         "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift",
+                         "rlnCtfBfactor", "rlnCtfScalefactor", "rlnOpticsGroup", "rlnRandomSubset",
+                         "rlnClassNumber")
+
+
+@dataclass
+class OpticsGroup:
+    """One row of data_optics."""
+    number: int                # rlnOpticsGroup (1-based, as in the file)
+    name: str                  # rlnOpticsGroupName
+    angpix: float              # rlnImagePixelSize (Å/px)
+    box: int                   # rlnImageSize
+    voltage_kv: float          # rlnVoltage
+    cs_mm: float               # rlnSphericalAberration
+    amplitude_contrast: float  # rlnAmplitudeContrast
+    extra: dict = field(default_factory=dict)  # other optics columns, written back unchanged
+
+
+_PER_PARTICLE = ("image_index", "image_stack", "image_name", "rot_deg", "tilt_deg", "psi_deg",
+                 "origin_x_angst", "origin_y_angst", "defocus_u_angst", "defocus_v_angst",
+                 "defocus_angle_deg", "phase_shift_deg", "ctf_bfactor", "ctf_scale", "optics_group",
+                 "random_subset", "class_number")
+
+
+@dataclass
+class ParticleTable:
+    """Per-particle arrays (n,); angles in degrees, offsets and defocus in Å."""
+    image_index: np.ndarray        # int64, 0-based index into the stack
+    image_stack: np.ndarray        # object: absolute stack paths
+    image_name: np.ndarray         # object: original rlnImageName strings
+    rot_deg: np.ndarray
+    tilt_deg: np.ndarray
+    psi_deg: np.ndarray
+    origin_x_angst: np.ndarray
+    origin_y_angst: np.ndarray
+    defocus_u_angst: np.ndarray
+    defocus_v_angst: np.ndarray
+    defocus_angle_deg: np.ndarray
+    phase_shift_deg: np.ndarray
+    ctf_bfactor: np.ndarray
+    ctf_scale: np.ndarray
+    optics_group: np.ndarray       # int64, 0-based index into `optics`
+    random_subset: np.ndarray      # int64, 0 where absent
+    class_number: np.ndarray       # int64, 1 where absent
+    optics: list[OpticsGroup]
+    extra: pd.DataFrame
+    has_ctf: bool
+    star_path: str | None = None
+    _stacks: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.image_index)
+
+    def subset(self, mask_or_indices) -> "ParticleTable":
+        """A new table with the selected particles (boolean mask or integer indices); shares open stacks."""
+        sel = np.asarray(mask_or_indices)
+        if sel.dtype == bool:
+            if sel.shape != (len(self),):
+                raise ValueError(f"mask shape {sel.shape} != ({len(self)},)")
+            sel = np.flatnonzero(sel)
+        sel = sel.astype(np.int64).reshape(-1)
+        arrays = {name: getattr(self, name)[sel] for name in _PER_PARTICLE}
+        return replace(self, **arrays, extra=self.extra.iloc[sel].reset_index(drop=True),
+                       _stacks=self._stacks)
+
+    @property
+    def angpix(self) -> np.ndarray:
+        """Per-particle pixel size (Å/px)."""
+        return np.array([g.angpix for g in self.optics], np.float64)[self.optics_group]
+
+    @property
+    def box(self) -> int:
+        """The image box size (px), shared by all optics groups."""
+        boxes = sorted({g.box for g in self.optics})
+        if len(boxes) != 1:
+            raise CryoInputError(f"optics groups have different box sizes {boxes}; re-extract all "
+                                 "particles with one box size", path=self.star_path)
+        return boxes[0]
+
+    def stack(self, path: str) -> ImageStack:
+        """The open (memory-mapped) stack for a resolved path, opened lazily and cached."""
+        stack = self._stacks.get(path)
+        if stack is None:
+            stack = open_stack(path)
+            self._stacks[path] = stack
+            while len(self._stacks) > MAX_OPEN_STACKS:
+                self._stacks.popitem(last=False)[1].close()
+        else:
+            self._stacks.move_to_end(path)
+        return stack
+
+    def close(self) -> None:
+        """Close all cached stacks."""
+        while self._stacks:
+            self._stacks.popitem()[1].close()
+
+
+# ---------------------------------------------------------------- loading
+
+def _require(df: pd.DataFrame, columns, block: str, path) -> None:
+    for col in columns:
+        if col not in df.columns:
+            raise CryoInputError(f"missing column {col} in data_{block}; add it or re-export the "
+                                 "particles", path=path)
+
+
+def _pixel_size_angst(df: pd.DataFrame, block: str, path) -> np.ndarray:
+    if "rlnImagePixelSize" in df.columns:
+        angpix = df["rlnImagePixelSize"].to_numpy(np.float64)
+    elif "rlnDetectorPixelSize" in df.columns and "rlnMagnification" in df.columns:
+        angpix = df["rlnDetectorPixelSize"].to_numpy(np.float64) * 1e4 / df["rlnMagnification"].to_numpy(np.float64)
+    else:
+        raise CryoInputError(f"missing column rlnImagePixelSize (or rlnDetectorPixelSize and "
+                             f"rlnMagnification) in data_{block}; add the pixel size", path=path)
+    if not (np.isfinite(angpix) & (angpix > 0)).all():
+        raise CryoInputError(f"invalid pixel size in data_{block} (must be > 0)", path=path)
+    return angpix
+
+
+def _column(df: pd.DataFrame, name: str, default, dtype=np.float64) -> np.ndarray:
+    if name in df.columns:
+        return df[name].to_numpy(dtype)
+    return np.full(len(df), default, dtype)
+
+
+def _parse_image_names(names: np.ndarray, path) -> tuple[np.ndarray, np.ndarray]:
+    """'000123@stack.mrcs' -> (122, 'stack.mrcs'); a name without '@' is a single image (index 0)."""
+    parts = pd.Series(names, dtype=object).str.partition("@")
+    has_at = (parts[1] == "@").to_numpy()
+    stacks = np.where(has_at, parts[2].to_numpy(object), parts[0].to_numpy(object)).astype(object)
+    index_text = parts[0].where(has_at, "1")
+    index_1 = pd.to_numeric(index_text, errors="coerce").to_numpy(np.float64)
+    bad = ~np.isfinite(index_1) | (index_1 < 1) | (index_1 != np.round(index_1))
+    if bad.any():
+        raise CryoInputError(f"bad rlnImageName {names[np.flatnonzero(bad)[0]]!r}; expected "
+                             "'index@stack.mrcs' with a 1-based index", path=path)
+    return index_1.astype(np.int64) - 1, stacks
+
+
+def _resolve_stack(name: str, project_dir: Path, star_dir: Path, star_path) -> str:
+    for suffix in (":mrcs", ":mrc"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    if os.path.isabs(name):
+        if os.path.isfile(name):
+            return name
+        raise CryoInputError(f"image stack {name} not found", path=star_path)
+    candidates = [project_dir / name, star_dir / name]
+    for cand in candidates:
+        if cand.is_file():
+            return os.path.abspath(cand)
+    raise CryoInputError(f"image stack {name} not found as {candidates[0]} (project directory) nor "
+                         f"{candidates[1]} (STAR file folder); run from the project directory or "
+                         "pass it", path=star_path)
+
+
+def _particles_block(blocks: dict, path) -> tuple[str, pd.DataFrame]:
+    if "particles" in blocks:
+        return "particles", blocks["particles"]
+    for name, df in blocks.items():
+        if name != "optics" and "rlnImageName" in df.columns:
+            return name, df
+    name = next((n for n in blocks if n != "optics"), None)
+    if name is None:
+        raise CryoInputError("no particles block (data_particles) found", path=path)
+    return name, blocks[name]
+
+
+def _optics_31(optics_df: pd.DataFrame, path) -> list[OpticsGroup]:
+    _require(optics_df, ("rlnOpticsGroup",), "optics", path)
+    angpix = _pixel_size_angst(optics_df, "optics", path)
+    _require(optics_df, _OPTICS_VALUE_COLUMNS, "optics", path)
+    numbers = optics_df["rlnOpticsGroup"].to_numpy(np.int64)
+    if len(set(numbers.tolist())) != len(numbers):
+        raise CryoInputError("duplicate rlnOpticsGroup numbers in data_optics", path=path)
+    extra_cols = [c for c in optics_df.columns if c not in _OPTICS_OWN_COLUMNS]
+    groups = []
+    for i, row in enumerate(optics_df.to_dict("records")):
+        number = int(numbers[i])
+        groups.append(OpticsGroup(
+            number=number, name=str(row.get("rlnOpticsGroupName", f"opticsGroup{number}")),
+            angpix=float(angpix[i]), box=int(row["rlnImageSize"]) if "rlnImageSize" in row else 0,
+            voltage_kv=float(row["rlnVoltage"]), cs_mm=float(row["rlnSphericalAberration"]),
+            amplitude_contrast=float(row["rlnAmplitudeContrast"]),
+            extra={c: row[c] for c in extra_cols}))
+    return groups
+
+
+def _optics_30(df: pd.DataFrame, path) -> tuple[list[OpticsGroup], np.ndarray, np.ndarray]:
+    """Optics groups from the unique (voltage, Cs, Q0, pixel size) rows of a STAR 3.0 table."""
+    angpix = _pixel_size_angst(df, "", path)
+    _require(df, _OPTICS_VALUE_COLUMNS, "", path)
+    keys = pd.DataFrame({c: df[c].to_numpy(np.float64) for c in _OPTICS_VALUE_COLUMNS})
+    keys["angpix"] = angpix
+    codes, uniques = pd.MultiIndex.from_frame(keys).factorize()
+    groups = [OpticsGroup(number=k + 1, name=f"opticsGroup{k + 1}", angpix=float(u[3]), box=0,
+                          voltage_kv=float(u[0]), cs_mm=float(u[1]), amplitude_contrast=float(u[2]))
+              for k, u in enumerate(uniques)]
+    return groups, codes.astype(np.int64), angpix
+
+
+def load_particles(star_path, project_dir=None) -> ParticleTable:
+    """Load a RELION 3.0/3.1+ or cryoSPARC particle STAR file; stacks resolved as RELION does."""
+    star_path = Path(star_path)
+    blocks = read_star(star_path)
+    block, df = _particles_block(blocks, star_path)
+    _require(df, ("rlnImageName",), block, star_path)
+    if len(df) == 0:
+        raise CryoInputError(f"no particles in data_{block}", path=star_path)
+    df = df.reset_index(drop=True)
+
+    if "optics" in blocks:  # STAR 3.1
+        optics = _optics_31(blocks["optics"], star_path)
+        number_to_index = {g.number: i for i, g in enumerate(optics)}
+        if "rlnOpticsGroup" in df.columns:
+            numbers = df["rlnOpticsGroup"].to_numpy(np.int64)
+        elif len(optics) == 1:
+            numbers = np.full(len(df), optics[0].number, np.int64)
+        else:
+            raise CryoInputError(f"missing column rlnOpticsGroup in data_{block}", path=star_path)
+        unknown = sorted(set(np.unique(numbers).tolist()) - set(number_to_index))
+        if unknown:
+            raise CryoInputError(f"particles refer to optics group(s) {unknown} absent from "
+                                 "data_optics", path=star_path)
+        lut = np.zeros(max(number_to_index) + 1, np.int64)
+        for number, i in number_to_index.items():
+            lut[number] = i
+        optics_group = lut[numbers]
+        particle_angpix = np.array([g.angpix for g in optics])[optics_group]
+        own = set(_PARTICLE_OWN_COLUMNS)
+    else:  # STAR 3.0 (one block, per-particle optics)
+        optics, optics_group, particle_angpix = _optics_30(df, star_path)
+        own = set(_PARTICLE_OWN_COLUMNS) | set(_OPTICS_OWN_COLUMNS)
+
+    # image names and stack paths (each unique stack resolved once)
+    image_name = df["rlnImageName"].astype(str).to_numpy(object)
+    image_index, stack_names = _parse_image_names(image_name, star_path)
+    unique_names, inverse = np.unique(stack_names.astype(str), return_inverse=True)
+    proj = Path(project_dir) if project_dir is not None else Path.cwd()
+    star_dir = star_path.resolve().parent
+    resolved = np.array([_resolve_stack(n, proj, star_dir, star_path) for n in unique_names], object)
+    image_stack = resolved[inverse.reshape(-1)]
+
+    # boxes missing from the file: read them from each group's first stack header
+    for i, group in enumerate(optics):
+        if group.box <= 0:
+            members = np.flatnonzero(optics_group == i)
+            if len(members):
+                with open_stack(image_stack[members[0]]) as stack:
+                    group.box = stack.shape[-1]
+
+    # origins: Å (3.1) or pixels (3.0)
+    if "rlnOriginXAngst" in df.columns or "rlnOriginYAngst" in df.columns:
+        origin_x, origin_y = _column(df, "rlnOriginXAngst", 0.0), _column(df, "rlnOriginYAngst", 0.0)
+    else:
+        origin_x = _column(df, "rlnOriginX", 0.0) * particle_angpix
+        origin_y = _column(df, "rlnOriginY", 0.0) * particle_angpix
+
+    has_ctf = "rlnDefocusU" in df.columns
+    defocus_u = _column(df, "rlnDefocusU", 0.0)
+    defocus_v = df["rlnDefocusV"].to_numpy(np.float64) if "rlnDefocusV" in df.columns else defocus_u.copy()
+
+    return ParticleTable(
+        image_index=image_index, image_stack=image_stack, image_name=image_name,
+        rot_deg=_column(df, "rlnAngleRot", 0.0), tilt_deg=_column(df, "rlnAngleTilt", 0.0),
+        psi_deg=_column(df, "rlnAnglePsi", 0.0),
+        origin_x_angst=origin_x, origin_y_angst=origin_y,
+        defocus_u_angst=defocus_u, defocus_v_angst=defocus_v,
+        defocus_angle_deg=_column(df, "rlnDefocusAngle", 0.0),
+        phase_shift_deg=_column(df, "rlnPhaseShift", 0.0),
+        ctf_bfactor=_column(df, "rlnCtfBfactor", 0.0), ctf_scale=_column(df, "rlnCtfScalefactor", 1.0),
+        optics_group=optics_group,
+        random_subset=_column(df, "rlnRandomSubset", 0, np.int64),
+        class_number=_column(df, "rlnClassNumber", 1, np.int64),
+        optics=optics, extra=df[[c for c in df.columns if c not in own]].copy(),
+        has_ctf=has_ctf, star_path=str(star_path))
+
+
+# ---------------------------------------------------------------- images
+
+def read_images(table: ParticleTable, indices) -> np.ndarray:
+    """float32 images (len(indices), box, box) of the particles at `indices` (0-based table rows)."""
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    box = table.box
+    out = np.empty((len(indices), box, box), np.float32)
+    if len(indices) == 0:
+        return out
+    stacks, inverse = np.unique(table.image_stack[indices].astype(str), return_inverse=True)
+    inverse = inverse.reshape(-1)
+    for k, path in enumerate(stacks):
+        rows = np.flatnonzero(inverse == k)
+        stack = table.stack(path)
+        if stack.shape[1] != box:
+            raise CryoInputError(f"images are {stack.shape[1]} px but rlnImageSize is {box}; "
+                                 "fix rlnImageSize or re-extract", path=path)
+        images = stack.read(table.image_index[indices[rows]])
+        if not np.isfinite(images).all():
+            raise CryoInputError("the stack contains NaN or Inf pixels; re-extract the particles",
+                                 path=path)
+        out[rows] = images
+    return out
+
+
+# ---------------------------------------------------------------- writing
+
+def particle_blocks(table: ParticleTable, **updated_columns) -> dict[str, pd.DataFrame]:
+    """RELION 3.1 blocks {'optics', 'particles'}; `updated_columns` (name -> array) override/add."""
+    optics_rows = []
+    for g in table.optics:
+        row = {"rlnOpticsGroupName": g.name, "rlnOpticsGroup": int(g.number),
+               "rlnImagePixelSize": float(g.angpix), "rlnImageSize": int(g.box),
+               "rlnImageDimensionality": 2, "rlnVoltage": float(g.voltage_kv),
+               "rlnSphericalAberration": float(g.cs_mm), "rlnAmplitudeContrast": float(g.amplitude_contrast)}
+        row.update({k: v for k, v in g.extra.items() if k not in row})
+        optics_rows.append(row)
+    cols = {"rlnImageName": table.image_name,
+            "rlnAngleRot": table.rot_deg, "rlnAngleTilt": table.tilt_deg, "rlnAnglePsi": table.psi_deg,
+            "rlnOriginXAngst": table.origin_x_angst, "rlnOriginYAngst": table.origin_y_angst}
+    if table.has_ctf:
+        cols.update({"rlnDefocusU": table.defocus_u_angst, "rlnDefocusV": table.defocus_v_angst,
+                     "rlnDefocusAngle": table.defocus_angle_deg, "rlnPhaseShift": table.phase_shift_deg,
+                     "rlnCtfBfactor": table.ctf_bfactor, "rlnCtfScalefactor": table.ctf_scale})
+    numbers = np.array([g.number for g in table.optics], np.int64)
+    cols["rlnOpticsGroup"] = numbers[table.optics_group]
+    if (table.random_subset != 0).any():
+        cols["rlnRandomSubset"] = table.random_subset
+    cols["rlnClassNumber"] = table.class_number
+    particles = pd.DataFrame(cols)
+    extra = table.extra.reset_index(drop=True)
+    for name in extra.columns:
+        if name not in particles.columns:
+            particles[name] = extra[name].to_numpy()
+    for name, values in updated_columns.items():
+        values = np.asarray(values)
+        if values.shape != (len(table),):
+            raise ValueError(f"column {name}: shape {values.shape} != ({len(table)},)")
+        particles[name] = values
+    return {"optics": pd.DataFrame(optics_rows), "particles": particles}
+
+
+def write_particles(path, table: ParticleTable, **updated_columns) -> None:
+    """Write the table as a RELION 3.1 particle STAR file (atomically)."""
+    write_star(path, particle_blocks(table, **updated_columns))

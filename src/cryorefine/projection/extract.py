@@ -1,0 +1,115 @@
+"""Central slices from a padded 3D Fourier transform (RELION's Projector), batched over rotations.
+
+The volume (d, d, d) is gridding pre-corrected (divided by sinc² of the trilinear kernel), zero-padded
+to P = pad·d, and transformed; the half transform is stored with z and y centred, x = 0..P/2
+(``f_padded[z + P//2, y + P//2, x]``). A 2D Fourier pixel (kx, ky) of a particle with rotation A lies
+at pad · (A[0]·kx + A[1]·ky) in the 3D transform (RELION's A^T (x, y, 0)); points with x < 0 are read
+from their Friedel mate (conjugated).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..fourier.grids import rfft3_centered
+
+
+@dataclass(frozen=True)
+class PaddedTransform:
+    """A padded 3D half transform, centred in z and y: (P, P, P//2 + 1) complex."""
+
+    f_padded: torch.Tensor
+    box: int
+    pad: int
+
+    @property
+    def size(self) -> int:
+        return self.box * self.pad
+
+
+def sinc2_gridding_kernel(box: int, pad: int, device=None, dtype=torch.float64) -> torch.Tensor:
+    """(d, d, d) real-space sinc²(π r / P) of trilinear interpolation on the padded grid (r from d//2)."""
+    c = torch.arange(box, device=device, dtype=dtype) - box // 2
+    r = torch.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2) / (box * pad)
+    return torch.sinc(r) ** 2  # torch.sinc is sin(πx)/(πx)
+
+
+def pad_volume(volume: torch.Tensor, pad: int) -> torch.Tensor:
+    """Zero-pad (d, d, d) to (P, P, P) keeping the centre voxel d//2 at P//2."""
+    d = volume.shape[-1]
+    size = d * pad
+    out = volume.new_zeros((size, size, size))
+    o = size // 2 - d // 2
+    out[o : o + d, o : o + d, o : o + d] = volume
+    return out
+
+
+def prepare_padded_transform(volume: torch.Tensor, pad: int = 2) -> PaddedTransform:
+    """(d, d, d) real map (z, y, x) -> padded, gridding pre-corrected, centred half transform."""
+    d = volume.shape[-1]
+    corrected = volume / sinc2_gridding_kernel(d, pad, volume.device, volume.dtype)
+    f = rfft3_centered(pad_volume(corrected, pad))
+    f = torch.fft.fftshift(f, dim=(0, 1))
+    return PaddedTransform(f, d, pad)
+
+
+def slice_coordinates(rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor, pad: int) -> torch.Tensor:
+    """3D padded-grid coordinates (..., r, j, 3) as (x, y, z) of 2D pixels (kx, ky) (j,) under rotations (..., r, 3, 3)."""
+    k2 = torch.stack([kx, ky], dim=-1).to(rotations.dtype)  # (j, 2)
+    return pad * torch.einsum("jc,...rcd->...rjd", k2, rotations[..., :2, :])
+
+
+def _trilinear_corners(coords: torch.Tensor, size: int):
+    """Friedel-flip coordinates to x >= 0, then the 8 corner flat indices and weights.
+
+    coords (..., 3) as (x, y, z) -> (flat (..., 8), weights (..., 8), conj_mask (...)).
+    """
+    flip = coords[..., 0] < 0
+    c = torch.where(flip.unsqueeze(-1), -coords, coords)
+    c0 = torch.floor(c)
+    frac = c - c0
+    c0 = c0.long()
+    half = size // 2
+    nx = size // 2 + 1
+    flats, weights = [], []
+    for dz in (0, 1):
+        for dy in (0, 1):
+            for dx in (0, 1):
+                x = (c0[..., 0] + dx).clamp(0, nx - 1)
+                y = (c0[..., 1] + dy + half).clamp(0, size - 1)
+                z = (c0[..., 2] + dz + half).clamp(0, size - 1)
+                wx = frac[..., 0] if dx else 1 - frac[..., 0]
+                wy = frac[..., 1] if dy else 1 - frac[..., 1]
+                wz = frac[..., 2] if dz else 1 - frac[..., 2]
+                flats.append((z * size + y) * nx + x)
+                weights.append(wx * wy * wz)
+    return torch.stack(flats, -1), torch.stack(weights, -1), flip
+
+
+def extract_central_slices(transform: PaddedTransform, rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:
+    """Projections of the map at Fourier pixels (kx, ky) (j,) for rotations (..., r, 3, 3) -> (..., r, j) complex."""
+    f = transform.f_padded
+    coords = slice_coordinates(rotations.to(f.real.dtype), ky, kx, transform.pad)
+    flat, w, flip = _trilinear_corners(coords, transform.size)
+    table = torch.view_as_real(f).reshape(-1, 2)
+    vals = table[flat.reshape(-1)].reshape(*flat.shape, 2)  # (..., r, j, 8, 2)
+    out = (vals * w.unsqueeze(-1).to(vals.dtype)).sum(-2)
+    out = torch.view_as_complex(out.contiguous())
+    return torch.where(flip, out.conj(), out)
+
+
+def project_rfft(transform: PaddedTransform, rotations: torch.Tensor, max_shell: float | None = None) -> torch.Tensor:
+    """Whole projections (r, d, d//2+1) in rfft2 layout (phase origin at pixel d//2); zero beyond ``max_shell`` (d/2)."""
+    from ..fourier.grids import rfft_freqs_2d
+
+    d = transform.box
+    ky, kx = rfft_freqs_2d(d, rotations.device, transform.f_padded.real.dtype)
+    r_max = d / 2 if max_shell is None else max_shell
+    inside = (kx**2 + ky**2) <= r_max**2
+    idx = torch.nonzero(inside.flatten()).squeeze(1)
+    slices = extract_central_slices(transform, rotations, ky.flatten()[idx], kx.flatten()[idx])
+    out = slices.new_zeros((*slices.shape[:-1], d * (d // 2 + 1)))
+    out[..., idx] = slices
+    return out.reshape(*slices.shape[:-1], d, d // 2 + 1)

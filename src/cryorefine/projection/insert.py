@@ -1,0 +1,61 @@
+"""Back-projection: scatter-add weighted 2D slices into the padded 3D half transform (RELION's BackProjector)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .extract import _trilinear_corners, slice_coordinates
+
+
+@dataclass
+class BackProjector:
+    """Accumulators on the padded grid: data (P, P, P//2+1) complex and weight (same shape) real."""
+
+    data: torch.Tensor
+    weight: torch.Tensor
+    box: int
+    pad: int
+
+    @classmethod
+    def zeros(cls, box: int, pad: int = 2, device=None, dtype=torch.float32) -> "BackProjector":
+        size = box * pad
+        shape = (size, size, size // 2 + 1)
+        cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+        return cls(torch.zeros(shape, dtype=cdtype, device=device), torch.zeros(shape, dtype=dtype, device=device), box, pad)
+
+    @property
+    def size(self) -> int:
+        return self.box * self.pad
+
+    def insert(self, rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor, values: torch.Tensor, weights: torch.Tensor) -> None:
+        """Add slices ``values`` (r, j) complex with ``weights`` (r, j) at Fourier pixels (kx, ky) under rotations (r, 3, 3)."""
+        coords = slice_coordinates(rotations.to(self.weight.dtype), ky, kx, self.pad)
+        flat, w, flip = _trilinear_corners(coords, self.size)  # (r, j, 8)
+        v = torch.where(flip, values.conj(), values).to(self.data.dtype)
+        contrib = torch.view_as_real(v.unsqueeze(-1) * w.to(self.weight.dtype))  # (r, j, 8, 2)
+        torch.view_as_real(self.data).reshape(-1, 2).index_add_(0, flat.reshape(-1), contrib.reshape(-1, 2))
+        self.weight.view(-1).index_add_(0, flat.reshape(-1), (weights.to(self.weight.dtype).unsqueeze(-1) * w).reshape(-1))
+
+    def add_(self, other: "BackProjector") -> None:
+        self.data += other.data
+        self.weight += other.weight
+
+
+def enforce_hermitian_x0(data: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum each x = 0 voxel with its Friedel mate (-y, -z), as RELION's enforceHermitianSymmetry does.
+
+    Points inserted just right of x = 0 leave their mates' contribution missing on that plane.
+    """
+    size = data.shape[0]
+    data, weight = data.clone(), weight.clone()
+    plane_d, plane_w = data[..., 0], weight[..., 0]
+    # index i holds frequency i - size//2; its mate -k sits at size - i (mod size) for even size
+    mate = (-(torch.arange(size, device=data.device) - size // 2)) % size
+    mate = (mate + size // 2) % size
+    mate_d = plane_d[mate][:, mate].conj()
+    mate_w = plane_w[mate][:, mate]
+    data[..., 0] = plane_d + mate_d
+    weight[..., 0] = plane_w + mate_w
+    return data, weight

@@ -1,0 +1,65 @@
+"""Reconstruction from back-projected accumulators: Wiener-type division, inverse transform, gridding correction."""
+
+from __future__ import annotations
+
+import torch
+
+from ..fourier.grids import irfft3_centered
+from ..projection.extract import sinc2_gridding_kernel
+from ..projection.insert import BackProjector, enforce_hermitian_x0
+
+MIN_REGULARISED_SHELL = 5  # RELION's minres_map: no prior term on the lowest shells
+
+
+def padded_shell_index(size: int, pad: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the centred padded half grid (P, P, P//2+1): padded radius and original-grid shell round(R/pad)."""
+    k = torch.arange(size, device=device, dtype=torch.float64) - size // 2
+    kx = torch.arange(size // 2 + 1, device=device, dtype=torch.float64)
+    r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
+    return r, torch.round(r / pad).long()
+
+
+def shell_average_inverse_weight(bp: BackProjector, n_shells: int) -> torch.Tensor:
+    """⟨1/(pad³·weight)⟩ per original-grid shell (s,), over voxels with weight > 0 (RELION's sigma2 of the map)."""
+    _, shell = padded_shell_index(bp.size, bp.pad, bp.weight.device)
+    _, w = enforce_hermitian_x0(bp.data, bp.weight)
+    w = w.to(torch.float64)
+    ok = (w > 0) & (shell < n_shells)
+    inv = torch.zeros(n_shells, dtype=torch.float64, device=w.device).index_add_(0, shell[ok], 1.0 / (bp.pad**3 * w[ok]))
+    cnt = torch.zeros(n_shells, dtype=torch.float64, device=w.device).index_add_(0, shell[ok], torch.ones_like(w[ok]))
+    return inv / cnt.clamp(min=1)
+
+
+def reconstruct(
+    bp: BackProjector,
+    tau2: torch.Tensor | None = None,
+    tau2_fudge: float = 1.0,
+    max_shell: int | None = None,
+    min_regularised_shell: int = MIN_REGULARISED_SHELL,
+) -> torch.Tensor:
+    """(d, d, d) real map from accumulators.
+
+    F = data / (weight + 1/(pad³·T·τ²(s))) for shells s >= ``min_regularised_shell`` where τ² > 0
+    (τ² in unpadded units, RELION's regulariser), plain data/weight elsewhere (``tau2=None``: the
+    unregularised ``_unfil`` map); shells where τ² = 0 are damped (1000× the weight), as RELION does.
+    Components beyond ``max_shell`` (default d/2) are zero. Then inverse FFT, crop, divide by sinc².
+    """
+    d, pad, size = bp.box, bp.pad, bp.size
+    data, weight = enforce_hermitian_x0(bp.data, bp.weight)
+    r_pad, shell = padded_shell_index(size, pad, data.device)
+    max_shell = d // 2 if max_shell is None else max_shell
+    denom = weight.to(torch.float64)
+    if tau2 is not None:
+        tau2 = tau2.to(device=data.device, dtype=torch.float64)
+        s = shell.clamp(max=tau2.numel() - 1)
+        t = tau2[s]
+        reg = torch.where(t > 0, 1.0 / (pad**3 * tau2_fudge * t.clamp(min=1e-300)), 1000.0 * denom)
+        denom = denom + torch.where(shell >= min_regularised_shell, reg, torch.zeros_like(reg))
+    inside = (r_pad <= max_shell * pad) & (denom > 1e-20 * denom.max().clamp(min=1e-300))
+    f = torch.where(inside, data.to(torch.complex128) / denom.clamp(min=1e-300), torch.zeros((), dtype=torch.complex128, device=data.device))
+    f = torch.fft.ifftshift(f, dim=(0, 1))
+    vol_padded = irfft3_centered(f, size)
+    o = size // 2 - d // 2
+    vol = vol_padded[o : o + d, o : o + d, o : o + d]
+    vol = vol / sinc2_gridding_kernel(d, pad, vol.device, vol.dtype)
+    return vol.to(weight.dtype)

@@ -1,0 +1,84 @@
+"""Fourier-slice projection and back-projection against analytic Gaussian-blob references (float64)."""
+
+import math
+
+import pytest
+import torch
+
+from cryorefine.fourier.grids import irfft2_centered, rfft2_centered
+from cryorefine.geometry.euler import euler_to_matrix
+from cryorefine.projection.extract import extract_central_slices, prepare_padded_transform, project_rfft
+from cryorefine.projection.insert import BackProjector
+from cryorefine.reconstruction.reconstruct import reconstruct
+from cryorefine.reconstruction.fsc import fsc_curve
+
+SIGMA = 1.6
+
+
+def blobs(n=6, box=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 3, generator=g, dtype=torch.float64) - 0.5) * box * 0.5  # (x, y, z) px from centre
+
+
+def blob_volume(centres, box, sigma=SIGMA):
+    c = torch.arange(box, dtype=torch.float64) - box // 2
+    z, y, x = torch.meshgrid(c, c, c, indexing="ij")
+    v = torch.zeros(box, box, box, dtype=torch.float64)
+    for cx, cy, cz in centres:
+        v += torch.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / (2 * sigma**2))
+    return v
+
+
+def blob_projection(centres, A, box, shift=(0.0, 0.0)):
+    """Analytic projection along z of the blob volume rotated by A: blob c lands at (A c)_xy + shift."""
+    c = torch.arange(box, dtype=torch.float64) - box // 2
+    y, x = torch.meshgrid(c, c, indexing="ij")
+    p = torch.zeros(box, box, dtype=torch.float64)
+    for pos in centres @ A.T:
+        p += SIGMA * math.sqrt(2 * math.pi) * torch.exp(-((x - pos[0] - shift[0]) ** 2 + (y - pos[1] - shift[1]) ** 2) / (2 * SIGMA**2))
+    return p
+
+
+@pytest.mark.parametrize("box", [40, 41])
+def test_projection_matches_analytic_blobs(box):
+    centres = blobs(box=box)
+    vol = blob_volume(centres, box)
+    angles = torch.tensor([[0.0, 0.0, 0.0], [30.0, 60.0, 100.0], [-120.0, 135.0, 45.0]], dtype=torch.float64)
+    A = euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
+    imgs = irfft2_centered(project_rfft(prepare_padded_transform(vol, 2), A), box)
+    for i in range(len(A)):
+        ref = blob_projection(centres, A[i], box)
+        rel = (imgs[i] - ref).norm() / ref.norm()
+        # pad 2 with RELION's sinc² pre-correction: ~1.5-2 % for oblique slices, ~4 % for grid-aligned ones
+        # (there the correction is not undone by interpolation; RELION's projector behaves the same)
+        assert rel < 0.05, rel
+        # negative control: the transposed matrix must not match
+        wrong = blob_projection(centres, A[i].T, box)
+        if i > 0:
+            assert (imgs[i] - wrong).norm() / wrong.norm() > 0.3
+
+
+@pytest.mark.parametrize("box", [32, 33])
+def test_backprojection_round_trip(box):
+    centres = blobs(n=8, box=box, seed=1)
+    vol = blob_volume(centres, box, sigma=1.0)  # sharp blobs: signal out to Nyquist
+    g = torch.Generator().manual_seed(0)
+    n = 3000
+    q = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    rot = torch.rand(n, generator=g, dtype=torch.float64) * 360 - 180
+    tilt = torch.rad2deg(torch.acos(torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1))
+    psi = torch.rand(n, generator=g, dtype=torch.float64) * 360 - 180
+    A = euler_to_matrix(rot, tilt, psi)
+    t = prepare_padded_transform(vol, 2)
+    from cryorefine.fourier.grids import rfft_freqs_2d
+
+    ky, kx = (a.flatten() for a in rfft_freqs_2d(box, dtype=torch.float64))
+    slices = extract_central_slices(t, A, ky, kx)
+    bp = BackProjector.zeros(box, 2, dtype=torch.float64)
+    bp.insert(A, ky, kx, slices, torch.ones_like(slices.real))
+    rec = reconstruct(bp)
+    f = fsc_curve(rec, vol)
+    assert f[1 : box // 3].min() > 0.99, f  # out to 2/3 of Nyquist
+    assert f[1 : int(box * 0.45)].min() > 0.9, f
+    rel = (rec - vol).norm() / vol.norm()
+    assert rel < 0.05, rel
