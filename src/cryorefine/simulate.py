@@ -66,6 +66,8 @@ def simulate_particles(
     """Write out_dir/particles.star, particles.mrcs and truth.mrc; return a summary dict.
 
     SNR = (mean variance of the clean images) / (noise variance), the noise white and Gaussian.
+    Images and truth are divided by the noise sigma, so the background has unit variance as after
+    relion_preprocess, and the truth map stays on the particles' greyscale.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,13 +94,14 @@ def simulate_particles(
             if noise_sigma is None:  # the first batch fixes the noise level for the whole set
                 signal_var = float(clean.var(dim=(-2, -1)).mean()) if snr > 0 else 0.0
                 noise_sigma = (signal_var / snr) ** 0.5 if snr > 0 else 0.0
+                grey = noise_sigma if noise_sigma > 0 else 1.0
             noise = torch.randn(clean.shape, generator=g, dtype=torch.float32).to(device) * noise_sigma
-            writer.write(start, (clean + noise).cpu().numpy())
+            writer.write(start, ((clean + noise) / grey).cpu().numpy())
         writer.close()
     except BaseException:
         writer.abort() if hasattr(writer, "abort") else None
         raise
-    write_map(out / "truth.mrc", truth.cpu().numpy().astype(np.float32), angpix)
+    write_map(out / "truth.mrc", (truth / grey).cpu().numpy().astype(np.float32), angpix)
     optics = pd.DataFrame(
         {
             "rlnOpticsGroupName": ["opticsGroup1"],

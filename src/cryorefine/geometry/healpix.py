@@ -139,7 +139,7 @@ _I_PLANES = np.array([[0.0, 1.0, 0.0],
 def _planes_keep(v, normals, sign=1.0):
     n = np.asarray(normals, dtype=np.float64)
     n = n / np.linalg.norm(n, axis=1, keepdims=True)
-    return np.all(sign * (v @ n.T) >= 0, axis=1) if sign > 0 else np.all(v @ n.T <= 0, axis=1)
+    return np.all(sign * (v @ n.T) >= 0, axis=1)  # sign=-1: RELION's "<= 0" tests (I4)
 
 
 def _geometric_asu_mask(kind: str, n: int, rot, tilt, v) -> np.ndarray:

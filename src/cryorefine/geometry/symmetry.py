@@ -5,7 +5,7 @@ Generators ("rot_axis fold x y z" lines in RELION's fill_symmetry_class):
   T : 3-fold about z + 2-fold about (0, sqrt(2/3), sqrt(1/3)).
   O : 3-fold about (1,1,1)/sqrt3 + 4-fold about z.
   I (= I2): 2-fold about z, 5-fold about (1,0,phi)/|.|, 3-fold about (0,1/phi,phi)/sqrt3
-  I1: 2-fold x, 5-fold (phi,0,-1)/|.|, 3-fold (phi,1/phi,0)/sqrt3;  I3, I4: see _GENERATORS.
+  I1, I3, I4: I2 turned about y (see _I_TURN_Y_DEG).
 The group is the closure of the generators; identity comes first. A group contains each
 element's inverse, so the list is the same set whichever way one reads RELION's
 (transposed) R matrices. Symmetry-equivalent poses of a pose A are A @ S.
@@ -26,10 +26,10 @@ _GENERATORS = {  # (fold, axis) per group, as in RELION's fill_symmetry_class
     "T": [(3, (0, 0, 1)), (2, (0, math.sqrt(2 / 3), math.sqrt(1 / 3)))],
     "O": [(3, (1, 1, 1)), (4, (0, 0, 1))],
     "I2": [(2, (0, 0, 1)), (5, (1, 0, _PHI)), (3, (0, 1 / _PHI, _PHI))],
-    "I1": [(2, (1, 0, 0)), (5, (_PHI, 0, -1)), (3, (_PHI, 1 / _PHI, 0))],
-    "I3": [(2, (-1, 0, _PHI)), (5, (0, 0, 1)), (3, (-0.4911234778630044, 0.3568220764705179, 0.7946544753759428))],
-    "I4": [(2, (1, 0, _PHI)), (5, (2, 0, 1)), (3, (0.4911234778630044, 0.3568220764705179, 0.7946544753759428))],
 }
+# I1, I3, I4 are I2 turned about y (exactly; RELION lists their axes to ~10 digits):
+# I1: 2-fold x, 5-fold (phi,0,-1); I3: 2-fold (-1,0,phi), 5-fold z; I4: 2-fold (1,0,phi), 5-fold (2,0,1)
+_I_TURN_Y_DEG = {"I1": 90.0, "I3": -math.degrees(math.atan2(1, _PHI)), "I4": math.degrees(math.atan2(1, _PHI))}
 _HELP = "use C<n>, D<n>, T, O or I"
 
 
@@ -70,6 +70,9 @@ def _axis_rotation(axis, angle_deg: float) -> np.ndarray:
 
 
 def _generators(kind: str, n: int):
+    if kind in _I_TURN_Y_DEG:
+        Q = _axis_rotation((0, 1, 0), _I_TURN_Y_DEG[kind])
+        return [(fold, Q @ np.asarray(axis, dtype=np.float64)) for fold, axis in _GENERATORS["I2"]]
     if kind == "C":
         return [(n, (0, 0, 1))]
     if kind == "D":
