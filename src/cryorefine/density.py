@@ -83,3 +83,52 @@ def atoms_to_map(xyz_angst: np.ndarray, weights: np.ndarray, box: int, angpix: f
 
 def model_radius_angst(xyz_angst: np.ndarray) -> float:
     return float(np.linalg.norm(xyz_angst - xyz_angst.mean(0), axis=1).max())
+
+
+def two_fold_axis_to_z(path, chain_a: str = "A", chain_b: str = "B") -> tuple[np.ndarray, np.ndarray]:
+    """Atoms (x, y, z) Å and weights of chains ``chain_a`` + ``chain_b`` of a C2 dimer, turned so its 2-fold is z.
+
+    The 2-fold is the rotation that superposes chain A's Cα atoms onto chain B's (Kabsch on residues
+    present in both); the model is moved so that axis passes through the origin, the atoms' mean z
+    being 0. Map it with ``atoms_to_map(..., centre=False)``: re-centring on the centroid would move
+    the axis off the centre voxel when the chains hold different atom counts.
+    """
+    import gemmi
+
+    path = Path(path)
+    st = gemmi.read_structure(str(path))
+    st.remove_hydrogens()
+    st.remove_ligands_and_waters()
+    model = st[0]
+    try:
+        ca = {name: {res.seqid.num: np.array(res["CA"][0].pos.tolist()) for res in model[name] if res.find_atom("CA", "*")} for name in (chain_a, chain_b)}
+    except (KeyError, IndexError, RuntimeError):
+        raise CryoInputError(f"chains {chain_a} and {chain_b} with Cα atoms are needed", path) from None
+    common = sorted(set(ca[chain_a]) & set(ca[chain_b]))
+    if len(common) < 3:
+        raise CryoInputError(f"chains {chain_a} and {chain_b} share fewer than 3 residues", path)
+    P = np.stack([ca[chain_a][k] for k in common])
+    Q = np.stack([ca[chain_b][k] for k in common])
+    pc, qc = P.mean(0), Q.mean(0)
+    U, _, Vt = np.linalg.svd((P - pc).T @ (Q - qc))
+    D = np.diag([1.0, 1.0, np.sign(np.linalg.det(Vt.T @ U.T))])
+    R = Vt.T @ D @ U.T  # Q ≈ R P + t
+    t = qc - R @ pc
+    w_, v_ = np.linalg.eig(R)
+    axis = np.real(v_[:, np.argmin(np.abs(w_ - 1))])
+    axis /= np.linalg.norm(axis)
+    point = np.linalg.lstsq(np.eye(3) - R, t - axis * (axis @ t), rcond=None)[0]  # a point on the axis
+    # frame with the axis as its third row: x' = F (x - point)
+    helper = np.array([1.0, 0.0, 0.0]) if abs(axis[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+    e1 = np.cross(axis, helper)
+    e1 /= np.linalg.norm(e1)
+    F = np.stack([e1, np.cross(axis, e1), axis])
+    xyz, w = [], []
+    for name in (chain_a, chain_b):
+        for res in model[name]:
+            for atom in res:
+                xyz.append(atom.pos.tolist())
+                w.append(_ELECTRONS.get(atom.element.name, atom.element.atomic_number))
+    xyz = (np.asarray(xyz) - point) @ F.T
+    xyz[:, 2] -= xyz[:, 2].mean()
+    return xyz, np.asarray(w, dtype=np.float64)

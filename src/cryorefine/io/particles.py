@@ -142,7 +142,7 @@ def _pixel_size_angst(df: pd.DataFrame, block: str, path) -> np.ndarray:
 
 def _column(df: pd.DataFrame, name: str, default, dtype=np.float64) -> np.ndarray:
     if name in df.columns:
-        return df[name].to_numpy(dtype)
+        return df[name].to_numpy(dtype, copy=True)
     return np.full(len(df), default, dtype)
 
 

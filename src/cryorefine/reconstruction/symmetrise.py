@@ -26,3 +26,34 @@ def symmetrise_map(volume: torch.Tensor, sym: str) -> torch.Tensor:
     if len(ops) == 1:
         return volume
     return sum(rotate_map(volume, R) for R in ops) / len(ops)
+
+
+def symmetrise_backprojector(bp, sym: str) -> None:
+    """Sum the accumulators over the point group in Fourier space (RELION's BackProjector::symmetrise), in place.
+
+    data'(k) = Σ_g data(R_g k), weight'(k) = Σ_g weight(R_g k), read by trilinear interpolation on the
+    padded half grid (Friedel mates conjugated).
+    """
+    from ..projection.extract import _trilinear_corners
+
+    ops = symmetry_matrices(sym)
+    if len(ops) == 1:
+        return
+    size = bp.size
+    dev = bp.data.device
+    k = torch.arange(size, device=dev, dtype=bp.weight.dtype) - size // 2
+    kx = torch.arange(size // 2 + 1, device=dev, dtype=bp.weight.dtype)
+    z, y, x = torch.meshgrid(k, k, kx, indexing="ij")
+    coords = torch.stack([x, y, z], -1).reshape(-1, 3)  # grid order of the centred half transform
+    data_tab = torch.view_as_real(bp.data).reshape(-1, 2)
+    w_tab = bp.weight.reshape(-1)
+    new_d = bp.data.clone().reshape(-1)
+    new_w = bp.weight.clone().reshape(-1)
+    for R in ops[1:].to(device=dev, dtype=bp.weight.dtype):
+        flat, w, flip = _trilinear_corners(coords @ R, size)
+        d = (data_tab[flat] * w.unsqueeze(-1)).sum(-2)
+        d = torch.view_as_complex(d.contiguous())
+        new_d += torch.where(flip, d.conj(), d)
+        new_w += (w_tab[flat] * w).sum(-1)
+    bp.data = new_d.reshape(bp.data.shape)
+    bp.weight = new_w.reshape(bp.weight.shape)

@@ -1,0 +1,92 @@
+"""3D auto-refine (gold-standard MAP-EM), flags as relion_refine --auto_refine --split_random_halves.
+
+Example: cryorefine refine --i particles.star --o out/run --ref init.mrc --ini_high 30 --particle_diameter 160 --ctf --flatten_solvent
+Outputs RELION's names: out/run_itNNN_{data,optimiser,sampling}.star, run_itNNN_half{1,2}_{model.star,class001.mrc},
+finally run_class001.mrc, run_half{1,2}_class001_unfil.mrc, run_data.star, run_model.star, run.log and report.html.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..errors import CryoInputError
+
+
+def add_common_args(p, classify: bool = False) -> None:
+    p.add_argument("--i", dest="particles", required=False, help="input particles STAR file (RELION 3.0/3.1/5, cryoSPARC export)")
+    p.add_argument("--o", dest="output_root", required=False, help="output root, e.g. Refine3D/job001/run")
+    p.add_argument("--ref", dest="reference", required=False, help="initial reference map (MRC), same box and pixel size as the particles")
+    p.add_argument("--ini_high", type=float, default=60.0 if classify else 30.0, help="low-pass filter of the initial reference (Å)")
+    p.add_argument("--particle_diameter", type=float, default=0.0, help="diameter of the circular mask on the particles (Å); required")
+    p.add_argument("--sym", default="C1", help="point group: C<n>, D<n>, T, O, I (RELION's axes)")
+    p.add_argument("--healpix_order", type=int, default=2, help="initial angular sampling: HEALPix order (2 = 7.5°, 3 = 3.75° ...)")
+    p.add_argument("--offset_range", type=float, default=5.0, help="search range of origin offsets (pixels)")
+    p.add_argument("--offset_step", type=float, default=2.0, help="step of origin offsets (pixels)")
+    p.add_argument("--sigma_ang", type=float, default=0.0, help="local angular searches from the start, with this Gaussian prior width (degrees); 0 = global")
+    p.add_argument("--solvent_mask", default=None, help="mask (MRC) multiplied into the references (instead of a sphere)")
+    p.add_argument("--flatten_solvent", action="store_true", help="multiply the references by a soft sphere of --particle_diameter (or --solvent_mask)")
+    p.add_argument("--zero_mask", action="store_true", help="fill the particle background with zeros rather than noise")
+    p.add_argument("--ctf", action="store_true", help="do CTF correction")
+    p.add_argument("--norm", action="store_true", help="normalisation-error correction (accepted; images are assumed normalised, rlnNormCorrection = 1)")
+    p.add_argument("--scale", action="store_true", help="intensity-scale correction per optics group")
+    p.add_argument("--firstiter_cc", action="store_true", help="first iteration by cross-correlation (best pose only)")
+    p.add_argument("--pad", type=int, default=2, help="padding factor of the Fourier-space interpolation")
+    p.add_argument("--maxsig", type=int, default=0, help="at most this many significant coarse samples per particle (0 = no limit)")
+    p.add_argument("--random_seed", type=int, default=0, help="random seed")
+    p.add_argument("--perturb", type=float, default=0.5, help="random perturbation of the sampling grid (fraction of a step)")
+    p.add_argument("--adaptive_fraction", type=float, default=0.999, help="posterior mass of the significant coarse samples")
+    p.add_argument("--incr_size", type=int, default=10, help="Fourier shells beyond the current resolution in the E-step window")
+    p.add_argument("--tau2_fudge", type=float, default=4.0 if classify else 1.0, help="regularisation parameter T")
+    p.add_argument("--iter", dest="max_iter", type=int, default=25 if classify else 50, help="number of iterations" + ("" if classify else " (at most; auto-refine stops at convergence)"))
+    p.add_argument("--batch", dest="batch_size", type=int, default=0, help="particles per E-step batch (0 = automatic)")
+    p.add_argument("--gpu", nargs="?", const="0", default=None, help="use CUDA (optionally a device id, e.g. --gpu 1)")
+    p.add_argument("--j", dest="threads", type=int, default=0, help="CPU threads (0 = PyTorch's default)")
+    p.add_argument("--continue", dest="continue_from", default=None, help="continue from run_itNNN_optimiser.star")
+
+
+def add_args(p):
+    add_common_args(p)
+    p.add_argument("--auto_local_healpix_order", type=int, default=4, help="HEALPix order from which searches are local")
+    p.add_argument("--low_resol_join_halves", type=float, default=40.0, help="join the half maps below this resolution (Å); RELION's CLI default is off, its GUI 40 Å; 0 = off")
+    p.add_argument("--auto_refine", action="store_true", help="accepted for RELION users (always on)")
+    p.add_argument("--split_random_halves", action="store_true", help="accepted for RELION users (always on)")
+
+
+def device_from_args(args) -> str:
+    if args.gpu is None:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise CryoInputError("--gpu given but no CUDA device is visible; drop --gpu to run on the CPU")
+    first = str(args.gpu).split(",")[0].strip() or "0"
+    return f"cuda:{first}"
+
+
+def config_from_args(args, cls):
+    import dataclasses
+
+    if args.continue_from:
+        from pathlib import Path
+
+        state = Path(str(args.continue_from).replace("_optimiser.star", "_state.pt"))
+        if not Path(args.continue_from).exists() or not state.exists():
+            raise CryoInputError("cannot continue: optimiser file or its saved state is missing; pass a run_itNNN_optimiser.star of a finished iteration", args.continue_from)
+        saved = torch.load(state, weights_only=False)["config"]
+        saved.update(continue_from=args.continue_from, device=device_from_args(args), threads=args.threads)
+        return cls(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(cls)} and k not in ("angpix",)})
+    for flag, name in (("--i", "particles"), ("--o", "output_root"), ("--ref", "reference")):
+        if not getattr(args, name):
+            raise CryoInputError(f"{flag} is required (or --continue run_itNNN_optimiser.star)")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values["device"] = device_from_args(args)
+    return cls(**values)
+
+
+def main(args):
+    from ..refine.auto_refine import AutoRefine, RefineConfig
+
+    cfg = config_from_args(args, RefineConfig)
+    summary = AutoRefine(cfg).run()
+    print(json.dumps(summary))

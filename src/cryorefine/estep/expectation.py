@@ -1,0 +1,318 @@
+"""The E-step on a batch of particles: the paper's four stages after getFourierTransformsAndCTFs.
+
+diff2(i, k, r, t) = Σ_j |X̃_ij(t) − s C_ij P_krj|² / (2σ²_j), expanded as
+const_i − 2 Re⟨a_i(t), P_kr⟩ + ⟨b_i, |P_kr|²⟩ with a = s C X̃ / (2σ²), b = s² C² / (2σ²), so the coarse
+pass is matrix products (shared rotations: one GEMM; local searches: one batched GEMM per particle).
+Significant coarse samples (smallest set holding ``adaptive_fraction`` of the posterior) are expanded to
+8 rotations × 4 translations each for the fine pass at the full window.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..fourier.shift import phase_shift_factors
+from ..projection.extract import PaddedTransform, extract_central_slices
+from .images import ImageBatch, Window
+from .poses import N_ROT_CHILDREN, N_TRANS_CHILDREN, PoseGrid
+from .sums import WeightedSums
+
+CHUNK_ELEMENTS = 1 << 24  # elements per temporary (pairs × pixels) block; bounds memory of the fine pass
+
+
+@dataclass
+class EStepSettings:
+    adaptive_fraction: float = 0.999
+    maxsig: int = 0  # 0: no cap
+    firstiter_cc: bool = False  # cross-correlation, best pose only
+    local_sigma_deg: float = 0.0  # > 0: local angular searches with this Gaussian prior
+    sigma2_offset_angst2: float = 100.0  # Gaussian prior on the absolute offset (centred on 0)
+    angpix: float = 1.0
+    class_log_prior: torch.Tensor | None = None  # (K,)
+    direction_log_prior: torch.Tensor | None = None  # (K, D)
+
+
+@dataclass
+class BatchPoses:
+    """Per-particle results: best pose and RELION's per-particle statistics."""
+
+    class_index: torch.Tensor  # (n,)
+    eulers_deg: np.ndarray  # (n, 3)
+    offsets_px: torch.Tensor  # (n, 2) new absolute origin offsets
+    max_prob: torch.Tensor  # (n,)
+    n_significant: torch.Tensor  # (n,)
+    loglik: torch.Tensor  # (n,)
+
+
+def _as_real(z: torch.Tensor) -> torch.Tensor:
+    """(..., j) complex -> (..., 2j) real [Re, Im]."""
+    return torch.cat([z.real, z.imag], -1)
+
+
+def _translated(x: torch.Tensor, window: Window, offsets_px: torch.Tensor) -> torch.Tensor:
+    """X̃ = X moved by offsets (..., 2) px: (n, j) with offsets (n, ..., 2) -> (n, ..., j)."""
+    ph = phase_shift_factors(window.ky[: x.shape[-1]], window.kx[: x.shape[-1]], offsets_px, window.box)
+    shape = (x.shape[0],) + (1,) * (offsets_px.dim() - 2) + (x.shape[-1],)
+    return x.reshape(shape) * ph
+
+
+def get_all_squared_differences_coarse(batch: ImageBatch, window: Window, jc: int, refs: list[PaddedTransform], poses: PoseGrid, local=None, cc=False):
+    """Coarse pass: diff2 without the per-particle constant, (n, K, T, L).
+
+    ``local`` = (ids (n, L), log_prior, valid) for per-particle rotation sets; else all R coarse rotations.
+    With ``cc`` the score is −CC (normalised cross-correlation), RELION's --firstiter_cc.
+    """
+    ky, kx = window.ky[:jc], window.kx[:jc]
+    w = batch.inv_sigma2[:, :jc] * 0.5
+    sc = batch.scale[:, None] * batch.ctf[:, :jc]
+    xt = _translated(batch.f_masked[:, :jc], window, batch.old_offset_px[:, None, :] + poses.translations_px[None])  # (n, T, jc)
+    a = _as_real(xt * (w * sc)[:, None, :])  # (n, T, 2jc)
+    b = w * sc * sc  # (n, jc)
+    n, T = a.shape[:2]
+    out = []
+    for ref in refs:
+        if local is None:
+            p = extract_central_slices(ref, poses.coarse_rotations, ky, kx)  # (R, jc)
+            cross = (a.reshape(n * T, -1) @ _as_real(p).T).reshape(n, T, -1)
+            third = b @ (p.real**2 + p.imag**2).T  # (n, R)
+        else:
+            ids = local[0]
+            uniq, inv = torch.unique(ids, return_inverse=True)
+            pu = extract_central_slices(ref, poses.coarse_rotations[uniq], ky, kx)  # (U, jc)
+            p = pu[inv]  # (n, L, jc)
+            cross = torch.bmm(a, _as_real(p).transpose(1, 2))  # (n, T, L)
+            third = torch.einsum("nj,nlj->nl", b, p.real**2 + p.imag**2)
+        if cc:
+            out.append(-cross / torch.sqrt(third.clamp(min=1e-30))[:, None, :])
+        else:
+            out.append(third[:, None, :] - 2.0 * cross)
+    return torch.stack(out, 1)
+
+
+def translation_log_prior(offsets_abs_px: torch.Tensor, settings: EStepSettings) -> torch.Tensor:
+    d2 = (offsets_abs_px**2).sum(-1) * settings.angpix**2
+    return -d2 / (2.0 * settings.sigma2_offset_angst2)
+
+
+def significant_mask(logits: torch.Tensor, fraction: float, maxsig: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per particle (rows of (n, S) logits): the smallest set holding ``fraction`` of the posterior mass.
+
+    Returns (mask (n, S), count (n,)). Sort + cumulative sum, as RELION's adaptive oversampling.
+    """
+    p = torch.softmax(logits, dim=1)
+    sp, order = torch.sort(p, dim=1, descending=True)
+    csum = torch.cumsum(sp, dim=1)
+    count = (csum < fraction).sum(1) + 1
+    count = count.clamp(max=p.shape[1])
+    if maxsig > 0:
+        count = count.clamp(max=maxsig)
+    thresh = sp.gather(1, (count - 1)[:, None])
+    mask = p >= thresh
+    return mask, count
+
+
+def expectation_batch(
+    batch: ImageBatch,
+    window: Window,
+    coarse_shell: int,
+    refs: list[PaddedTransform],
+    poses: PoseGrid,
+    settings: EStepSettings,
+    sums: WeightedSums | None,
+    local_prior=None,
+    timer=None,
+) -> BatchPoses:
+    """One batch through the E-step; adds its weighted sums into ``sums`` (if given); returns best poses.
+
+    The fine pass works on the union U of the batch's significant coarse rotations: every particle is
+    scored against all 8·U fine rotations × 4·T fine translations by matrix products, and samples whose
+    coarse parent was not significant for that particle are masked out. storeWeightedSums is matrix
+    products over the same grid (per-rotation sums of images, then one insertion per rotation).
+    """
+    from contextlib import nullcontext
+
+    stage = timer or (lambda name: nullcontext())
+    dev = batch.f_masked.device
+    n, K = len(batch), len(refs)
+    jc = window.prefix(coarse_shell)
+    T = poses.n_translations
+    cc = settings.firstiter_cc
+
+    # ---- getAllSquaredDifferences, pass 0 (coarse)
+    with stage("getAllSquaredDifferences"):
+        d2c = get_all_squared_differences_coarse(batch, window, jc, refs, poses, local_prior, cc=cc)  # (n, K, T, L)
+        L = d2c.shape[-1]
+        logp = -d2c
+        rot_prior = torch.zeros(n, K, L, device=dev)  # log prior of each coarse rotation slot
+        if not cc:
+            if local_prior is not None:
+                rot_prior = rot_prior + torch.where(local_prior[2], local_prior[1], torch.full_like(local_prior[1], -torch.inf))[:, None, :]
+            elif settings.direction_log_prior is not None:
+                dir_of_rot = torch.arange(L, device=dev) // poses.sampling.n_psi
+                rot_prior = rot_prior + settings.direction_log_prior.to(dev).float()[:, dir_of_rot][None]
+            if settings.class_log_prior is not None:
+                rot_prior = rot_prior + settings.class_log_prior.to(dev).float()[None, :, None]
+            trans_prior = translation_log_prior(batch.old_offset_px[:, None, :] + poses.translations_px[None], settings)  # (n, T)
+            logp = logp + trans_prior[:, None, :, None] + rot_prior[:, :, None, :]
+        elif local_prior is not None:
+            logp = torch.where(local_prior[2][:, None, None, :], logp, torch.full_like(logp, -torch.inf))
+
+    # ---- convertAllSquaredDifferencesToWeights, pass 0: significant coarse samples
+    with stage("convertAllDiff2ToWeights"):
+        flat = logp.reshape(n, -1)
+        if cc:
+            mask = torch.zeros_like(flat, dtype=torch.bool)
+            mask[torch.arange(n, device=dev), flat.argmax(1)] = True
+            nsig = torch.ones(n, dtype=torch.long, device=dev)
+        else:
+            mask, nsig = significant_mask(flat, settings.adaptive_fraction, settings.maxsig)
+        mask = mask.reshape(n, K, T, L)
+        sig = torch.nonzero(mask)  # (M, 4): particle, class, translation, rotation slot
+        i_idx, k_idx, t_idx, l_idx = sig.unbind(1)
+        coarse_id = l_idx if local_prior is None else local_prior[0][i_idx, l_idx]
+
+    # ---- fine projections of the union of significant coarse rotations, per class
+    with stage("getAllSquaredDifferences"):
+        J = window.size
+        classes = []
+        for k in range(K):
+            sel = k_idx == k
+            ids = torch.unique(coarse_id[sel])
+            if ids.numel() == 0:
+                classes.append(None)
+                continue
+            rot = poses.fine_rotations(ids)  # (U, 8, 3, 3)
+            p = extract_central_slices(refs[k], rot.reshape(-1, 3, 3), window.ky, window.kx)  # (8U, J)
+            allowed = torch.zeros(n, T, ids.numel(), dtype=torch.bool, device=dev)
+            u = torch.searchsorted(ids, coarse_id[sel])
+            allowed[i_idx[sel], t_idx[sel], u] = True
+            prior_u = torch.full((n, ids.numel()), -torch.inf, device=dev)
+            prior_u[i_idx[sel], u] = rot_prior[i_idx[sel], k, l_idx[sel]]
+            classes.append((ids, rot, p, allowed, prior_u))
+        w = batch.inv_sigma2 * 0.5
+        sc = batch.scale[:, None] * batch.ctf
+        off_fine = batch.old_offset_px[:, None, None, :] + poses.fine_translations()[None]  # (n, T, 4, 2)
+        off_fine = off_fine.reshape(n, T * N_TRANS_CHILDREN, 2)
+        t_prior = translation_log_prior(off_fine, settings) if not cc else torch.zeros(n, T * N_TRANS_CHILDREN, device=dev)
+        const = (w * batch.f_masked.abs() ** 2).sum(1).double()  # (n,)
+
+    total_u8 = sum(c[2].shape[0] for c in classes if c is not None)
+    T4 = T * N_TRANS_CHILDREN
+    chunk = max(1, min(n, CHUNK_ELEMENTS // max(1, T4 * max(total_u8, J))))
+    best_class = torch.zeros(n, dtype=torch.long, device=dev)
+    best_eulers = np.zeros((n, 3))
+    best_off = torch.zeros(n, 2, device=dev)
+    max_prob = torch.zeros(n, device=dev)
+    loglik = torch.zeros(n, dtype=torch.float64, device=dev)
+    acc = [None if c is None else [torch.zeros(c[2].shape, dtype=c[2].dtype, device=dev), torch.zeros(c[2].shape, device=dev)] for c in classes]
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        rows = slice(c0, c1)
+        m = c1 - c0
+        with stage("getAllSquaredDifferences"):
+            xt = _translated(batch.f_masked[rows], window, off_fine[rows])  # (m, T4, J)
+            a = _as_real(xt * (w[rows] * sc[rows])[:, None, :]).reshape(m * T4, 2 * J)
+            b = w[rows] * sc[rows] ** 2
+            logits = []
+            for c in classes:
+                if c is None:
+                    logits.append(None)
+                    continue
+                ids, rot, p, allowed, prior_u = c
+                cross = (a @ _as_real(p).T).reshape(m, T4, -1)  # (m, T4, 8U)
+                third = b @ (p.real**2 + p.imag**2).T  # (m, 8U)
+                if cc:
+                    lg = cross / torch.sqrt(third.clamp(min=1e-30))[:, None, :]
+                else:
+                    lg = 2.0 * cross - third[:, None, :] + t_prior[rows][:, :, None] + prior_u[rows].repeat_interleave(N_ROT_CHILDREN, 1)[:, None, :]
+                ok = allowed[rows].repeat_interleave(N_TRANS_CHILDREN, 1).repeat_interleave(N_ROT_CHILDREN, 2)
+                logits.append(torch.where(ok, lg, torch.full_like(lg, -torch.inf)))
+        with stage("convertAllDiff2ToWeights"):
+            valid = [lg for lg in logits if lg is not None]
+            mx = torch.stack([lg.flatten(1).max(1).values for lg in valid], 1).max(1).values  # (m,)
+            if cc:
+                weights = [None if lg is None else (lg == mx[:, None, None]).float() for lg in logits]
+                norm = sum(wt.flatten(1).sum(1) for wt in weights if wt is not None)
+                weights = [None if wt is None else wt / norm[:, None, None] for wt in weights]
+                lse = mx.double()
+            else:
+                ssum = sum(torch.exp(lg - mx[:, None, None]).flatten(1).sum(1) for lg in valid)
+                lse = mx.double() + torch.log(ssum.double())
+                weights = [None if lg is None else torch.exp(lg - lse[:, None, None].float()) for lg in logits]
+            loglik[rows] = lse - const[rows]
+            # best sample per particle
+            best_val = torch.full((m,), -torch.inf, device=dev)
+            for k, lg in enumerate(logits):
+                if lg is None:
+                    continue
+                v, arg = lg.flatten(1).max(1)
+                better = v > best_val
+                best_val = torch.where(better, v, best_val)
+                if better.any():
+                    t4, u8 = arg // lg.shape[2], arg % lg.shape[2]
+                    ids, rot = classes[k][0], classes[k][1]
+                    coarse = ids[u8 // N_ROT_CHILDREN]
+                    e = poses.fine_eulers_deg(coarse.cpu().numpy())[np.arange(m), (u8 % N_ROT_CHILDREN).cpu().numpy()]
+                    bsel = better.cpu().numpy()
+                    best_eulers[c0:c1][bsel] = e[bsel]
+                    best_off[rows][better] = off_fine[rows][torch.arange(m, device=dev), t4][better]
+                    best_class[rows] = torch.where(better, torch.full_like(best_class[rows], k), best_class[rows])
+            max_prob[rows] = 1.0 if cc else torch.exp(best_val.double() - lse).float()
+        if sums is not None:
+            with stage("storeWeightedSums"):
+                _store_chunk(batch, window, rows, off_fine, classes, weights, acc, sums, settings, poses)
+    if sums is not None:
+        with stage("storeWeightedSums"):
+            for k, c in enumerate(classes):
+                if c is None:
+                    continue
+                vals, wts = acc[k]
+                used = wts.sum(1) > 0
+                if used.any():
+                    sums.backprojectors[k].insert(c[1].reshape(-1, 3, 3)[used], window.ky, window.kx, vals[used], wts[used])
+    return BatchPoses(best_class, best_eulers, best_off, max_prob, nsig, loglik)
+
+
+def _store_chunk(batch, window, rows, off_fine, classes, weights, acc, sums: WeightedSums, settings, poses) -> None:
+    """storeWeightedSums for particles ``rows``: per-rotation image sums (GEMMs) and the M-step statistics."""
+    dev = batch.f_masked.device
+    xu = _translated(batch.f_unmasked[rows], window, off_fine[rows])  # (m, T4, J)
+    m, T4, J = xu.shape
+    s = batch.scale[rows][:, None]
+    ctf, inv_s2 = batch.ctf[rows], batch.inv_sigma2[rows]
+    z = xu * (s * ctf * inv_s2)[:, None, :]
+    resid = (batch.f_unmasked[rows].abs() ** 2).double()  # Σ Γ = 1
+    xa = torch.zeros(m, J, dtype=torch.float64, device=dev)
+    aa = torch.zeros(m, J, dtype=torch.float64, device=dev)
+    for k, (c, g) in enumerate(zip(classes, weights)):
+        if c is None:
+            continue
+        ids, rot, p, _, _ = c
+        g2 = g.reshape(m * T4, -1)  # (m·T4, 8U)
+        zr = z.reshape(m * T4, J)
+        acc[k][0] += torch.complex(g2.T @ zr.real, g2.T @ zr.imag)
+        gsum = g.sum(1)  # (m, 8U)
+        acc[k][1] += gsum.T @ ((s * ctf) ** 2 * inv_s2)
+        q = torch.complex(g @ p.real, -(g @ p.imag))  # Σ_r Γ conj(P): (m, T4, J)
+        xq = (xu * q).real.sum(1)  # Re Σ_t X̃ Σ_r Γ conj(P)
+        p2 = gsum @ (p.real**2 + p.imag**2)  # (m, J)
+        resid += ((s * ctf) ** 2 * p2 - 2.0 * s * ctf * xq).double()
+        xa += (ctf * xq).double()
+        aa += (ctf**2 * p2).double()
+        sums.class_weight[k] += g.sum().double()
+        d = (ids // poses.sampling.n_psi).repeat_interleave(N_ROT_CHILDREN)
+        sums.direction_weight[k].index_add_(0, d, gsum.sum(0).double())
+    S = sums.sigma2_noise.shape[1]
+    shell = window.shell.clamp(max=S - 1)
+    flat_gs = (batch.group[rows][:, None] * S + shell[None, :]).reshape(-1)
+    for a_, v in ((sums.sigma2_noise, resid), (sums.scale_xa, xa), (sums.scale_aa, aa)):
+        a_.view(-1).index_add_(0, flat_gs, v.reshape(-1))
+    sums.sigma2_count.view(-1).index_add_(0, flat_gs, torch.ones(m * J, dtype=torch.float64, device=dev))
+    gt = sum(g.sum(2) for g in weights if g is not None)  # (m, T4)
+    off2 = ((off_fine[rows] * settings.angpix) ** 2).sum(-1)
+    sums.offset_sq_angst2 += (gt.double() * off2.double()).sum()
+    sums.offset_weight += 2.0 * gt.double().sum()

@@ -1,0 +1,107 @@
+"""getFourierTransformsAndCTFs: a batch of particles as Fourier pixels of the E-step window, with CTF and 1/σ²."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..ctf import ctf_for_particles
+from ..fourier.filters import soft_sphere
+from ..fourier.grids import irfft2_centered, rfft2_centered, shell_index_2d
+from ..io.particles import ParticleTable, read_images
+
+MASK_EDGE_PX = 5.0  # RELION's width_mask_edge
+
+
+@dataclass
+class Window:
+    """Fourier pixels of the E-step: rfft half plane, 0 < shell <= max_shell, sorted by shell (coarse = prefix)."""
+
+    flat_index: torch.Tensor  # (j,)
+    ky: torch.Tensor
+    kx: torch.Tensor
+    shell: torch.Tensor
+    box: int
+
+    @classmethod
+    def build(cls, box: int, max_shell: int, device=None) -> "Window":
+        from ..fourier.grids import window_pixels_2d
+
+        idx, ky, kx, shell = window_pixels_2d(box, max_shell, device)
+        return cls(idx, ky.float(), kx.float(), shell, box)
+
+    def prefix(self, max_shell: int) -> int:
+        """Number of leading pixels with shell <= max_shell."""
+        return int(torch.searchsorted(self.shell, torch.tensor(max_shell, device=self.shell.device), right=True))
+
+    @property
+    def size(self) -> int:
+        return self.flat_index.numel()
+
+
+@dataclass
+class ImageBatch:
+    indices: np.ndarray  # (n,) particle rows
+    f_masked: torch.Tensor  # (n, j) complex: masked image, for the alignment
+    f_unmasked: torch.Tensor  # (n, j) complex: for the reconstruction and σ²
+    ctf: torch.Tensor  # (n, j) real (ones without CTF)
+    inv_sigma2: torch.Tensor  # (n, j) real: 1/σ² of the particle's noise group at each pixel
+    scale: torch.Tensor  # (n,) intensity scale of the particle's group
+    old_offset_px: torch.Tensor  # (n, 2) previous origin offset (x, y) in pixels
+    group: torch.Tensor  # (n,) noise (optics) group index
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def noise_images(sigma2_shells: torch.Tensor, box: int, generator: torch.Generator, device=None) -> torch.Tensor:
+    """(n, d, d) real Gaussian noise with per-component Fourier variance σ² (n, shells) per shell."""
+    shells = shell_index_2d(box, device).clamp(max=sigma2_shells.shape[1] - 1)
+    sd = torch.sqrt(sigma2_shells[:, shells].clamp(min=0)).float()  # (n, d, d//2+1)
+    noise = torch.randn((2, *sd.shape), generator=generator, dtype=torch.float32).to(device)
+    return irfft2_centered(torch.complex(noise[0] * sd, noise[1] * sd), box)
+
+
+def prepare_batch(
+    table: ParticleTable,
+    indices: np.ndarray,
+    window: Window,
+    sigma2: torch.Tensor,
+    scale: torch.Tensor,
+    particle_diameter_angst: float,
+    angpix: float,
+    do_ctf: bool,
+    zero_mask: bool,
+    generator: torch.Generator,
+    device=None,
+) -> ImageBatch:
+    """Read, mask and transform a batch; σ² is (groups, shells) per-component noise variance."""
+    box = window.box
+    imgs = torch.from_numpy(read_images(table, indices)).to(device)
+    group = torch.as_tensor(table.optics_group[indices], device=device)
+    f_full = rfft2_centered(imgs).flatten(1)
+    mask = soft_sphere((box, box), particle_diameter_angst / (2 * angpix), MASK_EDGE_PX, device=device)
+    if zero_mask:
+        masked = imgs * mask
+    else:
+        masked = imgs * mask + (1 - mask) * noise_images(sigma2[group], box, generator, device)
+    f_masked = rfft2_centered(masked).flatten(1)
+    if do_ctf and table.has_ctf:
+        ctf = ctf_for_particles(table, indices, window.ky, window.kx, box, device=device)
+    else:
+        ctf = torch.ones(len(indices), window.size, device=device)
+    shells = window.shell.clamp(max=sigma2.shape[1] - 1)
+    inv_sigma2 = (1.0 / sigma2[group][:, shells].clamp(min=1e-30)).float()
+    offsets = np.stack([table.origin_x_angst[indices], table.origin_y_angst[indices]], -1) / angpix
+    return ImageBatch(
+        indices=np.asarray(indices),
+        f_masked=f_masked[:, window.flat_index],
+        f_unmasked=f_full[:, window.flat_index],
+        ctf=ctf,
+        inv_sigma2=inv_sigma2,
+        scale=scale.to(device)[group].float(),
+        old_offset_px=torch.as_tensor(offsets, device=device, dtype=torch.float32),
+        group=group,
+    )

@@ -1,0 +1,45 @@
+"""Accumulators of one iteration (RELION's wsum_model): back-projectors, σ², scale, offsets, class and direction weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..projection.insert import BackProjector
+
+
+@dataclass
+class WeightedSums:
+    backprojectors: list  # (K,) BackProjector per class (per half set in auto-refine)
+    sigma2_noise: torch.Tensor  # (G, S) Σ Γ |X − sCP|² per group and shell (float64)
+    sigma2_count: torch.Tensor  # (G, S) number of pixel terms (×Γ) per group and shell
+    scale_xa: torch.Tensor  # (G, S) Σ Γ Re(X conj(CP))
+    scale_aa: torch.Tensor  # (G, S) Σ Γ C²|P|²
+    class_weight: torch.Tensor  # (K,)
+    direction_weight: torch.Tensor  # (K, D)
+    offset_sq_angst2: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    offset_weight: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    loglik: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+
+    @classmethod
+    def zeros(cls, n_classes: int, box: int, pad: int, n_groups: int, n_directions: int, device=None, dtype=torch.float32):
+        s = box // 2 + 1
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+        return cls(
+            [BackProjector.zeros(box, pad, device, dtype) for _ in range(n_classes)],
+            z(n_groups, s), z(n_groups, s), z(n_groups, s), z(n_groups, s), z(n_classes), z(n_classes, n_directions),
+            z(()), z(()), z(()),
+        )
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every accumulator as a tensor, in a fixed order (for all-reduce across ranks)."""
+        out = []
+        for bp in self.backprojectors:
+            out += [torch.view_as_real(bp.data), bp.weight]
+        return out + [self.sigma2_noise, self.sigma2_count, self.scale_xa, self.scale_aa, self.class_weight,
+                      self.direction_weight, self.offset_sq_angst2, self.offset_weight, self.loglik]
+
+    def add_(self, other: "WeightedSums") -> None:
+        for a, b in zip(self.tensors(), other.tensors()):
+            a += b

@@ -1,0 +1,132 @@
+"""Reconstruction of a map from particle images with known poses (what relion_reconstruct does).
+
+Each image is transformed (phase origin at pixel d//2), re-centred by its origin offset (the
+transform moved by +origin, RELION's rlnOriginX/Y convention), and back-projected as CTF·X with
+weight CTF² (or X with weight 1 without CTF) under every symmetry-equivalent pose. RELION's
+symmetry-equivalent pose of A is A·S (S in the point group, C_n on z, D_n's 2-fold on x): the 2D
+pixel k lands at (A·S)ᵀk = Sᵀ·(Aᵀk), i.e. the slice is inserted once per operator of the group, which
+is what RELION's BackProjector::symmetrise (summing the accumulators over R·k) amounts to. S·A
+would instead turn the image in its own plane and is wrong (tests/relion shows both).
+
+The division data/weight gets a small constant (``wiener`` × the mean non-zero weight) so voxels
+that few slices reach near CTF zeros do not blow up; relion_reconstruct without --fsc divides
+plainly (its gridding iterations aside), and with ``wiener=0`` so do we.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..ctf import ctf_for_particles
+from ..errors import CryoInputError
+from ..fourier.grids import rfft2_centered, rfft_freqs_2d
+from ..fourier.shift import phase_shift_factors
+from ..geometry.euler import euler_to_matrix
+from ..geometry.symmetry import symmetry_matrices
+from ..io.particles import ParticleTable, read_images
+from ..projection.insert import BackProjector
+from .reconstruct import reconstruct
+
+MAX_INSERT_ELEMENTS = 1 << 21  # (rotations × pixels) per scatter-add call: bounds the (r, j, 8) temporaries
+
+
+def expand_poses(rotations: torch.Tensor, sym_ops: torch.Tensor) -> torch.Tensor:
+    """Symmetry-equivalent poses A·S, (n, 3, 3) × (G, 3, 3) -> (n·G, 3, 3), particle-major (RELION's convention)."""
+    S = sym_ops.to(device=rotations.device, dtype=rotations.dtype)
+    return (rotations.unsqueeze(1) @ S.unsqueeze(0)).reshape(-1, 3, 3)
+
+
+def _table_angpix(table: ParticleTable) -> float:
+    angpix = np.array([g.angpix for g in table.optics], np.float64)
+    if (np.abs(angpix - angpix[0]) > 1e-4 * angpix[0]).any():
+        raise CryoInputError(
+            f"optics groups have different pixel sizes {sorted(set(angpix.round(4).tolist()))} Å; rescale the particles to one pixel size",
+            path=table.star_path,
+        )
+    return float(angpix[0])
+
+
+def backproject_particles(
+    table: ParticleTable,
+    indices,
+    bp: BackProjector,
+    sym_ops: torch.Tensor,
+    ctf: bool = True,
+    batch: int = 256,
+) -> None:
+    """Add the particles ``indices`` of ``table`` to ``bp`` (in place), each under its poses A·S for S in ``sym_ops``."""
+    box = bp.box
+    device, dtype = bp.weight.device, bp.weight.dtype
+    ky2, kx2 = rfft_freqs_2d(box, device, dtype)
+    inside = (ky2**2 + kx2**2 <= (box / 2) ** 2).flatten()
+    idx = torch.nonzero(inside).squeeze(1)  # (j,) rfft pixels inside the Nyquist circle
+    ky, kx = ky2.flatten()[idx], kx2.flatten()[idx]
+    angpix = table.angpix
+    ops = sym_ops.to(device=device, dtype=dtype)
+    n_ops = ops.shape[0]
+    indices = np.asarray(indices, dtype=np.int64)
+    for start in range(0, len(indices), batch):
+        sel = indices[start : start + batch]
+        imgs = torch.from_numpy(read_images(table, sel)).to(device=device, dtype=dtype)
+        f = rfft2_centered(imgs).flatten(-2)[:, idx]  # (n, j)
+        origin_px = torch.as_tensor(
+            np.stack([table.origin_x_angst[sel], table.origin_y_angst[sel]], -1) / angpix[sel, None], device=device, dtype=dtype
+        )
+        f = f * phase_shift_factors(ky, kx, origin_px, box).to(f.dtype)  # re-centre: move by +origin
+        if ctf:
+            c = ctf_for_particles(table, sel, ky, kx, box, device=device, dtype=dtype)  # (n, j)
+            values, weights = f * c, c * c
+        else:
+            values, weights = f, torch.ones_like(f.real)
+        A = euler_to_matrix(
+            torch.as_tensor(table.rot_deg[sel], dtype=torch.float64),
+            torch.as_tensor(table.tilt_deg[sel], dtype=torch.float64),
+            torch.as_tensor(table.psi_deg[sel], dtype=torch.float64),
+        ).to(device=device, dtype=dtype)
+        A_sym = expand_poses(A, ops)  # (n·G, 3, 3)
+        values = values.repeat_interleave(n_ops, 0)
+        weights = weights.repeat_interleave(n_ops, 0)
+        step = max(1, MAX_INSERT_ELEMENTS // max(1, len(idx)))
+        for r0 in range(0, A_sym.shape[0], step):
+            bp.insert(A_sym[r0 : r0 + step], ky, kx, values[r0 : r0 + step], weights[r0 : r0 + step])
+
+
+def reconstruct_from_particles(
+    table: ParticleTable,
+    sym="C1",
+    ctf: bool = True,
+    pad: int = 2,
+    batch: int = 256,
+    device=None,
+    subset: int | None = None,
+    dtype=torch.float32,
+    wiener: float = 1e-3,
+) -> tuple[torch.Tensor, float]:
+    """(map (d, d, d) on ``device``, angpix) from the particles' images and poses.
+
+    sym: point group name (RELION's axes) or a (G, 3, 3) tensor of operators. ctf: back-project
+    CTF·X with weight CTF² (needs CTF columns). subset: 1 or 2 to use only that rlnRandomSubset
+    half (None or other values: all particles). wiener: constant added to the weight, relative to its
+    mean over the voxels that received data (0 = plain division).
+    """
+    if ctf and not table.has_ctf:
+        raise CryoInputError("the particles have no CTF columns (rlnDefocusU...); reconstruct without CTF correction", path=table.star_path)
+    box = table.box
+    angpix = _table_angpix(table)
+    indices = np.arange(len(table))
+    if subset in (1, 2):
+        indices = np.flatnonzero(table.random_subset == subset)
+        if len(indices) == 0:
+            raise CryoInputError(f"no particles with rlnRandomSubset {subset}", path=table.star_path)
+    ops = symmetry_matrices(sym) if isinstance(sym, str) else torch.as_tensor(sym, dtype=torch.float64).reshape(-1, 3, 3)
+    bp = BackProjector.zeros(box, pad, device, dtype)
+    backproject_particles(table, indices, bp, ops, ctf=ctf, batch=batch)
+    tau2 = None
+    if wiener > 0:
+        w = bp.weight[bp.weight > 0]
+        const = wiener * float(w.mean()) if w.numel() else 0.0
+        if const > 0:  # reconstruct adds 1/(pad³·τ²) on every shell: choose τ² so that this is the constant
+            tau2 = torch.full((box // 2 + 2,), 1.0 / (pad**3 * const), dtype=torch.float64)
+    vol = reconstruct(bp, tau2=tau2, min_regularised_shell=0)
+    return vol, angpix

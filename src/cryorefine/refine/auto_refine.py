@@ -1,0 +1,373 @@
+"""3D auto-refine: gold-standard MAP-EM with RELION's schedule (random halves, FSC-driven τ², finer sampling, final join)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..errors import CryoInputError
+from ..estep.expectation import EStepSettings
+from ..estep.images import Window
+from ..estep.poses import PoseGrid
+from ..estep.sums import WeightedSums
+from ..fourier.filters import low_pass_filter
+from ..geometry.healpix import make_sampling, next_random_perturbation
+from ..io.mrc import read_map, write_map
+from ..io.outputs import it_prefix, write_angdist_bild, write_model_star, write_sampling_star
+from ..io.particles import ParticleTable, load_particles, write_particles
+from ..io.star import write_star_table
+from ..mstep.noise import initial_sigma2, update_sigma2
+from ..mstep.tau2 import tau2_from_fsc
+from ..projection.insert import BackProjector
+from ..reconstruction.fsc import fsc_curve, fsc_to_ssnr, resolution_shell, shell_to_angstrom
+from ..reconstruction.reconstruct import padded_shell_index, reconstruct
+from ..reconstruction.symmetrise import symmetrise_backprojector
+from .engine import ParticlePoses, angular_change_deg, prepare_references, run_expectation
+from .log import RunLog
+from .schedule import Schedule
+from .timing import StageTimer
+
+
+@dataclass
+class RefineConfig:
+    particles: str
+    output_root: str
+    reference: str
+    ini_high: float = 30.0
+    particle_diameter: float = 0.0
+    sym: str = "C1"
+    healpix_order: int = 2
+    offset_range: float = 5.0  # pixels
+    offset_step: float = 2.0  # pixels
+    auto_local_healpix_order: int = 4
+    sigma_ang: float = 0.0
+    low_resol_join_halves: float = 40.0
+    solvent_mask: str | None = None
+    flatten_solvent: bool = False
+    zero_mask: bool = False
+    ctf: bool = False
+    norm: bool = False
+    scale: bool = False
+    firstiter_cc: bool = False
+    pad: int = 2
+    maxsig: int = 0
+    random_seed: int = 0
+    perturb: float = 0.5
+    incr_size: int = 10
+    adaptive_fraction: float = 0.999
+    tau2_fudge: float = 1.0
+    max_iter: int = 50
+    batch_size: int = 0  # 0: automatic
+    device: str = "cpu"
+    threads: int = 0
+    continue_from: str | None = None
+    # filled in at run time
+    angpix: float = field(default=0.0)
+    solvent_mask_volume: torch.Tensor | None = field(default=None, repr=False)
+
+
+def _halves(table: ParticleTable, seed: int) -> np.ndarray:
+    """rlnRandomSubset (1/2) where the STAR has it, else a seeded random split into equal halves."""
+    subset = np.asarray(table.random_subset)
+    if set(np.unique(subset)) <= {1, 2} and (subset == 1).any() and (subset == 2).any():
+        return subset.astype(np.int64)
+    rng = np.random.default_rng(seed)
+    out = np.ones(len(table), dtype=np.int64)
+    out[rng.permutation(len(table))[: len(table) // 2]] = 2
+    return out
+
+
+def _check_inputs(cfg: RefineConfig, table: ParticleTable, ref: np.ndarray, ref_angpix: float) -> None:
+    if cfg.particle_diameter <= 0:
+        raise CryoInputError(f"--particle_diameter must be positive (got {cfg.particle_diameter} Å); give the particle's longest dimension in Å")
+    if ref.shape[0] != table.box:
+        raise CryoInputError(f"reference box {ref.shape[0]} differs from the particle box {table.box}; resample the reference to {table.box} px", cfg.reference)
+    if abs(ref_angpix - cfg.angpix) > 0.01 * cfg.angpix:
+        raise CryoInputError(f"reference pixel size {ref_angpix:.4f} Å differs from the particles' {cfg.angpix:.4f} Å; rescale the reference or fix its header", cfg.reference)
+    if cfg.particle_diameter > table.box * cfg.angpix:
+        raise CryoInputError(f"--particle_diameter {cfg.particle_diameter} Å is larger than the box ({table.box * cfg.angpix:.1f} Å)")
+
+
+class AutoRefine:
+    """One auto-refine run. ``run()`` iterates until convergence, then does the final joined iteration."""
+
+    def __init__(self, cfg: RefineConfig):
+        self.cfg = cfg
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        self.table = load_particles(cfg.particles)
+        angpix = np.unique(np.round(self.table.angpix, 4))
+        if len(angpix) > 1:
+            raise CryoInputError(f"optics groups have different pixel sizes ({', '.join(map(str, angpix))} Å); refine them separately or re-extract at one pixel size", cfg.particles)
+        cfg.angpix = float(angpix[0])
+        ref, ref_angpix = read_map(cfg.reference)
+        _check_inputs(cfg, self.table, ref, ref_angpix)
+        if cfg.solvent_mask:
+            m, _ = read_map(cfg.solvent_mask)
+            if m.shape[0] != self.table.box:
+                raise CryoInputError(f"solvent mask box {m.shape[0]} differs from the particle box {self.table.box}", cfg.solvent_mask)
+            cfg.solvent_mask_volume = torch.from_numpy(m).float()
+        self.box = self.table.box
+        self.device = torch.device(cfg.device)
+        self.n_groups = len(self.table.optics)
+        self.root = cfg.output_root
+        Path(self.root).parent.mkdir(parents=True, exist_ok=True)
+        self.log = RunLog(Path(self.root).parent / "run.log")
+        self.timer = StageTimer(self.device)
+        self.halves = _halves(self.table, cfg.random_seed)
+        self.gen = torch.Generator().manual_seed(cfg.random_seed)
+        self.rng = np.random.default_rng(cfg.random_seed)
+        self.iteration = 0
+        self.perturbation = 0.0
+        if cfg.continue_from:
+            self._load_state(cfg.continue_from)
+        else:
+            start = low_pass_filter(torch.from_numpy(ref).double(), cfg.ini_high, cfg.angpix).float()
+            self.maps = [start.clone(), start.clone()]
+            self.poses = ParticlePoses.from_table(self.table)
+            self.sigma2 = initial_sigma2(self.table, self.n_groups, device=self.device)
+            self.scale = torch.ones(self.n_groups, dtype=torch.float64)
+            self.sigma2_offset = (cfg.offset_range * cfg.angpix) ** 2
+            ini_shell = max(1, int(round(self.box * cfg.angpix / cfg.ini_high)))
+            self.schedule = Schedule(cfg.healpix_order, cfg.offset_range, cfg.offset_step, current_resolution_shell=ini_shell, best_resolution_shell=0)
+            if cfg.sigma_ang > 0:
+                self.schedule.local_search, self.schedule.sigma_ang_deg = True, cfg.sigma_ang
+            self.history = []
+            self.fsc = torch.zeros(self.box // 2 + 1, dtype=torch.float64)
+
+    # ------------------------------------------------------------------ one iteration
+    def _batch_size(self) -> int:
+        if self.cfg.batch_size > 0:
+            return self.cfg.batch_size
+        return 512 if self.device.type == "cuda" else 64
+
+    def iterate(self) -> dict:
+        cfg, sch = self.cfg, self.schedule
+        t0 = time.perf_counter()
+        self.iteration += 1
+        self.perturbation = next_random_perturbation(self.perturbation, cfg.perturb, self.rng)
+        first_cc = cfg.firstiter_cc and self.iteration == 1
+        sampling = make_sampling(sch.healpix_order, cfg.sym, self.perturbation)
+        grid = PoseGrid.build(sampling, sch.offset_range_px, sch.offset_step_px, device=self.device)
+        window_shell = sch.window_shell(self.box, cfg.incr_size)
+        coarse_shell = sch.coarse_shell(window_shell, self.box, cfg.angpix, cfg.particle_diameter)
+        window = Window.build(self.box, window_shell, self.device)
+        settings = EStepSettings(
+            adaptive_fraction=cfg.adaptive_fraction, maxsig=cfg.maxsig, firstiter_cc=first_cc,
+            local_sigma_deg=sch.sigma_ang_deg if sch.local_search else 0.0, sigma2_offset_angst2=self.sigma2_offset, angpix=cfg.angpix,
+        )
+        previous = ParticlePoses(**{k: v.copy() for k, v in self.poses.as_dict().items()})
+        sums = []
+        from .progress import Progress
+
+        with Progress(len(self.table), f"iteration {self.iteration:3d}") as progress:
+            for half in (1, 2):
+                with self.timer("getFourierTransformsAndCTFs"):
+                    refs = prepare_references([self.maps[half - 1]], cfg.pad, cfg, self.device)
+                s = WeightedSums.zeros(1, self.box, cfg.pad, self.n_groups, sampling.n_directions, device=self.device)
+                rows = np.flatnonzero(self.halves == half)
+                run_expectation(self.table, rows, refs, self.poses, grid, window, coarse_shell, self.sigma2.to(self.device), self.scale,
+                                settings, s, cfg, self.gen, self.timer, progress, self._batch_size(), local=sch.local_search)
+                sums.append(s)
+        with self.timer("M-step"):
+            info = self.maximization(sums, window_shell)
+        d_ang = angular_change_deg(previous.rot_deg, previous.tilt_deg, previous.psi_deg, self.poses.rot_deg, self.poses.tilt_deg, self.poses.psi_deg)
+        d_off = np.hypot(previous.origin_x_angst - self.poses.origin_x_angst, previous.origin_y_angst - self.poses.origin_y_angst) / cfg.angpix
+        change_ang, change_off = float(np.mean(d_ang)), float(np.sqrt(np.mean(d_off**2)))
+        stages = self.timer.reset()
+        record = {
+            "iteration": self.iteration, "resolution_angst": info["resolution_angst"], "healpix_order": sch.healpix_order,
+            "local": sch.local_search, "window_shell": window_shell, "coarse_shell": coarse_shell,
+            "change_orientation_deg": change_ang, "change_offset_px": change_off,
+            "mean_significant": float(np.mean(self.poses.n_significant)), "mean_max_prob": float(np.mean(self.poses.max_prob)),
+            "sigma_offset_angst": math.sqrt(self.sigma2_offset), "seconds": time.perf_counter() - t0, "stages": stages,
+            "final": sch.final_iteration,
+        }
+        if not sch.final_iteration:
+            sch.update_changes(info["resolution_shell"], change_ang, change_off)
+            note = sch.advance(info["resolution_angst"], cfg.particle_diameter, cfg.auto_local_healpix_order)
+            record["note"] = note
+        self.history.append(record)
+        self.write_iteration(info, record)
+        self.log.iteration(record)
+        return record
+
+    # ------------------------------------------------------------------ M-step
+    def maximization(self, sums: list[WeightedSums], window_shell: int) -> dict:
+        cfg, sch = self.cfg, self.schedule
+        bps = [s.backprojectors[0] for s in sums]
+        for bp in bps:
+            symmetrise_backprojector(bp, cfg.sym)
+        # noise, scale and offset statistics from both halves
+        wsum_sigma2 = sums[0].sigma2_noise + sums[1].sigma2_noise
+        count = sums[0].sigma2_count + sums[1].sigma2_count
+        self.sigma2 = update_sigma2(self.sigma2.to(wsum_sigma2), wsum_sigma2, count).cpu()
+        if cfg.scale and self.n_groups > 1:
+            xa = (sums[0].scale_xa + sums[1].scale_xa).sum(1)
+            aa = (sums[0].scale_aa + sums[1].scale_aa).sum(1)
+            sc = (xa / aa.clamp(min=1e-30)).cpu()
+            self.scale = (sc / sc.mean()).clamp(0.2, 5.0)
+        off_w = float(sums[0].offset_weight + sums[1].offset_weight)
+        if off_w > 0:
+            self.sigma2_offset = max(float(sums[0].offset_sq_angst2 + sums[1].offset_sq_angst2) / off_w, (0.5 * cfg.angpix) ** 2)
+        # halves joined at low resolution (RELION's --low_resol_join_halves)
+        if cfg.low_resol_join_halves > 0 and not sch.final_iteration:
+            join_shell = self.box * cfg.angpix / cfg.low_resol_join_halves
+            r_pad, _ = padded_shell_index(bps[0].size, cfg.pad, self.device)
+            low = r_pad < join_shell * cfg.pad
+            d_sum, w_sum = bps[0].data + bps[1].data, bps[0].weight + bps[1].weight
+            for bp in bps:
+                bp.data = torch.where(low, d_sum, bp.data)
+                bp.weight = torch.where(low, w_sum, bp.weight)
+        unfil = [reconstruct(bp) for bp in bps]
+        fsc = fsc_curve(unfil[0], unfil[1]).cpu()
+        self.fsc = fsc
+        if sch.final_iteration:
+            res_shell = resolution_shell(fsc, 0.143)
+            joined = BackProjector(bps[0].data + bps[1].data, bps[0].weight + bps[1].weight, self.box, cfg.pad)
+            tau2 = tau2_from_fsc(fsc, joined, cfg.tau2_fudge, ssnr_factor=2.0)
+            self.final_map = reconstruct(joined, tau2.to(self.device)).cpu()
+            self.unfil = [u.cpu() for u in unfil]
+            self.tau2 = tau2.cpu()
+        else:
+            # intermediate iterations: resolution where the half-set SSNR drops below 1 (FSC = 0.5)
+            res_shell = resolution_shell(fsc, 0.5)
+            new_maps = []
+            for bp in bps:
+                tau2 = tau2_from_fsc(fsc, bp, cfg.tau2_fudge)
+                new_maps.append(reconstruct(bp, tau2.to(self.device), max_shell=window_shell).cpu())
+            self.maps = new_maps
+            self.unfil = [u.cpu() for u in unfil]
+            self.tau2 = tau2.cpu()
+        res_shell = max(res_shell, 1)
+        return {"resolution_shell": res_shell, "resolution_angst": shell_to_angstrom(res_shell, self.box, cfg.angpix), "fsc": fsc}
+
+    # ------------------------------------------------------------------ outputs
+    def _model_tables(self, info) -> tuple:
+        cfg = self.cfg
+        n_sh = self.box // 2 + 1
+        shells = np.arange(n_sh)
+        res = np.where(shells > 0, shells / (self.box * cfg.angpix), 0.0)
+        fsc = self.fsc.numpy()
+        ssnr = fsc_to_ssnr(self.fsc).numpy()
+        general = {
+            "rlnReferenceDimensionality": 3, "rlnDataDimensionality": 2, "rlnOriginalImageSize": self.box,
+            "rlnCurrentResolution": info["resolution_angst"], "rlnCurrentImageSize": 2 * self.schedule.window_shell(self.box, cfg.incr_size),
+            "rlnPaddingFactor": cfg.pad, "rlnIsHelix": 0, "rlnFourierSpaceInterpolator": 1, "rlnMinRadiusNnInterpolation": 10,
+            "rlnPixelSize": cfg.angpix, "rlnNrClasses": 1, "rlnNrBodies": 1, "rlnNrGroups": self.n_groups,
+            "rlnTau2FudgeFactor": cfg.tau2_fudge, "rlnNormCorrectionAverage": 1.0, "rlnSigmaOffsetsAngst": math.sqrt(self.sigma2_offset),
+            "rlnOrientationalPriorMode": 0, "rlnSigmaPriorRotAngle": self.schedule.sigma_ang_deg, "rlnSigmaPriorTiltAngle": self.schedule.sigma_ang_deg,
+            "rlnSigmaPriorPsiAngle": self.schedule.sigma_ang_deg, "rlnLogLikelihood": float(np.sum(self.poses.loglik)),
+            "rlnAveragePmax": float(np.mean(self.poses.max_prob)),
+        }
+        classes = [{"rlnReferenceImage": f"{it_prefix(self.root, self.iteration)}_half1_class001.mrc", "rlnClassDistribution": 1.0,
+                    "rlnAccuracyRotations": self.history[-1]["change_orientation_deg"] if self.history else 999.0,
+                    "rlnAccuracyTranslationsAngst": 999.0, "rlnEstimatedResolution": info["resolution_angst"], "rlnOverallFourierCompleteness": 1.0}]
+        tau2 = self.tau2.numpy() if hasattr(self, "tau2") else np.zeros(n_sh)
+        class_table = pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": res, "rlnAngstromResolution": np.where(res > 0, 1 / np.maximum(res, 1e-12), 999.0),
+                                    "rlnSsnrMap": ssnr, "rlnGoldStandardFsc": fsc, "rlnFourierCompleteness": np.ones(n_sh), "rlnReferenceTau2": tau2[:n_sh]})
+        groups = pd.DataFrame({"rlnGroupNumber": np.arange(1, self.n_groups + 1), "rlnGroupName": [g.name for g in self.table.optics],
+                               "rlnGroupNrParticles": np.bincount(self.table.optics_group, minlength=self.n_groups),
+                               "rlnGroupScaleCorrection": self.scale.numpy()})
+        sig = [pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": res, "rlnSigma2Noise": self.sigma2[g].numpy()}) for g in range(self.n_groups)]
+        return general, classes, [class_table], groups, sig
+
+    def _data_columns(self) -> dict:
+        p = self.poses
+        return {"rlnAngleRot": p.rot_deg, "rlnAngleTilt": p.tilt_deg, "rlnAnglePsi": p.psi_deg, "rlnOriginXAngst": p.origin_x_angst,
+                "rlnOriginYAngst": p.origin_y_angst, "rlnClassNumber": p.class_number, "rlnRandomSubset": self.halves,
+                "rlnMaxValueProbDistribution": p.max_prob, "rlnNrOfSignificantSamples": p.n_significant,
+                "rlnLogLikeliContribution": p.loglik, "rlnNormCorrection": np.ones(len(p.rot_deg)), "rlnGroupNumber": self.table.optics_group + 1}
+
+    def write_iteration(self, info, record) -> None:
+        cfg = self.cfg
+        pre = it_prefix(self.root, self.iteration)
+        model = self._model_tables(info)
+        for h in (1, 2):
+            m = self.unfil[h - 1] if self.schedule.final_iteration else self.maps[h - 1]
+            write_map(f"{pre}_half{h}_class001.mrc", m.numpy(), cfg.angpix)
+            write_map(f"{pre}_half{h}_class001_unfil.mrc", self.unfil[h - 1].numpy(), cfg.angpix)
+            write_model_star(f"{pre}_half{h}_model.star", *model)
+        write_particles(f"{pre}_data.star", self.table, **self._data_columns())
+        sch = self.schedule
+        write_sampling_star(f"{pre}_sampling.star", sch.healpix_order, 60.0 / 2**sch.healpix_order, sch.offset_range_px * cfg.angpix, sch.offset_step_px * cfg.angpix,
+                            cfg.perturb, self.perturbation, cfg.sym, sch.local_search, sch.sigma_ang_deg)
+        self._save_state(pre)
+        if self.schedule.final_iteration:
+            write_map(f"{self.root}_class001.mrc", self.final_map.numpy(), cfg.angpix)
+            for h in (1, 2):
+                write_map(f"{self.root}_half{h}_class001_unfil.mrc", self.unfil[h - 1].numpy(), cfg.angpix)
+            write_model_star(f"{self.root}_model.star", *model)
+            write_particles(f"{self.root}_data.star", self.table, **self._data_columns())
+            write_angdist_bild(f"{self.root}_class001_angdist.bild", self.poses.rot_deg, self.poses.tilt_deg, cfg.particle_diameter / (2 * cfg.angpix), self.box // 2, cfg.angpix)
+        try:
+            from ..report import write_report
+
+            write_report(Path(self.root).parent, self.root, self.history, self.fsc.numpy(), self.box, cfg.angpix, self.poses, (self.final_map if self.schedule.final_iteration else self.maps[0]).numpy())
+        except ImportError:
+            pass
+
+    # ------------------------------------------------------------------ state for --continue
+    def _save_state(self, pre: str) -> None:
+        from ..io.atomic import atomic_write
+
+        state = {
+            "iteration": self.iteration, "perturbation": self.perturbation, "maps": self.maps, "sigma2": self.sigma2, "scale": self.scale,
+            "sigma2_offset": self.sigma2_offset, "schedule": asdict(self.schedule), "poses": self.poses.as_dict(), "halves": self.halves,
+            "history": self.history, "fsc": self.fsc, "torch_rng": self.gen.get_state(), "numpy_rng": self.rng.bit_generator.state,
+            "config": {k: v for k, v in asdict(self.cfg).items() if k != "solvent_mask_volume"},
+        }
+        with atomic_write(f"{pre}_state.pt") as tmp:
+            torch.save(state, tmp)
+        write_star_table(f"{pre}_optimiser.star", {"optimiser_general": {
+            "rlnOutputRootName": self.root, "rlnModelStarFile": f"{pre}_half1_model.star", "rlnModelStarFile2": f"{pre}_half2_model.star",
+            "rlnExperimentalDataStarFile": f"{pre}_data.star", "rlnOrientSamplingStarFile": f"{pre}_sampling.star",
+            "rlnCurrentIteration": self.iteration, "rlnNumberOfIterations": self.cfg.max_iter, "rlnDoSplitRandomHalves": 1,
+            "rlnJoinHalvesUntilThisResolution": self.cfg.low_resol_join_halves, "rlnAdaptiveOversampleFraction": self.cfg.adaptive_fraction,
+            "rlnRandomSeed": self.cfg.random_seed, "rlnParticleDiameter": self.cfg.particle_diameter, "rlnDoAutoRefine": 1,
+            "rlnHasConverged": int(self.schedule.converged), "rlnDoCorrectCtf": int(self.cfg.ctf), "rlnDoZeroMask": int(self.cfg.zero_mask),
+            "rlnDoSolventFlattening": int(self.cfg.flatten_solvent), "rlnSymmetryGroup": self.cfg.sym,
+            "rlnOptimiserStateFile": f"{pre}_state.pt",
+        }})
+
+    def _load_state(self, optimiser_star: str) -> None:
+        path = Path(optimiser_star)
+        if not path.exists():
+            raise CryoInputError("optimiser file not found; pass a run_itNNN_optimiser.star of a finished iteration", path)
+        state_path = Path(str(path).replace("_optimiser.star", "_state.pt"))
+        if not state_path.exists():
+            raise CryoInputError(f"no saved state {state_path.name} beside it; continue from an iteration this program finished", path)
+        s = torch.load(state_path, weights_only=False)
+        self.iteration, self.perturbation = s["iteration"], s["perturbation"]
+        self.maps, self.sigma2, self.scale, self.sigma2_offset = s["maps"], s["sigma2"], s["scale"], s["sigma2_offset"]
+        self.schedule = Schedule(**s["schedule"])
+        self.poses = ParticlePoses(**s["poses"])
+        self.halves, self.history, self.fsc = s["halves"], s["history"], s["fsc"]
+        self.gen.set_state(s["torch_rng"])
+        self.rng.bit_generator.state = s["numpy_rng"]
+        self.poses.apply_to(self.table)
+        self.log.line(f"continuing after iteration {self.iteration} from {path}")
+
+    # ------------------------------------------------------------------ driver
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.log.line(f"cryorefine refine: {len(self.table)} particles, box {self.box}, {cfg.angpix:.3f} Å/px, device {self.device}, sym {cfg.sym}")
+        t0 = time.perf_counter()
+        while not self.schedule.final_iteration:
+            if self.schedule.converged or self.iteration >= cfg.max_iter - 1:
+                self.schedule.final_iteration = True
+            self.iterate()
+        fsc = self.fsc
+        summary = {
+            "final_resolution_angst": shell_to_angstrom(resolution_shell(fsc, 0.143), self.box, cfg.angpix),
+            "iterations": self.iteration, "seconds": time.perf_counter() - t0, "output": f"{self.root}_class001.mrc",
+        }
+        self.log.line("finished: " + json.dumps(summary))
+        return summary

@@ -1,0 +1,112 @@
+"""Shared machinery of auto-refine and classification: references, batched E-step over a particle set, pose bookkeeping."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..estep.expectation import EStepSettings, expectation_batch
+from ..estep.images import Window, prepare_batch
+from ..estep.poses import PoseGrid
+from ..estep.sums import WeightedSums
+from ..fourier.filters import soft_sphere
+from ..geometry.euler import euler_to_matrix
+from ..io.particles import ParticleTable
+from ..projection.extract import PaddedTransform, prepare_padded_transform
+
+
+@dataclass
+class ParticlePoses:
+    """Current pose estimates of all particles (structure of arrays, host memory)."""
+
+    rot_deg: np.ndarray
+    tilt_deg: np.ndarray
+    psi_deg: np.ndarray
+    origin_x_angst: np.ndarray
+    origin_y_angst: np.ndarray
+    class_number: np.ndarray  # 1-based
+    max_prob: np.ndarray
+    n_significant: np.ndarray
+    loglik: np.ndarray
+
+    @classmethod
+    def from_table(cls, t: ParticleTable) -> "ParticlePoses":
+        n = len(t)
+        return cls(t.rot_deg.copy(), t.tilt_deg.copy(), t.psi_deg.copy(), t.origin_x_angst.copy(), t.origin_y_angst.copy(),
+                   np.ones(n, dtype=np.int64), np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros(n))
+
+    def apply_to(self, t: ParticleTable) -> None:
+        t.rot_deg[:], t.tilt_deg[:], t.psi_deg[:] = self.rot_deg, self.tilt_deg, self.psi_deg
+        t.origin_x_angst[:], t.origin_y_angst[:] = self.origin_x_angst, self.origin_y_angst
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def solvent_masked(volume: torch.Tensor, particle_diameter_angst: float, angpix: float, flatten_solvent: bool, solvent_mask: torch.Tensor | None) -> torch.Tensor:
+    """The reference the E-step sees: multiplied by the solvent mask or a soft sphere with --flatten_solvent."""
+    if solvent_mask is not None:
+        return volume * solvent_mask.to(volume)
+    if flatten_solvent:
+        return volume * soft_sphere(volume.shape, particle_diameter_angst / (2 * angpix), 5.0, device=volume.device, dtype=volume.dtype)
+    return volume
+
+
+def prepare_references(maps: list[torch.Tensor], pad: int, cfg, device) -> list[PaddedTransform]:
+    return [prepare_padded_transform(solvent_masked(m.to(device=device, dtype=torch.float32), cfg.particle_diameter, cfg.angpix, cfg.flatten_solvent, cfg.solvent_mask_volume), pad) for m in maps]
+
+
+def angular_change_deg(rot0, tilt0, psi0, rot1, tilt1, psi1) -> np.ndarray:
+    A = euler_to_matrix(torch.as_tensor(rot0), torch.as_tensor(tilt0), torch.as_tensor(psi0))
+    B = euler_to_matrix(torch.as_tensor(rot1), torch.as_tensor(tilt1), torch.as_tensor(psi1))
+    tr = (A * B).sum((-2, -1))
+    return torch.rad2deg(torch.acos(((tr - 1) / 2).clamp(-1, 1))).numpy()
+
+
+def run_expectation(
+    table: ParticleTable,
+    rows: np.ndarray,
+    refs: list[PaddedTransform],
+    poses_now: ParticlePoses,
+    grid: PoseGrid,
+    window: Window,
+    coarse_shell: int,
+    sigma2: torch.Tensor,
+    scale: torch.Tensor,
+    settings: EStepSettings,
+    sums: WeightedSums,
+    cfg,
+    generator: torch.Generator,
+    timer,
+    progress=None,
+    batch_size: int = 128,
+    local: bool = False,
+) -> None:
+    """E-step over ``rows`` in batches; writes the new best poses into ``poses_now`` and adds into ``sums``."""
+    device = cfg.device
+    for s0 in range(0, len(rows), batch_size):
+        idx = rows[s0 : s0 + batch_size]
+        with timer("getFourierTransformsAndCTFs"):
+            # the E-step reads the particles' previous offsets from the table
+            table.origin_x_angst[idx] = poses_now.origin_x_angst[idx]
+            table.origin_y_angst[idx] = poses_now.origin_y_angst[idx]
+            batch = prepare_batch(table, idx, window, sigma2, scale, cfg.particle_diameter, cfg.angpix, cfg.ctf, cfg.zero_mask, generator, device)
+            local_prior = None
+            if local:
+                local_prior = grid.local_candidates(poses_now.rot_deg[idx], poses_now.tilt_deg[idx], poses_now.psi_deg[idx], settings.local_sigma_deg)
+        res = expectation_batch(batch, window, coarse_shell, refs, grid, settings, sums, local_prior, timer)
+        poses_now.rot_deg[idx] = res.eulers_deg[:, 0]
+        poses_now.tilt_deg[idx] = res.eulers_deg[:, 1]
+        poses_now.psi_deg[idx] = res.eulers_deg[:, 2]
+        off = res.offsets_px.double().cpu().numpy() * cfg.angpix
+        poses_now.origin_x_angst[idx] = off[:, 0]
+        poses_now.origin_y_angst[idx] = off[:, 1]
+        poses_now.class_number[idx] = res.class_index.cpu().numpy() + 1
+        poses_now.max_prob[idx] = res.max_prob.double().cpu().numpy()
+        poses_now.n_significant[idx] = res.n_significant.cpu().numpy()
+        poses_now.loglik[idx] = res.loglik.cpu().numpy()
+        if progress is not None:
+            progress(len(idx))

@@ -1,0 +1,78 @@
+"""RELION's auto-refine schedule: resolution, E-step windows, when to sample finer, when to stop."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+MAX_ITER_WITHOUT_RESOLUTION_GAIN = 1
+MAX_ITER_WITHOUT_LARGE_CHANGES = 1
+
+
+@dataclass
+class Schedule:
+    healpix_order: int
+    offset_range_px: float
+    offset_step_px: float
+    local_search: bool = False
+    sigma_ang_deg: float = 0.0
+    current_resolution_shell: int = 0
+    best_resolution_shell: int = 0
+    iter_without_resolution_gain: int = 0
+    iter_without_large_changes: int = 0
+    smallest_change_orientation_deg: float = 999.0
+    smallest_change_offset_px: float = 999.0
+    converged: bool = False
+    final_iteration: bool = False
+
+    def window_shell(self, box: int, incr_size: int) -> int:
+        """E-step window: the current resolution shell plus ``incr_size`` shells, at most Nyquist."""
+        if self.final_iteration:
+            return box // 2
+        return int(min(box // 2, self.current_resolution_shell + incr_size))
+
+    @staticmethod
+    def angular_step_deg(order: int) -> float:
+        return 60.0 / 2**order
+
+    def coarse_shell(self, window_shell: int, box: int, angpix: float, particle_diameter_angst: float) -> int:
+        """Pass-0 window: where the coarse angular step still resolves detail at the particle's edge (arc = res/2)."""
+        arc_angst = math.radians(self.angular_step_deg(self.healpix_order)) * particle_diameter_angst / 2
+        return int(max(min(window_shell, math.floor(box * angpix / (2 * arc_angst))), min(window_shell, 8)))
+
+    def update_changes(self, resolution_shell: int, change_orientation_deg: float, change_offset_px: float) -> None:
+        """RELION's counters of iterations without resolution gain and without large pose changes."""
+        self.current_resolution_shell = resolution_shell
+        if resolution_shell > self.best_resolution_shell:
+            self.best_resolution_shell = resolution_shell
+            self.iter_without_resolution_gain = 0
+        else:
+            self.iter_without_resolution_gain += 1
+        if change_orientation_deg < self.smallest_change_orientation_deg or change_offset_px < self.smallest_change_offset_px:
+            self.smallest_change_orientation_deg = min(self.smallest_change_orientation_deg, change_orientation_deg)
+            self.smallest_change_offset_px = min(self.smallest_change_offset_px, change_offset_px)
+            self.iter_without_large_changes = 0
+        else:
+            self.iter_without_large_changes += 1
+
+    def advance(self, resolution_angst: float, particle_diameter_angst: float, auto_local_order: int, max_order: int = 8) -> str | None:
+        """After an iteration: sample finer or declare convergence. Returns a note of what changed."""
+        stalled = self.iter_without_resolution_gain >= MAX_ITER_WITHOUT_RESOLUTION_GAIN and self.iter_without_large_changes >= MAX_ITER_WITHOUT_LARGE_CHANGES
+        if not stalled:
+            return None
+        accuracy_deg = math.degrees(resolution_angst / particle_diameter_angst)
+        fine_step = self.angular_step_deg(self.healpix_order) / 2  # the oversampled step of the fine pass
+        if fine_step <= accuracy_deg or self.healpix_order >= max_order:
+            self.converged = True
+            return f"converged (fine step {fine_step:.2f}° <= estimated accuracy {accuracy_deg:.2f}°)"
+        self.healpix_order += 1
+        self.offset_step_px = max(self.offset_step_px / 2, 0.25)
+        self.offset_range_px = max(self.offset_range_px / 2, 2 * self.offset_step_px)
+        if self.healpix_order >= auto_local_order:
+            self.local_search = True
+            self.sigma_ang_deg = 2.0 * self.angular_step_deg(self.healpix_order)
+        self.iter_without_resolution_gain = 0
+        self.iter_without_large_changes = 0
+        self.smallest_change_orientation_deg = 999.0
+        self.smallest_change_offset_px = 999.0
+        return f"finer sampling: healpix order {self.healpix_order} ({self.angular_step_deg(self.healpix_order):.2f}°), offsets {self.offset_range_px:.2f}/{self.offset_step_px:.2f} px" + (f", local searches sigma {self.sigma_ang_deg:.2f}°" if self.local_search else "")
