@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -17,6 +18,24 @@ SUBCOMMANDS = {
     "fsc": "Fourier shell correlation between two maps",
     "evaluate": "Pose and map errors of a refinement against the truth",
 }
+
+
+_OS_ERROR_FIXES = {  # user-fixable OS errors: strerror (which says what happened) + the fix
+    errno.ENOSPC: "free space or choose another output folder with --o",
+    errno.EDQUOT: "free space or choose another output folder with --o",
+    errno.EACCES: "make it accessible or choose another output folder with --o",
+    errno.EROFS: "choose another output folder with --o",
+}
+
+
+def _gpu_out_of_memory():
+    """torch.cuda.OutOfMemoryError (a class that never matches where torch lacks it)."""
+    try:
+        import torch
+
+        return torch.cuda.OutOfMemoryError
+    except (ImportError, AttributeError):
+        return type("_NoOutOfMemoryError", (Exception,), {})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,9 +61,21 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        rc = args._main(args)
+        try:
+            rc = args._main(args)
+        except _gpu_out_of_memory() as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "CUDA out of memory"
+            raise CryoInputError(f"the GPU ran out of memory ({first[:160]}); pass a smaller --batch "
+                                 "(e.g. half the last one) or use a GPU with more memory") from exc
     except CryoInputError as exc:
         print(f"cryorefine {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        fix = _OS_ERROR_FIXES.get(exc.errno)
+        if fix is None:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"cryorefine {args.command}: error: {where}{exc.strerror or exc}; {fix}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cryorefine {args.command}: interrupted; rerun with --continue to resume from the last finished iteration", file=sys.stderr)

@@ -85,6 +85,9 @@ def config_from_args(args, cls):
 
 
 def main(args):
+    from ..validate import validate_refine_inputs
+
+    validate_refine_inputs(args)  # user mistakes stop here, before the engine is imported or run
     from ..refine.auto_refine import AutoRefine, RefineConfig
 
     cfg = config_from_args(args, RefineConfig)

@@ -175,144 +175,136 @@ def expectation_batch(
         i_idx, k_idx, t_idx, l_idx = sig.unbind(1)
         coarse_id = l_idx if local_prior is None else local_prior[0][i_idx, l_idx]
 
-    # ---- fine projections of the union of significant coarse rotations, per class
+    # ---- fine projections: the union (over the batch) of significant (class, coarse rotation) pairs
     with stage("getAllSquaredDifferences"):
         J = window.size
-        classes = []
+        R = poses.n_rotations
+        key = k_idx * R + coarse_id
+        gkeys, g_of_sig = torch.unique(key, return_inverse=True)  # union G; g_of_sig (M,)
+        g_class, g_coarse = gkeys // R, gkeys % R
+        g_rot = poses.fine_rotations(g_coarse)  # (G, 8, 3, 3)
+        p_all = torch.empty(len(gkeys) * N_ROT_CHILDREN, J, dtype=batch.f_masked.dtype, device=dev)
         for k in range(K):
-            sel = k_idx == k
-            ids = torch.unique(coarse_id[sel])
-            if ids.numel() == 0:
-                classes.append(None)
-                continue
-            rot = poses.fine_rotations(ids)  # (U, 8, 3, 3)
-            p = extract_central_slices(refs[k], rot.reshape(-1, 3, 3), window.ky, window.kx)  # (8U, J)
-            allowed = torch.zeros(n, T, ids.numel(), dtype=torch.bool, device=dev)
-            u = torch.searchsorted(ids, coarse_id[sel])
-            allowed[i_idx[sel], t_idx[sel], u] = True
-            prior_u = torch.full((n, ids.numel()), -torch.inf, device=dev)
-            prior_u[i_idx[sel], u] = rot_prior[i_idx[sel], k, l_idx[sel]]
-            classes.append((ids, rot, p, allowed, prior_u))
+            sel = (g_class == k).repeat_interleave(N_ROT_CHILDREN)
+            if sel.any():
+                p_all[sel] = extract_central_slices(refs[k], g_rot.reshape(-1, 3, 3)[sel], window.ky, window.kx)
+        # per-particle slots: the particle's own significant (class, rotation) pairs, padded to L
+        G = len(gkeys)
+        pk, pk_inv = torch.unique(i_idx * G + g_of_sig, return_inverse=True)
+        p_part, p_g = pk // G, pk % G
+        counts = torch.bincount(p_part, minlength=n)
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(len(pk), device=dev) - starts[p_part]
+        Ls = int(counts.max())
+        slot_g = torch.zeros(n, Ls, dtype=torch.long, device=dev)
+        slot_g[p_part, slot] = p_g
+        slot_prior = torch.full((n, Ls), -torch.inf, device=dev)
+        slot_prior[i_idx, slot[pk_inv]] = rot_prior[i_idx, k_idx, l_idx]
+        allowed = torch.zeros(n, T, Ls, dtype=torch.bool, device=dev)
+        allowed[i_idx, t_idx, slot[pk_inv]] = True
         w = batch.inv_sigma2 * 0.5
         sc = batch.scale[:, None] * batch.ctf
-        off_fine = batch.old_offset_px[:, None, None, :] + poses.fine_translations()[None]  # (n, T, 4, 2)
-        off_fine = off_fine.reshape(n, T * N_TRANS_CHILDREN, 2)
+        off_fine = (batch.old_offset_px[:, None, None, :] + poses.fine_translations()[None]).reshape(n, T * N_TRANS_CHILDREN, 2)
         t_prior = translation_log_prior(off_fine, settings) if not cc else torch.zeros(n, T * N_TRANS_CHILDREN, device=dev)
         const = (w * batch.f_masked.abs() ** 2).sum(1).double()  # (n,)
 
-    total_u8 = sum(c[2].shape[0] for c in classes if c is not None)
-    T4 = T * N_TRANS_CHILDREN
-    chunk = max(1, min(n, CHUNK_ELEMENTS // max(1, T4 * max(total_u8, J))))
+    T4, L8 = T * N_TRANS_CHILDREN, Ls * N_ROT_CHILDREN
+    chunk = max(1, min(n, CHUNK_ELEMENTS // max(1, L8 * J + T4 * L8)))
+    child = torch.arange(N_ROT_CHILDREN, device=dev)
     best_class = torch.zeros(n, dtype=torch.long, device=dev)
-    best_eulers = np.zeros((n, 3))
+    best_coarse = torch.zeros(n, dtype=torch.long, device=dev)
+    best_child = torch.zeros(n, dtype=torch.long, device=dev)
     best_off = torch.zeros(n, 2, device=dev)
     max_prob = torch.zeros(n, device=dev)
     loglik = torch.zeros(n, dtype=torch.float64, device=dev)
-    acc = [None if c is None else [torch.zeros(c[2].shape, dtype=c[2].dtype, device=dev), torch.zeros(c[2].shape, device=dev)] for c in classes]
+    acc_v = torch.zeros(G * N_ROT_CHILDREN, J, dtype=batch.f_masked.dtype, device=dev) if sums is not None else None
+    acc_w = torch.zeros(G * N_ROT_CHILDREN, J, device=dev) if sums is not None else None
     for c0 in range(0, n, chunk):
         c1 = min(n, c0 + chunk)
         rows = slice(c0, c1)
         m = c1 - c0
         with stage("getAllSquaredDifferences"):
+            rows8 = (slot_g[rows][:, :, None] * N_ROT_CHILDREN + child).reshape(m, L8)  # (m, 8L) rows of p_all
+            pg = p_all[rows8]  # (m, 8L, J)
             xt = _translated(batch.f_masked[rows], window, off_fine[rows])  # (m, T4, J)
-            a = _as_real(xt * (w[rows] * sc[rows])[:, None, :]).reshape(m * T4, 2 * J)
-            b = w[rows] * sc[rows] ** 2
-            logits = []
-            for c in classes:
-                if c is None:
-                    logits.append(None)
-                    continue
-                ids, rot, p, allowed, prior_u = c
-                cross = (a @ _as_real(p).T).reshape(m, T4, -1)  # (m, T4, 8U)
-                third = b @ (p.real**2 + p.imag**2).T  # (m, 8U)
-                if cc:
-                    lg = cross / torch.sqrt(third.clamp(min=1e-30))[:, None, :]
-                else:
-                    lg = 2.0 * cross - third[:, None, :] + t_prior[rows][:, :, None] + prior_u[rows].repeat_interleave(N_ROT_CHILDREN, 1)[:, None, :]
-                ok = allowed[rows].repeat_interleave(N_TRANS_CHILDREN, 1).repeat_interleave(N_ROT_CHILDREN, 2)
-                logits.append(torch.where(ok, lg, torch.full_like(lg, -torch.inf)))
-        with stage("convertAllDiff2ToWeights"):
-            valid = [lg for lg in logits if lg is not None]
-            mx = torch.stack([lg.flatten(1).max(1).values for lg in valid], 1).max(1).values  # (m,)
+            a = _as_real(xt * (w[rows] * sc[rows])[:, None, :])
+            cross = torch.bmm(a, _as_real(pg).transpose(1, 2))  # (m, T4, 8L)
+            p2 = pg.real**2 + pg.imag**2
+            third = torch.einsum("mj,mrj->mr", w[rows] * sc[rows] ** 2, p2)  # (m, 8L)
+            ok = allowed[rows].repeat_interleave(N_TRANS_CHILDREN, 1).repeat_interleave(N_ROT_CHILDREN, 2)
             if cc:
-                weights = [None if lg is None else (lg == mx[:, None, None]).float() for lg in logits]
-                norm = sum(wt.flatten(1).sum(1) for wt in weights if wt is not None)
-                weights = [None if wt is None else wt / norm[:, None, None] for wt in weights]
-                lse = mx.double()
+                lg = cross / torch.sqrt(third.clamp(min=1e-30))[:, None, :]
             else:
-                ssum = sum(torch.exp(lg - mx[:, None, None]).flatten(1).sum(1) for lg in valid)
-                lse = mx.double() + torch.log(ssum.double())
-                weights = [None if lg is None else torch.exp(lg - lse[:, None, None].float()) for lg in logits]
+                lg = 2.0 * cross - third[:, None, :] + t_prior[rows][:, :, None] + slot_prior[rows].repeat_interleave(N_ROT_CHILDREN, 1)[:, None, :]
+            lg = torch.where(ok, lg, torch.full_like(lg, -torch.inf))
+        with stage("convertAllDiff2ToWeights"):
+            flat_lg = lg.reshape(m, -1)
+            mx, arg = flat_lg.max(1)
+            if cc:
+                gam = (flat_lg == mx[:, None]).float()
+                gam = gam / gam.sum(1, keepdim=True)
+                lse = mx.double()
+                max_prob[rows] = 1.0
+            else:
+                lse = mx.double() + torch.log(torch.exp(flat_lg - mx[:, None]).sum(1).double())
+                gam = torch.exp(flat_lg - lse[:, None].float())
+                max_prob[rows] = torch.exp(mx.double() - lse).float()
             loglik[rows] = lse - const[rows]
-            # best sample per particle
-            best_val = torch.full((m,), -torch.inf, device=dev)
-            for k, lg in enumerate(logits):
-                if lg is None:
-                    continue
-                v, arg = lg.flatten(1).max(1)
-                better = v > best_val
-                best_val = torch.where(better, v, best_val)
-                if better.any():
-                    t4, u8 = arg // lg.shape[2], arg % lg.shape[2]
-                    ids, rot = classes[k][0], classes[k][1]
-                    coarse = ids[u8 // N_ROT_CHILDREN]
-                    e = poses.fine_eulers_deg(coarse.cpu().numpy())[np.arange(m), (u8 % N_ROT_CHILDREN).cpu().numpy()]
-                    bsel = better.cpu().numpy()
-                    best_eulers[c0:c1][bsel] = e[bsel]
-                    best_off[rows][better] = off_fine[rows][torch.arange(m, device=dev), t4][better]
-                    best_class[rows] = torch.where(better, torch.full_like(best_class[rows], k), best_class[rows])
-            max_prob[rows] = 1.0 if cc else torch.exp(best_val.double() - lse).float()
+            t4, r8 = arg // L8, arg % L8
+            g_best = slot_g[rows][torch.arange(m, device=dev), r8 // N_ROT_CHILDREN]
+            best_class[rows] = g_class[g_best]
+            best_coarse[rows] = g_coarse[g_best]
+            best_child[rows] = r8 % N_ROT_CHILDREN
+            best_off[rows] = off_fine[rows][torch.arange(m, device=dev), t4]
         if sums is not None:
             with stage("storeWeightedSums"):
-                _store_chunk(batch, window, rows, off_fine, classes, weights, acc, sums, settings, poses)
+                gam = gam.reshape(m, T4, L8)
+                _store_chunk(batch, window, rows, off_fine, gam, pg, p2, rows8, g_class, g_coarse, acc_v, acc_w, sums, settings, poses)
     if sums is not None:
         with stage("storeWeightedSums"):
-            for k, c in enumerate(classes):
-                if c is None:
-                    continue
-                vals, wts = acc[k]
-                used = wts.sum(1) > 0
-                if used.any():
-                    sums.backprojectors[k].insert(c[1].reshape(-1, 3, 3)[used], window.ky, window.kx, vals[used], wts[used])
-    return BatchPoses(best_class, best_eulers, best_off, max_prob, nsig, loglik)
+            used = acc_w.sum(1) > 0
+            rot8 = g_rot.reshape(-1, 3, 3)
+            cls8 = g_class.repeat_interleave(N_ROT_CHILDREN)
+            for k in range(K):
+                sel = used & (cls8 == k)
+                if sel.any():
+                    sums.backprojectors[k].insert(rot8[sel], window.ky, window.kx, acc_v[sel], acc_w[sel])
+    eul = poses.fine_eulers_deg(best_coarse.cpu().numpy())[np.arange(n), best_child.cpu().numpy()]
+    return BatchPoses(best_class, eul, best_off, max_prob, nsig, loglik)
 
 
-def _store_chunk(batch, window, rows, off_fine, classes, weights, acc, sums: WeightedSums, settings, poses) -> None:
-    """storeWeightedSums for particles ``rows``: per-rotation image sums (GEMMs) and the M-step statistics."""
+def _store_chunk(batch, window, rows, off_fine, gam, pg, p2, rows8, g_class, g_coarse, acc_v, acc_w, sums: WeightedSums, settings, poses) -> None:
+    """storeWeightedSums for particles ``rows``: per-rotation image sums (batched GEMMs) and the M-step statistics.
+
+    gam (m, T4, 8L): posterior of each fine sample; pg (m, 8L, J) its projections; rows8 (m, 8L) rows in the batch union.
+    """
     dev = batch.f_masked.device
     xu = _translated(batch.f_unmasked[rows], window, off_fine[rows])  # (m, T4, J)
     m, T4, J = xu.shape
     s = batch.scale[rows][:, None]
     ctf, inv_s2 = batch.ctf[rows], batch.inv_sigma2[rows]
     z = xu * (s * ctf * inv_s2)[:, None, :]
-    resid = (batch.f_unmasked[rows].abs() ** 2).double()  # Σ Γ = 1
-    xa = torch.zeros(m, J, dtype=torch.float64, device=dev)
-    aa = torch.zeros(m, J, dtype=torch.float64, device=dev)
-    for k, (c, g) in enumerate(zip(classes, weights)):
-        if c is None:
-            continue
-        ids, rot, p, _, _ = c
-        g2 = g.reshape(m * T4, -1)  # (m·T4, 8U)
-        zr = z.reshape(m * T4, J)
-        acc[k][0] += torch.complex(g2.T @ zr.real, g2.T @ zr.imag)
-        gsum = g.sum(1)  # (m, 8U)
-        acc[k][1] += gsum.T @ ((s * ctf) ** 2 * inv_s2)
-        q = torch.complex(g @ p.real, -(g @ p.imag))  # Σ_r Γ conj(P): (m, T4, J)
-        xq = (xu * q).real.sum(1)  # Re Σ_t X̃ Σ_r Γ conj(P)
-        p2 = gsum @ (p.real**2 + p.imag**2)  # (m, J)
-        resid += ((s * ctf) ** 2 * p2 - 2.0 * s * ctf * xq).double()
-        xa += (ctf * xq).double()
-        aa += (ctf**2 * p2).double()
-        sums.class_weight[k] += g.sum().double()
-        d = (ids // poses.sampling.n_psi).repeat_interleave(N_ROT_CHILDREN)
-        sums.direction_weight[k].index_add_(0, d, gsum.sum(0).double())
+    gt = gam.transpose(1, 2)  # (m, 8L, T4)
+    acc_v.index_add_(0, rows8.reshape(-1), torch.complex(torch.bmm(gt, z.real), torch.bmm(gt, z.imag)).reshape(-1, J))
+    gsum = gam.sum(1)  # (m, 8L)
+    acc_w.index_add_(0, rows8.reshape(-1), (gsum[:, :, None] * ((s * ctf) ** 2 * inv_s2)[:, None, :]).reshape(-1, J))
+    q = torch.complex(torch.bmm(gam, pg.real), -torch.bmm(gam, pg.imag))  # Σ_r Γ conj(P): (m, T4, J)
+    xq = (xu * q).real.sum(1)  # Re Σ_t X̃ Σ_r Γ conj(P)
+    pp = torch.einsum("mr,mrj->mj", gsum, p2)
+    resid = (batch.f_unmasked[rows].abs() ** 2).double() + ((s * ctf) ** 2 * pp - 2.0 * s * ctf * xq).double()
+    xa, aa = (ctf * xq).double(), (ctf**2 * pp).double()
     S = sums.sigma2_noise.shape[1]
     shell = window.shell.clamp(max=S - 1)
     flat_gs = (batch.group[rows][:, None] * S + shell[None, :]).reshape(-1)
     for a_, v in ((sums.sigma2_noise, resid), (sums.scale_xa, xa), (sums.scale_aa, aa)):
         a_.view(-1).index_add_(0, flat_gs, v.reshape(-1))
     sums.sigma2_count.view(-1).index_add_(0, flat_gs, torch.ones(m * J, dtype=torch.float64, device=dev))
-    gt = sum(g.sum(2) for g in weights if g is not None)  # (m, T4)
+    g_of_row = rows8.reshape(-1) // N_ROT_CHILDREN
+    wrow = gsum.reshape(-1).double()
+    sums.class_weight.index_add_(0, g_class[g_of_row], wrow)
+    D = sums.direction_weight.shape[1]
+    sums.direction_weight.view(-1).index_add_(0, g_class[g_of_row] * D + g_coarse[g_of_row] // poses.sampling.n_psi, wrow)
+    tw = gam.sum(2)  # (m, T4)
     off2 = ((off_fine[rows] * settings.angpix) ** 2).sum(-1)
-    sums.offset_sq_angst2 += (gt.double() * off2.double()).sum()
-    sums.offset_weight += 2.0 * gt.double().sum()
+    sums.offset_sq_angst2 += (tw.double() * off2.double()).sum()
+    sums.offset_weight += 2.0 * tw.double().sum()

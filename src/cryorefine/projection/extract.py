@@ -64,28 +64,26 @@ def slice_coordinates(rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tenso
 def _trilinear_corners(coords: torch.Tensor, size: int):
     """Friedel-flip coordinates to x >= 0, then the 8 corner flat indices and weights.
 
-    coords (..., 3) as (x, y, z) -> (flat (..., 8), weights (..., 8), conj_mask (...)).
+    coords (..., 3) as (x, y, z) -> (flat (..., 8), weights (..., 8), conj_mask (...)). The lower corner is
+    clamped into the grid, so points beyond the grid's edge (beyond Nyquist) read the edge voxels.
     """
     flip = coords[..., 0] < 0
     c = torch.where(flip.unsqueeze(-1), -coords, coords)
+    half, nx = size // 2, size // 2 + 1
     c0 = torch.floor(c)
     frac = c - c0
-    c0 = c0.long()
-    half = size // 2
-    nx = size // 2 + 1
-    flats, weights = [], []
-    for dz in (0, 1):
-        for dy in (0, 1):
-            for dx in (0, 1):
-                x = (c0[..., 0] + dx).clamp(0, nx - 1)
-                y = (c0[..., 1] + dy + half).clamp(0, size - 1)
-                z = (c0[..., 2] + dz + half).clamp(0, size - 1)
-                wx = frac[..., 0] if dx else 1 - frac[..., 0]
-                wy = frac[..., 1] if dy else 1 - frac[..., 1]
-                wz = frac[..., 2] if dz else 1 - frac[..., 2]
-                flats.append((z * size + y) * nx + x)
-                weights.append(wx * wy * wz)
-    return torch.stack(flats, -1), torch.stack(weights, -1), flip
+    lo = torch.tensor([0, -half, -half], device=c.device, dtype=c0.dtype)
+    hi = torch.tensor([nx - 2, size - 2 - half, size - 2 - half], device=c.device, dtype=c0.dtype)
+    c0 = torch.maximum(torch.minimum(c0, hi), lo).long()
+    base = ((c0[..., 2] + half) * size + (c0[..., 1] + half)) * nx + c0[..., 0]
+    step = torch.tensor([0, 1, nx, nx + 1, size * nx, size * nx + 1, size * nx + nx, size * nx + nx + 1], device=c.device)
+    flat = base.unsqueeze(-1) + step  # corner order: (dz, dy, dx) binary
+    fx, fy, fz = frac.unbind(-1)
+    wx = torch.stack([1 - fx, fx], -1)
+    wy = torch.stack([1 - fy, fy], -1)
+    wz = torch.stack([1 - fz, fz], -1)
+    w = (wz[..., :, None, None] * wy[..., None, :, None] * wx[..., None, None, :]).flatten(-3)
+    return flat, w, flip
 
 
 def extract_central_slices(transform: PaddedTransform, rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:

@@ -146,7 +146,7 @@ class AutoRefine:
     def _batch_size(self) -> int:
         if self.cfg.batch_size > 0:
             return self.cfg.batch_size
-        return 512 if self.device.type == "cuda" else 64
+        return 1024 if self.device.type == "cuda" else 256
 
     def iterate(self) -> dict:
         cfg, sch = self.cfg, self.schedule

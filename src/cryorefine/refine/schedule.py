@@ -36,9 +36,10 @@ class Schedule:
         return 60.0 / 2**order
 
     def coarse_shell(self, window_shell: int, box: int, angpix: float, particle_diameter_angst: float) -> int:
-        """Pass-0 window: where the coarse angular step still resolves detail at the particle's edge (arc = res/2)."""
-        arc_angst = math.radians(self.angular_step_deg(self.healpix_order)) * particle_diameter_angst / 2
-        return int(max(min(window_shell, math.floor(box * angpix / (2 * arc_angst))), min(window_shell, 8)))
+        """Pass-0 window (RELION's coarse_size): the resolution the coarse angular step still resolves at the
+        particle's edge, arc = step·π·D/360, with RELION's keep-safe factor 1.2 for 3D."""
+        arc_angst = self.angular_step_deg(self.healpix_order) / 360.0 * math.pi * particle_diameter_angst
+        return int(min(window_shell, math.ceil(box * angpix / (arc_angst / 1.2))))
 
     def update_changes(self, resolution_shell: int, change_orientation_deg: float, change_offset_px: float) -> None:
         """RELION's counters of iterations without resolution gain and without large pose changes."""

@@ -1,0 +1,169 @@
+"""Checks of a refinement's inputs before any heavy work: each raises CryoInputError (one line, file + fix).
+
+`validate_refine_inputs(args)` takes the argparse namespace of `cryorefine refine` (or `classify`)
+and reads only headers, the STAR file and a bounded sample of image pixels. It writes nothing except
+one temporary file in the output folder (removed at once); a folder it had to create for the check
+is removed again when a later check fails.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from cryorefine.errors import CryoInputError
+from cryorefine.geometry.symmetry import parse_symmetry
+from cryorefine.io.mrc import read_map
+from cryorefine.io.particles import ParticleTable, load_particles
+
+PIXEL_SIZE_TOLERANCE = 0.01           # relative STAR vs reference header
+DISK_RESERVE_BYTES = 100 * 1024 ** 2  # free space needed besides the maps
+MAPS_PER_ITERATION = 4                # half maps + unfiltered half maps
+ITERATIONS_OF_MAPS = 10               # iterations of maps we want room for
+FINITE_CHECK_BYTES = 128 * 1024 ** 2  # pixels read for the NaN/Inf check (all of a small set)
+
+
+def required_free_bytes(box: int) -> int:
+    """Free space wanted in the output folder: 100 MB + 4 maps of box³ float32 × 10 iterations."""
+    return DISK_RESERVE_BYTES + MAPS_PER_ITERATION * int(box) ** 3 * 4 * ITERATIONS_OF_MAPS
+
+
+def check_diameter_sign(diameter: float) -> None:
+    if not diameter > 0:
+        raise CryoInputError(f"--particle_diameter must be positive (got {diameter:g} Å); give the "
+                             "particle's longest dimension in Å, e.g. --particle_diameter 160")
+
+
+def check_symmetry(sym: str) -> None:
+    parse_symmetry(sym)
+
+
+def check_particles(star) -> ParticleTable:
+    """Load the STAR file (missing/empty/malformed, columns, stacks) and check every stack it uses."""
+    table = load_particles(star)
+    box = table.box  # raises for optics groups with different boxes
+    angpix = np.unique(np.round(table.angpix, 4))
+    if len(angpix) > 1:
+        raise CryoInputError(f"optics groups have different pixel sizes ({', '.join(map(str, angpix))} "
+                             "Å); refine them separately or re-extract at one pixel size", path=star)
+    try:
+        stacks, inverse, counts = np.unique(table.image_stack.astype(str), return_inverse=True,
+                                            return_counts=True)
+        by_stack = np.split(np.argsort(inverse.reshape(-1), kind="stable"), np.cumsum(counts)[:-1])
+        per_stack = FINITE_CHECK_BYTES // max(1, len(stacks)) // (4 * box * box)
+        for path, rows in zip(stacks, by_stack):
+            stack = table.stack(path)  # raises for non-MRC or non-square images
+            if stack.shape[1] != box:
+                raise CryoInputError(f"images are {stack.shape[1]} px but rlnImageSize is {box} in "
+                                     f"{star}; fix rlnImageSize or re-extract", path=path)
+            used = np.unique(table.image_index[rows])
+            stack.read(used[-1:])  # raises if an index is past the end of the stack
+            _check_finite(stack, used, max(2, per_stack))
+    finally:
+        table.close()
+    return table
+
+
+def _check_finite(stack, used: np.ndarray, n_max: int) -> None:
+    """NaN/Inf check: every used image of a small set, else an evenly spaced sample (first and last kept)."""
+    if len(used) > n_max:
+        used = used[np.unique(np.linspace(0, len(used) - 1, n_max).round().astype(np.int64))]
+    for start in range(0, len(used), 256):
+        chunk = used[start:start + 256]
+        images = stack.read(chunk)
+        finite = np.isfinite(images).all(axis=(1, 2))
+        if not finite.all():
+            first = int(chunk[np.flatnonzero(~finite)[0]]) + 1
+            raise CryoInputError(f"image {first} (1-based) contains NaN or Inf pixels; re-extract the "
+                                 "particles or drop it from the STAR file", path=stack.path)
+
+
+def check_reference(path, box: int, angpix: float, what: str = "reference") -> None:
+    """Cubic, finite (read_map), same box as the particles, pixel size within 1 %."""
+    data, ref_angpix = read_map(path)
+    if data.shape[0] != box:
+        raise CryoInputError(f"{what} box {data.shape[0]} px differs from the particle box {box} px; "
+                             f"resample it to {box} px (relion_image_handler --new_box/--rescale_angpix)",
+                             path=path)
+    if what == "reference" and abs(ref_angpix - angpix) > PIXEL_SIZE_TOLERANCE * angpix:
+        raise CryoInputError(f"pixel size in the map header ({ref_angpix:.4f} Å) differs from the "
+                             f"particles' pixel size in the STAR file ({angpix:.4f} Å) by more than 1 %; rescale "
+                             "the reference or fix its header (relion_image_handler --angpix)", path=path)
+
+
+def check_diameter_fits(diameter: float, box: int, angpix: float) -> None:
+    if diameter > box * angpix:
+        raise CryoInputError(f"--particle_diameter {diameter:g} Å is larger than the box "
+                             f"({box} px × {angpix:.4g} Å = {box * angpix:.1f} Å); give a smaller diameter")
+
+
+def check_output_folder(folder, box: int | None) -> None:
+    """Create `folder` if needed, write and remove a temporary file there, then check the free space."""
+    folder = Path(folder)
+    created = []
+    probe = folder / f".cryorefine_write_test.{os.getpid()}"
+    try:
+        missing = [p for p in (folder, *folder.parents) if not p.exists()]
+        for p in reversed(missing):
+            p.mkdir()
+            created.append(p)
+        with open(probe, "wb") as f:
+            f.write(b"x")
+        probe.unlink()
+        free = shutil.disk_usage(folder).free
+        need = required_free_bytes(box) if box else DISK_RESERVE_BYTES
+        if free < need:
+            raise CryoInputError(f"not enough free disk space ({free / 1e6:.0f} MB free, "
+                                 f"{need / 1e6:.0f} MB needed); free space or choose another output "
+                                 "folder with --o", path=folder)
+    except OSError as exc:
+        _cleanup(probe, created)
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise CryoInputError(f"output folder cannot be created: {blocker} is a file, not a folder; "
+                                 "choose another --o", path=folder) from exc
+        reason = exc.strerror or type(exc).__name__
+        raise CryoInputError(f"output folder cannot be created or written ({reason}); choose a "
+                             "writable folder with --o", path=folder) from exc
+    except CryoInputError:
+        _cleanup(probe, created)
+        raise
+
+
+def _cleanup(probe: Path, created: list) -> None:
+    try:
+        probe.unlink(missing_ok=True)
+    except OSError:
+        pass
+    for p in reversed(created):
+        try:
+            p.rmdir()
+        except OSError:
+            pass
+
+
+def validate_refine_inputs(args) -> None:
+    """All checks, cheapest first; the output folder last so nothing is created for a bad input."""
+    continue_from = getattr(args, "continue_from", None)
+    output_root = getattr(args, "output_root", None)
+    if continue_from:
+        # --i/--ref/--sym/--particle_diameter come from the saved state; only the output side is checked
+        folder = Path(output_root).parent if output_root else Path(continue_from).parent
+        if folder.is_dir() or output_root:
+            check_output_folder(folder, None)
+        return
+    for flag, name in (("--i", "particles"), ("--o", "output_root"), ("--ref", "reference")):
+        if not getattr(args, name, None):
+            raise CryoInputError(f"{flag} is required (or --continue run_itNNN_optimiser.star)")
+    diameter = float(getattr(args, "particle_diameter", 0.0))
+    check_diameter_sign(diameter)
+    check_symmetry(getattr(args, "sym", "C1"))
+    table = check_particles(args.particles)
+    box, angpix = table.box, float(table.angpix[0])
+    check_reference(args.reference, box, angpix)
+    if getattr(args, "solvent_mask", None):
+        check_reference(args.solvent_mask, box, angpix, what="solvent mask")
+    check_diameter_fits(diameter, box, angpix)
+    check_output_folder(Path(output_root).parent, box)
