@@ -8,21 +8,29 @@ export PYTHONPATH=/tmp/site:$PWD/src
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $OUT/device.txt
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" | tee -a $OUT/device.txt
 git log -1 --format='%H %cd' >> $OUT/device.txt 2>/dev/null || true
-step=${1:-all}
-if [[ $step == all || $step == tests ]]; then
+steps=" ${*:-all} "
+has() { [[ $steps == *" all "* || $steps == *" $1 "* ]]; }
+if has tests; then
   timeout 120 python3 -m pytest -q -m gpu tests 2>&1 | tail -15 | tee $OUT/gpu_tests.txt
 fi
-if [[ $step == all || $step == parity ]]; then
+if has parity; then
   timeout 200 python3 bench/estep_parity.py gpudata/sim6msm/particles.star gpudata/sim6msm/truth.mrc 160 256 20 > $OUT/estep_parity.json 2> $OUT/estep_parity.err; tail -3 $OUT/estep_parity.err; cat $OUT/estep_parity.json
 fi
-if [[ $step == all || $step == refine ]]; then
+if has refine; then
   cd gpudata/sim6msm
   start=$(date +%s.%N)
   timeout ${REFINE_TIMEOUT:-420} python3 -m cryorefine.cli.main refine --i particles.star --o gpu/run --ref init30.mrc --ini_high 30 --particle_diameter 160 \
     --healpix_order 2 --auto_local_healpix_order 4 --offset_range 5 --offset_step 2 --low_resol_join_halves 40 --ctf --flatten_solvent --zero_mask --norm --scale --pad 2 \
     --random_seed 0 --gpu 2>&1 | grep -v "particles, .*/s" | tail -40 > $OUT/refine_stdout.txt
-  echo "wall_s $(echo "$(date +%s.%N) - $start" | bc)" >> $OUT/refine_stdout.txt
+  python3 -c "import time; print('wall_s', round(time.time() - $start, 1))" >> $OUT/refine_stdout.txt
   cp gpu/run.log $OUT/ 2>/dev/null; cp gpu/run_data.star gpu/run_half1_class001_unfil.mrc gpu/run_half2_class001_unfil.mrc gpu/run_class001.mrc gpu/run_model.star $OUT/ 2>/dev/null
   cd ../..
+fi
+if has citest; then
+  CUDA_VISIBLE_DEVICES= timeout ${CITEST_TIMEOUT:-240} python3 -m pytest -x -q ${CITESTS:-tests/refine} 2>&1 | tail -15 > $OUT/citest.txt; cat $OUT/citest.txt
+fi
+if has classify; then
+  timeout ${CLASSIFY_TIMEOUT:-300} python3 bench/classify_mixture.py /tmp/mix ${CLASSIFY_N:-3000} 96 2.0 --gpu --iter ${CLASSIFY_ITER:-25} --diameter 160 > $OUT/classify.json 2> $OUT/classify_err.txt
+  cp /tmp/mix/ours/run.log $OUT/classify_run.log 2>/dev/null; tail -3 $OUT/classify_err.txt; cat $OUT/classify.json
 fi
 ls -la $OUT

@@ -62,6 +62,7 @@ def simulate_particles(
     batch: int = 256,
     device=None,
     ctf: bool = True,
+    noise_sigma: float | None = None,
 ) -> dict:
     """Write out_dir/particles.star, particles.mrcs and truth.mrc; return a summary dict.
 
@@ -80,7 +81,7 @@ def simulate_particles(
     dang = torch.rand(n, generator=g, dtype=torch.float64) * 180
     transform = prepare_padded_transform(truth.to(device=device, dtype=torch.float32), 2)
     ky, kx = rfft_freqs_2d(box, device, torch.float32)
-    noise_sigma = None
+    grey = None
     writer = StackWriter(out / "particles.mrcs", n, box, angpix)
     try:
         for start in range(0, n, batch):
@@ -91,9 +92,10 @@ def simulate_particles(
                 c = compute_ctf(ky, kx, box, angpix, du[sl], dv[sl], dang[sl], microscope.voltage_kv, microscope.cs_mm, microscope.amplitude_contrast).to(torch.float32)
             origin_px = (torch.stack([ox[sl], oy[sl]], -1) / angpix).to(device=device, dtype=torch.float32)
             clean = irfft2_centered(particle_image_rfft(transform, A, origin_px, c, box), box)
-            if noise_sigma is None:  # the first batch fixes the noise level for the whole set
+            if noise_sigma is None or grey is None:  # the first batch fixes the noise level for the whole set
                 signal_var = float(clean.var(dim=(-2, -1)).mean()) if snr > 0 else 0.0
-                noise_sigma = (signal_var / snr) ** 0.5 if snr > 0 else 0.0
+                if noise_sigma is None:  # else given: several sets on one greyscale
+                    noise_sigma = (signal_var / snr) ** 0.5 if snr > 0 else 0.0
                 grey = noise_sigma if noise_sigma > 0 else 1.0
             noise = torch.randn(clean.shape, generator=g, dtype=torch.float32).to(device) * noise_sigma
             writer.write(start, ((clean + noise) / grey).cpu().numpy())

@@ -46,6 +46,8 @@ class BatchPoses:
     max_prob: torch.Tensor  # (n,)
     n_significant: torch.Tensor  # (n,)
     loglik: torch.Tensor  # (n,)
+    angular_spread_deg: torch.Tensor  # (n,) posterior RMS angle from the best rotation (expected angular error)
+    offset_spread_px: torch.Tensor  # (n,) posterior RMS distance from the best offset
 
 
 def _as_real(z: torch.Tensor) -> torch.Tensor:
@@ -125,8 +127,11 @@ def expectation_batch(
     sums: WeightedSums | None,
     local_prior=None,
     timer=None,
+    forced_class: torch.Tensor | None = None,
 ) -> BatchPoses:
     """One batch through the E-step; adds its weighted sums into ``sums`` (if given); returns best poses.
+
+    ``forced_class`` (n,): hold each particle to one class (RELION's random class in the first iteration).
 
     The fine pass works on the union U of the batch's significant coarse rotations: every particle is
     scored against all 8·U fine rotations × 4·T fine translations by matrix products, and samples whose
@@ -160,6 +165,9 @@ def expectation_batch(
             logp = logp + trans_prior[:, None, :, None] + rot_prior[:, :, None, :]
         elif local_prior is not None:
             logp = torch.where(local_prior[2][:, None, None, :], logp, torch.full_like(logp, -torch.inf))
+        if forced_class is not None:
+            held = torch.arange(K, device=dev)[None, :] == forced_class.to(dev)[:, None]  # (n, K)
+            logp = torch.where(held[:, :, None, None], logp, torch.full_like(logp, -torch.inf))
 
     # ---- convertAllSquaredDifferencesToWeights, pass 0: significant coarse samples
     with stage("convertAllDiff2ToWeights"):
@@ -217,6 +225,9 @@ def expectation_batch(
     best_off = torch.zeros(n, 2, device=dev)
     max_prob = torch.zeros(n, device=dev)
     loglik = torch.zeros(n, dtype=torch.float64, device=dev)
+    ang_spread = torch.zeros(n, device=dev)
+    off_spread = torch.zeros(n, device=dev)
+    rot8_all = g_rot.reshape(-1, 3, 3)
     acc_v = torch.zeros(G * N_ROT_CHILDREN, J, dtype=batch.f_masked.dtype, device=dev) if sums is not None else None
     acc_w = torch.zeros(G * N_ROT_CHILDREN, J, device=dev) if sums is not None else None
     for c0 in range(0, n, chunk):
@@ -256,6 +267,13 @@ def expectation_batch(
             best_coarse[rows] = g_coarse[g_best]
             best_child[rows] = r8 % N_ROT_CHILDREN
             best_off[rows] = off_fine[rows][torch.arange(m, device=dev), t4]
+            # expected errors: posterior RMS angle and offset distance from the best sample
+            g3 = gam.reshape(m, T4, L8)
+            r_best = rot8_all[rows8[torch.arange(m, device=dev), r8]]  # (m, 3, 3)
+            cosang = ((torch.einsum("mij,mrij->mr", r_best, rot8_all[rows8]) - 1.0) / 2.0).clamp(-1.0, 1.0)
+            ang_spread[rows] = torch.sqrt((g3.sum(1) * torch.rad2deg(torch.acos(cosang)) ** 2).sum(1))
+            doff = ((off_fine[rows] - best_off[rows][:, None, :]) ** 2).sum(-1)  # (m, T4)
+            off_spread[rows] = torch.sqrt((g3.sum(2) * doff).sum(1))
         if sums is not None:
             with stage("storeWeightedSums"):
                 gam = gam.reshape(m, T4, L8)
@@ -270,7 +288,7 @@ def expectation_batch(
                 if sel.any():
                     sums.backprojectors[k].insert(rot8[sel], window.ky, window.kx, acc_v[sel], acc_w[sel])
     eul = poses.fine_eulers_deg(best_coarse.cpu().numpy())[np.arange(n), best_child.cpu().numpy()]
-    return BatchPoses(best_class, eul, best_off, max_prob, nsig, loglik)
+    return BatchPoses(best_class, eul, best_off, max_prob, nsig, loglik, ang_spread, off_spread)
 
 
 def _store_chunk(batch, window, rows, off_fine, gam, pg, p2, rows8, g_class, g_coarse, acc_v, acc_w, sums: WeightedSums, settings, poses) -> None:

@@ -25,10 +25,18 @@ def fsc_curve(map1: torch.Tensor, map2: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros_like(num))
 
 
-def resolution_shell(fsc: torch.Tensor, threshold: float) -> int:
-    """Last shell before the FSC first drops below ``threshold`` (shells from 1); 0 if shell 1 is already below."""
-    below = (fsc[1:] < threshold).nonzero()
-    return int(fsc.numel() - 1 if below.numel() == 0 else below[0, 0])
+def resolution_shell(fsc: torch.Tensor, threshold: float, consecutive: int = 1) -> int:
+    """Last shell before the FSC first drops below ``threshold`` for ``consecutive`` shells in a row (shells from 1).
+
+    0 if it is already below at shell 1. ``consecutive`` = 2 ignores single-shell dips of noisy curves.
+    """
+    below = (fsc[1:] < threshold).to(torch.int64)
+    if consecutive > 1:
+        runs = below.unfold(0, consecutive, 1).prod(1) if below.numel() >= consecutive else below[:0]
+        runs = torch.cat([runs, below[len(runs):]])
+        below = runs
+    idx = below.nonzero()
+    return int(fsc.numel() - 1 if idx.numel() == 0 else idx[0, 0])
 
 
 def shell_to_angstrom(shell: float, box: int, angpix: float) -> float:

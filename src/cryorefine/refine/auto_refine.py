@@ -187,12 +187,13 @@ class AutoRefine:
             "local": sch.local_search, "window_shell": window_shell, "coarse_shell": coarse_shell,
             "change_orientation_deg": change_ang, "change_offset_px": change_off,
             "mean_significant": float(np.mean(self.poses.n_significant)), "mean_max_prob": float(np.mean(self.poses.max_prob)),
+            "accuracy_rotation_deg": float(np.median(self.poses.angular_spread_deg)), "accuracy_offset_px": float(np.median(self.poses.offset_spread_px)),
             "sigma_offset_angst": math.sqrt(self.sigma2_offset), "seconds": time.perf_counter() - t0, "stages": stages,
             "final": sch.final_iteration,
         }
         if not sch.final_iteration:
             sch.update_changes(info["resolution_shell"], change_ang, change_off)
-            note = sch.advance(info["resolution_angst"], cfg.particle_diameter, cfg.auto_local_healpix_order)
+            note = sch.advance(record["accuracy_rotation_deg"], cfg.auto_local_healpix_order)
             record["note"] = note
         self.history.append(record)
         self.write_iteration(info, record)
@@ -238,7 +239,7 @@ class AutoRefine:
             self.tau2 = tau2.cpu()
         else:
             # intermediate iterations: resolution where the half-set SSNR drops below 1 (FSC = 0.5)
-            res_shell = resolution_shell(fsc, 0.5)
+            res_shell = resolution_shell(fsc, 0.5, consecutive=2)
             new_maps = []
             for bp in bps:
                 tau2 = tau2_from_fsc(fsc, bp, cfg.tau2_fudge)
@@ -268,8 +269,8 @@ class AutoRefine:
             "rlnAveragePmax": float(np.mean(self.poses.max_prob)),
         }
         classes = [{"rlnReferenceImage": f"{it_prefix(self.root, self.iteration)}_half1_class001.mrc", "rlnClassDistribution": 1.0,
-                    "rlnAccuracyRotations": self.history[-1]["change_orientation_deg"] if self.history else 999.0,
-                    "rlnAccuracyTranslationsAngst": 999.0, "rlnEstimatedResolution": info["resolution_angst"], "rlnOverallFourierCompleteness": 1.0}]
+                    "rlnAccuracyRotations": float(np.median(self.poses.angular_spread_deg)),
+                    "rlnAccuracyTranslationsAngst": float(np.median(self.poses.offset_spread_px)) * cfg.angpix, "rlnEstimatedResolution": info["resolution_angst"], "rlnOverallFourierCompleteness": 1.0}]
         tau2 = self.tau2.numpy() if hasattr(self, "tau2") else np.zeros(n_sh)
         class_table = pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": res, "rlnAngstromResolution": np.where(res > 0, 1 / np.maximum(res, 1e-12), 999.0),
                                     "rlnSsnrMap": ssnr, "rlnGoldStandardFsc": fsc, "rlnFourierCompleteness": np.ones(n_sh), "rlnReferenceTau2": tau2[:n_sh]})
@@ -323,6 +324,7 @@ class AutoRefine:
             "sigma2_offset": self.sigma2_offset, "schedule": asdict(self.schedule), "poses": self.poses.as_dict(), "halves": self.halves,
             "history": self.history, "fsc": self.fsc, "torch_rng": self.gen.get_state(), "numpy_rng": self.rng.bit_generator.state,
             "config": {k: v for k, v in asdict(self.cfg).items() if k != "solvent_mask_volume"},
+            **self._extra_state(),
         }
         with atomic_write(f"{pre}_state.pt") as tmp:
             torch.save(state, tmp)
@@ -353,7 +355,14 @@ class AutoRefine:
         self.gen.set_state(s["torch_rng"])
         self.rng.bit_generator.state = s["numpy_rng"]
         self.poses.apply_to(self.table)
+        self._restore_extra_state(s)
         self.log.line(f"continuing after iteration {self.iteration} from {path}")
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _restore_extra_state(self, state: dict) -> None:
+        pass
 
     # ------------------------------------------------------------------ driver
     def run(self) -> dict:

@@ -31,12 +31,14 @@ class ParticlePoses:
     max_prob: np.ndarray
     n_significant: np.ndarray
     loglik: np.ndarray
+    angular_spread_deg: np.ndarray
+    offset_spread_px: np.ndarray
 
     @classmethod
     def from_table(cls, t: ParticleTable) -> "ParticlePoses":
         n = len(t)
         return cls(t.rot_deg.copy(), t.tilt_deg.copy(), t.psi_deg.copy(), t.origin_x_angst.copy(), t.origin_y_angst.copy(),
-                   np.ones(n, dtype=np.int64), np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros(n))
+                   np.ones(n, dtype=np.int64), np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros(n), np.full(n, 999.0), np.full(n, 999.0))
 
     def apply_to(self, t: ParticleTable) -> None:
         t.rot_deg[:], t.tilt_deg[:], t.psi_deg[:] = self.rot_deg, self.tilt_deg, self.psi_deg
@@ -84,6 +86,7 @@ def run_expectation(
     progress=None,
     batch_size: int = 128,
     local: bool = False,
+    forced_class: np.ndarray | None = None,
 ) -> None:
     """E-step over ``rows`` in batches; writes the new best poses into ``poses_now`` and adds into ``sums``."""
     device = cfg.device
@@ -97,7 +100,8 @@ def run_expectation(
             local_prior = None
             if local:
                 local_prior = grid.local_candidates(poses_now.rot_deg[idx], poses_now.tilt_deg[idx], poses_now.psi_deg[idx], settings.local_sigma_deg)
-        res = expectation_batch(batch, window, coarse_shell, refs, grid, settings, sums, local_prior, timer)
+        forced = None if forced_class is None else torch.as_tensor(forced_class[idx], device=device)
+        res = expectation_batch(batch, window, coarse_shell, refs, grid, settings, sums, local_prior, timer, forced)
         poses_now.rot_deg[idx] = res.eulers_deg[:, 0]
         poses_now.tilt_deg[idx] = res.eulers_deg[:, 1]
         poses_now.psi_deg[idx] = res.eulers_deg[:, 2]
@@ -108,5 +112,7 @@ def run_expectation(
         poses_now.max_prob[idx] = res.max_prob.double().cpu().numpy()
         poses_now.n_significant[idx] = res.n_significant.cpu().numpy()
         poses_now.loglik[idx] = res.loglik.cpu().numpy()
+        poses_now.angular_spread_deg[idx] = res.angular_spread_deg.double().cpu().numpy()
+        poses_now.offset_spread_px[idx] = res.offset_spread_px.double().cpu().numpy()
         if progress is not None:
             progress(len(idx))

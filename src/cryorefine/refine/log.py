@@ -28,6 +28,6 @@ class RunLog:
             f"iter {r['iteration']:3d}{' (final)' if r.get('final') else ''}: resolution {r['resolution_angst']:.2f} Å, "
             f"hp{r['healpix_order']} {mode}, window {r['window_shell']} (coarse {r['coarse_shell']}) shells, "
             f"Δangle {r['change_orientation_deg']:.2f}°, Δoffset {r['change_offset_px']:.2f} px, "
-            f"nsig {r['mean_significant']:.1f}, pmax {r['mean_max_prob']:.3f}{classes}, {r['seconds']:.1f} s [{stages}]"
+            f"nsig {r['mean_significant']:.1f}, pmax {r['mean_max_prob']:.3f}, accuracy {r.get('accuracy_rotation_deg', 0):.2f}°{classes}, {r['seconds']:.1f} s [{stages}]"
             + (f" — {r['note']}" if r.get("note") else "")
         )

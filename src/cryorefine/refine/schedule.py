@@ -56,12 +56,15 @@ class Schedule:
         else:
             self.iter_without_large_changes += 1
 
-    def advance(self, resolution_angst: float, particle_diameter_angst: float, auto_local_order: int, max_order: int = 8) -> str | None:
-        """After an iteration: sample finer or declare convergence. Returns a note of what changed."""
+    def advance(self, accuracy_deg: float, auto_local_order: int, max_order: int = 8) -> str | None:
+        """After an iteration: sample finer or declare convergence. Returns a note of what changed.
+
+        ``accuracy_deg``: the expected angular error of the particles (median posterior RMS angle), RELION's
+        rlnAccuracyRotations in spirit: sampling finer than that gains nothing.
+        """
         stalled = self.iter_without_resolution_gain >= MAX_ITER_WITHOUT_RESOLUTION_GAIN and self.iter_without_large_changes >= MAX_ITER_WITHOUT_LARGE_CHANGES
         if not stalled:
             return None
-        accuracy_deg = math.degrees(resolution_angst / particle_diameter_angst)
         fine_step = self.angular_step_deg(self.healpix_order) / 2  # the oversampled step of the fine pass
         if fine_step <= accuracy_deg or self.healpix_order >= max_order:
             self.converged = True

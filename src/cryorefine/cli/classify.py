@@ -1,0 +1,27 @@
+"""3D classification into K classes (RELION's relion_refine --K without --auto_refine).
+
+Example: cryorefine classify --i particles.star --o Class3D/run --ref init.mrc --K 3 --iter 25 --tau2_fudge 4 --ini_high 40 --particle_diameter 160 --ctf
+Outputs: run_itNNN_classKKK.mrc, run_itNNN_model.star (class distribution, per-class resolution),
+run_itNNN_data.star (rlnClassNumber, rlnMaxValueProbDistribution), run_itNNN_optimiser.star, run.log, report.html.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .refine import add_common_args, config_from_args
+
+
+def add_args(p):
+    add_common_args(p, classify=True)
+    p.add_argument("--K", type=int, default=3, help="number of classes")
+
+
+def main(args):
+    from ..refine.classify3d import Classify3D, ClassifyConfig
+    from ..validate import validate_refine_inputs
+
+    validate_refine_inputs(args)
+    cfg = config_from_args(args, ClassifyConfig)
+    summary = Classify3D(cfg).run()
+    print(json.dumps(summary))

@@ -1,0 +1,183 @@
+"""3D classification: K references on the same E-step engine (the class is one more dimension of the products).
+
+RELION's scheme: K copies of the low-passed reference; in the first iteration (the second with --firstiter_cc)
+each particle is held to a random class with a full pose search; then the E-step marginalises over classes and
+poses; the M-step reconstructs each class with τ² from its map's power (× --tau2_fudge), and updates the class
+priors, the direction priors, σ² and the offset prior. Fixed sampling (optionally local searches, --sigma_ang).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..estep.expectation import EStepSettings
+from ..estep.images import Window
+from ..estep.poses import PoseGrid
+from ..estep.sums import WeightedSums
+from ..geometry.healpix import make_sampling, next_random_perturbation
+from ..io.mrc import write_map
+from ..io.outputs import it_prefix, write_model_star, write_sampling_star
+from ..io.particles import write_particles
+from ..mstep.noise import update_sigma2
+from ..mstep.tau2 import tau2_from_map_power
+from ..reconstruction.reconstruct import reconstruct, shell_average_inverse_weight
+from ..reconstruction.symmetrise import symmetrise_backprojector
+from .auto_refine import AutoRefine, RefineConfig
+from .engine import ParticlePoses, angular_change_deg, prepare_references, run_expectation
+from .progress import Progress
+
+
+@dataclass
+class ClassifyConfig(RefineConfig):
+    K: int = 3
+    tau2_fudge: float = 4.0
+    max_iter: int = 25
+    ini_high: float = 60.0
+
+
+class Classify3D(AutoRefine):
+    def __init__(self, cfg: ClassifyConfig):
+        super().__init__(cfg)
+        if cfg.K < 1:
+            from ..errors import CryoInputError
+
+            raise CryoInputError(f"--K must be at least 1 (got {cfg.K})")
+        if not cfg.continue_from:
+            self.maps = [self.maps[0].clone() for _ in range(cfg.K)]
+            self.class_prior = torch.full((cfg.K,), 1.0 / cfg.K, dtype=torch.float64)
+            self.direction_prior = None
+            self.class_resolution = [shell for shell in [self.schedule.current_resolution_shell] * cfg.K]
+            # RELION: the random class each particle is held to in the first iteration, drawn from its seed
+            self.initial_class = np.random.default_rng(cfg.random_seed + 1).integers(0, cfg.K, len(self.table))
+
+    def _extra_state(self) -> dict:
+        return {"class_prior": self.class_prior, "direction_prior": self.direction_prior, "class_resolution": self.class_resolution,
+                "initial_class": self.initial_class}
+
+    def _restore_extra_state(self, s: dict) -> None:
+        self.class_prior, self.direction_prior = s["class_prior"], s["direction_prior"]
+        self.class_resolution, self.initial_class = s["class_resolution"], s["initial_class"]
+
+    def iterate(self) -> dict:
+        cfg, sch = self.cfg, self.schedule
+        t0 = time.perf_counter()
+        self.iteration += 1
+        self.perturbation = next_random_perturbation(self.perturbation, cfg.perturb, self.rng)
+        first_cc = cfg.firstiter_cc and self.iteration == 1
+        random_class_iter = 2 if cfg.firstiter_cc else 1
+        sampling = make_sampling(sch.healpix_order, cfg.sym, self.perturbation)
+        grid = PoseGrid.build(sampling, sch.offset_range_px, sch.offset_step_px, device=self.device)
+        window_shell = min(self.box // 2, max(self.class_resolution) + cfg.incr_size)
+        coarse_shell = sch.coarse_shell(window_shell, self.box, cfg.angpix, cfg.particle_diameter)
+        window = Window.build(self.box, window_shell, self.device)
+        dir_prior = None
+        if self.direction_prior is not None and not sch.local_search and self.direction_prior.shape[1] == sampling.n_directions:
+            dir_prior = torch.log(self.direction_prior.clamp(min=1e-30))
+        settings = EStepSettings(
+            adaptive_fraction=cfg.adaptive_fraction, maxsig=cfg.maxsig, firstiter_cc=first_cc,
+            local_sigma_deg=sch.sigma_ang_deg if sch.local_search else 0.0, sigma2_offset_angst2=self.sigma2_offset, angpix=cfg.angpix,
+            class_log_prior=torch.log(self.class_prior.clamp(min=1e-30)), direction_log_prior=dir_prior,
+        )
+        previous = ParticlePoses(**{k: v.copy() for k, v in self.poses.as_dict().items()})
+        with self.timer("getFourierTransformsAndCTFs"):
+            refs = prepare_references(self.maps, cfg.pad, cfg, self.device)
+        sums = WeightedSums.zeros(cfg.K, self.box, cfg.pad, self.n_groups, sampling.n_directions, device=self.device)
+        forced = self.initial_class if self.iteration <= random_class_iter else None
+        with Progress(len(self.table), f"iteration {self.iteration:3d}") as progress:
+            run_expectation(self.table, np.arange(len(self.table)), refs, self.poses, grid, window, coarse_shell, self.sigma2.to(self.device),
+                            self.scale, settings, sums, cfg, self.gen, self.timer, progress, self._batch_size(), local=sch.local_search, forced_class=forced)
+        with self.timer("M-step"):
+            info = self.maximization(sums, window_shell)
+        d_ang = angular_change_deg(previous.rot_deg, previous.tilt_deg, previous.psi_deg, self.poses.rot_deg, self.poses.tilt_deg, self.poses.psi_deg)
+        d_off = np.hypot(previous.origin_x_angst - self.poses.origin_x_angst, previous.origin_y_angst - self.poses.origin_y_angst) / cfg.angpix
+        record = {
+            "iteration": self.iteration, "resolution_angst": info["resolution_angst"], "healpix_order": sch.healpix_order,
+            "local": sch.local_search, "window_shell": window_shell, "coarse_shell": coarse_shell,
+            "change_orientation_deg": float(np.mean(d_ang)), "change_offset_px": float(np.sqrt(np.mean(d_off**2))),
+            "change_class_fraction": float(np.mean(previous.class_number != self.poses.class_number)),
+            "mean_significant": float(np.mean(self.poses.n_significant)), "mean_max_prob": float(np.mean(self.poses.max_prob)),
+            "accuracy_rotation_deg": float(np.median(self.poses.angular_spread_deg)),
+            "class_distribution": self.class_prior.tolist(), "class_resolution_angst": info["class_resolution_angst"],
+            "sigma_offset_angst": math.sqrt(self.sigma2_offset), "seconds": time.perf_counter() - t0, "stages": self.timer.reset(), "final": False,
+        }
+        self.history.append(record)
+        self.write_iteration(info, record)
+        self.log.iteration(record)
+        return record
+
+    def maximization(self, sums: WeightedSums, window_shell: int) -> dict:
+        cfg = self.cfg
+        self.sigma2 = update_sigma2(self.sigma2.to(sums.sigma2_noise), sums.sigma2_noise, sums.sigma2_count).cpu()
+        off_w = float(sums.offset_weight)
+        if off_w > 0:
+            self.sigma2_offset = max(float(sums.offset_sq_angst2) / off_w, (0.5 * cfg.angpix) ** 2)
+        total = float(sums.class_weight.sum())
+        self.class_prior = (sums.class_weight / max(total, 1e-30)).clamp(min=1e-5).cpu()
+        self.class_prior /= self.class_prior.sum()
+        dw = sums.direction_weight.cpu()
+        self.direction_prior = (dw + 1e-3 * dw.sum(1, keepdim=True) / dw.shape[1]) / (1.001 * dw.sum(1, keepdim=True)).clamp(min=1e-30)
+        new_maps, res_shells = [], []
+        n_sh = self.box // 2 + 1
+        for k, bp in enumerate(sums.backprojectors):
+            symmetrise_backprojector(bp, cfg.sym)
+            tau2 = tau2_from_map_power(self.maps[k].to(self.device))
+            new_maps.append(reconstruct(bp, tau2, cfg.tau2_fudge, max_shell=window_shell).cpu())
+            # resolution: where the map's SSNR (T·τ²·pad³·⟨weight⟩) drops below 1
+            ssnr = cfg.tau2_fudge * tau2[:n_sh] / shell_average_inverse_weight(bp, n_sh).clamp(min=1e-30)
+            below = (ssnr[1:] < 1).nonzero()
+            res_shells.append(int(below[0, 0]) if below.numel() else n_sh - 1)
+        self.maps = new_maps
+        self.class_resolution = [max(1, s) for s in res_shells]
+        best = max(self.class_resolution)
+        from ..reconstruction.fsc import shell_to_angstrom
+
+        return {"resolution_shell": best, "resolution_angst": shell_to_angstrom(best, self.box, cfg.angpix),
+                "class_resolution_angst": [shell_to_angstrom(s, self.box, cfg.angpix) for s in self.class_resolution]}
+
+    def write_iteration(self, info, record) -> None:
+        cfg = self.cfg
+        pre = it_prefix(self.root, self.iteration)
+        for k, m in enumerate(self.maps):
+            write_map(f"{pre}_class{k + 1:03d}.mrc", m.numpy(), cfg.angpix)
+        general, _, _, groups, sig = self._model_tables(info)
+        general.update({"rlnNrClasses": cfg.K, "rlnTau2FudgeFactor": cfg.tau2_fudge})
+        classes = [{"rlnReferenceImage": f"{pre}_class{k + 1:03d}.mrc", "rlnClassDistribution": float(self.class_prior[k]),
+                    "rlnAccuracyRotations": record["accuracy_rotation_deg"], "rlnAccuracyTranslationsAngst": 999.0,
+                    "rlnEstimatedResolution": info["class_resolution_angst"][k], "rlnOverallFourierCompleteness": 1.0} for k in range(cfg.K)]
+        n_sh = self.box // 2 + 1
+        shells = np.arange(n_sh)
+        res = np.where(shells > 0, shells / (self.box * cfg.angpix), 0.0)
+        tables = [pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": res, "rlnReferenceTau2": tau2_from_map_power(m).numpy()[:n_sh]}) for m in self.maps]
+        write_model_star(f"{pre}_model.star", general, classes, tables, groups, sig)
+        cols = self._data_columns()
+        cols.pop("rlnRandomSubset")
+        write_particles(f"{pre}_data.star", self.table, **cols)
+        sch = self.schedule
+        write_sampling_star(f"{pre}_sampling.star", sch.healpix_order, 60.0 / 2**sch.healpix_order, sch.offset_range_px * cfg.angpix, sch.offset_step_px * cfg.angpix,
+                            cfg.perturb, self.perturbation, cfg.sym, sch.local_search, sch.sigma_ang_deg)
+        self._save_state(pre)
+        try:
+            from ..report import write_report
+
+            write_report(Path(self.root).parent, self.root, self.history, np.zeros(n_sh), self.box, cfg.angpix, self.poses, self.maps[int(torch.argmax(self.class_prior))].numpy())
+        except ImportError:
+            pass
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.log.line(f"cryorefine classify: {len(self.table)} particles, K={cfg.K}, box {self.box}, {cfg.angpix:.3f} Å/px, device {self.device}")
+        t0 = time.perf_counter()
+        while self.iteration < cfg.max_iter:
+            self.iterate()
+        summary = {"iterations": self.iteration, "seconds": time.perf_counter() - t0, "class_distribution": [round(float(x), 4) for x in self.class_prior],
+                   "class_resolution_angst": self.history[-1]["class_resolution_angst"]}
+        self.log.line("finished: " + json.dumps(summary))
+        return summary
