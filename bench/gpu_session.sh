@@ -23,7 +23,7 @@ if has refine; then
     --healpix_order 2 --auto_local_healpix_order 4 --offset_range 5 --offset_step 2 --low_resol_join_halves 40 --ctf --flatten_solvent --zero_mask --norm --scale --pad 2 \
     --random_seed 0 --gpu 2>&1 | grep -v "particles, .*/s" | tail -40 > $OUT/refine_stdout.txt
   python3 -c "import time; print('wall_s', round(time.time() - $start, 1))" >> $OUT/refine_stdout.txt
-  cp gpu/run.log $OUT/ 2>/dev/null; cp gpu/run_data.star gpu/run_half1_class001_unfil.mrc gpu/run_half2_class001_unfil.mrc gpu/run_class001.mrc gpu/run_model.star $OUT/ 2>/dev/null
+  tar czf $OUT/refine.tgz -C gpu run.log run_data.star run_half1_class001_unfil.mrc run_half2_class001_unfil.mrc run_class001.mrc run_model.star report.html 2>/dev/null
   cd ../..
 fi
 if has citest; then
@@ -31,6 +31,7 @@ if has citest; then
 fi
 if has classify; then
   timeout ${CLASSIFY_TIMEOUT:-300} python3 bench/classify_mixture.py /tmp/mix ${CLASSIFY_N:-3000} 96 2.0 --gpu --iter ${CLASSIFY_ITER:-25} --diameter 160 > $OUT/classify.json 2> $OUT/classify_err.txt
-  cp /tmp/mix/ours/run.log $OUT/classify_run.log 2>/dev/null; tail -3 $OUT/classify_err.txt; cat $OUT/classify.json
+  tail -3 $OUT/classify_err.txt; cat $OUT/classify.json
+  tar czf $OUT/classify.tgz -C /tmp/mix ours/run.log ours/report.html particles.star $(cd /tmp/mix && ls ours/run_it0*_model.star | tail -1) 2>/dev/null
 fi
 ls -la $OUT
