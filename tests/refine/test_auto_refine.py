@@ -1,6 +1,6 @@
 """A small auto-refinement end to end on CPU: it must converge to the known truth (poses and map).
 
-Box 32 at 6 Å/px (Nyquist 12 Å), 240 particles of the packaged 6msm model at SNR 0.1, started from the truth
+Box 40 at 4.8 Å/px (Nyquist 9.6 Å), 300 particles of the packaged 6msm model at SNR 0.2, started from the truth
 low-passed to 30 Å. Broken E-step signs, CTF or M-step give median pose errors of tens of degrees and FSC-to-truth
 far below 0.5 at 30 Å, so the thresholds below fail then.
 """
@@ -18,7 +18,7 @@ from cryorefine.fourier.filters import low_pass_filter
 from cryorefine.io.mrc import read_map, write_map
 from cryorefine.simulate import simulate_particles
 
-BOX, ANGPIX = 32, 6.0
+BOX, ANGPIX = 40, 4.8
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +26,12 @@ def refined(tmp_path_factory):
     d = tmp_path_factory.mktemp("refine")
     xyz, w = read_atoms(packaged_model())
     truth = atoms_to_map(xyz, w, BOX, ANGPIX, bfactor=100.0)
-    simulate_particles(truth, ANGPIX, d / "data", 240, snr=0.1, seed=7, max_shift_angst=6.0)
+    simulate_particles(truth, ANGPIX, d / "data", 300, snr=0.2, seed=7, max_shift_angst=6.0)
     t, _ = read_map(d / "data" / "truth.mrc")
     write_map(d / "data" / "start.mrc", low_pass_filter(torch.from_numpy(t).double(), 30.0, ANGPIX).float().numpy(), ANGPIX)
     rc = main(["refine", "--i", str(d / "data" / "particles.star"), "--o", str(d / "out" / "run"), "--ref", str(d / "data" / "start.mrc"),
-               "--ini_high", "30", "--particle_diameter", "170", "--ctf", "--flatten_solvent", "--zero_mask", "--healpix_order", "1",
-               "--auto_local_healpix_order", "3", "--offset_range", "3", "--offset_step", "1", "--iter", "8", "--random_seed", "1"])
+               "--ini_high", "30", "--particle_diameter", "170", "--ctf", "--flatten_solvent", "--zero_mask", "--healpix_order", "2",
+               "--auto_local_healpix_order", "4", "--offset_range", "3", "--offset_step", "1.5", "--iter", "6", "--random_seed", "1"])
     assert rc == 0
     return d, t
 
@@ -71,6 +71,6 @@ def test_model_star_reports_resolution(refined):
     blocks = read_star(d / "out" / "run_model.star")
     general = blocks["model_general"]
     res = float(general["rlnCurrentResolution"].iloc[0])
-    assert 12.0 <= res < 30.0
+    assert 9.6 <= res < 30.0
     fsc = blocks["model_class_1"]["rlnGoldStandardFsc"].to_numpy()
     assert fsc[1] > 0.9

@@ -16,9 +16,10 @@ import torch
 def add_args(p):
     p.add_argument("--o", default="cryorefine_demo", help="output folder")
     p.add_argument("--n", type=int, default=400, help="number of simulated particles")
-    p.add_argument("--box", type=int, default=48, help="box size (pixels)")
-    p.add_argument("--angpix", type=float, default=4.0, help="pixel size (Å)")
-    p.add_argument("--snr", type=float, default=0.05, help="signal-to-noise ratio of the simulated images")
+    p.add_argument("--box", type=int, default=40, help="box size (pixels)")
+    p.add_argument("--angpix", type=float, default=4.8, help="pixel size (Å)")
+    p.add_argument("--snr", type=float, default=0.1, help="signal-to-noise ratio of the simulated images")
+    p.add_argument("--iter", type=int, default=10, help="at most this many iterations")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--gpu", nargs="?", const="0", default=None, help="use CUDA")
     p.add_argument("--j", dest="threads", type=int, default=0, help="CPU threads (0 = PyTorch's default)")
@@ -48,7 +49,7 @@ def main(args):
     cfg = RefineConfig(
         particles=str(out / "data" / "particles.star"), output_root=str(out / "refine" / "run"), reference=str(out / "data" / "start_30A.mrc"),
         ini_high=30.0, particle_diameter=diameter, ctf=True, flatten_solvent=True, zero_mask=True, random_seed=args.seed,
-        device=device, threads=args.threads, auto_local_healpix_order=4,
+        device=device, threads=args.threads, auto_local_healpix_order=4, max_iter=args.iter, offset_range=3, offset_step=1.5,
     )
     summary = AutoRefine(cfg).run()
     errors = pose_errors(read_poses(cfg.output_root + "_data.star"), read_poses(cfg.particles), "C1")

@@ -85,9 +85,14 @@ def get_all_squared_differences_coarse(batch: ImageBatch, window: Window, jc: in
             ids = local[0]
             uniq, inv = torch.unique(ids, return_inverse=True)
             pu = extract_central_slices(ref, poses.coarse_rotations[uniq], ky, kx)  # (U, jc)
-            p = pu[inv]  # (n, L, jc)
-            cross = torch.bmm(a, _as_real(p).transpose(1, 2))  # (n, T, L)
-            third = torch.einsum("nj,nlj->nl", b, p.real**2 + p.imag**2)
+            L = ids.shape[1]
+            cross = a.new_empty(n, T, L)
+            third = a.new_empty(n, L)
+            step = max(1, CHUNK_ELEMENTS // max(1, L * jc))  # particles per gathered (m, L, jc) block
+            for c0 in range(0, n, step):
+                p = pu[inv[c0 : c0 + step]]  # (m, L, jc)
+                cross[c0 : c0 + step] = torch.bmm(a[c0 : c0 + step], _as_real(p).transpose(1, 2))  # (m, T, L)
+                third[c0 : c0 + step] = torch.einsum("nj,nlj->nl", b[c0 : c0 + step], p.real**2 + p.imag**2)
         if cc:
             out.append(-cross / torch.sqrt(third.clamp(min=1e-30))[:, None, :])
         else:
