@@ -15,11 +15,11 @@ import torch
 
 def add_args(p):
     p.add_argument("--o", default="cryorefine_demo", help="output folder")
-    p.add_argument("--n", type=int, default=400, help="number of simulated particles")
+    p.add_argument("--n", type=int, default=300, help="number of simulated particles")
     p.add_argument("--box", type=int, default=40, help="box size (pixels)")
     p.add_argument("--angpix", type=float, default=4.8, help="pixel size (Å)")
-    p.add_argument("--snr", type=float, default=0.1, help="signal-to-noise ratio of the simulated images")
-    p.add_argument("--iter", type=int, default=10, help="at most this many iterations")
+    p.add_argument("--snr", type=float, default=0.2, help="signal-to-noise ratio of the simulated images")
+    p.add_argument("--iter", type=int, default=8, help="at most this many iterations")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--gpu", nargs="?", const="0", default=None, help="use CUDA")
     p.add_argument("--j", dest="threads", type=int, default=0, help="CPU threads (0 = PyTorch's default)")

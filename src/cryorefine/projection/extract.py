@@ -86,8 +86,21 @@ def _trilinear_corners(coords: torch.Tensor, size: int):
     return flat, w, flip
 
 
+MAX_POINTS = 1 << 22  # slice points interpolated at once; bounds the (points, 8 corners) temporaries
+
+
 def extract_central_slices(transform: PaddedTransform, rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:
     """Projections of the map at Fourier pixels (kx, ky) (j,) for rotations (..., r, 3, 3) -> (..., r, j) complex."""
+    lead = rotations.shape[:-2]
+    flat_rot = rotations.reshape(-1, 3, 3)
+    step = max(1, MAX_POINTS // max(1, ky.numel()))
+    if flat_rot.shape[0] <= step:
+        return _extract(transform, rotations, ky, kx)
+    out = torch.cat([_extract(transform, flat_rot[i : i + step], ky, kx) for i in range(0, flat_rot.shape[0], step)])
+    return out.reshape(*lead, ky.numel())
+
+
+def _extract(transform: PaddedTransform, rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:
     f = transform.f_padded
     coords = slice_coordinates(rotations.to(f.real.dtype), ky, kx, transform.pad)
     flat, w, flip = _trilinear_corners(coords, transform.size)

@@ -31,6 +31,13 @@ class BackProjector:
 
     def insert(self, rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor, values: torch.Tensor, weights: torch.Tensor) -> None:
         """Add slices ``values`` (r, j) complex with ``weights`` (r, j) at Fourier pixels (kx, ky) under rotations (r, 3, 3)."""
+        from .extract import MAX_POINTS
+
+        step = max(1, MAX_POINTS // max(1, ky.numel()))
+        if rotations.shape[0] > step:
+            for i in range(0, rotations.shape[0], step):
+                self.insert(rotations[i : i + step], ky, kx, values[i : i + step], weights[i : i + step])
+            return
         coords = slice_coordinates(rotations.to(self.weight.dtype), ky, kx, self.pad)
         flat, w, flip = _trilinear_corners(coords, self.size)  # (r, j, 8)
         v = torch.where(flip, values.conj(), values).to(self.data.dtype)
