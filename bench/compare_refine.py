@@ -3,7 +3,7 @@
 usage: python bench/compare_refine.py TRUTH_DIR OURS_ROOT RELION_ROOT OUT_PREFIX [--ours_label L] [--relion_label L]
 TRUTH_DIR holds particles.star (true poses) and truth.mrc; *_ROOT are output roots (e.g. dir/run). For a RELION run
 that has not finished, its latest iteration's half maps and data.star are used (and marked as such).
-Writes OUT_PREFIX.json and OUT_PREFIX.md.
+Writes OUT_PREFIX.json and OUT_PREFIX.table.md.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def main():
     for r in rows:
         fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
         md.append(f"| {r} | {fmt(res['ours'][r])} | {fmt(res['relion'][r])} |")
-    Path(a.out + ".md").write_text("\n".join(md) + "\n")
+    Path(a.out + ".table.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 
