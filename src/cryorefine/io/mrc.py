@@ -93,14 +93,7 @@ def write_map(path, data: np.ndarray, angpix: float, origin_angst=None) -> None:
     data = np.asarray(data, dtype=np.float32)
     if data.ndim != 3:
         raise ValueError(f"write_map expects a 3D array, got shape {data.shape}")
-    _check_writable_folder(path)
-    with atomic_write(path) as tmp:
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(data)
-            mrc.voxel_size = float(angpix)
-            if origin_angst is not None:
-                ox, oy, oz = (float(v) for v in origin_angst)
-                mrc.header.origin.x, mrc.header.origin.y, mrc.header.origin.z = ox, oy, oz
+    _write_mrc(path, data, angpix, stack=False, origin_angst=origin_angst)
 
 
 def write_stack(path, data: np.ndarray, angpix: float) -> None:
@@ -110,12 +103,20 @@ def write_stack(path, data: np.ndarray, angpix: float) -> None:
         data = data[None]
     if data.ndim != 3:
         raise ValueError(f"write_stack expects (n, y, x), got shape {data.shape}")
+    _write_mrc(path, data, angpix, stack=True)
+
+
+def _write_mrc(path, data: np.ndarray, angpix: float, stack: bool, origin_angst=None) -> None:
     _check_writable_folder(path)
     with atomic_write(path) as tmp:
         with mrcfile.new(tmp, overwrite=True) as mrc:
             mrc.set_data(data)
-            mrc.set_image_stack()
+            if stack:
+                mrc.set_image_stack()
             mrc.voxel_size = float(angpix)
+            if origin_angst is not None:
+                ox, oy, oz = (float(v) for v in origin_angst)
+                mrc.header.origin.x, mrc.header.origin.y, mrc.header.origin.z = ox, oy, oz
 
 
 class ImageStack:

@@ -148,17 +148,22 @@ class AutoRefine:
             return self.cfg.batch_size
         return 1024 if self.device.type == "cuda" else 256
 
+    def _start_iteration(self, window_shell: int):
+        """Next iteration's number, grid perturbation, pose grid and E-step windows."""
+        cfg, sch = self.cfg, self.schedule
+        self.iteration += 1
+        self.perturbation = next_random_perturbation(self.perturbation, cfg.perturb, self.rng)
+        sampling = make_sampling(sch.healpix_order, cfg.sym, self.perturbation)
+        grid = PoseGrid.build(sampling, sch.offset_range_px, sch.offset_step_px, device=self.device)
+        coarse_shell = sch.coarse_shell(window_shell, self.box, cfg.angpix, cfg.particle_diameter)
+        return sampling, grid, coarse_shell, Window.build(self.box, window_shell, self.device)
+
     def iterate(self) -> dict:
         cfg, sch = self.cfg, self.schedule
         t0 = time.perf_counter()
-        self.iteration += 1
-        self.perturbation = next_random_perturbation(self.perturbation, cfg.perturb, self.rng)
-        first_cc = cfg.firstiter_cc and self.iteration == 1
-        sampling = make_sampling(sch.healpix_order, cfg.sym, self.perturbation)
-        grid = PoseGrid.build(sampling, sch.offset_range_px, sch.offset_step_px, device=self.device)
         window_shell = sch.window_shell(self.box, cfg.incr_size)
-        coarse_shell = sch.coarse_shell(window_shell, self.box, cfg.angpix, cfg.particle_diameter)
-        window = Window.build(self.box, window_shell, self.device)
+        sampling, grid, coarse_shell, window = self._start_iteration(window_shell)
+        first_cc = cfg.firstiter_cc and self.iteration == 1
         settings = EStepSettings(
             adaptive_fraction=cfg.adaptive_fraction, maxsig=cfg.maxsig, firstiter_cc=first_cc,
             local_sigma_deg=sch.sigma_ang_deg if sch.local_search else 0.0, sigma2_offset_angst2=self.sigma2_offset, angpix=cfg.angpix,

@@ -19,10 +19,7 @@ import pandas as pd
 import torch
 
 from ..estep.expectation import EStepSettings
-from ..estep.images import Window
-from ..estep.poses import PoseGrid
 from ..estep.sums import WeightedSums
-from ..geometry.healpix import make_sampling, next_random_perturbation
 from ..io.mrc import write_map
 from ..io.outputs import it_prefix, write_model_star, write_sampling_star
 from ..io.particles import write_particles
@@ -69,15 +66,10 @@ class Classify3D(AutoRefine):
     def iterate(self) -> dict:
         cfg, sch = self.cfg, self.schedule
         t0 = time.perf_counter()
-        self.iteration += 1
-        self.perturbation = next_random_perturbation(self.perturbation, cfg.perturb, self.rng)
+        window_shell = min(self.box // 2, max(self.class_resolution) + cfg.incr_size)
+        sampling, grid, coarse_shell, window = self._start_iteration(window_shell)
         first_cc = cfg.firstiter_cc and self.iteration == 1
         random_class_iter = 2 if cfg.firstiter_cc else 1
-        sampling = make_sampling(sch.healpix_order, cfg.sym, self.perturbation)
-        grid = PoseGrid.build(sampling, sch.offset_range_px, sch.offset_step_px, device=self.device)
-        window_shell = min(self.box // 2, max(self.class_resolution) + cfg.incr_size)
-        coarse_shell = sch.coarse_shell(window_shell, self.box, cfg.angpix, cfg.particle_diameter)
-        window = Window.build(self.box, window_shell, self.device)
         dir_prior = None
         if self.direction_prior is not None and not sch.local_search and self.direction_prior.shape[1] == sampling.n_directions:
             dir_prior = torch.log(self.direction_prior.clamp(min=1e-30))
