@@ -29,7 +29,7 @@ def add_common_args(p, classify: bool = False) -> None:
     p.add_argument("--flatten_solvent", action="store_true", help="multiply the references by a soft sphere of --particle_diameter (or --solvent_mask)")
     p.add_argument("--zero_mask", action="store_true", help="fill the particle background with zeros rather than noise")
     p.add_argument("--ctf", action="store_true", help="do CTF correction")
-    p.add_argument("--norm", action="store_true", help="normalisation-error correction (accepted; images are assumed normalised, rlnNormCorrection = 1)")
+    p.add_argument("--norm", action="store_true", help="normalisation-error correction: scale each image by the average over its own residual noise level (rlnNormCorrection)")
     p.add_argument("--scale", action="store_true", help="intensity-scale correction per optics group")
     p.add_argument("--firstiter_cc", action="store_true", help="first iteration by cross-correlation (best pose only)")
     p.add_argument("--pad", type=int, default=2, help="padding factor of the Fourier-space interpolation")

@@ -48,6 +48,7 @@ class BatchPoses:
     loglik: torch.Tensor  # (n,)
     angular_spread_deg: torch.Tensor  # (n,) posterior RMS angle from the best rotation (expected angular error)
     offset_spread_px: torch.Tensor  # (n,) posterior RMS distance from the best offset
+    residual_power: torch.Tensor | None = None  # (n,) Σ_j Σ Γ |X̃ − sCP|² over the window (for --norm)
 
 
 def _as_real(z: torch.Tensor) -> torch.Tensor:
@@ -231,6 +232,7 @@ def expectation_batch(
     max_prob = torch.zeros(n, device=dev)
     loglik = torch.zeros(n, dtype=torch.float64, device=dev)
     ang_spread = torch.zeros(n, device=dev)
+    residual = torch.zeros(n, dtype=torch.float64, device=dev)
     off_spread = torch.zeros(n, device=dev)
     rot8_all = g_rot.reshape(-1, 3, 3)
     acc_v = torch.zeros(G * N_ROT_CHILDREN, J, dtype=batch.f_masked.dtype, device=dev) if sums is not None else None
@@ -282,7 +284,7 @@ def expectation_batch(
         if sums is not None:
             with stage("storeWeightedSums"):
                 gam = gam.reshape(m, T4, L8)
-                _store_chunk(batch, window, rows, off_fine, gam, pg, p2, rows8, g_class, g_coarse, acc_v, acc_w, sums, settings, poses)
+                residual[rows] = _store_chunk(batch, window, rows, off_fine, gam, pg, p2, rows8, g_class, g_coarse, acc_v, acc_w, sums, settings, poses)
     if sums is not None:
         with stage("storeWeightedSums"):
             used = acc_w.sum(1) > 0
@@ -293,13 +295,14 @@ def expectation_batch(
                 if sel.any():
                     sums.backprojectors[k].insert(rot8[sel], window.ky, window.kx, acc_v[sel], acc_w[sel])
     eul = poses.fine_eulers_deg(best_coarse.cpu().numpy())[np.arange(n), best_child.cpu().numpy()]
-    return BatchPoses(best_class, eul, best_off, max_prob, nsig, loglik, ang_spread, off_spread)
+    return BatchPoses(best_class, eul, best_off, max_prob, nsig, loglik, ang_spread, off_spread, residual)
 
 
-def _store_chunk(batch, window, rows, off_fine, gam, pg, p2, rows8, g_class, g_coarse, acc_v, acc_w, sums: WeightedSums, settings, poses) -> None:
+def _store_chunk(batch, window, rows, off_fine, gam, pg, p2, rows8, g_class, g_coarse, acc_v, acc_w, sums: WeightedSums, settings, poses) -> torch.Tensor:
     """storeWeightedSums for particles ``rows``: per-rotation image sums (batched GEMMs) and the M-step statistics.
 
     gam (m, T4, 8L): posterior of each fine sample; pg (m, 8L, J) its projections; rows8 (m, 8L) rows in the batch union.
+    Returns each particle's expected residual power Σ_j Σ Γ |X̃ − sCP|² (m,).
     """
     dev = batch.f_masked.device
     xu = _translated(batch.f_unmasked[rows], window, off_fine[rows])  # (m, T4, J)
@@ -331,3 +334,4 @@ def _store_chunk(batch, window, rows, off_fine, gam, pg, p2, rows8, g_class, g_c
     off2 = ((off_fine[rows] * settings.angpix) ** 2).sum(-1)
     sums.offset_sq_angst2 += (tw.double() * off2.double()).sum()
     sums.offset_weight += 2.0 * tw.double().sum()
+    return resid.sum(1)

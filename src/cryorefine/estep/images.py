@@ -51,6 +51,7 @@ class ImageBatch:
     scale: torch.Tensor  # (n,) intensity scale of the particle's group
     old_offset_px: torch.Tensor  # (n, 2) previous origin offset (x, y) in pixels
     group: torch.Tensor  # (n,) noise (optics) group index
+    power_outside: torch.Tensor | None = None  # (n,) Σ|X|² of the pixels outside the window (DC excluded)
 
     def __len__(self):
         return len(self.indices)
@@ -76,12 +77,20 @@ def prepare_batch(
     zero_mask: bool,
     generator: torch.Generator,
     device=None,
+    norm_scale: torch.Tensor | None = None,
 ) -> ImageBatch:
-    """Read, mask and transform a batch; σ² is (groups, shells) per-component noise variance."""
+    """Read, mask and transform a batch; σ² is (groups, shells) per-component noise variance.
+
+    ``norm_scale`` (n,): multiplies each image (RELION's avg_norm_correction / rlnNormCorrection, --norm).
+    """
     box = window.box
     imgs = torch.from_numpy(read_images(table, indices)).to(device)
+    if norm_scale is not None:
+        imgs = imgs * norm_scale.to(device=device, dtype=imgs.dtype)[:, None, None]
     group = torch.as_tensor(table.optics_group[indices], device=device)
     f_full = rfft2_centered(imgs).flatten(1)
+    power = f_full.abs() ** 2
+    power_outside = power.sum(1) - power[:, 0] - power[:, window.flat_index].sum(1)
     mask = soft_sphere((box, box), particle_diameter_angst / (2 * angpix), MASK_EDGE_PX, device=device)
     if zero_mask:
         masked = imgs * mask
@@ -104,4 +113,5 @@ def prepare_batch(
         scale=scale.to(device)[group].float(),
         old_offset_px=torch.as_tensor(offsets, device=device, dtype=torch.float32),
         group=group,
+        power_outside=power_outside.double(),
     )

@@ -169,6 +169,7 @@ class AutoRefine:
             local_sigma_deg=sch.sigma_ang_deg if sch.local_search else 0.0, sigma2_offset_angst2=self.sigma2_offset, angpix=cfg.angpix,
         )
         previous = ParticlePoses(**{k: v.copy() for k, v in self.poses.as_dict().items()})
+        avg_norm = float(np.mean(self.poses.norm_correction)) if cfg.norm else None
         sums = []
         from .progress import Progress
 
@@ -179,7 +180,7 @@ class AutoRefine:
                 s = WeightedSums.zeros(1, self.box, cfg.pad, self.n_groups, sampling.n_directions, device=self.device)
                 rows = np.flatnonzero(self.halves == half)
                 run_expectation(self.table, rows, refs, self.poses, grid, window, coarse_shell, self.sigma2.to(self.device), self.scale,
-                                settings, s, cfg, self.gen, self.timer, progress, self._batch_size(), local=sch.local_search)
+                                settings, s, cfg, self.gen, self.timer, progress, self._batch_size(), local=sch.local_search, avg_norm=avg_norm)
                 sums.append(s)
         with self.timer("M-step"):
             info = self.maximization(sums, window_shell)
@@ -268,7 +269,7 @@ class AutoRefine:
             "rlnCurrentResolution": info["resolution_angst"], "rlnCurrentImageSize": 2 * self.schedule.window_shell(self.box, cfg.incr_size),
             "rlnPaddingFactor": cfg.pad, "rlnIsHelix": 0, "rlnFourierSpaceInterpolator": 1, "rlnMinRadiusNnInterpolation": 10,
             "rlnPixelSize": cfg.angpix, "rlnNrClasses": 1, "rlnNrBodies": 1, "rlnNrGroups": self.n_groups,
-            "rlnTau2FudgeFactor": cfg.tau2_fudge, "rlnNormCorrectionAverage": 1.0, "rlnSigmaOffsetsAngst": math.sqrt(self.sigma2_offset),
+            "rlnTau2FudgeFactor": cfg.tau2_fudge, "rlnNormCorrectionAverage": float(np.mean(self.poses.norm_correction)), "rlnSigmaOffsetsAngst": math.sqrt(self.sigma2_offset),
             "rlnOrientationalPriorMode": 0, "rlnSigmaPriorRotAngle": self.schedule.sigma_ang_deg, "rlnSigmaPriorTiltAngle": self.schedule.sigma_ang_deg,
             "rlnSigmaPriorPsiAngle": self.schedule.sigma_ang_deg, "rlnLogLikelihood": float(np.sum(self.poses.loglik)),
             "rlnAveragePmax": float(np.mean(self.poses.max_prob)),
@@ -290,7 +291,7 @@ class AutoRefine:
         return {"rlnAngleRot": p.rot_deg, "rlnAngleTilt": p.tilt_deg, "rlnAnglePsi": p.psi_deg, "rlnOriginXAngst": p.origin_x_angst,
                 "rlnOriginYAngst": p.origin_y_angst, "rlnClassNumber": p.class_number, "rlnRandomSubset": self.halves,
                 "rlnMaxValueProbDistribution": p.max_prob, "rlnNrOfSignificantSamples": p.n_significant,
-                "rlnLogLikeliContribution": p.loglik, "rlnNormCorrection": np.ones(len(p.rot_deg)), "rlnGroupNumber": self.table.optics_group + 1}
+                "rlnLogLikeliContribution": p.loglik, "rlnNormCorrection": p.norm_correction, "rlnGroupNumber": self.table.optics_group + 1}
 
     def write_iteration(self, info, record) -> None:
         cfg = self.cfg

@@ -85,7 +85,8 @@ class Classify3D(AutoRefine):
         forced = self.initial_class if self.iteration <= random_class_iter else None
         with Progress(len(self.table), f"iteration {self.iteration:3d}") as progress:
             run_expectation(self.table, np.arange(len(self.table)), refs, self.poses, grid, window, coarse_shell, self.sigma2.to(self.device),
-                            self.scale, settings, sums, cfg, self.gen, self.timer, progress, self._batch_size(), local=sch.local_search, forced_class=forced)
+                            self.scale, settings, sums, cfg, self.gen, self.timer, progress, self._batch_size(), local=sch.local_search, forced_class=forced,
+                            avg_norm=float(np.mean(self.poses.norm_correction)) if cfg.norm else None)
         with self.timer("M-step"):
             info = self.maximization(sums, window_shell)
         d_ang = angular_change_deg(previous.rot_deg, previous.tilt_deg, previous.psi_deg, self.poses.rot_deg, self.poses.tilt_deg, self.poses.psi_deg)

@@ -33,12 +33,14 @@ class ParticlePoses:
     loglik: np.ndarray
     angular_spread_deg: np.ndarray
     offset_spread_px: np.ndarray
+    norm_correction: np.ndarray  # RELION's rlnNormCorrection (the image noise std it estimates, --norm)
 
     @classmethod
     def from_table(cls, t: ParticleTable) -> "ParticlePoses":
         n = len(t)
+        norm = t.extra["rlnNormCorrection"].to_numpy(np.float64, copy=True) if "rlnNormCorrection" in t.extra else np.ones(n)
         return cls(t.rot_deg.copy(), t.tilt_deg.copy(), t.psi_deg.copy(), t.origin_x_angst.copy(), t.origin_y_angst.copy(),
-                   np.ones(n, dtype=np.int64), np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros(n), np.full(n, 999.0), np.full(n, 999.0))
+                   np.ones(n, dtype=np.int64), np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros(n), np.full(n, 999.0), np.full(n, 999.0), norm)
 
     def apply_to(self, t: ParticleTable) -> None:
         t.rot_deg[:], t.tilt_deg[:], t.psi_deg[:] = self.rot_deg, self.tilt_deg, self.psi_deg
@@ -87,8 +89,13 @@ def run_expectation(
     batch_size: int = 128,
     local: bool = False,
     forced_class: np.ndarray | None = None,
+    avg_norm: float | None = None,
 ) -> None:
-    """E-step over ``rows`` in batches; writes the new best poses into ``poses_now`` and adds into ``sums``."""
+    """E-step over ``rows`` in batches; writes the new best poses into ``poses_now`` and adds into ``sums``.
+
+    With ``avg_norm`` (--norm), each image is scaled by avg_norm / rlnNormCorrection and the particle's correction is
+    re-estimated as RELION does: old/avg · sqrt(2 Σ residual power / d⁴), the image's residual noise std.
+    """
     device = cfg.device
     for s0 in range(0, len(rows), batch_size):
         idx = rows[s0 : s0 + batch_size]
@@ -96,7 +103,8 @@ def run_expectation(
             # the E-step reads the particles' previous offsets from the table
             table.origin_x_angst[idx] = poses_now.origin_x_angst[idx]
             table.origin_y_angst[idx] = poses_now.origin_y_angst[idx]
-            batch = prepare_batch(table, idx, window, sigma2, scale, cfg.particle_diameter, cfg.angpix, cfg.ctf, cfg.zero_mask, generator, device)
+            norm_scale = None if avg_norm is None else torch.as_tensor(avg_norm / poses_now.norm_correction[idx], dtype=torch.float32)
+            batch = prepare_batch(table, idx, window, sigma2, scale, cfg.particle_diameter, cfg.angpix, cfg.ctf, cfg.zero_mask, generator, device, norm_scale)
             local_prior = None
             if local:
                 local_prior = grid.local_candidates(poses_now.rot_deg[idx], poses_now.tilt_deg[idx], poses_now.psi_deg[idx], settings.local_sigma_deg)
@@ -114,5 +122,9 @@ def run_expectation(
         poses_now.loglik[idx] = res.loglik.cpu().numpy()
         poses_now.angular_spread_deg[idx] = res.angular_spread_deg.double().cpu().numpy()
         poses_now.offset_spread_px[idx] = res.offset_spread_px.double().cpu().numpy()
+        if avg_norm is not None and res.residual_power is not None:
+            d4 = float(table.box) ** 4
+            total = (res.residual_power + batch.power_outside).cpu().numpy()
+            poses_now.norm_correction[idx] = poses_now.norm_correction[idx] / avg_norm * np.sqrt(np.maximum(2.0 * total / d4, 1e-12))
         if progress is not None:
             progress(len(idx))

@@ -1,0 +1,54 @@
+"""--norm: the per-particle normalisation correction recovers known intensity scales of the images (RELION's
+rlnNormCorrection = the image's residual noise std), and a negative control without scaling stays flat."""
+
+import mrcfile
+import numpy as np
+import torch
+
+from cryorefine.estep.expectation import EStepSettings
+from cryorefine.estep.images import Window
+from cryorefine.estep.poses import PoseGrid
+from cryorefine.estep.sums import WeightedSums
+from cryorefine.geometry.healpix import make_sampling
+from cryorefine.io.mrc import read_map
+from cryorefine.io.particles import load_particles
+from cryorefine.mixture import state_maps
+from cryorefine.mstep.noise import initial_sigma2
+from cryorefine.refine.auto_refine import RefineConfig
+from cryorefine.refine.engine import ParticlePoses, prepare_references, run_expectation
+from cryorefine.refine.timing import StageTimer
+from cryorefine.simulate import simulate_particles
+
+BOX, ANGPIX, N = 32, 6.0, 40
+
+
+def estimated_norms(tmp_path, scales):
+    simulate_particles(state_maps(BOX, ANGPIX, 100.0)[0], ANGPIX, tmp_path, N, snr=0.3, seed=4, max_shift_angst=3.0)
+    with mrcfile.open(tmp_path / "particles.mrcs", "r+") as m:
+        m.data[:] = m.data * scales[:, None, None].astype(np.float32)
+    table = load_particles(tmp_path / "particles.star")
+    truth, _ = read_map(tmp_path / "truth.mrc")
+    cfg = RefineConfig(particles="", output_root="", reference="", particle_diameter=170, ctf=True, zero_mask=True)
+    cfg.angpix = ANGPIX
+    grid = PoseGrid.build(make_sampling(1, "C1", 0.0), 2.0, 1.0)
+    window = Window.build(BOX, 12)
+    poses = ParticlePoses.from_table(table)
+    sums = WeightedSums.zeros(1, BOX, 2, 1, grid.sampling.n_directions)
+    run_expectation(table, np.arange(N), prepare_references([torch.from_numpy(truth)], 2, cfg, None), poses, grid, window, 8,
+                    initial_sigma2(table, 1), torch.ones(1, dtype=torch.float64), EStepSettings(angpix=ANGPIX, sigma2_offset_angst2=36.0),
+                    sums, cfg, torch.Generator().manual_seed(0), StageTimer(), None, 64, avg_norm=1.0)
+    return poses.norm_correction
+
+
+def test_norm_correction_follows_image_scale(tmp_path):
+    scales = np.linspace(0.6, 1.4, N)[np.random.default_rng(1).permutation(N)]
+    norm = estimated_norms(tmp_path, scales)
+    assert np.corrcoef(norm, scales)[0, 1] > 0.95
+    ratio = norm / scales
+    assert ratio.std() / ratio.mean() < 0.1
+    assert 0.7 < ratio.mean() < 1.3  # unit-noise images: the correction is the noise std
+
+
+def test_norm_correction_flat_without_scaling(tmp_path):
+    norm = estimated_norms(tmp_path, np.ones(N))
+    assert norm.std() / norm.mean() < 0.1
