@@ -52,3 +52,16 @@ def test_norm_correction_follows_image_scale(tmp_path):
 def test_norm_correction_flat_without_scaling(tmp_path):
     norm = estimated_norms(tmp_path, np.ones(N))
     assert norm.std() / norm.mean() < 0.1
+
+
+def test_bad_norm_values_in_the_star_start_at_one(tmp_path):
+    import pandas as pd
+
+    from cryorefine.io.star import read_star, write_star
+
+    simulate_particles(state_maps(BOX, ANGPIX, 100.0)[0], ANGPIX, tmp_path, 4, snr=0.3, seed=4)
+    blocks = read_star(tmp_path / "particles.star")
+    blocks["particles"]["rlnNormCorrection"] = [0.0, float("nan"), -2.0, 1.5]
+    write_star(tmp_path / "particles.star", blocks)
+    poses = ParticlePoses.from_table(load_particles(tmp_path / "particles.star"))
+    np.testing.assert_array_equal(poses.norm_correction, [1.0, 1.0, 1.0, 1.5])

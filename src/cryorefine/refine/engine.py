@@ -39,6 +39,7 @@ class ParticlePoses:
     def from_table(cls, t: ParticleTable) -> "ParticlePoses":
         n = len(t)
         norm = t.extra["rlnNormCorrection"].to_numpy(np.float64, copy=True) if "rlnNormCorrection" in t.extra else np.ones(n)
+        norm[~np.isfinite(norm) | (norm <= 0)] = 1.0  # a zero or NaN in the STAR would scale images to infinity
         return cls(t.rot_deg.copy(), t.tilt_deg.copy(), t.psi_deg.copy(), t.origin_x_angst.copy(), t.origin_y_angst.copy(),
                    np.ones(n, dtype=np.int64), np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros(n), np.full(n, 999.0), np.full(n, 999.0), norm)
 
