@@ -1,6 +1,7 @@
 """3D classification on a simulated 3-state mixture of 6msm: accuracy against the truth, against an oracle, and timing.
 
-usage: python bench/classify_mixture.py DIR N BOX ANGPIX [--gpu] [--iter 25] [--K 3]
+usage: python bench/classify_mixture.py DIR N BOX ANGPIX [--gpu] [--iter 25] [--K 3] [--input particles_in.star]
+       python bench/classify_mixture.py DIR N BOX ANGPIX --score DIR/relion/run_it025   (score RELION's or any run)
 Simulates DIR/particles.star (states in rlnClassNumber) if absent, runs `cryorefine classify` into DIR/ours/run,
 then an oracle E-step with the true maps, and prints one JSON object: fraction of particles in the right class
 (class labels matched to states by the FSC of the class maps with the truth maps), each class map's FSC-to-truth
@@ -47,6 +48,15 @@ def accuracy(data_star, truth_classes, mapping):
     return float(np.mean(mapped == truth_classes))
 
 
+def score(prefix: str, K: int, truths, truth_classes, angpix: float) -> dict:
+    """Accuracy and class-map FSC-to-truth of the outputs PREFIX_classNNN.mrc / PREFIX_data.star (ours or RELION's)."""
+    class_maps = [read_map(f"{prefix}_class{k + 1:03d}.mrc")[0] for k in range(K)]
+    mapping, _ = match_classes(class_maps, truths, angpix)
+    res = {k: map_resolution(torch.from_numpy(class_maps[k]), torch.from_numpy(truths[s]), angpix)["resolution_angst"][0.5] for k, s in mapping.items()}
+    return {"accuracy": accuracy(f"{prefix}_data.star", truth_classes, mapping), "class_to_state": {int(k): int(v) for k, v in mapping.items()},
+            "class_fsc_to_truth_0.5_angst": {int(k): round(float(v), 2) for k, v in res.items()}}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("dir"), ap.add_argument("n", type=int), ap.add_argument("box", type=int), ap.add_argument("angpix", type=float)
@@ -54,8 +64,15 @@ def main():
     ap.add_argument("--snr", type=float, default=0.05), ap.add_argument("--diameter", type=float, default=0.0)
     ap.add_argument("--tau2_fudge", type=float, default=4.0), ap.add_argument("--ini_high", type=float, default=40.0)
     ap.add_argument("--healpix_order", type=int, default=2), ap.add_argument("--extra", default="")
+    ap.add_argument("--input", default="particles.star", help="STAR file in DIR to classify (e.g. one without the true poses)")
+    ap.add_argument("--score", help="only score existing outputs with this prefix (e.g. DIR/relion/run_it025) and exit")
     a = ap.parse_args()
     d = Path(a.dir)
+    if a.score:
+        truths = [read_map(d / f"state{s}" / "truth.mrc")[0] for s in (1, 2, 3)]
+        truth_classes = read_star(d / "particles.star")["particles"]["rlnClassNumber"].to_numpy() - 1
+        print(json.dumps(score(a.score, a.K, truths, truth_classes, a.angpix)))
+        return
     if not (d / "particles.star").exists():
         simulate_mixture(d, a.n, a.box, a.angpix, snr=a.snr, seed=0, device="cuda" if a.gpu else None)
     truths = [read_map(d / f"state{s}" / "truth.mrc")[0] for s in (1, 2, 3)]
@@ -63,7 +80,7 @@ def main():
     write_map(d / "start.mrc", start, a.angpix)
     truth_classes = read_star(d / "particles.star")["particles"]["rlnClassNumber"].to_numpy() - 1
     diameter = a.diameter or 0.9 * a.box * a.angpix
-    args = ["classify", "--i", str(d / "particles.star"), "--o", str(d / "ours" / "run"), "--ref", str(d / "start.mrc"), "--K", str(a.K),
+    args = ["classify", "--i", str(d / a.input), "--o", str(d / "ours" / "run"), "--ref", str(d / "start.mrc"), "--K", str(a.K),
             "--iter", str(a.iter), "--tau2_fudge", str(a.tau2_fudge), "--ini_high", str(a.ini_high), "--particle_diameter", str(diameter),
             "--healpix_order", str(a.healpix_order), "--ctf", "--flatten_solvent", "--zero_mask", "--random_seed", "0"] + a.extra.split()
     if a.gpu:
@@ -71,15 +88,11 @@ def main():
     t0 = time.perf_counter()
     assert cli(args) == 0
     wall = time.perf_counter() - t0
-    last = f"{d}/ours/run_it{a.iter:03d}"
-    class_maps = [read_map(f"{last}_class{k + 1:03d}.mrc")[0] for k in range(a.K)]
-    mapping, score = match_classes(class_maps, truths, a.angpix)
-    acc = accuracy(f"{last}_data.star", truth_classes, mapping)
-    res = {k: map_resolution(torch.from_numpy(class_maps[k]), torch.from_numpy(truths[s]), a.angpix)["resolution_angst"][0.5] for k, s in mapping.items()}
+    ours = score(f"{d}/ours/run_it{a.iter:03d}", a.K, truths, truth_classes, a.angpix)
     # oracle: one E-step against the true maps (classes = states), no M-step influence
     from cryorefine.refine.classify3d import Classify3D, ClassifyConfig
 
-    ocfg = ClassifyConfig(particles=str(d / "particles.star"), output_root=str(d / "oracle" / "run"), reference=str(d / "start.mrc"), K=3, max_iter=1,
+    ocfg = ClassifyConfig(particles=str(d / a.input), output_root=str(d / "oracle" / "run"), reference=str(d / "start.mrc"), K=3, max_iter=1,
                           particle_diameter=diameter, ctf=True, flatten_solvent=True, zero_mask=True, device="cuda" if a.gpu else "cpu",
                           healpix_order=a.healpix_order, ini_high=a.ini_high)
     oracle = Classify3D(ocfg)
@@ -91,8 +104,7 @@ def main():
     oracle.iterate()
     oracle_wall = time.perf_counter() - t1
     oracle_acc = float(np.mean(oracle.poses.class_number - 1 == truth_classes))
-    out = {"particles": int(len(truth_classes)), "K": a.K, "iterations": a.iter, "accuracy": acc, "class_to_state": {int(k): int(v) for k, v in mapping.items()},
-           "class_fsc_to_truth_0.5_angst": {int(k): round(float(v), 2) for k, v in res.items()}, "oracle_accuracy": oracle_acc,
+    out = {"particles": int(len(truth_classes)), "K": a.K, "iterations": a.iter, **ours, "oracle_accuracy": oracle_acc,
            "wall_s": round(wall, 1), "s_per_iteration": round(wall / a.iter, 2), "oracle_estep_s": round(oracle_wall, 2),
            "device": torch.cuda.get_device_name(0) if a.gpu else "cpu"}
     print(json.dumps(out))

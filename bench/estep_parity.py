@@ -1,8 +1,10 @@
 """One E-step from the same state on CPU and on CUDA: same best pose, max-probability and log-likelihood, time per stage.
 
-usage: python bench/estep_parity.py PARTICLES.star REF.mrc DIAMETER_ANGST [N_PARTICLES] > result.json
-The state is the start of an auto-refine (reference low-passed to 30 Å, σ² from the images), healpix order 2
-global search with offsets 5/2 px, one half set of N particles.
+usage: python bench/estep_parity.py PARTICLES.star REF.mrc[,REF2.mrc,...] DIAMETER_ANGST [N_PARTICLES] [WINDOW_SHELL] > result.json
+With one reference the state is the start of an auto-refine (reference low-passed to 30 Å, σ² from the images);
+with K comma-separated class maps (e.g. from a classification run) it is a K-class E-step with the maps as given
+and equal class priors, and the result adds the fraction of particles given the same class. Healpix order 2
+global search with offsets 5/2 px, N particles.
 """
 
 from __future__ import annotations
@@ -31,22 +33,28 @@ from cryorefine.refine.timing import StageTimer
 
 def one_estep(device: str, star: str, ref_path: str, diameter: float, n: int, window_shell: int, order: int) -> dict:
     table = load_particles(star)
-    ref, angpix = read_map(ref_path)
+    paths = ref_path.split(",")
+    maps = [read_map(p) for p in paths]
+    angpix = maps[0][1]
     cfg = RefineConfig(particles=star, output_root="/tmp/parity", reference=ref_path, particle_diameter=diameter, ctf=True,
                        flatten_solvent=True, zero_mask=True, device=device)
     cfg.angpix = angpix
     box = table.box
-    start = low_pass_filter(torch.from_numpy(ref).double(), 30.0, angpix).float()
+    if len(maps) == 1:
+        starts = [low_pass_filter(torch.from_numpy(maps[0][0]).double(), 30.0, angpix).float()]
+    else:
+        starts = [torch.from_numpy(m).float() for m, _ in maps]
+    K = len(starts)
     sigma2 = initial_sigma2(table, len(table.optics), device=device)
     grid = PoseGrid.build(make_sampling(order, "C1", 0.25), 5.0, 2.0, device=device)
     sch = Schedule(order, 5.0, 2.0)
     coarse = sch.coarse_shell(window_shell, box, angpix, diameter)
     window = Window.build(box, window_shell, device)
     timer = StageTimer(device)
-    refs = prepare_references([start], 2, cfg, device)
+    refs = prepare_references(starts, 2, cfg, device)
     poses = ParticlePoses.from_table(table)
-    sums = WeightedSums.zeros(1, box, 2, len(table.optics), grid.sampling.n_directions, device=device)
-    settings = EStepSettings(angpix=angpix, sigma2_offset_angst2=(5 * angpix) ** 2)
+    sums = WeightedSums.zeros(K, box, 2, len(table.optics), grid.sampling.n_directions, device=device)
+    settings = EStepSettings(angpix=angpix, sigma2_offset_angst2=(5 * angpix) ** 2, class_log_prior=torch.full((K,), -float(np.log(K))))
     rows = np.arange(min(n, len(table)))
     gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
@@ -55,7 +63,7 @@ def one_estep(device: str, star: str, ref_path: str, diameter: float, n: int, wi
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    return {"poses": poses, "wall_s": wall, "stages": dict(timer.seconds), "bp_weight_sum": float(sums.backprojectors[0].weight.sum()),
+    return {"poses": poses, "wall_s": wall, "stages": dict(timer.seconds), "bp_weight_sum": sum(float(bp.weight.sum()) for bp in sums.backprojectors),
             "sigma2_sum": float(sums.sigma2_noise.sum()), "window": window_shell, "coarse": coarse, "n": len(rows)}
 
 
@@ -72,10 +80,11 @@ def main():
     rows = np.arange(cpu["n"])
     d_ang = angular_change_deg(pc.rot_deg[rows], pc.tilt_deg[rows], pc.psi_deg[rows], pg.rot_deg[rows], pg.tilt_deg[rows], pg.psi_deg[rows])
     d_off = np.hypot(pc.origin_x_angst[rows] - pg.origin_x_angst[rows], pc.origin_y_angst[rows] - pg.origin_y_angst[rows])
-    same = (d_ang < 1e-3) & (d_off < 1e-3)
+    same_class = pc.class_number[rows] == pg.class_number[rows]
+    same = (d_ang < 1e-3) & (d_off < 1e-3) & same_class
     out.update({
         "particles": cpu["n"], "window_shell": cpu["window"], "coarse_shell": cpu["coarse"],
-        "same_best_pose_fraction": float(same.mean()),
+        "classes": len(ref.split(",")), "same_best_pose_fraction": float(same.mean()), "same_class_fraction": float(same_class.mean()),
         "max_prob_max_abs_diff": float(np.abs(pc.max_prob[rows] - pg.max_prob[rows]).max()),
         "max_prob_median_abs_diff": float(np.median(np.abs(pc.max_prob[rows] - pg.max_prob[rows]))),
         "loglik_max_abs_diff": float(np.abs(pc.loglik[rows] - pg.loglik[rows]).max()),

@@ -1,5 +1,6 @@
 #!/bin/bash
-# One device call: GPU tests, E-step CPU/GPU parity, and the 6msm auto-refine on the GPU. Results under $OUT.
+# One device call: GPU tests, E-step CPU/GPU parity, the 6msm auto-refine, the 3-state classification. Results under $OUT.
+# usage: bash bench/gpu_session.sh [tests] [parity] [refine] [citest] [classify] [classparity]   (none: all)
 # Run from the repository root on the device machine with .whl and gpudata carried.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -30,8 +31,17 @@ if has citest; then
   CUDA_VISIBLE_DEVICES= timeout ${CITEST_TIMEOUT:-240} python3 -m pytest -x -q ${CITESTS:-tests/refine} 2>&1 | tail -15 > $OUT/citest.txt; cat $OUT/citest.txt
 fi
 if has classify; then
-  timeout ${CLASSIFY_TIMEOUT:-300} python3 bench/classify_mixture.py /tmp/mix ${CLASSIFY_N:-3000} 96 2.0 --gpu --iter ${CLASSIFY_ITER:-25} --diameter 160 > $OUT/classify.json 2> $OUT/classify_err.txt
+  # the 3-state mixture (box 64, 3 Å/px) carried in gpudata/mix64, classified from the STAR file without true poses
+  M=gpudata/mix64
+  timeout ${CLASSIFY_TIMEOUT:-300} python3 bench/classify_mixture.py $M 3000 64 3.0 --gpu --iter ${CLASSIFY_ITER:-25} --diameter 170 --input particles_in.star \
+    > $OUT/classify.json 2> $OUT/classify_err.txt
   tail -3 $OUT/classify_err.txt; cat $OUT/classify.json
-  tar czf $OUT/classify.tgz -C /tmp/mix ours/run.log ours/report.html particles.star $(cd /tmp/mix && ls ours/run_it0*_model.star | tail -1) 2>/dev/null
+  tar czf $OUT/classify.tgz -C $M ours/run.log ours/report.html $(cd $M && ls ours/run_it0*_model.star ours/run_it0*_data.star ours/run_it025_class00*.mrc 2>/dev/null) 2>/dev/null
+fi
+if has classparity; then
+  # one 3-class E-step from the same state (the classification's last maps) on CPU and GPU
+  M=gpudata/mix64
+  timeout 300 python3 bench/estep_parity.py $M/particles_in.star $M/ours/run_it025_class001.mrc,$M/ours/run_it025_class002.mrc,$M/ours/run_it025_class003.mrc 170 ${PARITY_N:-512} 20 \
+    > $OUT/class_parity.json 2> $OUT/class_parity.err; tail -3 $OUT/class_parity.err; cat $OUT/class_parity.json
 fi
 ls -la $OUT
