@@ -18,13 +18,15 @@ if has parity; then
   timeout 200 python3 bench/estep_parity.py gpudata/sim6msm/particles.star gpudata/sim6msm/truth.mrc 160 256 20 > $OUT/estep_parity.json 2> $OUT/estep_parity.err; tail -3 $OUT/estep_parity.err; cat $OUT/estep_parity.json
 fi
 if has refine; then
+  # the 6msm set without its true poses (particles_in.star), same flags as bench/data/sim6msm/run_relion_hp3.sh
   cd gpudata/sim6msm
+  R=gpu_hp${LOCAL_ORDER:-3}
   start=$(date +%s.%N)
-  timeout ${REFINE_TIMEOUT:-420} python3 -m cryorefine.cli.main refine --i particles.star --o gpu/run --ref init30.mrc --ini_high 30 --particle_diameter 160 \
-    --healpix_order 2 --auto_local_healpix_order 4 --offset_range 5 --offset_step 2 --low_resol_join_halves 40 --ctf --flatten_solvent --zero_mask --norm --scale --pad 2 \
+  timeout ${REFINE_TIMEOUT:-420} python3 -m cryorefine.cli.main refine --i particles_in.star --o $R/run --ref init30.mrc --ini_high 30 --particle_diameter 160 \
+    --healpix_order 2 --auto_local_healpix_order ${LOCAL_ORDER:-3} --offset_range 5 --offset_step 2 --low_resol_join_halves 40 --ctf --flatten_solvent --zero_mask --norm --scale --pad 2 \
     --random_seed 0 --gpu 2>&1 | grep -v "particles, .*/s" | tail -40 > $OUT/refine_stdout.txt
   python3 -c "import time; print('wall_s', round(time.time() - $start, 1))" >> $OUT/refine_stdout.txt
-  tar czf $OUT/refine.tgz -C gpu run.log run_data.star run_half1_class001_unfil.mrc run_half2_class001_unfil.mrc run_class001.mrc run_model.star report.html 2>/dev/null
+  tar czf $OUT/refine.tgz -C $R run.log run_data.star run_half1_class001_unfil.mrc run_half2_class001_unfil.mrc run_class001.mrc run_model.star report.html 2>/dev/null
   cd ../..
 fi
 if has citest; then
