@@ -7,13 +7,14 @@ import torch
 from ..fourier.grids import rfft3_centered, shell_index_3d
 from ..projection.insert import BackProjector
 from ..reconstruction.fsc import fsc_to_ssnr
-from ..reconstruction.reconstruct import shell_average_inverse_weight
+from ..reconstruction.reconstruct import reconstruction_noise_power
 
 
-def tau2_from_fsc(fsc: torch.Tensor, bp: BackProjector, tau2_fudge: float = 1.0, ssnr_factor: float = 1.0) -> torch.Tensor:
-    """τ² = T·FSC/(1−FSC)·⟨1/(pad³·weight)⟩ (FSC clipped to [0.001, 0.999]); ``ssnr_factor`` 2 for joined halves."""
-    inv_w = shell_average_inverse_weight(bp, fsc.numel())
-    return ssnr_factor * fsc_to_ssnr(fsc.to(inv_w), tau2_fudge) * inv_w
+def tau2_from_fsc(fsc: torch.Tensor, bp: BackProjector, tau2_fudge: float = 1.0, whole: bool = False, max_shell: int | None = None) -> torch.Tensor:
+    """τ² = T·SSNR·σ² (RELION's update_tau2_with_fsc): SSNR from the half-set FSC (``whole`` for the map of both
+    halves), σ² the reconstruction's noise power 1/⟨pad³·weight⟩ within ``max_shell``."""
+    sigma2 = reconstruction_noise_power(bp, fsc.numel(), max_shell)
+    return fsc_to_ssnr(fsc.to(sigma2), tau2_fudge, whole) * sigma2
 
 
 def tau2_from_map_power(volume: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,13 @@ def resolution_angstrom(fsc: torch.Tensor, threshold: float, box: int, angpix: f
     return shell_to_angstrom(resolution_shell(fsc, threshold), box, angpix)
 
 
-def fsc_to_ssnr(fsc: torch.Tensor, fudge: float = 1.0) -> torch.Tensor:
-    """Half-map SSNR T·FSC/(1−FSC) with FSC clipped to [0.001, 0.999] (RELION)."""
-    f = fsc.clamp(0.001, 0.999)
+def fsc_to_ssnr(fsc: torch.Tensor, fudge: float = 1.0, whole: bool = False) -> torch.Tensor:
+    """SSNR T·FSC/(1−FSC) of a half map from the half-set FSC (clipped to >= 0.001, then <= 0.999, as RELION).
+
+    ``whole``: of the map from both halves, via RELION's FSC' = √(2·FSC/(1+FSC)) (twice the particles).
+    """
+    f = fsc.clamp(min=0.001)
+    if whole:
+        f = torch.sqrt(2.0 * f / (f + 1.0))
+    f = f.clamp(max=0.999)
     return fudge * f / (1.0 - f)

@@ -19,15 +19,37 @@ def padded_shell_index(size: int, pad: int, device=None) -> tuple[torch.Tensor, 
     return r, torch.round(r / pad).long()
 
 
-def shell_average_inverse_weight(bp: BackProjector, n_shells: int) -> torch.Tensor:
-    """⟨1/(pad³·weight)⟩ per original-grid shell (s,), over voxels with weight > 0 (RELION's sigma2 of the map)."""
-    _, shell = padded_shell_index(bp.size, bp.pad, bp.weight.device)
+def _shell_voxels(bp: BackProjector, n_shells: int, max_shell: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Original-grid shell and weight of every padded voxel inside ``max_shell`` (RELION's r² < r_max²·pad²)."""
+    r_pad, shell = padded_shell_index(bp.size, bp.pad, bp.weight.device)
     _, w = enforce_hermitian_x0(bp.data, bp.weight)
-    w = w.to(torch.float64)
-    ok = (w > 0) & (shell < n_shells)
-    inv = torch.zeros(n_shells, dtype=torch.float64, device=w.device).index_add_(0, shell[ok], 1.0 / (bp.pad**3 * w[ok]))
-    cnt = torch.zeros(n_shells, dtype=torch.float64, device=w.device).index_add_(0, shell[ok], torch.ones_like(w[ok]))
-    return inv / cnt.clamp(min=1)
+    max_shell = bp.box // 2 if max_shell is None else max_shell
+    inside = (r_pad < max_shell * bp.pad) & (shell < n_shells)
+    return shell[inside], w[inside].to(torch.float64)
+
+
+def reconstruction_noise_power(bp: BackProjector, n_shells: int, max_shell: int | None = None) -> torch.Tensor:
+    """RELION's σ² of the reconstruction per shell (s,): 1/⟨pad³·weight⟩, the mean over all the shell's voxels
+    inside ``max_shell`` (voxels without data count as 0); 0 for shells without weight."""
+    shell, w = _shell_voxels(bp, n_shells, max_shell)
+    total = torch.zeros(n_shells, dtype=torch.float64, device=w.device).index_add_(0, shell, bp.pad**3 * w)
+    count = torch.zeros(n_shells, dtype=torch.float64, device=w.device).index_add_(0, shell, torch.ones_like(w))
+    return torch.where(total > 1e-10, count / total.clamp(min=1e-300), torch.zeros_like(total))
+
+
+def data_vs_prior(bp: BackProjector, tau2: torch.Tensor, tau2_fudge: float, n_shells: int, max_shell: int | None = None) -> torch.Tensor:
+    """RELION's spectral data-to-prior ratio per shell (s,), which sets the resolution of a classification:
+    the shell mean of weight·pad³·T·τ² (where τ² = 0, RELION's stand-in prior gives 0.001·weight²);
+    999 for shells without voxels, 0 beyond ``max_shell``."""
+    shell, w = _shell_voxels(bp, n_shells, max_shell)
+    t = tau2.to(device=w.device, dtype=torch.float64)[shell.clamp(max=tau2.numel() - 1)]
+    ratio = torch.where(t > 0, w * bp.pad**3 * tau2_fudge * t, 0.001 * w * w)
+    total = torch.zeros(n_shells, dtype=torch.float64, device=w.device).index_add_(0, shell, ratio)
+    count = torch.zeros(n_shells, dtype=torch.float64, device=w.device).index_add_(0, shell, torch.ones_like(w))
+    out = torch.where(count > 0.001, total / count.clamp(min=1), torch.full_like(total, 999.0))
+    last = bp.box // 2 if max_shell is None else max_shell
+    out[last + 1 :] = 0.0
+    return out
 
 
 def reconstruct(
@@ -41,7 +63,7 @@ def reconstruct(
 
     F = data / (weight + 1/(pad³·T·τ²(s))) for shells s >= ``min_regularised_shell`` where τ² > 0
     (τ² in unpadded units, RELION's regulariser), plain data/weight elsewhere (``tau2=None``: the
-    unregularised ``_unfil`` map); shells where τ² = 0 are damped (1000× the weight), as RELION does.
+    unregularised ``_unfil`` map); where τ² = 0 RELION's stand-in prior 1/(0.001·weight) is used.
     Components beyond ``max_shell`` (default d/2) are zero. Then inverse FFT, crop, divide by sinc².
     """
     d, pad, size = bp.box, bp.pad, bp.size
@@ -53,7 +75,7 @@ def reconstruct(
         tau2 = tau2.to(device=data.device, dtype=torch.float64)
         s = shell.clamp(max=tau2.numel() - 1)
         t = tau2[s]
-        reg = torch.where(t > 0, 1.0 / (pad**3 * tau2_fudge * t.clamp(min=1e-300)), 1000.0 * denom)
+        reg = torch.where(t > 0, 1.0 / (pad**3 * tau2_fudge * t.clamp(min=1e-300)), 1.0 / (0.001 * denom).clamp(min=1e-300))
         denom = denom + torch.where(shell >= min_regularised_shell, reg, torch.zeros_like(reg))
     inside = (r_pad <= max_shell * pad) & (denom > 1e-20 * denom.max().clamp(min=1e-300))
     f = torch.where(inside, data.to(torch.complex128) / denom.clamp(min=1e-300), torch.zeros((), dtype=torch.complex128, device=data.device))

@@ -239,7 +239,7 @@ class AutoRefine:
         if sch.final_iteration:
             res_shell = resolution_shell(fsc, 0.143)
             joined = BackProjector(bps[0].data + bps[1].data, bps[0].weight + bps[1].weight, self.box, cfg.pad)
-            tau2 = tau2_from_fsc(fsc, joined, cfg.tau2_fudge, ssnr_factor=2.0)
+            tau2 = tau2_from_fsc(fsc, joined, cfg.tau2_fudge, whole=True)
             self.final_map = reconstruct(joined, tau2.to(self.device)).cpu()
             self.unfil = [u.cpu() for u in unfil]
             self.tau2 = tau2.cpu()
@@ -248,7 +248,7 @@ class AutoRefine:
             res_shell = resolution_shell(fsc, 0.5, consecutive=2)
             new_maps = []
             for bp in bps:
-                tau2 = tau2_from_fsc(fsc, bp, cfg.tau2_fudge)
+                tau2 = tau2_from_fsc(fsc, bp, cfg.tau2_fudge, max_shell=window_shell)
                 new_maps.append(reconstruct(bp, tau2.to(self.device), max_shell=window_shell).cpu())
             self.maps = new_maps
             self.unfil = [u.cpu() for u in unfil]

@@ -25,7 +25,7 @@ from ..io.outputs import it_prefix, write_model_star, write_sampling_star
 from ..io.particles import write_particles
 from ..mstep.noise import update_sigma2
 from ..mstep.tau2 import tau2_from_map_power
-from ..reconstruction.reconstruct import reconstruct, shell_average_inverse_weight
+from ..reconstruction.reconstruct import MIN_REGULARISED_SHELL, data_vs_prior, reconstruct
 from ..reconstruction.symmetrise import symmetrise_backprojector
 from .auto_refine import AutoRefine, RefineConfig
 from .engine import ParticlePoses, angular_change_deg, prepare_references, run_expectation
@@ -123,12 +123,11 @@ class Classify3D(AutoRefine):
             symmetrise_backprojector(bp, cfg.sym)
             tau2 = tau2_from_map_power(self.maps[k].to(self.device))
             new_maps.append(reconstruct(bp, tau2, cfg.tau2_fudge, max_shell=window_shell).cpu())
-            # resolution: where the map's SSNR (T·τ²·pad³·⟨weight⟩) drops below 1
-            ssnr = cfg.tau2_fudge * tau2[:n_sh] / shell_average_inverse_weight(bp, n_sh).clamp(min=1e-30)
-            below = (ssnr[1:] < 1).nonzero()
+            # resolution (RELION): one shell inside the first where the data-to-prior ratio drops below 1
+            below = (data_vs_prior(bp, tau2, cfg.tau2_fudge, n_sh, window_shell)[1:] < 1).nonzero()
             res_shells.append(int(below[0, 0]) if below.numel() else n_sh - 1)
         self.maps = new_maps
-        self.class_resolution = [max(1, s) for s in res_shells]
+        self.class_resolution = [max(MIN_REGULARISED_SHELL, s) for s in res_shells]
         best = max(self.class_resolution)
         from ..reconstruction.fsc import shell_to_angstrom
 

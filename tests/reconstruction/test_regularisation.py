@@ -1,0 +1,61 @@
+"""RELION's regularisation statistics against hand-computed values (backprojector.cpp's reconstruct)."""
+
+import math
+
+import torch
+
+from cryorefine.projection.insert import BackProjector
+from cryorefine.reconstruction.fsc import fsc_to_ssnr
+from cryorefine.reconstruction.reconstruct import data_vs_prior, padded_shell_index, reconstruction_noise_power
+
+BOX, PAD, W = 16, 2, 3.0
+
+
+def _bp(fill_every_other: bool = False) -> BackProjector:
+    bp = BackProjector.zeros(BOX, PAD, dtype=torch.float64)
+    bp.weight.fill_(W)
+    bp.weight[..., 0] = W / 2  # the x = 0 plane is summed with its Friedel mates before use
+    if fill_every_other:
+        # empty every other z plane: each shell keeps about half of its voxels (the x=0 plane stays Hermitian-paired)
+        bp.weight[1::2] = 0.0
+    return bp
+
+
+def test_noise_power_is_inverse_arithmetic_mean_of_weight():
+    full = reconstruction_noise_power(_bp(), BOX // 2 + 1)
+    assert torch.allclose(full[: BOX // 2], torch.full((BOX // 2,), 1.0 / (PAD**3 * W), dtype=torch.float64))
+    # half the voxels empty: RELION averages the weight over all voxels (-> 2/(pad³W)); a mean of 1/w over the
+    # non-empty voxels would stay at 1/(pad³W)
+    half = reconstruction_noise_power(_bp(True), BOX // 2 + 1)
+    r_pad, shell = padded_shell_index(BOX * PAD, PAD)
+    inside = r_pad < (BOX // 2) * PAD
+    k = torch.arange(BOX * PAD) - BOX * PAD // 2
+    z_odd = ((k % 2) == 1)[:, None, None].expand_as(shell)
+    for s in (3, 6):
+        sel = inside & (shell == s)
+        frac_full = 1.0 - (sel & z_odd).sum().item() / sel.sum().item()
+        assert math.isclose(half[s].item(), 1.0 / (PAD**3 * W * frac_full), rel_tol=0.06)
+        assert half[s].item() > 1.5 / (PAD**3 * W)
+
+
+def test_data_vs_prior_with_and_without_prior_power():
+    n = BOX // 2 + 1
+    tau2 = torch.full((n,), 0.5, dtype=torch.float64)
+    dvp = data_vs_prior(_bp(), tau2, 4.0, n, max_shell=6)
+    assert torch.allclose(dvp[:6], torch.full((6,), W * PAD**3 * 4.0 * 0.5, dtype=torch.float64))
+    assert torch.all(dvp[7:] == 0)
+    dvp0 = data_vs_prior(_bp(), torch.zeros(n, dtype=torch.float64), 4.0, n, max_shell=6)
+    assert torch.allclose(dvp0[:6], torch.full((6,), 0.001 * W * W, dtype=torch.float64))
+
+
+def test_whole_map_ssnr_uses_relion_fsc_transform():
+    fsc = torch.tensor([1.0, 0.5, 0.143, 0.0, -0.2], dtype=torch.float64)
+    half = fsc_to_ssnr(fsc)
+    whole = fsc_to_ssnr(fsc, whole=True)
+    for f, h, w in zip(fsc.tolist(), half.tolist(), whole.tolist()):
+        fc = max(f, 0.001)
+        ref_h = min(fc, 0.999) / (1 - min(fc, 0.999))
+        fw = min(math.sqrt(2 * fc / (fc + 1)), 0.999)
+        assert math.isclose(h, ref_h, rel_tol=1e-12)
+        assert math.isclose(w, fw / (1 - fw), rel_tol=1e-12)
+    assert whole[1] > 2 * half[1]  # at FSC 0.5: 4.45, not twice the half-map SSNR
