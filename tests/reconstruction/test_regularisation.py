@@ -59,3 +59,22 @@ def test_whole_map_ssnr_uses_relion_fsc_transform():
         assert math.isclose(h, ref_h, rel_tol=1e-12)
         assert math.isclose(w, fw / (1 - fw), rel_tol=1e-12)
     assert whole[1] > 2 * half[1]  # at FSC 0.5: 4.45, not twice the half-map SSNR
+
+
+def test_zero_prior_power_beyond_the_data_leaves_the_map_unchanged():
+    """τ² = 0 on shells without data must not wipe the map (empty voxels' regularised denominators are huge)."""
+    from cryorefine.reconstruction.reconstruct import reconstruct
+
+    bp = BackProjector.zeros(BOX, PAD, dtype=torch.float64)
+    r_pad, _ = padded_shell_index(BOX * PAD, PAD)
+    inside = r_pad < 5 * PAD
+    g = torch.Generator().manual_seed(0)
+    bp.weight[inside] = W
+    bp.data[inside] = W * torch.complex(torch.randn(int(inside.sum()), generator=g, dtype=torch.float64), torch.randn(int(inside.sum()), generator=g, dtype=torch.float64))
+    n = BOX // 2 + 1
+    tau2 = torch.full((n,), 1e6, dtype=torch.float64)
+    tau2_cut = tau2.clone()
+    tau2_cut[6:] = 0.0
+    ref = reconstruct(bp, tau2)
+    assert ref.abs().max() > 0
+    assert torch.allclose(reconstruct(bp, tau2_cut), ref, rtol=1e-6, atol=1e-9 * ref.abs().max().item())

@@ -71,13 +71,15 @@ def reconstruct(
     r_pad, shell = padded_shell_index(size, pad, data.device)
     max_shell = d // 2 if max_shell is None else max_shell
     denom = weight.to(torch.float64)
+    # voxels that received data (the regulariser can make empty voxels' denominators huge)
+    has_data = denom > 1e-20 * denom.max().clamp(min=1e-300)
     if tau2 is not None:
         tau2 = tau2.to(device=data.device, dtype=torch.float64)
         s = shell.clamp(max=tau2.numel() - 1)
         t = tau2[s]
         reg = torch.where(t > 0, 1.0 / (pad**3 * tau2_fudge * t.clamp(min=1e-300)), 1.0 / (0.001 * denom).clamp(min=1e-300))
         denom = denom + torch.where(shell >= min_regularised_shell, reg, torch.zeros_like(reg))
-    inside = (r_pad <= max_shell * pad) & (denom > 1e-20 * denom.max().clamp(min=1e-300))
+    inside = (r_pad <= max_shell * pad) & has_data
     f = torch.where(inside, data.to(torch.complex128) / denom.clamp(min=1e-300), torch.zeros((), dtype=torch.complex128, device=data.device))
     f = torch.fft.ifftshift(f, dim=(0, 1))
     vol_padded = irfft3_centered(f, size)
