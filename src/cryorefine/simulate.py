@@ -137,3 +137,136 @@ def simulate_particles(
         parts = parts.drop(columns=["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift", "rlnCtfBfactor"])
     write_star(out / "particles.star", {"optics": optics, "particles": parts})
     return {"n": n, "box": box, "angpix": angpix, "snr": snr, "noise_sigma": noise_sigma}
+
+
+def _poses_table(poses_star):
+    """(optics DataFrame or None, particles DataFrame) of a STAR file of poses (RELION 3.0 or 3.1; no images needed)."""
+    from .errors import CryoInputError
+    from .io.particles import _particles_block
+    from .io.star import read_star
+
+    blocks = read_star(poses_star)
+    _, parts = _particles_block(blocks, poses_star)
+    parts = parts.reset_index(drop=True)
+    for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"):
+        if col not in parts.columns:
+            raise CryoInputError(f"missing column {col}; --poses needs the Euler angles of every particle", poses_star)
+    if len(parts) == 0:
+        raise CryoInputError("no particles in the poses file", poses_star)
+    return blocks.get("optics"), parts
+
+
+def _per_particle_optics(optics: pd.DataFrame | None, parts: pd.DataFrame, microscope: Microscope) -> dict:
+    """Voltage, Cs and amplitude contrast of every particle: the optics group's (3.1), the particle's own (3.0), else ``microscope``."""
+    n = len(parts)
+    names = {"voltage": "rlnVoltage", "cs": "rlnSphericalAberration", "q0": "rlnAmplitudeContrast"}
+    default = {"voltage": microscope.voltage_kv, "cs": microscope.cs_mm, "q0": microscope.amplitude_contrast}
+    out = {}
+    for key, col in names.items():
+        if optics is not None and col in optics.columns:
+            if "rlnOpticsGroup" in parts.columns and "rlnOpticsGroup" in optics.columns:
+                lut = dict(zip(optics["rlnOpticsGroup"].astype(int), optics[col].astype(float)))
+                out[key] = np.array([lut[int(g)] for g in parts["rlnOpticsGroup"]], np.float64)
+            else:
+                out[key] = np.full(n, float(optics[col].iloc[0]))
+        elif col in parts.columns:
+            out[key] = parts[col].to_numpy(np.float64)
+        else:
+            out[key] = np.full(n, default[key])
+    return out
+
+
+def project_poses(
+    truth: torch.Tensor,
+    angpix: float,
+    out_dir,
+    poses_star,
+    snr: float = 0.0,
+    seed: int = 0,
+    batch: int = 256,
+    device=None,
+    ctf: bool = True,
+    microscope: Microscope = Microscope(),
+    stack_name: str = "particles.mrcs",
+) -> dict:
+    """Project ``truth`` at the poses, CTFs and origin offsets of ``poses_star``; write out_dir/particles.{mrcs,star}.
+
+    The poses file is RELION 3.0 or 3.1 (e.g. bench/make_bench_data.py's poses.star, or any refinement's data.star):
+    Euler angles, rlnOriginX/YAngst (or rlnOriginX/Y in pixels), and where present rlnDefocusU/V/Angle, rlnPhaseShift,
+    rlnCtfBfactor, rlnCtfScalefactor with the optics group's voltage, Cs and amplitude contrast. As relion_project
+    --ang --ctf does, with the same conventions as ``simulate_particles``. The stack is float32, written batch by batch
+    into a memory-mapped file (nothing of the size of the stack is held in memory). particles.star keeps every input
+    column (the poses are the truth) and adds rlnImageName.
+
+    ``snr`` > 0 adds white Gaussian noise of variance (mean clean-image variance of the first batch) / snr, drawn on
+    ``device`` from ``seed``; the images are not rescaled, so ``truth`` stays on their greyscale. ``snr`` = 0: clean
+    images (add noise afterwards, e.g. with bench/add_noise.py).
+    """
+    from .errors import CryoInputError
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    box = truth.shape[-1]
+    optics, parts = _poses_table(poses_star)
+    if optics is not None:
+        if "rlnImageSize" in optics.columns and (optics["rlnImageSize"].astype(int) != box).any():
+            raise CryoInputError(f"rlnImageSize {sorted(set(optics['rlnImageSize'].astype(int)))} of the poses differs from the map box {box}", poses_star)
+        if "rlnImagePixelSize" in optics.columns and (np.abs(optics["rlnImagePixelSize"].astype(float) - angpix) > 1e-3 * angpix).any():
+            raise CryoInputError(f"rlnImagePixelSize {sorted(set(optics['rlnImagePixelSize'].astype(float)))} of the poses differs from the map's {angpix:.4f} Å", poses_star)
+    n = len(parts)
+
+    def col(name, default=0.0):
+        return parts[name].to_numpy(np.float64) if name in parts.columns else np.full(n, default)
+
+    rot, tilt, psi = col("rlnAngleRot"), col("rlnAngleTilt"), col("rlnAnglePsi")
+    if "rlnOriginXAngst" in parts.columns or "rlnOriginYAngst" in parts.columns:
+        ox, oy = col("rlnOriginXAngst"), col("rlnOriginYAngst")
+    else:
+        ox, oy = col("rlnOriginX") * angpix, col("rlnOriginY") * angpix
+    ctf = ctf and "rlnDefocusU" in parts.columns
+    if ctf:
+        du = col("rlnDefocusU")
+        dv = col("rlnDefocusV") if "rlnDefocusV" in parts.columns else du.copy()
+        dang, phase, bfac, cscale = col("rlnDefocusAngle"), col("rlnPhaseShift"), col("rlnCtfBfactor"), col("rlnCtfScalefactor", 1.0)
+        mic = _per_particle_optics(optics, parts, microscope)
+    transform = prepare_padded_transform(truth.to(device=device, dtype=torch.float32), 2)
+    ky, kx = rfft_freqs_2d(box, device, torch.float64)
+    gen = torch.Generator(device=transform.f_padded.device).manual_seed(seed) if snr > 0 else None
+    noise_sigma = None
+    signal_var = None
+    writer = StackWriter(out / stack_name, n, box, angpix)
+    try:
+        for start in range(0, n, batch):
+            sl = slice(start, min(start + batch, n))
+
+            def t(x):
+                return torch.tensor(np.ascontiguousarray(x[sl]), dtype=torch.float64, device=device)
+
+            A = euler_to_matrix(t(rot), t(tilt), t(psi)).to(torch.float32)
+            c = None
+            if ctf:
+                c = compute_ctf(ky, kx, box, angpix, t(du), t(dv), t(dang), t(mic["voltage"]), t(mic["cs"]), t(mic["q0"]),
+                                t(phase), t(bfac), t(cscale)).to(torch.float32)
+            origin_px = (torch.stack([t(ox), t(oy)], -1) / angpix).to(torch.float32)
+            img = irfft2_centered(particle_image_rfft(transform, A, origin_px, c, box), box)
+            if signal_var is None:
+                signal_var = float(img.var(dim=(-2, -1)).mean())
+                noise_sigma = (signal_var / snr) ** 0.5 if snr > 0 else 0.0
+            if snr > 0:
+                img = img + torch.randn(img.shape, generator=gen, device=img.device, dtype=img.dtype) * noise_sigma
+            writer.write(start, img.cpu().numpy())
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    star = parts.drop(columns=["rlnImageName"], errors="ignore")
+    star.insert(0, "rlnImageName", [f"{i + 1:06d}@{stack_name}" for i in range(n)])
+    if optics is None:
+        optics = pd.DataFrame({"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1], "rlnVoltage": [microscope.voltage_kv],
+                               "rlnSphericalAberration": [microscope.cs_mm], "rlnAmplitudeContrast": [microscope.amplitude_contrast]})
+        star["rlnOpticsGroup"] = 1
+    optics = optics.copy()
+    optics["rlnImagePixelSize"], optics["rlnImageSize"], optics["rlnImageDimensionality"] = angpix, box, 2
+    write_star(out / "particles.star", {"optics": optics, "particles": star})
+    return {"n": n, "box": box, "angpix": angpix, "snr": snr, "noise_sigma": noise_sigma, "clean_variance": signal_var,
+            "ctf": bool(ctf), "stack": str(out / stack_name), "stack_bytes": 1024 + n * box * box * 4}

@@ -44,6 +44,10 @@ def add_common_args(p, classify: bool = False) -> None:
     p.add_argument("--gpu", nargs="?", const="0", default=None, help="use CUDA (optionally a device id, e.g. --gpu 1)")
     p.add_argument("--j", dest="threads", type=int, default=0, help="CPU threads (0 = PyTorch's default)")
     p.add_argument("--continue", dest="continue_from", default=None, help="continue from run_itNNN_optimiser.star")
+    p.add_argument("--max_seconds", type=float, default=0.0, help="stop cleanly, after a finished iteration, before one that would end "
+                   "past this many seconds of this call (estimated from the last iteration); resume with --continue; 0 = no limit")
+    p.add_argument("--pool", type=int, default=1, help="accepted for RELION users (particles per thread pool); batches are set by --batch")
+    p.add_argument("--oversampling", type=int, default=1, help="adaptive oversampling order; 1 (RELION's default) is the only one supported")
 
 
 def add_args(p):
@@ -66,6 +70,11 @@ def device_from_args(args) -> str:
 def config_from_args(args, cls):
     import dataclasses
 
+    if getattr(args, "oversampling", 1) != 1:
+        raise CryoInputError(f"--oversampling {args.oversampling} is not supported: the fine pass is RELION's order 1 (8 rotations x 4 translations per coarse sample); pass --oversampling 1")
+    if getattr(args, "max_seconds", 0.0) < 0:
+        raise CryoInputError("--max_seconds must be 0 (no limit) or positive")
+
     if args.continue_from:
         from pathlib import Path
 
@@ -73,7 +82,7 @@ def config_from_args(args, cls):
         if not Path(args.continue_from).exists() or not state.exists():
             raise CryoInputError("cannot continue: optimiser file or its saved state is missing; pass a run_itNNN_optimiser.star of a finished iteration", args.continue_from)
         saved = torch.load(state, weights_only=False)["config"]
-        saved.update(continue_from=args.continue_from, device=device_from_args(args), threads=args.threads)
+        saved.update(continue_from=args.continue_from, device=device_from_args(args), threads=args.threads, max_seconds=args.max_seconds)
         return cls(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(cls)} and k not in ("angpix",)})
     for flag, name in (("--i", "particles"), ("--o", "output_root"), ("--ref", "reference")):
         if not getattr(args, name):

@@ -2,6 +2,11 @@
 
 Example: cryorefine simulate --model 6msm.pdb --o sim --n 2000 --box 96 --angpix 2.0 --snr 0.05
 Writes DIR/particles.star (RELION 3.1, true poses), DIR/particles.mrcs and DIR/truth.mrc.
+
+Given poses: cryorefine simulate --map truth.mrc --poses poses.star --o DIR --snr 0 --gpu
+projects the map at the poses, CTFs and origin offsets of a STAR file (like relion_project --ang --ctf), streaming
+the float32 stack to DIR/particles.mrcs; DIR/particles.star keeps the input columns (the truth) plus rlnImageName.
+Box and pixel size come from the map (or, for an atomic model, from the STAR's optics table); no truth.mrc is written.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from ..errors import CryoInputError
 
 
 def add_args(p):
-    p.add_argument("--model", default=None, help="atomic model (.pdb/.cif, optionally .gz/.bz2) or map (.mrc); default: the packaged 6msm model")
+    p.add_argument("--model", "--map", dest="model", default=None, help="atomic model (.pdb/.cif, optionally .gz/.bz2) or map (.mrc); default: the packaged 6msm model")
     p.add_argument("--o", required=True, help="output folder")
     p.add_argument("--n", type=int, default=1000, help="number of particles")
     p.add_argument("--box", type=int, default=96, help="box size (pixels)")
@@ -30,6 +35,9 @@ def add_args(p):
     p.add_argument("--sym", default="C1", help="point group to impose on the truth map (C<n>, D<n>, T, O, I)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--gpu", action="store_true", help="project on the first CUDA device")
+    p.add_argument("--poses", default=None, help="STAR file of poses (RELION 3.0/3.1, e.g. make_bench_data.py's poses.star): project at these "
+                   "angles, origin offsets and CTFs instead of random ones (--n, --box, --angpix, defocus and shift options are then unused)")
+    p.add_argument("--batch", type=int, default=256, help="images projected per batch")
 
 
 def truth_map(model, box: int, angpix: float, bfactor: float) -> torch.Tensor:
@@ -49,10 +57,42 @@ def truth_map(model, box: int, angpix: float, bfactor: float) -> torch.Tensor:
     return atoms_to_map(xyz, w, box, angpix, bfactor)
 
 
+def _main_poses(args):
+    from pathlib import Path
+
+    from ..io.mrc import read_map
+    from ..simulate import project_poses
+
+    if args.model is not None and Path(args.model).suffix in (".mrc", ".map"):
+        data, angpix = read_map(args.model)
+        vol = torch.from_numpy(data).double()
+    else:
+        from ..io.star import read_star
+
+        optics = read_star(args.poses).get("optics")
+        if optics is None or "rlnImageSize" not in optics or "rlnImagePixelSize" not in optics:
+            raise CryoInputError("with an atomic model, --poses needs an optics table with rlnImageSize and rlnImagePixelSize; or give a map with --map", args.poses)
+        box, angpix = int(optics["rlnImageSize"].iloc[0]), float(optics["rlnImagePixelSize"].iloc[0])
+        vol = truth_map(args.model, box, angpix, args.bfactor)
+    if args.sym.upper() != "C1":
+        from ..reconstruction.symmetrise import symmetrise_map
+
+        vol = symmetrise_map(vol, args.sym)
+    if args.batch <= 0 or args.snr < 0:
+        raise CryoInputError("--batch must be positive and --snr not negative")
+    device = "cuda" if args.gpu else None
+    summary = project_poses(vol, angpix, args.o, args.poses, snr=args.snr, seed=args.seed, batch=args.batch, device=device, ctf=not args.no_ctf)
+    print(json.dumps(summary))
+
+
 def main(args):
     from ..reconstruction.symmetrise import symmetrise_map
     from ..simulate import simulate_particles
 
+    if args.poses:
+        if args.gpu and not torch.cuda.is_available():
+            raise CryoInputError("--gpu given but no CUDA device is visible; drop --gpu to project on the CPU")
+        return _main_poses(args)
     if args.n <= 0 or args.box <= 0 or args.angpix <= 0:
         raise CryoInputError("--n, --box and --angpix must be positive")
     vol = truth_map(args.model, args.box, args.angpix, args.bfactor)

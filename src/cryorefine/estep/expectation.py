@@ -101,6 +101,21 @@ def get_all_squared_differences_coarse(batch: ImageBatch, window: Window, jc: in
     return torch.stack(out, 1)
 
 
+def coarse_gemm_flops(n: int, K: int, T: int, L: int, jc: int, local: bool) -> tuple[float, list]:
+    """Floating-point operations of the coarse pass's matrix products and their shapes, for n particles.
+
+    Per reference: the cross term (n·T, 2jc) @ (2jc, L) and the |P|² term (n, jc) @ (jc, L) (global search, one
+    GEMM each), or per particle (T, 2jc) @ (2jc, L) and (1, jc) @ (jc, L) (local searches, batched). 2·M·K·N each.
+    Returns (flops, [(shape key, calls)]) with keys 'mm:MxKxN' or 'bmm:BxMxKxN'.
+    """
+    flops = K * (2.0 * n * T * 2 * jc * L + 2.0 * n * jc * L)
+    if local:
+        shapes = [(f"bmm:{n}x{T}x{2 * jc}x{L}", K), (f"bmm:{n}x1x{jc}x{L}", K)]
+    else:
+        shapes = [(f"mm:{n * T}x{2 * jc}x{L}", K), (f"mm:{n}x{jc}x{L}", K)]
+    return flops, shapes
+
+
 def translation_log_prior(offsets_abs_px: torch.Tensor, settings: EStepSettings) -> torch.Tensor:
     d2 = (offsets_abs_px**2).sum(-1) * settings.angpix**2
     return -d2 / (2.0 * settings.sigma2_offset_angst2)
@@ -155,8 +170,11 @@ def expectation_batch(
 
     # ---- getAllSquaredDifferences, pass 0 (coarse)
     with stage("getAllSquaredDifferences"):
-        d2c = get_all_squared_differences_coarse(batch, window, jc, refs, poses, local_prior, cc=cc)  # (n, K, T, L)
+        with (timer.substage("coarse") if hasattr(timer, "substage") else nullcontext()):
+            d2c = get_all_squared_differences_coarse(batch, window, jc, refs, poses, local_prior, cc=cc)  # (n, K, T, L)
         L = d2c.shape[-1]
+        if hasattr(timer, "add_flops"):
+            timer.add_flops("coarse", *coarse_gemm_flops(n, K, T, L, jc, local_prior is not None))
         logp = -d2c
         rot_prior = torch.zeros(n, K, L, device=dev)  # log prior of each coarse rotation slot
         if not cc:
@@ -247,6 +265,8 @@ def expectation_batch(
             xt = _translated(batch.f_masked[rows], window, off_fine[rows])  # (m, T4, J)
             a = _as_real(xt * (w[rows] * sc[rows])[:, None, :])
             cross = torch.bmm(a, _as_real(pg).transpose(1, 2))  # (m, T4, 8L)
+            if hasattr(timer, "add_flops"):
+                timer.add_flops("fine", 2.0 * m * T4 * 2 * J * L8 + 2.0 * m * L8 * J)  # (m, T4, 2J) @ (m, 2J, 8L) and the |P|² term
             p2 = pg.real**2 + pg.imag**2
             third = torch.einsum("mj,mrj->mr", w[rows] * sc[rows] ** 2, p2)  # (m, 8L)
             ok = allowed[rows].repeat_interleave(N_TRANS_CHILDREN, 1).repeat_interleave(N_ROT_CHILDREN, 2)
@@ -284,6 +304,8 @@ def expectation_batch(
         if sums is not None:
             with stage("storeWeightedSums"):
                 gam = gam.reshape(m, T4, L8)
+                if hasattr(timer, "add_flops"):
+                    timer.add_flops("store", 8.0 * m * T4 * L8 * J)  # the four (m, 8L|T4, T4|8L) x (m, ., J) products
                 residual[rows] = _store_chunk(batch, window, rows, off_fine, gam, pg, p2, rows8, g_class, g_coarse, acc_v, acc_w, sums, settings, poses)
     if sums is not None:
         with stage("storeWeightedSums"):

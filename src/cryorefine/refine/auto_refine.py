@@ -65,6 +65,7 @@ class RefineConfig:
     tau2_fudge: float = 1.0
     max_iter: int = 50
     batch_size: int = 0  # 0: automatic
+    max_seconds: float = 0.0  # > 0: stop cleanly before an iteration that would end past this many seconds of this call
     device: str = "cpu"
     threads: int = 0
     continue_from: str | None = None
@@ -195,7 +196,7 @@ class AutoRefine:
             "mean_significant": float(np.mean(self.poses.n_significant)), "mean_max_prob": float(np.mean(self.poses.max_prob)),
             "accuracy_rotation_deg": float(np.median(self.poses.angular_spread_deg)), "accuracy_offset_px": float(np.median(self.poses.offset_spread_px)),
             "sigma_offset_angst": math.sqrt(self.sigma2_offset), "seconds": time.perf_counter() - t0, "stages": stages,
-            "final": sch.final_iteration,
+            "final": sch.final_iteration, "counters": self.timer.reset_counters(),
         }
         if not sch.final_iteration:
             sch.update_changes(info["resolution_shell"], change_ang, change_off)
@@ -371,14 +372,37 @@ class AutoRefine:
         pass
 
     # ------------------------------------------------------------------ driver
+    def _out_of_time(self, t0: float, last_seconds: float | None) -> bool:
+        """--max_seconds: would the next iteration end past the budget? Estimated by the last iteration's wall time
+        (this call's, else the saved history's); with no estimate, one iteration runs."""
+        if self.cfg.max_seconds <= 0:
+            return False
+        if last_seconds is None:
+            last_seconds = self.history[-1]["seconds"] if self.history else None
+        if last_seconds is None:
+            return False
+        return time.perf_counter() - t0 + last_seconds > self.cfg.max_seconds
+
+    def _stopped(self, t0: float) -> dict:
+        resume = f"{it_prefix(self.root, self.iteration)}_optimiser.star"
+        summary = {"stopped": True, "iterations": self.iteration, "seconds": time.perf_counter() - t0, "continue_from": resume}
+        self.log.line(f"stopping after iteration {self.iteration}: the next would end past --max_seconds {self.cfg.max_seconds:g}; "
+                      f"resume with --continue {resume}")
+        return summary
+
     def run(self) -> dict:
         cfg = self.cfg
         self.log.line(f"cryorefine refine: {len(self.table)} particles, box {self.box}, {cfg.angpix:.3f} Å/px, device {self.device}, sym {cfg.sym}")
         t0 = time.perf_counter()
+        last = None
         while not self.schedule.final_iteration:
+            if self._out_of_time(t0, last):
+                return self._stopped(t0)
             if self.schedule.converged or self.iteration >= cfg.max_iter - 1:
                 self.schedule.final_iteration = True
+            t_it = time.perf_counter()
             self.iterate()
+            last = time.perf_counter() - t_it
         fsc = self.fsc
         summary = {
             "final_resolution_angst": shell_to_angstrom(resolution_shell(fsc, 0.143), self.box, cfg.angpix),

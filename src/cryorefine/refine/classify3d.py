@@ -100,6 +100,7 @@ class Classify3D(AutoRefine):
             "accuracy_rotation_deg": float(np.median(self.poses.angular_spread_deg)),
             "class_distribution": self.class_prior.tolist(), "class_resolution_angst": info["class_resolution_angst"],
             "sigma_offset_angst": math.sqrt(self.sigma2_offset), "seconds": time.perf_counter() - t0, "stages": self.timer.reset(), "final": False,
+            "counters": self.timer.reset_counters(),
         }
         self.history.append(record)
         self.write_iteration(info, record)
@@ -167,8 +168,13 @@ class Classify3D(AutoRefine):
         cfg = self.cfg
         self.log.line(f"cryorefine classify: {len(self.table)} particles, K={cfg.K}, box {self.box}, {cfg.angpix:.3f} Å/px, device {self.device}")
         t0 = time.perf_counter()
+        last = None
         while self.iteration < cfg.max_iter:
+            if self._out_of_time(t0, last):
+                return self._stopped(t0)
+            t_it = time.perf_counter()
             self.iterate()
+            last = time.perf_counter() - t_it
         summary = {"iterations": self.iteration, "seconds": time.perf_counter() - t0, "class_distribution": [round(float(x), 4) for x in self.class_prior],
                    "class_resolution_angst": self.history[-1]["class_resolution_angst"]}
         self.log.line("finished: " + json.dumps(summary))

@@ -1,9 +1,15 @@
-"""Wall time per stage (the paper's getFourier / getAll / convertAll / storeWeighted / M-step breakdown)."""
+"""Wall time per stage (the paper's getFourier / getAll / convertAll / storeWeighted / M-step breakdown).
+
+Besides the stages (``seconds``, the same keys every iteration), a timer keeps two counters for the benchmarks,
+reset by ``reset_counters()``: ``substage(name)`` times a part of a stage without adding to ``seconds`` (the coarse
+pass of getAllSquaredDifferences), and ``add_flops(name, flops, shapes)`` counts the floating-point operations of
+matrix products with the shapes they ran at (to time cuBLAS on the same shapes).
+"""
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from contextlib import contextmanager
 
 import torch
@@ -13,20 +19,51 @@ class StageTimer:
     def __init__(self, device=None):
         self.seconds = defaultdict(float)
         self.cuda = device is not None and torch.device(device).type == "cuda"
+        self.sub_seconds = defaultdict(float)
+        self.flops = defaultdict(float)
+        self.shapes = defaultdict(Counter)
+
+    def _sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
 
     @contextmanager
     def __call__(self, name: str):
-        if self.cuda:
-            torch.cuda.synchronize()
+        self._sync()
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            if self.cuda:
-                torch.cuda.synchronize()
+            self._sync()
             self.seconds[name] += time.perf_counter() - t0
+
+    @contextmanager
+    def substage(self, name: str):
+        """Time a part of a stage (synchronised on CUDA) into ``sub_seconds``; the stage's own time is unchanged."""
+        self._sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.sub_seconds[name] += time.perf_counter() - t0
+
+    def add_flops(self, name: str, flops: float, shapes=()) -> None:
+        """Count ``flops`` under ``name``; ``shapes``: (key, count) pairs, key like 'mm:MxKxN' or 'bmm:BxMxKxN'."""
+        self.flops[name] += float(flops)
+        for key, count in shapes:
+            self.shapes[name][key] += int(count)
 
     def reset(self) -> dict:
         out = dict(self.seconds)
         self.seconds.clear()
+        return out
+
+    def reset_counters(self) -> dict:
+        """{name: {'seconds', 'flops', 'shapes': {key: calls}}} since the last call, then cleared."""
+        names = set(self.sub_seconds) | set(self.flops)
+        out = {n: {"seconds": self.sub_seconds.get(n, 0.0), "flops": self.flops.get(n, 0.0), "shapes": dict(self.shapes.get(n, {}))} for n in sorted(names)}
+        self.sub_seconds.clear()
+        self.flops.clear()
+        self.shapes.clear()
         return out
