@@ -40,9 +40,9 @@ def check_symmetry(sym: str) -> None:
     parse_symmetry(sym)
 
 
-def check_particles(star) -> ParticleTable:
-    """Load the STAR file (missing/empty/malformed, columns, stacks) and check every stack it uses."""
-    table = load_particles(star)
+def check_particles(star, project_dir=None) -> ParticleTable:
+    """Load the STAR or .cs file (missing/empty/malformed, columns, stacks) and check every stack it uses."""
+    table = load_particles(star, project_dir)
     box = table.box  # raises for optics groups with different boxes
     angpix = np.unique(np.round(table.angpix, 4))
     if len(angpix) > 1:

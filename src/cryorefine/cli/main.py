@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "classify": "3D classification into K classes, like relion_refine --K",
     "simulate": "Simulate particles from an atomic model or a map (truth kept)",
     "reconstruct": "Reconstruct a map from particles with known poses, like relion_reconstruct",
+    "convert": "Convert a cryoSPARC particle file (.cs) into a RELION 3.1 STAR file",
     "fsc": "Fourier shell correlation between two maps",
     "evaluate": "Pose and map errors of a refinement against the truth",
 }
