@@ -67,12 +67,9 @@ def config_from_args(args, cls):
     import dataclasses
 
     if args.continue_from:
-        from pathlib import Path
+        from ..refine.state import read_state
 
-        state = Path(str(args.continue_from).replace("_optimiser.star", "_state.pt"))
-        if not Path(args.continue_from).exists() or not state.exists():
-            raise CryoInputError("cannot continue: optimiser file or its saved state is missing; pass a run_itNNN_optimiser.star of a finished iteration", args.continue_from)
-        saved = torch.load(state, weights_only=False)["config"]
+        saved = read_state(args.continue_from)["config"]
         saved.update(continue_from=args.continue_from, device=device_from_args(args), threads=args.threads)
         return cls(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(cls)} and k not in ("angpix",)})
     for flag, name in (("--i", "particles"), ("--o", "output_root"), ("--ref", "reference")):
