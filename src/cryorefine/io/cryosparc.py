@@ -55,7 +55,7 @@ def read_cs(path) -> np.ndarray:
     if len(cs) == 0:
         raise CryoInputError("the .cs file holds no particles", path=path)
     for name in cs.dtype.names:
-        if cs.dtype[name].kind == "f" and not np.isfinite(cs[name]).all():
+        if cs.dtype[name].base.kind == "f" and not np.isfinite(cs[name]).all():
             raise CryoInputError(f"field {name} holds NaN or Inf values; re-run or re-export the cryoSPARC job",
                                  path=path)
     return cs
@@ -105,8 +105,9 @@ def _optics(cs: np.ndarray) -> tuple[list[OpticsGroup], np.ndarray]:
 
 
 def load_cs_particles(cs_path, project_dir=None) -> ParticleTable:
-    """Particles of a cryoSPARC .cs file; stacks found in the project directory (default: the current one) or in
-    the .cs folder or up to three folders above it. rlnImageName gets the stack path as found (project-relative)."""
+    """Particles of a cryoSPARC .cs file. Stacks are looked for in `project_dir` (the cryoSPARC project folder;
+    default: the current directory), then in the .cs folder and up to three folders above it; image_name holds
+    'index@stack' with the stack found, relative to the current directory (RELION's project directory)."""
     cs_path = Path(cs_path)
     cs = read_cs(cs_path)
     n = len(cs)
@@ -116,7 +117,7 @@ def load_cs_particles(cs_path, project_dir=None) -> ParticleTable:
     names, inverse = np.unique(_text(cs["blob/path"]).astype(str), return_inverse=True)
     stacks = np.array([resolve_stack(name.lstrip(">"), folders, cs_path) for name in names], object)[inverse.reshape(-1)]
     index = np.asarray(cs["blob/idx"], np.int64)
-    image_name = np.array([f"{i + 1:06d}@{project_relative(s, project_dir)}" for i, s in zip(index, stacks)], object)
+    image_name = np.array([f"{i + 1:06d}@{project_relative(s)}" for i, s in zip(index, stacks)], object)
 
     optics, optics_group = _optics(cs)
     if "alignments3D/pose" in cs.dtype.names:

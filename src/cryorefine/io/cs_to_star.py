@@ -14,15 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from cryorefine.errors import CryoInputError
 from cryorefine.io.atomic import atomic_write
 from cryorefine.io.cryosparc import load_cs_particles
 from cryorefine.io.particles import project_relative, write_particles
 
 
-def relion_stack_name(stack_path: str, project_dir=None) -> str:
+def relion_stack_name(stack_path: str) -> str:
     """A flat .mrcs file name for a stack: its project-relative path with '/' -> '_' ('J9/extract/a.mrc' -> 'J9_extract_a.mrcs')."""
-    flat = project_relative(stack_path, project_dir).strip(os.sep).replace(os.sep, "_")
+    flat = project_relative(stack_path).strip(os.sep).replace(os.sep, "_")
     return os.path.splitext(flat)[0] + ".mrcs"
 
 
@@ -36,18 +35,19 @@ def _place(source: str, target: Path, copy: bool) -> None:
 
 
 def convert_cs_to_star(cs_path, star_path, copy: bool = False, project_dir=None) -> dict:
-    """Write `star_path` (RELION 3.1, optics table) and its .mrcs links or copies; return a summary."""
+    """Write `star_path` (RELION 3.1, optics table) and its .mrcs links or copies; return a summary.
+
+    project_dir: the cryoSPARC project folder the .cs paths are relative to (see load_cs_particles); the written
+    paths are relative to the current directory, RELION's project directory."""
     star_path = Path(star_path)
-    if star_path.suffix != ".star":
-        raise CryoInputError("the output must be a .star file", path=star_path)
     table = load_cs_particles(cs_path, project_dir)
     folder = star_path.parent / f"{star_path.stem}_stacks"
     folder.mkdir(parents=True, exist_ok=True)
     stacks, inverse = np.unique(table.image_stack.astype(str), return_inverse=True)
-    targets = [folder / relion_stack_name(s, project_dir) for s in stacks]
+    targets = [folder / relion_stack_name(s) for s in stacks]
     for source, target in zip(stacks, targets):
         _place(source, target, copy)
-    names = np.array([project_relative(t, project_dir) for t in targets], object)[inverse.reshape(-1)]
+    names = np.array([project_relative(t) for t in targets], object)[inverse.reshape(-1)]
     image_name = np.array([f"{i + 1:06d}@{n}" for i, n in zip(table.image_index, names)], object)
     write_particles(star_path, replace(table, image_name=image_name))
     return {"star": str(star_path), "particles": len(table), "optics_groups": len(table.optics),

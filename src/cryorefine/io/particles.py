@@ -178,10 +178,9 @@ def resolve_stack(name: str, folders: list[tuple[Path, str]], source) -> str:
                          "the project directory the paths are relative to", path=source)
 
 
-def project_relative(path, project_dir=None) -> str:
-    """`path` relative to the project directory (default: the current one) if it lies inside it, else absolute."""
-    path = Path(os.path.abspath(path))
-    project = Path(os.path.abspath(project_dir if project_dir is not None else os.getcwd()))
+def project_relative(path) -> str:
+    """`path` relative to the current directory (RELION's project directory) if it lies inside it, else absolute."""
+    path, project = Path(os.path.abspath(path)), Path(os.getcwd())
     return str(path.relative_to(project)) if path.is_relative_to(project) else str(path)
 
 
