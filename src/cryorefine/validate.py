@@ -158,7 +158,10 @@ def validate_refine_inputs(args) -> None:
     for flag, name in (("--i", "particles"), ("--o", "output_root"), ("--ref", "reference")):
         if not getattr(args, name, None):
             raise CryoInputError(f"{flag} is required (or --continue run_itNNN_optimiser.star)")
-    diameter = float(getattr(args, "particle_diameter", 0.0))
+    if getattr(args, "particle_diameter", None) is None:
+        raise CryoInputError("--particle_diameter is required: the particle's longest dimension in Å, e.g. "
+                             "--particle_diameter 160")
+    diameter = float(args.particle_diameter)
     check_diameter_sign(diameter)
     check_symmetry(getattr(args, "sym", "C1"))
     table = check_particles(args.particles)

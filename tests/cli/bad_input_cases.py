@@ -46,7 +46,8 @@ def command_line(command: str, opts: dict) -> list[str]:
         return ["convert", o["particles"], f"{o['out']}/particles.star"]
     if o["continue"]:
         return [command, "--continue", o["continue"], "--o", f"{o['out']}/run"]
-    return [command, "--i", o["particles"], "--ref", o["ref"], "--o", f"{o['out']}/run", "--particle_diameter", o["diameter"], "--sym", o["sym"]]
+    diameter = [] if o["diameter"] is None else ["--particle_diameter", o["diameter"]]
+    return [command, "--i", o["particles"], "--ref", o["ref"], "--o", f"{o['out']}/run", *diameter, "--sym", o["sym"]]
 
 
 @dataclass
@@ -203,6 +204,7 @@ CASES = {
     "NaN in map": Case(lambda p: write_map(p / "data" / "truth.mrc", np.full((BOX,) * 3, np.nan, np.float32), ANGPIX), names="data/truth.mrc"),
     "malformed MRC reference": Case(garbage("data/truth.mrc"), names="data/truth.mrc"),
     "unknown symmetry X9": Case(opts={"sym": "X9"}),
+    "no --particle_diameter": Case(opts={"diameter": None}),
     "zero diameter": Case(opts={"diameter": "0"}),
     "negative diameter": Case(opts={"diameter": "-10"}),
     "diameter larger than the box": Case(opts={"diameter": "100"}),
