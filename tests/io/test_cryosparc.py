@@ -154,3 +154,13 @@ def test_relion_reads_the_converted_star_file(project, sim, tmp_path, capsys):
     f = fsc_min_to_two_thirds(torch.from_numpy(read_map("relion_rec.mrc")[0]), torch.from_numpy(read_map(sim / "truth.mrc")[0]))
     print(f"relion_reconstruct of the converted STAR: min FSC to 2/3 Nyquist {f:.4f}")
     assert f >= 0.9
+
+
+def test_cs_without_alignments_gives_identity_poses(project):
+    """Particles straight from extraction have no alignments3D fields: identity pose, no shift, no half sets."""
+    cs_path = project[0]
+    cs = np.load(cs_path)
+    write_cs(cs_path, {name: cs[name] for name in cs.dtype.names if not name.startswith("alignments3D/")})
+    table = load_particles(cs_path)
+    for values in (table.rot_deg, table.tilt_deg, table.psi_deg, table.origin_x_angst, table.origin_y_angst, table.random_subset):
+        np.testing.assert_array_equal(np.abs(values), 0)

@@ -120,10 +120,8 @@ def load_cs_particles(cs_path, project_dir=None) -> ParticleTable:
     image_name = np.array([f"{i + 1:06d}@{project_relative(s)}" for i, s in zip(index, stacks)], object)
 
     optics, optics_group = _optics(cs)
-    if "alignments3D/pose" in cs.dtype.names:
-        rot, tilt, psi = pose_to_euler_deg(cs["alignments3D/pose"])
-    else:
-        rot = tilt = psi = np.zeros(n)
+    # particles without 3D alignments (e.g. just extracted) get the identity pose and no shift
+    rot, tilt, psi = pose_to_euler_deg(cs["alignments3D/pose"] if "alignments3D/pose" in cs.dtype.names else np.zeros((n, 3)))
     shift_angpix = _field(cs, "alignments3D/psize_A" if "alignments3D/psize_A" in cs.dtype.names else "blob/psize_A", 0.0)
     shift = np.asarray(cs["alignments3D/shift"], np.float64) if "alignments3D/shift" in cs.dtype.names else np.zeros((n, 2))
     split = _field(cs, "alignments3D/split", -1).astype(np.int64)
@@ -132,7 +130,7 @@ def load_cs_particles(cs_path, project_dir=None) -> ParticleTable:
     df2 = _field(cs, "ctf/df2_A", 0.0) if "ctf/df2_A" in cs.dtype.names else df1.copy()
     return ParticleTable(
         image_index=index, image_stack=stacks, image_name=image_name,
-        rot_deg=np.asarray(rot, np.float64), tilt_deg=np.asarray(tilt, np.float64), psi_deg=np.asarray(psi, np.float64),
+        rot_deg=rot, tilt_deg=tilt, psi_deg=psi,
         origin_x_angst=shift[:, 0] * shift_angpix, origin_y_angst=shift[:, 1] * shift_angpix,
         defocus_u_angst=df1, defocus_v_angst=df2,
         defocus_angle_deg=np.rad2deg(_field(cs, "ctf/df_angle_rad", 0.0)),

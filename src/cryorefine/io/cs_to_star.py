@@ -20,7 +20,8 @@ from cryorefine.io.particles import project_relative, write_particles
 
 
 def relion_stack_name(stack_path: str) -> str:
-    """A flat .mrcs file name for a stack: its project-relative path with '/' -> '_' ('J9/extract/a.mrc' -> 'J9_extract_a.mrcs')."""
+    """A flat .mrcs file name for a stack: its path (relative to the current directory, else absolute) with '/' -> '_'
+    and the extension .mrcs ('P1/J7/extract/a.mrc' -> 'P1_J7_extract_a.mrcs')."""
     flat = project_relative(stack_path).strip(os.sep).replace(os.sep, "_")
     return os.path.splitext(flat)[0] + ".mrcs"
 
