@@ -40,9 +40,9 @@ def check_symmetry(sym: str) -> None:
     parse_symmetry(sym)
 
 
-def check_particles(star) -> ParticleTable:
-    """Load the STAR file (missing/empty/malformed, columns, stacks) and check every stack it uses."""
-    table = load_particles(star)
+def check_particles(star, project_dir=None) -> ParticleTable:
+    """Load the STAR or .cs file (missing/empty/malformed, columns, stacks) and check every stack it uses."""
+    table = load_particles(star, project_dir)
     box = table.box  # raises for optics groups with different boxes
     angpix = np.unique(np.round(table.angpix, 4))
     if len(angpix) > 1:
@@ -99,8 +99,9 @@ def check_diameter_fits(diameter: float, box: int, angpix: float) -> None:
                              f"({box} px × {angpix:.4g} Å = {box * angpix:.1f} Å); give a smaller diameter")
 
 
-def check_output_folder(folder, box: int | None) -> None:
-    """Create `folder` if needed, write and remove a temporary file there, then check the free space."""
+def check_output_folder(folder, box: int | None, flag: str = "--o") -> None:
+    """Create `folder` if needed, write and remove a temporary file there, then check the free space.
+    `flag` names the option that sets the folder, for the messages."""
     folder = Path(folder)
     created = []
     probe = folder / f".cryorefine_write_test.{os.getpid()}"
@@ -117,16 +118,16 @@ def check_output_folder(folder, box: int | None) -> None:
         if free < need:
             raise CryoInputError(f"not enough free disk space ({free / 1e6:.0f} MB free, "
                                  f"{need / 1e6:.0f} MB needed); free space or choose another output "
-                                 "folder with --o", path=folder)
+                                 f"folder with {flag}", path=folder)
     except OSError as exc:
         _cleanup(probe, created)
         blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
         if blocker is not None:
             raise CryoInputError(f"output folder cannot be created: {blocker} is a file, not a folder; "
-                                 "choose another --o", path=folder) from exc
+                                 f"choose another {flag}", path=folder) from exc
         reason = exc.strerror or type(exc).__name__
         raise CryoInputError(f"output folder cannot be created or written ({reason}); choose a "
-                             "writable folder with --o", path=folder) from exc
+                             f"writable folder with {flag}", path=folder) from exc
     except CryoInputError:
         _cleanup(probe, created)
         raise
@@ -157,7 +158,10 @@ def validate_refine_inputs(args) -> None:
     for flag, name in (("--i", "particles"), ("--o", "output_root"), ("--ref", "reference")):
         if not getattr(args, name, None):
             raise CryoInputError(f"{flag} is required (or --continue run_itNNN_optimiser.star)")
-    diameter = float(getattr(args, "particle_diameter", 0.0))
+    if getattr(args, "particle_diameter", None) is None:
+        raise CryoInputError("--particle_diameter is required: the particle's longest dimension in Å, e.g. "
+                             "--particle_diameter 160")
+    diameter = float(args.particle_diameter)
     check_diameter_sign(diameter)
     check_symmetry(getattr(args, "sym", "C1"))
     table = check_particles(args.particles)

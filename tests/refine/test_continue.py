@@ -1,12 +1,15 @@
-"""--continue after a run is killed with SIGKILL: it resumes from the last finished iteration, repeats the interrupted
-iteration the same way, and no half-written file carries a final name."""
+"""--continue after SIGKILL: a run killed during the E-step, during the M-step or while writing files leaves only
+complete files under final names; continued from its last finished iteration, it repeats the interrupted
+iteration as the uninterrupted run did and ends with the full output set at the same resolution.
+
+The kill lands at a named point: CRYOREFINE_TEST_PAUSE_AT makes the run write a marker file there and sleep
+(cryorefine.pause); the test waits for the marker, then sends SIGKILL.
+"""
 
 import os
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,12 +22,21 @@ from cryorefine.mixture import state_maps
 from cryorefine.simulate import simulate_particles
 
 BOX, ANGPIX = 32, 6.0
+KILL_AT = {  # stage -> CRYOREFINE_TEST_PAUSE_AT, all in iteration 2 of 3
+    "E-step": "estep:2",
+    "M-step": "mstep:2",
+    "writing files": "write:run_it002_data.star",
+}
 
 
 def _cmd(d, out, *extra):
     return [sys.executable, "-m", "cryorefine.cli.main", "refine", "--i", str(d / "particles.star"), "--o", str(out / "run"), "--ref", str(d / "start.mrc"),
-            "--ini_high", "30", "--particle_diameter", "170", "--ctf", "--flatten_solvent", "--zero_mask", "--healpix_order", "1",
+            "--ini_high", "30", "--particle_diameter", "170", "--ctf", "--flatten_solvent", "--healpix_order", "1",
             "--offset_range", "2", "--offset_step", "1", "--iter", "3", "--random_seed", "3", "--j", "1", *extra]
+
+
+def _continue_cmd(out, optimiser):
+    return [sys.executable, "-m", "cryorefine.cli.main", "refine", "--continue", str(optimiser), "--j", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -38,39 +50,79 @@ def data(tmp_path_factory):
     return d, ref
 
 
-def test_killed_run_continues_and_repeats_the_iteration(data):
-    d, ref = data
-    out = d / "killed"
-    p = subprocess.Popen(_cmd(d, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while not (out / "run_it001_optimiser.star").exists() and time.time() < deadline:
+def kill_at(cmd, stage_key, marker, timeout=300):
+    """Start `cmd` paused at `stage_key`, wait for it to get there, SIGKILL it."""
+    env = dict(os.environ, CRYOREFINE_TEST_PAUSE_AT=stage_key, CRYOREFINE_TEST_PAUSE_MARKER=str(marker))
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while not marker.exists():
+        assert p.poll() is None, f"the run ended before reaching {stage_key}: {p.stderr.read().decode()[-2000:]}"
+        assert time.time() < deadline, f"{stage_key} not reached in {timeout} s"
         time.sleep(0.05)
-    time.sleep(0.3)  # somewhere inside iteration 2
-    p.send_signal(signal.SIGKILL)
+    p.kill()
     p.wait()
+    p.stderr.close()
+
+
+def final_names(folder):
+    """Files under their final names (temporaries start with a dot)."""
+    return {f.name for f in folder.iterdir() if not f.name.startswith(".")}
+
+
+def assert_every_output_parses(folder):
+    for name in final_names(folder):
+        path = folder / name
+        if name.endswith(".star"):
+            assert read_star(path), name
+        elif name.endswith(".mrc"):
+            assert read_map(path)[0].shape == (BOX,) * 3, name
+        elif name.endswith(".pt"):
+            assert torch.load(path, weights_only=False)["iteration"] >= 1, name
+        else:
+            assert path.stat().st_size > 0, name
+
+
+def resolution_shell(model_star):
+    general = read_star(model_star)["model_general"]
+    return BOX * ANGPIX / float(general["rlnCurrentResolution"].iloc[0])
+
+
+@pytest.mark.parametrize("stage", list(KILL_AT))
+def test_killed_run_continues_and_repeats_the_iteration(data, stage, tmp_path):
+    d, ref = data
+    out = tmp_path / "run"
+    kill_at(_cmd(d, out), KILL_AT[stage], tmp_path / "paused")
+    # killed in iteration 2: iteration 1 is the last finished one, and every file under a final name is whole
+    assert sorted(f.name for f in out.glob("run_it*_optimiser.star")) == ["run_it001_optimiser.star"]
     assert not (out / "run_class001.mrc").exists()
-    # every file with a final name is complete (temporaries start with a dot)
-    for f in out.iterdir():
-        if f.name.endswith(".star") and not f.name.startswith("."):
-            read_star(f)
-    last = sorted(out.glob("run_it*_optimiser.star"))[-1]
-    r = subprocess.run(_cmd(d, out, "--continue", str(last))[:4] + ["--continue", str(last), "--j", "1"], capture_output=True, text=True)
+    assert_every_output_parses(out)
+    if stage == "writing files":
+        assert list(out.glob(".run_it002_data.tmp*.star")), "the kill should land between writing and renaming"
+        assert (out / "run_it002_half1_class001.mrc").exists()
+
+    r = subprocess.run(_continue_cmd(out, out / "run_it001_optimiser.star"), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    for name in ["run_class001.mrc", "run_data.star", "run_model.star", "run_half1_class001_unfil.mrc"]:
-        assert (out / name).exists()
-    a = read_star(ref / "run_it002_data.star")["particles"]
-    b = read_star(out / "run_it002_data.star")["particles"]
-    for col in ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst"]:
-        np.testing.assert_allclose(a[col].to_numpy(), b[col].to_numpy(), atol=1e-3)
-    ma, _ = read_map(ref / "run_class001.mrc")
-    mb, _ = read_map(out / "run_class001.mrc")
+    assert final_names(out) == final_names(ref)
+    assert not list(out.glob(".*.tmp*")), "temporaries of the killed run are removed"
+    assert_every_output_parses(out)
+    # the repeated iteration 2 as in the uninterrupted run (same random state)
+    a, b = read_star(ref / "run_it002_data.star")["particles"], read_star(out / "run_it002_data.star")["particles"]
+    for col in ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "rlnMaxValueProbDistribution"]:
+        np.testing.assert_allclose(b[col].to_numpy(), a[col].to_numpy(), atol=1e-3, err_msg=col)
+    for h in (1, 2):
+        ma, mb = read_map(ref / f"run_it002_half{h}_class001.mrc")[0], read_map(out / f"run_it002_half{h}_class001.mrc")[0]
+        np.testing.assert_allclose(mb, ma, atol=1e-4 * np.abs(ma).max())
+    assert abs(resolution_shell(out / "run_model.star") - resolution_shell(ref / "run_model.star")) <= 1.0
+    ma, mb = read_map(ref / "run_class001.mrc")[0], read_map(out / "run_class001.mrc")[0]
     assert np.corrcoef(ma.ravel(), mb.ravel())[0, 1] > 0.999
 
 
-def test_continue_from_missing_file_is_a_clear_error(tmp_path, capsys):
-    from cryorefine.cli.main import main
-
-    rc = main(["refine", "--continue", str(tmp_path / "run_it003_optimiser.star"), "--o", str(tmp_path / "run")])
-    assert rc != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "run_it003_optimiser.star" in err[0]
+def test_optimiser_star_is_written_last(data):
+    """An iteration's optimiser.star (what --continue takes) comes after all of that iteration's outputs."""
+    _, ref = data
+    for it in (1, 2, 3):
+        optimiser = ref / f"run_it{it:03d}_optimiser.star"
+        outputs = [f for f in ref.glob(f"run_it{it:03d}_*") if f != optimiser]
+        if it == 3:  # the final iteration also writes the run's final outputs
+            outputs += [f for f in ref.glob("run_*") if not f.name.startswith("run_it")]
+        assert outputs and max(f.stat().st_mtime_ns for f in outputs) <= optimiser.stat().st_mtime_ns

@@ -21,7 +21,7 @@ def add_args(p):
     p.add_argument("--snr", type=float, default=0.2, help="signal-to-noise ratio of the simulated images")
     p.add_argument("--iter", type=int, default=8, help="at most this many iterations")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--gpu", nargs="?", const="0", default=None, help="use CUDA")
+    p.add_argument("--gpu", nargs="?", const="0", default=None, help="use CUDA (optionally a device id, e.g. --gpu 1)")
     p.add_argument("--j", dest="threads", type=int, default=0, help="CPU threads (0 = PyTorch's default)")
 
 

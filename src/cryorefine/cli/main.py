@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "classify": "3D classification into K classes, like relion_refine --K",
     "simulate": "Simulate particles from an atomic model or a map (truth kept)",
     "reconstruct": "Reconstruct a map from particles with known poses, like relion_reconstruct",
+    "convert": "Convert a cryoSPARC particle file (.cs) into a RELION 3.1 STAR file",
     "fsc": "Fourier shell correlation between two maps",
     "evaluate": "Pose and map errors of a refinement against the truth",
 }
@@ -38,8 +39,19 @@ def _gpu_out_of_memory():
         return type("_NoOutOfMemoryError", (Exception,), {})
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's lines; shows "(default: X)" where there is one (not for off flags or unset options)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cryorefine", description="Cryo-EM 3D refinement by regularised likelihood (RELION's MAP-EM) on PyTorch.")
+    parser = argparse.ArgumentParser(prog="cryorefine", description="Cryo-EM 3D refinement by regularised likelihood (RELION's MAP-EM) on PyTorch.",
+                                     epilog="`cryorefine COMMAND --help` lists every option of a command, with its units (Å, pixels, "
+                                            "degrees) and default.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in SUBCOMMANDS.items():
         try:
@@ -48,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name == f"cryorefine.cli.{name}":
                 continue
             raise
-        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(), formatter_class=_HelpFormatter)
         module.add_args(p)
         p.set_defaults(_main=module.main)
     return parser

@@ -12,7 +12,7 @@ import json
 
 
 def add_args(p):
-    p.add_argument("--i", required=True, help="particle STAR file (RELION 3.0/3.1, cryoSPARC export) with poses")
+    p.add_argument("--i", required=True, help="particles with poses: RELION 3.0/3.1 STAR file or cryoSPARC .cs file")
     p.add_argument("--o", required=True, help="output map (.mrc)")
     p.add_argument("--sym", default="C1", help="point group (C<n>, D<n>, T, O, I) on RELION's axes")
     p.add_argument("--ctf", action="store_true", help="correct for the CTF (back-project CTF·image, weight CTF²)")
@@ -24,12 +24,14 @@ def add_args(p):
 
 
 def main(args):
+    from pathlib import Path
+
     import torch
 
     from ..errors import CryoInputError
     from ..io.mrc import write_map
-    from ..io.particles import load_particles
     from ..reconstruction.from_particles import reconstruct_from_particles
+    from ..validate import check_output_folder, check_particles
 
     if args.pad < 1 or args.batch < 1:
         raise CryoInputError("--pad and --batch must be at least 1")
@@ -37,7 +39,8 @@ def main(args):
         raise CryoInputError("--gpu given but no CUDA device is available; drop --gpu")
     if not str(args.o).endswith((".mrc", ".map")):
         raise CryoInputError("output map must end in .mrc or .map", path=args.o)
-    table = load_particles(args.i, project_dir=args.project_dir)
+    table = check_particles(args.i, args.project_dir)  # user mistakes stop here, before the heavy work
+    check_output_folder(Path(args.o).parent, None)
     subset = args.subset if args.subset in (1, 2) else None
     vol, angpix = reconstruct_from_particles(table, sym=args.sym, ctf=args.ctf, pad=args.pad, batch=args.batch, device="cuda" if args.gpu else None, subset=subset)
     write_map(args.o, vol.cpu().numpy(), angpix)

@@ -15,13 +15,13 @@ from ..errors import CryoInputError
 
 
 def add_common_args(p, classify: bool = False) -> None:
-    p.add_argument("--i", dest="particles", required=False, help="input particles STAR file (RELION 3.0/3.1/5, cryoSPARC export)")
+    p.add_argument("--i", dest="particles", required=False, help="input particles: RELION 3.0/3.1/5 STAR file or cryoSPARC .cs file")
     p.add_argument("--o", dest="output_root", required=False, help="output root, e.g. Refine3D/job001/run")
     p.add_argument("--ref", dest="reference", required=False, help="initial reference map (MRC), same box and pixel size as the particles")
     p.add_argument("--ini_high", type=float, default=60.0 if classify else 30.0, help="low-pass filter of the initial reference (Å)")
-    p.add_argument("--particle_diameter", type=float, default=0.0, help="diameter of the circular mask on the particles (Å); required")
+    p.add_argument("--particle_diameter", type=float, default=None, help="diameter of the circular mask on the particles (Å); required")
     p.add_argument("--sym", default="C1", help="point group: C<n>, D<n>, T, O, I (RELION's axes)")
-    p.add_argument("--healpix_order", type=int, default=2, help="initial angular sampling: HEALPix order (2 = 7.5°, 3 = 3.75° ...)")
+    p.add_argument("--healpix_order", type=int, default=2, help="initial angular sampling: HEALPix order of the coarse pass (1 = 30°, 2 = 15°, 3 = 7.5° ...); the fine pass samples twice as finely, as relion_refine's oversampling")
     p.add_argument("--offset_range", type=float, default=5.0, help="search range of origin offsets (pixels)")
     p.add_argument("--offset_step", type=float, default=2.0, help="step of origin offsets (pixels)")
     p.add_argument("--sigma_ang", type=float, default=0.0, help="local angular searches from the start, with this Gaussian prior width (degrees); 0 = global")
@@ -37,13 +37,13 @@ def add_common_args(p, classify: bool = False) -> None:
     p.add_argument("--random_seed", type=int, default=0, help="random seed")
     p.add_argument("--perturb", type=float, default=0.5, help="random perturbation of the sampling grid (fraction of a step)")
     p.add_argument("--adaptive_fraction", type=float, default=0.999, help="posterior mass of the significant coarse samples")
-    p.add_argument("--incr_size", type=int, default=10, help="Fourier shells beyond the current resolution in the E-step window")
+    p.add_argument("--incr_size", type=int, default=10, help="Fourier shells beyond the current resolution in the E-step window (shells of 1/(box·pixel size) Å⁻¹)")
     p.add_argument("--tau2_fudge", type=float, default=4.0 if classify else 1.0, help="regularisation parameter T")
     p.add_argument("--iter", dest="max_iter", type=int, default=25 if classify else 50, help="number of iterations" + ("" if classify else " (at most; auto-refine stops at convergence)"))
-    p.add_argument("--batch", dest="batch_size", type=int, default=0, help="particles per E-step batch (0 = automatic)")
+    p.add_argument("--batch", dest="batch_size", type=int, default=0, help="particles per E-step batch (0 = automatic: 256 on the CPU, 1024 on a GPU)")
     p.add_argument("--gpu", nargs="?", const="0", default=None, help="use CUDA (optionally a device id, e.g. --gpu 1)")
     p.add_argument("--j", dest="threads", type=int, default=0, help="CPU threads (0 = PyTorch's default)")
-    p.add_argument("--continue", dest="continue_from", default=None, help="continue from run_itNNN_optimiser.star")
+    p.add_argument("--continue", dest="continue_from", default=None, help="continue from run_itNNN_optimiser.star (the other inputs and settings come from the saved run)")
     p.add_argument("--max_seconds", type=float, default=0.0, help="stop cleanly, after a finished iteration, before one that would end "
                    "past this many seconds of this call (estimated from the last iteration); resume with --continue; 0 = no limit")
     p.add_argument("--pool", type=int, default=1, help="accepted for RELION users (particles per thread pool); batches are set by --batch")
@@ -52,7 +52,7 @@ def add_common_args(p, classify: bool = False) -> None:
 
 def add_args(p):
     add_common_args(p)
-    p.add_argument("--auto_local_healpix_order", type=int, default=4, help="HEALPix order from which searches are local")
+    p.add_argument("--auto_local_healpix_order", type=int, default=4, help="HEALPix order from which searches are local (4 = 3.75° coarse step)")
     p.add_argument("--low_resol_join_halves", type=float, default=40.0, help="join the half maps below this resolution (Å); RELION's CLI default is off, its GUI 40 Å; 0 = off")
     p.add_argument("--auto_refine", action="store_true", help="accepted for RELION users (always on)")
     p.add_argument("--split_random_halves", action="store_true", help="accepted for RELION users (always on)")
@@ -76,12 +76,9 @@ def config_from_args(args, cls):
         raise CryoInputError("--max_seconds must be 0 (no limit) or positive")
 
     if args.continue_from:
-        from pathlib import Path
+        from ..refine.state import read_state
 
-        state = Path(str(args.continue_from).replace("_optimiser.star", "_state.pt"))
-        if not Path(args.continue_from).exists() or not state.exists():
-            raise CryoInputError("cannot continue: optimiser file or its saved state is missing; pass a run_itNNN_optimiser.star of a finished iteration", args.continue_from)
-        saved = torch.load(state, weights_only=False)["config"]
+        saved = read_state(args.continue_from)["config"]
         saved.update(continue_from=args.continue_from, device=device_from_args(args), threads=args.threads, max_seconds=args.max_seconds)
         return cls(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(cls)} and k not in ("angpix",)})
     for flag, name in (("--i", "particles"), ("--o", "output_root"), ("--ref", "reference")):

@@ -4,19 +4,43 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 from pathlib import Path
 
 from cryorefine.errors import CryoInputError
+from cryorefine.pause import pause_point
 
 _USER_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EACCES: "the folder is not writable",
                 errno.EROFS: "the file system is read-only", errno.EPERM: "the folder is not writable",
                 errno.EDQUOT: "the disk quota is exceeded"}
 
 
+_TEMP_NAME = re.compile(r"^\..+\.tmp(\d+)(\.[^.]+)?$")  # temp_path_for's names; group 1 is the writer's pid
+
+
 def temp_path_for(path) -> Path:
     """`.{stem}.tmp{pid}{suffix}` next to `path` (the extension stays last for mrcfile/starfile)."""
     path = Path(path)
     return path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder) -> list[Path]:
+    """Remove the temporaries in `folder` whose writing process is gone (a killed run's); return them."""
+    stale = [p for p in Path(folder).glob(".*.tmp*")
+             if (m := _TEMP_NAME.match(p.name)) and not _process_exists(int(m.group(1)))]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def user_os_error(exc: OSError, folder) -> CryoInputError | None:
@@ -38,6 +62,7 @@ def atomic_write(path):
     tmp = temp_path_for(path)
     try:
         yield tmp
+        pause_point("write", path.name)
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):

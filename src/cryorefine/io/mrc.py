@@ -152,7 +152,8 @@ class ImageStack:
         if bad.any():
             first = int(indices[bad][0])
             raise CryoInputError(f"image {first + 1} (1-based) is past the end of the stack, which "
-                                 f"holds {len(self)} images; check rlnImageName", path=self.path)
+                                 f"holds {len(self)} images; check the image indices (rlnImageName, or blob/idx of a "
+                                 ".cs file)", path=self.path)
         if len(indices) == 0:
             return np.empty((0,) + self.shape[1:], np.float32)
         return np.asarray(self._data[indices], dtype=np.float32)

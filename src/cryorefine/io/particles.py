@@ -1,4 +1,4 @@
-"""The particle table (STAR 3.0 / 3.1 / cryoSPARC exports) as structure-of-arrays, plus image reads."""
+"""The particle table (STAR 3.0 / 3.1, and cryoSPARC .cs through io.cryosparc) as structure-of-arrays, plus image reads."""
 from __future__ import annotations
 
 import os
@@ -160,21 +160,28 @@ def _parse_image_names(names: np.ndarray, path) -> tuple[np.ndarray, np.ndarray]
     return index_1.astype(np.int64) - 1, stacks
 
 
-def _resolve_stack(name: str, project_dir: Path, star_dir: Path, star_path) -> str:
+def resolve_stack(name: str, folders: list[tuple[Path, str]], source) -> str:
+    """Absolute path of stack `name`: as given if absolute, else in the first of `folders` ((folder, label)) holding it."""
     for suffix in (":mrcs", ":mrc"):
         if name.endswith(suffix):
             name = name[: -len(suffix)]
     if os.path.isabs(name):
         if os.path.isfile(name):
             return name
-        raise CryoInputError(f"image stack {name} not found", path=star_path)
-    candidates = [project_dir / name, star_dir / name]
-    for cand in candidates:
+        raise CryoInputError(f"image stack {name} not found", path=source)
+    candidates = [(Path(folder) / name, label) for folder, label in folders]
+    for cand, _ in candidates:
         if cand.is_file():
             return os.path.abspath(cand)
-    raise CryoInputError(f"image stack {name} not found as {candidates[0]} (project directory) nor "
-                         f"{candidates[1]} (STAR file folder); run from the project directory or "
-                         "pass it", path=star_path)
+    tried = [f"{cand} ({label})" for cand, label in candidates]
+    raise CryoInputError(f"image stack {name} not found as {', '.join(tried[:-1])} nor {tried[-1]}; run from "
+                         "the project directory the paths are relative to", path=source)
+
+
+def project_relative(path) -> str:
+    """`path` relative to the current directory (RELION's project directory) if it lies inside it, else absolute."""
+    path, project = Path(os.path.abspath(path)), Path(os.getcwd())
+    return str(path.relative_to(project)) if path.is_relative_to(project) else str(path)
 
 
 def _particles_block(blocks: dict, path) -> tuple[str, pd.DataFrame]:
@@ -223,8 +230,12 @@ def _optics_30(df: pd.DataFrame, path) -> tuple[list[OpticsGroup], np.ndarray, n
 
 
 def load_particles(star_path, project_dir=None) -> ParticleTable:
-    """Load a RELION 3.0/3.1+ or cryoSPARC particle STAR file; stacks resolved as RELION does."""
+    """Load a RELION 3.0/3.1+ STAR file (stacks resolved as RELION does) or a cryoSPARC .cs file."""
     star_path = Path(star_path)
+    if star_path.suffix == ".cs":
+        from cryorefine.io.cryosparc import load_cs_particles  # imports this module
+
+        return load_cs_particles(star_path, project_dir)
     blocks = read_star(star_path)
     block, df = _particles_block(blocks, star_path)
     _require(df, ("rlnImageName",), block, star_path)
@@ -259,9 +270,9 @@ def load_particles(star_path, project_dir=None) -> ParticleTable:
     image_name = df["rlnImageName"].astype(str).to_numpy(object)
     image_index, stack_names = _parse_image_names(image_name, star_path)
     unique_names, inverse = np.unique(stack_names.astype(str), return_inverse=True)
-    proj = Path(project_dir) if project_dir is not None else Path.cwd()
-    star_dir = star_path.resolve().parent
-    resolved = np.array([_resolve_stack(n, proj, star_dir, star_path) for n in unique_names], object)
+    folders = [(Path(project_dir) if project_dir is not None else Path.cwd(), "project directory"),
+               (star_path.resolve().parent, "STAR file folder")]
+    resolved = np.array([resolve_stack(n, folders, star_path) for n in unique_names], object)
     image_stack = resolved[inverse.reshape(-1)]
 
     # boxes missing from the file: read them from each group's first stack header

@@ -19,12 +19,14 @@ from ..estep.poses import PoseGrid
 from ..estep.sums import WeightedSums
 from ..fourier.filters import low_pass_filter
 from ..geometry.healpix import make_sampling, next_random_perturbation
+from ..io.atomic import remove_stale_temporaries
 from ..io.mrc import read_map, write_map
 from ..io.outputs import it_prefix, write_angdist_bild, write_model_star, write_sampling_star
 from ..io.particles import ParticleTable, load_particles, write_particles
 from ..io.star import write_star_table
 from ..mstep.noise import initial_sigma2, update_sigma2
 from ..mstep.tau2 import tau2_from_fsc
+from ..pause import pause_point
 from ..projection.insert import BackProjector
 from ..reconstruction.fsc import fsc_curve, fsc_to_ssnr, resolution_shell, shell_to_angstrom
 from ..reconstruction.reconstruct import padded_shell_index, reconstruct
@@ -32,6 +34,7 @@ from ..reconstruction.symmetrise import symmetrise_backprojector
 from .engine import ParticlePoses, angular_change_deg, prepare_references, run_expectation
 from .log import RunLog
 from .schedule import Schedule
+from .state import read_state
 from .timing import StageTimer
 
 
@@ -120,6 +123,7 @@ class AutoRefine:
         self.n_groups = len(self.table.optics)
         self.root = cfg.output_root
         Path(self.root).parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(Path(self.root).parent)  # left by a killed run
         self.log = RunLog(Path(self.root).parent / "run.log")
         self.timer = StageTimer(self.device)
         self.halves = _halves(self.table, cfg.random_seed)
@@ -183,6 +187,8 @@ class AutoRefine:
                 run_expectation(self.table, rows, refs, self.poses, grid, window, coarse_shell, self.sigma2.to(self.device), self.scale,
                                 settings, s, cfg, self.gen, self.timer, progress, self._batch_size(), local=sch.local_search, avg_norm=avg_norm)
                 sums.append(s)
+                if half == 1:
+                    pause_point("estep", self.iteration)
         with self.timer("M-step"):
             info = self.maximization(sums, window_shell)
         d_ang = angular_change_deg(previous.rot_deg, previous.tilt_deg, previous.psi_deg, self.poses.rot_deg, self.poses.tilt_deg, self.poses.psi_deg)
@@ -236,6 +242,7 @@ class AutoRefine:
                 bp.weight = torch.where(low, w_sum, bp.weight)
         unfil = [reconstruct(bp) for bp in bps]
         fsc = fsc_curve(unfil[0], unfil[1]).cpu()
+        pause_point("mstep", self.iteration)
         self.fsc = fsc
         if sch.final_iteration:
             res_shell = resolution_shell(fsc, 0.143)
@@ -307,7 +314,6 @@ class AutoRefine:
         sch = self.schedule
         write_sampling_star(f"{pre}_sampling.star", sch.healpix_order, 60.0 / 2**sch.healpix_order, sch.offset_range_px * cfg.angpix, sch.offset_step_px * cfg.angpix,
                             cfg.perturb, self.perturbation, cfg.sym, sch.local_search, sch.sigma_ang_deg)
-        self._save_state(pre)
         if self.schedule.final_iteration:
             write_map(f"{self.root}_class001.mrc", self.final_map.numpy(), cfg.angpix)
             for h in (1, 2):
@@ -321,6 +327,7 @@ class AutoRefine:
             write_report(Path(self.root).parent, self.root, self.history, self.fsc.numpy(), self.box, cfg.angpix, self.poses, (self.final_map if self.schedule.final_iteration else self.maps[0]).numpy())
         except ImportError:
             pass
+        self._save_state(pre)  # last: an iteration with an optimiser.star has all its outputs
 
     # ------------------------------------------------------------------ state for --continue
     def _save_state(self, pre: str) -> None:
@@ -347,13 +354,7 @@ class AutoRefine:
         }})
 
     def _load_state(self, optimiser_star: str) -> None:
-        path = Path(optimiser_star)
-        if not path.exists():
-            raise CryoInputError("optimiser file not found; pass a run_itNNN_optimiser.star of a finished iteration", path)
-        state_path = Path(str(path).replace("_optimiser.star", "_state.pt"))
-        if not state_path.exists():
-            raise CryoInputError(f"no saved state {state_path.name} beside it; continue from an iteration this program finished", path)
-        s = torch.load(state_path, weights_only=False)
+        s = read_state(optimiser_star)
         self.iteration, self.perturbation = s["iteration"], s["perturbation"]
         self.maps, self.sigma2, self.scale, self.sigma2_offset = s["maps"], s["sigma2"], s["scale"], s["sigma2_offset"]
         self.schedule = Schedule(**s["schedule"])
@@ -363,7 +364,7 @@ class AutoRefine:
         self.rng.bit_generator.state = s["numpy_rng"]
         self.poses.apply_to(self.table)
         self._restore_extra_state(s)
-        self.log.line(f"continuing after iteration {self.iteration} from {path}")
+        self.log.line(f"continuing after iteration {self.iteration} from {optimiser_star}")
 
     def _extra_state(self) -> dict:
         return {}
