@@ -14,6 +14,7 @@ UNITS = {
     "--defocus_min": "Å", "--defocus_max": "Å", "--astigmatism": "Å", "--max_shift": "Å", "--bfactor": "Å²",
     "--offset_range": "pixels", "--offset_step": "pixels", "--box": "pixels",
     "--sigma_ang": "degrees", "--healpix_order": "°", "--auto_local_healpix_order": "°", "--incr_size": "shells",
+    "--max_seconds": "seconds", "--dist_timeout": "seconds",
 }
 # options without a physical unit: counts, switches, files, names, dimensionless factors
 NO_UNIT = {
@@ -21,7 +22,7 @@ NO_UNIT = {
     "--firstiter_cc", "--pad", "--maxsig", "--random_seed", "--seed", "--perturb", "--adaptive_fraction", "--tau2_fudge",
     "--iter", "--batch", "--gpu", "--j", "--continue", "--auto_refine", "--split_random_halves", "--K", "--n", "--snr",
     "--model", "--no_ctf", "--subset", "--project_dir", "--copy", "--data", "--truth", "--map", "--truth_map",
-    "map1", "map2", "cs", "star",
+    "map1", "map2", "cs", "star", "--pool", "--oversampling", "--poses",
 }
 
 
