@@ -15,6 +15,7 @@ T4 fine translations (4 per coarse one). V = P²(P/2+1) voxels of a padded half 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +50,7 @@ JOIN_HALVES_BYTES_PER_VOXEL = 24  # auto-refine: both halves' summed data and we
 
 SAFETY_FRACTION = 0.05  # of the device's total memory, held back for cuBLAS/cuFFT workspaces and fragmentation
 SAFETY_MIN_BYTES = 256 << 20
-HOST_BUDGET_BYTES = 4 << 30  # CPU: bytes a tile may allocate (no allocator to ask; bounds the temporaries)
+HOST_BUDGET_BYTES = 2 << 30  # CPU: bytes a tile may allocate at least (or half the free host memory, if more)
 GIB = float(1 << 30)
 
 
@@ -190,6 +191,13 @@ def available_bytes(device) -> int | None:
 
 
 def tile_budget(device) -> int:
-    """Bytes an E-step tile may allocate: available_bytes on a GPU, HOST_BUDGET_BYTES on the CPU."""
+    """Bytes an E-step tile may allocate: available_bytes on a GPU; on the CPU half the free host memory, at least
+    HOST_BUDGET_BYTES (the host has no allocator to ask; this bounds the temporaries without starving a tile)."""
     free = available_bytes(device)
-    return HOST_BUDGET_BYTES if free is None else free
+    if free is not None:
+        return free
+    try:
+        host_free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on every OS
+        host_free = 0
+    return max(HOST_BUDGET_BYTES, host_free // 2)
