@@ -12,6 +12,7 @@ import json
 import torch
 
 from ..errors import CryoInputError
+from ..estep.precision import PRECISIONS
 
 
 def add_common_args(p, classify: bool = False) -> None:
@@ -40,7 +41,10 @@ def add_common_args(p, classify: bool = False) -> None:
     p.add_argument("--incr_size", type=int, default=10, help="Fourier shells beyond the current resolution in the E-step window (shells of 1/(box·pixel size) Å⁻¹)")
     p.add_argument("--tau2_fudge", type=float, default=4.0 if classify else 1.0, help="regularisation parameter T")
     p.add_argument("--iter", dest="max_iter", type=int, default=25 if classify else 50, help="number of iterations" + ("" if classify else " (at most; auto-refine stops at convergence)"))
-    p.add_argument("--batch", dest="batch_size", type=int, default=0, help="particles per E-step batch (0 = automatic: 256 on the CPU, 1024 on a GPU)")
+    p.add_argument("--batch", dest="batch_size", type=int, default=0,
+                   help="particles read per E-step batch (0 = automatic); the GPU works through it in tiles that fit its free memory")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="coarse-pass matrix products: fp32, tf32 (GPU tensor cores) or fp16 (scaled half precision); the rest stays fp32")
     p.add_argument("--gpu", nargs="?", const="0", default=None, help="use CUDA (optionally a device id, e.g. --gpu 1)")
     p.add_argument("--j", dest="threads", type=int, default=0, help="CPU threads (0 = PyTorch's default)")
     p.add_argument("--continue", dest="continue_from", default=None, help="continue from run_itNNN_optimiser.star (the other inputs and settings come from the saved run)")

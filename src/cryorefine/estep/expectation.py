@@ -5,6 +5,10 @@ const_i − 2 Re⟨a_i(t), P_kr⟩ + ⟨b_i, |P_kr|²⟩ with a = s C X̃ / (2σ
 pass is matrix products (shared rotations: one GEMM; local searches: one batched GEMM per particle).
 Significant coarse samples (smallest set holding ``adaptive_fraction`` of the posterior) are expanded to
 8 rotations × 4 translations each for the fine pass at the full window.
+
+A batch runs in tiles of particles sized to the device's free memory (memory.py); a tile that runs out of
+memory anyway is halved and retried (tiling.py). Particles are independent, so the tiling does not change
+the results beyond float32 summation order.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ import torch
 
 from ..fourier.shift import phase_shift_factors
 from ..projection.extract import PaddedTransform, extract_central_slices
+from ..tiling import run_tiles
 from .images import ImageBatch, Window
+from .memory import LOCAL_GATHER_ELEMENTS, TileShape, fine_particles_per_chunk, particles_per_tile, tile_budget
 from .poses import N_ROT_CHILDREN, N_TRANS_CHILDREN, PoseGrid
-from .sums import WeightedSums
-
-CHUNK_ELEMENTS = 1 << 24  # elements per temporary (pairs × pixels) block; bounds memory of the fine pass
+from .precision import matmul_nt
+from .sums import TileSums, WeightedSums
 
 
 @dataclass
@@ -34,6 +39,7 @@ class EStepSettings:
     angpix: float = 1.0
     class_log_prior: torch.Tensor | None = None  # (K,)
     direction_log_prior: torch.Tensor | None = None  # (K, D)
+    precision: str = "fp32"  # coarse-pass matrix products: fp32, tf32 or fp16 (precision.py)
 
 
 @dataclass
@@ -50,6 +56,17 @@ class BatchPoses:
     offset_spread_px: torch.Tensor  # (n,) posterior RMS distance from the best offset
     residual_power: torch.Tensor | None = None  # (n,) Σ_j Σ Γ |X̃ − sCP|² over the window (for --norm)
 
+    @classmethod
+    def cat(cls, parts: list["BatchPoses"]) -> "BatchPoses":
+        """The poses of consecutive tiles as one batch."""
+        def join(name):
+            values = [getattr(p, name) for p in parts]
+            if values[0] is None:
+                return None
+            return np.concatenate(values) if isinstance(values[0], np.ndarray) else torch.cat(values)
+
+        return cls(**{name: join(name) for name in cls.__dataclass_fields__})
+
 
 def _as_real(z: torch.Tensor) -> torch.Tensor:
     """(..., j) complex -> (..., 2j) real [Re, Im]."""
@@ -63,11 +80,13 @@ def _translated(x: torch.Tensor, window: Window, offsets_px: torch.Tensor) -> to
     return x.reshape(shape) * ph
 
 
-def get_all_squared_differences_coarse(batch: ImageBatch, window: Window, jc: int, refs: list[PaddedTransform], poses: PoseGrid, local=None, cc=False):
+def get_all_squared_differences_coarse(batch: ImageBatch, window: Window, jc: int, refs: list[PaddedTransform], poses: PoseGrid, local=None, cc=False,
+                                       precision: str = "fp32"):
     """Coarse pass: diff2 without the per-particle constant, (n, K, T, L).
 
     ``local`` = (ids (n, L), log_prior, valid) for per-particle rotation sets; else all R coarse rotations.
     With ``cc`` the score is −CC (normalised cross-correlation), RELION's --firstiter_cc.
+    ``precision``: of the two matrix products (precision.py); diff2 is assembled from them in float32.
     """
     ky, kx = window.ky[:jc], window.kx[:jc]
     w = batch.inv_sigma2[:, :jc] * 0.5
@@ -80,8 +99,8 @@ def get_all_squared_differences_coarse(batch: ImageBatch, window: Window, jc: in
     for ref in refs:
         if local is None:
             p = extract_central_slices(ref, poses.coarse_rotations, ky, kx)  # (R, jc)
-            cross = (a.reshape(n * T, -1) @ _as_real(p).T).reshape(n, T, -1)
-            third = b @ (p.real**2 + p.imag**2).T  # (n, R)
+            cross = matmul_nt(a.reshape(n * T, -1), _as_real(p), precision).reshape(n, T, -1)
+            third = matmul_nt(b, p.real**2 + p.imag**2, precision)  # (n, R)
         else:
             ids = local[0]
             uniq, inv = torch.unique(ids, return_inverse=True)
@@ -89,11 +108,11 @@ def get_all_squared_differences_coarse(batch: ImageBatch, window: Window, jc: in
             L = ids.shape[1]
             cross = a.new_empty(n, T, L)
             third = a.new_empty(n, L)
-            step = max(1, CHUNK_ELEMENTS // max(1, L * jc))  # particles per gathered (m, L, jc) block
+            step = max(1, LOCAL_GATHER_ELEMENTS // max(1, L * jc))  # particles per gathered (m, L, jc) block
             for c0 in range(0, n, step):
                 p = pu[inv[c0 : c0 + step]]  # (m, L, jc)
-                cross[c0 : c0 + step] = torch.bmm(a[c0 : c0 + step], _as_real(p).transpose(1, 2))  # (m, T, L)
-                third[c0 : c0 + step] = torch.einsum("nj,nlj->nl", b[c0 : c0 + step], p.real**2 + p.imag**2)
+                cross[c0 : c0 + step] = matmul_nt(a[c0 : c0 + step], _as_real(p), precision)  # (m, T, L)
+                third[c0 : c0 + step] = matmul_nt(b[c0 : c0 + step, None, :], p.real**2 + p.imag**2, precision)[:, 0]
         if cc:
             out.append(-cross / torch.sqrt(third.clamp(min=1e-30))[:, None, :])
         else:
@@ -149,19 +168,124 @@ def expectation_batch(
     local_prior=None,
     timer=None,
     forced_class: torch.Tensor | None = None,
+    budget_bytes: int | None = None,
 ) -> BatchPoses:
     """One batch through the E-step; adds its weighted sums into ``sums`` (if given); returns best poses.
 
     ``forced_class`` (n,): hold each particle to one class (RELION's random class in the first iteration).
-
-    The fine pass works on the union U of the batch's significant coarse rotations: every particle is
-    scored against all 8·U fine rotations × 4·T fine translations by matrix products, and samples whose
-    coarse parent was not significant for that particle are masked out. storeWeightedSums is matrix
-    products over the same grid (per-rotation sums of images, then one insertion per rotation).
+    ``budget_bytes``: device memory the E-step may allocate (default: memory.tile_budget now). The batch runs
+    in tiles of particles predicted to fit it; a tile that runs out of memory is halved and retried, and its sums
+    are added only once it has finished.
     """
     from contextlib import nullcontext
 
     stage = timer or (lambda name: nullcontext())
+    budget = tile_budget(batch.f_masked.device) if budget_bytes is None else budget_bytes
+    slots = poses.n_rotations if local_prior is None else local_prior[0].shape[1]
+    shape = TileShape(len(refs), poses.n_translations, slots, poses.n_rotations, window.prefix(coarse_shell), window.size, local_prior is not None)
+    parts = []
+
+    def compute(start: int, stop: int):
+        rows = slice(start, stop)
+        local = None if local_prior is None else tuple(x[rows] for x in local_prior)
+        forced = None if forced_class is None else forced_class[rows]
+        return _expectation_tile(batch.rows(rows), window, coarse_shell, refs, poses, settings, sums, local, stage, forced, budget)
+
+    def commit(start: int, stop: int, result) -> None:
+        tile_poses, tile_sums = result
+        parts.append(tile_poses)
+        if sums is not None:
+            with stage("storeWeightedSums"):
+                tile_sums.add_to(sums, window.ky, window.kx)
+
+    run_tiles(len(batch), particles_per_tile(len(batch), budget, shape), compute, commit)
+    return BatchPoses.cat(parts)
+
+
+def _coarse_log_posterior(batch, window, jc, refs, poses, settings, local_prior, forced_class):
+    """The coarse pass as log-posteriors (n, K, T, L) (−diff2 + priors; −CC with --firstiter_cc) and the rotation log prior (n, K, L)."""
+    dev = batch.f_masked.device
+    n, K = len(batch), len(refs)
+    cc = settings.firstiter_cc
+    logp = -get_all_squared_differences_coarse(batch, window, jc, refs, poses, local_prior, cc=cc, precision=settings.precision)
+    L = logp.shape[-1]
+    rot_prior = torch.zeros(n, K, L, device=dev)  # log prior of each coarse rotation slot
+    if not cc:
+        if local_prior is not None:
+            rot_prior = rot_prior + torch.where(local_prior[2], local_prior[1], torch.full_like(local_prior[1], -torch.inf))[:, None, :]
+        elif settings.direction_log_prior is not None:
+            dir_of_rot = torch.arange(L, device=dev) // poses.sampling.n_psi
+            rot_prior = rot_prior + settings.direction_log_prior.to(dev).float()[:, dir_of_rot][None]
+        if settings.class_log_prior is not None:
+            rot_prior = rot_prior + settings.class_log_prior.to(dev).float()[None, :, None]
+        trans_prior = translation_log_prior(batch.old_offset_px[:, None, :] + poses.translations_px[None], settings)  # (n, T)
+        logp = logp + trans_prior[:, None, :, None] + rot_prior[:, :, None, :]
+    elif local_prior is not None:
+        logp = torch.where(local_prior[2][:, None, None, :], logp, torch.full_like(logp, -torch.inf))
+    if forced_class is not None:
+        held = torch.arange(K, device=dev)[None, :] == forced_class.to(dev)[:, None]  # (n, K)
+        logp = torch.where(held[:, :, None, None], logp, torch.full_like(logp, -torch.inf))
+    return logp, rot_prior
+
+
+def _coarse_significant(logp: torch.Tensor, settings: EStepSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Significant coarse samples: mask (n, K, T, L) and count (n,); the best one only with --firstiter_cc."""
+    n = logp.shape[0]
+    flat = logp.reshape(n, -1)
+    if settings.firstiter_cc:
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        mask[torch.arange(n, device=flat.device), flat.argmax(1)] = True
+        return mask.reshape(logp.shape), torch.ones(n, dtype=torch.long, device=flat.device)
+    mask, nsig = significant_mask(flat, settings.adaptive_fraction, settings.maxsig)
+    return mask.reshape(logp.shape), nsig
+
+
+@dataclass
+class FineSlots:
+    """The fine pass's rotations: the union G of the tile's significant (class, coarse rotation) pairs, and each
+    particle's own pairs as slots into it, padded to the largest count Ls."""
+
+    g_class: torch.Tensor  # (G,)
+    g_coarse: torch.Tensor  # (G,) coarse rotation ids
+    slot_g: torch.Tensor  # (n, Ls) index into G (padding: 0)
+    slot_prior: torch.Tensor  # (n, Ls) log prior of the slot's coarse rotation (padding: −inf)
+    allowed: torch.Tensor  # (n, T, Ls) bool: (coarse translation, slot) was significant
+
+
+def _fine_slots(mask: torch.Tensor, rot_prior: torch.Tensor, local_prior, n_rotations: int) -> FineSlots:
+    """From the significant mask (n, K, T, L) and the rotation log prior (n, K, L) to the fine pass's slots."""
+    n, _, T, _ = mask.shape
+    dev = mask.device
+    i_idx, k_idx, t_idx, l_idx = torch.nonzero(mask).unbind(1)  # significant: particle, class, translation, rotation slot
+    coarse_id = l_idx if local_prior is None else local_prior[0][i_idx, l_idx]
+    R = n_rotations
+    gkeys, g_of_sig = torch.unique(k_idx * R + coarse_id, return_inverse=True)  # union G; g_of_sig (M,)
+    G = len(gkeys)
+    pk, pk_inv = torch.unique(i_idx * G + g_of_sig, return_inverse=True)
+    p_part, p_g = pk // G, pk % G
+    counts = torch.bincount(p_part, minlength=n)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(pk), device=dev) - starts[p_part]
+    Ls = int(counts.max())
+    slot_g = torch.zeros(n, Ls, dtype=torch.long, device=dev)
+    slot_g[p_part, slot] = p_g
+    slot_prior = torch.full((n, Ls), -torch.inf, device=dev)
+    slot_prior[i_idx, slot[pk_inv]] = rot_prior[i_idx, k_idx, l_idx]
+    allowed = torch.zeros(n, T, Ls, dtype=torch.bool, device=dev)
+    allowed[i_idx, t_idx, slot[pk_inv]] = True
+    return FineSlots(gkeys // R, gkeys % R, slot_g, slot_prior, allowed)
+
+
+def _expectation_tile(batch, window, coarse_shell, refs, poses, settings, sums, local_prior, stage, forced_class, budget) -> tuple[BatchPoses, TileSums]:
+    """One tile of particles through the E-step: best poses and the tile's weighted sums (not yet added to ``sums``).
+
+    The fine pass works on the union U of the tile's significant coarse rotations: each particle is scored against
+    the 8 fine rotations × 4 fine translations of its own significant coarse samples, by matrix products over its
+    slots (padding and non-significant samples are masked out). storeWeightedSums is matrix products over the same
+    grid (per-rotation sums of images, then one insertion per rotation, when the tile is committed).
+    """
+    from contextlib import nullcontext
+
     dev = batch.f_masked.device
     n, K = len(batch), len(refs)
     jc = window.prefix(coarse_shell)
@@ -170,70 +294,30 @@ def expectation_batch(
 
     # ---- getAllSquaredDifferences, pass 0 (coarse)
     with stage("getAllSquaredDifferences"):
-        with (timer.substage("coarse") if hasattr(timer, "substage") else nullcontext()):
-            d2c = get_all_squared_differences_coarse(batch, window, jc, refs, poses, local_prior, cc=cc)  # (n, K, T, L)
-        L = d2c.shape[-1]
-        if hasattr(timer, "add_flops"):
-            timer.add_flops("coarse", *coarse_gemm_flops(n, K, T, L, jc, local_prior is not None))
-        logp = -d2c
-        rot_prior = torch.zeros(n, K, L, device=dev)  # log prior of each coarse rotation slot
-        if not cc:
-            if local_prior is not None:
-                rot_prior = rot_prior + torch.where(local_prior[2], local_prior[1], torch.full_like(local_prior[1], -torch.inf))[:, None, :]
-            elif settings.direction_log_prior is not None:
-                dir_of_rot = torch.arange(L, device=dev) // poses.sampling.n_psi
-                rot_prior = rot_prior + settings.direction_log_prior.to(dev).float()[:, dir_of_rot][None]
-            if settings.class_log_prior is not None:
-                rot_prior = rot_prior + settings.class_log_prior.to(dev).float()[None, :, None]
-            trans_prior = translation_log_prior(batch.old_offset_px[:, None, :] + poses.translations_px[None], settings)  # (n, T)
-            logp = logp + trans_prior[:, None, :, None] + rot_prior[:, :, None, :]
-        elif local_prior is not None:
-            logp = torch.where(local_prior[2][:, None, None, :], logp, torch.full_like(logp, -torch.inf))
-        if forced_class is not None:
-            held = torch.arange(K, device=dev)[None, :] == forced_class.to(dev)[:, None]  # (n, K)
-            logp = torch.where(held[:, :, None, None], logp, torch.full_like(logp, -torch.inf))
+        with (stage.substage("coarse") if hasattr(stage, "substage") else nullcontext()):
+            logp, rot_prior = _coarse_log_posterior(batch, window, jc, refs, poses, settings, local_prior, forced_class)
+        if hasattr(stage, "add_flops"):
+            stage.add_flops("coarse", *coarse_gemm_flops(n, K, T, logp.shape[-1], jc, local_prior is not None))
 
     # ---- convertAllSquaredDifferencesToWeights, pass 0: significant coarse samples
     with stage("convertAllDiff2ToWeights"):
-        flat = logp.reshape(n, -1)
-        if cc:
-            mask = torch.zeros_like(flat, dtype=torch.bool)
-            mask[torch.arange(n, device=dev), flat.argmax(1)] = True
-            nsig = torch.ones(n, dtype=torch.long, device=dev)
-        else:
-            mask, nsig = significant_mask(flat, settings.adaptive_fraction, settings.maxsig)
-        mask = mask.reshape(n, K, T, L)
-        sig = torch.nonzero(mask)  # (M, 4): particle, class, translation, rotation slot
-        i_idx, k_idx, t_idx, l_idx = sig.unbind(1)
-        coarse_id = l_idx if local_prior is None else local_prior[0][i_idx, l_idx]
+        mask, nsig = _coarse_significant(logp, settings)
+        del logp  # the coarse samples are not needed beyond their significance: free them for the fine pass
+        fs = _fine_slots(mask, rot_prior, local_prior, poses.n_rotations)
+        del mask
 
-    # ---- fine projections: the union (over the batch) of significant (class, coarse rotation) pairs
+    # ---- fine projections: the union (over the tile) of significant (class, coarse rotation) pairs
     with stage("getAllSquaredDifferences"):
         J = window.size
-        R = poses.n_rotations
-        key = k_idx * R + coarse_id
-        gkeys, g_of_sig = torch.unique(key, return_inverse=True)  # union G; g_of_sig (M,)
-        g_class, g_coarse = gkeys // R, gkeys % R
-        g_rot = poses.fine_rotations(g_coarse)  # (G, 8, 3, 3)
-        p_all = torch.empty(len(gkeys) * N_ROT_CHILDREN, J, dtype=batch.f_masked.dtype, device=dev)
+        G = len(fs.g_class)
+        g_rot = poses.fine_rotations(fs.g_coarse)  # (G, 8, 3, 3)
+        p_all = torch.empty(G * N_ROT_CHILDREN, J, dtype=batch.f_masked.dtype, device=dev)
         for k in range(K):
-            sel = (g_class == k).repeat_interleave(N_ROT_CHILDREN)
+            sel = (fs.g_class == k).repeat_interleave(N_ROT_CHILDREN)
             if sel.any():
                 p_all[sel] = extract_central_slices(refs[k], g_rot.reshape(-1, 3, 3)[sel], window.ky, window.kx)
-        # per-particle slots: the particle's own significant (class, rotation) pairs, padded to L
-        G = len(gkeys)
-        pk, pk_inv = torch.unique(i_idx * G + g_of_sig, return_inverse=True)
-        p_part, p_g = pk // G, pk % G
-        counts = torch.bincount(p_part, minlength=n)
-        starts = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(len(pk), device=dev) - starts[p_part]
-        Ls = int(counts.max())
-        slot_g = torch.zeros(n, Ls, dtype=torch.long, device=dev)
-        slot_g[p_part, slot] = p_g
-        slot_prior = torch.full((n, Ls), -torch.inf, device=dev)
-        slot_prior[i_idx, slot[pk_inv]] = rot_prior[i_idx, k_idx, l_idx]
-        allowed = torch.zeros(n, T, Ls, dtype=torch.bool, device=dev)
-        allowed[i_idx, t_idx, slot[pk_inv]] = True
+        slot_g, slot_prior, allowed = fs.slot_g, fs.slot_prior, fs.allowed
+        Ls = slot_g.shape[1]
         w = batch.inv_sigma2 * 0.5
         sc = batch.scale[:, None] * batch.ctf
         off_fine = (batch.old_offset_px[:, None, None, :] + poses.fine_translations()[None]).reshape(n, T * N_TRANS_CHILDREN, 2)
@@ -241,7 +325,7 @@ def expectation_batch(
         const = (w * batch.f_masked.abs() ** 2).sum(1).double()  # (n,)
 
     T4, L8 = T * N_TRANS_CHILDREN, Ls * N_ROT_CHILDREN
-    chunk = max(1, min(n, CHUNK_ELEMENTS // max(1, L8 * J + T4 * L8)))
+    chunk = fine_particles_per_chunk(n, budget, G * N_ROT_CHILDREN, T4, L8, J)
     child = torch.arange(N_ROT_CHILDREN, device=dev)
     best_class = torch.zeros(n, dtype=torch.long, device=dev)
     best_coarse = torch.zeros(n, dtype=torch.long, device=dev)
@@ -253,6 +337,7 @@ def expectation_batch(
     residual = torch.zeros(n, dtype=torch.float64, device=dev)
     off_spread = torch.zeros(n, device=dev)
     rot8_all = g_rot.reshape(-1, 3, 3)
+    stats = sums.empty_stats() if sums is not None else None  # the tile's own accumulators, added when it has finished
     acc_v = torch.zeros(G * N_ROT_CHILDREN, J, dtype=batch.f_masked.dtype, device=dev) if sums is not None else None
     acc_w = torch.zeros(G * N_ROT_CHILDREN, J, device=dev) if sums is not None else None
     for c0 in range(0, n, chunk):
@@ -265,8 +350,8 @@ def expectation_batch(
             xt = _translated(batch.f_masked[rows], window, off_fine[rows])  # (m, T4, J)
             a = _as_real(xt * (w[rows] * sc[rows])[:, None, :])
             cross = torch.bmm(a, _as_real(pg).transpose(1, 2))  # (m, T4, 8L)
-            if hasattr(timer, "add_flops"):
-                timer.add_flops("fine", 2.0 * m * T4 * 2 * J * L8 + 2.0 * m * L8 * J)  # (m, T4, 2J) @ (m, 2J, 8L) and the |P|² term
+            if hasattr(stage, "add_flops"):
+                stage.add_flops("fine", 2.0 * m * T4 * 2 * J * L8 + 2.0 * m * L8 * J)  # (m, T4, 2J) @ (m, 2J, 8L) and the |P|² term
             p2 = pg.real**2 + pg.imag**2
             third = torch.einsum("mj,mrj->mr", w[rows] * sc[rows] ** 2, p2)  # (m, 8L)
             ok = allowed[rows].repeat_interleave(N_TRANS_CHILDREN, 1).repeat_interleave(N_ROT_CHILDREN, 2)
@@ -290,8 +375,8 @@ def expectation_batch(
             loglik[rows] = lse - const[rows]
             t4, r8 = arg // L8, arg % L8
             g_best = slot_g[rows][torch.arange(m, device=dev), r8 // N_ROT_CHILDREN]
-            best_class[rows] = g_class[g_best]
-            best_coarse[rows] = g_coarse[g_best]
+            best_class[rows] = fs.g_class[g_best]
+            best_coarse[rows] = fs.g_coarse[g_best]
             best_child[rows] = r8 % N_ROT_CHILDREN
             best_off[rows] = off_fine[rows][torch.arange(m, device=dev), t4]
             # expected errors: posterior RMS angle and offset distance from the best sample
@@ -304,20 +389,12 @@ def expectation_batch(
         if sums is not None:
             with stage("storeWeightedSums"):
                 gam = gam.reshape(m, T4, L8)
-                if hasattr(timer, "add_flops"):
-                    timer.add_flops("store", 8.0 * m * T4 * L8 * J)  # the four (m, 8L|T4, T4|8L) x (m, ., J) products
-                residual[rows] = _store_chunk(batch, window, rows, off_fine, gam, pg, p2, rows8, g_class, g_coarse, acc_v, acc_w, sums, settings, poses)
-    if sums is not None:
-        with stage("storeWeightedSums"):
-            used = acc_w.sum(1) > 0
-            rot8 = g_rot.reshape(-1, 3, 3)
-            cls8 = g_class.repeat_interleave(N_ROT_CHILDREN)
-            for k in range(K):
-                sel = used & (cls8 == k)
-                if sel.any():
-                    sums.backprojectors[k].insert(rot8[sel], window.ky, window.kx, acc_v[sel], acc_w[sel])
+                if hasattr(stage, "add_flops"):
+                    stage.add_flops("store", 8.0 * m * T4 * L8 * J)  # the four (m, 8L|T4, T4|8L) x (m, ., J) products
+                residual[rows] = _store_chunk(batch, window, rows, off_fine, gam, pg, p2, rows8, fs.g_class, fs.g_coarse, acc_v, acc_w, stats, settings, poses)
+    tile_sums = None if sums is None else TileSums(stats, rot8_all, fs.g_class.repeat_interleave(N_ROT_CHILDREN), acc_v, acc_w)
     eul = poses.fine_eulers_deg(best_coarse.cpu().numpy())[np.arange(n), best_child.cpu().numpy()]
-    return BatchPoses(best_class, eul, best_off, max_prob, nsig, loglik, ang_spread, off_spread, residual)
+    return BatchPoses(best_class, eul, best_off, max_prob, nsig, loglik, ang_spread, off_spread, residual), tile_sums
 
 
 def _store_chunk(batch, window, rows, off_fine, gam, pg, p2, rows8, g_class, g_coarse, acc_v, acc_w, sums: WeightedSums, settings, poses) -> torch.Tensor:

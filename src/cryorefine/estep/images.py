@@ -56,6 +56,10 @@ class ImageBatch:
     def __len__(self):
         return len(self.indices)
 
+    def rows(self, rows: slice) -> "ImageBatch":
+        """The particles ``rows`` (a slice: every tensor is a view, nothing is copied)."""
+        return ImageBatch(**{k: (None if v is None else v[rows]) for k, v in vars(self).items()})
+
 
 def noise_images(sigma2_shells: torch.Tensor, box: int, generator: torch.Generator, device=None) -> torch.Tensor:
     """(n, d, d) real Gaussian noise with per-component Fourier variance σ² (n, shells) per shell."""
@@ -78,13 +82,15 @@ def prepare_batch(
     generator: torch.Generator,
     device=None,
     norm_scale: torch.Tensor | None = None,
+    images: np.ndarray | None = None,
 ) -> ImageBatch:
     """Read, mask and transform a batch; σ² is (groups, shells) per-component noise variance.
 
     ``norm_scale`` (n,): multiplies each image (RELION's avg_norm_correction / rlnNormCorrection, --norm).
+    ``images`` (n, d, d) float32: the batch's images if already read (read ahead), else they are read here.
     """
     box = window.box
-    imgs = torch.from_numpy(read_images(table, indices)).to(device)
+    imgs = torch.from_numpy(read_images(table, indices) if images is None else images).to(device)
     if norm_scale is not None:
         imgs = imgs * norm_scale.to(device=device, dtype=imgs.dtype)[:, None, None]
     group = torch.as_tensor(table.optics_group[indices], device=device)

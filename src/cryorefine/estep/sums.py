@@ -32,14 +32,44 @@ class WeightedSums:
             z(()), z(()), z(()),
         )
 
+    def empty_stats(self) -> "WeightedSums":
+        """Zeroed accumulators like these, without back-projectors (a tile's statistics, added when it has finished)."""
+        return WeightedSums([], *(torch.zeros_like(t) for t in self.stats_tensors()))
+
+    def stats_tensors(self) -> list[torch.Tensor]:
+        """The accumulators other than the back-projectors, in the dataclass's field order."""
+        return [self.sigma2_noise, self.sigma2_count, self.scale_xa, self.scale_aa, self.class_weight,
+                self.direction_weight, self.offset_sq_angst2, self.offset_weight, self.loglik]
+
     def tensors(self) -> list[torch.Tensor]:
         """Every accumulator as a tensor, in a fixed order (for all-reduce across ranks)."""
         out = []
         for bp in self.backprojectors:
             out += [torch.view_as_real(bp.data), bp.weight]
-        return out + [self.sigma2_noise, self.sigma2_count, self.scale_xa, self.scale_aa, self.class_weight,
-                      self.direction_weight, self.offset_sq_angst2, self.offset_weight, self.loglik]
+        return out + self.stats_tensors()
 
     def add_(self, other: "WeightedSums") -> None:
         for a, b in zip(self.tensors(), other.tensors()):
+            a += b
+
+
+@dataclass
+class TileSums:
+    """One E-step tile's contribution, kept apart until the tile has finished (a tile that runs out of memory is
+    retried from scratch, so nothing of it may have reached the run's sums)."""
+
+    stats: WeightedSums  # without back-projectors
+    rotations: torch.Tensor  # (r, 3, 3) fine rotations of the tile's union
+    classes: torch.Tensor  # (r,) their class
+    values: torch.Tensor  # (r, J) complex: Σ Γ s C X̃ / σ² per rotation
+    weights: torch.Tensor  # (r, J): Σ Γ s² C² / σ² per rotation
+
+    def add_to(self, sums: WeightedSums, ky: torch.Tensor, kx: torch.Tensor) -> None:
+        """Insert the slices (at window pixels (kx, ky) (J,)) of rotations with any weight, and add the statistics."""
+        used = self.weights.sum(1) > 0
+        for k, bp in enumerate(sums.backprojectors):
+            sel = used & (self.classes == k)
+            if sel.any():
+                bp.insert(self.rotations[sel], ky, kx, self.values[sel], self.weights[sel])
+        for a, b in zip(sums.stats_tensors(), self.stats.stats_tensors()):
             a += b

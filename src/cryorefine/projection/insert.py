@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .extract import _trilinear_corners, slice_coordinates
+from ..tiling import run_tiles
+from .extract import MAX_POINTS, _trilinear_corners, slice_coordinates
 
 
 @dataclass
@@ -30,20 +31,25 @@ class BackProjector:
         return self.box * self.pad
 
     def insert(self, rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor, values: torch.Tensor, weights: torch.Tensor) -> None:
-        """Add slices ``values`` (r, j) complex with ``weights`` (r, j) at Fourier pixels (kx, ky) under rotations (r, 3, 3)."""
-        from .extract import MAX_POINTS
+        """Add slices ``values`` (r, j) complex with ``weights`` (r, j) at Fourier pixels (kx, ky) (j,) under rotations (r, 3, 3).
 
-        step = max(1, MAX_POINTS // max(1, ky.numel()))
-        if rotations.shape[0] > step:
-            for i in range(0, rotations.shape[0], step):
-                self.insert(rotations[i : i + step], ky, kx, values[i : i + step], weights[i : i + step])
-            return
-        coords = slice_coordinates(rotations.to(self.weight.dtype), ky, kx, self.pad)
-        flat, w, flip = _trilinear_corners(coords, self.size)  # (r, j, 8)
-        v = torch.where(flip, values.conj(), values).to(self.data.dtype)
-        contrib = torch.view_as_real(v.unsqueeze(-1) * w.to(self.weight.dtype))  # (r, j, 8, 2)
-        torch.view_as_real(self.data).reshape(-1, 2).index_add_(0, flat.reshape(-1), contrib.reshape(-1, 2))
-        self.weight.view(-1).index_add_(0, flat.reshape(-1), (weights.to(self.weight.dtype).unsqueeze(-1) * w).reshape(-1))
+        In chunks of rotations (MAX_POINTS points), each added whole once computed, so a chunk that runs out of
+        memory is halved and retried without double counting (tiling.run_tiles).
+        """
+        def contributions(start: int, stop: int):
+            coords = slice_coordinates(rotations[start:stop].to(self.weight.dtype), ky, kx, self.pad)
+            flat, w, flip = _trilinear_corners(coords, self.size)  # (r, j, 8)
+            v = torch.where(flip, values[start:stop].conj(), values[start:stop]).to(self.data.dtype)
+            data = torch.view_as_real(v.unsqueeze(-1) * w.to(self.weight.dtype)).reshape(-1, 2)  # (r·j·8, 2)
+            weight = (weights[start:stop].to(self.weight.dtype).unsqueeze(-1) * w).reshape(-1)
+            return flat.reshape(-1), data, weight
+
+        def add(start: int, stop: int, c) -> None:
+            flat, data, weight = c
+            torch.view_as_real(self.data).reshape(-1, 2).index_add_(0, flat, data)
+            self.weight.view(-1).index_add_(0, flat, weight)
+
+        run_tiles(rotations.shape[0], max(1, MAX_POINTS // max(1, ky.numel())), contributions, add)
 
     def add_(self, other: "BackProjector") -> None:
         self.data += other.data

@@ -15,6 +15,7 @@ import torch
 from ..errors import CryoInputError
 from ..estep.expectation import EStepSettings
 from ..estep.images import Window
+from ..estep.memory import available_bytes, check_fixed_volumes
 from ..estep.poses import PoseGrid
 from ..estep.sums import WeightedSums
 from ..fourier.filters import low_pass_filter
@@ -69,6 +70,7 @@ class RefineConfig:
     max_iter: int = 50
     batch_size: int = 0  # 0: automatic
     max_seconds: float = 0.0  # > 0: stop cleanly before an iteration that would end past this many seconds of this call
+    precision: str = "fp32"  # coarse-pass matrix products: fp32, tf32 or fp16
     device: str = "cpu"
     threads: int = 0
     continue_from: str | None = None
@@ -146,6 +148,18 @@ class AutoRefine:
                 self.schedule.local_search, self.schedule.sigma_ang_deg = True, cfg.sigma_ang
             self.history = []
             self.fsc = torch.zeros(self.box // 2 + 1, dtype=torch.float64)
+        self._check_device_memory()
+
+    # ------------------------------------------------------------------ memory
+    def _fixed_volumes(self) -> dict:
+        """What the device holds at once: one half set's reference at a time, both half sets' accumulators, their sum."""
+        return {"references": 1, "backprojectors": 2, "join_halves": self.cfg.low_resol_join_halves > 0}
+
+    def _check_device_memory(self) -> None:
+        """Stop before the first iteration, with one line, when the GPU cannot hold the references and accumulators."""
+        free = available_bytes(self.device)
+        if free is not None:
+            check_fixed_volumes(self.box, self.cfg.pad, symmetry=self.cfg.sym.upper() != "C1", free=free, **self._fixed_volumes())
 
     # ------------------------------------------------------------------ one iteration
     def _batch_size(self) -> int:
@@ -172,6 +186,7 @@ class AutoRefine:
         settings = EStepSettings(
             adaptive_fraction=cfg.adaptive_fraction, maxsig=cfg.maxsig, firstiter_cc=first_cc,
             local_sigma_deg=sch.sigma_ang_deg if sch.local_search else 0.0, sigma2_offset_angst2=self.sigma2_offset, angpix=cfg.angpix,
+            precision=cfg.precision,
         )
         previous = ParticlePoses(**{k: v.copy() for k, v in self.poses.as_dict().items()})
         avg_norm = float(np.mean(self.poses.norm_correction)) if cfg.norm else None

@@ -55,6 +55,10 @@ class Classify3D(AutoRefine):
             # RELION: the random class each particle is held to in the first iteration, drawn from its seed
             self.initial_class = np.random.default_rng(cfg.random_seed + 1).integers(0, cfg.K, len(self.table))
 
+    def _fixed_volumes(self) -> dict:
+        """K padded references and K back-projectors (no half sets to join)."""
+        return {"references": self.cfg.K, "backprojectors": self.cfg.K, "join_halves": False}
+
     def _extra_state(self) -> dict:
         return {"class_prior": self.class_prior, "direction_prior": self.direction_prior, "class_resolution": self.class_resolution,
                 "initial_class": self.initial_class}
@@ -76,7 +80,7 @@ class Classify3D(AutoRefine):
         settings = EStepSettings(
             adaptive_fraction=cfg.adaptive_fraction, maxsig=cfg.maxsig, firstiter_cc=first_cc,
             local_sigma_deg=sch.sigma_ang_deg if sch.local_search else 0.0, sigma2_offset_angst2=self.sigma2_offset, angpix=cfg.angpix,
-            class_log_prior=torch.log(self.class_prior.clamp(min=1e-30)), direction_log_prior=dir_prior,
+            class_log_prior=torch.log(self.class_prior.clamp(min=1e-30)), direction_log_prior=dir_prior, precision=cfg.precision,
         )
         previous = ParticlePoses(**{k: v.copy() for k, v in self.poses.as_dict().items()})
         with self.timer("getFourierTransformsAndCTFs"):

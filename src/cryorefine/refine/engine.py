@@ -14,7 +14,8 @@ from ..estep.poses import PoseGrid
 from ..estep.sums import WeightedSums
 from ..fourier.filters import soft_sphere
 from ..geometry.euler import euler_to_matrix
-from ..io.particles import ParticleTable
+from ..io.particles import ParticleTable, read_images
+from ..io.prefetch import read_ahead
 from ..projection.extract import PaddedTransform, prepare_padded_transform
 
 
@@ -96,16 +97,17 @@ def run_expectation(
 
     With ``avg_norm`` (--norm), each image is scaled by avg_norm / rlnNormCorrection and the particle's correction is
     re-estimated as RELION does: old/avg · sqrt(2 Σ residual power / d⁴), the image's residual noise std.
+    Host memory holds two batches of images at most: the next one is read from the stacks while this one is computed.
     """
     device = cfg.device
-    for s0 in range(0, len(rows), batch_size):
-        idx = rows[s0 : s0 + batch_size]
+    batches = [rows[s0 : s0 + batch_size] for s0 in range(0, len(rows), batch_size)]
+    for idx, images in read_ahead(lambda b: read_images(table, b), batches):
         with timer("getFourierTransformsAndCTFs"):
             # the E-step reads the particles' previous offsets from the table
             table.origin_x_angst[idx] = poses_now.origin_x_angst[idx]
             table.origin_y_angst[idx] = poses_now.origin_y_angst[idx]
             norm_scale = None if avg_norm is None else torch.as_tensor(avg_norm / poses_now.norm_correction[idx], dtype=torch.float32)
-            batch = prepare_batch(table, idx, window, sigma2, scale, cfg.particle_diameter, cfg.angpix, cfg.ctf, cfg.zero_mask, generator, device, norm_scale)
+            batch = prepare_batch(table, idx, window, sigma2, scale, cfg.particle_diameter, cfg.angpix, cfg.ctf, cfg.zero_mask, generator, device, norm_scale, images)
             local_prior = None
             if local:
                 local_prior = grid.local_candidates(poses_now.rot_deg[idx], poses_now.tilt_deg[idx], poses_now.psi_deg[idx], settings.local_sigma_deg)

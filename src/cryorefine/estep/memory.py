@@ -1,0 +1,203 @@
+"""Adaptive memory (the paper's adaptive allocation): predicted bytes of an E-step tile and of the fixed volumes.
+
+A tile is m particles of a batch going through the coarse pass (getAllSquaredDifferences, pass 0), the
+significant set, the fine pass and storeWeightedSums (expectation.py). Each function bounds the live bytes
+at a stage's peak, counted from the shapes that stage allocates (float32 / complex64 tensors, int64
+indices). The per-element constants are upper bounds of measured peaks (CPU values in brackets, the rest is
+headroom for the GPU's sort and cuBLAS); tests/estep/test_memory.py measures them again on the CPU and, with
+torch.cuda.max_memory_allocated, on the GPU.
+
+Units: bytes. K classes, T coarse translations, L coarse rotation slots per particle (all R rotations, or
+the local candidates), jc coarse-window pixels, J full-window pixels, G8 fine rotations (8 per significant
+(class, coarse rotation) pair in the tile's union), L8 fine rotation slots of one particle (8 per pair),
+T4 fine translations (4 per coarse one). V = P²(P/2+1) voxels of a padded half transform, P = pad·box.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import CryoInputError
+from ..projection.extract import MAX_POINTS
+from ..tiling import TileTooLarge
+
+# coarse pass + significance, per particle
+COARSE_BYTES_PER_IMAGE_PIXEL = 32  # per (translation, coarse pixel): shifted image, phases, real operand [22]
+COARSE_BYTES_PER_SAMPLE = 72  # per (class, translation, rotation): diff2, softmax/sort/cumsum, significant indices [25; 63 all significant]
+COARSE_BYTES_PER_PARTICLE_PIXEL = 32  # per window pixel: w, sC and the fine pass's per-particle rows
+# coarse pass, per tile
+COARSE_BYTES_PER_PROJECTION_PIXEL = 16  # per (rotation, coarse pixel): the previous class's slices, the real operand
+LOCAL_BYTES_PER_GATHERED_ELEMENT = 20  # local searches: gathered candidate slices (complex), real operand, |P|²
+LOCAL_GATHER_ELEMENTS = 1 << 24  # elements per gathered (particles × candidates × pixels) block of the local coarse pass
+# fine pass + storeWeightedSums, per particle of a fine chunk
+FINE_BYTES_PER_SLOT_PIXEL = 36  # per (fine rotation slot, pixel): gathered projections, |P|², operands, Σ_t Γ X̃ [28]
+FINE_BYTES_PER_IMAGE_PIXEL = 48  # per (fine translation, pixel): X̃ masked and unmasked, phases, operands, Σ_r Γ P [32]
+FINE_BYTES_PER_SAMPLE = 20  # per (fine translation, fine rotation slot): cross term, log-posterior, masks, Γ [13]
+# the tile's union of fine rotations, and slice extraction
+UNION_BYTES_PER_ROTATION_PIXEL = 20  # per (fine rotation, pixel): projections (complex), data (complex) and weight accumulators
+PROJECTION_BYTES_PER_POINT = 16  # output of a slice extraction and its chunks before torch.cat (complex64)
+INTERPOLATION_BYTES_PER_POINT = 272  # trilinear temporaries per point: 8 corners' int64 index, weight and values [≤ 260]
+
+# fixed volumes, per voxel of V
+REFERENCE_BYTES_PER_VOXEL = 8  # padded transform, complex64
+BACKPROJECTOR_BYTES_PER_VOXEL = 12  # data complex64 + weight float32
+RECONSTRUCT_BYTES_PER_VOXEL = 112  # reconstruct(): float64/complex128 division, shell indices, inverse FFT [108]
+SYMMETRISE_BYTES_PER_VOXEL = 264  # symmetrise_backprojector() with a point group other than C1 [261]
+JOIN_HALVES_BYTES_PER_VOXEL = 24  # auto-refine: both halves' summed data and weights, alive while reconstructing
+
+SAFETY_FRACTION = 0.05  # of the device's total memory, held back for cuBLAS/cuFFT workspaces and fragmentation
+SAFETY_MIN_BYTES = 256 << 20
+HOST_BUDGET_BYTES = 2 << 30  # CPU: bytes a tile may allocate at least (or half the free host memory, if more)
+GIB = float(1 << 30)
+
+
+@dataclass(frozen=True)
+class TileShape:
+    """The sizes that set an E-step tile's memory, besides its particle count."""
+
+    classes: int  # K
+    translations: int  # T coarse translations
+    rotation_slots: int  # L coarse rotations scored per particle
+    rotations: int  # R coarse rotations of the grid (local searches project the candidates' union, at most R)
+    coarse_pixels: int  # jc
+    window_pixels: int  # J
+    local: bool = False
+
+
+def projection_bytes(rotations: int, pixels: int) -> int:
+    """extract_central_slices of rotations × pixels points: the output with its chunks, and the interpolation of one chunk."""
+    points = rotations * pixels
+    return PROJECTION_BYTES_PER_POINT * points + INTERPOLATION_BYTES_PER_POINT * min(points, MAX_POINTS)
+
+
+def coarse_bytes(m: int, s: TileShape) -> int:
+    """Peak of the coarse pass and the significant set for a tile of ``m`` particles.
+
+    Per particle: the shifted coarse images (T × jc) and every coarse sample (K × T × L), counted as if all were
+    significant (the index arrays of the significant set are sized by them). Per tile: one class's coarse
+    projections (all R, or the candidates' union) beside the previous class's, and their interpolation.
+    """
+    per_particle = (COARSE_BYTES_PER_IMAGE_PIXEL * s.translations * s.coarse_pixels
+                    + COARSE_BYTES_PER_SAMPLE * s.classes * s.translations * s.rotation_slots
+                    + COARSE_BYTES_PER_PARTICLE_PIXEL * s.window_pixels)
+    projected = min(s.rotations, m * s.rotation_slots) if s.local else s.rotations
+    per_tile = projection_bytes(projected, s.coarse_pixels) + COARSE_BYTES_PER_PROJECTION_PIXEL * projected * s.coarse_pixels
+    if s.local:
+        block = min(m * s.rotation_slots * s.coarse_pixels, max(s.rotation_slots * s.coarse_pixels, LOCAL_GATHER_ELEMENTS))
+        per_tile += LOCAL_BYTES_PER_GATHERED_ELEMENT * block
+    return m * per_particle + per_tile
+
+
+def union_bytes(fine_rotations: int, window_pixels: int) -> int:
+    """The tile's fine projections (G8 × J) and back-projection accumulators, alive through the fine pass."""
+    return UNION_BYTES_PER_ROTATION_PIXEL * fine_rotations * window_pixels
+
+
+def fine_projection_bytes(fine_rotations: int, window_pixels: int) -> int:
+    """Peak while the fine projections are made: the array being filled and one extraction."""
+    return 8 * fine_rotations * window_pixels + projection_bytes(fine_rotations, window_pixels)
+
+
+def fine_chunk_bytes(m: int, fine_translations: int, fine_slots: int, window_pixels: int) -> int:
+    """Peak of the fine pass and storeWeightedSums for ``m`` particles of T4 fine translations × L8 rotation slots."""
+    per_particle = (FINE_BYTES_PER_SLOT_PIXEL * fine_slots * window_pixels
+                    + FINE_BYTES_PER_IMAGE_PIXEL * fine_translations * window_pixels
+                    + FINE_BYTES_PER_SAMPLE * fine_translations * fine_slots)
+    return m * per_particle
+
+
+def largest_fitting(n: int, budget: int, bytes_of) -> int:
+    """The largest m of n, ⌈n/2⌉, ⌈n/4⌉ ... 1 with bytes_of(m) <= budget; 0 if not even 1 fits."""
+    m = n
+    while True:
+        if bytes_of(m) <= budget:
+            return m
+        if m == 1:
+            return 0
+        m = (m + 1) // 2
+
+
+def particles_per_tile(n: int, budget: int, s: TileShape) -> int:
+    """Particles per coarse tile of a batch of ``n``; at least 1 (one particle that cannot fit fails later, clearly)."""
+    return max(1, largest_fitting(n, budget, lambda m: coarse_bytes(m, s)))
+
+
+def fine_particles_per_chunk(n: int, budget: int, fine_rotations: int, fine_translations: int, fine_slots: int, window_pixels: int) -> int:
+    """Particles per fine-pass chunk of a tile of ``n``; raises TileTooLarge when the union and one particle cannot fit."""
+    union = union_bytes(fine_rotations, window_pixels)
+    m = largest_fitting(n, budget - union, lambda k: fine_chunk_bytes(k, fine_translations, fine_slots, window_pixels))
+    making = fine_projection_bytes(fine_rotations, window_pixels)
+    if m == 0 or making > budget:
+        need = max(union + fine_chunk_bytes(1, fine_translations, fine_slots, window_pixels), making)
+        raise TileTooLarge(f"the fine pass of {n} particle(s) needs {need / GIB:.2f} GiB ({fine_rotations} fine rotations × "
+                           f"{window_pixels} pixels) but {max(budget, 0) / GIB:.2f} GiB are free; use a coarser sampling "
+                           "(--healpix_order), fewer classes, the CPU (drop --gpu) or a GPU with more memory")
+    return m
+
+
+# ------------------------------------------------------------------ fixed volumes
+
+def padded_voxels(box: int, pad: int) -> int:
+    """V = P²(P/2+1), the voxels of a padded half transform."""
+    p = box * pad
+    return p * p * (p // 2 + 1)
+
+
+def fixed_volume_bytes(box: int, pad: int, references: int, backprojectors: int, symmetry: bool, join_halves: bool) -> dict[str, int]:
+    """Device bytes a run holds besides the E-step tiles: references, back-projectors and the M-step's workspace.
+
+    ``references``: padded references alive at once (1 per half set in turn in auto-refine, K in classification);
+    ``backprojectors``: accumulators (2 half sets, or K classes). The M-step workspace is its peak beyond those:
+    symmetrising the accumulators (point groups other than C1), or the halves' sum plus one reconstruction.
+    """
+    v = padded_voxels(box, pad)
+    mstep = RECONSTRUCT_BYTES_PER_VOXEL + (JOIN_HALVES_BYTES_PER_VOXEL if join_halves else 0)
+    if symmetry:
+        mstep = max(mstep, SYMMETRISE_BYTES_PER_VOXEL)
+    return {"references": REFERENCE_BYTES_PER_VOXEL * v * references,
+            "backprojectors": BACKPROJECTOR_BYTES_PER_VOXEL * v * backprojectors,
+            "mstep": mstep * v}
+
+
+def check_fixed_volumes(box: int, pad: int, references: int, backprojectors: int, symmetry: bool, join_halves: bool, free: int) -> None:
+    """Raise CryoInputError (one line: the sizes, the free memory, the fixes) when the fixed volumes exceed ``free`` bytes."""
+    sizes = fixed_volume_bytes(box, pad, references, backprojectors, symmetry, join_halves)
+    need = sum(sizes.values())
+    if need <= free:
+        return
+    raise CryoInputError(
+        f"the GPU cannot hold the run's fixed volumes at box {box}, --pad {pad}: {references} padded reference(s) "
+        f"{sizes['references'] / GIB:.2f} GiB + {backprojectors} back-projector(s) {sizes['backprojectors'] / GIB:.2f} GiB + "
+        f"M-step workspace {sizes['mstep'] / GIB:.2f} GiB = {need / GIB:.2f} GiB, but {max(free, 0) / GIB:.2f} GiB are free; "
+        "use a smaller --pad (e.g. --pad 1), fewer classes, the CPU (drop --gpu) or a GPU with more memory")
+
+
+# ------------------------------------------------------------------ the device
+
+def available_bytes(device) -> int | None:
+    """Bytes that may be allocated on ``device`` now: free device memory plus the allocator's unused cache, within
+    any per-process cap (torch.cuda.set_per_process_memory_fraction), less a safety margin. None on the CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    reusable = free + torch.cuda.memory_reserved(device) - allocated
+    capped = int(torch.cuda.get_per_process_memory_fraction(device) * total) - allocated
+    return min(reusable, capped) - max(SAFETY_MIN_BYTES, int(SAFETY_FRACTION * total))
+
+
+def tile_budget(device) -> int:
+    """Bytes an E-step tile may allocate: available_bytes on a GPU; on the CPU half the free host memory, at least
+    HOST_BUDGET_BYTES (the host has no allocator to ask; this bounds the temporaries without starving a tile)."""
+    free = available_bytes(device)
+    if free is not None:
+        return free
+    try:
+        host_free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on every OS
+        host_free = 0
+    return max(HOST_BUDGET_BYTES, host_free // 2)

@@ -1,0 +1,365 @@
+"""Adaptive memory: the tile size model against measured peaks, the halving on running out of memory (same results as
+an unsplit run), the fixed-volume check's message, and images read per batch with read-ahead.
+
+The CPU peaks are measured by live_bytes.LiveBytes (every storage an aten op creates, until it is freed), not by
+the model; the GPU tests use torch.cuda.max_memory_allocated and a per-process memory cap.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+import torch
+
+import cryorefine.estep.expectation as expectation
+import cryorefine.projection.extract as extract
+import cryorefine.projection.insert as insert
+from cryorefine.cli.main import main as cli
+from cryorefine.estep import memory
+from cryorefine.estep.expectation import EStepSettings, expectation_batch
+from cryorefine.estep.images import Window, prepare_batch
+from cryorefine.estep.poses import PoseGrid
+from cryorefine.estep.sums import WeightedSums
+from cryorefine.geometry.euler import euler_to_matrix
+from cryorefine.geometry.healpix import make_sampling
+from cryorefine.io.mrc import write_map
+from cryorefine.io.particles import load_particles
+from cryorefine.io.prefetch import read_ahead
+from cryorefine.projection.extract import prepare_padded_transform
+from cryorefine.projection.insert import BackProjector
+from cryorefine.simulate import simulate_particles
+from cryorefine.tiling import TileTooLarge, run_tiles
+from live_bytes import LiveBytes
+from test_estep_reference import _blob_map
+
+BOX, ANGPIX, N = 24, 3.0, 8
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+NO_STAGE = lambda name: nullcontext()  # noqa: E731
+
+
+def make_case(tmp_path, box=BOX, n=N, noise_temper=1.0, device=None):
+    """A simulated batch (CTF, SNR 0.05) with its window, reference and pose grid; σ² × noise_temper flattens posteriors."""
+    truth = _blob_map(box)
+    info = simulate_particles(truth.float(), ANGPIX, tmp_path, n, snr=0.05, defocus_min_angst=6000.0, defocus_max_angst=14000.0,
+                              max_shift_angst=4.0, seed=11)
+    table = load_particles(tmp_path / "particles.star")
+    window = Window.build(box, box // 3, device)
+    sigma2 = torch.full((1, box // 2 + 1), noise_temper * box * box / 2.0, dtype=torch.float64)
+    batch = prepare_batch(table, np.arange(n), window, sigma2.to(device), torch.ones(1, dtype=torch.float64), 2.5 * box, ANGPIX, True, True,
+                          torch.Generator().manual_seed(1), device)
+    ref = prepare_padded_transform((truth / info["noise_sigma"]).float().to(device), 2)
+    grid = PoseGrid.build(make_sampling(1, "C1", 0.1), 1.5, 1.0, device=device)
+    return dict(table=table, batch=batch, window=window, ref=ref, grid=grid, coarse_shell=box // 6, settings=EStepSettings(angpix=ANGPIX))
+
+
+def tile_shape(c) -> memory.TileShape:
+    g = c["grid"]
+    return memory.TileShape(1, g.n_translations, g.n_rotations, g.n_rotations, c["window"].prefix(c["coarse_shell"]), c["window"].size)
+
+
+def coarse_stage(c):
+    """The tile's coarse pass, significance and fine slots, as _expectation_tile runs them (returns the slots)."""
+    jc = c["window"].prefix(c["coarse_shell"])
+    logp, rot_prior = expectation._coarse_log_posterior(c["batch"], c["window"], jc, [c["ref"]], c["grid"], c["settings"], None, None)
+    mask, _ = expectation._coarse_significant(logp, c["settings"])
+    del logp
+    return expectation._fine_slots(mask, rot_prior, None, c["grid"].n_rotations)
+
+
+def run_tile(c, sums: bool = True):
+    s = WeightedSums.zeros(1, c["window"].box, 2, 1, c["grid"].sampling.n_directions, device=c["batch"].f_masked.device) if sums else None
+    return expectation._expectation_tile(c["batch"], c["window"], c["coarse_shell"], [c["ref"]], c["grid"], c["settings"], s, None, NO_STAGE,
+                                         None, 1 << 40)
+
+
+def predicted_tile_bytes(c, slots) -> tuple[int, int]:
+    """(coarse stage, whole tile) bytes predicted for the case's batch as one tile and one fine chunk."""
+    n, g, J = len(c["batch"]), c["grid"], c["window"].size
+    G8, L8, T4 = len(slots.g_class) * 8, slots.slot_g.shape[1] * 8, g.n_translations * 4
+    coarse = memory.coarse_bytes(n, tile_shape(c))
+    fine = max(memory.fine_projection_bytes(G8, J), memory.union_bytes(G8, J) + memory.fine_chunk_bytes(n, T4, L8, J))
+    return coarse, max(coarse, fine)
+
+
+# ----------------------------------------------------------------------------- the size model (CPU, measured)
+
+@pytest.mark.parametrize("noise_temper", [1.0, 50.0])  # 50: flat posteriors, nearly every coarse sample significant
+def test_tile_model_bounds_the_measured_peak(tmp_path, monkeypatch, noise_temper):
+    # small interpolation chunks, so the per-particle terms (not one extraction's temporaries) set the peaks
+    monkeypatch.setattr(extract, "MAX_POINTS", 1 << 14)
+    monkeypatch.setattr(memory, "MAX_POINTS", 1 << 14)
+    c = make_case(tmp_path, noise_temper=noise_temper)
+    with LiveBytes() as coarse_peak:
+        slots = coarse_stage(c)
+    with LiveBytes() as tile_peak:
+        run_tile(c)
+    pred_coarse, pred_tile = predicted_tile_bytes(c, slots)
+    print(f"\n[temper {noise_temper}] coarse stage: measured {coarse_peak.peak / 1e6:.1f} MB, predicted {pred_coarse / 1e6:.1f} MB; "
+          f"tile: measured {tile_peak.peak / 1e6:.1f} MB, predicted {pred_tile / 1e6:.1f} MB")
+    assert coarse_peak.peak <= pred_coarse <= 3 * coarse_peak.peak
+    assert tile_peak.peak <= pred_tile <= 2.5 * tile_peak.peak
+
+
+def test_extraction_model_bounds_the_measured_peak():
+    ref = prepare_padded_transform(torch.randn(BOX, BOX, BOX), 2)
+    win = Window.build(BOX, 14)
+    g = torch.Generator().manual_seed(0)
+    rot = euler_to_matrix(*(torch.rand(600, generator=g) * s for s in (360.0, 180.0, 360.0))).float()
+    with LiveBytes() as lb:
+        extract.extract_central_slices(ref, rot, win.ky, win.kx)
+    pred = memory.projection_bytes(600, win.size)
+    assert lb.peak <= pred <= 1.5 * lb.peak
+
+
+def test_tile_sizes_halve_until_they_fit():
+    assert memory.largest_fitting(1000, 300, lambda m: m) == 250  # 1000 -> 500 -> 250
+    assert memory.largest_fitting(7, 1, lambda m: 2 * m) == 0
+    s = memory.TileShape(2, 25, 4608, 4608, 900, 4000)
+    budget = memory.coarse_bytes(100, s)
+    assert memory.particles_per_tile(1024, budget, s) == 64
+    assert memory.particles_per_tile(1024, 0, s) == 1  # one particle is tried (and fails clearly) rather than none
+    assert memory.fine_particles_per_chunk(64, 1 << 40, 1000, 100, 80, 4000) == 64
+    with pytest.raises(TileTooLarge, match="fine pass"):
+        memory.fine_particles_per_chunk(64, memory.union_bytes(1000, 4000), 1000, 100, 80, 4000)
+
+
+# ----------------------------------------------------------------------------- halving on running out of memory
+
+def test_run_tiles_halves_a_tile_that_runs_out_of_memory_and_commits_each_item_once():
+    committed, tried = [], []
+
+    def compute(a, b):
+        tried.append((a, b))
+        if b - a > 3:
+            raise torch.OutOfMemoryError("fake: tile too large")
+        return list(range(a, b))
+
+    size = run_tiles(10, 10, compute, lambda a, b, r: committed.extend(r))
+    assert committed == list(range(10))
+    assert size == 2 and tried[:3] == [(0, 10), (0, 5), (0, 2)]
+    with pytest.raises(torch.OutOfMemoryError):
+        run_tiles(3, 1, lambda a, b: (_ for _ in ()).throw(torch.OutOfMemoryError("fake")), lambda *x: None)
+
+
+def _estep(c, sums=True):
+    s = WeightedSums.zeros(1, c["window"].box, 2, 1, c["grid"].sampling.n_directions) if sums else None
+    res = expectation_batch(c["batch"], c["window"], c["coarse_shell"], [c["ref"]], c["grid"], c["settings"], s)
+    return res, s
+
+
+def _assert_same_estep(a, b, same_fraction: float = 1.0, tol: float = 1e-5):
+    """Same poses, per-particle statistics and weighted sums, up to float32 summation order.
+
+    ``same_fraction`` < 1 (GPU: cuBLAS picks other kernels for other tile sizes) lets that share of the particles
+    match in pose and significant count, for near-ties and samples at the significance boundary.
+    """
+    (ra, sa), (rb, sb) = a, b
+    pa = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in vars(ra).items()}
+    pb = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in vars(rb).items()}
+    same = np.abs(pa["eulers_deg"] - pb["eulers_deg"]).max(1) < 1e-6
+    for k in ("offsets_px", "class_index", "n_significant"):
+        same &= (pa[k] == pb[k]).reshape(len(same), -1).all(1).numpy()
+    assert same.mean() >= same_fraction, f"{int((~same).sum())} of {len(same)} particles differ"
+    torch.testing.assert_close(pa["max_prob"][same], pb["max_prob"][same], atol=tol, rtol=0)
+    torch.testing.assert_close(pa["loglik"][same], pb["loglik"][same], atol=1e-3, rtol=0)
+    torch.testing.assert_close(pa["residual_power"][same], pb["residual_power"][same], rtol=tol, atol=0)
+    for x, y in zip(sa.tensors(), sb.tensors()):
+        x, y = x.cpu().double(), y.cpu().double()
+        assert float((x - y).norm()) <= tol * float(y.norm()) + 1e-12
+
+
+def test_estep_split_by_out_of_memory_equals_unsplit(tmp_path, monkeypatch):
+    c = make_case(tmp_path)
+    whole = _estep(c)
+    tile = expectation._expectation_tile
+    sizes = []
+
+    def tight(batch, *args):  # a device that runs out of memory beyond 3 particles per tile, at the tile's very end
+        sizes.append(len(batch))
+        result = tile(batch, *args)
+        if len(batch) > 3:  # a failed tile's work must not reach the sums
+            raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+        return result
+
+    monkeypatch.setattr(expectation, "_expectation_tile", tight)
+    split = _estep(c)
+    assert sizes == [8, 4, 2, 2, 2, 2]  # 8 and 4 fail, then tiles of 2: each particle computed and added once
+    _assert_same_estep(split, whole)
+
+
+def test_fine_pass_in_chunks_of_one_equals_one_chunk(tmp_path, monkeypatch):
+    c = make_case(tmp_path)
+    whole = _estep(c)
+    monkeypatch.setattr(expectation, "fine_particles_per_chunk", lambda n, *a: 1)
+    _assert_same_estep(_estep(c), whole)
+
+
+def test_a_fine_pass_over_budget_halves_the_tile(tmp_path, monkeypatch):
+    c = make_case(tmp_path)
+    whole = _estep(c)
+    real = expectation.fine_particles_per_chunk
+
+    def small_device(n, budget, *a):  # the union of more than 2 particles does not fit
+        if n > 2:
+            raise TileTooLarge("fake: fine pass over budget")
+        return real(n, budget, *a)
+
+    monkeypatch.setattr(expectation, "fine_particles_per_chunk", small_device)
+    _assert_same_estep(_estep(c), whole)
+
+
+def test_insert_retries_a_chunk_that_runs_out_of_memory(monkeypatch):
+    win = Window.build(16, 7)
+    g = torch.Generator().manual_seed(2)
+    rot = euler_to_matrix(*(torch.rand(40, generator=g) * s for s in (360.0, 180.0, 360.0))).float()
+    values = torch.randn(40, win.size, dtype=torch.complex64, generator=g)
+    weights = torch.rand(40, win.size, generator=g)
+    plain = BackProjector.zeros(16, 2)
+    plain.insert(rot, win.ky, win.kx, values, weights)
+    corners = insert._trilinear_corners
+
+    def tight(coords, size):
+        if coords.shape[0] > 7:
+            raise torch.OutOfMemoryError("fake")
+        return corners(coords, size)
+
+    monkeypatch.setattr(insert, "_trilinear_corners", tight)
+    split = BackProjector.zeros(16, 2)
+    split.insert(rot, win.ky, win.kx, values, weights)
+    torch.testing.assert_close(split.data, plain.data, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split.weight, plain.weight, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- fixed volumes
+
+def test_fixed_volumes_at_box_256():
+    sizes = memory.fixed_volume_bytes(256, 2, 1, 2, symmetry=False, join_halves=True)
+    per_half = (sizes["references"] + sizes["backprojectors"] / 2) / 1e9
+    assert 1.3 < per_half < 1.4  # DESIGN.md: ~1.3 GB per half at box 256, pad 2
+    memory.check_fixed_volumes(256, 2, 1, 2, False, True, free=80 << 30)
+    with pytest.raises(Exception) as info:
+        memory.check_fixed_volumes(256, 2, 4, 4, True, False, free=8 << 30)
+    text = str(info.value)
+    print("\n" + text)
+    assert "\n" not in text
+    for part in ("box 256", "--pad 2", "4 padded reference(s) 2.01 GiB", "4 back-projector(s) 3.01 GiB", "8.00 GiB are free",
+                 "smaller --pad", "fewer classes", "CPU", "more memory"):
+        assert part in text, part
+
+
+def test_refine_stops_before_the_first_iteration_when_the_volumes_cannot_fit(tmp_path, monkeypatch, capsys):
+    import cryorefine.refine.auto_refine as auto_refine
+
+    simulate_particles(_blob_map(24).float(), ANGPIX, tmp_path / "data", 8, snr=0.1, seed=2)
+    write_map(tmp_path / "ref.mrc", _blob_map(24).float().numpy(), ANGPIX)
+    monkeypatch.setattr(auto_refine, "available_bytes", lambda device: 1 << 20)  # a GPU with 1 MiB free
+    for command in (["refine"], ["classify", "--K", "3"]):
+        rc = cli([*command, "--i", str(tmp_path / "data" / "particles.star"), "--o", str(tmp_path / command[0] / "run"),
+                  "--ref", str(tmp_path / "ref.mrc"), "--particle_diameter", "60", "--iter", "1"])
+        err = capsys.readouterr().err.strip()
+        print("\n" + err)
+        assert rc == 2 and len(err.splitlines()) == 1 and "fixed volumes" in err and "0.00 GiB are free" in err
+        assert not list((tmp_path / command[0]).glob("run_it*"))
+
+
+# ----------------------------------------------------------------------------- host memory: batches, read ahead
+
+def test_read_ahead_loads_the_next_item_while_the_current_is_used():
+    started = {i: threading.Event() for i in range(3)}
+
+    def load(i):
+        started[i].set()
+        return i * 10
+
+    seen = []
+    for item, value in read_ahead(load, [0, 1, 2]):
+        if item < 2:  # the next load runs while this item is being used (a serial loader would never start it)
+            assert started[item + 1].wait(5.0)
+        seen.append((item, value))
+    assert seen == [(0, 0), (1, 10), (2, 20)]
+
+
+def test_expectation_reads_images_batch_by_batch(tmp_path, monkeypatch):
+    from cryorefine.refine import engine
+    from cryorefine.refine.auto_refine import RefineConfig
+    from cryorefine.refine.engine import ParticlePoses, run_expectation
+    from cryorefine.refine.timing import StageTimer
+
+    c = make_case(tmp_path)
+    reads = []
+    real = engine.read_images
+    monkeypatch.setattr(engine, "read_images", lambda table, idx: reads.append(len(idx)) or real(table, idx))
+    cfg = RefineConfig(particles="", output_root="", reference="", particle_diameter=2.5 * BOX, ctf=True, zero_mask=True)
+    cfg.angpix = ANGPIX
+    sums = WeightedSums.zeros(1, BOX, 2, 1, c["grid"].sampling.n_directions)
+    sigma2 = torch.full((1, BOX // 2 + 1), BOX * BOX / 2.0, dtype=torch.float64)
+    run_expectation(c["table"], np.arange(N), [c["ref"]], ParticlePoses.from_table(c["table"]), c["grid"], c["window"], 6, sigma2,
+                    torch.ones(1, dtype=torch.float64), c["settings"], sums, cfg, torch.Generator().manual_seed(0), StageTimer(), None, 3)
+    assert reads == [3, 3, 2]
+
+
+# ----------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@GPU
+def test_gpu_tile_model_bounds_the_allocator_peak(tmp_path):
+    c = make_case(tmp_path, box=64, n=64, device="cuda")
+    c["grid"] = PoseGrid.build(make_sampling(2, "C1", 0.1), 3.0, 1.5, device="cuda")
+    c["coarse_shell"] = 12
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    slots = coarse_stage(c)
+    coarse_peak = torch.cuda.max_memory_allocated() - base
+    torch.cuda.reset_peak_memory_stats()
+    run_tile(c)
+    tile_peak = torch.cuda.max_memory_allocated() - base
+    pred_coarse, pred_tile = predicted_tile_bytes(c, slots)
+    print(f"\n[gpu] coarse stage: measured {coarse_peak / 1e6:.1f} MB, predicted {pred_coarse / 1e6:.1f} MB; "
+          f"tile: measured {tile_peak / 1e6:.1f} MB, predicted {pred_tile / 1e6:.1f} MB")
+    assert coarse_peak <= pred_coarse and tile_peak <= pred_tile
+
+
+@pytest.mark.gpu
+@GPU
+def test_gpu_estep_under_a_memory_cap_matches_uncapped(tmp_path, monkeypatch):
+    """A per-process cap far below one whole-batch tile: the E-step tiles (by the model; and by halving after real
+    out-of-memory errors when told a budget larger than the cap) and gives the uncapped results."""
+    c = make_case(tmp_path, box=64, n=256, device="cuda")
+    c["grid"] = PoseGrid.build(make_sampling(2, "C1", 0.1), 5.0, 1.0, device="cuda")  # 4608 rotations × ~80 translations
+    c["coarse_shell"] = 12
+
+    def estep(budget=None):
+        s = WeightedSums.zeros(1, 64, 2, 1, c["grid"].sampling.n_directions, device="cuda")
+        r = expectation_batch(c["batch"], c["window"], c["coarse_shell"], [c["ref"]], c["grid"], c["settings"], s, budget_bytes=budget)
+        return r, s
+
+    whole = estep()
+    whole_bytes = memory.coarse_bytes(256, tile_shape(c))
+    tiles = []
+    tile = expectation._expectation_tile
+    monkeypatch.setattr(expectation, "_expectation_tile", lambda batch, *a: tiles.append(len(batch)) or tile(batch, *a))
+    total = torch.cuda.get_device_properties(0).total_memory
+    margin = max(memory.SAFETY_MIN_BYTES, int(memory.SAFETY_FRACTION * total))  # what available_bytes holds back
+
+    def capped(extra: int, budget=None):
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated() + extra) / total)
+        try:
+            return estep(budget)
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+
+    by_model = capped(whole_bytes // 4 + margin)
+    model_tiles = list(tiles)
+    tiles.clear()
+    by_halving = capped(whole_bytes // 4, budget=4 * whole_bytes)  # plans whole tiles; the allocator's errors halve them
+    print(f"\n[gpu] whole tile predicted {whole_bytes / 2**30:.2f} GiB; tiles by the model under a cap of a quarter: {model_tiles}; "
+          f"tried while halving: {tiles}")
+    assert 1 < max(model_tiles) < 256
+    assert tiles[0] == 256 and min(tiles) < 256
+    for run in (by_model, by_halving):
+        _assert_same_estep(run, whole, same_fraction=0.99, tol=1e-4)
