@@ -56,9 +56,8 @@ def one_estep(device: str, star: str, ref_path: str, diameter: float, n: int, wi
     sums = WeightedSums.zeros(K, box, 2, len(table.optics), grid.sampling.n_directions, device=device)
     settings = EStepSettings(angpix=angpix, sigma2_offset_angst2=(5 * angpix) ** 2, class_log_prior=torch.full((K,), -float(np.log(K))))
     rows = np.arange(min(n, len(table)))
-    gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
-    run_expectation(table, rows, refs, poses, grid, window, coarse, sigma2, torch.ones(len(table.optics), dtype=torch.float64), settings, sums, cfg, gen, timer, None,
+    run_expectation(table, rows, refs, poses, grid, window, coarse, sigma2, torch.ones(len(table.optics), dtype=torch.float64), settings, sums, cfg, (0, 1, 1), timer, None,
                     1024 if device.startswith("cuda") else 256)
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -8,3 +8,7 @@ class CryoInputError(Exception):
         self.path = None if path is None else str(path)
         text = message if self.path is None else f"{self.path}: {message}"
         super().__init__(text.replace("\n", " "))
+
+
+class DistributedError(Exception):
+    """Another rank of a torchrun job died, hung or was stopped: this rank stops too (resume with --continue)."""

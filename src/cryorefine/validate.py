@@ -108,7 +108,10 @@ def check_output_folder(folder, box: int | None, flag: str = "--o") -> None:
     try:
         missing = [p for p in (folder, *folder.parents) if not p.exists()]
         for p in reversed(missing):
-            p.mkdir()
+            try:
+                p.mkdir()
+            except FileExistsError:  # another rank of a torchrun job made it first
+                continue
             created.append(p)
         with open(probe, "wb") as f:
             f.write(b"x")
@@ -147,6 +150,8 @@ def _cleanup(probe: Path, created: list) -> None:
 
 def validate_refine_inputs(args) -> None:
     """All checks, cheapest first; the output folder last so nothing is created for a bad input."""
+    if getattr(args, "dist_timeout", 1.0) <= 0:
+        raise CryoInputError(f"--dist_timeout must be positive (got {args.dist_timeout} s)")
     continue_from = getattr(args, "continue_from", None)
     output_root = getattr(args, "output_root", None)
     if continue_from:

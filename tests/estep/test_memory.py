@@ -297,7 +297,7 @@ def test_expectation_reads_images_batch_by_batch(tmp_path, monkeypatch):
     sums = WeightedSums.zeros(1, BOX, 2, 1, c["grid"].sampling.n_directions)
     sigma2 = torch.full((1, BOX // 2 + 1), BOX * BOX / 2.0, dtype=torch.float64)
     run_expectation(c["table"], np.arange(N), [c["ref"]], ParticlePoses.from_table(c["table"]), c["grid"], c["window"], 6, sigma2,
-                    torch.ones(1, dtype=torch.float64), c["settings"], sums, cfg, torch.Generator().manual_seed(0), StageTimer(), None, 3)
+                    torch.ones(1, dtype=torch.float64), c["settings"], sums, cfg, (0, 1, 1), StageTimer(), None, 3)
     assert reads == [3, 3, 2]
 
 

@@ -7,9 +7,7 @@ run_itNNN_data.star (rlnClassNumber, rlnMaxValueProbDistribution), run_itNNN_opt
 
 from __future__ import annotations
 
-import json
-
-from .refine import add_common_args, config_from_args
+from .refine import add_common_args, run_job
 
 
 def add_args(p):
@@ -19,9 +17,5 @@ def add_args(p):
 
 def main(args):
     from ..refine.classify3d import Classify3D, ClassifyConfig
-    from ..validate import validate_refine_inputs
 
-    validate_refine_inputs(args)
-    cfg = config_from_args(args, ClassifyConfig)
-    summary = Classify3D(cfg).run()
-    print(json.dumps(summary))
+    run_job(args, ClassifyConfig, Classify3D)

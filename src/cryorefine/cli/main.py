@@ -7,7 +7,7 @@ import errno
 import importlib
 import sys
 
-from ..errors import CryoInputError
+from ..errors import CryoInputError, DistributedError
 
 SUBCOMMANDS = {
     "demo": "Simulate a small set from the packaged 6msm model, refine it and report resolution and pose error",
@@ -82,6 +82,9 @@ def main(argv=None) -> int:
     except CryoInputError as exc:
         print(f"cryorefine {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except DistributedError as exc:
+        print(f"cryorefine {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         fix = _OS_ERROR_FIXES.get(exc.errno)
         if fix is None:

@@ -45,9 +45,12 @@ def add_common_args(p, classify: bool = False) -> None:
                    help="particles read per E-step batch (0 = automatic); the GPU works through it in tiles that fit its free memory")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="coarse-pass matrix products: fp32, tf32 (GPU tensor cores) or fp16 (scaled half precision); the rest stays fp32")
-    p.add_argument("--gpu", nargs="?", const="0", default=None, help="use CUDA (optionally a device id, e.g. --gpu 1)")
+    p.add_argument("--gpu", nargs="?", const="", default=None,
+                   help="use CUDA: GPU 0, under torchrun GPU LOCAL_RANK; or ids, e.g. --gpu 1 or --gpu 0,1 (rank LOCAL_RANK takes the LOCAL_RANK-th)")
     p.add_argument("--j", dest="threads", type=int, default=0, help="CPU threads (0 = PyTorch's default)")
     p.add_argument("--continue", dest="continue_from", default=None, help="continue from run_itNNN_optimiser.star (the other inputs and settings come from the saved run)")
+    p.add_argument("--dist_timeout", type=float, default=600.0,
+                   help="under torchrun: seconds a rank waits for the others (joining, combining an iteration) before the job stops")
     p.add_argument("--max_seconds", type=float, default=0.0, help="stop cleanly, after a finished iteration, before one that would end "
                    "past this many seconds of this call (estimated from the last iteration); resume with --continue; 0 = no limit")
     p.add_argument("--pool", type=int, default=1, help="accepted for RELION users (particles per thread pool); batches are set by --batch")
@@ -63,12 +66,9 @@ def add_args(p):
 
 
 def device_from_args(args) -> str:
-    if args.gpu is None:
-        return "cpu"
-    if not torch.cuda.is_available():
-        raise CryoInputError("--gpu given but no CUDA device is visible; drop --gpu to run on the CPU")
-    first = str(args.gpu).split(",")[0].strip() or "0"
-    return f"cuda:{first}"
+    from ..parallel.context import local_rank, rank_device
+
+    return rank_device(args.gpu, local_rank(), torch.cuda.device_count() if args.gpu is not None else 0)
 
 
 def config_from_args(args, cls):
@@ -94,12 +94,20 @@ def config_from_args(args, cls):
     return cls(**values)
 
 
-def main(args):
+def run_job(args, config_cls, engine_cls) -> None:
+    """Validate, then run the engine in this process (or as one rank of a torchrun job); rank 0 prints the summary."""
+    from ..parallel.context import distributed
     from ..validate import validate_refine_inputs
 
     validate_refine_inputs(args)  # user mistakes stop here, before the engine is imported or run
+    cfg = config_from_args(args, config_cls)
+    with distributed(cfg.device, args.dist_timeout) as dist:
+        summary = engine_cls(cfg, dist).run()
+        if dist.is_main:
+            print(json.dumps(summary))
+
+
+def main(args):
     from ..refine.auto_refine import AutoRefine, RefineConfig
 
-    cfg = config_from_args(args, RefineConfig)
-    summary = AutoRefine(cfg).run()
-    print(json.dumps(summary))
+    run_job(args, RefineConfig, AutoRefine)

@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+_END = object()
 
 
-def read_ahead(load: Callable[[T], R], items: Sequence[T]) -> Iterator[tuple[T, R]]:
+def read_ahead(load: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[T, R]]:
     """Yield (item, load(item)) in order; load(next item) runs on one background thread meanwhile.
 
-    At most two loaded items exist at once (the one yielded and the next), so memory stays bounded by them.
+    ``items`` may be a lazy iterator (a task pool's batches): the next item is drawn when the current one is
+    yielded. At most two loaded items exist at once (the one yielded and the next), so memory stays bounded by them.
     ``load`` runs on that thread only, so whatever it caches (open memory-mapped stacks) is never used concurrently.
     """
-    if not items:
+    it = iter(items)
+    item = next(it, _END)
+    if item is _END:
         return
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(load, items[0])
-        for i, item in enumerate(items):
+        pending = pool.submit(load, item)
+        while item is not _END:
             result = pending.result()
-            if i + 1 < len(items):
-                pending = pool.submit(load, items[i + 1])
+            following = next(it, _END)
+            if following is not _END:
+                pending = pool.submit(load, following)
             yield item, result
+            item = following

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..errors import CryoInputError
+from ..errors import CryoInputError, DistributedError
 from ..estep.expectation import EStepSettings
 from ..estep.images import Window
 from ..estep.memory import available_bytes, check_fixed_volumes
@@ -27,6 +27,9 @@ from ..io.particles import ParticleTable, load_particles, write_particles
 from ..io.star import write_star_table
 from ..mstep.noise import initial_sigma2, update_sigma2
 from ..mstep.tau2 import tau2_from_fsc
+from ..parallel.collectives import all_reduce_sum_, broadcast_from_main, merge_rows_, per_rank
+from ..parallel.context import Dist
+from ..parallel.pool import TaskPool
 from ..pause import pause_point
 from ..projection.insert import BackProjector
 from ..reconstruction.fsc import fsc_curve, fsc_to_ssnr, resolution_shell, shell_to_angstrom
@@ -34,6 +37,7 @@ from ..reconstruction.reconstruct import padded_shell_index, reconstruct
 from ..reconstruction.symmetrise import symmetrise_backprojector
 from .engine import ParticlePoses, angular_change_deg, prepare_references, run_expectation
 from .log import RunLog
+from .progress import Progress
 from .schedule import Schedule
 from .state import read_state
 from .timing import StageTimer
@@ -101,11 +105,31 @@ def _check_inputs(cfg: RefineConfig, table: ParticleTable, ref: np.ndarray, ref_
         raise CryoInputError(f"--particle_diameter {cfg.particle_diameter} Å is larger than the box ({table.box * cfg.angpix:.1f} Å)")
 
 
-class AutoRefine:
-    """One auto-refine run. ``run()`` iterates until convergence, then does the final joined iteration."""
+@dataclass
+class IterationPlan:
+    """What one iteration's E-step needs: orientations and pose grid, Fourier windows (shells), settings."""
 
-    def __init__(self, cfg: RefineConfig):
+    sampling: object
+    grid: PoseGrid
+    window: Window
+    window_shell: int
+    coarse_shell: int
+    settings: EStepSettings
+
+
+class AutoRefine:
+    """One auto-refine run. ``run()`` iterates until convergence, then does the final joined iteration.
+
+    Under torchrun (``dist``) every rank takes E-step batches from a shared pool; the accumulators and per-particle
+    results are combined over ranks; rank 0 does the M-step, writes the files and sends its state to the others.
+    """
+
+    command = "refine"
+
+    def __init__(self, cfg: RefineConfig, dist: Dist | None = None):
         self.cfg = cfg
+        self.dist = dist if dist is not None else Dist(device=cfg.device)
+        self.pool = TaskPool(self.dist)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         self.table = load_particles(cfg.particles)
@@ -125,21 +149,22 @@ class AutoRefine:
         self.n_groups = len(self.table.optics)
         self.root = cfg.output_root
         Path(self.root).parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(Path(self.root).parent)  # left by a killed run
-        self.log = RunLog(Path(self.root).parent / "run.log")
+        if self.dist.is_main:  # only rank 0 writes files (temporaries are named by pid, which other hosts cannot check)
+            remove_stale_temporaries(Path(self.root).parent)  # left by a killed run
+        self.log = RunLog(Path(self.root).parent / "run.log", enabled=self.dist.is_main)
         self.timer = StageTimer(self.device)
         self.halves = _halves(self.table, cfg.random_seed)
-        self.gen = torch.Generator().manual_seed(cfg.random_seed)
         self.rng = np.random.default_rng(cfg.random_seed)
         self.iteration = 0
         self.perturbation = 0.0
+        self._clock = time.perf_counter()  # start of the current iteration (see iterate)
         if cfg.continue_from:
             self._load_state(cfg.continue_from)
         else:
             start = low_pass_filter(torch.from_numpy(ref).double(), cfg.ini_high, cfg.angpix).float()
             self.maps = [start.clone(), start.clone()]
             self.poses = ParticlePoses.from_table(self.table)
-            self.sigma2 = initial_sigma2(self.table, self.n_groups, device=self.device)
+            self.sigma2 = initial_sigma2(self.table, self.n_groups, device=self.device).cpu()
             self.scale = torch.ones(self.n_groups, dtype=torch.float64)
             self.sigma2_offset = (cfg.offset_range * cfg.angpix) ** 2
             ini_shell = max(1, int(round(self.box * cfg.angpix / cfg.ini_high)))
@@ -167,66 +192,114 @@ class AutoRefine:
             return self.cfg.batch_size
         return 1024 if self.device.type == "cuda" else 256
 
-    def _start_iteration(self, window_shell: int):
-        """Next iteration's number, grid perturbation, pose grid and E-step windows."""
+    def _window_shell(self) -> int:
+        return self.schedule.window_shell(self.box, self.cfg.incr_size)
+
+    def _settings(self, sampling) -> EStepSettings:
         cfg, sch = self.cfg, self.schedule
+        return EStepSettings(
+            adaptive_fraction=cfg.adaptive_fraction, maxsig=cfg.maxsig, firstiter_cc=cfg.firstiter_cc and self.iteration == 1,
+            local_sigma_deg=sch.sigma_ang_deg if sch.local_search else 0.0, sigma2_offset_angst2=self.sigma2_offset, angpix=cfg.angpix,
+            precision=cfg.precision,
+        )
+
+    def plan_iteration(self) -> IterationPlan:
+        """Next iteration's number, grid perturbation, pose grid, E-step windows and settings."""
+        cfg, sch = self.cfg, self.schedule
+        window_shell = self._window_shell()
         self.iteration += 1
         self.perturbation = next_random_perturbation(self.perturbation, cfg.perturb, self.rng)
         sampling = make_sampling(sch.healpix_order, cfg.sym, self.perturbation)
         grid = PoseGrid.build(sampling, sch.offset_range_px, sch.offset_step_px, device=self.device)
         coarse_shell = sch.coarse_shell(window_shell, self.box, cfg.angpix, cfg.particle_diameter)
-        return sampling, grid, coarse_shell, Window.build(self.box, window_shell, self.device)
+        return IterationPlan(sampling, grid, Window.build(self.box, window_shell, self.device), window_shell, coarse_shell, self._settings(sampling))
 
-    def iterate(self) -> dict:
-        cfg, sch = self.cfg, self.schedule
-        t0 = time.perf_counter()
-        window_shell = sch.window_shell(self.box, cfg.incr_size)
-        sampling, grid, coarse_shell, window = self._start_iteration(window_shell)
-        first_cc = cfg.firstiter_cc and self.iteration == 1
-        settings = EStepSettings(
-            adaptive_fraction=cfg.adaptive_fraction, maxsig=cfg.maxsig, firstiter_cc=first_cc,
-            local_sigma_deg=sch.sigma_ang_deg if sch.local_search else 0.0, sigma2_offset_angst2=self.sigma2_offset, angpix=cfg.angpix,
-            precision=cfg.precision,
-        )
-        previous = ParticlePoses(**{k: v.copy() for k, v in self.poses.as_dict().items()})
+    def _estep_pass(self, half: int, rows: np.ndarray, refs, plan: IterationPlan, sums: WeightedSums, progress, **kw) -> np.ndarray:
+        """This rank's batches of one E-step pass over ``rows`` (``half``: 1, 2, or 0 for all); returns the rows it did."""
+        key = f"it{self.iteration}/half{half}"
+        return run_expectation(self.table, rows, refs, self.poses, plan.grid, plan.window, plan.coarse_shell, self.sigma2.to(self.device), self.scale,
+                               plan.settings, sums, self.cfg, (self.cfg.random_seed, self.iteration, half), self.timer, progress, self._batch_size(),
+                               local=self.schedule.local_search, tasks=lambda n: self.pool.take(key, n), **kw)
+
+    def _combine(self, sums: list[WeightedSums], done: np.ndarray) -> list[int]:
+        """Accumulators summed and per-particle results gathered over ranks; returns the batches each rank did."""
+        with self.timer("combine ranks"):
+            for s in sums:
+                all_reduce_sum_(s.tensors(), self.dist)
+            merge_rows_(list(self.poses.as_dict().values()), done, self.dist)
+            return per_rank(self.pool.taken_since_last_call(), self.dist)
+
+    def _progress(self, bar):
+        return self.pool.progress(f"it{self.iteration}", bar)
+
+    def expectation(self, plan: IterationPlan) -> tuple[list[WeightedSums], list[int]]:
+        """E-step of both half sets (this rank's share), combined over ranks: (sums per half, batches per rank)."""
+        cfg = self.cfg
         avg_norm = float(np.mean(self.poses.norm_correction)) if cfg.norm else None
-        sums = []
-        from .progress import Progress
-
-        with Progress(len(self.table), f"iteration {self.iteration:3d}") as progress:
+        sums, done = [], []
+        with Progress(len(self.table), f"iteration {self.iteration:3d}", self.dist.is_main) as bar:
             for half in (1, 2):
                 with self.timer("getFourierTransformsAndCTFs"):
                     refs = prepare_references([self.maps[half - 1]], cfg.pad, cfg, self.device)
-                s = WeightedSums.zeros(1, self.box, cfg.pad, self.n_groups, sampling.n_directions, device=self.device)
-                rows = np.flatnonzero(self.halves == half)
-                run_expectation(self.table, rows, refs, self.poses, grid, window, coarse_shell, self.sigma2.to(self.device), self.scale,
-                                settings, s, cfg, self.gen, self.timer, progress, self._batch_size(), local=sch.local_search, avg_norm=avg_norm)
+                s = WeightedSums.zeros(1, self.box, cfg.pad, self.n_groups, plan.sampling.n_directions, device=self.device)
+                done.append(self._estep_pass(half, np.flatnonzero(self.halves == half), refs, plan, s, self._progress(bar), avg_norm=avg_norm))
                 sums.append(s)
                 if half == 1:
                     pause_point("estep", self.iteration)
+        return sums, self._combine(sums, np.concatenate(done))
+
+    def iterate(self) -> dict:
+        """One iteration on every rank: E-step, rank 0's M-step, rank 0's state to every rank, rank 0's files and log."""
+        plan = self.plan_iteration()
+        previous = ParticlePoses(**{k: v.copy() for k, v in self.poses.as_dict().items()})
+        sums, batches = self.expectation(plan)
+        if self.dist.is_main:
+            record, info = self._conclude(plan, sums, previous, batches)
+            self.history.append(record)
+        else:  # rank 0's record holds rank 0's stage times and counters
+            self.timer.reset()
+            self.timer.reset_counters()
+        self._share_state()
+        self._clock = time.perf_counter()  # an iteration's seconds run from here: rank 0's writing below overlaps the next E-step
+        if self.dist.is_main:
+            # after sharing: the other ranks start the next E-step meanwhile, and the pool gives rank 0 fewer batches
+            self.log.iteration(record)
+            self.write_iteration(info, record)
+        return self.history[-1]
+
+    def _pose_changes(self, previous: ParticlePoses) -> tuple[float, float]:
+        """Mean angular change (°) and rms offset change (px) since ``previous``."""
+        p = self.poses
+        d_ang = angular_change_deg(previous.rot_deg, previous.tilt_deg, previous.psi_deg, p.rot_deg, p.tilt_deg, p.psi_deg)
+        d_off = np.hypot(previous.origin_x_angst - p.origin_x_angst, previous.origin_y_angst - p.origin_y_angst) / self.cfg.angpix
+        return float(np.mean(d_ang)), float(np.sqrt(np.mean(d_off**2)))
+
+    def _conclude(self, plan: IterationPlan, sums: list[WeightedSums], previous: ParticlePoses, batches: list[int]) -> tuple[dict, dict]:
+        """Rank 0: M-step and the schedule's next step; returns the iteration's record and the M-step's info."""
+        cfg, sch = self.cfg, self.schedule
         with self.timer("M-step"):
-            info = self.maximization(sums, window_shell)
-        d_ang = angular_change_deg(previous.rot_deg, previous.tilt_deg, previous.psi_deg, self.poses.rot_deg, self.poses.tilt_deg, self.poses.psi_deg)
-        d_off = np.hypot(previous.origin_x_angst - self.poses.origin_x_angst, previous.origin_y_angst - self.poses.origin_y_angst) / cfg.angpix
-        change_ang, change_off = float(np.mean(d_ang)), float(np.sqrt(np.mean(d_off**2)))
-        stages = self.timer.reset()
+            info = self.maximization(sums, plan.window_shell)
+        change_ang, change_off = self._pose_changes(previous)
         record = {
             "iteration": self.iteration, "resolution_angst": info["resolution_angst"], "healpix_order": sch.healpix_order,
-            "local": sch.local_search, "window_shell": window_shell, "coarse_shell": coarse_shell,
+            "local": sch.local_search, "window_shell": plan.window_shell, "coarse_shell": plan.coarse_shell,
             "change_orientation_deg": change_ang, "change_offset_px": change_off,
             "mean_significant": float(np.mean(self.poses.n_significant)), "mean_max_prob": float(np.mean(self.poses.max_prob)),
             "accuracy_rotation_deg": float(np.median(self.poses.angular_spread_deg)), "accuracy_offset_px": float(np.median(self.poses.offset_spread_px)),
-            "sigma_offset_angst": math.sqrt(self.sigma2_offset), "seconds": time.perf_counter() - t0, "stages": stages,
-            "final": sch.final_iteration, "counters": self.timer.reset_counters(),
+            "sigma_offset_angst": math.sqrt(self.sigma2_offset), "batches_per_rank": batches, "seconds": time.perf_counter() - self._clock,
+            "stages": self.timer.reset(), "final": sch.final_iteration, "counters": self.timer.reset_counters(),
         }
         if not sch.final_iteration:
             sch.update_changes(info["resolution_shell"], change_ang, change_off)
-            note = sch.advance(record["accuracy_rotation_deg"], cfg.auto_local_healpix_order)
-            record["note"] = note
-        self.history.append(record)
-        self.write_iteration(info, record)
-        self.log.iteration(record)
-        return record
+            record["note"] = sch.advance(record["accuracy_rotation_deg"], cfg.auto_local_healpix_order)
+        return record, info
+
+    def _share_state(self) -> None:
+        """Rank 0's model, schedule, poses and history on every rank, so that all plan the same next iteration."""
+        if self.dist.world_size > 1:
+            state = broadcast_from_main(self._state() if self.dist.is_main else None, self.dist)
+            if not self.dist.is_main:
+                self._restore(state)
 
     # ------------------------------------------------------------------ M-step
     def maximization(self, sums: list[WeightedSums], window_shell: int) -> dict:
@@ -345,18 +418,31 @@ class AutoRefine:
         self._save_state(pre)  # last: an iteration with an optimiser.star has all its outputs
 
     # ------------------------------------------------------------------ state for --continue
-    def _save_state(self, pre: str) -> None:
-        from ..io.atomic import atomic_write
-
-        state = {
+    def _state(self) -> dict:
+        """Everything the next iteration depends on (tensors on the CPU): saved for --continue, sent to the other ranks."""
+        return {
             "iteration": self.iteration, "perturbation": self.perturbation, "maps": self.maps, "sigma2": self.sigma2, "scale": self.scale,
             "sigma2_offset": self.sigma2_offset, "schedule": asdict(self.schedule), "poses": self.poses.as_dict(), "halves": self.halves,
-            "history": self.history, "fsc": self.fsc, "torch_rng": self.gen.get_state(), "numpy_rng": self.rng.bit_generator.state,
+            "history": self.history, "fsc": self.fsc, "numpy_rng": self.rng.bit_generator.state,
             "config": {k: v for k, v in asdict(self.cfg).items() if k != "solvent_mask_volume"},
             **self._extra_state(),
         }
+
+    def _restore(self, s: dict) -> None:
+        self.iteration, self.perturbation = s["iteration"], s["perturbation"]
+        self.maps, self.sigma2, self.scale, self.sigma2_offset = s["maps"], s["sigma2"], s["scale"], s["sigma2_offset"]
+        self.schedule = Schedule(**s["schedule"])
+        self.poses = ParticlePoses(**s["poses"])
+        self.halves, self.history, self.fsc = s["halves"], s["history"], s["fsc"]
+        self.rng.bit_generator.state = s["numpy_rng"]
+        self.poses.apply_to(self.table)
+        self._restore_extra_state(s)
+
+    def _save_state(self, pre: str) -> None:
+        from ..io.atomic import atomic_write
+
         with atomic_write(f"{pre}_state.pt") as tmp:
-            torch.save(state, tmp)
+            torch.save(self._state(), tmp)
         write_star_table(f"{pre}_optimiser.star", {"optimiser_general": {
             "rlnOutputRootName": self.root, "rlnModelStarFile": f"{pre}_half1_model.star", "rlnModelStarFile2": f"{pre}_half2_model.star",
             "rlnExperimentalDataStarFile": f"{pre}_data.star", "rlnOrientSamplingStarFile": f"{pre}_sampling.star",
@@ -369,20 +455,14 @@ class AutoRefine:
         }})
 
     def _load_state(self, optimiser_star: str) -> None:
-        s = read_state(optimiser_star)
-        self.iteration, self.perturbation = s["iteration"], s["perturbation"]
-        self.maps, self.sigma2, self.scale, self.sigma2_offset = s["maps"], s["sigma2"], s["scale"], s["sigma2_offset"]
-        self.schedule = Schedule(**s["schedule"])
-        self.poses = ParticlePoses(**s["poses"])
-        self.halves, self.history, self.fsc = s["halves"], s["history"], s["fsc"]
-        self.gen.set_state(s["torch_rng"])
-        self.rng.bit_generator.state = s["numpy_rng"]
-        self.poses.apply_to(self.table)
-        self._restore_extra_state(s)
+        self._restore(read_state(optimiser_star))
         self.log.line(f"continuing after iteration {self.iteration} from {optimiser_star}")
 
     def _extra_state(self) -> dict:
         return {}
+
+    def _describe(self) -> str:
+        return f"sym {self.cfg.sym}"
 
     def _restore_extra_state(self, state: dict) -> None:
         pass
@@ -390,9 +470,16 @@ class AutoRefine:
     # ------------------------------------------------------------------ driver
     def _out_of_time(self, t0: float, last_seconds: float | None) -> bool:
         """--max_seconds: would the next iteration end past the budget? Estimated by the last iteration's wall time
-        (this call's, else the saved history's); with no estimate, one iteration runs."""
-        if self.cfg.max_seconds <= 0:
+        (this call's, else the saved history's); with no estimate, one iteration runs.
+
+        Under torchrun rank 0 decides (its clock; its iterations include the M-step and the files) and tells the
+        others, so that every rank stops after the same iteration."""
+        if self.cfg.max_seconds <= 0:  # the same on every rank (one command line)
             return False
+        late = self._past_budget(t0, last_seconds) if self.dist.is_main else None
+        return bool(broadcast_from_main(late, self.dist, "agreeing on --max_seconds with rank 0"))
+
+    def _past_budget(self, t0: float, last_seconds: float | None) -> bool:
         if last_seconds is None:
             last_seconds = self.history[-1]["seconds"] if self.history else None
         if last_seconds is None:
@@ -406,10 +493,13 @@ class AutoRefine:
                       f"resume with --continue {resume}")
         return summary
 
-    def run(self) -> dict:
+    def _ranks(self) -> str:
+        d = self.dist
+        return f", {d.world_size} ranks ({d.backend})" if d.grouped else ""
+
+    def _iterate_until_done(self, t0: float) -> dict:
+        """Iterate to convergence and the final joined iteration (or until --max_seconds); the run's summary."""
         cfg = self.cfg
-        self.log.line(f"cryorefine refine: {len(self.table)} particles, box {self.box}, {cfg.angpix:.3f} Å/px, device {self.device}, sym {cfg.sym}")
-        t0 = time.perf_counter()
         last = None
         while not self.schedule.final_iteration:
             if self._out_of_time(t0, last):
@@ -419,10 +509,26 @@ class AutoRefine:
             t_it = time.perf_counter()
             self.iterate()
             last = time.perf_counter() - t_it
-        fsc = self.fsc
-        summary = {
-            "final_resolution_angst": shell_to_angstrom(resolution_shell(fsc, 0.143), self.box, cfg.angpix),
-            "iterations": self.iteration, "seconds": time.perf_counter() - t0, "output": f"{self.root}_class001.mrc",
-        }
-        self.log.line("finished: " + json.dumps(summary))
+        return {"final_resolution_angst": shell_to_angstrom(resolution_shell(self.fsc, 0.143), self.box, cfg.angpix),
+                "iterations": self.iteration, "output": f"{self.root}_class001.mrc"}
+
+    def _resume_hint(self) -> str:
+        root = Path(self.root)
+        done = sorted(root.parent.glob(f"{root.name}_it*_optimiser.star"))
+        return f"resume with --continue {done[-1]}" if done else "no iteration finished; start the run again"
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.log.line(f"cryorefine {self.command}: {len(self.table)} particles, box {self.box}, {cfg.angpix:.3f} Å/px, device {self.device}, "
+                      f"{self._describe()}{self._ranks()}")
+        t0 = time.perf_counter()
+        try:
+            self._share_state()
+            self._clock = time.perf_counter()
+            summary = self._iterate_until_done(t0)
+        except DistributedError as exc:
+            raise DistributedError(f"{exc}; {self._resume_hint()}") from exc
+        summary["seconds"] = time.perf_counter() - t0
+        if not summary.get("stopped"):  # a run stopped by --max_seconds has logged how to resume
+            self.log.line("finished: " + json.dumps(summary))
         return summary

@@ -8,7 +8,6 @@ priors, the direction priors, σ² and the offset prior. Fixed sampling (optiona
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -27,8 +26,9 @@ from ..mstep.noise import update_sigma2
 from ..mstep.tau2 import tau2_from_map_power
 from ..reconstruction.reconstruct import MIN_REGULARISED_SHELL, data_vs_prior, reconstruct
 from ..reconstruction.symmetrise import symmetrise_backprojector
-from .auto_refine import AutoRefine, RefineConfig
-from .engine import ParticlePoses, angular_change_deg, prepare_references, run_expectation
+from ..parallel.context import Dist
+from .auto_refine import AutoRefine, IterationPlan, RefineConfig
+from .engine import ParticlePoses, prepare_references
 from .progress import Progress
 
 
@@ -41,8 +41,10 @@ class ClassifyConfig(RefineConfig):
 
 
 class Classify3D(AutoRefine):
-    def __init__(self, cfg: ClassifyConfig):
-        super().__init__(cfg)
+    command = "classify"
+
+    def __init__(self, cfg: ClassifyConfig, dist: Dist | None = None):
+        super().__init__(cfg, dist)
         if cfg.K < 1:
             from ..errors import CryoInputError
 
@@ -67,49 +69,50 @@ class Classify3D(AutoRefine):
         self.class_prior, self.direction_prior = s["class_prior"], s["direction_prior"]
         self.class_resolution, self.initial_class = s["class_resolution"], s["initial_class"]
 
-    def iterate(self) -> dict:
+    def _window_shell(self) -> int:
+        return min(self.box // 2, max(self.class_resolution) + self.cfg.incr_size)
+
+    def _settings(self, sampling) -> EStepSettings:
         cfg, sch = self.cfg, self.schedule
-        t0 = time.perf_counter()
-        window_shell = min(self.box // 2, max(self.class_resolution) + cfg.incr_size)
-        sampling, grid, coarse_shell, window = self._start_iteration(window_shell)
-        first_cc = cfg.firstiter_cc and self.iteration == 1
-        random_class_iter = 2 if cfg.firstiter_cc else 1
         dir_prior = None
         if self.direction_prior is not None and not sch.local_search and self.direction_prior.shape[1] == sampling.n_directions:
             dir_prior = torch.log(self.direction_prior.clamp(min=1e-30))
-        settings = EStepSettings(
-            adaptive_fraction=cfg.adaptive_fraction, maxsig=cfg.maxsig, firstiter_cc=first_cc,
+        return EStepSettings(
+            adaptive_fraction=cfg.adaptive_fraction, maxsig=cfg.maxsig, firstiter_cc=cfg.firstiter_cc and self.iteration == 1,
             local_sigma_deg=sch.sigma_ang_deg if sch.local_search else 0.0, sigma2_offset_angst2=self.sigma2_offset, angpix=cfg.angpix,
             class_log_prior=torch.log(self.class_prior.clamp(min=1e-30)), direction_log_prior=dir_prior, precision=cfg.precision,
         )
-        previous = ParticlePoses(**{k: v.copy() for k, v in self.poses.as_dict().items()})
+
+    def expectation(self, plan: IterationPlan) -> tuple[list[WeightedSums], list[int]]:
+        """E-step of all particles against the K references (this rank's share), combined over ranks."""
+        cfg = self.cfg
+        random_class_iter = 2 if cfg.firstiter_cc else 1
         with self.timer("getFourierTransformsAndCTFs"):
             refs = prepare_references(self.maps, cfg.pad, cfg, self.device)
-        sums = WeightedSums.zeros(cfg.K, self.box, cfg.pad, self.n_groups, sampling.n_directions, device=self.device)
+        sums = WeightedSums.zeros(cfg.K, self.box, cfg.pad, self.n_groups, plan.sampling.n_directions, device=self.device)
         forced = self.initial_class if self.iteration <= random_class_iter else None
-        with Progress(len(self.table), f"iteration {self.iteration:3d}") as progress:
-            run_expectation(self.table, np.arange(len(self.table)), refs, self.poses, grid, window, coarse_shell, self.sigma2.to(self.device),
-                            self.scale, settings, sums, cfg, self.gen, self.timer, progress, self._batch_size(), local=sch.local_search, forced_class=forced,
-                            avg_norm=float(np.mean(self.poses.norm_correction)) if cfg.norm else None)
+        avg_norm = float(np.mean(self.poses.norm_correction)) if cfg.norm else None
+        with Progress(len(self.table), f"iteration {self.iteration:3d}", self.dist.is_main) as bar:
+            done = self._estep_pass(0, np.arange(len(self.table)), refs, plan, sums, self._progress(bar), forced_class=forced, avg_norm=avg_norm)
+        return [sums], self._combine([sums], done)
+
+    def _conclude(self, plan: IterationPlan, sums: list[WeightedSums], previous: ParticlePoses, batches: list[int]) -> tuple[dict, dict]:
+        sch = self.schedule
         with self.timer("M-step"):
-            info = self.maximization(sums, window_shell)
-        d_ang = angular_change_deg(previous.rot_deg, previous.tilt_deg, previous.psi_deg, self.poses.rot_deg, self.poses.tilt_deg, self.poses.psi_deg)
-        d_off = np.hypot(previous.origin_x_angst - self.poses.origin_x_angst, previous.origin_y_angst - self.poses.origin_y_angst) / cfg.angpix
+            info = self.maximization(sums[0], plan.window_shell)
+        change_ang, change_off = self._pose_changes(previous)
         record = {
             "iteration": self.iteration, "resolution_angst": info["resolution_angst"], "healpix_order": sch.healpix_order,
-            "local": sch.local_search, "window_shell": window_shell, "coarse_shell": coarse_shell,
-            "change_orientation_deg": float(np.mean(d_ang)), "change_offset_px": float(np.sqrt(np.mean(d_off**2))),
+            "local": sch.local_search, "window_shell": plan.window_shell, "coarse_shell": plan.coarse_shell,
+            "change_orientation_deg": change_ang, "change_offset_px": change_off,
             "change_class_fraction": float(np.mean(previous.class_number != self.poses.class_number)),
             "mean_significant": float(np.mean(self.poses.n_significant)), "mean_max_prob": float(np.mean(self.poses.max_prob)),
             "accuracy_rotation_deg": float(np.median(self.poses.angular_spread_deg)),
             "class_distribution": self.class_prior.tolist(), "class_resolution_angst": info["class_resolution_angst"],
-            "sigma_offset_angst": math.sqrt(self.sigma2_offset), "seconds": time.perf_counter() - t0, "stages": self.timer.reset(), "final": False,
-            "counters": self.timer.reset_counters(),
+            "sigma_offset_angst": math.sqrt(self.sigma2_offset), "batches_per_rank": batches, "seconds": time.perf_counter() - self._clock,
+            "stages": self.timer.reset(), "final": False, "counters": self.timer.reset_counters(),
         }
-        self.history.append(record)
-        self.write_iteration(info, record)
-        self.log.iteration(record)
-        return record
+        return record, info
 
     def maximization(self, sums: WeightedSums, window_shell: int) -> dict:
         cfg = self.cfg
@@ -168,18 +171,16 @@ class Classify3D(AutoRefine):
             pass
         self._save_state(pre)  # last: an iteration with an optimiser.star has all its outputs
 
-    def run(self) -> dict:
-        cfg = self.cfg
-        self.log.line(f"cryorefine classify: {len(self.table)} particles, K={cfg.K}, box {self.box}, {cfg.angpix:.3f} Å/px, device {self.device}")
-        t0 = time.perf_counter()
+    def _describe(self) -> str:
+        return f"K={self.cfg.K}"
+
+    def _iterate_until_done(self, t0: float) -> dict:
         last = None
-        while self.iteration < cfg.max_iter:
+        while self.iteration < self.cfg.max_iter:
             if self._out_of_time(t0, last):
                 return self._stopped(t0)
             t_it = time.perf_counter()
             self.iterate()
             last = time.perf_counter() - t_it
-        summary = {"iterations": self.iteration, "seconds": time.perf_counter() - t0, "class_distribution": [round(float(x), 4) for x in self.class_prior],
-                   "class_resolution_angst": self.history[-1]["class_resolution_angst"]}
-        self.log.line("finished: " + json.dumps(summary))
-        return summary
+        return {"iterations": self.iteration, "class_distribution": [round(float(x), 4) for x in self.class_prior],
+                "class_resolution_angst": self.history[-1]["class_resolution_angst"]}

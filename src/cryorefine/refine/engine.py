@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -72,6 +73,13 @@ def angular_change_deg(rot0, tilt0, psi0, rot1, tilt1, psi1) -> np.ndarray:
     return torch.rad2deg(torch.acos(((tr - 1) / 2).clamp(-1, 1))).numpy()
 
 
+def batch_generator(noise_key: tuple[int, ...], batch: int) -> torch.Generator:
+    """The random stream of one batch (the noise outside the particle mask): keyed by (seed, iteration, half) and the
+    batch index, so an E-step gives the same result whichever rank takes the batch, in any order."""
+    seed = np.random.SeedSequence([*noise_key, batch]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(seed))
+
+
 def run_expectation(
     table: ParticleTable,
     rows: np.ndarray,
@@ -85,15 +93,19 @@ def run_expectation(
     settings: EStepSettings,
     sums: WeightedSums,
     cfg,
-    generator: torch.Generator,
+    noise_key: tuple[int, ...],
     timer,
     progress=None,
     batch_size: int = 128,
     local: bool = False,
     forced_class: np.ndarray | None = None,
     avg_norm: float | None = None,
-) -> None:
+    tasks: Callable[[int], Iterable[int]] | None = None,
+) -> np.ndarray:
     """E-step over ``rows`` in batches; writes the new best poses into ``poses_now`` and adds into ``sums``.
+
+    ``tasks(n_batches)`` yields the indices of the batches this process does (a task pool; default: all, in order).
+    Returns the rows it did; ``progress(n)`` is called after each batch of n particles.
 
     With ``avg_norm`` (--norm), each image is scaled by avg_norm / rlnNormCorrection and the particle's correction is
     re-estimated as RELION does: old/avg · sqrt(2 Σ residual power / d⁴), the image's residual noise std.
@@ -101,13 +113,16 @@ def run_expectation(
     """
     device = cfg.device
     batches = [rows[s0 : s0 + batch_size] for s0 in range(0, len(rows), batch_size)]
-    for idx, images in read_ahead(lambda b: read_images(table, b), batches):
+    done = []
+    order = range(len(batches)) if tasks is None else tasks(len(batches))
+    for b, images in read_ahead(lambda b: read_images(table, batches[b]), order):
+        idx = batches[b]
         with timer("getFourierTransformsAndCTFs"):
             # the E-step reads the particles' previous offsets from the table
             table.origin_x_angst[idx] = poses_now.origin_x_angst[idx]
             table.origin_y_angst[idx] = poses_now.origin_y_angst[idx]
             norm_scale = None if avg_norm is None else torch.as_tensor(avg_norm / poses_now.norm_correction[idx], dtype=torch.float32)
-            batch = prepare_batch(table, idx, window, sigma2, scale, cfg.particle_diameter, cfg.angpix, cfg.ctf, cfg.zero_mask, generator, device, norm_scale, images)
+            batch = prepare_batch(table, idx, window, sigma2, scale, cfg.particle_diameter, cfg.angpix, cfg.ctf, cfg.zero_mask, batch_generator(noise_key, b), device, norm_scale, images)
             local_prior = None
             if local:
                 local_prior = grid.local_candidates(poses_now.rot_deg[idx], poses_now.tilt_deg[idx], poses_now.psi_deg[idx], settings.local_sigma_deg)
@@ -129,5 +144,7 @@ def run_expectation(
             d4 = float(table.box) ** 4
             total = (res.residual_power + batch.power_outside).cpu().numpy()
             poses_now.norm_correction[idx] = poses_now.norm_correction[idx] / avg_norm * np.sqrt(np.maximum(2.0 * total / d4, 1e-12))
+        done.append(idx)
         if progress is not None:
             progress(len(idx))
+    return np.concatenate(done) if done else np.zeros(0, dtype=np.int64)

@@ -1,4 +1,7 @@
-"""A progress bar per iteration (tqdm) with particles per second and time left; plain lines when not a terminal."""
+"""A progress bar per iteration (tqdm) with particles per second and time left; plain lines when not a terminal.
+
+Under torchrun only rank 0 shows it (``enabled``), set to the particles done on all ranks.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +10,10 @@ import time
 
 
 class Progress:
-    def __init__(self, total: int, label: str):
-        self.total, self.label = total, label
+    def __init__(self, total: int, label: str, enabled: bool = True):
+        self.total, self.label, self.enabled = total, label, enabled
         self.done = 0
-        self.tty = sys.stderr.isatty()
+        self.tty = enabled and sys.stderr.isatty()
         self.bar = None
         self.t0 = time.perf_counter()
         self.last_print = self.t0
@@ -22,10 +25,13 @@ class Progress:
             self.bar = tqdm(total=self.total, desc=self.label, unit="ptcl", leave=False, file=sys.stderr)
         return self
 
-    def __call__(self, n: int) -> None:
-        self.done += n
+    def set(self, done: int) -> None:
+        """``done`` particles so far (all ranks)."""
+        step, self.done = done - self.done, done
         if self.bar is not None:
-            self.bar.update(n)
+            self.bar.update(step)
+            return
+        if not self.enabled:
             return
         now = time.perf_counter()
         if now - self.last_print > 30 or self.done >= self.total:

@@ -1,0 +1,28 @@
+"""One auto-refine E-step from the start state, combined over ranks; rank 0 saves the accumulators and poses.
+
+usage: torchrun --standalone --nproc_per_node N estep_worker.py OUT.pt REFINE_FLAGS...   (tests/parallel/test_distributed.py)
+"""
+
+import sys
+
+import torch
+
+from cryorefine.cli.main import build_parser
+from cryorefine.cli.refine import config_from_args
+from cryorefine.parallel.context import Dist, distributed
+from cryorefine.refine.auto_refine import AutoRefine, RefineConfig
+
+
+def one_estep(refine_flags: list[str], dist: Dist | None = None) -> dict:
+    """sums: each half's accumulators (WeightedSums.tensors()); poses: ParticlePoses arrays; batches: per rank."""
+    cfg = config_from_args(build_parser().parse_args(["refine", *refine_flags]), RefineConfig)
+    engine = AutoRefine(cfg, dist)
+    sums, batches = engine.expectation(engine.plan_iteration())
+    return {"sums": [[t.clone() for t in s.tensors()] for s in sums], "poses": engine.poses.as_dict(), "batches": batches}
+
+
+if __name__ == "__main__":
+    with distributed("cpu", 120.0) as dist:
+        result = one_estep(sys.argv[2:], dist)
+        if dist.is_main:
+            torch.save(result, sys.argv[1])
