@@ -28,25 +28,22 @@ class StageTimer:
             torch.cuda.synchronize()
 
     @contextmanager
-    def __call__(self, name: str):
+    def _timed(self, into: dict, name: str):
+        """Add the synchronised wall time of the block to ``into[name]``."""
         self._sync()
         t0 = time.perf_counter()
         try:
             yield
         finally:
             self._sync()
-            self.seconds[name] += time.perf_counter() - t0
+            into[name] += time.perf_counter() - t0
 
-    @contextmanager
+    def __call__(self, name: str):
+        return self._timed(self.seconds, name)
+
     def substage(self, name: str):
         """Time a part of a stage (synchronised on CUDA) into ``sub_seconds``; the stage's own time is unchanged."""
-        self._sync()
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._sync()
-            self.sub_seconds[name] += time.perf_counter() - t0
+        return self._timed(self.sub_seconds, name)
 
     def add_flops(self, name: str, flops: float, shapes=()) -> None:
         """Count ``flops`` under ``name``; ``shapes``: (key, count) pairs, key like 'mm:MxKxN' or 'bmm:BxMxKxN'."""
