@@ -13,6 +13,8 @@ the results beyond float32 summation order.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import math
 from dataclasses import dataclass
 
@@ -177,8 +179,6 @@ def expectation_batch(
     in tiles of particles predicted to fit it; a tile that runs out of memory is halved and retried, and its sums
     are added only once it has finished.
     """
-    from contextlib import nullcontext
-
     stage = timer or (lambda name: nullcontext())
     budget = tile_budget(batch.f_masked.device) if budget_bytes is None else budget_bytes
     slots = poses.n_rotations if local_prior is None else local_prior[0].shape[1]
@@ -284,8 +284,6 @@ def _expectation_tile(batch, window, coarse_shell, refs, poses, settings, sums, 
     slots (padding and non-significant samples are masked out). storeWeightedSums is matrix products over the same
     grid (per-rotation sums of images, then one insertion per rotation, when the tile is committed).
     """
-    from contextlib import nullcontext
-
     dev = batch.f_masked.device
     n, K = len(batch), len(refs)
     jc = window.prefix(coarse_shell)
