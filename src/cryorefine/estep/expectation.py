@@ -13,9 +13,8 @@ the results beyond float32 summation order.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
