@@ -65,6 +65,7 @@ def main():
     ap.add_argument("--tau2_fudge", type=float, default=4.0), ap.add_argument("--ini_high", type=float, default=40.0)
     ap.add_argument("--healpix_order", type=int, default=2), ap.add_argument("--extra", default="")
     ap.add_argument("--input", default="particles.star", help="STAR file in DIR to classify (e.g. one without the true poses)")
+    ap.add_argument("--name", default="ours", help="output folder in DIR for this run")
     ap.add_argument("--score", help="only score existing outputs with this prefix (e.g. DIR/relion/run_it025) and exit")
     a = ap.parse_args()
     d = Path(a.dir)
@@ -80,7 +81,7 @@ def main():
     write_map(d / "start.mrc", start, a.angpix)
     truth_classes = read_star(d / "particles.star")["particles"]["rlnClassNumber"].to_numpy() - 1
     diameter = a.diameter or 0.9 * a.box * a.angpix
-    args = ["classify", "--i", str(d / a.input), "--o", str(d / "ours" / "run"), "--ref", str(d / "start.mrc"), "--K", str(a.K),
+    args = ["classify", "--i", str(d / a.input), "--o", str(d / a.name / "run"), "--ref", str(d / "start.mrc"), "--K", str(a.K),
             "--iter", str(a.iter), "--tau2_fudge", str(a.tau2_fudge), "--ini_high", str(a.ini_high), "--particle_diameter", str(diameter),
             "--healpix_order", str(a.healpix_order), "--ctf", "--flatten_solvent", "--zero_mask", "--random_seed", "0"] + a.extra.split()
     if a.gpu:
@@ -88,7 +89,7 @@ def main():
     t0 = time.perf_counter()
     assert cli(args) == 0
     wall = time.perf_counter() - t0
-    ours = score(f"{d}/ours/run_it{a.iter:03d}", a.K, truths, truth_classes, a.angpix)
+    ours = score(f"{d}/{a.name}/run_it{a.iter:03d}", a.K, truths, truth_classes, a.angpix)
     # oracle: one E-step against the true maps (classes = states), no M-step influence
     from cryorefine.refine.classify3d import Classify3D, ClassifyConfig
 
@@ -104,7 +105,7 @@ def main():
     oracle.iterate()
     oracle_wall = time.perf_counter() - t1
     oracle_acc = float(np.mean(oracle.poses.class_number - 1 == truth_classes))
-    out = {"particles": int(len(truth_classes)), "K": a.K, "iterations": a.iter, **ours, "oracle_accuracy": oracle_acc,
+    out = {"particles": int(len(truth_classes)), "K": a.K, "iterations": a.iter, "healpix_order": a.healpix_order, "extra": a.extra, **ours, "oracle_accuracy": oracle_acc,
            "wall_s": round(wall, 1), "s_per_iteration": round(wall / a.iter, 2), "oracle_estep_s": round(oracle_wall, 2),
            "device": torch.cuda.get_device_name(0) if a.gpu else "cpu"}
     print(json.dumps(out))

@@ -10,7 +10,7 @@ from cryorefine.cli.main import SUBCOMMANDS, build_parser
 
 # option -> the unit its help must name
 UNITS = {
-    "--ini_high": "Å", "--particle_diameter": "Å", "--low_resol_join_halves": "Å", "--angpix": "Å",
+    "--ini_high": "Å", "--strict_highres_exp": "Å", "--particle_diameter": "Å", "--low_resol_join_halves": "Å", "--angpix": "Å",
     "--defocus_min": "Å", "--defocus_max": "Å", "--astigmatism": "Å", "--max_shift": "Å", "--bfactor": "Å²",
     "--offset_range": "pixels", "--offset_step": "pixels", "--box": "pixels",
     "--sigma_ang": "degrees", "--healpix_order": "°", "--auto_local_healpix_order": "°", "--incr_size": "shells",

@@ -38,7 +38,7 @@ from ..reconstruction.symmetrise import symmetrise_backprojector
 from .engine import ParticlePoses, angular_change_deg, prepare_references, run_expectation
 from .log import RunLog
 from .progress import Progress
-from .schedule import Schedule
+from .schedule import Schedule, strict_window_shell
 from .state import read_state
 from .timing import StageTimer
 
@@ -69,6 +69,7 @@ class RefineConfig:
     random_seed: int = 0
     perturb: float = 0.5
     incr_size: int = 10
+    strict_highres_exp: float = 0.0  # Å; > 0 caps the E-step window at this resolution
     adaptive_fraction: float = 0.999
     tau2_fudge: float = 1.0
     max_iter: int = 50
@@ -193,7 +194,10 @@ class AutoRefine:
         return 1024 if self.device.type == "cuda" else 256
 
     def _window_shell(self) -> int:
-        return self.schedule.window_shell(self.box, self.cfg.incr_size)
+        return self._cap_window(self.schedule.window_shell(self.box, self.cfg.incr_size))
+
+    def _cap_window(self, shell: int) -> int:
+        return strict_window_shell(shell, self.box, self.cfg.angpix, self.cfg.strict_highres_exp)
 
     def _settings(self, sampling) -> EStepSettings:
         cfg, sch = self.cfg, self.schedule

@@ -70,7 +70,7 @@ class Classify3D(AutoRefine):
         self.class_resolution, self.initial_class = s["class_resolution"], s["initial_class"]
 
     def _window_shell(self) -> int:
-        return min(self.box // 2, max(self.class_resolution) + self.cfg.incr_size)
+        return self._cap_window(min(self.box // 2, max(self.class_resolution) + self.cfg.incr_size))
 
     def _settings(self, sampling) -> EStepSettings:
         cfg, sch = self.cfg, self.schedule

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..reconstruction.reconstruct import MIN_REGULARISED_SHELL
+
 MAX_ITER_WITHOUT_RESOLUTION_GAIN = 1
 MAX_ITER_WITHOUT_LARGE_CHANGES = 1
 
@@ -80,3 +82,11 @@ class Schedule:
         self.smallest_change_orientation_deg = 999.0
         self.smallest_change_offset_px = 999.0
         return f"finer sampling: healpix order {self.healpix_order} ({self.angular_step_deg(self.healpix_order):.2f}°), offsets {self.offset_range_px:.2f}/{self.offset_step_px:.2f} px" + (f", local searches sigma {self.sigma_ang_deg:.2f}°" if self.local_search else "")
+
+
+def strict_window_shell(shell: int, box: int, angpix: float, strict_highres_angst: float) -> int:
+    """--strict_highres_exp: the E-step window ends at that resolution, shell round(box·pixel size / limit) as RELION
+    (but never below the first regularised shell); 0 leaves ``shell`` as it is."""
+    if strict_highres_angst <= 0:
+        return shell
+    return int(min(shell, max(MIN_REGULARISED_SHELL, round(box * angpix / strict_highres_angst))))
