@@ -40,7 +40,7 @@ from .log import RunLog
 from .progress import Progress
 from .schedule import Schedule, strict_window_shell
 from .state import read_state
-from .timing import StageTimer
+from .timing import StageTimer, profiled
 
 
 @dataclass
@@ -511,7 +511,8 @@ class AutoRefine:
             if self.schedule.converged or self.iteration >= cfg.max_iter - 1:
                 self.schedule.final_iteration = True
             t_it = time.perf_counter()
-            self.iterate()
+            with profiled(self.iteration + 1):
+                self.iterate()
             last = time.perf_counter() - t_it
         return {"final_resolution_angst": shell_to_angstrom(resolution_shell(self.fsc, 0.143), self.box, cfg.angpix),
                 "iterations": self.iteration, "output": f"{self.root}_class001.mrc"}

@@ -30,6 +30,7 @@ from ..parallel.context import Dist
 from .auto_refine import AutoRefine, IterationPlan, RefineConfig
 from .engine import ParticlePoses, prepare_references
 from .progress import Progress
+from .timing import profiled
 
 
 @dataclass
@@ -180,7 +181,8 @@ class Classify3D(AutoRefine):
             if self._out_of_time(t0, last):
                 return self._stopped(t0)
             t_it = time.perf_counter()
-            self.iterate()
+            with profiled(self.iteration + 1):
+                self.iterate()
             last = time.perf_counter() - t_it
         return {"iterations": self.iteration, "class_distribution": [round(float(x), 4) for x in self.class_prior],
                 "class_resolution_angst": self.history[-1]["class_resolution_angst"]}

@@ -33,7 +33,8 @@ class StageTimer:
         self._sync()
         t0 = time.perf_counter()
         try:
-            yield
+            with torch.profiler.record_function(name):  # named ranges in a CRYOREFINE_PROFILE trace
+                yield
         finally:
             self._sync()
             into[name] += time.perf_counter() - t0
@@ -64,3 +65,30 @@ class StageTimer:
         self.flops.clear()
         self.shapes.clear()
         return out
+
+
+@contextmanager
+def profiled(iteration: int):
+    """Run the block under torch.profiler when CRYOREFINE_PROFILE names this iteration (a benchmark hook, e.g.
+    CRYOREFINE_PROFILE=8 CRYOREFINE_PROFILE_OUT=prof.txt); writes the operators sorted by device and by host time."""
+    import os
+
+    wanted = os.environ.get("CRYOREFINE_PROFILE", "")
+    if str(iteration) not in wanted.split(","):
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts, record_shapes=True) as prof:
+        yield
+    ka = prof.key_averages(group_by_input_shape=False)
+    text = [f"# iteration {iteration}"]
+    if torch.cuda.is_available():
+        text.append(ka.table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=60))
+    text.append(ka.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+    text.append(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total",
+                                                                 row_limit=25, max_name_column_width=40, max_shapes_column_width=80))
+    path = os.environ.get("CRYOREFINE_PROFILE_OUT", f"profile_it{iteration:03d}.txt")
+    with open(path, "a") as fh:
+        fh.write("\n".join(text) + "\n")
