@@ -183,6 +183,8 @@ def available_bytes(device) -> int | None:
     device = torch.device(device)
     if device.type != "cuda":
         return None
+    if device.index is None:  # plain "cuda": the current device (the per-process cap needs an index)
+        device = torch.device("cuda", torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
     reusable = free + torch.cuda.memory_reserved(device) - allocated
