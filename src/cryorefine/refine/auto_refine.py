@@ -159,6 +159,7 @@ class AutoRefine:
         self.iteration = 0
         self.perturbation = 0.0
         self._clock = time.perf_counter()  # start of the current iteration (see iterate)
+        self._reports = None  # report.ReportWriter, made on the first page
         if cfg.continue_from:
             self._load_state(cfg.continue_from)
         else:
@@ -413,13 +414,18 @@ class AutoRefine:
             write_model_star(f"{self.root}_model.star", *model)
             write_particles(f"{self.root}_data.star", self.table, **self._data_columns())
             write_angdist_bild(f"{self.root}_class001_angdist.bild", self.poses.rot_deg, self.poses.tilt_deg, cfg.particle_diameter / (2 * cfg.angpix), self.box // 2, cfg.angpix)
-        try:
-            from ..report import write_report
-
-            write_report(Path(self.root).parent, self.root, self.history, self.fsc.numpy(), self.box, cfg.angpix, self.poses, (self.final_map if self.schedule.final_iteration else self.maps[0]).numpy())
-        except ImportError:
-            pass
+        self._report(self.fsc.numpy(), (self.final_map if self.schedule.final_iteration else self.maps[0]).numpy())
         self._save_state(pre)  # last: an iteration with an optimiser.star has all its outputs
+
+    def _report(self, fsc: np.ndarray, volume: np.ndarray) -> None:
+        """Refresh report.html in the background (report.ReportWriter); skipped where matplotlib is missing."""
+        try:
+            from ..report import ReportWriter
+        except ImportError:
+            return
+        if self._reports is None:
+            self._reports = ReportWriter()
+        self._reports.submit(Path(self.root).parent, self.root, self.history, fsc, self.box, self.cfg.angpix, self.poses, volume)
 
     # ------------------------------------------------------------------ state for --continue
     def _state(self) -> dict:
@@ -533,6 +539,9 @@ class AutoRefine:
             summary = self._iterate_until_done(t0)
         except DistributedError as exc:
             raise DistributedError(f"{exc}; {self._resume_hint()}") from exc
+        finally:
+            if self._reports is not None:
+                self._reports.close()
         summary["seconds"] = time.perf_counter() - t0
         if not summary.get("stopped"):  # a run stopped by --max_seconds has logged how to resume
             self.log.line("finished: " + json.dumps(summary))
