@@ -7,13 +7,13 @@ the grid around each particle's previous offset; fine children 4·t + k (±step/
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..geometry.euler import euler_to_matrix
-from ..geometry.healpix import HealpixSampling, directions_within, oversampled_eulers, sampling_eulers
+from ..geometry.healpix import HealpixSampling, direction_vectors, healpix_directions, oversampled_eulers, sampling_eulers
 from ..geometry.translations import child_translations, perturb_translations_px, translation_grid_px
 
 N_ROT_CHILDREN = 8
@@ -28,6 +28,7 @@ class PoseGrid:
     translations_px: torch.Tensor  # (T, 2) coarse offsets relative to the previous offset, perturbed
     translation_children_px: torch.Tensor  # (4, 2)
     offset_step_px: float
+    _cache: dict = field(default_factory=dict, repr=False)  # device copies of the directions and psi angles for local searches
 
     @classmethod
     def build(cls, sampling: HealpixSampling, offset_range_px: float, offset_step_px: float, device=None, dtype=torch.float32) -> "PoseGrid":
@@ -67,30 +68,54 @@ class PoseGrid:
     def local_candidates(self, rot_deg: np.ndarray, tilt_deg: np.ndarray, psi_deg: np.ndarray, sigma_ang_deg: float, sigma_cutoff: float = 3.0):
         """Coarse rotation ids near each particle's previous pose with RELION's Gaussian prior.
 
-        Returns (ids (n, L) int64, log_prior (n, L), valid (n, L) bool), padded to the largest L.
+        Directions (with symmetry: the nearest symmetry image) and psi angles strictly within sigma_cutoff·σ of the
+        previous pose, or the single nearest where none is (RELION's selectOrientationsWithNonZeroPriorProbability);
+        the prior exp(-(Δdir² + Δpsi²) / 2σ²) normalised over each particle's set. Computed for the whole batch on
+        the grid's device (a per-particle loop on the host took ~0.4 s per 1,000 particles).
+        Returns (ids (n, L) int64, log_prior (n, L) float32, valid (n, L) bool), padded to the largest set.
         """
-        s = self.sampling
+        s, dev = self.sampling, self.device
         max_angle = sigma_cutoff * sigma_ang_deg
-        dir_mask, dir_ang = directions_within(s.order, rot_deg, tilt_deg, max_angle, s.sym_matrices, ipix=s.ipix)  # (n, D)
-        dpsi = (s.psi_deg[None, :] - np.asarray(psi_deg)[:, None] + 180.0) % 360.0 - 180.0  # (n, P)
-        psi_mask = np.abs(dpsi) < max_angle
-        none = ~psi_mask.any(1)
-        psi_mask[none, np.abs(dpsi[none]).argmin(1)] = True
-        n = len(rot_deg)
-        ids, priors = [], []
-        for i in range(n):  # per-particle sets differ in size; n is a batch (tens to hundreds)
-            dd = np.flatnonzero(dir_mask[i])
-            pp = np.flatnonzero(psi_mask[i])
-            c = (dd[:, None] * s.n_psi + pp[None, :]).ravel()
-            lp = (-(dir_ang[i, dd][:, None] ** 2) / (2 * sigma_ang_deg**2) - (dpsi[i, pp][None, :] ** 2) / (2 * sigma_ang_deg**2)).ravel()
-            ids.append(c)
-            priors.append(lp)
-        L = max(len(c) for c in ids)
-        out_ids = np.zeros((n, L), dtype=np.int64)
-        out_lp = np.full((n, L), -np.inf)
-        for i, (c, lp) in enumerate(zip(ids, priors)):
-            out_ids[i, : len(c)] = c
-            out_lp[i, : len(c)] = lp - np.log(np.exp(lp - lp.max()).sum()) - lp.max()
-        dev = self.device
-        lp_t = torch.as_tensor(out_lp, device=dev, dtype=torch.float32)
-        return torch.as_tensor(out_ids, device=dev), lp_t, torch.isfinite(lp_t)
+        if "directions" not in self._cache:
+            rot_all, tilt_all = healpix_directions(s.order)
+            self._cache["directions"] = torch.as_tensor(direction_vectors(rot_all[s.ipix], tilt_all[s.ipix]), device=dev)  # (D, 3)
+            self._cache["psi"] = torch.as_tensor(np.asarray(s.psi_deg, dtype=np.float64), device=dev)  # (P,)
+        vb, psi_all = self._cache["directions"], self._cache["psi"]
+        va = torch.as_tensor(direction_vectors(rot_deg, tilt_deg), device=dev).reshape(-1, 3)  # (n, 3)
+        if s.sym_matrices is None:
+            dots = va @ vb.T
+        else:
+            sym = torch.as_tensor(s.sym_matrices, device=dev, dtype=torch.float64)
+            dots = (va @ (sym @ vb.T)).amax(0)  # (g, n, D) -> nearest symmetry image
+        dir_ang = torch.rad2deg(torch.arccos(dots.clamp(-1.0, 1.0)))  # (n, D)
+        dpsi = torch.remainder(psi_all[None, :] - torch.as_tensor(np.asarray(psi_deg, dtype=np.float64), device=dev)[:, None] + 180.0, 360.0) - 180.0
+
+        def compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Column ids of each row's True entries, first and in order: (ids (n, m), valid (n, m)), m the largest
+            count (a cumulative-sum scatter: no sort)."""
+            count = mask.sum(1)
+            m = int(count.max())
+            slot = torch.where(mask, mask.cumsum(1) - 1, m)  # False entries go to a spare column
+            cols = torch.arange(mask.shape[1], device=dev).expand_as(mask)
+            ids = torch.zeros(len(mask), m + 1, dtype=torch.int64, device=dev).scatter_(1, slot, cols)[:, :m]
+            return ids, torch.arange(m, device=dev)[None, :] < count[:, None]
+
+        def chosen(dist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Entries strictly below the cutoff, or the nearest one where none is."""
+            dist = dist.abs()
+            mask = dist < max_angle
+            mask[torch.arange(len(mask), device=dev), dist.argmin(1)] |= ~mask.any(1)
+            return compact(mask)
+
+        d_ids, d_ok = chosen(dir_ang)
+        p_ids, p_ok = chosen(dpsi)
+        n = len(d_ids)
+        two_var = 2.0 * sigma_ang_deg**2
+        lp = -(dir_ang.gather(1, d_ids) ** 2)[:, :, None] / two_var - (dpsi.gather(1, p_ids) ** 2)[:, None, :] / two_var
+        ok = (d_ok[:, :, None] & p_ok[:, None, :]).reshape(n, -1)
+        ids = (d_ids[:, :, None] * s.n_psi + p_ids[:, None, :]).reshape(n, -1)
+        keep, ok = compact(ok)  # the valid (direction, psi) pairs to the front, the largest set's width
+        ids = ids.gather(1, keep)
+        lp = torch.where(ok, lp.reshape(n, -1).gather(1, keep), -torch.inf)
+        lp = lp - torch.logsumexp(lp, 1, keepdim=True)
+        return torch.where(ok, ids, 0), lp.float(), ok
