@@ -29,9 +29,9 @@ COARSE_BYTES_PER_IMAGE_PIXEL = 32  # per (translation, coarse pixel): shifted im
 COARSE_BYTES_PER_SAMPLE = 72  # per (class, translation, rotation): diff2, softmax/sort/cumsum, significant indices [25; 63 all significant]
 COARSE_BYTES_PER_PARTICLE_PIXEL = 32  # per window pixel: w, sC and the fine pass's per-particle rows
 # coarse pass, per tile
-COARSE_BYTES_PER_PROJECTION_PIXEL = 16  # per (rotation, coarse pixel): the previous class's slices, the real operand
+COARSE_BYTES_PER_PROJECTION_PIXEL = 20  # per (rotation, coarse pixel): the previous class's slices, the real operand, |P|²
 LOCAL_BYTES_PER_GATHERED_ELEMENT = 20  # local searches: gathered candidate slices (complex), real operand, |P|²
-LOCAL_GATHER_ELEMENTS = 1 << 24  # elements per gathered (particles × candidates × pixels) block of the local coarse pass
+LOCAL_GATHER_ELEMENTS = 1 << 26  # elements per gathered (particles × candidates × pixels) block of the local coarse pass
 # fine pass + storeWeightedSums, per particle of a fine chunk
 FINE_BYTES_PER_SLOT_PIXEL = 36  # per (fine rotation slot, pixel): gathered projections, |P|², operands, Σ_t Γ X̃ [28]
 FINE_BYTES_PER_IMAGE_PIXEL = 48  # per (fine translation, pixel): X̃ masked and unmasked, phases, operands, Σ_r Γ P [32]
