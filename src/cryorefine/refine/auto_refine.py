@@ -84,6 +84,20 @@ class RefineConfig:
     solvent_mask_volume: torch.Tensor | None = field(default=None, repr=False)
 
 
+BATCHES_PER_RANK = 8  # per iteration, at least, under torchrun with several ranks (the pool's granularity)
+
+
+def auto_batch_size(n_particles: int, world_size: int, on_gpu: bool) -> int:
+    """Particles per E-step batch for --batch 0: 1024 on a GPU, 256 on the CPU. With several ranks, smaller batches
+    so that each rank gets about BATCHES_PER_RANK of an iteration's batches or more (the pool balances ranks only batch
+    by batch): n / (8 · ranks), rounded down to a multiple of 32, at least 64 (and never above the one-process size)."""
+    base = 1024 if on_gpu else 256
+    if world_size <= 1:
+        return base
+    share = math.ceil(n_particles / (BATCHES_PER_RANK * world_size))
+    return min(base, max(64, share // 32 * 32))
+
+
 def _halves(table: ParticleTable, seed: int) -> np.ndarray:
     """rlnRandomSubset (1/2) where the STAR has it, else a seeded random split into equal halves."""
     subset = np.asarray(table.random_subset)
@@ -192,7 +206,7 @@ class AutoRefine:
     def _batch_size(self) -> int:
         if self.cfg.batch_size > 0:
             return self.cfg.batch_size
-        return 1024 if self.device.type == "cuda" else 256
+        return auto_batch_size(len(self.table), self.dist.world_size, self.device.type == "cuda")
 
     def _window_shell(self) -> int:
         return self._cap_window(self.schedule.window_shell(self.box, self.cfg.incr_size))
@@ -531,7 +545,7 @@ class AutoRefine:
     def run(self) -> dict:
         cfg = self.cfg
         self.log.line(f"cryorefine {self.command}: {len(self.table)} particles, box {self.box}, {cfg.angpix:.3f} Å/px, device {self.device}, "
-                      f"{self._describe()}{self._ranks()}")
+                      f"{self._describe()}{self._ranks()}, batches of {self._batch_size()}")
         t0 = time.perf_counter()
         try:
             self._share_state()

@@ -1,0 +1,50 @@
+"""--batch 0 (automatic): one process keeps 1024 (GPU) / 256 (CPU); several ranks get about 8 batches each per iteration."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cryorefine.parallel.context import Dist
+from cryorefine.refine.auto_refine import AutoRefine, auto_batch_size
+
+BETAGAL = 8915
+
+
+def batches_per_iteration(n: int, batch: int) -> int:
+    """Both half sets, each cut into batches of its own (as AutoRefine.expectation does)."""
+    half = -(-n // 2)
+    return 2 * -(-half // batch)
+
+
+def test_one_process_is_unchanged():
+    for n in (40, BETAGAL, 35645, 10**6):
+        assert auto_batch_size(n, 1, True) == 1024
+        assert auto_batch_size(n, 1, False) == 256
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_several_ranks_get_eight_batches_each(world):
+    b = auto_batch_size(BETAGAL, world, True)
+    assert b % 32 == 0 and 64 <= b < 1024
+    assert batches_per_iteration(BETAGAL, b) >= 8 * world
+    assert {2: 544, 4: 256, 8: 128}[world] == b
+
+
+def test_bounds():
+    assert auto_batch_size(40, 2, True) == 64  # at least 64
+    assert auto_batch_size(35645, 2, True) == 1024  # never above the one-process size
+    assert auto_batch_size(35645, 4, True) == 1024  # 1,114 a rank: capped
+    assert auto_batch_size(35645, 8, True) == 544
+    assert auto_batch_size(BETAGAL, 2, False) == 256  # CPU: capped by its 256
+    assert auto_batch_size(1000, 2, False) == 64  # 63 -> 32 -> at least 64
+
+
+def test_engine_uses_the_rule_unless_batch_is_given():
+    def engine(batch, world, dev):
+        return SimpleNamespace(cfg=SimpleNamespace(batch_size=batch), table=range(BETAGAL), dist=Dist(world_size=world), device=torch.device(dev))
+
+    assert AutoRefine._batch_size(engine(0, 1, "cuda")) == 1024
+    assert AutoRefine._batch_size(engine(0, 2, "cuda")) == 544
+    assert AutoRefine._batch_size(engine(0, 2, "cpu")) == 256
+    assert AutoRefine._batch_size(engine(300, 4, "cuda")) == 300
