@@ -39,7 +39,7 @@ FINE_BYTES_PER_SAMPLE = 20  # per (fine translation, fine rotation slot): cross 
 # the tile's union of fine rotations, and slice extraction
 UNION_BYTES_PER_ROTATION_PIXEL = 20  # per (fine rotation, pixel): projections (complex), data (complex) and weight accumulators
 PROJECTION_BYTES_PER_POINT = 16  # output of a slice extraction and its chunks before torch.cat (complex64)
-INTERPOLATION_BYTES_PER_POINT = 272  # trilinear temporaries per point: 8 corners' int64 index, weight and values [≤ 260]
+INTERPOLATION_BYTES_PER_POINT = 64  # grid_sample's temporaries per point: coordinates, flipped and normalised copies, Re/Im, conj
 
 # fixed volumes, per voxel of V
 REFERENCE_BYTES_PER_VOXEL = 8  # padded transform, complex64

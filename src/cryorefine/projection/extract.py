@@ -101,13 +101,21 @@ def extract_central_slices(transform: PaddedTransform, rotations: torch.Tensor, 
 
 
 def _extract(transform: PaddedTransform, rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:
+    """Trilinear interpolation as one fused torch grid_sample over the half transform's real and imaginary parts
+    (8 corner reads per point and no (points × 8) temporaries: the gather version moved ~270 bytes per point)."""
     f = transform.f_padded
-    coords = slice_coordinates(rotations.to(f.real.dtype), ky, kx, transform.pad)
-    flat, w, flip = _trilinear_corners(coords, transform.size)
-    table = torch.view_as_real(f).reshape(-1, 2)
-    vals = table[flat.reshape(-1)].reshape(*flat.shape, 2)  # (..., r, j, 8, 2)
-    out = (vals * w.unsqueeze(-1).to(vals.dtype)).sum(-2)
-    out = torch.view_as_complex(out.contiguous())
+    size, half = transform.size, transform.size // 2
+    coords = slice_coordinates(rotations.to(f.real.dtype), ky, kx, transform.pad)  # (..., r, j, 3) as (x, y, z)
+    flip = coords[..., 0] < 0  # read from the Friedel mate, conjugated
+    c = torch.where(flip.unsqueeze(-1), -coords, coords)
+    # grid_sample's normalised coordinates (align_corners): index i of an axis of n samples -> -1 + 2 i / (n - 1);
+    # x runs 0..P/2, y and z are centred at P/2. Points past the edge read the edge (padding_mode="border").
+    scale = c.new_tensor([2.0 / half, 2.0 / (size - 1), 2.0 / (size - 1)])
+    offset = c.new_tensor([-1.0, 2.0 * half / (size - 1) - 1.0, 2.0 * half / (size - 1) - 1.0])
+    grid = (c * scale + offset).reshape(1, 1, 1, -1, 3)
+    volume = torch.view_as_real(f).permute(3, 0, 1, 2).unsqueeze(0)  # (1, 2, P, P, P/2 + 1): channels Re, Im
+    vals = torch.nn.functional.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    out = torch.complex(vals[0, 0, 0, 0], vals[0, 1, 0, 0]).reshape(flip.shape)
     return torch.where(flip, out.conj(), out)
 
 
