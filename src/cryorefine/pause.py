@@ -13,10 +13,13 @@ import time
 from pathlib import Path
 
 
-def pause_point(stage: str, key) -> None:
-    """Sleep forever here if CRYOREFINE_TEST_PAUSE_AT names this stage and key."""
+def pause_point(stage: str, key, settle=None) -> None:
+    """Sleep forever here if CRYOREFINE_TEST_PAUSE_AT names this stage and key; ``settle()`` first (the background
+    writer's wait: the earlier iteration's files are complete, as a kill a moment later would find them)."""
     if os.environ.get("CRYOREFINE_TEST_PAUSE_AT") != f"{stage}:{key}":
         return
+    if settle is not None:
+        settle()
     marker = Path(os.environ.get("CRYOREFINE_TEST_PAUSE_MARKER", "cryorefine_paused.txt"))
     marker.write_text(f"{stage}:{key} pid {os.getpid()}\n")
     while True:

@@ -12,15 +12,12 @@ still written, so a report problem never stops a refinement.
 from __future__ import annotations
 
 import base64
-import copy
 import html
 import io
 import math
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -338,35 +335,3 @@ def write_report(out_dir, root: str, history: list[dict], fsc: np.ndarray, box: 
     with atomic_write(path) as tmp:
         Path(tmp).write_text(page, encoding="utf-8")
 
-
-class ReportWriter:
-    """Renders report.html in one background thread: a page takes ~1.5 s of matplotlib on a laptop core, which
-    would otherwise add to every iteration; the E-step mostly waits on the GPU meanwhile. The inputs are copied
-    when a page is submitted, at most one page is in flight, and pages are written in order."""
-
-    def __init__(self):
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending = None
-
-    def submit(self, out_dir, root: str, history: list[dict], fsc, box: int, angpix: float, poses, volume) -> None:
-        self.wait()
-        snapshot = (out_dir, root, copy.deepcopy(list(history)), np.array(fsc, copy=True), box, angpix,
-                    SimpleNamespace(rot_deg=np.array(poses.rot_deg, copy=True), tilt_deg=np.array(poses.tilt_deg, copy=True)),
-                    np.array(volume, copy=True))
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="report")
-        self._pending = self._pool.submit(write_report, *snapshot)
-
-    def wait(self) -> None:
-        """Block until the page in flight is written (re-raises its error)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
-    def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown()
-                self._pool = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -21,6 +22,7 @@ from ..estep.sums import WeightedSums
 from ..fourier.filters import low_pass_filter
 from ..geometry.healpix import make_sampling, next_random_perturbation
 from ..io.atomic import remove_stale_temporaries
+from ..io.background import BackgroundWriter
 from ..io.mrc import read_map, write_map
 from ..io.outputs import it_prefix, write_angdist_bild, write_model_star, write_sampling_star
 from ..io.particles import ParticleTable, load_particles, write_particles
@@ -173,7 +175,7 @@ class AutoRefine:
         self.iteration = 0
         self.perturbation = 0.0
         self._clock = time.perf_counter()  # start of the current iteration (see iterate)
-        self._reports = None  # report.ReportWriter, made on the first page
+        self._writer = BackgroundWriter()  # rank 0's files of an iteration, written while the next one computes
         if cfg.continue_from:
             self._load_state(cfg.continue_from)
         else:
@@ -264,7 +266,7 @@ class AutoRefine:
                 done.append(self._estep_pass(half, np.flatnonzero(self.halves == half), refs, plan, s, self._progress(bar), avg_norm=avg_norm))
                 sums.append(s)
                 if half == 1:
-                    pause_point("estep", self.iteration)
+                    pause_point("estep", self.iteration, self._writer.wait)
         return sums, self._combine(sums, np.concatenate(done))
 
     def iterate(self) -> dict:
@@ -349,7 +351,7 @@ class AutoRefine:
                 bp.weight = torch.where(low, w_sum, bp.weight)
         unfil = [reconstruct(bp) for bp in bps]
         fsc = fsc_curve(unfil[0], unfil[1]).cpu()
-        pause_point("mstep", self.iteration)
+        pause_point("mstep", self.iteration, self._writer.wait)
         self.fsc = fsc
         if sch.final_iteration:
             res_shell = resolution_shell(fsc, 0.143)
@@ -408,7 +410,7 @@ class AutoRefine:
                 "rlnMaxValueProbDistribution": p.max_prob, "rlnNrOfSignificantSamples": p.n_significant,
                 "rlnLogLikeliContribution": p.loglik, "rlnNormCorrection": p.norm_correction, "rlnGroupNumber": self.table.optics_group + 1}
 
-    def write_iteration(self, info, record) -> None:
+    def _write_iteration_files(self, info, record) -> None:
         cfg = self.cfg
         pre = it_prefix(self.root, self.iteration)
         model = self._model_tables(info)
@@ -432,14 +434,27 @@ class AutoRefine:
         self._save_state(pre)  # last: an iteration with an optimiser.star has all its outputs
 
     def _report(self, fsc: np.ndarray, volume: np.ndarray) -> None:
-        """Refresh report.html in the background (report.ReportWriter); skipped where matplotlib is missing."""
+        """Refresh report.html (skipped where matplotlib is missing)."""
         try:
-            from ..report import ReportWriter
+            from ..report import write_report
         except ImportError:
             return
-        if self._reports is None:
-            self._reports = ReportWriter()
-        self._reports.submit(Path(self.root).parent, self.root, self.history, fsc, self.box, self.cfg.angpix, self.poses, volume)
+        write_report(Path(self.root).parent, self.root, self.history, fsc, self.box, self.cfg.angpix, self.poses, volume)
+
+    def _snapshot(self) -> "AutoRefine":
+        """A copy of this engine for the background writer: what the next iteration changes in place (poses, table,
+        schedule, history, random state) is copied, as are the maps; tensors that are replaced, not changed, are shared."""
+        snap = copy.copy(self)
+        snap.poses = ParticlePoses(**{k: v.copy() for k, v in self.poses.as_dict().items()})
+        snap.table, snap.schedule = self.table.subset(np.arange(len(self.table))), copy.deepcopy(self.schedule)  # arrays copied
+        snap.history, snap.rng = copy.deepcopy(self.history), copy.deepcopy(self.rng)
+        snap.maps = [m.clone() for m in self.maps]
+        return snap
+
+    def write_iteration(self, info, record) -> None:
+        """Rank 0's files of this iteration, written by the background writer from a snapshot (io/background.py):
+        the next E-step runs meanwhile. optimiser.star still comes last."""
+        self._writer.submit(self._snapshot()._write_iteration_files, copy.deepcopy(info), copy.deepcopy(record))
 
     # ------------------------------------------------------------------ state for --continue
     def _state(self) -> dict:
@@ -554,8 +569,7 @@ class AutoRefine:
         except DistributedError as exc:
             raise DistributedError(f"{exc}; {self._resume_hint()}") from exc
         finally:
-            if self._reports is not None:
-                self._reports.close()
+            self._writer.close()  # every file of the last iteration is on disk before the run returns
         summary["seconds"] = time.perf_counter() - t0
         if not summary.get("stopped"):  # a run stopped by --max_seconds has logged how to resume
             self.log.line("finished: " + json.dumps(summary))

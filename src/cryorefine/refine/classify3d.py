@@ -143,7 +143,7 @@ class Classify3D(AutoRefine):
         return {"resolution_shell": best, "resolution_angst": shell_to_angstrom(best, self.box, cfg.angpix),
                 "class_resolution_angst": [shell_to_angstrom(s, self.box, cfg.angpix) for s in self.class_resolution]}
 
-    def write_iteration(self, info, record) -> None:
+    def _write_iteration_files(self, info, record) -> None:
         cfg = self.cfg
         pre = it_prefix(self.root, self.iteration)
         for k, m in enumerate(self.maps):
@@ -156,7 +156,7 @@ class Classify3D(AutoRefine):
         n_sh = self.box // 2 + 1
         shells = np.arange(n_sh)
         res = np.where(shells > 0, shells / (self.box * cfg.angpix), 0.0)
-        tables = [pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": res, "rlnReferenceTau2": tau2_from_map_power(m).numpy()[:n_sh]}) for m in self.maps]
+        tables = [pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": res, "rlnReferenceTau2": tau2_from_map_power(m.to(self.device)).cpu().numpy()[:n_sh]}) for m in self.maps]
         write_model_star(f"{pre}_model.star", general, classes, tables, groups, sig)
         cols = self._data_columns()
         cols.pop("rlnRandomSubset")
