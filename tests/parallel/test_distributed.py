@@ -156,9 +156,11 @@ def killed(data):
     env = {**os.environ, "CRYOREFINE_SLOW_RANK": "1:1"}
     p = subprocess.Popen(torchrun(2, "refine", *flags(data, out)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (out / "run_it001_optimiser.star").exists() and time.time() < deadline and p.poll() is None:
-        time.sleep(0.05)
-    # iteration 2 cannot be finished yet: rank 0 is still writing iteration 1, rank 1 needs over 1 s a batch
+    log = out / "run.log"
+    while not (log.exists() and "iter   1:" in log.read_text()) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.02)
+    # iteration 1 is logged and iteration 2 has begun; it cannot be finished yet (rank 1 sleeps 1 s after a batch),
+    # while iteration 1's files are still being written in the background: the error must name them once complete
     os.kill(_rank_pid(p.pid, 1), signal.SIGKILL)
     t0 = time.time()
     _, err = p.communicate(timeout=120)

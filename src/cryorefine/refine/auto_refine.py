@@ -563,13 +563,18 @@ class AutoRefine:
                       f"{self._describe()}{self._ranks()}, batches of {self._batch_size()}")
         t0 = time.perf_counter()
         try:
-            self._share_state()
-            self._clock = time.perf_counter()
-            summary = self._iterate_until_done(t0)
-        except DistributedError as exc:
+            try:
+                self._share_state()
+                self._clock = time.perf_counter()
+                summary = self._iterate_until_done(t0)
+            finally:
+                self._writer.close()  # every file of the last iteration is on disk before the run returns (or fails)
+        except DistributedError as exc:  # also when torchrun's SIGTERM lands while the files are being finished
+            try:
+                self._writer.close()  # the hint names the last iteration whose files are complete
+            except Exception:  # noqa: BLE001 - the distributed error is the one to report
+                pass
             raise DistributedError(f"{exc}; {self._resume_hint()}") from exc
-        finally:
-            self._writer.close()  # every file of the last iteration is on disk before the run returns
         summary["seconds"] = time.perf_counter() - t0
         if not summary.get("stopped"):  # a run stopped by --max_seconds has logged how to resume
             self.log.line("finished: " + json.dumps(summary))
