@@ -7,15 +7,9 @@
 # A hard timeout (budget + 30 s) guards the call; if it fires (say an iteration much longer than the last), `report`
 # writes what is on disk and the next `run` call continues from the last finished iteration.
 set -uo pipefail
-export PYTHONUNBUFFERED=1
 action=${1:?usage: bench/paper_bench.sh ACTION SET [BUDGET_S] [options]}; set_=${2:?SET}; budget=${3:-480}
 shift $(( $# < 3 ? $# : 3 ))
-if [ ! -f /tmp/site/.cryobench_ok ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && touch /tmp/site/.cryobench_ok || exit 1
-fi
-export PYTHONPATH=/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}
-out=${OUT:-bench/results}
-mkdir -p "$out"
+source bench/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null | head -1
 df -h /tmp | tail -1
 timeout -k 10 $(( ${budget%.*} + 30 )) python3 bench/paper_bench.py "$action" "$set_" --budget "$budget" --out "$out" "$@" 2>&1 \

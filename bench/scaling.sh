@@ -6,15 +6,9 @@
 # default 540), SCALING_MAX_SECONDS (--max_seconds of each run, default 200). Data and runs in /tmp/cryobench/SET.
 # Writes $OUT/<date>-<device>-scaling-SET.md, .json, -logs.tgz and $OUT/scaling-SET-call.log; prints a summary.
 set -uo pipefail
-export PYTHONUNBUFFERED=1
 set_=${1:?usage: bash bench/scaling.sh SET [\"1 2 4 8\"] [options]}; gpus=${2:-}
 shift $(( $# < 2 ? $# : 2 ))
-if [ ! -f /tmp/site/.cryobench_ok ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && touch /tmp/site/.cryobench_ok || exit 1
-fi
-export PYTHONPATH=/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}
-out=${OUT:-bench/results}
-mkdir -p "$out"
+source bench/device_env.sh
 budget=${SCALING_BUDGET:-540}
 export SCALING_COMMAND="bash bench/scaling.sh $set_ \"$gpus\"${*:+ $*}"
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader 2>/dev/null
