@@ -64,6 +64,7 @@ def main():
     ap.add_argument("--snr", type=float, default=0.05), ap.add_argument("--diameter", type=float, default=0.0)
     ap.add_argument("--tau2_fudge", type=float, default=4.0), ap.add_argument("--ini_high", type=float, default=40.0)
     ap.add_argument("--healpix_order", type=int, default=2), ap.add_argument("--extra", default="")
+    ap.add_argument("--third", default="moved", choices=["moved", "removed"], help="the third state: one side moved 12 Å, or removed")
     ap.add_argument("--input", default="particles.star", help="STAR file in DIR to classify (e.g. one without the true poses)")
     ap.add_argument("--name", default="ours", help="output folder in DIR for this run")
     ap.add_argument("--score", help="only score existing outputs with this prefix (e.g. DIR/relion/run_it025) and exit")
@@ -75,7 +76,7 @@ def main():
         print(json.dumps(score(a.score, a.K, truths, truth_classes, a.angpix)))
         return
     if not (d / "particles.star").exists():
-        simulate_mixture(d, a.n, a.box, a.angpix, snr=a.snr, seed=0, device="cuda" if a.gpu else None)
+        simulate_mixture(d, a.n, a.box, a.angpix, snr=a.snr, seed=0, device="cuda" if a.gpu else None, third=a.third)
     truths = [read_map(d / f"state{s}" / "truth.mrc")[0] for s in (1, 2, 3)]
     start = low_pass_filter(torch.from_numpy(np.mean(truths, 0)).double(), a.ini_high, a.angpix).float().numpy()
     write_map(d / "start.mrc", start, a.angpix)

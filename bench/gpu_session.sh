@@ -34,16 +34,17 @@ if has citest; then
 fi
 if has classify; then
   # the 3-state mixture (box 64, 3 Å/px) carried in gpudata/mix64, classified from the STAR file without true poses
-  # CLASSIFY_NAME / CLASSIFY_HP / CLASSIFY_EXTRA (e.g. "--strict_highres_exp 10") choose the run
-  M=gpudata/mix64; N=${CLASSIFY_NAME:-ours}
-  timeout ${CLASSIFY_TIMEOUT:-300} python3 bench/classify_mixture.py $M 3000 64 3.0 --gpu --iter ${CLASSIFY_ITER:-25} --diameter 170 --input particles_in.star \
+  # CLASSIFY_NAME / CLASSIFY_HP / CLASSIFY_EXTRA (e.g. "--strict_highres_exp 10") choose the run; CLASSIFY_DATA /
+  # CLASSIFY_BOX / CLASSIFY_ANGPIX another mixture folder (bench/data/mix48r copied to gpudata/)
+  M=${CLASSIFY_DATA:-gpudata/mix64}; N=${CLASSIFY_NAME:-ours}
+  timeout ${CLASSIFY_TIMEOUT:-300} python3 bench/classify_mixture.py $M 3000 ${CLASSIFY_BOX:-64} ${CLASSIFY_ANGPIX:-3.0} --gpu --iter ${CLASSIFY_ITER:-25} --diameter 170 --input particles_in.star \
     --name $N --healpix_order ${CLASSIFY_HP:-2} --extra "${CLASSIFY_EXTRA:-}" > $OUT/classify_$N.json 2> $OUT/classify_err_$N.txt
   tail -3 $OUT/classify_err_$N.txt; cat $OUT/classify_$N.json
   tar czf $OUT/classify_$N.tgz -C $M $N/run.log $(cd $M && ls $N/run_it0*_model.star $N/run_it025_data.star $N/run_it025_class00*.mrc 2>/dev/null) 2>/dev/null
 fi
 if has classparity; then
   # one 3-class E-step from the same state (the classification's last maps) on CPU and GPU
-  M=gpudata/mix64
+  M=${CLASSIFY_DATA:-gpudata/mix64}
   timeout 300 python3 bench/estep_parity.py $M/particles_in.star $M/${CLASSIFY_NAME:-ours}/run_it025_class001.mrc,$M/${CLASSIFY_NAME:-ours}/run_it025_class002.mrc,$M/${CLASSIFY_NAME:-ours}/run_it025_class003.mrc 170 ${PARITY_N:-512} 20 \
     > $OUT/class_parity.json 2> $OUT/class_parity.err; tail -3 $OUT/class_parity.err; cat $OUT/class_parity.json
 fi

@@ -39,7 +39,7 @@ def add_common_args(p, classify: bool = False) -> None:
     p.add_argument("--perturb", type=float, default=0.5, help="random perturbation of the sampling grid (fraction of a step)")
     p.add_argument("--adaptive_fraction", type=float, default=0.999, help="posterior mass of the significant coarse samples")
     p.add_argument("--incr_size", type=int, default=10, help="Fourier shells beyond the current resolution in the E-step window (shells of 1/(box·pixel size) Å⁻¹)")
-    p.add_argument("--strict_highres_exp", type=float, default=0.0, help="use the images only up to this resolution (Å) in the E-step and reconstruction, as RELION's expert option (0 = no limit)")
+    p.add_argument("--strict_highres_exp", type=float, default=0.0, help="score poses and classes with the images only up to this resolution (Å); reconstruction still uses all the current resolution, as RELION's expert option (0 = no limit)")
     p.add_argument("--tau2_fudge", type=float, default=4.0 if classify else 1.0, help="regularisation parameter T")
     p.add_argument("--iter", dest="max_iter", type=int, default=25 if classify else 50, help="number of iterations" + ("" if classify else " (at most; auto-refine stops at convergence)"))
     p.add_argument("--batch", dest="batch_size", type=int, default=0,

@@ -41,6 +41,7 @@ class EStepSettings:
     class_log_prior: torch.Tensor | None = None  # (K,)
     direction_log_prior: torch.Tensor | None = None  # (K, D)
     precision: str = "fp32"  # coarse-pass matrix products: fp32, tf32 or fp16 (precision.py)
+    score_shell: int | None = None  # --strict_highres_exp: pixels beyond this shell are stored but not scored (None: all)
 
 
 @dataclass
@@ -335,7 +336,8 @@ def _expectation_tile(batch, window, coarse_shell, refs, poses, settings, sums, 
         sc = batch.scale[:, None] * batch.ctf
         off_fine = (batch.old_offset_px[:, None, None, :] + poses.fine_translations()[None]).reshape(n, T * N_TRANS_CHILDREN, 2)
         t_prior = translation_log_prior(off_fine, settings) if not cc else torch.zeros(n, T * N_TRANS_CHILDREN, device=dev)
-        const = (w * batch.f_masked.abs() ** 2).sum(1).double()  # (n,)
+        js = J if settings.score_shell is None else window.prefix(settings.score_shell)  # the pixels scored; all are stored
+        const = (w[:, :js] * batch.f_masked[:, :js].abs() ** 2).sum(1).double()  # (n,)
 
     T4, L8 = T * N_TRANS_CHILDREN, Ls * N_ROT_CHILDREN
     chunk = fine_particles_per_chunk(n, budget, G * N_ROT_CHILDREN, T4, L8, J)
@@ -360,13 +362,13 @@ def _expectation_tile(batch, window, coarse_shell, refs, poses, settings, sums, 
         with stage("getAllSquaredDifferences"):
             rows8 = (slot_g[rows][:, :, None] * N_ROT_CHILDREN + child).reshape(m, L8)  # (m, 8L) rows of p_all
             pg = p_all[rows8]  # (m, 8L, J)
-            xt = _translated(batch.f_masked[rows], window, off_fine[rows])  # (m, T4, J)
-            a = _as_real(xt * (w[rows] * sc[rows])[:, None, :])
-            cross = torch.bmm(a, _as_real(pg).transpose(1, 2))  # (m, T4, 8L)
+            xt = _translated(batch.f_masked[rows, :js], window, off_fine[rows])  # (m, T4, js)
+            a = _as_real(xt * (w[rows, :js] * sc[rows, :js])[:, None, :])
+            cross = torch.bmm(a, _as_real(pg[..., :js]).transpose(1, 2))  # (m, T4, 8L)
             if hasattr(stage, "add_flops"):
-                stage.add_flops("fine", 2.0 * m * T4 * 2 * J * L8 + 2.0 * m * L8 * J)  # (m, T4, 2J) @ (m, 2J, 8L) and the |P|² term
+                stage.add_flops("fine", 2.0 * m * T4 * 2 * js * L8 + 2.0 * m * L8 * js)  # (m, T4, 2js) @ (m, 2js, 8L) and the |P|² term
             p2 = pg.real**2 + pg.imag**2
-            third = torch.einsum("mj,mrj->mr", w[rows] * sc[rows] ** 2, p2)  # (m, 8L)
+            third = torch.einsum("mj,mrj->mr", (w[rows] * sc[rows] ** 2)[:, :js], p2[..., :js])  # (m, 8L)
             ok = allowed[rows].repeat_interleave(N_TRANS_CHILDREN, 1).repeat_interleave(N_ROT_CHILDREN, 2)
             if cc:
                 lg = cross / torch.sqrt(third.clamp(min=1e-30))[:, None, :]

@@ -6,7 +6,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +71,7 @@ class RefineConfig:
     random_seed: int = 0
     perturb: float = 0.5
     incr_size: int = 10
-    strict_highres_exp: float = 0.0  # Å; > 0 caps the E-step window at this resolution
+    strict_highres_exp: float = 0.0  # Å; > 0 scores poses and classes only up to this resolution
     adaptive_fraction: float = 0.999
     tau2_fudge: float = 1.0
     max_iter: int = 50
@@ -211,10 +211,7 @@ class AutoRefine:
         return auto_batch_size(len(self.table), self.dist.world_size, self.device.type == "cuda")
 
     def _window_shell(self) -> int:
-        return self._cap_window(self.schedule.window_shell(self.box, self.cfg.incr_size))
-
-    def _cap_window(self, shell: int) -> int:
-        return strict_window_shell(shell, self.box, self.cfg.angpix, self.cfg.strict_highres_exp)
+        return self.schedule.window_shell(self.box, self.cfg.incr_size)
 
     def _settings(self, sampling) -> EStepSettings:
         cfg, sch = self.cfg, self.schedule
@@ -232,8 +229,12 @@ class AutoRefine:
         self.perturbation = next_random_perturbation(self.perturbation, cfg.perturb, self.rng)
         sampling = make_sampling(sch.healpix_order, cfg.sym, self.perturbation)
         grid = PoseGrid.build(sampling, sch.offset_range_px, sch.offset_step_px, device=self.device)
-        coarse_shell = sch.coarse_shell(window_shell, self.box, cfg.angpix, cfg.particle_diameter)
-        return IterationPlan(sampling, grid, Window.build(self.box, window_shell, self.device), window_shell, coarse_shell, self._settings(sampling))
+        # --strict_highres_exp (RELION's meaning): both passes score up to that shell (it replaces the adaptive coarse
+        # size); reconstruction and σ² still use the whole window
+        score_shell = strict_window_shell(window_shell, self.box, cfg.angpix, cfg.strict_highres_exp)
+        coarse_shell = score_shell if cfg.strict_highres_exp > 0 else sch.coarse_shell(window_shell, self.box, cfg.angpix, cfg.particle_diameter)
+        settings = replace(self._settings(sampling), score_shell=score_shell)
+        return IterationPlan(sampling, grid, Window.build(self.box, window_shell, self.device), window_shell, coarse_shell, settings)
 
     def _estep_pass(self, half: int, rows: np.ndarray, refs, plan: IterationPlan, sums: WeightedSums, progress, **kw) -> np.ndarray:
         """This rank's batches of one E-step pass over ``rows`` (``half``: 1, 2, or 0 for all); returns the rows it did."""

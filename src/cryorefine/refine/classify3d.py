@@ -2,7 +2,8 @@
 
 RELION's scheme: K copies of the low-passed reference; in the first iteration (the second with --firstiter_cc)
 each particle is held to a random class with a full pose search; then the E-step marginalises over classes and
-poses; the M-step reconstructs each class with τ² from its map's power (× --tau2_fudge), and updates the class
+poses; the M-step reconstructs each class with τ² from the power of the reference the E-step used (× --tau2_fudge),
+and updates the class
 priors, the direction priors, σ² and the offset prior. Fixed sampling (optionally local searches, --sigma_ang).
 """
 
@@ -23,7 +24,7 @@ from ..io.mrc import write_map
 from ..io.outputs import it_prefix, write_model_star, write_sampling_star
 from ..io.particles import write_particles
 from ..mstep.noise import update_sigma2
-from ..mstep.tau2 import tau2_from_map_power
+from ..mstep.tau2 import tau2_from_reference
 from ..reconstruction.reconstruct import MIN_REGULARISED_SHELL, data_vs_prior, reconstruct
 from ..reconstruction.symmetrise import symmetrise_backprojector
 from ..parallel.context import Dist
@@ -71,7 +72,7 @@ class Classify3D(AutoRefine):
         self.class_resolution, self.initial_class = s["class_resolution"], s["initial_class"]
 
     def _window_shell(self) -> int:
-        return self._cap_window(min(self.box // 2, max(self.class_resolution) + self.cfg.incr_size))
+        return min(self.box // 2, max(self.class_resolution) + self.cfg.incr_size)
 
     def _settings(self, sampling) -> EStepSettings:
         cfg, sch = self.cfg, self.schedule
@@ -90,6 +91,8 @@ class Classify3D(AutoRefine):
         random_class_iter = 2 if cfg.firstiter_cc else 1
         with self.timer("getFourierTransformsAndCTFs"):
             refs = prepare_references(self.maps, cfg.pad, cfg, self.device)
+            # RELION takes each class's τ² for this iteration's reconstruction from the reference as prepared here
+            self.class_tau2 = [tau2_from_reference(r, plan.window_shell) for r in refs]
         sums = WeightedSums.zeros(cfg.K, self.box, cfg.pad, self.n_groups, plan.sampling.n_directions, device=self.device)
         forced = self.initial_class if self.iteration <= random_class_iter else None
         avg_norm = float(np.mean(self.poses.norm_correction)) if cfg.norm else None
@@ -130,7 +133,7 @@ class Classify3D(AutoRefine):
         n_sh = self.box // 2 + 1
         for k, bp in enumerate(sums.backprojectors):
             symmetrise_backprojector(bp, cfg.sym)
-            tau2 = tau2_from_map_power(self.maps[k].to(self.device))
+            tau2 = self.class_tau2[k]
             new_maps.append(reconstruct(bp, tau2, cfg.tau2_fudge, max_shell=window_shell).cpu())
             # resolution (RELION): one shell inside the first where the data-to-prior ratio drops below 1
             below = (data_vs_prior(bp, tau2, cfg.tau2_fudge, n_sh, window_shell)[1:] < 1).nonzero()
@@ -156,7 +159,7 @@ class Classify3D(AutoRefine):
         n_sh = self.box // 2 + 1
         shells = np.arange(n_sh)
         res = np.where(shells > 0, shells / (self.box * cfg.angpix), 0.0)
-        tables = [pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": res, "rlnReferenceTau2": tau2_from_map_power(m.to(self.device)).cpu().numpy()[:n_sh]}) for m in self.maps]
+        tables = [pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": res, "rlnReferenceTau2": t.cpu().numpy()[:n_sh]}) for t in self.class_tau2]
         write_model_star(f"{pre}_model.star", general, classes, tables, groups, sig)
         cols = self._data_columns()
         cols.pop("rlnRandomSubset")

@@ -85,7 +85,7 @@ class Schedule:
 
 
 def strict_window_shell(shell: int, box: int, angpix: float, strict_highres_angst: float) -> int:
-    """--strict_highres_exp: the E-step window ends at that resolution, shell round(box·pixel size / limit) as RELION
+    """--strict_highres_exp: the last shell the E-step scores, round(box·pixel size / limit) as RELION
     (but never below the first regularised shell); 0 leaves ``shell`` as it is."""
     if strict_highres_angst <= 0:
         return shell
