@@ -416,10 +416,13 @@ def _store_chunk(batch, window, rows, off_fine, gam, pg, p2, rows8, g_class, g_c
     """storeWeightedSums for particles ``rows``: per-rotation image sums (batched GEMMs) and the M-step statistics.
 
     gam (m, T4, 8L): posterior of each fine sample; pg (m, 8L, J) its projections; rows8 (m, 8L) rows in the batch union.
-    Returns each particle's expected residual power Σ_j Σ Γ |X̃ − sCP|² (m,).
+    The unmasked image is back-projected; the noise, scale and --norm statistics use the masked image, as RELION's
+    (with --zero_mask its σ² is then ~the noise power times the mask's area fraction: sharper posteriors).
+    Returns each particle's expected residual power Σ_j Σ Γ |X̃ − sCP|² (m,) of the masked image.
     """
     dev = batch.f_masked.device
     xu = _translated(batch.f_unmasked[rows], window, off_fine[rows])  # (m, T4, J)
+    xm = _translated(batch.f_masked[rows], window, off_fine[rows])
     m, T4, J = xu.shape
     s = batch.scale[rows][:, None]
     ctf, inv_s2 = batch.ctf[rows], batch.inv_sigma2[rows]
@@ -429,9 +432,10 @@ def _store_chunk(batch, window, rows, off_fine, gam, pg, p2, rows8, g_class, g_c
     gsum = gam.sum(1)  # (m, 8L)
     acc_w.index_add_(0, rows8.reshape(-1), (gsum[:, :, None] * ((s * ctf) ** 2 * inv_s2)[:, None, :]).reshape(-1, J))
     q = torch.complex(torch.bmm(gam, pg.real), -torch.bmm(gam, pg.imag))  # Σ_r Γ conj(P): (m, T4, J)
-    xq = (xu * q).real.sum(1)  # Re Σ_t X̃ Σ_r Γ conj(P)
+    xq = (xm * q).real.sum(1)  # Re Σ_t X̃ Σ_r Γ conj(P)
+    del xm
     pp = torch.einsum("mr,mrj->mj", gsum, p2)
-    resid = (batch.f_unmasked[rows].abs() ** 2).double() + ((s * ctf) ** 2 * pp - 2.0 * s * ctf * xq).double()
+    resid = (batch.f_masked[rows].abs() ** 2).double() + ((s * ctf) ** 2 * pp - 2.0 * s * ctf * xq).double()
     xa, aa = (ctf * xq).double(), (ctf**2 * pp).double()
     S = sums.sigma2_noise.shape[1]
     shell = window.shell.clamp(max=S - 1)

@@ -44,14 +44,14 @@ class Window:
 @dataclass
 class ImageBatch:
     indices: np.ndarray  # (n,) particle rows
-    f_masked: torch.Tensor  # (n, j) complex: masked image, for the alignment
-    f_unmasked: torch.Tensor  # (n, j) complex: for the reconstruction and σ²
+    f_masked: torch.Tensor  # (n, j) complex: masked image, for the alignment, σ², the scale and --norm (as RELION)
+    f_unmasked: torch.Tensor  # (n, j) complex: for the reconstruction
     ctf: torch.Tensor  # (n, j) real (ones without CTF)
     inv_sigma2: torch.Tensor  # (n, j) real: 1/σ² of the particle's noise group at each pixel
     scale: torch.Tensor  # (n,) intensity scale of the particle's group
     old_offset_px: torch.Tensor  # (n, 2) previous origin offset (x, y) in pixels
     group: torch.Tensor  # (n,) noise (optics) group index
-    power_outside: torch.Tensor | None = None  # (n,) Σ|X|² of the pixels outside the window (DC excluded)
+    power_outside: torch.Tensor | None = None  # (n,) Σ|X|² of the masked image's pixels outside the window (DC excluded)
 
     def __len__(self):
         return len(self.indices)
@@ -95,14 +95,14 @@ def prepare_batch(
         imgs = imgs * norm_scale.to(device=device, dtype=imgs.dtype)[:, None, None]
     group = torch.as_tensor(table.optics_group[indices], device=device)
     f_full = rfft2_centered(imgs).flatten(1)
-    power = f_full.abs() ** 2
-    power_outside = power.sum(1) - power[:, 0] - power[:, window.flat_index].sum(1)
     mask = soft_sphere((box, box), particle_diameter_angst / (2 * angpix), MASK_EDGE_PX, device=device)
     if zero_mask:
         masked = imgs * mask
     else:
         masked = imgs * mask + (1 - mask) * noise_images(sigma2[group], box, generator, device)
     f_masked = rfft2_centered(masked).flatten(1)
+    power = f_masked.abs() ** 2  # RELION's noise statistics come from the masked image
+    power_outside = power.sum(1) - power[:, 0] - power[:, window.flat_index].sum(1)
     if do_ctf and table.has_ctf:
         ctf = ctf_for_particles(table, indices, window.ky, window.kx, box, device=device)
     else:

@@ -5,13 +5,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..fourier.filters import soft_sphere
 from ..fourier.grids import rfft2_centered, shell_index_2d
 from ..io.particles import ParticleTable, read_images
 
 
-def initial_sigma2(table: ParticleTable, n_groups: int, max_particles: int = 1000, batch: int = 256, device=None) -> torch.Tensor:
-    """(G, d//2+1) σ² from the images: (⟨|X|²⟩ − |⟨X⟩|²)/2 per shell, per group (RELION's start from the power spectra)."""
+def initial_sigma2(table: ParticleTable, n_groups: int, max_particles: int = 1000, batch: int = 256, device=None,
+                   mask_radius_px: float | None = None, mask_edge_px: float = 5.0) -> torch.Tensor:
+    """(G, d//2+1) σ² from the images: (⟨|X|²⟩ − |⟨X⟩|²)/2 per shell, per group (RELION's start from the power spectra),
+    of the images under the soft circular particle mask of ``mask_radius_px`` (RELION masks them as the E-step does)."""
     box = table.box
+    mask = None if mask_radius_px is None else soft_sphere((box, box), mask_radius_px, mask_edge_px, device=device)
     S = box // 2 + 1
     shells = shell_index_2d(box, device).flatten().clamp(max=S - 1)
     idx = np.linspace(0, len(table) - 1, min(len(table), max_particles)).round().astype(int)
@@ -21,7 +25,8 @@ def initial_sigma2(table: ParticleTable, n_groups: int, max_particles: int = 100
     count = torch.zeros(n_groups, dtype=torch.float64, device=device)
     for s0 in range(0, len(idx), batch):
         rows = idx[s0 : s0 + batch]
-        f = rfft2_centered(torch.from_numpy(read_images(table, rows)).to(device)).flatten(1).to(torch.complex128)
+        imgs = torch.from_numpy(read_images(table, rows)).to(device)
+        f = rfft2_centered(imgs if mask is None else imgs * mask).flatten(1).to(torch.complex128)
         g = torch.as_tensor(table.optics_group[rows], device=device)
         p = torch.zeros(len(rows), S, dtype=torch.float64, device=device).index_add_(1, shells, f.abs() ** 2)
         power.index_add_(0, g, p)

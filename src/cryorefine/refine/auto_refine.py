@@ -182,7 +182,7 @@ class AutoRefine:
             start = low_pass_filter(torch.from_numpy(ref).double(), cfg.ini_high, cfg.angpix).float()
             self.maps = [start.clone(), start.clone()]
             self.poses = ParticlePoses.from_table(self.table)
-            self.sigma2 = initial_sigma2(self.table, self.n_groups, device=self.device).cpu()
+            self.sigma2 = initial_sigma2(self.table, self.n_groups, device=self.device, mask_radius_px=cfg.particle_diameter / (2 * cfg.angpix)).cpu()
             self.scale = torch.ones(self.n_groups, dtype=torch.float64)
             self.sigma2_offset = (cfg.offset_range * cfg.angpix) ** 2
             ini_shell = max(1, int(round(self.box * cfg.angpix / cfg.ini_high)))
