@@ -8,7 +8,8 @@ only its inputs: the ImageBatch (masked/unmasked pixels, CTF, 1/σ², scale, pre
 PoseGrid's angles and translations, and central slices of a float64 padded transform (not under test).
 
 Checked: best pose (class, fine Euler angles, offsets), rlnMaxValueProbDistribution, n_significant, the
-log-likelihood log Σ exp(−diff2 + log priors), and the back-projected data/weights of the weighted sums.
+log-likelihood log Σ exp(−diff2 + log priors), the back-projected data/weights of the weighted sums (unmasked image)
+and the noise and scale statistics (masked image, as RELION).
 A negative control (image moved by −offset in the reference) must change the best poses.
 """
 
@@ -191,9 +192,11 @@ def reference_estep(d, grid: PoseGrid, local=None, sign: float = 1.0, with_sums:
                 rots.append(rot_f[None].expand(4, 8, 3, 3).reshape(32, 3, 3))
                 vals.append((g * (sc * inv_s2 * xuf)[:, None, :]).reshape(32, J))
                 wts.append((g * (sc * sc * inv_s2)).expand(4, 8, J).reshape(32, J))
-                r = xuf[:, None, :] - sc * proj_f[None, :, :]  # (4, 8, J) residual of every fine sample
+                # the noise and scale statistics from the masked image (RELION's storeWeightedSums)
+                xmf = _moved(xm, ky, kx, off_f, sign)
+                r = xmf[:, None, :] - sc * proj_f[None, :, :]  # (4, 8, J) residual of every fine sample
                 stats["sigma2_noise"].index_add_(0, shell, (g * (r.real**2 + r.imag**2)).sum((0, 1)))
-                stats["scale_xa"].index_add_(0, shell, (g * ctf * (xuf[:, None, :] * proj_f[None].conj()).real).sum((0, 1)))
+                stats["scale_xa"].index_add_(0, shell, (g * ctf * (xmf[:, None, :] * proj_f[None].conj()).real).sum((0, 1)))
                 stats["scale_aa"].index_add_(0, shell, (g * ctf**2 * (proj_f.real**2 + proj_f.imag**2)[None]).sum((0, 1)))
                 off_sq += float((gam[q].sum(1) * ((off_f * ANGPIX) ** 2).sum(-1)).sum())
                 c = meta_ids[q]
