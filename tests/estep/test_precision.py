@@ -83,8 +83,7 @@ def coarse_errors(d, precision: str, device=None, local=None):
     batch = type(b)(**{k: (move(v) if isinstance(v, torch.Tensor) else v) for k, v in vars(b).items()})
     grid = d["grid"]
     if device is not None:
-        grid = PoseGrid(grid.sampling, grid.coarse_eulers_deg, move(grid.coarse_rotations), move(grid.translations_px),
-                        move(grid.translation_children_px), grid.offset_step_px)
+        grid = PoseGrid(grid.sampling, move(grid.translations_px), move(grid.translation_children_px), grid.offset_step_px, device)
     win = Window(*(move(getattr(d["window"], k)) for k in ("flat_index", "ky", "kx", "shell")), BOX)
     ref = type(d["ref32"])(move(d["ref32"].f_padded), BOX, 2)
     d2 = get_all_squared_differences_coarse(batch, win, d["jc"], [ref], grid, local, precision=precision)[:, 0].cpu().double()

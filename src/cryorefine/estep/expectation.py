@@ -106,7 +106,7 @@ def get_all_squared_differences_coarse(batch: ImageBatch, window: Window, jc: in
         else:
             ids = local[0]
             uniq, inv = torch.unique(ids, return_inverse=True)
-            pu = extract_central_slices(ref, poses.coarse_rotations[uniq], ky, kx)  # (U, jc)
+            pu = extract_central_slices(ref, poses.rotations(uniq), ky, kx)  # (U, jc)
             # the real operand and |P|² once per distinct rotation, not per (particle, candidate): the gathers below
             # are then plain row copies (the per-block cat and square were most of the local coarse pass's time)
             pu_real, pu_pow = _as_real(pu), pu.real**2 + pu.imag**2  # (U, 2jc), (U, jc)

@@ -23,32 +23,59 @@ N_TRANS_CHILDREN = 4
 @dataclass
 class PoseGrid:
     sampling: HealpixSampling
-    coarse_eulers_deg: np.ndarray  # (R, 3)
-    coarse_rotations: torch.Tensor  # (R, 3, 3)
     translations_px: torch.Tensor  # (T, 2) coarse offsets relative to the previous offset, perturbed
     translation_children_px: torch.Tensor  # (4, 2)
     offset_step_px: float
-    _cache: dict = field(default_factory=dict, repr=False)  # device copies of the directions and psi angles for local searches
+    device: torch.device | str | None = None
+    dtype: torch.dtype = torch.float32
+    _cache: dict = field(default_factory=dict, repr=False)  # rotations, directions and psi angles on the device
 
     @classmethod
     def build(cls, sampling: HealpixSampling, offset_range_px: float, offset_step_px: float, device=None, dtype=torch.float32) -> "PoseGrid":
-        e = sampling_eulers(sampling)
-        rot = euler_to_matrix(*(torch.as_tensor(e[:, i]) for i in range(3))).to(device=device, dtype=dtype)
         t = translation_grid_px(offset_range_px, offset_step_px)
         t = perturb_translations_px(t, sampling.random_perturbation, offset_step_px)
-        return cls(sampling, e, rot, t.to(device=device, dtype=dtype), child_translations(offset_step_px).to(device=device, dtype=dtype), offset_step_px)
+        return cls(sampling, t.to(device=device, dtype=dtype), child_translations(offset_step_px).to(device=device, dtype=dtype), offset_step_px, device, dtype)
 
     @property
     def n_rotations(self) -> int:
-        return self.coarse_rotations.shape[0]
+        return self.sampling.n_directions * self.sampling.n_psi
 
     @property
     def n_translations(self) -> int:
         return self.translations_px.shape[0]
 
     @property
-    def device(self):
-        return self.coarse_rotations.device
+    def coarse_eulers_deg(self) -> np.ndarray:
+        """(R, 3) (rot, tilt, psi) degrees of every coarse rotation, perturbed (made on first use)."""
+        if "eulers" not in self._cache:
+            self._cache["eulers"] = sampling_eulers(self.sampling)
+        return self._cache["eulers"]
+
+    @property
+    def coarse_rotations(self) -> torch.Tensor:
+        """(R, 3, 3) every coarse rotation (made on first use: global searches need them all)."""
+        if "rotations" not in self._cache:
+            self._cache["rotations"] = self.rotations(torch.arange(self.n_rotations, device=self.device))
+        return self._cache["rotations"]
+
+    def rotations(self, ids: torch.Tensor) -> torch.Tensor:
+        """(m, 3, 3) matrices of coarse rotation ids (m,), made for those ids only: local searches use a few per
+        particle, and all of a fine grid would take seconds (HEALPix order 6: 37.7 million rotations).
+        The grid's random perturbation is applied as RELION's getOrientations: R(rot, tilt, psi) · R(d, d, d)."""
+        if "rotations" in self._cache:
+            return self._cache["rotations"][ids]
+        s = self.sampling
+        if "angles" not in self._cache:
+            as64 = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64), device=self.device)  # noqa: E731
+            self._cache["angles"] = (as64(s.rot_deg), as64(s.tilt_deg), as64(s.psi_deg))
+        rot, tilt, psi = self._cache["angles"]
+        ids = ids.to(device=rot.device, dtype=torch.long)
+        d, p = ids // s.n_psi, ids % s.n_psi
+        a = euler_to_matrix(rot[d], tilt[d], psi[p])
+        step = float(s.random_perturbation) * float(s.angular_step_deg)
+        if step != 0:
+            a = a @ euler_to_matrix(step, step, step).to(a)
+        return a.to(self.dtype)
 
     def fine_eulers_deg(self, coarse_ids: np.ndarray) -> np.ndarray:
         """(m, 8, 3) Euler angles (degrees) of the fine children of coarse rotation ids (m,)."""
@@ -59,7 +86,7 @@ class PoseGrid:
     def fine_rotations(self, coarse_ids: torch.Tensor) -> torch.Tensor:
         """(m, 8, 3, 3) rotation matrices of the fine children of coarse ids (m,)."""
         e = torch.as_tensor(self.fine_eulers_deg(coarse_ids.cpu().numpy()))
-        return euler_to_matrix(e[..., 0], e[..., 1], e[..., 2]).to(device=self.device, dtype=self.coarse_rotations.dtype)
+        return euler_to_matrix(e[..., 0], e[..., 1], e[..., 2]).to(device=self.device, dtype=self.dtype)
 
     def fine_translations(self) -> torch.Tensor:
         """(T, 4, 2) fine offsets (relative to the previous offset) of every coarse translation."""

@@ -1,0 +1,26 @@
+"""PoseGrid.rotations: the matrices of chosen coarse ids, made without materialising the whole grid, against the
+matrices of the grid's perturbed Euler angles (geometry.healpix.sampling_eulers, RELION's getOrientations order)."""
+
+import numpy as np
+import pytest
+import torch
+
+from cryorefine.estep.poses import PoseGrid
+from cryorefine.geometry.euler import euler_to_matrix
+from cryorefine.geometry.healpix import make_sampling, sampling_eulers
+
+
+@pytest.mark.parametrize("order, sym, perturbation", [(2, "C1", 0.0), (2, "C1", 0.37), (3, "D2", -0.21)])
+def test_rotations_of_ids_match_the_grid_eulers(order, sym, perturbation):
+    grid = PoseGrid.build(make_sampling(order, sym, perturbation), 3.0, 1.5)
+    ids = torch.as_tensor(np.random.default_rng(0).choice(grid.n_rotations, 500, replace=False))
+    e = torch.as_tensor(sampling_eulers(grid.sampling))[ids]
+    expect = euler_to_matrix(e[:, 0], e[:, 1], e[:, 2])
+    got = grid.rotations(ids).double()
+    assert (got - expect).abs().max() < 1e-6
+    # control: the unperturbed grid's matrices differ where the grid is perturbed
+    if perturbation != 0:
+        e0 = torch.as_tensor(sampling_eulers(grid.sampling, perturbed=False))[ids]
+        assert (got - euler_to_matrix(e0[:, 0], e0[:, 1], e0[:, 2])).abs().max() > 1e-3
+    assert "rotations" not in grid._cache  # nothing was made for the whole grid
+    torch.testing.assert_close(grid.coarse_rotations[ids], grid.rotations(ids))
