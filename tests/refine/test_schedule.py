@@ -16,3 +16,20 @@ def test_coarse_shell_is_never_beyond_the_window():
     sch = Schedule(healpix_order=1, offset_range_px=5, offset_step_px=2)
     capped = strict_window_shell(32, 64, 3.0, 10.0)
     assert sch.coarse_shell(capped, 64, 3.0, 170.0) <= capped
+
+
+def stalled(order: int) -> Schedule:
+    return Schedule(healpix_order=order, offset_range_px=5, offset_step_px=2, iter_without_resolution_gain=1, iter_without_large_changes=1)
+
+
+def test_sampling_is_fine_enough_below_three_quarters_of_the_accuracy():
+    # RELION's updateAngularSampling: HEALPix order 5 samples 1.875°, its fine (oversampled) step is 0.9375°
+    sch = stalled(5)
+    sch.advance(accuracy_deg=1.3, auto_local_order=4)  # 0.9375 < 0.75 · 1.3 = 0.975: fine enough
+    assert sch.converged and sch.healpix_order == 5
+    sch = stalled(5)
+    sch.advance(accuracy_deg=1.2, auto_local_order=4)  # 0.9375 >= 0.9: one order finer, local searches
+    assert not sch.converged and sch.healpix_order == 6 and sch.local_search
+    assert abs(sch.sigma_ang_deg - 2 * 0.46875) < 1e-9  # σ = 2 × the new fine step (RELION's updateAngularSampling)
+    sch = Schedule(healpix_order=5, offset_range_px=5, offset_step_px=2)  # not stalled: nothing changes
+    assert sch.advance(accuracy_deg=100.0, auto_local_order=4) is None and not sch.converged

@@ -102,3 +102,36 @@ def test_sigma2_after_each_iteration_matches_relion(relion_run):
         ours = sigma2_of(d / "ours" / f"run_it{it:03d}_model.star")[shells] / BOX**4
         print(f"it {it}: sigma2 ours/RELION {np.round(ours / theirs, 3)}")
         assert np.abs(ours / theirs - 1).max() < SIGMA2_TOL
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_expected_accuracy_matches_relion(relion_run, k, monkeypatch):
+    """refine/accuracy.py against RELION's rlnAccuracyRotations / rlnAccuracyTranslationsAngst of iteration 2, which
+    RELION estimates at the start of iteration 2 from each class's iteration-1 map, σ² and poses (all 40 particles, as
+    fewer than its 100 trials; the perturbed angle and shift axes are random on both sides). Within 30 %; control:
+    the threshold of one posterior standard deviation (0.5 instead of ln 100) must fail."""
+    from cryorefine.ctf import ctf_for_particles
+    from cryorefine.estep.images import Window
+    from cryorefine.refine import accuracy
+
+    d = relion_run.parent
+    model2 = starfile.read(relion_run / "run_it002_model.star")
+    current = int(model2["model_general"]["rlnCurrentImageSize"])
+    theirs_rot = float(model2["model_classes"]["rlnAccuracyRotations"].iloc[k - 1])
+    theirs_trans = float(model2["model_classes"]["rlnAccuracyTranslationsAngst"].iloc[k - 1]) / ANGPIX
+    table = load_particles(d / "particles.star")
+    poses = starfile.read(relion_run / "run_it001_data.star")["particles"]
+    assert (poses["rlnImageName"].values == starfile.read(d / "particles.star")["particles"]["rlnImageName"].values).all()
+    eulers = poses[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
+    window = Window.build(BOX, current // 2)
+    idx = np.arange(len(eulers))
+    ctf = ctf_for_particles(table, idx, window.ky, window.kx, BOX)
+    sigma2 = torch.as_tensor(sigma2_of(relion_run / "run_it001_model.star")) * BOX**4
+    inv_sigma2 = (1.0 / sigma2[window.shell.clamp(max=BOX // 2)])[None, :].expand(len(idx), -1).float()
+    ref = prepare_padded_transform(torch.from_numpy(read_map(relion_run / f"run_it001_class{k:03d}.mrc")[0]).float(), 2)
+    ours_rot, ours_trans = accuracy.expected_accuracy(ref, eulers, ctf, inv_sigma2, window, np.random.default_rng(0))
+    print(f"class {k}: rotations ours {ours_rot:.2f}° RELION {theirs_rot:.2f}°; translations ours {ours_trans:.2f} px RELION {theirs_trans:.2f} px")
+    assert abs(ours_rot / theirs_rot - 1) < 0.3 and abs(ours_trans / theirs_trans - 1) < 0.3
+    monkeypatch.setattr(accuracy, "LOG_LIKELIHOOD_DROP", 0.5)
+    wrong_rot, _ = accuracy.expected_accuracy(ref, eulers, ctf, inv_sigma2, window, np.random.default_rng(0))
+    assert abs(wrong_rot / theirs_rot - 1) > 0.3, wrong_rot

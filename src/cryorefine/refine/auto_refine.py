@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..ctf import ctf_for_particles
 from ..errors import CryoInputError, DistributedError
 from ..estep.expectation import EStepSettings
 from ..estep.images import Window
@@ -37,6 +38,7 @@ from ..projection.insert import BackProjector
 from ..reconstruction.fsc import fsc_curve, fsc_to_ssnr, resolution_shell, shell_to_angstrom
 from ..reconstruction.reconstruct import padded_shell_index, reconstruct
 from ..reconstruction.symmetrise import symmetrise_backprojector
+from .accuracy import N_TRIALS, expected_accuracy
 from .engine import ParticlePoses, angular_change_deg, prepare_references, run_expectation
 from .log import RunLog
 from .progress import Progress
@@ -307,14 +309,36 @@ class AutoRefine:
             "local": sch.local_search, "window_shell": plan.window_shell, "coarse_shell": plan.coarse_shell,
             "change_orientation_deg": change_ang, "change_offset_px": change_off,
             "mean_significant": float(np.mean(self.poses.n_significant)), "mean_max_prob": float(np.mean(self.poses.max_prob)),
-            "accuracy_rotation_deg": float(np.median(self.poses.angular_spread_deg)), "accuracy_offset_px": float(np.median(self.poses.offset_spread_px)),
-            "sigma_offset_angst": math.sqrt(self.sigma2_offset), "batches_per_rank": batches, "seconds": time.perf_counter() - self._clock,
-            "stages": self.timer.reset(), "final": sch.final_iteration, "counters": self.timer.reset_counters(),
+            "posterior_spread_deg": float(np.median(self.poses.angular_spread_deg)), "posterior_spread_px": float(np.median(self.poses.offset_spread_px)),
+            "sigma_offset_angst": math.sqrt(self.sigma2_offset), "batches_per_rank": batches,
         }
+        with self.timer("M-step"):
+            record["accuracy_rotation_deg"], record["accuracy_offset_px"] = self._expected_accuracy(plan)
+        record.update({"seconds": time.perf_counter() - self._clock, "stages": self.timer.reset(), "final": sch.final_iteration,
+                       "counters": self.timer.reset_counters()})
         if not sch.final_iteration:
             sch.update_changes(info["resolution_shell"], change_ang, change_off)
             record["note"] = sch.advance(record["accuracy_rotation_deg"], cfg.auto_local_healpix_order)
         return record, info
+
+    def _expected_accuracy(self, plan: IterationPlan) -> tuple[float, float]:
+        """RELION's expected accuracy (accuracy.py; degrees, pixels) of up to 100 half-1 particles, drawn anew each
+        iteration, at their new poses against half 1's new map, over the window the E-step scores."""
+        cfg = self.cfg
+        rows = np.flatnonzero(self.halves == 1)
+        rng = np.random.default_rng([cfg.random_seed, self.iteration, 17])
+        pick = np.sort(rng.choice(rows, min(N_TRIALS, len(rows)), replace=False))
+        window = Window.build(self.box, plan.settings.score_shell or plan.window_shell, self.device)
+        ref = prepare_references([self.maps[0]], cfg.pad, cfg, self.device)[0]
+        if cfg.ctf and self.table.has_ctf:
+            ctf = ctf_for_particles(self.table, pick, window.ky, window.kx, self.box, device=self.device)
+        else:
+            ctf = torch.ones(len(pick), window.size, device=self.device)
+        sigma2 = self.sigma2.to(self.device)
+        inv_sigma2 = 1.0 / sigma2[torch.as_tensor(self.table.optics_group[pick], device=self.device)][:, window.shell.clamp(max=sigma2.shape[1] - 1)]
+        p = self.poses
+        eulers = np.stack([p.rot_deg[pick], p.tilt_deg[pick], p.psi_deg[pick]], -1)
+        return expected_accuracy(ref, eulers, ctf, inv_sigma2.float(), window, rng)
 
     def _share_state(self) -> None:
         """Rank 0's model, schedule, poses and history on every rank, so that all plan the same next iteration."""
@@ -375,7 +399,7 @@ class AutoRefine:
         return {"resolution_shell": res_shell, "resolution_angst": shell_to_angstrom(res_shell, self.box, cfg.angpix), "fsc": fsc}
 
     # ------------------------------------------------------------------ outputs
-    def _model_tables(self, info) -> tuple:
+    def _model_tables(self, info, record) -> tuple:
         cfg = self.cfg
         n_sh = self.box // 2 + 1
         shells = np.arange(n_sh)
@@ -393,8 +417,8 @@ class AutoRefine:
             "rlnAveragePmax": float(np.mean(self.poses.max_prob)),
         }
         classes = [{"rlnReferenceImage": f"{it_prefix(self.root, self.iteration)}_half1_class001.mrc", "rlnClassDistribution": 1.0,
-                    "rlnAccuracyRotations": float(np.median(self.poses.angular_spread_deg)),
-                    "rlnAccuracyTranslationsAngst": float(np.median(self.poses.offset_spread_px)) * cfg.angpix, "rlnEstimatedResolution": info["resolution_angst"], "rlnOverallFourierCompleteness": 1.0}]
+                    "rlnAccuracyRotations": record["accuracy_rotation_deg"],
+                    "rlnAccuracyTranslationsAngst": record["accuracy_offset_px"] * cfg.angpix, "rlnEstimatedResolution": info["resolution_angst"], "rlnOverallFourierCompleteness": 1.0}]
         tau2 = self.tau2.numpy() if hasattr(self, "tau2") else np.zeros(n_sh)
         class_table = pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": res, "rlnAngstromResolution": np.where(res > 0, 1 / np.maximum(res, 1e-12), 999.0),
                                     "rlnSsnrMap": ssnr, "rlnGoldStandardFsc": fsc, "rlnFourierCompleteness": np.ones(n_sh), "rlnReferenceTau2": tau2[:n_sh]})
@@ -414,7 +438,7 @@ class AutoRefine:
     def _write_iteration_files(self, info, record) -> None:
         cfg = self.cfg
         pre = it_prefix(self.root, self.iteration)
-        model = self._model_tables(info)
+        model = self._model_tables(info, record)
         for h in (1, 2):
             m = self.unfil[h - 1] if self.schedule.final_iteration else self.maps[h - 1]
             write_map(f"{pre}_half{h}_class001.mrc", m.numpy(), cfg.angpix)

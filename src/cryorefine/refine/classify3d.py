@@ -111,7 +111,7 @@ class Classify3D(AutoRefine):
             "change_orientation_deg": change_ang, "change_offset_px": change_off,
             "change_class_fraction": float(np.mean(previous.class_number != self.poses.class_number)),
             "mean_significant": float(np.mean(self.poses.n_significant)), "mean_max_prob": float(np.mean(self.poses.max_prob)),
-            "accuracy_rotation_deg": float(np.median(self.poses.angular_spread_deg)),
+            "accuracy_rotation_deg": float(np.median(self.poses.angular_spread_deg)), "accuracy_offset_px": float(np.median(self.poses.offset_spread_px)),
             "class_distribution": self.class_prior.tolist(), "class_resolution_angst": info["class_resolution_angst"],
             "sigma_offset_angst": math.sqrt(self.sigma2_offset), "batches_per_rank": batches, "seconds": time.perf_counter() - self._clock,
             "stages": self.timer.reset(), "final": False, "counters": self.timer.reset_counters(),
@@ -151,7 +151,7 @@ class Classify3D(AutoRefine):
         pre = it_prefix(self.root, self.iteration)
         for k, m in enumerate(self.maps):
             write_map(f"{pre}_class{k + 1:03d}.mrc", m.numpy(), cfg.angpix)
-        general, _, _, groups, sig = self._model_tables(info)
+        general, _, _, groups, sig = self._model_tables(info, record)
         general.update({"rlnNrClasses": cfg.K, "rlnTau2FudgeFactor": cfg.tau2_fudge})
         classes = [{"rlnReferenceImage": f"{pre}_class{k + 1:03d}.mrc", "rlnClassDistribution": float(self.class_prior[k]),
                     "rlnAccuracyRotations": record["accuracy_rotation_deg"], "rlnAccuracyTranslationsAngst": 999.0,

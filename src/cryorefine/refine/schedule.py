@@ -9,6 +9,7 @@ from ..reconstruction.reconstruct import MIN_REGULARISED_SHELL
 
 MAX_ITER_WITHOUT_RESOLUTION_GAIN = 1
 MAX_ITER_WITHOUT_LARGE_CHANGES = 1
+FINE_ENOUGH = 0.75  # RELION: the sampling is fine enough once its fine step is below this fraction of the accuracy
 
 
 @dataclass
@@ -61,22 +62,23 @@ class Schedule:
     def advance(self, accuracy_deg: float, auto_local_order: int, max_order: int = 8) -> str | None:
         """After an iteration: sample finer or declare convergence. Returns a note of what changed.
 
-        ``accuracy_deg``: the expected angular error of the particles (median posterior RMS angle), RELION's
-        rlnAccuracyRotations in spirit: sampling finer than that gains nothing.
+        ``accuracy_deg``: RELION's expected angular accuracy (refine/accuracy.py, rlnAccuracyRotations). As RELION's
+        updateAngularSampling: once a fine (oversampled) step is below 0.75 of it, finer sampling gains nothing.
         """
         stalled = self.iter_without_resolution_gain >= MAX_ITER_WITHOUT_RESOLUTION_GAIN and self.iter_without_large_changes >= MAX_ITER_WITHOUT_LARGE_CHANGES
         if not stalled:
             return None
         fine_step = self.angular_step_deg(self.healpix_order) / 2  # the oversampled step of the fine pass
-        if fine_step <= accuracy_deg or self.healpix_order >= max_order:
+        if fine_step < FINE_ENOUGH * accuracy_deg or self.healpix_order >= max_order:
             self.converged = True
-            return f"converged (fine step {fine_step:.2f}° <= estimated accuracy {accuracy_deg:.2f}°)"
+            return f"converged (fine step {fine_step:.2f}° < {FINE_ENOUGH} × estimated accuracy {accuracy_deg:.2f}°)"
         self.healpix_order += 1
         self.offset_step_px = max(self.offset_step_px / 2, 0.25)
         self.offset_range_px = max(self.offset_range_px / 2, 2 * self.offset_step_px)
         if self.healpix_order >= auto_local_order:
             self.local_search = True
-            self.sigma_ang_deg = 2.0 * self.angular_step_deg(self.healpix_order)
+            # RELION: σ = 2 × the new fine (oversampled) step, i.e. one coarse step; 3σ bounds the candidates
+            self.sigma_ang_deg = 2.0 * self.angular_step_deg(self.healpix_order) / 2
         self.iter_without_resolution_gain = 0
         self.iter_without_large_changes = 0
         self.smallest_change_orientation_deg = 999.0
