@@ -11,23 +11,18 @@ operands, the numbers cuBLAS gives); tf32 and the cuBLAS fp16 path run in the GP
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from cryorefine.density import atoms_to_map, packaged_model, read_atoms
 from cryorefine.estep.expectation import EStepSettings, get_all_squared_differences_coarse, significant_mask, translation_log_prior
-from cryorefine.estep.images import Window, prepare_batch
+from cryorefine.estep.images import Window
 from cryorefine.estep.poses import PoseGrid
 from cryorefine.estep.precision import matmul_nt, row_scaled_half
 from cryorefine.fourier.shift import phase_shift_factors
 from cryorefine.geometry.euler import euler_to_matrix
 from cryorefine.geometry.healpix import make_sampling
-from cryorefine.io.mrc import read_map
-from cryorefine.io.particles import load_particles
-from cryorefine.mstep.noise import initial_sigma2
 from cryorefine.projection.extract import extract_central_slices, prepare_padded_transform
-from cryorefine.simulate import simulate_particles
+from simulated_batch import simulated_batch
 
 BOX, ANGPIX, N = 64, 3.0, 16
 COARSE_SHELL, WINDOW_SHELL = 12, 21
@@ -37,16 +32,8 @@ FP32_TOL = 1e-3
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
-    out = tmp_path_factory.mktemp("precision")
-    xyz, w = read_atoms(packaged_model())
-    simulate_particles(atoms_to_map(xyz, w, BOX, ANGPIX, bfactor=50.0), ANGPIX, out, N, snr=0.05, seed=3, max_shift_angst=4.0)
-    table = load_particles(out / "particles.star")
-    truth, _ = read_map(out / "truth.mrc")
-    window = Window.build(BOX, WINDOW_SHELL)
-    batch = prepare_batch(table, np.arange(N), window, initial_sigma2(table, 1), torch.ones(1, dtype=torch.float64),
-                          0.8 * BOX * ANGPIX, ANGPIX, True, True, torch.Generator().manual_seed(0), None)
+    vol, window, batch = simulated_batch(tmp_path_factory.mktemp("precision"), BOX, ANGPIX, N, WINDOW_SHELL, 0.05, 3, 4.0)
     grid = PoseGrid.build(make_sampling(1, "C1", 0.2), 3.0, 1.5)
-    vol = torch.from_numpy(truth).double()
     d = dict(batch=batch, window=window, grid=grid, jc=window.prefix(COARSE_SHELL), ref32=prepare_padded_transform(vol.float(), 2))
     d.update(reference_diff2(d, prepare_padded_transform(vol, 2)))
     return d

@@ -15,17 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from cryorefine.density import atoms_to_map, packaged_model, read_atoms
 from cryorefine.estep.expectation import EStepSettings, expectation_batch
-from cryorefine.estep.images import Window, prepare_batch
 from cryorefine.estep.poses import PoseGrid
 from cryorefine.estep.sums import WeightedSums
 from cryorefine.geometry.healpix import make_sampling
-from cryorefine.io.mrc import read_map
-from cryorefine.io.particles import load_particles
-from cryorefine.mstep.noise import initial_sigma2
 from cryorefine.projection.extract import prepare_padded_transform
-from cryorefine.simulate import simulate_particles
+from simulated_batch import simulated_batch
 
 BOX, ANGPIX, N = 64, 3.0, 8
 SCORE_SHELL, WINDOW_SHELL, COARSE_SHELL = 10, 20, 8
@@ -33,14 +28,7 @@ SCORE_SHELL, WINDOW_SHELL, COARSE_SHELL = 10, 20, 8
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
-    out = tmp_path_factory.mktemp("score_shell")
-    xyz, w = read_atoms(packaged_model())
-    simulate_particles(atoms_to_map(xyz, w, BOX, ANGPIX, bfactor=50.0), ANGPIX, out, N, snr=0.5, seed=5, max_shift_angst=3.0)
-    table = load_particles(out / "particles.star")
-    truth, _ = read_map(out / "truth.mrc")
-    window = Window.build(BOX, WINDOW_SHELL)
-    batch = prepare_batch(table, np.arange(N), window, initial_sigma2(table, 1), torch.ones(1, dtype=torch.float64),
-                          0.8 * BOX * ANGPIX, ANGPIX, True, True, torch.Generator().manual_seed(0), None)
+    truth, window, batch = simulated_batch(tmp_path_factory.mktemp("score_shell"), BOX, ANGPIX, N, WINDOW_SHELL, 0.5, 5, 3.0)
     js = window.prefix(SCORE_SHELL)
     g = torch.Generator().manual_seed(1)
     junk = 50.0 * torch.randn(N, window.size - js, 2, generator=g) * batch.f_masked.abs().mean()
@@ -48,7 +36,7 @@ def case(tmp_path_factory):
     for f in (bad.f_masked, bad.f_unmasked):
         f[:, js:] = torch.complex(junk[..., 0], junk[..., 1])
     return dict(batch=batch, bad=bad, window=window, grid=PoseGrid.build(make_sampling(1, "C1", 0.0), 3.0, 1.5),
-                ref=prepare_padded_transform(torch.from_numpy(truth).float(), 2))
+                ref=prepare_padded_transform(truth.float(), 2))
 
 
 def run(case, batch, score_shell):
