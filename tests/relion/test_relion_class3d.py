@@ -102,6 +102,11 @@ def test_sigma2_after_each_iteration_matches_relion(relion_run):
         ours = sigma2_of(d / "ours" / f"run_it{it:03d}_model.star")[shells] / BOX**4
         print(f"it {it}: sigma2 ours/RELION {np.round(ours / theirs, 3)}")
         assert np.abs(ours / theirs - 1).max() < SIGMA2_TOL
+    # each class's rlnAccuracyRotations from each program's own iteration-1 maps and poses: RELION estimates it at
+    # the start of iteration 2 and writes it there, ours at the end of iteration 1 (where its schedule uses it)
+    acc = [starfile.read(m)["model_classes"]["rlnAccuracyRotations"].to_numpy() for m in (relion_run / "run_it002_model.star", d / "ours" / "run_it001_model.star")]
+    print(f"accuracy of rotations from the iteration-1 maps: RELION {acc[0]}, ours {acc[1]}")
+    assert np.all(np.abs(acc[1] / acc[0] - 1) < 0.35)
 
 
 @pytest.mark.parametrize("k", [1, 2])

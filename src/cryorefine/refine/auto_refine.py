@@ -313,7 +313,7 @@ class AutoRefine:
             "sigma_offset_angst": math.sqrt(self.sigma2_offset), "batches_per_rank": batches,
         }
         with self.timer("M-step"):
-            record["accuracy_rotation_deg"], record["accuracy_offset_px"] = self._expected_accuracy(plan)
+            record["accuracy_rotation_deg"], record["accuracy_offset_px"] = self._expected_accuracy(plan, self.maps[0], np.flatnonzero(self.halves == 1))
         record.update({"seconds": time.perf_counter() - self._clock, "stages": self.timer.reset(), "final": sch.final_iteration,
                        "counters": self.timer.reset_counters()})
         if not sch.final_iteration:
@@ -321,15 +321,16 @@ class AutoRefine:
             record["note"] = sch.advance(record["accuracy_rotation_deg"], cfg.auto_local_healpix_order)
         return record, info
 
-    def _expected_accuracy(self, plan: IterationPlan) -> tuple[float, float]:
-        """RELION's expected accuracy (accuracy.py; degrees, pixels) of up to 100 half-1 particles, drawn anew each
-        iteration, at their new poses against half 1's new map, over the window the E-step scores."""
+    def _expected_accuracy(self, plan: IterationPlan, volume: torch.Tensor, rows: np.ndarray) -> tuple[float, float]:
+        """RELION's expected accuracy (accuracy.py; degrees, pixels) of up to 100 of ``rows``, drawn anew each
+        iteration (the same for every map), at their new poses against ``volume`` (auto-refine: half 1's new map),
+        over the window the E-step scores. RELION makes the same estimate at the start of the next iteration, where it
+        decides that iteration's sampling (as ours does now) and writes it into that iteration's model.star."""
         cfg = self.cfg
-        rows = np.flatnonzero(self.halves == 1)
         rng = np.random.default_rng([cfg.random_seed, self.iteration, 17])
         pick = np.sort(rng.choice(rows, min(N_TRIALS, len(rows)), replace=False))
         window = Window.build(self.box, plan.settings.score_shell or plan.window_shell, self.device)
-        ref = prepare_references([self.maps[0]], cfg.pad, cfg, self.device)[0]
+        ref = prepare_references([volume], cfg.pad, cfg, self.device)[0]
         if cfg.ctf and self.table.has_ctf:
             ctf = ctf_for_particles(self.table, pick, window.ky, window.kx, self.box, device=self.device)
         else:

@@ -34,6 +34,9 @@ from .progress import Progress
 from .timing import profiled
 
 
+MIN_CLASS_FOR_ACCURACY = 0.01  # RELION estimates the accuracy of classes holding at least this fraction
+
+
 @dataclass
 class ClassifyConfig(RefineConfig):
     K: int = 3
@@ -104,6 +107,11 @@ class Classify3D(AutoRefine):
         sch = self.schedule
         with self.timer("M-step"):
             info = self.maximization(sums[0], plan.window_shell)
+            # RELION: each class of at least 1 % against all particles; 999 for the others; overall the smallest.
+            # From this iteration's maps and poses: RELION writes the same estimate into the next iteration's model.star
+            rows = np.arange(len(self.table))
+            acc = [self._expected_accuracy(plan, m, rows) if float(p) >= MIN_CLASS_FOR_ACCURACY else (999.0, 999.0)
+                   for m, p in zip(self.maps, self.class_prior)]
         change_ang, change_off = self._pose_changes(previous)
         record = {
             "iteration": self.iteration, "resolution_angst": info["resolution_angst"], "healpix_order": sch.healpix_order,
@@ -111,7 +119,8 @@ class Classify3D(AutoRefine):
             "change_orientation_deg": change_ang, "change_offset_px": change_off,
             "change_class_fraction": float(np.mean(previous.class_number != self.poses.class_number)),
             "mean_significant": float(np.mean(self.poses.n_significant)), "mean_max_prob": float(np.mean(self.poses.max_prob)),
-            "accuracy_rotation_deg": float(np.median(self.poses.angular_spread_deg)), "accuracy_offset_px": float(np.median(self.poses.offset_spread_px)),
+            "accuracy_rotation_deg": min(a[0] for a in acc), "accuracy_offset_px": min(a[1] for a in acc),
+            "class_accuracy": [list(a) for a in acc], "posterior_spread_deg": float(np.median(self.poses.angular_spread_deg)),
             "class_distribution": self.class_prior.tolist(), "class_resolution_angst": info["class_resolution_angst"],
             "sigma_offset_angst": math.sqrt(self.sigma2_offset), "batches_per_rank": batches, "seconds": time.perf_counter() - self._clock,
             "stages": self.timer.reset(), "final": False, "counters": self.timer.reset_counters(),
@@ -154,7 +163,7 @@ class Classify3D(AutoRefine):
         general, _, _, groups, sig = self._model_tables(info, record)
         general.update({"rlnNrClasses": cfg.K, "rlnTau2FudgeFactor": cfg.tau2_fudge})
         classes = [{"rlnReferenceImage": f"{pre}_class{k + 1:03d}.mrc", "rlnClassDistribution": float(self.class_prior[k]),
-                    "rlnAccuracyRotations": record["accuracy_rotation_deg"], "rlnAccuracyTranslationsAngst": 999.0,
+                    "rlnAccuracyRotations": record["class_accuracy"][k][0], "rlnAccuracyTranslationsAngst": min(999.0, record["class_accuracy"][k][1] * cfg.angpix),
                     "rlnEstimatedResolution": info["class_resolution_angst"][k], "rlnOverallFourierCompleteness": 1.0} for k in range(cfg.K)]
         n_sh = self.box // 2 + 1
         shells = np.arange(n_sh)
