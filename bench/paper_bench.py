@@ -312,7 +312,7 @@ def job_argv(s: BenchSet, p: Paths, gpu: bool, max_seconds: float | None, cpu_su
     if gpu:
         argv.append("--gpu")
     if max_seconds:
-        argv += ["--max_seconds", f"{max_seconds:.0f}"]
+        argv += ["--max_seconds", f"{max_seconds:g}"]
     return argv + extra.split()
 
 

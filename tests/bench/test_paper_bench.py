@@ -52,8 +52,9 @@ def test_tiny_run_stop_continue_and_results(tmp_path):
     assert pb.main(["build", "tiny", "--workdir", str(w), "--no_gpu"]) == 0
     build = json.loads((p.data / "build.json").read_text())
     assert set(build["steps"]) == {"make_bench_data", "project", "add_noise", "reference"} and build["n"] == 40
-    # a first call that the wall-time budget stops after one iteration, as the harness would run it
-    assert cli(pb.job_argv(s, p, False, 1)) == 0
+    # a first call that the wall-time budget stops after one iteration, as the harness would run it (a budget shorter
+    # than any iteration: 1 s was not, once a tiny iteration took under half a second)
+    assert cli(pb.job_argv(s, p, False, 0.01)) == 0
     assert pb.iterations_done(p.run_root) == [1] and not pb.is_finished(s, p)
     # the harness continues it (--continue), finishes, runs the CPU subset and writes the results
     assert pb.main(["run", "tiny", "--workdir", str(w), "--out", str(out), "--no_gpu", "--budget", "400"]) == 0
