@@ -33,3 +33,17 @@ def test_sampling_is_fine_enough_below_three_quarters_of_the_accuracy():
     assert abs(sch.sigma_ang_deg - 2 * 0.46875) < 1e-9  # σ = 2 × the new fine step (RELION's updateAngularSampling)
     sch = Schedule(healpix_order=5, offset_range_px=5, offset_step_px=2)  # not stalled: nothing changes
     assert sch.advance(accuracy_deg=100.0, auto_local_order=4) is None and not sch.converged
+
+
+def test_changes_within_three_percent_of_the_smallest_are_not_large():
+    # RELION's updateOverallChangesInHiddenVariables: the counter grows unless a change falls > 3 % below the smallest
+    sch = Schedule(healpix_order=3, offset_range_px=5, offset_step_px=2)
+    sch.update_changes(10, 3.17, 0.41)  # first at this sampling: below the initial 999 → large
+    assert sch.iter_without_large_changes == 0
+    sch.update_changes(10, 3.10, 0.40)  # 3.10 · 1.03 = 3.19 ≥ 3.17 and 0.40 · 1.03 = 0.412 ≥ 0.41: not large
+    assert sch.iter_without_large_changes == 1
+    sch.update_changes(10, 3.20, 0.38)  # 0.38 · 1.03 = 0.391 < 0.40 (the smallest now): large
+    assert sch.iter_without_large_changes == 0
+    assert (sch.smallest_change_orientation_deg, sch.smallest_change_offset_px) == (3.10, 0.38)
+    sch.update_changes(10, 3.5, 0.5)
+    assert sch.iter_without_large_changes == 1 and sch.iter_without_resolution_gain == 3

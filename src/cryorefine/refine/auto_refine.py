@@ -572,7 +572,7 @@ class AutoRefine:
             if self.schedule.converged or self.iteration >= cfg.max_iter - 1:
                 self.schedule.final_iteration = True
             t_it = time.perf_counter()
-            with profiled(self.iteration + 1):
+            with profiled(self.iteration + 1, self.schedule.final_iteration):
                 self.iterate()
             last = time.perf_counter() - t_it
         return {"final_resolution_angst": shell_to_angstrom(resolution_shell(self.fsc, 0.143), self.box, cfg.angpix),

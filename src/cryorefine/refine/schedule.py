@@ -9,6 +9,7 @@ from ..reconstruction.reconstruct import MIN_REGULARISED_SHELL
 
 MAX_ITER_WITHOUT_RESOLUTION_GAIN = 1
 MAX_ITER_WITHOUT_LARGE_CHANGES = 1
+LARGE_CHANGE_TOLERANCE = 1.03  # RELION: changes within 3 % of the smallest so far are not large
 FINE_ENOUGH = 0.75  # RELION: the sampling is fine enough once its fine step is below this fraction of the accuracy
 
 
@@ -52,12 +53,12 @@ class Schedule:
             self.iter_without_resolution_gain = 0
         else:
             self.iter_without_resolution_gain += 1
-        if change_orientation_deg < self.smallest_change_orientation_deg or change_offset_px < self.smallest_change_offset_px:
-            self.smallest_change_orientation_deg = min(self.smallest_change_orientation_deg, change_orientation_deg)
-            self.smallest_change_offset_px = min(self.smallest_change_offset_px, change_offset_px)
-            self.iter_without_large_changes = 0
-        else:
-            self.iter_without_large_changes += 1
+        # RELION: a change counts as large only when it is more than 3 % below the smallest seen at this sampling
+        small = (LARGE_CHANGE_TOLERANCE * change_orientation_deg >= self.smallest_change_orientation_deg
+                 and LARGE_CHANGE_TOLERANCE * change_offset_px >= self.smallest_change_offset_px)
+        self.iter_without_large_changes = self.iter_without_large_changes + 1 if small else 0
+        self.smallest_change_orientation_deg = min(self.smallest_change_orientation_deg, change_orientation_deg)
+        self.smallest_change_offset_px = min(self.smallest_change_offset_px, change_offset_px)
 
     def advance(self, accuracy_deg: float, auto_local_order: int, max_order: int = 8) -> str | None:
         """After an iteration: sample finer or declare convergence. Returns a note of what changed.

@@ -68,13 +68,14 @@ class StageTimer:
 
 
 @contextmanager
-def profiled(iteration: int):
+def profiled(iteration: int, final: bool = False):
     """Run the block under torch.profiler when CRYOREFINE_PROFILE names this iteration (a benchmark hook, e.g.
-    CRYOREFINE_PROFILE=8 CRYOREFINE_PROFILE_OUT=prof.txt); writes the operators sorted by device and by host time."""
+    CRYOREFINE_PROFILE=8,final CRYOREFINE_PROFILE_OUT=prof.txt; "final": auto-refine's last, joined iteration);
+    writes the operators sorted by device and by host time."""
     import os
 
-    wanted = os.environ.get("CRYOREFINE_PROFILE", "")
-    if str(iteration) not in wanted.split(","):
+    wanted = os.environ.get("CRYOREFINE_PROFILE", "").split(",")
+    if str(iteration) not in wanted and not (final and "final" in wanted):
         yield
         return
     from torch.profiler import ProfilerActivity, profile
