@@ -71,12 +71,31 @@ class StageTimer:
 def profiled(iteration: int, final: bool = False):
     """Run the block under torch.profiler when CRYOREFINE_PROFILE names this iteration (a benchmark hook, e.g.
     CRYOREFINE_PROFILE=8,final CRYOREFINE_PROFILE_OUT=prof.txt; "final": auto-refine's last, joined iteration);
-    writes the operators sorted by device and by host time."""
+    writes the operators sorted by device and by host time, or with CRYOREFINE_PROFILE_MODE=python the Python
+    functions (cProfile) by cumulative and own time."""
     import os
 
     wanted = os.environ.get("CRYOREFINE_PROFILE", "").split(",")
     if str(iteration) not in wanted and not (final and "final" in wanted):
         yield
+        return
+    path = os.environ.get("CRYOREFINE_PROFILE_OUT", f"profile_it{iteration:03d}.txt")
+    if os.environ.get("CRYOREFINE_PROFILE_MODE") == "python":  # host view: where the wall time of the Python goes
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        try:
+            yield
+        finally:
+            prof.disable()
+        text = io.StringIO()
+        for key in ("cumulative", "tottime"):
+            pstats.Stats(prof, stream=text).sort_stats(key).print_stats(45)
+        with open(path, "a") as fh:
+            fh.write(f"# iteration {iteration} (cProfile)\n" + text.getvalue())
         return
     from torch.profiler import ProfilerActivity, profile
 
@@ -90,6 +109,5 @@ def profiled(iteration: int, final: bool = False):
     text.append(ka.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
     text.append(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total",
                                                                  row_limit=25, max_name_column_width=40, max_shapes_column_width=80))
-    path = os.environ.get("CRYOREFINE_PROFILE_OUT", f"profile_it{iteration:03d}.txt")
     with open(path, "a") as fh:
         fh.write("\n".join(text) + "\n")
