@@ -37,11 +37,62 @@ def _as_block(block):
     raise TypeError(f"STAR block must be a DataFrame or dict, got {type(block).__name__}")
 
 
+def _text(value) -> str:
+    """A string value as STAR text: quoted where it is empty or holds white space."""
+    s = str(value)
+    return f'"{s}"' if not s or any(c.isspace() for c in s) else s
+
+
+def _float_format(values: np.ndarray) -> str:
+    """RELION's fixed 6 decimals, unless a value is too small or large for them (then 9 significant digits)."""
+    mag = np.abs(values[np.isfinite(values) & (values != 0)])
+    return "%.6f" if mag.size == 0 or (mag.min() >= 1e-3 and mag.max() < 1e5) else "%.9g"
+
+
+def _loop_rows(df: pd.DataFrame) -> list[str]:
+    """The rows of a loop_ block, one %-format per row over whole columns.
+
+    Written by hand because starfile formats every cell through pandas: 0.5-0.9 s for the 9,000-particle data.star
+    of each iteration, in the writer thread, holding the interpreter lock the GPU-driving thread needs.
+    """
+    formats, columns = [], []
+    for name in df.columns:
+        col = df[name].to_numpy()
+        if col.dtype.kind == "f":
+            formats.append(_float_format(col))
+            columns.append(col.tolist())
+        elif col.dtype.kind in "iub":
+            formats.append("%d")
+            columns.append(col.astype(np.int64).tolist())
+        else:
+            formats.append("%s")
+            columns.append([_text(v) for v in col])
+    row = "\t".join(formats)
+    return [row % values for values in zip(*columns)]
+
+
+def _block_lines(name: str, block) -> list[str]:
+    lines = [f"data_{name}", ""]
+    if isinstance(block, dict):
+        for key, value in block.items():
+            if isinstance(value, bool):
+                value = int(value)
+            text = (_float_format(np.array([value])) % value) if isinstance(value, float) else _text(value)
+            lines.append(f"_{key}\t{text}")
+    else:
+        lines.append("loop_")
+        lines += [f"_{col} #{i}" for i, col in enumerate(block.columns, 1)]
+        lines += _loop_rows(block)
+    return lines + ["", ""]
+
+
 def write_star_table(path, blocks: dict) -> None:
-    """Write blocks atomically; a DataFrame is a loop_ block, a dict of scalars a key/value block."""
-    blocks = {name: _as_block(b) for name, b in blocks.items()}
+    """Write blocks atomically; a DataFrame is a loop_ block, a dict of scalars a key/value block (RELION 3.1 layout)."""
+    lines = ["", "# version 30001", ""]
+    for name, block in blocks.items():
+        lines += _block_lines(name, _as_block(block))
     with atomic_write(path) as tmp:
-        starfile.write(blocks, tmp, overwrite=True)
+        Path(tmp).write_text("\n".join(lines))
 
 
 def write_star(path, blocks: dict[str, pd.DataFrame]) -> None:
