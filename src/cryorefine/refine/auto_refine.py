@@ -88,6 +88,7 @@ class RefineConfig:
     solvent_mask_volume: torch.Tensor | None = field(default=None, repr=False)
 
 
+REPORT_INTERVAL_S = 30.0  # report.html is refreshed at most this often during a run (and always at its end)
 BATCHES_PER_RANK = 8  # per iteration, at least, under torchrun with several ranks (the pool's granularity)
 
 
@@ -178,6 +179,7 @@ class AutoRefine:
         self.perturbation = 0.0
         self._clock = time.perf_counter()  # start of the current iteration (see iterate)
         self._writer = BackgroundWriter()  # rank 0's files of an iteration, written while the next one computes
+        self._report_state = {"written": -math.inf, "pending": None}  # shared with the writer's snapshots (_report)
         if cfg.continue_from:
             self._load_state(cfg.continue_from)
         else:
@@ -456,16 +458,29 @@ class AutoRefine:
             write_model_star(f"{self.root}_model.star", *model)
             write_particles(f"{self.root}_data.star", self.table, **self._data_columns())
             write_angdist_bild(f"{self.root}_class001_angdist.bild", self.poses.rot_deg, self.poses.tilt_deg, cfg.particle_diameter / (2 * cfg.angpix), self.box // 2, cfg.angpix)
-        self._report(self.fsc.numpy(), (self.final_map if self.schedule.final_iteration else self.maps[0]).numpy())
+        self._report(self.fsc.numpy(), (self.final_map if self.schedule.final_iteration else self.maps[0]).numpy(), force=self.schedule.final_iteration)
         self._save_state(pre)  # last: an iteration with an optimiser.star has all its outputs
 
-    def _report(self, fsc: np.ndarray, volume: np.ndarray) -> None:
-        """Refresh report.html (skipped where matplotlib is missing)."""
+    def _report(self, fsc: np.ndarray, volume: np.ndarray, force: bool = False) -> None:
+        """Refresh report.html (skipped where matplotlib is missing): at most every REPORT_INTERVAL_S unless ``force``
+        (the last iteration). Its plots take ~1 s of the interpreter lock, which a GPU iteration of 2-3 s would wait
+        on; a skipped refresh is kept and written when the run ends (_flush_report)."""
         try:
             from ..report import write_report
         except ImportError:
             return
-        write_report(Path(self.root).parent, self.root, self.history, fsc, self.box, self.cfg.angpix, self.poses, volume)
+        root, history, box, angpix, poses = Path(self.root), self.history, self.box, self.cfg.angpix, self.poses
+        state = self._report_state
+        state["pending"] = lambda: write_report(root.parent, str(root), history, fsc, box, angpix, poses, volume)
+        if force or time.monotonic() - state["written"] >= REPORT_INTERVAL_S:
+            self._flush_report()
+
+    def _flush_report(self) -> None:
+        state = self._report_state
+        pending, state["pending"] = state["pending"], None
+        if pending is not None:
+            pending()
+            state["written"] = time.monotonic()
 
     def _snapshot(self) -> "AutoRefine":
         """A copy of this engine for the background writer: what the next iteration changes in place (poses, table,
@@ -601,6 +616,7 @@ class AutoRefine:
             except Exception:  # noqa: BLE001 - the distributed error is the one to report
                 pass
             raise DistributedError(f"{exc}; {self._resume_hint()}") from exc
+        self._flush_report()  # a refresh the interval held back (a run stopped by --max_seconds)
         summary["seconds"] = time.perf_counter() - t0
         if not summary.get("stopped"):  # a run stopped by --max_seconds has logged how to resume
             self.log.line("finished: " + json.dumps(summary))

@@ -176,7 +176,7 @@ class Classify3D(AutoRefine):
         sch = self.schedule
         write_sampling_star(f"{pre}_sampling.star", sch.healpix_order, 60.0 / 2**sch.healpix_order, sch.offset_range_px * cfg.angpix, sch.offset_step_px * cfg.angpix,
                             cfg.perturb, self.perturbation, cfg.sym, sch.local_search, sch.sigma_ang_deg)
-        self._report(np.zeros(n_sh), self.maps[int(torch.argmax(self.class_prior))].numpy())
+        self._report(np.zeros(n_sh), self.maps[int(torch.argmax(self.class_prior))].numpy(), force=self.iteration >= cfg.max_iter)
         self._save_state(pre)  # last: an iteration with an optimiser.star has all its outputs
 
     def _describe(self) -> str:
