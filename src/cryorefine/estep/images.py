@@ -11,6 +11,7 @@ from ..ctf import ctf_for_particles
 from ..fourier.filters import soft_sphere
 from ..fourier.grids import irfft2_centered, rfft2_centered, shell_index_2d
 from ..io.particles import ParticleTable, read_images
+from ..transfer import to_device
 
 MASK_EDGE_PX = 5.0  # RELION's width_mask_edge
 
@@ -33,8 +34,10 @@ class Window:
         return cls(idx, ky.float(), kx.float(), shell, box)
 
     def prefix(self, max_shell: int) -> int:
-        """Number of leading pixels with shell <= max_shell."""
-        return int(torch.searchsorted(self.shell, torch.tensor(max_shell, device=self.shell.device), right=True))
+        """Number of leading pixels with shell <= max_shell (from a host copy of the shells: no device sync)."""
+        if "_shell_host" not in self.__dict__:
+            self._shell_host = self.shell.cpu().numpy()
+        return int(np.searchsorted(self._shell_host, max_shell, side="right"))
 
     @property
     def size(self) -> int:
@@ -65,7 +68,7 @@ def noise_images(sigma2_shells: torch.Tensor, box: int, generator: torch.Generat
     """(n, d, d) real Gaussian noise with per-component Fourier variance σ² (n, shells) per shell."""
     shells = shell_index_2d(box, device).clamp(max=sigma2_shells.shape[1] - 1)
     sd = torch.sqrt(sigma2_shells[:, shells].clamp(min=0)).float()  # (n, d, d//2+1)
-    noise = torch.randn((2, *sd.shape), generator=generator, dtype=torch.float32).to(device)
+    noise = to_device(torch.randn((2, *sd.shape), generator=generator, dtype=torch.float32), device)
     return irfft2_centered(torch.complex(noise[0] * sd, noise[1] * sd), box)
 
 
@@ -90,10 +93,10 @@ def prepare_batch(
     ``images`` (n, d, d) float32: the batch's images if already read (read ahead), else they are read here.
     """
     box = window.box
-    imgs = torch.from_numpy(read_images(table, indices) if images is None else images).to(device)
+    imgs = to_device(read_images(table, indices) if images is None else images, device)
     if norm_scale is not None:
-        imgs = imgs * norm_scale.to(device=device, dtype=imgs.dtype)[:, None, None]
-    group = torch.as_tensor(table.optics_group[indices], device=device)
+        imgs = imgs * to_device(norm_scale, device, imgs.dtype)[:, None, None]
+    group = to_device(table.optics_group[indices], device)
     f_full = rfft2_centered(imgs).flatten(1)
     mask = soft_sphere((box, box), particle_diameter_angst / (2 * angpix), MASK_EDGE_PX, device=device)
     if zero_mask:
@@ -116,8 +119,8 @@ def prepare_batch(
         f_unmasked=f_full[:, window.flat_index],
         ctf=ctf,
         inv_sigma2=inv_sigma2,
-        scale=scale.to(device)[group].float(),
-        old_offset_px=torch.as_tensor(offsets, device=device, dtype=torch.float32),
+        scale=to_device(scale, device)[group].float(),
+        old_offset_px=to_device(offsets, device, torch.float32),
         group=group,
         power_outside=power_outside.double(),
     )

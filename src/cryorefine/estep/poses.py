@@ -15,6 +15,7 @@ import torch
 from ..geometry.euler import euler_to_matrix
 from ..geometry.healpix import HealpixSampling, direction_vectors, healpix_directions, oversampled_eulers, sampling_eulers
 from ..geometry.translations import child_translations, perturb_translations_px, translation_grid_px
+from ..transfer import to_device
 
 N_ROT_CHILDREN = 8
 N_TRANS_CHILDREN = 4
@@ -86,7 +87,7 @@ class PoseGrid:
     def fine_rotations(self, coarse_ids: torch.Tensor) -> torch.Tensor:
         """(m, 8, 3, 3) rotation matrices of the fine children of coarse ids (m,)."""
         e = torch.as_tensor(self.fine_eulers_deg(coarse_ids.cpu().numpy()))
-        return euler_to_matrix(e[..., 0], e[..., 1], e[..., 2]).to(device=self.device, dtype=self.dtype)
+        return to_device(euler_to_matrix(e[..., 0], e[..., 1], e[..., 2]), self.device, self.dtype)
 
     def fine_translations(self) -> torch.Tensor:
         """(T, 4, 2) fine offsets (relative to the previous offset) of every coarse translation."""
@@ -108,14 +109,14 @@ class PoseGrid:
             self._cache["directions"] = torch.as_tensor(direction_vectors(rot_all[s.ipix], tilt_all[s.ipix]), device=dev)  # (D, 3)
             self._cache["psi"] = torch.as_tensor(np.asarray(s.psi_deg, dtype=np.float64), device=dev)  # (P,)
         vb, psi_all = self._cache["directions"], self._cache["psi"]
-        va = torch.as_tensor(direction_vectors(rot_deg, tilt_deg), device=dev).reshape(-1, 3)  # (n, 3)
+        va = to_device(direction_vectors(rot_deg, tilt_deg), dev).reshape(-1, 3)  # (n, 3)
         if s.sym_matrices is None:
             dots = va @ vb.T
         else:
             sym = torch.as_tensor(s.sym_matrices, device=dev, dtype=torch.float64)
             dots = (va @ (sym @ vb.T)).amax(0)  # (g, n, D) -> nearest symmetry image
         dir_ang = torch.rad2deg(torch.arccos(dots.clamp(-1.0, 1.0)))  # (n, D)
-        dpsi = torch.remainder(psi_all[None, :] - torch.as_tensor(np.asarray(psi_deg, dtype=np.float64), device=dev)[:, None] + 180.0, 360.0) - 180.0
+        dpsi = torch.remainder(psi_all[None, :] - to_device(np.asarray(psi_deg, dtype=np.float64), dev)[:, None] + 180.0, 360.0) - 180.0
 
         def compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             """Column ids of each row's True entries, first and in order: (ids (n, m), valid (n, m)), m the largest

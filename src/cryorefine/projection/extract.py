@@ -72,12 +72,14 @@ def _trilinear_corners(coords: torch.Tensor, size: int):
     half, nx = size // 2, size // 2 + 1
     c0 = torch.floor(c)
     frac = c - c0
-    lo = torch.tensor([0, -half, -half], device=c.device, dtype=c0.dtype)
-    hi = torch.tensor([nx - 2, size - 2 - half, size - 2 - half], device=c.device, dtype=c0.dtype)
-    c0 = torch.maximum(torch.minimum(c0, hi), lo).long()
-    base = ((c0[..., 2] + half) * size + (c0[..., 1] + half)) * nx + c0[..., 0]
-    step = torch.tensor([0, 1, nx, nx + 1, size * nx, size * nx + 1, size * nx + nx, size * nx + nx + 1], device=c.device)
-    flat = base.unsqueeze(-1) + step  # corner order: (dz, dy, dx) binary
+    # the lower corner clamped per axis with scalar bounds (a bounds tensor made from a list is a blocking host copy)
+    x0 = c0[..., 0].clamp(0, nx - 2).long()
+    y0 = c0[..., 1].clamp(-half, size - 2 - half).long()
+    z0 = c0[..., 2].clamp(-half, size - 2 - half).long()
+    base = ((z0 + half) * size + (y0 + half)) * nx + x0
+    k = torch.arange(8, device=c.device)  # corner order: (dz, dy, dx) binary
+    step = (k >> 2) * (size * nx) + ((k >> 1) & 1) * nx + (k & 1)
+    flat = base.unsqueeze(-1) + step
     fx, fy, fz = frac.unbind(-1)
     wx = torch.stack([1 - fx, fx], -1)
     wy = torch.stack([1 - fy, fy], -1)
@@ -110,9 +112,9 @@ def _extract(transform: PaddedTransform, rotations: torch.Tensor, ky: torch.Tens
     c = torch.where(flip.unsqueeze(-1), -coords, coords)
     # grid_sample's normalised coordinates (align_corners): index i of an axis of n samples -> -1 + 2 i / (n - 1);
     # x runs 0..P/2, y and z are centred at P/2. Points past the edge read the edge (padding_mode="border").
-    scale = c.new_tensor([2.0 / half, 2.0 / (size - 1), 2.0 / (size - 1)])
-    offset = c.new_tensor([-1.0, 2.0 * half / (size - 1) - 1.0, 2.0 * half / (size - 1) - 1.0])
-    grid = (c * scale + offset).reshape(1, 1, 1, -1, 3)
+    # (per-axis arithmetic with Python scalars: a small tensor made from a list is a blocking host-to-device copy)
+    s_yz, o_yz = 2.0 / (size - 1), 2.0 * half / (size - 1) - 1.0
+    grid = torch.stack([c[..., 0] * (2.0 / half) - 1.0, c[..., 1] * s_yz + o_yz, c[..., 2] * s_yz + o_yz], -1).reshape(1, 1, 1, -1, 3)
     volume = torch.view_as_real(f).permute(3, 0, 1, 2).unsqueeze(0)  # (1, 2, P, P, P/2 + 1): channels Re, Im
     vals = torch.nn.functional.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True)
     out = torch.complex(vals[0, 0, 0, 0], vals[0, 1, 0, 0]).reshape(flip.shape)

@@ -18,6 +18,7 @@ from ..geometry.euler import euler_to_matrix
 from ..io.particles import ParticleTable, read_images
 from ..io.prefetch import read_ahead
 from ..projection.extract import PaddedTransform, prepare_padded_transform
+from ..transfer import to_device
 
 
 @dataclass
@@ -126,7 +127,7 @@ def run_expectation(
             local_prior = None
             if local:
                 local_prior = grid.local_candidates(poses_now.rot_deg[idx], poses_now.tilt_deg[idx], poses_now.psi_deg[idx], settings.local_sigma_deg)
-        forced = None if forced_class is None else torch.as_tensor(forced_class[idx], device=device)
+        forced = None if forced_class is None else to_device(forced_class[idx], device)
         res = expectation_batch(batch, window, coarse_shell, refs, grid, settings, sums, local_prior, timer, forced)
         poses_now.rot_deg[idx] = res.eulers_deg[:, 0]
         poses_now.tilt_deg[idx] = res.eulers_deg[:, 1]

@@ -16,35 +16,59 @@ import torch
 
 
 class StageTimer:
+    """On a GPU a stage is timed by CUDA events on the current stream, read at the end of the iteration: timing does
+    not synchronise the device, so the host can queue the next kernels while the GPU works (a stage's time is the
+    stream's span from its start to its end: GPU time where the host runs ahead, wall time where the GPU waits)."""
+
     def __init__(self, device=None):
-        self.seconds = defaultdict(float)
+        self._seconds = defaultdict(float)
         self.cuda = device is not None and torch.device(device).type == "cuda"
-        self.sub_seconds = defaultdict(float)
+        self._sub_seconds = defaultdict(float)
+        self._events: list[tuple[dict, str, torch.cuda.Event, torch.cuda.Event]] = []
         self.flops = defaultdict(float)
         self.shapes = defaultdict(Counter)
 
-    def _sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
+    def _resolve(self) -> None:
+        """Add the spans of the recorded CUDA events (waits for the last one)."""
+        if self._events:
+            self._events[-1][3].synchronize()
+            for into, name, start, end in self._events:
+                into[name] += start.elapsed_time(end) / 1000.0
+            self._events.clear()
+
+    @property
+    def seconds(self) -> dict:
+        self._resolve()
+        return self._seconds
+
+    @property
+    def sub_seconds(self) -> dict:
+        self._resolve()
+        return self._sub_seconds
 
     @contextmanager
     def _timed(self, into: dict, name: str):
-        """Add the synchronised wall time of the block to ``into[name]``."""
-        self._sync()
+        """Add the time of the block to ``into[name]``: CUDA events on a GPU, else the wall time."""
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
         t0 = time.perf_counter()
         try:
             with torch.profiler.record_function(name):  # named ranges in a CRYOREFINE_PROFILE trace
                 yield
         finally:
-            self._sync()
-            into[name] += time.perf_counter() - t0
+            if self.cuda:
+                end.record()
+                self._events.append((into, name, start, end))
+            else:
+                into[name] += time.perf_counter() - t0
 
     def __call__(self, name: str):
-        return self._timed(self.seconds, name)
+        return self._timed(self._seconds, name)
 
     def substage(self, name: str):
-        """Time a part of a stage (synchronised on CUDA) into ``sub_seconds``; the stage's own time is unchanged."""
-        return self._timed(self.sub_seconds, name)
+        """Time a part of a stage into ``sub_seconds``; the stage's own time is unchanged."""
+        return self._timed(self._sub_seconds, name)
 
     def add_flops(self, name: str, flops: float, shapes=()) -> None:
         """Count ``flops`` under ``name``; ``shapes``: (key, count) pairs, key like 'mm:MxKxN' or 'bmm:BxMxKxN'."""
@@ -54,14 +78,15 @@ class StageTimer:
 
     def reset(self) -> dict:
         out = dict(self.seconds)
-        self.seconds.clear()
+        self._seconds.clear()
         return out
 
     def reset_counters(self) -> dict:
         """{name: {'seconds', 'flops', 'shapes': {key: calls}}} since the last call, then cleared."""
-        names = set(self.sub_seconds) | set(self.flops)
-        out = {n: {"seconds": self.sub_seconds.get(n, 0.0), "flops": self.flops.get(n, 0.0), "shapes": dict(self.shapes.get(n, {}))} for n in sorted(names)}
-        self.sub_seconds.clear()
+        sub = self.sub_seconds
+        names = set(sub) | set(self.flops)
+        out = {n: {"seconds": sub.get(n, 0.0), "flops": self.flops.get(n, 0.0), "shapes": dict(self.shapes.get(n, {}))} for n in sorted(names)}
+        sub.clear()
         self.flops.clear()
         self.shapes.clear()
         return out
