@@ -320,7 +320,7 @@ class AutoRefine:
                        "counters": self.timer.reset_counters()})
         if not sch.final_iteration:
             sch.update_changes(info["resolution_shell"], change_ang, change_off)
-            record["note"] = sch.advance(record["accuracy_rotation_deg"], cfg.auto_local_healpix_order)
+            record["note"] = sch.advance(record["accuracy_rotation_deg"], cfg.auto_local_healpix_order, record["accuracy_offset_px"], cfg.angpix)
         return record, info
 
     def _expected_accuracy(self, plan: IterationPlan, volume: torch.Tensor, rows: np.ndarray) -> tuple[float, float]:

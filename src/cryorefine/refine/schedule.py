@@ -10,6 +10,8 @@ from ..reconstruction.reconstruct import MIN_REGULARISED_SHELL
 MAX_ITER_WITHOUT_RESOLUTION_GAIN = 1
 MAX_ITER_WITHOUT_LARGE_CHANGES = 1
 LARGE_CHANGE_TOLERANCE = 1.03  # RELION: changes within 3 % of the smallest so far are not large
+SMALL_CHANGE_FRACTION = 0.40  # RELION 4/5: nor are changes below 40 % of the current (fine) sampling step
+MAX_COARSE_OFFSET_STEP_ANGST = 1.5  # RELION: the fine offset step never exceeds 1.5 Å when the sampling gets finer
 FINE_ENOUGH = 0.75  # RELION: the sampling is fine enough once its fine step is below this fraction of the accuracy
 
 
@@ -26,6 +28,7 @@ class Schedule:
     iter_without_large_changes: int = 0
     smallest_change_orientation_deg: float = 999.0
     smallest_change_offset_px: float = 999.0
+    last_change_offset_px: float = 999.0  # rms 2D offset change of the last iteration (sets the next offset range)
     converged: bool = False
     final_iteration: bool = False
 
@@ -46,25 +49,33 @@ class Schedule:
         return int(min(window_shell, math.ceil(box * angpix / (arc_angst / 1.2))))
 
     def update_changes(self, resolution_shell: int, change_orientation_deg: float, change_offset_px: float) -> None:
-        """RELION's counters of iterations without resolution gain and without large pose changes."""
+        """RELION's counters of iterations without resolution gain and without large pose changes.
+
+        ``change_offset_px``: the rms 2D offset change (RELION's per-coordinate rms is this / √2)."""
         self.current_resolution_shell = resolution_shell
         if resolution_shell > self.best_resolution_shell:
             self.best_resolution_shell = resolution_shell
             self.iter_without_resolution_gain = 0
         else:
             self.iter_without_resolution_gain += 1
-        # RELION: a change counts as large only when it is more than 3 % below the smallest seen at this sampling
-        small = (LARGE_CHANGE_TOLERANCE * change_orientation_deg >= self.smallest_change_orientation_deg
-                 and LARGE_CHANGE_TOLERANCE * change_offset_px >= self.smallest_change_offset_px)
-        self.iter_without_large_changes = self.iter_without_large_changes + 1 if small else 0
+        # RELION (updateOverallChangesInHiddenVariables): a change is large only when it is more than 3 % below the
+        # smallest seen at this sampling, and (RELION 4/5) not below 40 % of the fine sampling step
+        fine_angle, fine_offset = self.angular_step_deg(self.healpix_order) / 2, self.offset_step_px / 2
+        small_ang = (change_orientation_deg < SMALL_CHANGE_FRACTION * fine_angle
+                     or LARGE_CHANGE_TOLERANCE * change_orientation_deg >= self.smallest_change_orientation_deg)
+        small_off = (change_offset_px / math.sqrt(2) < SMALL_CHANGE_FRACTION * fine_offset
+                     or LARGE_CHANGE_TOLERANCE * change_offset_px >= self.smallest_change_offset_px)
+        self.iter_without_large_changes = self.iter_without_large_changes + 1 if small_ang and small_off else 0
         self.smallest_change_orientation_deg = min(self.smallest_change_orientation_deg, change_orientation_deg)
         self.smallest_change_offset_px = min(self.smallest_change_offset_px, change_offset_px)
+        self.last_change_offset_px = change_offset_px
 
-    def advance(self, accuracy_deg: float, auto_local_order: int, max_order: int = 8) -> str | None:
+    def advance(self, accuracy_deg: float, auto_local_order: int, accuracy_offset_px: float, angpix: float, max_order: int = 8) -> str | None:
         """After an iteration: sample finer or declare convergence. Returns a note of what changed.
 
-        ``accuracy_deg``: RELION's expected angular accuracy (refine/accuracy.py, rlnAccuracyRotations). As RELION's
-        updateAngularSampling: once a fine (oversampled) step is below 0.75 of it, finer sampling gains nothing.
+        ``accuracy_deg``, ``accuracy_offset_px``: RELION's expected accuracy (refine/accuracy.py). As RELION's
+        updateAngularSampling: once a fine (oversampled) step is below 0.75 of the angular accuracy, finer sampling
+        gains nothing; when sampling finer, the offsets follow the translational accuracy and the last changes.
         """
         stalled = self.iter_without_resolution_gain >= MAX_ITER_WITHOUT_RESOLUTION_GAIN and self.iter_without_large_changes >= MAX_ITER_WITHOUT_LARGE_CHANGES
         if not stalled:
@@ -74,8 +85,7 @@ class Schedule:
             self.converged = True
             return f"converged (fine step {fine_step:.2f}° < {FINE_ENOUGH} × estimated accuracy {accuracy_deg:.2f}°)"
         self.healpix_order += 1
-        self.offset_step_px = max(self.offset_step_px / 2, 0.25)
-        self.offset_range_px = max(self.offset_range_px / 2, 2 * self.offset_step_px)
+        self.offset_range_px, self.offset_step_px = self._finer_offsets(accuracy_offset_px, angpix)
         if self.healpix_order >= auto_local_order:
             self.local_search = True
             # RELION: σ = 2 × the new fine (oversampled) step, i.e. one coarse step; 3σ bounds the candidates
@@ -85,6 +95,22 @@ class Schedule:
         self.smallest_change_orientation_deg = 999.0
         self.smallest_change_offset_px = 999.0
         return f"finer sampling: healpix order {self.healpix_order} ({self.angular_step_deg(self.healpix_order):.2f}°), offsets {self.offset_range_px:.2f}/{self.offset_step_px:.2f} px" + (f", local searches sigma {self.sigma_ang_deg:.2f}°" if self.local_search else "")
+
+    def _finer_offsets(self, accuracy_offset_px: float, angpix: float) -> tuple[float, float]:
+        """RELION's offset range and (coarse) step for the next sampling, in pixels: the step from the translational
+        accuracy (0.75 of it, at most 1.5 Å, times 2 for the oversampling), the range five times the last per-axis rms
+        change, at most 1.3 × the old range and at least 1.5 steps, halved beyond 4 steps (then the step widened);
+        never a coarser step than now."""
+        step = min(MAX_COARSE_OFFSET_STEP_ANGST, FINE_ENOUGH * accuracy_offset_px * angpix) * 2.0 / angpix
+        rng = min(1.3 * self.offset_range_px, 5.0 * self.last_change_offset_px / math.sqrt(2))
+        rng = max(rng, 1.5 * step)
+        if rng > 4.0 * step:
+            rng /= 2.0
+        if rng > 4.0 * step:
+            step = rng / 4.0
+        if step > self.offset_step_px:
+            return self.offset_range_px, self.offset_step_px
+        return rng, step
 
 
 def strict_window_shell(shell: int, box: int, angpix: float, strict_highres_angst: float) -> int:
