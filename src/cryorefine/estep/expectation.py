@@ -355,6 +355,7 @@ def _expectation_tile(batch, window, coarse_shell, refs, poses, settings, sums, 
     stats = sums.empty_stats() if sums is not None else None  # the tile's own accumulators, added when it has finished
     acc_v = torch.zeros(G * N_ROT_CHILDREN, J, dtype=batch.f_masked.dtype, device=dev) if sums is not None else None
     acc_w = torch.zeros(G * N_ROT_CHILDREN, J, device=dev) if sums is not None else None
+    acc_mass = torch.zeros(G * N_ROT_CHILDREN, device=dev) if sums is not None else None
     for c0 in range(0, n, chunk):
         c1 = min(n, c0 + chunk)
         rows = slice(c0, c1)
@@ -406,8 +407,8 @@ def _expectation_tile(batch, window, coarse_shell, refs, poses, settings, sums, 
                 gam = gam.reshape(m, T4, L8)
                 if hasattr(stage, "add_flops"):
                     stage.add_flops("store", 8.0 * m * T4 * L8 * J)  # the four (m, 8L|T4, T4|8L) x (m, ., J) products
-                residual[rows] = _store_chunk(batch, window, rows, off_fine, gam, pg, p2, rows8, fs.g_class, fs.g_coarse, acc_v, acc_w, stats, settings, poses)
-    tile_sums = None if sums is None else TileSums(stats, rot8_all, fs.g_class.repeat_interleave(N_ROT_CHILDREN), acc_v, acc_w)
+                residual[rows] = _store_chunk(batch, window, rows, off_fine, gam, pg, p2, rows8, fs.g_class, fs.g_coarse, acc_v, acc_w, acc_mass, stats, settings, poses)
+    tile_sums = None if sums is None else TileSums(stats, rot8_all, fs.g_class.repeat_interleave(N_ROT_CHILDREN), acc_v, acc_w, acc_mass)
     eul = poses.fine_eulers_deg(best_coarse.cpu().numpy())[np.arange(n), best_child.cpu().numpy()]
     return BatchPoses(best_class, eul, best_off, max_prob, nsig, loglik, ang_spread, off_spread, residual), tile_sums
 
@@ -419,7 +420,7 @@ def _real_bmm(a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return torch.view_as_complex(torch.bmm(a, torch.view_as_real(z.contiguous()).reshape(m, t, 2 * J)).reshape(m, a.shape[1], J, 2))
 
 
-def _store_chunk(batch, window, rows, off_fine, gam, pg, p2, rows8, g_class, g_coarse, acc_v, acc_w, sums: WeightedSums, settings, poses) -> torch.Tensor:
+def _store_chunk(batch, window, rows, off_fine, gam, pg, p2, rows8, g_class, g_coarse, acc_v, acc_w, acc_mass, sums: WeightedSums, settings, poses) -> torch.Tensor:
     """storeWeightedSums for particles ``rows``: per-rotation image sums (batched GEMMs) and the M-step statistics.
 
     gam (m, T4, 8L): posterior of each fine sample; pg (m, 8L, J) its projections; rows8 (m, 8L) rows in the batch union.
@@ -437,6 +438,7 @@ def _store_chunk(batch, window, rows, off_fine, gam, pg, p2, rows8, g_class, g_c
     gt = gam.transpose(1, 2)  # (m, 8L, T4)
     acc_v.index_add_(0, rows8.reshape(-1), _real_bmm(gt, z).reshape(-1, J))
     gsum = gam.sum(1)  # (m, 8L)
+    acc_mass.index_add_(0, rows8.reshape(-1), gsum.reshape(-1))
     acc_w.index_add_(0, rows8.reshape(-1), (gsum[:, :, None] * ((s * ctf) ** 2 * inv_s2)[:, None, :]).reshape(-1, J))
     q = _real_bmm(gam, pg).conj()  # Σ_r Γ conj(P): (m, T4, J)
     xq = (xm * q).real.sum(1)  # Re Σ_t X̃ Σ_r Γ conj(P)
