@@ -327,6 +327,10 @@ def run_gpu(s: BenchSet, p: Paths, gpu: bool, max_seconds: float, extra: str = "
     log(f"{s.name}: cryorefine {' '.join(argv)}")
     if gpu:
         torch.cuda.reset_peak_memory_stats()
+    try:  # matplotlib builds its font cache on a machine's first import (seconds, once per machine): not in the timing
+        import cryorefine.report  # noqa: F401
+    except ImportError:
+        pass
     pruner = Pruner(p.run_root, class_maps=s.job == "class3d")
     pruner.start()
     t0 = time.perf_counter()
