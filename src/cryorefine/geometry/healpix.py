@@ -18,6 +18,7 @@ Conventions a refinement engine must share with RELION:
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -105,10 +106,18 @@ def _rot_tilt_from_z_phi(z, phi):
     return rot, tilt
 
 
+def _read_only(*arrays: np.ndarray):
+    for a in arrays:
+        a.flags.writeable = False
+    return arrays if len(arrays) > 1 else arrays[0]
+
+
+@functools.lru_cache(maxsize=16)
 def healpix_directions(order: int) -> tuple[np.ndarray, np.ndarray]:
     """(rot_deg, tilt_deg) of all 12*4**order pixels in NEST order, as RELION's
-    getDirectionFromHealPix gives them (rot = phi in (-180, 180], tilt = theta)."""
-    return _rot_tilt_from_z_phi(*healpix_z_phi(order, np.arange(12 << (2 * order))))
+    getDirectionFromHealPix gives them (rot = phi in (-180, 180], tilt = theta). Cached (read-only arrays):
+    auto-refine asks for the same order every iteration (order 7: 0.2 million directions)."""
+    return _read_only(*_rot_tilt_from_z_phi(*healpix_z_phi(order, np.arange(12 << (2 * order)))))
 
 
 def angular_step_deg(order: int) -> float:
@@ -169,8 +178,9 @@ def _geometric_asu_mask(kind: str, n: int, rot, tilt, v) -> np.ndarray:
     raise ValueError(kind)
 
 
+@functools.lru_cache(maxsize=16)
 def asymmetric_unit_pixels(order: int, sym: str = "C1") -> np.ndarray:
-    """NEST pixel indices RELION keeps for point group sym (HealpixSampling::setOrientations)."""
+    """NEST pixel indices RELION keeps for point group sym (HealpixSampling::setOrientations); cached, read-only."""
     kind, n = parse_symmetry(sym)
     ipix = np.arange(12 << (2 * order))
     rot, tilt = healpix_directions(order)
@@ -178,7 +188,7 @@ def asymmetric_unit_pixels(order: int, sym: str = "C1") -> np.ndarray:
     keep = _geometric_asu_mask(kind, n, rot, tilt, v)
     ipix, v = ipix[keep], v[keep]
     if len(ipix) >= _SEAM_LIMIT:
-        return ipix
+        return _read_only(ipix)
     cos_max = math.cos((0.5 * math.degrees(max_pixrad(order))) * _PI / 180)
     S = symmetry_matrices(sym).numpy()
     images = np.einsum("gij,kj->gki", S, v)  # symmetry images of every candidate
@@ -188,7 +198,7 @@ def asymmetric_unit_pixels(order: int, sym: str = "C1") -> np.ndarray:
     kept = np.zeros(len(v), dtype=bool)
     for i in range(len(v)):  # greedy in pixel order, as RELION does
         kept[i] = not np.any(close[i] & kept)
-    return ipix[kept]
+    return _read_only(ipix[kept])
 
 
 # ----------------------------------------------------------------------------- sampling object
