@@ -404,6 +404,8 @@ def _expectation_tile(batch, window, coarse_shell, refs, poses, settings, sums, 
             off_spread[rows] = torch.sqrt((g3.sum(2) * doff).sum(1))
         if sums is not None:
             with stage("storeWeightedSums"):
+                if not cc:
+                    gam = _negligible_dropped(flat_lg, gam, settings.adaptive_fraction)
                 gam = gam.reshape(m, T4, L8)
                 if hasattr(stage, "add_flops"):
                     stage.add_flops("store", 8.0 * m * T4 * L8 * J)  # the four (m, 8L|T4, T4|8L) x (m, ., J) products
@@ -411,6 +413,21 @@ def _expectation_tile(batch, window, coarse_shell, refs, poses, settings, sums, 
     tile_sums = None if sums is None else TileSums(stats, rot8_all, fs.g_class.repeat_interleave(N_ROT_CHILDREN), acc_v, acc_w, acc_mass)
     eul = poses.fine_eulers_deg(best_coarse.cpu().numpy())[np.arange(n), best_child.cpu().numpy()]
     return BatchPoses(best_class, eul, best_off, max_prob, nsig, loglik, ang_spread, off_spread, residual), tile_sums
+
+
+NEGLIGIBLE_SAMPLE_WEIGHT = 1e-5  # posterior probability below which a fine sample outside RELION's significant set is dropped
+
+
+def _negligible_dropped(logits: torch.Tensor, gam: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The fine posterior (m, S) without the samples RELION's storeWeightedSums skips (outside the smallest set holding
+    ``fraction`` of the mass) that also weigh < NEGLIGIBLE_SAMPLE_WEIGHT; not renormalised, as RELION's.
+
+    Rotations left without weight are then not back-projected (most children of a local search's significant coarse
+    rotations), which was most of storeWeightedSums. The second condition bounds what a rounding-level change of a
+    sample at the threshold can change (1e-5 of one particle), so tiling and rank count still give the same sums.
+    """
+    keep, _ = significant_mask(logits, fraction, 0)
+    return torch.where(keep | (gam >= NEGLIGIBLE_SAMPLE_WEIGHT), gam, torch.zeros((), dtype=gam.dtype, device=gam.device))
 
 
 def _real_bmm(a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

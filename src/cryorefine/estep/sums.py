@@ -8,12 +8,6 @@ import torch
 
 from ..projection.insert import BackProjector
 
-# A fine rotation whose posterior probability, summed over a tile's particles, is below this is not back-projected:
-# in local searches most of the 8 children of a significant coarse rotation carry ~nothing, and their insertion was
-# most of storeWeightedSums (RELION skips every sample below the significance threshold, a far larger cut; this one
-# changes a map by at most 1e-7 of one particle per rotation, so results stay the same to float32 rounding).
-NEGLIGIBLE_ROTATION_WEIGHT = 1e-7
-
 
 @dataclass
 class WeightedSums:
@@ -72,9 +66,9 @@ class TileSums:
     mass: torch.Tensor  # (r,): Σ Γ per rotation, the posterior probability the tile's particles give it
 
     def add_to(self, sums: WeightedSums, ky: torch.Tensor, kx: torch.Tensor) -> None:
-        """Insert the slices (at window pixels (kx, ky) (J,)) of rotations with a non-negligible share of the
-        posterior, and add the statistics."""
-        used = self.mass > NEGLIGIBLE_ROTATION_WEIGHT
+        """Insert the slices (at window pixels (kx, ky) (J,)) of rotations with any posterior weight (the E-step
+        leaves negligible samples out: expectation._negligible_dropped), and add the statistics."""
+        used = self.mass > 0
         for k, bp in enumerate(sums.backprojectors):
             sel = used & (self.classes == k)
             if sel.any():
