@@ -41,6 +41,23 @@ def test_general_key_value_block(tmp_path):
     assert blocks["model_general"]["rlnReferenceDimensionality"].iloc[0] == 3
 
 
+def test_values_keep_their_precision_and_types(tmp_path):
+    # RELION's fixed 6 decimals where they hold the value; tiny (σ² of normalised images) and huge values keep 9 digits
+    df = pd.DataFrame({"rlnSigma2Noise": [3.2e-7, 1.5e-9], "rlnDefocusU": [12345.678901, 98765.4321],
+                       "rlnCoordinateX": [1.25e6, 3.0], "rlnMicrographName": ["mic 1.mrc", ""], "rlnFlag": [True, False]})
+    path = tmp_path / "t.star"
+    write_star_table(path, {"t": df, "general": {"rlnHasConverged": True, "rlnSmall": 2.5e-8, "rlnName": "a b"}})
+    out = read_star(path)
+    t = out["t"]
+    np.testing.assert_allclose(t["rlnSigma2Noise"], df["rlnSigma2Noise"], rtol=1e-8)
+    np.testing.assert_allclose(t["rlnDefocusU"], df["rlnDefocusU"], atol=1e-6)
+    np.testing.assert_allclose(t["rlnCoordinateX"], df["rlnCoordinateX"], rtol=1e-8)
+    assert list(t["rlnMicrographName"].fillna("")) == ["mic 1.mrc", ""]  # quoted: white space, empty
+    assert list(t["rlnFlag"]) == [1, 0]
+    g = out["general"].iloc[0]
+    assert g["rlnHasConverged"] == 1 and g["rlnSmall"] == pytest.approx(2.5e-8, rel=1e-8) and g["rlnName"] == "a b"
+
+
 def test_read_errors(tmp_path):
     with pytest.raises(CryoInputError, match="not found") as info:
         read_star(tmp_path / "missing.star")
