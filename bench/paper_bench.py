@@ -544,8 +544,9 @@ def build_report(s: BenchSet, p: Paths) -> dict:
     peak = peak_for(gpu_name)
     coarse = {"flops": cflops, "seconds": cs, "tflops": (cflops / cs / 1e12) if cs else None, "card_peak": peak,
               "fraction_of_fp32_peak": (cflops / cs / 1e12 / peak["fp32_tflops"]) if (cs and peak) else None,
-              "note": "FLOPs of the coarse-pass matrix products (cross term and |P|^2 term, 2·M·K·N each) over the synchronised wall time "
-                      "of the whole coarse pass (projections and phase shifts included): a lower bound on the GEMM rate"}
+              "note": "FLOPs of the coarse-pass matrix products (cross term and |P|^2 term, 2·M·K·N each) over the time of the whole "
+                      "coarse pass on the device (CUDA events since d1cffa1, synchronised wall time before; projections and phase "
+                      "shifts included): a lower bound on the GEMM rate"}
     if shape_flops and (dev == "cuda" or s.name.startswith("tiny")):
         coarse["cublas_reference"] = cublas_reference(shape_flops)
     finished = is_finished(s, p)
