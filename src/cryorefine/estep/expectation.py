@@ -154,7 +154,11 @@ def significant_mask(logits: torch.Tensor, fraction: float, maxsig: int) -> tupl
 
     Returns (mask (n, S), count (n,)). Sort + cumulative sum, as RELION's adaptive oversampling.
     """
-    p = torch.softmax(logits, dim=1)
+    return significant_set(torch.softmax(logits, dim=1), fraction, maxsig)
+
+
+def significant_set(p: torch.Tensor, fraction: float, maxsig: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """significant_mask of rows that are already probabilities (n, S)."""
     S = p.shape[1]
     # The mass is almost always in a few samples: rank the largest TOPK_SIGNIFICANT first (top-k, far cheaper than
     # sorting 10^5-10^6 samples per particle) and sort in full only the rows whose fraction lies beyond them: the
@@ -405,7 +409,7 @@ def _expectation_tile(batch, window, coarse_shell, refs, poses, settings, sums, 
         if sums is not None:
             with stage("storeWeightedSums"):
                 if not cc:
-                    gam = _negligible_dropped(flat_lg, gam, settings.adaptive_fraction)
+                    gam = _negligible_dropped(gam, settings.adaptive_fraction)
                 gam = gam.reshape(m, T4, L8)
                 if hasattr(stage, "add_flops"):
                     stage.add_flops("store", 8.0 * m * T4 * L8 * J)  # the four (m, 8L|T4, T4|8L) x (m, ., J) products
@@ -418,7 +422,7 @@ def _expectation_tile(batch, window, coarse_shell, refs, poses, settings, sums, 
 NEGLIGIBLE_SAMPLE_WEIGHT = 1e-5  # posterior probability below which a fine sample outside RELION's significant set is dropped
 
 
-def _negligible_dropped(logits: torch.Tensor, gam: torch.Tensor, fraction: float) -> torch.Tensor:
+def _negligible_dropped(gam: torch.Tensor, fraction: float) -> torch.Tensor:
     """The fine posterior (m, S) without the samples RELION's storeWeightedSums skips (outside the smallest set holding
     ``fraction`` of the mass) that also weigh < NEGLIGIBLE_SAMPLE_WEIGHT; not renormalised, as RELION's.
 
@@ -426,7 +430,7 @@ def _negligible_dropped(logits: torch.Tensor, gam: torch.Tensor, fraction: float
     rotations), which was most of storeWeightedSums. The second condition bounds what a rounding-level change of a
     sample at the threshold can change (1e-5 of one particle), so tiling and rank count still give the same sums.
     """
-    keep, _ = significant_mask(logits, fraction, 0)
+    keep, _ = significant_set(gam, fraction, 0)
     return torch.where(keep | (gam >= NEGLIGIBLE_SAMPLE_WEIGHT), gam, torch.zeros((), dtype=gam.dtype, device=gam.device))
 
 

@@ -72,6 +72,18 @@ def noise_images(sigma2_shells: torch.Tensor, box: int, generator: torch.Generat
     return irfft2_centered(torch.complex(noise[0] * sd, noise[1] * sd), box)
 
 
+def ctf_and_inverse_noise(table: ParticleTable, indices: np.ndarray, group: torch.Tensor, window: Window, sigma2: torch.Tensor,
+                          do_ctf: bool, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The particles' CTF (ones without CTF correction) and 1/σ² of their noise groups ``group`` (n,), both (n, j) on
+    the ``window``'s pixels; σ² is (groups, shells) per-component noise variance."""
+    if do_ctf and table.has_ctf:
+        ctf = ctf_for_particles(table, indices, window.ky, window.kx, window.box, device=device)
+    else:
+        ctf = torch.ones(len(indices), window.size, device=device)
+    shells = window.shell.clamp(max=sigma2.shape[1] - 1)
+    return ctf, (1.0 / sigma2[group][:, shells].clamp(min=1e-30)).float()
+
+
 def prepare_batch(
     table: ParticleTable,
     indices: np.ndarray,
@@ -106,12 +118,7 @@ def prepare_batch(
     f_masked = rfft2_centered(masked).flatten(1)
     power = f_masked.abs() ** 2  # RELION's noise statistics come from the masked image
     power_outside = power.sum(1) - power[:, 0] - power[:, window.flat_index].sum(1)
-    if do_ctf and table.has_ctf:
-        ctf = ctf_for_particles(table, indices, window.ky, window.kx, box, device=device)
-    else:
-        ctf = torch.ones(len(indices), window.size, device=device)
-    shells = window.shell.clamp(max=sigma2.shape[1] - 1)
-    inv_sigma2 = (1.0 / sigma2[group][:, shells].clamp(min=1e-30)).float()
+    ctf, inv_sigma2 = ctf_and_inverse_noise(table, indices, group, window, sigma2, do_ctf, device)
     offsets = np.stack([table.origin_x_angst[indices], table.origin_y_angst[indices]], -1) / angpix
     return ImageBatch(
         indices=np.asarray(indices),

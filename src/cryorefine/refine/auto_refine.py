@@ -13,10 +13,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..ctf import ctf_for_particles
 from ..errors import CryoInputError, DistributedError
 from ..estep.expectation import EStepSettings
-from ..estep.images import Window
+from ..estep.images import Window, ctf_and_inverse_noise
 from ..estep.memory import available_bytes, check_fixed_volumes
 from ..estep.poses import PoseGrid
 from ..estep.sums import WeightedSums
@@ -38,6 +37,7 @@ from ..projection.insert import BackProjector
 from ..reconstruction.fsc import fsc_curve, fsc_to_ssnr, resolution_shell, shell_to_angstrom
 from ..reconstruction.reconstruct import padded_shell_index, reconstruct
 from ..reconstruction.symmetrise import symmetrise_backprojector
+from ..transfer import to_device
 from .accuracy import N_TRIALS, expected_accuracy
 from .engine import ParticlePoses, angular_change_deg, prepare_references, run_expectation
 from .log import RunLog
@@ -333,15 +333,11 @@ class AutoRefine:
         pick = np.sort(rng.choice(rows, min(N_TRIALS, len(rows)), replace=False))
         window = Window.build(self.box, plan.settings.score_shell or plan.window_shell, self.device)
         ref = prepare_references([volume], cfg.pad, cfg, self.device)[0]
-        if cfg.ctf and self.table.has_ctf:
-            ctf = ctf_for_particles(self.table, pick, window.ky, window.kx, self.box, device=self.device)
-        else:
-            ctf = torch.ones(len(pick), window.size, device=self.device)
-        sigma2 = self.sigma2.to(self.device)
-        inv_sigma2 = 1.0 / sigma2[torch.as_tensor(self.table.optics_group[pick], device=self.device)][:, window.shell.clamp(max=sigma2.shape[1] - 1)]
+        group = to_device(self.table.optics_group[pick], self.device)
+        ctf, inv_sigma2 = ctf_and_inverse_noise(self.table, pick, group, window, self.sigma2.to(self.device), cfg.ctf, self.device)
         p = self.poses
         eulers = np.stack([p.rot_deg[pick], p.tilt_deg[pick], p.psi_deg[pick]], -1)
-        return expected_accuracy(ref, eulers, ctf, inv_sigma2.float(), window, rng)
+        return expected_accuracy(ref, eulers, ctf, inv_sigma2, window, rng)
 
     def _share_state(self) -> None:
         """Rank 0's model, schedule, poses and history on every rank, so that all plan the same next iteration."""
