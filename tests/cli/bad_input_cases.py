@@ -173,6 +173,12 @@ def saved_state(content: bytes):
     return corrupt
 
 
+def state_bytes(state: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
 def disk_full():
     usage = namedtuple("usage", "total used free")
     return mock.patch.object(shutil, "disk_usage", lambda path: usage(10 ** 9, 10 ** 9 - 10 ** 6, 10 ** 6))
@@ -214,6 +220,8 @@ CASES = {
     "missing --continue file": Case(opts={"continue": "out/run_it007_optimiser.star"}, names="run_it007_optimiser.star"),
     "unreadable --continue state": Case(saved_state(b"\x80\x02 half a pickle"), opts={"continue": "data/old/run_it001_optimiser.star"},
                                         names="run_it001_optimiser.star"),
+    "--continue state whose maps are gone": Case(saved_state(state_bytes({"maps": {"mrc": ["run_it001_half1_class001.mrc"]}, "config": {}})),
+                                                  opts={"continue": "data/old/run_it001_optimiser.star"}, names="run_it001_half1_class001.mrc"),
     "missing .cs": Case(opts={"particles": "data/P1/J9/nope.cs"}, names="nope.cs", commands=CS_COMMANDS),
     ".cs that is not a numpy file": Case(garbage(CS), opts={"particles": CS}, names="J9_particles.cs", commands=CS_COMMANDS),
     ".cs without particle images": Case(edit_cs(micrograph_cs), opts={"particles": CS}, names="J9_particles.cs", commands=CS_COMMANDS),

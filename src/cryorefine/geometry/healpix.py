@@ -277,6 +277,14 @@ def child_directions(order: int, direction_index, oversampling: int = 1):
     return fine, rot, tilt
 
 
+@functools.lru_cache(maxsize=8)
+def all_child_directions(order: int, oversampling: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(rot_deg, tilt_deg), each (12·4**order, 4**q): child_directions of every NEST pixel at `order`; cached
+    (read-only), as the fine pass asks for the same order's children every tile."""
+    _, rot, tilt = child_directions(order, np.arange(12 << (2 * order)), oversampling)
+    return _read_only(rot, tilt)
+
+
 def child_psis(psi_deg, step_deg: float, oversampling: int = 1) -> np.ndarray:
     """RELION pushbackOversampledPsiAngles: (..., 2**q) psi - step/2 + (0.5 + i) step / 2**q
     (q = 1: psi - step/4, psi + step/4; no wrapping in 3D)."""

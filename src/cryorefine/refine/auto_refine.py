@@ -43,7 +43,7 @@ from .engine import ParticlePoses, angular_change_deg, prepare_references, run_e
 from .log import RunLog
 from .progress import Progress
 from .schedule import Schedule, strict_window_shell
-from .state import read_state
+from .state import read_state, saved_maps
 from .timing import StageTimer, profiled
 
 
@@ -517,8 +517,12 @@ class AutoRefine:
     def _save_state(self, pre: str) -> None:
         from ..io.atomic import atomic_write
 
+        state = self._state()
+        files = self._map_files(pre)
+        if files is not None:
+            state["maps"] = saved_maps(files)
         with atomic_write(f"{pre}_state.pt") as tmp:
-            torch.save(self._state(), tmp)
+            torch.save(state, tmp)
         write_star_table(f"{pre}_optimiser.star", {"optimiser_general": {
             "rlnOutputRootName": self.root, "rlnModelStarFile": f"{pre}_half1_model.star", "rlnModelStarFile2": f"{pre}_half2_model.star",
             "rlnExperimentalDataStarFile": f"{pre}_data.star", "rlnOrientSamplingStarFile": f"{pre}_sampling.star",
@@ -533,6 +537,11 @@ class AutoRefine:
     def _load_state(self, optimiser_star: str) -> None:
         self._restore(read_state(optimiser_star))
         self.log.line(f"continuing after iteration {self.iteration} from {optimiser_star}")
+
+    def _map_files(self, pre: str) -> list[str] | None:
+        """The MRC files of this iteration that hold self.maps (None in the final iteration: its half maps are the
+        unfiltered ones, so the state keeps the maps)."""
+        return None if self.schedule.final_iteration else [f"{pre}_half{h}_class001.mrc" for h in (1, 2)]
 
     def _extra_state(self) -> dict:
         return {}

@@ -66,6 +66,9 @@ class Classify3D(AutoRefine):
         """K padded references and K back-projectors (no half sets to join)."""
         return {"references": self.cfg.K, "backprojectors": self.cfg.K, "join_halves": False}
 
+    def _map_files(self, pre: str) -> list[str]:
+        return [f"{pre}_class{k + 1:03d}.mrc" for k in range(self.cfg.K)]
+
     def _extra_state(self) -> dict:
         return {"class_prior": self.class_prior, "direction_prior": self.direction_prior, "class_resolution": self.class_resolution,
                 "initial_class": self.initial_class}
