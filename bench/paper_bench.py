@@ -391,7 +391,9 @@ def run_cpu(s: BenchSet, p: Paths, n: int, timeout: float) -> dict:
 
 # ------------------------------------------------------------------ report
 def gold_fsc(p: Paths, it: int | None, dev) -> dict | None:
-    """Gold-standard FSC of the unfiltered half maps (iteration it, or the final ones): resolution at 0.143 and 0.5."""
+    """Gold-standard FSC of the unfiltered half maps (the final ones, or iteration it's if written): resolution at 0.143
+    and 0.5. Intermediate iterations write no unfiltered maps (RELION's compareTwoHalves): their FSC is the one in the
+    iteration's model.star, from the half sets' Fourier-space averages."""
     import torch
 
     from cryorefine.evaluation import map_resolution
@@ -400,7 +402,7 @@ def gold_fsc(p: Paths, it: int | None, dev) -> dict | None:
     pre = f"{p.run_root}_it{it:03d}" if it is not None else str(p.run_root)
     f1, f2 = Path(f"{pre}_half1_class001_unfil.mrc"), Path(f"{pre}_half2_class001_unfil.mrc")
     if not (f1.exists() and f2.exists()):
-        return None
+        return model_star_fsc(Path(f"{pre}_half1_model.star")) if it is not None else None
     cache = read_json(p.fsc_cache, {})
     key = f"{f1.name}:{f1.stat().st_mtime_ns}"
     if key in cache:
@@ -410,6 +412,22 @@ def gold_fsc(p: Paths, it: int | None, dev) -> dict | None:
     cache[key] = {"fsc0143_angst": r[0.143], "fsc05_angst": r[0.5]}
     write_json(p.fsc_cache, cache)
     return cache[key]
+
+
+def model_star_fsc(model_star: Path) -> dict | None:
+    """Resolution at FSC 0.143 and 0.5 of a model.star's rlnGoldStandardFsc (None if the file is not there)."""
+    import torch
+
+    from cryorefine.io.star import read_star
+    from cryorefine.reconstruction.fsc import resolution_angstrom
+
+    if not model_star.exists():
+        return None
+    blocks = read_star(model_star)
+    general, fsc = blocks["model_general"], torch.tensor(blocks["model_class_1"]["rlnGoldStandardFsc"].to_numpy(dtype=float))
+    box, angpix = int(general["rlnOriginalImageSize"].iloc[0]), float(general["rlnPixelSize"].iloc[0])
+    return {"fsc0143_angst": resolution_angstrom(fsc, 0.143, box, angpix), "fsc05_angst": resolution_angstrom(fsc, 0.5, box, angpix),
+            "of": "Fourier-space FSC of the half sets (model.star)"}
 
 
 def truth_scores(s: BenchSet, p: Paths, history: list, dev) -> dict:
@@ -648,6 +666,9 @@ def render_md(r: dict) -> str:
     if pe:
         L.append(f"| pose error vs truth, median (p90) | {pe['angle_median_deg']}° ({pe['angle_p90_deg']}°), {pe['shift_median_angst']} Å ({pe['shift_p90_angst']} Å) | — |")
     L += ["", "## Per iteration", ""]
+    if r["job"] == "refine":
+        L += ["gold 0.143: FSC of the unfiltered half maps in the final iteration; in the others, the FSC in the iteration's "
+              "model.star (the half sets' Fourier-space averages, as RELION's compareTwoHalves), as no unfiltered maps are written.", ""]
     lab = [STAGE_LABEL.get(k, k) for k in STAGES]
     res_col = "gold 0.143 (Å)" if r["job"] == "refine" else "class res. (Å, best)"
     L.append("| it | sampling | window (coarse) | wall s | " + " | ".join(lab) + f" | coarse TFLOP/s | mean nsig | sched. res. (Å) | {res_col} |")

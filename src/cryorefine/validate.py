@@ -20,13 +20,13 @@ from cryorefine.io.particles import ParticleTable, load_particles
 
 PIXEL_SIZE_TOLERANCE = 0.01           # relative STAR vs reference header
 DISK_RESERVE_BYTES = 100 * 1024 ** 2  # free space needed besides the maps
-MAPS_PER_ITERATION = 4                # half maps + unfiltered half maps
+MAPS_PER_ITERATION = 2                # the half maps (unfiltered ones only at the end)
 ITERATIONS_OF_MAPS = 10               # iterations of maps we want room for
 FINITE_CHECK_BYTES = 128 * 1024 ** 2  # pixels read for the NaN/Inf check (all of a small set)
 
 
 def required_free_bytes(box: int) -> int:
-    """Free space wanted in the output folder: 100 MB + 4 maps of box³ float32 × 10 iterations."""
+    """Free space wanted in the output folder: 100 MB + 2 maps of box³ float32 × 10 iterations."""
     return DISK_RESERVE_BYTES + MAPS_PER_ITERATION * int(box) ** 3 * 4 * ITERATIONS_OF_MAPS
 
 

@@ -25,6 +25,60 @@ def fsc_curve(map1: torch.Tensor, map2: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros_like(num))
 
 
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """RELION's ROUND: halves away from zero (torch.round rounds them to even)."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def downsampled_average(bp, max_shell: int) -> torch.Tensor:
+    """RELION's BackProjector::getDownsampledAverage: the padded accumulators summed into original-grid voxels
+    (padded index k -> ROUND(k / pad) per axis), data / weight where weight > 0, else 0. Only the padded cube that
+    holds shells <= ``max_shell`` is read. Returns (n, n, m) complex128, centred in the first two axes (index
+    i -> frequency i - n // 2), x from 0. The binning is separable, so it runs one axis at a time (index_add_)."""
+    P, pad = bp.size, bp.pad
+    c = P // 2
+    h = min(c, (max_shell + 1) * pad)
+    lo, hi = c - h, min(P, c + h + 1)
+    # sums of ≤ pad³ values in the accumulators' precision (float32: a box-360 grid in float64 would need ~4 GiB)
+    x = torch.cat([torch.view_as_real(bp.data[lo:hi, lo:hi, : h + 1]), bp.weight[lo:hi, lo:hi, : h + 1, None]], -1)  # real, imag, weight
+    dev = x.device
+    k = _round_half_away((torch.arange(lo, hi, device=dev, dtype=torch.float64) - c) / pad).long()
+    kx = _round_half_away(torch.arange(h + 1, device=dev, dtype=torch.float64) / pad).long()
+    m = int(k.abs().max())
+    for dim, idx, n in ((0, k + m, 2 * m + 1), (1, k + m, 2 * m + 1), (2, kx, int(kx.max()) + 1)):
+        shape = list(x.shape)
+        shape[dim] = n
+        x = torch.zeros(shape, dtype=x.dtype, device=dev).index_add_(dim, idx, x)
+    x = x.to(torch.float64)
+    w = x[..., 2]
+    avg = torch.complex(x[..., 0], x[..., 1]) / w.clamp(min=1e-300)
+    return torch.where(w > 0, avg, torch.zeros((), dtype=avg.dtype, device=dev))
+
+
+def halves_fsc(bp1, bp2, max_shell: int) -> torch.Tensor:
+    """Gold-standard FSC (d//2 + 1,) of two half sets' accumulators in Fourier space, RELION's compareTwoHalves
+    (getDownsampledAverage + calculateDownSampledFourierShellCorrelation): voxels of the downsampled averages with
+    radius R <= max_shell, in shells ROUND(R); FSC(0) = 1, 0 where a shell is empty. No reconstruction is needed:
+    intermediate auto-refine iterations take their resolution from this."""
+    a1, a2 = downsampled_average(bp1, max_shell), downsampled_average(bp2, max_shell)
+    n0, _, nx = a1.shape
+    dev = a1.device
+    k = torch.arange(n0, device=dev, dtype=torch.float64) - n0 // 2
+    r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + torch.arange(nx, device=dev, dtype=torch.float64)[None, None, :] ** 2)
+    n = bp1.box // 2 + 1
+    keep = (r <= max_shell) & (r < n - 0.5)
+    shell = _round_half_away(r[keep]).long()
+
+    def shell_sum(v):
+        return torch.zeros(n, dtype=torch.float64, device=dev).index_add_(0, shell, v[keep])
+
+    num = shell_sum((a1 * a2.conj()).real)
+    den = shell_sum(a1.abs() ** 2) * shell_sum(a2.abs() ** 2)
+    fsc = torch.where(den > 0, num / den.clamp(min=1e-300).sqrt(), torch.zeros_like(num))
+    fsc[0] = 1.0
+    return fsc
+
+
 def resolution_shell(fsc: torch.Tensor, threshold: float, consecutive: int = 1) -> int:
     """Last shell before the FSC first drops below ``threshold`` for ``consecutive`` shells in a row (shells from 1).
 

@@ -34,7 +34,7 @@ from ..parallel.context import Dist
 from ..parallel.pool import TaskPool
 from ..pause import pause_point
 from ..projection.insert import BackProjector
-from ..reconstruction.fsc import fsc_curve, fsc_to_ssnr, resolution_shell, shell_to_angstrom
+from ..reconstruction.fsc import fsc_curve, fsc_to_ssnr, halves_fsc, resolution_shell, shell_to_angstrom
 from ..reconstruction.reconstruct import padded_shell_index, reconstruct
 from ..reconstruction.symmetrise import symmetrise_backprojector
 from ..transfer import to_device
@@ -373,8 +373,11 @@ class AutoRefine:
             for bp in bps:
                 bp.data = torch.where(low, d_sum, bp.data)
                 bp.weight = torch.where(low, w_sum, bp.weight)
-        unfil = [reconstruct(bp) for bp in bps]
-        fsc = fsc_curve(unfil[0], unfil[1]).cpu()
+        if sch.final_iteration:  # the unfiltered half maps are outputs: the FSC of the maps themselves
+            unfil = [reconstruct(bp) for bp in bps]
+            fsc = fsc_curve(unfil[0], unfil[1]).cpu()
+        else:  # RELION's compareTwoHalves: from the accumulators in Fourier space, no reconstruction
+            fsc = halves_fsc(bps[0], bps[1], window_shell).cpu()
         pause_point("mstep", self.iteration, self._writer.wait)
         self.fsc = fsc
         if sch.final_iteration:
@@ -392,7 +395,6 @@ class AutoRefine:
                 tau2 = tau2_from_fsc(fsc, bp, cfg.tau2_fudge, max_shell=window_shell)
                 new_maps.append(reconstruct(bp, tau2.to(self.device), max_shell=window_shell).cpu())
             self.maps = new_maps
-            self.unfil = [u.cpu() for u in unfil]
             self.tau2 = tau2.cpu()
         res_shell = max(res_shell, 1)
         return {"resolution_shell": res_shell, "resolution_angst": shell_to_angstrom(res_shell, self.box, cfg.angpix), "fsc": fsc}
@@ -441,7 +443,8 @@ class AutoRefine:
         for h in (1, 2):
             m = self.unfil[h - 1] if self.schedule.final_iteration else self.maps[h - 1]
             write_map(f"{pre}_half{h}_class001.mrc", m.numpy(), cfg.angpix)
-            write_map(f"{pre}_half{h}_class001_unfil.mrc", self.unfil[h - 1].numpy(), cfg.angpix)
+            if self.schedule.final_iteration:
+                write_map(f"{pre}_half{h}_class001_unfil.mrc", self.unfil[h - 1].numpy(), cfg.angpix)
             write_model_star(f"{pre}_half{h}_model.star", *model)
         write_particles(f"{pre}_data.star", self.table, **self._data_columns())
         sch = self.schedule
