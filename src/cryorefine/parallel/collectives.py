@@ -72,6 +72,22 @@ def per_rank(count: int, dist: Dist) -> list[int]:
     return [int(x) for x in v.tolist()]
 
 
+def broadcast_tensors_(tensors: list[torch.Tensor], dist: Dist, what: str = "sending the maps to the other ranks") -> None:
+    """Rank 0's tensors into every rank's tensors of the same shapes, in place, over the backend's device (NCCL: this
+    rank's GPU): a tensor collective, not a pickle, for the model's maps (~130 MB a box-256 iteration)."""
+    if not dist.grouped:
+        return
+    import torch.distributed as tdist
+
+    wire = torch.device("cpu" if dist.backend == "gloo" else dist.device)
+    with guarded(dist, what):
+        for t in tensors:
+            buf = t if t.device == wire else t.to(wire)
+            tdist.broadcast(buf, src=0)
+            if buf is not t:
+                t.copy_(buf)
+
+
 def broadcast_from_main(obj, dist: Dist, what: str | None = None):
     """Rank 0's ``obj`` on every rank (pickled; tensors in it must be on the CPU); ``what`` names it in errors."""
     if not dist.grouped:

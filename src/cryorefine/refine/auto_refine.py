@@ -29,7 +29,7 @@ from ..io.particles import ParticleTable, load_particles, write_particles
 from ..io.star import write_star_table
 from ..mstep.noise import initial_sigma2, update_sigma2
 from ..mstep.tau2 import tau2_from_fsc
-from ..parallel.collectives import all_reduce_sum_, broadcast_from_main, merge_rows_, per_rank
+from ..parallel.collectives import all_reduce_sum_, broadcast_from_main, broadcast_tensors_, merge_rows_, per_rank
 from ..parallel.context import Dist
 from ..parallel.pool import TaskPool
 from ..pause import pause_point
@@ -342,9 +342,16 @@ class AutoRefine:
     def _share_state(self) -> None:
         """Rank 0's model, schedule, poses and history on every rank, so that all plan the same next iteration."""
         if self.dist.world_size > 1:
-            state = broadcast_from_main(self._state() if self.dist.is_main else None, self.dist)
+            state = self._state() if self.dist.is_main else None
+            if state is not None:  # the maps travel as tensors, the rest pickled
+                maps = state.pop("maps")
+                state["map_shapes"] = [(tuple(m.shape), m.dtype) for m in maps]
+            state = broadcast_from_main(state, self.dist)
             if not self.dist.is_main:
-                self._restore(state)
+                maps = [torch.empty(shape, dtype=dtype) for shape, dtype in state["map_shapes"]]
+            broadcast_tensors_(maps, self.dist)
+            if not self.dist.is_main:
+                self._restore(dict(state, maps=maps))
 
     # ------------------------------------------------------------------ M-step
     def maximization(self, sums: list[WeightedSums], window_shell: int) -> dict:
