@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..fourier.shift import phase_shift_factors
-from ..projection.extract import PaddedTransform, extract_central_slices
+from ..projection.extract import PaddedTransform, extract_central_slices, extract_central_slices_planar
 from ..tiling import run_tiles
 from .images import ImageBatch, Window
 from .memory import LOCAL_GATHER_ELEMENTS, TileShape, fine_particles_per_chunk, particles_per_tile, tile_budget
@@ -100,16 +100,16 @@ def get_all_squared_differences_coarse(batch: ImageBatch, window: Window, jc: in
     out = []
     for ref in refs:
         if local is None:
-            p = extract_central_slices(ref, poses.coarse_rotations, ky, kx)  # (R, jc)
-            cross = matmul_nt(a.reshape(n * T, -1), _as_real(p), precision).reshape(n, T, -1)
-            third = matmul_nt(b, p.real**2 + p.imag**2, precision)  # (n, R)
+            p = extract_central_slices_planar(ref, poses.coarse_rotations, ky, kx)  # (R, 2, jc)
+            cross = matmul_nt(a.reshape(n * T, -1), p.reshape(p.shape[0], -1), precision).reshape(n, T, -1)
+            third = matmul_nt(b, p.square().sum(1), precision)  # (n, R)
         else:
             ids = local[0]
             uniq, inv = torch.unique(ids, return_inverse=True)
-            pu = extract_central_slices(ref, poses.rotations(uniq), ky, kx)  # (U, jc)
-            # the real operand and |P|² once per distinct rotation, not per (particle, candidate): the gathers below
-            # are then plain row copies (the per-block cat and square were most of the local coarse pass's time)
-            pu_real, pu_pow = _as_real(pu), pu.real**2 + pu.imag**2  # (U, 2jc), (U, jc)
+            pu = extract_central_slices_planar(ref, poses.rotations(uniq), ky, kx)  # (U, 2, jc)
+            # the real operand [Re | Im] (a view) and |P|² once per distinct rotation, not per (particle, candidate):
+            # the gathers below are then plain row copies
+            pu_real, pu_pow = pu.reshape(pu.shape[0], -1), pu.square().sum(1)  # (U, 2jc), (U, jc)
             del pu
             L = ids.shape[1]
             cross = a.new_empty(n, T, L)

@@ -93,23 +93,34 @@ MAX_POINTS = 1 << 22  # slice points interpolated at once; bounds the (points, 8
 
 def extract_central_slices(transform: PaddedTransform, rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:
     """Projections of the map at Fourier pixels (kx, ky) (j,) for rotations (..., r, 3, 3) -> (..., r, j) complex."""
+    p = extract_central_slices_planar(transform, rotations, ky, kx)
+    return torch.complex(p[..., 0, :], p[..., 1, :])
+
+
+def extract_central_slices_planar(transform: PaddedTransform, rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:
+    """Projections as real and imaginary planes: (..., r, 2, j) real, so (r, 2j) rows [Re | Im] without a copy (the
+    operand of the coarse pass's matrix products). Chunks of MAX_POINTS points are written into one output: no
+    complex, conjugated or concatenated intermediates (they were most of a local search's coarse pass)."""
     lead = rotations.shape[:-2]
     flat_rot = rotations.reshape(-1, 3, 3)
-    step = max(1, MAX_POINTS // max(1, ky.numel()))
-    if flat_rot.shape[0] <= step:
-        return _extract(transform, rotations, ky, kx)
-    out = torch.cat([_extract(transform, flat_rot[i : i + step], ky, kx) for i in range(0, flat_rot.shape[0], step)])
-    return out.reshape(*lead, ky.numel())
+    j = ky.numel()
+    f = transform.f_padded
+    out = torch.empty(flat_rot.shape[0], 2, j, dtype=f.real.dtype, device=f.device)
+    step = max(1, MAX_POINTS // max(1, j))
+    for i in range(0, flat_rot.shape[0], step):
+        _extract_into(transform, flat_rot[i : i + step], ky, kx, out[i : i + step])
+    return out.reshape(*lead, 2, j)
 
 
-def _extract(transform: PaddedTransform, rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:
+def _extract_into(transform: PaddedTransform, rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor, out: torch.Tensor) -> None:
     """Trilinear interpolation as one fused torch grid_sample over the half transform's real and imaginary parts
-    (8 corner reads per point and no (points × 8) temporaries: the gather version moved ~270 bytes per point)."""
+    (8 corner reads per point and no (points × 8) temporaries: the gather version moved ~270 bytes per point),
+    written into ``out`` (r, 2, j)."""
     f = transform.f_padded
     size, half = transform.size, transform.size // 2
-    coords = slice_coordinates(rotations.to(f.real.dtype), ky, kx, transform.pad)  # (..., r, j, 3) as (x, y, z)
-    flip = coords[..., 0] < 0  # read from the Friedel mate, conjugated
-    c = torch.where(flip.unsqueeze(-1), -coords, coords)
+    coords = slice_coordinates(rotations.to(f.real.dtype), ky, kx, transform.pad)  # (r, j, 3) as (x, y, z)
+    flip = coords[..., :1] < 0  # read from the Friedel mate, conjugated
+    c = torch.where(flip, -coords, coords)
     # grid_sample's normalised coordinates (align_corners): index i of an axis of n samples -> -1 + 2 i / (n - 1);
     # x runs 0..P/2, y and z are centred at P/2. Points past the edge read the edge (padding_mode="border").
     # (per-axis arithmetic with Python scalars: a small tensor made from a list is a blocking host-to-device copy)
@@ -117,8 +128,9 @@ def _extract(transform: PaddedTransform, rotations: torch.Tensor, ky: torch.Tens
     grid = torch.stack([c[..., 0] * (2.0 / half) - 1.0, c[..., 1] * s_yz + o_yz, c[..., 2] * s_yz + o_yz], -1).reshape(1, 1, 1, -1, 3)
     volume = torch.view_as_real(f).permute(3, 0, 1, 2).unsqueeze(0)  # (1, 2, P, P, P/2 + 1): channels Re, Im
     vals = torch.nn.functional.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True)
-    out = torch.complex(vals[0, 0, 0, 0], vals[0, 1, 0, 0]).reshape(flip.shape)
-    return torch.where(flip, out.conj(), out)
+    vals = vals.reshape(2, *out.shape[::2])  # (2, r, j)
+    out[:, 0] = vals[0]
+    torch.mul(vals[1], 1.0 - 2.0 * flip[..., 0].to(vals.dtype), out=out[:, 1])
 
 
 def project_rfft(transform: PaddedTransform, rotations: torch.Tensor, max_shell: float | None = None) -> torch.Tensor:
