@@ -76,11 +76,13 @@ def run_tile(c, sums: bool = True):
 
 
 def predicted_tile_bytes(c, slots) -> tuple[int, int]:
-    """(coarse stage, whole tile) bytes predicted for the case's batch as one tile and one fine chunk."""
+    """(coarse stage, whole tile) bytes predicted for the case's batch as one tile, its fine pass in groups of similar slot counts."""
     n, g, J = len(c["batch"]), c["grid"], c["window"].size
-    G8, L8, T4 = len(slots.g_class) * 8, slots.slot_g.shape[1] * 8, g.n_translations * 4
+    G8, T4 = len(slots.g_class) * 8, g.n_translations * 4
     coarse = memory.coarse_bytes(n, tile_shape(c))
-    fine = max(memory.fine_projection_bytes(G8, J), memory.union_bytes(G8, J) + memory.fine_chunk_bytes(n, T4, L8, J))
+    groups = expectation._slot_groups(slots.counts, lambda L: n)  # the fine pass's groups of similar slot counts
+    chunk = max(memory.fine_chunk_bytes(len(rows), T4, Lc * 8, J) for rows, Lc in groups)
+    fine = max(memory.fine_projection_bytes(G8, J), memory.union_bytes(G8, J) + chunk)
     return coarse, max(coarse, fine)
 
 

@@ -270,6 +270,7 @@ class FineSlots:
     slot_g: torch.Tensor  # (n, Ls) index into G (padding: 0)
     slot_prior: torch.Tensor  # (n, Ls) log prior of the slot's coarse rotation (padding: −inf)
     allowed: torch.Tensor  # (n, T, Ls) bool: (coarse translation, slot) was significant
+    counts: torch.Tensor  # (n,) slots in use per particle (the first counts[i] of its row)
 
 
 def _fine_slots(mask: torch.Tensor, rot_prior: torch.Tensor, local_prior, n_rotations: int) -> FineSlots:
@@ -293,7 +294,24 @@ def _fine_slots(mask: torch.Tensor, rot_prior: torch.Tensor, local_prior, n_rota
     slot_prior[i_idx, slot[pk_inv]] = rot_prior[i_idx, k_idx, l_idx]
     allowed = torch.zeros(n, T, Ls, dtype=torch.bool, device=dev)
     allowed[i_idx, t_idx, slot[pk_inv]] = True
-    return FineSlots(gkeys // R, gkeys % R, slot_g, slot_prior, allowed)
+    return FineSlots(gkeys // R, gkeys % R, slot_g, slot_prior, allowed, counts)
+
+
+def _slot_groups(counts: torch.Tensor, rows_for) -> list[tuple[torch.Tensor, int]]:
+    """The fine pass's particle groups: (rows, slots), particles ordered by their slot count, a group's largest count
+    at most twice its smallest (or 4), and at most rows_for(that limit) rows (the memory budget), so that padding to
+    the group's largest count wastes little. (Padded to the tile's largest count, a few particles with broad
+    posteriors made every particle's products and accumulations several times larger.)"""
+    order = torch.argsort(counts)
+    sorted_counts = counts[order].cpu().numpy()
+    groups, g0, n = [], 0, len(sorted_counts)
+    while g0 < n:
+        limit = max(4, 2 * int(sorted_counts[g0]))
+        g1 = min(int(np.searchsorted(sorted_counts, limit, side="right")), g0 + rows_for(limit), n)
+        g1 = max(g1, g0 + 1)
+        groups.append((order[g0:g1], max(1, int(sorted_counts[g1 - 1]))))
+        g0 = g1
+    return groups
 
 
 def _expectation_tile(batch, window, coarse_shell, refs, poses, settings, sums, local_prior, stage, forced_class, budget) -> tuple[BatchPoses, TileSums]:
@@ -343,8 +361,8 @@ def _expectation_tile(batch, window, coarse_shell, refs, poses, settings, sums, 
         js = J if settings.score_shell is None else window.prefix(settings.score_shell)  # the pixels scored; all are stored
         const = (w[:, :js] * batch.f_masked[:, :js].abs() ** 2).sum(1).double()  # (n,)
 
-    T4, L8 = T * N_TRANS_CHILDREN, Ls * N_ROT_CHILDREN
-    chunk = fine_particles_per_chunk(n, budget, G * N_ROT_CHILDREN, T4, L8, J)
+    T4 = T * N_TRANS_CHILDREN
+    fine_particles_per_chunk(n, budget, G * N_ROT_CHILDREN, T4, Ls * N_ROT_CHILDREN, J)  # one particle of the most slots fits, or a clear stop
     child = torch.arange(N_ROT_CHILDREN, device=dev)
     best_class = torch.zeros(n, dtype=torch.long, device=dev)
     best_coarse = torch.zeros(n, dtype=torch.long, device=dev)
@@ -360,12 +378,10 @@ def _expectation_tile(batch, window, coarse_shell, refs, poses, settings, sums, 
     acc_v = torch.zeros(G * N_ROT_CHILDREN, J, dtype=batch.f_masked.dtype, device=dev) if sums is not None else None
     acc_w = torch.zeros(G * N_ROT_CHILDREN, J, device=dev) if sums is not None else None
     acc_mass = torch.zeros(G * N_ROT_CHILDREN, device=dev) if sums is not None else None
-    for c0 in range(0, n, chunk):
-        c1 = min(n, c0 + chunk)
-        rows = slice(c0, c1)
-        m = c1 - c0
+    for rows, Lc in _slot_groups(fs.counts, lambda L: fine_particles_per_chunk(n, budget, G * N_ROT_CHILDREN, T4, min(L, Ls) * N_ROT_CHILDREN, J)):
+        m, L8 = len(rows), Lc * N_ROT_CHILDREN
         with stage("getAllSquaredDifferences"):
-            rows8 = (slot_g[rows][:, :, None] * N_ROT_CHILDREN + child).reshape(m, L8)  # (m, 8L) rows of p_all
+            rows8 = (slot_g[rows, :Lc][:, :, None] * N_ROT_CHILDREN + child).reshape(m, L8)  # (m, 8L) rows of p_all
             pg = p_all[rows8]  # (m, 8L, J)
             xt = _translated(batch.f_masked[rows, :js], window, off_fine[rows])  # (m, T4, js)
             a = _as_real(xt * (w[rows, :js] * sc[rows, :js])[:, None, :])
@@ -374,11 +390,11 @@ def _expectation_tile(batch, window, coarse_shell, refs, poses, settings, sums, 
                 stage.add_flops("fine", 2.0 * m * T4 * 2 * js * L8 + 2.0 * m * L8 * js)  # (m, T4, 2js) @ (m, 2js, 8L) and the |P|² term
             p2 = pg.real**2 + pg.imag**2
             third = torch.einsum("mj,mrj->mr", (w[rows] * sc[rows] ** 2)[:, :js], p2[..., :js])  # (m, 8L)
-            ok = allowed[rows].repeat_interleave(N_TRANS_CHILDREN, 1).repeat_interleave(N_ROT_CHILDREN, 2)
+            ok = allowed[rows, :, :Lc].repeat_interleave(N_TRANS_CHILDREN, 1).repeat_interleave(N_ROT_CHILDREN, 2)
             if cc:
                 lg = cross / torch.sqrt(third.clamp(min=1e-30))[:, None, :]
             else:
-                lg = 2.0 * cross - third[:, None, :] + t_prior[rows][:, :, None] + slot_prior[rows].repeat_interleave(N_ROT_CHILDREN, 1)[:, None, :]
+                lg = 2.0 * cross - third[:, None, :] + t_prior[rows][:, :, None] + slot_prior[rows, :Lc].repeat_interleave(N_ROT_CHILDREN, 1)[:, None, :]
             lg = torch.where(ok, lg, torch.full_like(lg, -torch.inf))
         with stage("convertAllDiff2ToWeights"):
             flat_lg = lg.reshape(m, -1)
@@ -394,7 +410,7 @@ def _expectation_tile(batch, window, coarse_shell, refs, poses, settings, sums, 
                 max_prob[rows] = torch.exp(mx.double() - lse).float()
             loglik[rows] = lse - const[rows]
             t4, r8 = arg // L8, arg % L8
-            g_best = slot_g[rows][torch.arange(m, device=dev), r8 // N_ROT_CHILDREN]
+            g_best = slot_g[rows, r8 // N_ROT_CHILDREN]
             best_class[rows] = fs.g_class[g_best]
             best_coarse[rows] = fs.g_coarse[g_best]
             best_child[rows] = r8 % N_ROT_CHILDREN

@@ -112,20 +112,30 @@ def extract_central_slices_planar(transform: PaddedTransform, rotations: torch.T
     return out.reshape(*lead, 2, j)
 
 
+def _xyz(x: float, yz: float, like: torch.Tensor) -> torch.Tensor:
+    """(3,) [x, yz, yz] on like's device, filled in place (a tensor made from a list would be a blocking copy)."""
+    v = torch.empty(3, dtype=like.dtype, device=like.device)
+    v[0] = x
+    v[1:] = yz
+    return v
+
+
 def _extract_into(transform: PaddedTransform, rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor, out: torch.Tensor) -> None:
     """Trilinear interpolation as one fused torch grid_sample over the half transform's real and imaginary parts
     (8 corner reads per point and no (points × 8) temporaries: the gather version moved ~270 bytes per point),
     written into ``out`` (r, 2, j)."""
     f = transform.f_padded
     size, half = transform.size, transform.size // 2
-    coords = slice_coordinates(rotations.to(f.real.dtype), ky, kx, transform.pad)  # (r, j, 3) as (x, y, z)
-    flip = coords[..., :1] < 0  # read from the Friedel mate, conjugated
-    c = torch.where(flip, -coords, coords)
     # grid_sample's normalised coordinates (align_corners): index i of an axis of n samples -> -1 + 2 i / (n - 1);
     # x runs 0..P/2, y and z are centred at P/2. Points past the edge read the edge (padding_mode="border").
-    # (per-axis arithmetic with Python scalars: a small tensor made from a list is a blocking host-to-device copy)
+    # The per-axis scales are folded into the (r, 2, 3) rotation rows, so the einsum gives scaled coordinates and
+    # one where and one add finish the grid (no per-axis passes and stack over the points).
     s_yz, o_yz = 2.0 / (size - 1), 2.0 * half / (size - 1) - 1.0
-    grid = torch.stack([c[..., 0] * (2.0 / half) - 1.0, c[..., 1] * s_yz + o_yz, c[..., 2] * s_yz + o_yz], -1).reshape(1, 1, 1, -1, 3)
+    rows = rotations.to(f.real.dtype)[..., :2, :] * _xyz(2.0 / half, s_yz, f.real)
+    k2 = torch.stack([kx, ky], dim=-1).to(rows.dtype)  # (j, 2)
+    g = transform.pad * torch.einsum("jc,rcd->rjd", k2, rows)  # (r, j, 3) scaled (x, y, z)
+    flip = g[..., :1] < 0  # read from the Friedel mate, conjugated
+    grid = torch.where(flip, -g, g).add_(_xyz(-1.0, o_yz, g)).reshape(1, 1, 1, -1, 3)
     volume = torch.view_as_real(f).permute(3, 0, 1, 2).unsqueeze(0)  # (1, 2, P, P, P/2 + 1): channels Re, Im
     vals = torch.nn.functional.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True)
     vals = vals.reshape(2, *out.shape[::2])  # (2, r, j)
