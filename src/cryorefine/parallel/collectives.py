@@ -26,20 +26,25 @@ def guarded(dist: Dist, what: str):
                                f"{dist.timeout_s:.0f} s ({first})") from exc
 
 
-def all_reduce_sum_(tensors: list[torch.Tensor], dist: Dist, what: str = "summing the accumulators") -> None:
-    """Sum each tensor over ranks, in place. Tensors travel on the backend's device (gloo: host, NCCL: this rank's
-    GPU) and are copied there and back where they live elsewhere."""
+def _each_on_the_wire(tensors: list[torch.Tensor], dist: Dist, what: str, collective) -> None:
+    """Run ``collective`` (in place) on each tensor on the backend's device (gloo: host, NCCL: this rank's GPU),
+    copying there and back where a tensor lives elsewhere."""
     if not dist.grouped:
         return
-    import torch.distributed as tdist
-
     wire = torch.device("cpu" if dist.backend == "gloo" else dist.device)
     with guarded(dist, what):
         for t in tensors:
             buf = t if t.device == wire else t.to(wire)
-            tdist.all_reduce(buf)
+            collective(buf)
             if buf is not t:
                 t.copy_(buf)
+
+
+def all_reduce_sum_(tensors: list[torch.Tensor], dist: Dist, what: str = "summing the accumulators") -> None:
+    """Sum each tensor over ranks, in place."""
+    import torch.distributed as tdist
+
+    _each_on_the_wire(tensors, dist, what, tdist.all_reduce)
 
 
 def merge_rows_(arrays: list[np.ndarray], mine: np.ndarray, dist: Dist) -> None:
@@ -73,19 +78,11 @@ def per_rank(count: int, dist: Dist) -> list[int]:
 
 
 def broadcast_tensors_(tensors: list[torch.Tensor], dist: Dist, what: str = "sending the maps to the other ranks") -> None:
-    """Rank 0's tensors into every rank's tensors of the same shapes, in place, over the backend's device (NCCL: this
-    rank's GPU): a tensor collective, not a pickle, for the model's maps (~130 MB a box-256 iteration)."""
-    if not dist.grouped:
-        return
+    """Rank 0's tensors into every rank's tensors of the same shapes, in place: a tensor collective, not a pickle,
+    for the model's maps (~130 MB a box-256 iteration)."""
     import torch.distributed as tdist
 
-    wire = torch.device("cpu" if dist.backend == "gloo" else dist.device)
-    with guarded(dist, what):
-        for t in tensors:
-            buf = t if t.device == wire else t.to(wire)
-            tdist.broadcast(buf, src=0)
-            if buf is not t:
-                t.copy_(buf)
+    _each_on_the_wire(tensors, dist, what, lambda buf: tdist.broadcast(buf, src=0))
 
 
 def broadcast_from_main(obj, dist: Dist, what: str | None = None):
