@@ -29,7 +29,8 @@ COARSE_BYTES_PER_IMAGE_PIXEL = 32  # per (translation, coarse pixel): shifted im
 COARSE_BYTES_PER_SAMPLE = 72  # per (class, translation, rotation): diff2, softmax/sort/cumsum, significant indices [25; 63 all significant]
 COARSE_BYTES_PER_PARTICLE_PIXEL = 32  # per window pixel: w, sC and the fine pass's per-particle rows
 # coarse pass, per tile
-COARSE_BYTES_PER_PROJECTION_PIXEL = 12  # per (rotation, coarse pixel): the previous class's slices (Re, Im planes), |P|²
+COARSE_BYTES_PER_PROJECTION_PIXEL = 4  # per (rotation, coarse pixel): |P|² (the Re/Im planes are the extraction's output)
+COARSE_BYTES_PER_PREVIOUS_CLASS_PIXEL = 8  # with K > 1: the previous class's Re/Im planes, alive beside the next
 LOCAL_BYTES_PER_GATHERED_ELEMENT = 20  # local searches: gathered candidate slices (complex), real operand, |P|²
 LOCAL_GATHER_ELEMENTS = 1 << 26  # elements per gathered (particles × candidates × pixels) block of the local coarse pass
 # fine pass + storeWeightedSums, per particle of a fine chunk
@@ -38,9 +39,9 @@ FINE_BYTES_PER_IMAGE_PIXEL = 48  # per (fine translation, pixel): X̃ masked and
 FINE_BYTES_PER_SAMPLE = 20  # per (fine translation, fine rotation slot): cross term, log-posterior, masks, Γ [13]
 # the tile's union of fine rotations, and slice extraction
 UNION_BYTES_PER_ROTATION_PIXEL = 20  # per (fine rotation, pixel): projections (complex), data (complex) and weight accumulators
-PROJECTION_BYTES_PER_POINT = 16  # output of a slice extraction: Re/Im planes and the complex64 made from them
+PROJECTION_BYTES_PER_POINT = 24  # output of a slice extraction: Re/Im planes, their contiguous copies and the complex64 [21]
 PLANAR_PROJECTION_BYTES_PER_POINT = 8  # output of a planar slice extraction (the coarse pass): Re/Im planes
-INTERPOLATION_BYTES_PER_POINT = 64  # grid_sample's temporaries per point: coordinates, flipped and normalised copies, Re/Im, conj
+INTERPOLATION_BYTES_PER_POINT = 48  # grid_sample's temporaries per point: coordinates, the flipped grid, Re/Im, conj sign [46]
 
 # fixed volumes, per voxel of V
 REFERENCE_BYTES_PER_VOXEL = 8  # padded transform, complex64
@@ -87,7 +88,8 @@ def coarse_bytes(m: int, s: TileShape) -> int:
                     + COARSE_BYTES_PER_SAMPLE * s.classes * s.translations * s.rotation_slots
                     + COARSE_BYTES_PER_PARTICLE_PIXEL * s.window_pixels)
     projected = min(s.rotations, m * s.rotation_slots) if s.local else s.rotations
-    per_tile = projection_bytes(projected, s.coarse_pixels, planar=True) + COARSE_BYTES_PER_PROJECTION_PIXEL * projected * s.coarse_pixels
+    per_pixel = COARSE_BYTES_PER_PROJECTION_PIXEL + (COARSE_BYTES_PER_PREVIOUS_CLASS_PIXEL if s.classes > 1 else 0)
+    per_tile = projection_bytes(projected, s.coarse_pixels, planar=True) + per_pixel * projected * s.coarse_pixels
     if s.local:
         block = min(m * s.rotation_slots * s.coarse_pixels, max(s.rotation_slots * s.coarse_pixels, LOCAL_GATHER_ELEMENTS))
         per_tile += LOCAL_BYTES_PER_GATHERED_ELEMENT * block
