@@ -192,6 +192,31 @@ def test_estep_split_by_out_of_memory_equals_unsplit(tmp_path, monkeypatch):
     _assert_same_estep(split, whole)
 
 
+def test_global_coarse_projections_are_extracted_once_per_reference_on_the_cpu(tmp_path, monkeypatch):
+    """The tiles of a batch (and the batches of a half pass) share one extraction of every coarse rotation's
+    projection on the CPU, with the results of extracting per tile; another reference is extracted anew."""
+    import cryorefine.estep.poses as poses_module
+
+    c = make_case(tmp_path)
+    calls = []
+    real = poses_module.extract_central_slices_planar
+    monkeypatch.setattr(poses_module, "extract_central_slices_planar", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(expectation, "particles_per_tile", lambda n, *a: 2)  # 4 tiles of 2 particles
+    grid = lambda: PoseGrid.build(make_sampling(1, "C1", 0.1), 1.5, 1.0)  # noqa: E731
+
+    monkeypatch.setattr(poses_module, "CPU_PROJECTION_CACHE_BYTES", 0)  # control: nothing kept, one extraction per tile
+    per_tile = _estep(dict(c, grid=grid()))
+    assert len(calls) == 4
+    monkeypatch.setattr(poses_module, "CPU_PROJECTION_CACHE_BYTES", 1 << 30)
+    calls.clear()
+    c2 = dict(c, grid=grid())
+    shared = _estep(c2)
+    assert len(calls) == 1
+    _assert_same_estep(shared, per_tile, tol=1e-6)
+    _estep(dict(c2, ref=prepare_padded_transform(torch.roll(torch.randn(BOX, BOX, BOX), 1, 0), 2)))  # the next half's reference
+    assert len(calls) == 2
+
+
 def test_fine_pass_in_chunks_of_one_equals_one_chunk(tmp_path, monkeypatch):
     c = make_case(tmp_path)
     whole = _estep(c)

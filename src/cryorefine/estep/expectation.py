@@ -98,9 +98,9 @@ def get_all_squared_differences_coarse(batch: ImageBatch, window: Window, jc: in
     b = w * sc * sc  # (n, jc)
     n, T = a.shape[:2]
     out = []
-    for ref in refs:
+    for k, ref in enumerate(refs):
         if local is None:
-            p = extract_central_slices_planar(ref, poses.coarse_rotations, ky, kx)  # (R, 2, jc)
+            p = poses.coarse_projections(refs, k, ky, kx)  # (R, 2, jc)
             cross = matmul_nt(a.reshape(n * T, -1), p.reshape(p.shape[0], -1), precision).reshape(n, T, -1)
             third = matmul_nt(b, p.square().sum(1), precision)  # (n, R)
         else:

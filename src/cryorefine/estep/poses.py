@@ -16,8 +16,10 @@ from ..geometry.euler import euler_to_matrix
 from ..geometry.healpix import (HealpixSampling, all_child_directions, child_psis, direction_vectors, healpix_directions, oversampled_eulers,
                                 sampling_eulers)
 from ..geometry.translations import child_translations, perturb_translations_px, translation_grid_px
+from ..projection.extract import extract_central_slices_planar
 from ..transfer import to_device
 
+CPU_PROJECTION_CACHE_BYTES = 1 << 30  # coarse projections kept between tiles on the CPU (coarse_projections)
 N_ROT_CHILDREN = 8
 N_TRANS_CHILDREN = 4
 
@@ -59,6 +61,25 @@ class PoseGrid:
         if "rotations" not in self._cache:
             self._cache["rotations"] = self.rotations(torch.arange(self.n_rotations, device=self.device))
         return self._cache["rotations"]
+
+    def coarse_projections(self, refs: list, k: int, ky: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:
+        """(R, 2, j) planar projections of reference ``refs[k]`` at every coarse rotation (global searches).
+
+        On the CPU they are kept for this grid's later tiles and batches against the same reference (one reference
+        serves a whole half pass), up to CPU_PROJECTION_CACHE_BYTES: re-extracting them per tile was half of an
+        order-3 iteration on 2 cores. On a GPU the extraction is a small share of a global pass (its GEMMs run at
+        ~39 TFLOP/s) and the memory is better left to the tiles, so nothing is kept there."""
+        cache = self._cache.setdefault("coarse_projections", {})  # k -> (reference, pixels, projections)
+        ref, j = refs[k], ky.numel()
+        hit = cache.get(k)
+        if hit is not None and hit[0] is ref and hit[1] == j:
+            return hit[2]
+        cache.pop(k, None)  # another half's or iteration's reference: freed before the new extraction
+        p = extract_central_slices_planar(ref, self.coarse_rotations, ky, kx)
+        kept = sum(v[2].numel() * v[2].element_size() for v in cache.values())
+        if p.device.type == "cpu" and kept + p.numel() * p.element_size() <= CPU_PROJECTION_CACHE_BYTES:
+            cache[k] = (ref, j, p)
+        return p
 
     def rotations(self, ids: torch.Tensor) -> torch.Tensor:
         """(m, 3, 3) matrices of coarse rotation ids (m,), made for those ids only: local searches use a few per
