@@ -88,17 +88,27 @@ class PoseGrid:
         if "rotations" in self._cache:
             return self._cache["rotations"][ids]
         s = self.sampling
-        if "angles" not in self._cache:
-            as64 = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64), device=self.device)  # noqa: E731
-            self._cache["angles"] = (as64(s.rot_deg), as64(s.tilt_deg), as64(s.psi_deg))
-        rot, tilt, psi = self._cache["angles"]
+        rot, tilt, psi = self._coarse_angles()
         ids = ids.to(device=rot.device, dtype=torch.long)
         d, p = ids // s.n_psi, ids % s.n_psi
-        a = euler_to_matrix(rot[d], tilt[d], psi[p])
-        step = float(s.random_perturbation) * float(s.angular_step_deg)
-        if step != 0:
-            a = a @ euler_to_matrix(step, step, step).to(a)
-        return a.to(self.dtype)
+        return self._perturbed(euler_to_matrix(rot[d], tilt[d], psi[p])).to(self.dtype)
+
+    def _device_angles(self, key: str, make) -> tuple[torch.Tensor, ...]:
+        """The angle arrays (degrees) that ``make()`` returns, as float64 tensors on the grid's device, made once per
+        grid under ``key``."""
+        if key not in self._cache:
+            self._cache[key] = tuple(torch.as_tensor(np.asarray(a, dtype=np.float64), device=self.device) for a in make())
+        return self._cache[key]
+
+    def _coarse_angles(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rot (D,), tilt (D,), psi (P,)) of the grid's directions and psi angles, on the device."""
+        s = self.sampling
+        return self._device_angles("angles", lambda: (s.rot_deg, s.tilt_deg, s.psi_deg))
+
+    def _perturbed(self, a: torch.Tensor) -> torch.Tensor:
+        """RELION's getOrientations perturbation of matrices (..., 3, 3): A · R(d, d, d), d = perturbation × step."""
+        step = float(self.sampling.random_perturbation) * float(self.sampling.angular_step_deg)
+        return a @ euler_to_matrix(step, step, step).to(a) if step != 0 else a
 
     def fine_eulers_deg(self, coarse_ids: np.ndarray) -> np.ndarray:
         """(m, 8, 3) Euler angles (degrees) of the fine children of coarse rotation ids (m,)."""
@@ -111,19 +121,14 @@ class PoseGrid:
         made on the grid's device in float64 from cached child directions (the host path took ~0.1 s per tile of a
         local search, with the device idle, waiting for it)."""
         s = self.sampling
-        if "child_dirs" not in self._cache:
-            rot, tilt = all_child_directions(s.order)
-            as64 = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64), device=self.device)  # noqa: E731
-            self._cache["child_dirs"] = (as64(rot[s.ipix]), as64(tilt[s.ipix]), as64(s.psi_deg), as64(child_psis(0.0, s.angular_step_deg)))
-        rot, tilt, psi, dpsi = self._cache["child_dirs"]
+        rot, tilt, dpsi = self._device_angles("child_angles", lambda: (*(a[s.ipix] for a in all_child_directions(s.order)),
+                                                                      child_psis(0.0, s.angular_step_deg)))
+        psi = self._coarse_angles()[2]
         ids = coarse_ids.to(device=rot.device, dtype=torch.long)
         d, p = ids // s.n_psi, ids % s.n_psi
         shape = (len(ids), rot.shape[1], dpsi.shape[0])  # (m, child direction, child psi): RELION's order
         a = euler_to_matrix(rot[d][:, :, None].expand(shape), tilt[d][:, :, None].expand(shape), (psi[p][:, None, None] + dpsi).expand(shape))
-        step = float(s.random_perturbation) * float(s.angular_step_deg)
-        if step != 0:
-            a = a @ euler_to_matrix(step, step, step).to(a)
-        return a.reshape(len(ids), -1, 3, 3).to(self.dtype)
+        return self._perturbed(a).reshape(len(ids), -1, 3, 3).to(self.dtype)
 
     def fine_translations(self) -> torch.Tensor:
         """(T, 4, 2) fine offsets (relative to the previous offset) of every coarse translation."""
@@ -143,8 +148,7 @@ class PoseGrid:
         if "directions" not in self._cache:
             rot_all, tilt_all = healpix_directions(s.order)
             self._cache["directions"] = torch.as_tensor(direction_vectors(rot_all[s.ipix], tilt_all[s.ipix]), device=dev)  # (D, 3)
-            self._cache["psi"] = torch.as_tensor(np.asarray(s.psi_deg, dtype=np.float64), device=dev)  # (P,)
-        vb, psi_all = self._cache["directions"], self._cache["psi"]
+        vb, psi_all = self._cache["directions"], self._coarse_angles()[2]
         va = to_device(direction_vectors(rot_deg, tilt_deg), dev).reshape(-1, 3)  # (n, 3)
         if s.sym_matrices is None:
             dots = va @ vb.T
