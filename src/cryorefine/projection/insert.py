@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..tiling import run_tiles
+from . import insert_kernel
 from .extract import MAX_POINTS, _trilinear_corners, slice_coordinates
 
 
@@ -34,8 +35,13 @@ class BackProjector:
         """Add slices ``values`` (r, j) complex with ``weights`` (r, j) at Fourier pixels (kx, ky) (j,) under rotations (r, 3, 3).
 
         In chunks of rotations (MAX_POINTS points), each added whole once computed, so a chunk that runs out of
-        memory is halved and retried without double counting (tiling.run_tiles).
+        memory is halved and retried without double counting (tiling.run_tiles). float32 accumulators on a CUDA device
+        take the fused kernel of insert_kernel.py instead (no temporaries).
         """
+        if insert_kernel.available(self.weight):
+            insert_kernel.insert_fused(self.data, self.weight, self.pad, rotations, ky, kx, values, weights)
+            return
+
         def contributions(start: int, stop: int):
             coords = slice_coordinates(rotations[start:stop].to(self.weight.dtype), ky, kx, self.pad)
             flat, w, flip = _trilinear_corners(coords, self.size)  # (r, j, 8)
