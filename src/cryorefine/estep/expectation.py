@@ -23,6 +23,7 @@ import torch
 from ..fourier.shift import phase_shift_factors
 from ..projection.extract import PaddedTransform, extract_central_slices, extract_central_slices_planar
 from ..tiling import run_tiles
+from . import fused_local
 from .images import ImageBatch, Window
 from .memory import LOCAL_GATHER_ELEMENTS, TileShape, fine_particles_per_chunk, particles_per_tile, tile_budget
 from .poses import N_ROT_CHILDREN, N_TRANS_CHILDREN, PoseGrid
@@ -104,26 +105,33 @@ def get_all_squared_differences_coarse(batch: ImageBatch, window: Window, jc: in
             cross = matmul_nt(a.reshape(n * T, -1), p.reshape(p.shape[0], -1), precision).reshape(n, T, -1)
             third = matmul_nt(b, p.square().sum(1), precision)  # (n, R)
         else:
-            ids = local[0]
-            uniq, inv = torch.unique(ids, return_inverse=True)
-            pu = extract_central_slices_planar(ref, poses.rotations(uniq), ky, kx)  # (U, 2, jc)
-            # the real operand [Re | Im] (a view) and |P|² once per distinct rotation, not per (particle, candidate):
-            # the gathers below are then plain row copies
-            pu_real, pu_pow = pu.reshape(pu.shape[0], -1), pu.square().sum(1)  # (U, 2jc), (U, jc)
-            del pu
-            L = ids.shape[1]
-            cross = a.new_empty(n, T, L)
-            third = a.new_empty(n, L)
-            step = max(1, LOCAL_GATHER_ELEMENTS // max(1, L * jc))  # particles per gathered (m, L, jc) block
-            for c0 in range(0, n, step):
-                sel = inv[c0 : c0 + step]  # (m, L) rows of the distinct rotations
-                cross[c0 : c0 + step] = matmul_nt(a[c0 : c0 + step], pu_real[sel], precision)  # (m, T, L)
-                third[c0 : c0 + step] = matmul_nt(b[c0 : c0 + step, None, :], pu_pow[sel], precision)[:, 0]
+            uniq, inv = torch.unique(local[0], return_inverse=True)  # (U,), (n, L) rows of the distinct rotations
+            scores = fused_local.local_scores if fused_local.available(a, precision) else _local_scores_gathered
+            cross, third = scores(ref, poses.rotations(uniq), inv, ky, kx, a, b, precision=precision)
         if cc:
             out.append(-cross / torch.sqrt(third.clamp(min=1e-30))[:, None, :])
         else:
             out.append(third[:, None, :] - 2.0 * cross)
     return torch.stack(out, 1)
+
+
+def _local_scores_gathered(transform, rotations, idx, ky, kx, a, b, precision="fp32"):
+    """fused_local.local_scores's results by PyTorch operations (the CPU's path, and other precisions): each distinct
+    rotation's slice extracted once, gathered per particle in blocks and multiplied."""
+    pu = extract_central_slices_planar(transform, rotations, ky, kx)  # (U, 2, jc)
+    # the real operand [Re | Im] (a view) and |P|² once per distinct rotation, not per (particle, candidate):
+    # the gathers below are then plain row copies
+    pu_real, pu_pow = pu.reshape(pu.shape[0], -1), pu.square().sum(1)  # (U, 2jc), (U, jc)
+    del pu
+    (n, T, _), L, jc = a.shape, idx.shape[1], ky.numel()
+    cross = a.new_empty(n, T, L)
+    third = a.new_empty(n, L)
+    step = max(1, LOCAL_GATHER_ELEMENTS // max(1, L * jc))  # particles per gathered (m, L, jc) block
+    for c0 in range(0, n, step):
+        sel = idx[c0 : c0 + step]  # (m, L)
+        cross[c0 : c0 + step] = matmul_nt(a[c0 : c0 + step], pu_real[sel], precision)  # (m, T, L)
+        third[c0 : c0 + step] = matmul_nt(b[c0 : c0 + step, None, :], pu_pow[sel], precision)[:, 0]
+    return cross, third
 
 
 def coarse_gemm_flops(n: int, K: int, T: int, L: int, jc: int, local: bool) -> tuple[float, list]:

@@ -29,7 +29,8 @@ def available(t: torch.Tensor) -> bool:
 
 if triton is not None:
 
-    @triton.jit
+    # integer arguments unspecialised: Triton would otherwise compile anew for each window size J (~0.5 s each)
+    @triton.jit(do_not_specialize=["n_points", "J", "size", "nx", "half"])
     def _insert(rot_ptr, kx_ptr, ky_ptr, val_ptr, wgt_ptr, data_ptr, weight_ptr, n_points, J, size, nx, half, pad,
                 BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
