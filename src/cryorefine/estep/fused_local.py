@@ -117,7 +117,8 @@ def local_scores(transform, rotations: torch.Tensor, idx: torch.Tensor, ky: torc
         part = cross if (t0, t1) == (0, T) else torch.empty(n, t1 - t0, L, dtype=torch.float32, device=a.device)
         _local_scores[(n, triton.cdiv(L, BLOCK_L))](vol, rot, idx, kx32, ky32, a[:, t0:t1].contiguous(), b, part, third,
                                                     t1 - t0, L, jc, size, size // 2 + 1, size // 2, float(pad),
-                                                    BT=max(16, triton.next_power_of_2(t1 - t0)), BL=BLOCK_L, BJ=BLOCK_J)
+                                                    BT=max(16, triton.next_power_of_2(t1 - t0)), BL=BLOCK_L, BJ=BLOCK_J,
+                                                    num_warps=4, num_stages=1)  # no pipelined copies: they overran shared memory
         if part is not cross:
             cross[:, t0:t1] = part
     return cross, third
