@@ -24,8 +24,6 @@ def start(device) -> subprocess.Popen | None:
     node's first rank: the ranks of a node share the cache)."""
     from .projection import insert_kernel
 
-    if os.environ.get("CRYOREFINE_KERNEL_WARMUP", "1") == "0":  # off by request (benchmarks compare both)
-        return None
     if not str(device).startswith("cuda") or insert_kernel.triton is None or os.environ.get("LOCAL_RANK", "0") != "0":
         return None
     return subprocess.Popen([sys.executable, "-m", "cryorefine.kernel_warmup", str(device)],
