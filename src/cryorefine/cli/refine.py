@@ -99,13 +99,11 @@ def config_from_args(args, cls):
 
 def run_job(args, config_cls, engine_cls) -> None:
     """Validate, then run the engine in this process (or as one rank of a torchrun job); rank 0 prints the summary."""
-    from .. import kernel_warmup
     from ..parallel.context import distributed
     from ..validate import validate_refine_inputs
 
     validate_refine_inputs(args)  # user mistakes stop here, before the engine is imported or run
     cfg = config_from_args(args, config_cls)
-    kernel_warmup.start(cfg.device)  # Triton's kernels compiled beside the run's start, not in its first tiles
     with distributed(cfg.device, args.dist_timeout) as dist:
         summary = engine_cls(cfg, dist).run()
         if dist.is_main:
