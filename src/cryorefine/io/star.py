@@ -64,9 +64,11 @@ def _loop_rows(df: pd.DataFrame) -> list[str]:
         elif col.dtype.kind in "iub":
             formats.append("%d")
             columns.append(col.astype(np.int64).tolist())
-        else:
+        else:  # strings (image names): quoted where empty or holding white space, tested per column in C
+            text = pd.Series(col, dtype=object).astype(str)
+            quote = text.eq("") | text.str.contains(r"\s", regex=True)
             formats.append("%s")
-            columns.append([_text(v) for v in col])
+            columns.append(text.where(~quote, '"' + text + '"').tolist())
     row = "\t".join(formats)
     return [row % values for values in zip(*columns)]
 
