@@ -179,7 +179,8 @@ class AutoRefine:
         self.perturbation = 0.0
         self._clock = time.perf_counter()  # start of the current iteration (see iterate)
         self._writer = BackgroundWriter()  # rank 0's files of an iteration, written while the next one computes
-        self._report_state = {"written": -math.inf, "pending": None}  # shared with the writer's snapshots (_report)
+        # the first refresh REPORT_INTERVAL_S into the run (its plots would hold the interpreter lock in iteration 2)
+        self._report_state = {"written": time.monotonic(), "pending": None}  # shared with the writer's snapshots (_report)
         if cfg.continue_from:
             self._load_state(cfg.continue_from)
         else:
