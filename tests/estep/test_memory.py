@@ -310,15 +310,15 @@ def test_read_ahead_loads_the_next_item_while_the_current_is_used():
 
 
 def test_expectation_reads_images_batch_by_batch(tmp_path, monkeypatch):
-    from cryorefine.refine import engine
+    from cryorefine.io import image_cache
     from cryorefine.refine.auto_refine import RefineConfig
     from cryorefine.refine.engine import ParticlePoses, run_expectation
     from cryorefine.refine.timing import StageTimer
 
     c = make_case(tmp_path)
     reads = []
-    real = engine.read_images
-    monkeypatch.setattr(engine, "read_images", lambda table, idx: reads.append(len(idx)) or real(table, idx))
+    real = image_cache.read_images
+    monkeypatch.setattr(image_cache, "read_images", lambda table, idx: reads.append(len(idx)) or real(table, idx))
     cfg = RefineConfig(particles="", output_root="", reference="", particle_diameter=2.5 * BOX, ctf=True, zero_mask=True)
     cfg.angpix = ANGPIX
     sums = WeightedSums.zeros(1, BOX, 2, 1, c["grid"].sampling.n_directions)

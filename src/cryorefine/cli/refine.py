@@ -48,6 +48,9 @@ def add_common_args(p, classify: bool = False) -> None:
                    help="coarse-pass matrix products: fp32, tf32 (GPU tensor cores) or fp16 (scaled half precision); the rest stays fp32")
     p.add_argument("--gpu", nargs="?", const="", default=None,
                    help="use CUDA: GPU 0, under torchrun GPU LOCAL_RANK; or ids, e.g. --gpu 1 or --gpu 0,1 (rank LOCAL_RANK takes the LOCAL_RANK-th)")
+    p.add_argument("--no_image_cache", dest="image_cache", action="store_false",
+                   help="read every particle image from its stack in every iteration; by default a GPU run keeps the images in GPU memory "
+                   "after their first read, as many as fit in a quarter of it")
     p.add_argument("--j", dest="threads", type=int, default=0, help="CPU threads (0 = PyTorch's default)")
     p.add_argument("--continue", dest="continue_from", default=None, help="continue from run_itNNN_optimiser.star (the other inputs and settings come from the saved run)")
     p.add_argument("--dist_timeout", type=float, default=600.0,
@@ -86,7 +89,8 @@ def config_from_args(args, cls):
         from ..refine.state import read_state
 
         saved = read_state(args.continue_from)["config"]
-        saved.update(continue_from=args.continue_from, device=device_from_args(args), threads=args.threads, max_seconds=args.max_seconds)
+        saved.update(continue_from=args.continue_from, device=device_from_args(args), threads=args.threads, max_seconds=args.max_seconds,
+                     image_cache=args.image_cache)
         return cls(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(cls)} and k not in ("angpix",)})
     for flag, name in (("--i", "particles"), ("--o", "output_root"), ("--ref", "reference")):
         if not getattr(args, name):

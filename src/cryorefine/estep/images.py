@@ -97,12 +97,13 @@ def prepare_batch(
     generator: torch.Generator,
     device=None,
     norm_scale: torch.Tensor | None = None,
-    images: np.ndarray | None = None,
+    images: np.ndarray | torch.Tensor | None = None,
 ) -> ImageBatch:
     """Read, mask and transform a batch; σ² is (groups, shells) per-component noise variance.
 
     ``norm_scale`` (n,): multiplies each image (RELION's avg_norm_correction / rlnNormCorrection, --norm).
-    ``images`` (n, d, d) float32: the batch's images if already read (read ahead), else they are read here.
+    ``images`` (n, d, d) float32: the batch's images if already read (read ahead, or from the GPU's image cache),
+    else they are read here.
     """
     box = window.box
     imgs = to_device(read_images(table, indices) if images is None else images, device)

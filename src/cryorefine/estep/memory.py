@@ -52,6 +52,7 @@ JOIN_HALVES_BYTES_PER_VOXEL = 24  # auto-refine: both halves' summed data and we
 
 SAFETY_FRACTION = 0.05  # of the device's total memory, held back for cuBLAS/cuFFT workspaces and fragmentation
 SAFETY_MIN_BYTES = 256 << 20
+IMAGE_CACHE_FRACTION = 0.25  # of the GPU's memory, at most, for the particle images kept there (io/image_cache.py)
 HOST_BUDGET_BYTES = 2 << 30  # CPU: bytes a tile may allocate at least (or half the free host memory, if more)
 GIB = float(1 << 30)
 
@@ -182,19 +183,39 @@ def check_fixed_volumes(box: int, pad: int, references: int, backprojectors: int
 
 # ------------------------------------------------------------------ the device
 
-def available_bytes(device) -> int | None:
-    """Bytes that may be allocated on ``device`` now: free device memory plus the allocator's unused cache, within
-    any per-process cap (torch.cuda.set_per_process_memory_fraction), less a safety margin. None on the CPU."""
+def _cuda_index(device) -> torch.device | None:
     device = torch.device(device)
     if device.type != "cuda":
         return None
     if device.index is None:  # plain "cuda": the current device (the per-process cap needs an index)
         device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def available_bytes(device) -> int | None:
+    """Bytes that may be allocated on ``device`` now: free device memory plus the allocator's unused cache, within
+    any per-process cap (torch.cuda.set_per_process_memory_fraction), less a safety margin. None on the CPU."""
+    device = _cuda_index(device)
+    if device is None:
+        return None
     free, total = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
     reusable = free + torch.cuda.memory_reserved(device) - allocated
     capped = int(torch.cuda.get_per_process_memory_fraction(device) * total) - allocated
     return min(reusable, capped) - max(SAFETY_MIN_BYTES, int(SAFETY_FRACTION * total))
+
+
+def image_cache_bytes(device, fixed_bytes: int, sharing: int = 1) -> int:
+    """Bytes the particle images may keep on ``device`` (io/image_cache.py): IMAGE_CACHE_FRACTION of its memory
+    (within a per-process cap), and at most half of what stays available once the ``fixed_bytes`` (fixed_volume_bytes)
+    are allocated, so that the E-step's tiles keep the other half; divided between ``sharing`` ranks on one GPU.
+    0 on the CPU (host memory must not grow with the number of particles)."""
+    index = _cuda_index(device)
+    if index is None:
+        return 0
+    total = torch.cuda.get_per_process_memory_fraction(index) * torch.cuda.mem_get_info(index)[1]
+    left = available_bytes(index) - fixed_bytes
+    return max(0, int(min(IMAGE_CACHE_FRACTION * total, left / 2) / max(1, sharing)))
 
 
 def tile_budget(device) -> int:

@@ -30,6 +30,7 @@ class Dist:
     backend: str | None = None  # None: no process group
     timeout_s: float = 600.0
     store: object | None = None
+    device_peers: int = 1  # ranks on this rank's device (this one included): they share its memory
 
     @property
     def is_main(self) -> bool:
@@ -94,7 +95,7 @@ def distributed(device: str, timeout_s: float = 600.0):
         torch.cuda.set_device(device)
         os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")  # a timed-out collective raises here instead of aborting the process
     tdist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
-    yield Dist(rank, world, int(os.environ["LOCAL_RANK"]), device, backend, timeout_s, store)
+    yield Dist(rank, world, int(os.environ["LOCAL_RANK"]), device, backend, timeout_s, store, devices.count(devices[rank]))
     # reached only on success: after a failure the process exits and torchrun stops the others
     signal.signal(signal.SIGTERM, previous)
     tdist.destroy_process_group()

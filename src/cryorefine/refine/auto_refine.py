@@ -16,13 +16,14 @@ import torch
 from ..errors import CryoInputError, DistributedError
 from ..estep.expectation import EStepSettings
 from ..estep.images import Window, ctf_and_inverse_noise
-from ..estep.memory import available_bytes, check_fixed_volumes
+from ..estep.memory import available_bytes, check_fixed_volumes, fixed_volume_bytes, image_cache_bytes
 from ..estep.poses import PoseGrid
 from ..estep.sums import WeightedSums
 from ..fourier.filters import low_pass_filter
 from ..geometry.healpix import make_sampling, next_random_perturbation
 from ..io.atomic import remove_stale_temporaries
 from ..io.background import BackgroundWriter
+from ..io.image_cache import ImageCache
 from ..io.mrc import read_map, write_map
 from ..io.outputs import it_prefix, write_angdist_bild, write_model_star, write_sampling_star
 from ..io.particles import ParticleTable, load_particles, write_particles
@@ -80,6 +81,7 @@ class RefineConfig:
     batch_size: int = 0  # 0: automatic
     max_seconds: float = 0.0  # > 0: stop cleanly before an iteration that would end past this many seconds of this call
     precision: str = "fp32"  # coarse-pass matrix products: fp32, tf32 or fp16
+    image_cache: bool = True  # on a GPU, keep the particle images there after their first read while they fit
     device: str = "cpu"
     threads: int = 0
     continue_from: str | None = None
@@ -197,6 +199,7 @@ class AutoRefine:
             self.history = []
             self.fsc = torch.zeros(self.box // 2 + 1, dtype=torch.float64)
         self._check_device_memory()
+        self.images = self._image_cache()
 
     # ------------------------------------------------------------------ memory
     def _fixed_volumes(self) -> dict:
@@ -207,7 +210,23 @@ class AutoRefine:
         """Stop before the first iteration, with one line, when the GPU cannot hold the references and accumulators."""
         free = available_bytes(self.device)
         if free is not None:
-            check_fixed_volumes(self.box, self.cfg.pad, symmetry=self.cfg.sym.upper() != "C1", free=free, **self._fixed_volumes())
+            check_fixed_volumes(self.box, self.cfg.pad, symmetry=self._symmetry(), free=free, **self._fixed_volumes())
+
+    def _symmetry(self) -> bool:
+        return self.cfg.sym.upper() != "C1"
+
+    def _fixed_volume_sizes(self) -> dict[str, int]:
+        return fixed_volume_bytes(self.box, self.cfg.pad, symmetry=self._symmetry(), **self._fixed_volumes())
+
+    def _image_cache(self) -> ImageCache:
+        """The GPU's cache of particle images (capacity 0 on the CPU or with --no_image_cache)."""
+        per_image = 4 * self.box * self.box
+        room = image_cache_bytes(self.device, sum(self._fixed_volume_sizes().values()), self.dist.device_peers) if self.cfg.image_cache else 0
+        cache = ImageCache(len(self.table), self.box, room // per_image, self.device)
+        if self.device.type == "cuda":
+            self.log.line(f"GPU image cache: {cache.capacity} of {len(self.table)} particles ({cache.nbytes / 2**30:.2f} GiB)"
+                          + ("" if self.cfg.image_cache else "; off (--no_image_cache)"))
+        return cache
 
     # ------------------------------------------------------------------ one iteration
     def _batch_size(self) -> int:
@@ -246,7 +265,7 @@ class AutoRefine:
         key = f"it{self.iteration}/half{half}"
         return run_expectation(self.table, rows, refs, self.poses, plan.grid, plan.window, plan.coarse_shell, self.sigma2.to(self.device), self.scale,
                                plan.settings, sums, self.cfg, (self.cfg.random_seed, self.iteration, half), self.timer, progress, self._batch_size(),
-                               local=self.schedule.local_search, tasks=lambda n: self.pool.take(key, n), **kw)
+                               local=self.schedule.local_search, tasks=lambda n: self.pool.take(key, n), cache=self.images, **kw)
 
     def _combine(self, sums: list[WeightedSums], done: np.ndarray) -> list[int]:
         """Accumulators summed and per-particle results gathered over ranks; returns the batches each rank did."""

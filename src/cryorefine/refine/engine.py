@@ -15,7 +15,8 @@ from ..estep.poses import PoseGrid
 from ..estep.sums import WeightedSums
 from ..fourier.filters import soft_sphere
 from ..geometry.euler import euler_to_matrix
-from ..io.particles import ParticleTable, read_images
+from ..io.image_cache import ImageCache
+from ..io.particles import ParticleTable
 from ..io.prefetch import read_ahead
 from ..projection.extract import PaddedTransform, prepare_padded_transform
 from ..transfer import to_device
@@ -102,6 +103,7 @@ def run_expectation(
     forced_class: np.ndarray | None = None,
     avg_norm: float | None = None,
     tasks: Callable[[int], Iterable[int]] | None = None,
+    cache: ImageCache | None = None,
 ) -> np.ndarray:
     """E-step over ``rows`` in batches; writes the new best poses into ``poses_now`` and adds into ``sums``.
 
@@ -110,15 +112,19 @@ def run_expectation(
 
     With ``avg_norm`` (--norm), each image is scaled by avg_norm / rlnNormCorrection and the particle's correction is
     re-estimated as RELION does: old/avg · sqrt(2 Σ residual power / d⁴), the image's residual noise std.
-    Host memory holds two batches of images at most: the next one is read from the stacks while this one is computed.
+    Host memory holds two batches of images at most: the next one is read from the stacks while this one is computed;
+    ``cache`` (GPU) keeps images after their first read (none: every image is read in every pass).
     """
     device = cfg.device
+    if cache is None:
+        cache = ImageCache(len(table), table.box, 0, device)
     batches = [rows[s0 : s0 + batch_size] for s0 in range(0, len(rows), batch_size)]
     done = []
     order = range(len(batches)) if tasks is None else tasks(len(batches))
-    for b, images in read_ahead(lambda b: read_images(table, batches[b]), order):
+    for b, loaded in read_ahead(lambda b: cache.load(table, batches[b]), order):
         idx = batches[b]
         with timer("getFourierTransformsAndCTFs"):
+            images = cache.images(idx, loaded)
             # the E-step reads the particles' previous offsets from the table
             table.origin_x_angst[idx] = poses_now.origin_x_angst[idx]
             table.origin_y_angst[idx] = poses_now.origin_y_angst[idx]

@@ -1,0 +1,66 @@
+"""Particle images kept in GPU memory after their first read, so that later iterations skip the stacks.
+
+Reading a batch of 1,024 images of 256 px from the stacks, checking them for NaNs, pinning and sending them costs
+~0.25 s of host time, as much as the GPU needs to score them in the later iterations: without a cache a GPU run is
+bound by its reads. The cache holds the raw images (float32, as read) on the GPU only, up to a share of its memory
+(memory.image_cache_bytes), so host memory stays independent of the number of particles. Images past its capacity
+are read from their stacks in every iteration, as with no cache. On the CPU the capacity is 0: everything is read.
+
+Threads: ``load`` runs on the read-ahead thread for the next batch while ``images`` runs on the main thread for the
+current one; the two touch the slots of disjoint rows (a particle is in one batch of a pass).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..transfer import to_device
+from .particles import ParticleTable, read_images
+
+
+class ImageCache:
+    """Up to ``capacity`` images of a table of ``n_rows`` particles, on ``device``, kept in the order first read."""
+
+    def __init__(self, n_rows: int, box: int, capacity: int, device):
+        self.device = torch.device(device)
+        self.capacity = max(0, min(int(capacity), n_rows))
+        self.slot = np.full(n_rows, -1, dtype=np.int64)  # row → index into data, -1: not cached
+        self.data = torch.empty((self.capacity, box, box), dtype=torch.float32, device=self.device) if self.capacity else None
+        self.used = 0
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.data is None else self.data.numel() * 4
+
+    def load(self, table: ParticleTable, rows: np.ndarray) -> tuple[np.ndarray, torch.Tensor | None]:
+        """(positions in ``rows`` not cached, their images read from the stacks; pinned for a GPU, None if all cached)."""
+        missing = np.flatnonzero(self.slot[rows] < 0)
+        if len(missing) == 0:
+            return missing, None
+        host = torch.from_numpy(read_images(table, rows[missing]))
+        if self.device.type == "cuda":
+            host = host.pin_memory()  # here, on the reading thread, not on the thread that drives the GPU
+        return missing, host
+
+    def images(self, rows: np.ndarray, loaded: tuple[np.ndarray, torch.Tensor | None]) -> torch.Tensor:
+        """The images of ``rows`` (len(rows), box, box) on the device, from ``load``'s result; keeps the newly read
+        ones while there is room."""
+        missing, host = loaded
+        hit = np.flatnonzero(self.slot[rows] >= 0)  # the complement of ``missing``
+        out = None if host is None else to_device(host, self.device)
+        keep = 0 if out is None else min(len(missing), self.capacity - self.used)
+        if keep:
+            slots = np.arange(self.used, self.used + keep)
+            self.data[to_device(slots, self.device)] = out[:keep]
+            self.slot[rows[missing[:keep]]] = slots
+            self.used += keep
+        if len(hit) == 0:
+            return out
+        from_cache = self.data[to_device(self.slot[rows[hit]], self.device)]
+        if out is None:
+            return from_cache
+        batch = torch.empty((len(rows), *out.shape[1:]), dtype=out.dtype, device=self.device)
+        batch[to_device(missing, self.device)] = out
+        batch[to_device(hit, self.device)] = from_cache
+        return batch
