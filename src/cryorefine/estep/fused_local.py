@@ -30,6 +30,7 @@ def available(t: torch.Tensor, precision: str) -> bool:
 
 
 if triton is not None:
+    from ..projection.trilinear_triton import corner
 
     @triton.jit(do_not_specialize=["T", "L", "jc", "size", "nx", "half"])
     def _local_scores(vol_ptr, rot_ptr, idx_ptr, kx_ptr, ky_ptr, a_ptr, b_ptr, cross_ptr, third_ptr,
@@ -71,15 +72,10 @@ if triton is not None:
             pm = lm[:, None] & jm[None, :]
             pr = tl.zeros((BL, BJ), dtype=tl.float32)
             pi = tl.zeros((BL, BJ), dtype=tl.float32)
-            for dz in tl.static_range(2):
-                wz = fz if dz else 1.0 - fz
-                for dy in tl.static_range(2):
-                    wy = fy if dy else 1.0 - fy
-                    for dx in tl.static_range(2):
-                        wc = wz * wy * (fx if dx else 1.0 - fx)
-                        v = 2 * (base + dz * plane + dy * nx + dx)
-                        pr += wc * tl.load(vol_ptr + v, mask=pm, other=0.0)
-                        pi += wc * tl.load(vol_ptr + v + 1, mask=pm, other=0.0)
+            for c in tl.static_range(8):
+                v, wc = corner(base, fx, fy, fz, plane, nx, c)
+                pr += wc * tl.load(vol_ptr + 2 * v, mask=pm, other=0.0)
+                pi += wc * tl.load(vol_ptr + 2 * v + 1, mask=pm, other=0.0)
             pi = tl.where(flip, -pi, pi)
             am = tm[:, None] & jm[None, :]
             arow = a_ptr + i * T * 2 * jc + ts[:, None] * 2 * jc + js[None, :]

@@ -28,6 +28,7 @@ def available(t: torch.Tensor) -> bool:
 
 
 if triton is not None:
+    from .trilinear_triton import corner
 
     # integer arguments unspecialised: Triton would otherwise compile anew for each window size J (~0.5 s each)
     @triton.jit(do_not_specialize=["n_points", "J", "size", "nx", "half"])
@@ -62,16 +63,11 @@ if triton is not None:
         z0 = tl.minimum(tl.maximum(z0f, -half * 1.0), size - 2.0 - half).to(tl.int64)
         base = ((z0 + half) * size + (y0 + half)) * nx + x0
         plane = size * nx
-        for dz in tl.static_range(2):
-            wz = fz if dz else 1.0 - fz
-            for dy in tl.static_range(2):
-                wy = fy if dy else 1.0 - fy
-                for dx in tl.static_range(2):
-                    wc = wz * wy * (fx if dx else 1.0 - fx)
-                    idx = base + dz * plane + dy * nx + dx
-                    tl.atomic_add(data_ptr + 2 * idx, re * wc, mask=live, sem="relaxed")
-                    tl.atomic_add(data_ptr + 2 * idx + 1, im * wc, mask=live, sem="relaxed")
-                    tl.atomic_add(weight_ptr + idx, wv * wc, mask=live, sem="relaxed")
+        for c in tl.static_range(8):
+            idx, wc = corner(base, fx, fy, fz, plane, nx, c)
+            tl.atomic_add(data_ptr + 2 * idx, re * wc, mask=live, sem="relaxed")
+            tl.atomic_add(data_ptr + 2 * idx + 1, im * wc, mask=live, sem="relaxed")
+            tl.atomic_add(weight_ptr + idx, wv * wc, mask=live, sem="relaxed")
 
 
 def insert_fused(data: torch.Tensor, weight: torch.Tensor, pad: int, rotations: torch.Tensor, ky: torch.Tensor,
