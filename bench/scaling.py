@@ -190,7 +190,8 @@ def one_run(s: pb.BenchSet, p: pb.Paths, n: int, gpu: bool, limit: float, hard: 
     r["converged"] = bool(state and state["schedule"].get("converged"))
     r["stopped_early"] = not r["finished"]
     r["iterations"] = [{"iteration": h["iteration"], "seconds": h["seconds"], "combine_s": h["stages"].get(COMBINE, 0.0),
-                        "batches_per_rank": list(h.get("batches_per_rank") or []), "healpix_order": h["healpix_order"], "local": bool(h["local"]),
+                        "batches_per_rank": list(h.get("batches_per_rank") or []), "estep_s_per_rank": list(h.get("estep_s_per_rank") or []),
+                        "healpix_order": h["healpix_order"], "local": bool(h["local"]),
                         "resolution_angst": h["resolution_angst"], "final": bool(h.get("final")),
                         "stages_s": {k: round(v, 3) for k, v in h["stages"].items()}} for h in hist]
     r["n_iterations"] = len(hist)
@@ -295,11 +296,12 @@ def render_md(rep: dict) -> str:
         L += [f"- {x}" for x in notes] + [""]
     L += ["Speed-up = T1 / TN on the same iterations (iteration wall times of rank 0's history); efficiency = speed-up / N. 'its ≥ 2' leaves out "
           "iteration 1 (CUDA/cuBLAS warm-up). Process wall includes torchrun start-up, loading and the final files. 'combine ranks' is rank 0's "
-          "all-reduce of the accumulators and poses, and includes rank 0's wait for the slowest rank.", ""]
+          "all-reduce of the accumulators and poses, and includes rank 0's wait for the slowest rank. 'E-step s per rank': each rank's "
+          "seconds from its iteration's start to the end of its last batch (after a device synchronisation).", ""]
     L += ["## Per iteration", ""]
     runs = [r for r in rep["runs"] if r["iterations"]]
     its = sorted({x["iteration"] for r in runs for x in r["iterations"]})
-    L.append("| it | " + " | ".join(f"N={r['n']}: s (combine s) [batches per rank]" for r in runs) + " | sampling (N=1 or first) |")
+    L.append("| it | " + " | ".join(f"N={r['n']}: s (combine s) [batches per rank] {{E-step s per rank}}" for r in runs) + " | sampling (N=1 or first) |")
     L.append("|" + "---|" * (len(runs) + 2))
     for i in its:
         cells, samp = [], ""
@@ -308,7 +310,8 @@ def render_md(rep: dict) -> str:
             if x is None:
                 cells.append("—")
                 continue
-            cells.append(f"{fmt(x['seconds'], 2)} ({fmt(x['combine_s'], 3)}) {x['batches_per_rank']}")
+            per_rank_s = "{" + ", ".join(f"{v:.2f}" for v in x.get("estep_s_per_rank") or []) + "}" if x.get("estep_s_per_rank") else ""
+            cells.append(f"{fmt(x['seconds'], 2)} ({fmt(x['combine_s'], 3)}) {x['batches_per_rank']} {per_rank_s}".rstrip())
             samp = samp or f"hp{x['healpix_order']} {'local' if x['local'] else 'global'}{' final' if x['final'] else ''}"
         L.append(f"| {i} | " + " | ".join(cells) + f" | {samp} |")
     L += ["", "## Runs", ""]

@@ -43,7 +43,7 @@ def test_one_process_collectives_leave_data_alone():
     merge_rows_([a], np.array([0, 1]), dist)
     np.testing.assert_array_equal(t.numpy(), [0, 1, 2])
     np.testing.assert_array_equal(a, [0, 1, 2, 3])
-    assert per_rank(5, dist) == [5]
+    assert per_rank([5, 0.5], dist) == [[5.0, 0.5]]
 
 
 def test_failed_collective_is_one_line_naming_the_rank():

@@ -87,6 +87,7 @@ def test_estep_accumulators_match_one_process(data, one_rank_estep, n_ranks):
     got = torch.load(out, weights_only=False)
     print("batches per rank", got["batches"])
     assert len(got["batches"]) == n_ranks and sum(got["batches"]) == N_BATCHES
+    assert len(got["estep_s"]) == n_ranks and all(s > 0 for s in got["estep_s"])
     for half_ref, half_got in zip(one_rank_estep["sums"], got["sums"]):
         for ref, t in zip(half_ref, half_got):
             # float32 back-projections summed in another order: relative to the largest entry

@@ -69,12 +69,12 @@ def merge_rows_(arrays: list[np.ndarray], mine: np.ndarray, dist: Dist) -> None:
         a[done] = row[done].astype(a.dtype)
 
 
-def per_rank(count: int, dist: Dist) -> list[int]:
-    """[count of rank 0, count of rank 1, ...] on every rank."""
-    v = torch.zeros(dist.world_size, dtype=torch.float64)
-    v[dist.rank] = count
-    all_reduce_sum_([v], dist, "gathering the batch counts")
-    return [int(x) for x in v.tolist()]
+def per_rank(values: list[float], dist: Dist) -> list[list[float]]:
+    """[rank 0's values, rank 1's values, ...] on every rank (a few numbers per rank: batch counts, seconds)."""
+    v = torch.zeros(dist.world_size, len(values), dtype=torch.float64)
+    v[dist.rank] = torch.tensor(values, dtype=torch.float64)
+    all_reduce_sum_([v], dist, "gathering the ranks' counts")
+    return v.tolist()
 
 
 def broadcast_tensors_(tensors: list[torch.Tensor], dist: Dist, what: str = "sending the maps to the other ranks") -> None:

@@ -267,19 +267,24 @@ class AutoRefine:
                                plan.settings, sums, self.cfg, (self.cfg.random_seed, self.iteration, half), self.timer, progress, self._batch_size(),
                                local=self.schedule.local_search, tasks=lambda n: self.pool.take(key, n), cache=self.images, **kw)
 
-    def _combine(self, sums: list[WeightedSums], done: np.ndarray) -> list[int]:
-        """Accumulators summed and per-particle results gathered over ranks; returns the batches each rank did."""
+    def _combine(self, sums: list[WeightedSums], done: np.ndarray) -> dict:
+        """Accumulators summed and per-particle results gathered over ranks; returns each rank's batches and E-step
+        seconds (from its iteration's start to its last batch's end: the slowest sets when the all-reduce ends)."""
+        if self.dist.world_size > 1 and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        estep_s = time.perf_counter() - self._clock
         with self.timer("combine ranks"):
             for s in sums:
                 all_reduce_sum_(s.tensors(), self.dist)
             merge_rows_(list(self.poses.as_dict().values()), done, self.dist)
-            return per_rank(self.pool.taken_since_last_call(), self.dist)
+            ranks = per_rank([self.pool.taken_since_last_call(), estep_s], self.dist)
+        return {"batches_per_rank": [int(r[0]) for r in ranks], "estep_s_per_rank": [round(r[1], 3) for r in ranks]}
 
     def _progress(self, bar):
         return self.pool.progress(f"it{self.iteration}", bar)
 
-    def expectation(self, plan: IterationPlan) -> tuple[list[WeightedSums], list[int]]:
-        """E-step of both half sets (this rank's share), combined over ranks: (sums per half, batches per rank)."""
+    def expectation(self, plan: IterationPlan) -> tuple[list[WeightedSums], dict]:
+        """E-step of both half sets (this rank's share), combined over ranks: (sums per half, per-rank figures)."""
         cfg = self.cfg
         avg_norm = float(np.mean(self.poses.norm_correction)) if cfg.norm else None
         sums, done = [], []
@@ -298,9 +303,9 @@ class AutoRefine:
         """One iteration on every rank: E-step, rank 0's M-step, rank 0's state to every rank, rank 0's files and log."""
         plan = self.plan_iteration()
         previous = ParticlePoses(**{k: v.copy() for k, v in self.poses.as_dict().items()})
-        sums, batches = self.expectation(plan)
+        sums, ranks = self.expectation(plan)
         if self.dist.is_main:
-            record, info = self._conclude(plan, sums, previous, batches)
+            record, info = self._conclude(plan, sums, previous, ranks)
             self.history.append(record)
         else:  # rank 0's record holds rank 0's stage times and counters
             self.timer.reset()
@@ -320,7 +325,7 @@ class AutoRefine:
         d_off = np.hypot(previous.origin_x_angst - p.origin_x_angst, previous.origin_y_angst - p.origin_y_angst) / self.cfg.angpix
         return float(np.mean(d_ang)), float(np.sqrt(np.mean(d_off**2)))
 
-    def _conclude(self, plan: IterationPlan, sums: list[WeightedSums], previous: ParticlePoses, batches: list[int]) -> tuple[dict, dict]:
+    def _conclude(self, plan: IterationPlan, sums: list[WeightedSums], previous: ParticlePoses, ranks: dict) -> tuple[dict, dict]:
         """Rank 0: M-step and the schedule's next step; returns the iteration's record and the M-step's info."""
         cfg, sch = self.cfg, self.schedule
         with self.timer("M-step"):
@@ -332,7 +337,7 @@ class AutoRefine:
             "change_orientation_deg": change_ang, "change_offset_px": change_off,
             "mean_significant": float(np.mean(self.poses.n_significant)), "mean_max_prob": float(np.mean(self.poses.max_prob)),
             "posterior_spread_deg": float(np.median(self.poses.angular_spread_deg)), "posterior_spread_px": float(np.median(self.poses.offset_spread_px)),
-            "sigma_offset_angst": math.sqrt(self.sigma2_offset), "batches_per_rank": batches,
+            "sigma_offset_angst": math.sqrt(self.sigma2_offset), **ranks,
         }
         with self.timer("M-step"):
             record["accuracy_rotation_deg"], record["accuracy_offset_px"] = self._expected_accuracy(plan, self.maps[0], np.flatnonzero(self.halves == 1))

@@ -91,7 +91,7 @@ class Classify3D(AutoRefine):
             class_log_prior=torch.log(self.class_prior.clamp(min=1e-30)), direction_log_prior=dir_prior, precision=cfg.precision,
         )
 
-    def expectation(self, plan: IterationPlan) -> tuple[list[WeightedSums], list[int]]:
+    def expectation(self, plan: IterationPlan) -> tuple[list[WeightedSums], dict]:
         """E-step of all particles against the K references (this rank's share), combined over ranks."""
         cfg = self.cfg
         random_class_iter = 2 if cfg.firstiter_cc else 1
@@ -106,7 +106,7 @@ class Classify3D(AutoRefine):
             done = self._estep_pass(0, np.arange(len(self.table)), refs, plan, sums, self._progress(bar), forced_class=forced, avg_norm=avg_norm)
         return [sums], self._combine([sums], done)
 
-    def _conclude(self, plan: IterationPlan, sums: list[WeightedSums], previous: ParticlePoses, batches: list[int]) -> tuple[dict, dict]:
+    def _conclude(self, plan: IterationPlan, sums: list[WeightedSums], previous: ParticlePoses, ranks: dict) -> tuple[dict, dict]:
         sch = self.schedule
         with self.timer("M-step"):
             info = self.maximization(sums[0], plan.window_shell)
@@ -125,7 +125,7 @@ class Classify3D(AutoRefine):
             "accuracy_rotation_deg": min(a[0] for a in acc), "accuracy_offset_px": min(a[1] for a in acc),
             "class_accuracy": [list(a) for a in acc], "posterior_spread_deg": float(np.median(self.poses.angular_spread_deg)),
             "class_distribution": self.class_prior.tolist(), "class_resolution_angst": info["class_resolution_angst"],
-            "sigma_offset_angst": math.sqrt(self.sigma2_offset), "batches_per_rank": batches, "seconds": time.perf_counter() - self._clock,
+            "sigma_offset_angst": math.sqrt(self.sigma2_offset), **ranks, "seconds": time.perf_counter() - self._clock,
             "stages": self.timer.reset(), "final": False, "counters": self.timer.reset_counters(),
         }
         return record, info

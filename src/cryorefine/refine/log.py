@@ -31,6 +31,8 @@ class RunLog:
             extra = " classes=" + "/".join(f"{c:.2f}" for c in r["class_distribution"])
         if len(r.get("batches_per_rank", [])) > 1:
             extra += ", batches/rank " + "/".join(map(str, r["batches_per_rank"]))
+            if r.get("estep_s_per_rank"):
+                extra += ", E-step s/rank " + "/".join(f"{x:.2f}" for x in r["estep_s_per_rank"])
         self.line(
             f"iter {r['iteration']:3d}{' (final)' if r.get('final') else ''}: resolution {r['resolution_angst']:.2f} Å, "
             f"hp{r['healpix_order']} {mode}, window {r['window_shell']} (coarse {r['coarse_shell']}) shells, "
