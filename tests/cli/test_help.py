@@ -22,7 +22,7 @@ NO_UNIT = {
     "--firstiter_cc", "--pad", "--maxsig", "--random_seed", "--seed", "--perturb", "--adaptive_fraction", "--tau2_fudge",
     "--iter", "--batch", "--gpu", "--j", "--continue", "--auto_refine", "--split_random_halves", "--K", "--n", "--snr",
     "--model", "--no_ctf", "--subset", "--project_dir", "--copy", "--data", "--truth", "--map", "--truth_map",
-    "map1", "map2", "cs", "star", "--pool", "--oversampling", "--poses", "--precision",
+    "map1", "map2", "cs", "star", "--pool", "--oversampling", "--poses", "--precision", "--no_image_cache",
 }
 
 

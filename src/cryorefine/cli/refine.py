@@ -49,8 +49,8 @@ def add_common_args(p, classify: bool = False) -> None:
     p.add_argument("--gpu", nargs="?", const="", default=None,
                    help="use CUDA: GPU 0, under torchrun GPU LOCAL_RANK; or ids, e.g. --gpu 1 or --gpu 0,1 (rank LOCAL_RANK takes the LOCAL_RANK-th)")
     p.add_argument("--no_image_cache", dest="image_cache", action="store_false",
-                   help="read every particle image from its stack in every iteration; by default a GPU run keeps the images in GPU memory "
-                   "after their first read, as many as fit in a quarter of it")
+                   help="turn off the GPU's image cache, which keeps the particle images in GPU memory after their first read (as many as fit "
+                   "in a quarter of it) so that later iterations skip the stacks; image cache on (default: %(default)s)")
     p.add_argument("--j", dest="threads", type=int, default=0, help="CPU threads (0 = PyTorch's default)")
     p.add_argument("--continue", dest="continue_from", default=None, help="continue from run_itNNN_optimiser.star (the other inputs and settings come from the saved run)")
     p.add_argument("--dist_timeout", type=float, default=600.0,
