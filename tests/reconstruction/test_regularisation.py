@@ -78,3 +78,26 @@ def test_zero_prior_power_beyond_the_data_leaves_the_map_unchanged():
     ref = reconstruct(bp, tau2)
     assert ref.abs().max() > 0
     assert torch.allclose(reconstruct(bp, tau2_cut), ref, rtol=1e-6, atol=1e-9 * ref.abs().max().item())
+
+
+def test_windowed_m_step_equals_the_whole_grid_with_nothing_beyond_the_window():
+    """With max_shell < d/2 the M-step works on the cube about the origin that holds the window: its map and noise
+    power must be those of the whole-grid path (max_shell = d/2) on accumulators that are empty beyond the window."""
+    from cryorefine.reconstruction.reconstruct import reconstruct
+
+    s, P, n = 5, BOX * PAD, BOX // 2 + 1
+    g = torch.Generator().manual_seed(1)
+    data = torch.complex(torch.randn(P, P, P // 2 + 1, generator=g, dtype=torch.float64), torch.randn(P, P, P // 2 + 1, generator=g, dtype=torch.float64))
+    weight = torch.rand(P, P, P // 2 + 1, generator=g, dtype=torch.float64) + 0.1
+    r_pad, _ = padded_shell_index(P, PAD)
+    beyond = r_pad > s * PAD
+    whole = BackProjector(data.masked_fill(beyond, 0), weight.masked_fill(beyond, 0), BOX, PAD)
+    tau2 = torch.linspace(2.0, 0.5, n, dtype=torch.float64)
+    tau2[s + 1 :] = 0.0
+    ref = reconstruct(whole, tau2, max_shell=None)
+    got = reconstruct(BackProjector(data, weight, BOX, PAD), tau2, max_shell=s)
+    assert ref.abs().max() > 0
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12 * ref.abs().max().item())
+    noise = reconstruction_noise_power(BackProjector(data, weight, BOX, PAD), n, max_shell=s)
+    noise_ref = reconstruction_noise_power(whole, n, max_shell=None)
+    torch.testing.assert_close(noise[:s], noise_ref[:s], rtol=1e-12, atol=0)  # shell s: the window keeps R < s·pad only

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..fourier.grids import irfft3_centered
@@ -19,10 +21,33 @@ def padded_shell_index(size: int, pad: int, device=None) -> tuple[torch.Tensor, 
     return r, torch.round(r / pad).long()
 
 
+def _hermitian_window(bp: BackProjector, max_shell: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The accumulators with the x = 0 plane made Hermitian (enforce_hermitian_x0), cropped to the cube about the
+    origin that holds the padded radii <= ``max_shell``·pad (default d/2; the whole grid when the cube reaches its
+    edge): (data, weight, r_pad, shell, h) with each voxel's padded radius and original-grid shell round(R/pad);
+    h is the cube's half width (index i of its first two axes holds frequency i - h), or -1 for the whole grid.
+    An intermediate iteration's window is a small share of the grid: the M-step's float64 work is done on the cube."""
+    max_shell = bp.box // 2 if max_shell is None else max_shell
+    h = int(math.ceil(max_shell * bp.pad)) + 1
+    if h >= bp.size // 2:
+        data, weight = enforce_hermitian_x0(bp.data, bp.weight)
+        r_pad, shell = padded_shell_index(bp.size, bp.pad, data.device)
+        return data, weight, r_pad, shell, -1
+    c = bp.size // 2
+    cube = slice(c - h, c + h + 1)
+    data, weight = bp.data[cube, cube, : h + 1].clone(), bp.weight[cube, cube, : h + 1].clone()
+    # the cube is symmetric about the origin: the Friedel mate (-y, -z) of index i is 2h - i, a flip of both axes
+    plane_d, plane_w = data[..., 0], weight[..., 0]
+    data[..., 0], weight[..., 0] = plane_d + plane_d.flip(0, 1).conj(), plane_w + plane_w.flip(0, 1)
+    k = torch.arange(-h, h + 1, device=data.device, dtype=torch.float64)
+    kx = torch.arange(h + 1, device=data.device, dtype=torch.float64)
+    r_pad = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
+    return data, weight, r_pad, torch.round(r_pad / bp.pad).long(), h
+
+
 def _shell_voxels(bp: BackProjector, n_shells: int, max_shell: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Original-grid shell and weight of every padded voxel inside ``max_shell`` (RELION's r² < r_max²·pad²)."""
-    r_pad, shell = padded_shell_index(bp.size, bp.pad, bp.weight.device)
-    _, w = enforce_hermitian_x0(bp.data, bp.weight)
+    _, w, r_pad, shell, _ = _hermitian_window(bp, max_shell)
     max_shell = bp.box // 2 if max_shell is None else max_shell
     inside = (r_pad < max_shell * bp.pad) & (shell < n_shells)
     return shell[inside], w[inside].to(torch.float64)
@@ -67,8 +92,7 @@ def reconstruct(
     Components beyond ``max_shell`` (default d/2) are zero. Then inverse FFT, crop, divide by sinc².
     """
     d, pad, size = bp.box, bp.pad, bp.size
-    data, weight = enforce_hermitian_x0(bp.data, bp.weight)
-    r_pad, shell = padded_shell_index(size, pad, data.device)
+    data, weight, r_pad, shell, h = _hermitian_window(bp, max_shell)
     max_shell = d // 2 if max_shell is None else max_shell
     denom = weight.to(torch.float64)
     # voxels that received data (the regulariser can make empty voxels' denominators huge)
@@ -81,6 +105,11 @@ def reconstruct(
         denom = denom + torch.where(shell >= min_regularised_shell, reg, torch.zeros_like(reg))
     inside = (r_pad <= max_shell * pad) & has_data
     f = torch.where(inside, data.to(torch.complex128) / denom.clamp(min=1e-300), torch.zeros((), dtype=torch.complex128, device=data.device))
+    if h >= 0:  # the cube back into the zero grid the inverse transform needs
+        c = size // 2
+        full = torch.zeros((size, size, size // 2 + 1), dtype=torch.complex128, device=data.device)
+        full[c - h : c + h + 1, c - h : c + h + 1, : h + 1] = f
+        f = full
     f = torch.fft.ifftshift(f, dim=(0, 1))
     vol_padded = irfft3_centered(f, size)
     o = size // 2 - d // 2
