@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cryorefine.estep.poses import PoseGrid
+from cryorefine.estep.poses import NEAR_MIN_ORDER, PoseGrid
 from cryorefine.geometry.healpix import directions_within, make_sampling
 
 
@@ -24,9 +24,15 @@ def reference_sets(grid, rot, tilt, psi, sigma, cutoff=3.0):
     return out
 
 
-@pytest.mark.parametrize("sym,sigma", [("C1", 7.5), ("C1", 0.5), ("D2", 10.0)])
-def test_local_candidates_match_the_per_particle_rule(sym, sigma):
-    grid = PoseGrid.build(make_sampling(3, sym, 0.3), 1.25, 0.5)
+# orders >= NEAR_MIN_ORDER search the children of nearby coarser pixels; sigma 0.2° at order 5: no direction within
+# the cutoff for most particles, the nearest one then comes from the comparison with all directions
+@pytest.mark.parametrize("order,sym,sigma", [(3, "C1", 7.5), (3, "C1", 0.5), (3, "D2", 10.0), (5, "C1", 1.875), (4, "D2", 3.75),
+                                             (5, "C4", 1.0), (4, "O", 5.0), (5, "C1", 0.2)])
+def test_local_candidates_match_the_per_particle_rule(order, sym, sigma, monkeypatch):
+    served = []
+    near = PoseGrid._directions_near
+    monkeypatch.setattr(PoseGrid, "_directions_near", lambda self, va, a: served.append(near(self, va, a)) or served[-1])
+    grid = PoseGrid.build(make_sampling(order, sym, 0.3), 1.25, 0.5)
     rng = np.random.default_rng(4)
     n = 64
     rot, psi = rng.uniform(-180, 180, n), rng.uniform(-180, 180, n)
@@ -38,5 +44,7 @@ def test_local_candidates_match_the_per_particle_rule(sym, sigma):
         got = {int(c): float(l) for c, l, v in zip(ids[i], lp[i], ok[i]) if v}
         assert set(got) == set(ref[i])
         assert max(abs(got[c] - ref[i][c]) for c in got) < 1e-5
-    if sigma < 1:  # narrower than the grid: the single nearest orientation
+    if sigma < 1 and order == 3:  # narrower than the grid: the single nearest orientation
         assert (ok.sum(1) == 1).all()
+    # the search near each particle served the batch, not the fallback to all directions (which alone would pass)
+    assert [r is not None for r in served] == ([] if order < NEAR_MIN_ORDER else [sigma > 0.5])

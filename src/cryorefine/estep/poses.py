@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from ..geometry.euler import euler_to_matrix
-from ..geometry.healpix import (HealpixSampling, all_child_directions, child_psis, direction_vectors, healpix_directions, oversampled_eulers,
-                                sampling_eulers)
+from ..geometry.healpix import (HealpixSampling, all_child_directions, child_psis, direction_vectors, healpix_directions, max_pixrad,
+                                oversampled_eulers, sampling_eulers)
 from ..geometry.translations import child_translations, perturb_translations_px, translation_grid_px
 from ..projection.extract import extract_central_slices_planar
 from ..transfer import to_device
@@ -22,6 +22,19 @@ from ..transfer import to_device
 CPU_PROJECTION_CACHE_BYTES = 1 << 30  # coarse projections kept between tiles on the CPU (coarse_projections)
 N_ROT_CHILDREN = 8
 N_TRANS_CHILDREN = 4
+NEAR_LEVELS = 3  # local searches find a particle's directions among the children of HEALPix pixels this many orders coarser
+NEAR_MIN_ORDER = 4  # below this order every direction is compared with every particle (at most 768 of them per image)
+
+
+def _compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column ids of each row's True entries, first and in order: (ids (n, m), valid (n, m)), m the largest count
+    (a cumulative-sum scatter: no sort)."""
+    count = mask.sum(1)
+    m = int(count.max())
+    slot = torch.where(mask, mask.cumsum(1) - 1, m)  # False entries go to a spare column
+    cols = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    ids = torch.zeros(len(mask), m + 1, dtype=torch.int64, device=mask.device).scatter_(1, slot, cols)[:, :m]
+    return ids, torch.arange(m, device=mask.device)[None, :] < count[:, None]
 
 
 @dataclass
@@ -145,45 +158,89 @@ class PoseGrid:
         """
         s, dev = self.sampling, self.device
         max_angle = sigma_cutoff * sigma_ang_deg
-        if "directions" not in self._cache:
-            rot_all, tilt_all = healpix_directions(s.order)
-            self._cache["directions"] = torch.as_tensor(direction_vectors(rot_all[s.ipix], tilt_all[s.ipix]), device=dev)  # (D, 3)
-        vb, psi_all = self._cache["directions"], self._coarse_angles()[2]
         va = to_device(direction_vectors(rot_deg, tilt_deg), dev).reshape(-1, 3)  # (n, 3)
-        if s.sym_matrices is None:
-            dots = va @ vb.T
-        else:
-            sym = torch.as_tensor(s.sym_matrices, device=dev, dtype=torch.float64)
-            dots = (va @ (sym @ vb.T)).amax(0)  # (g, n, D) -> nearest symmetry image
-        dir_ang = torch.rad2deg(torch.arccos(dots.clamp(-1.0, 1.0)))  # (n, D)
+        psi_all = self._coarse_angles()[2]
         dpsi = torch.remainder(psi_all[None, :] - to_device(np.asarray(psi_deg, dtype=np.float64), dev)[:, None] + 180.0, 360.0) - 180.0
-
-        def compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            """Column ids of each row's True entries, first and in order: (ids (n, m), valid (n, m)), m the largest
-            count (a cumulative-sum scatter: no sort)."""
-            count = mask.sum(1)
-            m = int(count.max())
-            slot = torch.where(mask, mask.cumsum(1) - 1, m)  # False entries go to a spare column
-            cols = torch.arange(mask.shape[1], device=dev).expand_as(mask)
-            ids = torch.zeros(len(mask), m + 1, dtype=torch.int64, device=dev).scatter_(1, slot, cols)[:, :m]
-            return ids, torch.arange(m, device=dev)[None, :] < count[:, None]
 
         def chosen(dist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             """Entries strictly below the cutoff, or the nearest one where none is."""
             dist = dist.abs()
             mask = dist < max_angle
             mask[torch.arange(len(mask), device=dev), dist.argmin(1)] |= ~mask.any(1)
-            return compact(mask)
+            return _compact(mask)
 
-        d_ids, d_ok = chosen(dir_ang)
+        near = self._directions_near(va, max_angle) if s.order >= NEAR_MIN_ORDER else None
+        if near is None:  # every direction against every particle
+            dir_ang = self._direction_angles(va, self._direction_vectors())  # (n, D)
+            d_ids, d_ok = chosen(dir_ang)
+            d_ang = dir_ang.gather(1, d_ids)
+        else:  # the candidates near each particle (ascending ids, as above), and their angles
+            cols, ang, valid = near
+            pos, d_ok = _compact(valid & (ang < max_angle))
+            d_ids, d_ang = cols.gather(1, pos), ang.gather(1, pos)
         p_ids, p_ok = chosen(dpsi)
         n = len(d_ids)
         two_var = 2.0 * sigma_ang_deg**2
-        lp = -(dir_ang.gather(1, d_ids) ** 2)[:, :, None] / two_var - (dpsi.gather(1, p_ids) ** 2)[:, None, :] / two_var
+        lp = -(d_ang**2)[:, :, None] / two_var - (dpsi.gather(1, p_ids) ** 2)[:, None, :] / two_var
         ok = (d_ok[:, :, None] & p_ok[:, None, :]).reshape(n, -1)
         ids = (d_ids[:, :, None] * s.n_psi + p_ids[:, None, :]).reshape(n, -1)
-        keep, ok = compact(ok)  # the valid (direction, psi) pairs to the front, the largest set's width
+        keep, ok = _compact(ok)  # the valid (direction, psi) pairs to the front, the largest set's width
         ids = ids.gather(1, keep)
         lp = torch.where(ok, lp.reshape(n, -1).gather(1, keep), -torch.inf)
         lp = lp - torch.logsumexp(lp, 1, keepdim=True)
         return torch.where(ok, ids, 0), lp.float(), ok
+
+    def _direction_vectors(self) -> torch.Tensor:
+        """(D, 3) unit vectors of the sampling's directions, on the device."""
+        if "directions" not in self._cache:
+            s = self.sampling
+            rot_all, tilt_all = healpix_directions(s.order)
+            self._cache["directions"] = torch.as_tensor(direction_vectors(rot_all[s.ipix], tilt_all[s.ipix]), device=self.device)
+        return self._cache["directions"]
+
+    def _images(self, va: torch.Tensor) -> torch.Tensor:
+        """(g, n, 3) the particles' directions under each symmetry operator (g = 1 without symmetry): the angle of a
+        grid direction to the nearest image is RELION's angle under symmetry."""
+        if self.sampling.sym_matrices is None:
+            return va[None]
+        return va @ torch.as_tensor(self.sampling.sym_matrices, device=va.device, dtype=torch.float64)
+
+    def _direction_angles(self, va: torch.Tensor, vb: torch.Tensor) -> torch.Tensor:
+        """(n, D) degrees between particle directions va (n, 3) and directions vb (D, 3), the nearest symmetry image."""
+        dots = (self._images(va) @ vb.T).amax(0)
+        return torch.rad2deg(torch.arccos(dots.clamp(-1.0, 1.0)))
+
+    def _directions_near(self, va: torch.Tensor, max_angle_deg: float):
+        """The sampling's directions within ``max_angle_deg`` of each particle (n,), without comparing all D of them:
+        the pixels NEAR_LEVELS orders coarser whose centres lie within max_angle + their radius of an image of the
+        particle hold every such direction (NEST ids: a coarse pixel's children are consecutive). At HEALPix order 8
+        the whole comparison would be (n × 786,432) per batch, seconds of an iteration. Returns (cols (n, M) direction
+        rows, ascending, angles (n, M) degrees, valid (n, M)) holding every direction within max_angle; None where
+        some particle has none (the nearest must then be found among all: the caller's full comparison)."""
+        s, dev = self.sampling, va.device
+        k0 = s.order - NEAR_LEVELS
+        children = 4**NEAR_LEVELS
+        if "near" not in self._cache:
+            parents = np.unique(np.asarray(s.ipix) // children)  # coarse pixels with a sampled child
+            rot_c, tilt_c = healpix_directions(k0)
+            row = np.full(12 * 4**s.order, -1, dtype=np.int64)  # NEST id at the sampling's order -> direction row
+            row[np.asarray(s.ipix)] = np.arange(len(s.ipix))
+            self._cache["near"] = (torch.as_tensor(parents, device=dev), torch.as_tensor(direction_vectors(rot_c[parents], tilt_c[parents]), device=dev),
+                                   torch.as_tensor(row, device=dev))
+        parents, vc, row = self._cache["near"]
+        images = self._images(va)  # (g, n, 3)
+        g, n = images.shape[:2]
+        reach = np.radians(max_angle_deg) + max_pixrad(k0) + 1e-9
+        pick, ok = _compact(images.reshape(-1, 3) @ vc.T > np.cos(min(reach, np.pi)))  # (g·n, m) coarse pixels near each image
+        fine = (parents[pick] * children)[:, :, None] + torch.arange(children, device=dev)  # (g·n, m, children) NEST ids
+        cols = torch.where(ok[:, :, None], row[fine], -1).reshape(g, n, -1).permute(1, 0, 2).reshape(n, -1)
+        D = len(s.ipix)
+        cols = torch.where(cols >= 0, cols, D).sort(1).values  # ascending; absent directions (D) last
+        valid = cols < D
+        valid[:, 1:] &= cols[:, 1:] != cols[:, :-1]  # a direction near two images of a particle counts once
+        cols = cols.clamp(max=D - 1)
+        vb = self._direction_vectors()[cols]  # (n, M, 3)
+        ang = torch.rad2deg(torch.arccos(torch.einsum("gnk,nmk->gnm", images, vb).amax(0).clamp(-1.0, 1.0)))
+        if not (valid & (ang < max_angle_deg)).any(1).all():
+            return None
+        return cols, ang, valid
