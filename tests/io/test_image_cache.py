@@ -8,25 +8,19 @@ import torch
 
 import cryorefine.io.image_cache as image_cache
 import cryorefine.refine.auto_refine as auto_refine
-from cryorefine.fourier.filters import low_pass_filter
 from cryorefine.io.image_cache import ImageCache
-from cryorefine.io.mrc import read_map, write_map
+from cryorefine.io.mrc import read_map
 from cryorefine.io.particles import load_particles, read_images
 from cryorefine.io.star import read_star
-from cryorefine.mixture import state_maps
 from cryorefine.refine.auto_refine import AutoRefine, RefineConfig
-from cryorefine.simulate import simulate_particles
+from small_set import small_set
 
 BOX, ANGPIX, N = 24, 6.0, 40
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cache")
-    simulate_particles(state_maps(BOX, ANGPIX, 100.0)[0], ANGPIX, d, N, snr=0.5, seed=2, max_shift_angst=3.0)
-    t, _ = read_map(d / "truth.mrc")
-    write_map(d / "start.mrc", low_pass_filter(torch.from_numpy(t).double(), 30.0, ANGPIX).float().numpy(), ANGPIX)
-    return d
+    return small_set(tmp_path_factory.mktemp("cache"), BOX, ANGPIX, N, seed=2)
 
 
 def _counting_reads(monkeypatch):

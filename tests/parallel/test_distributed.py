@@ -18,11 +18,9 @@ import pytest
 import torch
 
 from cryorefine.cli.main import main
-from cryorefine.fourier.filters import low_pass_filter
-from cryorefine.io.mrc import read_map, write_map
+from cryorefine.io.mrc import read_map
 from cryorefine.io.star import read_star
-from cryorefine.mixture import state_maps
-from cryorefine.simulate import simulate_particles
+from small_set import small_set
 
 BOX, ANGPIX, N, BATCH = 24, 8.0, 96, 8
 N_BATCHES = 2 * -(-N // 2 // BATCH)  # per iteration, both halves
@@ -58,11 +56,7 @@ def same_pose_fraction(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dist")
-    simulate_particles(state_maps(BOX, ANGPIX, 100.0)[0], ANGPIX, d, N, snr=0.5, seed=5, max_shift_angst=3.0)
-    t, _ = read_map(d / "truth.mrc")
-    write_map(d / "start.mrc", low_pass_filter(torch.from_numpy(t).double(), 30.0, ANGPIX).float().numpy(), ANGPIX)
-    return d
+    return small_set(tmp_path_factory.mktemp("dist"), BOX, ANGPIX, N, seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from cryorefine.fourier.filters import low_pass_filter
-from cryorefine.io.mrc import read_map, write_map
+from cryorefine.io.mrc import read_map
 from cryorefine.io.star import read_star
-from cryorefine.mixture import state_maps
-from cryorefine.simulate import simulate_particles
+from small_set import small_set
 
 BOX, ANGPIX = 32, 6.0
 KILL_AT = {  # stage -> CRYOREFINE_TEST_PAUSE_AT, all in iteration 2 of 3
@@ -41,10 +39,7 @@ def _continue_cmd(out, optimiser):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cont")
-    simulate_particles(state_maps(BOX, ANGPIX, 100.0)[0], ANGPIX, d, 60, snr=0.5, seed=5, max_shift_angst=3.0)
-    t, _ = read_map(d / "truth.mrc")
-    write_map(d / "start.mrc", low_pass_filter(torch.from_numpy(t).double(), 30.0, ANGPIX).float().numpy(), ANGPIX)
+    d = small_set(tmp_path_factory.mktemp("cont"), BOX, ANGPIX, 60, seed=5)
     ref = d / "straight"
     subprocess.run(_cmd(d, ref), check=True, capture_output=True)
     return d, ref
