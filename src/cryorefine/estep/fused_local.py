@@ -20,8 +20,8 @@ try:  # CUDA builds of PyTorch ship Triton; CPU builds need neither
 except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
-BLOCK_T, BLOCK_L, BLOCK_J = 16, 32, 64
-MAX_TRANSLATIONS = 4 * BLOCK_T  # translations per launch: the kernel's four accumulator blocks
+BLOCK_L, BLOCK_J = 32, 64
+MAX_TRANSLATIONS = 64  # translations per launch
 
 
 def available(t: torch.Tensor, precision: str) -> bool:
@@ -32,23 +32,6 @@ def available(t: torch.Tensor, precision: str) -> bool:
 if triton is not None:
     from ..projection.trilinear_triton import corner
 
-    @triton.jit
-    def _translation_block(acc, a_row, t0, T, jc, js, jm, pr, pi, BT: tl.constexpr):
-        """acc (BT, BL) += translations t0… of the particle's image rows [Re | Im] (from ``a_row``) · the slices."""
-        ts = t0 + tl.arange(0, BT)
-        am = (ts < T)[:, None] & jm[None, :]
-        row = a_row + ts[:, None] * 2 * jc + js[None, :]
-        acc += tl.dot(tl.load(row, mask=am, other=0.0), tl.trans(pr), input_precision="ieee")
-        acc += tl.dot(tl.load(row + jc, mask=am, other=0.0), tl.trans(pi), input_precision="ieee")
-        return acc
-
-    @triton.jit
-    def _store_block(cross_ptr, acc, t0, T, L, ls, lm, BT: tl.constexpr):
-        ts = t0 + tl.arange(0, BT)
-        tl.store(cross_ptr + ts[:, None] * L + ls[None, :], acc, mask=(ts < T)[:, None] & lm[None, :])
-
-    # integer arguments unspecialised, and the translations in four blocks of BT skipped at run time beyond T: one
-    # compiled kernel serves every window and translation count (each compilation costs ~2 s)
     @triton.jit(do_not_specialize=["T", "L", "jc", "size", "nx", "half"])
     def _local_scores(vol_ptr, rot_ptr, idx_ptr, kx_ptr, ky_ptr, a_ptr, b_ptr, cross_ptr, third_ptr,
                       T, L, jc, size, nx, half, pad, BT: tl.constexpr, BL: tl.constexpr, BJ: tl.constexpr):
@@ -62,13 +45,11 @@ if triton is not None:
         r10 = tl.load(rb + 3, mask=lm, other=0.0)
         r11 = tl.load(rb + 4, mask=lm, other=0.0)
         r12 = tl.load(rb + 5, mask=lm, other=0.0)
-        acc0 = tl.zeros((BT, BL), dtype=tl.float32)
-        acc1 = tl.zeros((BT, BL), dtype=tl.float32)
-        acc2 = tl.zeros((BT, BL), dtype=tl.float32)
-        acc3 = tl.zeros((BT, BL), dtype=tl.float32)
+        ts = tl.arange(0, BT)
+        tm = ts < T
+        acc = tl.zeros((BT, BL), dtype=tl.float32)
         third = tl.zeros((BL,), dtype=tl.float32)
         plane = size * nx
-        a_row = a_ptr + i * T * 2 * jc
         for j0 in range(0, jc, BJ):
             js = j0 + tl.arange(0, BJ)
             jm = js < jc
@@ -96,20 +77,15 @@ if triton is not None:
                 pr += wc * tl.load(vol_ptr + 2 * v, mask=pm, other=0.0)
                 pi += wc * tl.load(vol_ptr + 2 * v + 1, mask=pm, other=0.0)
             pi = tl.where(flip, -pi, pi)
-            acc0 = _translation_block(acc0, a_row, 0, T, jc, js, jm, pr, pi, BT)
-            if T > BT:
-                acc1 = _translation_block(acc1, a_row, BT, T, jc, js, jm, pr, pi, BT)
-            if T > 2 * BT:
-                acc2 = _translation_block(acc2, a_row, 2 * BT, T, jc, js, jm, pr, pi, BT)
-            if T > 3 * BT:
-                acc3 = _translation_block(acc3, a_row, 3 * BT, T, jc, js, jm, pr, pi, BT)
+            am = tm[:, None] & jm[None, :]
+            arow = a_ptr + i * T * 2 * jc + ts[:, None] * 2 * jc + js[None, :]
+            a_re = tl.load(arow, mask=am, other=0.0)  # (BT, BJ)
+            a_im = tl.load(arow + jc, mask=am, other=0.0)
+            acc += tl.dot(a_re, tl.trans(pr), input_precision="ieee")
+            acc += tl.dot(a_im, tl.trans(pi), input_precision="ieee")
             b = tl.load(b_ptr + i * jc + js, mask=jm, other=0.0)
             third += tl.sum((pr * pr + pi * pi) * b[None, :], axis=1)
-        out = cross_ptr + i * T * L
-        _store_block(out, acc0, 0, T, L, ls, lm, BT)
-        _store_block(out, acc1, BT, T, L, ls, lm, BT)
-        _store_block(out, acc2, 2 * BT, T, L, ls, lm, BT)
-        _store_block(out, acc3, 3 * BT, T, L, ls, lm, BT)
+        tl.store(cross_ptr + i * T * L + ts[:, None] * L + ls[None, :], acc, mask=tm[:, None] & lm[None, :])
         tl.store(third_ptr + i * L + ls, third, mask=lm)
 
 
@@ -137,7 +113,7 @@ def local_scores(transform, rotations: torch.Tensor, idx: torch.Tensor, ky: torc
         part = cross if (t0, t1) == (0, T) else torch.empty(n, t1 - t0, L, dtype=torch.float32, device=a.device)
         _local_scores[(n, triton.cdiv(L, BLOCK_L))](vol, rot, idx, kx32, ky32, a[:, t0:t1].contiguous(), b, part, third,
                                                     t1 - t0, L, jc, size, size // 2 + 1, size // 2, float(pad),
-                                                    BT=BLOCK_T, BL=BLOCK_L, BJ=BLOCK_J,
+                                                    BT=max(16, triton.next_power_of_2(t1 - t0)), BL=BLOCK_L, BJ=BLOCK_J,
                                                     num_warps=4, num_stages=1)  # no pipelined copies: they overran shared memory
         if part is not cross:
             cross[:, t0:t1] = part
