@@ -328,6 +328,38 @@ def test_expectation_reads_images_batch_by_batch(tmp_path, monkeypatch):
     assert reads == [3, 3, 2]
 
 
+def test_a_pass_over_cached_images_takes_each_batch_only_when_the_last_is_done(tmp_path):
+    """Reading ahead takes the next batch from the task pool while the current one runs; with every image in the GPU's
+    cache there is nothing to read, and a batch taken early would leave one rank two batches at a pass's end."""
+    from cryorefine.io.image_cache import ImageCache
+    from cryorefine.refine.auto_refine import RefineConfig
+    from cryorefine.refine.engine import ParticlePoses, run_expectation
+    from cryorefine.refine.timing import StageTimer
+
+    c = make_case(tmp_path)
+    cfg = RefineConfig(particles="", output_root="", reference="", particle_diameter=2.5 * BOX, ctf=True, zero_mask=True)
+    cfg.angpix = ANGPIX
+    sigma2 = torch.full((1, BOX // 2 + 1), BOX * BOX / 2.0, dtype=torch.float64)
+    cache = ImageCache(N, BOX, N, "cpu")
+
+    def one_pass():
+        events = []
+
+        def tasks(n):
+            for b in range(n):
+                events.append("take")
+                yield b
+
+        sums = WeightedSums.zeros(1, BOX, 2, 1, c["grid"].sampling.n_directions)
+        run_expectation(c["table"], np.arange(N), [c["ref"]], ParticlePoses.from_table(c["table"]), c["grid"], c["window"], 6, sigma2,
+                        torch.ones(1, dtype=torch.float64), c["settings"], sums, cfg, (0, 1, 1), StageTimer(), lambda n: events.append("done"), 3,
+                        tasks=tasks, cache=cache)
+        return events
+
+    assert one_pass()[:3] == ["take", "take", "done"]  # images to read: the second batch is taken (and read) ahead
+    assert one_pass() == ["take", "done"] * 3  # all cached: one batch at a time
+
+
 # ----------------------------------------------------------------------------- GPU
 
 @pytest.mark.gpu

@@ -29,6 +29,10 @@ class ImageCache:
         self.data = torch.empty((self.capacity, box, box), dtype=torch.float32, device=self.device) if self.capacity else None
         self.used = 0
 
+    def holds(self, rows: np.ndarray) -> bool:
+        """Whether every image of ``rows`` is kept."""
+        return bool((self.slot[rows] >= 0).all())
+
     @property
     def nbytes(self) -> int:
         return 0 if self.data is None else self.data.numel() * 4
