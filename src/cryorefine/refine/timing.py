@@ -97,7 +97,7 @@ def profiled(iteration: int, final: bool = False):
     """Run the block under torch.profiler when CRYOREFINE_PROFILE names this iteration (a benchmark hook, e.g.
     CRYOREFINE_PROFILE=8,final CRYOREFINE_PROFILE_OUT=prof.txt; "final": auto-refine's last, joined iteration);
     writes the operators sorted by device and by host time, or with CRYOREFINE_PROFILE_MODE=python the Python
-    functions (cProfile) by cumulative and own time."""
+    functions (cProfile) by cumulative and own time, and what the functions CRYOREFINE_PROFILE_FOCUS names call."""
     import os
 
     wanted = os.environ.get("CRYOREFINE_PROFILE", "").split(",")
@@ -119,6 +119,8 @@ def profiled(iteration: int, final: bool = False):
         text = io.StringIO()
         for key in ("cumulative", "tottime"):
             pstats.Stats(prof, stream=text).sort_stats(key).print_stats(45)
+        for name in filter(None, os.environ.get("CRYOREFINE_PROFILE_FOCUS", "").split(",")):  # e.g. maximization
+            pstats.Stats(prof, stream=text).sort_stats("cumulative").print_callees(name)
         with open(path, "a") as fh:
             fh.write(f"# iteration {iteration} (cProfile)\n" + text.getvalue())
         return
