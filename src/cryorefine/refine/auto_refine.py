@@ -373,7 +373,7 @@ class AutoRefine:
                 state["map_shapes"] = [(tuple(m.shape), m.dtype) for m in maps]
             state = broadcast_from_main(state, self.dist)
             if not self.dist.is_main:
-                maps = [torch.empty(shape, dtype=dtype) for shape, dtype in state["map_shapes"]]
+                maps = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in state["map_shapes"]]
             broadcast_tensors_(maps, self.dist)
             if not self.dist.is_main:
                 self._restore(dict(state, maps=maps))
@@ -425,7 +425,7 @@ class AutoRefine:
             new_maps = []
             for bp in bps:
                 tau2 = tau2_from_fsc(fsc, bp, cfg.tau2_fudge, max_shell=window_shell)
-                new_maps.append(reconstruct(bp, tau2.to(self.device), max_shell=window_shell).cpu())
+                new_maps.append(reconstruct(bp, tau2.to(self.device), max_shell=window_shell))  # kept on the device
             self.maps = new_maps
             self.tau2 = tau2.cpu()
         res_shell = max(res_shell, 1)
@@ -474,7 +474,7 @@ class AutoRefine:
         model = self._model_tables(info, record)
         for h in (1, 2):
             m = self.unfil[h - 1] if self.schedule.final_iteration else self.maps[h - 1]
-            write_map(f"{pre}_half{h}_class001.mrc", m.numpy(), cfg.angpix)
+            write_map(f"{pre}_half{h}_class001.mrc", m.cpu().numpy(), cfg.angpix)
             if self.schedule.final_iteration:
                 write_map(f"{pre}_half{h}_class001_unfil.mrc", self.unfil[h - 1].numpy(), cfg.angpix)
             write_model_star(f"{pre}_half{h}_model.star", *model)
@@ -489,7 +489,7 @@ class AutoRefine:
             write_model_star(f"{self.root}_model.star", *model)
             write_particles(f"{self.root}_data.star", self.table, **self._data_columns())
             write_angdist_bild(f"{self.root}_class001_angdist.bild", self.poses.rot_deg, self.poses.tilt_deg, cfg.particle_diameter / (2 * cfg.angpix), self.box // 2, cfg.angpix)
-        self._report(self.fsc.numpy(), (self.final_map if self.schedule.final_iteration else self.maps[0]).numpy(), force=self.schedule.final_iteration)
+        self._report(self.fsc.numpy(), (self.final_map if self.schedule.final_iteration else self.maps[0]).cpu().numpy(), force=self.schedule.final_iteration)
         self._save_state(pre)  # last: an iteration with an optimiser.star has all its outputs
 
     def _report(self, fsc: np.ndarray, volume: np.ndarray, force: bool = False) -> None:
@@ -515,7 +515,8 @@ class AutoRefine:
 
     def _snapshot(self) -> "AutoRefine":
         """A copy of this engine for the background writer: what the next iteration changes in place (poses, table,
-        schedule, history, random state) is copied, as are the maps; tensors that are replaced, not changed, are shared."""
+        schedule, history, random state) is copied, as are the maps (on their device: the writer thread brings them to
+        the host, not the thread that drives the GPU); tensors that are replaced, not changed, are shared."""
         snap = copy.copy(self)
         snap.poses = ParticlePoses(**{k: v.copy() for k, v in self.poses.as_dict().items()})
         snap.table, snap.schedule = self.table.subset(np.arange(len(self.table))), copy.deepcopy(self.schedule)  # arrays copied
@@ -530,7 +531,8 @@ class AutoRefine:
 
     # ------------------------------------------------------------------ state for --continue
     def _state(self) -> dict:
-        """Everything the next iteration depends on (tensors on the CPU): saved for --continue, sent to the other ranks."""
+        """Everything the next iteration depends on (the maps on the compute device, other tensors on the CPU): saved for
+        --continue, sent to the other ranks."""
         return {
             "iteration": self.iteration, "perturbation": self.perturbation, "maps": self.maps, "sigma2": self.sigma2, "scale": self.scale,
             "sigma2_offset": self.sigma2_offset, "schedule": asdict(self.schedule), "poses": self.poses.as_dict(), "halves": self.halves,
@@ -554,8 +556,7 @@ class AutoRefine:
 
         state = self._state()
         files = self._map_files(pre)
-        if files is not None:
-            state["maps"] = saved_maps(files)
+        state["maps"] = saved_maps(files) if files is not None else [m.cpu() for m in state["maps"]]
         with atomic_write(f"{pre}_state.pt") as tmp:
             torch.save(state, tmp)
         write_star_table(f"{pre}_optimiser.star", {"optimiser_general": {

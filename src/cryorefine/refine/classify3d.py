@@ -146,7 +146,7 @@ class Classify3D(AutoRefine):
         for k, bp in enumerate(sums.backprojectors):
             symmetrise_backprojector(bp, cfg.sym)
             tau2 = self.class_tau2[k]
-            new_maps.append(reconstruct(bp, tau2, cfg.tau2_fudge, max_shell=window_shell).cpu())
+            new_maps.append(reconstruct(bp, tau2, cfg.tau2_fudge, max_shell=window_shell))  # kept on the device
             # resolution (RELION): one shell inside the first where the data-to-prior ratio drops below 1
             below = (data_vs_prior(bp, tau2, cfg.tau2_fudge, n_sh, window_shell)[1:] < 1).nonzero()
             res_shells.append(int(below[0, 0]) if below.numel() else n_sh - 1)
@@ -162,7 +162,7 @@ class Classify3D(AutoRefine):
         cfg = self.cfg
         pre = it_prefix(self.root, self.iteration)
         for k, m in enumerate(self.maps):
-            write_map(f"{pre}_class{k + 1:03d}.mrc", m.numpy(), cfg.angpix)
+            write_map(f"{pre}_class{k + 1:03d}.mrc", m.cpu().numpy(), cfg.angpix)
         general, _, _, groups, sig = self._model_tables(info, record)
         general.update({"rlnNrClasses": cfg.K, "rlnTau2FudgeFactor": cfg.tau2_fudge})
         classes = [{"rlnReferenceImage": f"{pre}_class{k + 1:03d}.mrc", "rlnClassDistribution": float(self.class_prior[k]),
@@ -179,7 +179,7 @@ class Classify3D(AutoRefine):
         sch = self.schedule
         write_sampling_star(f"{pre}_sampling.star", sch.healpix_order, 60.0 / 2**sch.healpix_order, sch.offset_range_px * cfg.angpix, sch.offset_step_px * cfg.angpix,
                             cfg.perturb, self.perturbation, cfg.sym, sch.local_search, sch.sigma_ang_deg)
-        self._report(np.zeros(n_sh), self.maps[int(torch.argmax(self.class_prior))].numpy(), force=self.iteration >= cfg.max_iter)
+        self._report(np.zeros(n_sh), self.maps[int(torch.argmax(self.class_prior))].cpu().numpy(), force=self.iteration >= cfg.max_iter)
         self._save_state(pre)  # last: an iteration with an optimiser.star has all its outputs
 
     def _describe(self) -> str:
