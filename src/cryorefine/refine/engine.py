@@ -121,6 +121,7 @@ def run_expectation(
     batches = [rows[s0 : s0 + batch_size] for s0 in range(0, len(rows), batch_size)]
     done = []
     order = range(len(batches)) if tasks is None else tasks(len(batches))
+
     def load(b: int):
         return cache.load(table, batches[b])
 
