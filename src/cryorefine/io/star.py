@@ -37,10 +37,12 @@ def _as_block(block):
     raise TypeError(f"STAR block must be a DataFrame or dict, got {type(block).__name__}")
 
 
-def _text(value) -> str:
-    """A string value as STAR text: quoted where it is empty or holds white space."""
-    s = str(value)
-    return f'"{s}"' if not s or any(c.isspace() for c in s) else s
+def _texts(values) -> list[str]:
+    """String values as STAR text: quoted where empty or holding white space (one vectorised test for a whole column:
+    a Python test per character held the interpreter lock the GPU-driving thread needs)."""
+    text = pd.Series(values, dtype=object).astype(str)
+    quote = text.eq("") | text.str.contains(r"\s", regex=True)
+    return text.where(~quote, '"' + text + '"').tolist()
 
 
 def _float_format(values: np.ndarray) -> str:
@@ -64,11 +66,9 @@ def _loop_rows(df: pd.DataFrame) -> list[str]:
         elif col.dtype.kind in "iub":
             formats.append("%d")
             columns.append(col.astype(np.int64).tolist())
-        else:  # strings (image names): quoted where empty or holding white space, tested per column in C
-            text = pd.Series(col, dtype=object).astype(str)
-            quote = text.eq("") | text.str.contains(r"\s", regex=True)
+        else:  # strings (image names)
             formats.append("%s")
-            columns.append(text.where(~quote, '"' + text + '"').tolist())
+            columns.append(_texts(col))
     row = "\t".join(formats)
     return [row % values for values in zip(*columns)]
 
@@ -79,7 +79,7 @@ def _block_lines(name: str, block) -> list[str]:
         for key, value in block.items():
             if isinstance(value, bool):
                 value = int(value)
-            text = (_float_format(np.array([value])) % value) if isinstance(value, float) else _text(value)
+            text = (_float_format(np.array([value])) % value) if isinstance(value, float) else _texts([value])[0]
             lines.append(f"_{key}\t{text}")
     else:
         lines.append("loop_")

@@ -34,11 +34,8 @@ def _hermitian_window(bp: BackProjector, max_shell: int | None) -> tuple[torch.T
         r_pad, shell = padded_shell_index(bp.size, bp.pad, data.device)
         return data, weight, r_pad, shell, -1
     c = bp.size // 2
-    cube = slice(c - h, c + h + 1)
-    data, weight = bp.data[cube, cube, : h + 1].clone(), bp.weight[cube, cube, : h + 1].clone()
-    # the cube is symmetric about the origin: the Friedel mate (-y, -z) of index i is 2h - i, a flip of both axes
-    plane_d, plane_w = data[..., 0], weight[..., 0]
-    data[..., 0], weight[..., 0] = plane_d + plane_d.flip(0, 1).conj(), plane_w + plane_w.flip(0, 1)
+    cube = slice(c - h, c + h + 1)  # centred on the origin (index h), so every x = 0 voxel's mate lies inside it
+    data, weight = enforce_hermitian_x0(bp.data[cube, cube, : h + 1], bp.weight[cube, cube, : h + 1])
     k = torch.arange(-h, h + 1, device=data.device, dtype=torch.float64)
     kx = torch.arange(h + 1, device=data.device, dtype=torch.float64)
     r_pad = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
