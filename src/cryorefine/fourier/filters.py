@@ -32,3 +32,18 @@ def soft_sphere(shape, radius_px: float, edge_px: float = 5.0, device=None, dtyp
     r = _radius_from_centre(shape, device, torch.float64)
     m = torch.where(r <= radius_px, 1.0, torch.where(r >= radius_px + edge_px, 0.0, 0.5 + 0.5 * torch.cos(math.pi * (r - radius_px) / max(edge_px, 1e-9))))
     return m.to(dtype)
+
+
+def soft_mask_outside_map(volume: torch.Tensor, radius_px: float | None = None, edge_px: float = 3.0) -> torch.Tensor:
+    """RELION's softMaskOutsideMap (no noise map): voxels beyond ``radius_px`` (default d/2) of the centre voxel are
+    blended, by a raised cosine over ``edge_px``, into the mean of the region outside (weighted by the same cosine);
+    beyond radius + edge they are that mean. Every reconstruction ends with it, so the noise in the cube's corners
+    (aliasing of the padded transform's window) does not enter FSCs, τ² or the next iteration's references."""
+    d = volume.shape[-1]
+    radius = d / 2.0 if radius_px is None else radius_px
+    r = _radius_from_centre(volume.shape, volume.device, torch.float64)
+    outer = radius + edge_px
+    noise_w = torch.where(r < radius, 0.0, torch.where(r > outer, 1.0, 0.5 + 0.5 * torch.cos(math.pi * (outer - r) / edge_px)))
+    v = volume.to(torch.float64)
+    background = (noise_w * v).sum() / noise_w.sum().clamp(min=1e-300)
+    return ((1.0 - noise_w) * v + noise_w * background).to(volume.dtype)

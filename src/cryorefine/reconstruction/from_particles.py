@@ -8,9 +8,10 @@ pixel k lands at (A·S)ᵀk = Sᵀ·(Aᵀk), i.e. the slice is inserted once per
 is what RELION's BackProjector::symmetrise (summing the accumulators over R·k) amounts to. S·A
 would instead turn the image in its own plane and is wrong (tests/relion shows both).
 
-The division data/weight gets a small constant (``wiener`` × the mean non-zero weight) so voxels
-that few slices reach near CTF zeros do not blow up; relion_reconstruct without --fsc divides
-plainly (its gridding iterations aside), and with ``wiener=0`` so do we.
+The division data/weight is RELION's (>= 4, without gridding iterations): no regulariser, each voxel's
+weight floored at 1/1000 of its shell's mean weight so that voxels few slices reach (near CTF zeros,
+under preferred orientation) do not blow up; then the corners outside the box's inscribed sphere are
+set to their mean (reconstruction/reconstruct.py).
 """
 
 from __future__ import annotations
@@ -101,14 +102,12 @@ def reconstruct_from_particles(
     device=None,
     subset: int | None = None,
     dtype=torch.float32,
-    wiener: float = 1e-3,
 ) -> tuple[torch.Tensor, float]:
     """(map (d, d, d) on ``device``, angpix) from the particles' images and poses.
 
     sym: point group name (RELION's axes) or a (G, 3, 3) tensor of operators. ctf: back-project
     CTF·X with weight CTF² (needs CTF columns). subset: 1 or 2 to use only that rlnRandomSubset
-    half (None or other values: all particles). wiener: constant added to the weight, relative to its
-    mean over the voxels that received data (0 = plain division).
+    half (None or other values: all particles).
     """
     if ctf and not table.has_ctf:
         raise CryoInputError("the particles have no CTF columns (rlnDefocusU...); reconstruct without CTF correction", path=table.star_path)
@@ -122,11 +121,5 @@ def reconstruct_from_particles(
     ops = symmetry_matrices(sym) if isinstance(sym, str) else torch.as_tensor(sym, dtype=torch.float64).reshape(-1, 3, 3)
     bp = BackProjector.zeros(box, pad, device, dtype)
     backproject_particles(table, indices, bp, ops, ctf=ctf, batch=batch)
-    tau2 = None
-    if wiener > 0:
-        w = bp.weight[bp.weight > 0]
-        const = wiener * float(w.mean()) if w.numel() else 0.0
-        if const > 0:  # reconstruct adds 1/(pad³·τ²) on every shell: choose τ² so that this is the constant
-            tau2 = torch.full((box // 2 + 2,), 1.0 / (pad**3 * const), dtype=torch.float64)
-    vol = reconstruct(bp, tau2=tau2, min_regularised_shell=0)
+    vol = reconstruct(bp)
     return vol, angpix

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ..fourier.filters import soft_mask_outside_map
 from ..fourier.grids import irfft3_centered
 from ..projection.extract import sinc2_gridding_kernel
 from ..projection.insert import BackProjector, enforce_hermitian_x0
@@ -74,6 +75,22 @@ def data_vs_prior(bp: BackProjector, tau2: torch.Tensor, tau2_fudge: float, n_sh
     return out
 
 
+def weight_floor(weight: torch.Tensor, r_pad: torch.Tensor, pad: int, max_shell: int) -> torch.Tensor:
+    """RELION's guard against dividing by tiny weights (BackProjector::reconstruct, the path without gridding
+    iterations, RELION >= 4's default): per shell floor(R/pad), 1/1000 of the mean weight of all the shell's voxels
+    (those without data count as 0) inside R² < round((max_shell·pad)²); beyond max_shell, the last shell's floor.
+    Returns the floor of every voxel (same shape as ``weight``)."""
+    w = weight.to(torch.float64)
+    shell = torch.floor(r_pad / pad).long()
+    within = torch.round(r_pad**2) < round((max_shell * pad) ** 2)
+    n = max(int(max_shell), 1)
+    s = shell[within].clamp(max=n - 1)
+    total = torch.zeros(n, dtype=torch.float64, device=w.device).index_add_(0, s, w[within])
+    count = torch.zeros(n, dtype=torch.float64, device=w.device).index_add_(0, s, torch.ones_like(s, dtype=torch.float64))
+    radial = total / (1000.0 * count.clamp(min=1))
+    return radial[shell.clamp(max=n - 1)]
+
+
 def reconstruct(
     bp: BackProjector,
     tau2: torch.Tensor | None = None,
@@ -81,26 +98,27 @@ def reconstruct(
     max_shell: int | None = None,
     min_regularised_shell: int = MIN_REGULARISED_SHELL,
 ) -> torch.Tensor:
-    """(d, d, d) real map from accumulators.
+    """(d, d, d) real map from accumulators, as RELION's BackProjector::reconstruct without gridding iterations.
 
-    F = data / (weight + 1/(pad³·T·τ²(s))) for shells s >= ``min_regularised_shell`` where τ² > 0
-    (τ² in unpadded units, RELION's regulariser), plain data/weight elsewhere (``tau2=None``: the
-    unregularised ``_unfil`` map); where τ² = 0 RELION's stand-in prior 1/(0.001·weight) is used.
-    Components beyond ``max_shell`` (default d/2) are zero. Then inverse FFT, crop, divide by sinc².
+    F = data / max(weight + 1/(pad³·T·τ²(s)), floor) for shells s >= ``min_regularised_shell`` where τ² > 0
+    (τ² in unpadded units, RELION's regulariser), data / max(weight, floor) elsewhere (``tau2=None``: the
+    unregularised ``_unfil`` map); where τ² = 0 RELION's stand-in prior 1/(0.001·weight) is used; the floor is
+    :func:`weight_floor`. Components beyond ``max_shell`` (default d/2) are zero. Then inverse FFT, crop, RELION's
+    soft mask outside the box's inscribed sphere (corners to their mean), divide by sinc².
     """
     d, pad, size = bp.box, bp.pad, bp.size
     data, weight, r_pad, shell, h = _hermitian_window(bp, max_shell)
     max_shell = d // 2 if max_shell is None else max_shell
     denom = weight.to(torch.float64)
-    # voxels that received data (the regulariser can make empty voxels' denominators huge)
-    has_data = denom > 1e-20 * denom.max().clamp(min=1e-300)
     if tau2 is not None:
         tau2 = tau2.to(device=data.device, dtype=torch.float64)
         s = shell.clamp(max=tau2.numel() - 1)
         t = tau2[s]
-        reg = torch.where(t > 0, 1.0 / (pad**3 * tau2_fudge * t.clamp(min=1e-300)), 1.0 / (0.001 * denom).clamp(min=1e-300))
+        stand_in = torch.where(denom > 1e-20, 1.0 / (0.001 * denom).clamp(min=1e-300), torch.zeros_like(denom))
+        reg = torch.where(t > 0, 1.0 / (pad**3 * tau2_fudge * t.clamp(min=1e-300)), stand_in)
         denom = denom + torch.where(shell >= min_regularised_shell, reg, torch.zeros_like(reg))
-    inside = (r_pad <= max_shell * pad) & has_data
+    denom = torch.maximum(denom, weight_floor(denom, r_pad, pad, max_shell))
+    inside = (r_pad <= max_shell * pad) & (denom > 0)
     f = torch.where(inside, data.to(torch.complex128) / denom.clamp(min=1e-300), torch.zeros((), dtype=torch.complex128, device=data.device))
     if h >= 0:  # the cube back into the zero grid the inverse transform needs
         c = size // 2
@@ -110,6 +128,6 @@ def reconstruct(
     f = torch.fft.ifftshift(f, dim=(0, 1))
     vol_padded = irfft3_centered(f, size)
     o = size // 2 - d // 2
-    vol = vol_padded[o : o + d, o : o + d, o : o + d]
+    vol = soft_mask_outside_map(vol_padded[o : o + d, o : o + d, o : o + d])
     vol = vol / sinc2_gridding_kernel(d, pad, vol.device, vol.dtype)
     return vol.to(weight.dtype)
