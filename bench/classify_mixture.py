@@ -65,7 +65,7 @@ def main():
     ap.add_argument("--tau2_fudge", type=float, default=4.0), ap.add_argument("--ini_high", type=float, default=40.0)
     ap.add_argument("--healpix_order", type=int, default=2), ap.add_argument("--extra", default="")
     ap.add_argument("--third", default="moved", choices=["moved", "removed"], help="the third state: one side moved 12 Å, or removed")
-    ap.add_argument("--input", default="particles.star", help="STAR file in DIR to classify (e.g. one without the true poses)")
+    ap.add_argument("--input", default="particles_in.star", help="STAR file in DIR to classify (default: the one without the true poses and states)")
     ap.add_argument("--name", default="ours", help="output folder in DIR for this run")
     ap.add_argument("--score", help="only score existing outputs with this prefix (e.g. DIR/relion/run_it025) and exit")
     a = ap.parse_args()

@@ -308,7 +308,7 @@ def job_argv(s: BenchSet, p: Paths, gpu: bool, max_seconds: float | None, cpu_su
     if done:
         argv = [cmd, "--continue", f"{p.run_root}_it{done[-1]:03d}_optimiser.star"]
     else:
-        argv = [cmd, "--i", str(p.data / "particles.star"), "--o", str(p.run_root), "--ref", str(p.init), *s.flags]
+        argv = [cmd, "--i", str(p.data / "particles_noposes.star"), "--o", str(p.run_root), "--ref", str(p.init), *s.flags]
     if gpu:
         argv.append("--gpu")
     if max_seconds:

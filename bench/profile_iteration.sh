@@ -10,7 +10,7 @@ flags=$(python3 -c "import sys; sys.path.insert(0, 'bench'); import paper_bench 
 d=/tmp/cryobench/$set_/data
 rm -rf /tmp/prof/$set_ && mkdir -p /tmp/prof/$set_
 CRYOREFINE_PROFILE=$its CRYOREFINE_PROFILE_MODE=$mode CRYOREFINE_PROFILE_OUT=$out/profile-$set_-$mode.txt \
-  timeout ${PROFILE_TIMEOUT:-240} python3 -m cryorefine.cli.main refine --i $d/particles.star --o /tmp/prof/$set_/run \
+  timeout ${PROFILE_TIMEOUT:-240} python3 -m cryorefine.cli.main refine --i $d/particles_noposes.star --o /tmp/prof/$set_/run \
   --ref $d/init40.mrc $flags --gpu 2>&1 | grep -v "particles, .*/s" | tail -5
 cp /tmp/prof/$set_/run.log $out/profile-$set_-run.log 2>/dev/null
 ls $out/profile-$set_-* 

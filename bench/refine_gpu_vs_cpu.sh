@@ -13,7 +13,7 @@ from cryorefine.io.mrc import read_map, write_map
 t, a = read_map("$D/truth.mrc")
 write_map("$D/start.mrc", low_pass_filter(torch.from_numpy(t).double(), 30.0, a).float().numpy(), a)
 PY
-FLAGS="--i $D/particles.star --ref $D/start.mrc --ini_high 30 --particle_diameter 170 --ctf --flatten_solvent --zero_mask --healpix_order 2 --auto_local_healpix_order 4 --offset_range 3 --offset_step 1.5 --random_seed 1"
+FLAGS="--i $D/particles_noposes.star --ref $D/start.mrc --ini_high 30 --particle_diameter 170 --ctf --flatten_solvent --zero_mask --healpix_order 2 --auto_local_healpix_order 4 --offset_range 3 --offset_step 1.5 --random_seed 1"
 ( time python3 -m cryorefine.cli.main refine $FLAGS --o $D/gpu/run --gpu ) > $OUT/gpu.txt 2>&1
 ( time python3 -m cryorefine.cli.main refine $FLAGS --o $D/cpu/run --j 16 ) > $OUT/cpu.txt 2>&1
 python3 - <<PY > $OUT/refine_gpu_vs_cpu.json

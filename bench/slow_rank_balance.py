@@ -34,7 +34,7 @@ def main():
         t, _ = read_map(data / "truth.mrc")
         write_map(data / "start.mrc", low_pass_filter(torch.from_numpy(t).double(), 30.0, ANGPIX).float().numpy(), ANGPIX)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cryorefine.cli.main", "refine",
-           "--i", str(data / "particles.star"), "--o", str(out / "run" / "run"), "--ref", str(data / "start.mrc"), "--ini_high", "30",
+           "--i", str(data / "particles_noposes.star"), "--o", str(out / "run" / "run"), "--ref", str(data / "start.mrc"), "--ini_high", "30",
            "--particle_diameter", "170", "--ctf", "--flatten_solvent", "--healpix_order", "1", "--offset_range", "2", "--offset_step", "1",
            "--iter", "4", "--random_seed", "3", "--j", "1", "--batch", str(BATCH)]
     t0 = time.time()

@@ -15,7 +15,7 @@ rm -rf $W; mkdir -p $W $RES
 python3 -c "
 import torch; from cryorefine.fourier.filters import low_pass_filter; from cryorefine.io.mrc import read_map, write_map
 t, a = read_map('$DATA/truth.mrc'); write_map('$W/start.mrc', low_pass_filter(torch.from_numpy(t).double(), 30.0, a).float().numpy(), a)"
-FLAGS="--i $DATA/particles.star --ref $W/start.mrc --ini_high 30 --particle_diameter ${DIAMETER:-160} --ctf --flatten_solvent --zero_mask
+FLAGS="--i $DATA/particles_noposes.star --ref $W/start.mrc --ini_high 30 --particle_diameter ${DIAMETER:-160} --ctf --flatten_solvent --zero_mask
   --healpix_order 2 --auto_local_healpix_order 4 --offset_range 5 --offset_step 2 --random_seed 0 --iter ${ITER:-10} --gpu"
 TORCHRUN="python3 -m torch.distributed.run --standalone --nproc_per_node"
 refine() {  # name, launcher...: wall time and exit code to $W/walls.txt

@@ -10,7 +10,7 @@ import torch
 
 from .density import atoms_to_map, packaged_model, read_atoms
 from .io.star import read_star, write_star
-from .simulate import simulate_particles
+from .simulate import simulate_particles, without_poses
 
 
 THIRD_STATES = ("moved", "removed")
@@ -57,6 +57,6 @@ def simulate_mixture(out_dir, n: int, box: int, angpix: float, snr: float = 0.05
     perm = np.random.default_rng(seed).permutation(len(parts))
     parts = parts.iloc[perm].reset_index(drop=True)
     write_star(out / "particles.star", {"optics": optics, "particles": parts})
-    hidden = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "rlnRandomSubset", "rlnClassNumber"]
-    write_star(out / "particles_in.star", {"optics": optics, "particles": parts.drop(columns=[h for h in hidden if h in parts])})
+    hidden = [h for h in ("rlnRandomSubset", "rlnClassNumber") if h in parts]
+    write_star(out / "particles_in.star", {"optics": optics, "particles": without_poses(parts).drop(columns=hidden)})
     return {"n": len(parts), "counts": counts, "noise_sigma": sigma}

@@ -15,6 +15,14 @@ from .fourier.shift import shift_images_rfft
 from .geometry.euler import euler_to_matrix
 from .io.mrc import StackWriter, write_map
 from .io.star import write_star
+
+NO_POSES_STAR = "particles_noposes.star"  # the simulated particles as a user has them: no angles, no origin offsets
+
+
+def without_poses(particles: pd.DataFrame) -> pd.DataFrame:
+    """The particles table without rlnAngle*/rlnOrigin* columns (poses, priors, offsets): where every evaluated
+    refinement starts, so that no figure is flattered by a start at the truth."""
+    return particles.drop(columns=[c for c in particles.columns if c.startswith(("rlnAngle", "rlnOrigin"))])
 from .projection.extract import prepare_padded_transform, project_rfft
 
 
@@ -64,7 +72,8 @@ def simulate_particles(
     ctf: bool = True,
     noise_sigma: float | None = None,
 ) -> dict:
-    """Write out_dir/particles.star, particles.mrcs and truth.mrc; return a summary dict.
+    """Write out_dir/particles.star (with the true poses), particles_noposes.star (without them: the input of a
+    refinement), particles.mrcs and truth.mrc; return a summary dict.
 
     SNR = (mean variance of the clean images) / (noise variance), the noise white and Gaussian.
     Images and truth are divided by the noise sigma, so the background has unit variance as after
@@ -136,6 +145,7 @@ def simulate_particles(
     if not ctf:
         parts = parts.drop(columns=["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift", "rlnCtfBfactor"])
     write_star(out / "particles.star", {"optics": optics, "particles": parts})
+    write_star(out / NO_POSES_STAR, {"optics": optics, "particles": without_poses(parts)})
     return {"n": n, "box": box, "angpix": angpix, "snr": snr, "noise_sigma": noise_sigma}
 
 
@@ -196,7 +206,7 @@ def project_poses(
     rlnCtfBfactor, rlnCtfScalefactor with the optics group's voltage, Cs and amplitude contrast. As relion_project
     --ang --ctf does, with the same conventions as ``simulate_particles``. The stack is float32, written batch by batch
     into a memory-mapped file (nothing of the size of the stack is held in memory). particles.star keeps every input
-    column (the poses are the truth) and adds rlnImageName.
+    column (the poses are the truth) and adds rlnImageName; particles_noposes.star is the same without the poses.
 
     ``snr`` > 0 adds white Gaussian noise of variance (mean clean-image variance of the first batch) / snr, drawn on
     ``device`` from ``seed``; the images are not rescaled, so ``truth`` stays on their greyscale. ``snr`` = 0: clean
@@ -268,5 +278,6 @@ def project_poses(
     optics = optics.copy()
     optics["rlnImagePixelSize"], optics["rlnImageSize"], optics["rlnImageDimensionality"] = angpix, box, 2
     write_star(out / "particles.star", {"optics": optics, "particles": star})
+    write_star(out / NO_POSES_STAR, {"optics": optics, "particles": without_poses(star)})
     return {"n": n, "box": box, "angpix": angpix, "snr": snr, "noise_sigma": noise_sigma, "clean_variance": signal_var,
             "ctf": bool(ctf), "stack": str(out / stack_name), "stack_bytes": 1024 + n * box * box * 4}

@@ -13,7 +13,7 @@ from cryorefine.fourier.filters import low_pass_filter
 from cryorefine.io.mrc import read_map, write_map
 from cryorefine.io.star import read_star, write_star
 from cryorefine.mixture import state_maps
-from cryorefine.simulate import simulate_particles
+from cryorefine.simulate import simulate_particles, without_poses
 
 BOX, ANGPIX = 32, 6.0
 
@@ -35,7 +35,8 @@ def classified(tmp_path_factory):
     import pandas as pd
 
     allp = pd.concat(parts, ignore_index=True).sample(frac=1.0, random_state=0).reset_index(drop=True)
-    write_star(d / "particles.star", {"optics": b["optics"], "particles": allp})
+    # the input as a user has it: no poses, no classes
+    write_star(d / "particles.star", {"optics": b["optics"], "particles": without_poses(allp).drop(columns=["rlnClassNumber"])})
     avg = (read_map(d / "s1" / "truth.mrc")[0] + read_map(d / "s2" / "truth.mrc")[0]) / 2
     write_map(d / "start.mrc", low_pass_filter(torch.from_numpy(avg).double(), 40.0, ANGPIX).float().numpy(), ANGPIX)
     rc = main(["classify", "--i", str(d / "particles.star"), "--o", str(d / "out" / "run"), "--ref", str(d / "start.mrc"), "--K", "2",

@@ -28,7 +28,7 @@ WORKER = Path(__file__).with_name("estep_worker.py")
 
 
 def flags(d: Path, out: Path, *extra) -> list[str]:
-    return ["--i", str(d / "particles.star"), "--o", str(out / "run"), "--ref", str(d / "start.mrc"), "--ini_high", "30",
+    return ["--i", str(d / "particles_noposes.star"), "--o", str(out / "run"), "--ref", str(d / "start.mrc"), "--ini_high", "30",
             "--particle_diameter", "170", "--ctf", "--flatten_solvent", "--healpix_order", "1", "--offset_range", "2",
             "--offset_step", "1", "--iter", "2", "--random_seed", "3", "--j", "1", "--batch", str(BATCH), *extra]
 

@@ -28,7 +28,7 @@ KILL_AT = {  # stage -> CRYOREFINE_TEST_PAUSE_AT, all in iteration 2 of 3
 
 
 def _cmd(d, out, *extra):
-    return [sys.executable, "-m", "cryorefine.cli.main", "refine", "--i", str(d / "particles.star"), "--o", str(out / "run"), "--ref", str(d / "start.mrc"),
+    return [sys.executable, "-m", "cryorefine.cli.main", "refine", "--i", str(d / "particles_noposes.star"), "--o", str(out / "run"), "--ref", str(d / "start.mrc"),
             "--ini_high", "30", "--particle_diameter", "170", "--ctf", "--flatten_solvent", "--healpix_order", "1",
             "--offset_range", "2", "--offset_step", "1", "--iter", "3", "--random_seed", "3", "--j", "1", *extra]
 

@@ -17,7 +17,7 @@ BOX, ANGPIX, N = 32, 6.0, 80
 
 
 def _refine(d, out, device, continue_from=None):
-    cfg = RefineConfig(particles=str(d / "particles.star"), output_root=str(out / "run"), reference=str(d / "start.mrc"),
+    cfg = RefineConfig(particles=str(d / "particles_noposes.star"), output_root=str(out / "run"), reference=str(d / "start.mrc"),
                        ini_high=30.0, particle_diameter=170.0, ctf=True, flatten_solvent=True, norm=True, healpix_order=1,
                        offset_range=2.0, offset_step=1.0, max_iter=3, random_seed=3, low_resol_join_halves=0.0, device=device,
                        continue_from=continue_from)

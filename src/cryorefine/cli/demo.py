@@ -31,7 +31,7 @@ def main(args):
     from ..fourier.filters import low_pass_filter
     from ..io.mrc import read_map, write_map
     from ..refine.auto_refine import AutoRefine, RefineConfig
-    from ..simulate import simulate_particles
+    from ..simulate import NO_POSES_STAR, simulate_particles
     from .refine import device_from_args
 
     out = Path(args.o)
@@ -47,12 +47,12 @@ def main(args):
     start = low_pass_filter(torch.from_numpy(truth_scaled).double(), 30.0, args.angpix).float()
     write_map(out / "data" / "start_30A.mrc", start.numpy(), args.angpix)
     cfg = RefineConfig(
-        particles=str(out / "data" / "particles.star"), output_root=str(out / "refine" / "run"), reference=str(out / "data" / "start_30A.mrc"),
+        particles=str(out / "data" / NO_POSES_STAR), output_root=str(out / "refine" / "run"), reference=str(out / "data" / "start_30A.mrc"),
         ini_high=30.0, particle_diameter=diameter, ctf=True, flatten_solvent=True, zero_mask=True, random_seed=args.seed,
         device=device, threads=args.threads, auto_local_healpix_order=4, max_iter=args.iter, offset_range=3, offset_step=1.5,
     )
     summary = AutoRefine(cfg).run()
-    errors = pose_errors(read_poses(cfg.output_root + "_data.star"), read_poses(cfg.particles), "C1")
+    errors = pose_errors(read_poses(cfg.output_root + "_data.star"), read_poses(out / "data" / "particles.star"), "C1")
     result = summarise_pose_errors(errors)
     final_map, _ = read_map(cfg.output_root + "_class001.mrc")
     fsc_truth = map_resolution(torch.from_numpy(final_map), torch.from_numpy(truth_scaled), args.angpix)["resolution_angst"]
