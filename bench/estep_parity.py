@@ -54,7 +54,7 @@ def one_estep(device: str, star: str, ref_path: str, diameter: float, n: int, wi
     refs = prepare_references(starts, 2, cfg, device)
     poses = ParticlePoses.from_table(table)
     sums = WeightedSums.zeros(K, box, 2, len(table.optics), grid.sampling.n_directions, device=device)
-    settings = EStepSettings(angpix=angpix, sigma2_offset_angst2=(5 * angpix) ** 2, class_log_prior=torch.full((K,), -float(np.log(K))))
+    settings = EStepSettings(angpix=angpix, sigma2_offset_angst2=(5 * angpix) ** 2)
     rows = np.arange(min(n, len(table)))
     t0 = time.perf_counter()
     run_expectation(table, rows, refs, poses, grid, window, coarse, sigma2, torch.ones(len(table.optics), dtype=torch.float64), settings, sums, cfg, (0, 1, 1), timer, None,

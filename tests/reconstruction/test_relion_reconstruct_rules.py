@@ -13,9 +13,10 @@ from cryorefine.projection.insert import BackProjector
 from cryorefine.reconstruction.reconstruct import padded_shell_index, reconstruct, weight_floor
 
 
-def loop_soft_mask_outside_map(vol: np.ndarray, width: float = 3.0) -> np.ndarray:
+def loop_soft_mask_outside_map(vol: np.ndarray, width: float = 3.0, radius: float | None = None) -> np.ndarray:
     d = vol.shape[0]
-    radius, outer = d / 2.0, d / 2.0 + width
+    radius = d / 2.0 if radius is None else radius
+    outer = radius + width
     c = d // 2
     total, bg = 0.0, 0.0
     for idx in np.ndindex(vol.shape):
@@ -42,6 +43,14 @@ def test_soft_mask_outside_map_matches_relions_loop(box):
     ours = soft_mask_outside_map(torch.from_numpy(vol)).numpy()
     np.testing.assert_allclose(ours, loop_soft_mask_outside_map(vol), rtol=0, atol=1e-12)
     assert not np.allclose(ours, vol)  # negative control: the corners did change
+
+
+def test_soft_mask_outside_map_on_a_batch_of_images():
+    """The E-step's particle mask (--zero_mask: the background mean of each image)."""
+    imgs = np.random.default_rng(3).normal(size=(3, 12, 12)) + np.arange(3)[:, None, None]
+    ours = soft_mask_outside_map(torch.from_numpy(imgs), 4.0, 5.0, ndim=2).numpy()
+    for i in range(3):
+        np.testing.assert_allclose(ours[i], loop_soft_mask_outside_map(imgs[i], 5.0, 4.0), atol=1e-12)
 
 
 def loop_weight_floor(weight: np.ndarray, pad: int, r_max: int) -> np.ndarray:

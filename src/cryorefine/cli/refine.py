@@ -25,6 +25,8 @@ def add_common_args(p, classify: bool = False) -> None:
     p.add_argument("--healpix_order", type=int, default=2, help="initial angular sampling: HEALPix order of the coarse pass (1 = 30°, 2 = 15°, 3 = 7.5° ...); the fine pass samples twice as finely, as relion_refine's oversampling")
     p.add_argument("--offset_range", type=float, default=5.0, help="search range of origin offsets (pixels)")
     p.add_argument("--offset_step", type=float, default=2.0, help="step of origin offsets (pixels)")
+    p.add_argument("--offset", dest="sigma_offset", type=float, default=10.0, help="initial width of the Gaussian prior on origin offsets (Å), RELION's --offset")
+    p.add_argument("--min_sigma2_offset", type=float, default=2.0, help="lower bound of the offset prior's variance (Å²), RELION 5's --min_sigma2_offset")
     p.add_argument("--sigma_ang", type=float, default=0.0, help="local angular searches from the start, with this Gaussian prior width (degrees); 0 = global")
     p.add_argument("--solvent_mask", default=None, help="mask (MRC) multiplied into the references (instead of a sphere)")
     p.add_argument("--flatten_solvent", action="store_true", help="multiply the references by a soft sphere of --particle_diameter (or --solvent_mask)")
@@ -41,7 +43,8 @@ def add_common_args(p, classify: bool = False) -> None:
     p.add_argument("--incr_size", type=int, default=10, help="Fourier shells beyond the current resolution in the E-step window (shells of 1/(box·pixel size) Å⁻¹)")
     p.add_argument("--strict_highres_exp", type=float, default=0.0, help="score poses and classes with the images only up to this resolution (Å); reconstruction still uses all the current resolution, as RELION's expert option (0 = no limit)")
     p.add_argument("--tau2_fudge", type=float, default=4.0 if classify else 1.0, help="regularisation parameter T")
-    p.add_argument("--iter", dest="max_iter", type=int, default=25 if classify else 50, help="number of iterations" + ("" if classify else " (at most; auto-refine stops at convergence)"))
+    p.add_argument("--iter", "--auto_iter_max", dest="max_iter", type=int, default=25 if classify else 999,
+                   help="number of iterations" + ("" if classify else " at most (RELION's --auto_iter_max; auto-refine stops at convergence)"))
     p.add_argument("--batch", dest="batch_size", type=int, default=0,
                    help="particles read per E-step batch (0 = automatic); the GPU works through it in tiles that fit its free memory")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",

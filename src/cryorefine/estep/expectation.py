@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..fourier.grids import shell_index_2d
 from ..fourier.shift import phase_shift_factors
 from ..projection.extract import PaddedTransform, extract_central_slices, extract_central_slices_planar
 from ..tiling import run_tiles
@@ -39,8 +40,7 @@ class EStepSettings:
     local_sigma_deg: float = 0.0  # > 0: local angular searches with this Gaussian prior
     sigma2_offset_angst2: float = 100.0  # Gaussian prior on the absolute offset (centred on 0)
     angpix: float = 1.0
-    class_log_prior: torch.Tensor | None = None  # (K,)
-    direction_log_prior: torch.Tensor | None = None  # (K, D)
+    direction_log_prior: torch.Tensor | None = None  # (K, D) RELION's pdf_direction (joint with the class) in global searches
     precision: str = "fp32"  # coarse-pass matrix products: fp32, tf32 or fp16 (precision.py)
     score_shell: int | None = None  # --strict_highres_exp: pixels beyond this shell are stored but not scored (None: all)
 
@@ -83,16 +83,23 @@ def _translated(x: torch.Tensor, window: Window, offsets_px: torch.Tensor) -> to
     return x.reshape(shape) * ph
 
 
+def score_weights(batch: ImageBatch, cc: bool) -> torch.Tensor:
+    """(n, j) weight of each pixel in the scores: 1/(2σ²) for diff2; 1 for RELION's --firstiter_cc cross-correlation
+    −Σ Re(X·conj(CP)) / √Σ|CP|², which is not noise-whitened (the image's own norm, a constant per particle, is left out:
+    it does not change which pose is best)."""
+    return torch.ones_like(batch.inv_sigma2) if cc else batch.inv_sigma2 * 0.5
+
+
 def get_all_squared_differences_coarse(batch: ImageBatch, window: Window, jc: int, refs: list[PaddedTransform], poses: PoseGrid, local=None, cc=False,
                                        precision: str = "fp32"):
     """Coarse pass: diff2 without the per-particle constant, (n, K, T, L).
 
     ``local`` = (ids (n, L), log_prior, valid) for per-particle rotation sets; else all R coarse rotations.
-    With ``cc`` the score is −CC (normalised cross-correlation), RELION's --firstiter_cc.
+    With ``cc`` the score is −CC (RELION's --firstiter_cc cross-correlation, score_weights).
     ``precision``: of the two matrix products (precision.py); diff2 is assembled from them in float32.
     """
     ky, kx = window.ky[:jc], window.kx[:jc]
-    w = batch.inv_sigma2[:, :jc] * 0.5
+    w = score_weights(batch, cc)[:, :jc]
     sc = batch.scale[:, None] * batch.ctf[:, :jc]
     xt = _translated(batch.f_masked[:, :jc], window, batch.old_offset_px[:, None, :] + poses.translations_px[None])  # (n, T, jc)
     a = _as_real(xt * (w * sc)[:, None, :])  # (n, T, 2jc)
@@ -227,7 +234,23 @@ def expectation_batch(
                 tile_sums.add_to(sums, window.ky, window.kx)
 
     run_tiles(len(batch), particles_per_tile(len(batch), budget, shape), compute, commit)
+    if sums is not None and batch.spectrum_outside is not None:
+        with stage("storeWeightedSums"):
+            add_power_beyond_window(sums, batch, window)
     return BatchPoses.cat(parts)
+
+
+def add_power_beyond_window(sums: WeightedSums, batch: ImageBatch, window: Window) -> None:
+    """RELION's storeWeightedSums beyond the window: each image's own power spectrum enters σ² (weight 1 per particle,
+    the posterior's total) at the shells up to Nyquist that the window left out, so σ² follows the data at every shell,
+    not only inside the windows seen so far."""
+    spectrum = batch.spectrum_outside  # (n, S), zero inside the window
+    S = spectrum.shape[1]
+    shells = shell_index_2d(window.box, spectrum.device).flatten()
+    npix = torch.zeros(S + 1, dtype=torch.float64, device=spectrum.device).index_add_(0, shells.clamp(max=S), torch.ones_like(shells, dtype=torch.float64))[:S]
+    npix[: window.max_shell + 1] = 0.0
+    sums.sigma2_noise.index_add_(0, batch.group, spectrum)
+    sums.sigma2_count.index_add_(0, batch.group, npix.expand(len(batch), S).contiguous())
 
 
 def _coarse_log_posterior(batch, window, jc, refs, poses, settings, local_prior, forced_class):
@@ -244,8 +267,6 @@ def _coarse_log_posterior(batch, window, jc, refs, poses, settings, local_prior,
         elif settings.direction_log_prior is not None:
             dir_of_rot = torch.arange(L, device=dev) // poses.sampling.n_psi
             rot_prior = rot_prior + settings.direction_log_prior.to(dev).float()[:, dir_of_rot][None]
-        if settings.class_log_prior is not None:
-            rot_prior = rot_prior + settings.class_log_prior.to(dev).float()[None, :, None]
         trans_prior = translation_log_prior(batch.old_offset_px[:, None, :] + poses.translations_px[None], settings)  # (n, T)
         logp = logp + trans_prior[:, None, :, None] + rot_prior[:, :, None, :]
     elif local_prior is not None:
@@ -362,7 +383,7 @@ def _expectation_tile(batch, window, coarse_shell, refs, poses, settings, sums, 
                 p_all[sel] = extract_central_slices(refs[k], g_rot.reshape(-1, 3, 3)[sel], window.ky, window.kx)
         slot_g, slot_prior, allowed = fs.slot_g, fs.slot_prior, fs.allowed
         Ls = slot_g.shape[1]
-        w = batch.inv_sigma2 * 0.5
+        w = score_weights(batch, cc)
         sc = batch.scale[:, None] * batch.ctf
         off_fine = (batch.old_offset_px[:, None, None, :] + poses.fine_translations()[None]).reshape(n, T * N_TRANS_CHILDREN, 2)
         t_prior = translation_log_prior(off_fine, settings) if not cc else torch.zeros(n, T * N_TRANS_CHILDREN, device=dev)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..ctf import ctf_for_particles
-from ..fourier.filters import soft_sphere
+from ..fourier.filters import soft_mask_outside_map
 from ..fourier.grids import irfft2_centered, rfft2_centered, shell_index_2d
 from ..io.particles import ParticleTable, read_images
 from ..transfer import to_device
@@ -33,11 +33,20 @@ class Window:
         idx, ky, kx, shell = window_pixels_2d(box, max_shell, device)
         return cls(idx, ky.float(), kx.float(), shell, box)
 
-    def prefix(self, max_shell: int) -> int:
-        """Number of leading pixels with shell <= max_shell (from a host copy of the shells: no device sync)."""
+    def _host_shells(self) -> np.ndarray:
+        """A host copy of the shells, made once (no device sync in the hot path)."""
         if "_shell_host" not in self.__dict__:
             self._shell_host = self.shell.cpu().numpy()
-        return int(np.searchsorted(self._shell_host, max_shell, side="right"))
+        return self._shell_host
+
+    def prefix(self, max_shell: int) -> int:
+        """Number of leading pixels with shell <= max_shell."""
+        return int(np.searchsorted(self._host_shells(), max_shell, side="right"))
+
+    @property
+    def max_shell(self) -> int:
+        shells = self._host_shells()
+        return int(shells[-1]) if shells.size else 0
 
     @property
     def size(self) -> int:
@@ -54,7 +63,8 @@ class ImageBatch:
     scale: torch.Tensor  # (n,) intensity scale of the particle's group
     old_offset_px: torch.Tensor  # (n, 2) previous origin offset (x, y) in pixels
     group: torch.Tensor  # (n,) noise (optics) group index
-    power_outside: torch.Tensor | None = None  # (n,) Σ|X|² of the masked image's pixels outside the window (DC excluded)
+    power_outside: torch.Tensor | None = None  # (n,) Σ|X|² of the masked image's pixels beyond the window, up to Nyquist
+    spectrum_outside: torch.Tensor | None = None  # (n, d//2+1) that power per shell (0 inside the window)
 
     def __len__(self):
         return len(self.indices)
@@ -111,14 +121,16 @@ def prepare_batch(
         imgs = imgs * to_device(norm_scale, device, imgs.dtype)[:, None, None]
     group = to_device(table.optics_group[indices], device)
     f_full = rfft2_centered(imgs).flatten(1)
-    mask = soft_sphere((box, box), particle_diameter_angst / (2 * angpix), MASK_EDGE_PX, device=device)
-    if zero_mask:
-        masked = imgs * mask
-    else:
-        masked = imgs * mask + (1 - mask) * noise_images(sigma2[group], box, generator, device)
+    # RELION: outside the particle the background mean (--zero_mask) or noise drawn from σ²
+    fill = None if zero_mask else noise_images(sigma2[group], box, generator, device)
+    masked = soft_mask_outside_map(imgs, particle_diameter_angst / (2 * angpix), MASK_EDGE_PX, ndim=2, fill=fill)
     f_masked = rfft2_centered(masked).flatten(1)
-    power = f_masked.abs() ** 2  # RELION's noise statistics come from the masked image
-    power_outside = power.sum(1) - power[:, 0] - power[:, window.flat_index].sum(1)
+    # RELION's noise statistics come from the masked image; beyond the window its power spectrum stands in for the
+    # residual (storeWeightedSums fills σ² and the norm correction with it), up to Nyquist
+    shells = shell_index_2d(box, device).flatten()
+    beyond = (shells > window.max_shell) & (shells <= box // 2)
+    spectrum_outside = torch.zeros(len(indices), box // 2 + 1, dtype=torch.float64, device=f_masked.device).index_add_(
+        1, shells[beyond], (f_masked[:, beyond].abs() ** 2).double())
     ctf, inv_sigma2 = ctf_and_inverse_noise(table, indices, group, window, sigma2, do_ctf, device)
     offsets = np.stack([table.origin_x_angst[indices], table.origin_y_angst[indices]], -1) / angpix
     return ImageBatch(
@@ -130,5 +142,6 @@ def prepare_batch(
         scale=to_device(scale, device)[group].float(),
         old_offset_px=to_device(offsets, device, torch.float32),
         group=group,
-        power_outside=power_outside.double(),
+        power_outside=spectrum_outside.sum(1),
+        spectrum_outside=spectrum_outside,
     )

@@ -34,16 +34,20 @@ def soft_sphere(shape, radius_px: float, edge_px: float = 5.0, device=None, dtyp
     return m.to(dtype)
 
 
-def soft_mask_outside_map(volume: torch.Tensor, radius_px: float | None = None, edge_px: float = 3.0) -> torch.Tensor:
-    """RELION's softMaskOutsideMap (no noise map): voxels beyond ``radius_px`` (default d/2) of the centre voxel are
-    blended, by a raised cosine over ``edge_px``, into the mean of the region outside (weighted by the same cosine);
-    beyond radius + edge they are that mean. Every reconstruction ends with it, so the noise in the cube's corners
-    (aliasing of the padded transform's window) does not enter FSCs, τ² or the next iteration's references."""
-    d = volume.shape[-1]
-    radius = d / 2.0 if radius_px is None else radius_px
-    r = _radius_from_centre(volume.shape, volume.device, torch.float64)
+def soft_mask_outside_map(x: torch.Tensor, radius_px: float | None = None, edge_px: float = 3.0, ndim: int = 3,
+                          fill: torch.Tensor | None = None) -> torch.Tensor:
+    """RELION's softMaskOutsideMap over the last ``ndim`` axes of ``x`` (leading axes: a batch): pixels beyond
+    ``radius_px`` (default d/2) of the centre pixel are blended, by a raised cosine over ``edge_px``, into ``fill``
+    (RELION's noise map) or, without it, into the mean of the region outside (weighted by the same cosine); beyond
+    radius + edge they are that. Every reconstruction ends with it (3 px, radius d/2: the noise in the cube's corners,
+    aliasing of the padded transform's window, stays out of FSCs, τ² and the next references); the E-step masks the
+    particle images with it (--particle_diameter, 5 px)."""
+    shape = x.shape[-ndim:]
+    radius = shape[-1] / 2.0 if radius_px is None else radius_px
+    r = _radius_from_centre(shape, x.device, torch.float64)
     outer = radius + edge_px
-    noise_w = torch.where(r < radius, 0.0, torch.where(r > outer, 1.0, 0.5 + 0.5 * torch.cos(math.pi * (outer - r) / edge_px)))
-    v = volume.to(torch.float64)
-    background = (noise_w * v).sum() / noise_w.sum().clamp(min=1e-300)
-    return ((1.0 - noise_w) * v + noise_w * background).to(volume.dtype)
+    noise_w = torch.where(r < radius, 0.0, torch.where(r > outer, 1.0, 0.5 + 0.5 * torch.cos(math.pi * (outer - r) / edge_px))).to(x.dtype)
+    if fill is None:
+        axes = tuple(range(-ndim, 0))
+        fill = (noise_w * x).sum(axes, keepdim=True) / noise_w.sum().clamp(min=1e-30)
+    return (1.0 - noise_w) * x + noise_w * fill

@@ -29,13 +29,14 @@ from ..io.outputs import it_prefix, write_angdist_bild, write_model_star, write_
 from ..io.particles import ParticleTable, load_particles, write_particles
 from ..io.star import write_star_table
 from ..mstep.noise import initial_sigma2, update_sigma2
+from ..mstep.priors import direction_log_prior, direction_prior
 from ..mstep.tau2 import tau2_from_fsc
 from ..parallel.collectives import all_reduce_sum_, broadcast_from_main, broadcast_tensors_, merge_rows_, per_rank
 from ..parallel.context import Dist
 from ..parallel.pool import TaskPool
 from ..pause import pause_point
 from ..projection.insert import BackProjector
-from ..reconstruction.fsc import fsc_curve, fsc_to_ssnr, halves_fsc, resolution_shell, shell_to_angstrom
+from ..reconstruction.fsc import fsc_curve, fsc_to_ssnr, halves_fsc, shell_to_angstrom
 from ..reconstruction.reconstruct import padded_shell_index, reconstruct
 from ..reconstruction.symmetrise import symmetrise_backprojector
 from ..transfer import to_device
@@ -43,7 +44,7 @@ from .accuracy import N_TRIALS, expected_accuracy
 from .engine import ParticlePoses, angular_change_deg, prepare_references, run_expectation
 from .log import RunLog
 from .progress import Progress
-from .schedule import Schedule, strict_window_shell
+from .schedule import Schedule, relion_round, resolution_from_data_vs_prior, strict_window_shell
 from .state import read_state, saved_maps
 from .timing import StageTimer, profiled
 
@@ -59,6 +60,8 @@ class RefineConfig:
     healpix_order: int = 2
     offset_range: float = 5.0  # pixels
     offset_step: float = 2.0  # pixels
+    sigma_offset: float = 10.0  # Å: initial width of the offset prior (RELION's --offset)
+    min_sigma2_offset: float = 2.0  # Å²: lower bound of the offset prior's variance (RELION 5)
     auto_local_healpix_order: int = 4
     sigma_ang: float = 0.0
     low_resol_join_halves: float = 40.0
@@ -77,7 +80,7 @@ class RefineConfig:
     strict_highres_exp: float = 0.0  # Å; > 0 scores poses and classes only up to this resolution
     adaptive_fraction: float = 0.999
     tau2_fudge: float = 1.0
-    max_iter: int = 50
+    max_iter: int = 999  # RELION's --auto_iter_max
     batch_size: int = 0  # 0: automatic
     max_seconds: float = 0.0  # > 0: stop cleanly before an iteration that would end past this many seconds of this call
     precision: str = "fp32"  # coarse-pass matrix products: fp32, tf32 or fp16
@@ -106,10 +109,15 @@ def auto_batch_size(n_particles: int, world_size: int, on_gpu: bool) -> int:
 
 
 def _halves(table: ParticleTable, seed: int) -> np.ndarray:
-    """rlnRandomSubset (1/2) where the STAR has it, else a seeded random split into equal halves."""
+    """rlnRandomSubset (1/2) where the STAR has it, else (none, or all 0) a seeded random split into equal halves; a
+    column that mixes 1/2 with other values stops the run, as RELION's."""
     subset = np.asarray(table.random_subset)
-    if set(np.unique(subset)) <= {1, 2} and (subset == 1).any() and (subset == 2).any():
+    values = set(np.unique(subset).tolist())
+    if values <= {1, 2} and (subset == 1).any() and (subset == 2).any():
         return subset.astype(np.int64)
+    if values & {1, 2} and values - {1, 2}:
+        raise CryoInputError(f"rlnRandomSubset holds {sorted(values)}: every particle needs 1 or 2 (or remove the column for a "
+                             "random split)", table.star_path)
     rng = np.random.default_rng(seed)
     out = np.ones(len(table), dtype=np.int64)
     out[rng.permutation(len(table))[: len(table) // 2]] = 2
@@ -189,15 +197,18 @@ class AutoRefine:
             start = low_pass_filter(torch.from_numpy(ref).double(), cfg.ini_high, cfg.angpix).float()
             self.maps = [start.clone(), start.clone()]
             self.poses = ParticlePoses.from_table(self.table)
-            self.sigma2 = initial_sigma2(self.table, self.n_groups, device=self.device, mask_radius_px=cfg.particle_diameter / (2 * cfg.angpix)).cpu()
+            # RELION masks the images for the initial power spectra only with --zero_mask (without it, the E-step fills
+            # the area outside the mask with noise of this σ²: a masked spectrum would be the mask's area fraction too small)
+            mask_radius_px = cfg.particle_diameter / (2 * cfg.angpix) if cfg.zero_mask else None
+            self.sigma2 = initial_sigma2(self.table, self.n_groups, device=self.device, mask_radius_px=mask_radius_px).cpu()
             self.scale = torch.ones(self.n_groups, dtype=torch.float64)
-            self.sigma2_offset = (cfg.offset_range * cfg.angpix) ** 2
-            ini_shell = max(1, int(round(self.box * cfg.angpix / cfg.ini_high)))
-            self.schedule = Schedule(cfg.healpix_order, cfg.offset_range, cfg.offset_step, current_resolution_shell=ini_shell, best_resolution_shell=0)
+            self.sigma2_offset = cfg.sigma_offset**2
+            self.schedule = Schedule(cfg.healpix_order, cfg.offset_range, cfg.offset_step, current_resolution_shell=self._ini_shell(), incr_size=cfg.incr_size)
             if cfg.sigma_ang > 0:
                 self.schedule.local_search, self.schedule.sigma_ang_deg = True, cfg.sigma_ang
             self.history = []
             self.fsc = torch.zeros(self.box // 2 + 1, dtype=torch.float64)
+            self.direction_prior = [None, None]  # per half set: RELION's pdf_direction (mstep/priors.py), uniform at first
         self._check_device_memory()
         self.images = self._image_cache()
 
@@ -234,8 +245,13 @@ class AutoRefine:
             return self.cfg.batch_size
         return auto_batch_size(len(self.table), self.dist.world_size, self.device.type == "cuda")
 
+    def _ini_shell(self) -> int:
+        """RELION's resolution before the first iteration: the shell of --ini_high."""
+        return max(1, relion_round(self.box * self.cfg.angpix / self.cfg.ini_high))
+
     def _window_shell(self) -> int:
-        return self.schedule.window_shell(self.box, self.cfg.incr_size)
+        ave_pmax = self.history[-1]["mean_max_prob"] if self.history else 0.0
+        return self.schedule.window_shell(self.box, ave_pmax)
 
     def _settings(self, sampling) -> EStepSettings:
         cfg, sch = self.cfg, self.schedule
@@ -251,6 +267,7 @@ class AutoRefine:
         window_shell = self._window_shell()
         self.iteration += 1
         self.perturbation = next_random_perturbation(self.perturbation, cfg.perturb, self.rng)
+        self._sampling_note = self._update_sampling(window_shell)
         sampling = make_sampling(sch.healpix_order, cfg.sym, self.perturbation)
         grid = PoseGrid.build(sampling, sch.offset_range_px, sch.offset_step_px, device=self.device)
         # --strict_highres_exp (RELION's meaning): both passes score up to that shell (it replaces the adaptive coarse
@@ -259,6 +276,18 @@ class AutoRefine:
         coarse_shell = score_shell if cfg.strict_highres_exp > 0 else sch.coarse_shell(window_shell, self.box, cfg.angpix, cfg.particle_diameter)
         settings = replace(self._settings(sampling), score_shell=score_shell)
         return IterationPlan(sampling, grid, Window.build(self.box, window_shell, self.device), window_shell, coarse_shell, settings)
+
+    def _update_sampling(self, window_shell: int) -> str | None:
+        """RELION, before each E-step: the expected accuracy of the current poses and map (half 1) over this iteration's
+        window, then, from the second iteration on, updateAngularSampling (finer sampling, or fine enough)."""
+        cfg = self.cfg
+        if cfg.firstiter_cc and self.iteration == 1:  # RELION: no accuracy for the cross-correlation iteration
+            self._accuracy = (999.0, 999.0)
+            return None
+        self._accuracy = self._expected_accuracy(window_shell, self.maps[0], np.flatnonzero(self.halves == 1))
+        if self.iteration < 2:
+            return None
+        return self.schedule.update_angular_sampling(self._accuracy[0], cfg.auto_local_healpix_order, self._accuracy[1], cfg.angpix)
 
     def _estep_pass(self, half: int, rows: np.ndarray, refs, plan: IterationPlan, sums: WeightedSums, progress, **kw) -> np.ndarray:
         """This rank's batches of one E-step pass over ``rows`` (``half``: 1, 2, or 0 for all); returns the rows it did."""
@@ -280,20 +309,28 @@ class AutoRefine:
             ranks = per_rank([self.pool.taken_since_last_call(), estep_s], self.dist)
         return {"batches_per_rank": [int(r[0]) for r in ranks], "estep_s_per_rank": [round(r[1], 3) for r in ranks]}
 
+    def _average_norm_correction(self) -> float:
+        """RELION's avg_norm_correction: 1 in a run's first iteration (whatever the input's rlnNormCorrection), then the
+        mean of the corrections the last E-step estimated."""
+        return 1.0 if self.iteration == 1 else float(np.mean(self.poses.norm_correction))
+
     def _progress(self, bar):
         return self.pool.progress(f"it{self.iteration}", bar)
 
     def expectation(self, plan: IterationPlan) -> tuple[list[WeightedSums], dict]:
         """E-step of both half sets (this rank's share), combined over ranks: (sums per half, per-rank figures)."""
         cfg = self.cfg
-        avg_norm = float(np.mean(self.poses.norm_correction)) if cfg.norm else None
+        avg_norm = self._average_norm_correction() if cfg.norm else None
         sums, done = [], []
         with Progress(len(self.table), f"iteration {self.iteration:3d}", self.dist.is_main) as bar:
             for half in (1, 2):
                 with self.timer("getFourierTransformsAndCTFs"):
                     refs = prepare_references([self.maps[half - 1]], cfg.pad, cfg, self.device)
                 s = WeightedSums.zeros(1, self.box, cfg.pad, self.n_groups, plan.sampling.n_directions, device=self.device)
-                done.append(self._estep_pass(half, np.flatnonzero(self.halves == half), refs, plan, s, self._progress(bar), avg_norm=avg_norm))
+                # each half set's own learned direction prior in global searches, as RELION's two half models
+                prior = direction_log_prior(self.direction_prior[half - 1], plan.sampling.n_directions, self.schedule.local_search)
+                half_plan = replace(plan, settings=replace(plan.settings, direction_log_prior=prior))
+                done.append(self._estep_pass(half, np.flatnonzero(self.halves == half), refs, half_plan, s, self._progress(bar), avg_norm=avg_norm))
                 sums.append(s)
                 if half == 1:
                     pause_point("estep", self.iteration, self._writer.wait)
@@ -319,15 +356,15 @@ class AutoRefine:
         return self.history[-1]
 
     def _pose_changes(self, previous: ParticlePoses) -> tuple[float, float]:
-        """Mean angular change (°) and rms offset change (px) since ``previous``."""
+        """Mean angular change (°, RELION's symmetry-aware measure) and rms offset change (px) since ``previous``."""
         p = self.poses
-        d_ang = angular_change_deg(previous.rot_deg, previous.tilt_deg, previous.psi_deg, p.rot_deg, p.tilt_deg, p.psi_deg)
+        d_ang = angular_change_deg(previous.rot_deg, previous.tilt_deg, previous.psi_deg, p.rot_deg, p.tilt_deg, p.psi_deg, self.cfg.sym)
         d_off = np.hypot(previous.origin_x_angst - p.origin_x_angst, previous.origin_y_angst - p.origin_y_angst) / self.cfg.angpix
         return float(np.mean(d_ang)), float(np.sqrt(np.mean(d_off**2)))
 
     def _conclude(self, plan: IterationPlan, sums: list[WeightedSums], previous: ParticlePoses, ranks: dict) -> tuple[dict, dict]:
         """Rank 0: M-step and the schedule's next step; returns the iteration's record and the M-step's info."""
-        cfg, sch = self.cfg, self.schedule
+        sch = self.schedule
         with self.timer("M-step"):
             info = self.maximization(sums, plan.window_shell)
         change_ang, change_off = self._pose_changes(previous)
@@ -339,24 +376,25 @@ class AutoRefine:
             "posterior_spread_deg": float(np.median(self.poses.angular_spread_deg)), "posterior_spread_px": float(np.median(self.poses.offset_spread_px)),
             "sigma_offset_angst": math.sqrt(self.sigma2_offset), **ranks,
         }
-        with self.timer("M-step"):
-            record["accuracy_rotation_deg"], record["accuracy_offset_px"] = self._expected_accuracy(plan, self.maps[0], np.flatnonzero(self.halves == 1))
+        record["accuracy_rotation_deg"], record["accuracy_offset_px"] = self._accuracy
         record.update({"seconds": time.perf_counter() - self._clock, "stages": self.timer.reset(), "final": sch.final_iteration,
-                       "counters": self.timer.reset_counters()})
+                       "counters": self.timer.reset_counters(), "note": self._sampling_note})
         if not sch.final_iteration:
-            sch.update_changes(info["resolution_shell"], change_ang, change_off)
-            record["note"] = sch.advance(record["accuracy_rotation_deg"], cfg.auto_local_healpix_order, record["accuracy_offset_px"], cfg.angpix)
+            sch.update_after_halves_fsc(info["fsc"], plan.window_shell)
+            sch.update_changes(change_ang, change_off)
+            sch.update_resolution(info["resolution_shell"])
+            record.update({"incr_size": sch.incr_size, "has_high_fsc_at_limit": sch.has_high_fsc_at_limit})
         return record, info
 
-    def _expected_accuracy(self, plan: IterationPlan, volume: torch.Tensor, rows: np.ndarray) -> tuple[float, float]:
+    def _expected_accuracy(self, window_shell: int, volume: torch.Tensor, rows: np.ndarray) -> tuple[float, float]:
         """RELION's expected accuracy (accuracy.py; degrees, pixels) of up to 100 of ``rows``, drawn anew each
-        iteration (the same for every map), at their new poses against ``volume`` (auto-refine: half 1's new map),
-        over the window the E-step scores. RELION makes the same estimate at the start of the next iteration, where it
-        decides that iteration's sampling (as ours does now) and writes it into that iteration's model.star."""
+        iteration (the same for every map), at their current poses against ``volume``, over ``window_shell`` (capped
+        by --strict_highres_exp, as the E-step's scores)."""
         cfg = self.cfg
         rng = np.random.default_rng([cfg.random_seed, self.iteration, 17])
         pick = np.sort(rng.choice(rows, min(N_TRIALS, len(rows)), replace=False))
-        window = Window.build(self.box, plan.settings.score_shell or plan.window_shell, self.device)
+        score_shell = strict_window_shell(window_shell, self.box, cfg.angpix, cfg.strict_highres_exp)
+        window = Window.build(self.box, score_shell, self.device)
         ref = prepare_references([volume], cfg.pad, cfg, self.device)[0]
         group = to_device(self.table.optics_group[pick], self.device)
         ctf, inv_sigma2 = ctf_and_inverse_noise(self.table, pick, group, window, self.sigma2.to(self.device), cfg.ctf, self.device)
@@ -385,22 +423,27 @@ class AutoRefine:
         for bp in bps:
             symmetrise_backprojector(bp, cfg.sym)
         # noise, scale and offset statistics from both halves
+        cc_iteration = cfg.firstiter_cc and self.iteration == 1
         wsum_sigma2 = sums[0].sigma2_noise + sums[1].sigma2_noise
         count = sums[0].sigma2_count + sums[1].sigma2_count
-        self.sigma2 = update_sigma2(self.sigma2.to(wsum_sigma2), wsum_sigma2, count).cpu()
-        if cfg.scale and self.n_groups > 1:
+        if not cc_iteration:  # RELION keeps the initial σ² (and scales) after a cross-correlation iteration
+            self.sigma2 = update_sigma2(self.sigma2.to(wsum_sigma2), wsum_sigma2, count).cpu()
+        if cfg.scale and self.n_groups > 1 and not cc_iteration:
             xa = (sums[0].scale_xa + sums[1].scale_xa).sum(1)
             aa = (sums[0].scale_aa + sums[1].scale_aa).sum(1)
             sc = (xa / aa.clamp(min=1e-30)).cpu()
             self.scale = (sc / sc.mean()).clamp(0.2, 5.0)
+        self.direction_prior = [direction_prior(s.direction_weight.cpu()) for s in sums]
         off_w = float(sums[0].offset_weight + sums[1].offset_weight)
         if off_w > 0:
-            self.sigma2_offset = max(float(sums[0].offset_sq_angst2 + sums[1].offset_sq_angst2) / off_w, (0.5 * cfg.angpix) ** 2)
-        # halves joined at low resolution (RELION's --low_resol_join_halves)
+            self.sigma2_offset = max(float(sums[0].offset_sq_angst2 + sums[1].offset_sq_angst2) / off_w, cfg.min_sigma2_offset)
+        # halves joined at low resolution (RELION's joinTwoHalvesAtLowResolution): up to --low_resol_join_halves or
+        # the current resolution, whichever is lower, on the padded radii <= ROUND(pad · CEIL(box·angpix / that))
         if cfg.low_resol_join_halves > 0 and not sch.final_iteration:
-            join_shell = self.box * cfg.angpix / cfg.low_resol_join_halves
+            join_angst = max(cfg.low_resol_join_halves, shell_to_angstrom(sch.current_resolution_shell, self.box, cfg.angpix))
+            join_r_pad = relion_round(cfg.pad * math.ceil(self.box * cfg.angpix / join_angst))
             r_pad, _ = padded_shell_index(bps[0].size, cfg.pad, self.device)
-            low = r_pad < join_shell * cfg.pad
+            low = torch.round(r_pad**2) <= join_r_pad**2
             d_sum, w_sum = bps[0].data + bps[1].data, bps[0].weight + bps[1].weight
             for bp in bps:
                 bp.data = torch.where(low, d_sum, bp.data)
@@ -412,24 +455,30 @@ class AutoRefine:
             fsc = halves_fsc(bps[0], bps[1], window_shell).cpu()
         pause_point("mstep", self.iteration, self._writer.wait)
         self.fsc = fsc
+        # RELION's data-to-prior ratio T·FSC/(1−FSC) (of the map from both halves in the final iteration: FSC 0.143 of
+        # the halves) sets the resolution; τ² carries T and the regulariser 1/(pad³·T·τ²) again: RELION's auto-refine
+        # applies --tau2_fudge twice (updateSSNRarrays, then reconstruct)
+        res_shell = resolution_from_data_vs_prior(fsc_to_ssnr(fsc, cfg.tau2_fudge, whole=sch.final_iteration), self.box)
         if sch.final_iteration:
-            res_shell = resolution_shell(fsc, 0.143)
             joined = BackProjector(bps[0].data + bps[1].data, bps[0].weight + bps[1].weight, self.box, cfg.pad)
             tau2 = tau2_from_fsc(fsc, joined, cfg.tau2_fudge, whole=True)
-            self.final_map = reconstruct(joined, tau2.to(self.device)).cpu()
+            self.final_map = reconstruct(joined, tau2.to(self.device), cfg.tau2_fudge).cpu()
             self.unfil = [u.cpu() for u in unfil]
             self.tau2 = tau2.cpu()
         else:
-            # intermediate iterations: resolution where the half-set SSNR drops below 1 (FSC = 0.5)
-            res_shell = resolution_shell(fsc, 0.5, consecutive=2)
             new_maps = []
             for bp in bps:
                 tau2 = tau2_from_fsc(fsc, bp, cfg.tau2_fudge, max_shell=window_shell)
-                new_maps.append(reconstruct(bp, tau2.to(self.device), max_shell=window_shell))  # kept on the device
-            self.maps = new_maps
+                new_maps.append(reconstruct(bp, tau2.to(self.device), cfg.tau2_fudge, max_shell=window_shell))  # kept on the device
+            self.maps = self._after_cc_iteration(new_maps) if cc_iteration else new_maps
             self.tau2 = tau2.cpu()
-        res_shell = max(res_shell, 1)
+        if cc_iteration:  # RELION's updateCurrentResolution keeps --ini_high for the iteration after the CC one
+            res_shell = self._ini_shell()
         return {"resolution_shell": res_shell, "resolution_angst": shell_to_angstrom(res_shell, self.box, cfg.angpix), "fsc": fsc}
+
+    def _after_cc_iteration(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """RELION, after the --firstiter_cc iteration: the new references are low-passed to --ini_high again."""
+        return [low_pass_filter(m.double(), self.cfg.ini_high, self.cfg.angpix).to(m.dtype) for m in maps]
 
     # ------------------------------------------------------------------ outputs
     def _model_tables(self, info, record) -> tuple:
@@ -441,7 +490,7 @@ class AutoRefine:
         ssnr = fsc_to_ssnr(self.fsc).numpy()
         general = {
             "rlnReferenceDimensionality": 3, "rlnDataDimensionality": 2, "rlnOriginalImageSize": self.box,
-            "rlnCurrentResolution": info["resolution_angst"], "rlnCurrentImageSize": 2 * self.schedule.window_shell(self.box, cfg.incr_size),
+            "rlnCurrentResolution": info["resolution_angst"], "rlnCurrentImageSize": 2 * record["window_shell"],
             "rlnPaddingFactor": cfg.pad, "rlnIsHelix": 0, "rlnFourierSpaceInterpolator": 1, "rlnMinRadiusNnInterpolation": 10,
             "rlnPixelSize": cfg.angpix, "rlnNrClasses": 1, "rlnNrBodies": 1, "rlnNrGroups": self.n_groups,
             "rlnTau2FudgeFactor": cfg.tau2_fudge, "rlnNormCorrectionAverage": float(np.mean(self.poses.norm_correction)), "rlnSigmaOffsetsAngst": math.sqrt(self.sigma2_offset),
@@ -537,6 +586,7 @@ class AutoRefine:
             "iteration": self.iteration, "perturbation": self.perturbation, "maps": self.maps, "sigma2": self.sigma2, "scale": self.scale,
             "sigma2_offset": self.sigma2_offset, "schedule": asdict(self.schedule), "poses": self.poses.as_dict(), "halves": self.halves,
             "history": self.history, "fsc": self.fsc, "numpy_rng": self.rng.bit_generator.state,
+            "direction_prior": self.direction_prior,
             "config": {k: v for k, v in asdict(self.cfg).items() if k != "solvent_mask_volume"},
             **self._extra_state(),
         }
@@ -546,7 +596,7 @@ class AutoRefine:
         self.maps, self.sigma2, self.scale, self.sigma2_offset = s["maps"], s["sigma2"], s["scale"], s["sigma2_offset"]
         self.schedule = Schedule(**s["schedule"])
         self.poses = ParticlePoses(**s["poses"])
-        self.halves, self.history, self.fsc = s["halves"], s["history"], s["fsc"]
+        self.halves, self.history, self.fsc, self.direction_prior = s["halves"], s["history"], s["fsc"], s["direction_prior"]
         self.rng.bit_generator.state = s["numpy_rng"]
         self.poses.apply_to(self.table)
         self._restore_extra_state(s)
@@ -625,13 +675,14 @@ class AutoRefine:
         while not self.schedule.final_iteration:
             if self._out_of_time(t0, last):
                 return self._stopped(t0)
-            if self.schedule.converged or self.iteration >= cfg.max_iter - 1:
+            self.schedule.check_convergence()  # RELION checks at the start of each iteration
+            if self.iteration >= cfg.max_iter - 1:
                 self.schedule.final_iteration = True
             t_it = time.perf_counter()
             with profiled(self.iteration + 1, self.schedule.final_iteration):
                 self.iterate()
             last = time.perf_counter() - t_it
-        return {"final_resolution_angst": shell_to_angstrom(resolution_shell(self.fsc, 0.143), self.box, cfg.angpix),
+        return {"final_resolution_angst": self.history[-1]["resolution_angst"],
                 "iterations": self.iteration, "output": f"{self.root}_class001.mrc"}
 
     def _resume_hint(self) -> str:

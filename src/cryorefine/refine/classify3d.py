@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,6 +23,7 @@ from ..io.mrc import write_map
 from ..io.outputs import it_prefix, write_model_star, write_sampling_star
 from ..io.particles import write_particles
 from ..mstep.noise import update_sigma2
+from ..mstep.priors import direction_log_prior, direction_prior
 from ..mstep.tau2 import tau2_from_reference
 from ..reconstruction.reconstruct import MIN_REGULARISED_SHELL, data_vs_prior, reconstruct
 from ..reconstruction.symmetrise import symmetrise_backprojector
@@ -80,15 +80,17 @@ class Classify3D(AutoRefine):
     def _window_shell(self) -> int:
         return min(self.box // 2, max(self.class_resolution) + self.cfg.incr_size)
 
+    def _update_sampling(self, window_shell: int) -> None:
+        """Fixed sampling (each class's accuracy is estimated after its M-step, _conclude)."""
+        return None
+
     def _settings(self, sampling) -> EStepSettings:
         cfg, sch = self.cfg, self.schedule
-        dir_prior = None
-        if self.direction_prior is not None and not sch.local_search and self.direction_prior.shape[1] == sampling.n_directions:
-            dir_prior = torch.log(self.direction_prior.clamp(min=1e-30))
+        dir_prior = direction_log_prior(self.direction_prior, sampling.n_directions, sch.local_search)
         return EStepSettings(
             adaptive_fraction=cfg.adaptive_fraction, maxsig=cfg.maxsig, firstiter_cc=cfg.firstiter_cc and self.iteration == 1,
             local_sigma_deg=sch.sigma_ang_deg if sch.local_search else 0.0, sigma2_offset_angst2=self.sigma2_offset, angpix=cfg.angpix,
-            class_log_prior=torch.log(self.class_prior.clamp(min=1e-30)), direction_log_prior=dir_prior, precision=cfg.precision,
+            direction_log_prior=dir_prior, precision=cfg.precision,
         )
 
     def expectation(self, plan: IterationPlan) -> tuple[list[WeightedSums], dict]:
@@ -101,7 +103,7 @@ class Classify3D(AutoRefine):
             self.class_tau2 = [tau2_from_reference(r, plan.window_shell) for r in refs]
         sums = WeightedSums.zeros(cfg.K, self.box, cfg.pad, self.n_groups, plan.sampling.n_directions, device=self.device)
         forced = self.initial_class if self.iteration <= random_class_iter else None
-        avg_norm = float(np.mean(self.poses.norm_correction)) if cfg.norm else None
+        avg_norm = self._average_norm_correction() if cfg.norm else None
         with Progress(len(self.table), f"iteration {self.iteration:3d}", self.dist.is_main) as bar:
             done = self._estep_pass(0, np.arange(len(self.table)), refs, plan, sums, self._progress(bar), forced_class=forced, avg_norm=avg_norm)
         return [sums], self._combine([sums], done)
@@ -113,7 +115,7 @@ class Classify3D(AutoRefine):
             # RELION: each class of at least 1 % against all particles; 999 for the others; overall the smallest.
             # From this iteration's maps and poses: RELION writes the same estimate into the next iteration's model.star
             rows = np.arange(len(self.table))
-            acc = [self._expected_accuracy(plan, m, rows) if float(p) >= MIN_CLASS_FOR_ACCURACY else (999.0, 999.0)
+            acc = [self._expected_accuracy(plan.window_shell, m, rows) if float(p) >= MIN_CLASS_FOR_ACCURACY else (999.0, 999.0)
                    for m, p in zip(self.maps, self.class_prior)]
         change_ang, change_off = self._pose_changes(previous)
         record = {
@@ -132,15 +134,16 @@ class Classify3D(AutoRefine):
 
     def maximization(self, sums: WeightedSums, window_shell: int) -> dict:
         cfg = self.cfg
-        self.sigma2 = update_sigma2(self.sigma2.to(sums.sigma2_noise), sums.sigma2_noise, sums.sigma2_count).cpu()
+        cc_iteration = cfg.firstiter_cc and self.iteration == 1
+        if not cc_iteration:  # RELION keeps the initial σ² after a cross-correlation iteration
+            self.sigma2 = update_sigma2(self.sigma2.to(sums.sigma2_noise), sums.sigma2_noise, sums.sigma2_count).cpu()
         off_w = float(sums.offset_weight)
         if off_w > 0:
-            self.sigma2_offset = max(float(sums.offset_sq_angst2) / off_w, (0.5 * cfg.angpix) ** 2)
+            self.sigma2_offset = max(float(sums.offset_sq_angst2) / off_w, cfg.min_sigma2_offset)
         total = float(sums.class_weight.sum())
         self.class_prior = (sums.class_weight / max(total, 1e-30)).clamp(min=1e-5).cpu()
         self.class_prior /= self.class_prior.sum()
-        dw = sums.direction_weight.cpu()
-        self.direction_prior = (dw + 1e-3 * dw.sum(1, keepdim=True) / dw.shape[1]) / (1.001 * dw.sum(1, keepdim=True)).clamp(min=1e-30)
+        self.direction_prior = direction_prior(sums.direction_weight.cpu())
         new_maps, res_shells = [], []
         n_sh = self.box // 2 + 1
         for k, bp in enumerate(sums.backprojectors):
@@ -150,8 +153,9 @@ class Classify3D(AutoRefine):
             # resolution (RELION): one shell inside the first where the data-to-prior ratio drops below 1
             below = (data_vs_prior(bp, tau2, cfg.tau2_fudge, n_sh, window_shell)[1:] < 1).nonzero()
             res_shells.append(int(below[0, 0]) if below.numel() else n_sh - 1)
-        self.maps = new_maps
-        self.class_resolution = [max(MIN_REGULARISED_SHELL, s) for s in res_shells]
+        self.maps = self._after_cc_iteration(new_maps) if cc_iteration else new_maps
+        # RELION keeps --ini_high as the resolution for the iteration after the CC one
+        self.class_resolution = [self._ini_shell()] * cfg.K if cc_iteration else [max(MIN_REGULARISED_SHELL, s) for s in res_shells]
         best = max(self.class_resolution)
         from ..reconstruction.fsc import shell_to_angstrom
 

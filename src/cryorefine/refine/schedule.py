@@ -10,20 +10,60 @@ from ..reconstruction.reconstruct import MIN_REGULARISED_SHELL
 MAX_ITER_WITHOUT_RESOLUTION_GAIN = 1
 MAX_ITER_WITHOUT_LARGE_CHANGES = 1
 LARGE_CHANGE_TOLERANCE = 1.03  # RELION: changes within 3 % of the smallest so far are not large
-SMALL_CHANGE_FRACTION = 0.40  # RELION 4/5: nor are changes below 40 % of the current (fine) sampling step
+SMALL_CHANGE_FRACTION = 0.40  # RELION: nor are changes below 40 % of the current (fine) sampling step
 MAX_COARSE_OFFSET_STEP_ANGST = 1.5  # RELION: the fine offset step never exceeds 1.5 Å when the sampling gets finer
 FINE_ENOUGH = 0.75  # RELION: the sampling is fine enough once its fine step is below this fraction of the accuracy
 
 
+HIGH_FSC_AT_LIMIT = 0.2  # RELION: once the FSC at the window's last shell exceeds this, the window may jump
+JUMP_MIN_AVE_PMAX = 0.1  # ... by 25 % of Nyquist, but only while the mean pmax is above this (not over-marginalised)
+
+
+def relion_round(x: float) -> int:
+    """RELION's ROUND: halves away from zero."""
+    return int(math.floor(abs(x) + 0.5)) * (1 if x >= 0 else -1)
+
+
+def first_below(curve, threshold: float) -> int:
+    """Index of the first value below ``threshold`` (from index 0), -1 if none (RELION's fsc05/fsc0143 search)."""
+    below = [i for i, v in enumerate(curve) if v < threshold]
+    return below[0] if below else -1
+
+
+def resolution_from_data_vs_prior(data_vs_prior, box: int, min_shell: int = MIN_REGULARISED_SHELL) -> int:
+    """RELION's updateCurrentResolution for gold-standard refinement: one shell inside the first where the spectral
+    data-to-prior ratio (T·FSC/(1−FSC) of the halves) drops below 1; but if, searching from d/2 − 1 downwards, a shell
+    more than 3 shells higher still has a ratio above 1, that one (FSC curves that dip and rise again); at least
+    ``min_shell`` (minres_map)."""
+    dvp = [float(v) for v in data_vs_prior]
+    ires = 1
+    while ires < box // 2 and dvp[ires] >= 1.0:
+        ires += 1
+    ires -= 1
+    ires2 = box // 2 - 1
+    while ires2 >= ires and not dvp[ires2] > 1.0:
+        ires2 -= 1
+    if ires2 > ires + 3:
+        ires = ires2
+    return max(ires, min_shell)
+
+
 @dataclass
 class Schedule:
+    """RELION's auto-refine state between iterations (MlOptimiser's counters and sampling), updated in RELION's order:
+    after an iteration's halves FSC (:meth:`update_after_halves_fsc`), its pose changes (:meth:`update_changes`) and its
+    resolution (:meth:`update_resolution`); at the start of the next, :meth:`check_convergence`, the window
+    (:meth:`window_shell`) and, from the second iteration on, :meth:`update_angular_sampling`."""
+
     healpix_order: int
     offset_range_px: float
     offset_step_px: float
     local_search: bool = False
     sigma_ang_deg: float = 0.0
     current_resolution_shell: int = 0
-    best_resolution_shell: int = 0
+    incr_size: int = 10  # RELION's incr_size: raised to the shells between FSC 0.5 and 0.143, plus 5
+    has_high_fsc_at_limit: bool = False  # once set, stays set
+    fine_enough: bool = False  # has_fine_enough_angular_sampling
     iter_without_resolution_gain: int = 0
     iter_without_large_changes: int = 0
     smallest_change_orientation_deg: float = 999.0
@@ -32,11 +72,14 @@ class Schedule:
     converged: bool = False
     final_iteration: bool = False
 
-    def window_shell(self, box: int, incr_size: int) -> int:
-        """E-step window: the current resolution shell plus ``incr_size`` shells, at most Nyquist."""
+    def window_shell(self, box: int, ave_pmax: float) -> int:
+        """E-step window of the next iteration (RELION's updateImageSizeAndResolutionPointers): the current resolution
+        plus 25 % of Nyquist while the FSC reached 0.2 at a window's edge and the mean pmax is above 0.1, else plus
+        incr_size; at most Nyquist, which the final iteration uses whole."""
         if self.final_iteration:
             return box // 2
-        return int(min(box // 2, self.current_resolution_shell + incr_size))
+        jump = relion_round(0.25 * box / 2) if ave_pmax > JUMP_MIN_AVE_PMAX and self.has_high_fsc_at_limit else self.incr_size
+        return int(min(box // 2, self.current_resolution_shell + jump))
 
     @staticmethod
     def angular_step_deg(order: int) -> float:
@@ -48,18 +91,30 @@ class Schedule:
         arc_angst = self.angular_step_deg(self.healpix_order) / 360.0 * math.pi * particle_diameter_angst
         return int(min(window_shell, math.ceil(box * angpix / (arc_angst / 1.2))))
 
-    def update_changes(self, resolution_shell: int, change_orientation_deg: float, change_offset_px: float) -> None:
-        """RELION's counters of iterations without resolution gain and without large pose changes.
+    def update_after_halves_fsc(self, fsc, window_shell: int) -> None:
+        """RELION (MlOptimiserMpi::iterate, after compareTwoHalves): incr_size is at least the shells between the FSC's
+        first drops below 0.5 and below 0.143, plus 5; the FSC at the window's last shell decides whether windows may
+        jump by 25 % of Nyquist from now on."""
+        f = [float(v) for v in fsc]
+        self.incr_size = max(self.incr_size, first_below(f, 0.143) - first_below(f, 0.5) + 5)
+        if not self.has_high_fsc_at_limit and 0 < window_shell <= len(f):
+            self.has_high_fsc_at_limit = f[window_shell - 1] > HIGH_FSC_AT_LIMIT
 
-        ``change_offset_px``: the rms 2D offset change (RELION's per-coordinate rms is this / √2)."""
-        self.current_resolution_shell = resolution_shell
-        if resolution_shell > self.best_resolution_shell:
-            self.best_resolution_shell = resolution_shell
-            self.iter_without_resolution_gain = 0
-        else:
+    def update_resolution(self, resolution_shell: int) -> None:
+        """RELION's updateCurrentResolution: no gain unless the new resolution is finer than the last iteration's."""
+        if resolution_shell <= self.current_resolution_shell:
             self.iter_without_resolution_gain += 1
-        # RELION (updateOverallChangesInHiddenVariables): a change is large only when it is more than 3 % below the
-        # smallest seen at this sampling, and (RELION 4/5) not below 40 % of the fine sampling step
+        else:
+            self.iter_without_resolution_gain = 0
+        self.current_resolution_shell = resolution_shell
+
+    def update_changes(self, change_orientation_deg: float, change_offset_px: float) -> None:
+        """RELION's counter of iterations without large pose changes (updateOverallChangesInHiddenVariables).
+
+        ``change_orientation_deg``: RELION's symmetry-aware mean angular change (engine.angular_change_deg);
+        ``change_offset_px``: the rms 2D offset change (RELION's per-coordinate rms is this / √2)."""
+        # a change is large only when it is more than 3 % below the smallest seen at this sampling, and not below 40 %
+        # of the fine sampling step
         fine_angle, fine_offset = self.angular_step_deg(self.healpix_order) / 2, self.offset_step_px / 2
         small_ang = (change_orientation_deg < SMALL_CHANGE_FRACTION * fine_angle
                      or LARGE_CHANGE_TOLERANCE * change_orientation_deg >= self.smallest_change_orientation_deg)
@@ -70,20 +125,31 @@ class Schedule:
         self.smallest_change_offset_px = min(self.smallest_change_offset_px, change_offset_px)
         self.last_change_offset_px = change_offset_px
 
-    def advance(self, accuracy_deg: float, auto_local_order: int, accuracy_offset_px: float, angpix: float, max_order: int = 8) -> str | None:
-        """After an iteration: sample finer or declare convergence. Returns a note of what changed.
+    def _stalled(self) -> bool:
+        return self.iter_without_resolution_gain >= MAX_ITER_WITHOUT_RESOLUTION_GAIN and self.iter_without_large_changes >= MAX_ITER_WITHOUT_LARGE_CHANGES
 
-        ``accuracy_deg``, ``accuracy_offset_px``: RELION's expected accuracy (refine/accuracy.py). As RELION's
-        updateAngularSampling: once a fine (oversampled) step is below 0.75 of the angular accuracy, finer sampling
-        gains nothing; when sampling finer, the offsets follow the translational accuracy and the last changes.
-        """
-        stalled = self.iter_without_resolution_gain >= MAX_ITER_WITHOUT_RESOLUTION_GAIN and self.iter_without_large_changes >= MAX_ITER_WITHOUT_LARGE_CHANGES
-        if not stalled:
+    def check_convergence(self) -> bool:
+        """RELION's checkConvergence, at the start of an iteration: converged once the sampling was found fine enough
+        and the counters have stalled since; the iteration about to run is then the final one."""
+        if self.fine_enough and self._stalled():
+            self.converged = self.final_iteration = True
+        return self.converged
+
+    def update_angular_sampling(self, accuracy_deg: float, auto_local_order: int, accuracy_offset_px: float, angpix: float) -> str | None:
+        """RELION's updateAngularSampling (from the second iteration on, before its E-step, also in the final one): when
+        both counters have stalled, either the fine (oversampled) step is already below 0.75 of the expected angular
+        accuracy (fine enough: nothing changes) or the sampling gets one HEALPix order finer, the offsets following the
+        translational accuracy and the last changes, and the counters start again. Returns a note of what changed.
+
+        ``accuracy_deg``, ``accuracy_offset_px``: RELION's expected accuracy (refine/accuracy.py) over this iteration's
+        window."""
+        if not self._stalled():
             return None
         fine_step = self.angular_step_deg(self.healpix_order) / 2  # the oversampled step of the fine pass
-        if fine_step < FINE_ENOUGH * accuracy_deg or self.healpix_order >= max_order:
-            self.converged = True
-            return f"converged (fine step {fine_step:.2f}° < {FINE_ENOUGH} × estimated accuracy {accuracy_deg:.2f}°)"
+        if fine_step < FINE_ENOUGH * accuracy_deg:
+            self.fine_enough = True
+            return f"sampling fine enough (fine step {fine_step:.2f}° < {FINE_ENOUGH} × estimated accuracy {accuracy_deg:.2f}°)"
+        self.fine_enough = False
         self.healpix_order += 1
         self.offset_range_px, self.offset_step_px = self._finer_offsets(accuracy_offset_px, angpix)
         if self.healpix_order >= auto_local_order:
