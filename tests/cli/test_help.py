@@ -14,7 +14,7 @@ UNITS = {
     "--defocus_min": "Å", "--defocus_max": "Å", "--astigmatism": "Å", "--max_shift": "Å", "--bfactor": "Å²",
     "--offset_range": "pixels", "--offset_step": "pixels", "--box": "pixels",
     "--sigma_ang": "degrees", "--healpix_order": "°", "--auto_local_healpix_order": "°", "--incr_size": "shells",
-    "--max_seconds": "seconds", "--dist_timeout": "seconds",
+    "--max_seconds": "seconds", "--dist_timeout": "seconds", "--offset": "Å", "--min_sigma2_offset": "Å²",
 }
 # options without a physical unit: counts, switches, files, names, dimensionless factors
 NO_UNIT = {
