@@ -27,7 +27,7 @@ from cryorefine.estep.poses import PoseGrid
 from cryorefine.estep.sums import WeightedSums
 from cryorefine.geometry.euler import euler_to_matrix
 from cryorefine.geometry.healpix import make_sampling
-from cryorefine.io.particles import load_particles
+from cryorefine.io.particles import load_particles, read_images
 from cryorefine.projection.extract import extract_central_slices, prepare_padded_transform
 from cryorefine.projection.insert import BackProjector
 from cryorefine.simulate import simulate_particles
@@ -118,6 +118,9 @@ def reference_estep(d, grid: PoseGrid, local=None, sign: float = 1.0, with_sums:
     """Per particle: coarse pass, significance, fine pass; returns dict of per-particle results (+ back-projector)."""
     b, win, ref = d["batch"], d["window"], d["ref64"]
     ky, kx = win.ky.double(), win.kx.double()
+    # RELION's Mresol_fine: the kx = 0, ky < 0 half column (the conjugates of ky > 0) is neither scored nor counted in
+    # the noise and scale statistics; the back-projection takes every pixel
+    scored = ((kx != 0) | (ky >= 0)).double()
     J = win.size
     jc = win.prefix(COARSE_SHELL)
     trans = grid.translations_px.double()  # (T, 2) relative
@@ -135,6 +138,7 @@ def reference_estep(d, grid: PoseGrid, local=None, sign: float = 1.0, with_sums:
         xm = b.f_masked[i].to(torch.complex128)
         xu = b.f_unmasked[i].to(torch.complex128)
         ctf, inv_s2 = b.ctf[i].double(), b.inv_sigma2[i].double()
+        w_s2 = inv_s2 * scored  # in the scores
         s = float(b.scale[i])
         sc = s * ctf
         old = b.old_offset_px[i].double()
@@ -149,7 +153,7 @@ def reference_estep(d, grid: PoseGrid, local=None, sign: float = 1.0, with_sums:
         proj_c = extract_central_slices(ref, rot_c[torch.as_tensor(ids)], ky[:jc], kx[:jc])  # (L, jc)
         off_c = old[None, :] + trans  # (T, 2) absolute
         xt = _moved(xm[:jc], ky[:jc], kx[:jc], off_c, sign)
-        logp = -_diff2(xt, sc[:jc], proj_c, inv_s2[:jc]) + _trans_prior(off_c)[:, None] + rprior[None, :]  # (T, L)
+        logp = -_diff2(xt, sc[:jc], proj_c, w_s2[:jc]) + _trans_prior(off_c)[:, None] + rprior[None, :]  # (T, L)
         flat = logp.reshape(-1)
         p = torch.softmax(flat, 0)
         sp, order = torch.sort(p, descending=True)
@@ -168,7 +172,7 @@ def reference_estep(d, grid: PoseGrid, local=None, sign: float = 1.0, with_sums:
             proj_f = extract_central_slices(ref, rot_f, ky, kx)  # (8, J)
             off_f = old[None, :] + trans[t][None, :] + children  # (4, 2)
             xf = _moved(xm, ky, kx, off_f, sign)
-            lg.append(-_diff2(xf, sc, proj_f, inv_s2) + _trans_prior(off_f)[:, None] + rprior[l])  # (4, 8)
+            lg.append(-_diff2(xf, sc, proj_f, w_s2) + _trans_prior(off_f)[:, None] + rprior[l])  # (4, 8)
             meta.append((e, off_f, rot_f, proj_f))
             meta_ids.append(c)
         lg_all = torch.stack(lg)  # (nsig, 4, 8)
@@ -195,13 +199,17 @@ def reference_estep(d, grid: PoseGrid, local=None, sign: float = 1.0, with_sums:
                 # the noise and scale statistics from the masked image (RELION's storeWeightedSums)
                 xmf = _moved(xm, ky, kx, off_f, sign)
                 r = xmf[:, None, :] - sc * proj_f[None, :, :]  # (4, 8, J) residual of every fine sample
-                stats["sigma2_noise"].index_add_(0, shell, (g * (r.real**2 + r.imag**2)).sum((0, 1)))
-                stats["scale_xa"].index_add_(0, shell, (g * ctf * (xmf[:, None, :] * proj_f[None].conj()).real).sum((0, 1)))
-                stats["scale_aa"].index_add_(0, shell, (g * ctf**2 * (proj_f.real**2 + proj_f.imag**2)[None]).sum((0, 1)))
+                stats["sigma2_noise"].index_add_(0, shell, (g * (r.real**2 + r.imag**2)).sum((0, 1)) * scored)
+                stats["scale_xa"].index_add_(0, shell, (g * ctf * (xmf[:, None, :] * proj_f[None].conj()).real).sum((0, 1)) * scored)
+                stats["scale_aa"].index_add_(0, shell, (g * ctf**2 * (proj_f.real**2 + proj_f.imag**2)[None]).sum((0, 1)) * scored)
                 off_sq += float((gam[q].sum(1) * ((off_f * ANGPIX) ** 2).sum(-1)).sum())
                 c = meta_ids[q]
                 dir_w[c // grid.sampling.n_psi] += float(gam[q].sum())
             bp.insert(torch.cat(rots), ky, kx, torch.cat(vals), torch.cat(wts))
+    if with_sums:
+        power, count = _power_beyond_window(d)
+        stats["sigma2_noise"] += power
+        stats["sigma2_count"] = count + torch.bincount(win.shell[scored > 0], minlength=S).double() * len(b)
     out = {k: np.asarray(v) for k, v in res.items()}
     out["bp"] = bp
     out.update(stats, direction_weight=dir_w, offset_sq_angst2=off_sq)
@@ -209,6 +217,27 @@ def reference_estep(d, grid: PoseGrid, local=None, sign: float = 1.0, with_sums:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def _power_beyond_window(d) -> tuple[torch.Tensor, torch.Tensor]:
+    """RELION's storeWeightedSums beyond the window: each image's own power per shell (MAX_SHELL, BOX/2], of the image
+    masked as the E-step masks it (--zero_mask: a raised cosine over 5 px from radius 10 px to the mean of the region
+    outside), the kx = 0, ky < 0 half column left out; and the number of pixel terms."""
+    imgs = torch.from_numpy(read_images(d["table"], np.arange(N_PART))).double()
+    c = BOX // 2
+    yy, xx = torch.meshgrid(torch.arange(BOX, dtype=torch.float64) - c, torch.arange(BOX, dtype=torch.float64) - c, indexing="ij")
+    r = torch.sqrt(yy**2 + xx**2)
+    radius, edge = 10.0, 5.0
+    w = torch.where(r < radius, 0.0, torch.where(r > radius + edge, 1.0, 0.5 - 0.5 * torch.cos(math.pi * (r - radius) / edge)))
+    bg = (imgs * w).sum((1, 2), keepdim=True) / w.sum()
+    f = torch.fft.rfft2(torch.fft.ifftshift(imgs * (1 - w) + bg * w, dim=(-2, -1)))
+    ky = torch.fft.fftfreq(BOX, 1.0 / BOX, dtype=torch.float64)[:, None].expand(BOX, c + 1)
+    kx = torch.arange(c + 1, dtype=torch.float64)[None, :].expand(BOX, c + 1)
+    shell = torch.round(torch.sqrt(ky**2 + kx**2)).long()
+    keep = (shell > MAX_SHELL) & (shell <= c) & ((kx != 0) | (ky >= 0))
+    power = torch.zeros(c + 1, dtype=torch.float64).index_add_(0, shell[keep], (f.abs() ** 2)[:, keep].sum(0))
+    count = torch.zeros(c + 1, dtype=torch.float64).index_add_(0, shell[keep], torch.full((int(keep.sum()),), float(N_PART), dtype=torch.float64))
+    return power, count
+
 
 def _run_production(d, grid, local=None):
     settings = EStepSettings(adaptive_fraction=FRACTION, sigma2_offset_angst2=SIGMA2_OFFSET, angpix=ANGPIX,
@@ -271,8 +300,7 @@ def _compare(d, grid, local, label):
     # RELION stores a particle's significant fine samples only (at least FRACTION of its mass), not renormalised
     assert N_PART * FRACTION - 1e-4 < float(sums.class_weight[0]) < N_PART + 1e-4
     assert 2 * N_PART * FRACTION - 1e-4 < float(sums.offset_weight) < 2 * N_PART + 1e-4
-    counts = torch.bincount(d["window"].shell, minlength=BOX // 2 + 1).double() * N_PART
-    assert torch.equal(sums.sigma2_count[0], counts)
+    assert torch.equal(sums.sigma2_count[0], ref["sigma2_count"])
     return prod
 
 

@@ -44,7 +44,7 @@ def reference_diff2(d, ref64) -> dict:
     b, win, grid, jc = d["batch"], d["window"], d["grid"], d["jc"]
     ky, kx = win.ky[:jc].double(), win.kx[:jc].double()
     rot = euler_to_matrix(*(torch.as_tensor(grid.coarse_eulers_deg[:, i], dtype=torch.float64) for i in range(3)))
-    w = b.inv_sigma2[:, :jc].double() * 0.5
+    w = b.inv_sigma2[:, :jc].double() * 0.5 * ((kx != 0) | (ky >= 0))  # RELION scores the kx = 0 column's ky >= 0 half only
     sc = b.scale[:, None].double() * b.ctf[:, :jc].double()
     off = b.old_offset_px.double()[:, None, :] + grid.translations_px.double()[None]  # (n, T, 2)
     xt = b.f_masked[:, :jc].to(torch.complex128)[:, None, :] * phase_shift_factors(ky, kx, off, BOX)  # (n, T, jc)

@@ -13,14 +13,13 @@ the results beyond float32 summation order.
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..fourier.grids import shell_index_2d
+from ..fourier.grids import counted_once_2d, shell_index_2d
 from ..fourier.shift import phase_shift_factors
 from ..projection.extract import PaddedTransform, extract_central_slices, extract_central_slices_planar
 from ..tiling import run_tiles
@@ -83,11 +82,11 @@ def _translated(x: torch.Tensor, window: Window, offsets_px: torch.Tensor) -> to
     return x.reshape(shape) * ph
 
 
-def score_weights(batch: ImageBatch, cc: bool) -> torch.Tensor:
+def score_weights(batch: ImageBatch, window: Window, cc: bool) -> torch.Tensor:
     """(n, j) weight of each pixel in the scores: 1/(2σ²) for diff2; 1 for RELION's --firstiter_cc cross-correlation
     −Σ Re(X·conj(CP)) / √Σ|CP|², which is not noise-whitened (the image's own norm, a constant per particle, is left out:
-    it does not change which pose is best)."""
-    return torch.ones_like(batch.inv_sigma2) if cc else batch.inv_sigma2 * 0.5
+    it does not change which pose is best). 0 on the redundant half of the kx = 0 column (Window.scored)."""
+    return (torch.ones_like(batch.inv_sigma2) if cc else batch.inv_sigma2 * 0.5) * window.scored
 
 
 def get_all_squared_differences_coarse(batch: ImageBatch, window: Window, jc: int, refs: list[PaddedTransform], poses: PoseGrid, local=None, cc=False,
@@ -99,7 +98,7 @@ def get_all_squared_differences_coarse(batch: ImageBatch, window: Window, jc: in
     ``precision``: of the two matrix products (precision.py); diff2 is assembled from them in float32.
     """
     ky, kx = window.ky[:jc], window.kx[:jc]
-    w = score_weights(batch, cc)[:, :jc]
+    w = score_weights(batch, window, cc)[:, :jc]
     sc = batch.scale[:, None] * batch.ctf[:, :jc]
     xt = _translated(batch.f_masked[:, :jc], window, batch.old_offset_px[:, None, :] + poses.translations_px[None])  # (n, T, jc)
     a = _as_real(xt * (w * sc)[:, None, :])  # (n, T, 2jc)
@@ -247,7 +246,8 @@ def add_power_beyond_window(sums: WeightedSums, batch: ImageBatch, window: Windo
     spectrum = batch.spectrum_outside  # (n, S), zero inside the window
     S = spectrum.shape[1]
     shells = shell_index_2d(window.box, spectrum.device).flatten()
-    npix = torch.zeros(S + 1, dtype=torch.float64, device=spectrum.device).index_add_(0, shells.clamp(max=S), torch.ones_like(shells, dtype=torch.float64))[:S]
+    once = counted_once_2d(window.box, spectrum.device).flatten().double()
+    npix = torch.zeros(S + 1, dtype=torch.float64, device=spectrum.device).index_add_(0, shells.clamp(max=S), once)[:S]
     npix[: window.max_shell + 1] = 0.0
     sums.sigma2_noise.index_add_(0, batch.group, spectrum)
     sums.sigma2_count.index_add_(0, batch.group, npix.expand(len(batch), S).contiguous())
@@ -383,7 +383,7 @@ def _expectation_tile(batch, window, coarse_shell, refs, poses, settings, sums, 
                 p_all[sel] = extract_central_slices(refs[k], g_rot.reshape(-1, 3, 3)[sel], window.ky, window.kx)
         slot_g, slot_prior, allowed = fs.slot_g, fs.slot_prior, fs.allowed
         Ls = slot_g.shape[1]
-        w = score_weights(batch, cc)
+        w = score_weights(batch, window, cc)
         sc = batch.scale[:, None] * batch.ctf
         off_fine = (batch.old_offset_px[:, None, None, :] + poses.fine_translations()[None]).reshape(n, T * N_TRANS_CHILDREN, 2)
         t_prior = translation_log_prior(off_fine, settings) if not cc else torch.zeros(n, T * N_TRANS_CHILDREN, device=dev)
@@ -494,7 +494,6 @@ def _store_chunk(batch, window, rows, off_fine, gam, pg, p2, rows8, g_class, g_c
     (with --zero_mask its σ² is then ~the noise power times the mask's area fraction: sharper posteriors).
     Returns each particle's expected residual power Σ_j Σ Γ |X̃ − sCP|² (m,) of the masked image.
     """
-    dev = batch.f_masked.device
     xu = _translated(batch.f_unmasked[rows], window, off_fine[rows])  # (m, T4, J)
     xm = _translated(batch.f_masked[rows], window, off_fine[rows])
     m, T4, J = xu.shape
@@ -510,14 +509,15 @@ def _store_chunk(batch, window, rows, off_fine, gam, pg, p2, rows8, g_class, g_c
     xq = (xm * q).real.sum(1)  # Re Σ_t X̃ Σ_r Γ conj(P)
     del xm
     pp = torch.einsum("mr,mrj->mj", gsum, p2)
-    resid = (batch.f_masked[rows].abs() ** 2).double() + ((s * ctf) ** 2 * pp - 2.0 * s * ctf * xq).double()
-    xa, aa = (ctf * xq).double(), (ctf**2 * pp).double()
+    scored = window.scored.double()  # noise and scale statistics over RELION's Mresol_fine pixels
+    resid = ((batch.f_masked[rows].abs() ** 2).double() + ((s * ctf) ** 2 * pp - 2.0 * s * ctf * xq).double()) * scored
+    xa, aa = (ctf * xq).double() * scored, (ctf**2 * pp).double() * scored
     S = sums.sigma2_noise.shape[1]
     shell = window.shell.clamp(max=S - 1)
     flat_gs = (batch.group[rows][:, None] * S + shell[None, :]).reshape(-1)
     for a_, v in ((sums.sigma2_noise, resid), (sums.scale_xa, xa), (sums.scale_aa, aa)):
         a_.view(-1).index_add_(0, flat_gs, v.reshape(-1))
-    sums.sigma2_count.view(-1).index_add_(0, flat_gs, torch.ones(m * J, dtype=torch.float64, device=dev))
+    sums.sigma2_count.view(-1).index_add_(0, flat_gs, scored.expand(m, J).reshape(-1))
     g_of_row = rows8.reshape(-1) // N_ROT_CHILDREN
     wrow = gsum.reshape(-1).double()
     sums.class_weight.index_add_(0, g_class[g_of_row], wrow)

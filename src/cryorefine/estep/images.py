@@ -9,7 +9,7 @@ import torch
 
 from ..ctf import ctf_for_particles
 from ..fourier.filters import soft_mask_outside_map
-from ..fourier.grids import irfft2_centered, rfft2_centered, shell_index_2d
+from ..fourier.grids import counted_once_2d, irfft2_centered, rfft2_centered, shell_index_2d
 from ..io.particles import ParticleTable, read_images
 from ..transfer import to_device
 
@@ -32,6 +32,14 @@ class Window:
 
         idx, ky, kx, shell = window_pixels_2d(box, max_shell, device)
         return cls(idx, ky.float(), kx.float(), shell, box)
+
+    @property
+    def scored(self) -> torch.Tensor:
+        """(j,) 1 for the pixels the scores and the noise statistics use, 0 on the redundant kx = 0, ky < 0 half column
+        (fourier.grids.counted_once_2d; back-projection still uses every pixel)."""
+        if "_scored" not in self.__dict__:
+            self._scored = counted_once_2d(self.box, self.ky.device).flatten()[self.flat_index].to(self.ky.dtype)
+        return self._scored
 
     def _host_shells(self) -> np.ndarray:
         """A host copy of the shells, made once (no device sync in the hot path)."""
@@ -128,7 +136,7 @@ def prepare_batch(
     # RELION's noise statistics come from the masked image; beyond the window its power spectrum stands in for the
     # residual (storeWeightedSums fills σ² and the norm correction with it), up to Nyquist
     shells = shell_index_2d(box, device).flatten()
-    beyond = (shells > window.max_shell) & (shells <= box // 2)
+    beyond = (shells > window.max_shell) & (shells <= box // 2) & counted_once_2d(box, device).flatten()
     spectrum_outside = torch.zeros(len(indices), box // 2 + 1, dtype=torch.float64, device=f_masked.device).index_add_(
         1, shells[beyond], (f_masked[:, beyond].abs() ** 2).double())
     ctf, inv_sigma2 = ctf_and_inverse_noise(table, indices, group, window, sigma2, do_ctf, device)

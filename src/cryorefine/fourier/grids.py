@@ -50,6 +50,14 @@ def shell_index_2d(box: int, device=None) -> torch.Tensor:
     return torch.round(torch.sqrt(kx**2 + ky**2)).long()
 
 
+def counted_once_2d(box: int, device=None) -> torch.Tensor:
+    """(d, d//2+1) bool: False on the kx = 0, ky < 0 half column of the rfft layout, whose pixels are the complex
+    conjugates of the ky > 0 ones. RELION counts each such pair once (Mresol_fine, Npix_per_shell, the images' power
+    spectra): in the scores and the noise statistics, not in back-projection."""
+    ky, kx = rfft_freqs_2d(box, device)
+    return (kx != 0) | (ky >= 0)
+
+
 def shell_index_3d(box: int, device=None) -> torch.Tensor:
     kz, ky, kx = rfft_freqs_3d(box, device, torch.float64)
     return torch.round(torch.sqrt(kx**2 + ky**2 + kz**2)).long()

@@ -60,7 +60,7 @@ def expected_accuracy(ref: PaddedTransform, eulers_deg: np.ndarray, ctf: torch.T
     ky, kx = window.ky, window.kx
     p0 = extract_central_slices(ref, r0, ky, kx)  # (n, j)
     p1 = extract_central_slices(ref, r1, ky, kx)  # (n, A, j)
-    w = (ctf**2 * inv_sigma2 * 0.5 * (window.shell > 0)).to(torch.float64)  # (n, j)
+    w = (ctf**2 * inv_sigma2 * 0.5 * window.scored).to(torch.float64)  # (n, j); the window has no DC
     snr_rot = ((p1 - p0[:, None, :]).abs().to(torch.float64) ** 2 * w[:, None, :]).sum(-1)
     # a shift s along x or y multiplies P by exp(-2πi k s / d): |ΔP|² = |P|² · 2(1 − cos 2πks/d)
     k = torch.where(torch.as_tensor(rng.integers(0, 2, n), device=dev)[:, None] == 0, kx[None, :], ky[None, :]).to(torch.float64)
