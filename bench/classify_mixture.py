@@ -67,6 +67,8 @@ def main():
     ap.add_argument("--third", default="moved", choices=["moved", "removed"], help="the third state: one side moved 12 Å, or removed")
     ap.add_argument("--input", default="particles_in.star", help="STAR file in DIR to classify (default: the one without the true poses and states)")
     ap.add_argument("--name", default="ours", help="output folder in DIR for this run")
+    ap.add_argument("--ref_scale", type=float, default=1.0, help="multiply the start map by this (a reference on another greyscale, "
+                    "the case --firstiter_cc exists for)")
     ap.add_argument("--score", help="only score existing outputs with this prefix (e.g. DIR/relion/run_it025) and exit")
     a = ap.parse_args()
     d = Path(a.dir)
@@ -79,7 +81,7 @@ def main():
         simulate_mixture(d, a.n, a.box, a.angpix, snr=a.snr, seed=0, device="cuda" if a.gpu else None, third=a.third)
     truths = [read_map(d / f"state{s}" / "truth.mrc")[0] for s in (1, 2, 3)]
     start = low_pass_filter(torch.from_numpy(np.mean(truths, 0)).double(), a.ini_high, a.angpix).float().numpy()
-    write_map(d / "start.mrc", start, a.angpix)
+    write_map(d / "start.mrc", start * a.ref_scale, a.angpix)
     truth_classes = read_star(d / "particles.star")["particles"]["rlnClassNumber"].to_numpy() - 1
     diameter = a.diameter or 0.9 * a.box * a.angpix
     args = ["classify", "--i", str(d / a.input), "--o", str(d / a.name / "run"), "--ref", str(d / "start.mrc"), "--K", str(a.K),
@@ -106,7 +108,8 @@ def main():
     oracle.iterate()
     oracle_wall = time.perf_counter() - t1
     oracle_acc = float(np.mean(oracle.poses.class_number - 1 == truth_classes))
-    out = {"particles": int(len(truth_classes)), "K": a.K, "iterations": a.iter, "healpix_order": a.healpix_order, "extra": a.extra, **ours, "oracle_accuracy": oracle_acc,
+    out = {"particles": int(len(truth_classes)), "K": a.K, "iterations": a.iter, "healpix_order": a.healpix_order, "extra": a.extra,
+           "ref_scale": a.ref_scale, **ours, "oracle_accuracy": oracle_acc,
            "wall_s": round(wall, 1), "s_per_iteration": round(wall / a.iter, 2), "oracle_estep_s": round(oracle_wall, 2),
            "device": torch.cuda.get_device_name(0) if a.gpu else "cpu"}
     print(json.dumps(out))
