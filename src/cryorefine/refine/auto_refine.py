@@ -284,7 +284,9 @@ class AutoRefine:
         if cfg.firstiter_cc and self.iteration == 1:  # RELION: no accuracy for the cross-correlation iteration
             self._accuracy = (999.0, 999.0)
             return None
-        self._accuracy = self._expected_accuracy(window_shell, self.maps[0], np.flatnonzero(self.halves == 1))
+        # rank 0's estimate on every rank: the sampling it decides must be the same everywhere
+        acc = self._expected_accuracy(window_shell, self.maps[0], np.flatnonzero(self.halves == 1)) if self.dist.is_main else None
+        self._accuracy = broadcast_from_main(acc, self.dist, "sharing the expected accuracy with rank 0")
         if self.iteration < 2:
             return None
         return self.schedule.update_angular_sampling(self._accuracy[0], cfg.auto_local_healpix_order, self._accuracy[1], cfg.angpix)
@@ -381,7 +383,8 @@ class AutoRefine:
                        "counters": self.timer.reset_counters(), "note": self._sampling_note})
         if not sch.final_iteration:
             sch.update_after_halves_fsc(info["fsc"], plan.window_shell)
-            sch.update_changes(change_ang, change_off)
+            # one class: RELION counts iteration 1 as the one that gave every particle its class (the input's is not 1)
+            sch.update_changes(change_ang, change_off, change_classes=1.0 if self.iteration == 1 else 0.0)
             sch.update_resolution(info["resolution_shell"])
             record.update({"incr_size": sch.incr_size, "has_high_fsc_at_limit": sch.has_high_fsc_at_limit})
         return record, info

@@ -10,11 +10,12 @@ from ..reconstruction.reconstruct import MIN_REGULARISED_SHELL
 MAX_ITER_WITHOUT_RESOLUTION_GAIN = 1
 MAX_ITER_WITHOUT_LARGE_CHANGES = 1
 LARGE_CHANGE_TOLERANCE = 1.03  # RELION: changes within 3 % of the smallest so far are not large
-SMALL_CHANGE_FRACTION = 0.40  # RELION: nor are changes below 40 % of the current (fine) sampling step
+SMALL_CHANGE_FRACTION = 0.40  # RELION: nor are changes below 40 % of the (initial, see update_changes) fine sampling step
 MAX_COARSE_OFFSET_STEP_ANGST = 1.5  # RELION: the fine offset step never exceeds 1.5 Å when the sampling gets finer
 FINE_ENOUGH = 0.75  # RELION: the sampling is fine enough once its fine step is below this fraction of the accuracy
 
 
+RESET_CHANGE_CLASSES = 9999999.0  # RELION's smallest_changes_optimal_classes at the start and after each finer sampling
 HIGH_FSC_AT_LIMIT = 0.2  # RELION: once the FSC at the window's last shell exceeds this, the window may jump
 JUMP_MIN_AVE_PMAX = 0.1  # ... by 25 % of Nyquist, but only while the mean pmax is above this (not over-marginalised)
 
@@ -68,9 +69,19 @@ class Schedule:
     iter_without_large_changes: int = 0
     smallest_change_orientation_deg: float = 999.0
     smallest_change_offset_px: float = 999.0
+    smallest_change_classes: float = RESET_CHANGE_CLASSES
     last_change_offset_px: float = 999.0  # rms 2D offset change of the last iteration (sets the next offset range)
     converged: bool = False
     final_iteration: bool = False
+    # the sampling the run started with: RELION's 40 % rule compares the changes with its fine steps (update_changes)
+    initial_healpix_order: int = -1
+    initial_offset_step_px: float = -1.0
+
+    def __post_init__(self):
+        if self.initial_healpix_order < 0:
+            self.initial_healpix_order = self.healpix_order
+        if self.initial_offset_step_px < 0:
+            self.initial_offset_step_px = self.offset_step_px
 
     def window_shell(self, box: int, ave_pmax: float) -> int:
         """E-step window of the next iteration (RELION's updateImageSizeAndResolutionPointers): the current resolution
@@ -108,19 +119,26 @@ class Schedule:
             self.iter_without_resolution_gain = 0
         self.current_resolution_shell = resolution_shell
 
-    def update_changes(self, change_orientation_deg: float, change_offset_px: float) -> None:
+    def update_changes(self, change_orientation_deg: float, change_offset_px: float, change_classes: float = 0.0) -> None:
         """RELION's counter of iterations without large pose changes (updateOverallChangesInHiddenVariables).
 
         ``change_orientation_deg``: RELION's symmetry-aware mean angular change (engine.angular_change_deg);
-        ``change_offset_px``: the rms 2D offset change (RELION's per-coordinate rms is this / √2)."""
+        ``change_offset_px``: the rms 2D offset change (RELION's per-coordinate rms is this / √2);
+        ``change_classes``: the fraction of particles whose class changed. RELION requires it within 3 % of its
+        smallest, which starts (and after each finer sampling restarts) at 9999999: the first iteration at a sampling
+        never counts as small, nor, when a run assigns every particle its class in iteration 1, the second."""
         # a change is large only when it is more than 3 % below the smallest seen at this sampling, and not below 40 %
-        # of the fine sampling step
-        fine_angle, fine_offset = self.angular_step_deg(self.healpix_order) / 2, self.offset_step_px / 2
+        # of the fine sampling step: of the run's first sampling, as RELION's leader measures the changes
+        # (ml_optimiser_mpi.cpp, 3.1 to 5.0) with its own copy of the sampling, which only the followers refine
+        fine_angle, fine_offset = self.angular_step_deg(self.initial_healpix_order) / 2, self.initial_offset_step_px / 2
         small_ang = (change_orientation_deg < SMALL_CHANGE_FRACTION * fine_angle
                      or LARGE_CHANGE_TOLERANCE * change_orientation_deg >= self.smallest_change_orientation_deg)
         small_off = (change_offset_px / math.sqrt(2) < SMALL_CHANGE_FRACTION * fine_offset
                      or LARGE_CHANGE_TOLERANCE * change_offset_px >= self.smallest_change_offset_px)
-        self.iter_without_large_changes = self.iter_without_large_changes + 1 if small_ang and small_off else 0
+        small_classes = LARGE_CHANGE_TOLERANCE * change_classes >= self.smallest_change_classes
+        self.iter_without_large_changes = self.iter_without_large_changes + 1 if small_ang and small_off and small_classes else 0
+        if change_classes < self.smallest_change_classes:
+            self.smallest_change_classes = float(relion_round(change_classes))
         self.smallest_change_orientation_deg = min(self.smallest_change_orientation_deg, change_orientation_deg)
         self.smallest_change_offset_px = min(self.smallest_change_offset_px, change_offset_px)
         self.last_change_offset_px = change_offset_px
@@ -160,6 +178,7 @@ class Schedule:
         self.iter_without_large_changes = 0
         self.smallest_change_orientation_deg = 999.0
         self.smallest_change_offset_px = 999.0
+        self.smallest_change_classes = RESET_CHANGE_CLASSES
         return f"finer sampling: healpix order {self.healpix_order} ({self.angular_step_deg(self.healpix_order):.2f}°), offsets {self.offset_range_px:.2f}/{self.offset_step_px:.2f} px" + (f", local searches sigma {self.sigma_ang_deg:.2f}°" if self.local_search else "")
 
     def _finer_offsets(self, accuracy_offset_px: float, angpix: float) -> tuple[float, float]:
