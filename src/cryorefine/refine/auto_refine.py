@@ -497,7 +497,7 @@ class AutoRefine:
             "rlnPaddingFactor": cfg.pad, "rlnIsHelix": 0, "rlnFourierSpaceInterpolator": 1, "rlnMinRadiusNnInterpolation": 10,
             "rlnPixelSize": cfg.angpix, "rlnNrClasses": 1, "rlnNrBodies": 1, "rlnNrGroups": self.n_groups,
             "rlnTau2FudgeFactor": cfg.tau2_fudge, "rlnNormCorrectionAverage": float(np.mean(self.poses.norm_correction)), "rlnSigmaOffsetsAngst": math.sqrt(self.sigma2_offset),
-            "rlnOrientationalPriorMode": 0, "rlnSigmaPriorRotAngle": self.schedule.sigma_ang_deg, "rlnSigmaPriorTiltAngle": self.schedule.sigma_ang_deg,
+            "rlnOrientationalPriorMode": int(self.schedule.local_search), "rlnSigmaPriorRotAngle": self.schedule.sigma_ang_deg, "rlnSigmaPriorTiltAngle": self.schedule.sigma_ang_deg,
             "rlnSigmaPriorPsiAngle": self.schedule.sigma_ang_deg, "rlnLogLikelihood": float(np.sum(self.poses.loglik)),
             "rlnAveragePmax": float(np.mean(self.poses.max_prob)),
         }
