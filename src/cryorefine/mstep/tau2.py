@@ -7,7 +7,7 @@ import torch
 from ..projection.extract import PaddedTransform
 from ..projection.insert import BackProjector
 from ..reconstruction.fsc import fsc_to_ssnr
-from ..reconstruction.reconstruct import reconstruction_noise_power
+from ..reconstruction.reconstruct import reconstruct, reconstruction_noise_power
 
 
 def tau2_from_fsc(fsc: torch.Tensor, bp: BackProjector, tau2_fudge: float = 1.0, whole: bool = False, max_shell: int | None = None) -> torch.Tensor:
@@ -15,6 +15,15 @@ def tau2_from_fsc(fsc: torch.Tensor, bp: BackProjector, tau2_fudge: float = 1.0,
     halves), σ² the reconstruction's noise power 1/⟨pad³·weight⟩ within ``max_shell``."""
     sigma2 = reconstruction_noise_power(bp, fsc.numel(), max_shell)
     return fsc_to_ssnr(fsc.to(sigma2), tau2_fudge, whole) * sigma2
+
+
+def reconstruct_gold_standard(bp: BackProjector, fsc: torch.Tensor, tau2_fudge: float = 1.0, whole: bool = False,
+                              max_shell: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Auto-refine's regularised map from a half set's accumulators (``whole``: the final map of both): (map (d, d, d),
+    τ² (s,)). As RELION's maximization, T enters twice: in τ² = T·SSNR·σ² (updateSSNRarrays) and again in the
+    regulariser 1/(pad³·T·τ²) (reconstruct), so --tau2_fudge 2 weakens the prior 4-fold (classification: once)."""
+    tau2 = tau2_from_fsc(fsc, bp, tau2_fudge, whole, max_shell)
+    return reconstruct(bp, tau2.to(bp.weight.device), tau2_fudge, max_shell=max_shell), tau2
 
 
 def tau2_from_reference(ref: PaddedTransform, max_shell: int) -> torch.Tensor:

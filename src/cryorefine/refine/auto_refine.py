@@ -30,7 +30,7 @@ from ..io.particles import ParticleTable, load_particles, write_particles
 from ..io.star import write_star_table
 from ..mstep.noise import initial_sigma2, update_sigma2
 from ..mstep.priors import direction_log_prior, direction_prior
-from ..mstep.tau2 import tau2_from_fsc
+from ..mstep.tau2 import reconstruct_gold_standard
 from ..parallel.collectives import all_reduce_sum_, broadcast_from_main, broadcast_tensors_, merge_rows_, per_rank
 from ..parallel.context import Dist
 from ..parallel.pool import TaskPool
@@ -459,20 +459,19 @@ class AutoRefine:
         pause_point("mstep", self.iteration, self._writer.wait)
         self.fsc = fsc
         # RELION's data-to-prior ratio T·FSC/(1−FSC) (of the map from both halves in the final iteration: FSC 0.143 of
-        # the halves) sets the resolution; τ² carries T and the regulariser 1/(pad³·T·τ²) again: RELION's auto-refine
-        # applies --tau2_fudge twice (updateSSNRarrays, then reconstruct)
+        # the halves) sets the resolution
         res_shell = resolution_from_data_vs_prior(fsc_to_ssnr(fsc, cfg.tau2_fudge, whole=sch.final_iteration), self.box)
         if sch.final_iteration:
             joined = BackProjector(bps[0].data + bps[1].data, bps[0].weight + bps[1].weight, self.box, cfg.pad)
-            tau2 = tau2_from_fsc(fsc, joined, cfg.tau2_fudge, whole=True)
-            self.final_map = reconstruct(joined, tau2.to(self.device), cfg.tau2_fudge).cpu()
+            final_map, tau2 = reconstruct_gold_standard(joined, fsc, cfg.tau2_fudge, whole=True)
+            self.final_map = final_map.cpu()
             self.unfil = [u.cpu() for u in unfil]
             self.tau2 = tau2.cpu()
         else:
             new_maps = []
             for bp in bps:
-                tau2 = tau2_from_fsc(fsc, bp, cfg.tau2_fudge, max_shell=window_shell)
-                new_maps.append(reconstruct(bp, tau2.to(self.device), cfg.tau2_fudge, max_shell=window_shell))  # kept on the device
+                new_map, tau2 = reconstruct_gold_standard(bp, fsc, cfg.tau2_fudge, max_shell=window_shell)
+                new_maps.append(new_map)  # kept on the device
             self.maps = self._after_cc_iteration(new_maps) if cc_iteration else new_maps
             self.tau2 = tau2.cpu()
         if cc_iteration:  # RELION's updateCurrentResolution keeps --ini_high for the iteration after the CC one
