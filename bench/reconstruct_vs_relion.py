@@ -66,7 +66,7 @@ def main():
                       "fsc_to_truth_ours": [round(float(x), 4) for x in fo], "fsc_to_truth_relion": [round(float(x), 4) for x in ft]}
     prefix = a.out or f"bench/results/{res['date']}-cpu-reconstruct-vs-relion"
     Path(prefix + ".json").write_text(json.dumps(res, indent=1))
-    md = [f"# Reconstruction with the true poses: cryorefine beside relion_reconstruct (RELION 3.1.3)", "",
+    md = ["# Reconstruction with the true poses: cryorefine beside relion_reconstruct (RELION 3.1.3)", "",
           f"{res['date']}, {res['machine']}, commit {res['commit']}: `{res['command']}`", "",
           f"{a.n} particles of {res['set']['model']}, box {a.box}, {a.angpix} Å/px, SNR {a.snr}, CTF; unmasked FSC to the truth.", "",
           "| map | ours FSC 0.5 | RELION FSC 0.5 | ours FSC 0.143 | RELION FSC 0.143 |", "|---|---|---|---|---|"]
