@@ -148,10 +148,22 @@ def _cleanup(probe: Path, created: list) -> None:
             pass
 
 
+def check_random_subsets(table) -> None:
+    """rlnRandomSubset: all 1/2 (kept), or absent/all 0 (drawn); a mix of 1/2 with other values stops, as RELION."""
+    values = set(np.unique(np.asarray(table.random_subset)).tolist())
+    if values & {1, 2} and values - {1, 2}:
+        raise CryoInputError(f"rlnRandomSubset holds {sorted(values)}: every particle needs 1 or 2 (or remove the column for a "
+                             "random split)", table.star_path)
+
+
 def validate_refine_inputs(args) -> None:
     """All checks, cheapest first; the output folder last so nothing is created for a bad input."""
     if getattr(args, "dist_timeout", 1.0) <= 0:
         raise CryoInputError(f"--dist_timeout must be positive (got {args.dist_timeout} s)")
+    if getattr(args, "sigma_offset", 1.0) <= 0:
+        raise CryoInputError(f"--offset must be positive (got {args.sigma_offset} Å): the initial width of the offset prior")
+    if getattr(args, "min_sigma2_offset", 0.0) < 0:
+        raise CryoInputError(f"--min_sigma2_offset must not be negative (got {args.min_sigma2_offset} Å²)")
     continue_from = getattr(args, "continue_from", None)
     output_root = getattr(args, "output_root", None)
     if continue_from:
@@ -170,6 +182,7 @@ def validate_refine_inputs(args) -> None:
     check_diameter_sign(diameter)
     check_symmetry(getattr(args, "sym", "C1"))
     table = check_particles(args.particles)
+    check_random_subsets(table)
     box, angpix = table.box, float(table.angpix[0])
     check_reference(args.reference, box, angpix)
     if getattr(args, "solvent_mask", None):

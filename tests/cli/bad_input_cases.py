@@ -198,6 +198,7 @@ CASES = {
                                     names="data/particles.star", commands=PARTICLE_COMMANDS),
     "index past the end of the stack": Case(lambda p: edit_particles(p, "rlnImageName", [f"{i + 5:06d}@particles.mrcs" for i in range(N)]),
                                             names="particles.mrcs", commands=PARTICLE_COMMANDS),
+    "rlnRandomSubset mixing 0 with 1 and 2": Case(lambda p: edit_particles(p, "rlnRandomSubset", [1, 2, 0, 1, 2, 1, 2, 0]), names="data/particles.star"),
     "NaN pixels": Case(poison(np.nan), names="particles.mrcs", commands=PARTICLE_COMMANDS),
     "Inf pixels": Case(poison(np.inf), names="particles.mrcs", commands=PARTICLE_COMMANDS),
     "non-square images": Case(lambda p: rewrite_stack(p, np.zeros((N, BOX, BOX + 2))), names="particles.mrcs", commands=PARTICLE_COMMANDS),

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..fourier.grids import counted_once_2d, shell_index_2d
 from ..fourier.shift import phase_shift_factors
 from ..projection.extract import PaddedTransform, extract_central_slices, extract_central_slices_planar
 from ..tiling import run_tiles
@@ -244,13 +243,9 @@ def add_power_beyond_window(sums: WeightedSums, batch: ImageBatch, window: Windo
     the posterior's total) at the shells up to Nyquist that the window left out, so σ² follows the data at every shell,
     not only inside the windows seen so far."""
     spectrum = batch.spectrum_outside  # (n, S), zero inside the window
-    S = spectrum.shape[1]
-    shells = shell_index_2d(window.box, spectrum.device).flatten()
-    once = counted_once_2d(window.box, spectrum.device).flatten().double()
-    npix = torch.zeros(S + 1, dtype=torch.float64, device=spectrum.device).index_add_(0, shells.clamp(max=S), once)[:S]
-    npix[: window.max_shell + 1] = 0.0
+    npix = window.beyond()[2]
     sums.sigma2_noise.index_add_(0, batch.group, spectrum)
-    sums.sigma2_count.index_add_(0, batch.group, npix.expand(len(batch), S).contiguous())
+    sums.sigma2_count.index_add_(0, batch.group, npix.expand_as(spectrum).contiguous())
 
 
 def _coarse_log_posterior(batch, window, jc, refs, poses, settings, local_prior, forced_class):

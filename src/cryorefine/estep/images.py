@@ -51,6 +51,17 @@ class Window:
         """Number of leading pixels with shell <= max_shell."""
         return int(np.searchsorted(self._host_shells(), max_shell, side="right"))
 
+    def beyond(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rfft pixels past the window up to Nyquist, each conjugate pair once (fourier.grids.counted_once_2d):
+        (flat_index (b,), shell (b,), pixels per shell (d//2+1,)); made once per window."""
+        if "_beyond" not in self.__dict__:
+            S = self.box // 2 + 1
+            shells = shell_index_2d(self.box, self.shell.device).flatten()
+            idx = torch.nonzero((shells > self.max_shell) & (shells < S) & counted_once_2d(self.box, self.shell.device).flatten()).squeeze(1)
+            npix = torch.zeros(S, dtype=torch.float64, device=idx.device).index_add_(0, shells[idx], torch.ones(idx.numel(), dtype=torch.float64, device=idx.device))
+            self._beyond = (idx, shells[idx], npix)
+        return self._beyond
+
     @property
     def max_shell(self) -> int:
         shells = self._host_shells()
@@ -135,10 +146,9 @@ def prepare_batch(
     f_masked = rfft2_centered(masked).flatten(1)
     # RELION's noise statistics come from the masked image; beyond the window its power spectrum stands in for the
     # residual (storeWeightedSums fills σ² and the norm correction with it), up to Nyquist
-    shells = shell_index_2d(box, device).flatten()
-    beyond = (shells > window.max_shell) & (shells <= box // 2) & counted_once_2d(box, device).flatten()
+    beyond, beyond_shell, _ = window.beyond()
     spectrum_outside = torch.zeros(len(indices), box // 2 + 1, dtype=torch.float64, device=f_masked.device).index_add_(
-        1, shells[beyond], (f_masked[:, beyond].abs() ** 2).double())
+        1, beyond_shell, (f_masked[:, beyond].abs() ** 2).double())
     ctf, inv_sigma2 = ctf_and_inverse_noise(table, indices, group, window, sigma2, do_ctf, device)
     offsets = np.stack([table.origin_x_angst[indices], table.origin_y_angst[indices]], -1) / angpix
     return ImageBatch(

@@ -44,9 +44,7 @@ def soft_mask_outside_map(x: torch.Tensor, radius_px: float | None = None, edge_
     particle images with it (--particle_diameter, 5 px)."""
     shape = x.shape[-ndim:]
     radius = shape[-1] / 2.0 if radius_px is None else radius_px
-    r = _radius_from_centre(shape, x.device, torch.float64)
-    outer = radius + edge_px
-    noise_w = torch.where(r < radius, 0.0, torch.where(r > outer, 1.0, 0.5 + 0.5 * torch.cos(math.pi * (outer - r) / edge_px))).to(x.dtype)
+    noise_w = 1.0 - soft_sphere(shape, radius, edge_px, device=x.device, dtype=torch.float64).to(x.dtype)  # RELION's raised cosine
     if fill is None:
         axes = tuple(range(-ndim, 0))
         fill = (noise_w * x).sum(axes, keepdim=True) / noise_w.sum().clamp(min=1e-30)

@@ -40,6 +40,7 @@ from ..reconstruction.fsc import fsc_curve, fsc_to_ssnr, halves_fsc, shell_to_an
 from ..reconstruction.reconstruct import padded_shell_index, reconstruct
 from ..reconstruction.symmetrise import symmetrise_backprojector
 from ..transfer import to_device
+from ..validate import check_random_subsets
 from .accuracy import N_TRIALS, expected_accuracy
 from .engine import ParticlePoses, angular_change_deg, prepare_references, run_expectation
 from .log import RunLog
@@ -111,13 +112,10 @@ def auto_batch_size(n_particles: int, world_size: int, on_gpu: bool) -> int:
 def _halves(table: ParticleTable, seed: int) -> np.ndarray:
     """rlnRandomSubset (1/2) where the STAR has it, else (none, or all 0) a seeded random split into equal halves; a
     column that mixes 1/2 with other values stops the run, as RELION's."""
+    check_random_subsets(table)
     subset = np.asarray(table.random_subset)
-    values = set(np.unique(subset).tolist())
-    if values <= {1, 2} and (subset == 1).any() and (subset == 2).any():
+    if (subset == 1).any() and (subset == 2).any():
         return subset.astype(np.int64)
-    if values & {1, 2} and values - {1, 2}:
-        raise CryoInputError(f"rlnRandomSubset holds {sorted(values)}: every particle needs 1 or 2 (or remove the column for a "
-                             "random split)", table.star_path)
     rng = np.random.default_rng(seed)
     out = np.ones(len(table), dtype=np.int64)
     out[rng.permutation(len(table))[: len(table) // 2]] = 2
