@@ -8,7 +8,8 @@ only its inputs: the ImageBatch (masked/unmasked pixels, CTF, 1/σ², scale, pre
 PoseGrid's angles and translations, and central slices of a float64 padded transform (not under test).
 
 Checked: best pose (class, fine Euler angles, offsets), rlnMaxValueProbDistribution, n_significant, the
-log-likelihood log Σ exp(−diff2 + log priors), the back-projected data/weights of the weighted sums (unmasked image)
+log-likelihood log Σ exp(−diff2 + log priors) (the offset prior of each fine sample is its coarse translation's, as
+RELION's convertAllSquaredDifferencesToWeights), the back-projected data/weights of the weighted sums (unmasked image)
 and the noise and scale statistics (masked image, as RELION).
 A negative control (image moved by −offset in the reference) must change the best poses.
 """
@@ -172,7 +173,8 @@ def reference_estep(d, grid: PoseGrid, local=None, sign: float = 1.0, with_sums:
             proj_f = extract_central_slices(ref, rot_f, ky, kx)  # (8, J)
             off_f = old[None, :] + trans[t][None, :] + children  # (4, 2)
             xf = _moved(xm, ky, kx, off_f, sign)
-            lg.append(-_diff2(xf, sc, proj_f, w_s2) + _trans_prior(off_f)[:, None] + rprior[l])  # (4, 8)
+            # RELION: the offset prior of the coarse translation, shared by its four fine children
+            lg.append(-_diff2(xf, sc, proj_f, w_s2) + _trans_prior((old + trans[t])[None, :]).expand(4)[:, None] + rprior[l])  # (4, 8)
             meta.append((e, off_f, rot_f, proj_f))
             meta_ids.append(c)
         lg_all = torch.stack(lg)  # (nsig, 4, 8)

@@ -381,7 +381,10 @@ def _expectation_tile(batch, window, coarse_shell, refs, poses, settings, sums, 
         w = score_weights(batch, window, cc)
         sc = batch.scale[:, None] * batch.ctf
         off_fine = (batch.old_offset_px[:, None, None, :] + poses.fine_translations()[None]).reshape(n, T * N_TRANS_CHILDREN, 2)
-        t_prior = translation_log_prior(off_fine, settings) if not cc else torch.zeros(n, T * N_TRANS_CHILDREN, device=dev)
+        # RELION's convertAllSquaredDifferencesToWeights takes the offset prior at the coarse translation for all its
+        # fine children (the prior at each fine offset favours the children nearer the centre: other posteriors)
+        t_prior = (translation_log_prior(batch.old_offset_px[:, None, :] + poses.translations_px[None], settings).repeat_interleave(N_TRANS_CHILDREN, 1)
+                   if not cc else torch.zeros(n, T * N_TRANS_CHILDREN, device=dev))
         js = J if settings.score_shell is None else window.prefix(settings.score_shell)  # the pixels scored; all are stored
         const = (w[:, :js] * batch.f_masked[:, :js].abs() ** 2).sum(1).double()  # (n,)
 
