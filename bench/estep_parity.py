@@ -45,7 +45,7 @@ def one_estep(device: str, star: str, ref_path: str, diameter: float, n: int, wi
     else:
         starts = [torch.from_numpy(m).float() for m, _ in maps]
     K = len(starts)
-    sigma2 = initial_sigma2(table, len(table.optics), device=device)
+    sigma2 = initial_sigma2(table, len(table.optics), device=device)[0]
     grid = PoseGrid.build(make_sampling(order, "C1", 0.25), 5.0, 2.0, device=device)
     sch = Schedule(order, 5.0, 2.0)
     coarse = sch.coarse_shell(window_shell, box, angpix, diameter)

@@ -67,7 +67,7 @@ def make_case(box: int, n: int, order: int, offset_range: float, offset_step: fl
     truth, _ = read_map(work / "truth.mrc")
     dev = DEVICE
     window = Window.build(box, box // 2 - 1, dev)
-    batch = prepare_batch(table, np.arange(n), window, initial_sigma2(table, 1).to(dev), torch.ones(1, dtype=torch.float64),
+    batch = prepare_batch(table, np.arange(n), window, initial_sigma2(table, 1)[0].to(dev), torch.ones(1, dtype=torch.float64),
                           0.8 * box * angpix, angpix, True, True, torch.Generator().manual_seed(0), dev)
     grid = PoseGrid.build(make_sampling(order, "C1", 0.2), offset_range, offset_step, device=dev)
     vol = torch.from_numpy(truth).to(dev)

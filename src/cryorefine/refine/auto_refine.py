@@ -28,7 +28,8 @@ from ..io.mrc import read_map, write_map
 from ..io.outputs import it_prefix, write_angdist_bild, write_model_star, write_sampling_star
 from ..io.particles import ParticleTable, load_particles, write_particles
 from ..io.star import write_star_table
-from ..mstep.noise import initial_sigma2, update_sigma2
+from ..mstep.noise import initial_sigma2
+from ..mstep.statistics import ModelStatistics, updated_statistics
 from ..mstep.priors import direction_log_prior, direction_prior
 from ..mstep.tau2 import reconstruct_gold_standard
 from ..parallel.collectives import all_reduce_sum_, broadcast_from_main, broadcast_tensors_, merge_rows_, per_rank
@@ -198,9 +199,8 @@ class AutoRefine:
             # RELION masks the images for the initial power spectra only with --zero_mask (without it, the E-step fills
             # the area outside the mask with noise of this σ²: a masked spectrum would be the mask's area fraction too small)
             mask_radius_px = cfg.particle_diameter / (2 * cfg.angpix) if cfg.zero_mask else None
-            self.sigma2 = initial_sigma2(self.table, self.n_groups, device=self.device, mask_radius_px=mask_radius_px).cpu()
-            self.scale = torch.ones(self.n_groups, dtype=torch.float64)
-            self.sigma2_offset = cfg.sigma_offset**2
+            sigma2 = initial_sigma2(self.table, self.n_groups, self._model_of_particle(), device=self.device, mask_radius_px=mask_radius_px)
+            self.stats = [ModelStatistics.initial(s, cfg.sigma_offset) for s in sigma2]
             self.schedule = Schedule(cfg.healpix_order, cfg.offset_range, cfg.offset_step, current_resolution_shell=self._ini_shell(), incr_size=cfg.incr_size)
             if cfg.sigma_ang > 0:
                 self.schedule.local_search, self.schedule.sigma_ang_deg = True, cfg.sigma_ang
@@ -247,6 +247,10 @@ class AutoRefine:
         """RELION's resolution before the first iteration: the shell of --ini_high."""
         return max(1, relion_round(self.box * self.cfg.angpix / self.cfg.ini_high))
 
+    def _model_of_particle(self) -> np.ndarray:
+        """(n,) which model's statistics (self.stats) each particle's E-step reads and its M-step updates: its half set's."""
+        return self.halves - 1
+
     def _window_shell(self) -> int:
         ave_pmax = self.history[-1]["mean_max_prob"] if self.history else 0.0
         return self.schedule.window_shell(self.box, ave_pmax)
@@ -255,7 +259,7 @@ class AutoRefine:
         cfg, sch = self.cfg, self.schedule
         return EStepSettings(
             adaptive_fraction=cfg.adaptive_fraction, maxsig=cfg.maxsig, firstiter_cc=cfg.firstiter_cc and self.iteration == 1,
-            local_sigma_deg=sch.sigma_ang_deg if sch.local_search else 0.0, sigma2_offset_angst2=self.sigma2_offset, angpix=cfg.angpix,
+            local_sigma_deg=sch.sigma_ang_deg if sch.local_search else 0.0, sigma2_offset_angst2=self.stats[0].sigma2_offset_angst2, angpix=cfg.angpix,
             precision=cfg.precision,
         )
 
@@ -292,8 +296,10 @@ class AutoRefine:
     def _estep_pass(self, half: int, rows: np.ndarray, refs, plan: IterationPlan, sums: WeightedSums, progress, **kw) -> np.ndarray:
         """This rank's batches of one E-step pass over ``rows`` (``half``: 1, 2, or 0 for all); returns the rows it did."""
         key = f"it{self.iteration}/half{half}"
-        return run_expectation(self.table, rows, refs, self.poses, plan.grid, plan.window, plan.coarse_shell, self.sigma2.to(self.device), self.scale,
-                               plan.settings, sums, self.cfg, (self.cfg.random_seed, self.iteration, half), self.timer, progress, self._batch_size(),
+        stats = self.stats[max(half - 1, 0)]
+        settings = replace(plan.settings, sigma2_offset_angst2=stats.sigma2_offset_angst2)
+        return run_expectation(self.table, rows, refs, self.poses, plan.grid, plan.window, plan.coarse_shell, stats.sigma2.to(self.device), stats.scale,
+                               settings, sums, self.cfg, (self.cfg.random_seed, self.iteration, half), self.timer, progress, self._batch_size(),
                                local=self.schedule.local_search, tasks=lambda n: self.pool.take(key, n), cache=self.images, **kw)
 
     def _combine(self, sums: list[WeightedSums], done: np.ndarray) -> dict:
@@ -309,10 +315,10 @@ class AutoRefine:
             ranks = per_rank([self.pool.taken_since_last_call(), estep_s], self.dist)
         return {"batches_per_rank": [int(r[0]) for r in ranks], "estep_s_per_rank": [round(r[1], 3) for r in ranks]}
 
-    def _average_norm_correction(self) -> float:
-        """RELION's avg_norm_correction: 1 in a run's first iteration (whatever the input's rlnNormCorrection), then the
-        mean of the corrections the last E-step estimated."""
-        return 1.0 if self.iteration == 1 else float(np.mean(self.poses.norm_correction))
+    def _average_norm_correction(self, rows: np.ndarray) -> float:
+        """RELION's avg_norm_correction of the model of ``rows``: 1 in a run's first iteration (whatever the input's
+        rlnNormCorrection), then the mean of the corrections the last E-step estimated for them."""
+        return 1.0 if self.iteration == 1 else float(np.mean(self.poses.norm_correction[rows]))
 
     def _progress(self, bar):
         return self.pool.progress(f"it{self.iteration}", bar)
@@ -320,7 +326,6 @@ class AutoRefine:
     def expectation(self, plan: IterationPlan) -> tuple[list[WeightedSums], dict]:
         """E-step of both half sets (this rank's share), combined over ranks: (sums per half, per-rank figures)."""
         cfg = self.cfg
-        avg_norm = self._average_norm_correction() if cfg.norm else None
         sums, done = [], []
         with Progress(len(self.table), f"iteration {self.iteration:3d}", self.dist.is_main) as bar:
             for half in (1, 2):
@@ -330,7 +335,9 @@ class AutoRefine:
                 # each half set's own learned direction prior in global searches, as RELION's two half models
                 prior = direction_log_prior(self.direction_prior[half - 1], plan.sampling.n_directions, self.schedule.local_search)
                 half_plan = replace(plan, settings=replace(plan.settings, direction_log_prior=prior))
-                done.append(self._estep_pass(half, np.flatnonzero(self.halves == half), refs, half_plan, s, self._progress(bar), avg_norm=avg_norm))
+                rows = np.flatnonzero(self.halves == half)
+                avg_norm = self._average_norm_correction(rows) if cfg.norm else None
+                done.append(self._estep_pass(half, rows, refs, half_plan, s, self._progress(bar), avg_norm=avg_norm))
                 sums.append(s)
                 if half == 1:
                     pause_point("estep", self.iteration, self._writer.wait)
@@ -374,7 +381,7 @@ class AutoRefine:
             "change_orientation_deg": change_ang, "change_offset_px": change_off,
             "mean_significant": float(np.mean(self.poses.n_significant)), "mean_max_prob": float(np.mean(self.poses.max_prob)),
             "posterior_spread_deg": float(np.median(self.poses.angular_spread_deg)), "posterior_spread_px": float(np.median(self.poses.offset_spread_px)),
-            "sigma_offset_angst": math.sqrt(self.sigma2_offset), **ranks,
+            "sigma_offset_angst": math.sqrt(self.stats[0].sigma2_offset_angst2), **ranks,
         }
         record["accuracy_rotation_deg"], record["accuracy_offset_px"] = self._accuracy
         record.update({"seconds": time.perf_counter() - self._clock, "stages": self.timer.reset(), "final": sch.final_iteration,
@@ -398,7 +405,7 @@ class AutoRefine:
         window = Window.build(self.box, score_shell, self.device)
         ref = prepare_references([volume], cfg.pad, cfg, self.device)[0]
         group = to_device(self.table.optics_group[pick], self.device)
-        ctf, inv_sigma2 = ctf_and_inverse_noise(self.table, pick, group, window, self.sigma2.to(self.device), cfg.ctf, self.device)
+        ctf, inv_sigma2 = ctf_and_inverse_noise(self.table, pick, group, window, self.stats[0].sigma2.to(self.device), cfg.ctf, self.device)
         p = self.poses
         eulers = np.stack([p.rot_deg[pick], p.tilt_deg[pick], p.psi_deg[pick]], -1)
         return expected_accuracy(ref, eulers, ctf, inv_sigma2, window, rng)
@@ -423,21 +430,14 @@ class AutoRefine:
         bps = [s.backprojectors[0] for s in sums]
         for bp in bps:
             symmetrise_backprojector(bp, cfg.sym)
-        # noise, scale and offset statistics from both halves
+        # noise, scale and offset statistics: each half set's from its own sums, as RELION's two half models; both
+        # halves' pooled in the final iteration, when RELION joins them. RELION keeps the initial σ² (and scales) after a
+        # cross-correlation iteration.
         cc_iteration = cfg.firstiter_cc and self.iteration == 1
-        wsum_sigma2 = sums[0].sigma2_noise + sums[1].sigma2_noise
-        count = sums[0].sigma2_count + sums[1].sigma2_count
-        if not cc_iteration:  # RELION keeps the initial σ² (and scales) after a cross-correlation iteration
-            self.sigma2 = update_sigma2(self.sigma2.to(wsum_sigma2), wsum_sigma2, count).cpu()
-        if cfg.scale and self.n_groups > 1 and not cc_iteration:
-            xa = (sums[0].scale_xa + sums[1].scale_xa).sum(1)
-            aa = (sums[0].scale_aa + sums[1].scale_aa).sum(1)
-            sc = (xa / aa.clamp(min=1e-30)).cpu()
-            self.scale = (sc / sc.mean()).clamp(0.2, 5.0)
+        pooled = [sums] * 2 if sch.final_iteration else [[s] for s in sums]
+        self.stats = [updated_statistics(st, ss, cfg.min_sigma2_offset, noise=not cc_iteration, scale=cfg.scale and not cc_iteration)
+                      for st, ss in zip(self.stats, pooled)]
         self.direction_prior = [direction_prior(s.direction_weight.cpu()) for s in sums]
-        off_w = float(sums[0].offset_weight + sums[1].offset_weight)
-        if off_w > 0:
-            self.sigma2_offset = max(float(sums[0].offset_sq_angst2 + sums[1].offset_sq_angst2) / off_w, cfg.min_sigma2_offset)
         # halves joined at low resolution (RELION's joinTwoHalvesAtLowResolution): up to --low_resol_join_halves or
         # the current resolution, whichever is lower, on the padded radii <= ROUND(pad · CEIL(box·angpix / that))
         if cfg.low_resol_join_halves > 0 and not sch.final_iteration:
@@ -481,8 +481,11 @@ class AutoRefine:
         return [low_pass_filter(m.double(), self.cfg.ini_high, self.cfg.angpix).to(m.dtype) for m in maps]
 
     # ------------------------------------------------------------------ outputs
-    def _model_tables(self, info, record) -> tuple:
-        cfg = self.cfg
+    def _model_tables(self, info, record, model: int = 0) -> tuple:
+        """model.star's tables of ``model`` (self.stats index: the half set − 1; in the final iteration the halves' pooled
+        statistics, the same for both)."""
+        cfg, stats = self.cfg, self.stats[model]
+        rows = slice(None) if self.schedule.final_iteration else np.flatnonzero(self._model_of_particle() == model)
         n_sh = self.box // 2 + 1
         shells = np.arange(n_sh)
         res = np.where(shells > 0, shells / (self.box * cfg.angpix), 0.0)
@@ -493,7 +496,7 @@ class AutoRefine:
             "rlnCurrentResolution": info["resolution_angst"], "rlnCurrentImageSize": 2 * record["window_shell"],
             "rlnPaddingFactor": cfg.pad, "rlnIsHelix": 0, "rlnFourierSpaceInterpolator": 1, "rlnMinRadiusNnInterpolation": 10,
             "rlnPixelSize": cfg.angpix, "rlnNrClasses": 1, "rlnNrBodies": 1, "rlnNrGroups": self.n_groups,
-            "rlnTau2FudgeFactor": cfg.tau2_fudge, "rlnNormCorrectionAverage": float(np.mean(self.poses.norm_correction)), "rlnSigmaOffsetsAngst": math.sqrt(self.sigma2_offset),
+            "rlnTau2FudgeFactor": cfg.tau2_fudge, "rlnNormCorrectionAverage": float(np.mean(self.poses.norm_correction[rows])), "rlnSigmaOffsetsAngst": math.sqrt(stats.sigma2_offset_angst2),
             "rlnOrientationalPriorMode": int(self.schedule.local_search), "rlnSigmaPriorRotAngle": self.schedule.sigma_ang_deg, "rlnSigmaPriorTiltAngle": self.schedule.sigma_ang_deg,
             "rlnSigmaPriorPsiAngle": self.schedule.sigma_ang_deg, "rlnLogLikelihood": float(np.sum(self.poses.loglik)),
             "rlnAveragePmax": float(np.mean(self.poses.max_prob)),
@@ -506,8 +509,8 @@ class AutoRefine:
                                     "rlnSsnrMap": ssnr, "rlnGoldStandardFsc": fsc, "rlnFourierCompleteness": np.ones(n_sh), "rlnReferenceTau2": tau2[:n_sh]})
         groups = pd.DataFrame({"rlnGroupNumber": np.arange(1, self.n_groups + 1), "rlnGroupName": [g.name for g in self.table.optics],
                                "rlnGroupNrParticles": np.bincount(self.table.optics_group, minlength=self.n_groups),
-                               "rlnGroupScaleCorrection": self.scale.numpy()})
-        sig = [pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": res, "rlnSigma2Noise": self.sigma2[g].numpy()}) for g in range(self.n_groups)]
+                               "rlnGroupScaleCorrection": stats.scale.numpy()})
+        sig = [pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": res, "rlnSigma2Noise": stats.sigma2[g].numpy()}) for g in range(self.n_groups)]
         return general, classes, [class_table], groups, sig
 
     def _data_columns(self) -> dict:
@@ -520,13 +523,12 @@ class AutoRefine:
     def _write_iteration_files(self, info, record) -> None:
         cfg = self.cfg
         pre = it_prefix(self.root, self.iteration)
-        model = self._model_tables(info, record)
         for h in (1, 2):
             m = self.unfil[h - 1] if self.schedule.final_iteration else self.maps[h - 1]
             write_map(f"{pre}_half{h}_class001.mrc", m.cpu().numpy(), cfg.angpix)
             if self.schedule.final_iteration:
                 write_map(f"{pre}_half{h}_class001_unfil.mrc", self.unfil[h - 1].numpy(), cfg.angpix)
-            write_model_star(f"{pre}_half{h}_model.star", *model)
+            write_model_star(f"{pre}_half{h}_model.star", *self._model_tables(info, record, h - 1))
         write_particles(f"{pre}_data.star", self.table, **self._data_columns())
         sch = self.schedule
         write_sampling_star(f"{pre}_sampling.star", sch.healpix_order, 60.0 / 2**sch.healpix_order, sch.offset_range_px * cfg.angpix, sch.offset_step_px * cfg.angpix,
@@ -535,7 +537,7 @@ class AutoRefine:
             write_map(f"{self.root}_class001.mrc", self.final_map.numpy(), cfg.angpix)
             for h in (1, 2):
                 write_map(f"{self.root}_half{h}_class001_unfil.mrc", self.unfil[h - 1].numpy(), cfg.angpix)
-            write_model_star(f"{self.root}_model.star", *model)
+            write_model_star(f"{self.root}_model.star", *self._model_tables(info, record))
             write_particles(f"{self.root}_data.star", self.table, **self._data_columns())
             write_angdist_bild(f"{self.root}_class001_angdist.bild", self.poses.rot_deg, self.poses.tilt_deg, cfg.particle_diameter / (2 * cfg.angpix), self.box // 2, cfg.angpix)
         self._report(self.fsc.numpy(), (self.final_map if self.schedule.final_iteration else self.maps[0]).cpu().numpy(), force=self.schedule.final_iteration)
@@ -583,8 +585,7 @@ class AutoRefine:
         """Everything the next iteration depends on (the maps on the compute device, other tensors on the CPU): saved for
         --continue, sent to the other ranks."""
         return {
-            "iteration": self.iteration, "perturbation": self.perturbation, "maps": self.maps, "sigma2": self.sigma2, "scale": self.scale,
-            "sigma2_offset": self.sigma2_offset, "schedule": asdict(self.schedule), "poses": self.poses.as_dict(), "halves": self.halves,
+            "iteration": self.iteration, "perturbation": self.perturbation, "maps": self.maps, "stats": self.stats, "schedule": asdict(self.schedule), "poses": self.poses.as_dict(), "halves": self.halves,
             "history": self.history, "fsc": self.fsc, "numpy_rng": self.rng.bit_generator.state,
             "direction_prior": self.direction_prior,
             "config": {k: v for k, v in asdict(self.cfg).items() if k != "solvent_mask_volume"},
@@ -593,7 +594,7 @@ class AutoRefine:
 
     def _restore(self, s: dict) -> None:
         self.iteration, self.perturbation = s["iteration"], s["perturbation"]
-        self.maps, self.sigma2, self.scale, self.sigma2_offset = s["maps"], s["sigma2"], s["scale"], s["sigma2_offset"]
+        self.maps, self.stats = s["maps"], s["stats"]
         self.schedule = Schedule(**s["schedule"])
         self.poses = ParticlePoses(**s["poses"])
         self.halves, self.history, self.fsc, self.direction_prior = s["halves"], s["history"], s["fsc"], s["direction_prior"]

@@ -22,7 +22,7 @@ from ..estep.sums import WeightedSums
 from ..io.mrc import write_map
 from ..io.outputs import it_prefix, write_model_star, write_sampling_star
 from ..io.particles import write_particles
-from ..mstep.noise import update_sigma2
+from ..mstep.statistics import updated_statistics
 from ..mstep.priors import direction_log_prior, direction_prior
 from ..mstep.tau2 import tau2_from_reference
 from ..reconstruction.reconstruct import MIN_REGULARISED_SHELL, data_vs_prior, reconstruct
@@ -77,6 +77,10 @@ class Classify3D(AutoRefine):
         self.class_prior, self.direction_prior = s["class_prior"], s["direction_prior"]
         self.class_resolution, self.initial_class = s["class_resolution"], s["initial_class"]
 
+    def _model_of_particle(self) -> np.ndarray:
+        """One model for all particles."""
+        return np.zeros(len(self.table), dtype=np.int64)
+
     def _window_shell(self) -> int:
         return min(self.box // 2, max(self.class_resolution) + self.cfg.incr_size)
 
@@ -89,7 +93,7 @@ class Classify3D(AutoRefine):
         dir_prior = direction_log_prior(self.direction_prior, sampling.n_directions, sch.local_search)
         return EStepSettings(
             adaptive_fraction=cfg.adaptive_fraction, maxsig=cfg.maxsig, firstiter_cc=cfg.firstiter_cc and self.iteration == 1,
-            local_sigma_deg=sch.sigma_ang_deg if sch.local_search else 0.0, sigma2_offset_angst2=self.sigma2_offset, angpix=cfg.angpix,
+            local_sigma_deg=sch.sigma_ang_deg if sch.local_search else 0.0, sigma2_offset_angst2=self.stats[0].sigma2_offset_angst2, angpix=cfg.angpix,
             direction_log_prior=dir_prior, precision=cfg.precision,
         )
 
@@ -103,7 +107,7 @@ class Classify3D(AutoRefine):
             self.class_tau2 = [tau2_from_reference(r, plan.window_shell) for r in refs]
         sums = WeightedSums.zeros(cfg.K, self.box, cfg.pad, self.n_groups, plan.sampling.n_directions, device=self.device)
         forced = self.initial_class if self.iteration <= random_class_iter else None
-        avg_norm = self._average_norm_correction() if cfg.norm else None
+        avg_norm = self._average_norm_correction(np.arange(len(self.table))) if cfg.norm else None
         with Progress(len(self.table), f"iteration {self.iteration:3d}", self.dist.is_main) as bar:
             done = self._estep_pass(0, np.arange(len(self.table)), refs, plan, sums, self._progress(bar), forced_class=forced, avg_norm=avg_norm)
         return [sums], self._combine([sums], done)
@@ -127,7 +131,7 @@ class Classify3D(AutoRefine):
             "accuracy_rotation_deg": min(a[0] for a in acc), "accuracy_offset_px": min(a[1] for a in acc),
             "class_accuracy": [list(a) for a in acc], "posterior_spread_deg": float(np.median(self.poses.angular_spread_deg)),
             "class_distribution": self.class_prior.tolist(), "class_resolution_angst": info["class_resolution_angst"],
-            "sigma_offset_angst": math.sqrt(self.sigma2_offset), **ranks, "seconds": time.perf_counter() - self._clock,
+            "sigma_offset_angst": math.sqrt(self.stats[0].sigma2_offset_angst2), **ranks, "seconds": time.perf_counter() - self._clock,
             "stages": self.timer.reset(), "final": False, "counters": self.timer.reset_counters(),
         }
         return record, info
@@ -135,11 +139,8 @@ class Classify3D(AutoRefine):
     def maximization(self, sums: WeightedSums, window_shell: int) -> dict:
         cfg = self.cfg
         cc_iteration = cfg.firstiter_cc and self.iteration == 1
-        if not cc_iteration:  # RELION keeps the initial σ² after a cross-correlation iteration
-            self.sigma2 = update_sigma2(self.sigma2.to(sums.sigma2_noise), sums.sigma2_noise, sums.sigma2_count).cpu()
-        off_w = float(sums.offset_weight)
-        if off_w > 0:
-            self.sigma2_offset = max(float(sums.offset_sq_angst2) / off_w, cfg.min_sigma2_offset)
+        # RELION keeps the initial σ² after a cross-correlation iteration
+        self.stats = [updated_statistics(self.stats[0], [sums], cfg.min_sigma2_offset, noise=not cc_iteration)]
         total = float(sums.class_weight.sum())
         self.class_prior = (sums.class_weight / max(total, 1e-30)).clamp(min=1e-5).cpu()
         self.class_prior /= self.class_prior.sum()
