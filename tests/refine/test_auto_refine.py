@@ -30,7 +30,7 @@ def refined(tmp_path_factory):
     t, _ = read_map(d / "data" / "truth.mrc")
     write_map(d / "data" / "start.mrc", low_pass_filter(torch.from_numpy(t).double(), 30.0, ANGPIX).float().numpy(), ANGPIX)
     rc = main(["refine", "--i", str(d / "data" / "particles_noposes.star"), "--o", str(d / "out" / "run"), "--ref", str(d / "data" / "start.mrc"),
-               "--ini_high", "30", "--particle_diameter", "170", "--ctf", "--flatten_solvent", "--zero_mask", "--healpix_order", "2",
+               "--ini_high", "30", "--particle_diameter", "170", "--ctf", "--norm", "--flatten_solvent", "--zero_mask", "--healpix_order", "2",
                "--auto_local_healpix_order", "4", "--offset_range", "3", "--offset_step", "1.5", "--iter", "6", "--random_seed", "1"])
     assert rc == 0
     return d, t
@@ -74,3 +74,21 @@ def test_model_star_reports_resolution(refined):
     assert 9.6 <= res < 30.0
     fsc = blocks["model_class_1"]["rlnGoldStandardFsc"].to_numpy()
     assert fsc[1] > 0.9
+
+
+def test_each_half_set_has_its_own_model(refined):
+    """RELION's half models: σ² and the average norm correction of each half set from its own particles (the norm
+    average checked against data.star's rlnNormCorrection of that half); the final model pools both."""
+    import starfile
+
+    d, _ = refined
+    data = starfile.read(d / "out" / "run_it001_data.star")["particles"]
+    models = [starfile.read(d / "out" / f"run_it001_half{h}_model.star") for h in (1, 2)]
+    for h, m in zip((1, 2), models):
+        own = data["rlnNormCorrection"][data["rlnRandomSubset"] == h].mean()
+        assert m["model_general"]["rlnNormCorrectionAverage"] == pytest.approx(own, rel=1e-5)
+    assert models[0]["model_general"]["rlnNormCorrectionAverage"] != pytest.approx(models[1]["model_general"]["rlnNormCorrectionAverage"], rel=1e-6)
+    s1, s2 = (m["model_group_1"]["rlnSigma2Noise"].to_numpy() for m in models)
+    assert np.abs(s1[1:] / s2[1:] - 1).max() > 1e-3  # two estimates, not one pooled
+    final = starfile.read(d / "out" / "run_data.star")["particles"]
+    assert starfile.read(d / "out" / "run_model.star")["model_general"]["rlnNormCorrectionAverage"] == pytest.approx(final["rlnNormCorrection"].mean(), rel=1e-5)
