@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from cryorefine.estep.expectation import EStepSettings
+from cryorefine.estep.settings import EStepSettings
 from cryorefine.estep.images import Window
 from cryorefine.estep.poses import PoseGrid
 from cryorefine.estep.sums import WeightedSums

@@ -27,7 +27,9 @@ import numpy as np
 import torch
 
 from cryorefine.density import atoms_to_map, packaged_model, read_atoms
-from cryorefine.estep.expectation import EStepSettings, _as_real, _translated, get_all_squared_differences_coarse, significant_mask, translation_log_prior
+from cryorefine.estep.diff2 import as_real, get_all_squared_differences_coarse, translated, translation_log_prior
+from cryorefine.estep.settings import EStepSettings
+from cryorefine.estep.weights import significant_mask
 from cryorefine.estep.images import Window, prepare_batch
 from cryorefine.estep.poses import PoseGrid
 from cryorefine.estep.precision import PRECISIONS, matmul_nt
@@ -84,10 +86,10 @@ def float64_diff2(c) -> torch.Tensor:
     sc = b.scale[:, None].double() * b.ctf[:, :jc].double()
     off = b.old_offset_px.double()[:, None, :] + grid.translations_px.double()[None]
     xt = b.f_masked[:, :jc].to(torch.complex128)[:, None, :] * phase_shift_factors(ky, kx, off, win.box)
-    a = _as_real(xt * (w * sc)[:, None, :])  # (n, T, 2jc)
+    a = as_real(xt * (w * sc)[:, None, :])  # (n, T, 2jc)
     p = extract_central_slices(c["ref64"], rot, ky, kx)  # (R, jc)
     n, T = a.shape[:2]
-    cross = (a.reshape(n * T, -1) @ _as_real(p).T).reshape(n, T, -1)
+    cross = (a.reshape(n * T, -1) @ as_real(p).T).reshape(n, T, -1)
     third = (w * sc * sc) @ (p.real**2 + p.imag**2).T
     return third[:, None, :] - 2.0 * cross
 
@@ -97,10 +99,10 @@ def coarse_operands(c):
     b, win, grid, jc = c["batch"], c["window"], c["grid"], c["jc"]
     w = b.inv_sigma2[:, :jc] * 0.5
     sc = b.scale[:, None] * b.ctf[:, :jc]
-    xt = _translated(b.f_masked[:, :jc], win, b.old_offset_px[:, None, :] + grid.translations_px[None])
-    a = _as_real(xt * (w * sc)[:, None, :])
+    xt = translated(b.f_masked[:, :jc], win, b.old_offset_px[:, None, :] + grid.translations_px[None])
+    a = as_real(xt * (w * sc)[:, None, :])
     p = extract_central_slices(c["ref32"], grid.coarse_rotations, win.ky[:jc], win.kx[:jc])
-    return a.reshape(-1, a.shape[-1]), _as_real(p), w * sc * sc, p.real**2 + p.imag**2
+    return a.reshape(-1, a.shape[-1]), as_real(p), w * sc * sc, p.real**2 + p.imag**2
 
 
 def run_box(box: int, args) -> dict:

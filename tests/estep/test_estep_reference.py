@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from cryorefine.estep.expectation import EStepSettings, expectation_batch
+from cryorefine.estep.expectation import expectation_batch
+from cryorefine.estep.settings import EStepSettings
 from cryorefine.estep.images import Window, prepare_batch
 from cryorefine.estep.poses import PoseGrid
 from cryorefine.estep.sums import WeightedSums

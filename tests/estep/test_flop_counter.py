@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cryorefine.estep.expectation import EStepSettings, coarse_gemm_flops, expectation_batch, get_all_squared_differences_coarse
+from cryorefine.estep.diff2 import coarse_gemm_flops, get_all_squared_differences_coarse
+from cryorefine.estep.expectation import expectation_batch
+from cryorefine.estep.settings import EStepSettings
 from cryorefine.estep.images import Window, prepare_batch
 from cryorefine.estep.poses import PoseGrid
 from cryorefine.estep.sums import WeightedSums

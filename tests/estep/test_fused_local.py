@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cryorefine.estep import fused_local
-from cryorefine.estep.expectation import _local_scores_gathered
+from cryorefine.estep.diff2 import local_scores_gathered
 from cryorefine.geometry.euler import euler_to_matrix
 from cryorefine.projection.extract import prepare_padded_transform
 
@@ -23,7 +23,7 @@ def test_gpu_fused_local_scores_match_float64_gathered_path(T):
     idx = torch.randint(0, U, (n, L))
     a = torch.randn(n, T, 2 * kx.numel(), dtype=torch.float64)
     b = torch.rand(n, kx.numel(), dtype=torch.float64)
-    cross_ref, third_ref = _local_scores_gathered(prepare_padded_transform(vol, pad), R, idx, ky, kx, a, b)
+    cross_ref, third_ref = local_scores_gathered(prepare_padded_transform(vol, pad), R, idx, ky, kx, a, b)
     ref32 = prepare_padded_transform(vol.float().cuda(), pad)
     assert fused_local.available(a.float().cuda(), "fp32"), "Triton missing from the CUDA build: the fused kernel would not run"
     cross, third = fused_local.local_scores(ref32, R.float().cuda(), idx.cuda(), ky.float().cuda(), kx.float().cuda(), a.float().cuda(), b.float().cuda())

@@ -8,20 +8,24 @@ the model; the GPU tests use torch.cuda.max_memory_allocated and a per-process m
 from __future__ import annotations
 
 import threading
-from contextlib import nullcontext
 
 import numpy as np
 import pytest
 import torch
 
+import cryorefine.estep.diff2 as diff2
 import cryorefine.estep.expectation as expectation
+import cryorefine.estep.slots as slots_module
+import cryorefine.estep.weights as weights
 import cryorefine.projection.extract as extract
 import cryorefine.projection.insert as insert
 from cryorefine.cli.main import main as cli
 from cryorefine.estep import memory
-from cryorefine.estep.expectation import EStepSettings, expectation_batch
+from cryorefine.estep.expectation import expectation_batch
+from cryorefine.estep.settings import EStepSettings
 from cryorefine.estep.images import Window, prepare_batch
 from cryorefine.estep.poses import PoseGrid
+from cryorefine.estep.stages import NO_STAGES
 from cryorefine.estep.sums import WeightedSums
 from cryorefine.geometry.euler import euler_to_matrix
 from cryorefine.geometry.healpix import make_sampling
@@ -37,7 +41,6 @@ from test_estep_reference import _blob_map
 
 BOX, ANGPIX, N = 24, 3.0, 8
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-NO_STAGE = lambda name: nullcontext()  # noqa: E731
 
 
 def make_case(tmp_path, box=BOX, n=N, noise_temper=1.0, device=None):
@@ -63,15 +66,15 @@ def tile_shape(c) -> memory.TileShape:
 def coarse_stage(c):
     """The tile's coarse pass, significance and fine slots, as _expectation_tile runs them (returns the slots)."""
     jc = c["window"].prefix(c["coarse_shell"])
-    logp, rot_prior = expectation._coarse_log_posterior(c["batch"], c["window"], jc, [c["ref"]], c["grid"], c["settings"], None, None)
-    mask, _ = expectation._coarse_significant(logp, c["settings"])
+    logp, rot_prior = diff2.coarse_log_posterior(c["batch"], c["window"], jc, [c["ref"]], c["grid"], c["settings"], None, None)
+    mask, _ = weights.coarse_significant(logp, c["settings"])
     del logp
-    return expectation._fine_slots(mask, rot_prior, None, c["grid"].n_rotations)
+    return slots_module.fine_slots(mask, rot_prior, None, c["grid"].n_rotations)
 
 
 def run_tile(c, sums: bool = True):
     s = WeightedSums.zeros(1, c["window"].box, 2, 1, c["grid"].sampling.n_directions, device=c["batch"].f_masked.device) if sums else None
-    return expectation._expectation_tile(c["batch"], c["window"], c["coarse_shell"], [c["ref"]], c["grid"], c["settings"], s, None, NO_STAGE,
+    return expectation._expectation_tile(c["batch"], c["window"], c["coarse_shell"], [c["ref"]], c["grid"], c["settings"], s, None, NO_STAGES,
                                          None, 1 << 40)
 
 
@@ -80,7 +83,7 @@ def predicted_tile_bytes(c, slots) -> tuple[int, int]:
     n, g, J = len(c["batch"]), c["grid"], c["window"].size
     G8, T4 = len(slots.g_class) * 8, g.n_translations * 4
     coarse = memory.coarse_bytes(n, tile_shape(c))
-    groups = expectation._slot_groups(slots.counts, lambda L: n)  # the fine pass's groups of similar slot counts
+    groups = slots_module.slot_groups(slots.counts, lambda L: n)  # the fine pass's groups of similar slot counts
     chunk = max(memory.fine_chunk_bytes(len(rows), T4, Lc * 8, J) for rows, Lc in groups)
     fine = max(memory.fine_projection_bytes(G8, J), memory.union_bytes(G8, J) + chunk)
     return coarse, max(coarse, fine)
@@ -220,8 +223,12 @@ def test_global_coarse_projections_are_extracted_once_per_reference_on_the_cpu(t
 def test_fine_pass_in_chunks_of_one_equals_one_chunk(tmp_path, monkeypatch):
     c = make_case(tmp_path)
     whole = _estep(c)
+    groups = []
+    real_groups = expectation.slot_groups
     monkeypatch.setattr(expectation, "fine_particles_per_chunk", lambda n, *a: 1)
+    monkeypatch.setattr(expectation, "slot_groups", lambda counts, rows_for: groups.extend(g := real_groups(counts, rows_for)) or g)
     _assert_same_estep(_estep(c), whole)
+    assert groups and all(len(rows) == 1 for rows, _ in groups)  # the patched budget was used: one particle per group
 
 
 def test_a_fine_pass_over_budget_halves_the_tile(tmp_path, monkeypatch):
@@ -229,13 +236,17 @@ def test_a_fine_pass_over_budget_halves_the_tile(tmp_path, monkeypatch):
     whole = _estep(c)
     real = expectation.fine_particles_per_chunk
 
+    tiles = []
+
     def small_device(n, budget, *a):  # the union of more than 2 particles does not fit
+        tiles.append(n)
         if n > 2:
             raise TileTooLarge("fake: fine pass over budget")
         return real(n, budget, *a)
 
     monkeypatch.setattr(expectation, "fine_particles_per_chunk", small_device)
     _assert_same_estep(_estep(c), whole)
+    assert tiles[:2] == [8, 4] and set(tiles[2:]) == {2}  # tiles of 8 and 4 refused, then halved to 2, which fit
 
 
 def test_insert_retries_a_chunk_that_runs_out_of_memory(monkeypatch):

@@ -14,7 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cryorefine.estep.expectation import EStepSettings, get_all_squared_differences_coarse, significant_mask, translation_log_prior
+from cryorefine.estep.diff2 import get_all_squared_differences_coarse, translation_log_prior
+from cryorefine.estep.settings import EStepSettings
+from cryorefine.estep.weights import significant_mask
 from cryorefine.estep.images import Window
 from cryorefine.estep.poses import PoseGrid
 from cryorefine.estep.precision import matmul_nt, row_scaled_half

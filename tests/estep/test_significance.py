@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from cryorefine.estep.expectation import TOPK_SIGNIFICANT, significant_mask
+from cryorefine.estep.weights import TOPK_SIGNIFICANT, significant_mask
 
 
 def reference(logits: np.ndarray, fraction: float, maxsig: int):

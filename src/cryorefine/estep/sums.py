@@ -67,7 +67,7 @@ class TileSums:
 
     def add_to(self, sums: WeightedSums, ky: torch.Tensor, kx: torch.Tensor) -> None:
         """Insert the slices (at window pixels (kx, ky) (J,)) of rotations with any posterior weight (the E-step
-        leaves negligible samples out: expectation._negligible_dropped), and add the statistics."""
+        leaves negligible samples out: weights.negligible_dropped), and add the statistics."""
         used = self.mass > 0
         for k, bp in enumerate(sums.backprojectors):
             sel = used & (self.classes == k)

@@ -55,6 +55,6 @@ def initial_sigma2(table: ParticleTable, n_groups: int, subset: np.ndarray | Non
 
 def update_sigma2(old: torch.Tensor, wsum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """σ² = Σ Γ|X − sCP|² / (2 · count) where there were data (every shell up to Nyquist: beyond the E-step window the
-    images' own power, estep.expectation.add_power_beyond_window); elsewhere the previous value."""
+    images' own power, estep.store.add_power_beyond_window); elsewhere the previous value."""
     new = wsum / (2.0 * count.clamp(min=1))
     return torch.where(count > 0, new, old).clamp(min=1e-12)

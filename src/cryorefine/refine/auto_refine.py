@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from ..errors import CryoInputError, DistributedError
-from ..estep.expectation import EStepSettings
+from ..estep.settings import EStepSettings
 from ..estep.images import Window, ctf_and_inverse_noise
 from ..estep.memory import available_bytes, check_fixed_volumes, fixed_volume_bytes, image_cache_bytes
 from ..estep.poses import PoseGrid

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..estep.expectation import EStepSettings
+from ..estep.settings import EStepSettings
 from ..estep.sums import WeightedSums
 from ..io.mrc import write_map
 from ..io.outputs import it_prefix, write_model_star, write_sampling_star

@@ -8,7 +8,8 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from ..estep.expectation import EStepSettings, expectation_batch
+from ..estep.expectation import expectation_batch
+from ..estep.settings import EStepSettings
 from ..estep.images import Window, prepare_batch
 from ..estep.poses import PoseGrid
 from ..estep.sums import WeightedSums

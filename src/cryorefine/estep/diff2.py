@@ -1,0 +1,158 @@
+"""getAllSquaredDifferences: the scores of the coarse and the fine pass, and the priors they are combined with.
+
+diff2(i, k, r, t) = Σ_j |X̃_ij(t) − s C_ij P_krj|² / (2σ²_j), expanded as
+const_i − 2 Re⟨a_i(t), P_kr⟩ + ⟨b_i, |P_kr|²⟩ with a = s C X̃ / (2σ²), b = s² C² / (2σ²), so both passes are matrix
+products: the coarse pass over shared rotations one GEMM (local searches: one batched GEMM per particle), the fine pass
+one batched GEMM per particle over its own slots. Scores leave out the per-particle constant Σ |X̃|² / (2σ²).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..fourier.shift import phase_shift_factors
+from ..projection.extract import PaddedTransform, extract_central_slices_planar
+from . import fused_local
+from .images import ImageBatch, Window
+from .memory import LOCAL_GATHER_ELEMENTS
+from .poses import PoseGrid
+from .precision import matmul_nt
+from .settings import EStepSettings
+
+
+def as_real(z: torch.Tensor) -> torch.Tensor:
+    """(..., j) complex -> (..., 2j) real [Re, Im]."""
+    return torch.cat([z.real, z.imag], -1)
+
+
+def translated(x: torch.Tensor, window: Window, offsets_px: torch.Tensor) -> torch.Tensor:
+    """X̃ = X moved by offsets (..., 2) px: (n, j) with offsets (n, ..., 2) -> (n, ..., j)."""
+    ph = phase_shift_factors(window.ky[: x.shape[-1]], window.kx[: x.shape[-1]], offsets_px, window.box)
+    shape = (x.shape[0],) + (1,) * (offsets_px.dim() - 2) + (x.shape[-1],)
+    return x.reshape(shape) * ph
+
+
+def score_weights(batch: ImageBatch, window: Window, cc: bool) -> torch.Tensor:
+    """(n, j) weight of each pixel in the scores: 1/(2σ²) for diff2; 1 for RELION's --firstiter_cc cross-correlation
+    −Σ Re(X·conj(CP)) / √Σ|CP|², which is not noise-whitened (the image's own norm, a constant per particle, is left out:
+    it does not change which pose is best). 0 on the redundant half of the kx = 0 column (Window.scored)."""
+    return (torch.ones_like(batch.inv_sigma2) if cc else batch.inv_sigma2 * 0.5) * window.scored
+
+
+def score_operands(x_moved: torch.Tensor, w: torch.Tensor, sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two operands of the expansion: a = X̃·w·sC as real (n, T, 2j) from moved images (n, T, j), and
+    b = w·(sC)² (n, j), from the score weights w (n, j) and the scaled CTF sC (n, j)."""
+    return as_real(x_moved * (w * sc)[:, None, :]), w * sc * sc
+
+
+def scores_from_products(cross: torch.Tensor, third: torch.Tensor, cc: bool) -> torch.Tensor:
+    """diff2 less its constant, third − 2·cross, or −CC = −cross / √third with ``cc``; cross (n, T, R), third (n, R)."""
+    if cc:
+        return -cross / torch.sqrt(third.clamp(min=1e-30))[:, None, :]
+    return third[:, None, :] - 2.0 * cross
+
+
+def get_all_squared_differences_coarse(batch: ImageBatch, window: Window, jc: int, refs: list[PaddedTransform], poses: PoseGrid, local=None, cc=False,
+                                       precision: str = "fp32"):
+    """Coarse pass: diff2 without the per-particle constant, (n, K, T, L).
+
+    ``local`` = (ids (n, L), log_prior, valid) for per-particle rotation sets; else all R coarse rotations.
+    With ``cc`` the score is −CC (RELION's --firstiter_cc cross-correlation, score_weights).
+    ``precision``: of the two matrix products (precision.py); diff2 is assembled from them in float32.
+    """
+    ky, kx = window.ky[:jc], window.kx[:jc]
+    w = score_weights(batch, window, cc)[:, :jc]
+    sc = batch.scale[:, None] * batch.ctf[:, :jc]
+    xt = translated(batch.f_masked[:, :jc], window, batch.old_offset_px[:, None, :] + poses.translations_px[None])  # (n, T, jc)
+    a, b = score_operands(xt, w, sc)  # (n, T, 2jc), (n, jc)
+    n, T = a.shape[:2]
+    out = []
+    for k, ref in enumerate(refs):
+        if local is None:
+            p = poses.coarse_projections(refs, k, ky, kx)  # (R, 2, jc)
+            cross = matmul_nt(a.reshape(n * T, -1), p.reshape(p.shape[0], -1), precision).reshape(n, T, -1)
+            third = matmul_nt(b, p.square().sum(1), precision)  # (n, R)
+        else:
+            uniq, inv = torch.unique(local[0], return_inverse=True)  # (U,), (n, L) rows of the distinct rotations
+            scores = fused_local.local_scores if fused_local.available(a, precision) else local_scores_gathered
+            cross, third = scores(ref, poses.rotations(uniq), inv, ky, kx, a, b, precision=precision)
+        out.append(scores_from_products(cross, third, cc))
+    return torch.stack(out, 1)
+
+
+def get_all_squared_differences_fine(x_masked: torch.Tensor, w: torch.Tensor, sc: torch.Tensor, window: Window, offsets_px: torch.Tensor,
+                                     proj: torch.Tensor, proj_power: torch.Tensor, cc: bool) -> torch.Tensor:
+    """Fine pass of m particles against their own slots: diff2 without the constant (or −CC), (m, T4, 8L).
+
+    x_masked (m, js) masked images, w and sc (m, js) score weights and scaled CTF, offsets_px (m, T4, 2) the fine
+    translations, proj (m, 8L, J) and proj_power |proj|² (m, 8L, J) the slots' projections (only their first js
+    pixels are scored). One batched matrix product per particle.
+    """
+    js = x_masked.shape[-1]
+    a, b = score_operands(translated(x_masked, window, offsets_px), w, sc)  # (m, T4, 2js), (m, js)
+    cross = torch.bmm(a, as_real(proj[..., :js]).transpose(1, 2))  # (m, T4, 8L)
+    third = torch.einsum("mj,mrj->mr", b, proj_power[..., :js])  # (m, 8L)
+    return scores_from_products(cross, third, cc)
+
+
+def local_scores_gathered(transform, rotations, idx, ky, kx, a, b, precision="fp32"):
+    """fused_local.local_scores's results by PyTorch operations (the CPU's path, and other precisions): each distinct
+    rotation's slice extracted once, gathered per particle in blocks and multiplied."""
+    pu = extract_central_slices_planar(transform, rotations, ky, kx)  # (U, 2, jc)
+    # the real operand [Re | Im] (a view) and |P|² once per distinct rotation, not per (particle, candidate):
+    # the gathers below are then plain row copies
+    pu_real, pu_pow = pu.reshape(pu.shape[0], -1), pu.square().sum(1)  # (U, 2jc), (U, jc)
+    del pu
+    (n, T, _), L, jc = a.shape, idx.shape[1], ky.numel()
+    cross = a.new_empty(n, T, L)
+    third = a.new_empty(n, L)
+    step = max(1, LOCAL_GATHER_ELEMENTS // max(1, L * jc))  # particles per gathered (m, L, jc) block
+    for c0 in range(0, n, step):
+        sel = idx[c0 : c0 + step]  # (m, L)
+        cross[c0 : c0 + step] = matmul_nt(a[c0 : c0 + step], pu_real[sel], precision)  # (m, T, L)
+        third[c0 : c0 + step] = matmul_nt(b[c0 : c0 + step, None, :], pu_pow[sel], precision)[:, 0]
+    return cross, third
+
+
+def coarse_gemm_flops(n: int, K: int, T: int, L: int, jc: int, local: bool) -> tuple[float, list]:
+    """Floating-point operations of the coarse pass's matrix products and their shapes, for n particles.
+
+    Per reference: the cross term (n·T, 2jc) @ (2jc, L) and the |P|² term (n, jc) @ (jc, L) (global search, one
+    GEMM each), or per particle (T, 2jc) @ (2jc, L) and (1, jc) @ (jc, L) (local searches, batched). 2·M·K·N each.
+    Returns (flops, [(shape key, calls)]) with keys 'mm:MxKxN' or 'bmm:BxMxKxN'.
+    """
+    flops = K * (2.0 * n * T * 2 * jc * L + 2.0 * n * jc * L)
+    if local:
+        shapes = [(f"bmm:{n}x{T}x{2 * jc}x{L}", K), (f"bmm:{n}x1x{jc}x{L}", K)]
+    else:
+        shapes = [(f"mm:{n * T}x{2 * jc}x{L}", K), (f"mm:{n}x{jc}x{L}", K)]
+    return flops, shapes
+
+
+def translation_log_prior(offsets_abs_px: torch.Tensor, settings: EStepSettings) -> torch.Tensor:
+    d2 = (offsets_abs_px**2).sum(-1) * settings.angpix**2
+    return -d2 / (2.0 * settings.sigma2_offset_angst2)
+
+
+def coarse_log_posterior(batch, window, jc, refs, poses, settings, local_prior, forced_class):
+    """The coarse pass as log-posteriors (n, K, T, L) (−diff2 + priors; −CC with --firstiter_cc) and the rotation log prior (n, K, L)."""
+    dev = batch.f_masked.device
+    n, K = len(batch), len(refs)
+    cc = settings.firstiter_cc
+    logp = -get_all_squared_differences_coarse(batch, window, jc, refs, poses, local_prior, cc=cc, precision=settings.precision)
+    L = logp.shape[-1]
+    rot_prior = torch.zeros(n, K, L, device=dev)  # log prior of each coarse rotation slot
+    if not cc:
+        if local_prior is not None:
+            rot_prior = rot_prior + torch.where(local_prior[2], local_prior[1], torch.full_like(local_prior[1], -torch.inf))[:, None, :]
+        elif settings.direction_log_prior is not None:
+            dir_of_rot = torch.arange(L, device=dev) // poses.sampling.n_psi
+            rot_prior = rot_prior + settings.direction_log_prior.to(dev).float()[:, dir_of_rot][None]
+        trans_prior = translation_log_prior(batch.old_offset_px[:, None, :] + poses.translations_px[None], settings)  # (n, T)
+        logp = logp + trans_prior[:, None, :, None] + rot_prior[:, :, None, :]
+    elif local_prior is not None:
+        logp = torch.where(local_prior[2][:, None, None, :], logp, torch.full_like(logp, -torch.inf))
+    if forced_class is not None:
+        held = torch.arange(K, device=dev)[None, :] == forced_class.to(dev)[:, None]  # (n, K)
+        logp = torch.where(held[:, :, None, None], logp, torch.full_like(logp, -torch.inf))
+    return logp, rot_prior
