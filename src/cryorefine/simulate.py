@@ -110,7 +110,7 @@ def simulate_particles(
             writer.write(start, ((clean + noise) / grey).cpu().numpy())
         writer.close()
     except BaseException:
-        writer.abort() if hasattr(writer, "abort") else None
+        writer.abort()
         raise
     write_map(out / "truth.mrc", (truth / grey).cpu().numpy().astype(np.float32), angpix)
     optics = pd.DataFrame(

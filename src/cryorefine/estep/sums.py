@@ -20,7 +20,6 @@ class WeightedSums:
     direction_weight: torch.Tensor  # (K, D)
     offset_sq_angst2: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
     offset_weight: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
-    loglik: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
 
     @classmethod
     def zeros(cls, n_classes: int, box: int, pad: int, n_groups: int, n_directions: int, device=None, dtype=torch.float32):
@@ -29,7 +28,7 @@ class WeightedSums:
         return cls(
             [BackProjector.zeros(box, pad, device, dtype) for _ in range(n_classes)],
             z(n_groups, s), z(n_groups, s), z(n_groups, s), z(n_groups, s), z(n_classes), z(n_classes, n_directions),
-            z(()), z(()), z(()),
+            z(()), z(()),
         )
 
     def empty_stats(self) -> "WeightedSums":
@@ -39,7 +38,7 @@ class WeightedSums:
     def stats_tensors(self) -> list[torch.Tensor]:
         """The accumulators other than the back-projectors, in the dataclass's field order."""
         return [self.sigma2_noise, self.sigma2_count, self.scale_xa, self.scale_aa, self.class_weight,
-                self.direction_weight, self.offset_sq_angst2, self.offset_weight, self.loglik]
+                self.direction_weight, self.offset_sq_angst2, self.offset_weight]
 
     def tensors(self) -> list[torch.Tensor]:
         """Every accumulator as a tensor, in a fixed order (for all-reduce across ranks)."""
@@ -47,10 +46,6 @@ class WeightedSums:
         for bp in self.backprojectors:
             out += [torch.view_as_real(bp.data), bp.weight]
         return out + self.stats_tensors()
-
-    def add_(self, other: "WeightedSums") -> None:
-        for a, b in zip(self.tensors(), other.tensors()):
-            a += b
 
 
 @dataclass

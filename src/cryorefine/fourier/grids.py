@@ -79,12 +79,3 @@ def window_pixels_2d(box: int, max_shell: int, device=None, include_dc: bool = F
     idx = idx[order]
     return idx, ky[idx], kx[idx], shells[idx]
 
-
-def radial_average(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> torch.Tensor:
-    """Mean of ``values`` (..., j) over integer ``shells`` (j,) -> (..., n_shells); empty shells give 0."""
-    s = shells.clamp(max=n_shells)  # shell n_shells collects everything beyond, then dropped
-    count = torch.zeros(n_shells + 1, dtype=values.dtype, device=values.device).index_add_(0, s, torch.ones_like(s, dtype=values.dtype))
-    flat = values.reshape(-1, values.shape[-1])
-    total = torch.zeros(flat.shape[0], n_shells + 1, dtype=values.dtype, device=values.device).index_add_(1, s, flat)
-    mean = total / count.clamp(min=1)
-    return mean[:, :n_shells].reshape(*values.shape[:-1], n_shells)

@@ -31,7 +31,7 @@ def tau2_from_reference(ref: PaddedTransform, max_shell: int) -> torch.Tensor:
     of the padded, gridding pre-corrected transform the E-step projects (RELION computes it where it prepares each
     reference, from the solvent-flattened map); the shell of a padded voxel is round(R/pad), voxels with
     R <= max_shell·pad count, shells beyond are 0. Against the unpadded map's power this is ~1.1-1.6 times larger
-    at mid and high resolution (the gridding pre-correction), a weaker prior (tests/relion/test_relion_class_tau2.py)."""
+    at mid and high resolution (the gridding pre-correction), a weaker prior (tests/relion/test_relion_class3d.py)."""
     R, c, n = int(round(max_shell * ref.pad)), ref.size // 2, ref.box // 2 + 1
     lo, hi = max(0, c - R), min(ref.size, c + R + 1)
     f = ref.f_padded[lo:hi, lo:hi, : R + 1]  # the cube around the origin that holds the sphere: not the whole grid

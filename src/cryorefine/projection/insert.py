@@ -57,10 +57,6 @@ class BackProjector:
 
         run_tiles(rotations.shape[0], max(1, MAX_POINTS // max(1, ky.numel())), contributions, add)
 
-    def add_(self, other: "BackProjector") -> None:
-        self.data += other.data
-        self.weight += other.weight
-
 
 def enforce_hermitian_x0(data: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum each x = 0 voxel with its Friedel mate (-y, -z), as RELION's enforceHermitianSymmetry does.
