@@ -5,6 +5,7 @@
 
 usage: add_noise.py STACK.mrcs SNR [SEED=0]   numpy only; prints the noise sigma used.
 """
+
 import sys
 import numpy as np
 
@@ -19,7 +20,7 @@ var = float(np.mean([data[i].var() for i in range(0, nz, max(1, nz // 500))]))
 sigma = (var / snr) ** 0.5
 rng = np.random.default_rng(seed)
 for i in range(0, nz, 256):
-    blk = data[i:i + 256]
+    blk = data[i : i + 256]
     blk += rng.normal(0, sigma, blk.shape).astype(np.float32)
 data.flush()
 print(f"{path}: {nz} images {nx}x{ny}, clean var {var:.4g}, noise sigma {sigma:.4g} (SNR {snr})")

@@ -52,23 +52,51 @@ def score(prefix: str, K: int, truths, truth_classes, angpix: float) -> dict:
     """Accuracy and class-map FSC-to-truth of the outputs PREFIX_classNNN.mrc / PREFIX_data.star (ours or RELION's)."""
     class_maps = [read_map(f"{prefix}_class{k + 1:03d}.mrc")[0] for k in range(K)]
     mapping, _ = match_classes(class_maps, truths, angpix)
-    res = {k: map_resolution(torch.from_numpy(class_maps[k]), torch.from_numpy(truths[s]), angpix)["resolution_angst"][0.5] for k, s in mapping.items()}
-    return {"accuracy": accuracy(f"{prefix}_data.star", truth_classes, mapping), "class_to_state": {int(k): int(v) for k, v in mapping.items()},
-            "class_fsc_to_truth_0.5_angst": {int(k): round(float(v), 2) for k, v in res.items()}}
+    res = {
+        k: map_resolution(torch.from_numpy(class_maps[k]), torch.from_numpy(truths[s]), angpix)["resolution_angst"][0.5]
+        for k, s in mapping.items()
+    }
+    return {
+        "accuracy": accuracy(f"{prefix}_data.star", truth_classes, mapping),
+        "class_to_state": {int(k): int(v) for k, v in mapping.items()},
+        "class_fsc_to_truth_0.5_angst": {int(k): round(float(v), 2) for k, v in res.items()},
+    }
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("dir"), ap.add_argument("n", type=int), ap.add_argument("box", type=int), ap.add_argument("angpix", type=float)
-    ap.add_argument("--gpu", action="store_true"), ap.add_argument("--iter", type=int, default=25), ap.add_argument("--K", type=int, default=3)
+    (
+        ap.add_argument("dir"),
+        ap.add_argument("n", type=int),
+        ap.add_argument("box", type=int),
+        ap.add_argument("angpix", type=float),
+    )
+    (
+        ap.add_argument("--gpu", action="store_true"),
+        ap.add_argument("--iter", type=int, default=25),
+        ap.add_argument("--K", type=int, default=3),
+    )
     ap.add_argument("--snr", type=float, default=0.05), ap.add_argument("--diameter", type=float, default=0.0)
     ap.add_argument("--tau2_fudge", type=float, default=4.0), ap.add_argument("--ini_high", type=float, default=40.0)
     ap.add_argument("--healpix_order", type=int, default=2), ap.add_argument("--extra", default="")
-    ap.add_argument("--third", default="moved", choices=["moved", "removed"], help="the third state: one side moved 12 Å, or removed")
-    ap.add_argument("--input", default="particles_in.star", help="STAR file in DIR to classify (default: the one without the true poses and states)")
+    ap.add_argument(
+        "--third",
+        default="moved",
+        choices=["moved", "removed"],
+        help="the third state: one side moved 12 Å, or removed",
+    )
+    ap.add_argument(
+        "--input",
+        default="particles_in.star",
+        help="STAR file in DIR to classify (default: the one without the true poses and states)",
+    )
     ap.add_argument("--name", default="ours", help="output folder in DIR for this run")
-    ap.add_argument("--ref_scale", type=float, default=1.0, help="multiply the start map by this (a reference on another greyscale, "
-                    "the case --firstiter_cc exists for)")
+    ap.add_argument(
+        "--ref_scale",
+        type=float,
+        default=1.0,
+        help="multiply the start map by this (a reference on another greyscale, the case --firstiter_cc exists for)",
+    )
     ap.add_argument("--score", help="only score existing outputs with this prefix (e.g. DIR/relion/run_it025) and exit")
     a = ap.parse_args()
     d = Path(a.dir)
@@ -84,9 +112,32 @@ def main():
     write_map(d / "start.mrc", start * a.ref_scale, a.angpix)
     truth_classes = read_star(d / "particles.star")["particles"]["rlnClassNumber"].to_numpy() - 1
     diameter = a.diameter or 0.9 * a.box * a.angpix
-    args = ["classify", "--i", str(d / a.input), "--o", str(d / a.name / "run"), "--ref", str(d / "start.mrc"), "--K", str(a.K),
-            "--iter", str(a.iter), "--tau2_fudge", str(a.tau2_fudge), "--ini_high", str(a.ini_high), "--particle_diameter", str(diameter),
-            "--healpix_order", str(a.healpix_order), "--ctf", "--flatten_solvent", "--zero_mask", "--random_seed", "0"] + a.extra.split()
+    args = [
+        "classify",
+        "--i",
+        str(d / a.input),
+        "--o",
+        str(d / a.name / "run"),
+        "--ref",
+        str(d / "start.mrc"),
+        "--K",
+        str(a.K),
+        "--iter",
+        str(a.iter),
+        "--tau2_fudge",
+        str(a.tau2_fudge),
+        "--ini_high",
+        str(a.ini_high),
+        "--particle_diameter",
+        str(diameter),
+        "--healpix_order",
+        str(a.healpix_order),
+        "--ctf",
+        "--flatten_solvent",
+        "--zero_mask",
+        "--random_seed",
+        "0",
+    ] + a.extra.split()
     if a.gpu:
         args.append("--gpu")
     t0 = time.perf_counter()
@@ -96,9 +147,20 @@ def main():
     # oracle: one E-step against the true maps (classes = states), no M-step influence
     from cryorefine.refine.classify3d import Classify3D, ClassifyConfig
 
-    ocfg = ClassifyConfig(particles=str(d / a.input), output_root=str(d / "oracle" / "run"), reference=str(d / "start.mrc"), K=3, max_iter=1,
-                          particle_diameter=diameter, ctf=True, flatten_solvent=True, zero_mask=True, device="cuda" if a.gpu else "cpu",
-                          healpix_order=a.healpix_order, ini_high=a.ini_high)
+    ocfg = ClassifyConfig(
+        particles=str(d / a.input),
+        output_root=str(d / "oracle" / "run"),
+        reference=str(d / "start.mrc"),
+        K=3,
+        max_iter=1,
+        particle_diameter=diameter,
+        ctf=True,
+        flatten_solvent=True,
+        zero_mask=True,
+        device="cuda" if a.gpu else "cpu",
+        healpix_order=a.healpix_order,
+        ini_high=a.ini_high,
+    )
     oracle = Classify3D(ocfg)
     oracle.maps = [torch.from_numpy(t) for t in truths]
     oracle.initial_class = None
@@ -108,10 +170,20 @@ def main():
     oracle.iterate()
     oracle_wall = time.perf_counter() - t1
     oracle_acc = float(np.mean(oracle.poses.class_number - 1 == truth_classes))
-    out = {"particles": int(len(truth_classes)), "K": a.K, "iterations": a.iter, "healpix_order": a.healpix_order, "extra": a.extra,
-           "ref_scale": a.ref_scale, **ours, "oracle_accuracy": oracle_acc,
-           "wall_s": round(wall, 1), "s_per_iteration": round(wall / a.iter, 2), "oracle_estep_s": round(oracle_wall, 2),
-           "device": torch.cuda.get_device_name(0) if a.gpu else "cpu"}
+    out = {
+        "particles": int(len(truth_classes)),
+        "K": a.K,
+        "iterations": a.iter,
+        "healpix_order": a.healpix_order,
+        "extra": a.extra,
+        "ref_scale": a.ref_scale,
+        **ours,
+        "oracle_accuracy": oracle_acc,
+        "wall_s": round(wall, 1),
+        "s_per_iteration": round(wall / a.iter, 2),
+        "oracle_estep_s": round(oracle_wall, 2),
+        "device": torch.cuda.get_device_name(0) if a.gpu else "cpu",
+    }
     print(json.dumps(out))
 
 

@@ -18,10 +18,9 @@ import re
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from cryorefine.evaluation import map_resolution, pose_errors, read_poses, summarise_pose_errors
+from cryorefine.evaluation import pose_errors, read_poses, summarise_pose_errors
 from cryorefine.io.mrc import read_map
 from cryorefine.reconstruction.fsc import fsc_curve, resolution_angstrom
 
@@ -42,7 +41,12 @@ def sampling_of_last_iteration(root: str) -> tuple[int, int]:
 def judge(root: str, truth_dir: Path, truth_star: Path, sym: str = "C1") -> dict:
     final = Path(f"{root}_half1_class001_unfil.mrc").exists() and Path(f"{root}_data.star").exists()
     if final:
-        h1, h2, data, label = f"{root}_half1_class001_unfil.mrc", f"{root}_half2_class001_unfil.mrc", f"{root}_data.star", "final"
+        h1, h2, data, label = (
+            f"{root}_half1_class001_unfil.mrc",
+            f"{root}_half2_class001_unfil.mrc",
+            f"{root}_data.star",
+            "final",
+        )
     else:
         its = sorted(glob.glob(f"{root}_it[0-9][0-9][0-9]_half1_class001.mrc"))
         last = re.search(r"_it(\d{3})_", its[-1]).group(1)
@@ -56,11 +60,14 @@ def judge(root: str, truth_dir: Path, truth_star: Path, sym: str = "C1") -> dict
     box = m1.shape[0]
     fsc_t = fsc_curve((t1 + t2) / 2, tt)
     predicted = torch.sqrt((2 * fsc_h.clamp(min=0)) / (1 + fsc_h.clamp(min=0)))
-    shells = np.arange(1, box // 2 + 1)
     errs = summarise_pose_errors(pose_errors(read_poses(data), read_poses(truth_star), sym))
     iterations, order = sampling_of_last_iteration(root)
     return {
-        "state": label, "half_maps": [h1, h2], "data": data, "iterations": iterations, "last_healpix_order": order,
+        "state": label,
+        "half_maps": [h1, h2],
+        "data": data,
+        "iterations": iterations,
+        "last_healpix_order": order,
         "last_fine_angular_step_deg": 60.0 / 2**order / 2 if order >= 0 else float("nan"),
         "gold_standard_0.143_angst": resolution_angstrom(fsc_h, 0.143, box, angpix),
         "gold_standard_shell": int(round(box * angpix / resolution_angstrom(fsc_h, 0.143, box, angpix))),
@@ -68,7 +75,8 @@ def judge(root: str, truth_dir: Path, truth_star: Path, sym: str = "C1") -> dict
         "halves_independence_max_abs_diff": float((predicted[1:] - fsc_t[1:]).abs().max()),
         "halves_independence_mean_abs_diff": float((predicted[1:] - fsc_t[1:]).abs().mean()),
         **errs,
-        "fsc_halves": [round(float(x), 4) for x in fsc_h], "fsc_truth": [round(float(x), 4) for x in fsc_t],
+        "fsc_halves": [round(float(x), 4) for x in fsc_h],
+        "fsc_truth": [round(float(x), 4) for x in fsc_t],
     }
 
 
@@ -86,12 +94,26 @@ def main():
     res["ours"]["label"], res["relion"]["label"] = a.ours_label, a.relion_label
     res["ours"]["wall"], res["relion"]["wall"] = a.ours_wall, a.relion_wall
     try:
-        res["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        res["commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         res["commit"] = ""
     Path(a.out + ".json").write_text(json.dumps(res, indent=1))
-    rows = ["state", "gold_standard_0.143_angst", "gold_standard_shell", "fsc_to_truth_0.5_angst", "angle_median_deg", "angle_p90_deg",
-            "shift_median_angst", "iterations", "last_healpix_order", "last_fine_angular_step_deg", "halves_independence_mean_abs_diff", "wall"]
+    rows = [
+        "state",
+        "gold_standard_0.143_angst",
+        "gold_standard_shell",
+        "fsc_to_truth_0.5_angst",
+        "angle_median_deg",
+        "angle_p90_deg",
+        "shift_median_angst",
+        "iterations",
+        "last_healpix_order",
+        "last_fine_angular_step_deg",
+        "halves_independence_mean_abs_diff",
+        "wall",
+    ]
     md = [f"| | {res['ours']['label']} | {res['relion']['label']} |", "|---|---|---|"]
     for r in rows:
         fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731

@@ -36,8 +36,16 @@ def one_estep(device: str, star: str, ref_path: str, diameter: float, n: int, wi
     paths = ref_path.split(",")
     maps = [read_map(p) for p in paths]
     angpix = maps[0][1]
-    cfg = RefineConfig(particles=star, output_root="/tmp/parity", reference=ref_path, particle_diameter=diameter, ctf=True,
-                       flatten_solvent=True, zero_mask=True, device=device)
+    cfg = RefineConfig(
+        particles=star,
+        output_root="/tmp/parity",
+        reference=ref_path,
+        particle_diameter=diameter,
+        ctf=True,
+        flatten_solvent=True,
+        zero_mask=True,
+        device=device,
+    )
     cfg.angpix = angpix
     box = table.box
     if len(maps) == 1:
@@ -57,13 +65,37 @@ def one_estep(device: str, star: str, ref_path: str, diameter: float, n: int, wi
     settings = EStepSettings(angpix=angpix, sigma2_offset_angst2=(5 * angpix) ** 2)
     rows = np.arange(min(n, len(table)))
     t0 = time.perf_counter()
-    run_expectation(table, rows, refs, poses, grid, window, coarse, sigma2, torch.ones(len(table.optics), dtype=torch.float64), settings, sums, cfg, (0, 1, 1), timer, None,
-                    1024 if device.startswith("cuda") else 256)
+    run_expectation(
+        table,
+        rows,
+        refs,
+        poses,
+        grid,
+        window,
+        coarse,
+        sigma2,
+        torch.ones(len(table.optics), dtype=torch.float64),
+        settings,
+        sums,
+        cfg,
+        (0, 1, 1),
+        timer,
+        None,
+        1024 if device.startswith("cuda") else 256,
+    )
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    return {"poses": poses, "wall_s": wall, "stages": dict(timer.seconds), "bp_weight_sum": sum(float(bp.weight.sum()) for bp in sums.backprojectors),
-            "sigma2_sum": float(sums.sigma2_noise.sum()), "window": window_shell, "coarse": coarse, "n": len(rows)}
+    return {
+        "poses": poses,
+        "wall_s": wall,
+        "stages": dict(timer.seconds),
+        "bp_weight_sum": sum(float(bp.weight.sum()) for bp in sums.backprojectors),
+        "sigma2_sum": float(sums.sigma2_noise.sum()),
+        "window": window_shell,
+        "coarse": coarse,
+        "n": len(rows),
+    }
 
 
 def main():
@@ -77,23 +109,36 @@ def main():
     cpu = one_estep("cpu", star, ref, diameter, n, window_shell, 2)
     pc, pg = cpu["poses"], gpu["poses"]
     rows = np.arange(cpu["n"])
-    d_ang = angular_change_deg(pc.rot_deg[rows], pc.tilt_deg[rows], pc.psi_deg[rows], pg.rot_deg[rows], pg.tilt_deg[rows], pg.psi_deg[rows])
-    d_off = np.hypot(pc.origin_x_angst[rows] - pg.origin_x_angst[rows], pc.origin_y_angst[rows] - pg.origin_y_angst[rows])
+    d_ang = angular_change_deg(
+        pc.rot_deg[rows], pc.tilt_deg[rows], pc.psi_deg[rows], pg.rot_deg[rows], pg.tilt_deg[rows], pg.psi_deg[rows]
+    )
+    d_off = np.hypot(
+        pc.origin_x_angst[rows] - pg.origin_x_angst[rows], pc.origin_y_angst[rows] - pg.origin_y_angst[rows]
+    )
     same_class = pc.class_number[rows] == pg.class_number[rows]
     same = (d_ang < 1e-3) & (d_off < 1e-3) & same_class
-    out.update({
-        "particles": cpu["n"], "window_shell": cpu["window"], "coarse_shell": cpu["coarse"],
-        "classes": len(ref.split(",")), "same_best_pose_fraction": float(same.mean()), "same_class_fraction": float(same_class.mean()),
-        "max_prob_max_abs_diff": float(np.abs(pc.max_prob[rows] - pg.max_prob[rows]).max()),
-        "max_prob_median_abs_diff": float(np.median(np.abs(pc.max_prob[rows] - pg.max_prob[rows]))),
-        "loglik_max_abs_diff": float(np.abs(pc.loglik[rows] - pg.loglik[rows]).max()),
-        "n_significant_equal_fraction": float((pc.n_significant[rows] == pg.n_significant[rows]).mean()),
-        "mean_n_significant": float(pc.n_significant[rows].mean()),
-        "bp_weight_rel_diff": abs(cpu["bp_weight_sum"] - gpu["bp_weight_sum"]) / abs(cpu["bp_weight_sum"]),
-        "sigma2_rel_diff": abs(cpu["sigma2_sum"] - gpu["sigma2_sum"]) / abs(cpu["sigma2_sum"]),
-        "cpu_wall_s": cpu["wall_s"], "gpu_wall_s": gpu["wall_s"], "cpu_stages_s": cpu["stages"], "gpu_stages_s": gpu["stages"],
-        "cpu_threads": torch.get_num_threads(),
-    })
+    out.update(
+        {
+            "particles": cpu["n"],
+            "window_shell": cpu["window"],
+            "coarse_shell": cpu["coarse"],
+            "classes": len(ref.split(",")),
+            "same_best_pose_fraction": float(same.mean()),
+            "same_class_fraction": float(same_class.mean()),
+            "max_prob_max_abs_diff": float(np.abs(pc.max_prob[rows] - pg.max_prob[rows]).max()),
+            "max_prob_median_abs_diff": float(np.median(np.abs(pc.max_prob[rows] - pg.max_prob[rows]))),
+            "loglik_max_abs_diff": float(np.abs(pc.loglik[rows] - pg.loglik[rows]).max()),
+            "n_significant_equal_fraction": float((pc.n_significant[rows] == pg.n_significant[rows]).mean()),
+            "mean_n_significant": float(pc.n_significant[rows].mean()),
+            "bp_weight_rel_diff": abs(cpu["bp_weight_sum"] - gpu["bp_weight_sum"]) / abs(cpu["bp_weight_sum"]),
+            "sigma2_rel_diff": abs(cpu["sigma2_sum"] - gpu["sigma2_sum"]) / abs(cpu["sigma2_sum"]),
+            "cpu_wall_s": cpu["wall_s"],
+            "gpu_wall_s": gpu["wall_s"],
+            "cpu_stages_s": cpu["stages"],
+            "gpu_stages_s": gpu["stages"],
+            "cpu_threads": torch.get_num_threads(),
+        }
+    )
     print(json.dumps(out, indent=1))
 
 

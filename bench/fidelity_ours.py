@@ -28,16 +28,41 @@ from cryorefine.cli.main import main as cli  # noqa: E402
 
 def relion_flags(meta: dict) -> list[str]:
     """bench/relion_fidelity.sh's flags, in our CLI."""
-    return ["--ini_high", str(meta["ini_high"]), "--particle_diameter", str(meta["particle_diameter"]), "--sym", meta["sym"],
-            "--healpix_order", "2", "--auto_local_healpix_order", "3", "--offset_range", "5", "--offset_step", "2",
-            "--low_resol_join_halves", "40", "--norm", "--scale", "--flatten_solvent", "--zero_mask", "--ctf", "--pad", "2",
-            "--random_seed", "0"]
+    return [
+        "--ini_high",
+        str(meta["ini_high"]),
+        "--particle_diameter",
+        str(meta["particle_diameter"]),
+        "--sym",
+        meta["sym"],
+        "--healpix_order",
+        "2",
+        "--auto_local_healpix_order",
+        "3",
+        "--offset_range",
+        "5",
+        "--offset_step",
+        "2",
+        "--low_resol_join_halves",
+        "40",
+        "--norm",
+        "--scale",
+        "--flatten_solvent",
+        "--zero_mask",
+        "--ctf",
+        "--pad",
+        "2",
+        "--random_seed",
+        "0",
+    ]
 
 
 def check_fingerprint(setdir: Path, meta: dict, recorded: dict) -> dict:
     """Image 1's mean/std/sum here against the recorded ones (float32 FFTs may differ in the last bits between machines)."""
     mine, theirs = meta["fingerprint"], recorded[meta["name"]]
-    diff = {k: abs(mine[k] - theirs[k]) / max(abs(theirs[k]), 1e-12) for k in ("image1_mean", "image1_std", "image1_sum")}
+    diff = {
+        k: abs(mine[k] - theirs[k]) / max(abs(theirs[k]), 1e-12) for k in ("image1_mean", "image1_std", "image1_sum")
+    }
     if max(diff.values()) > 1e-4:
         raise SystemExit(f"{setdir}: not the data RELION refined (relative differences {diff})")
     return diff
@@ -55,13 +80,30 @@ def main():
     meta = json.loads((setdir / "set.json").read_text())
     check = check_fingerprint(setdir, meta, json.loads(Path(a.check).read_text())) if a.check else None
     root = setdir / a.label / "run"
-    argv = ["refine", "--i", str(setdir / "particles.star"), "--o", str(root), "--ref", str(setdir / "start.mrc"), *relion_flags(meta)]
+    argv = [
+        "refine",
+        "--i",
+        str(setdir / "particles.star"),
+        "--o",
+        str(root),
+        "--ref",
+        str(setdir / "start.mrc"),
+        *relion_flags(meta),
+    ]
     argv += ["--gpu"] if a.gpu else ["--j", str(a.j)]
     t0 = time.perf_counter()
     rc = cli(argv)
     wall = time.perf_counter() - t0
-    res = {"set": meta["name"], "rc": rc, "wall_s": round(wall, 1), "argv": argv, "fingerprint_check": check,
-           "device": torch.cuda.get_device_name(0) if a.gpu else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"}
+    res = {
+        "set": meta["name"],
+        "rc": rc,
+        "wall_s": round(wall, 1),
+        "argv": argv,
+        "fingerprint_check": check,
+        "device": torch.cuda.get_device_name(0)
+        if a.gpu
+        else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+    }
     if rc == 0:
         res.update(judge(str(root), setdir, setdir / "particles_truth.star", meta["sym"]))
     (out / f"{meta['name']}-{a.label}.json").write_text(json.dumps(res, indent=1))
@@ -69,8 +111,24 @@ def main():
         for f in sorted(root.parent.glob("run*.star")) + [root.parent / "run.log"]:
             if f.exists():
                 tar.add(f, arcname=f.name)
-    print(json.dumps({k: res.get(k) for k in ("set", "rc", "wall_s", "gold_standard_0.143_angst", "fsc_to_truth_0.5_angst", "angle_median_deg",
-                                               "iterations", "last_healpix_order")}), flush=True)
+    print(
+        json.dumps(
+            {
+                k: res.get(k)
+                for k in (
+                    "set",
+                    "rc",
+                    "wall_s",
+                    "gold_standard_0.143_angst",
+                    "fsc_to_truth_0.5_angst",
+                    "angle_median_deg",
+                    "iterations",
+                    "last_healpix_order",
+                )
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -25,9 +25,16 @@ def criteria(ours: dict, relion: dict, box: int) -> dict:
     shell = lambda angst, apix: round(box * apix / angst)  # noqa: E731
     apix = ours["angpix"]
     return {
-        "gold_standard_shell_ours_vs_relion": [shell(ours["gold_standard_0.143_angst"], apix), shell(relion["gold_standard_0.143_angst"], apix)],
-        "fsc_to_truth_shell_ours_vs_relion": [shell(ours["fsc_to_truth_0.5_angst"], apix), shell(relion["fsc_to_truth_0.5_angst"], apix)],
-        "gold_standard_ok": shell(ours["gold_standard_0.143_angst"], apix) >= shell(relion["gold_standard_0.143_angst"], apix),
+        "gold_standard_shell_ours_vs_relion": [
+            shell(ours["gold_standard_0.143_angst"], apix),
+            shell(relion["gold_standard_0.143_angst"], apix),
+        ],
+        "fsc_to_truth_shell_ours_vs_relion": [
+            shell(ours["fsc_to_truth_0.5_angst"], apix),
+            shell(relion["fsc_to_truth_0.5_angst"], apix),
+        ],
+        "gold_standard_ok": shell(ours["gold_standard_0.143_angst"], apix)
+        >= shell(relion["gold_standard_0.143_angst"], apix),
         "fsc_to_truth_ok": shell(ours["fsc_to_truth_0.5_angst"], apix) >= shell(relion["fsc_to_truth_0.5_angst"], apix),
         "angle_ok": ours["angle_median_deg"] <= 1.03 * relion["angle_median_deg"],
         "iterations_ok": ours["iterations"] <= 1.2 * relion["iterations"],
@@ -42,27 +49,57 @@ def main():
     ours["angpix"] = meta["angpix"]
     relion = judge(str(setdir / "relion" / "run"), setdir, setdir / "particles_truth.star", meta["sym"])
     wall = (setdir / "relion" / "time.txt").read_text().split()[1] if (setdir / "relion" / "time.txt").exists() else "?"
-    res = {"set": meta, "ours": ours, "relion": relion, "relion_wall_s": wall, "criteria": criteria(ours, relion, meta["box"]),
-           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
+    res = {
+        "set": meta,
+        "ours": ours,
+        "relion": relion,
+        "relion_wall_s": wall,
+        "criteria": criteria(ours, relion, meta["box"]),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
+    }
     Path(prefix + ".json").write_text(json.dumps(res, indent=1, default=str))
-    rows = [("gold-standard FSC 0.143 of the unfiltered halves (Å)", "gold_standard_0.143_angst"), ("final map vs truth, FSC 0.5 (Å)", "fsc_to_truth_0.5_angst"),
-            ("median angular error (°)", "angle_median_deg"), ("90th percentile angular error (°)", "angle_p90_deg"),
-            ("median shift error (Å)", "shift_median_angst"), ("iterations", "iterations"), ("last HEALPix order", "last_healpix_order"),
-            ("last fine angular step (°)", "last_fine_angular_step_deg")]
+    rows = [
+        ("gold-standard FSC 0.143 of the unfiltered halves (Å)", "gold_standard_0.143_angst"),
+        ("final map vs truth, FSC 0.5 (Å)", "fsc_to_truth_0.5_angst"),
+        ("median angular error (°)", "angle_median_deg"),
+        ("90th percentile angular error (°)", "angle_p90_deg"),
+        ("median shift error (Å)", "shift_median_angst"),
+        ("iterations", "iterations"),
+        ("last HEALPix order", "last_healpix_order"),
+        ("last fine angular step (°)", "last_fine_angular_step_deg"),
+    ]
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
-    md = [f"# Fidelity: cryorefine beside RELION 3.1.3 on the held-out set `{meta['name']}`", "",
-          f"Set (bench/fidelity_sets.py): box {meta['box']}, {meta['angpix']} Å/px, {meta['n']} particles, SNR {meta['snr']}, "
-          f"{meta['sym']}, --ini_high {meta['ini_high']}, --particle_diameter {meta['particle_diameter']}; both programs start from "
-          "particles.star without poses, the same start map, half sets and flags (bench/relion_fidelity.sh).", "",
-          f"Ours: {ours.get('device', '?')}, {ours.get('wall_s', '?')} s (report written at {res['commit']}; the commit ours ran at is in bench/results/2026-12-03-device-runs.md) ({' '.join(map(str, ours.get('argv', [])))}). "
-          f"RELION 3.1.3: `mpirun -n 3 relion_refine_mpi` on this 2-core CPU shared with other jobs, {wall} s.", "",
-          "| | cryorefine | RELION 3.1.3 |", "|---|---|---|"]
+    md = [
+        f"# Fidelity: cryorefine beside RELION 3.1.3 on the held-out set `{meta['name']}`",
+        "",
+        f"Set (bench/fidelity_sets.py): box {meta['box']}, {meta['angpix']} Å/px, {meta['n']} particles, SNR {meta['snr']}, "
+        f"{meta['sym']}, --ini_high {meta['ini_high']}, --particle_diameter {meta['particle_diameter']}; both programs start from "
+        "particles.star without poses, the same start map, half sets and flags (bench/relion_fidelity.sh).",
+        "",
+        f"Ours: {ours.get('device', '?')}, {ours.get('wall_s', '?')} s (report written at {res['commit']}; the commit ours ran at is in bench/results/2026-12-03-device-runs.md) ({' '.join(map(str, ours.get('argv', [])))}). "
+        f"RELION 3.1.3: `mpirun -n 3 relion_refine_mpi` on this 2-core CPU shared with other jobs, {wall} s.",
+        "",
+        "| | cryorefine | RELION 3.1.3 |",
+        "|---|---|---|",
+    ]
     md += [f"| {label} | {fmt(ours.get(key))} | {fmt(relion.get(key))} |" for label, key in rows]
     md += ["", "Criteria: " + ", ".join(f"{k} {v}" for k, v in res["criteria"].items()), ""]
     Path(prefix + ".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
-    trajectory_main([str(ours_dir), str(setdir / "relion"), "--input", str(setdir / "particles.star"), "--o", prefix + "-trajectory.md",
-                     "--json", prefix + "-trajectory.json"])
+    trajectory_main(
+        [
+            str(ours_dir),
+            str(setdir / "relion"),
+            "--input",
+            str(setdir / "particles.star"),
+            "--o",
+            prefix + "-trajectory.md",
+            "--json",
+            prefix + "-trajectory.json",
+        ]
+    )
 
 
 if __name__ == "__main__":

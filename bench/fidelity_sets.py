@@ -47,13 +47,48 @@ import torch
 PDB = Path(os.environ.get("FIDELITY_PDB_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "pdb"))
 
 SETS = {
-    "bigbox": dict(model="6msm.pdb.bz2", box=192, angpix=1.5, n=1000, snr=0.05, ini_high=30.0, sym="C1", seed=101,
-                   diameter_margin=10.0, copies=4, ring_angst=40.0, ring_seed=0),
-    "tightbox": dict(model="adk_closed_1AKE.pdb.gz", box=None, angpix=0.9, n=3000, snr=0.1, ini_high=20.0, sym="C1", seed=102,
-                     diameter_margin=6.0, min_fill=0.85),
-    "sym": dict(model="4E43.pdb", box=80, angpix=1.1, n=2000, snr=0.1, ini_high=20.0, sym="C2", seed=103, diameter_margin=10.0),
-    "prefori": dict(model="adk_open_4AKE.pdb.gz", box=96, angpix=1.0, n=2000, snr=0.05, ini_high=20.0, sym="C1", seed=104,
-                    diameter_margin=10.0, pref_fraction=0.7, pref_max_tilt=30.0),
+    "bigbox": dict(
+        model="6msm.pdb.bz2",
+        box=192,
+        angpix=1.5,
+        n=1000,
+        snr=0.05,
+        ini_high=30.0,
+        sym="C1",
+        seed=101,
+        diameter_margin=10.0,
+        copies=4,
+        ring_angst=40.0,
+        ring_seed=0,
+    ),
+    "tightbox": dict(
+        model="adk_closed_1AKE.pdb.gz",
+        box=None,
+        angpix=0.9,
+        n=3000,
+        snr=0.1,
+        ini_high=20.0,
+        sym="C1",
+        seed=102,
+        diameter_margin=6.0,
+        min_fill=0.85,
+    ),
+    "sym": dict(
+        model="4E43.pdb", box=80, angpix=1.1, n=2000, snr=0.1, ini_high=20.0, sym="C2", seed=103, diameter_margin=10.0
+    ),
+    "prefori": dict(
+        model="adk_open_4AKE.pdb.gz",
+        box=96,
+        angpix=1.0,
+        n=2000,
+        snr=0.05,
+        ini_high=20.0,
+        sym="C1",
+        seed=104,
+        diameter_margin=10.0,
+        pref_fraction=0.7,
+        pref_max_tilt=30.0,
+    ),
 }
 ALIASES = {"a": "bigbox", "b": "tightbox", "c": "sym", "d": "prefori"}
 MICROSCOPE = dict(voltage=300.0, cs=2.7, q0=0.1)
@@ -71,9 +106,13 @@ def _rand_rot(rng):
     q = rng.normal(size=4)
     q /= np.linalg.norm(q)
     w, x, y, z = q
-    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-                     [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-                     [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
 
 
 def ring_complex(xyz, w, copies: int, ring: float, seed: int):
@@ -93,7 +132,11 @@ def ring_complex(xyz, w, copies: int, ring: float, seed: int):
 def c2_asymmetry(vol: torch.Tensor) -> float:
     """1 - correlation of the map with itself turned 180° about z through the centre voxel (0 for a C2 map)."""
     d = vol.shape[-1]
-    turned = torch.roll(torch.flip(vol, dims=(1, 2)), shifts=(1, 1), dims=(1, 2)) if d % 2 == 0 else torch.flip(vol, dims=(1, 2))
+    turned = (
+        torch.roll(torch.flip(vol, dims=(1, 2)), shifts=(1, 1), dims=(1, 2))
+        if d % 2 == 0
+        else torch.flip(vol, dims=(1, 2))
+    )
     a, b = vol - vol.mean(), turned - turned.mean()
     return float(1 - (a * b).sum() / torch.sqrt((a * a).sum() * (b * b).sum()))
 
@@ -107,7 +150,9 @@ def build_truth(name: str, p: dict, info: dict) -> tuple[torch.Tensor, int, floa
     if name == "sym":
         # the crystal frame's 2-fold is arbitrary: render the raw model to measure that, then use A+B turned 2-fold -> z
         xyz_raw, w_raw = read_atoms(path)
-        info["c2_asymmetry_raw_model_frame"] = round(c2_asymmetry(atoms_to_map(xyz_raw, w_raw, p["box"], p["angpix"], BFACTOR)), 4)
+        info["c2_asymmetry_raw_model_frame"] = round(
+            c2_asymmetry(atoms_to_map(xyz_raw, w_raw, p["box"], p["angpix"], BFACTOR)), 4
+        )
         xyz, w = two_fold_axis_to_z(path)
         centre = False  # the 2-fold passes through the origin = centre voxel
         radius = float(np.linalg.norm(xyz, axis=1).max())
@@ -152,22 +197,38 @@ def make_poses(name: str, p: dict, box: int, rng: np.random.Generator) -> pd.Dat
     astig = rng.uniform(0.0, ASTIGMATISM, n)
     dang = rng.uniform(0.0, 180.0, n)
     subset = np.ones(n, dtype=int)
-    subset[rng.permutation(n)[n // 2:]] = 2
-    return pd.DataFrame({
-        "rlnAngleRot": rot, "rlnAngleTilt": tilt, "rlnAnglePsi": psi,
-        "rlnOriginXAngst": r * np.cos(phi), "rlnOriginYAngst": r * np.sin(phi),
-        "rlnDefocusU": dmean + astig / 2, "rlnDefocusV": dmean - astig / 2, "rlnDefocusAngle": dang,
-        "rlnPhaseShift": np.zeros(n), "rlnCtfBfactor": np.zeros(n),
-        "rlnOpticsGroup": np.ones(n, dtype=int), "rlnRandomSubset": subset,
-    })
+    subset[rng.permutation(n)[n // 2 :]] = 2
+    return pd.DataFrame(
+        {
+            "rlnAngleRot": rot,
+            "rlnAngleTilt": tilt,
+            "rlnAnglePsi": psi,
+            "rlnOriginXAngst": r * np.cos(phi),
+            "rlnOriginYAngst": r * np.sin(phi),
+            "rlnDefocusU": dmean + astig / 2,
+            "rlnDefocusV": dmean - astig / 2,
+            "rlnDefocusAngle": dang,
+            "rlnPhaseShift": np.zeros(n),
+            "rlnCtfBfactor": np.zeros(n),
+            "rlnOpticsGroup": np.ones(n, dtype=int),
+            "rlnRandomSubset": subset,
+        }
+    )
 
 
 def optics_table(box: int, angpix: float) -> pd.DataFrame:
-    return pd.DataFrame({
-        "rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1], "rlnImagePixelSize": [angpix], "rlnImageSize": [box],
-        "rlnImageDimensionality": [2], "rlnVoltage": [MICROSCOPE["voltage"]], "rlnSphericalAberration": [MICROSCOPE["cs"]],
-        "rlnAmplitudeContrast": [MICROSCOPE["q0"]],
-    })
+    return pd.DataFrame(
+        {
+            "rlnOpticsGroupName": ["opticsGroup1"],
+            "rlnOpticsGroup": [1],
+            "rlnImagePixelSize": [angpix],
+            "rlnImageSize": [box],
+            "rlnImageDimensionality": [2],
+            "rlnVoltage": [MICROSCOPE["voltage"]],
+            "rlnSphericalAberration": [MICROSCOPE["cs"]],
+            "rlnAmplitudeContrast": [MICROSCOPE["q0"]],
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------- one set
@@ -181,7 +242,7 @@ def _data_sha256(path: Path) -> str:
     with mrcfile.mmap(path, mode="r") as m:
         data = m.data.reshape(-1, *m.data.shape[-2:])
         for i in range(0, len(data), 256):
-            h.update(np.ascontiguousarray(data[i:i + 256], dtype="<f4").tobytes())
+            h.update(np.ascontiguousarray(data[i : i + 256], dtype="<f4").tobytes())
     return h.hexdigest()
 
 
@@ -204,7 +265,9 @@ def build_set(name: str, root: Path) -> dict:
     parts = make_poses(name, p, box, rng)
     poses = out / "poses_tmp.star"
     write_star(poses, {"optics": optics_table(box, angpix), "particles": parts})
-    summary = project_poses(vol.float(), angpix, out, poses, snr=p["snr"], seed=p["seed"], batch=256, device=None, ctf=True)
+    summary = project_poses(
+        vol.float(), angpix, out, poses, snr=p["snr"], seed=p["seed"], batch=256, device=None, ctf=True
+    )
     poses.unlink()
     (out / "particles.star").replace(out / "particles_truth.star")
     # greyscale: background noise variance 1 (as after relion_preprocess); the truth on the same scale
@@ -219,24 +282,46 @@ def build_set(name: str, root: Path) -> dict:
     start = low_pass_filter(truth.double(), p["ini_high"], angpix).float()
     write_map(out / "start.mrc", start.numpy(), angpix)
     blocks = read_star(out / "particles_truth.star")
-    user = blocks["particles"].drop(columns=[c for c in blocks["particles"].columns if c.startswith(("rlnAngle", "rlnOrigin"))])
+    user = blocks["particles"].drop(
+        columns=[c for c in blocks["particles"].columns if c.startswith(("rlnAngle", "rlnOrigin"))]
+    )
     write_star(out / "particles.star", {"optics": blocks["optics"], "particles": user})
     tilt = parts["rlnAngleTilt"].to_numpy()
     meta = {
-        "name": name, "model": str(PDB / p["model"]), "box": box, "angpix": angpix, "n": p["n"], "snr": p["snr"],
-        "ini_high": p["ini_high"], "sym": p["sym"], "particle_diameter": diameter, "seed": p["seed"],
-        "bfactor": BFACTOR, "max_shift_angst": MAX_SHIFT, "defocus_range_angst": list(DEFOCUS), "max_astigmatism_angst": ASTIGMATISM,
-        "voltage_kv": MICROSCOPE["voltage"], "cs_mm": MICROSCOPE["cs"], "amplitude_contrast": MICROSCOPE["q0"],
+        "name": name,
+        "model": str(PDB / p["model"]),
+        "box": box,
+        "angpix": angpix,
+        "n": p["n"],
+        "snr": p["snr"],
+        "ini_high": p["ini_high"],
+        "sym": p["sym"],
+        "particle_diameter": diameter,
+        "seed": p["seed"],
+        "bfactor": BFACTOR,
+        "max_shift_angst": MAX_SHIFT,
+        "defocus_range_angst": list(DEFOCUS),
+        "max_astigmatism_angst": ASTIGMATISM,
+        "voltage_kv": MICROSCOPE["voltage"],
+        "cs_mm": MICROSCOPE["cs"],
+        "amplitude_contrast": MICROSCOPE["q0"],
         "diameter_fill_of_box": round(diameter / (box * angpix), 3),
-        "noise_sigma_before_rescale": sigma, "clean_variance_before_rescale": summary["clean_variance"],
+        "noise_sigma_before_rescale": sigma,
+        "clean_variance_before_rescale": summary["clean_variance"],
         "images_divided_by_noise_sigma": True,
-        "random_subset_counts": [int((parts["rlnRandomSubset"] == 1).sum()), int((parts["rlnRandomSubset"] == 2).sum())],
+        "random_subset_counts": [
+            int((parts["rlnRandomSubset"] == 1).sum()),
+            int((parts["rlnRandomSubset"] == 2).sum()),
+        ],
         "fraction_tilt_below_30": round(float((tilt < 30).mean()), 4),
         **{k: v for k, v in p.items() if k not in ("model", "box", "angpix", "n", "snr", "ini_high", "sym", "seed")},
         **info,
         "fingerprint": {
-            "image1_mean": float(first.mean()), "image1_std": float(first.std()), "image1_sum": float(first.sum()),
-            "particles_data_sha256": _data_sha256(out / "particles.mrcs"), "truth_data_sha256": _data_sha256(out / "truth.mrc"),
+            "image1_mean": float(first.mean()),
+            "image1_std": float(first.std()),
+            "image1_sum": float(first.sum()),
+            "particles_data_sha256": _data_sha256(out / "particles.mrcs"),
+            "truth_data_sha256": _data_sha256(out / "truth.mrc"),
             "start_data_sha256": _data_sha256(out / "start.mrc"),
         },
         "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": sys.version.split()[0]},
@@ -249,7 +334,11 @@ def build_set(name: str, root: Path) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("outroot", help="folder for the sets (one sub-folder each)")
-    ap.add_argument("--sets", default="bigbox,tightbox,sym,prefori", help="comma-separated names (bigbox,tightbox,sym,prefori or a,b,c,d)")
+    ap.add_argument(
+        "--sets",
+        default="bigbox,tightbox,sym,prefori",
+        help="comma-separated names (bigbox,tightbox,sym,prefori or a,b,c,d)",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
     if args.threads > 0:
@@ -261,7 +350,15 @@ def main(argv=None):
     root = Path(args.outroot)
     for name in names:
         meta = build_set(name, root)
-        print(json.dumps({k: meta[k] for k in ("name", "box", "angpix", "particle_diameter", "n", "snr", "ini_high", "sym", "seconds")}), flush=True)
+        print(
+            json.dumps(
+                {
+                    k: meta[k]
+                    for k in ("name", "box", "angpix", "particle_diameter", "n", "snr", "ini_high", "sym", "seconds")
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

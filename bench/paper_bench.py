@@ -56,7 +56,13 @@ if str(SRC) not in sys.path and not os.environ.get("PAPER_BENCH_NO_SRC"):
     sys.path.insert(0, str(SRC))
 
 SNR = 0.05
-STAGES = ["getFourierTransformsAndCTFs", "getAllSquaredDifferences", "convertAllDiff2ToWeights", "storeWeightedSums", "M-step"]
+STAGES = [
+    "getFourierTransformsAndCTFs",
+    "getAllSquaredDifferences",
+    "convertAllDiff2ToWeights",
+    "storeWeightedSums",
+    "M-step",
+]
 STAGE_LABEL = {"convertAllDiff2ToWeights": "convertAllSquaredDifferencesToWeights"}
 ESTEP_PER_PARTICLE = ["getAllSquaredDifferences", "convertAllDiff2ToWeights", "storeWeightedSums"]
 
@@ -71,17 +77,52 @@ PEAKS = [  # (substring of torch.cuda.get_device_name, label, fp32, tf32)
 
 
 def refine_flags(diameter, ini_high=40, **over):
-    f = {"--healpix_order": 2, "--auto_local_healpix_order": 4, "--offset_range": 5, "--offset_step": 2, "--particle_diameter": diameter,
-         "--ini_high": ini_high, "--pad": 2, "--sym": "C1", "--random_seed": 0, "--pool": 30, "--oversampling": 1, "--low_resol_join_halves": 0}
+    f = {
+        "--healpix_order": 2,
+        "--auto_local_healpix_order": 4,
+        "--offset_range": 5,
+        "--offset_step": 2,
+        "--particle_diameter": diameter,
+        "--ini_high": ini_high,
+        "--pad": 2,
+        "--sym": "C1",
+        "--random_seed": 0,
+        "--pool": 30,
+        "--oversampling": 1,
+        "--low_resol_join_halves": 0,
+    }
     f.update(over)
-    return ["--auto_refine", "--split_random_halves", "--ctf", "--flatten_solvent", "--zero_mask", "--norm", "--scale"] + [str(x) for kv in f.items() for x in kv]
+    return [
+        "--auto_refine",
+        "--split_random_halves",
+        "--ctf",
+        "--flatten_solvent",
+        "--zero_mask",
+        "--norm",
+        "--scale",
+    ] + [str(x) for kv in f.items() for x in kv]
 
 
 def class3d_flags(diameter, K=6, n_iter=25, ini_high=60, **over):
-    f = {"--K": K, "--iter": n_iter, "--tau2_fudge": 4, "--ini_high": ini_high, "--healpix_order": 2, "--offset_range": 5, "--offset_step": 2,
-         "--particle_diameter": diameter, "--pad": 2, "--sym": "C1", "--random_seed": 0, "--pool": 30, "--oversampling": 1}
+    f = {
+        "--K": K,
+        "--iter": n_iter,
+        "--tau2_fudge": 4,
+        "--ini_high": ini_high,
+        "--healpix_order": 2,
+        "--offset_range": 5,
+        "--offset_step": 2,
+        "--particle_diameter": diameter,
+        "--pad": 2,
+        "--sym": "C1",
+        "--random_seed": 0,
+        "--pool": 30,
+        "--oversampling": 1,
+    }
     f.update(over)
-    return ["--firstiter_cc", "--ctf", "--flatten_solvent", "--zero_mask", "--norm", "--scale"] + [str(x) for kv in f.items() for x in kv]
+    return ["--firstiter_cc", "--ctf", "--flatten_solvent", "--zero_mask", "--norm", "--scale"] + [
+        str(x) for kv in f.items() for x in kv
+    ]
 
 
 @dataclass
@@ -107,20 +148,76 @@ class BenchSet:
 
 
 RELION_NOTE = "RELION 5.0.1 on one H100 80GB HBM3, 3 MPI ranks x 6 threads (/work/shared/bench/README.md)"
-SETS = {s.name: s for s in [
-    BenchSet("betagal", "betagal-like auto-refine, 8,915 particles", "refine", (100, 3.54, 8915, 4, 45), refine_flags(265), 40,
-             relion={"wall_s": 366, "iterations": 14, "resolution_angst": 11.1, "status": "converged"}),
-    BenchSet("trpv1", "TRPV1-like auto-refine, 5,000 particles", "refine", (256, 1.2156, 5000, 4, 40), refine_flags(233), 40,
-             relion={"wall_s": 481, "iterations": 14, "resolution_angst": 6.35, "status": "not converged after 481 s", "late_iteration_s": 62}),
-    BenchSet("trpv1_full", "TRPV1-like auto-refine, 35,645 particles", "refine", (256, 1.2156, 35645, 4, 40), refine_flags(233), 40,
-             relion={"status": "not timed (README times the 5,000 subset)"}),
-    BenchSet("empiar10028", "EMPIAR-10028-like class3d K=6, 3,000 particles", "class3d", (360, 1.34, 3000, 6, 70), class3d_flags(361), 60, cpu_n=100,
-             relion={"iteration_s": 54, "iterations": 25, "particle_iterations_per_s": 56}),
-    BenchSet("tiny", "test set: tiny auto-refine, 40 particles", "refine", (32, 4.0, 40, 2, 20),
-             refine_flags(120, 20, **{"--healpix_order": 1, "--offset_range": 2, "--offset_step": 1, "--iter": 2}), 20, cpu_n=8, model="4E43.pdb", snr=2.0),
-    BenchSet("tiny_class3d", "test set: tiny class3d K=2, 50 particles", "class3d", (32, 4.0, 50, 2, 20),
-             class3d_flags(120, K=2, n_iter=2, **{"--healpix_order": 1, "--offset_range": 2, "--offset_step": 1}), 60, cpu_n=10, model="4E43.pdb", snr=2.0),
-]}
+SETS = {
+    s.name: s
+    for s in [
+        BenchSet(
+            "betagal",
+            "betagal-like auto-refine, 8,915 particles",
+            "refine",
+            (100, 3.54, 8915, 4, 45),
+            refine_flags(265),
+            40,
+            relion={"wall_s": 366, "iterations": 14, "resolution_angst": 11.1, "status": "converged"},
+        ),
+        BenchSet(
+            "trpv1",
+            "TRPV1-like auto-refine, 5,000 particles",
+            "refine",
+            (256, 1.2156, 5000, 4, 40),
+            refine_flags(233),
+            40,
+            relion={
+                "wall_s": 481,
+                "iterations": 14,
+                "resolution_angst": 6.35,
+                "status": "not converged after 481 s",
+                "late_iteration_s": 62,
+            },
+        ),
+        BenchSet(
+            "trpv1_full",
+            "TRPV1-like auto-refine, 35,645 particles",
+            "refine",
+            (256, 1.2156, 35645, 4, 40),
+            refine_flags(233),
+            40,
+            relion={"status": "not timed (README times the 5,000 subset)"},
+        ),
+        BenchSet(
+            "empiar10028",
+            "EMPIAR-10028-like class3d K=6, 3,000 particles",
+            "class3d",
+            (360, 1.34, 3000, 6, 70),
+            class3d_flags(361),
+            60,
+            cpu_n=100,
+            relion={"iteration_s": 54, "iterations": 25, "particle_iterations_per_s": 56},
+        ),
+        BenchSet(
+            "tiny",
+            "test set: tiny auto-refine, 40 particles",
+            "refine",
+            (32, 4.0, 40, 2, 20),
+            refine_flags(120, 20, **{"--healpix_order": 1, "--offset_range": 2, "--offset_step": 1, "--iter": 2}),
+            20,
+            cpu_n=8,
+            model="4E43.pdb",
+            snr=2.0,
+        ),
+        BenchSet(
+            "tiny_class3d",
+            "test set: tiny class3d K=2, 50 particles",
+            "class3d",
+            (32, 4.0, 50, 2, 20),
+            class3d_flags(120, K=2, n_iter=2, **{"--healpix_order": 1, "--offset_range": 2, "--offset_step": 1}),
+            60,
+            cpu_n=10,
+            model="4E43.pdb",
+            snr=2.0,
+        ),
+    ]
+}
 
 
 # ------------------------------------------------------------------ small helpers
@@ -170,8 +267,15 @@ def device_slug(name: str) -> str:
 def git_commit() -> dict:
     env = os.environ.get("BENCH_COMMIT")
     try:
-        sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha, dirty = "", ""
     return {"commit": sha or env or "unknown", "dirty": bool(dirty)}
@@ -203,7 +307,11 @@ class Paths:
 
 
 def iterations_done(root) -> list[int]:
-    return sorted(int(m.group(1)) for f in glob.glob(f"{root}_it[0-9][0-9][0-9]_optimiser.star") if (m := re.search(r"_it(\d{3})_optimiser", f)))
+    return sorted(
+        int(m.group(1))
+        for f in glob.glob(f"{root}_it[0-9][0-9][0-9]_optimiser.star")
+        if (m := re.search(r"_it(\d{3})_optimiser", f))
+    )
 
 
 def load_state(root, it: int) -> dict | None:
@@ -228,7 +336,13 @@ def is_finished(s: BenchSet, p: Paths) -> bool:
 # ------------------------------------------------------------------ build
 def build(s: BenchSet, p: Paths, gpu: bool) -> dict:
     info = read_json(p.data / "build.json")
-    if info and info.get("make") == list(s.make) and info.get("snr") == s.snr and (p.data / "particles.star").exists() and p.init.exists():
+    if (
+        info
+        and info.get("make") == list(s.make)
+        and info.get("snr") == s.snr
+        and (p.data / "particles.star").exists()
+        and p.init.exists()
+    ):
         log(f"{s.name}: data cached in {p.data}")
         return info
     if p.data.exists():
@@ -245,11 +359,28 @@ def build(s: BenchSet, p: Paths, gpu: bool) -> dict:
         r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
         if r.returncode != 0:
             raise SystemExit(f"{name} failed ({' '.join(map(str, cmd))}):\n{r.stdout[-2000:]}{r.stderr[-3000:]}")
-        steps[name] = {"cmd": " ".join(str(c) for c in cmd), "seconds": round(time.perf_counter() - t0, 2), "output": r.stdout.strip()[-500:]}
+        steps[name] = {
+            "cmd": " ".join(str(c) for c in cmd),
+            "seconds": round(time.perf_counter() - t0, 2),
+            "output": r.stdout.strip()[-500:],
+        }
         log(f"{s.name}: {name} {steps[name]['seconds']} s: {steps[name]['output'][-200:]}")
 
     step("make_bench_data", [py, str(HERE / "make_bench_data.py"), ".", *map(str, s.make)], p.data)
-    sim = [py, "-m", "cryorefine.cli.main", "simulate", "--map", "truth.mrc", "--poses", "poses.star", "--o", ".", "--snr", "0"]
+    sim = [
+        py,
+        "-m",
+        "cryorefine.cli.main",
+        "simulate",
+        "--map",
+        "truth.mrc",
+        "--poses",
+        "poses.star",
+        "--o",
+        ".",
+        "--snr",
+        "0",
+    ]
     step("project", sim + (["--gpu"] if gpu else []), p.data)
     step("add_noise", [py, str(HERE / "add_noise.py"), "particles.mrcs", str(s.snr)], p.data)
     t0 = time.perf_counter()
@@ -262,12 +393,24 @@ def build(s: BenchSet, p: Paths, gpu: bool) -> dict:
     dev = "cuda" if gpu else "cpu"
     init = low_pass_filter(torch.from_numpy(truth).double().to(dev), s.ini_high, angpix).float().cpu().numpy()
     write_map(p.init, init, angpix)
-    steps["reference"] = {"cmd": f"truth.mrc low-passed to {s.ini_high:g} Å (cryorefine.fourier.filters.low_pass_filter) -> {p.init.name}",
-                          "seconds": round(time.perf_counter() - t0, 2)}
+    steps["reference"] = {
+        "cmd": f"truth.mrc low-passed to {s.ini_high:g} Å (cryorefine.fourier.filters.low_pass_filter) -> {p.init.name}",
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
     box = int(s.make[0])
-    info = {"set": s.name, "make": list(s.make), "model": s.model or "6msm.pdb.bz2", "snr": s.snr, "box": box, "angpix": float(s.make[1]), "n": s.n,
-            "stack_bytes": (p.data / "particles.mrcs").stat().st_size, "steps": steps, "projected_on": dev,
-            "seconds": round(sum(v["seconds"] for v in steps.values()), 2)}
+    info = {
+        "set": s.name,
+        "make": list(s.make),
+        "model": s.model or "6msm.pdb.bz2",
+        "snr": s.snr,
+        "box": box,
+        "angpix": float(s.make[1]),
+        "n": s.n,
+        "stack_bytes": (p.data / "particles.mrcs").stat().st_size,
+        "steps": steps,
+        "projected_on": dev,
+        "seconds": round(sum(v["seconds"] for v in steps.values()), 2),
+    }
     write_json(p.data / "build.json", info)
     return info
 
@@ -286,7 +429,9 @@ class Pruner(threading.Thread):
         if not done:
             return
         for it in done[:-1]:
-            pats = [f"{self.root}_it{it:03d}_state.pt"] + ([f"{self.root}_it{it:03d}_class[0-9][0-9][0-9].mrc"] if self.class_maps else [])
+            pats = [f"{self.root}_it{it:03d}_state.pt"] + (
+                [f"{self.root}_it{it:03d}_class[0-9][0-9][0-9].mrc"] if self.class_maps else []
+            )
             for pat in pats:
                 for f in glob.glob(pat):
                     try:
@@ -299,16 +444,39 @@ class Pruner(threading.Thread):
             self.prune()
 
 
-def job_argv(s: BenchSet, p: Paths, gpu: bool, max_seconds: float | None, cpu_subset: Path | None = None, extra: str = "") -> list[str]:
+def job_argv(
+    s: BenchSet, p: Paths, gpu: bool, max_seconds: float | None, cpu_subset: Path | None = None, extra: str = ""
+) -> list[str]:
     cmd = "refine" if s.job == "refine" else "classify"
     if cpu_subset is not None:
         out = p.cpu_dir / "run"
-        return [cmd, "--i", str(cpu_subset), "--o", str(out), "--ref", str(p.init), *s.flags, "--max_seconds", "1", *extra.split()]
+        return [
+            cmd,
+            "--i",
+            str(cpu_subset),
+            "--o",
+            str(out),
+            "--ref",
+            str(p.init),
+            *s.flags,
+            "--max_seconds",
+            "1",
+            *extra.split(),
+        ]
     done = iterations_done(p.run_root)
     if done:
         argv = [cmd, "--continue", f"{p.run_root}_it{done[-1]:03d}_optimiser.star"]
     else:
-        argv = [cmd, "--i", str(p.data / "particles_noposes.star"), "--o", str(p.run_root), "--ref", str(p.init), *s.flags]
+        argv = [
+            cmd,
+            "--i",
+            str(p.data / "particles_noposes.star"),
+            "--o",
+            str(p.run_root),
+            "--ref",
+            str(p.init),
+            *s.flags,
+        ]
     if gpu:
         argv.append("--gpu")
     if max_seconds:
@@ -343,12 +511,22 @@ def run_gpu(s: BenchSet, p: Paths, gpu: bool, max_seconds: float, extra: str = "
         pruner.join()
         pruner.prune()
     after = iterations_done(p.run_root)
-    call = {"started": started, "argv": ["cryorefine", *argv], "rc": rc, "wall_s": round(wall, 2), "device": device_name(),
-            "iterations": [before[-1] if before else 0, after[-1] if after else 0], "finished": is_finished(s, p),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    call = {
+        "started": started,
+        "argv": ["cryorefine", *argv],
+        "rc": rc,
+        "wall_s": round(wall, 2),
+        "device": device_name(),
+        "iterations": [before[-1] if before else 0, after[-1] if after else 0],
+        "finished": is_finished(s, p),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
     if gpu:
-        call.update(peak_gpu_allocated_bytes=torch.cuda.max_memory_allocated(), peak_gpu_reserved_bytes=torch.cuda.max_memory_reserved(),
-                    gpu_total_bytes=torch.cuda.get_device_properties(0).total_memory)
+        call.update(
+            peak_gpu_allocated_bytes=torch.cuda.max_memory_allocated(),
+            peak_gpu_reserved_bytes=torch.cuda.max_memory_reserved(),
+            gpu_total_bytes=torch.cuda.get_device_properties(0).total_memory,
+        )
     calls = read_json(p.calls, [])
     calls.append(call)
     write_json(p.calls, calls)
@@ -368,7 +546,14 @@ def run_cpu(s: BenchSet, p: Paths, n: int, timeout: float) -> dict:
     subset = p.data / f"subset_cpu{n}.star"
     write_star(subset, blocks)
     threads = os.cpu_count() or 1
-    argv = [sys.executable, "-m", "cryorefine.cli.main", *job_argv(s, p, False, None, cpu_subset=subset), "--j", str(threads)]
+    argv = [
+        sys.executable,
+        "-m",
+        "cryorefine.cli.main",
+        *job_argv(s, p, False, None, cpu_subset=subset),
+        "--j",
+        str(threads),
+    ]
     env = child_env(CUDA_VISIBLE_DEVICES="")
     log(f"{s.name}: CPU subset ({n} particles, {threads} threads, timeout {timeout:.0f} s)")
     t0 = time.perf_counter()
@@ -424,10 +609,16 @@ def model_star_fsc(model_star: Path) -> dict | None:
     if not model_star.exists():
         return None
     blocks = read_star(model_star)
-    general, fsc = blocks["model_general"], torch.tensor(blocks["model_class_1"]["rlnGoldStandardFsc"].to_numpy(dtype=float))
+    general, fsc = (
+        blocks["model_general"],
+        torch.tensor(blocks["model_class_1"]["rlnGoldStandardFsc"].to_numpy(dtype=float)),
+    )
     box, angpix = int(general["rlnOriginalImageSize"].iloc[0]), float(general["rlnPixelSize"].iloc[0])
-    return {"fsc0143_angst": resolution_angstrom(fsc, 0.143, box, angpix), "fsc05_angst": resolution_angstrom(fsc, 0.5, box, angpix),
-            "of": "Fourier-space FSC of the half sets (model.star)"}
+    return {
+        "fsc0143_angst": resolution_angstrom(fsc, 0.143, box, angpix),
+        "fsc05_angst": resolution_angstrom(fsc, 0.5, box, angpix),
+        "of": "Fourier-space FSC of the half sets (model.star)",
+    }
 
 
 def truth_scores(s: BenchSet, p: Paths, history: list, dev) -> dict:
@@ -445,7 +636,11 @@ def truth_scores(s: BenchSet, p: Paths, history: list, dev) -> dict:
         if Path(f"{p.run_root}_class001.mrc").exists():
             m, label, data = f"{p.run_root}_class001.mrc", "final map (run_class001.mrc)", f"{p.run_root}_data.star"
         else:
-            m, label, data = f"{p.run_root}_it{last:03d}_half1_class001.mrc", f"iteration {last} half-1 map (not finished)", f"{p.run_root}_it{last:03d}_data.star"
+            m, label, data = (
+                f"{p.run_root}_it{last:03d}_half1_class001.mrc",
+                f"iteration {last} half-1 map (not finished)",
+                f"{p.run_root}_it{last:03d}_data.star",
+            )
         r = map_resolution(torch.from_numpy(read_map(m)[0]).to(dev), t, angpix)["resolution_angst"]
         out["fsc_to_truth"] = {"map": label, "fsc05_angst": r[0.5], "fsc0143_angst": r[0.143]}
     else:
@@ -454,9 +649,12 @@ def truth_scores(s: BenchSet, p: Paths, history: list, dev) -> dict:
             r = map_resolution(torch.from_numpy(read_map(f)[0]).to(dev), t, angpix)["resolution_angst"]
             per.append({"map": Path(f).name, "fsc05_angst": r[0.5]})
         dist = history[-1].get("class_distribution", []) if history else []
-        out["fsc_to_truth"] = {"classes": per, "class_distribution": dist,
-                               "best_fsc05_angst": min((c["fsc05_angst"] for c in per), default=None),
-                               "largest_class_fsc05_angst": per[int(np.argmax(dist))]["fsc05_angst"] if per and dist else None}
+        out["fsc_to_truth"] = {
+            "classes": per,
+            "class_distribution": dist,
+            "best_fsc05_angst": min((c["fsc05_angst"] for c in per), default=None),
+            "largest_class_fsc05_angst": per[int(np.argmax(dist))]["fsc05_angst"] if per and dist else None,
+        }
         data = f"{p.run_root}_it{last:03d}_data.star"
     if Path(data).exists():
         e = summarise_pose_errors(pose_errors(read_poses(data), read_poses(p.data / "particles.star")))
@@ -483,16 +681,20 @@ def cublas_reference(shape_flops: dict, top: int = 3) -> dict:
         kind, dims = key.split(":")
         d = [int(x) for x in dims.split("x")]
         shp = (d[0], d[1], d[2], d[3]) if kind == "bmm" else (d[0], d[1], d[2])
-        elems = (shp[0] * (shp[1] * shp[2] + shp[2] * shp[3] + shp[1] * shp[3])) if kind == "bmm" else (shp[0] * shp[1] + shp[1] * shp[2] + shp[0] * shp[2])
+        elems = (
+            (shp[0] * (shp[1] * shp[2] + shp[2] * shp[3] + shp[1] * shp[3]))
+            if kind == "bmm"
+            else (shp[0] * shp[1] + shp[1] * shp[2] + shp[0] * shp[2])
+        )
         if dev == "cuda" and elems * 4 > 0.4 * torch.cuda.mem_get_info()[0]:
             rows.append({"shape": key, "skipped": "too large for free GPU memory"})
             continue
         if kind == "bmm":
             a, b = torch.randn(shp[0], shp[1], shp[2], device=dev), torch.randn(shp[0], shp[2], shp[3], device=dev)
-            fn = lambda: torch.bmm(a, b)  # noqa: E731
+            fn = lambda a=a, b=b: torch.bmm(a, b)
         else:
             a, b = torch.randn(shp[0], shp[1], device=dev), torch.randn(shp[1], shp[2], device=dev)
-            fn = lambda: torch.matmul(a, b)  # noqa: E731
+            fn = lambda a=a, b=b: torch.matmul(a, b)
         row = {"shape": key, "share_of_coarse_flops": None}
         for label, tf32 in (("fp32", old_tf32), ("tf32", True)):
             torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -518,9 +720,13 @@ def cublas_reference(shape_flops: dict, top: int = 3) -> dict:
     timed = [r for r in rows if "fp32_tflops" in r]
     f = sum(shape_flops[r["shape"]] for r in timed)
     t = sum(shape_flops[r["shape"]] / (r["fp32_tflops"] * 1e12) for r in timed)
-    return {"device": dev, "allow_tf32_in_run": bool(old_tf32), "shapes": rows,
-            "fp32_tflops_weighted": (f / t / 1e12) if t > 0 else None,
-            "note": "rate cuBLAS reaches on the logged coarse shapes (flop-weighted over the timed shapes), random float32 inputs, same process"}
+    return {
+        "device": dev,
+        "allow_tf32_in_run": bool(old_tf32),
+        "shapes": rows,
+        "fp32_tflops_weighted": (f / t / 1e12) if t > 0 else None,
+        "note": "rate cuBLAS reaches on the logged coarse shapes (flop-weighted over the timed shapes), random float32 inputs, same process",
+    }
 
 
 def build_report(s: BenchSet, p: Paths) -> dict:
@@ -536,13 +742,23 @@ def build_report(s: BenchSet, p: Paths) -> dict:
     its = []
     for h in history:
         c = (h.get("counters") or {}).get("coarse", {})
-        row = {"iteration": h["iteration"], "healpix_order": h["healpix_order"], "search": "local" if h["local"] else "global",
-               "window_shell": h["window_shell"], "coarse_shell": h["coarse_shell"], "wall_s": h["seconds"],
-               "stages_s": {k: h["stages"].get(k, 0.0) for k in STAGES}, "mean_rlnNrOfSignificantSamples": h["mean_significant"],
-               "mean_max_prob": h["mean_max_prob"], "schedule_resolution_angst": h["resolution_angst"], "final": bool(h.get("final")),
-               "coarse_flops": c.get("flops"), "coarse_s": c.get("seconds"),
-               "coarse_tflops": (c["flops"] / c["seconds"] / 1e12) if c.get("seconds") else None,
-               "fine_flops": (h.get("counters") or {}).get("fine", {}).get("flops")}
+        row = {
+            "iteration": h["iteration"],
+            "healpix_order": h["healpix_order"],
+            "search": "local" if h["local"] else "global",
+            "window_shell": h["window_shell"],
+            "coarse_shell": h["coarse_shell"],
+            "wall_s": h["seconds"],
+            "stages_s": {k: h["stages"].get(k, 0.0) for k in STAGES},
+            "mean_rlnNrOfSignificantSamples": h["mean_significant"],
+            "mean_max_prob": h["mean_max_prob"],
+            "schedule_resolution_angst": h["resolution_angst"],
+            "final": bool(h.get("final")),
+            "coarse_flops": c.get("flops"),
+            "coarse_s": c.get("seconds"),
+            "coarse_tflops": (c["flops"] / c["seconds"] / 1e12) if c.get("seconds") else None,
+            "fine_flops": (h.get("counters") or {}).get("fine", {}).get("flops"),
+        }
         if s.job == "refine":
             g = gold_fsc(p, h["iteration"], dev)
             row["gold_fsc0143_angst"] = g["fsc0143_angst"] if g else None
@@ -560,32 +776,57 @@ def build_report(s: BenchSet, p: Paths) -> dict:
     cs = sum(r["coarse_s"] or 0 for r in its)
     gpu_name = next((c["device"] for c in reversed(calls) if c.get("device")), device_name())
     peak = peak_for(gpu_name)
-    coarse = {"flops": cflops, "seconds": cs, "tflops": (cflops / cs / 1e12) if cs else None, "card_peak": peak,
-              "fraction_of_fp32_peak": (cflops / cs / 1e12 / peak["fp32_tflops"]) if (cs and peak) else None,
-              "note": "FLOPs of the coarse-pass matrix products (cross term and |P|^2 term, 2·M·K·N each) over the time of the whole "
-                      "coarse pass on the device (CUDA events since d1cffa1, synchronised wall time before; projections and phase "
-                      "shifts included): a lower bound on the GEMM rate"}
+    coarse = {
+        "flops": cflops,
+        "seconds": cs,
+        "tflops": (cflops / cs / 1e12) if cs else None,
+        "card_peak": peak,
+        "fraction_of_fp32_peak": (cflops / cs / 1e12 / peak["fp32_tflops"]) if (cs and peak) else None,
+        "note": "FLOPs of the coarse-pass matrix products (cross term and |P|^2 term, 2·M·K·N each) over the time of the whole "
+        "coarse pass on the device (CUDA events since d1cffa1, synchronised wall time before; projections and phase "
+        "shifts included): a lower bound on the GEMM rate",
+    }
     if shape_flops and (dev == "cuda" or s.name.startswith("tiny")):
         coarse["cublas_reference"] = cublas_reference(shape_flops)
     finished = is_finished(s, p)
     res = {
-        "set": s.name, "title": s.title, "job": s.job, "date": time.strftime("%Y-%m-%d"), "device": gpu_name,
-        "torch": torch.__version__, "cuda": torch.version.cuda, "host_cpus": os.cpu_count(), **git_commit(),
-        "data": build_info, "flags": s.flags, "calls": calls, "finished": finished,
+        "set": s.name,
+        "title": s.title,
+        "job": s.job,
+        "date": time.strftime("%Y-%m-%d"),
+        "device": gpu_name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "host_cpus": os.cpu_count(),
+        **git_commit(),
+        "data": build_info,
+        "flags": s.flags,
+        "calls": calls,
+        "finished": finished,
         "converged": bool(state and state["schedule"].get("converged")) if s.job == "refine" else None,
-        "iterations": its, "n_iterations": len(its), "n_particles": n,
-        "total": {"iterations_wall_s": total_it, "calls_wall_s": sum(c["wall_s"] for c in calls), "stages_s": stage_tot,
-                  "particle_iterations_per_s": (n * len(its) / total_it) if total_it else None},
+        "iterations": its,
+        "n_iterations": len(its),
+        "n_particles": n,
+        "total": {
+            "iterations_wall_s": total_it,
+            "calls_wall_s": sum(c["wall_s"] for c in calls),
+            "stages_s": stage_tot,
+            "particle_iterations_per_s": (n * len(its) / total_it) if total_it else None,
+        },
         "coarse": coarse,
-        "memory": {"peak_gpu_allocated_bytes": max((c.get("peak_gpu_allocated_bytes", 0) for c in calls), default=0),
-                   "peak_gpu_reserved_bytes": max((c.get("peak_gpu_reserved_bytes", 0) for c in calls), default=0),
-                   "gpu_total_bytes": max((c.get("gpu_total_bytes", 0) for c in calls), default=0),
-                   "peak_host_rss_bytes": max((c.get("peak_rss_bytes", 0) for c in calls), default=0),
-                   "note": "per call: torch.cuda.max_memory_allocated/reserved, ru_maxrss of the harness process (the memory-mapped stack pages it touched count too)"},
+        "memory": {
+            "peak_gpu_allocated_bytes": max((c.get("peak_gpu_allocated_bytes", 0) for c in calls), default=0),
+            "peak_gpu_reserved_bytes": max((c.get("peak_gpu_reserved_bytes", 0) for c in calls), default=0),
+            "gpu_total_bytes": max((c.get("gpu_total_bytes", 0) for c in calls), default=0),
+            "peak_host_rss_bytes": max((c.get("peak_rss_bytes", 0) for c in calls), default=0),
+            "note": "per call: torch.cuda.max_memory_allocated/reserved, ru_maxrss of the harness process (the memory-mapped stack pages it touched count too)",
+        },
         "relion5": dict(s.relion, source=RELION_NOTE) if s.relion else None,
     }
     if s.job == "refine":
-        res["final_gold"] = gold_fsc(p, None, dev) if finished else (gold_fsc(p, its[-1]["iteration"], dev) if its else None)
+        res["final_gold"] = (
+            gold_fsc(p, None, dev) if finished else (gold_fsc(p, its[-1]["iteration"], dev) if its else None)
+        )
     if its:
         res.update(truth_scores(s, p, history, dev))
     rel = s.relion or {}
@@ -604,10 +845,14 @@ def build_report(s: BenchSet, p: Paths) -> dict:
             cpu_pp = cpu["iteration_s"] / cpu["n"]
             gpu_e = sum(g1["stages"].get(k, 0.0) for k in ESTEP_PER_PARTICLE) / n
             cpu_e = sum(cpu["stages"].get(k, 0.0) for k in ESTEP_PER_PARTICLE) / cpu["n"]
-            cpu.update(gpu_iteration1_s_per_particle=gpu_pp, cpu_iteration1_s_per_particle=cpu_pp, cpu_over_gpu_iteration=cpu_pp / gpu_pp,
-                       cpu_over_gpu_estep=(cpu_e / gpu_e) if gpu_e else None,
-                       note="iteration 1 of both (same flags and sampling); 'estep' = getAllSquaredDifferences + convertAll + storeWeightedSums per particle, "
-                            "without the per-iteration fixed costs (reference transforms, M-step) that a 200-particle run cannot amortise")
+            cpu.update(
+                gpu_iteration1_s_per_particle=gpu_pp,
+                cpu_iteration1_s_per_particle=cpu_pp,
+                cpu_over_gpu_iteration=cpu_pp / gpu_pp,
+                cpu_over_gpu_estep=(cpu_e / gpu_e) if gpu_e else None,
+                note="iteration 1 of both (same flags and sampling); 'estep' = getAllSquaredDifferences + convertAll + storeWeightedSums per particle, "
+                "without the per-iteration fixed costs (reference transforms, M-step) that a 200-particle run cannot amortise",
+            )
         res["cpu_subset"] = cpu
     return res
 
@@ -628,56 +873,92 @@ def render_md(r: dict) -> str:
     s = SETS[r["set"]]
     main_dev = "GPU" if r["device"] != "cpu" else "main run (CPU)"
     L = [f"# {r['title']}: cryorefine on {r['device']}", ""]
-    L += [f"- Date {r['date']}; commit {r['commit'][:12]}{' (uncommitted changes)' if r['dirty'] else ''}; torch {r['torch']} (CUDA {r['cuda']}); {r['host_cpus']} host CPUs.",
-          f"- Generated by `python bench/paper_bench.py run {r['set']}` (bench/paper_bench.py; report: `paper_bench.py report {r['set']}`)."]
+    L += [
+        f"- Date {r['date']}; commit {r['commit'][:12]}{' (uncommitted changes)' if r['dirty'] else ''}; torch {r['torch']} (CUDA {r['cuda']}); {r['host_cpus']} host CPUs.",
+        f"- Generated by `python bench/paper_bench.py run {r['set']}` (bench/paper_bench.py; report: `paper_bench.py report {r['set']}`).",
+    ]
     d = r.get("data") or {}
     if d:
-        L.append(f"- Data: {d['n']:,} particles, box {d['box']}, {d['angpix']} Å/px, SNR {d['snr']} (model {d['model']}), stack {d['stack_bytes'] / 2**20:,.1f} MiB; "
-                 f"built in {d['seconds']} s on the {d.get('projected_on')}:")
+        L.append(
+            f"- Data: {d['n']:,} particles, box {d['box']}, {d['angpix']} Å/px, SNR {d['snr']} (model {d['model']}), stack {d['stack_bytes'] / 2**20:,.1f} MiB; "
+            f"built in {d['seconds']} s on the {d.get('projected_on')}:"
+        )
         for k, v in d["steps"].items():
             L.append(f"  - {k} ({v['seconds']} s): `{v['cmd']}`")
     L.append("- Runs (one line per call; a later call continues with --continue):")
     for c in r["calls"]:
         mem = f", peak GPU {gib(c.get('peak_gpu_allocated_bytes'))}" if c.get("peak_gpu_allocated_bytes") else ""
-        L.append(f"  - {c['started']}, {c['wall_s']} s, iterations {c['iterations'][0]}→{c['iterations'][1]}{mem}: `{' '.join(c['argv'])}`")
-    status = "finished" + (" (converged)" if r.get("converged") else "") if r["finished"] else "NOT finished (continue with another `run` call)"
+        L.append(
+            f"  - {c['started']}, {c['wall_s']} s, iterations {c['iterations'][0]}→{c['iterations'][1]}{mem}: `{' '.join(c['argv'])}`"
+        )
+    status = (
+        "finished" + (" (converged)" if r.get("converged") else "")
+        if r["finished"]
+        else "NOT finished (continue with another `run` call)"
+    )
     L += ["", f"Status: **{status}** after {r['n_iterations']} iterations.", ""]
     rel = r.get("relion5") or {}
     tot = r["total"]
     ft = r.get("fsc_to_truth") or {}
     L += ["| | cryorefine | RELION-5 (H100, README) |", "|---|---|---|"]
     if r["job"] == "refine":
-        L.append(f"| wall time | {fmt(tot['calls_wall_s'])} s (iterations {fmt(tot['iterations_wall_s'])} s) | "
-                 + (f"{rel['wall_s']} s, {rel.get('status', '')}" if rel.get("wall_s") else rel.get("status", "—")) + " |")
+        L.append(
+            f"| wall time | {fmt(tot['calls_wall_s'])} s (iterations {fmt(tot['iterations_wall_s'])} s) | "
+            + (f"{rel['wall_s']} s, {rel.get('status', '')}" if rel.get("wall_s") else rel.get("status", "—"))
+            + " |"
+        )
         L.append(f"| iterations | {r['n_iterations']} | {rel.get('iterations', '—')} |")
         g = r.get("final_gold") or {}
-        L.append(f"| gold-standard resolution (FSC 0.143, unfiltered halves) | {fmt(g.get('fsc0143_angst'), 2, ' Å')} | {fmt(rel.get('resolution_angst'), 2, ' Å')} |")
+        L.append(
+            f"| gold-standard resolution (FSC 0.143, unfiltered halves) | {fmt(g.get('fsc0143_angst'), 2, ' Å')} | {fmt(rel.get('resolution_angst'), 2, ' Å')} |"
+        )
         L.append(f"| FSC to truth 0.5 ({ft.get('map', '')}) | {fmt(ft.get('fsc05_angst'), 2, ' Å')} | — |")
         if rel.get("late_iteration_s"):
             last = r["iterations"][-1]["wall_s"] if r["iterations"] else None
             L.append(f"| last iteration | {fmt(last)} s | late iterations {rel['late_iteration_s']} s |")
     else:
         per = [x["wall_s"] for x in r["iterations"]]
-        L.append(f"| wall time per iteration (mean; first / last) | {fmt(sum(per) / len(per) if per else None)} s ({fmt(per[0] if per else None)} / {fmt(per[-1] if per else None)}) | {rel.get('iteration_s', '—')} s |")
+        L.append(
+            f"| wall time per iteration (mean; first / last) | {fmt(sum(per) / len(per) if per else None)} s ({fmt(per[0] if per else None)} / {fmt(per[-1] if per else None)}) | {rel.get('iteration_s', '—')} s |"
+        )
         L.append(f"| iterations | {r['n_iterations']} of {s.max_iter} | {rel.get('iterations', '—')} |")
-        L.append(f"| FSC to truth 0.5, best class / largest class | {fmt(ft.get('best_fsc05_angst'), 2, ' Å')} / {fmt(ft.get('largest_class_fsc05_angst'), 2, ' Å')} | — |")
-    L.append(f"| particle-iterations/s | {fmt(tot['particle_iterations_per_s'])} | {fmt(r.get('relion5_particle_iterations_per_s'))} |")
+        L.append(
+            f"| FSC to truth 0.5, best class / largest class | {fmt(ft.get('best_fsc05_angst'), 2, ' Å')} / {fmt(ft.get('largest_class_fsc05_angst'), 2, ' Å')} | — |"
+        )
+    L.append(
+        f"| particle-iterations/s | {fmt(tot['particle_iterations_per_s'])} | {fmt(r.get('relion5_particle_iterations_per_s'))} |"
+    )
     pe = r.get("pose_errors")
     if pe:
-        L.append(f"| pose error vs truth, median (p90) | {pe['angle_median_deg']}° ({pe['angle_p90_deg']}°), {pe['shift_median_angst']} Å ({pe['shift_p90_angst']} Å) | — |")
+        L.append(
+            f"| pose error vs truth, median (p90) | {pe['angle_median_deg']}° ({pe['angle_p90_deg']}°), {pe['shift_median_angst']} Å ({pe['shift_p90_angst']} Å) | — |"
+        )
     L += ["", "## Per iteration", ""]
     if r["job"] == "refine":
-        L += ["gold 0.143: FSC of the unfiltered half maps in the final iteration; in the others, the FSC in the iteration's "
-              "model.star (the half sets' Fourier-space averages, as RELION's compareTwoHalves), as no unfiltered maps are written.", ""]
+        L += [
+            "gold 0.143: FSC of the unfiltered half maps in the final iteration; in the others, the FSC in the iteration's "
+            "model.star (the half sets' Fourier-space averages, as RELION's compareTwoHalves), as no unfiltered maps are written.",
+            "",
+        ]
     lab = [STAGE_LABEL.get(k, k) for k in STAGES]
     res_col = "gold 0.143 (Å)" if r["job"] == "refine" else "class res. (Å, best)"
-    L.append("| it | sampling | window (coarse) | wall s | " + " | ".join(lab) + f" | coarse TFLOP/s | mean nsig | sched. res. (Å) | {res_col} |")
+    L.append(
+        "| it | sampling | window (coarse) | wall s | "
+        + " | ".join(lab)
+        + f" | coarse TFLOP/s | mean nsig | sched. res. (Å) | {res_col} |"
+    )
     L.append("|" + "---|" * (8 + len(STAGES)))
     for x in r["iterations"]:
-        rc = fmt(x.get("gold_fsc0143_angst"), 2) if r["job"] == "refine" else fmt(min(x["class_resolution_angst"]) if x.get("class_resolution_angst") else None, 2)
-        L.append(f"| {x['iteration']}{' (final)' if x['final'] else ''} | hp{x['healpix_order']} {x['search']} | {x['window_shell']} ({x['coarse_shell']}) | {fmt(x['wall_s'])} | "
-                 + " | ".join(fmt(x["stages_s"][k]) for k in STAGES)
-                 + f" | {fmt(x['coarse_tflops'], 2)} | {fmt(x['mean_rlnNrOfSignificantSamples'])} | {fmt(x['schedule_resolution_angst'], 2)} | {rc} |")
+        rc = (
+            fmt(x.get("gold_fsc0143_angst"), 2)
+            if r["job"] == "refine"
+            else fmt(min(x["class_resolution_angst"]) if x.get("class_resolution_angst") else None, 2)
+        )
+        L.append(
+            f"| {x['iteration']}{' (final)' if x['final'] else ''} | hp{x['healpix_order']} {x['search']} | {x['window_shell']} ({x['coarse_shell']}) | {fmt(x['wall_s'])} | "
+            + " | ".join(fmt(x["stages_s"][k]) for k in STAGES)
+            + f" | {fmt(x['coarse_tflops'], 2)} | {fmt(x['mean_rlnNrOfSignificantSamples'])} | {fmt(x['schedule_resolution_angst'], 2)} | {rc} |"
+        )
     st = tot["stages_s"]
     ssum = sum(st.values()) or 1.0
     L += ["", "## Where the time goes (all iterations)", "", "| stage | s | share |", "|---|---|---|"]
@@ -685,32 +966,55 @@ def render_md(r: dict) -> str:
     L.append(f"| other (writing files, bookkeeping) | {fmt(tot['iterations_wall_s'] - ssum)} | |")
     c = r["coarse"]
     pk = c.get("card_peak") or {}
-    L += ["", "## Coarse pass (getAllSquaredDifferences, pass 0)", "",
-          f"- {c['flops'] / 1e12:.2f} TFLOP in {fmt(c['seconds'], 2)} s: **{fmt(c['tflops'], 2)} TFLOP/s**"
-          + (f", {100 * c['fraction_of_fp32_peak']:.1f} % of the {pk['card']}'s FP32 peak {pk['fp32_tflops']} TFLOP/s (TF32 tensor cores: {pk['tf32_tflops']})" if c.get("fraction_of_fp32_peak") else "")
-          + ". " + c["note"] + "."]
+    L += [
+        "",
+        "## Coarse pass (getAllSquaredDifferences, pass 0)",
+        "",
+        f"- {c['flops'] / 1e12:.2f} TFLOP in {fmt(c['seconds'], 2)} s: **{fmt(c['tflops'], 2)} TFLOP/s**"
+        + (
+            f", {100 * c['fraction_of_fp32_peak']:.1f} % of the {pk['card']}'s FP32 peak {pk['fp32_tflops']} TFLOP/s (TF32 tensor cores: {pk['tf32_tflops']})"
+            if c.get("fraction_of_fp32_peak")
+            else ""
+        )
+        + ". "
+        + c["note"]
+        + ".",
+    ]
     cb = c.get("cublas_reference")
     if cb:
-        L.append(f"- cuBLAS on the same shapes ({cb['device']}, same process; TF32 in the run: {cb['allow_tf32_in_run']}): "
-                 f"flop-weighted {fmt(cb['fp32_tflops_weighted'], 2)} TFLOP/s")
+        L.append(
+            f"- cuBLAS on the same shapes ({cb['device']}, same process; TF32 in the run: {cb['allow_tf32_in_run']}): "
+            f"flop-weighted {fmt(cb['fp32_tflops_weighted'], 2)} TFLOP/s"
+        )
         for x in cb["shapes"]:
             if "fp32_tflops" in x:
-                L.append(f"  - `{x['shape']}` ({100 * (x['share_of_coarse_flops'] or 0):.0f} % of the coarse FLOPs): {fmt(x['fp32_tflops'], 2)} TFLOP/s fp32"
-                         + (f", {fmt(x.get('tf32_tflops'), 2)} TFLOP/s TF32" if x.get("tf32_tflops") else ""))
+                L.append(
+                    f"  - `{x['shape']}` ({100 * (x['share_of_coarse_flops'] or 0):.0f} % of the coarse FLOPs): {fmt(x['fp32_tflops'], 2)} TFLOP/s fp32"
+                    + (f", {fmt(x.get('tf32_tflops'), 2)} TFLOP/s TF32" if x.get("tf32_tflops") else "")
+                )
             else:
                 L.append(f"  - `{x['shape']}`: {x.get('skipped')}")
     m = r["memory"]
-    L += ["", "## Memory", "", f"- Peak GPU memory {gib(m['peak_gpu_allocated_bytes'])} allocated, {gib(m['peak_gpu_reserved_bytes'])} reserved (of {gib(m['gpu_total_bytes'])}); "
-          f"host peak RSS {gib(m['peak_host_rss_bytes'])} ({m['note']})."]
+    L += [
+        "",
+        "## Memory",
+        "",
+        f"- Peak GPU memory {gib(m['peak_gpu_allocated_bytes'])} allocated, {gib(m['peak_gpu_reserved_bytes'])} reserved (of {gib(m['gpu_total_bytes'])}); "
+        f"host peak RSS {gib(m['peak_host_rss_bytes'])} ({m['note']}).",
+    ]
     cpu = r.get("cpu_subset")
     L += ["", "## CPU path", ""]
     if not cpu:
         L.append(f"- Not run (`python bench/paper_bench.py cpu {r['set']}`).")
     else:
-        L.append(f"- {cpu['n']} particles, one iteration, {cpu['threads']} threads, no CUDA: {cpu['status']}, {cpu['wall_s']} s wall; `{' '.join(cpu['argv'])}`.")
+        L.append(
+            f"- {cpu['n']} particles, one iteration, {cpu['threads']} threads, no CUDA: {cpu['status']}, {cpu['wall_s']} s wall; `{' '.join(cpu['argv'])}`."
+        )
         if cpu.get("cpu_over_gpu_iteration"):
-            L.append(f"- Iteration 1 per particle: CPU {1e3 * cpu['cpu_iteration1_s_per_particle']:.2f} ms, {main_dev} {1e3 * cpu['gpu_iteration1_s_per_particle']:.3f} ms: "
-                     f"**{main_dev} {cpu['cpu_over_gpu_iteration']:.1f}× faster** (E-step stages per particle: {fmt(cpu.get('cpu_over_gpu_estep'))}×). {cpu['note']}.")
+            L.append(
+                f"- Iteration 1 per particle: CPU {1e3 * cpu['cpu_iteration1_s_per_particle']:.2f} ms, {main_dev} {1e3 * cpu['gpu_iteration1_s_per_particle']:.3f} ms: "
+                f"**{main_dev} {cpu['cpu_over_gpu_iteration']:.1f}× faster** (E-step stages per particle: {fmt(cpu.get('cpu_over_gpu_estep'))}×). {cpu['note']}."
+            )
     L += ["", f"RELION-5 figures: {RELION_NOTE}.", ""]
     return "\n".join(L)
 
@@ -737,16 +1041,34 @@ def report(s: BenchSet, p: Paths, out: Path) -> Path:
 
 # ------------------------------------------------------------------ main
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     ap.add_argument("action", choices=["build", "run", "cpu", "report"])
     ap.add_argument("set", choices=sorted(SETS))
-    ap.add_argument("--workdir", default=os.environ.get("BENCH_WORKDIR", "/tmp/cryobench"), help="data and runs (the machine's disk)")
-    ap.add_argument("--out", default=os.environ.get("OUT") or str(HERE / "results"), help="where the result files go (default $OUT, else bench/results)")
+    ap.add_argument(
+        "--workdir",
+        default=os.environ.get("BENCH_WORKDIR", "/tmp/cryobench"),
+        help="data and runs (the machine's disk)",
+    )
+    ap.add_argument(
+        "--out",
+        default=os.environ.get("OUT") or str(HERE / "results"),
+        help="where the result files go (default $OUT, else bench/results)",
+    )
     ap.add_argument("--budget", type=float, default=480.0, help="seconds this call may take, build and report included")
     ap.add_argument("--reserve", type=float, default=45.0, help="seconds kept for the report (FSCs, cuBLAS reference)")
-    ap.add_argument("--cpu_n", type=int, default=None, help="particles of the CPU-path iteration (0: skip; default per set)")
+    ap.add_argument(
+        "--cpu_n", type=int, default=None, help="particles of the CPU-path iteration (0: skip; default per set)"
+    )
     ap.add_argument("--no_gpu", action="store_true", help="run on the CPU even if CUDA is there (tests)")
-    ap.add_argument("--extra", default="", help="more flags for our refine/classify, e.g. '--batch 256' after a GPU out-of-memory stop")
+    ap.add_argument(
+        "--extra",
+        default="",
+        help="more flags for our refine/classify, e.g. '--batch 256' after a GPU out-of-memory stop",
+    )
     a = ap.parse_args(argv)
     t_start = time.perf_counter()
     s = SETS[a.set]
@@ -764,7 +1086,11 @@ def main(argv=None) -> int:
             log(f"{s.name}: no time left for the run in this call ({left():.0f} s)")
         else:
             run_gpu(s, p, gpu, max(1.0, left()), a.extra)
-    if a.action in ("run", "cpu") and cpu_n > 0 and (a.action == "cpu" or (is_finished(s, p) and not (p.cpu_dir / "cpu.json").exists())):
+    if (
+        a.action in ("run", "cpu")
+        and cpu_n > 0
+        and (a.action == "cpu" or (is_finished(s, p) and not (p.cpu_dir / "cpu.json").exists()))
+    ):
         if left() > 20:
             run_cpu(s, p, cpu_n, left())
         else:

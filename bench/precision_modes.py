@@ -64,24 +64,46 @@ def cuda_ms(fn, repeats: int) -> float:
 def make_case(box: int, n: int, order: int, offset_range: float, offset_step: float, work: Path):
     angpix = FIELD_OF_VIEW_ANGST / box
     xyz, w = read_atoms(packaged_model())
-    simulate_particles(atoms_to_map(xyz, w, box, angpix, bfactor=50.0), angpix, work, n, snr=0.05, seed=3, max_shift_angst=4.0)
+    simulate_particles(
+        atoms_to_map(xyz, w, box, angpix, bfactor=50.0), angpix, work, n, snr=0.05, seed=3, max_shift_angst=4.0
+    )
     table = load_particles(work / "particles.star")
     truth, _ = read_map(work / "truth.mrc")
     dev = DEVICE
     window = Window.build(box, box // 2 - 1, dev)
-    batch = prepare_batch(table, np.arange(n), window, initial_sigma2(table, 1)[0].to(dev), torch.ones(1, dtype=torch.float64),
-                          0.8 * box * angpix, angpix, True, True, torch.Generator().manual_seed(0), dev)
+    batch = prepare_batch(
+        table,
+        np.arange(n),
+        window,
+        initial_sigma2(table, 1)[0].to(dev),
+        torch.ones(1, dtype=torch.float64),
+        0.8 * box * angpix,
+        angpix,
+        True,
+        True,
+        torch.Generator().manual_seed(0),
+        dev,
+    )
     grid = PoseGrid.build(make_sampling(order, "C1", 0.2), offset_range, offset_step, device=dev)
     vol = torch.from_numpy(truth).to(dev)
-    return dict(batch=batch, window=window, grid=grid, jc=window.prefix(box // 4), angpix=angpix,
-                ref32=prepare_padded_transform(vol.float(), 2), ref64=prepare_padded_transform(vol.double(), 2))
+    return dict(
+        batch=batch,
+        window=window,
+        grid=grid,
+        jc=window.prefix(box // 4),
+        angpix=angpix,
+        ref32=prepare_padded_transform(vol.float(), 2),
+        ref64=prepare_padded_transform(vol.double(), 2),
+    )
 
 
 def float64_diff2(c) -> torch.Tensor:
     """(n, T, R) diff2 without the per-particle constant, in float64 (slices and products)."""
     b, win, grid, jc = c["batch"], c["window"], c["grid"], c["jc"]
     ky, kx = win.ky[:jc].double(), win.kx[:jc].double()
-    rot = euler_to_matrix(*(torch.as_tensor(grid.coarse_eulers_deg[:, i], dtype=torch.float64) for i in range(3))).to(DEVICE)
+    rot = euler_to_matrix(*(torch.as_tensor(grid.coarse_eulers_deg[:, i], dtype=torch.float64) for i in range(3))).to(
+        DEVICE
+    )
     w = b.inv_sigma2[:, :jc].double() * 0.5
     sc = b.scale[:, None].double() * b.ctf[:, :jc].double()
     off = b.old_offset_px.double()[:, None, :] + grid.translations_px.double()[None]
@@ -118,17 +140,31 @@ def run_box(box: int, args) -> dict:
     best_ref = (prior - ref).reshape(n, -1).argmax(1)
     a, p_real, bb, p2 = coarse_operands(c)
     flops = 2.0 * a.shape[0] * a.shape[1] * R + 2.0 * bb.shape[0] * bb.shape[1] * R
-    out = {"box": box, "angpix": c["angpix"], "particles": n, "translations": T, "rotations": R, "coarse_pixels": jc,
-           "significant_per_particle_median": float(nsig.double().median()), "modes": {}}
+    out = {
+        "box": box,
+        "angpix": c["angpix"],
+        "particles": n,
+        "translations": T,
+        "rotations": R,
+        "coarse_pixels": jc,
+        "significant_per_particle_median": float(nsig.double().median()),
+        "modes": {},
+    }
     for mode in PRECISIONS:
         d2 = get_all_squared_differences_coarse(b, c["window"], jc, [c["ref32"]], grid, precision=mode)[:, 0].double()
         err = (d2 - ref).abs()[mask]
         best = (prior - d2).reshape(n, -1).argmax(1)
         gemm = cuda_ms(lambda: (matmul_nt(a, p_real, mode), matmul_nt(bb, p2, mode)), args.repeats)
-        whole = cuda_ms(lambda: get_all_squared_differences_coarse(b, c["window"], jc, [c["ref32"]], grid, precision=mode), args.repeats)
+        whole = cuda_ms(
+            lambda: get_all_squared_differences_coarse(b, c["window"], jc, [c["ref32"]], grid, precision=mode),
+            args.repeats,
+        )
         out["modes"][mode] = {
-            "gemm_ms": gemm, "gemm_tflops": flops / gemm / 1e9, "coarse_pass_ms": whole,
-            "max_abs_diff2_significant": float(err.max()), "median_abs_diff2_significant": float(err.median()),
+            "gemm_ms": gemm,
+            "gemm_tflops": flops / gemm / 1e9,
+            "coarse_pass_ms": whole,
+            "max_abs_diff2_significant": float(err.max()),
+            "median_abs_diff2_significant": float(err.median()),
             "same_best_sample": float((best == best_ref).double().mean()),
             "same_best_rotation": float((best % R == best_ref % R).double().mean()),
         }
@@ -137,15 +173,21 @@ def run_box(box: int, args) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Coarse-pass precision modes on {result['device']}", "",
-             f"torch {result['torch']}, commit {result['commit']}; diff2 errors against float64 on the significant samples.", "",
-             "| box | n × T × R × jc | mode | GEMM ms | TFLOP/s | coarse pass ms | max abs Δdiff2 | median abs Δdiff2 | same best rotation |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Coarse-pass precision modes on {result['device']}",
+        "",
+        f"torch {result['torch']}, commit {result['commit']}; diff2 errors against float64 on the significant samples.",
+        "",
+        "| box | n × T × R × jc | mode | GEMM ms | TFLOP/s | coarse pass ms | max abs Δdiff2 | median abs Δdiff2 | same best rotation |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["boxes"]:
         shape = f"{r['particles']} × {r['translations']} × {r['rotations']} × {r['coarse_pixels']}"
         for mode, m in r["modes"].items():
-            lines.append(f"| {r['box']} | {shape} | {mode} | {m['gemm_ms']:.2f} | {m['gemm_tflops']:.1f} | {m['coarse_pass_ms']:.2f} | "
-                         f"{m['max_abs_diff2_significant']:.3g} | {m['median_abs_diff2_significant']:.3g} | {100 * m['same_best_rotation']:.1f} % |")
+            lines.append(
+                f"| {r['box']} | {shape} | {mode} | {m['gemm_ms']:.2f} | {m['gemm_tflops']:.1f} | {m['coarse_pass_ms']:.2f} | "
+                f"{m['max_abs_diff2_significant']:.3g} | {m['median_abs_diff2_significant']:.3g} | {100 * m['same_best_rotation']:.1f} % |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -162,11 +204,17 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("needs CUDA")
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit,
-              "boxes": [run_box(box, args) for box in args.boxes]}
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "commit": commit,
+        "boxes": [run_box(box, args) for box in args.boxes],
+    }
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "precision_modes.json").write_text(json.dumps(result, indent=1))

@@ -23,7 +23,10 @@ def _general(path: Path, block: str) -> dict:
 
 
 def trace(relion_dir: Path, root: str = "run") -> dict:
-    its = sorted(int(re.search(r"_it(\d{3})_optimiser", p).group(1)) for p in glob.glob(str(relion_dir / f"{root}_it[0-9][0-9][0-9]_optimiser.star")))
+    its = sorted(
+        int(re.search(r"_it(\d{3})_optimiser", p).group(1))
+        for p in glob.glob(str(relion_dir / f"{root}_it[0-9][0-9][0-9]_optimiser.star"))
+    )
     first = _general(relion_dir / f"{root}_it000_half1_model.star", "model_general")
     out = {"box": int(first["rlnOriginalImageSize"]), "angpix": float(first["rlnPixelSize"]), "iterations": []}
     for k in its:
@@ -35,21 +38,28 @@ def trace(relion_dir: Path, root: str = "run") -> dict:
         classes = blocks["model_classes"]
         opt = _general(Path(f"{pre}_optimiser.star"), "optimiser_general")
         sampling = _general(Path(f"{pre}_sampling.star"), "sampling_general")
-        out["iterations"].append({
-            "iteration": k,
-            "resolution_angst": float(general["rlnCurrentResolution"]), "current_size": int(general["rlnCurrentImageSize"]),
-            "ave_pmax": float(general["rlnAveragePmax"]),
-            "fsc": [round(float(x), 6) for x in blocks["model_class_1"]["rlnGoldStandardFsc"]],
-            "accuracy_rotation_deg": float(classes["rlnAccuracyRotations"].iloc[0]),
-            "accuracy_translation_angst": float(classes["rlnAccuracyTranslationsAngst"].iloc[0]),
-            "changes_orientation_deg": float(opt["rlnChangesOptimalOrientations"]), "changes_offset_angst": float(opt["rlnChangesOptimalOffsets"]),
-            "changes_classes": float(opt["rlnChangesOptimalClasses"]),
-            "incr_size": int(opt["rlnIncrementImageSize"]), "has_high_fsc_at_limit": int(opt.get("rlnHasHighFscAtResolLimit", -1)),
-            "iter_without_resolution_gain": int(opt["rlnNumberOfIterWithoutResolutionGain"]),
-            "iter_without_large_changes": int(opt["rlnNumberOfIterWithoutChangingAssignments"]),
-            "healpix_order": int(sampling["rlnHealpixOrder"]), "offset_range_angst": float(sampling["rlnOffsetRange"]),
-            "offset_step_angst": float(sampling["rlnOffsetStep"]), "local": int(general.get("rlnOrientationalPriorMode", 0)) > 0,
-        })
+        out["iterations"].append(
+            {
+                "iteration": k,
+                "resolution_angst": float(general["rlnCurrentResolution"]),
+                "current_size": int(general["rlnCurrentImageSize"]),
+                "ave_pmax": float(general["rlnAveragePmax"]),
+                "fsc": [round(float(x), 6) for x in blocks["model_class_1"]["rlnGoldStandardFsc"]],
+                "accuracy_rotation_deg": float(classes["rlnAccuracyRotations"].iloc[0]),
+                "accuracy_translation_angst": float(classes["rlnAccuracyTranslationsAngst"].iloc[0]),
+                "changes_orientation_deg": float(opt["rlnChangesOptimalOrientations"]),
+                "changes_offset_angst": float(opt["rlnChangesOptimalOffsets"]),
+                "changes_classes": float(opt["rlnChangesOptimalClasses"]),
+                "incr_size": int(opt["rlnIncrementImageSize"]),
+                "has_high_fsc_at_limit": int(opt.get("rlnHasHighFscAtResolLimit", -1)),
+                "iter_without_resolution_gain": int(opt["rlnNumberOfIterWithoutResolutionGain"]),
+                "iter_without_large_changes": int(opt["rlnNumberOfIterWithoutChangingAssignments"]),
+                "healpix_order": int(sampling["rlnHealpixOrder"]),
+                "offset_range_angst": float(sampling["rlnOffsetRange"]),
+                "offset_step_angst": float(sampling["rlnOffsetStep"]),
+                "local": int(general.get("rlnOrientationalPriorMode", 0)) > 0,
+            }
+        )
     final = relion_dir / f"{root}_model.star"
     out["converged_after"] = its[-1] if final.exists() else None  # RELION's final (joined) iteration has no number
     return out

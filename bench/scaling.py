@@ -43,7 +43,9 @@ sys.path.insert(0, str(HERE))
 import paper_bench as pb  # noqa: E402  (puts the repository's src on sys.path)
 
 COMBINE = "combine ranks"
-RUN_OVERHEAD_S = 45.0  # per run, beyond --max_seconds: torchrun and CUDA start-up, loading, an iteration running past the estimate
+RUN_OVERHEAD_S = (
+    45.0  # per run, beyond --max_seconds: torchrun and CUDA start-up, loading, an iteration running past the estimate
+)
 REPORT_RESERVE_S = 20.0
 MIN_RUN_S = 30.0
 
@@ -131,7 +133,13 @@ def log_tail(path: Path, n: int = 25) -> str:
         lines = [x for x in path.read_text(errors="replace").splitlines() if not re.search(r"particles, .*/s, ", x)]
     except OSError:
         return ""
-    key = [x for x in lines[:-n] if re.search(r"error|Error|out of memory|NCCL|CUDA", x) and "torch/distributed/elastic" not in x and 'File "' not in x]
+    key = [
+        x
+        for x in lines[:-n]
+        if re.search(r"error|Error|out of memory|NCCL|CUDA", x)
+        and "torch/distributed/elastic" not in x
+        and 'File "' not in x
+    ]
     return "\n".join(key[:12] + (["..."] if key else []) + lines[-n:])
 
 
@@ -158,7 +166,17 @@ def one_run(s: pb.BenchSet, p: pb.Paths, n: int, gpu: bool, limit: float, hard: 
         shutil.rmtree(q.run_dir)
     q.run_dir.mkdir(parents=True)
     argv = pb.job_argv(s, q, gpu, limit, extra=extra)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), "-m", "cryorefine.cli.main", *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(n),
+        "-m",
+        "cryorefine.cli.main",
+        *argv,
+    ]
     threads = max(1, (os.cpu_count() or 1) // n)
     env = pb.child_env(OMP_NUM_THREADS=str(threads))
     if not gpu:
@@ -174,9 +192,18 @@ def one_run(s: pb.BenchSet, p: pb.Paths, n: int, gpu: bool, limit: float, hard: 
         pruner.stop.set()
         pruner.join()
         pruner.prune()
-    r = {"n": n, "started": started, "argv": ["torchrun", "--standalone", "--nproc_per_node", str(n), "-m", "cryorefine.cli.main", *argv],
-         "omp_num_threads": threads, "max_seconds": round(limit), "hard_timeout_s": round(hard), "rc": rc, "timed_out": timed_out,
-         "process_wall_s": round(wall, 2), "summary": run_summary(out_log)}
+    r = {
+        "n": n,
+        "started": started,
+        "argv": ["torchrun", "--standalone", "--nproc_per_node", str(n), "-m", "cryorefine.cli.main", *argv],
+        "omp_num_threads": threads,
+        "max_seconds": round(limit),
+        "hard_timeout_s": round(hard),
+        "rc": rc,
+        "timed_out": timed_out,
+        "process_wall_s": round(wall, 2),
+        "summary": run_summary(out_log),
+    }
     runlog = q.run_dir / "run.log"
     text = runlog.read_text(errors="replace") if runlog.exists() else ""
     m = re.search(r"(\d+) ranks \((\w+)\)", text)
@@ -189,24 +216,50 @@ def one_run(s: pb.BenchSet, p: pb.Paths, n: int, gpu: bool, limit: float, hard: 
     r["finished"] = Path(f"{q.run_root}_class001.mrc").exists()
     r["converged"] = bool(state and state["schedule"].get("converged"))
     r["stopped_early"] = not r["finished"]
-    r["iterations"] = [{"iteration": h["iteration"], "seconds": h["seconds"], "combine_s": h["stages"].get(COMBINE, 0.0),
-                        "batches_per_rank": list(h.get("batches_per_rank") or []), "estep_s_per_rank": list(h.get("estep_s_per_rank") or []),
-                        "healpix_order": h["healpix_order"], "local": bool(h["local"]),
-                        "resolution_angst": h["resolution_angst"], "final": bool(h.get("final")),
-                        "stages_s": {k: round(v, 3) for k, v in h["stages"].items()}} for h in hist]
+    r["iterations"] = [
+        {
+            "iteration": h["iteration"],
+            "seconds": h["seconds"],
+            "combine_s": h["stages"].get(COMBINE, 0.0),
+            "batches_per_rank": list(h.get("batches_per_rank") or []),
+            "estep_s_per_rank": list(h.get("estep_s_per_rank") or []),
+            "healpix_order": h["healpix_order"],
+            "local": bool(h["local"]),
+            "resolution_angst": h["resolution_angst"],
+            "final": bool(h.get("final")),
+            "stages_s": {k: round(v, 3) for k, v in h["stages"].items()},
+        }
+        for h in hist
+    ]
     r["n_iterations"] = len(hist)
     r["iterations_wall_s"] = sum(x["seconds"] for x in r["iterations"])
     r["combine_s"] = sum(x["combine_s"] for x in r["iterations"])
     if done:
         g = pb.gold_fsc(q, None if r["finished"] else done[-1], "cpu")
-        r["gold"] = dict(g, of="final half maps (run_half?_class001_unfil.mrc)" if r["finished"] else f"iteration {done[-1]} half maps (not finished)") if g else None
+        r["gold"] = (
+            dict(
+                g,
+                of="final half maps (run_half?_class001_unfil.mrc)"
+                if r["finished"]
+                else f"iteration {done[-1]} half maps (not finished)",
+            )
+            if g
+            else None
+        )
     else:
         r["gold"] = None
     if rc != 0 or not done:
         r["error_tail"] = log_tail(out_log)
-    status = "finished" + (" (converged)" if r["converged"] else "") if r["finished"] else ("timed out" if timed_out else "stopped by --max_seconds" if rc == 0 else f"failed (rc {rc})")
+    status = (
+        "finished" + (" (converged)" if r["converged"] else "")
+        if r["finished"]
+        else ("timed out" if timed_out else "stopped by --max_seconds" if rc == 0 else f"failed (rc {rc})")
+    )
     r["status"] = status
-    log(f"N={n}: {status}, {r['n_iterations']} iterations, {wall:.1f} s" + (f"; error tail:\n{r['error_tail'][-1500:]}" if r.get("error_tail") else ""))
+    log(
+        f"N={n}: {status}, {r['n_iterations']} iterations, {wall:.1f} s"
+        + (f"; error tail:\n{r['error_tail'][-1500:]}" if r.get("error_tail") else "")
+    )
     return r
 
 
@@ -229,19 +282,33 @@ def compare(base: dict | None, r: dict) -> dict:
         return (a / b if b > 0 else None), a, b
 
     sp, a, b = ratio(common)
-    out.update(t1_common_s=a, tn_common_s=b, speedup_iterations=sp, efficiency_iterations=sp / n if sp else None,
-               s_per_iteration=b / len(common) if common else None, t1_s_per_iteration=a / len(common) if common else None)
+    out.update(
+        t1_common_s=a,
+        tn_common_s=b,
+        speedup_iterations=sp,
+        efficiency_iterations=sp / n if sp else None,
+        s_per_iteration=b / len(common) if common else None,
+        t1_s_per_iteration=a / len(common) if common else None,
+    )
     later = [i for i in common if i > 1]
     if later:
         sp2, _, _ = ratio(later)
         out.update(speedup_after_first=sp2, efficiency_after_first=sp2 / n if sp2 else None)
-    out["same_schedule"] = all((t1[i]["healpix_order"], t1[i]["local"], t1[i]["final"]) == (tn[i]["healpix_order"], tn[i]["local"], tn[i]["final"]) for i in common)
+    out["same_schedule"] = all(
+        (t1[i]["healpix_order"], t1[i]["local"], t1[i]["final"])
+        == (tn[i]["healpix_order"], tn[i]["local"], tn[i]["final"])
+        for i in common
+    )
     if base["finished"] and r["finished"]:
         sp_tot = base["iterations_wall_s"] / r["iterations_wall_s"] if r["iterations_wall_s"] else None
         sp_wall = base["process_wall_s"] / r["process_wall_s"] if r["process_wall_s"] else None
-        out.update(speedup_total=sp_tot, efficiency_total=sp_tot / n if sp_tot else None,
-                   speedup_process_wall=sp_wall, efficiency_process_wall=sp_wall / n if sp_wall else None,
-                   same_iteration_count=base["n_iterations"] == r["n_iterations"])
+        out.update(
+            speedup_total=sp_tot,
+            efficiency_total=sp_tot / n if sp_tot else None,
+            speedup_process_wall=sp_wall,
+            efficiency_process_wall=sp_wall / n if sp_wall else None,
+            same_iteration_count=base["n_iterations"] == r["n_iterations"],
+        )
     return out
 
 
@@ -254,28 +321,47 @@ def render_md(rep: dict) -> str:
     h = rep["host"]
     L = [f"# Scaling of auto-refine over GPUs of one host: {s.title}", ""]
     L.append(f"- Device: {h['device']} × {h['gpus']} GPUs" if h["gpus"] else "- Device: CPU ranks (gloo; --no_gpu)")
-    L.append(f"- Date {rep['date']}; commit {rep['commit'][:12]} ({rep['commit_source']}{', uncommitted changes in this copy' if rep.get('dirty') else ''}); "
-             f"torch {h['torch']} (CUDA {h['cuda']}); {h['host_cpus']} host CPUs.")
-    L.append(f"- Command: `{rep['command']}`; GPU counts asked {rep['asked']}, run {[r['n'] for r in rep['runs']]}"
-             + (f"; skipped: {'; '.join(rep['skipped'])}" if rep["skipped"] else "") + ".")
+    L.append(
+        f"- Date {rep['date']}; commit {rep['commit'][:12]} ({rep['commit_source']}{', uncommitted changes in this copy' if rep.get('dirty') else ''}); "
+        f"torch {h['torch']} (CUDA {h['cuda']}); {h['host_cpus']} host CPUs."
+    )
+    L.append(
+        f"- Command: `{rep['command']}`; GPU counts asked {rep['asked']}, run {[r['n'] for r in rep['runs']]}"
+        + (f"; skipped: {'; '.join(rep['skipped'])}" if rep["skipped"] else "")
+        + "."
+    )
     d = rep.get("data") or {}
     if d:
-        L.append(f"- Data: {d.get('n', s.n):,} particles, box {d.get('box')}, {d.get('angpix')} Å/px (paper_bench build, {d.get('seconds')} s; this call: {rep['build_s']:.1f} s).")
-    L.append(f"- Each run: `torchrun --standalone --nproc_per_node N -m cryorefine.cli.main refine ...{' --gpu' if h['gpus'] else ''} --max_seconds T` "
-             f"(RELION's benchmark flags of bench/paper_bench.py), fresh output dir; OMP_NUM_THREADS = host CPUs / N; automatic --batch "
-             f"(1024 for one rank, about 8 batches per rank per iteration for more). Budget of the call {rep['budget_s']:.0f} s, T ≤ {rep['max_seconds']:.0f} s.")
-    L += ["", "## Summary", "",
-          "| N | backend | batch | status | iterations | process wall s | iterations s | s / iteration (common its) | speed-up | efficiency T1/(N·TN) | "
-          "speed-up, its ≥ 2 | total speed-up (both finished) | combine ranks s / it | gold 0.143 (Å) |",
-          "|" + "---|" * 14]
+        L.append(
+            f"- Data: {d.get('n', s.n):,} particles, box {d.get('box')}, {d.get('angpix')} Å/px (paper_bench build, {d.get('seconds')} s; this call: {rep['build_s']:.1f} s)."
+        )
+    L.append(
+        f"- Each run: `torchrun --standalone --nproc_per_node N -m cryorefine.cli.main refine ...{' --gpu' if h['gpus'] else ''} --max_seconds T` "
+        f"(RELION's benchmark flags of bench/paper_bench.py), fresh output dir; OMP_NUM_THREADS = host CPUs / N; automatic --batch "
+        f"(1024 for one rank, about 8 batches per rank per iteration for more). Budget of the call {rep['budget_s']:.0f} s, T ≤ {rep['max_seconds']:.0f} s."
+    )
+    L += [
+        "",
+        "## Summary",
+        "",
+        "| N | backend | batch | status | iterations | process wall s | iterations s | s / iteration (common its) | speed-up | efficiency T1/(N·TN) | "
+        "speed-up, its ≥ 2 | total speed-up (both finished) | combine ranks s / it | gold 0.143 (Å) |",
+        "|" + "---|" * 14,
+    ]
     for r in rep["runs"]:
         c = r.get("vs_n1") or {}
         comb = r["combine_s"] / r["n_iterations"] if r["n_iterations"] else None
-        tot = f"{fmt(c.get('speedup_total'), 2)}× (eff. {fmt(c.get('efficiency_total'), 2)})" if c.get("speedup_total") else "—"
-        L.append(f"| {r['n']} | {r.get('backend') or '—'} | {r.get('batch_size') or '—'} | {r['status']} | {r['n_iterations']} | {fmt(r['process_wall_s'])} | "
-                 f"{fmt(r['iterations_wall_s'])} | {fmt(c.get('s_per_iteration') if c else None, 2)} | {fmt(c.get('speedup_iterations'), 2)} | "
-                 f"{fmt(c.get('efficiency_iterations'), 2)} | {fmt(c.get('speedup_after_first'), 2)} | {tot} | {fmt(comb, 3)} | "
-                 f"{fmt((r.get('gold') or {}).get('fsc0143_angst'), 2)} |")
+        tot = (
+            f"{fmt(c.get('speedup_total'), 2)}× (eff. {fmt(c.get('efficiency_total'), 2)})"
+            if c.get("speedup_total")
+            else "—"
+        )
+        L.append(
+            f"| {r['n']} | {r.get('backend') or '—'} | {r.get('batch_size') or '—'} | {r['status']} | {r['n_iterations']} | {fmt(r['process_wall_s'])} | "
+            f"{fmt(r['iterations_wall_s'])} | {fmt(c.get('s_per_iteration') if c else None, 2)} | {fmt(c.get('speedup_iterations'), 2)} | "
+            f"{fmt(c.get('efficiency_iterations'), 2)} | {fmt(c.get('speedup_after_first'), 2)} | {tot} | {fmt(comb, 3)} | "
+            f"{fmt((r.get('gold') or {}).get('fsc0143_angst'), 2)} |"
+        )
     L.append("")
     notes = []
     for r in rep["runs"]:
@@ -294,14 +380,21 @@ def render_md(rep: dict) -> str:
             notes.append(f"N={r['n']} {r['status']}; error tail:\n\n```\n{r['error_tail'][-2500:]}\n```")
     if notes:
         L += [f"- {x}" for x in notes] + [""]
-    L += ["Speed-up = T1 / TN on the same iterations (iteration wall times of rank 0's history); efficiency = speed-up / N. 'its ≥ 2' leaves out "
-          "iteration 1 (CUDA/cuBLAS warm-up). Process wall includes torchrun start-up, loading and the final files. 'combine ranks' is rank 0's "
-          "all-reduce of the accumulators and poses, and includes rank 0's wait for the slowest rank. 'E-step s per rank': each rank's "
-          "seconds from its iteration's start to the end of its last batch (after a device synchronisation).", ""]
+    L += [
+        "Speed-up = T1 / TN on the same iterations (iteration wall times of rank 0's history); efficiency = speed-up / N. 'its ≥ 2' leaves out "
+        "iteration 1 (CUDA/cuBLAS warm-up). Process wall includes torchrun start-up, loading and the final files. 'combine ranks' is rank 0's "
+        "all-reduce of the accumulators and poses, and includes rank 0's wait for the slowest rank. 'E-step s per rank': each rank's "
+        "seconds from its iteration's start to the end of its last batch (after a device synchronisation).",
+        "",
+    ]
     L += ["## Per iteration", ""]
     runs = [r for r in rep["runs"] if r["iterations"]]
     its = sorted({x["iteration"] for r in runs for x in r["iterations"]})
-    L.append("| it | " + " | ".join(f"N={r['n']}: s (combine s) [batches per rank] {{E-step s per rank}}" for r in runs) + " | sampling (N=1 or first) |")
+    L.append(
+        "| it | "
+        + " | ".join(f"N={r['n']}: s (combine s) [batches per rank] {{E-step s per rank}}" for r in runs)
+        + " | sampling (N=1 or first) |"
+    )
     L.append("|" + "---|" * (len(runs) + 2))
     for i in its:
         cells, samp = [], ""
@@ -310,13 +403,23 @@ def render_md(rep: dict) -> str:
             if x is None:
                 cells.append("—")
                 continue
-            per_rank_s = "{" + ", ".join(f"{v:.2f}" for v in x.get("estep_s_per_rank") or []) + "}" if x.get("estep_s_per_rank") else ""
-            cells.append(f"{fmt(x['seconds'], 2)} ({fmt(x['combine_s'], 3)}) {x['batches_per_rank']} {per_rank_s}".rstrip())
-            samp = samp or f"hp{x['healpix_order']} {'local' if x['local'] else 'global'}{' final' if x['final'] else ''}"
+            per_rank_s = (
+                "{" + ", ".join(f"{v:.2f}" for v in x.get("estep_s_per_rank") or []) + "}"
+                if x.get("estep_s_per_rank")
+                else ""
+            )
+            cells.append(
+                f"{fmt(x['seconds'], 2)} ({fmt(x['combine_s'], 3)}) {x['batches_per_rank']} {per_rank_s}".rstrip()
+            )
+            samp = (
+                samp or f"hp{x['healpix_order']} {'local' if x['local'] else 'global'}{' final' if x['final'] else ''}"
+            )
         L.append(f"| {i} | " + " | ".join(cells) + f" | {samp} |")
     L += ["", "## Runs", ""]
     for r in rep["runs"]:
-        L.append(f"- N={r['n']} ({r['started']}, rc {r['rc']}, {r['status']}, OMP_NUM_THREADS={r['omp_num_threads']}): `{' '.join(r['argv'])}`")
+        L.append(
+            f"- N={r['n']} ({r['started']}, rc {r['rc']}, {r['status']}, OMP_NUM_THREADS={r['omp_num_threads']}): `{' '.join(r['argv'])}`"
+        )
     if h.get("topology"):
         L += ["", "## GPU topology (nvidia-smi topo -m)", "", "```", h["topology"], "```"]
     L.append("")
@@ -343,29 +446,48 @@ def print_summary(rep: dict) -> None:
     h = rep["host"]
     where = f"{h['device']} x{h['gpus']}" if h["gpus"] else "CPU ranks (gloo)"
     print(f"scaling {rep['set']} on {where} (commit {rep['commit'][:12]}, {rep['wall_s']:.0f} s):")
-    print(f"{'N':>3} {'status':<28} {'its':>4} {'wall s':>8} {'its s':>8} {'s/it':>7} {'speedup':>8} {'eff':>6} {'tot.sp':>7} {'comb s/it':>9} {'gold Å':>7}  batches/rank (last it)")
+    print(
+        f"{'N':>3} {'status':<28} {'its':>4} {'wall s':>8} {'its s':>8} {'s/it':>7} {'speedup':>8} {'eff':>6} {'tot.sp':>7} {'comb s/it':>9} {'gold Å':>7}  batches/rank (last it)"
+    )
     for r in rep["runs"]:
         c = r.get("vs_n1") or {}
         comb = r["combine_s"] / r["n_iterations"] if r["n_iterations"] else None
         last = r["iterations"][-1]["batches_per_rank"] if r["iterations"] else None
-        print(f"{r['n']:>3} {r['status'][:28]:<28} {r['n_iterations']:>4} {fmt(r['process_wall_s']):>8} {fmt(r['iterations_wall_s']):>8} "
-              f"{fmt(c.get('s_per_iteration'), 2):>7} {fmt(c.get('speedup_iterations'), 2):>8} {fmt(c.get('efficiency_iterations'), 2):>6} "
-              f"{fmt(c.get('speedup_total'), 2):>7} {fmt(comb, 3):>9} {fmt((r.get('gold') or {}).get('fsc0143_angst'), 2):>7}  {last}")
+        print(
+            f"{r['n']:>3} {r['status'][:28]:<28} {r['n_iterations']:>4} {fmt(r['process_wall_s']):>8} {fmt(r['iterations_wall_s']):>8} "
+            f"{fmt(c.get('s_per_iteration'), 2):>7} {fmt(c.get('speedup_iterations'), 2):>8} {fmt(c.get('efficiency_iterations'), 2):>6} "
+            f"{fmt(c.get('speedup_total'), 2):>7} {fmt(comb, 3):>9} {fmt((r.get('gold') or {}).get('fsc0143_angst'), 2):>7}  {last}"
+        )
     for x in rep["skipped"]:
         print(f"skipped: {x}")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     ap.add_argument("set", choices=sorted(k for k, v in pb.SETS.items() if v.job == "refine"))
-    ap.add_argument("--gpus", default="", help='GPU counts (ranks), e.g. "1 2" (default: 1 2 4 8 up to the GPUs there are)')
+    ap.add_argument(
+        "--gpus", default="", help='GPU counts (ranks), e.g. "1 2" (default: 1 2 4 8 up to the GPUs there are)'
+    )
     ap.add_argument("--workdir", default=os.environ.get("BENCH_WORKDIR", "/tmp/cryobench"))
     ap.add_argument("--out", default=os.environ.get("OUT") or str(HERE / "results"))
-    ap.add_argument("--budget", type=float, default=float(os.environ.get("SCALING_BUDGET", 540)), help="seconds this call may take")
-    ap.add_argument("--max_seconds", type=float, default=float(os.environ.get("SCALING_MAX_SECONDS", 200)), help="--max_seconds of each run (at most)")
+    ap.add_argument(
+        "--budget", type=float, default=float(os.environ.get("SCALING_BUDGET", 540)), help="seconds this call may take"
+    )
+    ap.add_argument(
+        "--max_seconds",
+        type=float,
+        default=float(os.environ.get("SCALING_MAX_SECONDS", 200)),
+        help="--max_seconds of each run (at most)",
+    )
     ap.add_argument("--no_gpu", action="store_true", help="CPU ranks with gloo (tests)")
     ap.add_argument("--extra", default="", help="more flags for every run")
-    ap.add_argument("--command", default=os.environ.get("SCALING_COMMAND"), help="the command line to record (default: this one)")
+    ap.add_argument(
+        "--command", default=os.environ.get("SCALING_COMMAND"), help="the command line to record (default: this one)"
+    )
     a = ap.parse_args(argv)
     t_start = time.perf_counter()
     s = pb.SETS[a.set]
@@ -388,10 +510,22 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     build_info = pb.build(s, p, gpu)
     build_s = time.perf_counter() - t0
-    rep = {"set": a.set, "title": s.title, "date": time.strftime("%Y-%m-%d"), "host": host, **commit_info(),
-           "command": a.command or " ".join(["python3", "bench/scaling.py", *(sys.argv[1:] if argv is None else argv)]),
-           "asked": asked, "skipped": skipped, "budget_s": a.budget, "max_seconds": a.max_seconds, "flags": s.flags, "data": build_info,
-           "build_s": build_s, "runs": []}
+    rep = {
+        "set": a.set,
+        "title": s.title,
+        "date": time.strftime("%Y-%m-%d"),
+        "host": host,
+        **commit_info(),
+        "command": a.command or " ".join(["python3", "bench/scaling.py", *(sys.argv[1:] if argv is None else argv)]),
+        "asked": asked,
+        "skipped": skipped,
+        "budget_s": a.budget,
+        "max_seconds": a.max_seconds,
+        "flags": s.flags,
+        "data": build_info,
+        "build_s": build_s,
+        "runs": [],
+    }
     runs_root = p.root / "scaling"
     for k, n in enumerate(ns):
         left = a.budget - (time.perf_counter() - t_start) - REPORT_RESERVE_S

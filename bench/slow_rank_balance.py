@@ -32,17 +32,54 @@ def main():
     if not (data / "particles.star").exists():
         simulate_particles(state_maps(BOX, ANGPIX, 100.0)[0], ANGPIX, data, N, snr=0.5, seed=5, max_shift_angst=3.0)
         t, _ = read_map(data / "truth.mrc")
-        write_map(data / "start.mrc", low_pass_filter(torch.from_numpy(t).double(), 30.0, ANGPIX).float().numpy(), ANGPIX)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cryorefine.cli.main", "refine",
-           "--i", str(data / "particles_noposes.star"), "--o", str(out / "run" / "run"), "--ref", str(data / "start.mrc"), "--ini_high", "30",
-           "--particle_diameter", "170", "--ctf", "--flatten_solvent", "--healpix_order", "1", "--offset_range", "2", "--offset_step", "1",
-           "--iter", "4", "--random_seed", "3", "--j", "1", "--batch", str(BATCH)]
+        write_map(
+            data / "start.mrc", low_pass_filter(torch.from_numpy(t).double(), 30.0, ANGPIX).float().numpy(), ANGPIX
+        )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "cryorefine.cli.main",
+        "refine",
+        "--i",
+        str(data / "particles_noposes.star"),
+        "--o",
+        str(out / "run" / "run"),
+        "--ref",
+        str(data / "start.mrc"),
+        "--ini_high",
+        "30",
+        "--particle_diameter",
+        "170",
+        "--ctf",
+        "--flatten_solvent",
+        "--healpix_order",
+        "1",
+        "--offset_range",
+        "2",
+        "--offset_step",
+        "1",
+        "--iter",
+        "4",
+        "--random_seed",
+        "3",
+        "--j",
+        "1",
+        "--batch",
+        str(BATCH),
+    ]
     t0 = time.time()
     subprocess.run(cmd, env={**os.environ, "CRYOREFINE_SLOW_RANK": f"1:{slow}"}, check=True, capture_output=True)
     wall = time.time() - t0
     rows = re.findall(r"iter +(\d+).*?batches/rank (\d+)/(\d+)", (out / "run" / "run.log").read_text())
-    print(f"2 CPU ranks (gloo), rank 1 slowed by {slow} s per batch; {N} particles in batches of {BATCH} "
-          f"({2 * -(-N // 2 // BATCH)} batches per iteration); wall {wall:.0f} s\n")
+    print(
+        f"2 CPU ranks (gloo), rank 1 slowed by {slow} s per batch; {N} particles in batches of {BATCH} "
+        f"({2 * -(-N // 2 // BATCH)} batches per iteration); wall {wall:.0f} s\n"
+    )
     print("| iteration | batches rank 0 | batches rank 1 (slowed) |\n|---|---|---|")
     for it, a, b in rows:
         print(f"| {it} | {a} | {b} |")

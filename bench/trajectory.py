@@ -136,7 +136,11 @@ def _resolution_shell(box, apix, resolution) -> float | None:
     if not box or not apix or resolution is None:
         return None
     if res is None:
-        return 0.0 if str(resolution).strip().lower() in ("inf", "+inf", "infinity") or resolution == float("inf") else None
+        return (
+            0.0
+            if str(resolution).strip().lower() in ("inf", "+inf", "infinity") or resolution == float("inf")
+            else None
+        )
     return box * apix / res
 
 
@@ -162,9 +166,14 @@ def euler_matrices(rot, tilt, psi) -> np.ndarray:
     a, b, g = (np.deg2rad(np.asarray(x, dtype=float)) for x in (rot, tilt, psi))
     ca, sa, cb, sb, cg, sg = np.cos(a), np.sin(a), np.cos(b), np.sin(b), np.cos(g), np.sin(g)
     cc, cs, sc, ss = cb * ca, cb * sa, sb * ca, sb * sa
-    return np.stack([np.stack([cg * cc - sg * sa, cg * cs + sg * ca, -cg * sb], -1),
-                     np.stack([-sg * cc - cg * sa, -sg * cs + cg * ca, sg * sb], -1),
-                     np.stack([sc, ss, cb], -1)], -2)
+    return np.stack(
+        [
+            np.stack([cg * cc - sg * sa, cg * cs + sg * ca, -cg * sb], -1),
+            np.stack([-sg * cc - cg * sa, -sg * cs + cg * ca, sg * sb], -1),
+            np.stack([sc, ss, cb], -1),
+        ],
+        -2,
+    )
 
 
 def relion_angular_distance(r0, t0, p0, r1, t1, p1) -> np.ndarray:
@@ -194,7 +203,9 @@ def pose_changes(prev, cur) -> dict | None:
         a, b = prev, cur
     else:
         return None
-    ang = relion_angular_distance(a.rlnAngleRot, a.rlnAngleTilt, a.rlnAnglePsi, b.rlnAngleRot, b.rlnAngleTilt, b.rlnAnglePsi)
+    ang = relion_angular_distance(
+        a.rlnAngleRot, a.rlnAngleTilt, a.rlnAnglePsi, b.rlnAngleRot, b.rlnAngleTilt, b.rlnAnglePsi
+    )
     out = {"angle_deg": float(np.mean(ang)), "n": int(len(a))}
     if all(c in a.columns and c in b.columns for c in ("rlnOriginXAngst", "rlnOriginYAngst")):
         dx = b.rlnOriginXAngst.to_numpy(float) - a.rlnOriginXAngst.to_numpy(float)
@@ -256,31 +267,46 @@ class Run:
         res = _num(general.get("rlnCurrentResolution"))
         size = _num(general.get("rlnCurrentImageSize"))
         r = {
-            "healpix_order": None if _num(sampling.get("rlnHealpixOrder")) is None else int(_num(sampling.get("rlnHealpixOrder"))),
+            "healpix_order": None
+            if _num(sampling.get("rlnHealpixOrder")) is None
+            else int(_num(sampling.get("rlnHealpixOrder"))),
             "angular_step_deg": _num(sampling.get("rlnPsiStep")),
             "offset_range_angst": _num(sampling.get("rlnOffsetRange")),
             "offset_step_angst": _num(sampling.get("rlnOffsetStep")),
-            "box": None if box is None else int(box), "angpix": apix,
+            "box": None if box is None else int(box),
+            "angpix": apix,
             "resolution_angst": res,
             "resolution_shell": _resolution_shell(box, apix, general.get("rlnCurrentResolution")),
             "window_shells": None if size is None else size / 2.0,
-            "mean_significant": None, "mean_max_prob": None,
+            "mean_significant": None,
+            "mean_max_prob": None,
             "accuracy_rotation_deg": _num(classes.get("rlnAccuracyRotations")),
             "accuracy_translation_angst": _num(classes.get("rlnAccuracyTranslationsAngst")),
             "sigma_offset_angst": _num(general.get("rlnSigmaOffsetsAngst")),
             "own_change_orientation_deg": _num(opt.get("rlnChangesOptimalOrientations")),
             "own_change_offset_angst": _num(opt.get("rlnChangesOptimalOffsets")),
-            "has_converged": None if _num(opt.get("rlnHasConverged")) is None else bool(_num(opt.get("rlnHasConverged"))),
-            "n_groups": None, "files": {k: self.star(it, k) is not None for k in ("optimiser", "sampling", "data", "half1_model", "half2_model")},
+            "has_converged": None
+            if _num(opt.get("rlnHasConverged")) is None
+            else bool(_num(opt.get("rlnHasConverged"))),
+            "n_groups": None,
+            "files": {
+                k: self.star(it, k) is not None for k in ("optimiser", "sampling", "data", "half1_model", "half2_model")
+            },
         }
         # global or local searches
-        prior_mode, sigma_rot = _num(general.get("rlnOrientationalPriorMode")), _num(general.get("rlnSigmaPriorRotAngle"))
+        prior_mode, sigma_rot = (
+            _num(general.get("rlnOrientationalPriorMode")),
+            _num(general.get("rlnSigmaPriorRotAngle")),
+        )
         if _num(sampling.get("rlnIsLocalSearch")) is not None:
             r["local"], r["local_from"] = bool(_num(sampling.get("rlnIsLocalSearch"))), "sampling.star rlnIsLocalSearch"
             r["sigma_ang_deg"] = _num(sampling.get("rlnSigmaPriorRotAngle"))
         elif prior_mode is not None:
             r["local"] = bool(prior_mode > 0 and (sigma_rot or 0) > 0)
-            r["local_from"], r["sigma_ang_deg"] = "model.star rlnOrientationalPriorMode/rlnSigmaPriorRotAngle", sigma_rot
+            r["local_from"], r["sigma_ang_deg"] = (
+                "model.star rlnOrientationalPriorMode/rlnSigmaPriorRotAngle",
+                sigma_rot,
+            )
         else:
             r["local"], r["local_from"], r["sigma_ang_deg"] = None, None, None
         if parts is not None:
@@ -290,14 +316,22 @@ class Run:
                 r["mean_max_prob"] = float(parts["rlnMaxValueProbDistribution"].astype(float).mean())
         if model:
             r["n_groups"] = len([k for k in model if re.fullmatch(r"model_group_\d+", k)])
-            r["n_groups_general"] = None if _num(general.get("rlnNrGroups")) is None else int(_num(general.get("rlnNrGroups")))
+            r["n_groups_general"] = (
+                None if _num(general.get("rlnNrGroups")) is None else int(_num(general.get("rlnNrGroups")))
+            )
         halves = [m for m in (model, self.star(it, "half2_model")) if m]
-        for key, block, label in (("sigma2", "model_group_1", "rlnSigma2Noise"), ("fsc", "model_class_1", "rlnGoldStandardFsc"),
-                                  ("ssnr", "model_class_1", "rlnSsnrMap"), ("tau2", "model_class_1", "rlnReferenceTau2")):
+        for key, block, label in (
+            ("sigma2", "model_group_1", "rlnSigma2Noise"),
+            ("fsc", "model_class_1", "rlnGoldStandardFsc"),
+            ("ssnr", "model_class_1", "rlnSsnrMap"),
+            ("tau2", "model_class_1", "rlnReferenceTau2"),
+        ):
             r[key] = _mean_spectrum([_spectrum(m, block, label) for m in halves])
         # σ_offset: the mean of the halves (RELION keeps one per half); the expected accuracies: half 1's (RELION
         # 3.1.3 estimates them on half 1 only and writes 0 into the half2 model.star)
-        vals = [v for v in (_num(_general(m, "model_general").get("rlnSigmaOffsetsAngst")) for m in halves) if v is not None]
+        vals = [
+            v for v in (_num(_general(m, "model_general").get("rlnSigmaOffsetsAngst")) for m in halves) if v is not None
+        ]
         r["sigma_offset_angst"] = float(np.mean(vals)) if vals else None
         return r
 
@@ -309,11 +343,17 @@ class Run:
         finished = bool(final)
         rec = last_record or {}
         return {
-            "iterations_present": self.iterations, "last_iteration": last, "final_iteration_without_itNNN_files": self.final_only,
-            "finished": finished, "converged_flag": None if _num(opt.get("rlnHasConverged")) is None else bool(_num(opt.get("rlnHasConverged"))),
+            "iterations_present": self.iterations,
+            "last_iteration": last,
+            "final_iteration_without_itNNN_files": self.final_only,
+            "finished": finished,
+            "converged_flag": None
+            if _num(opt.get("rlnHasConverged")) is None
+            else bool(_num(opt.get("rlnHasConverged"))),
             "iterations_to_convergence": self.final_iteration if finished else None,
             "final_resolution_angst": _num(final.get("rlnCurrentResolution")) if finished else None,
-            "final_healpix_order": rec.get("healpix_order"), "final_angular_step_deg": rec.get("angular_step_deg"),
+            "final_healpix_order": rec.get("healpix_order"),
+            "final_angular_step_deg": rec.get("angular_step_deg"),
         }
 
 
@@ -327,8 +367,20 @@ class Run:
 # FSC, particles, σ_offset) is what iteration N produced in both programs.
 GROUPS = {  # group: (keys read with the group's shift, keys compared with run.log to find it)
     # the expected accuracy goes with the sampling it decided (ours' log prints it with the iteration that computed it)
-    "sampling": (("healpix_order", "angular_step_deg", "offset_range_angst", "offset_step_angst", "local", "local_from", "sigma_ang_deg",
-                  "accuracy_rotation_deg", "accuracy_translation_angst"), ("healpix_order", "local")),
+    "sampling": (
+        (
+            "healpix_order",
+            "angular_step_deg",
+            "offset_range_angst",
+            "offset_step_angst",
+            "local",
+            "local_from",
+            "sigma_ang_deg",
+            "accuracy_rotation_deg",
+            "accuracy_translation_angst",
+        ),
+        ("healpix_order", "local"),
+    ),
     "window": (("window_shells",), ("window_shells",)),
 }
 SCHEDULE_KEYS = tuple(k for keys, _ in GROUPS.values() for k in keys)
@@ -343,12 +395,18 @@ def read_log(path: Path) -> dict[int, dict]:
     except OSError:
         return out
     for m in LOG_LINE.finditer(text):
-        out[int(m.group(1))] = {"healpix_order": int(m.group(3)), "local": m.group(4) == "local", "window_shells": float(m.group(5)),
-                                "final": bool(m.group(2))}
+        out[int(m.group(1))] = {
+            "healpix_order": int(m.group(3)),
+            "local": m.group(4) == "local",
+            "window_shells": float(m.group(5)),
+            "final": bool(m.group(2)),
+        }
     return out
 
 
-def detect_shift(written: dict[int, dict], log: dict[int, dict], keys=("window_shells", "healpix_order"), default: int = 0) -> tuple[int, str]:
+def detect_shift(
+    written: dict[int, dict], log: dict[int, dict], keys=("window_shells", "healpix_order"), default: int = 0
+) -> tuple[int, str]:
     """0 if the files of iteration N hold what the log says iteration N used, 1 if they hold iteration N + 1's."""
     same = nxt = 0
     for it, rec in written.items():
@@ -419,8 +477,16 @@ def compare_iteration(it: int, o: dict | None, r: dict | None, win_o, win_r, box
         s = max(1, int(round(f * win))) if win else None
         so = o["sigma2"].get(s) if (o.get("sigma2") and s is not None) else None
         sr = r["sigma2"].get(s) if (r.get("sigma2") and s is not None) else None
-        sig.append({"fraction": f, "shell": s, "ours": so, "relion": sr, "ours_relion_units": None if so is None or not units else so / units,
-                    "ratio": _ratio(so, sr, units) if units else None})
+        sig.append(
+            {
+                "fraction": f,
+                "shell": s,
+                "ours": so,
+                "relion": sr,
+                "ours_relion_units": None if so is None or not units else so / units,
+                "ratio": _ratio(so, sr, units) if units else None,
+            }
+        )
     out["spectra"]["sigma2"] = sig
     # τ², SSNR, FSC where RELION's FSC crosses 0.8, 0.5, 0.143
     at = []
@@ -433,6 +499,7 @@ def compare_iteration(it: int, o: dict | None, r: dict | None, win_o, win_r, box
         e["tau2_ratio"] = _ratio(e["tau2_ours"], e["tau2_relion"], units) if units else None
         at.append(e)
     out["spectra"]["at_fsc"] = at
+
     # the parting rule
     def check(name, a, b, differ):
         if a is None or b is None:
@@ -443,7 +510,12 @@ def compare_iteration(it: int, o: dict | None, r: dict | None, win_o, win_r, box
 
     check("HEALPix order", o["healpix_order"], r["healpix_order"], lambda a, b: a != b)
     check("local searches", o["local"], r["local"], lambda a, b: a != b)
-    check("offset step (Å)", o["offset_step_angst"], r["offset_step_angst"], lambda a, b: abs(a - b) > 1e-3 * max(1.0, abs(b)))
+    check(
+        "offset step (Å)",
+        o["offset_step_angst"],
+        r["offset_step_angst"],
+        lambda a, b: abs(a - b) > 1e-3 * max(1.0, abs(b)),
+    )
     check("resolution shell", o["resolution_shell"], r["resolution_shell"], lambda a, b: abs(a - b) > 1.0 + 1e-6)
     check("window (shells)", o["window_shells"], r["window_shells"], lambda a, b: abs(a - b) > 2.0 + 1e-6)
     return out
@@ -468,8 +540,11 @@ def build(ours_dir, relion_dir, root: str = "run", input_star=None) -> dict:
         records[name] = align(written[name], shifts, log)
         alignment[name] = {"shift": shifts, "how": how, "log_iterations": sorted(log)}
         if name == "ours":
-            notes.append("ours: " + "; ".join(f"{g} of iteration N from the files of N-{shifts[g]} ({how[g]})" for g in GROUPS)
-                         + ("; HEALPix order, search and window from run.log" if log else ""))
+            notes.append(
+                "ours: "
+                + "; ".join(f"{g} of iteration N from the files of N-{shifts[g]} ({how[g]})" for g in GROUPS)
+                + ("; HEALPix order, search and window from run.log" if log else "")
+            )
     # pose changes from consecutive data.star files (iteration 1 against it000, else the --input poses, else the other
     # program's it000 data.star: the same input particles)
     start = particles_block(read_star(Path(input_star))) if input_star else None
@@ -493,11 +568,17 @@ def build(ours_dir, relion_dir, root: str = "run", input_star=None) -> dict:
     if len(boxes) > 1:
         notes.append(f"different boxes in the two runs: {sorted(boxes)}; σ²/τ² ratios use box {box}")
     for name in PROGRAMS:
-        groups = {(rec.get("n_groups"), rec.get("n_groups_general")) for rec in records[name].values() if rec.get("n_groups") is not None}
+        groups = {
+            (rec.get("n_groups"), rec.get("n_groups_general"))
+            for rec in records[name].values()
+            if rec.get("n_groups") is not None
+        }
         if groups:
             g = sorted(groups, key=str)
-            notes.append(f"{name}: data_model_group_N blocks / rlnNrGroups per model.star: {', '.join(f'{a}/{b}' for a, b in g)}"
-                         + (" (σ² compared on group 1)" if any((a or 0) > 1 for a, _ in g) else " (one noise group)"))
+            notes.append(
+                f"{name}: data_model_group_N blocks / rlnNrGroups per model.star: {', '.join(f'{a}/{b}' for a, b in g)}"
+                + (" (σ² compared on group 1)" if any((a or 0) > 1 for a, _ in g) else " (one noise group)")
+            )
     all_its = sorted(set(records["ours"]) | set(records["relion"]))
     rows, parted = [], None
     for it in all_its:
@@ -509,13 +590,21 @@ def build(ours_dir, relion_dir, root: str = "run", input_star=None) -> dict:
         rows.append(row)
     common = sorted(it for it in set(records["ours"]) & set(records["relion"]) if it >= 1)
     return {
-        "ours_dir": str(ours_dir), "relion_dir": str(relion_dir), "root": root, "box": box,
+        "ours_dir": str(ours_dir),
+        "relion_dir": str(relion_dir),
+        "root": root,
+        "box": box,
         "sigma2_tau2_unit_factor": None if box is None else box**4,
-        "iterations": rows, "common_iterations": common, "alignment": alignment,
+        "iterations": rows,
+        "common_iterations": common,
+        "alignment": alignment,
         "parted": parted,
         "parting_rule": "first common iteration where the HEALPix order, global/local or the offset step differ, the resolution "
-                        "differs by more than one Fourier shell, or the E-step window by more than 2 shells",
-        "summary": {name: runs[name].summary(records[name].get(runs[name].iterations[-1]) if runs[name].iterations else None) for name in PROGRAMS},
+        "differs by more than one Fourier shell, or the E-step window by more than 2 shells",
+        "summary": {
+            name: runs[name].summary(records[name].get(runs[name].iterations[-1]) if runs[name].iterations else None)
+            for name in PROGRAMS
+        },
         "notes": notes,
     }
 
@@ -569,22 +658,37 @@ def markdown(res: dict) -> str:
     if p:
         L.append(f"**The runs part at iteration {p['iteration']}**: " + "; ".join(p["what"]) + ".")
     elif res["common_iterations"]:
-        L.append(f"**The runs do not part** over their {len(res['common_iterations'])} common iterations "
-                 f"({res['common_iterations'][0]}–{res['common_iterations'][-1]}).")
+        L.append(
+            f"**The runs do not part** over their {len(res['common_iterations'])} common iterations "
+            f"({res['common_iterations'][0]}–{res['common_iterations'][-1]})."
+        )
     else:
         L.append("**No common iterations** to compare.")
-    L += ["", f"Parting rule: {res['parting_rule']}. Cells are ours / RELION; · = iteration absent, – = file or label missing.", ""]
+    L += [
+        "",
+        f"Parting rule: {res['parting_rule']}. Cells are ours / RELION; · = iteration absent, – = file or label missing.",
+        "",
+    ]
     L += ["## Summary", "", "| | cryorefine | RELION 3.1.3 |", "|---|---|---|"]
     so, sr = res["summary"]["ours"], res["summary"]["relion"]
 
     def conv(s):
         if s["finished"]:
             return str(s["iterations_to_convergence"])
-        return f"not finished ({s['last_iteration']} iterations so far)" if s["last_iteration"] is not None else "no iterations"
+        return (
+            f"not finished ({s['last_iteration']} iterations so far)"
+            if s["last_iteration"] is not None
+            else "no iterations"
+        )
+
     L.append(f"| iterations to convergence | {conv(so)} | {conv(sr)} |")
-    L.append(f"| final resolution (run_model.star, Å) | {_fmt(so['final_resolution_angst'])} | {_fmt(sr['final_resolution_angst'])} |")
-    L.append(f"| final HEALPix order / angular step (°) | {_fmt(so['final_healpix_order'])} / {_fmt(so['final_angular_step_deg'])} | "
-             f"{_fmt(sr['final_healpix_order'])} / {_fmt(sr['final_angular_step_deg'])} |")
+    L.append(
+        f"| final resolution (run_model.star, Å) | {_fmt(so['final_resolution_angst'])} | {_fmt(sr['final_resolution_angst'])} |"
+    )
+    L.append(
+        f"| final HEALPix order / angular step (°) | {_fmt(so['final_healpix_order'])} / {_fmt(so['final_angular_step_deg'])} | "
+        f"{_fmt(sr['final_healpix_order'])} / {_fmt(sr['final_angular_step_deg'])} |"
+    )
     L.append("")
     finals = {name: res["summary"][name]["iterations_to_convergence"] for name in PROGRAMS}
 
@@ -592,31 +696,48 @@ def markdown(res: dict) -> str:
         who = [label for name, label in (("ours", "ours"), ("relion", "RELION")) if finals[name] == it]
         return (" (final: " + ", ".join(who) + ")" if who else "") + (" ◀" if p and it == p["iteration"] else "")
 
-    L += ["## Sampling and resolution", "",
-          "| it | HEALPix order | step (°) | offsets range/step (Å) | search | resolution (Å) | res. shell | window (shells) | differs |",
-          "|---|---|---|---|---|---|---|---|---|"]
+    L += [
+        "## Sampling and resolution",
+        "",
+        "| it | HEALPix order | step (°) | offsets range/step (Å) | search | resolution (Å) | res. shell | window (shells) | differs |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in res["iterations"]:
         o, r, it = row["ours"], row["relion"], row["iteration"]
-        L.append(f"| {it}{mark(it)} | {_pair(o, r, 'healpix_order')} | {_pair(o, r, 'angular_step_deg')} | {_offsets(o)} / {_offsets(r)} | "
-                 f"{_search(o)} / {_search(r)} | {_pair(o, r, 'resolution_angst')} | {_pair(o, r, 'resolution_shell')} | "
-                 f"{_pair(o, r, 'window_shells')} | {'; '.join(row['differs']) or ''} |")
-    L += ["", "## Particles, changes, accuracy", "",
-          "Changes by RELION 3.1.3's definitions from consecutive data.star files (angle: mean Euler-axes distance; offset: "
-          "sqrt(Σ(Δx²+Δy²)/2N)); \"RELION's own\" is its optimiser.star rlnChangesOptimalOrientations / rlnChangesOptimalOffsets.", "",
-          "| it | ⟨nr significant⟩ | ⟨max prob⟩ | Δangle (°) | Δoffset (Å) | RELION's own Δangle / Δoffset | acc. rot (°) | acc. trans (Å) | σ_offset (Å) |",
-          "|---|---|---|---|---|---|---|---|---|"]
+        L.append(
+            f"| {it}{mark(it)} | {_pair(o, r, 'healpix_order')} | {_pair(o, r, 'angular_step_deg')} | {_offsets(o)} / {_offsets(r)} | "
+            f"{_search(o)} / {_search(r)} | {_pair(o, r, 'resolution_angst')} | {_pair(o, r, 'resolution_shell')} | "
+            f"{_pair(o, r, 'window_shells')} | {'; '.join(row['differs']) or ''} |"
+        )
+    L += [
+        "",
+        "## Particles, changes, accuracy",
+        "",
+        "Changes by RELION 3.1.3's definitions from consecutive data.star files (angle: mean Euler-axes distance; offset: "
+        'sqrt(Σ(Δx²+Δy²)/2N)); "RELION\'s own" is its optimiser.star rlnChangesOptimalOrientations / rlnChangesOptimalOffsets.',
+        "",
+        "| it | ⟨nr significant⟩ | ⟨max prob⟩ | Δangle (°) | Δoffset (Å) | RELION's own Δangle / Δoffset | acc. rot (°) | acc. trans (Å) | σ_offset (Å) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in res["iterations"]:
         o, r, it = row["ours"], row["relion"], row["iteration"]
         own = f"{_fmt(r.get('own_change_orientation_deg'))} / {_fmt(r.get('own_change_offset_angst'))}" if r else "·"
-        L.append(f"| {it}{mark(it)} | {_pair(o, r, 'mean_significant')} | {_pair(o, r, 'mean_max_prob')} | {_pair(o, r, 'change_orientation_deg')} | "
-                 f"{_pair(o, r, 'change_offset_angst')} | {own} | {_pair(o, r, 'accuracy_rotation_deg')} | "
-                 f"{_pair(o, r, 'accuracy_translation_angst')} | {_pair(o, r, 'sigma_offset_angst')} |")
-    L += ["", "## Spectra", "",
-          f"σ² ratio = (ours / box⁴) / RELION of rlnSigma2Noise (box {res['box']}, box⁴ = {_fmt(res['sigma2_tau2_unit_factor'])}) at 1/4, 1/2, 3/4 "
-          "of the smaller E-step window [shell]. At the shells where RELION's half-set FSC last stays ≥ 0.8 / 0.5 / 0.143 [shell]: "
-          "τ² ratio (ours / box⁴) / RELION, rlnSsnrMap and rlnGoldStandardFsc as ours / RELION.", "",
-          "| it | σ² ratio ¼ | σ² ratio ½ | σ² ratio ¾ | τ² ratio @0.8 / 0.5 / 0.143 | SSNR @0.8 | SSNR @0.5 | SSNR @0.143 | FSC @0.8 | FSC @0.5 | FSC @0.143 |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
+        L.append(
+            f"| {it}{mark(it)} | {_pair(o, r, 'mean_significant')} | {_pair(o, r, 'mean_max_prob')} | {_pair(o, r, 'change_orientation_deg')} | "
+            f"{_pair(o, r, 'change_offset_angst')} | {own} | {_pair(o, r, 'accuracy_rotation_deg')} | "
+            f"{_pair(o, r, 'accuracy_translation_angst')} | {_pair(o, r, 'sigma_offset_angst')} |"
+        )
+    L += [
+        "",
+        "## Spectra",
+        "",
+        f"σ² ratio = (ours / box⁴) / RELION of rlnSigma2Noise (box {res['box']}, box⁴ = {_fmt(res['sigma2_tau2_unit_factor'])}) at 1/4, 1/2, 3/4 "
+        "of the smaller E-step window [shell]. At the shells where RELION's half-set FSC last stays ≥ 0.8 / 0.5 / 0.143 [shell]: "
+        "τ² ratio (ours / box⁴) / RELION, rlnSsnrMap and rlnGoldStandardFsc as ours / RELION.",
+        "",
+        "| it | σ² ratio ¼ | σ² ratio ½ | σ² ratio ¾ | τ² ratio @0.8 / 0.5 / 0.143 | SSNR @0.8 | SSNR @0.5 | SSNR @0.143 | FSC @0.8 | FSC @0.5 | FSC @0.143 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in res["iterations"]:
         it, sp = row["iteration"], row["spectra"]
         if not sp:
@@ -654,7 +775,11 @@ def main(argv=None) -> int:
     ap.add_argument("--o", dest="out_md", default=None, help="write the Markdown here too")
     ap.add_argument("--json", dest="out_json", default=None, help="write the data as JSON")
     ap.add_argument("--root", default="run", help="output root name in both folders (default: run)")
-    ap.add_argument("--input", default=None, help="input particles.star: the poses before iteration 1, for runs without ROOT_it000_data.star")
+    ap.add_argument(
+        "--input",
+        default=None,
+        help="input particles.star: the poses before iteration 1, for runs without ROOT_it000_data.star",
+    )
     a = ap.parse_args(argv)
     for d in (a.ours_dir, a.relion_dir):
         if not Path(d).is_dir():

@@ -6,6 +6,7 @@ of (rot, tilt, psi) is Aᵀ (RELION's matrix is the passive Rz(psi)·Ry(tilt)·R
 pose = Rotation.from_euler("ZYZ", (rot, tilt, psi)).as_rotvec(). Shifts: RELION's origin in pixels of
 alignments3D/psize_A. Stacks: .mrc files under PROJECT/J7/extract, the .cs in PROJECT/J9.
 """
+
 from pathlib import Path
 
 import mrcfile
@@ -58,7 +59,7 @@ def make_cs_project(sim_dir, project, exp_groups=(1, 3), n_stacks=2, seed=0, pat
     align_psize = angpix * ALIGN_PSIZE_FACTOR
     paths = [f"{path_prefix}J7/extract/stack_{k}.mrc".encode() for k in stack_of_row]
     fields = {
-        "uid": np.arange(n, dtype=np.uint64) + 10 ** 12,
+        "uid": np.arange(n, dtype=np.uint64) + 10**12,
         "blob/path": np.array(paths, dtype=object if object_paths else "S64"),
         "blob/idx": idx_of_row.astype(np.uint32),
         "blob/shape": np.tile(np.array([box, box], np.uint32), (n, 1)),
@@ -73,7 +74,9 @@ def make_cs_project(sim_dir, project, exp_groups=(1, 3), n_stacks=2, seed=0, pat
         "ctf/phase_shift_rad": np.zeros(n, np.float32),
         "ctf/exp_group_id": np.asarray(exp_groups, np.uint32)[np.arange(n) % len(exp_groups)],
         "alignments3D/pose": Rotation.from_euler("ZYZ", euler, degrees=True).as_rotvec().astype(np.float32),
-        "alignments3D/shift": (np.stack([t["rlnOriginXAngst"], t["rlnOriginYAngst"]], 1) / align_psize).astype(np.float32),
+        "alignments3D/shift": (np.stack([t["rlnOriginXAngst"], t["rlnOriginYAngst"]], 1) / align_psize).astype(
+            np.float32
+        ),
         "alignments3D/psize_A": np.full(n, align_psize, np.float32),
         "alignments3D/split": (t["rlnRandomSubset"].to_numpy() - 1).astype(np.uint32),
     }

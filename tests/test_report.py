@@ -20,13 +20,30 @@ def _inputs(n_iter=3, n_part=2000, classes=False, seed=0):
     rng = np.random.default_rng(seed)
     history = []
     for i in range(1, n_iter + 1):
-        stages = {"getFourierTransformsAndCTFs": 1.0 + 0.1 * i, "getAllSquaredDifferences": 6.0 / i,
-                  "convertAllDiff2ToWeights": 0.5, "storeWeightedSums": 2.0, "M-step": 1.5}
-        rec = {"iteration": i, "resolution_angst": 12.0 / i ** 0.5, "healpix_order": 2 + i // 2, "local": i >= 3,
-               "window_shell": 10 + 3 * i, "coarse_shell": 8 + 2 * i, "change_orientation_deg": 8.0 / i,
-               "change_offset_px": 1.5 / i, "mean_significant": 200.0 / i, "mean_max_prob": 0.1 * i,
-               "sigma_offset_angst": 3.0, "seconds": sum(stages.values()) + 0.3, "stages": stages,
-               "final": i == n_iter, "note": None if i == n_iter else f"healpix order -> {3 + i // 2} <&>"}
+        stages = {
+            "getFourierTransformsAndCTFs": 1.0 + 0.1 * i,
+            "getAllSquaredDifferences": 6.0 / i,
+            "convertAllDiff2ToWeights": 0.5,
+            "storeWeightedSums": 2.0,
+            "M-step": 1.5,
+        }
+        rec = {
+            "iteration": i,
+            "resolution_angst": 12.0 / i**0.5,
+            "healpix_order": 2 + i // 2,
+            "local": i >= 3,
+            "window_shell": 10 + 3 * i,
+            "coarse_shell": 8 + 2 * i,
+            "change_orientation_deg": 8.0 / i,
+            "change_offset_px": 1.5 / i,
+            "mean_significant": 200.0 / i,
+            "mean_max_prob": 0.1 * i,
+            "sigma_offset_angst": 3.0,
+            "seconds": sum(stages.values()) + 0.3,
+            "stages": stages,
+            "final": i == n_iter,
+            "note": None if i == n_iter else f"healpix order -> {3 + i // 2} <&>",
+        }
         if classes:
             p = rng.dirichlet(np.ones(3))
             rec["class_distribution"] = list(map(float, p))
@@ -35,12 +52,19 @@ def _inputs(n_iter=3, n_part=2000, classes=False, seed=0):
     fsc = 1.0 / (1.0 + np.exp((s - 18.0) / 2.0))
     fsc[0] = 1.0
     poses = SimpleNamespace(
-        rot_deg=rng.uniform(-180, 180, n_part), tilt_deg=np.degrees(np.arccos(rng.uniform(-1, 1, n_part))),
-        psi_deg=rng.uniform(-180, 180, n_part), origin_x_angst=rng.normal(0, 2, n_part), origin_y_angst=rng.normal(0, 2, n_part),
-        class_number=rng.integers(1, 4 if classes else 2, n_part), max_prob=rng.uniform(0, 1, n_part),
-        n_significant=rng.integers(1, 300, n_part))
+        rot_deg=rng.uniform(-180, 180, n_part),
+        tilt_deg=np.degrees(np.arccos(rng.uniform(-1, 1, n_part))),
+        psi_deg=rng.uniform(-180, 180, n_part),
+        origin_x_angst=rng.normal(0, 2, n_part),
+        origin_y_angst=rng.normal(0, 2, n_part),
+        class_number=rng.integers(1, 4 if classes else 2, n_part),
+        max_prob=rng.uniform(0, 1, n_part),
+        n_significant=rng.integers(1, 300, n_part),
+    )
     z, y, x = np.mgrid[:BOX, :BOX, :BOX] - BOX // 2
-    volume = np.exp(-(x**2 + y**2 + z**2) / (2 * 8.0**2)) + 0.5 * np.exp(-((x - 10) ** 2 + y**2 + (z + 5) ** 2) / (2 * 4.0**2))
+    volume = np.exp(-(x**2 + y**2 + z**2) / (2 * 8.0**2)) + 0.5 * np.exp(
+        -((x - 10) ** 2 + y**2 + (z + 5) ** 2) / (2 * 4.0**2)
+    )
     return history, fsc, poses, volume.astype(np.float32)
 
 
@@ -69,7 +93,14 @@ def test_report_is_self_contained_and_complete(tmp_path):
     headings = " | ".join(re.findall(r"<h2>(.*?)</h2>", text))
     for section in ("Resolution", "Pose changes", "angular distribution", "Time per iteration", "Map", "Iterations"):
         assert section in headings
-    for caption in ("FSC", "Resolution per iteration", "Pose changes", "Angular distribution", "Time per stage", "Central slices"):
+    for caption in (
+        "FSC",
+        "Resolution per iteration",
+        "Pose changes",
+        "Angular distribution",
+        "Time per stage",
+        "Central slices",
+    ):
         assert f"<figcaption>{caption}" in text or f"<figcaption>Half-map {caption}" in text
     assert "Class distribution" not in text  # refinement: no classes
     # iteration table: one row per iteration, note escaped
@@ -96,9 +127,21 @@ def test_report_classification_and_empty_fsc(tmp_path):
 def test_report_renders_in_chromium(tmp_path):
     path = _write(tmp_path)
     png = tmp_path / "shot.png"
-    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={png}", "--window-size=1280,4000", path.resolve().as_uri()]
+    cmd = [
+        "chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--screenshot={png}",
+        "--window-size=1280,4000",
+        path.resolve().as_uri(),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, timeout=120)
     assert png.is_file()
     data = png.read_bytes()

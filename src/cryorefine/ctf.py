@@ -76,11 +76,22 @@ def ctf_for_particles(particles, indices, ky_px, kx_px, box: int, device=None, d
 
     # every per-particle parameter in one host-to-device copy (each copy of a host array waits for the device)
     per_group = lambda name: np.array([getattr(o, name) for o in optics], dtype=np.float64)[og]  # noqa: E731
-    params = np.stack([
-        per_group("angpix"), particles.defocus_u_angst[idx], particles.defocus_v_angst[idx], particles.defocus_angle_deg[idx],
-        per_group("voltage_kv"), per_group("cs_mm"), per_group("amplitude_contrast"),
-        particles.phase_shift_deg[idx], particles.ctf_bfactor[idx], particles.ctf_scale[idx],
-    ]).astype(np.float64)
+    params = np.stack(
+        [
+            per_group("angpix"),
+            particles.defocus_u_angst[idx],
+            particles.defocus_v_angst[idx],
+            particles.defocus_angle_deg[idx],
+            per_group("voltage_kv"),
+            per_group("cs_mm"),
+            per_group("amplitude_contrast"),
+            particles.phase_shift_deg[idx],
+            particles.ctf_bfactor[idx],
+            particles.ctf_scale[idx],
+        ]
+    ).astype(np.float64)
     cols = to_device(params, device).unbind(0)
-    ctf = compute_ctf(ky_px.to(device=device, dtype=torch.float64), kx_px.to(device=device, dtype=torch.float64), box, *cols)
+    ctf = compute_ctf(
+        ky_px.to(device=device, dtype=torch.float64), kx_px.to(device=device, dtype=torch.float64), box, *cols
+    )
     return ctf.to(dtype)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import bz2
-import gzip
 from importlib import resources
 from pathlib import Path
 
@@ -31,7 +30,11 @@ def read_atoms(path) -> tuple[np.ndarray, np.ndarray]:
     try:
         if path.suffix == ".bz2":
             text = bz2.open(path, "rt").read()
-            st = gemmi.read_pdb_string(text) if ".pdb" in path.name or ".ent" in path.name else gemmi.cif.read_string(text)
+            st = (
+                gemmi.read_pdb_string(text)
+                if ".pdb" in path.name or ".ent" in path.name
+                else gemmi.cif.read_string(text)
+            )
             if not isinstance(st, gemmi.Structure):
                 st = gemmi.make_structure_from_block(st.sole_block())
         elif path.suffix == ".gz" or path.suffix in {".pdb", ".ent", ".cif", ".mmcif"}:
@@ -53,7 +56,9 @@ def read_atoms(path) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(xyz, dtype=np.float64), np.asarray(w, dtype=np.float64)
 
 
-def atoms_to_map(xyz_angst: np.ndarray, weights: np.ndarray, box: int, angpix: float, bfactor: float = 50.0, centre: bool = True) -> torch.Tensor:
+def atoms_to_map(
+    xyz_angst: np.ndarray, weights: np.ndarray, box: int, angpix: float, bfactor: float = 50.0, centre: bool = True
+) -> torch.Tensor:
     """(d, d, d) map (z, y, x) of atoms blurred by a Gaussian B-factor (Å²); the model's centroid at voxel d//2.
 
     Atoms are splatted trilinearly; the splat's sinc² transfer is divided out in Fourier space.
@@ -101,7 +106,12 @@ def two_fold_axis_to_z(path, chain_a: str = "A", chain_b: str = "B") -> tuple[np
     st.remove_ligands_and_waters()
     model = st[0]
     try:
-        ca = {name: {res.seqid.num: np.array(res["CA"][0].pos.tolist()) for res in model[name] if res.find_atom("CA", "*")} for name in (chain_a, chain_b)}
+        ca = {
+            name: {
+                res.seqid.num: np.array(res["CA"][0].pos.tolist()) for res in model[name] if res.find_atom("CA", "*")
+            }
+            for name in (chain_a, chain_b)
+        }
     except (KeyError, IndexError, RuntimeError):
         raise CryoInputError(f"chains {chain_a} and {chain_b} with Cα atoms are needed", path) from None
     common = sorted(set(ca[chain_a]) & set(ca[chain_b]))

@@ -47,7 +47,9 @@ def read_poses(star_path) -> Poses:
     blocks = read_star(star_path)
     block, df = _particles_block(blocks, star_path)
     if "rlnImageName" not in df.columns:
-        raise CryoInputError(f"missing column rlnImageName in data_{block}; particles are matched by it", path=star_path)
+        raise CryoInputError(
+            f"missing column rlnImageName in data_{block}; particles are matched by it", path=star_path
+        )
     for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"):
         if col not in df.columns:
             raise CryoInputError(f"missing column {col} in data_{block}; poses are needed", path=star_path)
@@ -61,14 +63,25 @@ def read_poses(star_path) -> Poses:
         if "optics" in blocks:
             groups = _optics_31(blocks["optics"], star_path)
             lut = {g.number: g.angpix for g in groups}
-            numbers = df["rlnOpticsGroup"].to_numpy(np.int64) if "rlnOpticsGroup" in df.columns else np.full(len(df), groups[0].number)
+            numbers = (
+                df["rlnOpticsGroup"].to_numpy(np.int64)
+                if "rlnOpticsGroup" in df.columns
+                else np.full(len(df), groups[0].number)
+            )
             angpix = np.array([lut[int(k)] for k in numbers])
         else:
             angpix = _pixel_size_angst(df, block, star_path)
         ox, oy = col("rlnOriginX") * angpix, col("rlnOriginY") * angpix
     else:
         ox, oy = np.zeros(len(df)), np.zeros(len(df))
-    return Poses(df["rlnImageName"].astype(str).to_numpy(object), col("rlnAngleRot"), col("rlnAngleTilt"), col("rlnAnglePsi"), ox, oy)
+    return Poses(
+        df["rlnImageName"].astype(str).to_numpy(object),
+        col("rlnAngleRot"),
+        col("rlnAngleTilt"),
+        col("rlnAnglePsi"),
+        ox,
+        oy,
+    )
 
 
 def _loose_key(name: str) -> str:
@@ -113,7 +126,11 @@ def pose_errors(data, truth, sym: str = "C1") -> dict:
     i_d, i_t = match_particles(data, truth)
 
     def matrices(p, i):
-        return euler_to_matrix(torch.as_tensor(np.asarray(p.rot_deg)[i]), torch.as_tensor(np.asarray(p.tilt_deg)[i]), torch.as_tensor(np.asarray(p.psi_deg)[i]))
+        return euler_to_matrix(
+            torch.as_tensor(np.asarray(p.rot_deg)[i]),
+            torch.as_tensor(np.asarray(p.tilt_deg)[i]),
+            torch.as_tensor(np.asarray(p.psi_deg)[i]),
+        )
 
     S = symmetry_matrices(sym)
     angle = angular_distance_deg(matrices(data, i_d), matrices(truth, i_t), S if len(S) > 1 else None).numpy()

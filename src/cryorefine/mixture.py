@@ -36,7 +36,17 @@ def state_maps(box: int, angpix: float, bfactor: float = 50.0, third: str = "mov
     return [a, b, cc]
 
 
-def simulate_mixture(out_dir, n: int, box: int, angpix: float, snr: float = 0.05, seed: int = 0, device=None, third: str = "moved", **kwargs) -> dict:
+def simulate_mixture(
+    out_dir,
+    n: int,
+    box: int,
+    angpix: float,
+    snr: float = 0.05,
+    seed: int = 0,
+    device=None,
+    third: str = "moved",
+    **kwargs,
+) -> dict:
     """out_dir/particles.star over out_dir/state{1,2,3}/particles.mrcs (rlnClassNumber = the true state) and truth maps;
     out_dir/particles_in.star is the same without the poses and the states (what a classification starts from)."""
     out = Path(out_dir)
@@ -45,7 +55,17 @@ def simulate_mixture(out_dir, n: int, box: int, angpix: float, snr: float = 0.05
     sigma = None
     parts, optics = [], None
     for k, (vol, m) in enumerate(zip(maps, counts)):
-        info = simulate_particles(vol, angpix, out / f"state{k + 1}", m, snr=snr, seed=seed + 101 * k, device=device, noise_sigma=sigma, **kwargs)
+        info = simulate_particles(
+            vol,
+            angpix,
+            out / f"state{k + 1}",
+            m,
+            snr=snr,
+            seed=seed + 101 * k,
+            device=device,
+            noise_sigma=sigma,
+            **kwargs,
+        )
         sigma = info["noise_sigma"]
         blocks = read_star(out / f"state{k + 1}" / "particles.star")
         optics = blocks["optics"]

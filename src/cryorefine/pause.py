@@ -6,6 +6,7 @@ NAME but is not yet renamed onto it), the process writes the file named by CRYOR
 cryorefine_paused.txt in the current directory) on reaching that point and sleeps until it is killed.
 Without the variable, pause_point does nothing.
 """
+
 from __future__ import annotations
 
 import os

@@ -33,7 +33,18 @@ from matplotlib.figure import Figure  # noqa: E402
 from cryorefine.io.atomic import atomic_write  # noqa: E402
 
 _DPI = 90
-_STAGE_COLOURS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd"]
+_STAGE_COLOURS = [
+    "#4c72b0",
+    "#dd8452",
+    "#55a868",
+    "#c44e52",
+    "#8172b3",
+    "#937860",
+    "#da8bc3",
+    "#8c8c8c",
+    "#ccb974",
+    "#64b5cd",
+]
 
 _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1200px;color:#222;background:#fff}
@@ -72,8 +83,10 @@ def _img(title: str, draw, *args) -> str:
         data = _png(fig)
     except Exception as exc:  # a broken plot must never break the refinement
         return f'<div class="err">{html.escape(title)}: could not draw ({html.escape(type(exc).__name__)}: {html.escape(str(exc))})</div>'
-    return (f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{html.escape(title)}</figcaption></figure>")
+    return (
+        f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(title)}</figcaption></figure>"
+    )
 
 
 def _num(x, default=float("nan")) -> float:
@@ -106,10 +119,20 @@ def _plot_fsc(fsc: np.ndarray, box: int, angpix: float):
                 f0, f1 = fsc[i - 1], fsc[i]
                 x = freq[i - 1] + (f0 - thr) / (f0 - f1) * (freq[i] - freq[i - 1]) if f0 != f1 else freq[i]
                 ax.axvline(x, color=col, ls=":", lw=0.8)
-                ax.annotate(f"{1 / x:.2f} Å", (x, thr), textcoords="offset points", xytext=(4, 4), fontsize=8, color=col)
+                ax.annotate(
+                    f"{1 / x:.2f} Å", (x, thr), textcoords="offset points", xytext=(4, 4), fontsize=8, color=col
+                )
         ax.legend(fontsize=8, loc="upper right")
     else:
-        ax.text(0.5, 0.5, "no half-map FSC (e.g. classification)", transform=ax.transAxes, ha="center", va="center", color="#666")
+        ax.text(
+            0.5,
+            0.5,
+            "no half-map FSC (e.g. classification)",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            color="#666",
+        )
     ax.set_xlim(0, freq[-1] if len(freq) > 1 else 1)
     ax.set_ylim(-0.1, 1.05)
     ax.set_ylabel("FSC")
@@ -173,8 +196,15 @@ def _plot_angdist(poses):
     fig = _fig(6.4, 3.6)
     ax = fig.add_subplot()
     h, xe, ye = np.histogram2d(rot, tilt, bins=(72, 36), range=((-180, 180), (0, 180)))
-    im = ax.imshow(h.T, origin="lower", extent=(-180, 180, 0, 180), aspect="auto", cmap="viridis", interpolation="nearest",
-                   norm=PowerNorm(0.5, vmin=0, vmax=max(1.0, float(h.max()))))
+    im = ax.imshow(
+        h.T,
+        origin="lower",
+        extent=(-180, 180, 0, 180),
+        aspect="auto",
+        cmap="viridis",
+        interpolation="nearest",
+        norm=PowerNorm(0.5, vmin=0, vmax=max(1.0, float(h.max()))),
+    )
     cb = fig.colorbar(im, ax=ax, pad=0.02)
     cb.set_label("particles per 5°×5° bin (sqrt scale)", fontsize=8)
     ax.set_xlabel("rot (°)")
@@ -191,7 +221,11 @@ def _plot_angdist(poses):
 
 
 def _plot_classes(history):
-    rows = [(i, h["class_distribution"]) for i, h in zip(_iters(history), history) if h.get("class_distribution") is not None]
+    rows = [
+        (i, h["class_distribution"])
+        for i, h in zip(_iters(history), history)
+        if h.get("class_distribution") is not None
+    ]
     if not rows:
         return None
     k = max(len(c) for _, c in rows)
@@ -202,7 +236,9 @@ def _plot_classes(history):
     fig = _fig(6.4, 3.6)
     ax = fig.add_subplot()
     for c in range(k):
-        ax.plot(it, frac[:, c], "o-", ms=3, lw=1.3, label=f"class {c + 1}", color=_STAGE_COLOURS[c % len(_STAGE_COLOURS)])
+        ax.plot(
+            it, frac[:, c], "o-", ms=3, lw=1.3, label=f"class {c + 1}", color=_STAGE_COLOURS[c % len(_STAGE_COLOURS)]
+        )
     ax.set_ylim(0, max(1.0, float(np.nanmax(frac)) * 1.05) if np.isfinite(frac).any() else 1.0)
     ax.set_xlabel("iteration")
     ax.set_ylabel("fraction of particles")
@@ -218,7 +254,7 @@ def _plot_stages(history):
     it = _iters(history)
     names: list[str] = []
     for h in history:
-        for k in (h.get("stages") or {}):
+        for k in h.get("stages") or {}:
             if k not in names:
                 names.append(k)
     fig = _fig(6.4, 3.6)
@@ -249,11 +285,13 @@ def _plot_slices(volume: np.ndarray, angpix: float):
     if v.ndim != 3:
         raise ValueError(f"expected a 3D map, got shape {v.shape}")
     d0, d1, d2 = v.shape
-    slices = [("xy (z = centre)", v[d0 // 2], "x", "y"),
-              ("xz (y = centre)", v[:, d1 // 2, :], "x", "z"),
-              ("yz (x = centre)", v[:, :, d2 // 2], "y", "z")]
+    slices = [
+        ("xy (z = centre)", v[d0 // 2], "x", "y"),
+        ("xz (y = centre)", v[:, d1 // 2, :], "x", "z"),
+        ("yz (x = centre)", v[:, :, d2 // 2], "y", "z"),
+    ]
     finite = v[np.isfinite(v)]
-    lo, hi = (np.percentile(finite, [0.5, 99.9]) if finite.size else (0.0, 1.0))
+    lo, hi = np.percentile(finite, [0.5, 99.9]) if finite.size else (0.0, 1.0)
     if hi <= lo:
         hi = lo + 1.0
     fig = _fig(12.8, 4.6)  # fixed margins: constrained/tight layout would cost ~0.2 s here
@@ -265,7 +303,10 @@ def _plot_slices(volume: np.ndarray, angpix: float):
         ax.set_xlabel(f"{xl} (px)", fontsize=8)
         ax.set_ylabel(f"{yl} (px)", fontsize=8)
         ax.tick_params(labelsize=7)
-    fig.suptitle(f"central slices of the map ({d2}×{d1}×{d0} px, {angpix:.3g} Å/px; grey scale 0.5–99.9th percentile)", fontsize=10)
+    fig.suptitle(
+        f"central slices of the map ({d2}×{d1}×{d0} px, {angpix:.3g} Å/px; grey scale 0.5–99.9th percentile)",
+        fontsize=10,
+    )
     return fig
 
 
@@ -281,7 +322,11 @@ def _fmt(x, spec: str, empty: str = "–") -> str:
 
 def _table(history) -> str:
     head = ("iteration", "resolution (Å)", "sampling", "Δangle (°)", "Δoffset (px)", "nsig", "pmax", "time (s)", "note")
-    out = ["<table><thead><tr>" + "".join(f"<th class=note>{h}</th>" if h == "note" else f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"]
+    out = [
+        "<table><thead><tr>"
+        + "".join(f"<th class=note>{h}</th>" if h == "note" else f"<th>{h}</th>" for h in head)
+        + "</tr></thead><tbody>"
+    ]
     for h in history:
         order = h.get("healpix_order")
         samp = "–"
@@ -289,17 +334,26 @@ def _table(history) -> str:
             samp = f"hp{int(order)} ({60.0 / 2 ** int(order):.2f}°), {'local' if h.get('local') else 'global'}"
         note = h.get("note") or ""
         if h.get("final"):
-            note = ("final iteration" + ("; " + note if note else ""))
-        cells = [f"{int(_num(h.get('iteration'), 0))}", _fmt(h.get("resolution_angst"), ".2f"), html.escape(samp),
-                 _fmt(h.get("change_orientation_deg"), ".2f"), _fmt(h.get("change_offset_px"), ".2f"),
-                 _fmt(h.get("mean_significant"), ".1f"), _fmt(h.get("mean_max_prob"), ".3f"), _fmt(h.get("seconds"), ".1f")]
+            note = "final iteration" + ("; " + note if note else "")
+        cells = [
+            f"{int(_num(h.get('iteration'), 0))}",
+            _fmt(h.get("resolution_angst"), ".2f"),
+            html.escape(samp),
+            _fmt(h.get("change_orientation_deg"), ".2f"),
+            _fmt(h.get("change_offset_px"), ".2f"),
+            _fmt(h.get("mean_significant"), ".1f"),
+            _fmt(h.get("mean_max_prob"), ".3f"),
+            _fmt(h.get("seconds"), ".1f"),
+        ]
         row = "".join(f"<td>{c}</td>" for c in cells) + f'<td class="note">{html.escape(str(note))}</td>'
-        out.append(f'<tr{" class=final" if h.get("final") else ""}>{row}</tr>')
+        out.append(f"<tr{' class=final' if h.get('final') else ''}>{row}</tr>")
     out.append("</tbody></table>")
     return "\n".join(out)
 
 
-def write_report(out_dir, root: str, history: list[dict], fsc: np.ndarray, box: int, angpix: float, poses, volume: np.ndarray) -> None:
+def write_report(
+    out_dir, root: str, history: list[dict], fsc: np.ndarray, box: int, angpix: float, poses, volume: np.ndarray
+) -> None:
     """Write `out_dir/report.html` (atomically): plots of the run so far, embedded as base64 PNGs."""
     history = list(history or [])
     last = history[-1] if history else {}
@@ -309,29 +363,45 @@ def write_report(out_dir, root: str, history: list[dict], fsc: np.ndarray, box: 
     title = f"cryorefine report — {root}"
 
     sections = []
-    sections.append("<h2>Resolution</h2>" + _grid(_img("Half-map FSC against resolution", _plot_fsc, fsc, box, angpix),
-                                                 _img("Resolution per iteration", _plot_resolution, history) if history else ""))
-    sections.append("<h2>Pose changes and angular distribution</h2>"
-                    + _grid(_img("Pose changes per iteration", _plot_changes, history) if history else "",
-                           _img("Angular distribution (rot vs tilt)", _plot_angdist, poses)))
+    sections.append(
+        "<h2>Resolution</h2>"
+        + _grid(
+            _img("Half-map FSC against resolution", _plot_fsc, fsc, box, angpix),
+            _img("Resolution per iteration", _plot_resolution, history) if history else "",
+        )
+    )
+    sections.append(
+        "<h2>Pose changes and angular distribution</h2>"
+        + _grid(
+            _img("Pose changes per iteration", _plot_changes, history) if history else "",
+            _img("Angular distribution (rot vs tilt)", _plot_angdist, poses),
+        )
+    )
     has_classes = any(h.get("class_distribution") is not None for h in history)
     if history:
-        sections.append(f"<h2>{'Class distribution and time' if has_classes else 'Time'} per iteration</h2>"
-                        + _grid(_img("Class distribution per iteration", _plot_classes, history) if has_classes else "",
-                               _img("Time per stage per iteration", _plot_stages, history)))
+        sections.append(
+            f"<h2>{'Class distribution and time' if has_classes else 'Time'} per iteration</h2>"
+            + _grid(
+                _img("Class distribution per iteration", _plot_classes, history) if has_classes else "",
+                _img("Time per stage per iteration", _plot_stages, history),
+            )
+        )
     sections.append("<h2>Map</h2>" + _grid(_img("Central slices of the map", _plot_slices, volume, angpix)))
     sections.append("<h2>Iterations</h2>" + _table(history))
 
     total_s = sum(_num(h.get("seconds"), 0.0) for h in history)
-    meta = (f"<div class=meta>Generated <b>{time.strftime('%Y-%m-%d %H:%M:%S')}</b> · status <b>{status}</b> · "
-            f"<b>{len(history)}</b> iteration{'s' if len(history) != 1 else ''} · latest resolution "
-            f"<b>{_fmt(res, '.2f')} Å</b> · {n_part} particles · box {int(box)} px at {angpix:.4g} Å/px · "
-            f"total time {total_s:.1f} s</div>")
-    page = ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
-            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
-            f"<h1>{html.escape(title)}</h1>\n{meta}\n" + "\n".join(sections) + "\n</body></html>\n")
+    meta = (
+        f"<div class=meta>Generated <b>{time.strftime('%Y-%m-%d %H:%M:%S')}</b> · status <b>{status}</b> · "
+        f"<b>{len(history)}</b> iteration{'s' if len(history) != 1 else ''} · latest resolution "
+        f"<b>{_fmt(res, '.2f')} Å</b> · {n_part} particles · box {int(box)} px at {angpix:.4g} Å/px · "
+        f"total time {total_s:.1f} s</div>"
+    )
+    page = (
+        "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
+        f"<h1>{html.escape(title)}</h1>\n{meta}\n" + "\n".join(sections) + "\n</body></html>\n"
+    )
 
     path = Path(out_dir) / "report.html"
     with atomic_write(path) as tmp:
         Path(tmp).write_text(page, encoding="utf-8")
-

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .projection.extract import prepare_padded_transform, project_rfft
 from .ctf import compute_ctf
 from .fourier.grids import irfft2_centered, rfft_freqs_2d
 from .fourier.shift import shift_images_rfft
@@ -23,7 +24,6 @@ def without_poses(particles: pd.DataFrame) -> pd.DataFrame:
     """The particles table without rlnAngle*/rlnOrigin* columns (poses, priors, offsets): where every evaluated
     refinement starts, so that no figure is flattered by a start at the truth."""
     return particles.drop(columns=[c for c in particles.columns if c.startswith(("rlnAngle", "rlnOrigin"))])
-from .projection.extract import prepare_padded_transform, project_rfft
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,9 @@ def simulate_particles(
     box = truth.shape[-1]
     g = torch.Generator().manual_seed(seed)
     rot, tilt, psi, ox, oy = random_poses(n, max_shift_angst, g)
-    dmean = torch.rand(n, generator=g, dtype=torch.float64) * (defocus_max_angst - defocus_min_angst) + defocus_min_angst
+    dmean = (
+        torch.rand(n, generator=g, dtype=torch.float64) * (defocus_max_angst - defocus_min_angst) + defocus_min_angst
+    )
     dastig = (torch.rand(n, generator=g, dtype=torch.float64) - 0.5) * astigmatism_angst
     du, dv = dmean + dastig / 2, dmean - dastig / 2
     dang = torch.rand(n, generator=g, dtype=torch.float64) * 180
@@ -98,7 +100,18 @@ def simulate_particles(
             A = euler_to_matrix(rot[sl], tilt[sl], psi[sl]).to(device=device, dtype=torch.float32)
             c = None
             if ctf:
-                c = compute_ctf(ky, kx, box, angpix, du[sl], dv[sl], dang[sl], microscope.voltage_kv, microscope.cs_mm, microscope.amplitude_contrast).to(torch.float32)
+                c = compute_ctf(
+                    ky,
+                    kx,
+                    box,
+                    angpix,
+                    du[sl],
+                    dv[sl],
+                    dang[sl],
+                    microscope.voltage_kv,
+                    microscope.cs_mm,
+                    microscope.amplitude_contrast,
+                ).to(torch.float32)
             origin_px = (torch.stack([ox[sl], oy[sl]], -1) / angpix).to(device=device, dtype=torch.float32)
             clean = irfft2_centered(particle_image_rfft(transform, A, origin_px, c, box), box)
             if noise_sigma is None or grey is None:  # the first batch fixes the noise level for the whole set
@@ -220,9 +233,18 @@ def project_poses(
     optics, parts = _poses_table(poses_star)
     if optics is not None:
         if "rlnImageSize" in optics.columns and (optics["rlnImageSize"].astype(int) != box).any():
-            raise CryoInputError(f"rlnImageSize {sorted(set(optics['rlnImageSize'].astype(int)))} of the poses differs from the map box {box}", poses_star)
-        if "rlnImagePixelSize" in optics.columns and (np.abs(optics["rlnImagePixelSize"].astype(float) - angpix) > 1e-3 * angpix).any():
-            raise CryoInputError(f"rlnImagePixelSize {sorted(set(optics['rlnImagePixelSize'].astype(float)))} of the poses differs from the map's {angpix:.4f} Å", poses_star)
+            raise CryoInputError(
+                f"rlnImageSize {sorted(set(optics['rlnImageSize'].astype(int)))} of the poses differs from the map box {box}",
+                poses_star,
+            )
+        if (
+            "rlnImagePixelSize" in optics.columns
+            and (np.abs(optics["rlnImagePixelSize"].astype(float) - angpix) > 1e-3 * angpix).any()
+        ):
+            raise CryoInputError(
+                f"rlnImagePixelSize {sorted(set(optics['rlnImagePixelSize'].astype(float)))} of the poses differs from the map's {angpix:.4f} Å",
+                poses_star,
+            )
     n = len(parts)
 
     def col(name, default=0.0):
@@ -237,7 +259,12 @@ def project_poses(
     if ctf:
         du = col("rlnDefocusU")
         dv = col("rlnDefocusV") if "rlnDefocusV" in parts.columns else du.copy()
-        dang, phase, bfac, cscale = col("rlnDefocusAngle"), col("rlnPhaseShift"), col("rlnCtfBfactor"), col("rlnCtfScalefactor", 1.0)
+        dang, phase, bfac, cscale = (
+            col("rlnDefocusAngle"),
+            col("rlnPhaseShift"),
+            col("rlnCtfBfactor"),
+            col("rlnCtfScalefactor", 1.0),
+        )
         mic = _per_particle_optics(optics, parts, microscope)
     transform = prepare_padded_transform(truth.to(device=device, dtype=torch.float32), 2)
     ky, kx = rfft_freqs_2d(box, device, torch.float64)
@@ -255,8 +282,21 @@ def project_poses(
             A = euler_to_matrix(t(rot), t(tilt), t(psi)).to(torch.float32)
             c = None
             if ctf:
-                c = compute_ctf(ky, kx, box, angpix, t(du), t(dv), t(dang), t(mic["voltage"]), t(mic["cs"]), t(mic["q0"]),
-                                t(phase), t(bfac), t(cscale)).to(torch.float32)
+                c = compute_ctf(
+                    ky,
+                    kx,
+                    box,
+                    angpix,
+                    t(du),
+                    t(dv),
+                    t(dang),
+                    t(mic["voltage"]),
+                    t(mic["cs"]),
+                    t(mic["q0"]),
+                    t(phase),
+                    t(bfac),
+                    t(cscale),
+                ).to(torch.float32)
             origin_px = (torch.stack([t(ox), t(oy)], -1) / angpix).to(torch.float32)
             img = irfft2_centered(particle_image_rfft(transform, A, origin_px, c, box), box)
             if signal_var is None:
@@ -272,12 +312,28 @@ def project_poses(
     star = parts.drop(columns=["rlnImageName"], errors="ignore")
     star.insert(0, "rlnImageName", [f"{i + 1:06d}@{stack_name}" for i in range(n)])
     if optics is None:
-        optics = pd.DataFrame({"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1], "rlnVoltage": [microscope.voltage_kv],
-                               "rlnSphericalAberration": [microscope.cs_mm], "rlnAmplitudeContrast": [microscope.amplitude_contrast]})
+        optics = pd.DataFrame(
+            {
+                "rlnOpticsGroupName": ["opticsGroup1"],
+                "rlnOpticsGroup": [1],
+                "rlnVoltage": [microscope.voltage_kv],
+                "rlnSphericalAberration": [microscope.cs_mm],
+                "rlnAmplitudeContrast": [microscope.amplitude_contrast],
+            }
+        )
         star["rlnOpticsGroup"] = 1
     optics = optics.copy()
     optics["rlnImagePixelSize"], optics["rlnImageSize"], optics["rlnImageDimensionality"] = angpix, box, 2
     write_star(out / "particles.star", {"optics": optics, "particles": star})
     write_star(out / NO_POSES_STAR, {"optics": optics, "particles": without_poses(star)})
-    return {"n": n, "box": box, "angpix": angpix, "snr": snr, "noise_sigma": noise_sigma, "clean_variance": signal_var,
-            "ctf": bool(ctf), "stack": str(out / stack_name), "stack_bytes": 1024 + n * box * box * 4}
+    return {
+        "n": n,
+        "box": box,
+        "angpix": angpix,
+        "snr": snr,
+        "noise_sigma": noise_sigma,
+        "clean_variance": signal_var,
+        "ctf": bool(ctf),
+        "stack": str(out / stack_name),
+        "stack_bytes": 1024 + n * box * box * 4,
+    }

@@ -5,6 +5,7 @@ and reads only headers, the STAR file and a bounded sample of image pixels. It w
 one temporary file in the output folder (removed at once); a folder it had to create for the check
 is removed again when a later check fails.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,11 +19,11 @@ from cryorefine.geometry.symmetry import parse_symmetry
 from cryorefine.io.mrc import read_map
 from cryorefine.io.particles import ParticleTable, load_particles
 
-PIXEL_SIZE_TOLERANCE = 0.01           # relative STAR vs reference header
-DISK_RESERVE_BYTES = 100 * 1024 ** 2  # free space needed besides the maps
-MAPS_PER_ITERATION = 2                # the half maps (unfiltered ones only at the end)
-ITERATIONS_OF_MAPS = 10               # iterations of maps we want room for
-FINITE_CHECK_BYTES = 128 * 1024 ** 2  # pixels read for the NaN/Inf check (all of a small set)
+PIXEL_SIZE_TOLERANCE = 0.01  # relative STAR vs reference header
+DISK_RESERVE_BYTES = 100 * 1024**2  # free space needed besides the maps
+MAPS_PER_ITERATION = 2  # the half maps (unfiltered ones only at the end)
+ITERATIONS_OF_MAPS = 10  # iterations of maps we want room for
+FINITE_CHECK_BYTES = 128 * 1024**2  # pixels read for the NaN/Inf check (all of a small set)
 
 
 def required_free_bytes(box: int) -> int:
@@ -32,8 +33,10 @@ def required_free_bytes(box: int) -> int:
 
 def check_diameter_sign(diameter: float) -> None:
     if not diameter > 0:
-        raise CryoInputError(f"--particle_diameter must be positive (got {diameter:g} Å); give the "
-                             "particle's longest dimension in Å, e.g. --particle_diameter 160")
+        raise CryoInputError(
+            f"--particle_diameter must be positive (got {diameter:g} Å); give the "
+            "particle's longest dimension in Å, e.g. --particle_diameter 160"
+        )
 
 
 def check_symmetry(sym: str) -> None:
@@ -46,18 +49,23 @@ def check_particles(star, project_dir=None) -> ParticleTable:
     box = table.box  # raises for optics groups with different boxes
     angpix = np.unique(np.round(table.angpix, 4))
     if len(angpix) > 1:
-        raise CryoInputError(f"optics groups have different pixel sizes ({', '.join(map(str, angpix))} "
-                             "Å); refine them separately or re-extract at one pixel size", path=star)
+        raise CryoInputError(
+            f"optics groups have different pixel sizes ({', '.join(map(str, angpix))} "
+            "Å); refine them separately or re-extract at one pixel size",
+            path=star,
+        )
     try:
-        stacks, inverse, counts = np.unique(table.image_stack.astype(str), return_inverse=True,
-                                            return_counts=True)
+        stacks, inverse, counts = np.unique(table.image_stack.astype(str), return_inverse=True, return_counts=True)
         by_stack = np.split(np.argsort(inverse.reshape(-1), kind="stable"), np.cumsum(counts)[:-1])
         per_stack = FINITE_CHECK_BYTES // max(1, len(stacks)) // (4 * box * box)
         for path, rows in zip(stacks, by_stack):
             stack = table.stack(path)  # raises for non-MRC or non-square images
             if stack.shape[1] != box:
-                raise CryoInputError(f"images are {stack.shape[1]} px but rlnImageSize is {box} in "
-                                     f"{star}; fix rlnImageSize or re-extract", path=path)
+                raise CryoInputError(
+                    f"images are {stack.shape[1]} px but rlnImageSize is {box} in "
+                    f"{star}; fix rlnImageSize or re-extract",
+                    path=path,
+                )
             used = np.unique(table.image_index[rows])
             stack.read(used[-1:])  # raises if an index is past the end of the stack
             _check_finite(stack, used, max(2, per_stack))
@@ -71,32 +79,42 @@ def _check_finite(stack, used: np.ndarray, n_max: int) -> None:
     if len(used) > n_max:
         used = used[np.unique(np.linspace(0, len(used) - 1, n_max).round().astype(np.int64))]
     for start in range(0, len(used), 256):
-        chunk = used[start:start + 256]
+        chunk = used[start : start + 256]
         images = stack.read(chunk)
         finite = np.isfinite(images).all(axis=(1, 2))
         if not finite.all():
             first = int(chunk[np.flatnonzero(~finite)[0]]) + 1
-            raise CryoInputError(f"image {first} (1-based) contains NaN or Inf pixels; re-extract the "
-                                 "particles or drop it from the STAR file", path=stack.path)
+            raise CryoInputError(
+                f"image {first} (1-based) contains NaN or Inf pixels; re-extract the "
+                "particles or drop it from the STAR file",
+                path=stack.path,
+            )
 
 
 def check_reference(path, box: int, angpix: float, what: str = "reference") -> None:
     """Cubic, finite (read_map), same box as the particles, pixel size within 1 %."""
     data, ref_angpix = read_map(path)
     if data.shape[0] != box:
-        raise CryoInputError(f"{what} box {data.shape[0]} px differs from the particle box {box} px; "
-                             f"resample it to {box} px (relion_image_handler --new_box/--rescale_angpix)",
-                             path=path)
+        raise CryoInputError(
+            f"{what} box {data.shape[0]} px differs from the particle box {box} px; "
+            f"resample it to {box} px (relion_image_handler --new_box/--rescale_angpix)",
+            path=path,
+        )
     if what == "reference" and abs(ref_angpix - angpix) > PIXEL_SIZE_TOLERANCE * angpix:
-        raise CryoInputError(f"pixel size in the map header ({ref_angpix:.4f} Å) differs from the "
-                             f"particles' pixel size in the STAR file ({angpix:.4f} Å) by more than 1 %; rescale "
-                             "the reference or fix its header (relion_image_handler --angpix)", path=path)
+        raise CryoInputError(
+            f"pixel size in the map header ({ref_angpix:.4f} Å) differs from the "
+            f"particles' pixel size in the STAR file ({angpix:.4f} Å) by more than 1 %; rescale "
+            "the reference or fix its header (relion_image_handler --angpix)",
+            path=path,
+        )
 
 
 def check_diameter_fits(diameter: float, box: int, angpix: float) -> None:
     if diameter > box * angpix:
-        raise CryoInputError(f"--particle_diameter {diameter:g} Å is larger than the box "
-                             f"({box} px × {angpix:.4g} Å = {box * angpix:.1f} Å); give a smaller diameter")
+        raise CryoInputError(
+            f"--particle_diameter {diameter:g} Å is larger than the box "
+            f"({box} px × {angpix:.4g} Å = {box * angpix:.1f} Å); give a smaller diameter"
+        )
 
 
 def check_output_folder(folder, box: int | None, flag: str = "--o") -> None:
@@ -119,18 +137,24 @@ def check_output_folder(folder, box: int | None, flag: str = "--o") -> None:
         free = shutil.disk_usage(folder).free
         need = required_free_bytes(box) if box else DISK_RESERVE_BYTES
         if free < need:
-            raise CryoInputError(f"not enough free disk space ({free / 1e6:.0f} MB free, "
-                                 f"{need / 1e6:.0f} MB needed); free space or choose another output "
-                                 f"folder with {flag}", path=folder)
+            raise CryoInputError(
+                f"not enough free disk space ({free / 1e6:.0f} MB free, "
+                f"{need / 1e6:.0f} MB needed); free space or choose another output "
+                f"folder with {flag}",
+                path=folder,
+            )
     except OSError as exc:
         _cleanup(probe, created)
         blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
         if blocker is not None:
-            raise CryoInputError(f"output folder cannot be created: {blocker} is a file, not a folder; "
-                                 f"choose another {flag}", path=folder) from exc
+            raise CryoInputError(
+                f"output folder cannot be created: {blocker} is a file, not a folder; choose another {flag}",
+                path=folder,
+            ) from exc
         reason = exc.strerror or type(exc).__name__
-        raise CryoInputError(f"output folder cannot be created or written ({reason}); choose a "
-                             f"writable folder with {flag}", path=folder) from exc
+        raise CryoInputError(
+            f"output folder cannot be created or written ({reason}); choose a writable folder with {flag}", path=folder
+        ) from exc
     except CryoInputError:
         _cleanup(probe, created)
         raise
@@ -152,8 +176,11 @@ def check_random_subsets(table) -> None:
     """rlnRandomSubset: all 1/2 (kept), or absent/all 0 (drawn); a mix of 1/2 with other values stops, as RELION."""
     values = set(np.unique(np.asarray(table.random_subset)).tolist())
     if values & {1, 2} and values - {1, 2}:
-        raise CryoInputError(f"rlnRandomSubset holds {sorted(values)}: every particle needs 1 or 2 (or remove the column for a "
-                             "random split)", table.star_path)
+        raise CryoInputError(
+            f"rlnRandomSubset holds {sorted(values)}: every particle needs 1 or 2 (or remove the column for a "
+            "random split)",
+            table.star_path,
+        )
 
 
 def validate_refine_inputs(args) -> None:
@@ -161,7 +188,9 @@ def validate_refine_inputs(args) -> None:
     if getattr(args, "dist_timeout", 1.0) <= 0:
         raise CryoInputError(f"--dist_timeout must be positive (got {args.dist_timeout} s)")
     if getattr(args, "sigma_offset", 1.0) <= 0:
-        raise CryoInputError(f"--offset must be positive (got {args.sigma_offset} Å): the initial width of the offset prior")
+        raise CryoInputError(
+            f"--offset must be positive (got {args.sigma_offset} Å): the initial width of the offset prior"
+        )
     if getattr(args, "min_sigma2_offset", 0.0) < 0:
         raise CryoInputError(f"--min_sigma2_offset must not be negative (got {args.min_sigma2_offset} Å²)")
     continue_from = getattr(args, "continue_from", None)
@@ -176,8 +205,9 @@ def validate_refine_inputs(args) -> None:
         if not getattr(args, name, None):
             raise CryoInputError(f"{flag} is required (or --continue run_itNNN_optimiser.star)")
     if getattr(args, "particle_diameter", None) is None:
-        raise CryoInputError("--particle_diameter is required: the particle's longest dimension in Å, e.g. "
-                             "--particle_diameter 160")
+        raise CryoInputError(
+            "--particle_diameter is required: the particle's longest dimension in Å, e.g. --particle_diameter 160"
+        )
     diameter = float(args.particle_diameter)
     check_diameter_sign(diameter)
     check_symmetry(getattr(args, "sym", "C1"))

@@ -29,14 +29,43 @@ pb = _load()
 
 def test_paper_flags_are_relion_readme_flags():
     f = pb.SETS["betagal"].flags
-    for flag in ["--auto_refine", "--split_random_halves", "--ctf", "--flatten_solvent", "--zero_mask", "--norm", "--scale"]:
+    for flag in [
+        "--auto_refine",
+        "--split_random_halves",
+        "--ctf",
+        "--flatten_solvent",
+        "--zero_mask",
+        "--norm",
+        "--scale",
+    ]:
         assert flag in f
     val = dict(zip(f[7::2], f[8::2]))
-    assert val == {"--healpix_order": "2", "--auto_local_healpix_order": "4", "--offset_range": "5", "--offset_step": "2", "--particle_diameter": "265",
-                   "--ini_high": "40", "--pad": "2", "--sym": "C1", "--random_seed": "0", "--pool": "30", "--oversampling": "1", "--low_resol_join_halves": "0"}
+    assert val == {
+        "--healpix_order": "2",
+        "--auto_local_healpix_order": "4",
+        "--offset_range": "5",
+        "--offset_step": "2",
+        "--particle_diameter": "265",
+        "--ini_high": "40",
+        "--pad": "2",
+        "--sym": "C1",
+        "--random_seed": "0",
+        "--pool": "30",
+        "--oversampling": "1",
+        "--low_resol_join_halves": "0",
+    }
     c = pb.SETS["empiar10028"].flags
-    assert "--firstiter_cc" in c and c[c.index("--K") + 1] == "6" and c[c.index("--iter") + 1] == "25" and c[c.index("--tau2_fudge") + 1] == "4"
-    assert pb.SETS["trpv1"].make == (256, 1.2156, 5000, 4, 40) and pb.SETS["trpv1_full"].n == 35645 and pb.SETS["empiar10028"].make == (360, 1.34, 3000, 6, 70)
+    assert (
+        "--firstiter_cc" in c
+        and c[c.index("--K") + 1] == "6"
+        and c[c.index("--iter") + 1] == "25"
+        and c[c.index("--tau2_fudge") + 1] == "4"
+    )
+    assert (
+        pb.SETS["trpv1"].make == (256, 1.2156, 5000, 4, 40)
+        and pb.SETS["trpv1_full"].n == 35645
+        and pb.SETS["empiar10028"].make == (360, 1.34, 3000, 6, 70)
+    )
 
 
 def test_oversampling_other_than_one_is_refused(tmp_path, capsys):
@@ -69,13 +98,23 @@ def test_tiny_run_stop_continue_and_results(tmp_path):
         assert set(it["stages_s"]) == set(pb.STAGES) and it["wall_s"] > 0
         assert it["gold_fsc0143_angst"] and it["mean_rlnNrOfSignificantSamples"] >= 1
         assert it["coarse_flops"] > 0 and it["coarse_tflops"] > 0
-    assert r["final_gold"]["fsc0143_angst"] > 0 and r["fsc_to_truth"]["fsc05_angst"] > 0 and r["pose_errors"]["n_matched"] == 40
+    assert (
+        r["final_gold"]["fsc0143_angst"] > 0
+        and r["fsc_to_truth"]["fsc05_angst"] > 0
+        and r["pose_errors"]["n_matched"] == 40
+    )
     assert r["coarse"]["cublas_reference"]["shapes"][0]["fp32_tflops"] > 0
     assert r["memory"]["peak_host_rss_bytes"] > 0
     cpu = r["cpu_subset"]
     assert cpu["status"] == "ok" and cpu["n"] == 8 and cpu["cpu_over_gpu_iteration"] > 0
     md = js[0].with_suffix(".md").read_text()
-    for text in ["## Per iteration", "convertAllSquaredDifferencesToWeights", "## Coarse pass", "## CPU path", "--low_resol_join_halves 0"]:
+    for text in [
+        "## Per iteration",
+        "convertAllSquaredDifferencesToWeights",
+        "## Coarse pass",
+        "## CPU path",
+        "--low_resol_join_halves 0",
+    ]:
         assert text in md
     # a report call rebuilds the same files from the disk
     assert pb.main(["report", "tiny", "--workdir", str(w), "--out", str(out / "again"), "--no_gpu"]) == 0

@@ -24,7 +24,9 @@ def test_tiny_one_and_two_cpu_ranks(tmp_path, monkeypatch):
     sc = _load()
     monkeypatch.setenv("COMMIT", "0123456789abcdef")
     w, out = tmp_path / "w", tmp_path / "out"
-    assert sc.main(["tiny", "--gpus", "1 2", "--no_gpu", "--workdir", str(w), "--out", str(out), "--budget", "300"]) == 0
+    assert (
+        sc.main(["tiny", "--gpus", "1 2", "--no_gpu", "--workdir", str(w), "--out", str(out), "--budget", "300"]) == 0
+    )
     js = list(out.glob("*-cpu-scaling-tiny.json"))
     assert len(js) == 1 and js[0].with_suffix(".md").exists()
     r = json.loads(js[0].read_text())

@@ -25,7 +25,9 @@ def classified(tmp_path_factory):
     sigma = None
     parts = []
     for k, vol in enumerate(maps):
-        info = simulate_particles(vol, ANGPIX, d / f"s{k + 1}", 120, snr=0.5, seed=11 + k, noise_sigma=sigma, max_shift_angst=4.0)
+        info = simulate_particles(
+            vol, ANGPIX, d / f"s{k + 1}", 120, snr=0.5, seed=11 + k, noise_sigma=sigma, max_shift_angst=4.0
+        )
         sigma = info["noise_sigma"]
         b = read_star(d / f"s{k + 1}" / "particles.star")
         p = b["particles"]
@@ -36,12 +38,41 @@ def classified(tmp_path_factory):
 
     allp = pd.concat(parts, ignore_index=True).sample(frac=1.0, random_state=0).reset_index(drop=True)
     # the input as a user has it: no poses, no classes
-    write_star(d / "particles.star", {"optics": b["optics"], "particles": without_poses(allp).drop(columns=["rlnClassNumber"])})
+    write_star(
+        d / "particles.star", {"optics": b["optics"], "particles": without_poses(allp).drop(columns=["rlnClassNumber"])}
+    )
     avg = (read_map(d / "s1" / "truth.mrc")[0] + read_map(d / "s2" / "truth.mrc")[0]) / 2
     write_map(d / "start.mrc", low_pass_filter(torch.from_numpy(avg).double(), 40.0, ANGPIX).float().numpy(), ANGPIX)
-    rc = main(["classify", "--i", str(d / "particles.star"), "--o", str(d / "out" / "run"), "--ref", str(d / "start.mrc"), "--K", "2",
-               "--iter", "6", "--tau2_fudge", "4", "--ini_high", "40", "--particle_diameter", "170", "--ctf", "--flatten_solvent",
-               "--zero_mask", "--offset_range", "3", "--offset_step", "1.5", "--random_seed", "2"])
+    rc = main(
+        [
+            "classify",
+            "--i",
+            str(d / "particles.star"),
+            "--o",
+            str(d / "out" / "run"),
+            "--ref",
+            str(d / "start.mrc"),
+            "--K",
+            "2",
+            "--iter",
+            "6",
+            "--tau2_fudge",
+            "4",
+            "--ini_high",
+            "40",
+            "--particle_diameter",
+            "170",
+            "--ctf",
+            "--flatten_solvent",
+            "--zero_mask",
+            "--offset_range",
+            "3",
+            "--offset_step",
+            "1.5",
+            "--random_seed",
+            "2",
+        ]
+    )
     assert rc == 0
     truth = allp["rlnClassNumber"].to_numpy()
     return d, truth
@@ -49,7 +80,13 @@ def classified(tmp_path_factory):
 
 def test_outputs_have_relion_names(classified):
     d, _ = classified
-    for name in ["run_it006_class001.mrc", "run_it006_class002.mrc", "run_it006_model.star", "run_it006_data.star", "run_it006_optimiser.star"]:
+    for name in [
+        "run_it006_class001.mrc",
+        "run_it006_class002.mrc",
+        "run_it006_model.star",
+        "run_it006_data.star",
+        "run_it006_optimiser.star",
+    ]:
         assert (d / "out" / name).exists(), name
 
 

@@ -67,12 +67,18 @@ def test_created_output_folder_removed_when_disk_is_full(project):
     assert not (project / "new").exists()
 
 
-@pytest.mark.parametrize("exc, words", [
-    (OSError(28, "No space left on device", "out/run_it002_data.star"), ["out/run_it002_data.star", "No space left"]),
-    (PermissionError(13, "Permission denied", "out"), ["out", "Permission denied"]),
-    (OSError(30, "Read-only file system", "out/run.log"), ["out/run.log", "Read-only"]),
-    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore text"), ["--batch", "GPU"]),
-])
+@pytest.mark.parametrize(
+    "exc, words",
+    [
+        (
+            OSError(28, "No space left on device", "out/run_it002_data.star"),
+            ["out/run_it002_data.star", "No space left"],
+        ),
+        (PermissionError(13, "Permission denied", "out"), ["out", "Permission denied"]),
+        (OSError(30, "Read-only file system", "out/run.log"), ["out/run.log", "Read-only"]),
+        (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore text"), ["--batch", "GPU"]),
+    ],
+)
 def test_run_time_errors_give_one_line(exc, words, project, monkeypatch):
     import cryorefine.cli.refine as refine_cli
 

@@ -40,7 +40,9 @@ def maps(tmp_path_factory):
 def test_fsc_identical_maps_reach_nyquist(maps, capsys, tmp_path):
     rc, out = run(capsys, "fsc", maps / "a.mrc", maps / "a.mrc", "--o", tmp_path / "c.csv")
     assert rc == 0
-    assert out["resolution_0.143_angst"] == pytest.approx(2 * ANGPIX) and out["resolution_0.5_angst"] == pytest.approx(2 * ANGPIX)
+    assert out["resolution_0.143_angst"] == pytest.approx(2 * ANGPIX) and out["resolution_0.5_angst"] == pytest.approx(
+        2 * ANGPIX
+    )
     curve = pd.read_csv(tmp_path / "c.csv")
     assert list(curve.columns) == ["shell", "resolution_angst", "fsc"] and len(curve) == BOX // 2 + 1
     assert np.allclose(curve["fsc"], 1.0) and curve["resolution_angst"].iloc[-1] == pytest.approx(2 * ANGPIX)
@@ -79,7 +81,9 @@ def rotated_star(sim, path, R=None, shift=(0.0, 0.0), names=None):
     blocks = read_star(sim / "particles.star")
     p = blocks["particles"].copy()
     if R is not None:
-        A = euler_to_matrix(*(p[c].to_numpy(dtype=np.float64, copy=True) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")))
+        A = euler_to_matrix(
+            *(p[c].to_numpy(dtype=np.float64, copy=True) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"))
+        )
         rot, tilt, psi = (a.numpy() for a in matrix_to_euler(R @ A))
         p["rlnAngleRot"], p["rlnAngleTilt"], p["rlnAnglePsi"] = rot, tilt, psi
     p["rlnOriginXAngst"] += shift[0]
@@ -101,22 +105,41 @@ def random_rotations(n, angle_deg, seed=0):
 
 
 def test_evaluate_truth_against_itself(sim, capsys):
-    rc, out = run(capsys, "evaluate", "--data", sim / "particles.star", "--truth", sim / "particles.star",
-                  "--map", sim / "truth.mrc", "--truth_map", sim / "truth.mrc")
+    rc, out = run(
+        capsys,
+        "evaluate",
+        "--data",
+        sim / "particles.star",
+        "--truth",
+        sim / "particles.star",
+        "--map",
+        sim / "truth.mrc",
+        "--truth_map",
+        sim / "truth.mrc",
+    )
     assert rc == 0, out
     assert out["n_matched"] == 200
     assert out["angle_median_deg"] < 1e-3 and out["angle_p90_deg"] < 1e-3 and out["shift_p90_angst"] < 1e-6
-    assert out["map_fsc_0.5_angst"] == pytest.approx(2 * ANGPIX) and out["map_fsc_0.143_angst"] == pytest.approx(2 * ANGPIX)
+    assert out["map_fsc_0.5_angst"] == pytest.approx(2 * ANGPIX) and out["map_fsc_0.143_angst"] == pytest.approx(
+        2 * ANGPIX
+    )
 
 
 def test_evaluate_known_perturbation(sim, capsys, tmp_path):
-    data = rotated_star(sim, tmp_path / "run_data.star", R=random_rotations(200, 5.0), shift=(3.0, 4.0),
-                        names=lambda s: s.str.replace("particles.mrcs", "Extract/job007/particles.mrcs"))
+    data = rotated_star(
+        sim,
+        tmp_path / "run_data.star",
+        R=random_rotations(200, 5.0),
+        shift=(3.0, 4.0),
+        names=lambda s: s.str.replace("particles.mrcs", "Extract/job007/particles.mrcs"),
+    )
     rc, out = run(capsys, "evaluate", "--data", data, "--truth", sim / "particles.star")
     assert rc == 0, out
     print(out)
     assert out["n_matched"] == 200
-    assert out["angle_median_deg"] == pytest.approx(5.0, abs=1e-3) and out["angle_p90_deg"] == pytest.approx(5.0, abs=1e-3)
+    assert out["angle_median_deg"] == pytest.approx(5.0, abs=1e-3) and out["angle_p90_deg"] == pytest.approx(
+        5.0, abs=1e-3
+    )
     assert out["shift_median_angst"] == pytest.approx(5.0, abs=1e-4)
 
 
@@ -125,7 +148,12 @@ def test_pose_errors_symmetry_aware(sim, tmp_path):
     S = symmetry_matrices("C2")[1]
     blocks = read_star(sim / "particles.star")
     p = blocks["particles"].copy()
-    A = euler_to_matrix(*(p[c].to_numpy(dtype=np.float64, copy=True) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"))) @ S
+    A = (
+        euler_to_matrix(
+            *(p[c].to_numpy(dtype=np.float64, copy=True) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"))
+        )
+        @ S
+    )
     rot, tilt, psi = (a.numpy() for a in matrix_to_euler(A))
     p["rlnAngleRot"], p["rlnAngleTilt"], p["rlnAnglePsi"] = rot, tilt, psi
     write_star(tmp_path / "mates.star", {"optics": blocks["optics"], "particles": p})
@@ -138,7 +166,16 @@ def test_evaluate_errors(sim, capsys, tmp_path):
     data = rotated_star(sim, tmp_path / "other.star", names=lambda s: s.str.replace("particles.mrcs", "other.mrcs"))
     rc, err = run(capsys, "evaluate", "--data", data, "--truth", sim / "particles.star")
     assert rc == 2 and "rlnImageName" in err
-    rc, err = run(capsys, "evaluate", "--data", sim / "particles.star", "--truth", sim / "particles.star", "--map", sim / "truth.mrc")
+    rc, err = run(
+        capsys,
+        "evaluate",
+        "--data",
+        sim / "particles.star",
+        "--truth",
+        sim / "particles.star",
+        "--map",
+        sim / "truth.mrc",
+    )
     assert rc == 2 and "--truth_map" in err
     rc, err = run(capsys, "evaluate", "--data", tmp_path / "missing.star", "--truth", sim / "particles.star")
     assert rc == 2 and "missing.star" in err
@@ -146,12 +183,41 @@ def test_evaluate_errors(sim, capsys, tmp_path):
 
 def test_match_particles_pixel_origins(tmp_path):
     """STAR 3.0 (rlnOriginX in pixels) against 3.1 (Å); names with different zero padding still match."""
-    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnImagePixelSize": [2.0], "rlnVoltage": [300.0], "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1]})
-    p31 = pd.DataFrame({"rlnImageName": ["000001@s.mrcs", "000002@s.mrcs"], "rlnAngleRot": [0.0, 10.0], "rlnAngleTilt": [0.0, 20.0],
-                        "rlnAnglePsi": [0.0, 30.0], "rlnOriginXAngst": [2.0, 0.0], "rlnOriginYAngst": [0.0, 4.0], "rlnOpticsGroup": [1, 1]})
-    p30 = pd.DataFrame({"rlnImageName": ["2@sub/s.mrcs", "1@sub/s.mrcs"], "rlnAngleRot": [10.0, 0.0], "rlnAngleTilt": [20.0, 0.0],
-                        "rlnAnglePsi": [30.0, 0.0], "rlnOriginX": [0.0, 1.0], "rlnOriginY": [2.0, 0.0], "rlnDetectorPixelSize": [5.0, 5.0],
-                        "rlnMagnification": [25000.0, 25000.0], "rlnVoltage": [300.0] * 2, "rlnSphericalAberration": [2.7] * 2, "rlnAmplitudeContrast": [0.1] * 2})
+    optics = pd.DataFrame(
+        {
+            "rlnOpticsGroup": [1],
+            "rlnImagePixelSize": [2.0],
+            "rlnVoltage": [300.0],
+            "rlnSphericalAberration": [2.7],
+            "rlnAmplitudeContrast": [0.1],
+        }
+    )
+    p31 = pd.DataFrame(
+        {
+            "rlnImageName": ["000001@s.mrcs", "000002@s.mrcs"],
+            "rlnAngleRot": [0.0, 10.0],
+            "rlnAngleTilt": [0.0, 20.0],
+            "rlnAnglePsi": [0.0, 30.0],
+            "rlnOriginXAngst": [2.0, 0.0],
+            "rlnOriginYAngst": [0.0, 4.0],
+            "rlnOpticsGroup": [1, 1],
+        }
+    )
+    p30 = pd.DataFrame(
+        {
+            "rlnImageName": ["2@sub/s.mrcs", "1@sub/s.mrcs"],
+            "rlnAngleRot": [10.0, 0.0],
+            "rlnAngleTilt": [20.0, 0.0],
+            "rlnAnglePsi": [30.0, 0.0],
+            "rlnOriginX": [0.0, 1.0],
+            "rlnOriginY": [2.0, 0.0],
+            "rlnDetectorPixelSize": [5.0, 5.0],
+            "rlnMagnification": [25000.0, 25000.0],
+            "rlnVoltage": [300.0] * 2,
+            "rlnSphericalAberration": [2.7] * 2,
+            "rlnAmplitudeContrast": [0.1] * 2,
+        }
+    )
     write_star(tmp_path / "a.star", {"optics": optics, "particles": p31})
     write_star(tmp_path / "b.star", {"images": p30})
     a, b = read_poses(tmp_path / "a.star"), read_poses(tmp_path / "b.star")

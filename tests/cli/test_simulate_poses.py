@@ -36,7 +36,21 @@ def sim(tmp_path_factory):
 
 def test_poses_reproduce_the_simulator(sim):
     d = sim
-    rc = main(["simulate", "--map", str(d / "sim" / "truth.mrc"), "--poses", str(d / "sim" / "particles.star"), "--o", str(d / "p"), "--snr", "0", "--batch", "7"])
+    rc = main(
+        [
+            "simulate",
+            "--map",
+            str(d / "sim" / "truth.mrc"),
+            "--poses",
+            str(d / "sim" / "particles.star"),
+            "--o",
+            str(d / "p"),
+            "--snr",
+            "0",
+            "--batch",
+            "7",
+        ]
+    )
     assert rc == 0
     ours = read_images(load_particles(d / "p" / "particles.star"), np.arange(24))
     ref = read_images(load_particles(d / "sim" / "particles.star"), np.arange(24))
@@ -47,13 +61,46 @@ def test_poses_reproduce_the_simulator(sim):
         np.testing.assert_allclose(a[col].to_numpy(), b[col].to_numpy(), atol=1e-5)
     assert a["rlnImageName"].iloc[0] == "000001@particles.mrcs"
     # negative control: without the CTF the images are far off
-    assert main(["simulate", "--map", str(d / "sim" / "truth.mrc"), "--poses", str(d / "sim" / "particles.star"), "--o", str(d / "q"), "--snr", "0", "--no_ctf"]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                "--map",
+                str(d / "sim" / "truth.mrc"),
+                "--poses",
+                str(d / "sim" / "particles.star"),
+                "--o",
+                str(d / "q"),
+                "--snr",
+                "0",
+                "--no_ctf",
+            ]
+        )
+        == 0
+    )
     assert _rel_err(read_images(load_particles(d / "q" / "particles.star"), np.arange(24)), ref).min() > 0.3
 
 
 def test_poses_with_noise_keep_the_greyscale(sim):
     d = sim
-    assert main(["simulate", "--map", str(d / "sim" / "truth.mrc"), "--poses", str(d / "sim" / "particles.star"), "--o", str(d / "n"), "--snr", "0.5", "--seed", "3"]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                "--map",
+                str(d / "sim" / "truth.mrc"),
+                "--poses",
+                str(d / "sim" / "particles.star"),
+                "--o",
+                str(d / "n"),
+                "--snr",
+                "0.5",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     noisy = read_images(load_particles(d / "n" / "particles.star"), np.arange(24))
     clean = read_images(load_particles(d / "sim" / "particles.star"), np.arange(24))
     snr = clean.var(axis=(1, 2)).mean() / (noisy - clean).var()
@@ -65,7 +112,10 @@ def test_pose_file_that_does_not_fit_the_map_is_one_line_error(sim, capsys):
     blocks = read_star(d / "sim" / "particles.star")
     blocks["optics"]["rlnImageSize"] = BOX + 2
     write_star(d / "bad.star", blocks)
-    assert main(["simulate", "--map", str(d / "sim" / "truth.mrc"), "--poses", str(d / "bad.star"), "--o", str(d / "b")]) == 2
+    assert (
+        main(["simulate", "--map", str(d / "sim" / "truth.mrc"), "--poses", str(d / "bad.star"), "--o", str(d / "b")])
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "rlnImageSize" in err[0]
 
@@ -75,9 +125,34 @@ def test_pose_file_that_does_not_fit_the_map_is_one_line_error(sim, capsys):
 def test_bench_poses_match_relion_project(tmp_path):
     """make_bench_data.py's poses.star (RELION 3.1, no images) through relion_project --ctf and through ours."""
     env = {"BENCH_MODEL": str(packaged_model("4E43.pdb")), "PATH": "/usr/bin:/bin"}
-    subprocess.run([sys.executable, str(REPO / "bench" / "make_bench_data.py"), str(tmp_path), "32", "4.0", "40", "2", "20"], check=True, env=env, capture_output=True)
-    subprocess.run(["relion_project", "--i", "truth.mrc", "--ang", "poses.star", "--ctf", "--o", "rp"], cwd=tmp_path, check=True, capture_output=True)
-    assert main(["simulate", "--map", str(tmp_path / "truth.mrc"), "--poses", str(tmp_path / "poses.star"), "--o", str(tmp_path / "ours"), "--snr", "0"]) == 0
+    subprocess.run(
+        [sys.executable, str(REPO / "bench" / "make_bench_data.py"), str(tmp_path), "32", "4.0", "40", "2", "20"],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    subprocess.run(
+        ["relion_project", "--i", "truth.mrc", "--ang", "poses.star", "--ctf", "--o", "rp"],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+    )
+    assert (
+        main(
+            [
+                "simulate",
+                "--map",
+                str(tmp_path / "truth.mrc"),
+                "--poses",
+                str(tmp_path / "poses.star"),
+                "--o",
+                str(tmp_path / "ours"),
+                "--snr",
+                "0",
+            ]
+        )
+        == 0
+    )
     import mrcfile
 
     theirs = mrcfile.read(tmp_path / "rp.mrcs").astype(np.float64)
@@ -91,6 +166,21 @@ def test_bench_poses_match_relion_project(tmp_path):
     blocks["particles"]["rlnOriginXAngst"] *= -1
     blocks["particles"]["rlnOriginYAngst"] *= -1
     write_star(tmp_path / "flipped.star", blocks)
-    assert main(["simulate", "--map", str(tmp_path / "truth.mrc"), "--poses", str(tmp_path / "flipped.star"), "--o", str(tmp_path / "flip"), "--snr", "0"]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                "--map",
+                str(tmp_path / "truth.mrc"),
+                "--poses",
+                str(tmp_path / "flipped.star"),
+                "--o",
+                str(tmp_path / "flip"),
+                "--snr",
+                "0",
+            ]
+        )
+        == 0
+    )
     flipped = mrcfile.read(tmp_path / "flip" / "particles.mrcs").astype(np.float64)
     assert np.median(_rel_err(flipped, theirs)) > 0.1

@@ -52,6 +52,7 @@ SUMS_RTOL = 1e-3  # relative (Frobenius) error of the back-projected data and we
 
 # ----------------------------------------------------------------------------- data
 
+
 def _blob_map(box: int, seed: int = 3) -> torch.Tensor:
     """An asymmetric blob of Gaussians (z, y, x), float64."""
     g = torch.Generator().manual_seed(seed)
@@ -72,8 +73,17 @@ def data(tmp_path_factory):
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("estep_ref")
     truth = _blob_map(BOX)
-    info = simulate_particles(truth.float(), ANGPIX, out, N_PART, snr=SNR, defocus_min_angst=6000.0,
-                              defocus_max_angst=14000.0, max_shift_angst=4.0, seed=11)
+    info = simulate_particles(
+        truth.float(),
+        ANGPIX,
+        out,
+        N_PART,
+        snr=SNR,
+        defocus_min_angst=6000.0,
+        defocus_max_angst=14000.0,
+        max_shift_angst=4.0,
+        seed=11,
+    )
     table = load_particles(out / "particles.star")
     true_eulers = np.stack([table.rot_deg, table.tilt_deg, table.psi_deg], -1).copy()
     true_origin = np.stack([table.origin_x_angst, table.origin_y_angst], -1).copy()
@@ -88,13 +98,17 @@ def data(tmp_path_factory):
     gen = torch.Generator().manual_seed(1)
     batch = prepare_batch(table, np.arange(N_PART), window, sigma2, scale, 60.0, ANGPIX, True, True, gen, None)
     return dict(
-        table=table, window=window, batch=batch, true_eulers=true_eulers,
+        table=table,
+        window=window,
+        batch=batch,
+        true_eulers=true_eulers,
         ref32=prepare_padded_transform(vol.float(), PAD),
         ref64=prepare_padded_transform(vol, PAD),
     )
 
 
 # ----------------------------------------------------------------------------- reference (float64, pixel by pixel)
+
 
 def _moved(x: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor, off: torch.Tensor, sign: float) -> torch.Tensor:
     """x (J,) moved by sign·off (..., 2) px (x, y): X(k)·exp(−2πi k·(sign·off)/d) -> (..., J)."""
@@ -162,20 +176,26 @@ def reference_estep(d, grid: PoseGrid, local=None, sign: float = 1.0, with_sums:
         csum = torch.cumsum(sp, 0)
         nsig = int(torch.nonzero(csum >= FRACTION)[0, 0]) + 1 if bool((csum >= FRACTION).any()) else len(sp)
         # distance of the boundary from the fraction (a tie-breaking diagnostic)
-        res["coarse_mass_gap"].append(float(min(abs(csum[nsig - 1] - FRACTION), abs(csum[nsig - 2] - FRACTION) if nsig > 1 else 1.0)))
+        res["coarse_mass_gap"].append(
+            float(min(abs(csum[nsig - 1] - FRACTION), abs(csum[nsig - 2] - FRACTION) if nsig > 1 else 1.0))
+        )
         sig = order[:nsig]
         # ---- fine pass at the full window: 4 translations × 8 rotations per significant coarse sample
         lg, meta, meta_ids = [], [], []
         for f in sig.tolist():
-            t, l = divmod(f, len(ids))
-            c = int(ids[l])
+            t, slot = divmod(f, len(ids))
+            c = int(ids[slot])
             e = grid.fine_eulers_deg(np.array([c]))[0]  # (8, 3)
             rot_f = euler_to_matrix(*(torch.as_tensor(e[:, k]) for k in range(3)))
             proj_f = extract_central_slices(ref, rot_f, ky, kx)  # (8, J)
             off_f = old[None, :] + trans[t][None, :] + children  # (4, 2)
             xf = _moved(xm, ky, kx, off_f, sign)
             # RELION: the offset prior of the coarse translation, shared by its four fine children
-            lg.append(-_diff2(xf, sc, proj_f, w_s2) + _trans_prior((old + trans[t])[None, :]).expand(4)[:, None] + rprior[l])  # (4, 8)
+            lg.append(
+                -_diff2(xf, sc, proj_f, w_s2)
+                + _trans_prior((old + trans[t])[None, :]).expand(4)[:, None]
+                + rprior[slot]
+            )  # (4, 8)
             meta.append((e, off_f, rot_f, proj_f))
             meta_ids.append(c)
         lg_all = torch.stack(lg)  # (nsig, 4, 8)
@@ -203,8 +223,12 @@ def reference_estep(d, grid: PoseGrid, local=None, sign: float = 1.0, with_sums:
                 xmf = _moved(xm, ky, kx, off_f, sign)
                 r = xmf[:, None, :] - sc * proj_f[None, :, :]  # (4, 8, J) residual of every fine sample
                 stats["sigma2_noise"].index_add_(0, shell, (g * (r.real**2 + r.imag**2)).sum((0, 1)) * scored)
-                stats["scale_xa"].index_add_(0, shell, (g * ctf * (xmf[:, None, :] * proj_f[None].conj()).real).sum((0, 1)) * scored)
-                stats["scale_aa"].index_add_(0, shell, (g * ctf**2 * (proj_f.real**2 + proj_f.imag**2)[None]).sum((0, 1)) * scored)
+                stats["scale_xa"].index_add_(
+                    0, shell, (g * ctf * (xmf[:, None, :] * proj_f[None].conj()).real).sum((0, 1)) * scored
+                )
+                stats["scale_aa"].index_add_(
+                    0, shell, (g * ctf**2 * (proj_f.real**2 + proj_f.imag**2)[None]).sum((0, 1)) * scored
+                )
                 off_sq += float((gam[q].sum(1) * ((off_f * ANGPIX) ** 2).sum(-1)).sum())
                 c = meta_ids[q]
                 dir_w[c // grid.sampling.n_psi] += float(gam[q].sum())
@@ -221,16 +245,21 @@ def reference_estep(d, grid: PoseGrid, local=None, sign: float = 1.0, with_sums:
 
 # ----------------------------------------------------------------------------- helpers
 
+
 def _power_beyond_window(d) -> tuple[torch.Tensor, torch.Tensor]:
     """RELION's storeWeightedSums beyond the window: each image's own power per shell (MAX_SHELL, BOX/2], of the image
     masked as the E-step masks it (--zero_mask: a raised cosine over 5 px from radius 10 px to the mean of the region
     outside), the kx = 0, ky < 0 half column left out; and the number of pixel terms."""
     imgs = torch.from_numpy(read_images(d["table"], np.arange(N_PART))).double()
     c = BOX // 2
-    yy, xx = torch.meshgrid(torch.arange(BOX, dtype=torch.float64) - c, torch.arange(BOX, dtype=torch.float64) - c, indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.arange(BOX, dtype=torch.float64) - c, torch.arange(BOX, dtype=torch.float64) - c, indexing="ij"
+    )
     r = torch.sqrt(yy**2 + xx**2)
     radius, edge = 10.0, 5.0
-    w = torch.where(r < radius, 0.0, torch.where(r > radius + edge, 1.0, 0.5 - 0.5 * torch.cos(math.pi * (r - radius) / edge)))
+    w = torch.where(
+        r < radius, 0.0, torch.where(r > radius + edge, 1.0, 0.5 - 0.5 * torch.cos(math.pi * (r - radius) / edge))
+    )
     bg = (imgs * w).sum((1, 2), keepdim=True) / w.sum()
     f = torch.fft.rfft2(torch.fft.ifftshift(imgs * (1 - w) + bg * w, dim=(-2, -1)))
     ky = torch.fft.fftfreq(BOX, 1.0 / BOX, dtype=torch.float64)[:, None].expand(BOX, c + 1)
@@ -238,15 +267,23 @@ def _power_beyond_window(d) -> tuple[torch.Tensor, torch.Tensor]:
     shell = torch.round(torch.sqrt(ky**2 + kx**2)).long()
     keep = (shell > MAX_SHELL) & (shell <= c) & ((kx != 0) | (ky >= 0))
     power = torch.zeros(c + 1, dtype=torch.float64).index_add_(0, shell[keep], (f.abs() ** 2)[:, keep].sum(0))
-    count = torch.zeros(c + 1, dtype=torch.float64).index_add_(0, shell[keep], torch.full((int(keep.sum()),), float(N_PART), dtype=torch.float64))
+    count = torch.zeros(c + 1, dtype=torch.float64).index_add_(
+        0, shell[keep], torch.full((int(keep.sum()),), float(N_PART), dtype=torch.float64)
+    )
     return power, count
 
 
 def _run_production(d, grid, local=None):
-    settings = EStepSettings(adaptive_fraction=FRACTION, sigma2_offset_angst2=SIGMA2_OFFSET, angpix=ANGPIX,
-                             local_sigma_deg=0.0 if local is None else 1.0)
+    settings = EStepSettings(
+        adaptive_fraction=FRACTION,
+        sigma2_offset_angst2=SIGMA2_OFFSET,
+        angpix=ANGPIX,
+        local_sigma_deg=0.0 if local is None else 1.0,
+    )
     sums = WeightedSums.zeros(1, BOX, PAD, 1, grid.sampling.n_directions)
-    res = expectation_batch(d["batch"], d["window"], COARSE_SHELL, [d["ref32"]], grid, settings, sums, local_prior=local)
+    res = expectation_batch(
+        d["batch"], d["window"], COARSE_SHELL, [d["ref32"]], grid, settings, sums, local_prior=local
+    )
     return res, sums
 
 
@@ -272,13 +309,20 @@ def _compare(d, grid, local, label):
     dll = np.abs(prod.loglik.double().numpy() - ref["loglik"])
     nsig_p = prod.n_significant.numpy()
     bp = sums.backprojectors[0]
-    rel_data = float(torch.linalg.vector_norm(bp.data.to(torch.complex128) - ref["bp"].data) / torch.linalg.vector_norm(ref["bp"].data))
-    rel_w = float(torch.linalg.vector_norm(bp.weight.double() - ref["bp"].weight) / torch.linalg.vector_norm(ref["bp"].weight))
-    print(f"\n[{label}] nsig prod={nsig_p.tolist()} ref={ref['nsig'].tolist()}"
-          f"\n[{label}] max_prob ref={np.round(ref['max_prob'], 4).tolist()} max|Δ|={dmp.max():.2e}"
-          f"\n[{label}] loglik ref={np.round(ref['loglik'], 3).tolist()} max|Δ|={dll.max():.2e}"
-          f"\n[{label}] same pose: {same.tolist()}  sums rel err data={rel_data:.2e} weight={rel_w:.2e}"
-          f"\n[{label}] coarse boundary gap to fraction: {np.round(ref['coarse_mass_gap'], 6).tolist()}")
+    rel_data = float(
+        torch.linalg.vector_norm(bp.data.to(torch.complex128) - ref["bp"].data)
+        / torch.linalg.vector_norm(ref["bp"].data)
+    )
+    rel_w = float(
+        torch.linalg.vector_norm(bp.weight.double() - ref["bp"].weight) / torch.linalg.vector_norm(ref["bp"].weight)
+    )
+    print(
+        f"\n[{label}] nsig prod={nsig_p.tolist()} ref={ref['nsig'].tolist()}"
+        f"\n[{label}] max_prob ref={np.round(ref['max_prob'], 4).tolist()} max|Δ|={dmp.max():.2e}"
+        f"\n[{label}] loglik ref={np.round(ref['loglik'], 3).tolist()} max|Δ|={dll.max():.2e}"
+        f"\n[{label}] same pose: {same.tolist()}  sums rel err data={rel_data:.2e} weight={rel_w:.2e}"
+        f"\n[{label}] coarse boundary gap to fraction: {np.round(ref['coarse_mass_gap'], 6).tolist()}"
+    )
     assert ref["nsig"].max() > 1, "posteriors are one-hot: the case does not exercise the significance"
     assert ref["max_prob"].min() < 0.99
     assert (prod.class_index.numpy() == 0).all()
@@ -296,7 +340,9 @@ def _compare(d, grid, local, label):
         "direction_weight": (sums.direction_weight[0], ref["direction_weight"]),
         "offset_sq_angst2": (sums.offset_sq_angst2.reshape(1), torch.tensor([ref["offset_sq_angst2"]])),
     }
-    errs = {k: float(torch.linalg.vector_norm(a.double() - b) / torch.linalg.vector_norm(b)) for k, (a, b) in other.items()}
+    errs = {
+        k: float(torch.linalg.vector_norm(a.double() - b) / torch.linalg.vector_norm(b)) for k, (a, b) in other.items()
+    }
     print(f"[{label}] M-step statistics rel err: " + ", ".join(f"{k}={v:.1e}" for k, v in errs.items()))
     for k, v in errs.items():
         assert v < SUMS_RTOL, k
@@ -315,6 +361,7 @@ def _negative_control(d, grid, local, prod, label):
 
 
 # ----------------------------------------------------------------------------- tests
+
 
 def test_global_search_matches_reference(data):
     sampling = make_sampling(1, "C1", random_perturbation=0.13)

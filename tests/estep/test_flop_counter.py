@@ -34,7 +34,19 @@ def setup(tmp_path_factory):
     table = load_particles(d / "particles.star")
     window = Window.build(BOX, JSHELL)
     sigma2 = torch.full((1, BOX // 2 + 1), BOX * BOX / 2.0, dtype=torch.float64)
-    batch = prepare_batch(table, np.arange(N), window, sigma2, torch.tensor([1.0]), 60.0, ANGPIX, True, True, torch.Generator().manual_seed(1), None)
+    batch = prepare_batch(
+        table,
+        np.arange(N),
+        window,
+        sigma2,
+        torch.tensor([1.0]),
+        60.0,
+        ANGPIX,
+        True,
+        True,
+        torch.Generator().manual_seed(1),
+        None,
+    )
     grid = PoseGrid.build(make_sampling(1, "C1", 0.0), 2.0, 1.0)
     refs = [prepare_padded_transform(vol.float(), 2), prepare_padded_transform(vol.flip(0).float(), 2)]
     return table, window, batch, grid, refs
@@ -57,7 +69,9 @@ def test_coarse_flops_match_pytorch_count(setup, local):
     assert ours > 0 and len(shapes) == 2
     # besides the GEMMs, the coarse pass only rotates the Fourier grid of each projection (a small einsum)
     rot = grid.rotations(torch.unique(loc[0])) if local else grid.coarse_rotations
-    proj_flops = sum(_counted(lambda r=r: extract_central_slices(r, rot, window.ky[:jc], window.kx[:jc]))[0] for r in refs)
+    proj_flops = sum(
+        _counted(lambda r=r: extract_central_slices(r, rot, window.ky[:jc], window.kx[:jc]))[0] for r in refs
+    )
     assert 0 < proj_flops < ours
     assert torch_flops == ours + proj_flops, (ours, proj_flops, torch_flops)
 
@@ -66,7 +80,9 @@ def test_timer_gets_the_coarse_flops(setup):
     _, window, batch, grid, refs = setup
     timer = StageTimer()
     sums = WeightedSums.zeros(2, BOX, 2, 1, grid.sampling.n_directions)
-    expectation_batch(batch, window, CSHELL, refs, grid, EStepSettings(angpix=ANGPIX, sigma2_offset_angst2=30.0), sums, timer=timer)
+    expectation_batch(
+        batch, window, CSHELL, refs, grid, EStepSettings(angpix=ANGPIX, sigma2_offset_angst2=30.0), sums, timer=timer
+    )
     c = timer.reset_counters()
     jc = window.prefix(CSHELL)
     expect, shapes = coarse_gemm_flops(N, 2, grid.n_translations, grid.n_rotations, jc, False)
@@ -75,4 +91,3 @@ def test_timer_gets_the_coarse_flops(setup):
     assert c["coarse"]["seconds"] > 0 and c["fine"]["flops"] > 0 and c["store"]["flops"] > 0
     assert set(timer.seconds) >= {"getAllSquaredDifferences", "convertAllDiff2ToWeights", "storeWeightedSums"}
     assert timer.reset_counters() == {}
-

@@ -26,12 +26,25 @@ def reference_sets(grid, rot, tilt, psi, sigma, cutoff=3.0):
 
 # orders >= NEAR_MIN_ORDER search the children of nearby coarser pixels; sigma 0.2° at order 5: no direction within
 # the cutoff for most particles, the nearest one then comes from the comparison with all directions
-@pytest.mark.parametrize("order,sym,sigma", [(3, "C1", 7.5), (3, "C1", 0.5), (3, "D2", 10.0), (5, "C1", 1.875), (4, "D2", 3.75),
-                                             (5, "C4", 1.0), (4, "O", 5.0), (5, "C1", 0.2)])
+@pytest.mark.parametrize(
+    "order,sym,sigma",
+    [
+        (3, "C1", 7.5),
+        (3, "C1", 0.5),
+        (3, "D2", 10.0),
+        (5, "C1", 1.875),
+        (4, "D2", 3.75),
+        (5, "C4", 1.0),
+        (4, "O", 5.0),
+        (5, "C1", 0.2),
+    ],
+)
 def test_local_candidates_match_the_per_particle_rule(order, sym, sigma, monkeypatch):
     served = []
     near = PoseGrid._directions_near
-    monkeypatch.setattr(PoseGrid, "_directions_near", lambda self, va, a: served.append(near(self, va, a)) or served[-1])
+    monkeypatch.setattr(
+        PoseGrid, "_directions_near", lambda self, va, a: served.append(near(self, va, a)) or served[-1]
+    )
     grid = PoseGrid.build(make_sampling(order, sym, 0.3), 1.25, 0.5)
     rng = np.random.default_rng(4)
     n = 64
@@ -41,7 +54,7 @@ def test_local_candidates_match_the_per_particle_rule(order, sym, sigma, monkeyp
     ref = reference_sets(grid, rot, tilt, psi, sigma)
     assert ids.shape[1] == max(len(r) for r in ref)  # padded to the largest set, no wider
     for i in range(n):
-        got = {int(c): float(l) for c, l, v in zip(ids[i], lp[i], ok[i]) if v}
+        got = {int(c): float(p) for c, p, v in zip(ids[i], lp[i], ok[i]) if v}
         assert set(got) == set(ref[i])
         assert max(abs(got[c] - ref[i][c]) for c in got) < 1e-5
     if sigma < 1 and order == 3:  # narrower than the grid: the single nearest orientation

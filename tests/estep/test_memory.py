@@ -46,36 +46,83 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def make_case(tmp_path, box=BOX, n=N, noise_temper=1.0, device=None):
     """A simulated batch (CTF, SNR 0.05) with its window, reference and pose grid; σ² × noise_temper flattens posteriors."""
     truth = _blob_map(box)
-    info = simulate_particles(truth.float(), ANGPIX, tmp_path, n, snr=0.05, defocus_min_angst=6000.0, defocus_max_angst=14000.0,
-                              max_shift_angst=4.0, seed=11)
+    info = simulate_particles(
+        truth.float(),
+        ANGPIX,
+        tmp_path,
+        n,
+        snr=0.05,
+        defocus_min_angst=6000.0,
+        defocus_max_angst=14000.0,
+        max_shift_angst=4.0,
+        seed=11,
+    )
     table = load_particles(tmp_path / "particles.star")
     window = Window.build(box, box // 3, device)
     sigma2 = torch.full((1, box // 2 + 1), noise_temper * box * box / 2.0, dtype=torch.float64)
-    batch = prepare_batch(table, np.arange(n), window, sigma2.to(device), torch.ones(1, dtype=torch.float64), 2.5 * box, ANGPIX, True, True,
-                          torch.Generator().manual_seed(1), device)
+    batch = prepare_batch(
+        table,
+        np.arange(n),
+        window,
+        sigma2.to(device),
+        torch.ones(1, dtype=torch.float64),
+        2.5 * box,
+        ANGPIX,
+        True,
+        True,
+        torch.Generator().manual_seed(1),
+        device,
+    )
     ref = prepare_padded_transform((truth / info["noise_sigma"]).float().to(device), 2)
     grid = PoseGrid.build(make_sampling(1, "C1", 0.1), 1.5, 1.0, device=device)
-    return dict(table=table, batch=batch, window=window, ref=ref, grid=grid, coarse_shell=box // 6, settings=EStepSettings(angpix=ANGPIX))
+    return dict(
+        table=table,
+        batch=batch,
+        window=window,
+        ref=ref,
+        grid=grid,
+        coarse_shell=box // 6,
+        settings=EStepSettings(angpix=ANGPIX),
+    )
 
 
 def tile_shape(c) -> memory.TileShape:
     g = c["grid"]
-    return memory.TileShape(1, g.n_translations, g.n_rotations, g.n_rotations, c["window"].prefix(c["coarse_shell"]), c["window"].size)
+    return memory.TileShape(
+        1, g.n_translations, g.n_rotations, g.n_rotations, c["window"].prefix(c["coarse_shell"]), c["window"].size
+    )
 
 
 def coarse_stage(c):
     """The tile's coarse pass, significance and fine slots, as _expectation_tile runs them (returns the slots)."""
     jc = c["window"].prefix(c["coarse_shell"])
-    logp, rot_prior = diff2.coarse_log_posterior(c["batch"], c["window"], jc, [c["ref"]], c["grid"], c["settings"], None, None)
+    logp, rot_prior = diff2.coarse_log_posterior(
+        c["batch"], c["window"], jc, [c["ref"]], c["grid"], c["settings"], None, None
+    )
     mask, _ = weights.coarse_significant(logp, c["settings"])
     del logp
     return slots_module.fine_slots(mask, rot_prior, None, c["grid"].n_rotations)
 
 
 def run_tile(c, sums: bool = True):
-    s = WeightedSums.zeros(1, c["window"].box, 2, 1, c["grid"].sampling.n_directions, device=c["batch"].f_masked.device) if sums else None
-    return expectation._expectation_tile(c["batch"], c["window"], c["coarse_shell"], [c["ref"]], c["grid"], c["settings"], s, None, NO_STAGES,
-                                         None, 1 << 40)
+    s = (
+        WeightedSums.zeros(1, c["window"].box, 2, 1, c["grid"].sampling.n_directions, device=c["batch"].f_masked.device)
+        if sums
+        else None
+    )
+    return expectation._expectation_tile(
+        c["batch"],
+        c["window"],
+        c["coarse_shell"],
+        [c["ref"]],
+        c["grid"],
+        c["settings"],
+        s,
+        None,
+        NO_STAGES,
+        None,
+        1 << 40,
+    )
 
 
 def predicted_tile_bytes(c, slots) -> tuple[int, int]:
@@ -91,6 +138,7 @@ def predicted_tile_bytes(c, slots) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- the size model (CPU, measured)
 
+
 @pytest.mark.parametrize("noise_temper", [1.0, 50.0])  # 50: flat posteriors, nearly every coarse sample significant
 def test_tile_model_bounds_the_measured_peak(tmp_path, monkeypatch, noise_temper):
     # small interpolation chunks, so the per-particle terms (not one extraction's temporaries) set the peaks
@@ -102,8 +150,10 @@ def test_tile_model_bounds_the_measured_peak(tmp_path, monkeypatch, noise_temper
     with LiveBytes() as tile_peak:
         run_tile(c)
     pred_coarse, pred_tile = predicted_tile_bytes(c, slots)
-    print(f"\n[temper {noise_temper}] coarse stage: measured {coarse_peak.peak / 1e6:.1f} MB, predicted {pred_coarse / 1e6:.1f} MB; "
-          f"tile: measured {tile_peak.peak / 1e6:.1f} MB, predicted {pred_tile / 1e6:.1f} MB")
+    print(
+        f"\n[temper {noise_temper}] coarse stage: measured {coarse_peak.peak / 1e6:.1f} MB, predicted {pred_coarse / 1e6:.1f} MB; "
+        f"tile: measured {tile_peak.peak / 1e6:.1f} MB, predicted {pred_tile / 1e6:.1f} MB"
+    )
     assert coarse_peak.peak <= pred_coarse <= 3 * coarse_peak.peak
     assert tile_peak.peak <= pred_tile <= 2.5 * tile_peak.peak
 
@@ -132,6 +182,7 @@ def test_tile_sizes_halve_until_they_fit():
 
 
 # ----------------------------------------------------------------------------- halving on running out of memory
+
 
 def test_run_tiles_halves_a_tile_that_runs_out_of_memory_and_commits_each_item_once():
     committed, tried = [], []
@@ -216,7 +267,9 @@ def test_global_coarse_projections_are_extracted_once_per_reference_on_the_cpu(t
     shared = _estep(c2)
     assert len(calls) == 1
     _assert_same_estep(shared, per_tile, tol=1e-6)
-    _estep(dict(c2, ref=prepare_padded_transform(torch.roll(torch.randn(BOX, BOX, BOX), 1, 0), 2)))  # the next half's reference
+    _estep(
+        dict(c2, ref=prepare_padded_transform(torch.roll(torch.randn(BOX, BOX, BOX), 1, 0), 2))
+    )  # the next half's reference
     assert len(calls) == 2
 
 
@@ -226,7 +279,9 @@ def test_fine_pass_in_chunks_of_one_equals_one_chunk(tmp_path, monkeypatch):
     groups = []
     real_groups = expectation.slot_groups
     monkeypatch.setattr(expectation, "fine_particles_per_chunk", lambda n, *a: 1)
-    monkeypatch.setattr(expectation, "slot_groups", lambda counts, rows_for: groups.extend(g := real_groups(counts, rows_for)) or g)
+    monkeypatch.setattr(
+        expectation, "slot_groups", lambda counts, rows_for: groups.extend(g := real_groups(counts, rows_for)) or g
+    )
     _assert_same_estep(_estep(c), whole)
     assert groups and all(len(rows) == 1 for rows, _ in groups)  # the patched budget was used: one particle per group
 
@@ -273,6 +328,7 @@ def test_insert_retries_a_chunk_that_runs_out_of_memory(monkeypatch):
 
 # ----------------------------------------------------------------------------- fixed volumes
 
+
 def test_fixed_volumes_at_box_256():
     sizes = memory.fixed_volume_bytes(256, 2, 1, 2, symmetry=False, join_halves=True)
     per_half = (sizes["references"] + sizes["backprojectors"] / 2) / 1e9
@@ -283,8 +339,17 @@ def test_fixed_volumes_at_box_256():
     text = str(info.value)
     print("\n" + text)
     assert "\n" not in text
-    for part in ("box 256", "--pad 2", "4 padded reference(s) 2.01 GiB", "4 back-projector(s) 3.01 GiB", "8.00 GiB are free",
-                 "smaller --pad", "fewer classes", "CPU", "more memory"):
+    for part in (
+        "box 256",
+        "--pad 2",
+        "4 padded reference(s) 2.01 GiB",
+        "4 back-projector(s) 3.01 GiB",
+        "8.00 GiB are free",
+        "smaller --pad",
+        "fewer classes",
+        "CPU",
+        "more memory",
+    ):
         assert part in text, part
 
 
@@ -295,8 +360,21 @@ def test_refine_stops_before_the_first_iteration_when_the_volumes_cannot_fit(tmp
     write_map(tmp_path / "ref.mrc", _blob_map(24).float().numpy(), ANGPIX)
     monkeypatch.setattr(auto_refine, "available_bytes", lambda device: 1 << 20)  # a GPU with 1 MiB free
     for command in (["refine"], ["classify", "--K", "3"]):
-        rc = cli([*command, "--i", str(tmp_path / "data" / "particles.star"), "--o", str(tmp_path / command[0] / "run"),
-                  "--ref", str(tmp_path / "ref.mrc"), "--particle_diameter", "60", "--iter", "1"])
+        rc = cli(
+            [
+                *command,
+                "--i",
+                str(tmp_path / "data" / "particles.star"),
+                "--o",
+                str(tmp_path / command[0] / "run"),
+                "--ref",
+                str(tmp_path / "ref.mrc"),
+                "--particle_diameter",
+                "60",
+                "--iter",
+                "1",
+            ]
+        )
         err = capsys.readouterr().err.strip()
         print("\n" + err)
         assert rc == 2 and len(err.splitlines()) == 1 and "fixed volumes" in err and "0.00 GiB are free" in err
@@ -304,6 +382,7 @@ def test_refine_stops_before_the_first_iteration_when_the_volumes_cannot_fit(tmp
 
 
 # ----------------------------------------------------------------------------- host memory: batches, read ahead
+
 
 def test_read_ahead_loads_the_next_item_while_the_current_is_used():
     started = {i: threading.Event() for i in range(3)}
@@ -330,12 +409,30 @@ def test_expectation_reads_images_batch_by_batch(tmp_path, monkeypatch):
     reads = []
     real = image_cache.read_images
     monkeypatch.setattr(image_cache, "read_images", lambda table, idx: reads.append(len(idx)) or real(table, idx))
-    cfg = RefineConfig(particles="", output_root="", reference="", particle_diameter=2.5 * BOX, ctf=True, zero_mask=True)
+    cfg = RefineConfig(
+        particles="", output_root="", reference="", particle_diameter=2.5 * BOX, ctf=True, zero_mask=True
+    )
     cfg.angpix = ANGPIX
     sums = WeightedSums.zeros(1, BOX, 2, 1, c["grid"].sampling.n_directions)
     sigma2 = torch.full((1, BOX // 2 + 1), BOX * BOX / 2.0, dtype=torch.float64)
-    run_expectation(c["table"], np.arange(N), [c["ref"]], ParticlePoses.from_table(c["table"]), c["grid"], c["window"], 6, sigma2,
-                    torch.ones(1, dtype=torch.float64), c["settings"], sums, cfg, (0, 1, 1), StageTimer(), None, 3)
+    run_expectation(
+        c["table"],
+        np.arange(N),
+        [c["ref"]],
+        ParticlePoses.from_table(c["table"]),
+        c["grid"],
+        c["window"],
+        6,
+        sigma2,
+        torch.ones(1, dtype=torch.float64),
+        c["settings"],
+        sums,
+        cfg,
+        (0, 1, 1),
+        StageTimer(),
+        None,
+        3,
+    )
     assert reads == [3, 3, 2]
 
 
@@ -348,7 +445,9 @@ def test_a_pass_over_cached_images_takes_each_batch_only_when_the_last_is_done(t
     from cryorefine.refine.timing import StageTimer
 
     c = make_case(tmp_path)
-    cfg = RefineConfig(particles="", output_root="", reference="", particle_diameter=2.5 * BOX, ctf=True, zero_mask=True)
+    cfg = RefineConfig(
+        particles="", output_root="", reference="", particle_diameter=2.5 * BOX, ctf=True, zero_mask=True
+    )
     cfg.angpix = ANGPIX
     sigma2 = torch.full((1, BOX // 2 + 1), BOX * BOX / 2.0, dtype=torch.float64)
     cache = ImageCache(N, BOX, N, "cpu")
@@ -362,9 +461,26 @@ def test_a_pass_over_cached_images_takes_each_batch_only_when_the_last_is_done(t
                 yield b
 
         sums = WeightedSums.zeros(1, BOX, 2, 1, c["grid"].sampling.n_directions)
-        run_expectation(c["table"], np.arange(N), [c["ref"]], ParticlePoses.from_table(c["table"]), c["grid"], c["window"], 6, sigma2,
-                        torch.ones(1, dtype=torch.float64), c["settings"], sums, cfg, (0, 1, 1), StageTimer(), lambda n: events.append("done"), 3,
-                        tasks=tasks, cache=cache)
+        run_expectation(
+            c["table"],
+            np.arange(N),
+            [c["ref"]],
+            ParticlePoses.from_table(c["table"]),
+            c["grid"],
+            c["window"],
+            6,
+            sigma2,
+            torch.ones(1, dtype=torch.float64),
+            c["settings"],
+            sums,
+            cfg,
+            (0, 1, 1),
+            StageTimer(),
+            lambda n: events.append("done"),
+            3,
+            tasks=tasks,
+            cache=cache,
+        )
         return events
 
     assert one_pass()[:3] == ["take", "take", "done"]  # images to read: the second batch is taken (and read) ahead
@@ -372,6 +488,7 @@ def test_a_pass_over_cached_images_takes_each_batch_only_when_the_last_is_done(t
 
 
 # ----------------------------------------------------------------------------- GPU
+
 
 @pytest.mark.gpu
 @GPU
@@ -388,8 +505,10 @@ def test_gpu_tile_model_bounds_the_allocator_peak(tmp_path):
     run_tile(c)
     tile_peak = torch.cuda.max_memory_allocated() - base
     pred_coarse, pred_tile = predicted_tile_bytes(c, slots)
-    print(f"\n[gpu] coarse stage: measured {coarse_peak / 1e6:.1f} MB, predicted {pred_coarse / 1e6:.1f} MB; "
-          f"tile: measured {tile_peak / 1e6:.1f} MB, predicted {pred_tile / 1e6:.1f} MB")
+    print(
+        f"\n[gpu] coarse stage: measured {coarse_peak / 1e6:.1f} MB, predicted {pred_coarse / 1e6:.1f} MB; "
+        f"tile: measured {tile_peak / 1e6:.1f} MB, predicted {pred_tile / 1e6:.1f} MB"
+    )
     assert coarse_peak <= pred_coarse and tile_peak <= pred_tile
 
 
@@ -399,12 +518,16 @@ def test_gpu_estep_under_a_memory_cap_matches_uncapped(tmp_path, monkeypatch):
     """A per-process cap far below one whole-batch tile: the E-step tiles (by the model; and by halving after real
     out-of-memory errors when told a budget larger than the cap) and gives the uncapped results."""
     c = make_case(tmp_path, box=64, n=256, device="cuda")
-    c["grid"] = PoseGrid.build(make_sampling(2, "C1", 0.1), 5.0, 1.0, device="cuda")  # 4608 rotations × ~80 translations
+    c["grid"] = PoseGrid.build(
+        make_sampling(2, "C1", 0.1), 5.0, 1.0, device="cuda"
+    )  # 4608 rotations × ~80 translations
     c["coarse_shell"] = 12
 
     def estep(budget=None):
         s = WeightedSums.zeros(1, 64, 2, 1, c["grid"].sampling.n_directions, device="cuda")
-        r = expectation_batch(c["batch"], c["window"], c["coarse_shell"], [c["ref"]], c["grid"], c["settings"], s, budget_bytes=budget)
+        r = expectation_batch(
+            c["batch"], c["window"], c["coarse_shell"], [c["ref"]], c["grid"], c["settings"], s, budget_bytes=budget
+        )
         return r, s
 
     whole = estep()
@@ -426,9 +549,13 @@ def test_gpu_estep_under_a_memory_cap_matches_uncapped(tmp_path, monkeypatch):
     by_model = capped(whole_bytes // 4 + margin)
     model_tiles = list(tiles)
     tiles.clear()
-    by_halving = capped(whole_bytes // 4, budget=4 * whole_bytes)  # plans whole tiles; the allocator's errors halve them
-    print(f"\n[gpu] whole tile predicted {whole_bytes / 2**30:.2f} GiB; tiles by the model under a cap of a quarter: {model_tiles}; "
-          f"tried while halving: {tiles}")
+    by_halving = capped(
+        whole_bytes // 4, budget=4 * whole_bytes
+    )  # plans whole tiles; the allocator's errors halve them
+    print(
+        f"\n[gpu] whole tile predicted {whole_bytes / 2**30:.2f} GiB; tiles by the model under a cap of a quarter: {model_tiles}; "
+        f"tried while halving: {tiles}"
+    )
     assert 1 < max(model_tiles) < 256
     assert tiles[0] == 256 and min(tiles) < 256
     for run in (by_model, by_halving):

@@ -34,9 +34,25 @@ def estimated_norms(tmp_path, scales):
     window = Window.build(BOX, 12)
     poses = ParticlePoses.from_table(table)
     sums = WeightedSums.zeros(1, BOX, 2, 1, grid.sampling.n_directions)
-    run_expectation(table, np.arange(N), prepare_references([torch.from_numpy(truth)], 2, cfg, None), poses, grid, window, 8,
-                    initial_sigma2(table, 1)[0], torch.ones(1, dtype=torch.float64), EStepSettings(angpix=ANGPIX, sigma2_offset_angst2=36.0),
-                    sums, cfg, (0, 1, 0), StageTimer(), None, 64, avg_norm=1.0)
+    run_expectation(
+        table,
+        np.arange(N),
+        prepare_references([torch.from_numpy(truth)], 2, cfg, None),
+        poses,
+        grid,
+        window,
+        8,
+        initial_sigma2(table, 1)[0],
+        torch.ones(1, dtype=torch.float64),
+        EStepSettings(angpix=ANGPIX, sigma2_offset_angst2=36.0),
+        sums,
+        cfg,
+        (0, 1, 0),
+        StageTimer(),
+        None,
+        64,
+        avg_norm=1.0,
+    )
     return poses.norm_correction
 
 
@@ -55,7 +71,6 @@ def test_norm_correction_flat_without_scaling(tmp_path):
 
 
 def test_bad_norm_values_in_the_star_start_at_one(tmp_path):
-    import pandas as pd
 
     from cryorefine.io.star import read_star, write_star
 

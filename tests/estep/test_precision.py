@@ -34,9 +34,17 @@ FP32_TOL = 1e-3
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
-    vol, window, batch = simulated_batch(tmp_path_factory.mktemp("precision"), BOX, ANGPIX, N, WINDOW_SHELL, 0.05, 3, 4.0)
+    vol, window, batch = simulated_batch(
+        tmp_path_factory.mktemp("precision"), BOX, ANGPIX, N, WINDOW_SHELL, 0.05, 3, 4.0
+    )
     grid = PoseGrid.build(make_sampling(1, "C1", 0.2), 3.0, 1.5)
-    d = dict(batch=batch, window=window, grid=grid, jc=window.prefix(COARSE_SHELL), ref32=prepare_padded_transform(vol.float(), 2))
+    d = dict(
+        batch=batch,
+        window=window,
+        grid=grid,
+        jc=window.prefix(COARSE_SHELL),
+        ref32=prepare_padded_transform(vol.float(), 2),
+    )
     d.update(reference_diff2(d, prepare_padded_transform(vol, 2)))
     return d
 
@@ -46,7 +54,9 @@ def reference_diff2(d, ref64) -> dict:
     b, win, grid, jc = d["batch"], d["window"], d["grid"], d["jc"]
     ky, kx = win.ky[:jc].double(), win.kx[:jc].double()
     rot = euler_to_matrix(*(torch.as_tensor(grid.coarse_eulers_deg[:, i], dtype=torch.float64) for i in range(3)))
-    w = b.inv_sigma2[:, :jc].double() * 0.5 * ((kx != 0) | (ky >= 0))  # RELION scores the kx = 0 column's ky >= 0 half only
+    w = (
+        b.inv_sigma2[:, :jc].double() * 0.5 * ((kx != 0) | (ky >= 0))
+    )  # RELION scores the kx = 0 column's ky >= 0 half only
     sc = b.scale[:, None].double() * b.ctf[:, :jc].double()
     off = b.old_offset_px.double()[:, None, :] + grid.translations_px.double()[None]  # (n, T, 2)
     xt = b.f_masked[:, :jc].to(torch.complex128)[:, None, :] * phase_shift_factors(ky, kx, off, BOX)  # (n, T, jc)
@@ -57,8 +67,13 @@ def reference_diff2(d, ref64) -> dict:
         diff2[:, :, r0 : r0 + 128] = ((res.real**2 + res.imag**2) * w[:, None, None, :]).sum(-1)
     prior = translation_log_prior(off, EStepSettings(angpix=ANGPIX))[:, :, None]
     mask, _ = significant_mask((prior - diff2).reshape(N, -1), 0.999, 0)
-    return dict(diff2=diff2, const=(w * xt[:, 0].abs() ** 2).sum(-1), prior=prior, significant=mask.reshape(diff2.shape),
-                best=_best_rotation(diff2, prior))
+    return dict(
+        diff2=diff2,
+        const=(w * xt[:, 0].abs() ** 2).sum(-1),
+        prior=prior,
+        significant=mask.reshape(diff2.shape),
+        best=_best_rotation(diff2, prior),
+    )
 
 
 def _best_rotation(diff2: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
@@ -72,10 +87,16 @@ def coarse_errors(d, precision: str, device=None, local=None):
     batch = type(b)(**{k: (move(v) if isinstance(v, torch.Tensor) else v) for k, v in vars(b).items()})
     grid = d["grid"]
     if device is not None:
-        grid = PoseGrid(grid.sampling, move(grid.translations_px), move(grid.translation_children_px), grid.offset_step_px, device)
+        grid = PoseGrid(
+            grid.sampling, move(grid.translations_px), move(grid.translation_children_px), grid.offset_step_px, device
+        )
     win = Window(*(move(getattr(d["window"], k)) for k in ("flat_index", "ky", "kx", "shell")), BOX)
     ref = type(d["ref32"])(move(d["ref32"].f_padded), BOX, 2)
-    d2 = get_all_squared_differences_coarse(batch, win, d["jc"], [ref], grid, local, precision=precision)[:, 0].cpu().double()
+    d2 = (
+        get_all_squared_differences_coarse(batch, win, d["jc"], [ref], grid, local, precision=precision)[:, 0]
+        .cpu()
+        .double()
+    )
     d2 = d2 + d["const"][:, None, None]
     err = (d2 - d["diff2"]).abs()
     return float(err[d["significant"]].max()), _best_rotation(d2, d["prior"])
@@ -90,7 +111,9 @@ def test_significant_set_is_a_real_selection(case):
 @pytest.mark.parametrize("precision, tol", [("fp32", FP32_TOL), ("fp16", DIFF2_TOL)])
 def test_coarse_diff2_matches_float64(case, precision, tol):
     err, best = coarse_errors(case, precision)
-    print(f"\n[{precision}] max |Δdiff2| on significant samples = {err:.3g}; same best rotation for {int((best == case['best']).sum())}/{N}")
+    print(
+        f"\n[{precision}] max |Δdiff2| on significant samples = {err:.3g}; same best rotation for {int((best == case['best']).sum())}/{N}"
+    )
     assert err < tol
     assert torch.equal(best, case["best"])
 
@@ -118,7 +141,11 @@ def test_row_scaling_keeps_fp16_in_range():
     x = torch.randn(4, 300, dtype=torch.float64) * torch.tensor([1e-8, 1.0, 1e6, 1e8], dtype=torch.float64)[:, None]
     y = torch.randn(5, 300, dtype=torch.float64)
     h, e = row_scaled_half(x.float())
-    assert torch.isfinite(h.float()).all() and (h.float().abs().amax(1) <= 1).all() and (h.float().abs().amax(1) >= 0.5).all()
+    assert (
+        torch.isfinite(h.float()).all()
+        and (h.float().abs().amax(1) <= 1).all()
+        and (h.float().abs().amax(1) >= 0.5).all()
+    )
     prod = matmul_nt(x.float(), y.float(), "fp16").double()
     exact = x @ y.T
     rel = (prod - exact).abs() / (x.abs().amax(1, keepdim=True) * y.abs().amax(1)[None] * 300**0.5)
@@ -130,7 +157,9 @@ def test_row_scaling_keeps_fp16_in_range():
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "fp16"])
 def test_gpu_coarse_diff2_matches_float64(case, precision):
     err, best = coarse_errors(case, precision, device="cuda")
-    print(f"\n[gpu {precision}] max |Δdiff2| on significant samples = {err:.3g}; same best rotation for {int((best == case['best']).sum())}/{N}")
+    print(
+        f"\n[gpu {precision}] max |Δdiff2| on significant samples = {err:.3g}; same best rotation for {int((best == case['best']).sum())}/{N}"
+    )
     assert err < (FP32_TOL if precision == "fp32" else DIFF2_TOL)
     assert torch.equal(best, case["best"])
     assert not torch.backends.cuda.matmul.allow_tf32  # tf32 stays scoped to the coarse products

@@ -29,15 +29,22 @@ SCORE_SHELL, WINDOW_SHELL, COARSE_SHELL = 10, 20, 8
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
-    truth, window, batch = simulated_batch(tmp_path_factory.mktemp("score_shell"), BOX, ANGPIX, N, WINDOW_SHELL, 0.5, 5, 3.0)
+    truth, window, batch = simulated_batch(
+        tmp_path_factory.mktemp("score_shell"), BOX, ANGPIX, N, WINDOW_SHELL, 0.5, 5, 3.0
+    )
     js = window.prefix(SCORE_SHELL)
     g = torch.Generator().manual_seed(1)
     junk = 50.0 * torch.randn(N, window.size - js, 2, generator=g) * batch.f_masked.abs().mean()
     bad = dataclasses.replace(batch, f_masked=batch.f_masked.clone(), f_unmasked=batch.f_unmasked.clone())
     for f in (bad.f_masked, bad.f_unmasked):
         f[:, js:] = torch.complex(junk[..., 0], junk[..., 1])
-    return dict(batch=batch, bad=bad, window=window, grid=PoseGrid.build(make_sampling(1, "C1", 0.0), 3.0, 1.5),
-                ref=prepare_padded_transform(truth.float(), 2))
+    return dict(
+        batch=batch,
+        bad=bad,
+        window=window,
+        grid=PoseGrid.build(make_sampling(1, "C1", 0.0), 3.0, 1.5),
+        ref=prepare_padded_transform(truth.float(), 2),
+    )
 
 
 def run(case, batch, score_shell):
@@ -60,5 +67,7 @@ def test_pixels_beyond_the_scored_shell_are_stored_not_scored(case):
 def test_without_the_limit_the_corrupted_pixels_change_the_poses(case):
     good, _ = run(case, case["batch"], None)
     bad, _ = run(case, case["bad"], None)
-    changed = (np.abs(bad.eulers_deg - good.eulers_deg).max(1) > 1e-3) | ((bad.offsets_px - good.offsets_px).abs().amax(1) > 1e-3).numpy()
+    changed = (np.abs(bad.eulers_deg - good.eulers_deg).max(1) > 1e-3) | (
+        (bad.offsets_px - good.offsets_px).abs().amax(1) > 1e-3
+    ).numpy()
     assert changed.sum() >= N // 2

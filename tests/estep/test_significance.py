@@ -26,7 +26,9 @@ def test_significant_set_matches_a_full_sort(maxsig):
     logits = rng.standard_normal((len(scales), S)) * scales[:, None]
     mask, count = significant_mask(torch.from_numpy(logits).float(), 0.999, maxsig)
     ref = reference(logits, 0.999, maxsig)
-    assert (count.numpy() == ref).all() or np.abs(count.numpy() - ref).max() <= 1  # float32 sums may move the edge by one
+    assert (count.numpy() == ref).all() or np.abs(
+        count.numpy() - ref
+    ).max() <= 1  # float32 sums may move the edge by one
     if maxsig == 0:
         assert ref.max() > TOPK_SIGNIFICANT and ref.min() < TOPK_SIGNIFICANT  # both paths are exercised
     # the mask holds the count largest samples

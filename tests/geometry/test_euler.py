@@ -5,8 +5,13 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from cryorefine.geometry.euler import (angular_distance_deg, euler_direction, euler_to_matrix,
-                                       matrix_to_euler, rotation_angle_deg)
+from cryorefine.geometry.euler import (
+    angular_distance_deg,
+    euler_direction,
+    euler_to_matrix,
+    matrix_to_euler,
+    rotation_angle_deg,
+)
 from cryorefine.geometry.symmetry import symmetry_matrices
 
 

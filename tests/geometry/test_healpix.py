@@ -1,4 +1,3 @@
-import math
 import shutil
 import subprocess
 
@@ -7,41 +6,98 @@ import pytest
 import torch
 
 from cryorefine.errors import CryoInputError
-from cryorefine.geometry.euler import euler_to_matrix, matrix_to_euler
-from cryorefine.geometry.healpix import (angular_step_deg, child_directions, child_psis, direction_angles_deg,
-                                         direction_vectors, directions_within, healpix_directions, make_sampling,
-                                         max_pixrad, next_random_perturbation, oversampled_eulers, perturb_eulers,
-                                         psi_angles_deg, sampling_eulers)
+from cryorefine.geometry.euler import euler_to_matrix
+from cryorefine.geometry.healpix import (
+    angular_step_deg,
+    child_directions,
+    child_psis,
+    direction_angles_deg,
+    directions_within,
+    healpix_directions,
+    make_sampling,
+    max_pixrad,
+    next_random_perturbation,
+    oversampled_eulers,
+    perturb_eulers,
+    psi_angles_deg,
+    sampling_eulers,
+)
 from cryorefine.geometry.symmetry import symmetry_matrices, symmetry_order
 
 # Numbers of directions written by RELION 3.1.3 (relion_refine --healpix_order o --sym s, the
 # data_sampling_directions table of run_it001_sampling.star) for orders 1, 2, 3.
 # None: RELION keeps no direction (and then crashes).
-RELION_COUNTS = {"C1": (48, 192, 768), "C2": (24, 96, 384), "C4": (12, 48, 192), "D2": (12, 48, 192),
-                 "D7": (3, 13, 53), "T": (3, 14, 59), "O": (1, 7, 32), "I": (None, 2, 11),
-                 "I1": (1, 3, 12), "I3": (None, 4, 12), "I4": (1, 2, 11)}
+RELION_COUNTS = {
+    "C1": (48, 192, 768),
+    "C2": (24, 96, 384),
+    "C4": (12, 48, 192),
+    "D2": (12, 48, 192),
+    "D7": (3, 13, 53),
+    "T": (3, 14, 59),
+    "O": (1, 7, 32),
+    "I": (None, 2, 11),
+    "I1": (1, 3, 12),
+    "I3": (None, 4, 12),
+    "I4": (1, 2, 11),
+}
 # Full (rot, tilt) lists from the same RELION runs, in RELION's order.
-RELION_D7_2 = [(67.5, 60.0), (78.75, 48.189685), (75.0, 35.659088), (67.5, 23.556464), (101.25, 48.189685),
-               (105.0, 35.659088), (101.25, 90.0), (112.5, 80.405932), (78.75, 90.0), (90.0, 80.405932),
-               (101.25, 70.528779), (78.75, 70.528779), (90.0, 60.0)]
-RELION_T_2 = [(146.25, 70.528779), (123.75, 70.528779), (135.0, 60.0), (146.25, 48.189685), (112.5, 60.0),
-              (123.75, 48.189685), (101.25, 48.189685), (105.0, 35.659088), (135.0, 35.659088),
-              (112.5, 23.556464), (135.0, 11.715852), (101.25, 90.0), (112.5, 80.405932), (101.25, 70.528779)]
-RELION_I3_3 = [(174.375, 48.189685), (173.571429, 41.858792), (160.714286, 41.858792), (172.5, 35.659088),
-               (157.5, 35.659088), (171.0, 29.565561), (153.0, 29.565561), (168.75, 23.556464),
-               (146.25, 23.556464), (165.0, 17.612439), (157.5, 11.715852), (180.0, 54.314665)]
+RELION_D7_2 = [
+    (67.5, 60.0),
+    (78.75, 48.189685),
+    (75.0, 35.659088),
+    (67.5, 23.556464),
+    (101.25, 48.189685),
+    (105.0, 35.659088),
+    (101.25, 90.0),
+    (112.5, 80.405932),
+    (78.75, 90.0),
+    (90.0, 80.405932),
+    (101.25, 70.528779),
+    (78.75, 70.528779),
+    (90.0, 60.0),
+]
+RELION_T_2 = [
+    (146.25, 70.528779),
+    (123.75, 70.528779),
+    (135.0, 60.0),
+    (146.25, 48.189685),
+    (112.5, 60.0),
+    (123.75, 48.189685),
+    (101.25, 48.189685),
+    (105.0, 35.659088),
+    (135.0, 35.659088),
+    (112.5, 23.556464),
+    (135.0, 11.715852),
+    (101.25, 90.0),
+    (112.5, 80.405932),
+    (101.25, 70.528779),
+]
+RELION_I3_3 = [
+    (174.375, 48.189685),
+    (173.571429, 41.858792),
+    (160.714286, 41.858792),
+    (172.5, 35.659088),
+    (157.5, 35.659088),
+    (171.0, 29.565561),
+    (153.0, 29.565561),
+    (168.75, 23.556464),
+    (146.25, 23.556464),
+    (165.0, 17.612439),
+    (157.5, 11.715852),
+    (180.0, 54.314665),
+]
 
 
 @pytest.mark.parametrize("order", range(6))
 def test_directions_match_healpy_nest(order):
     healpy = pytest.importorskip("healpy")
     rot, tilt = healpix_directions(order)
-    theta, phi = healpy.pix2ang(2 ** order, np.arange(12 * 4 ** order), nest=True)
-    assert len(rot) == 12 * 4 ** order
+    theta, phi = healpy.pix2ang(2**order, np.arange(12 * 4**order), nest=True)
+    assert len(rot) == 12 * 4**order
     np.testing.assert_allclose(np.radians(tilt), theta, atol=1e-13)
     np.testing.assert_allclose(np.radians(rot) % (2 * np.pi), phi, atol=1e-13)
     assert rot.min() > -180 and rot.max() <= 180  # RELION's checkDirection range
-    assert max_pixrad(order) == pytest.approx(healpy.max_pixrad(2 ** order), rel=1e-12)
+    assert max_pixrad(order) == pytest.approx(healpy.max_pixrad(2**order), rel=1e-12)
 
 
 def test_steps_and_psi():
@@ -72,7 +128,7 @@ def test_directions_match_relion(sym, order, ref):
 @pytest.mark.parametrize("order", [2, 3])
 def test_asymmetric_unit_covers_sphere_once(sym, order):
     s = make_sampling(order, sym)
-    n_full = 12 * 4 ** order
+    n_full = 12 * 4**order
     G = symmetry_order(sym)
     assert abs(s.n_directions - n_full / G) <= 0.15 * n_full / G + 2
     # every direction of the full sphere is within one step of a symmetry image of a kept one;
@@ -127,8 +183,9 @@ def test_directions_within():
     assert list(idx) == [int(all_ang.argmin())]
     # vectorised over priors and symmetry-aware over a sampling's directions
     s = make_sampling(2, "D2")
-    mask, ang = directions_within(2, np.array([40.0, -140.0]), np.array([70.0, 110.0]), 20.0,
-                                  symmetry_matrices("D2"), ipix=s.ipix)
+    mask, ang = directions_within(
+        2, np.array([40.0, -140.0]), np.array([70.0, 110.0]), 20.0, symmetry_matrices("D2"), ipix=s.ipix
+    )
     assert mask.shape == (2, s.n_directions) and mask.any(1).all()
 
 
@@ -150,7 +207,9 @@ def test_perturbation():
         seen.append(r)
     assert min(seen) < -0.2 and max(seen) > 0.2
     s = make_sampling(1, "C1", random_perturbation=0.4)
-    np.testing.assert_allclose(sampling_eulers(s)[:3], perturb_eulers(sampling_eulers(s, perturbed=False)[:3], 0.4, 30.0))
+    np.testing.assert_allclose(
+        sampling_eulers(s)[:3], perturb_eulers(sampling_eulers(s, perturbed=False)[:3], 0.4, 30.0)
+    )
 
 
 @pytest.mark.relion
@@ -170,14 +229,49 @@ def test_against_relion_refine(tmp_path):
         "data_optics\nloop_\n_rlnOpticsGroup\n_rlnOpticsGroupName\n_rlnImagePixelSize\n_rlnImageSize\n"
         "_rlnImageDimensionality\n_rlnVoltage\n_rlnSphericalAberration\n_rlnAmplitudeContrast\n"
         f"1 og1 2.0 {n} 2 300 2.7 0.1\n\ndata_particles\nloop_\n_rlnImageName\n_rlnOpticsGroup\n"
-        "000001@parts.mrcs 1\n000002@parts.mrcs 1\n")
+        "000001@parts.mrcs 1\n000002@parts.mrcs 1\n"
+    )
     (tmp_path / "out").mkdir()
-    subprocess.run(["relion_refine", "--i", "parts.star", "--ref", "ref.mrc", "--o", "out/run", "--iter", "1",
-                    "--healpix_order", "3", "--sym", "D7", "--particle_diameter", "24", "--ini_high", "10",
-                    "--offset_range", "2", "--offset_step", "1", "--j", "1", "--pad", "1"],
-                   cwd=tmp_path, capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [
+            "relion_refine",
+            "--i",
+            "parts.star",
+            "--ref",
+            "ref.mrc",
+            "--o",
+            "out/run",
+            "--iter",
+            "1",
+            "--healpix_order",
+            "3",
+            "--sym",
+            "D7",
+            "--particle_diameter",
+            "24",
+            "--ini_high",
+            "10",
+            "--offset_range",
+            "2",
+            "--offset_step",
+            "1",
+            "--j",
+            "1",
+            "--pad",
+            "1",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     text = (tmp_path / "out" / "run_it001_sampling.star").read_text().split("data_sampling_directions")[1]
-    ref = np.array([[float(v) for v in line.split()] for line in text.splitlines()
-                    if len(line.split()) == 2 and line.split()[0][0] in "-0123456789"])
+    ref = np.array(
+        [
+            [float(v) for v in line.split()]
+            for line in text.splitlines()
+            if len(line.split()) == 2 and line.split()[0][0] in "-0123456789"
+        ]
+    )
     s = make_sampling(3, "D7")
     np.testing.assert_allclose(np.stack([s.rot_deg, s.tilt_deg], 1), ref, atol=1e-5)

@@ -9,8 +9,22 @@ import torch
 from cryorefine.errors import CryoInputError
 from cryorefine.geometry.symmetry import parse_symmetry, symmetry_matrices, symmetry_order
 
-GROUPS = {"C1": 1, "C2": 2, "C5": 5, "C12": 12, "D2": 4, "D3": 6, "D7": 14, "T": 12, "O": 24,
-          "I": 60, "I1": 60, "I2": 60, "I3": 60, "I4": 60}
+GROUPS = {
+    "C1": 1,
+    "C2": 2,
+    "C5": 5,
+    "C12": 12,
+    "D2": 4,
+    "D3": 6,
+    "D7": 14,
+    "T": 12,
+    "O": 24,
+    "I": 60,
+    "I1": 60,
+    "I2": 60,
+    "I3": 60,
+    "I4": 60,
+}
 
 
 def _contains(G, M, tol=1e-9):
@@ -19,6 +33,7 @@ def _contains(G, M, tol=1e-9):
 
 def _axis_rot(axis, deg):
     from scipy.spatial.transform import Rotation
+
     a = np.asarray(axis, float)
     return torch.from_numpy(Rotation.from_rotvec(a / np.linalg.norm(a) * np.radians(deg)).as_matrix())
 
@@ -76,8 +91,9 @@ def test_parse():
 
 
 def _relion_ops(sym):
-    out = subprocess.run(["relion_refine", "--sym", sym, "--print_symmetry_ops"], capture_output=True,
-                         text=True, timeout=60).stdout
+    out = subprocess.run(
+        ["relion_refine", "--sym", sym, "--print_symmetry_ops"], capture_output=True, text=True, timeout=60
+    ).stdout
     mats = []
     for block in re.split(r"R\(\d+\)=", out)[1:]:
         nums = [float(x) for x in block.split("Euler")[0].split()[:9]]

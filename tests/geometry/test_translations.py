@@ -15,7 +15,7 @@ def test_grid_rule_and_order():
     assert translation_grid_px(0.0, 1.5).tolist() == [[0.0, 0.0]]
     g = translation_grid_px(5.0, 1.5)
     assert ((g / 1.5 - torch.round(g / 1.5)).abs() < 1e-12).all()
-    assert ((g ** 2).sum(1) <= 25.0 + 1e-9).all()
+    assert ((g**2).sum(1) <= 25.0 + 1e-9).all()
     assert len(translation_grid_px(6.0, 2.0)) == 29  # circle r=3 in steps: 29 lattice points
 
 

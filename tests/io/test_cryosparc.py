@@ -1,5 +1,6 @@
 """cryoSPARC .cs input and `cryorefine convert`: poses, shifts, CTF, optics groups and images against a simulation
 whose RELION poses are known; the cryoSPARC fields are written independently with scipy (tests/cs_project.py)."""
+
 import os
 import shutil
 import subprocess
@@ -52,7 +53,9 @@ def test_pose_to_euler_is_the_transpose_of_the_axis_angle_rotation():
     poses = np.concatenate([Rotation.random(200, random_state=1).as_rotvec(), [[0, 0, 0], [np.pi, 0, 0], [0, 0, 0.3]]])
     rot, tilt, psi = pose_to_euler_deg(poses)
     # scipy's ZYZ intrinsic rotation of RELION's angles is Aᵀ, and A = R(pose)ᵀ, so it must be R(pose) itself
-    err = (Rotation.from_euler("ZYZ", np.stack([rot, tilt, psi], 1), degrees=True) * Rotation.from_rotvec(poses).inv()).magnitude()
+    err = (
+        Rotation.from_euler("ZYZ", np.stack([rot, tilt, psi], 1), degrees=True) * Rotation.from_rotvec(poses).inv()
+    ).magnitude()
     assert np.rad2deg(err).max() < 1e-9
     assert ((tilt >= 0) & (tilt <= 180)).all()
 
@@ -72,7 +75,9 @@ def test_cs_particles_match_the_truth(project):
     np.testing.assert_array_equal(table.optics_group, np.arange(N) % 2)
     for g in table.optics:
         assert (g.box, g.angpix, g.voltage_kv) == (BOX, ANGPIX, float(optics["rlnVoltage"]))
-        assert g.cs_mm == pytest.approx(optics["rlnSphericalAberration"]) and g.amplitude_contrast == pytest.approx(optics["rlnAmplitudeContrast"])
+        assert g.cs_mm == pytest.approx(optics["rlnSphericalAberration"]) and g.amplitude_contrast == pytest.approx(
+            optics["rlnAmplitudeContrast"]
+        )
     np.testing.assert_array_equal(read_images(table, np.arange(N)), images)
 
 
@@ -106,7 +111,10 @@ def test_convert_writes_a_relion_star_file(project, tmp_path, capsys, copy):
     np.testing.assert_array_equal(p["rlnRandomSubset"], truth["rlnRandomSubset"])
     # rlnImageName: 1-based index into .mrcs links (copies) relative to the project directory (here tmp_path)
     index, stack = zip(*(name.split("@") for name in p["rlnImageName"]))
-    assert set(stack) == {"Import/particles_stacks/P1_J7_extract_stack_0.mrcs", "Import/particles_stacks/P1_J7_extract_stack_1.mrcs"}
+    assert set(stack) == {
+        "Import/particles_stacks/P1_J7_extract_stack_0.mrcs",
+        "Import/particles_stacks/P1_J7_extract_stack_1.mrcs",
+    }
     for s in set(stack):
         assert os.path.islink(s) != copy
         with mrcfile.open(s) as m:
@@ -134,15 +142,16 @@ def test_reconstruct_from_cs_and_a_wrong_convention_fails(project, sim, tmp_path
     assert good >= 0.9 and bad < 0.5
 
 
-
-
 def relion(*args):
     p = subprocess.run([str(a) for a in args], capture_output=True, text=True)  # in the project directory (cwd)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
 
 
 @pytest.mark.relion
-@pytest.mark.skipif(not (shutil.which("relion_stack_create") and shutil.which("relion_reconstruct")), reason="RELION binaries not installed")
+@pytest.mark.skipif(
+    not (shutil.which("relion_stack_create") and shutil.which("relion_reconstruct")),
+    reason="RELION binaries not installed",
+)
 def test_relion_reads_the_converted_star_file(project, sim, tmp_path, capsys):
     """relion_stack_create gives back the particles' images in order; relion_reconstruct gives the truth map."""
     cs_path, truth, optics, images = project
@@ -151,7 +160,9 @@ def test_relion_reads_the_converted_star_file(project, sim, tmp_path, capsys):
     with mrcfile.open("restacked.mrcs") as m:
         np.testing.assert_allclose(np.array(m.data), images, atol=1e-6 * np.abs(images).max())
     relion("relion_reconstruct", "--i", "particles.star", "--o", "relion_rec.mrc", "--ctf")
-    f = fsc_min_to_two_thirds(torch.from_numpy(read_map("relion_rec.mrc")[0]), torch.from_numpy(read_map(sim / "truth.mrc")[0]))
+    f = fsc_min_to_two_thirds(
+        torch.from_numpy(read_map("relion_rec.mrc")[0]), torch.from_numpy(read_map(sim / "truth.mrc")[0])
+    )
     print(f"relion_reconstruct of the converted STAR: min FSC to 2/3 Nyquist {f:.4f}")
     assert f >= 0.9
 
@@ -162,5 +173,12 @@ def test_cs_without_alignments_gives_identity_poses(project):
     cs = np.load(cs_path)
     write_cs(cs_path, {name: cs[name] for name in cs.dtype.names if not name.startswith("alignments3D/")})
     table = load_particles(cs_path)
-    for values in (table.rot_deg, table.tilt_deg, table.psi_deg, table.origin_x_angst, table.origin_y_angst, table.random_subset):
+    for values in (
+        table.rot_deg,
+        table.tilt_deg,
+        table.psi_deg,
+        table.origin_x_angst,
+        table.origin_y_angst,
+        table.random_subset,
+    ):
         np.testing.assert_array_equal(np.abs(values), 0)

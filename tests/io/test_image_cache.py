@@ -53,10 +53,25 @@ def test_each_pass_gives_the_stack_images_and_kept_ones_are_not_read_again(data,
 
 
 def _refine(d, out, batch, image_cache_on):
-    cfg = RefineConfig(particles=str(d / "particles_noposes.star"), output_root=str(out / "run"), reference=str(d / "start.mrc"),
-                       ini_high=30.0, particle_diameter=130.0, ctf=True, flatten_solvent=True, norm=True, healpix_order=1,
-                       offset_range=2.0, offset_step=1.0, max_iter=2, random_seed=4, batch_size=batch, threads=1,
-                       low_resol_join_halves=0.0, image_cache=image_cache_on)
+    cfg = RefineConfig(
+        particles=str(d / "particles_noposes.star"),
+        output_root=str(out / "run"),
+        reference=str(d / "start.mrc"),
+        ini_high=30.0,
+        particle_diameter=130.0,
+        ctf=True,
+        flatten_solvent=True,
+        norm=True,
+        healpix_order=1,
+        offset_range=2.0,
+        offset_step=1.0,
+        max_iter=2,
+        random_seed=4,
+        batch_size=batch,
+        threads=1,
+        low_resol_join_halves=0.0,
+        image_cache=image_cache_on,
+    )
     AutoRefine(cfg).run()
 
 

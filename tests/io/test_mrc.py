@@ -28,7 +28,7 @@ def test_map_round_trip(tmp_path):
 
 @pytest.mark.parametrize("dtype", [np.int8, np.int16, np.uint16, np.float16, np.float32])
 def test_read_map_modes(tmp_path, dtype):
-    data = (np.arange(4 ** 3).reshape(4, 4, 4) % 100).astype(dtype)
+    data = (np.arange(4**3).reshape(4, 4, 4) % 100).astype(dtype)
     path = tmp_path / "m.mrc"
     with mrcfile.new(path) as mrc:
         mrc.set_data(data)
@@ -107,8 +107,7 @@ def test_large_stack_memory_mapped(tmp_path):
     path = tmp_path / "big.mrcs"
     with StackWriter(path, n, box, 2.0) as writer:
         for start in range(0, n, 500):
-            block = np.broadcast_to(np.arange(start, start + 500, dtype=np.float32)[:, None, None],
-                                    (500, box, box))
+            block = np.broadcast_to(np.arange(start, start + 500, dtype=np.float32)[:, None, None], (500, box, box))
             writer.write(start, block)
     assert path.stat().st_size >= n * box * box * 4
     with open_stack(path) as stack:
@@ -140,6 +139,7 @@ def test_atomic_write(tmp_path, monkeypatch):
 
     def full_disk(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(atomic.os, "replace", full_disk)
     with pytest.raises(CryoInputError, match="disk is full") as info:
         with atomic_write(target) as tmp:
@@ -166,6 +166,7 @@ def test_permission_denied_is_user_error(tmp_path, monkeypatch):
 
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
+
     monkeypatch.setattr(mrc_module.mrcfile, "new", denied)
     with pytest.raises(CryoInputError, match="not writable") as info:
         write_map(tmp_path / "m.mrc", np.zeros((4, 4, 4)), 1.0)
@@ -195,7 +196,8 @@ def test_relion_reads_our_map(tmp_path):
     data = np.zeros((8, 8, 8), np.float32)
     data[4, 4, 4] = 8.0
     write_map(tmp_path / "m.mrc", data, 1.5)
-    result = subprocess.run(["relion_image_handler", "--i", str(tmp_path / "m.mrc"), "--stats"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["relion_image_handler", "--i", str(tmp_path / "m.mrc"), "--stats"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1.5" in result.stdout  # RELION reports the voxel size from our header

@@ -27,21 +27,37 @@ def make_stack(path, n, box=BOX, seed=0, dtype=np.float32):
 
 
 def optics_df(**over):
-    row = {"rlnOpticsGroupName": "opticsGroup1", "rlnOpticsGroup": 1, "rlnImagePixelSize": 2.0,
-           "rlnImageSize": BOX, "rlnImageDimensionality": 2, "rlnVoltage": 300.0,
-           "rlnSphericalAberration": 2.7, "rlnAmplitudeContrast": 0.1}
+    row = {
+        "rlnOpticsGroupName": "opticsGroup1",
+        "rlnOpticsGroup": 1,
+        "rlnImagePixelSize": 2.0,
+        "rlnImageSize": BOX,
+        "rlnImageDimensionality": 2,
+        "rlnVoltage": 300.0,
+        "rlnSphericalAberration": 2.7,
+        "rlnAmplitudeContrast": 0.1,
+    }
     row.update(over)
     return pd.DataFrame([{k: v for k, v in row.items() if v is not None}])
 
 
 def particles_df(n, stack="Particles/stack.mrcs", **extra):
     rng = np.random.default_rng(5)
-    df = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@{stack}" for i in range(n)],
-                       "rlnAngleRot": rng.uniform(-180, 180, n), "rlnAngleTilt": rng.uniform(0, 180, n),
-                       "rlnAnglePsi": rng.uniform(-180, 180, n), "rlnOriginXAngst": rng.normal(size=n),
-                       "rlnOriginYAngst": rng.normal(size=n), "rlnDefocusU": rng.uniform(1e4, 2e4, n),
-                       "rlnDefocusV": rng.uniform(1e4, 2e4, n), "rlnDefocusAngle": rng.uniform(0, 180, n),
-                       "rlnOpticsGroup": np.ones(n, int), "rlnMicrographName": [f"mic{i % 3}.mrc" for i in range(n)]})
+    df = pd.DataFrame(
+        {
+            "rlnImageName": [f"{i + 1:06d}@{stack}" for i in range(n)],
+            "rlnAngleRot": rng.uniform(-180, 180, n),
+            "rlnAngleTilt": rng.uniform(0, 180, n),
+            "rlnAnglePsi": rng.uniform(-180, 180, n),
+            "rlnOriginXAngst": rng.normal(size=n),
+            "rlnOriginYAngst": rng.normal(size=n),
+            "rlnDefocusU": rng.uniform(1e4, 2e4, n),
+            "rlnDefocusV": rng.uniform(1e4, 2e4, n),
+            "rlnDefocusAngle": rng.uniform(0, 180, n),
+            "rlnOpticsGroup": np.ones(n, int),
+            "rlnMicrographName": [f"mic{i % 3}.mrc" for i in range(n)],
+        }
+    )
     for k, v in extra.items():
         df[k] = v
     return df
@@ -89,11 +105,21 @@ def test_load_31_and_round_trip(project, tmp_path):
 
 def test_load_30_pixel_size_and_origin_in_pixels(tmp_path, monkeypatch):
     make_stack(tmp_path / "Particles" / "s.mrcs", 4)
-    df = pd.DataFrame({"rlnImageName": [f"{i + 1}@Particles/s.mrcs" for i in range(4)],
-                       "rlnDetectorPixelSize": 14.0, "rlnMagnification": 50000.0,
-                       "rlnVoltage": [300.0, 300.0, 200.0, 300.0], "rlnSphericalAberration": 2.7,
-                       "rlnAmplitudeContrast": 0.1, "rlnOriginX": [2.0, 0, 0, 1], "rlnOriginY": [0, -1.0, 0, 0],
-                       "rlnDefocusU": 15000.0, "rlnDefocusV": 14000.0, "rlnDefocusAngle": 10.0})
+    df = pd.DataFrame(
+        {
+            "rlnImageName": [f"{i + 1}@Particles/s.mrcs" for i in range(4)],
+            "rlnDetectorPixelSize": 14.0,
+            "rlnMagnification": 50000.0,
+            "rlnVoltage": [300.0, 300.0, 200.0, 300.0],
+            "rlnSphericalAberration": 2.7,
+            "rlnAmplitudeContrast": 0.1,
+            "rlnOriginX": [2.0, 0, 0, 1],
+            "rlnOriginY": [0, -1.0, 0, 0],
+            "rlnDefocusU": 15000.0,
+            "rlnDefocusV": 14000.0,
+            "rlnDefocusAngle": 10.0,
+        }
+    )
     star = tmp_path / "p30.star"
     write_star(star, {"": df})
     monkeypatch.chdir(tmp_path)
@@ -164,8 +190,15 @@ def test_missing_stack_file(project):
         load_particles(star)
 
 
-@pytest.mark.parametrize("block,column", [("particles", "rlnImageName"), ("optics", "rlnVoltage"),
-                                          ("optics", "rlnImagePixelSize"), ("optics", "rlnOpticsGroup")])
+@pytest.mark.parametrize(
+    "block,column",
+    [
+        ("particles", "rlnImageName"),
+        ("optics", "rlnVoltage"),
+        ("optics", "rlnImagePixelSize"),
+        ("optics", "rlnOpticsGroup"),
+    ],
+)
 def test_missing_required_column(project, block, column):
     root, star, _ = project
     blocks = {"optics": optics_df(), "particles": particles_df(6)}
@@ -237,8 +270,13 @@ def test_relion_reads_our_files(project, tmp_path):
     table = load_particles(star)
     out_star = root / "ours.star"
     write_particles(out_star, table)
-    result = subprocess.run(["relion_stack_create", "--i", str(out_star), "--o", str(root / "relion_out")],
-                            cwd=root, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["relion_stack_create", "--i", str(out_star), "--o", str(root / "relion_out")],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     with mrcfile.open(root / "relion_out.mrcs") as mrc:
         np.testing.assert_allclose(mrc.data, images, atol=1e-5)

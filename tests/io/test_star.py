@@ -9,8 +9,9 @@ from cryorefine.io.star import read_star, write_star, write_star_table
 
 
 def test_round_trip_single_and_multi_block(tmp_path):
-    df = pd.DataFrame({"rlnImageName": ["000001@a.mrcs", "000002@a.mrcs"], "rlnAngleRot": [10.5, -3.25],
-                       "rlnClassNumber": [1, 2]})
+    df = pd.DataFrame(
+        {"rlnImageName": ["000001@a.mrcs", "000002@a.mrcs"], "rlnAngleRot": [10.5, -3.25], "rlnClassNumber": [1, 2]}
+    )
     path = tmp_path / "one.star"
     write_star(path, {"particles": df})
     blocks = read_star(path)
@@ -28,10 +29,17 @@ def test_round_trip_single_and_multi_block(tmp_path):
 
 def test_general_key_value_block(tmp_path):
     path = tmp_path / "model.star"
-    write_star_table(path, {"model_general": {"rlnReferenceDimensionality": 3,
-                                              "rlnCurrentResolution": np.float64(7.5),
-                                              "rlnReferenceSigma2": "x"},
-                            "model_classes": pd.DataFrame({"rlnReferenceImage": ["a.mrc"]})})
+    write_star_table(
+        path,
+        {
+            "model_general": {
+                "rlnReferenceDimensionality": 3,
+                "rlnCurrentResolution": np.float64(7.5),
+                "rlnReferenceSigma2": "x",
+            },
+            "model_classes": pd.DataFrame({"rlnReferenceImage": ["a.mrc"]}),
+        },
+    )
     text = path.read_text()
     general = text.split("data_model_general")[1].split("data_model_classes")[0]
     assert "loop_" not in general and "_rlnCurrentResolution" in general
@@ -43,8 +51,15 @@ def test_general_key_value_block(tmp_path):
 
 def test_values_keep_their_precision_and_types(tmp_path):
     # RELION's fixed 6 decimals where they hold the value; tiny (σ² of normalised images) and huge values keep 9 digits
-    df = pd.DataFrame({"rlnSigma2Noise": [3.2e-7, 1.5e-9], "rlnDefocusU": [12345.678901, 98765.4321],
-                       "rlnCoordinateX": [1.25e6, 3.0], "rlnMicrographName": ["mic 1.mrc", ""], "rlnFlag": [True, False]})
+    df = pd.DataFrame(
+        {
+            "rlnSigma2Noise": [3.2e-7, 1.5e-9],
+            "rlnDefocusU": [12345.678901, 98765.4321],
+            "rlnCoordinateX": [1.25e6, 3.0],
+            "rlnMicrographName": ["mic 1.mrc", ""],
+            "rlnFlag": [True, False],
+        }
+    )
     path = tmp_path / "t.star"
     write_star_table(path, {"t": df, "general": {"rlnHasConverged": True, "rlnSmall": 2.5e-8, "rlnName": "a b"}})
     out = read_star(path)

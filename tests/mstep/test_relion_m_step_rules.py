@@ -34,14 +34,19 @@ def test_tau2_fudge_enters_twice(T):
     ratio = float(regularised.abs().max() / plain.abs().max())
     expected = (T * T * ssnr / (T * T * ssnr + 1)) / (T * T * 999.0 / (T * T * 999.0 + 1))
     assert ratio == pytest.approx(expected, rel=1e-6)
-    assert abs(ratio - (T * ssnr / (T * ssnr + 1)) / (T * 999.0 / (T * 999.0 + 1))) > 1e-3 or T == 1.0  # T once: another value
+    assert (
+        abs(ratio - (T * ssnr / (T * ssnr + 1)) / (T * 999.0 / (T * 999.0 + 1))) > 1e-3 or T == 1.0
+    )  # T once: another value
 
 
 def test_direction_prior_is_joint_and_reset_with_the_sampling():
     dw = torch.tensor([[3.0, 1.0, 0.0], [2.0, 2.0, 2.0]], dtype=torch.float64)
     p = direction_prior(dw)
     np.testing.assert_allclose(p.numpy(), dw.numpy() / 10.0)  # RELION: wsum_pdf_direction / sum_weight, no smoothing
-    assert torch.isinf(direction_log_prior(p, 3, local_search=False)[0, 2]) or direction_log_prior(p, 3, False)[0, 2] < -600
+    assert (
+        torch.isinf(direction_log_prior(p, 3, local_search=False)[0, 2])
+        or direction_log_prior(p, 3, False)[0, 2] < -600
+    )
     assert direction_log_prior(p, 12, local_search=False) is None  # another HEALPix order: uniform again
     assert direction_log_prior(p, 3, local_search=True) is None  # local searches use the Gaussian prior instead
 
@@ -57,8 +62,18 @@ def test_initial_sigma2_without_zero_mask_is_the_noise_power(tmp_path):
     box, n = 48, 300
     rng = np.random.default_rng(0)
     write_stack(tmp_path / "noise.mrcs", rng.normal(size=(n, box, box)).astype(np.float32), 1.0)
-    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["g"], "rlnImagePixelSize": [1.0], "rlnImageSize": [box],
-                           "rlnImageDimensionality": [2], "rlnVoltage": [300.0], "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1]})
+    optics = pd.DataFrame(
+        {
+            "rlnOpticsGroup": [1],
+            "rlnOpticsGroupName": ["g"],
+            "rlnImagePixelSize": [1.0],
+            "rlnImageSize": [box],
+            "rlnImageDimensionality": [2],
+            "rlnVoltage": [300.0],
+            "rlnSphericalAberration": [2.7],
+            "rlnAmplitudeContrast": [0.1],
+        }
+    )
     parts = pd.DataFrame({"rlnImageName": [f"{i + 1}@noise.mrcs" for i in range(n)], "rlnOpticsGroup": 1})
     write_star(tmp_path / "p.star", {"optics": optics, "particles": parts})
     table = load_particles(tmp_path / "p.star", project_dir=tmp_path)

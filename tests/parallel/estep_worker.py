@@ -18,8 +18,12 @@ def one_estep(refine_flags: list[str], dist: Dist | None = None) -> dict:
     cfg = config_from_args(build_parser().parse_args(["refine", *refine_flags]), RefineConfig)
     engine = AutoRefine(cfg, dist)
     sums, ranks = engine.expectation(engine.plan_iteration())
-    return {"sums": [[t.clone() for t in s.tensors()] for s in sums], "poses": engine.poses.as_dict(), "batches": ranks["batches_per_rank"],
-            "estep_s": ranks["estep_s_per_rank"]}
+    return {
+        "sums": [[t.clone() for t in s.tensors()] for s in sums],
+        "poses": engine.poses.as_dict(),
+        "batches": ranks["batches_per_rank"],
+        "estep_s": ranks["estep_s_per_rank"],
+    }
 
 
 if __name__ == "__main__":

@@ -28,9 +28,35 @@ WORKER = Path(__file__).with_name("estep_worker.py")
 
 
 def flags(d: Path, out: Path, *extra) -> list[str]:
-    return ["--i", str(d / "particles_noposes.star"), "--o", str(out / "run"), "--ref", str(d / "start.mrc"), "--ini_high", "30",
-            "--particle_diameter", "170", "--ctf", "--flatten_solvent", "--healpix_order", "1", "--offset_range", "2",
-            "--offset_step", "1", "--iter", "2", "--random_seed", "3", "--j", "1", "--batch", str(BATCH), *extra]
+    return [
+        "--i",
+        str(d / "particles_noposes.star"),
+        "--o",
+        str(out / "run"),
+        "--ref",
+        str(d / "start.mrc"),
+        "--ini_high",
+        "30",
+        "--particle_diameter",
+        "170",
+        "--ctf",
+        "--flatten_solvent",
+        "--healpix_order",
+        "1",
+        "--offset_range",
+        "2",
+        "--offset_step",
+        "1",
+        "--iter",
+        "2",
+        "--random_seed",
+        "3",
+        "--j",
+        "1",
+        "--batch",
+        str(BATCH),
+        *extra,
+    ]
 
 
 def torchrun(n: int, *args) -> list[str]:
@@ -111,8 +137,14 @@ def test_classify_on_two_ranks_matches_one_process(data):
     """One iteration (K references, class priors and accumulators over ranks); later ones share the same code path."""
     assert main(["classify", *flags(data, data / "c1", "--K", "2", "--iter", "1")]) == 0
     run(torchrun(2, "classify", *flags(data, data / "c2", "--K", "2", "--iter", "1")))
-    assert same_pose_fraction(particles(data / "c1", "run_it001_data.star"), particles(data / "c2", "run_it001_data.star")) > 0.95
-    a, b = (read_star(data / c / "run_it001_model.star")["model_classes"]["rlnClassDistribution"].to_numpy() for c in ("c1", "c2"))
+    assert (
+        same_pose_fraction(particles(data / "c1", "run_it001_data.star"), particles(data / "c2", "run_it001_data.star"))
+        > 0.95
+    )
+    a, b = (
+        read_star(data / c / "run_it001_model.star")["model_classes"]["rlnClassDistribution"].to_numpy()
+        for c in ("c1", "c2")
+    )
     np.testing.assert_allclose(b, a, atol=1e-4)
 
 
@@ -120,7 +152,9 @@ def test_max_seconds_stops_every_rank_after_the_same_iteration(data):
     """--max_seconds under torchrun: rank 0 decides and tells the others, so the job stops cleanly (no rank left
     waiting for a collective) after iteration 1, which is complete and resumable."""
     out = data / "timed"
-    r = run(torchrun(2, "refine", *flags(data, out, "--max_seconds", "0.01", "--dist_timeout", "60")))  # shorter than any iteration
+    r = run(
+        torchrun(2, "refine", *flags(data, out, "--max_seconds", "0.01", "--dist_timeout", "60"))
+    )  # shorter than any iteration
     summaries = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(summaries) == 1 and summaries[0]["stopped"] and summaries[0]["iterations"] == 1, r.stdout
     assert summaries[0]["continue_from"] == f"{out / 'run'}_it001_optimiser.star"
@@ -149,7 +183,9 @@ def killed(data):
     """
     out = data / "killed"
     env = {**os.environ, "CRYOREFINE_SLOW_RANK": "1:1"}
-    p = subprocess.Popen(torchrun(2, "refine", *flags(data, out)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        torchrun(2, "refine", *flags(data, out)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     log = out / "run.log"
     while not (log.exists() and "iter   1:" in log.read_text()) and time.time() < deadline and p.poll() is None:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from cryorefine.fourier.grids import irfft2_centered, rfft2_centered
+from cryorefine.fourier.grids import irfft2_centered
 from cryorefine.geometry.euler import euler_to_matrix
 from cryorefine.projection.extract import extract_central_slices, prepare_padded_transform, project_rfft
 from cryorefine.projection.insert import BackProjector
@@ -35,7 +35,11 @@ def blob_projection(centres, A, box, shift=(0.0, 0.0)):
     y, x = torch.meshgrid(c, c, indexing="ij")
     p = torch.zeros(box, box, dtype=torch.float64)
     for pos in centres @ A.T:
-        p += SIGMA * math.sqrt(2 * math.pi) * torch.exp(-((x - pos[0] - shift[0]) ** 2 + (y - pos[1] - shift[1]) ** 2) / (2 * SIGMA**2))
+        p += (
+            SIGMA
+            * math.sqrt(2 * math.pi)
+            * torch.exp(-((x - pos[0] - shift[0]) ** 2 + (y - pos[1] - shift[1]) ** 2) / (2 * SIGMA**2))
+        )
     return p
 
 
@@ -64,7 +68,6 @@ def test_backprojection_round_trip(box):
     vol = blob_volume(centres, box, sigma=1.0)  # sharp blobs: signal out to Nyquist
     g = torch.Generator().manual_seed(0)
     n = 3000
-    q = torch.randn(n, 4, generator=g, dtype=torch.float64)
     rot = torch.rand(n, generator=g, dtype=torch.float64) * 360 - 180
     tilt = torch.rad2deg(torch.acos(torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1))
     psi = torch.rand(n, generator=g, dtype=torch.float64) * 360 - 180
@@ -93,7 +96,11 @@ def test_gpu_fused_insertion_matches_float64_scatter():
 
     torch.manual_seed(3)
     box, pad, r = 40, 2, 700
-    ky, kx = torch.meshgrid(torch.arange(-box // 2, box // 2, dtype=torch.float64), torch.arange(0, box // 2 + 1, dtype=torch.float64), indexing="ij")
+    ky, kx = torch.meshgrid(
+        torch.arange(-box // 2, box // 2, dtype=torch.float64),
+        torch.arange(0, box // 2 + 1, dtype=torch.float64),
+        indexing="ij",
+    )
     ky, kx = ky.flatten(), kx.flatten()  # the whole rfft square, corners beyond Nyquist included
     A = euler_to_matrix(torch.rand(r) * 360, torch.rand(r) * 180, torch.rand(r) * 360)
     values = torch.randn(r, kx.numel(), dtype=torch.complex128)
@@ -102,7 +109,13 @@ def test_gpu_fused_insertion_matches_float64_scatter():
     ref.insert(A, ky, kx, values, weights)
     gpu = BackProjector.zeros(box, pad, device="cuda")
     assert insert_kernel.available(gpu.weight), "Triton missing from the CUDA build: the fused kernel would not run"
-    gpu.insert(A.float().cuda(), ky.float().cuda(), kx.float().cuda(), values.to(torch.complex64).cuda(), weights.float().cuda())
+    gpu.insert(
+        A.float().cuda(),
+        ky.float().cuda(),
+        kx.float().cuda(),
+        values.to(torch.complex64).cuda(),
+        weights.float().cuda(),
+    )
     err_d = float((gpu.data.cpu().to(torch.complex128) - ref.data).abs().max() / ref.data.abs().max())
     err_w = float((gpu.weight.cpu().double() - ref.weight).abs().max() / ref.weight.abs().max())
     print(f"fused insertion vs float64 scatter: max rel err data {err_d:.2e}, weight {err_w:.2e}")

@@ -4,7 +4,6 @@ Even and odd boxes, with and without CTF, symmetry (A·S poses; S·A must fail),
 and CPU/GPU parity.
 """
 
-import numpy as np
 import pytest
 import torch
 
@@ -43,8 +42,12 @@ def shell_amplitude_ratio(rec, truth):
 def simulated(tmp_path, box, angpix, n, ctf=True, seed=0, truth=None):
     if truth is None:
         truth = atoms_to_map(*read_atoms(packaged_model()), box, angpix)
-    simulate_particles(truth, angpix, tmp_path, n, snr=0, astigmatism_angst=2000.0, max_shift_angst=6.0, seed=seed, ctf=ctf)
-    return load_particles(tmp_path / "particles.star", project_dir=tmp_path), torch.from_numpy(read_map(tmp_path / "truth.mrc")[0]).double()
+    simulate_particles(
+        truth, angpix, tmp_path, n, snr=0, astigmatism_angst=2000.0, max_shift_angst=6.0, seed=seed, ctf=ctf
+    )
+    return load_particles(tmp_path / "particles.star", project_dir=tmp_path), torch.from_numpy(
+        read_map(tmp_path / "truth.mrc")[0]
+    ).double()
 
 
 @pytest.mark.parametrize("box, angpix, ctf", [(48, 4.0, True), (49, 4.0, True), (49, 4.0, False)])
@@ -80,7 +83,9 @@ def test_half_sets_and_errors(tmp_path):
 
 def test_expand_poses_is_a_times_s():
     A = euler_to_matrix([10.0, 70.0], [20.0, 80.0], [30.0, -40.0])  # float64
-    S = torch.stack([torch.eye(3, dtype=torch.float64), torch.diag(torch.tensor([-1.0, -1.0, 1.0], dtype=torch.float64))])
+    S = torch.stack(
+        [torch.eye(3, dtype=torch.float64), torch.diag(torch.tensor([-1.0, -1.0, 1.0], dtype=torch.float64))]
+    )
     E = expand_poses(A, S)
     assert E.shape == (4, 3, 3)
     assert torch.allclose(E[1], A[0] @ S[1]) and torch.allclose(E[2], A[1])
@@ -93,7 +98,9 @@ def test_c2_symmetry_fills_fourier_space(tmp_path, monkeypatch):
     table, truth = simulated(tmp_path, box, angpix, 50, seed=3, truth=truth)
     c2 = two_thirds_min_fsc(reconstruct_from_particles(table, sym="C2")[0], truth)
     c1 = two_thirds_min_fsc(reconstruct_from_particles(table, sym="C1")[0], truth)
-    monkeypatch.setattr(from_particles, "expand_poses", lambda A, S: (S.unsqueeze(0) @ A.unsqueeze(1)).reshape(-1, 3, 3))
+    monkeypatch.setattr(
+        from_particles, "expand_poses", lambda A, S: (S.unsqueeze(0) @ A.unsqueeze(1)).reshape(-1, 3, 3)
+    )
     sa = two_thirds_min_fsc(reconstruct_from_particles(table, sym="C2")[0], truth)
     print(f"C2 from 50 views: sym C2 {c2:.4f}, C1 {c1:.4f}, S·A {sa:.4f}")
     assert c2 >= 0.9 and c1 < c2 - 0.03 and sa < 0.8

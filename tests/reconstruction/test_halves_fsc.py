@@ -54,13 +54,19 @@ def test_halves_fsc_matches_relions_voxel_loop(box, r_max):
     common = torch.randn(shape, dtype=torch.complex128, generator=g)
     bps = []
     for _ in range(2):  # correlated halves: a common signal plus independent noise, weights with empty voxels
-        w = torch.rand(shape, dtype=torch.float64, generator=g) * (torch.rand(shape, generator=g, dtype=torch.float64) > 0.2)
+        w = torch.rand(shape, dtype=torch.float64, generator=g) * (
+            torch.rand(shape, generator=g, dtype=torch.float64) > 0.2
+        )
         d = (common + 0.8 * torch.randn(shape, dtype=torch.complex128, generator=g)) * w
         bps.append(BackProjector(d.to(torch.complex64), w.float(), box, pad))
-    expect = loop_fsc(bps[0].data.numpy(), bps[0].weight.numpy(), bps[1].data.numpy(), bps[1].weight.numpy(), box, pad, r_max)
+    expect = loop_fsc(
+        bps[0].data.numpy(), bps[0].weight.numpy(), bps[1].data.numpy(), bps[1].weight.numpy(), box, pad, r_max
+    )
     got = halves_fsc(bps[0], bps[1], r_max).numpy()
     np.testing.assert_allclose(got, expect, atol=1e-5)  # sums in the accumulators' float32
-    assert np.all(got[1 : r_max + 1] > 0.1) and np.all(got[r_max + 1 :] == 0)  # control: correlated inside r_max, empty beyond
+    assert np.all(got[1 : r_max + 1] > 0.1) and np.all(
+        got[r_max + 1 :] == 0
+    )  # control: correlated inside r_max, empty beyond
 
 
 def test_halves_fsc_follows_the_fsc_of_the_reconstructed_maps():
@@ -73,7 +79,9 @@ def test_halves_fsc_follows_the_fsc_of_the_reconstructed_maps():
     box, pad, n = 24, 2, 300
     g = torch.Generator().manual_seed(3)
     k2 = sum(torch.fft.fftfreq(box, dtype=torch.float64).reshape(s) ** 2 for s in ((-1, 1, 1), (1, -1, 1), (1, 1, -1)))
-    vol = torch.fft.ifftn(torch.fft.fftn(torch.randn((box,) * 3, generator=g, dtype=torch.float64)) * torch.exp(-25 * k2)).real
+    vol = torch.fft.ifftn(
+        torch.fft.fftn(torch.randn((box,) * 3, generator=g, dtype=torch.float64)) * torch.exp(-25 * k2)
+    ).real
     t = prepare_padded_transform(vol, pad)
     ky, kx = (a.flatten() for a in rfft_freqs_2d(box, dtype=torch.float64))
     bps = []

@@ -70,7 +70,10 @@ def test_zero_prior_power_beyond_the_data_leaves_the_map_unchanged():
     inside = r_pad < 5 * PAD
     g = torch.Generator().manual_seed(0)
     bp.weight[inside] = W
-    bp.data[inside] = W * torch.complex(torch.randn(int(inside.sum()), generator=g, dtype=torch.float64), torch.randn(int(inside.sum()), generator=g, dtype=torch.float64))
+    bp.data[inside] = W * torch.complex(
+        torch.randn(int(inside.sum()), generator=g, dtype=torch.float64),
+        torch.randn(int(inside.sum()), generator=g, dtype=torch.float64),
+    )
     n = BOX // 2 + 1
     tau2 = torch.full((n,), 1e6, dtype=torch.float64)
     tau2_cut = tau2.clone()
@@ -87,7 +90,10 @@ def test_windowed_m_step_equals_the_whole_grid_with_nothing_beyond_the_window():
 
     s, P, n = 5, BOX * PAD, BOX // 2 + 1
     g = torch.Generator().manual_seed(1)
-    data = torch.complex(torch.randn(P, P, P // 2 + 1, generator=g, dtype=torch.float64), torch.randn(P, P, P // 2 + 1, generator=g, dtype=torch.float64))
+    data = torch.complex(
+        torch.randn(P, P, P // 2 + 1, generator=g, dtype=torch.float64),
+        torch.randn(P, P, P // 2 + 1, generator=g, dtype=torch.float64),
+    )
     weight = torch.rand(P, P, P // 2 + 1, generator=g, dtype=torch.float64) + 0.1
     r_pad, _ = padded_shell_index(P, PAD)
     beyond = r_pad > s * PAD

@@ -5,8 +5,6 @@ low-passed to 30 Å and from particles without poses (particles_noposes.star), a
 far below 0.5 at 30 Å, so the thresholds below fail then.
 """
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -28,26 +26,71 @@ def refined(tmp_path_factory):
     truth = atoms_to_map(xyz, w, BOX, ANGPIX, bfactor=100.0)
     simulate_particles(truth, ANGPIX, d / "data", 300, snr=0.2, seed=7, max_shift_angst=6.0)
     t, _ = read_map(d / "data" / "truth.mrc")
-    write_map(d / "data" / "start.mrc", low_pass_filter(torch.from_numpy(t).double(), 30.0, ANGPIX).float().numpy(), ANGPIX)
-    rc = main(["refine", "--i", str(d / "data" / "particles_noposes.star"), "--o", str(d / "out" / "run"), "--ref", str(d / "data" / "start.mrc"),
-               "--ini_high", "30", "--particle_diameter", "170", "--ctf", "--norm", "--flatten_solvent", "--zero_mask", "--healpix_order", "2",
-               "--auto_local_healpix_order", "4", "--offset_range", "3", "--offset_step", "1.5", "--iter", "6", "--random_seed", "1"])
+    write_map(
+        d / "data" / "start.mrc", low_pass_filter(torch.from_numpy(t).double(), 30.0, ANGPIX).float().numpy(), ANGPIX
+    )
+    rc = main(
+        [
+            "refine",
+            "--i",
+            str(d / "data" / "particles_noposes.star"),
+            "--o",
+            str(d / "out" / "run"),
+            "--ref",
+            str(d / "data" / "start.mrc"),
+            "--ini_high",
+            "30",
+            "--particle_diameter",
+            "170",
+            "--ctf",
+            "--norm",
+            "--flatten_solvent",
+            "--zero_mask",
+            "--healpix_order",
+            "2",
+            "--auto_local_healpix_order",
+            "4",
+            "--offset_range",
+            "3",
+            "--offset_step",
+            "1.5",
+            "--iter",
+            "6",
+            "--random_seed",
+            "1",
+        ]
+    )
     assert rc == 0
     return d, t
 
 
 def test_outputs_have_relion_names(refined):
     d, _ = refined
-    for name in ["run_class001.mrc", "run_half1_class001_unfil.mrc", "run_half2_class001_unfil.mrc", "run_data.star", "run_model.star",
-                 "run_it001_data.star", "run_it001_optimiser.star", "run_it001_sampling.star", "run_it001_half1_model.star",
-                 "run_it001_half1_class001.mrc", "run.log", "report.html"]:
+    for name in [
+        "run_class001.mrc",
+        "run_half1_class001_unfil.mrc",
+        "run_half2_class001_unfil.mrc",
+        "run_data.star",
+        "run_model.star",
+        "run_it001_data.star",
+        "run_it001_optimiser.star",
+        "run_it001_sampling.star",
+        "run_it001_half1_model.star",
+        "run_it001_half1_class001.mrc",
+        "run.log",
+        "report.html",
+    ]:
         assert (d / "out" / name).exists(), name
 
 
 def test_poses_converge_to_truth(refined):
     d, _ = refined
-    err = summarise_pose_errors(pose_errors(read_poses(d / "out" / "run_data.star"), read_poses(d / "data" / "particles.star")))
-    it1 = summarise_pose_errors(pose_errors(read_poses(d / "out" / "run_it001_data.star"), read_poses(d / "data" / "particles.star")))
+    err = summarise_pose_errors(
+        pose_errors(read_poses(d / "out" / "run_data.star"), read_poses(d / "data" / "particles.star"))
+    )
+    it1 = summarise_pose_errors(
+        pose_errors(read_poses(d / "out" / "run_it001_data.star"), read_poses(d / "data" / "particles.star"))
+    )
     assert it1["angle_median_deg"] > err["angle_median_deg"]  # the run improved on its first global search
     assert err["angle_median_deg"] < 8.0, err  # broken refinements give ~90°
     assert err["shift_median_angst"] < 3.0, err
@@ -87,8 +130,12 @@ def test_each_half_set_has_its_own_model(refined):
     for h, m in zip((1, 2), models):
         own = data["rlnNormCorrection"][data["rlnRandomSubset"] == h].mean()
         assert m["model_general"]["rlnNormCorrectionAverage"] == pytest.approx(own, rel=1e-5)
-    assert models[0]["model_general"]["rlnNormCorrectionAverage"] != pytest.approx(models[1]["model_general"]["rlnNormCorrectionAverage"], rel=1e-6)
+    assert models[0]["model_general"]["rlnNormCorrectionAverage"] != pytest.approx(
+        models[1]["model_general"]["rlnNormCorrectionAverage"], rel=1e-6
+    )
     s1, s2 = (m["model_group_1"]["rlnSigma2Noise"].to_numpy() for m in models)
     assert np.abs(s1[1:] / s2[1:] - 1).max() > 1e-3  # two estimates, not one pooled
     final = starfile.read(d / "out" / "run_data.star")["particles"]
-    assert starfile.read(d / "out" / "run_model.star")["model_general"]["rlnNormCorrectionAverage"] == pytest.approx(final["rlnNormCorrection"].mean(), rel=1e-5)
+    assert starfile.read(d / "out" / "run_model.star")["model_general"]["rlnNormCorrectionAverage"] == pytest.approx(
+        final["rlnNormCorrection"].mean(), rel=1e-5
+    )

@@ -42,7 +42,12 @@ def test_bounds():
 
 def test_engine_uses_the_rule_unless_batch_is_given():
     def engine(batch, world, dev):
-        return SimpleNamespace(cfg=SimpleNamespace(batch_size=batch), table=range(BETAGAL), dist=Dist(world_size=world), device=torch.device(dev))
+        return SimpleNamespace(
+            cfg=SimpleNamespace(batch_size=batch),
+            table=range(BETAGAL),
+            dist=Dist(world_size=world),
+            device=torch.device(dev),
+        )
 
     assert AutoRefine._batch_size(engine(0, 1, "cuda")) == 1024
     assert AutoRefine._batch_size(engine(0, 2, "cuda")) == 544

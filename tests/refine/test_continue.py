@@ -28,9 +28,37 @@ KILL_AT = {  # stage -> CRYOREFINE_TEST_PAUSE_AT, all in iteration 2 of 3
 
 
 def _cmd(d, out, *extra):
-    return [sys.executable, "-m", "cryorefine.cli.main", "refine", "--i", str(d / "particles_noposes.star"), "--o", str(out / "run"), "--ref", str(d / "start.mrc"),
-            "--ini_high", "30", "--particle_diameter", "170", "--ctf", "--flatten_solvent", "--healpix_order", "1",
-            "--offset_range", "2", "--offset_step", "1", "--iter", "3", "--random_seed", "3", "--j", "1", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "cryorefine.cli.main",
+        "refine",
+        "--i",
+        str(d / "particles_noposes.star"),
+        "--o",
+        str(out / "run"),
+        "--ref",
+        str(d / "start.mrc"),
+        "--ini_high",
+        "30",
+        "--particle_diameter",
+        "170",
+        "--ctf",
+        "--flatten_solvent",
+        "--healpix_order",
+        "1",
+        "--offset_range",
+        "2",
+        "--offset_step",
+        "1",
+        "--iter",
+        "3",
+        "--random_seed",
+        "3",
+        "--j",
+        "1",
+        *extra,
+    ]
 
 
 def _continue_cmd(out, optimiser):
@@ -102,10 +130,20 @@ def test_killed_run_continues_and_repeats_the_iteration(data, stage, tmp_path):
     assert_every_output_parses(out)
     # the repeated iteration 2 as in the uninterrupted run (same random state)
     a, b = read_star(ref / "run_it002_data.star")["particles"], read_star(out / "run_it002_data.star")["particles"]
-    for col in ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "rlnMaxValueProbDistribution"]:
+    for col in [
+        "rlnAngleRot",
+        "rlnAngleTilt",
+        "rlnAnglePsi",
+        "rlnOriginXAngst",
+        "rlnOriginYAngst",
+        "rlnMaxValueProbDistribution",
+    ]:
         np.testing.assert_allclose(b[col].to_numpy(), a[col].to_numpy(), atol=1e-3, err_msg=col)
     for h in (1, 2):
-        ma, mb = read_map(ref / f"run_it002_half{h}_class001.mrc")[0], read_map(out / f"run_it002_half{h}_class001.mrc")[0]
+        ma, mb = (
+            read_map(ref / f"run_it002_half{h}_class001.mrc")[0],
+            read_map(out / f"run_it002_half{h}_class001.mrc")[0],
+        )
         np.testing.assert_allclose(mb, ma, atol=1e-4 * np.abs(ma).max())
     assert abs(resolution_shell(out / "run_model.star") - resolution_shell(ref / "run_model.star")) <= 1.0
     ma, mb = read_map(ref / "run_class001.mrc")[0], read_map(out / "run_class001.mrc")[0]

@@ -17,10 +17,24 @@ BOX, ANGPIX, N = 32, 6.0, 80
 
 
 def _refine(d, out, device, continue_from=None):
-    cfg = RefineConfig(particles=str(d / "particles_noposes.star"), output_root=str(out / "run"), reference=str(d / "start.mrc"),
-                       ini_high=30.0, particle_diameter=170.0, ctf=True, flatten_solvent=True, norm=True, healpix_order=1,
-                       offset_range=2.0, offset_step=1.0, max_iter=3, random_seed=3, low_resol_join_halves=0.0, device=device,
-                       continue_from=continue_from)
+    cfg = RefineConfig(
+        particles=str(d / "particles_noposes.star"),
+        output_root=str(out / "run"),
+        reference=str(d / "start.mrc"),
+        ini_high=30.0,
+        particle_diameter=170.0,
+        ctf=True,
+        flatten_solvent=True,
+        norm=True,
+        healpix_order=1,
+        offset_range=2.0,
+        offset_step=1.0,
+        max_iter=3,
+        random_seed=3,
+        low_resol_join_halves=0.0,
+        device=device,
+        continue_from=continue_from,
+    )
     return AutoRefine(cfg).run()
 
 
@@ -37,10 +51,18 @@ def test_gpu_refinement_matches_the_cpu_and_continues(tmp_path):
     _refine(d, tmp_path / "gpu", "cuda")
     a = read_star(tmp_path / "cpu" / "run_data.star")["particles"]
     b = read_star(tmp_path / "gpu" / "run_data.star")["particles"]
-    same = np.mean(np.all([np.isclose(a[c], b[c], atol=0.5) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")], axis=0))
+    same = np.mean(
+        np.all([np.isclose(a[c], b[c], atol=0.5) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")], axis=0)
+    )
     assert same >= 0.9, f"only {same:.2f} of the particles have the CPU run's angles"
-    assert _corr(read_map(tmp_path / "cpu" / "run_class001.mrc")[0], read_map(tmp_path / "gpu" / "run_class001.mrc")[0]) > 0.99
+    assert (
+        _corr(read_map(tmp_path / "cpu" / "run_class001.mrc")[0], read_map(tmp_path / "gpu" / "run_class001.mrc")[0])
+        > 0.99
+    )
     # continued on the GPU from iteration 1: the same final map as the straight GPU run
     shutil.copytree(tmp_path / "gpu", tmp_path / "cont")
     _refine(d, tmp_path / "cont", "cuda", continue_from=str(tmp_path / "cont" / "run_it001_optimiser.star"))
-    assert _corr(read_map(tmp_path / "gpu" / "run_class001.mrc")[0], read_map(tmp_path / "cont" / "run_class001.mrc")[0]) > 0.999
+    assert (
+        _corr(read_map(tmp_path / "gpu" / "run_class001.mrc")[0], read_map(tmp_path / "cont" / "run_class001.mrc")[0])
+        > 0.999
+    )

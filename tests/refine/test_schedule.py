@@ -26,20 +26,33 @@ def test_coarse_shell_is_never_beyond_the_window():
 
 
 def stalled(order: int) -> Schedule:
-    return Schedule(healpix_order=order, offset_range_px=5, offset_step_px=2, iter_without_resolution_gain=1, iter_without_large_changes=1)
+    return Schedule(
+        healpix_order=order,
+        offset_range_px=5,
+        offset_step_px=2,
+        iter_without_resolution_gain=1,
+        iter_without_large_changes=1,
+    )
 
 
 def test_sampling_is_fine_enough_below_three_quarters_of_the_accuracy():
     # RELION's updateAngularSampling: HEALPix order 5 samples 1.875°, its fine (oversampled) step is 0.9375°
     sch = stalled(5)
-    sch.update_angular_sampling(accuracy_deg=1.3, auto_local_order=4, accuracy_offset_px=1.0, angpix=1.0)  # 0.9375 < 0.975: fine enough
+    sch.update_angular_sampling(
+        accuracy_deg=1.3, auto_local_order=4, accuracy_offset_px=1.0, angpix=1.0
+    )  # 0.9375 < 0.975: fine enough
     assert sch.fine_enough and sch.healpix_order == 5 and not sch.converged
     sch = stalled(5)
-    sch.update_angular_sampling(accuracy_deg=1.2, auto_local_order=4, accuracy_offset_px=1.0, angpix=1.0)  # 0.9375 >= 0.9: one order finer
+    sch.update_angular_sampling(
+        accuracy_deg=1.2, auto_local_order=4, accuracy_offset_px=1.0, angpix=1.0
+    )  # 0.9375 >= 0.9: one order finer
     assert not sch.fine_enough and sch.healpix_order == 6 and sch.local_search
     assert abs(sch.sigma_ang_deg - 2 * 0.46875) < 1e-9  # σ = 2 × the new fine step (RELION's updateAngularSampling)
     sch = Schedule(healpix_order=5, offset_range_px=5, offset_step_px=2)  # not stalled: nothing changes
-    assert sch.update_angular_sampling(accuracy_deg=1.0, auto_local_order=4, accuracy_offset_px=1.0, angpix=1.0) is None and not sch.fine_enough
+    assert (
+        sch.update_angular_sampling(accuracy_deg=1.0, auto_local_order=4, accuracy_offset_px=1.0, angpix=1.0) is None
+        and not sch.fine_enough
+    )
 
 
 def test_convergence_needs_a_second_stall_after_the_sampling_was_found_fine_enough():
@@ -127,7 +140,9 @@ def relion_angular_distance(e1, e2, sym):
 
 def test_angular_change_is_relions_axis_distance_over_symmetry_mates():
     rng = np.random.default_rng(0)
-    e1 = np.column_stack([rng.uniform(-180, 180, 20), np.degrees(np.arccos(rng.uniform(-1, 1, 20))), rng.uniform(-180, 180, 20)])
+    e1 = np.column_stack(
+        [rng.uniform(-180, 180, 20), np.degrees(np.arccos(rng.uniform(-1, 1, 20))), rng.uniform(-180, 180, 20)]
+    )
     e2 = e1 + rng.normal(0, 3, e1.shape)
     for sym in ("C1", "C4", "D2"):
         ours = angular_change_deg(*e1.T, *e2.T, sym=sym)

@@ -35,16 +35,37 @@ def replay(trace: dict, sch: Schedule) -> list[str]:
         if window != it["current_size"] // 2:
             wrong.append(f"it {k}: window {window}, RELION {it['current_size'] // 2}")
         if k >= 2:
-            sch.update_angular_sampling(it["accuracy_rotation_deg"], AUTO_LOCAL_ORDER, it["accuracy_translation_angst"] / angpix, angpix)
-        got = (sch.healpix_order, sch.local_search, round(sch.offset_range_px * angpix, 4), round(sch.offset_step_px * angpix, 4))
+            sch.update_angular_sampling(
+                it["accuracy_rotation_deg"], AUTO_LOCAL_ORDER, it["accuracy_translation_angst"] / angpix, angpix
+            )
+        got = (
+            sch.healpix_order,
+            sch.local_search,
+            round(sch.offset_range_px * angpix, 4),
+            round(sch.offset_step_px * angpix, 4),
+        )
         want = (it["healpix_order"], it["local"], round(it["offset_range_angst"], 4), round(it["offset_step_angst"], 4))
-        if got[:2] != want[:2] or abs(got[2] - want[2]) > 2e-3 or abs(got[3] - want[3]) > 2e-3:  # RELION writes 6 digits
+        if (
+            got[:2] != want[:2] or abs(got[2] - want[2]) > 2e-3 or abs(got[3] - want[3]) > 2e-3
+        ):  # RELION writes 6 digits
             wrong.append(f"it {k}: sampling {got}, RELION {want}")
         sch.update_after_halves_fsc(it["fsc"], window)
-        sch.update_changes(it["changes_orientation_deg"], it["changes_offset_angst"] * math.sqrt(2) / angpix, it["changes_classes"])
+        sch.update_changes(
+            it["changes_orientation_deg"], it["changes_offset_angst"] * math.sqrt(2) / angpix, it["changes_classes"]
+        )
         sch.update_resolution(relion_round(box * angpix / it["resolution_angst"]))
-        got = (sch.incr_size, int(sch.has_high_fsc_at_limit), sch.iter_without_resolution_gain, sch.iter_without_large_changes)
-        want = (it["incr_size"], it["has_high_fsc_at_limit"], it["iter_without_resolution_gain"], it["iter_without_large_changes"])
+        got = (
+            sch.incr_size,
+            int(sch.has_high_fsc_at_limit),
+            sch.iter_without_resolution_gain,
+            sch.iter_without_large_changes,
+        )
+        want = (
+            it["incr_size"],
+            it["has_high_fsc_at_limit"],
+            it["iter_without_resolution_gain"],
+            it["iter_without_large_changes"],
+        )
         if got != want:
             wrong.append(f"it {k}: incr_size, high FSC, counters {got}, RELION {want}")
         ave_pmax = it["ave_pmax"]
@@ -67,7 +88,9 @@ def test_relions_schedule_replays_decision_by_decision(name):
     assert not wrong, "\n".join(wrong)
 
 
-@pytest.mark.parametrize("mutation", ["fixed window", "fixed incr_size", "40 % of the current sampling", "no class rule"])
+@pytest.mark.parametrize(
+    "mutation", ["fixed window", "fixed incr_size", "40 % of the current sampling", "no class rule"]
+)
 def test_each_rule_is_needed(mutation, monkeypatch):
     """Negative controls: the schedule rules this replaced must part from RELION's decisions."""
     from cryorefine.refine import schedule
@@ -80,8 +103,12 @@ def test_each_rule_is_needed(mutation, monkeypatch):
         monkeypatch.setattr(schedule, "first_below", lambda curve, threshold: -1)
     elif mutation == "40 % of the current sampling":
         monkeypatch.setattr(Schedule, "__post_init__", lambda self: None)
-        monkeypatch.setattr(Schedule, "initial_healpix_order", property(lambda self: self.healpix_order, lambda self, v: None))
-        monkeypatch.setattr(Schedule, "initial_offset_step_px", property(lambda self: self.offset_step_px, lambda self, v: None))
+        monkeypatch.setattr(
+            Schedule, "initial_healpix_order", property(lambda self: self.healpix_order, lambda self, v: None)
+        )
+        monkeypatch.setattr(
+            Schedule, "initial_offset_step_px", property(lambda self: self.offset_step_px, lambda self, v: None)
+        )
     else:
         monkeypatch.setattr(schedule, "RESET_CHANGE_CLASSES", 0.0)
     assert replay(trace, sch)

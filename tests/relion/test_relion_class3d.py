@@ -32,13 +32,39 @@ from cryorefine.mstep.tau2 import tau2_from_reference
 from cryorefine.projection.extract import prepare_padded_transform
 from cryorefine.simulate import simulate_particles
 
-pytestmark = [pytest.mark.relion, pytest.mark.skipif(shutil.which("relion_refine") is None, reason="RELION binaries not installed")]
+pytestmark = [
+    pytest.mark.relion,
+    pytest.mark.skipif(shutil.which("relion_refine") is None, reason="RELION binaries not installed"),
+]
 
 BOX, ANGPIX = 32, 6.0
 LOW, HIGH = 0.90, 1.10
 SIGMA2_TOL = 0.12
-FLAGS = ["--K", "2", "--iter", "2", "--tau2_fudge", "4", "--ini_high", "30", "--particle_diameter", "170", "--healpix_order", "1",
-         "--offset_range", "2", "--offset_step", "2", "--ctf", "--flatten_solvent", "--zero_mask", "--pad", "2", "--random_seed", "0"]
+FLAGS = [
+    "--K",
+    "2",
+    "--iter",
+    "2",
+    "--tau2_fudge",
+    "4",
+    "--ini_high",
+    "30",
+    "--particle_diameter",
+    "170",
+    "--healpix_order",
+    "1",
+    "--offset_range",
+    "2",
+    "--offset_step",
+    "2",
+    "--ctf",
+    "--flatten_solvent",
+    "--zero_mask",
+    "--pad",
+    "2",
+    "--random_seed",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +73,12 @@ def relion_run(tmp_path_factory):
     xyz, w = read_atoms(packaged_model())
     simulate_particles(atoms_to_map(xyz, w, BOX, ANGPIX), ANGPIX, d, 40, snr=0.1, seed=2)
     (d / "r").mkdir()
-    p = subprocess.run(["relion_refine", "--i", "particles_noposes.star", "--o", "r/run", "--ref", "truth.mrc", "--j", "2", *FLAGS], cwd=d, capture_output=True, text=True)
+    p = subprocess.run(
+        ["relion_refine", "--i", "particles_noposes.star", "--o", "r/run", "--ref", "truth.mrc", "--j", "2", *FLAGS],
+        cwd=d,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     return d / "r"
 
@@ -57,7 +88,9 @@ def unpadded_power(vol: torch.Tensor) -> torch.Tensor:
     s = shell_index_3d(vol.shape[-1]).flatten()
     keep = s <= BOX // 2
     p = torch.zeros(BOX // 2 + 1, dtype=torch.float64).index_add_(0, s[keep], (f.abs() ** 2).flatten()[keep])
-    c = torch.zeros(BOX // 2 + 1, dtype=torch.float64).index_add_(0, s[keep], torch.ones(int(keep.sum()), dtype=torch.float64))
+    c = torch.zeros(BOX // 2 + 1, dtype=torch.float64).index_add_(
+        0, s[keep], torch.ones(int(keep.sum()), dtype=torch.float64)
+    )
     return p / c / 2.0
 
 
@@ -94,7 +127,21 @@ def test_initial_sigma2_is_of_the_masked_images(relion_run):
 
 def test_sigma2_after_each_iteration_matches_relion(relion_run):
     d = relion_run.parent
-    assert cli(["classify", "--i", str(d / "particles_noposes.star"), "--o", str(d / "ours" / "run"), "--ref", str(d / "truth.mrc"), *FLAGS]) == 0
+    assert (
+        cli(
+            [
+                "classify",
+                "--i",
+                str(d / "particles_noposes.star"),
+                "--o",
+                str(d / "ours" / "run"),
+                "--ref",
+                str(d / "truth.mrc"),
+                *FLAGS,
+            ]
+        )
+        == 0
+    )
     for it in (1, 2):
         current = int(starfile.read(relion_run / f"run_it{it:03d}_model.star")["model_general"]["rlnCurrentImageSize"])
         shells = slice(current // 4, current // 2)  # noise-dominated; lower shells also carry each program's misfit
@@ -104,7 +151,10 @@ def test_sigma2_after_each_iteration_matches_relion(relion_run):
         assert np.abs(ours / theirs - 1).max() < SIGMA2_TOL
     # each class's rlnAccuracyRotations from each program's own iteration-1 maps and poses: RELION estimates it at
     # the start of iteration 2 and writes it there, ours at the end of iteration 1 (where its schedule uses it)
-    acc = [starfile.read(m)["model_classes"]["rlnAccuracyRotations"].to_numpy() for m in (relion_run / "run_it002_model.star", d / "ours" / "run_it001_model.star")]
+    acc = [
+        starfile.read(m)["model_classes"]["rlnAccuracyRotations"].to_numpy()
+        for m in (relion_run / "run_it002_model.star", d / "ours" / "run_it001_model.star")
+    ]
     print(f"accuracy of rotations from the iteration-1 maps: RELION {acc[0]}, ours {acc[1]}")
     assert np.all(np.abs(acc[1] / acc[0] - 1) < 0.35)
 
@@ -126,7 +176,9 @@ def test_expected_accuracy_matches_relion(relion_run, k, monkeypatch):
     theirs_trans = float(model2["model_classes"]["rlnAccuracyTranslationsAngst"].iloc[k - 1]) / ANGPIX
     table = load_particles(d / "particles.star")
     poses = starfile.read(relion_run / "run_it001_data.star")["particles"]
-    assert (poses["rlnImageName"].values == starfile.read(d / "particles.star")["particles"]["rlnImageName"].values).all()
+    assert (
+        poses["rlnImageName"].values == starfile.read(d / "particles.star")["particles"]["rlnImageName"].values
+    ).all()
     eulers = poses[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
     window = Window.build(BOX, current // 2)
     idx = np.arange(len(eulers))
@@ -135,7 +187,9 @@ def test_expected_accuracy_matches_relion(relion_run, k, monkeypatch):
     inv_sigma2 = (1.0 / sigma2[window.shell.clamp(max=BOX // 2)])[None, :].expand(len(idx), -1).float()
     ref = prepare_padded_transform(torch.from_numpy(read_map(relion_run / f"run_it001_class{k:03d}.mrc")[0]).float(), 2)
     ours_rot, ours_trans = accuracy.expected_accuracy(ref, eulers, ctf, inv_sigma2, window, np.random.default_rng(0))
-    print(f"class {k}: rotations ours {ours_rot:.2f}° RELION {theirs_rot:.2f}°; translations ours {ours_trans:.2f} px RELION {theirs_trans:.2f} px")
+    print(
+        f"class {k}: rotations ours {ours_rot:.2f}° RELION {theirs_rot:.2f}°; translations ours {ours_trans:.2f} px RELION {theirs_trans:.2f} px"
+    )
     assert abs(ours_rot / theirs_rot - 1) < 0.3 and abs(ours_trans / theirs_trans - 1) < 0.3
     monkeypatch.setattr(accuracy, "LOG_LIKELIHOOD_DROP", 0.5)
     wrong_rot, _ = accuracy.expected_accuracy(ref, eulers, ctf, inv_sigma2, window, np.random.default_rng(0))
@@ -153,10 +207,28 @@ def cc_runs(relion_run):
     flags = [f for f in FLAGS] + ["--firstiter_cc"]
     flags[flags.index("--iter") + 1] = "1"
     (d / "rcc").mkdir()
-    p = subprocess.run(["relion_refine", "--i", "particles_noposes.star", "--o", "rcc/run", "--ref", "ref100.mrc", "--j", "2", *flags], cwd=d,
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        ["relion_refine", "--i", "particles_noposes.star", "--o", "rcc/run", "--ref", "ref100.mrc", "--j", "2", *flags],
+        cwd=d,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    assert cli(["classify", "--i", str(d / "particles_noposes.star"), "--o", str(d / "ourscc" / "run"), "--ref", str(d / "ref100.mrc"), *flags]) == 0
+    assert (
+        cli(
+            [
+                "classify",
+                "--i",
+                str(d / "particles_noposes.star"),
+                "--o",
+                str(d / "ourscc" / "run"),
+                "--ref",
+                str(d / "ref100.mrc"),
+                *flags,
+            ]
+        )
+        == 0
+    )
     return d / "rcc", d / "ourscc"
 
 
@@ -169,7 +241,11 @@ def test_firstiter_cc_keeps_the_initial_sigma2(cc_runs):
     ours = sigma2_of(ours_dir / "run_it001_model.star")[2 : BOX // 2] / BOX**4
     print(f"sigma2 after the CC iteration, ours/RELION {np.round(ours / theirs, 3)}")
     assert np.abs(ours / theirs - 1).max() < 0.10
-    initial = sigma2_of(ours_dir / "run_it000_model.star")[2 : BOX // 2] / BOX**4 if (ours_dir / "run_it000_model.star").exists() else None
+    initial = (
+        sigma2_of(ours_dir / "run_it000_model.star")[2 : BOX // 2] / BOX**4
+        if (ours_dir / "run_it000_model.star").exists()
+        else None
+    )
     if initial is not None:
         np.testing.assert_allclose(ours, initial, rtol=1e-6)
 

@@ -20,8 +20,13 @@ from cryorefine.io.particles import load_particles
 from cryorefine.mstep.noise import initial_sigma2
 from cryorefine.simulate import simulate_particles
 
-pytestmark = [pytest.mark.relion, pytest.mark.skipif(shutil.which("relion_refine_mpi") is None or shutil.which("mpirun") is None,
-                                                     reason="RELION's MPI binaries not installed")]
+pytestmark = [
+    pytest.mark.relion,
+    pytest.mark.skipif(
+        shutil.which("relion_refine_mpi") is None or shutil.which("mpirun") is None,
+        reason="RELION's MPI binaries not installed",
+    ),
+]
 
 BOX, ANGPIX, DIAMETER = 32, 6.0, 170.0
 TOL = 0.01
@@ -33,13 +38,52 @@ def relion_half_models(tmp_path_factory):
     xyz, w = read_atoms(packaged_model())
     simulate_particles(atoms_to_map(xyz, w, BOX, ANGPIX), ANGPIX, d, 60, snr=0.1, seed=4)
     (d / "r").mkdir()
-    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "3", "relion_refine_mpi", "--i", "particles_noposes.star", "--o", "r/run",
-           "--ref", "truth.mrc", "--ini_high", "40", "--auto_refine", "--split_random_halves", "--particle_diameter", str(DIAMETER),
-           "--healpix_order", "1", "--offset_range", "2", "--offset_step", "2", "--ctf", "--zero_mask", "--flatten_solvent",
-           "--auto_iter_max", "1", "--pad", "2", "--random_seed", "0", "--j", "1", "--dont_combine_weights_via_disc"]
+    cmd = [
+        "mpirun",
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-n",
+        "3",
+        "relion_refine_mpi",
+        "--i",
+        "particles_noposes.star",
+        "--o",
+        "r/run",
+        "--ref",
+        "truth.mrc",
+        "--ini_high",
+        "40",
+        "--auto_refine",
+        "--split_random_halves",
+        "--particle_diameter",
+        str(DIAMETER),
+        "--healpix_order",
+        "1",
+        "--offset_range",
+        "2",
+        "--offset_step",
+        "2",
+        "--ctf",
+        "--zero_mask",
+        "--flatten_solvent",
+        "--auto_iter_max",
+        "1",
+        "--pad",
+        "2",
+        "--random_seed",
+        "0",
+        "--j",
+        "1",
+        "--dont_combine_weights_via_disc",
+    ]
     p = subprocess.run(cmd, cwd=d, capture_output=True, text=True, timeout=600)
     assert (d / "r" / "run_it000_half2_model.star").exists(), p.stdout[-2000:] + p.stderr[-2000:]
-    relion = np.stack([starfile.read(d / "r" / f"run_it000_half{h}_model.star")["model_group_1"]["rlnSigma2Noise"].to_numpy() for h in (1, 2)])
+    relion = np.stack(
+        [
+            starfile.read(d / "r" / f"run_it000_half{h}_model.star")["model_group_1"]["rlnSigma2Noise"].to_numpy()
+            for h in (1, 2)
+        ]
+    )
     table = load_particles(d / "particles_noposes.star")
     halves = starfile.read(d / "particles_noposes.star")["particles"]["rlnRandomSubset"].to_numpy()
     return table, halves, relion

@@ -16,7 +16,10 @@ from cryorefine.reconstruction.from_particles import reconstruct_from_particles
 from cryorefine.reconstruction.fsc import fsc_curve, resolution_shell
 from cryorefine.simulate import simulate_particles
 
-pytestmark = [pytest.mark.relion, pytest.mark.skipif(shutil.which("relion_reconstruct") is None, reason="RELION binaries not installed")]
+pytestmark = [
+    pytest.mark.relion,
+    pytest.mark.skipif(shutil.which("relion_reconstruct") is None, reason="RELION binaries not installed"),
+]
 
 BOX, ANGPIX = 64, 2.5
 
@@ -26,7 +29,12 @@ def noisy(tmp_path_factory):
     d = tmp_path_factory.mktemp("noisy")
     xyz, w = read_atoms(packaged_model())
     simulate_particles(atoms_to_map(xyz, w, BOX, ANGPIX, bfactor=50.0), ANGPIX, d, 2000, snr=0.01, seed=3)
-    p = subprocess.run(["relion_reconstruct", "--i", "particles.star", "--o", "relion.mrc", "--ctf"], cwd=d, capture_output=True, text=True)
+    p = subprocess.run(
+        ["relion_reconstruct", "--i", "particles.star", "--o", "relion.mrc", "--ctf"],
+        cwd=d,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     truth = torch.from_numpy(read_map(d / "truth.mrc")[0]).double()
     relion = torch.from_numpy(read_map(d / "relion.mrc")[0]).double()
@@ -36,8 +44,12 @@ def noisy(tmp_path_factory):
 def test_reconstruction_is_as_good_as_relion_reconstruct(noisy):
     table, truth, relion_fsc = noisy
     ours = fsc_curve(reconstruct_from_particles(table, ctf=True, dtype=torch.float64)[0].double(), truth)
-    print("FSC to truth, shells 10..31 step 3: relion", [round(float(x), 3) for x in relion_fsc[10:32:3]],
-          "ours", [round(float(x), 3) for x in ours[10:32:3]])
+    print(
+        "FSC to truth, shells 10..31 step 3: relion",
+        [round(float(x), 3) for x in relion_fsc[10:32:3]],
+        "ours",
+        [round(float(x), 3) for x in ours[10:32:3]],
+    )
     assert resolution_shell(ours, 0.5) >= resolution_shell(relion_fsc, 0.5)
     assert float((ours[1:28] - relion_fsc[1:28]).min()) > -0.02
 

@@ -28,7 +28,10 @@ from cryorefine.simulate import particle_image_rfft, simulate_particles
 
 pytestmark = [
     pytest.mark.relion,
-    pytest.mark.skipif(shutil.which("relion_project") is None or shutil.which("relion_reconstruct") is None, reason="RELION binaries not installed"),
+    pytest.mark.skipif(
+        shutil.which("relion_project") is None or shutil.which("relion_reconstruct") is None,
+        reason="RELION binaries not installed",
+    ),
 ]
 
 N_IMAGES = 24  # per-image comparisons
@@ -45,7 +48,11 @@ def two_thirds_shell(box):
 
 
 def fsc_to_truth(map_path_or_tensor, truth):
-    rec = torch.from_numpy(read_map(map_path_or_tensor)[0]) if not isinstance(map_path_or_tensor, torch.Tensor) else map_path_or_tensor
+    rec = (
+        torch.from_numpy(read_map(map_path_or_tensor)[0])
+        if not isinstance(map_path_or_tensor, torch.Tensor)
+        else map_path_or_tensor
+    )
     return fsc_curve(rec.double(), truth.double())
 
 
@@ -74,6 +81,7 @@ def passes(rel, frc):
 
 # ------------------------------------------------------------------ data
 
+
 @pytest.fixture(scope="module")
 def asym(tmp_path_factory):
     """6msm at box 64, 3 Å/px: 400 noise-free particles with astigmatism up to ±2000 Å and offsets up to 8 Å,
@@ -88,14 +96,18 @@ def asym(tmp_path_factory):
     return d, truth, box
 
 
-def our_images(table, truth, idx, ctf=True, transpose=False, origin_sign=1.0, swap_defocus=False, extra_shift_px=(0.0, 0.0)):
+def our_images(
+    table, truth, idx, ctf=True, transpose=False, origin_sign=1.0, swap_defocus=False, extra_shift_px=(0.0, 0.0)
+):
     """Our particle images (float64) for table rows ``idx``, with optional deliberate mistakes."""
     box = table.box
     ky, kx = rfft_freqs_2d(box, dtype=torch.float64)
     A = euler_to_matrix(table.rot_deg[idx], table.tilt_deg[idx], table.psi_deg[idx])
     if transpose:
         A = A.transpose(-1, -2)
-    origin = torch.from_numpy(np.stack([table.origin_x_angst[idx], table.origin_y_angst[idx]], -1) / table.angpix[idx, None])
+    origin = torch.from_numpy(
+        np.stack([table.origin_x_angst[idx], table.origin_y_angst[idx]], -1) / table.angpix[idx, None]
+    )
     origin = origin_sign * origin - torch.tensor(extra_shift_px, dtype=torch.float64)
     c = None
     if ctf:
@@ -111,12 +123,15 @@ def our_images(table, truth, idx, ctf=True, transpose=False, origin_sign=1.0, sw
 
 # ------------------------------------------------------------------ per image
 
+
 @pytest.mark.parametrize("ctf", [True, False])
 def test_projection_matches_relion_project(asym, ctf):
     d, truth, box = asym
     table = load_particles(d / "particles.star", project_dir=d)
     idx = np.arange(N_IMAGES)
-    theirs = torch.from_numpy(read_images(load_particles(d / ("rp.star" if ctf else "rpn.star"), project_dir=d), idx)).double()
+    theirs = torch.from_numpy(
+        read_images(load_particles(d / ("rp.star" if ctf else "rpn.star"), project_dir=d), idx)
+    ).double()
     rel, frc = per_image_scores(our_images(table, truth, idx, ctf=ctf), theirs, box)
     print(f"ctf={ctf}: rel err max {rel.max():.4f} median {rel.median():.4f}; FRC min {frc.min():.5f}")
     assert bool(passes(rel, frc).all()), (rel, frc)
@@ -150,6 +165,7 @@ def test_projection_negative_controls(asym, mistake):
 
 # ------------------------------------------------------------------ round trips (C1)
 
+
 def test_relion_reconstructs_our_particles(asym):
     d, truth, box = asym
     relion(d, "relion_reconstruct", "--i", "particles.star", "--o", "rr_ours.mrc", "--ctf")
@@ -175,6 +191,7 @@ def test_we_reconstruct_relion_projections(asym):
 
 # ------------------------------------------------------------------ symmetric round trips
 
+
 def sym_truth(sym, box=48, angpix=1.5):
     """The 4E43 dimer with its 2-fold on z, symmetrised to C2 or D2 (D2's extra 2-fold on x)."""
     xyz, w = two_fold_axis_to_z(packaged_model("4E43.pdb"))
@@ -184,7 +201,9 @@ def sym_truth(sym, box=48, angpix=1.5):
 @pytest.mark.parametrize("sym, n", [("C2", 50), ("D2", 30)])  # too few views for C1 alone
 def test_symmetric_round_trip(tmp_path, sym, n, monkeypatch):
     box, angpix = 48, 1.5
-    simulate_particles(sym_truth(sym, box, angpix), angpix, tmp_path, n, snr=0, astigmatism_angst=2000.0, max_shift_angst=4.0, seed=3)
+    simulate_particles(
+        sym_truth(sym, box, angpix), angpix, tmp_path, n, snr=0, astigmatism_angst=2000.0, max_shift_angst=4.0, seed=3
+    )
     truth = torch.from_numpy(read_map(tmp_path / "truth.mrc")[0]).double()
     # RELION reconstructs our particles with --sym
     relion(tmp_path, "relion_reconstruct", "--i", "particles.star", "--o", "rr.mrc", "--ctf", "--sym", sym)
@@ -196,9 +215,13 @@ def test_symmetric_round_trip(tmp_path, sym, n, monkeypatch):
     # the same without symmetry: fewer views, so the symmetry is what fills Fourier space
     f_c1 = min_fsc_to_two_thirds(fsc_to_truth(reconstruct_from_particles(rp, sym="C1")[0], truth), box)
     # negative control: poses S·A instead of RELION's A·S
-    monkeypatch.setattr(from_particles, "expand_poses", lambda A, S: (S.unsqueeze(0) @ A.unsqueeze(1)).reshape(-1, 3, 3))
+    monkeypatch.setattr(
+        from_particles, "expand_poses", lambda A, S: (S.unsqueeze(0) @ A.unsqueeze(1)).reshape(-1, 3, 3)
+    )
     f_sa = min_fsc_to_two_thirds(fsc_to_truth(reconstruct_from_particles(rp, sym=sym)[0], truth), box)
-    print(f"{sym}: relion_reconstruct --sym {f_relion:.4f}; ours sym {f_ours:.4f}; ours C1 {f_c1:.4f}; ours S·A {f_sa:.4f}")
+    print(
+        f"{sym}: relion_reconstruct --sym {f_relion:.4f}; ours sym {f_ours:.4f}; ours C1 {f_c1:.4f}; ours S·A {f_sa:.4f}"
+    )
     assert f_relion >= 0.9 and f_ours >= 0.9
     assert f_c1 < f_ours - 0.03
     assert f_sa < 0.8
@@ -209,7 +232,16 @@ def test_c2_on_the_wrong_axis_scores_lower(tmp_path):
     relion_reconstruct --sym C2 (RELION's 2-fold on z) and ours must both score far lower than with the
     map's own axis on z. Pose of the turned map: A·Qᵀ (Q the turn), written back as Euler angles."""
     box, angpix = 48, 1.5
-    simulate_particles(sym_truth("C2", box, angpix), angpix, tmp_path, 100, snr=0, astigmatism_angst=2000.0, max_shift_angst=4.0, seed=4)
+    simulate_particles(
+        sym_truth("C2", box, angpix),
+        angpix,
+        tmp_path,
+        100,
+        snr=0,
+        astigmatism_angst=2000.0,
+        max_shift_angst=4.0,
+        seed=4,
+    )
     truth = torch.from_numpy(read_map(tmp_path / "truth.mrc")[0]).double()
     Q = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]], dtype=torch.float64)  # 90° about y: z -> x
     truth_x = rotate_map(truth, Q)
@@ -225,11 +257,18 @@ def test_c2_on_the_wrong_axis_scores_lower(tmp_path):
     # and the operators conjugated onto x (C2 about x) put it right again: the axis is all that was wrong
     ops_x = Q @ symmetry_matrices("C2") @ Q.T
     f_fixed = min_fsc_to_two_thirds(fsc_to_truth(reconstruct_from_particles(turned, sym=ops_x)[0], truth_x), box)
-    print(f"C2 axis on x: ours C1 {ok_c1:.4f}; relion --sym C2 {min_fsc_to_two_thirds(f_relion, box):.4f}; "
-          f"ours C2 {min_fsc_to_two_thirds(f_ours, box):.4f}; ours C2 about x {f_fixed:.4f}")
+    print(
+        f"C2 axis on x: ours C1 {ok_c1:.4f}; relion --sym C2 {min_fsc_to_two_thirds(f_relion, box):.4f}; "
+        f"ours C2 {min_fsc_to_two_thirds(f_ours, box):.4f}; ours C2 about x {f_fixed:.4f}"
+    )
     assert ok_c1 >= 0.9 and f_fixed >= 0.9
     assert min_fsc_to_two_thirds(f_relion, box) < 0.8 and min_fsc_to_two_thirds(f_ours, box) < 0.8
-    assert fsc_curve(read_map_tensor(tmp_path / "rr_wrong.mrc"), reconstruct_from_particles(turned, sym="C2")[0].double())[1:17].min() > 0.9
+    assert (
+        fsc_curve(read_map_tensor(tmp_path / "rr_wrong.mrc"), reconstruct_from_particles(turned, sym="C2")[0].double())[
+            1:17
+        ].min()
+        > 0.9
+    )
 
 
 def read_map_tensor(path):

@@ -16,9 +16,12 @@ def add_args(p):
     p.add_argument("cs", help="cryoSPARC particle file (.cs)")
     p.add_argument("star", help="output RELION 3.1 particle STAR file (.star)")
     p.add_argument("--copy", action="store_true", help="copy the stacks into STEM_stacks instead of linking them")
-    p.add_argument("--project_dir", default=None,
-                   help="cryoSPARC project folder, which the stack paths in the .cs are relative to (default: the "
-                        "current directory, then the .cs folder and up to three folders above it)")
+    p.add_argument(
+        "--project_dir",
+        default=None,
+        help="cryoSPARC project folder, which the stack paths in the .cs are relative to (default: the "
+        "current directory, then the .cs folder and up to three folders above it)",
+    )
 
 
 def main(args):

@@ -41,21 +41,52 @@ def main(args):
     diameter = min(diameter, 0.95 * args.box * args.angpix)
     device = device_from_args(args)
     truth = atoms_to_map(xyz, w, args.box, args.angpix, bfactor=50.0)
-    print(f"demo: simulating {args.n} particles of 6msm (box {args.box}, {args.angpix} Å/px, SNR {args.snr}) in {out}/", flush=True)
-    simulate_particles(truth, args.angpix, out / "data", args.n, snr=args.snr, seed=args.seed, device=device if device != "cpu" else None)
+    print(
+        f"demo: simulating {args.n} particles of 6msm (box {args.box}, {args.angpix} Å/px, SNR {args.snr}) in {out}/",
+        flush=True,
+    )
+    simulate_particles(
+        truth,
+        args.angpix,
+        out / "data",
+        args.n,
+        snr=args.snr,
+        seed=args.seed,
+        device=device if device != "cpu" else None,
+    )
     truth_scaled, _ = read_map(out / "data" / "truth.mrc")
     start = low_pass_filter(torch.from_numpy(truth_scaled).double(), 30.0, args.angpix).float()
     write_map(out / "data" / "start_30A.mrc", start.numpy(), args.angpix)
     cfg = RefineConfig(
-        particles=str(out / "data" / NO_POSES_STAR), output_root=str(out / "refine" / "run"), reference=str(out / "data" / "start_30A.mrc"),
-        ini_high=30.0, particle_diameter=diameter, ctf=True, flatten_solvent=True, zero_mask=True, random_seed=args.seed,
-        device=device, threads=args.threads, auto_local_healpix_order=4, max_iter=args.iter, offset_range=3, offset_step=1.5,
+        particles=str(out / "data" / NO_POSES_STAR),
+        output_root=str(out / "refine" / "run"),
+        reference=str(out / "data" / "start_30A.mrc"),
+        ini_high=30.0,
+        particle_diameter=diameter,
+        ctf=True,
+        flatten_solvent=True,
+        zero_mask=True,
+        random_seed=args.seed,
+        device=device,
+        threads=args.threads,
+        auto_local_healpix_order=4,
+        max_iter=args.iter,
+        offset_range=3,
+        offset_step=1.5,
     )
     summary = AutoRefine(cfg).run()
     errors = pose_errors(read_poses(cfg.output_root + "_data.star"), read_poses(out / "data" / "particles.star"), "C1")
     result = summarise_pose_errors(errors)
     final_map, _ = read_map(cfg.output_root + "_class001.mrc")
-    fsc_truth = map_resolution(torch.from_numpy(final_map), torch.from_numpy(truth_scaled), args.angpix)["resolution_angst"]
+    fsc_truth = map_resolution(torch.from_numpy(final_map), torch.from_numpy(truth_scaled), args.angpix)[
+        "resolution_angst"
+    ]
     result.update({"map_vs_truth_fsc_0.5_angst": round(fsc_truth[0.5], 2)})
-    result.update({"final_resolution_angst": summary["final_resolution_angst"], "iterations": summary["iterations"], "seconds": round(summary["seconds"], 1)})
+    result.update(
+        {
+            "final_resolution_angst": summary["final_resolution_angst"],
+            "iterations": summary["iterations"],
+            "seconds": round(summary["seconds"], 1),
+        }
+    )
     print(json.dumps(result))

@@ -26,7 +26,13 @@ def curve_table(fsc, box: int, angpix: float):
     from ..reconstruction.fsc import shell_to_angstrom
 
     shells = list(range(len(fsc)))
-    return pd.DataFrame({"shell": shells, "resolution_angst": [shell_to_angstrom(s, box, angpix) for s in shells], "fsc": fsc.cpu().numpy()})
+    return pd.DataFrame(
+        {
+            "shell": shells,
+            "resolution_angst": [shell_to_angstrom(s, box, angpix) for s in shells],
+            "fsc": fsc.cpu().numpy(),
+        }
+    )
 
 
 def write_curve(path: str, table, angpix: float, box: int) -> None:
@@ -43,7 +49,9 @@ def write_curve(path: str, table, angpix: float, box: int) -> None:
             {
                 "rlnSpectralIndex": table["shell"].to_numpy(),
                 "rlnResolution": table["shell"].to_numpy() / (box * angpix),
-                "rlnAngstromResolution": np.where(np.isinf(table["resolution_angst"]), 999.0, table["resolution_angst"]),
+                "rlnAngstromResolution": np.where(
+                    np.isinf(table["resolution_angst"]), 999.0, table["resolution_angst"]
+                ),
                 "rlnFourierShellCorrelation": table["fsc"].to_numpy(),
             }
         )
@@ -61,14 +69,18 @@ def main(args):
 
     (a, pa), (b, pb) = read_map(args.map1), read_map(args.map2)
     if a.shape != b.shape:
-        raise CryoInputError(f"box {a.shape[0]} of {args.map1} differs from box {b.shape[0]} of {args.map2}; resample one (relion_image_handler --new_box)")
+        raise CryoInputError(
+            f"box {a.shape[0]} of {args.map1} differs from box {b.shape[0]} of {args.map2}; resample one (relion_image_handler --new_box)"
+        )
     if args.angpix is not None:
         if args.angpix <= 0:
             raise CryoInputError("--angpix must be positive")
         angpix = args.angpix
     else:
         if abs(pa - pb) > 1e-3 * max(pa, pb):
-            raise CryoInputError(f"pixel size {pa:.4f} Å of {args.map1} differs from {pb:.4f} Å of {args.map2}; rescale one, or pass --angpix if a header is wrong")
+            raise CryoInputError(
+                f"pixel size {pa:.4f} Å of {args.map1} differs from {pb:.4f} Å of {args.map2}; rescale one, or pass --angpix if a header is wrong"
+            )
         angpix = pa
         if angpix <= 0:
             raise CryoInputError(f"{args.map1} has no pixel size in its header; pass --angpix")

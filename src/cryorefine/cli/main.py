@@ -49,9 +49,12 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cryorefine", description="Cryo-EM 3D refinement by regularised likelihood (RELION's MAP-EM) on PyTorch.",
-                                     epilog="`cryorefine COMMAND --help` lists every option of a command, with its units (Å, pixels, "
-                                            "degrees) and default.")
+    parser = argparse.ArgumentParser(
+        prog="cryorefine",
+        description="Cryo-EM 3D refinement by regularised likelihood (RELION's MAP-EM) on PyTorch.",
+        epilog="`cryorefine COMMAND --help` lists every option of a command, with its units (Å, pixels, "
+        "degrees) and default.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in SUBCOMMANDS.items():
         try:
@@ -60,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name == f"cryorefine.cli.{name}":
                 continue
             raise
-        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(), formatter_class=_HelpFormatter)
+        p = sub.add_parser(
+            name, help=help_text, description=(module.__doc__ or help_text).strip(), formatter_class=_HelpFormatter
+        )
         module.add_args(p)
         p.set_defaults(_main=module.main)
     return parser
@@ -77,8 +82,10 @@ def main(argv=None) -> int:
             rc = args._main(args)
         except _gpu_out_of_memory() as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else "CUDA out of memory"
-            raise CryoInputError(f"the GPU ran out of memory ({first[:160]}); pass a smaller --batch "
-                                 "(e.g. half the last one) or use a GPU with more memory") from exc
+            raise CryoInputError(
+                f"the GPU ran out of memory ({first[:160]}); pass a smaller --batch "
+                "(e.g. half the last one) or use a GPU with more memory"
+            ) from exc
     except CryoInputError as exc:
         print(f"cryorefine {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -93,7 +100,10 @@ def main(argv=None) -> int:
         print(f"cryorefine {args.command}: error: {where}{exc.strerror or exc}; {fix}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"cryorefine {args.command}: interrupted; rerun with --continue to resume from the last finished iteration", file=sys.stderr)
+        print(
+            f"cryorefine {args.command}: interrupted; rerun with --continue to resume from the last finished iteration",
+            file=sys.stderr,
+        )
         return 130
     return int(rc or 0)
 

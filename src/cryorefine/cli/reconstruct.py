@@ -19,7 +19,11 @@ def add_args(p):
     p.add_argument("--pad", type=int, default=2, help="padding factor of the Fourier grid")
     p.add_argument("--subset", type=int, default=-1, help="1 or 2: only that random half (rlnRandomSubset); other: all")
     p.add_argument("--batch", type=int, default=256, help="images per batch")
-    p.add_argument("--project_dir", default=None, help="folder the stack paths in rlnImageName are relative to (default: current directory)")
+    p.add_argument(
+        "--project_dir",
+        default=None,
+        help="folder the stack paths in rlnImageName are relative to (default: current directory)",
+    )
     p.add_argument("--gpu", action="store_true", help="compute on the first CUDA device")
 
 
@@ -42,7 +46,26 @@ def main(args):
     table = check_particles(args.i, args.project_dir)  # user mistakes stop here, before the heavy work
     check_output_folder(Path(args.o).parent, None)
     subset = args.subset if args.subset in (1, 2) else None
-    vol, angpix = reconstruct_from_particles(table, sym=args.sym, ctf=args.ctf, pad=args.pad, batch=args.batch, device="cuda" if args.gpu else None, subset=subset)
+    vol, angpix = reconstruct_from_particles(
+        table,
+        sym=args.sym,
+        ctf=args.ctf,
+        pad=args.pad,
+        batch=args.batch,
+        device="cuda" if args.gpu else None,
+        subset=subset,
+    )
     write_map(args.o, vol.cpu().numpy(), angpix)
     n = int((table.random_subset == subset).sum()) if subset else len(table)
-    print(json.dumps({"map": str(args.o), "box": table.box, "angpix": angpix, "n_particles": n, "sym": args.sym, "ctf": bool(args.ctf)}))
+    print(
+        json.dumps(
+            {
+                "map": str(args.o),
+                "box": table.box,
+                "angpix": angpix,
+                "n_particles": n,
+                "sym": args.sym,
+                "ctf": bool(args.ctf),
+            }
+        )
+    )

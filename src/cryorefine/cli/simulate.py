@@ -20,12 +20,23 @@ from ..errors import CryoInputError
 
 
 def add_args(p):
-    p.add_argument("--model", "--map", dest="model", default=None, help="atomic model (.pdb/.cif, optionally .gz/.bz2) or map (.mrc); default: the packaged 6msm model")
+    p.add_argument(
+        "--model",
+        "--map",
+        dest="model",
+        default=None,
+        help="atomic model (.pdb/.cif, optionally .gz/.bz2) or map (.mrc); default: the packaged 6msm model",
+    )
     p.add_argument("--o", required=True, help="output folder")
     p.add_argument("--n", type=int, default=1000, help="number of particles")
     p.add_argument("--box", type=int, default=96, help="box size (pixels)")
     p.add_argument("--angpix", type=float, default=2.0, help="pixel size (Å)")
-    p.add_argument("--snr", type=float, default=0.05, help="signal-to-noise ratio (clean-image variance / noise variance); 0 = no noise")
+    p.add_argument(
+        "--snr",
+        type=float,
+        default=0.05,
+        help="signal-to-noise ratio (clean-image variance / noise variance); 0 = no noise",
+    )
     p.add_argument("--defocus_min", type=float, default=10000.0, help="smallest defocus (Å)")
     p.add_argument("--defocus_max", type=float, default=25000.0, help="largest defocus (Å)")
     p.add_argument("--astigmatism", type=float, default=300.0, help="largest |DefocusU - DefocusV| (Å)")
@@ -35,8 +46,12 @@ def add_args(p):
     p.add_argument("--sym", default="C1", help="point group to impose on the truth map (C<n>, D<n>, T, O, I)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--gpu", action="store_true", help="project on the first CUDA device")
-    p.add_argument("--poses", default=None, help="STAR file of poses (RELION 3.0/3.1, e.g. make_bench_data.py's poses.star): project at these "
-                   "angles, origin offsets and CTFs instead of random ones (--n, --box, --angpix, defocus and shift options are then unused)")
+    p.add_argument(
+        "--poses",
+        default=None,
+        help="STAR file of poses (RELION 3.0/3.1, e.g. make_bench_data.py's poses.star): project at these "
+        "angles, origin offsets and CTFs instead of random ones (--n, --box, --angpix, defocus and shift options are then unused)",
+    )
     p.add_argument("--batch", type=int, default=256, help="images projected per batch")
 
 
@@ -49,9 +64,14 @@ def truth_map(model, box: int, angpix: float, bfactor: float) -> torch.Tensor:
     if path.suffix == ".mrc" or path.suffix == ".map":
         data, map_angpix = read_map(path)
         if data.shape[0] != box:
-            raise CryoInputError(f"map box {data.shape[0]} differs from --box {box}; resample it or pass --box {data.shape[0]}", path)
+            raise CryoInputError(
+                f"map box {data.shape[0]} differs from --box {box}; resample it or pass --box {data.shape[0]}", path
+            )
         if abs(map_angpix - angpix) > 1e-3 * angpix:
-            raise CryoInputError(f"map pixel size {map_angpix:.4f} Å differs from --angpix {angpix}; pass --angpix {map_angpix:.4f}", path)
+            raise CryoInputError(
+                f"map pixel size {map_angpix:.4f} Å differs from --angpix {angpix}; pass --angpix {map_angpix:.4f}",
+                path,
+            )
         return torch.from_numpy(data).double()
     xyz, w = read_atoms(path)
     return atoms_to_map(xyz, w, box, angpix, bfactor)
@@ -71,7 +91,10 @@ def _main_poses(args):
 
         optics = read_star(args.poses).get("optics")
         if optics is None or "rlnImageSize" not in optics or "rlnImagePixelSize" not in optics:
-            raise CryoInputError("with an atomic model, --poses needs an optics table with rlnImageSize and rlnImagePixelSize; or give a map with --map", args.poses)
+            raise CryoInputError(
+                "with an atomic model, --poses needs an optics table with rlnImageSize and rlnImagePixelSize; or give a map with --map",
+                args.poses,
+            )
         box, angpix = int(optics["rlnImageSize"].iloc[0]), float(optics["rlnImagePixelSize"].iloc[0])
         vol = truth_map(args.model, box, angpix, args.bfactor)
     if args.sym.upper() != "C1":
@@ -81,7 +104,17 @@ def _main_poses(args):
     if args.batch <= 0 or args.snr < 0:
         raise CryoInputError("--batch must be positive and --snr not negative")
     device = "cuda" if args.gpu else None
-    summary = project_poses(vol, angpix, args.o, args.poses, snr=args.snr, seed=args.seed, batch=args.batch, device=device, ctf=not args.no_ctf)
+    summary = project_poses(
+        vol,
+        angpix,
+        args.o,
+        args.poses,
+        snr=args.snr,
+        seed=args.seed,
+        batch=args.batch,
+        device=device,
+        ctf=not args.no_ctf,
+    )
     print(json.dumps(summary))
 
 
@@ -100,7 +133,17 @@ def main(args):
         vol = symmetrise_map(vol, args.sym)
     device = "cuda" if args.gpu else None
     summary = simulate_particles(
-        vol, args.angpix, args.o, args.n, snr=args.snr, defocus_min_angst=args.defocus_min, defocus_max_angst=args.defocus_max,
-        astigmatism_angst=args.astigmatism, max_shift_angst=args.max_shift, seed=args.seed, device=device, ctf=not args.no_ctf,
+        vol,
+        args.angpix,
+        args.o,
+        args.n,
+        snr=args.snr,
+        defocus_min_angst=args.defocus_min,
+        defocus_max_angst=args.defocus_max,
+        astigmatism_angst=args.astigmatism,
+        max_shift_angst=args.max_shift,
+        seed=args.seed,
+        device=device,
+        ctf=not args.no_ctf,
     )
     print(json.dumps(summary))

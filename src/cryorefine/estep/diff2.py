@@ -52,8 +52,16 @@ def scores_from_products(cross: torch.Tensor, third: torch.Tensor, cc: bool) -> 
     return third[:, None, :] - 2.0 * cross
 
 
-def get_all_squared_differences_coarse(batch: ImageBatch, window: Window, jc: int, refs: list[PaddedTransform], poses: PoseGrid, local=None, cc=False,
-                                       precision: str = "fp32"):
+def get_all_squared_differences_coarse(
+    batch: ImageBatch,
+    window: Window,
+    jc: int,
+    refs: list[PaddedTransform],
+    poses: PoseGrid,
+    local=None,
+    cc=False,
+    precision: str = "fp32",
+):
     """Coarse pass: diff2 without the per-particle constant, (n, K, T, L).
 
     ``local`` = (ids (n, L), log_prior, valid) for per-particle rotation sets; else all R coarse rotations.
@@ -63,7 +71,9 @@ def get_all_squared_differences_coarse(batch: ImageBatch, window: Window, jc: in
     ky, kx = window.ky[:jc], window.kx[:jc]
     w = score_weights(batch, window, cc)[:, :jc]
     sc = batch.scale[:, None] * batch.ctf[:, :jc]
-    xt = translated(batch.f_masked[:, :jc], window, batch.old_offset_px[:, None, :] + poses.translations_px[None])  # (n, T, jc)
+    xt = translated(
+        batch.f_masked[:, :jc], window, batch.old_offset_px[:, None, :] + poses.translations_px[None]
+    )  # (n, T, jc)
     a, b = score_operands(xt, w, sc)  # (n, T, 2jc), (n, jc)
     n, T = a.shape[:2]
     out = []
@@ -80,8 +90,16 @@ def get_all_squared_differences_coarse(batch: ImageBatch, window: Window, jc: in
     return torch.stack(out, 1)
 
 
-def get_all_squared_differences_fine(x_masked: torch.Tensor, w: torch.Tensor, sc: torch.Tensor, window: Window, offsets_px: torch.Tensor,
-                                     proj: torch.Tensor, proj_power: torch.Tensor, cc: bool) -> torch.Tensor:
+def get_all_squared_differences_fine(
+    x_masked: torch.Tensor,
+    w: torch.Tensor,
+    sc: torch.Tensor,
+    window: Window,
+    offsets_px: torch.Tensor,
+    proj: torch.Tensor,
+    proj_power: torch.Tensor,
+    cc: bool,
+) -> torch.Tensor:
     """Fine pass of m particles against their own slots: diff2 without the constant (or −CC), (m, T4, 8L).
 
     x_masked (m, js) masked images, w and sc (m, js) score weights and scaled CTF, offsets_px (m, T4, 2) the fine
@@ -139,16 +157,23 @@ def coarse_log_posterior(batch, window, jc, refs, poses, settings, local_prior, 
     dev = batch.f_masked.device
     n, K = len(batch), len(refs)
     cc = settings.firstiter_cc
-    logp = -get_all_squared_differences_coarse(batch, window, jc, refs, poses, local_prior, cc=cc, precision=settings.precision)
+    logp = -get_all_squared_differences_coarse(
+        batch, window, jc, refs, poses, local_prior, cc=cc, precision=settings.precision
+    )
     L = logp.shape[-1]
     rot_prior = torch.zeros(n, K, L, device=dev)  # log prior of each coarse rotation slot
     if not cc:
         if local_prior is not None:
-            rot_prior = rot_prior + torch.where(local_prior[2], local_prior[1], torch.full_like(local_prior[1], -torch.inf))[:, None, :]
+            rot_prior = (
+                rot_prior
+                + torch.where(local_prior[2], local_prior[1], torch.full_like(local_prior[1], -torch.inf))[:, None, :]
+            )
         elif settings.direction_log_prior is not None:
             dir_of_rot = torch.arange(L, device=dev) // poses.sampling.n_psi
             rot_prior = rot_prior + settings.direction_log_prior.to(dev).float()[:, dir_of_rot][None]
-        trans_prior = translation_log_prior(batch.old_offset_px[:, None, :] + poses.translations_px[None], settings)  # (n, T)
+        trans_prior = translation_log_prior(
+            batch.old_offset_px[:, None, :] + poses.translations_px[None], settings
+        )  # (n, T)
         logp = logp + trans_prior[:, None, :, None] + rot_prior[:, :, None, :]
     elif local_prior is not None:
         logp = torch.where(local_prior[2][:, None, None, :], logp, torch.full_like(logp, -torch.inf))

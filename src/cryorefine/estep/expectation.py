@@ -17,7 +17,13 @@ import torch
 
 from ..projection.extract import PaddedTransform, extract_central_slices
 from ..tiling import run_tiles
-from .diff2 import coarse_gemm_flops, coarse_log_posterior, get_all_squared_differences_fine, score_weights, translation_log_prior
+from .diff2 import (
+    coarse_gemm_flops,
+    coarse_log_posterior,
+    get_all_squared_differences_fine,
+    score_weights,
+    translation_log_prior,
+)
 from .images import ImageBatch, Window
 from .memory import TileShape, fine_particles_per_chunk, particles_per_tile, tile_budget
 from .poses import N_ROT_CHILDREN, N_TRANS_CHILDREN, PoseGrid
@@ -52,14 +58,24 @@ def expectation_batch(
     stage = timer if timer is not None else NO_STAGES
     budget = tile_budget(batch.f_masked.device) if budget_bytes is None else budget_bytes
     slots = poses.n_rotations if local_prior is None else local_prior[0].shape[1]
-    shape = TileShape(len(refs), poses.n_translations, slots, poses.n_rotations, window.prefix(coarse_shell), window.size, local_prior is not None)
+    shape = TileShape(
+        len(refs),
+        poses.n_translations,
+        slots,
+        poses.n_rotations,
+        window.prefix(coarse_shell),
+        window.size,
+        local_prior is not None,
+    )
     parts = []
 
     def compute(start: int, stop: int):
         rows = slice(start, stop)
         local = None if local_prior is None else tuple(x[rows] for x in local_prior)
         forced = None if forced_class is None else forced_class[rows]
-        return _expectation_tile(batch.rows(rows), window, coarse_shell, refs, poses, settings, sums, local, stage, forced, budget)
+        return _expectation_tile(
+            batch.rows(rows), window, coarse_shell, refs, poses, settings, sums, local, stage, forced, budget
+        )
 
     def commit(start: int, stop: int, result) -> None:
         tile_poses, tile_sums = result
@@ -75,7 +91,9 @@ def expectation_batch(
     return BatchPoses.cat(parts)
 
 
-def _expectation_tile(batch, window, coarse_shell, refs, poses, settings, sums, local_prior, stage: Stages, forced_class, budget) -> tuple[BatchPoses, TileSums]:
+def _expectation_tile(
+    batch, window, coarse_shell, refs, poses, settings, sums, local_prior, stage: Stages, forced_class, budget
+) -> tuple[BatchPoses, TileSums | None]:
     """One tile of particles through the E-step: best poses and the tile's weighted sums (not yet added to ``sums``).
 
     The fine pass works on the union U of the tile's significant coarse rotations: each particle is scored against
@@ -111,36 +129,63 @@ def _expectation_tile(batch, window, coarse_shell, refs, poses, settings, sums, 
                 p_all[sel] = extract_central_slices(refs[k], rot8_all[sel], window.ky, window.kx)
         w = score_weights(batch, window, cc)
         sc = batch.scale[:, None] * batch.ctf
-        off_fine = (batch.old_offset_px[:, None, None, :] + poses.fine_translations()[None]).reshape(n, T * N_TRANS_CHILDREN, 2)
+        off_fine = (batch.old_offset_px[:, None, None, :] + poses.fine_translations()[None]).reshape(
+            n, T * N_TRANS_CHILDREN, 2
+        )
         # RELION's convertAllSquaredDifferencesToWeights takes the offset prior at the coarse translation for all its
         # fine children (the prior at each fine offset favours the children nearer the centre: other posteriors)
-        t_prior = translation_log_prior(batch.old_offset_px[:, None, :] + poses.translations_px[None], settings).repeat_interleave(N_TRANS_CHILDREN, 1)
-        js = J if settings.score_shell is None else window.prefix(settings.score_shell)  # the pixels scored; all are stored
+        t_prior = translation_log_prior(
+            batch.old_offset_px[:, None, :] + poses.translations_px[None], settings
+        ).repeat_interleave(N_TRANS_CHILDREN, 1)
+        js = (
+            J if settings.score_shell is None else window.prefix(settings.score_shell)
+        )  # the pixels scored; all are stored
         const = (w[:, :js] * batch.f_masked[:, :js].abs() ** 2).sum(1).double()  # (n,)
 
     T4 = T * N_TRANS_CHILDREN
     Ls = fs.slot_g.shape[1]
-    fine_particles_per_chunk(n, budget, G * N_ROT_CHILDREN, T4, Ls * N_ROT_CHILDREN, J)  # one particle of the most slots fits, or a clear stop
+    fine_particles_per_chunk(
+        n, budget, G * N_ROT_CHILDREN, T4, Ls * N_ROT_CHILDREN, J
+    )  # one particle of the most slots fits, or a clear stop
     child = torch.arange(N_ROT_CHILDREN, device=dev)
     out = {name: torch.zeros(n, device=dev) for name in ("max_prob", "ang_spread", "off_spread")}
-    out.update(loglik=torch.zeros(n, dtype=torch.float64, device=dev), residual=torch.zeros(n, dtype=torch.float64, device=dev),
-               best_off=torch.zeros(n, 2, device=dev), **{name: torch.zeros(n, dtype=torch.long, device=dev) for name in ("best_class", "best_coarse", "best_child")})
+    out.update(
+        loglik=torch.zeros(n, dtype=torch.float64, device=dev),
+        residual=torch.zeros(n, dtype=torch.float64, device=dev),
+        best_off=torch.zeros(n, 2, device=dev),
+        **{name: torch.zeros(n, dtype=torch.long, device=dev) for name in ("best_class", "best_coarse", "best_child")},
+    )
     tile = None
     if sums is not None:
-        tile = TileSums(sums.empty_stats(), rot8_all, fs.g_class.repeat_interleave(N_ROT_CHILDREN),
-                        torch.zeros(G * N_ROT_CHILDREN, J, dtype=batch.f_masked.dtype, device=dev), torch.zeros(G * N_ROT_CHILDREN, J, device=dev),
-                        torch.zeros(G * N_ROT_CHILDREN, device=dev))
-    for rows, Lc in slot_groups(fs.counts, lambda L: fine_particles_per_chunk(n, budget, G * N_ROT_CHILDREN, T4, min(L, Ls) * N_ROT_CHILDREN, J)):
+        tile = TileSums(
+            sums.empty_stats(),
+            rot8_all,
+            fs.g_class.repeat_interleave(N_ROT_CHILDREN),
+            torch.zeros(G * N_ROT_CHILDREN, J, dtype=batch.f_masked.dtype, device=dev),
+            torch.zeros(G * N_ROT_CHILDREN, J, device=dev),
+            torch.zeros(G * N_ROT_CHILDREN, device=dev),
+        )
+    for rows, Lc in slot_groups(
+        fs.counts, lambda L: fine_particles_per_chunk(n, budget, G * N_ROT_CHILDREN, T4, min(L, Ls) * N_ROT_CHILDREN, J)
+    ):
         m, L8 = len(rows), Lc * N_ROT_CHILDREN
         with stage("getAllSquaredDifferences"):
             rows8 = (fs.slot_g[rows, :Lc][:, :, None] * N_ROT_CHILDREN + child).reshape(m, L8)  # (m, 8L) rows of p_all
             pg = p_all[rows8]  # (m, 8L, J)
             p2 = pg.real**2 + pg.imag**2
-            scores = get_all_squared_differences_fine(batch.f_masked[rows, :js], w[rows, :js], sc[rows, :js], window, off_fine[rows], pg, p2, cc)
-            stage.add_flops("fine", 2.0 * m * T4 * 2 * js * L8 + 2.0 * m * L8 * js)  # (m, T4, 2js) @ (m, 2js, 8L) and the |P|² term
+            scores = get_all_squared_differences_fine(
+                batch.f_masked[rows, :js], w[rows, :js], sc[rows, :js], window, off_fine[rows], pg, p2, cc
+            )
+            stage.add_flops(
+                "fine", 2.0 * m * T4 * 2 * js * L8 + 2.0 * m * L8 * js
+            )  # (m, T4, 2js) @ (m, 2js, 8L) and the |P|² term
             lg = -scores
             if not cc:
-                lg = lg + t_prior[rows][:, :, None] + fs.slot_prior[rows, :Lc].repeat_interleave(N_ROT_CHILDREN, 1)[:, None, :]
+                lg = (
+                    lg
+                    + t_prior[rows][:, :, None]
+                    + fs.slot_prior[rows, :Lc].repeat_interleave(N_ROT_CHILDREN, 1)[:, None, :]
+                )
             ok = fs.allowed[rows, :, :Lc].repeat_interleave(N_TRANS_CHILDREN, 1).repeat_interleave(N_ROT_CHILDREN, 2)
             lg = torch.where(ok, lg, torch.full_like(lg, -torch.inf))
         with stage("convertAllDiff2ToWeights"):
@@ -153,7 +198,17 @@ def _expectation_tile(batch, window, coarse_shell, refs, poses, settings, sums, 
                 stage.add_flops("store", 8.0 * m * T4 * L8 * J)  # the four (m, 8L|T4, T4|8L) x (m, ., J) products
                 out["residual"][rows] = store_weighted_sums(batch, window, chunk, fs, tile, settings, poses)
     eul = poses.fine_eulers_deg(out["best_coarse"].cpu().numpy())[np.arange(n), out["best_child"].cpu().numpy()]
-    return BatchPoses(out["best_class"], eul, out["best_off"], out["max_prob"], nsig, out["loglik"], out["ang_spread"], out["off_spread"], out["residual"]), tile
+    return BatchPoses(
+        out["best_class"],
+        eul,
+        out["best_off"],
+        out["max_prob"],
+        nsig,
+        out["loglik"],
+        out["ang_spread"],
+        out["off_spread"],
+        out["residual"],
+    ), tile
 
 
 def _record_best(out: dict, rows, fw, const, fs, rows8, rot8_all, off_fine, L8: int) -> None:

@@ -33,8 +33,27 @@ if triton is not None:
     from ..projection.trilinear_triton import corner
 
     @triton.jit(do_not_specialize=["T", "L", "jc", "size", "nx", "half"])
-    def _local_scores(vol_ptr, rot_ptr, idx_ptr, kx_ptr, ky_ptr, a_ptr, b_ptr, cross_ptr, third_ptr,
-                      T, L, jc, size, nx, half, pad, BT: tl.constexpr, BL: tl.constexpr, BJ: tl.constexpr):
+    def _local_scores(
+        vol_ptr,
+        rot_ptr,
+        idx_ptr,
+        kx_ptr,
+        ky_ptr,
+        a_ptr,
+        b_ptr,
+        cross_ptr,
+        third_ptr,
+        T,
+        L,
+        jc,
+        size,
+        nx,
+        half,
+        pad,
+        BT: tl.constexpr,
+        BL: tl.constexpr,
+        BJ: tl.constexpr,
+    ):
         i = tl.program_id(0).to(tl.int64)
         ls = tl.program_id(1) * BL + tl.arange(0, BL)
         lm = ls < L
@@ -89,8 +108,16 @@ if triton is not None:
         tl.store(third_ptr + i * L + ls, third, mask=lm)
 
 
-def local_scores(transform, rotations: torch.Tensor, idx: torch.Tensor, ky: torch.Tensor,
-                 kx: torch.Tensor, a: torch.Tensor, b: torch.Tensor, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+def local_scores(
+    transform,
+    rotations: torch.Tensor,
+    idx: torch.Tensor,
+    ky: torch.Tensor,
+    kx: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    precision: str = "fp32",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cross (n, T, L) = a · [Re P | Im P] and third (n, L) = b · |P|² for each particle's candidates (float32 products:
     ``precision`` is there for the signature shared with expectation's PyTorch path, and must be fp32).
 
@@ -107,14 +134,38 @@ def local_scores(transform, rotations: torch.Tensor, idx: torch.Tensor, ky: torc
     if n == 0 or L == 0:
         return cross, third
     vol, rot = torch.view_as_real(f_padded.contiguous()), rotations.to(torch.float32).contiguous()
-    kx32, ky32, idx, b = kx.to(torch.float32).contiguous(), ky.to(torch.float32).contiguous(), idx.contiguous(), b.contiguous()
+    kx32, ky32, idx, b = (
+        kx.to(torch.float32).contiguous(),
+        ky.to(torch.float32).contiguous(),
+        idx.contiguous(),
+        b.contiguous(),
+    )
     for t0 in range(0, T, MAX_TRANSLATIONS):  # a program's (translations × candidates) block stays in registers
         t1 = min(T, t0 + MAX_TRANSLATIONS)
         part = cross if (t0, t1) == (0, T) else torch.empty(n, t1 - t0, L, dtype=torch.float32, device=a.device)
-        _local_scores[(n, triton.cdiv(L, BLOCK_L))](vol, rot, idx, kx32, ky32, a[:, t0:t1].contiguous(), b, part, third,
-                                                    t1 - t0, L, jc, size, size // 2 + 1, size // 2, float(pad),
-                                                    BT=max(16, triton.next_power_of_2(t1 - t0)), BL=BLOCK_L, BJ=BLOCK_J,
-                                                    num_warps=4, num_stages=1)  # no pipelined copies: they overran shared memory
+        _local_scores[(n, triton.cdiv(L, BLOCK_L))](
+            vol,
+            rot,
+            idx,
+            kx32,
+            ky32,
+            a[:, t0:t1].contiguous(),
+            b,
+            part,
+            third,
+            t1 - t0,
+            L,
+            jc,
+            size,
+            size // 2 + 1,
+            size // 2,
+            float(pad),
+            BT=max(16, triton.next_power_of_2(t1 - t0)),
+            BL=BLOCK_L,
+            BJ=BLOCK_J,
+            num_warps=4,
+            num_stages=1,
+        )  # no pipelined copies: they overran shared memory
         if part is not cross:
             cross[:, t0:t1] = part
     return cross, third

@@ -57,8 +57,12 @@ class Window:
         if "_beyond" not in self.__dict__:
             S = self.box // 2 + 1
             shells = shell_index_2d(self.box, self.shell.device).flatten()
-            idx = torch.nonzero((shells > self.max_shell) & (shells < S) & counted_once_2d(self.box, self.shell.device).flatten()).squeeze(1)
-            npix = torch.zeros(S, dtype=torch.float64, device=idx.device).index_add_(0, shells[idx], torch.ones(idx.numel(), dtype=torch.float64, device=idx.device))
+            idx = torch.nonzero(
+                (shells > self.max_shell) & (shells < S) & counted_once_2d(self.box, self.shell.device).flatten()
+            ).squeeze(1)
+            npix = torch.zeros(S, dtype=torch.float64, device=idx.device).index_add_(
+                0, shells[idx], torch.ones(idx.numel(), dtype=torch.float64, device=idx.device)
+            )
             self._beyond = (idx, shells[idx], npix)
         return self._beyond
 
@@ -82,7 +86,9 @@ class ImageBatch:
     scale: torch.Tensor  # (n,) intensity scale of the particle's group
     old_offset_px: torch.Tensor  # (n, 2) previous origin offset (x, y) in pixels
     group: torch.Tensor  # (n,) noise (optics) group index
-    power_outside: torch.Tensor | None = None  # (n,) Σ|X|² of the masked image's pixels beyond the window, up to Nyquist
+    power_outside: torch.Tensor | None = (
+        None  # (n,) Σ|X|² of the masked image's pixels beyond the window, up to Nyquist
+    )
     spectrum_outside: torch.Tensor | None = None  # (n, d//2+1) that power per shell (0 inside the window)
 
     def __len__(self):
@@ -101,8 +107,15 @@ def noise_images(sigma2_shells: torch.Tensor, box: int, generator: torch.Generat
     return irfft2_centered(torch.complex(noise[0] * sd, noise[1] * sd), box)
 
 
-def ctf_and_inverse_noise(table: ParticleTable, indices: np.ndarray, group: torch.Tensor, window: Window, sigma2: torch.Tensor,
-                          do_ctf: bool, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def ctf_and_inverse_noise(
+    table: ParticleTable,
+    indices: np.ndarray,
+    group: torch.Tensor,
+    window: Window,
+    sigma2: torch.Tensor,
+    do_ctf: bool,
+    device=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The particles' CTF (ones without CTF correction) and 1/σ² of their noise groups ``group`` (n,), both (n, j) on
     the ``window``'s pixels; σ² is (groups, shells) per-component noise variance."""
     if do_ctf and table.has_ctf:
@@ -148,7 +161,8 @@ def prepare_batch(
     # residual (storeWeightedSums fills σ² and the norm correction with it), up to Nyquist
     beyond, beyond_shell, _ = window.beyond()
     spectrum_outside = torch.zeros(len(indices), box // 2 + 1, dtype=torch.float64, device=f_masked.device).index_add_(
-        1, beyond_shell, (f_masked[:, beyond].abs() ** 2).double())
+        1, beyond_shell, (f_masked[:, beyond].abs() ** 2).double()
+    )
     ctf, inv_sigma2 = ctf_and_inverse_noise(table, indices, group, window, sigma2, do_ctf, device)
     offsets = np.stack([table.origin_x_angst[indices], table.origin_y_angst[indices]], -1) / angpix
     return ImageBatch(

@@ -26,22 +26,34 @@ from ..tiling import TileTooLarge
 
 # coarse pass + significance, per particle
 COARSE_BYTES_PER_IMAGE_PIXEL = 32  # per (translation, coarse pixel): shifted image, phases, real operand [22]
-COARSE_BYTES_PER_SAMPLE = 72  # per (class, translation, rotation): diff2, softmax/sort/cumsum, significant indices [25; 63 all significant]
+COARSE_BYTES_PER_SAMPLE = (
+    72  # per (class, translation, rotation): diff2, softmax/sort/cumsum, significant indices [25; 63 all significant]
+)
 COARSE_BYTES_PER_PARTICLE_PIXEL = 32  # per window pixel: w, sC and the fine pass's per-particle rows
 # coarse pass, per tile
-COARSE_BYTES_PER_PROJECTION_PIXEL = 4  # per (rotation, coarse pixel): |P|² (the Re/Im planes are the extraction's output)
+COARSE_BYTES_PER_PROJECTION_PIXEL = (
+    4  # per (rotation, coarse pixel): |P|² (the Re/Im planes are the extraction's output)
+)
 COARSE_BYTES_PER_PREVIOUS_CLASS_PIXEL = 8  # with K > 1: the previous class's Re/Im planes, alive beside the next
 LOCAL_BYTES_PER_GATHERED_ELEMENT = 20  # local searches: gathered candidate slices (complex), real operand, |P|²
-LOCAL_GATHER_ELEMENTS = 1 << 26  # elements per gathered (particles × candidates × pixels) block of the local coarse pass
+LOCAL_GATHER_ELEMENTS = (
+    1 << 26
+)  # elements per gathered (particles × candidates × pixels) block of the local coarse pass
 # fine pass + storeWeightedSums, per particle of a fine chunk
 FINE_BYTES_PER_SLOT_PIXEL = 36  # per (fine rotation slot, pixel): gathered projections, |P|², operands, Σ_t Γ X̃ [28]
 FINE_BYTES_PER_IMAGE_PIXEL = 48  # per (fine translation, pixel): X̃ masked and unmasked, phases, operands, Σ_r Γ P [32]
 FINE_BYTES_PER_SAMPLE = 20  # per (fine translation, fine rotation slot): cross term, log-posterior, masks, Γ [13]
 # the tile's union of fine rotations, and slice extraction
-UNION_BYTES_PER_ROTATION_PIXEL = 20  # per (fine rotation, pixel): projections (complex), data (complex) and weight accumulators
-PROJECTION_BYTES_PER_POINT = 24  # output of a slice extraction: Re/Im planes, their contiguous copies and the complex64 [21]
+UNION_BYTES_PER_ROTATION_PIXEL = (
+    20  # per (fine rotation, pixel): projections (complex), data (complex) and weight accumulators
+)
+PROJECTION_BYTES_PER_POINT = (
+    24  # output of a slice extraction: Re/Im planes, their contiguous copies and the complex64 [21]
+)
 PLANAR_PROJECTION_BYTES_PER_POINT = 8  # output of a planar slice extraction (the coarse pass): Re/Im planes
-INTERPOLATION_BYTES_PER_POINT = 48  # grid_sample's temporaries per point: coordinates, the flipped grid, Re/Im, conj sign [46]
+INTERPOLATION_BYTES_PER_POINT = (
+    48  # grid_sample's temporaries per point: coordinates, the flipped grid, Re/Im, conj sign [46]
+)
 
 # fixed volumes, per voxel of V
 REFERENCE_BYTES_PER_VOXEL = 8  # padded transform, complex64
@@ -85,14 +97,18 @@ def coarse_bytes(m: int, s: TileShape) -> int:
     significant (the index arrays of the significant set are sized by them). Per tile: one class's coarse
     projections (all R, or the candidates' union) beside the previous class's, and their interpolation.
     """
-    per_particle = (COARSE_BYTES_PER_IMAGE_PIXEL * s.translations * s.coarse_pixels
-                    + COARSE_BYTES_PER_SAMPLE * s.classes * s.translations * s.rotation_slots
-                    + COARSE_BYTES_PER_PARTICLE_PIXEL * s.window_pixels)
+    per_particle = (
+        COARSE_BYTES_PER_IMAGE_PIXEL * s.translations * s.coarse_pixels
+        + COARSE_BYTES_PER_SAMPLE * s.classes * s.translations * s.rotation_slots
+        + COARSE_BYTES_PER_PARTICLE_PIXEL * s.window_pixels
+    )
     projected = min(s.rotations, m * s.rotation_slots) if s.local else s.rotations
     per_pixel = COARSE_BYTES_PER_PROJECTION_PIXEL + (COARSE_BYTES_PER_PREVIOUS_CLASS_PIXEL if s.classes > 1 else 0)
     per_tile = projection_bytes(projected, s.coarse_pixels, planar=True) + per_pixel * projected * s.coarse_pixels
     if s.local:
-        block = min(m * s.rotation_slots * s.coarse_pixels, max(s.rotation_slots * s.coarse_pixels, LOCAL_GATHER_ELEMENTS))
+        block = min(
+            m * s.rotation_slots * s.coarse_pixels, max(s.rotation_slots * s.coarse_pixels, LOCAL_GATHER_ELEMENTS)
+        )
         per_tile += LOCAL_BYTES_PER_GATHERED_ELEMENT * block
     return m * per_particle + per_tile
 
@@ -109,9 +125,11 @@ def fine_projection_bytes(fine_rotations: int, window_pixels: int) -> int:
 
 def fine_chunk_bytes(m: int, fine_translations: int, fine_slots: int, window_pixels: int) -> int:
     """Peak of the fine pass and storeWeightedSums for ``m`` particles of T4 fine translations × L8 rotation slots."""
-    per_particle = (FINE_BYTES_PER_SLOT_PIXEL * fine_slots * window_pixels
-                    + FINE_BYTES_PER_IMAGE_PIXEL * fine_translations * window_pixels
-                    + FINE_BYTES_PER_SAMPLE * fine_translations * fine_slots)
+    per_particle = (
+        FINE_BYTES_PER_SLOT_PIXEL * fine_slots * window_pixels
+        + FINE_BYTES_PER_IMAGE_PIXEL * fine_translations * window_pixels
+        + FINE_BYTES_PER_SAMPLE * fine_translations * fine_slots
+    )
     return m * per_particle
 
 
@@ -131,20 +149,25 @@ def particles_per_tile(n: int, budget: int, s: TileShape) -> int:
     return max(1, largest_fitting(n, budget, lambda m: coarse_bytes(m, s)))
 
 
-def fine_particles_per_chunk(n: int, budget: int, fine_rotations: int, fine_translations: int, fine_slots: int, window_pixels: int) -> int:
+def fine_particles_per_chunk(
+    n: int, budget: int, fine_rotations: int, fine_translations: int, fine_slots: int, window_pixels: int
+) -> int:
     """Particles per fine-pass chunk of a tile of ``n``; raises TileTooLarge when the union and one particle cannot fit."""
     union = union_bytes(fine_rotations, window_pixels)
     m = largest_fitting(n, budget - union, lambda k: fine_chunk_bytes(k, fine_translations, fine_slots, window_pixels))
     making = fine_projection_bytes(fine_rotations, window_pixels)
     if m == 0 or making > budget:
         need = max(union + fine_chunk_bytes(1, fine_translations, fine_slots, window_pixels), making)
-        raise TileTooLarge(f"the fine pass of {n} particle(s) needs {need / GIB:.2f} GiB ({fine_rotations} fine rotations × "
-                           f"{window_pixels} pixels) but {max(budget, 0) / GIB:.2f} GiB are free; use a coarser sampling "
-                           "(--healpix_order), fewer classes, the CPU (drop --gpu) or a GPU with more memory")
+        raise TileTooLarge(
+            f"the fine pass of {n} particle(s) needs {need / GIB:.2f} GiB ({fine_rotations} fine rotations × "
+            f"{window_pixels} pixels) but {max(budget, 0) / GIB:.2f} GiB are free; use a coarser sampling "
+            "(--healpix_order), fewer classes, the CPU (drop --gpu) or a GPU with more memory"
+        )
     return m
 
 
 # ------------------------------------------------------------------ fixed volumes
+
 
 def padded_voxels(box: int, pad: int) -> int:
     """V = P²(P/2+1), the voxels of a padded half transform."""
@@ -152,7 +175,9 @@ def padded_voxels(box: int, pad: int) -> int:
     return p * p * (p // 2 + 1)
 
 
-def fixed_volume_bytes(box: int, pad: int, references: int, backprojectors: int, symmetry: bool, join_halves: bool) -> dict[str, int]:
+def fixed_volume_bytes(
+    box: int, pad: int, references: int, backprojectors: int, symmetry: bool, join_halves: bool
+) -> dict[str, int]:
     """Device bytes a run holds besides the E-step tiles: references, back-projectors and the M-step's workspace.
 
     ``references``: padded references alive at once (1 per half set in turn in auto-refine, K in classification);
@@ -163,12 +188,16 @@ def fixed_volume_bytes(box: int, pad: int, references: int, backprojectors: int,
     mstep = RECONSTRUCT_BYTES_PER_VOXEL + (JOIN_HALVES_BYTES_PER_VOXEL if join_halves else 0)
     if symmetry:
         mstep = max(mstep, SYMMETRISE_BYTES_PER_VOXEL)
-    return {"references": REFERENCE_BYTES_PER_VOXEL * v * references,
-            "backprojectors": BACKPROJECTOR_BYTES_PER_VOXEL * v * backprojectors,
-            "mstep": mstep * v}
+    return {
+        "references": REFERENCE_BYTES_PER_VOXEL * v * references,
+        "backprojectors": BACKPROJECTOR_BYTES_PER_VOXEL * v * backprojectors,
+        "mstep": mstep * v,
+    }
 
 
-def check_fixed_volumes(box: int, pad: int, references: int, backprojectors: int, symmetry: bool, join_halves: bool, free: int) -> None:
+def check_fixed_volumes(
+    box: int, pad: int, references: int, backprojectors: int, symmetry: bool, join_halves: bool, free: int
+) -> None:
     """Raise CryoInputError (one line: the sizes, the free memory, the fixes) when the fixed volumes exceed ``free`` bytes."""
     sizes = fixed_volume_bytes(box, pad, references, backprojectors, symmetry, join_halves)
     need = sum(sizes.values())
@@ -178,10 +207,12 @@ def check_fixed_volumes(box: int, pad: int, references: int, backprojectors: int
         f"the GPU cannot hold the run's fixed volumes at box {box}, --pad {pad}: {references} padded reference(s) "
         f"{sizes['references'] / GIB:.2f} GiB + {backprojectors} back-projector(s) {sizes['backprojectors'] / GIB:.2f} GiB + "
         f"M-step workspace {sizes['mstep'] / GIB:.2f} GiB = {need / GIB:.2f} GiB, but {max(free, 0) / GIB:.2f} GiB are free; "
-        "use a smaller --pad (e.g. --pad 1), fewer classes, the CPU (drop --gpu) or a GPU with more memory")
+        "use a smaller --pad (e.g. --pad 1), fewer classes, the CPU (drop --gpu) or a GPU with more memory"
+    )
 
 
 # ------------------------------------------------------------------ the device
+
 
 def _cuda_index(device) -> torch.device | None:
     device = torch.device(device)

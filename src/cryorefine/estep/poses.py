@@ -13,8 +13,16 @@ import numpy as np
 import torch
 
 from ..geometry.euler import euler_to_matrix
-from ..geometry.healpix import (HealpixSampling, all_child_directions, child_psis, direction_vectors, healpix_directions, max_pixrad,
-                                oversampled_eulers, sampling_eulers)
+from ..geometry.healpix import (
+    HealpixSampling,
+    all_child_directions,
+    child_psis,
+    direction_vectors,
+    healpix_directions,
+    max_pixrad,
+    oversampled_eulers,
+    sampling_eulers,
+)
 from ..geometry.translations import child_translations, perturb_translations_px, translation_grid_px
 from ..projection.extract import extract_central_slices_planar
 from ..transfer import to_device
@@ -22,7 +30,9 @@ from ..transfer import to_device
 CPU_PROJECTION_CACHE_BYTES = 1 << 30  # coarse projections kept between tiles on the CPU (coarse_projections)
 N_ROT_CHILDREN = 8
 N_TRANS_CHILDREN = 4
-NEAR_LEVELS = 3  # local searches find a particle's directions among the children of HEALPix pixels this many orders coarser
+NEAR_LEVELS = (
+    3  # local searches find a particle's directions among the children of HEALPix pixels this many orders coarser
+)
 NEAR_MIN_ORDER = 4  # below this order every direction is compared with every particle (at most 768 of them per image)
 
 
@@ -48,10 +58,19 @@ class PoseGrid:
     _cache: dict = field(default_factory=dict, repr=False)  # rotations, directions and psi angles on the device
 
     @classmethod
-    def build(cls, sampling: HealpixSampling, offset_range_px: float, offset_step_px: float, device=None, dtype=torch.float32) -> "PoseGrid":
+    def build(
+        cls, sampling: HealpixSampling, offset_range_px: float, offset_step_px: float, device=None, dtype=torch.float32
+    ) -> "PoseGrid":
         t = translation_grid_px(offset_range_px, offset_step_px)
         t = perturb_translations_px(t, sampling.random_perturbation, offset_step_px)
-        return cls(sampling, t.to(device=device, dtype=dtype), child_translations(offset_step_px).to(device=device, dtype=dtype), offset_step_px, device, dtype)
+        return cls(
+            sampling,
+            t.to(device=device, dtype=dtype),
+            child_translations(offset_step_px).to(device=device, dtype=dtype),
+            offset_step_px,
+            device,
+            dtype,
+        )
 
     @property
     def n_rotations(self) -> int:
@@ -110,7 +129,9 @@ class PoseGrid:
         """The angle arrays (degrees) that ``make()`` returns, as float64 tensors on the grid's device, made once per
         grid under ``key``."""
         if key not in self._cache:
-            self._cache[key] = tuple(torch.as_tensor(np.asarray(a, dtype=np.float64), device=self.device) for a in make())
+            self._cache[key] = tuple(
+                torch.as_tensor(np.asarray(a, dtype=np.float64), device=self.device) for a in make()
+            )
         return self._cache[key]
 
     def _coarse_angles(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -134,20 +155,33 @@ class PoseGrid:
         made on the grid's device in float64 from cached child directions (the host path took ~0.1 s per tile of a
         local search, with the device idle, waiting for it)."""
         s = self.sampling
-        rot, tilt, dpsi = self._device_angles("child_angles", lambda: (*(a[s.ipix] for a in all_child_directions(s.order)),
-                                                                      child_psis(0.0, s.angular_step_deg)))
+        rot, tilt, dpsi = self._device_angles(
+            "child_angles",
+            lambda: (*(a[s.ipix] for a in all_child_directions(s.order)), child_psis(0.0, s.angular_step_deg)),
+        )
         psi = self._coarse_angles()[2]
         ids = coarse_ids.to(device=rot.device, dtype=torch.long)
         d, p = ids // s.n_psi, ids % s.n_psi
         shape = (len(ids), rot.shape[1], dpsi.shape[0])  # (m, child direction, child psi): RELION's order
-        a = euler_to_matrix(rot[d][:, :, None].expand(shape), tilt[d][:, :, None].expand(shape), (psi[p][:, None, None] + dpsi).expand(shape))
+        a = euler_to_matrix(
+            rot[d][:, :, None].expand(shape),
+            tilt[d][:, :, None].expand(shape),
+            (psi[p][:, None, None] + dpsi).expand(shape),
+        )
         return self._perturbed(a).reshape(len(ids), -1, 3, 3).to(self.dtype)
 
     def fine_translations(self) -> torch.Tensor:
         """(T, 4, 2) fine offsets (relative to the previous offset) of every coarse translation."""
         return self.translations_px[:, None, :] + self.translation_children_px[None]
 
-    def local_candidates(self, rot_deg: np.ndarray, tilt_deg: np.ndarray, psi_deg: np.ndarray, sigma_ang_deg: float, sigma_cutoff: float = 3.0):
+    def local_candidates(
+        self,
+        rot_deg: np.ndarray,
+        tilt_deg: np.ndarray,
+        psi_deg: np.ndarray,
+        sigma_ang_deg: float,
+        sigma_cutoff: float = 3.0,
+    ):
         """Coarse rotation ids near each particle's previous pose with RELION's Gaussian prior.
 
         Directions (with symmetry: the nearest symmetry image) and psi angles strictly within sigma_cutoff·σ of the
@@ -160,7 +194,12 @@ class PoseGrid:
         max_angle = sigma_cutoff * sigma_ang_deg
         va = to_device(direction_vectors(rot_deg, tilt_deg), dev).reshape(-1, 3)  # (n, 3)
         psi_all = self._coarse_angles()[2]
-        dpsi = torch.remainder(psi_all[None, :] - to_device(np.asarray(psi_deg, dtype=np.float64), dev)[:, None] + 180.0, 360.0) - 180.0
+        dpsi = (
+            torch.remainder(
+                psi_all[None, :] - to_device(np.asarray(psi_deg, dtype=np.float64), dev)[:, None] + 180.0, 360.0
+            )
+            - 180.0
+        )
 
         def chosen(dist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             """Entries strictly below the cutoff, or the nearest one where none is."""
@@ -195,7 +234,9 @@ class PoseGrid:
         if "directions" not in self._cache:
             s = self.sampling
             rot_all, tilt_all = healpix_directions(s.order)
-            self._cache["directions"] = torch.as_tensor(direction_vectors(rot_all[s.ipix], tilt_all[s.ipix]), device=self.device)
+            self._cache["directions"] = torch.as_tensor(
+                direction_vectors(rot_all[s.ipix], tilt_all[s.ipix]), device=self.device
+            )
         return self._cache["directions"]
 
     def _images(self, va: torch.Tensor) -> torch.Tensor:
@@ -225,14 +266,21 @@ class PoseGrid:
             rot_c, tilt_c = healpix_directions(k0)
             row = np.full(12 * 4**s.order, -1, dtype=np.int64)  # NEST id at the sampling's order -> direction row
             row[np.asarray(s.ipix)] = np.arange(len(s.ipix))
-            self._cache["near"] = (torch.as_tensor(parents, device=dev), torch.as_tensor(direction_vectors(rot_c[parents], tilt_c[parents]), device=dev),
-                                   torch.as_tensor(row, device=dev))
+            self._cache["near"] = (
+                torch.as_tensor(parents, device=dev),
+                torch.as_tensor(direction_vectors(rot_c[parents], tilt_c[parents]), device=dev),
+                torch.as_tensor(row, device=dev),
+            )
         parents, vc, row = self._cache["near"]
         images = self._images(va)  # (g, n, 3)
         g, n = images.shape[:2]
         reach = np.radians(max_angle_deg) + max_pixrad(k0) + 1e-9
-        pick, ok = _compact(images.reshape(-1, 3) @ vc.T > np.cos(min(reach, np.pi)))  # (g·n, m) coarse pixels near each image
-        fine = (parents[pick] * children)[:, :, None] + torch.arange(children, device=dev)  # (g·n, m, children) NEST ids
+        pick, ok = _compact(
+            images.reshape(-1, 3) @ vc.T > np.cos(min(reach, np.pi))
+        )  # (g·n, m) coarse pixels near each image
+        fine = (parents[pick] * children)[:, :, None] + torch.arange(
+            children, device=dev
+        )  # (g·n, m, children) NEST ids
         cols = torch.where(ok[:, :, None], row[fine], -1).reshape(g, n, -1).permute(1, 0, 2).reshape(n, -1)
         D = len(s.ipix)
         cols = torch.where(cols >= 0, cols, D).sort(1).values  # ascending; absent directions (D) last

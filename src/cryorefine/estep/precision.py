@@ -52,7 +52,11 @@ def matmul_nt(a: torch.Tensor, b: torch.Tensor, precision: str = "fp32") -> torc
         a16, ea = row_scaled_half(a)
         b16, eb = row_scaled_half(b)
         # unscale in place (powers of two: exact), no second (M, N) array
-        return _half_product(a16, b16.transpose(-1, -2)).mul_(torch.exp2(ea)[..., :, None]).mul_(torch.exp2(eb)[..., None, :])
+        return (
+            _half_product(a16, b16.transpose(-1, -2))
+            .mul_(torch.exp2(ea)[..., :, None])
+            .mul_(torch.exp2(eb)[..., None, :])
+        )
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; one of {', '.join(PRECISIONS)}")
     with tf32_matmul(precision == "tf32"):

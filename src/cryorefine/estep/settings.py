@@ -16,9 +16,13 @@ class EStepSettings:
     local_sigma_deg: float = 0.0  # > 0: local angular searches with this Gaussian prior
     sigma2_offset_angst2: float = 100.0  # Gaussian prior on the absolute offset (centred on 0)
     angpix: float = 1.0
-    direction_log_prior: torch.Tensor | None = None  # (K, D) RELION's pdf_direction (joint with the class) in global searches
+    direction_log_prior: torch.Tensor | None = (
+        None  # (K, D) RELION's pdf_direction (joint with the class) in global searches
+    )
     precision: str = "fp32"  # coarse-pass matrix products: fp32, tf32 or fp16 (precision.py)
-    score_shell: int | None = None  # --strict_highres_exp: pixels beyond this shell are stored but not scored (None: all)
+    score_shell: int | None = (
+        None  # --strict_highres_exp: pixels beyond this shell are stored but not scored (None: all)
+    )
 
 
 @dataclass
@@ -38,6 +42,7 @@ class BatchPoses:
     @classmethod
     def cat(cls, parts: list["BatchPoses"]) -> "BatchPoses":
         """The poses of consecutive tiles as one batch."""
+
         def join(name):
             values = [getattr(p, name) for p in parts]
             if values[0] is None:

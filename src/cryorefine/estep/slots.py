@@ -25,7 +25,9 @@ def fine_slots(mask: torch.Tensor, rot_prior: torch.Tensor, local_prior, n_rotat
     """From the significant mask (n, K, T, L) and the rotation log prior (n, K, L) to the fine pass's slots."""
     n, _, T, _ = mask.shape
     dev = mask.device
-    i_idx, k_idx, t_idx, l_idx = torch.nonzero(mask).unbind(1)  # significant: particle, class, translation, rotation slot
+    i_idx, k_idx, t_idx, l_idx = torch.nonzero(mask).unbind(
+        1
+    )  # significant: particle, class, translation, rotation slot
     coarse_id = l_idx if local_prior is None else local_prior[0][i_idx, l_idx]
     R = n_rotations
     gkeys, g_of_sig = torch.unique(k_idx * R + coarse_id, return_inverse=True)  # union G; g_of_sig (M,)

@@ -31,11 +31,20 @@ def real_bmm(a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Real (m, r, t) @ complex (m, t, J) -> complex (m, r, J), as one real product over the interleaved (Re, Im)
     pairs: no separate Re/Im products of strided views and no complex assembly (both were slow on the CPU)."""
     m, t, J = z.shape
-    return torch.view_as_complex(torch.bmm(a, torch.view_as_real(z.contiguous()).reshape(m, t, 2 * J)).reshape(m, a.shape[1], J, 2))
+    return torch.view_as_complex(
+        torch.bmm(a, torch.view_as_real(z.contiguous()).reshape(m, t, 2 * J)).reshape(m, a.shape[1], J, 2)
+    )
 
 
-def store_weighted_sums(batch: ImageBatch, window: Window, chunk: FineChunk, slots: FineSlots, tile: TileSums, settings: EStepSettings,
-                        grid: PoseGrid) -> torch.Tensor:
+def store_weighted_sums(
+    batch: ImageBatch,
+    window: Window,
+    chunk: FineChunk,
+    slots: FineSlots,
+    tile: TileSums,
+    settings: EStepSettings,
+    grid: PoseGrid,
+) -> torch.Tensor:
     """storeWeightedSums for the particles of ``chunk``: per-rotation image sums into ``tile`` (batched GEMMs) and the
     M-step statistics into ``tile.stats``.
 
@@ -55,7 +64,9 @@ def store_weighted_sums(batch: ImageBatch, window: Window, chunk: FineChunk, slo
     tile.values.index_add_(0, rows8.reshape(-1), real_bmm(gt, z).reshape(-1, J))
     gsum = gam.sum(1)  # (m, 8L)
     tile.mass.index_add_(0, rows8.reshape(-1), gsum.reshape(-1))
-    tile.weights.index_add_(0, rows8.reshape(-1), (gsum[:, :, None] * ((s * ctf) ** 2 * inv_s2)[:, None, :]).reshape(-1, J))
+    tile.weights.index_add_(
+        0, rows8.reshape(-1), (gsum[:, :, None] * ((s * ctf) ** 2 * inv_s2)[:, None, :]).reshape(-1, J)
+    )
     q = real_bmm(gam, pg).conj()  # Σ_r Γ conj(P): (m, T4, J)
     xq = (xm * q).real.sum(1)  # Re Σ_t X̃ Σ_r Γ conj(P)
     del xm
@@ -73,7 +84,9 @@ def store_weighted_sums(batch: ImageBatch, window: Window, chunk: FineChunk, slo
     wrow = gsum.reshape(-1).double()
     sums.class_weight.index_add_(0, g_class[g_of_row], wrow)
     D = sums.direction_weight.shape[1]
-    sums.direction_weight.view(-1).index_add_(0, g_class[g_of_row] * D + g_coarse[g_of_row] // grid.sampling.n_psi, wrow)
+    sums.direction_weight.view(-1).index_add_(
+        0, g_class[g_of_row] * D + g_coarse[g_of_row] // grid.sampling.n_psi, wrow
+    )
     tw = gam.sum(2)  # (m, T4)
     off2 = ((chunk.offsets_px * settings.angpix) ** 2).sum(-1)
     sums.offset_sq_angst2 += (tw.double() * off2.double()).sum()
@@ -86,6 +99,7 @@ def add_power_beyond_window(sums: WeightedSums, batch: ImageBatch, window: Windo
     the posterior's total) at the shells up to Nyquist that the window left out, so σ² follows the data at every shell,
     not only inside the windows seen so far."""
     spectrum = batch.spectrum_outside  # (n, S), zero inside the window
+    assert spectrum is not None, "the batch was prepared without its power beyond the window"
     npix = window.beyond()[2]
     sums.sigma2_noise.index_add_(0, batch.group, spectrum)
     sums.sigma2_count.index_add_(0, batch.group, npix.expand_as(spectrum).contiguous())

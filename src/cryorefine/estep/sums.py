@@ -22,13 +22,21 @@ class WeightedSums:
     offset_weight: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
 
     @classmethod
-    def zeros(cls, n_classes: int, box: int, pad: int, n_groups: int, n_directions: int, device=None, dtype=torch.float32):
+    def zeros(
+        cls, n_classes: int, box: int, pad: int, n_groups: int, n_directions: int, device=None, dtype=torch.float32
+    ):
         s = box // 2 + 1
         z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
         return cls(
             [BackProjector.zeros(box, pad, device, dtype) for _ in range(n_classes)],
-            z(n_groups, s), z(n_groups, s), z(n_groups, s), z(n_groups, s), z(n_classes), z(n_classes, n_directions),
-            z(()), z(()),
+            z(n_groups, s),
+            z(n_groups, s),
+            z(n_groups, s),
+            z(n_groups, s),
+            z(n_classes),
+            z(n_classes, n_directions),
+            z(()),
+            z(()),
         )
 
     def empty_stats(self) -> "WeightedSums":
@@ -37,8 +45,16 @@ class WeightedSums:
 
     def stats_tensors(self) -> list[torch.Tensor]:
         """The accumulators other than the back-projectors, in the dataclass's field order."""
-        return [self.sigma2_noise, self.sigma2_count, self.scale_xa, self.scale_aa, self.class_weight,
-                self.direction_weight, self.offset_sq_angst2, self.offset_weight]
+        return [
+            self.sigma2_noise,
+            self.sigma2_count,
+            self.scale_xa,
+            self.scale_aa,
+            self.class_weight,
+            self.direction_weight,
+            self.offset_sq_angst2,
+            self.offset_weight,
+        ]
 
     def tensors(self) -> list[torch.Tensor]:
         """Every accumulator as a tensor, in a fixed order (for all-reduce across ranks)."""

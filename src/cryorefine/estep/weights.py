@@ -58,7 +58,9 @@ def coarse_significant(logp: torch.Tensor, settings: EStepSettings) -> tuple[tor
 class FineWeights:
     """The fine posterior of m particles over their T4 translations × 8L slot rotations."""
 
-    gamma: torch.Tensor  # (m, T4·8L) posterior probability of each fine sample (one-hot on the best with --firstiter_cc)
+    gamma: (
+        torch.Tensor
+    )  # (m, T4·8L) posterior probability of each fine sample (one-hot on the best with --firstiter_cc)
     best: torch.Tensor  # (m,) flat index of the best sample
     max_prob: torch.Tensor  # (m,) its probability, RELION's rlnMaxValueProbDistribution (1 with --firstiter_cc)
     log_sum: torch.Tensor  # (m,) float64 log Σ exp(score) (the best score with --firstiter_cc)
@@ -76,7 +78,9 @@ def convert_fine_to_weights(log_scores: torch.Tensor, cc: bool) -> FineWeights:
     return FineWeights(torch.exp(log_scores - lse[:, None].float()), arg, torch.exp(mx.double() - lse).float(), lse)
 
 
-NEGLIGIBLE_SAMPLE_WEIGHT = 1e-5  # posterior probability below which a fine sample outside RELION's significant set is dropped
+NEGLIGIBLE_SAMPLE_WEIGHT = (
+    1e-5  # posterior probability below which a fine sample outside RELION's significant set is dropped
+)
 
 
 def negligible_dropped(gam: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -88,4 +92,6 @@ def negligible_dropped(gam: torch.Tensor, fraction: float) -> torch.Tensor:
     sample at the threshold can change (1e-5 of one particle), so tiling and rank count still give the same sums.
     """
     keep, _ = significant_set(gam, fraction, 0)
-    return torch.where(keep | (gam >= NEGLIGIBLE_SAMPLE_WEIGHT), gam, torch.zeros((), dtype=gam.dtype, device=gam.device))
+    return torch.where(
+        keep | (gam >= NEGLIGIBLE_SAMPLE_WEIGHT), gam, torch.zeros((), dtype=gam.dtype, device=gam.device)
+    )

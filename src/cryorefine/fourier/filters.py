@@ -9,7 +9,9 @@ import torch
 from .grids import irfft3_centered, rfft3_centered, rfft_freqs_3d
 
 
-def low_pass_filter(volume: torch.Tensor, resolution_angst: float, angpix: float, edge_width_shells: float = 2.0) -> torch.Tensor:
+def low_pass_filter(
+    volume: torch.Tensor, resolution_angst: float, angpix: float, edge_width_shells: float = 2.0
+) -> torch.Tensor:
     """Low-pass a (d, d, d) map to ``resolution_angst`` with a raised-cosine edge ``edge_width_shells`` wide."""
     d = volume.shape[-1]
     f = rfft3_centered(volume)
@@ -17,7 +19,9 @@ def low_pass_filter(volume: torch.Tensor, resolution_angst: float, angpix: float
     r = torch.sqrt(kx**2 + ky**2 + kz**2)
     cutoff = d * angpix / resolution_angst
     lo, hi = cutoff - edge_width_shells / 2, cutoff + edge_width_shells / 2
-    filt = torch.where(r <= lo, 1.0, torch.where(r >= hi, 0.0, 0.5 + 0.5 * torch.cos(math.pi * (r - lo) / max(hi - lo, 1e-9))))
+    filt = torch.where(
+        r <= lo, 1.0, torch.where(r >= hi, 0.0, 0.5 + 0.5 * torch.cos(math.pi * (r - lo) / max(hi - lo, 1e-9)))
+    )
     return irfft3_centered(f * filt.to(f.real.dtype), d).to(volume.dtype)
 
 
@@ -30,12 +34,23 @@ def _radius_from_centre(shape, device, dtype):
 def soft_sphere(shape, radius_px: float, edge_px: float = 5.0, device=None, dtype=torch.float32) -> torch.Tensor:
     """1 inside ``radius_px`` of the centre pixel, cosine fall-off to 0 over ``edge_px`` (2D or 3D shape)."""
     r = _radius_from_centre(shape, device, torch.float64)
-    m = torch.where(r <= radius_px, 1.0, torch.where(r >= radius_px + edge_px, 0.0, 0.5 + 0.5 * torch.cos(math.pi * (r - radius_px) / max(edge_px, 1e-9))))
+    m = torch.where(
+        r <= radius_px,
+        1.0,
+        torch.where(
+            r >= radius_px + edge_px, 0.0, 0.5 + 0.5 * torch.cos(math.pi * (r - radius_px) / max(edge_px, 1e-9))
+        ),
+    )
     return m.to(dtype)
 
 
-def soft_mask_outside_map(x: torch.Tensor, radius_px: float | None = None, edge_px: float = 3.0, ndim: int = 3,
-                          fill: torch.Tensor | None = None) -> torch.Tensor:
+def soft_mask_outside_map(
+    x: torch.Tensor,
+    radius_px: float | None = None,
+    edge_px: float = 3.0,
+    ndim: int = 3,
+    fill: torch.Tensor | None = None,
+) -> torch.Tensor:
     """RELION's softMaskOutsideMap over the last ``ndim`` axes of ``x`` (leading axes: a batch): pixels beyond
     ``radius_px`` (default d/2) of the centre pixel are blended, by a raised cosine over ``edge_px``, into ``fill``
     (RELION's noise map) or, without it, into the mean of the region outside (weighted by the same cosine); beyond
@@ -44,7 +59,9 @@ def soft_mask_outside_map(x: torch.Tensor, radius_px: float | None = None, edge_
     particle images with it (--particle_diameter, 5 px)."""
     shape = x.shape[-ndim:]
     radius = shape[-1] / 2.0 if radius_px is None else radius_px
-    noise_w = 1.0 - soft_sphere(shape, radius, edge_px, device=x.device, dtype=torch.float64).to(x.dtype)  # RELION's raised cosine
+    noise_w = 1.0 - soft_sphere(shape, radius, edge_px, device=x.device, dtype=torch.float64).to(
+        x.dtype
+    )  # RELION's raised cosine
     if fill is None:
         axes = tuple(range(-ndim, 0))
         fill = (noise_w * x).sum(axes, keepdim=True) / noise_w.sum().clamp(min=1e-30)

@@ -78,4 +78,3 @@ def window_pixels_2d(box: int, max_shell: int, device=None, include_dc: bool = F
     order = torch.argsort(shells[idx] * (box * box) + idx)  # stable: by shell, then raster
     idx = idx[order]
     return idx, ky[idx], kx[idx], shells[idx]
-

@@ -1,4 +1,5 @@
 """Axis-angle (rotation vector) rotations: direction = axis, length = angle in radians."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -8,6 +8,7 @@ projection samples the 3D transform at ``A^T (x, y, 0)``; the viewing direction
 (projection axis in the reference frame) is the third row of A,
 (sin tilt cos rot, sin tilt sin rot, cos tilt).
 """
+
 from __future__ import annotations
 
 import math

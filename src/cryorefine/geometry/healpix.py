@@ -16,6 +16,7 @@ Conventions a refinement engine must share with RELION:
   0.5); every orientation (coarse and fine) A becomes A @ E(d, d, d), d = r * coarse step,
   and every translation gets + r * coarse offset step in x and y.
 """
+
 from __future__ import annotations
 
 import functools
@@ -75,8 +76,7 @@ def healpix_z_phi(order: int, ipix) -> tuple[np.ndarray, np.ndarray]:
     jr = (_JRLL[face] << order) - ix - iy - 1
     north, south = jr < nside, jr > 3 * nside
     nr = np.where(north, jr, np.where(south, 4 * nside - jr, nside))
-    z = np.where(north, 1 - (nr * nr) * fact2,
-                 np.where(south, (nr * nr) * fact2 - 1, (2 * nside - jr) * fact1))
+    z = np.where(north, 1 - (nr * nr) * fact2, np.where(south, (nr * nr) * fact2 - 1, (2 * nside - jr) * fact1))
     kshift = np.where(north | south, 0, (jr - nside) & 1)
     num = _JPLL[face] * nr + ix - iy + 1 + kshift
     jp = np.sign(num) * (np.abs(num) // 2)  # C integer division truncates toward zero
@@ -140,9 +140,13 @@ def direction_vectors(rot_deg, tilt_deg) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- asymmetric unit
-_I_PLANES = np.array([[0.0, 1.0, 0.0],
-                      [-0.4999999839058737, -0.8090170074556163, 0.3090169861701543],
-                      [0.4999999839058737, -0.8090170074556163, 0.3090169861701543]])
+_I_PLANES = np.array(
+    [
+        [0.0, 1.0, 0.0],
+        [-0.4999999839058737, -0.8090170074556163, 0.3090169861701543],
+        [0.4999999839058737, -0.8090170074556163, 0.3090169861701543],
+    ]
+)
 
 
 def _planes_keep(v, normals, sign=1.0):
@@ -172,8 +176,16 @@ def _geometric_asu_mask(kind: str, n: int, rot, tilt, v) -> np.ndarray:
         return _planes_keep(v, _I_PLANES @ A.T)
     if kind == "I4":
         A = euler_to_matrix(0.0, -31.7174745559, 0.0).numpy()
-        planes = np.array([[0.0, 0.0, 1.0], [0.187592467856686, -0.303530987314591, -0.491123477863004],
-                           [0.187592467856686, 0.303530987314591, -0.491123477863004]]) @ A.T
+        planes = (
+            np.array(
+                [
+                    [0.0, 0.0, 1.0],
+                    [0.187592467856686, -0.303530987314591, -0.491123477863004],
+                    [0.187592467856686, 0.303530987314591, -0.491123477863004],
+                ]
+            )
+            @ A.T
+        )
         return _planes_keep(v, planes, sign=-1.0)
     raise ValueError(kind)
 
@@ -238,25 +250,36 @@ class HealpixSampling:
         return self.n_directions * self.n_psi
 
 
-def make_sampling(order: int, sym: str = "C1", random_perturbation: float = 0.0,
-                  psi_step_deg: float | None = None) -> HealpixSampling:
+def make_sampling(
+    order: int, sym: str = "C1", random_perturbation: float = 0.0, psi_step_deg: float | None = None
+) -> HealpixSampling:
     """RELION's 3D orientation grid for healpix_order `order` restricted to sym's asymmetric unit."""
     ipix = asymmetric_unit_pixels(order, sym)
     if len(ipix) == 0:
-        raise CryoInputError(f"healpix order {order} leaves no directions in the asymmetric unit of "
-                             f"{symmetry_name(sym)} (RELION fails here too); use a finer angular sampling")
+        raise CryoInputError(
+            f"healpix order {order} leaves no directions in the asymmetric unit of "
+            f"{symmetry_name(sym)} (RELION fails here too); use a finer angular sampling"
+        )
     rot, tilt = healpix_directions(order)
-    return HealpixSampling(order, symmetry_name(sym), ipix, rot[ipix], tilt[ipix],
-                           psi_angles_deg(order, psi_step_deg), float(random_perturbation),
-                           symmetry_matrices(sym))
+    return HealpixSampling(
+        order,
+        symmetry_name(sym),
+        ipix,
+        rot[ipix],
+        tilt[ipix],
+        psi_angles_deg(order, psi_step_deg),
+        float(random_perturbation),
+        symmetry_matrices(sym),
+    )
 
 
 def sampling_eulers(sampling: HealpixSampling, perturbed: bool = True) -> np.ndarray:
     """(n_dir * n_psi, 3) (rot, tilt, psi) degrees, direction-major: index = dir * n_psi + psi.
     Applies the sampling's random perturbation (as RELION's getOrientations) unless perturbed=False."""
     nd, npsi = sampling.n_directions, sampling.n_psi
-    e = np.stack([np.repeat(sampling.rot_deg, npsi), np.repeat(sampling.tilt_deg, npsi),
-                  np.tile(sampling.psi_deg, nd)], -1)
+    e = np.stack(
+        [np.repeat(sampling.rot_deg, npsi), np.repeat(sampling.tilt_deg, npsi), np.tile(sampling.psi_deg, nd)], -1
+    )
     if perturbed and sampling.random_perturbation != 0:
         e = perturb_eulers(e, sampling.random_perturbation, sampling.angular_step_deg)
     return e
@@ -271,8 +294,9 @@ def child_directions(order: int, direction_index, oversampling: int = 1):
     x, y, face = nest_to_xyf(order, p)
     f = 1 << oversampling
     dj, di = np.meshgrid(np.arange(f), np.arange(f), indexing="ij")  # fine y outer, x inner
-    fine = xyf_to_nest(order + oversampling, f * x[..., None] + di.ravel(),
-                       f * y[..., None] + dj.ravel(), face[..., None])
+    fine = xyf_to_nest(
+        order + oversampling, f * x[..., None] + di.ravel(), f * y[..., None] + dj.ravel(), face[..., None]
+    )
     rot, tilt = _rot_tilt_from_z_phi(*healpix_z_phi(order + oversampling, fine))
     return fine, rot, tilt
 
@@ -293,8 +317,14 @@ def child_psis(psi_deg, step_deg: float, oversampling: int = 1) -> np.ndarray:
     return psi - 0.5 * step_deg + (0.5 + np.arange(n)) * step_deg / n
 
 
-def oversampled_eulers(order: int, direction_index, psi_deg, step_deg: float | None = None,
-                       oversampling: int = 1, random_perturbation: float = 0.0) -> np.ndarray:
+def oversampled_eulers(
+    order: int,
+    direction_index,
+    psi_deg,
+    step_deg: float | None = None,
+    oversampling: int = 1,
+    random_perturbation: float = 0.0,
+) -> np.ndarray:
     """Fine orientations of coarse (pixel, psi) pairs: (..., 8**q, 3) degrees, ordered
     child_direction-major then child_psi, as RELION's getOrientations (perturbation included)."""
     step = angular_step_deg(order) if step_deg is None else step_deg
@@ -322,8 +352,7 @@ def direction_angles_deg(rot_a, tilt_a, rot_b, tilt_b, sym_matrices=None) -> np.
     return np.degrees(np.arccos(np.clip(dots, -1.0, 1.0)))
 
 
-def directions_within(order: int, rot_deg, tilt_deg, max_angle_deg: float, sym_matrices=None,
-                      ipix=None):
+def directions_within(order: int, rot_deg, tilt_deg, max_angle_deg: float, sym_matrices=None, ipix=None):
     """Directions within max_angle_deg of the prior direction(s) (rot_deg, tilt_deg).
 
     Searches the NEST pixels `ipix` at `order` (default: the whole sphere, or pass a

@@ -10,6 +10,7 @@ The group is the closure of the generators; identity comes first. A group contai
 element's inverse, so the list is the same set whichever way one reads RELION's
 (transposed) R matrices. Symmetry-equivalent poses of a pose A are A @ S.
 """
+
 from __future__ import annotations
 
 import math

@@ -7,6 +7,7 @@ Fine pass (oversampling q): each offset -> 4**q offsets at -step/2 + (0.5 + i) s
 x (outer) and y (inner); q = 1: +-step/4. With a random perturbation r every (coarse and
 fine) offset is shifted by r * step in both x and y.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,7 +15,9 @@ import math
 import torch
 
 
-def translation_grid_px(offset_range_px: float, offset_step_px: float, dtype=torch.float64, device=None) -> torch.Tensor:
+def translation_grid_px(
+    offset_range_px: float, offset_step_px: float, dtype=torch.float64, device=None
+) -> torch.Tensor:
     """(T, 2) (x, y) offsets in pixels, in RELION's order (x-major)."""
     if offset_step_px <= 0:
         raise ValueError("offset_step_px must be positive")
@@ -23,7 +26,7 @@ def translation_grid_px(offset_range_px: float, offset_step_px: float, dtype=tor
     i = torch.arange(-m, m + 1, dtype=torch.float64)
     x, y = torch.meshgrid(i * s, i * s, indexing="ij")  # x outer, y inner
     xy = torch.stack([x.reshape(-1), y.reshape(-1)], -1)
-    keep = (xy ** 2).sum(-1) < r * r + 0.001
+    keep = (xy**2).sum(-1) < r * r + 0.001
     return xy[keep].to(dtype=dtype, device=device)
 
 

@@ -1,4 +1,5 @@
 """Atomic file writes: write to a hidden temporary in the same folder, then rename."""
+
 from __future__ import annotations
 
 import contextlib
@@ -10,9 +11,13 @@ from pathlib import Path
 from cryorefine.errors import CryoInputError
 from cryorefine.pause import pause_point
 
-_USER_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EACCES: "the folder is not writable",
-                errno.EROFS: "the file system is read-only", errno.EPERM: "the folder is not writable",
-                errno.EDQUOT: "the disk quota is exceeded"}
+_USER_ERRNOS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EACCES: "the folder is not writable",
+    errno.EROFS: "the file system is read-only",
+    errno.EPERM: "the folder is not writable",
+    errno.EDQUOT: "the disk quota is exceeded",
+}
 
 
 _TEMP_NAME = re.compile(r"^\..+\.tmp(\d+)(\.[^.]+)?$")  # temp_path_for's names; group 1 is the writer's pid
@@ -36,8 +41,11 @@ def _process_exists(pid: int) -> bool:
 
 def remove_stale_temporaries(folder) -> list[Path]:
     """Remove the temporaries in `folder` whose writing process is gone (a killed run's); return them."""
-    stale = [p for p in Path(folder).glob(".*.tmp*")
-             if (m := _TEMP_NAME.match(p.name)) and not _process_exists(int(m.group(1)))]
+    stale = [
+        p
+        for p in Path(folder).glob(".*.tmp*")
+        if (m := _TEMP_NAME.match(p.name)) and not _process_exists(int(m.group(1)))
+    ]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
@@ -48,8 +56,9 @@ def user_os_error(exc: OSError, folder) -> CryoInputError | None:
     reason = _USER_ERRNOS.get(exc.errno)
     if reason is None:
         return None
-    return CryoInputError(f"cannot write here: {reason} ({exc.strerror}); free space or choose "
-                          "another output folder", path=folder)
+    return CryoInputError(
+        f"cannot write here: {reason} ({exc.strerror}); free space or choose another output folder", path=folder
+    )
 
 
 @contextlib.contextmanager

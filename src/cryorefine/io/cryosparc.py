@@ -16,6 +16,7 @@ Conventions (pyem's csparc2star, which RELION users rely on): RELION's rotation 
 is the transpose of the pose's rotation, A = R(pose)ᵀ; the shift is RELION's origin offset with the same sign,
 rlnOriginXAngst = shift_x · alignments3D/psize_A; defocus 1/2 are DefocusU/V; angles go from radians to degrees.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -30,7 +31,15 @@ from cryorefine.geometry.axis_angle import axis_angle_to_matrix
 from cryorefine.geometry.euler import matrix_to_euler
 from cryorefine.io.particles import OpticsGroup, ParticleTable, project_relative, resolve_stack
 
-REQUIRED_FIELDS = ("blob/path", "blob/idx", "blob/shape", "blob/psize_A", "ctf/accel_kv", "ctf/cs_mm", "ctf/amp_contrast")
+REQUIRED_FIELDS = (
+    "blob/path",
+    "blob/idx",
+    "blob/shape",
+    "blob/psize_A",
+    "ctf/accel_kv",
+    "ctf/cs_mm",
+    "ctf/amp_contrast",
+)
 NUMPY_MAGIC = b"\x93NUMPY"
 FOLDERS_ABOVE = 3  # a .cs lies in a job folder (P1/J12) or an export (P1/exports/groups/NAME) of the project folder
 
@@ -43,21 +52,30 @@ def read_cs(path) -> np.ndarray:
     try:
         cs = _load_numpy(path)
     except (ValueError, OSError, EOFError, pickle.UnpicklingError) as exc:
-        raise CryoInputError(f"not a cryoSPARC .cs file ({type(exc).__name__}: {exc}); give the particles .cs "
-                             "of a cryoSPARC job or export", path=path) from exc
+        raise CryoInputError(
+            f"not a cryoSPARC .cs file ({type(exc).__name__}: {exc}); give the particles .cs "
+            "of a cryoSPARC job or export",
+            path=path,
+        ) from exc
     if cs.dtype.names is None or cs.ndim != 1:
-        raise CryoInputError("not a cryoSPARC .cs file (no table of named fields); give the particles .cs of a "
-                             "cryoSPARC job or export", path=path)
+        raise CryoInputError(
+            "not a cryoSPARC .cs file (no table of named fields); give the particles .cs of a cryoSPARC job or export",
+            path=path,
+        )
     missing = [f for f in REQUIRED_FIELDS if f not in cs.dtype.names]
     if missing:
-        raise CryoInputError(f"missing field(s) {', '.join(missing)}; give a .cs with particle images and CTF "
-                             "(an Extract or Refine job's particles, or an Export of them)", path=path)
+        raise CryoInputError(
+            f"missing field(s) {', '.join(missing)}; give a .cs with particle images and CTF "
+            "(an Extract or Refine job's particles, or an Export of them)",
+            path=path,
+        )
     if len(cs) == 0:
         raise CryoInputError("the .cs file holds no particles", path=path)
     for name in cs.dtype.names:
         if cs.dtype[name].base.kind == "f" and not np.isfinite(cs[name]).all():
-            raise CryoInputError(f"field {name} holds NaN or Inf values; re-run or re-export the cryoSPARC job",
-                                 path=path)
+            raise CryoInputError(
+                f"field {name} holds NaN or Inf values; re-run or re-export the cryoSPARC job", path=path
+            )
     return cs
 
 
@@ -91,16 +109,33 @@ def _field(cs: np.ndarray, name: str, default) -> np.ndarray:
 
 def _optics(cs: np.ndarray) -> tuple[list[OpticsGroup], np.ndarray]:
     """One optics group per exposure group (split further where voltage, Cs, Q0, pixel or box size differ)."""
-    keys = np.stack([_field(cs, "ctf/exp_group_id", 1), _field(cs, "ctf/accel_kv", 0), _field(cs, "ctf/cs_mm", 0),
-                     _field(cs, "ctf/amp_contrast", 0), _field(cs, "blob/psize_A", 0),
-                     np.asarray(cs["blob/shape"], np.float64).reshape(len(cs), -1)[:, -1]], 1)
+    keys = np.stack(
+        [
+            _field(cs, "ctf/exp_group_id", 1),
+            _field(cs, "ctf/accel_kv", 0),
+            _field(cs, "ctf/cs_mm", 0),
+            _field(cs, "ctf/amp_contrast", 0),
+            _field(cs, "blob/psize_A", 0),
+            np.asarray(cs["blob/shape"], np.float64).reshape(len(cs), -1)[:, -1],
+        ],
+        1,
+    )
     uniques, index = np.unique(keys, axis=0, return_inverse=True)
     exp_ids = uniques[:, 0].astype(np.int64)
     groups = []
     for k, (exp_id, kv, cs_mm, q0, angpix, box) in enumerate(uniques):
         name = f"exp_group{int(exp_id)}" + (f"_{k + 1}" if (exp_ids == exp_id).sum() > 1 else "")
-        groups.append(OpticsGroup(number=k + 1, name=name, angpix=float(angpix), box=int(box), voltage_kv=float(kv),
-                                  cs_mm=float(cs_mm), amplitude_contrast=float(q0)))
+        groups.append(
+            OpticsGroup(
+                number=k + 1,
+                name=name,
+                angpix=float(angpix),
+                box=int(box),
+                voltage_kv=float(kv),
+                cs_mm=float(cs_mm),
+                amplitude_contrast=float(q0),
+            )
+        )
     return groups, index.reshape(-1).astype(np.int64)
 
 
@@ -112,30 +147,53 @@ def load_cs_particles(cs_path, project_dir=None) -> ParticleTable:
     cs = read_cs(cs_path)
     n = len(cs)
     cs_dir = cs_path.resolve().parent
-    folders = [(Path(project_dir) if project_dir is not None else Path.cwd(), "project directory"),
-               (cs_dir, ".cs folder"), *((d, f"{i + 1} up from the .cs folder") for i, d in enumerate(cs_dir.parents[:FOLDERS_ABOVE]))]
+    folders = [
+        (Path(project_dir) if project_dir is not None else Path.cwd(), "project directory"),
+        (cs_dir, ".cs folder"),
+        *((d, f"{i + 1} up from the .cs folder") for i, d in enumerate(cs_dir.parents[:FOLDERS_ABOVE])),
+    ]
     names, inverse = np.unique(_text(cs["blob/path"]).astype(str), return_inverse=True)
-    stacks = np.array([resolve_stack(name.lstrip(">"), folders, cs_path) for name in names], object)[inverse.reshape(-1)]
+    stacks = np.array([resolve_stack(name.lstrip(">"), folders, cs_path) for name in names], object)[
+        inverse.reshape(-1)
+    ]
     index = np.asarray(cs["blob/idx"], np.int64)
     image_name = np.array([f"{i + 1:06d}@{project_relative(s)}" for i, s in zip(index, stacks)], object)
 
     optics, optics_group = _optics(cs)
     # particles without 3D alignments (e.g. just extracted) get the identity pose and no shift
-    rot, tilt, psi = pose_to_euler_deg(cs["alignments3D/pose"] if "alignments3D/pose" in cs.dtype.names else np.zeros((n, 3)))
-    shift_angpix = _field(cs, "alignments3D/psize_A" if "alignments3D/psize_A" in cs.dtype.names else "blob/psize_A", 0.0)
-    shift = np.asarray(cs["alignments3D/shift"], np.float64) if "alignments3D/shift" in cs.dtype.names else np.zeros((n, 2))
+    rot, tilt, psi = pose_to_euler_deg(
+        cs["alignments3D/pose"] if "alignments3D/pose" in cs.dtype.names else np.zeros((n, 3))
+    )
+    shift_angpix = _field(
+        cs, "alignments3D/psize_A" if "alignments3D/psize_A" in cs.dtype.names else "blob/psize_A", 0.0
+    )
+    shift = (
+        np.asarray(cs["alignments3D/shift"], np.float64) if "alignments3D/shift" in cs.dtype.names else np.zeros((n, 2))
+    )
     split = _field(cs, "alignments3D/split", -1).astype(np.int64)
     random_subset = split + 1 if set(np.unique(split).tolist()) == {0, 1} else np.zeros(n, np.int64)
     df1 = _field(cs, "ctf/df1_A", 0.0)
     df2 = _field(cs, "ctf/df2_A", 0.0) if "ctf/df2_A" in cs.dtype.names else df1.copy()
     return ParticleTable(
-        image_index=index, image_stack=stacks, image_name=image_name,
-        rot_deg=rot, tilt_deg=tilt, psi_deg=psi,
-        origin_x_angst=shift[:, 0] * shift_angpix, origin_y_angst=shift[:, 1] * shift_angpix,
-        defocus_u_angst=df1, defocus_v_angst=df2,
+        image_index=index,
+        image_stack=stacks,
+        image_name=image_name,
+        rot_deg=rot,
+        tilt_deg=tilt,
+        psi_deg=psi,
+        origin_x_angst=shift[:, 0] * shift_angpix,
+        origin_y_angst=shift[:, 1] * shift_angpix,
+        defocus_u_angst=df1,
+        defocus_v_angst=df2,
         defocus_angle_deg=np.rad2deg(_field(cs, "ctf/df_angle_rad", 0.0)),
         phase_shift_deg=np.rad2deg(_field(cs, "ctf/phase_shift_rad", 0.0)),
-        ctf_bfactor=_field(cs, "ctf/bfactor", 0.0), ctf_scale=np.ones(n),
-        optics_group=optics_group, random_subset=random_subset, class_number=np.ones(n, np.int64),
-        optics=optics, extra=pd.DataFrame(index=pd.RangeIndex(n)), has_ctf="ctf/df1_A" in cs.dtype.names,
-        star_path=str(cs_path))
+        ctf_bfactor=_field(cs, "ctf/bfactor", 0.0),
+        ctf_scale=np.ones(n),
+        optics_group=optics_group,
+        random_subset=random_subset,
+        class_number=np.ones(n, np.int64),
+        optics=optics,
+        extra=pd.DataFrame(index=pd.RangeIndex(n)),
+        has_ctf="ctf/df1_A" in cs.dtype.names,
+        star_path=str(cs_path),
+    )

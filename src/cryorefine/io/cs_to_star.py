@@ -5,6 +5,7 @@ or a volume to it), and cryoSPARC writes .mrc: each stack gets a .mrcs symbolic 
 in the folder `<STAR file stem>_stacks` next to the STAR file, and rlnImageName refers to those, relative to the
 project directory (the directory RELION runs in) when they lie inside it.
 """
+
 from __future__ import annotations
 
 import os
@@ -51,5 +52,11 @@ def convert_cs_to_star(cs_path, star_path, copy: bool = False, project_dir=None)
     names = np.array([project_relative(t) for t in targets], object)[inverse.reshape(-1)]
     image_name = np.array([f"{i + 1:06d}@{n}" for i, n in zip(table.image_index, names)], object)
     write_particles(star_path, replace(table, image_name=image_name))
-    return {"star": str(star_path), "particles": len(table), "optics_groups": len(table.optics),
-            "stacks": len(stacks), "stack_folder": str(folder), "copied": copy}
+    return {
+        "star": str(star_path),
+        "particles": len(table),
+        "optics_groups": len(table.optics),
+        "stacks": len(stacks),
+        "stack_folder": str(folder),
+        "copied": copy,
+    }

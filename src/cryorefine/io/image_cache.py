@@ -26,7 +26,9 @@ class ImageCache:
         self.device = torch.device(device)
         self.capacity = max(0, min(int(capacity), n_rows))
         self.slot = np.full(n_rows, -1, dtype=np.int64)  # row → index into data, -1: not cached
-        self.data = torch.empty((self.capacity, box, box), dtype=torch.float32, device=self.device) if self.capacity else None
+        self.data = (
+            torch.empty((self.capacity, box, box), dtype=torch.float32, device=self.device) if self.capacity else None
+        )
         self.used = 0
 
     def holds(self, rows: np.ndarray) -> bool:

@@ -1,4 +1,5 @@
 """MRC maps and image stacks (numpy, float32), with user-facing errors and atomic writes."""
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,9 @@ def _open_mrc(path, mmap: bool = False):
         mrc = opener(path, mode="r", permissive=False)
     except (ValueError, EOFError) as strict_exc:
         if not _plausible_header(path):
-            raise CryoInputError(f"not an MRC file ({strict_exc}); check the file type or re-export "
-                                 "it", path=path) from strict_exc
+            raise CryoInputError(
+                f"not an MRC file ({strict_exc}); check the file type or re-export it", path=path
+            ) from strict_exc
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -35,8 +37,9 @@ def _open_mrc(path, mmap: bool = False):
         if mrc is None or mrc.data is None:
             if mrc is not None:
                 mrc.close()
-            raise CryoInputError(f"not a readable MRC file ({strict_exc}); check the file "
-                                 "type or re-export it", path=path) from strict_exc
+            raise CryoInputError(
+                f"not a readable MRC file ({strict_exc}); check the file type or re-export it", path=path
+            ) from strict_exc
         warnings.warn(f"{path}: MRC header is not standard ({strict_exc}); reading it anyway")
     except OSError as exc:
         raise CryoInputError(f"cannot read the file ({exc.strerror})", path=path) from exc
@@ -55,7 +58,7 @@ def _plausible_header(path: Path) -> bool:
         return False
     for order in "<>":
         nx, ny, nz, mode = np.frombuffer(head[:16], dtype=f"{order}i4")
-        if mode in SUPPORTED_MODES and 0 < nx < 2 ** 16 and 0 < ny < 2 ** 16 and 0 < nz < 2 ** 24:
+        if mode in SUPPORTED_MODES and 0 < nx < 2**16 and 0 < ny < 2**16 and 0 < nz < 2**24:
             return True
     return False
 
@@ -70,8 +73,11 @@ def read_map(path) -> tuple[np.ndarray, float]:
         data = np.asarray(mrc.data)
         angpix = _voxel_size_angst(mrc)
     if data.ndim != 3 or len(set(data.shape)) != 1:
-        raise CryoInputError(f"not a cubic 3D map (shape {tuple(data.shape)}); give a cubic "
-                             "volume (resample/pad it, e.g. relion_image_handler --new_box)", path=path)
+        raise CryoInputError(
+            f"not a cubic 3D map (shape {tuple(data.shape)}); give a cubic "
+            "volume (resample/pad it, e.g. relion_image_handler --new_box)",
+            path=path,
+        )
     data = data.astype(np.float32, copy=True)
     if not np.isfinite(data).all():
         raise CryoInputError("the map contains NaN or Inf values; fix or regenerate it", path=path)
@@ -133,8 +139,11 @@ class ImageStack:
             raise CryoInputError(f"not an image stack (shape {data.shape})", path=self.path)
         if data.shape[1] != data.shape[2]:
             self.close()
-            raise CryoInputError(f"images are not square ({data.shape[2]} x {data.shape[1]} px); "
-                                 "re-extract the particles with a square box", path=self.path)
+            raise CryoInputError(
+                f"images are not square ({data.shape[2]} x {data.shape[1]} px); "
+                "re-extract the particles with a square box",
+                path=self.path,
+            )
         self._data = data
         self.angpix = _voxel_size_angst(self._mrc)
 
@@ -151,9 +160,12 @@ class ImageStack:
         bad = (indices < 0) | (indices >= len(self))
         if bad.any():
             first = int(indices[bad][0])
-            raise CryoInputError(f"image {first + 1} (1-based) is past the end of the stack, which "
-                                 f"holds {len(self)} images; check the image indices (rlnImageName, or blob/idx of a "
-                                 ".cs file)", path=self.path)
+            raise CryoInputError(
+                f"image {first + 1} (1-based) is past the end of the stack, which "
+                f"holds {len(self)} images; check the image indices (rlnImageName, or blob/idx of a "
+                ".cs file)",
+                path=self.path,
+            )
         if len(indices) == 0:
             return np.empty((0,) + self.shape[1:], np.float32)
         return np.asarray(self._data[indices], dtype=np.float32)
@@ -191,8 +203,7 @@ class StackWriter:
         self._tmp = temp_path_for(self.path)
         self._min, self._max, self._sum, self._sumsq, self._count = np.inf, -np.inf, 0.0, 0.0, 0
         try:
-            self._mrc = mrcfile.new_mmap(self._tmp, shape=(self.n, self.box, self.box),
-                                         mrc_mode=2, overwrite=True)
+            self._mrc = mrcfile.new_mmap(self._tmp, shape=(self.n, self.box, self.box), mrc_mode=2, overwrite=True)
             self._mrc.set_image_stack()
             self._mrc.voxel_size = self.angpix
         except OSError as exc:
@@ -206,7 +217,7 @@ class StackWriter:
             block = block[None]
         if block.shape[1:] != (self.box, self.box) or start < 0 or start + len(block) > self.n:
             raise ValueError(f"block {block.shape} at {start} does not fit stack ({self.n}, {self.box}, {self.box})")
-        self._mrc.data[start:start + len(block)] = block
+        self._mrc.data[start : start + len(block)] = block
         if block.size:
             self._min, self._max = min(self._min, float(block.min())), max(self._max, float(block.max()))
             self._sum += float(block.sum(dtype=np.float64))

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .mrc import write_map
-from .star import write_star, write_star_table
+from .star import write_star_table
 
 
 def it_prefix(root: str, iteration: int) -> str:
     return f"{root}_it{iteration:03d}"
 
 
-def write_model_star(path, general: dict, classes: list[dict], class_tables: list[pd.DataFrame], groups: pd.DataFrame, group_sigma2: list[pd.DataFrame]) -> None:
+def write_model_star(
+    path,
+    general: dict,
+    classes: list[dict],
+    class_tables: list[pd.DataFrame],
+    groups: pd.DataFrame,
+    group_sigma2: list[pd.DataFrame],
+) -> None:
     """RELION model.star layout: model_general, model_classes, model_class_N, model_groups, model_group_N."""
     blocks = {"model_general": general, "model_classes": pd.DataFrame(classes)}
     for k, t in enumerate(class_tables):
@@ -27,23 +32,41 @@ def write_model_star(path, general: dict, classes: list[dict], class_tables: lis
     write_star_table(path, blocks)
 
 
-def write_sampling_star(path, healpix_order: int, psi_step: float, offset_range_angst: float, offset_step_angst: float, perturb: float, perturbation: float, sym: str, local: bool, sigma_ang: float) -> None:
-    write_star_table(path, {"sampling_general": {
-        "rlnHealpixOrder": healpix_order,
-        "rlnPsiStep": psi_step,
-        "rlnOffsetRange": offset_range_angst,
-        "rlnOffsetStep": offset_step_angst,
-        "rlnSamplingPerturbFactor": perturb,
-        "rlnSamplingPerturbInstance": perturbation,
-        "rlnSymmetryGroup": sym,
-        "rlnIsLocalSearch": int(local),
-        "rlnSigmaPriorRotAngle": sigma_ang,
-        "rlnSigmaPriorTiltAngle": sigma_ang,
-        "rlnSigmaPriorPsiAngle": sigma_ang,
-    }})
+def write_sampling_star(
+    path,
+    healpix_order: int,
+    psi_step: float,
+    offset_range_angst: float,
+    offset_step_angst: float,
+    perturb: float,
+    perturbation: float,
+    sym: str,
+    local: bool,
+    sigma_ang: float,
+) -> None:
+    write_star_table(
+        path,
+        {
+            "sampling_general": {
+                "rlnHealpixOrder": healpix_order,
+                "rlnPsiStep": psi_step,
+                "rlnOffsetRange": offset_range_angst,
+                "rlnOffsetStep": offset_step_angst,
+                "rlnSamplingPerturbFactor": perturb,
+                "rlnSamplingPerturbInstance": perturbation,
+                "rlnSymmetryGroup": sym,
+                "rlnIsLocalSearch": int(local),
+                "rlnSigmaPriorRotAngle": sigma_ang,
+                "rlnSigmaPriorTiltAngle": sigma_ang,
+                "rlnSigmaPriorPsiAngle": sigma_ang,
+            }
+        },
+    )
 
 
-def write_angdist_bild(path, rot_deg: np.ndarray, tilt_deg: np.ndarray, radius_px: float, offset_px: float, angpix: float) -> None:
+def write_angdist_bild(
+    path, rot_deg: np.ndarray, tilt_deg: np.ndarray, radius_px: float, offset_px: float, angpix: float
+) -> None:
     """Angular distribution as ChimeraX BILD cylinders (length ∝ particle count per direction, RELION-style)."""
     from ..geometry.healpix import direction_vectors
 
@@ -57,7 +80,9 @@ def write_angdist_bild(path, rot_deg: np.ndarray, tilt_deg: np.ndarray, radius_p
         lines.append(f".color {frac:.3f} 0 {1 - frac:.3f}\n")
         a = (radius_px * vec + offset_px) * angpix
         b = ((radius_px + 0.2 * radius_px * frac + 0.01) * vec + offset_px) * angpix
-        lines.append(f".cylinder {a[0]:.2f} {a[1]:.2f} {a[2]:.2f} {b[0]:.2f} {b[1]:.2f} {b[2]:.2f} {max(angpix, 0.5):.2f}\n")
+        lines.append(
+            f".cylinder {a[0]:.2f} {a[1]:.2f} {a[2]:.2f} {b[0]:.2f} {b[1]:.2f} {b[2]:.2f} {max(angpix, 0.5):.2f}\n"
+        )
     from .atomic import atomic_write
 
     with atomic_write(path) as tmp:

@@ -1,4 +1,5 @@
 """The particle table (STAR 3.0 / 3.1, and cryoSPARC .cs through io.cryosparc) as structure-of-arrays, plus image reads."""
+
 from __future__ import annotations
 
 import os
@@ -16,41 +17,78 @@ from cryorefine.io.star import read_star, write_star
 MAX_OPEN_STACKS = 128
 _PIXEL_COLUMNS = ("rlnImagePixelSize", "rlnDetectorPixelSize", "rlnMagnification")
 _OPTICS_VALUE_COLUMNS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
-_OPTICS_OWN_COLUMNS = ("rlnOpticsGroup", "rlnOpticsGroupName", "rlnImageSize", "rlnImageDimensionality",
-                       *_PIXEL_COLUMNS, *_OPTICS_VALUE_COLUMNS)
+_OPTICS_OWN_COLUMNS = (
+    "rlnOpticsGroup",
+    "rlnOpticsGroupName",
+    "rlnImageSize",
+    "rlnImageDimensionality",
+    *_PIXEL_COLUMNS,
+    *_OPTICS_VALUE_COLUMNS,
+)
 # particle columns turned into table fields (everything else goes to `extra`)
-_PARTICLE_OWN_COLUMNS = ("rlnImageName", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi",
-                         "rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginX", "rlnOriginY",
-                         "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift",
-                         "rlnCtfBfactor", "rlnCtfScalefactor", "rlnOpticsGroup", "rlnRandomSubset",
-                         "rlnClassNumber")
+_PARTICLE_OWN_COLUMNS = (
+    "rlnImageName",
+    "rlnAngleRot",
+    "rlnAngleTilt",
+    "rlnAnglePsi",
+    "rlnOriginXAngst",
+    "rlnOriginYAngst",
+    "rlnOriginX",
+    "rlnOriginY",
+    "rlnDefocusU",
+    "rlnDefocusV",
+    "rlnDefocusAngle",
+    "rlnPhaseShift",
+    "rlnCtfBfactor",
+    "rlnCtfScalefactor",
+    "rlnOpticsGroup",
+    "rlnRandomSubset",
+    "rlnClassNumber",
+)
 
 
 @dataclass
 class OpticsGroup:
     """One row of data_optics."""
-    number: int                # rlnOpticsGroup (1-based, as in the file)
-    name: str                  # rlnOpticsGroupName
-    angpix: float              # rlnImagePixelSize (Å/px)
-    box: int                   # rlnImageSize
-    voltage_kv: float          # rlnVoltage
-    cs_mm: float               # rlnSphericalAberration
+
+    number: int  # rlnOpticsGroup (1-based, as in the file)
+    name: str  # rlnOpticsGroupName
+    angpix: float  # rlnImagePixelSize (Å/px)
+    box: int  # rlnImageSize
+    voltage_kv: float  # rlnVoltage
+    cs_mm: float  # rlnSphericalAberration
     amplitude_contrast: float  # rlnAmplitudeContrast
     extra: dict = field(default_factory=dict)  # other optics columns, written back unchanged
 
 
-_PER_PARTICLE = ("image_index", "image_stack", "image_name", "rot_deg", "tilt_deg", "psi_deg",
-                 "origin_x_angst", "origin_y_angst", "defocus_u_angst", "defocus_v_angst",
-                 "defocus_angle_deg", "phase_shift_deg", "ctf_bfactor", "ctf_scale", "optics_group",
-                 "random_subset", "class_number")
+_PER_PARTICLE = (
+    "image_index",
+    "image_stack",
+    "image_name",
+    "rot_deg",
+    "tilt_deg",
+    "psi_deg",
+    "origin_x_angst",
+    "origin_y_angst",
+    "defocus_u_angst",
+    "defocus_v_angst",
+    "defocus_angle_deg",
+    "phase_shift_deg",
+    "ctf_bfactor",
+    "ctf_scale",
+    "optics_group",
+    "random_subset",
+    "class_number",
+)
 
 
 @dataclass
 class ParticleTable:
     """Per-particle arrays (n,); angles in degrees, offsets and defocus in Å."""
-    image_index: np.ndarray        # int64, 0-based index into the stack
-    image_stack: np.ndarray        # object: absolute stack paths
-    image_name: np.ndarray         # object: original rlnImageName strings
+
+    image_index: np.ndarray  # int64, 0-based index into the stack
+    image_stack: np.ndarray  # object: absolute stack paths
+    image_name: np.ndarray  # object: original rlnImageName strings
     rot_deg: np.ndarray
     tilt_deg: np.ndarray
     psi_deg: np.ndarray
@@ -62,9 +100,9 @@ class ParticleTable:
     phase_shift_deg: np.ndarray
     ctf_bfactor: np.ndarray
     ctf_scale: np.ndarray
-    optics_group: np.ndarray       # int64, 0-based index into `optics`
-    random_subset: np.ndarray      # int64, 0 where absent
-    class_number: np.ndarray       # int64, 1 where absent
+    optics_group: np.ndarray  # int64, 0-based index into `optics`
+    random_subset: np.ndarray  # int64, 0 where absent
+    class_number: np.ndarray  # int64, 1 where absent
     optics: list[OpticsGroup]
     extra: pd.DataFrame
     has_ctf: bool
@@ -83,8 +121,7 @@ class ParticleTable:
             sel = np.flatnonzero(sel)
         sel = sel.astype(np.int64).reshape(-1)
         arrays = {name: getattr(self, name)[sel] for name in _PER_PARTICLE}
-        return replace(self, **arrays, extra=self.extra.iloc[sel].reset_index(drop=True),
-                       _stacks=self._stacks)
+        return replace(self, **arrays, extra=self.extra.iloc[sel].reset_index(drop=True), _stacks=self._stacks)
 
     @property
     def angpix(self) -> np.ndarray:
@@ -96,8 +133,10 @@ class ParticleTable:
         """The image box size (px), shared by all optics groups."""
         boxes = sorted({g.box for g in self.optics})
         if len(boxes) != 1:
-            raise CryoInputError(f"optics groups have different box sizes {boxes}; re-extract all "
-                                 "particles with one box size", path=self.star_path)
+            raise CryoInputError(
+                f"optics groups have different box sizes {boxes}; re-extract all particles with one box size",
+                path=self.star_path,
+            )
         return boxes[0]
 
     def stack(self, path: str) -> ImageStack:
@@ -120,11 +159,11 @@ class ParticleTable:
 
 # ---------------------------------------------------------------- loading
 
+
 def _require(df: pd.DataFrame, columns, block: str, path) -> None:
     for col in columns:
         if col not in df.columns:
-            raise CryoInputError(f"missing column {col} in data_{block}; add it or re-export the "
-                                 "particles", path=path)
+            raise CryoInputError(f"missing column {col} in data_{block}; add it or re-export the particles", path=path)
 
 
 def _pixel_size_angst(df: pd.DataFrame, block: str, path) -> np.ndarray:
@@ -133,8 +172,11 @@ def _pixel_size_angst(df: pd.DataFrame, block: str, path) -> np.ndarray:
     elif "rlnDetectorPixelSize" in df.columns and "rlnMagnification" in df.columns:
         angpix = df["rlnDetectorPixelSize"].to_numpy(np.float64) * 1e4 / df["rlnMagnification"].to_numpy(np.float64)
     else:
-        raise CryoInputError(f"missing column rlnImagePixelSize (or rlnDetectorPixelSize and "
-                             f"rlnMagnification) in data_{block}; add the pixel size", path=path)
+        raise CryoInputError(
+            f"missing column rlnImagePixelSize (or rlnDetectorPixelSize and "
+            f"rlnMagnification) in data_{block}; add the pixel size",
+            path=path,
+        )
     if not (np.isfinite(angpix) & (angpix > 0)).all():
         raise CryoInputError(f"invalid pixel size in data_{block} (must be > 0)", path=path)
     return angpix
@@ -155,8 +197,10 @@ def _parse_image_names(names: np.ndarray, path) -> tuple[np.ndarray, np.ndarray]
     index_1 = pd.to_numeric(index_text, errors="coerce").to_numpy(np.float64)
     bad = ~np.isfinite(index_1) | (index_1 < 1) | (index_1 != np.round(index_1))
     if bad.any():
-        raise CryoInputError(f"bad rlnImageName {names[np.flatnonzero(bad)[0]]!r}; expected "
-                             "'index@stack.mrcs' with a 1-based index", path=path)
+        raise CryoInputError(
+            f"bad rlnImageName {names[np.flatnonzero(bad)[0]]!r}; expected 'index@stack.mrcs' with a 1-based index",
+            path=path,
+        )
     return index_1.astype(np.int64) - 1, stacks
 
 
@@ -174,8 +218,11 @@ def resolve_stack(name: str, folders: list[tuple[Path, str]], source) -> str:
         if cand.is_file():
             return os.path.abspath(cand)
     tried = [f"{cand} ({label})" for cand, label in candidates]
-    raise CryoInputError(f"image stack {name} not found as {', '.join(tried[:-1])} nor {tried[-1]}; run from "
-                         "the project directory the paths are relative to", path=source)
+    raise CryoInputError(
+        f"image stack {name} not found as {', '.join(tried[:-1])} nor {tried[-1]}; run from "
+        "the project directory the paths are relative to",
+        path=source,
+    )
 
 
 def project_relative(path) -> str:
@@ -207,12 +254,18 @@ def _optics_31(optics_df: pd.DataFrame, path) -> list[OpticsGroup]:
     groups = []
     for i, row in enumerate(optics_df.to_dict("records")):
         number = int(numbers[i])
-        groups.append(OpticsGroup(
-            number=number, name=str(row.get("rlnOpticsGroupName", f"opticsGroup{number}")),
-            angpix=float(angpix[i]), box=int(row["rlnImageSize"]) if "rlnImageSize" in row else 0,
-            voltage_kv=float(row["rlnVoltage"]), cs_mm=float(row["rlnSphericalAberration"]),
-            amplitude_contrast=float(row["rlnAmplitudeContrast"]),
-            extra={c: row[c] for c in extra_cols}))
+        groups.append(
+            OpticsGroup(
+                number=number,
+                name=str(row.get("rlnOpticsGroupName", f"opticsGroup{number}")),
+                angpix=float(angpix[i]),
+                box=int(row["rlnImageSize"]) if "rlnImageSize" in row else 0,
+                voltage_kv=float(row["rlnVoltage"]),
+                cs_mm=float(row["rlnSphericalAberration"]),
+                amplitude_contrast=float(row["rlnAmplitudeContrast"]),
+                extra={c: row[c] for c in extra_cols},
+            )
+        )
     return groups
 
 
@@ -223,9 +276,18 @@ def _optics_30(df: pd.DataFrame, path) -> tuple[list[OpticsGroup], np.ndarray, n
     keys = pd.DataFrame({c: df[c].to_numpy(np.float64) for c in _OPTICS_VALUE_COLUMNS})
     keys["angpix"] = angpix
     codes, uniques = pd.MultiIndex.from_frame(keys).factorize()
-    groups = [OpticsGroup(number=k + 1, name=f"opticsGroup{k + 1}", angpix=float(u[3]), box=0,
-                          voltage_kv=float(u[0]), cs_mm=float(u[1]), amplitude_contrast=float(u[2]))
-              for k, u in enumerate(uniques)]
+    groups = [
+        OpticsGroup(
+            number=k + 1,
+            name=f"opticsGroup{k + 1}",
+            angpix=float(u[3]),
+            box=0,
+            voltage_kv=float(u[0]),
+            cs_mm=float(u[1]),
+            amplitude_contrast=float(u[2]),
+        )
+        for k, u in enumerate(uniques)
+    ]
     return groups, codes.astype(np.int64), angpix
 
 
@@ -254,8 +316,9 @@ def load_particles(star_path, project_dir=None) -> ParticleTable:
             raise CryoInputError(f"missing column rlnOpticsGroup in data_{block}", path=star_path)
         unknown = sorted(set(np.unique(numbers).tolist()) - set(number_to_index))
         if unknown:
-            raise CryoInputError(f"particles refer to optics group(s) {unknown} absent from "
-                                 "data_optics", path=star_path)
+            raise CryoInputError(
+                f"particles refer to optics group(s) {unknown} absent from data_optics", path=star_path
+            )
         lut = np.zeros(max(number_to_index) + 1, np.int64)
         for number, i in number_to_index.items():
             lut[number] = i
@@ -270,8 +333,10 @@ def load_particles(star_path, project_dir=None) -> ParticleTable:
     image_name = df["rlnImageName"].astype(str).to_numpy(object)
     image_index, stack_names = _parse_image_names(image_name, star_path)
     unique_names, inverse = np.unique(stack_names.astype(str), return_inverse=True)
-    folders = [(Path(project_dir) if project_dir is not None else Path.cwd(), "project directory"),
-               (star_path.resolve().parent, "STAR file folder")]
+    folders = [
+        (Path(project_dir) if project_dir is not None else Path.cwd(), "project directory"),
+        (star_path.resolve().parent, "STAR file folder"),
+    ]
     resolved = np.array([resolve_stack(n, folders, star_path) for n in unique_names], object)
     image_stack = resolved[inverse.reshape(-1)]
 
@@ -295,22 +360,32 @@ def load_particles(star_path, project_dir=None) -> ParticleTable:
     defocus_v = df["rlnDefocusV"].to_numpy(np.float64) if "rlnDefocusV" in df.columns else defocus_u.copy()
 
     return ParticleTable(
-        image_index=image_index, image_stack=image_stack, image_name=image_name,
-        rot_deg=_column(df, "rlnAngleRot", 0.0), tilt_deg=_column(df, "rlnAngleTilt", 0.0),
+        image_index=image_index,
+        image_stack=image_stack,
+        image_name=image_name,
+        rot_deg=_column(df, "rlnAngleRot", 0.0),
+        tilt_deg=_column(df, "rlnAngleTilt", 0.0),
         psi_deg=_column(df, "rlnAnglePsi", 0.0),
-        origin_x_angst=origin_x, origin_y_angst=origin_y,
-        defocus_u_angst=defocus_u, defocus_v_angst=defocus_v,
+        origin_x_angst=origin_x,
+        origin_y_angst=origin_y,
+        defocus_u_angst=defocus_u,
+        defocus_v_angst=defocus_v,
         defocus_angle_deg=_column(df, "rlnDefocusAngle", 0.0),
         phase_shift_deg=_column(df, "rlnPhaseShift", 0.0),
-        ctf_bfactor=_column(df, "rlnCtfBfactor", 0.0), ctf_scale=_column(df, "rlnCtfScalefactor", 1.0),
+        ctf_bfactor=_column(df, "rlnCtfBfactor", 0.0),
+        ctf_scale=_column(df, "rlnCtfScalefactor", 1.0),
         optics_group=optics_group,
         random_subset=_column(df, "rlnRandomSubset", 0, np.int64),
         class_number=_column(df, "rlnClassNumber", 1, np.int64),
-        optics=optics, extra=df[[c for c in df.columns if c not in own]].copy(),
-        has_ctf=has_ctf, star_path=str(star_path))
+        optics=optics,
+        extra=df[[c for c in df.columns if c not in own]].copy(),
+        has_ctf=has_ctf,
+        star_path=str(star_path),
+    )
 
 
 # ---------------------------------------------------------------- images
+
 
 def read_images(table: ParticleTable, indices) -> np.ndarray:
     """float32 images (len(indices), box, box) of the particles at `indices` (0-based table rows)."""
@@ -325,35 +400,54 @@ def read_images(table: ParticleTable, indices) -> np.ndarray:
         rows = np.flatnonzero(inverse == k)
         stack = table.stack(path)
         if stack.shape[1] != box:
-            raise CryoInputError(f"images are {stack.shape[1]} px but rlnImageSize is {box}; "
-                                 "fix rlnImageSize or re-extract", path=path)
+            raise CryoInputError(
+                f"images are {stack.shape[1]} px but rlnImageSize is {box}; fix rlnImageSize or re-extract", path=path
+            )
         images = stack.read(table.image_index[indices[rows]])
         if not np.isfinite(images).all():
-            raise CryoInputError("the stack contains NaN or Inf pixels; re-extract the particles",
-                                 path=path)
+            raise CryoInputError("the stack contains NaN or Inf pixels; re-extract the particles", path=path)
         out[rows] = images
     return out
 
 
 # ---------------------------------------------------------------- writing
 
+
 def particle_blocks(table: ParticleTable, **updated_columns) -> dict[str, pd.DataFrame]:
     """RELION 3.1 blocks {'optics', 'particles'}; `updated_columns` (name -> array) override/add."""
     optics_rows = []
     for g in table.optics:
-        row = {"rlnOpticsGroupName": g.name, "rlnOpticsGroup": int(g.number),
-               "rlnImagePixelSize": float(g.angpix), "rlnImageSize": int(g.box),
-               "rlnImageDimensionality": 2, "rlnVoltage": float(g.voltage_kv),
-               "rlnSphericalAberration": float(g.cs_mm), "rlnAmplitudeContrast": float(g.amplitude_contrast)}
+        row = {
+            "rlnOpticsGroupName": g.name,
+            "rlnOpticsGroup": int(g.number),
+            "rlnImagePixelSize": float(g.angpix),
+            "rlnImageSize": int(g.box),
+            "rlnImageDimensionality": 2,
+            "rlnVoltage": float(g.voltage_kv),
+            "rlnSphericalAberration": float(g.cs_mm),
+            "rlnAmplitudeContrast": float(g.amplitude_contrast),
+        }
         row.update({k: v for k, v in g.extra.items() if k not in row})
         optics_rows.append(row)
-    cols = {"rlnImageName": table.image_name,
-            "rlnAngleRot": table.rot_deg, "rlnAngleTilt": table.tilt_deg, "rlnAnglePsi": table.psi_deg,
-            "rlnOriginXAngst": table.origin_x_angst, "rlnOriginYAngst": table.origin_y_angst}
+    cols = {
+        "rlnImageName": table.image_name,
+        "rlnAngleRot": table.rot_deg,
+        "rlnAngleTilt": table.tilt_deg,
+        "rlnAnglePsi": table.psi_deg,
+        "rlnOriginXAngst": table.origin_x_angst,
+        "rlnOriginYAngst": table.origin_y_angst,
+    }
     if table.has_ctf:
-        cols.update({"rlnDefocusU": table.defocus_u_angst, "rlnDefocusV": table.defocus_v_angst,
-                     "rlnDefocusAngle": table.defocus_angle_deg, "rlnPhaseShift": table.phase_shift_deg,
-                     "rlnCtfBfactor": table.ctf_bfactor, "rlnCtfScalefactor": table.ctf_scale})
+        cols.update(
+            {
+                "rlnDefocusU": table.defocus_u_angst,
+                "rlnDefocusV": table.defocus_v_angst,
+                "rlnDefocusAngle": table.defocus_angle_deg,
+                "rlnPhaseShift": table.phase_shift_deg,
+                "rlnCtfBfactor": table.ctf_bfactor,
+                "rlnCtfScalefactor": table.ctf_scale,
+            }
+        )
     numbers = np.array([g.number for g in table.optics], np.int64)
     cols["rlnOpticsGroup"] = numbers[table.optics_group]
     if (table.random_subset != 0).any():

@@ -1,4 +1,5 @@
 """STAR files as {block name: pandas.DataFrame}; column names without the leading underscore."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,12 +22,15 @@ def read_star(path) -> dict[str, pd.DataFrame]:
     try:
         blocks = starfile.read(path, always_dict=True)
     except Exception as exc:  # starfile raises assorted errors on malformed input
-        raise CryoInputError(f"malformed STAR file ({type(exc).__name__}: {exc}); check that it "
-                             "is a RELION/cryoSPARC STAR file", path=path) from exc
+        raise CryoInputError(
+            f"malformed STAR file ({type(exc).__name__}: {exc}); check that it is a RELION/cryoSPARC STAR file",
+            path=path,
+        ) from exc
     if not blocks:
         raise CryoInputError("STAR file holds no data_ blocks", path=path)
-    return {name: (block if isinstance(block, pd.DataFrame) else pd.DataFrame([block]))
-            for name, block in blocks.items()}
+    return {
+        name: (block if isinstance(block, pd.DataFrame) else pd.DataFrame([block])) for name, block in blocks.items()
+    }
 
 
 def _as_block(block):

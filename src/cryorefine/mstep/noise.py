@@ -10,8 +10,15 @@ from ..fourier.grids import rfft2_centered, shell_index_2d
 from ..io.particles import ParticleTable, read_images
 
 
-def initial_sigma2(table: ParticleTable, n_groups: int, subset: np.ndarray | None = None, batch: int = 256, device=None,
-                   mask_radius_px: float | None = None, mask_edge_px: float = 5.0) -> torch.Tensor:
+def initial_sigma2(
+    table: ParticleTable,
+    n_groups: int,
+    subset: np.ndarray | None = None,
+    batch: int = 256,
+    device=None,
+    mask_radius_px: float | None = None,
+    mask_edge_px: float = 5.0,
+) -> torch.Tensor:
     """(H, G, d//2+1) σ² from the images, RELION's start (calculateSumOfPowerSpectraAndAverageImage): per subset h
     (``subset`` (n,) labels 0..H−1, e.g. the half sets; None: one subset of all particles) and group, the mean power
     per shell of that subset's images, minus the power of the average image of all particles, halved (per
@@ -36,14 +43,22 @@ def initial_sigma2(table: ParticleTable, n_groups: int, subset: np.ndarray | Non
         f = rfft2_centered(imgs).flatten(1).to(torch.complex128)
         g = torch.as_tensor(table.optics_group[rows], device=device)
         hg = torch.as_tensor(labels[rows], device=device) * n_groups + g
-        p = torch.zeros(len(rows), S, dtype=torch.float64, device=device).index_add_(1, shells_in, f[:, inside].abs() ** 2)
+        p = torch.zeros(len(rows), S, dtype=torch.float64, device=device).index_add_(
+            1, shells_in, f[:, inside].abs() ** 2
+        )
         power.index_add_(0, hg, p)
         count.index_add_(0, hg, torch.ones(len(rows), dtype=torch.float64, device=device))
         mean.index_add_(0, g, f)
-    npix = torch.zeros(S, dtype=torch.float64, device=device).index_add_(0, shells_in, torch.ones_like(shells_in, dtype=torch.float64))
-    per_group = torch.zeros(n_groups, dtype=torch.float64, device=device).index_add_(0, torch.arange(H * n_groups, device=device) % n_groups, count)
+    npix = torch.zeros(S, dtype=torch.float64, device=device).index_add_(
+        0, shells_in, torch.ones_like(shells_in, dtype=torch.float64)
+    )
+    per_group = torch.zeros(n_groups, dtype=torch.float64, device=device).index_add_(
+        0, torch.arange(H * n_groups, device=device) % n_groups, count
+    )
     mean = mean / per_group.clamp(min=1)[:, None]
-    mean_power = torch.zeros(n_groups, S, dtype=torch.float64, device=device).index_add_(1, shells_in, mean[:, inside].abs() ** 2)
+    mean_power = torch.zeros(n_groups, S, dtype=torch.float64, device=device).index_add_(
+        1, shells_in, mean[:, inside].abs() ** 2
+    )
     sigma2 = ((power / count.clamp(min=1)[:, None]).reshape(H, n_groups, S) - mean_power) / (2.0 * npix.clamp(min=1))
     # a group without particles in a subset takes the average of that subset's others
     empty = (count == 0).reshape(H, n_groups)

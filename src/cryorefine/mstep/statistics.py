@@ -14,6 +14,12 @@ import torch
 from ..estep.sums import WeightedSums
 from .noise import update_sigma2
 
+
+def _pooled(sums: list[WeightedSums], name: str) -> torch.Tensor:
+    """The sum of one accumulator over ``sums``."""
+    return torch.stack([getattr(s, name) for s in sums]).sum(0)
+
+
 SCALE_BOUNDS = (0.2, 5.0)  # per-group intensity scales are kept within these (relative to their mean)
 
 
@@ -28,21 +34,26 @@ class ModelStatistics:
         return cls(sigma2.cpu(), torch.ones(sigma2.shape[0], dtype=torch.float64), sigma_offset_angst**2)
 
 
-def updated_statistics(old: ModelStatistics, sums: list[WeightedSums], min_sigma2_offset_angst2: float, noise: bool = True,
-                       scale: bool = False) -> ModelStatistics:
+def updated_statistics(
+    old: ModelStatistics,
+    sums: list[WeightedSums],
+    min_sigma2_offset_angst2: float,
+    noise: bool = True,
+    scale: bool = False,
+) -> ModelStatistics:
     """The M-step of ``old`` from the pooled ``sums`` (one half set's, or both in the final iteration): σ² (unless
     ``noise`` is False: RELION keeps it after a --firstiter_cc iteration), the group scales with ``scale`` (--scale,
     several groups), and the offset prior's variance (at least ``min_sigma2_offset_angst2``)."""
     sigma2, group_scale, sigma2_offset = old.sigma2, old.scale, old.sigma2_offset_angst2
     if noise:
-        wsum = sum(s.sigma2_noise for s in sums)
-        sigma2 = update_sigma2(old.sigma2.to(wsum), wsum, sum(s.sigma2_count for s in sums)).cpu()
+        wsum = _pooled(sums, "sigma2_noise")
+        sigma2 = update_sigma2(old.sigma2.to(wsum), wsum, _pooled(sums, "sigma2_count")).cpu()
     if scale and old.scale.numel() > 1:
-        xa = sum(s.scale_xa for s in sums).sum(1)
-        aa = sum(s.scale_aa for s in sums).sum(1)
+        xa = _pooled(sums, "scale_xa").sum(1)
+        aa = _pooled(sums, "scale_aa").sum(1)
         sc = (xa / aa.clamp(min=1e-30)).cpu()
         group_scale = (sc / sc.mean()).clamp(*SCALE_BOUNDS)
-    off_w = float(sum(s.offset_weight for s in sums))
+    off_w = float(_pooled(sums, "offset_weight"))
     if off_w > 0:
-        sigma2_offset = max(float(sum(s.offset_sq_angst2 for s in sums)) / off_w, min_sigma2_offset_angst2)
+        sigma2_offset = max(float(_pooled(sums, "offset_sq_angst2")) / off_w, min_sigma2_offset_angst2)
     return ModelStatistics(sigma2, group_scale, sigma2_offset)

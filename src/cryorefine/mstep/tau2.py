@@ -10,15 +10,18 @@ from ..reconstruction.fsc import fsc_to_ssnr
 from ..reconstruction.reconstruct import reconstruct, reconstruction_noise_power
 
 
-def tau2_from_fsc(fsc: torch.Tensor, bp: BackProjector, tau2_fudge: float = 1.0, whole: bool = False, max_shell: int | None = None) -> torch.Tensor:
+def tau2_from_fsc(
+    fsc: torch.Tensor, bp: BackProjector, tau2_fudge: float = 1.0, whole: bool = False, max_shell: int | None = None
+) -> torch.Tensor:
     """τ² = T·SSNR·σ² (RELION's update_tau2_with_fsc): SSNR from the half-set FSC (``whole`` for the map of both
     halves), σ² the reconstruction's noise power 1/⟨pad³·weight⟩ within ``max_shell``."""
     sigma2 = reconstruction_noise_power(bp, fsc.numel(), max_shell)
     return fsc_to_ssnr(fsc.to(sigma2), tau2_fudge, whole) * sigma2
 
 
-def reconstruct_gold_standard(bp: BackProjector, fsc: torch.Tensor, tau2_fudge: float = 1.0, whole: bool = False,
-                              max_shell: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def reconstruct_gold_standard(
+    bp: BackProjector, fsc: torch.Tensor, tau2_fudge: float = 1.0, whole: bool = False, max_shell: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Auto-refine's regularised map from a half set's accumulators (``whole``: the final map of both): (map (d, d, d),
     τ² (s,)). As RELION's maximization, T enters twice: in τ² = T·SSNR·σ² (updateSSNRarrays) and again in the
     regulariser 1/(pad³·T·τ²) (reconstruct), so --tau2_fudge 2 weakens the prior 4-fold (classification: once)."""
@@ -42,5 +45,7 @@ def tau2_from_reference(ref: PaddedTransform, max_shell: int) -> torch.Tensor:
     keep = (r_pad <= R) & (shell < n)
     s = shell[keep]
     p = torch.zeros(n, dtype=torch.float64, device=f.device).index_add_(0, s, (f[keep].abs() ** 2).to(torch.float64))
-    c = torch.zeros(n, dtype=torch.float64, device=f.device).index_add_(0, s, torch.ones(s.shape, dtype=torch.float64, device=f.device))
+    c = torch.zeros(n, dtype=torch.float64, device=f.device).index_add_(
+        0, s, torch.ones(s.shape, dtype=torch.float64, device=f.device)
+    )
     return torch.where(c > 0, p / c.clamp(min=1) / 2.0, torch.zeros_like(p))

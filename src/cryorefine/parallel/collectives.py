@@ -22,8 +22,10 @@ def guarded(dist: Dist, what: str):
         yield
     except RuntimeError as exc:  # torch.distributed's errors (DistError, DistBackendError) are RuntimeErrors
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise DistributedError(f"rank {dist.rank}: {what} failed: another rank stopped or did not answer within "
-                               f"{dist.timeout_s:.0f} s ({first})") from exc
+        raise DistributedError(
+            f"rank {dist.rank}: {what} failed: another rank stopped or did not answer within "
+            f"{dist.timeout_s:.0f} s ({first})"
+        ) from exc
 
 
 def _each_on_the_wire(tensors: list[torch.Tensor], dist: Dist, what: str, collective) -> None:
@@ -77,7 +79,9 @@ def per_rank(values: list[float], dist: Dist) -> list[list[float]]:
     return v.tolist()
 
 
-def broadcast_tensors_(tensors: list[torch.Tensor], dist: Dist, what: str = "sending the maps to the other ranks") -> None:
+def broadcast_tensors_(
+    tensors: list[torch.Tensor], dist: Dist, what: str = "sending the maps to the other ranks"
+) -> None:
     """Rank 0's tensors into every rank's tensors of the same shapes, in place: a tensor collective, not a pickle,
     for the model's maps (~130 MB a box-256 iteration)."""
     import torch.distributed as tdist

@@ -67,8 +67,10 @@ def choose_backend(devices: list[str]) -> str:
 
 
 def _stopped_by_launcher(signum, frame):
-    raise DistributedError(f"rank {os.environ.get('RANK', '?')}: stopped by torchrun ({signal.Signals(signum).name}), most likely because "
-                           "another rank failed (torchrun's report names it)")
+    raise DistributedError(
+        f"rank {os.environ.get('RANK', '?')}: stopped by torchrun ({signal.Signals(signum).name}), most likely because "
+        "another rank failed (torchrun's report names it)"
+    )
 
 
 @contextmanager
@@ -89,13 +91,19 @@ def distributed(device: str, timeout_s: float = 600.0):
         store.set(f"cryorefine/device/{rank}", f"{socket.gethostname()}/{device}")
         devices = [store.get(f"cryorefine/device/{r}").decode() for r in range(world)]
     except RuntimeError as exc:
-        raise DistributedError(f"rank {rank}: could not join the torchrun job within {timeout_s:.0f} s ({str(exc).splitlines()[0][:160]})") from exc
+        raise DistributedError(
+            f"rank {rank}: could not join the torchrun job within {timeout_s:.0f} s ({str(exc).splitlines()[0][:160]})"
+        ) from exc
     backend = choose_backend(devices)
     if backend == "nccl":
         torch.cuda.set_device(device)
-        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")  # a timed-out collective raises here instead of aborting the process
+        os.environ.setdefault(
+            "TORCH_NCCL_BLOCKING_WAIT", "1"
+        )  # a timed-out collective raises here instead of aborting the process
     tdist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
-    yield Dist(rank, world, int(os.environ["LOCAL_RANK"]), device, backend, timeout_s, store, devices.count(devices[rank]))
+    yield Dist(
+        rank, world, int(os.environ["LOCAL_RANK"]), device, backend, timeout_s, store, devices.count(devices[rank])
+    )
     # reached only on success: after a failure the process exits and torchrun stops the others
     signal.signal(signal.SIGTERM, previous)
     tdist.destroy_process_group()

@@ -91,13 +91,17 @@ def _trilinear_corners(coords: torch.Tensor, size: int):
 MAX_POINTS = 1 << 22  # slice points interpolated at once; bounds the (points, 8 corners) temporaries
 
 
-def extract_central_slices(transform: PaddedTransform, rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:
+def extract_central_slices(
+    transform: PaddedTransform, rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor
+) -> torch.Tensor:
     """Projections of the map at Fourier pixels (kx, ky) (j,) for rotations (..., r, 3, 3) -> (..., r, j) complex."""
     p = extract_central_slices_planar(transform, rotations, ky, kx)
     return torch.complex(p[..., 0, :], p[..., 1, :])
 
 
-def extract_central_slices_planar(transform: PaddedTransform, rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:
+def extract_central_slices_planar(
+    transform: PaddedTransform, rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor
+) -> torch.Tensor:
     """Projections as real and imaginary planes: (..., r, 2, j) real, so (r, 2j) rows [Re | Im] without a copy (the
     operand of the coarse pass's matrix products). Chunks of MAX_POINTS points are written into one output: no
     complex, conjugated or concatenated intermediates (they were most of a local search's coarse pass)."""
@@ -120,7 +124,9 @@ def _xyz(x: float, yz: float, like: torch.Tensor) -> torch.Tensor:
     return v
 
 
-def _extract_into(transform: PaddedTransform, rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor, out: torch.Tensor) -> None:
+def _extract_into(
+    transform: PaddedTransform, rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor, out: torch.Tensor
+) -> None:
     """Trilinear interpolation as one fused torch grid_sample over the half transform's real and imaginary parts
     (8 corner reads per point and no (points × 8) temporaries: the gather version moved ~270 bytes per point),
     written into ``out`` (r, 2, j)."""

@@ -25,13 +25,17 @@ class BackProjector:
         size = box * pad
         shape = (size, size, size // 2 + 1)
         cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
-        return cls(torch.zeros(shape, dtype=cdtype, device=device), torch.zeros(shape, dtype=dtype, device=device), box, pad)
+        return cls(
+            torch.zeros(shape, dtype=cdtype, device=device), torch.zeros(shape, dtype=dtype, device=device), box, pad
+        )
 
     @property
     def size(self) -> int:
         return self.box * self.pad
 
-    def insert(self, rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor, values: torch.Tensor, weights: torch.Tensor) -> None:
+    def insert(
+        self, rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor, values: torch.Tensor, weights: torch.Tensor
+    ) -> None:
         """Add slices ``values`` (r, j) complex with ``weights`` (r, j) at Fourier pixels (kx, ky) (j,) under rotations (r, 3, 3).
 
         In chunks of rotations (MAX_POINTS points), each added whole once computed, so a chunk that runs out of

@@ -32,8 +32,22 @@ if triton is not None:
 
     # integer arguments unspecialised: Triton would otherwise compile anew for each window size J (~0.5 s each)
     @triton.jit(do_not_specialize=["n_points", "J", "size", "nx", "half"])
-    def _insert(rot_ptr, kx_ptr, ky_ptr, val_ptr, wgt_ptr, data_ptr, weight_ptr, n_points, J, size, nx, half, pad,
-                BLOCK: tl.constexpr):
+    def _insert(
+        rot_ptr,
+        kx_ptr,
+        ky_ptr,
+        val_ptr,
+        wgt_ptr,
+        data_ptr,
+        weight_ptr,
+        n_points,
+        J,
+        size,
+        nx,
+        half,
+        pad,
+        BLOCK: tl.constexpr,
+    ):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         live = offs < n_points
         r = offs // J
@@ -70,8 +84,16 @@ if triton is not None:
             tl.atomic_add(weight_ptr + idx, wv * wc, mask=live, sem="relaxed")
 
 
-def insert_fused(data: torch.Tensor, weight: torch.Tensor, pad: int, rotations: torch.Tensor, ky: torch.Tensor,
-                 kx: torch.Tensor, values: torch.Tensor, weights: torch.Tensor) -> None:
+def insert_fused(
+    data: torch.Tensor,
+    weight: torch.Tensor,
+    pad: int,
+    rotations: torch.Tensor,
+    ky: torch.Tensor,
+    kx: torch.Tensor,
+    values: torch.Tensor,
+    weights: torch.Tensor,
+) -> None:
     """Add ``values`` (r, j) complex64 and ``weights`` (r, j) at pixels (kx, ky) (j,) under ``rotations`` (r, 3, 3)
     into ``data`` (P, P, P//2+1) complex64 and ``weight`` (same shape) float32, in place."""
     size = data.shape[0]
@@ -84,5 +106,19 @@ def insert_fused(data: torch.Tensor, weight: torch.Tensor, pad: int, rotations: 
     step = max(1, MAX_KERNEL_POINTS // max(1, J))
     for i in range(0, rot.shape[0], step):
         n = min(step, rot.shape[0] - i) * J
-        _insert[(triton.cdiv(n, BLOCK),)](rot[i:], kx32, ky32, vals[i:], wgts[i:], acc, weight, n, J, size, size // 2 + 1,
-                                          size // 2, float(pad), BLOCK=BLOCK)
+        _insert[(triton.cdiv(n, BLOCK),)](
+            rot[i:],
+            kx32,
+            ky32,
+            vals[i:],
+            wgts[i:],
+            acc,
+            weight,
+            n,
+            J,
+            size,
+            size // 2 + 1,
+            size // 2,
+            float(pad),
+            BLOCK=BLOCK,
+        )

@@ -72,7 +72,9 @@ def backproject_particles(
         imgs = torch.from_numpy(read_images(table, sel)).to(device=device, dtype=dtype)
         f = rfft2_centered(imgs).flatten(-2)[:, idx]  # (n, j)
         origin_px = torch.as_tensor(
-            np.stack([table.origin_x_angst[sel], table.origin_y_angst[sel]], -1) / angpix[sel, None], device=device, dtype=dtype
+            np.stack([table.origin_x_angst[sel], table.origin_y_angst[sel]], -1) / angpix[sel, None],
+            device=device,
+            dtype=dtype,
         )
         f = f * phase_shift_factors(ky, kx, origin_px, box).to(f.dtype)  # re-centre: move by +origin
         if ctf:
@@ -110,7 +112,10 @@ def reconstruct_from_particles(
     half (None or other values: all particles).
     """
     if ctf and not table.has_ctf:
-        raise CryoInputError("the particles have no CTF columns (rlnDefocusU...); reconstruct without CTF correction", path=table.star_path)
+        raise CryoInputError(
+            "the particles have no CTF columns (rlnDefocusU...); reconstruct without CTF correction",
+            path=table.star_path,
+        )
     box = table.box
     angpix = _table_angpix(table)
     indices = np.arange(len(table))
@@ -118,7 +123,9 @@ def reconstruct_from_particles(
         indices = np.flatnonzero(table.random_subset == subset)
         if len(indices) == 0:
             raise CryoInputError(f"no particles with rlnRandomSubset {subset}", path=table.star_path)
-    ops = symmetry_matrices(sym) if isinstance(sym, str) else torch.as_tensor(sym, dtype=torch.float64).reshape(-1, 3, 3)
+    ops = (
+        symmetry_matrices(sym) if isinstance(sym, str) else torch.as_tensor(sym, dtype=torch.float64).reshape(-1, 3, 3)
+    )
     bp = BackProjector.zeros(box, pad, device, dtype)
     backproject_particles(table, indices, bp, ops, ctf=ctf, batch=batch)
     vol = reconstruct(bp)

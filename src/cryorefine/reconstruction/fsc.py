@@ -40,7 +40,9 @@ def downsampled_average(bp, max_shell: int) -> torch.Tensor:
     h = min(c, (max_shell + 1) * pad)
     lo, hi = c - h, min(P, c + h + 1)
     # sums of ≤ pad³ values in the accumulators' precision (float32: a box-360 grid in float64 would need ~4 GiB)
-    x = torch.cat([torch.view_as_real(bp.data[lo:hi, lo:hi, : h + 1]), bp.weight[lo:hi, lo:hi, : h + 1, None]], -1)  # real, imag, weight
+    x = torch.cat(
+        [torch.view_as_real(bp.data[lo:hi, lo:hi, : h + 1]), bp.weight[lo:hi, lo:hi, : h + 1, None]], -1
+    )  # real, imag, weight
     dev = x.device
     k = _round_half_away((torch.arange(lo, hi, device=dev, dtype=torch.float64) - c) / pad).long()
     kx = _round_half_away(torch.arange(h + 1, device=dev, dtype=torch.float64) / pad).long()
@@ -64,7 +66,11 @@ def halves_fsc(bp1, bp2, max_shell: int) -> torch.Tensor:
     n0, _, nx = a1.shape
     dev = a1.device
     k = torch.arange(n0, device=dev, dtype=torch.float64) - n0 // 2
-    r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + torch.arange(nx, device=dev, dtype=torch.float64)[None, None, :] ** 2)
+    r = torch.sqrt(
+        k[:, None, None] ** 2
+        + k[None, :, None] ** 2
+        + torch.arange(nx, device=dev, dtype=torch.float64)[None, None, :] ** 2
+    )
     n = bp1.box // 2 + 1
     keep = (r <= max_shell) & (r < n - 0.5)
     shell = _round_half_away(r[keep]).long()
@@ -87,7 +93,7 @@ def resolution_shell(fsc: torch.Tensor, threshold: float, consecutive: int = 1) 
     below = (fsc[1:] < threshold).to(torch.int64)
     if consecutive > 1:
         runs = below.unfold(0, consecutive, 1).prod(1) if below.numel() >= consecutive else below[:0]
-        runs = torch.cat([runs, below[len(runs):]])
+        runs = torch.cat([runs, below[len(runs) :]])
         below = runs
     idx = below.nonzero()
     return int(fsc.numel() - 1 if idx.numel() == 0 else idx[0, 0])

@@ -22,7 +22,9 @@ def padded_shell_index(size: int, pad: int, device=None) -> tuple[torch.Tensor, 
     return r, torch.round(r / pad).long()
 
 
-def _hermitian_window(bp: BackProjector, max_shell: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def _hermitian_window(
+    bp: BackProjector, max_shell: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """The accumulators with the x = 0 plane made Hermitian (enforce_hermitian_x0), cropped to the cube about the
     origin that holds the padded radii <= ``max_shell``·pad (default d/2; the whole grid when the cube reaches its
     edge): (data, weight, r_pad, shell, h) with each voxel's padded radius and original-grid shell round(R/pad);
@@ -60,7 +62,9 @@ def reconstruction_noise_power(bp: BackProjector, n_shells: int, max_shell: int 
     return torch.where(total > 1e-10, count / total.clamp(min=1e-300), torch.zeros_like(total))
 
 
-def data_vs_prior(bp: BackProjector, tau2: torch.Tensor, tau2_fudge: float, n_shells: int, max_shell: int | None = None) -> torch.Tensor:
+def data_vs_prior(
+    bp: BackProjector, tau2: torch.Tensor, tau2_fudge: float, n_shells: int, max_shell: int | None = None
+) -> torch.Tensor:
     """RELION's spectral data-to-prior ratio per shell (s,), which sets the resolution of a classification:
     the shell mean of weight·pad³·T·τ² (where τ² = 0, RELION's stand-in prior gives 0.001·weight²);
     999 for shells without voxels, 0 beyond ``max_shell``."""
@@ -86,7 +90,9 @@ def weight_floor(weight: torch.Tensor, r_pad: torch.Tensor, pad: int, max_shell:
     n = max(int(max_shell), 1)
     s = shell[within].clamp(max=n - 1)
     total = torch.zeros(n, dtype=torch.float64, device=w.device).index_add_(0, s, w[within])
-    count = torch.zeros(n, dtype=torch.float64, device=w.device).index_add_(0, s, torch.ones_like(s, dtype=torch.float64))
+    count = torch.zeros(n, dtype=torch.float64, device=w.device).index_add_(
+        0, s, torch.ones_like(s, dtype=torch.float64)
+    )
     radial = total / (1000.0 * count.clamp(min=1))
     return radial[shell.clamp(max=n - 1)]
 
@@ -119,7 +125,11 @@ def reconstruct(
         denom = denom + torch.where(shell >= min_regularised_shell, reg, torch.zeros_like(reg))
     denom = torch.maximum(denom, weight_floor(denom, r_pad, pad, max_shell))
     inside = (r_pad <= max_shell * pad) & (denom > 0)
-    f = torch.where(inside, data.to(torch.complex128) / denom.clamp(min=1e-300), torch.zeros((), dtype=torch.complex128, device=data.device))
+    f = torch.where(
+        inside,
+        data.to(torch.complex128) / denom.clamp(min=1e-300),
+        torch.zeros((), dtype=torch.complex128, device=data.device),
+    )
     if h >= 0:  # the cube back into the zero grid the inverse transform needs
         c = size // 2
         full = torch.zeros((size, size, size // 2 + 1), dtype=torch.complex128, device=data.device)

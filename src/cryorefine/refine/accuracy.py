@@ -39,12 +39,20 @@ SHIFT_STEPS_PX = _walk([(1.0, 0.1), (2.0, 0.2), (5.0, 0.5), (10.0, 1.0)], 2.0, 1
 def _first_past(snr: torch.Tensor, steps: np.ndarray) -> torch.Tensor:
     """(n, S) likelihood ratios over the walk -> (n,) the first step past the threshold (the last one if none is)."""
     past = snr > LOG_LIKELIHOOD_DROP
-    idx = torch.where(past.any(1), past.float().argmax(1), torch.full_like(past[:, 0], len(steps) - 1, dtype=torch.long))
+    idx = torch.where(
+        past.any(1), past.float().argmax(1), torch.full_like(past[:, 0], len(steps) - 1, dtype=torch.long)
+    )
     return torch.as_tensor(steps, dtype=torch.float64, device=snr.device)[idx]
 
 
-def expected_accuracy(ref: PaddedTransform, eulers_deg: np.ndarray, ctf: torch.Tensor, inv_sigma2: torch.Tensor, window: Window,
-                      rng: np.random.Generator) -> tuple[float, float]:
+def expected_accuracy(
+    ref: PaddedTransform,
+    eulers_deg: np.ndarray,
+    ctf: torch.Tensor,
+    inv_sigma2: torch.Tensor,
+    window: Window,
+    rng: np.random.Generator,
+) -> tuple[float, float]:
     """(rotations in degrees, translations in pixels) for particles at ``eulers_deg`` (n, 3) with their CTFs and 1/σ²
     (n, j) on the ``window``'s pixels, against the padded reference ``ref``."""
     dev = ctf.device
@@ -63,7 +71,9 @@ def expected_accuracy(ref: PaddedTransform, eulers_deg: np.ndarray, ctf: torch.T
     w = (ctf**2 * inv_sigma2 * 0.5 * window.scored).to(torch.float64)  # (n, j); the window has no DC
     snr_rot = ((p1 - p0[:, None, :]).abs().to(torch.float64) ** 2 * w[:, None, :]).sum(-1)
     # a shift s along x or y multiplies P by exp(-2πi k s / d): |ΔP|² = |P|² · 2(1 − cos 2πks/d)
-    k = torch.where(torch.as_tensor(rng.integers(0, 2, n), device=dev)[:, None] == 0, kx[None, :], ky[None, :]).to(torch.float64)
+    k = torch.where(torch.as_tensor(rng.integers(0, 2, n), device=dev)[:, None] == 0, kx[None, :], ky[None, :]).to(
+        torch.float64
+    )
     sh = torch.as_tensor(SHIFT_STEPS_PX, device=dev)
     phase = 2.0 * math.pi * k[:, None, :] * sh[None, :, None] / window.box
     snr_trans = ((p0.abs().to(torch.float64) ** 2 * w)[:, None, :] * 2.0 * (1.0 - torch.cos(phase))).sum(-1)

@@ -125,13 +125,23 @@ def _halves(table: ParticleTable, seed: int) -> np.ndarray:
 
 def _check_inputs(cfg: RefineConfig, table: ParticleTable, ref: np.ndarray, ref_angpix: float) -> None:
     if cfg.particle_diameter <= 0:
-        raise CryoInputError(f"--particle_diameter must be positive (got {cfg.particle_diameter} Å); give the particle's longest dimension in Å")
+        raise CryoInputError(
+            f"--particle_diameter must be positive (got {cfg.particle_diameter} Å); give the particle's longest dimension in Å"
+        )
     if ref.shape[0] != table.box:
-        raise CryoInputError(f"reference box {ref.shape[0]} differs from the particle box {table.box}; resample the reference to {table.box} px", cfg.reference)
+        raise CryoInputError(
+            f"reference box {ref.shape[0]} differs from the particle box {table.box}; resample the reference to {table.box} px",
+            cfg.reference,
+        )
     if abs(ref_angpix - cfg.angpix) > 0.01 * cfg.angpix:
-        raise CryoInputError(f"reference pixel size {ref_angpix:.4f} Å differs from the particles' {cfg.angpix:.4f} Å; rescale the reference or fix its header", cfg.reference)
+        raise CryoInputError(
+            f"reference pixel size {ref_angpix:.4f} Å differs from the particles' {cfg.angpix:.4f} Å; rescale the reference or fix its header",
+            cfg.reference,
+        )
     if cfg.particle_diameter > table.box * cfg.angpix:
-        raise CryoInputError(f"--particle_diameter {cfg.particle_diameter} Å is larger than the box ({table.box * cfg.angpix:.1f} Å)")
+        raise CryoInputError(
+            f"--particle_diameter {cfg.particle_diameter} Å is larger than the box ({table.box * cfg.angpix:.1f} Å)"
+        )
 
 
 @dataclass
@@ -164,14 +174,19 @@ class AutoRefine:
         self.table = load_particles(cfg.particles)
         angpix = np.unique(np.round(self.table.angpix, 4))
         if len(angpix) > 1:
-            raise CryoInputError(f"optics groups have different pixel sizes ({', '.join(map(str, angpix))} Å); refine them separately or re-extract at one pixel size", cfg.particles)
+            raise CryoInputError(
+                f"optics groups have different pixel sizes ({', '.join(map(str, angpix))} Å); refine them separately or re-extract at one pixel size",
+                cfg.particles,
+            )
         cfg.angpix = float(angpix[0])
         ref, ref_angpix = read_map(cfg.reference)
         _check_inputs(cfg, self.table, ref, ref_angpix)
         if cfg.solvent_mask:
             m, _ = read_map(cfg.solvent_mask)
             if m.shape[0] != self.table.box:
-                raise CryoInputError(f"solvent mask box {m.shape[0]} differs from the particle box {self.table.box}", cfg.solvent_mask)
+                raise CryoInputError(
+                    f"solvent mask box {m.shape[0]} differs from the particle box {self.table.box}", cfg.solvent_mask
+                )
             cfg.solvent_mask_volume = torch.from_numpy(m).float()
         self.box = self.table.box
         self.device = torch.device(cfg.device)
@@ -189,7 +204,10 @@ class AutoRefine:
         self._clock = time.perf_counter()  # start of the current iteration (see iterate)
         self._writer = BackgroundWriter()  # rank 0's files of an iteration, written while the next one computes
         # the first refresh REPORT_INTERVAL_S into the run (its plots would hold the interpreter lock in iteration 2)
-        self._report_state = {"written": time.monotonic(), "pending": None}  # shared with the writer's snapshots (_report)
+        self._report_state = {
+            "written": time.monotonic(),
+            "pending": None,
+        }  # shared with the writer's snapshots (_report)
         if cfg.continue_from:
             self._load_state(cfg.continue_from)
         else:
@@ -199,14 +217,25 @@ class AutoRefine:
             # RELION masks the images for the initial power spectra only with --zero_mask (without it, the E-step fills
             # the area outside the mask with noise of this σ²: a masked spectrum would be the mask's area fraction too small)
             mask_radius_px = cfg.particle_diameter / (2 * cfg.angpix) if cfg.zero_mask else None
-            sigma2 = initial_sigma2(self.table, self.n_groups, self._model_of_particle(), device=self.device, mask_radius_px=mask_radius_px)
+            sigma2 = initial_sigma2(
+                self.table, self.n_groups, self._model_of_particle(), device=self.device, mask_radius_px=mask_radius_px
+            )
             self.stats = [ModelStatistics.initial(s, cfg.sigma_offset) for s in sigma2]
-            self.schedule = Schedule(cfg.healpix_order, cfg.offset_range, cfg.offset_step, current_resolution_shell=self._ini_shell(), incr_size=cfg.incr_size)
+            self.schedule = Schedule(
+                cfg.healpix_order,
+                cfg.offset_range,
+                cfg.offset_step,
+                current_resolution_shell=self._ini_shell(),
+                incr_size=cfg.incr_size,
+            )
             if cfg.sigma_ang > 0:
                 self.schedule.local_search, self.schedule.sigma_ang_deg = True, cfg.sigma_ang
             self.history = []
             self.fsc = torch.zeros(self.box // 2 + 1, dtype=torch.float64)
-            self.direction_prior = [None, None]  # per half set: RELION's pdf_direction (mstep/priors.py), uniform at first
+            self.direction_prior = [
+                None,
+                None,
+            ]  # per half set: RELION's pdf_direction (mstep/priors.py), uniform at first
         self._check_device_memory()
         self.images = self._image_cache()
 
@@ -230,11 +259,17 @@ class AutoRefine:
     def _image_cache(self) -> ImageCache:
         """The GPU's cache of particle images (capacity 0 on the CPU or with --no_image_cache)."""
         per_image = 4 * self.box * self.box
-        room = image_cache_bytes(self.device, sum(self._fixed_volume_sizes().values()), self.dist.device_peers) if self.cfg.image_cache else 0
+        room = (
+            image_cache_bytes(self.device, sum(self._fixed_volume_sizes().values()), self.dist.device_peers)
+            if self.cfg.image_cache
+            else 0
+        )
         cache = ImageCache(len(self.table), self.box, room // per_image, self.device)
         if self.device.type == "cuda":
-            self.log.line(f"GPU image cache: {cache.capacity} of {len(self.table)} particles ({cache.nbytes / 2**30:.2f} GiB)"
-                          + ("" if self.cfg.image_cache else "; off (--no_image_cache)"))
+            self.log.line(
+                f"GPU image cache: {cache.capacity} of {len(self.table)} particles ({cache.nbytes / 2**30:.2f} GiB)"
+                + ("" if self.cfg.image_cache else "; off (--no_image_cache)")
+            )
         return cache
 
     # ------------------------------------------------------------------ one iteration
@@ -258,8 +293,12 @@ class AutoRefine:
     def _settings(self, sampling) -> EStepSettings:
         cfg, sch = self.cfg, self.schedule
         return EStepSettings(
-            adaptive_fraction=cfg.adaptive_fraction, maxsig=cfg.maxsig, firstiter_cc=cfg.firstiter_cc and self.iteration == 1,
-            local_sigma_deg=sch.sigma_ang_deg if sch.local_search else 0.0, sigma2_offset_angst2=self.stats[0].sigma2_offset_angst2, angpix=cfg.angpix,
+            adaptive_fraction=cfg.adaptive_fraction,
+            maxsig=cfg.maxsig,
+            firstiter_cc=cfg.firstiter_cc and self.iteration == 1,
+            local_sigma_deg=sch.sigma_ang_deg if sch.local_search else 0.0,
+            sigma2_offset_angst2=self.stats[0].sigma2_offset_angst2,
+            angpix=cfg.angpix,
             precision=cfg.precision,
         )
 
@@ -275,9 +314,15 @@ class AutoRefine:
         # --strict_highres_exp (RELION's meaning): both passes score up to that shell (it replaces the adaptive coarse
         # size); reconstruction and σ² still use the whole window
         score_shell = strict_window_shell(window_shell, self.box, cfg.angpix, cfg.strict_highres_exp)
-        coarse_shell = score_shell if cfg.strict_highres_exp > 0 else sch.coarse_shell(window_shell, self.box, cfg.angpix, cfg.particle_diameter)
+        coarse_shell = (
+            score_shell
+            if cfg.strict_highres_exp > 0
+            else sch.coarse_shell(window_shell, self.box, cfg.angpix, cfg.particle_diameter)
+        )
         settings = replace(self._settings(sampling), score_shell=score_shell)
-        return IterationPlan(sampling, grid, Window.build(self.box, window_shell, self.device), window_shell, coarse_shell, settings)
+        return IterationPlan(
+            sampling, grid, Window.build(self.box, window_shell, self.device), window_shell, coarse_shell, settings
+        )
 
     def _update_sampling(self, window_shell: int) -> str | None:
         """RELION, before each E-step: the expected accuracy of the current poses and map (half 1) over this iteration's
@@ -287,20 +332,47 @@ class AutoRefine:
             self._accuracy = (999.0, 999.0)
             return None
         # rank 0's estimate on every rank: the sampling it decides must be the same everywhere
-        acc = self._expected_accuracy(window_shell, self.maps[0], np.flatnonzero(self.halves == 1)) if self.dist.is_main else None
+        acc = (
+            self._expected_accuracy(window_shell, self.maps[0], np.flatnonzero(self.halves == 1))
+            if self.dist.is_main
+            else None
+        )
         self._accuracy = broadcast_from_main(acc, self.dist, "sharing the expected accuracy with rank 0")
         if self.iteration < 2:
             return None
-        return self.schedule.update_angular_sampling(self._accuracy[0], cfg.auto_local_healpix_order, self._accuracy[1], cfg.angpix)
+        return self.schedule.update_angular_sampling(
+            self._accuracy[0], cfg.auto_local_healpix_order, self._accuracy[1], cfg.angpix
+        )
 
-    def _estep_pass(self, half: int, rows: np.ndarray, refs, plan: IterationPlan, sums: WeightedSums, progress, **kw) -> np.ndarray:
+    def _estep_pass(
+        self, half: int, rows: np.ndarray, refs, plan: IterationPlan, sums: WeightedSums, progress, **kw
+    ) -> np.ndarray:
         """This rank's batches of one E-step pass over ``rows`` (``half``: 1, 2, or 0 for all); returns the rows it did."""
         key = f"it{self.iteration}/half{half}"
         stats = self.stats[max(half - 1, 0)]
         settings = replace(plan.settings, sigma2_offset_angst2=stats.sigma2_offset_angst2)
-        return run_expectation(self.table, rows, refs, self.poses, plan.grid, plan.window, plan.coarse_shell, stats.sigma2.to(self.device), stats.scale,
-                               settings, sums, self.cfg, (self.cfg.random_seed, self.iteration, half), self.timer, progress, self._batch_size(),
-                               local=self.schedule.local_search, tasks=lambda n: self.pool.take(key, n), cache=self.images, **kw)
+        return run_expectation(
+            self.table,
+            rows,
+            refs,
+            self.poses,
+            plan.grid,
+            plan.window,
+            plan.coarse_shell,
+            stats.sigma2.to(self.device),
+            stats.scale,
+            settings,
+            sums,
+            self.cfg,
+            (self.cfg.random_seed, self.iteration, half),
+            self.timer,
+            progress,
+            self._batch_size(),
+            local=self.schedule.local_search,
+            tasks=lambda n: self.pool.take(key, n),
+            cache=self.images,
+            **kw,
+        )
 
     def _combine(self, sums: list[WeightedSums], done: np.ndarray) -> dict:
         """Accumulators summed and per-particle results gathered over ranks; returns each rank's batches and E-step
@@ -331,9 +403,13 @@ class AutoRefine:
             for half in (1, 2):
                 with self.timer("getFourierTransformsAndCTFs"):
                     refs = prepare_references([self.maps[half - 1]], cfg.pad, cfg, self.device)
-                s = WeightedSums.zeros(1, self.box, cfg.pad, self.n_groups, plan.sampling.n_directions, device=self.device)
+                s = WeightedSums.zeros(
+                    1, self.box, cfg.pad, self.n_groups, plan.sampling.n_directions, device=self.device
+                )
                 # each half set's own learned direction prior in global searches, as RELION's two half models
-                prior = direction_log_prior(self.direction_prior[half - 1], plan.sampling.n_directions, self.schedule.local_search)
+                prior = direction_log_prior(
+                    self.direction_prior[half - 1], plan.sampling.n_directions, self.schedule.local_search
+                )
                 half_plan = replace(plan, settings=replace(plan.settings, direction_log_prior=prior))
                 rows = np.flatnonzero(self.halves == half)
                 avg_norm = self._average_norm_correction(rows) if cfg.norm else None
@@ -355,7 +431,9 @@ class AutoRefine:
             self.timer.reset()
             self.timer.reset_counters()
         self._share_state()
-        self._clock = time.perf_counter()  # an iteration's seconds run from here: rank 0's writing below overlaps the next E-step
+        self._clock = (
+            time.perf_counter()
+        )  # an iteration's seconds run from here: rank 0's writing below overlaps the next E-step
         if self.dist.is_main:
             # after sharing: the other ranks start the next E-step meanwhile, and the pool gives rank 0 fewer batches
             self.log.iteration(record)
@@ -365,27 +443,49 @@ class AutoRefine:
     def _pose_changes(self, previous: ParticlePoses) -> tuple[float, float]:
         """Mean angular change (°, RELION's symmetry-aware measure) and rms offset change (px) since ``previous``."""
         p = self.poses
-        d_ang = angular_change_deg(previous.rot_deg, previous.tilt_deg, previous.psi_deg, p.rot_deg, p.tilt_deg, p.psi_deg, self.cfg.sym)
-        d_off = np.hypot(previous.origin_x_angst - p.origin_x_angst, previous.origin_y_angst - p.origin_y_angst) / self.cfg.angpix
+        d_ang = angular_change_deg(
+            previous.rot_deg, previous.tilt_deg, previous.psi_deg, p.rot_deg, p.tilt_deg, p.psi_deg, self.cfg.sym
+        )
+        d_off = (
+            np.hypot(previous.origin_x_angst - p.origin_x_angst, previous.origin_y_angst - p.origin_y_angst)
+            / self.cfg.angpix
+        )
         return float(np.mean(d_ang)), float(np.sqrt(np.mean(d_off**2)))
 
-    def _conclude(self, plan: IterationPlan, sums: list[WeightedSums], previous: ParticlePoses, ranks: dict) -> tuple[dict, dict]:
+    def _conclude(
+        self, plan: IterationPlan, sums: list[WeightedSums], previous: ParticlePoses, ranks: dict
+    ) -> tuple[dict, dict]:
         """Rank 0: M-step and the schedule's next step; returns the iteration's record and the M-step's info."""
         sch = self.schedule
         with self.timer("M-step"):
             info = self.maximization(sums, plan.window_shell)
         change_ang, change_off = self._pose_changes(previous)
         record = {
-            "iteration": self.iteration, "resolution_angst": info["resolution_angst"], "healpix_order": sch.healpix_order,
-            "local": sch.local_search, "window_shell": plan.window_shell, "coarse_shell": plan.coarse_shell,
-            "change_orientation_deg": change_ang, "change_offset_px": change_off,
-            "mean_significant": float(np.mean(self.poses.n_significant)), "mean_max_prob": float(np.mean(self.poses.max_prob)),
-            "posterior_spread_deg": float(np.median(self.poses.angular_spread_deg)), "posterior_spread_px": float(np.median(self.poses.offset_spread_px)),
-            "sigma_offset_angst": math.sqrt(self.stats[0].sigma2_offset_angst2), **ranks,
+            "iteration": self.iteration,
+            "resolution_angst": info["resolution_angst"],
+            "healpix_order": sch.healpix_order,
+            "local": sch.local_search,
+            "window_shell": plan.window_shell,
+            "coarse_shell": plan.coarse_shell,
+            "change_orientation_deg": change_ang,
+            "change_offset_px": change_off,
+            "mean_significant": float(np.mean(self.poses.n_significant)),
+            "mean_max_prob": float(np.mean(self.poses.max_prob)),
+            "posterior_spread_deg": float(np.median(self.poses.angular_spread_deg)),
+            "posterior_spread_px": float(np.median(self.poses.offset_spread_px)),
+            "sigma_offset_angst": math.sqrt(self.stats[0].sigma2_offset_angst2),
+            **ranks,
         }
         record["accuracy_rotation_deg"], record["accuracy_offset_px"] = self._accuracy
-        record.update({"seconds": time.perf_counter() - self._clock, "stages": self.timer.reset(), "final": sch.final_iteration,
-                       "counters": self.timer.reset_counters(), "note": self._sampling_note})
+        record.update(
+            {
+                "seconds": time.perf_counter() - self._clock,
+                "stages": self.timer.reset(),
+                "final": sch.final_iteration,
+                "counters": self.timer.reset_counters(),
+                "note": self._sampling_note,
+            }
+        )
         if not sch.final_iteration:
             sch.update_after_halves_fsc(info["fsc"], plan.window_shell)
             # one class: RELION counts iteration 1 as the one that gave every particle its class (the input's is not 1)
@@ -405,7 +505,9 @@ class AutoRefine:
         window = Window.build(self.box, score_shell, self.device)
         ref = prepare_references([volume], cfg.pad, cfg, self.device)[0]
         group = to_device(self.table.optics_group[pick], self.device)
-        ctf, inv_sigma2 = ctf_and_inverse_noise(self.table, pick, group, window, self.stats[0].sigma2.to(self.device), cfg.ctf, self.device)
+        ctf, inv_sigma2 = ctf_and_inverse_noise(
+            self.table, pick, group, window, self.stats[0].sigma2.to(self.device), cfg.ctf, self.device
+        )
         p = self.poses
         eulers = np.stack([p.rot_deg[pick], p.tilt_deg[pick], p.psi_deg[pick]], -1)
         return expected_accuracy(ref, eulers, ctf, inv_sigma2, window, rng)
@@ -435,13 +537,19 @@ class AutoRefine:
         # cross-correlation iteration.
         cc_iteration = cfg.firstiter_cc and self.iteration == 1
         pooled = [sums] * 2 if sch.final_iteration else [[s] for s in sums]
-        self.stats = [updated_statistics(st, ss, cfg.min_sigma2_offset, noise=not cc_iteration, scale=cfg.scale and not cc_iteration)
-                      for st, ss in zip(self.stats, pooled)]
+        self.stats = [
+            updated_statistics(
+                st, ss, cfg.min_sigma2_offset, noise=not cc_iteration, scale=cfg.scale and not cc_iteration
+            )
+            for st, ss in zip(self.stats, pooled)
+        ]
         self.direction_prior = [direction_prior(s.direction_weight.cpu()) for s in sums]
         # halves joined at low resolution (RELION's joinTwoHalvesAtLowResolution): up to --low_resol_join_halves or
         # the current resolution, whichever is lower, on the padded radii <= ROUND(pad · CEIL(box·angpix / that))
         if cfg.low_resol_join_halves > 0 and not sch.final_iteration:
-            join_angst = max(cfg.low_resol_join_halves, shell_to_angstrom(sch.current_resolution_shell, self.box, cfg.angpix))
+            join_angst = max(
+                cfg.low_resol_join_halves, shell_to_angstrom(sch.current_resolution_shell, self.box, cfg.angpix)
+            )
             join_r_pad = relion_round(cfg.pad * math.ceil(self.box * cfg.angpix / join_angst))
             r_pad, _ = padded_shell_index(bps[0].size, cfg.pad, self.device)
             low = torch.round(r_pad**2) <= join_r_pad**2
@@ -474,7 +582,11 @@ class AutoRefine:
             self.tau2 = tau2.cpu()
         if cc_iteration:  # RELION's updateCurrentResolution keeps --ini_high for the iteration after the CC one
             res_shell = self._ini_shell()
-        return {"resolution_shell": res_shell, "resolution_angst": shell_to_angstrom(res_shell, self.box, cfg.angpix), "fsc": fsc}
+        return {
+            "resolution_shell": res_shell,
+            "resolution_angst": shell_to_angstrom(res_shell, self.box, cfg.angpix),
+            "fsc": fsc,
+        }
 
     def _after_cc_iteration(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
         """RELION, after the --firstiter_cc iteration: the new references are low-passed to --ini_high again."""
@@ -492,33 +604,81 @@ class AutoRefine:
         fsc = self.fsc.numpy()
         ssnr = fsc_to_ssnr(self.fsc).numpy()
         general = {
-            "rlnReferenceDimensionality": 3, "rlnDataDimensionality": 2, "rlnOriginalImageSize": self.box,
-            "rlnCurrentResolution": info["resolution_angst"], "rlnCurrentImageSize": 2 * record["window_shell"],
-            "rlnPaddingFactor": cfg.pad, "rlnIsHelix": 0, "rlnFourierSpaceInterpolator": 1, "rlnMinRadiusNnInterpolation": 10,
-            "rlnPixelSize": cfg.angpix, "rlnNrClasses": 1, "rlnNrBodies": 1, "rlnNrGroups": self.n_groups,
-            "rlnTau2FudgeFactor": cfg.tau2_fudge, "rlnNormCorrectionAverage": float(np.mean(self.poses.norm_correction[rows])), "rlnSigmaOffsetsAngst": math.sqrt(stats.sigma2_offset_angst2),
-            "rlnOrientationalPriorMode": int(self.schedule.local_search), "rlnSigmaPriorRotAngle": self.schedule.sigma_ang_deg, "rlnSigmaPriorTiltAngle": self.schedule.sigma_ang_deg,
-            "rlnSigmaPriorPsiAngle": self.schedule.sigma_ang_deg, "rlnLogLikelihood": float(np.sum(self.poses.loglik)),
+            "rlnReferenceDimensionality": 3,
+            "rlnDataDimensionality": 2,
+            "rlnOriginalImageSize": self.box,
+            "rlnCurrentResolution": info["resolution_angst"],
+            "rlnCurrentImageSize": 2 * record["window_shell"],
+            "rlnPaddingFactor": cfg.pad,
+            "rlnIsHelix": 0,
+            "rlnFourierSpaceInterpolator": 1,
+            "rlnMinRadiusNnInterpolation": 10,
+            "rlnPixelSize": cfg.angpix,
+            "rlnNrClasses": 1,
+            "rlnNrBodies": 1,
+            "rlnNrGroups": self.n_groups,
+            "rlnTau2FudgeFactor": cfg.tau2_fudge,
+            "rlnNormCorrectionAverage": float(np.mean(self.poses.norm_correction[rows])),
+            "rlnSigmaOffsetsAngst": math.sqrt(stats.sigma2_offset_angst2),
+            "rlnOrientationalPriorMode": int(self.schedule.local_search),
+            "rlnSigmaPriorRotAngle": self.schedule.sigma_ang_deg,
+            "rlnSigmaPriorTiltAngle": self.schedule.sigma_ang_deg,
+            "rlnSigmaPriorPsiAngle": self.schedule.sigma_ang_deg,
+            "rlnLogLikelihood": float(np.sum(self.poses.loglik)),
             "rlnAveragePmax": float(np.mean(self.poses.max_prob)),
         }
-        classes = [{"rlnReferenceImage": f"{it_prefix(self.root, self.iteration)}_half1_class001.mrc", "rlnClassDistribution": 1.0,
-                    "rlnAccuracyRotations": record["accuracy_rotation_deg"],
-                    "rlnAccuracyTranslationsAngst": record["accuracy_offset_px"] * cfg.angpix, "rlnEstimatedResolution": info["resolution_angst"], "rlnOverallFourierCompleteness": 1.0}]
+        classes = [
+            {
+                "rlnReferenceImage": f"{it_prefix(self.root, self.iteration)}_half1_class001.mrc",
+                "rlnClassDistribution": 1.0,
+                "rlnAccuracyRotations": record["accuracy_rotation_deg"],
+                "rlnAccuracyTranslationsAngst": record["accuracy_offset_px"] * cfg.angpix,
+                "rlnEstimatedResolution": info["resolution_angst"],
+                "rlnOverallFourierCompleteness": 1.0,
+            }
+        ]
         tau2 = self.tau2.numpy() if hasattr(self, "tau2") else np.zeros(n_sh)
-        class_table = pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": res, "rlnAngstromResolution": np.where(res > 0, 1 / np.maximum(res, 1e-12), 999.0),
-                                    "rlnSsnrMap": ssnr, "rlnGoldStandardFsc": fsc, "rlnFourierCompleteness": np.ones(n_sh), "rlnReferenceTau2": tau2[:n_sh]})
-        groups = pd.DataFrame({"rlnGroupNumber": np.arange(1, self.n_groups + 1), "rlnGroupName": [g.name for g in self.table.optics],
-                               "rlnGroupNrParticles": np.bincount(self.table.optics_group, minlength=self.n_groups),
-                               "rlnGroupScaleCorrection": stats.scale.numpy()})
-        sig = [pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": res, "rlnSigma2Noise": stats.sigma2[g].numpy()}) for g in range(self.n_groups)]
+        class_table = pd.DataFrame(
+            {
+                "rlnSpectralIndex": shells,
+                "rlnResolution": res,
+                "rlnAngstromResolution": np.where(res > 0, 1 / np.maximum(res, 1e-12), 999.0),
+                "rlnSsnrMap": ssnr,
+                "rlnGoldStandardFsc": fsc,
+                "rlnFourierCompleteness": np.ones(n_sh),
+                "rlnReferenceTau2": tau2[:n_sh],
+            }
+        )
+        groups = pd.DataFrame(
+            {
+                "rlnGroupNumber": np.arange(1, self.n_groups + 1),
+                "rlnGroupName": [g.name for g in self.table.optics],
+                "rlnGroupNrParticles": np.bincount(self.table.optics_group, minlength=self.n_groups),
+                "rlnGroupScaleCorrection": stats.scale.numpy(),
+            }
+        )
+        sig = [
+            pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": res, "rlnSigma2Noise": stats.sigma2[g].numpy()})
+            for g in range(self.n_groups)
+        ]
         return general, classes, [class_table], groups, sig
 
     def _data_columns(self) -> dict:
         p = self.poses
-        return {"rlnAngleRot": p.rot_deg, "rlnAngleTilt": p.tilt_deg, "rlnAnglePsi": p.psi_deg, "rlnOriginXAngst": p.origin_x_angst,
-                "rlnOriginYAngst": p.origin_y_angst, "rlnClassNumber": p.class_number, "rlnRandomSubset": self.halves,
-                "rlnMaxValueProbDistribution": p.max_prob, "rlnNrOfSignificantSamples": p.n_significant,
-                "rlnLogLikeliContribution": p.loglik, "rlnNormCorrection": p.norm_correction, "rlnGroupNumber": self.table.optics_group + 1}
+        return {
+            "rlnAngleRot": p.rot_deg,
+            "rlnAngleTilt": p.tilt_deg,
+            "rlnAnglePsi": p.psi_deg,
+            "rlnOriginXAngst": p.origin_x_angst,
+            "rlnOriginYAngst": p.origin_y_angst,
+            "rlnClassNumber": p.class_number,
+            "rlnRandomSubset": self.halves,
+            "rlnMaxValueProbDistribution": p.max_prob,
+            "rlnNrOfSignificantSamples": p.n_significant,
+            "rlnLogLikeliContribution": p.loglik,
+            "rlnNormCorrection": p.norm_correction,
+            "rlnGroupNumber": self.table.optics_group + 1,
+        }
 
     def _write_iteration_files(self, info, record) -> None:
         cfg = self.cfg
@@ -531,16 +691,37 @@ class AutoRefine:
             write_model_star(f"{pre}_half{h}_model.star", *self._model_tables(info, record, h - 1))
         write_particles(f"{pre}_data.star", self.table, **self._data_columns())
         sch = self.schedule
-        write_sampling_star(f"{pre}_sampling.star", sch.healpix_order, 60.0 / 2**sch.healpix_order, sch.offset_range_px * cfg.angpix, sch.offset_step_px * cfg.angpix,
-                            cfg.perturb, self.perturbation, cfg.sym, sch.local_search, sch.sigma_ang_deg)
+        write_sampling_star(
+            f"{pre}_sampling.star",
+            sch.healpix_order,
+            60.0 / 2**sch.healpix_order,
+            sch.offset_range_px * cfg.angpix,
+            sch.offset_step_px * cfg.angpix,
+            cfg.perturb,
+            self.perturbation,
+            cfg.sym,
+            sch.local_search,
+            sch.sigma_ang_deg,
+        )
         if self.schedule.final_iteration:
             write_map(f"{self.root}_class001.mrc", self.final_map.numpy(), cfg.angpix)
             for h in (1, 2):
                 write_map(f"{self.root}_half{h}_class001_unfil.mrc", self.unfil[h - 1].numpy(), cfg.angpix)
             write_model_star(f"{self.root}_model.star", *self._model_tables(info, record))
             write_particles(f"{self.root}_data.star", self.table, **self._data_columns())
-            write_angdist_bild(f"{self.root}_class001_angdist.bild", self.poses.rot_deg, self.poses.tilt_deg, cfg.particle_diameter / (2 * cfg.angpix), self.box // 2, cfg.angpix)
-        self._report(self.fsc.numpy(), (self.final_map if self.schedule.final_iteration else self.maps[0]).cpu().numpy(), force=self.schedule.final_iteration)
+            write_angdist_bild(
+                f"{self.root}_class001_angdist.bild",
+                self.poses.rot_deg,
+                self.poses.tilt_deg,
+                cfg.particle_diameter / (2 * cfg.angpix),
+                self.box // 2,
+                cfg.angpix,
+            )
+        self._report(
+            self.fsc.numpy(),
+            (self.final_map if self.schedule.final_iteration else self.maps[0]).cpu().numpy(),
+            force=self.schedule.final_iteration,
+        )
         self._save_state(pre)  # last: an iteration with an optimiser.star has all its outputs
 
     def _report(self, fsc: np.ndarray, volume: np.ndarray, force: bool = False) -> None:
@@ -570,7 +751,10 @@ class AutoRefine:
         the host, not the thread that drives the GPU); tensors that are replaced, not changed, are shared."""
         snap = copy.copy(self)
         snap.poses = ParticlePoses(**{k: v.copy() for k, v in self.poses.as_dict().items()})
-        snap.table, snap.schedule = self.table.subset(np.arange(len(self.table))), copy.deepcopy(self.schedule)  # arrays copied
+        snap.table, snap.schedule = (
+            self.table.subset(np.arange(len(self.table))),
+            copy.deepcopy(self.schedule),
+        )  # arrays copied
         snap.history, snap.rng = copy.deepcopy(self.history), copy.deepcopy(self.rng)
         snap.maps = [m.clone() for m in self.maps]
         return snap
@@ -585,8 +769,16 @@ class AutoRefine:
         """Everything the next iteration depends on (the maps on the compute device, other tensors on the CPU): saved for
         --continue, sent to the other ranks."""
         return {
-            "iteration": self.iteration, "perturbation": self.perturbation, "maps": self.maps, "stats": self.stats, "schedule": asdict(self.schedule), "poses": self.poses.as_dict(), "halves": self.halves,
-            "history": self.history, "fsc": self.fsc, "numpy_rng": self.rng.bit_generator.state,
+            "iteration": self.iteration,
+            "perturbation": self.perturbation,
+            "maps": self.maps,
+            "stats": self.stats,
+            "schedule": asdict(self.schedule),
+            "poses": self.poses.as_dict(),
+            "halves": self.halves,
+            "history": self.history,
+            "fsc": self.fsc,
+            "numpy_rng": self.rng.bit_generator.state,
             "direction_prior": self.direction_prior,
             "config": {k: v for k, v in asdict(self.cfg).items() if k != "solvent_mask_volume"},
             **self._extra_state(),
@@ -597,7 +789,12 @@ class AutoRefine:
         self.maps, self.stats = s["maps"], s["stats"]
         self.schedule = Schedule(**s["schedule"])
         self.poses = ParticlePoses(**s["poses"])
-        self.halves, self.history, self.fsc, self.direction_prior = s["halves"], s["history"], s["fsc"], s["direction_prior"]
+        self.halves, self.history, self.fsc, self.direction_prior = (
+            s["halves"],
+            s["history"],
+            s["fsc"],
+            s["direction_prior"],
+        )
         self.rng.bit_generator.state = s["numpy_rng"]
         self.poses.apply_to(self.table)
         self._restore_extra_state(s)
@@ -610,16 +807,32 @@ class AutoRefine:
         state["maps"] = saved_maps(files) if files is not None else [m.cpu() for m in state["maps"]]
         with atomic_write(f"{pre}_state.pt") as tmp:
             torch.save(state, tmp)
-        write_star_table(f"{pre}_optimiser.star", {"optimiser_general": {
-            "rlnOutputRootName": self.root, "rlnModelStarFile": f"{pre}_half1_model.star", "rlnModelStarFile2": f"{pre}_half2_model.star",
-            "rlnExperimentalDataStarFile": f"{pre}_data.star", "rlnOrientSamplingStarFile": f"{pre}_sampling.star",
-            "rlnCurrentIteration": self.iteration, "rlnNumberOfIterations": self.cfg.max_iter, "rlnDoSplitRandomHalves": 1,
-            "rlnJoinHalvesUntilThisResolution": self.cfg.low_resol_join_halves, "rlnAdaptiveOversampleFraction": self.cfg.adaptive_fraction,
-            "rlnRandomSeed": self.cfg.random_seed, "rlnParticleDiameter": self.cfg.particle_diameter, "rlnDoAutoRefine": 1,
-            "rlnHasConverged": int(self.schedule.converged), "rlnDoCorrectCtf": int(self.cfg.ctf), "rlnDoZeroMask": int(self.cfg.zero_mask),
-            "rlnDoSolventFlattening": int(self.cfg.flatten_solvent), "rlnSymmetryGroup": self.cfg.sym,
-            "rlnOptimiserStateFile": f"{pre}_state.pt",
-        }})
+        write_star_table(
+            f"{pre}_optimiser.star",
+            {
+                "optimiser_general": {
+                    "rlnOutputRootName": self.root,
+                    "rlnModelStarFile": f"{pre}_half1_model.star",
+                    "rlnModelStarFile2": f"{pre}_half2_model.star",
+                    "rlnExperimentalDataStarFile": f"{pre}_data.star",
+                    "rlnOrientSamplingStarFile": f"{pre}_sampling.star",
+                    "rlnCurrentIteration": self.iteration,
+                    "rlnNumberOfIterations": self.cfg.max_iter,
+                    "rlnDoSplitRandomHalves": 1,
+                    "rlnJoinHalvesUntilThisResolution": self.cfg.low_resol_join_halves,
+                    "rlnAdaptiveOversampleFraction": self.cfg.adaptive_fraction,
+                    "rlnRandomSeed": self.cfg.random_seed,
+                    "rlnParticleDiameter": self.cfg.particle_diameter,
+                    "rlnDoAutoRefine": 1,
+                    "rlnHasConverged": int(self.schedule.converged),
+                    "rlnDoCorrectCtf": int(self.cfg.ctf),
+                    "rlnDoZeroMask": int(self.cfg.zero_mask),
+                    "rlnDoSolventFlattening": int(self.cfg.flatten_solvent),
+                    "rlnSymmetryGroup": self.cfg.sym,
+                    "rlnOptimiserStateFile": f"{pre}_state.pt",
+                }
+            },
+        )
 
     def _load_state(self, optimiser_star: str) -> None:
         self._restore(read_state(optimiser_star))
@@ -660,9 +873,16 @@ class AutoRefine:
 
     def _stopped(self, t0: float) -> dict:
         resume = f"{it_prefix(self.root, self.iteration)}_optimiser.star"
-        summary = {"stopped": True, "iterations": self.iteration, "seconds": time.perf_counter() - t0, "continue_from": resume}
-        self.log.line(f"stopping after iteration {self.iteration}: the next would end past --max_seconds {self.cfg.max_seconds:g}; "
-                      f"resume with --continue {resume}")
+        summary = {
+            "stopped": True,
+            "iterations": self.iteration,
+            "seconds": time.perf_counter() - t0,
+            "continue_from": resume,
+        }
+        self.log.line(
+            f"stopping after iteration {self.iteration}: the next would end past --max_seconds {self.cfg.max_seconds:g}; "
+            f"resume with --continue {resume}"
+        )
         return summary
 
     def _ranks(self) -> str:
@@ -683,8 +903,11 @@ class AutoRefine:
             with profiled(self.iteration + 1, self.schedule.final_iteration):
                 self.iterate()
             last = time.perf_counter() - t_it
-        return {"final_resolution_angst": self.history[-1]["resolution_angst"],
-                "iterations": self.iteration, "output": f"{self.root}_class001.mrc"}
+        return {
+            "final_resolution_angst": self.history[-1]["resolution_angst"],
+            "iterations": self.iteration,
+            "output": f"{self.root}_class001.mrc",
+        }
 
     def _resume_hint(self) -> str:
         root = Path(self.root)
@@ -693,8 +916,10 @@ class AutoRefine:
 
     def run(self) -> dict:
         cfg = self.cfg
-        self.log.line(f"cryorefine {self.command}: {len(self.table)} particles, box {self.box}, {cfg.angpix:.3f} Å/px, device {self.device}, "
-                      f"{self._describe()}{self._ranks()}, batches of {self._batch_size()}")
+        self.log.line(
+            f"cryorefine {self.command}: {len(self.table)} particles, box {self.box}, {cfg.angpix:.3f} Å/px, device {self.device}, "
+            f"{self._describe()}{self._ranks()}, batches of {self._batch_size()}"
+        )
         t0 = time.perf_counter()
         try:
             try:

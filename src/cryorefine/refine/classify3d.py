@@ -70,8 +70,12 @@ class Classify3D(AutoRefine):
         return [f"{pre}_class{k + 1:03d}.mrc" for k in range(self.cfg.K)]
 
     def _extra_state(self) -> dict:
-        return {"class_prior": self.class_prior, "direction_prior": self.direction_prior, "class_resolution": self.class_resolution,
-                "initial_class": self.initial_class}
+        return {
+            "class_prior": self.class_prior,
+            "direction_prior": self.direction_prior,
+            "class_resolution": self.class_resolution,
+            "initial_class": self.initial_class,
+        }
 
     def _restore_extra_state(self, s: dict) -> None:
         self.class_prior, self.direction_prior = s["class_prior"], s["direction_prior"]
@@ -92,9 +96,14 @@ class Classify3D(AutoRefine):
         cfg, sch = self.cfg, self.schedule
         dir_prior = direction_log_prior(self.direction_prior, sampling.n_directions, sch.local_search)
         return EStepSettings(
-            adaptive_fraction=cfg.adaptive_fraction, maxsig=cfg.maxsig, firstiter_cc=cfg.firstiter_cc and self.iteration == 1,
-            local_sigma_deg=sch.sigma_ang_deg if sch.local_search else 0.0, sigma2_offset_angst2=self.stats[0].sigma2_offset_angst2, angpix=cfg.angpix,
-            direction_log_prior=dir_prior, precision=cfg.precision,
+            adaptive_fraction=cfg.adaptive_fraction,
+            maxsig=cfg.maxsig,
+            firstiter_cc=cfg.firstiter_cc and self.iteration == 1,
+            local_sigma_deg=sch.sigma_ang_deg if sch.local_search else 0.0,
+            sigma2_offset_angst2=self.stats[0].sigma2_offset_angst2,
+            angpix=cfg.angpix,
+            direction_log_prior=dir_prior,
+            precision=cfg.precision,
         )
 
     def expectation(self, plan: IterationPlan) -> tuple[list[WeightedSums], dict]:
@@ -105,34 +114,64 @@ class Classify3D(AutoRefine):
             refs = prepare_references(self.maps, cfg.pad, cfg, self.device)
             # RELION takes each class's τ² for this iteration's reconstruction from the reference as prepared here
             self.class_tau2 = [tau2_from_reference(r, plan.window_shell) for r in refs]
-        sums = WeightedSums.zeros(cfg.K, self.box, cfg.pad, self.n_groups, plan.sampling.n_directions, device=self.device)
+        sums = WeightedSums.zeros(
+            cfg.K, self.box, cfg.pad, self.n_groups, plan.sampling.n_directions, device=self.device
+        )
         forced = self.initial_class if self.iteration <= random_class_iter else None
         avg_norm = self._average_norm_correction(np.arange(len(self.table))) if cfg.norm else None
         with Progress(len(self.table), f"iteration {self.iteration:3d}", self.dist.is_main) as bar:
-            done = self._estep_pass(0, np.arange(len(self.table)), refs, plan, sums, self._progress(bar), forced_class=forced, avg_norm=avg_norm)
+            done = self._estep_pass(
+                0,
+                np.arange(len(self.table)),
+                refs,
+                plan,
+                sums,
+                self._progress(bar),
+                forced_class=forced,
+                avg_norm=avg_norm,
+            )
         return [sums], self._combine([sums], done)
 
-    def _conclude(self, plan: IterationPlan, sums: list[WeightedSums], previous: ParticlePoses, ranks: dict) -> tuple[dict, dict]:
+    def _conclude(
+        self, plan: IterationPlan, sums: list[WeightedSums], previous: ParticlePoses, ranks: dict
+    ) -> tuple[dict, dict]:
         sch = self.schedule
         with self.timer("M-step"):
             info = self.maximization(sums[0], plan.window_shell)
             # RELION: each class of at least 1 % against all particles; 999 for the others; overall the smallest.
             # From this iteration's maps and poses: RELION writes the same estimate into the next iteration's model.star
             rows = np.arange(len(self.table))
-            acc = [self._expected_accuracy(plan.window_shell, m, rows) if float(p) >= MIN_CLASS_FOR_ACCURACY else (999.0, 999.0)
-                   for m, p in zip(self.maps, self.class_prior)]
+            acc = [
+                self._expected_accuracy(plan.window_shell, m, rows)
+                if float(p) >= MIN_CLASS_FOR_ACCURACY
+                else (999.0, 999.0)
+                for m, p in zip(self.maps, self.class_prior)
+            ]
         change_ang, change_off = self._pose_changes(previous)
         record = {
-            "iteration": self.iteration, "resolution_angst": info["resolution_angst"], "healpix_order": sch.healpix_order,
-            "local": sch.local_search, "window_shell": plan.window_shell, "coarse_shell": plan.coarse_shell,
-            "change_orientation_deg": change_ang, "change_offset_px": change_off,
+            "iteration": self.iteration,
+            "resolution_angst": info["resolution_angst"],
+            "healpix_order": sch.healpix_order,
+            "local": sch.local_search,
+            "window_shell": plan.window_shell,
+            "coarse_shell": plan.coarse_shell,
+            "change_orientation_deg": change_ang,
+            "change_offset_px": change_off,
             "change_class_fraction": float(np.mean(previous.class_number != self.poses.class_number)),
-            "mean_significant": float(np.mean(self.poses.n_significant)), "mean_max_prob": float(np.mean(self.poses.max_prob)),
-            "accuracy_rotation_deg": min(a[0] for a in acc), "accuracy_offset_px": min(a[1] for a in acc),
-            "class_accuracy": [list(a) for a in acc], "posterior_spread_deg": float(np.median(self.poses.angular_spread_deg)),
-            "class_distribution": self.class_prior.tolist(), "class_resolution_angst": info["class_resolution_angst"],
-            "sigma_offset_angst": math.sqrt(self.stats[0].sigma2_offset_angst2), **ranks, "seconds": time.perf_counter() - self._clock,
-            "stages": self.timer.reset(), "final": False, "counters": self.timer.reset_counters(),
+            "mean_significant": float(np.mean(self.poses.n_significant)),
+            "mean_max_prob": float(np.mean(self.poses.max_prob)),
+            "accuracy_rotation_deg": min(a[0] for a in acc),
+            "accuracy_offset_px": min(a[1] for a in acc),
+            "class_accuracy": [list(a) for a in acc],
+            "posterior_spread_deg": float(np.median(self.poses.angular_spread_deg)),
+            "class_distribution": self.class_prior.tolist(),
+            "class_resolution_angst": info["class_resolution_angst"],
+            "sigma_offset_angst": math.sqrt(self.stats[0].sigma2_offset_angst2),
+            **ranks,
+            "seconds": time.perf_counter() - self._clock,
+            "stages": self.timer.reset(),
+            "final": False,
+            "counters": self.timer.reset_counters(),
         }
         return record, info
 
@@ -156,12 +195,17 @@ class Classify3D(AutoRefine):
             res_shells.append(int(below[0, 0]) if below.numel() else n_sh - 1)
         self.maps = self._after_cc_iteration(new_maps) if cc_iteration else new_maps
         # RELION keeps --ini_high as the resolution for the iteration after the CC one
-        self.class_resolution = [self._ini_shell()] * cfg.K if cc_iteration else [max(MIN_REGULARISED_SHELL, s) for s in res_shells]
+        self.class_resolution = (
+            [self._ini_shell()] * cfg.K if cc_iteration else [max(MIN_REGULARISED_SHELL, s) for s in res_shells]
+        )
         best = max(self.class_resolution)
         from ..reconstruction.fsc import shell_to_angstrom
 
-        return {"resolution_shell": best, "resolution_angst": shell_to_angstrom(best, self.box, cfg.angpix),
-                "class_resolution_angst": [shell_to_angstrom(s, self.box, cfg.angpix) for s in self.class_resolution]}
+        return {
+            "resolution_shell": best,
+            "resolution_angst": shell_to_angstrom(best, self.box, cfg.angpix),
+            "class_resolution_angst": [shell_to_angstrom(s, self.box, cfg.angpix) for s in self.class_resolution],
+        }
 
     def _write_iteration_files(self, info, record) -> None:
         cfg = self.cfg
@@ -170,21 +214,46 @@ class Classify3D(AutoRefine):
             write_map(f"{pre}_class{k + 1:03d}.mrc", m.cpu().numpy(), cfg.angpix)
         general, _, _, groups, sig = self._model_tables(info, record)
         general.update({"rlnNrClasses": cfg.K, "rlnTau2FudgeFactor": cfg.tau2_fudge})
-        classes = [{"rlnReferenceImage": f"{pre}_class{k + 1:03d}.mrc", "rlnClassDistribution": float(self.class_prior[k]),
-                    "rlnAccuracyRotations": record["class_accuracy"][k][0], "rlnAccuracyTranslationsAngst": min(999.0, record["class_accuracy"][k][1] * cfg.angpix),
-                    "rlnEstimatedResolution": info["class_resolution_angst"][k], "rlnOverallFourierCompleteness": 1.0} for k in range(cfg.K)]
+        classes = [
+            {
+                "rlnReferenceImage": f"{pre}_class{k + 1:03d}.mrc",
+                "rlnClassDistribution": float(self.class_prior[k]),
+                "rlnAccuracyRotations": record["class_accuracy"][k][0],
+                "rlnAccuracyTranslationsAngst": min(999.0, record["class_accuracy"][k][1] * cfg.angpix),
+                "rlnEstimatedResolution": info["class_resolution_angst"][k],
+                "rlnOverallFourierCompleteness": 1.0,
+            }
+            for k in range(cfg.K)
+        ]
         n_sh = self.box // 2 + 1
         shells = np.arange(n_sh)
         res = np.where(shells > 0, shells / (self.box * cfg.angpix), 0.0)
-        tables = [pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": res, "rlnReferenceTau2": t.cpu().numpy()[:n_sh]}) for t in self.class_tau2]
+        tables = [
+            pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": res, "rlnReferenceTau2": t.cpu().numpy()[:n_sh]})
+            for t in self.class_tau2
+        ]
         write_model_star(f"{pre}_model.star", general, classes, tables, groups, sig)
         cols = self._data_columns()
         cols.pop("rlnRandomSubset")
         write_particles(f"{pre}_data.star", self.table, **cols)
         sch = self.schedule
-        write_sampling_star(f"{pre}_sampling.star", sch.healpix_order, 60.0 / 2**sch.healpix_order, sch.offset_range_px * cfg.angpix, sch.offset_step_px * cfg.angpix,
-                            cfg.perturb, self.perturbation, cfg.sym, sch.local_search, sch.sigma_ang_deg)
-        self._report(np.zeros(n_sh), self.maps[int(torch.argmax(self.class_prior))].cpu().numpy(), force=self.iteration >= cfg.max_iter)
+        write_sampling_star(
+            f"{pre}_sampling.star",
+            sch.healpix_order,
+            60.0 / 2**sch.healpix_order,
+            sch.offset_range_px * cfg.angpix,
+            sch.offset_step_px * cfg.angpix,
+            cfg.perturb,
+            self.perturbation,
+            cfg.sym,
+            sch.local_search,
+            sch.sigma_ang_deg,
+        )
+        self._report(
+            np.zeros(n_sh),
+            self.maps[int(torch.argmax(self.class_prior))].cpu().numpy(),
+            force=self.iteration >= cfg.max_iter,
+        )
         self._save_state(pre)  # last: an iteration with an optimiser.star has all its outputs
 
     def _describe(self) -> str:
@@ -199,5 +268,8 @@ class Classify3D(AutoRefine):
             with profiled(self.iteration + 1):
                 self.iterate()
             last = time.perf_counter() - t_it
-        return {"iterations": self.iteration, "class_distribution": [round(float(x), 4) for x in self.class_prior],
-                "class_resolution_angst": self.history[-1]["class_resolution_angst"]}
+        return {
+            "iterations": self.iteration,
+            "class_distribution": [round(float(x), 4) for x in self.class_prior],
+            "class_resolution_angst": self.history[-1]["class_resolution_angst"],
+        }

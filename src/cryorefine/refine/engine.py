@@ -43,10 +43,26 @@ class ParticlePoses:
     @classmethod
     def from_table(cls, t: ParticleTable) -> "ParticlePoses":
         n = len(t)
-        norm = t.extra["rlnNormCorrection"].to_numpy(np.float64, copy=True) if "rlnNormCorrection" in t.extra else np.ones(n)
+        norm = (
+            t.extra["rlnNormCorrection"].to_numpy(np.float64, copy=True)
+            if "rlnNormCorrection" in t.extra
+            else np.ones(n)
+        )
         norm[~np.isfinite(norm) | (norm <= 0)] = 1.0  # a zero or NaN in the STAR would scale images to infinity
-        return cls(t.rot_deg.copy(), t.tilt_deg.copy(), t.psi_deg.copy(), t.origin_x_angst.copy(), t.origin_y_angst.copy(),
-                   np.ones(n, dtype=np.int64), np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros(n), np.full(n, 999.0), np.full(n, 999.0), norm)
+        return cls(
+            t.rot_deg.copy(),
+            t.tilt_deg.copy(),
+            t.psi_deg.copy(),
+            t.origin_x_angst.copy(),
+            t.origin_y_angst.copy(),
+            np.ones(n, dtype=np.int64),
+            np.zeros(n),
+            np.zeros(n, dtype=np.int64),
+            np.zeros(n),
+            np.full(n, 999.0),
+            np.full(n, 999.0),
+            norm,
+        )
 
     def apply_to(self, t: ParticleTable) -> None:
         t.rot_deg[:], t.tilt_deg[:], t.psi_deg[:] = self.rot_deg, self.tilt_deg, self.psi_deg
@@ -56,17 +72,37 @@ class ParticlePoses:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def solvent_masked(volume: torch.Tensor, particle_diameter_angst: float, angpix: float, flatten_solvent: bool, solvent_mask: torch.Tensor | None) -> torch.Tensor:
+def solvent_masked(
+    volume: torch.Tensor,
+    particle_diameter_angst: float,
+    angpix: float,
+    flatten_solvent: bool,
+    solvent_mask: torch.Tensor | None,
+) -> torch.Tensor:
     """The reference the E-step sees: multiplied by the solvent mask or a soft sphere with --flatten_solvent."""
     if solvent_mask is not None:
         return volume * solvent_mask.to(volume)
     if flatten_solvent:
-        return volume * soft_sphere(volume.shape, particle_diameter_angst / (2 * angpix), 5.0, device=volume.device, dtype=volume.dtype)
+        return volume * soft_sphere(
+            volume.shape, particle_diameter_angst / (2 * angpix), 5.0, device=volume.device, dtype=volume.dtype
+        )
     return volume
 
 
 def prepare_references(maps: list[torch.Tensor], pad: int, cfg, device) -> list[PaddedTransform]:
-    return [prepare_padded_transform(solvent_masked(m.to(device=device, dtype=torch.float32), cfg.particle_diameter, cfg.angpix, cfg.flatten_solvent, cfg.solvent_mask_volume), pad) for m in maps]
+    return [
+        prepare_padded_transform(
+            solvent_masked(
+                m.to(device=device, dtype=torch.float32),
+                cfg.particle_diameter,
+                cfg.angpix,
+                cfg.flatten_solvent,
+                cfg.solvent_mask_volume,
+            ),
+            pad,
+        )
+        for m in maps
+    ]
 
 
 def angular_change_deg(rot0, tilt0, psi0, rot1, tilt1, psi1, sym: str = "C1") -> np.ndarray:
@@ -142,11 +178,31 @@ def run_expectation(
             # the E-step reads the particles' previous offsets from the table
             table.origin_x_angst[idx] = poses_now.origin_x_angst[idx]
             table.origin_y_angst[idx] = poses_now.origin_y_angst[idx]
-            norm_scale = None if avg_norm is None else torch.as_tensor(avg_norm / poses_now.norm_correction[idx], dtype=torch.float32)
-            batch = prepare_batch(table, idx, window, sigma2, scale, cfg.particle_diameter, cfg.angpix, cfg.ctf, cfg.zero_mask, batch_generator(noise_key, b), device, norm_scale, images)
+            norm_scale = (
+                None
+                if avg_norm is None
+                else torch.as_tensor(avg_norm / poses_now.norm_correction[idx], dtype=torch.float32)
+            )
+            batch = prepare_batch(
+                table,
+                idx,
+                window,
+                sigma2,
+                scale,
+                cfg.particle_diameter,
+                cfg.angpix,
+                cfg.ctf,
+                cfg.zero_mask,
+                batch_generator(noise_key, b),
+                device,
+                norm_scale,
+                images,
+            )
             local_prior = None
             if local:
-                local_prior = grid.local_candidates(poses_now.rot_deg[idx], poses_now.tilt_deg[idx], poses_now.psi_deg[idx], settings.local_sigma_deg)
+                local_prior = grid.local_candidates(
+                    poses_now.rot_deg[idx], poses_now.tilt_deg[idx], poses_now.psi_deg[idx], settings.local_sigma_deg
+                )
         forced = None if forced_class is None else to_device(forced_class[idx], device)
         res = expectation_batch(batch, window, coarse_shell, refs, grid, settings, sums, local_prior, timer, forced)
         poses_now.rot_deg[idx] = res.eulers_deg[:, 0]
@@ -164,7 +220,9 @@ def run_expectation(
         if avg_norm is not None and res.residual_power is not None:
             d4 = float(table.box) ** 4
             total = (res.residual_power + batch.power_outside).cpu().numpy()
-            poses_now.norm_correction[idx] = poses_now.norm_correction[idx] / avg_norm * np.sqrt(np.maximum(2.0 * total / d4, 1e-12))
+            poses_now.norm_correction[idx] = (
+                poses_now.norm_correction[idx] / avg_norm * np.sqrt(np.maximum(2.0 * total / d4, 1e-12))
+            )
         done.append(idx)
         if progress is not None:
             progress(len(idx))

@@ -37,7 +37,11 @@ class Progress:
         if now - self.last_print > 30 or self.done >= self.total:
             rate = self.done / max(now - self.t0, 1e-9)
             left = (self.total - self.done) / max(rate, 1e-9)
-            print(f"{self.label}: {self.done}/{self.total} particles, {rate:.1f}/s, {left:.0f} s left", file=sys.stderr, flush=True)
+            print(
+                f"{self.label}: {self.done}/{self.total} particles, {rate:.1f}/s, {left:.0f} s left",
+                file=sys.stderr,
+                flush=True,
+            )
             self.last_print = now
 
     def __exit__(self, *exc):

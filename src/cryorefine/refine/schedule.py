@@ -10,7 +10,9 @@ from ..reconstruction.reconstruct import MIN_REGULARISED_SHELL
 MAX_ITER_WITHOUT_RESOLUTION_GAIN = 1
 MAX_ITER_WITHOUT_LARGE_CHANGES = 1
 LARGE_CHANGE_TOLERANCE = 1.03  # RELION: changes within 3 % of the smallest so far are not large
-SMALL_CHANGE_FRACTION = 0.40  # RELION: nor are changes below 40 % of the (initial, see update_changes) fine sampling step
+SMALL_CHANGE_FRACTION = (
+    0.40  # RELION: nor are changes below 40 % of the (initial, see update_changes) fine sampling step
+)
 MAX_COARSE_OFFSET_STEP_ANGST = 1.5  # RELION: the fine offset step never exceeds 1.5 Å when the sampling gets finer
 FINE_ENOUGH = 0.75  # RELION: the sampling is fine enough once its fine step is below this fraction of the accuracy
 
@@ -89,7 +91,11 @@ class Schedule:
         incr_size; at most Nyquist, which the final iteration uses whole."""
         if self.final_iteration:
             return box // 2
-        jump = relion_round(0.25 * box / 2) if ave_pmax > JUMP_MIN_AVE_PMAX and self.has_high_fsc_at_limit else self.incr_size
+        jump = (
+            relion_round(0.25 * box / 2)
+            if ave_pmax > JUMP_MIN_AVE_PMAX and self.has_high_fsc_at_limit
+            else self.incr_size
+        )
         return int(min(box // 2, self.current_resolution_shell + jump))
 
     @staticmethod
@@ -119,7 +125,9 @@ class Schedule:
             self.iter_without_resolution_gain = 0
         self.current_resolution_shell = resolution_shell
 
-    def update_changes(self, change_orientation_deg: float, change_offset_px: float, change_classes: float = 0.0) -> None:
+    def update_changes(
+        self, change_orientation_deg: float, change_offset_px: float, change_classes: float = 0.0
+    ) -> None:
         """RELION's counter of iterations without large pose changes (updateOverallChangesInHiddenVariables).
 
         ``change_orientation_deg``: RELION's symmetry-aware mean angular change (engine.angular_change_deg);
@@ -131,12 +139,18 @@ class Schedule:
         # of the fine sampling step: of the run's first sampling, as RELION's leader measures the changes
         # (ml_optimiser_mpi.cpp, 3.1 to 5.0) with its own copy of the sampling, which only the followers refine
         fine_angle, fine_offset = self.angular_step_deg(self.initial_healpix_order) / 2, self.initial_offset_step_px / 2
-        small_ang = (change_orientation_deg < SMALL_CHANGE_FRACTION * fine_angle
-                     or LARGE_CHANGE_TOLERANCE * change_orientation_deg >= self.smallest_change_orientation_deg)
-        small_off = (change_offset_px / math.sqrt(2) < SMALL_CHANGE_FRACTION * fine_offset
-                     or LARGE_CHANGE_TOLERANCE * change_offset_px >= self.smallest_change_offset_px)
+        small_ang = (
+            change_orientation_deg < SMALL_CHANGE_FRACTION * fine_angle
+            or LARGE_CHANGE_TOLERANCE * change_orientation_deg >= self.smallest_change_orientation_deg
+        )
+        small_off = (
+            change_offset_px / math.sqrt(2) < SMALL_CHANGE_FRACTION * fine_offset
+            or LARGE_CHANGE_TOLERANCE * change_offset_px >= self.smallest_change_offset_px
+        )
         small_classes = LARGE_CHANGE_TOLERANCE * change_classes >= self.smallest_change_classes
-        self.iter_without_large_changes = self.iter_without_large_changes + 1 if small_ang and small_off and small_classes else 0
+        self.iter_without_large_changes = (
+            self.iter_without_large_changes + 1 if small_ang and small_off and small_classes else 0
+        )
         if change_classes < self.smallest_change_classes:
             self.smallest_change_classes = float(relion_round(change_classes))
         self.smallest_change_orientation_deg = min(self.smallest_change_orientation_deg, change_orientation_deg)
@@ -144,7 +158,10 @@ class Schedule:
         self.last_change_offset_px = change_offset_px
 
     def _stalled(self) -> bool:
-        return self.iter_without_resolution_gain >= MAX_ITER_WITHOUT_RESOLUTION_GAIN and self.iter_without_large_changes >= MAX_ITER_WITHOUT_LARGE_CHANGES
+        return (
+            self.iter_without_resolution_gain >= MAX_ITER_WITHOUT_RESOLUTION_GAIN
+            and self.iter_without_large_changes >= MAX_ITER_WITHOUT_LARGE_CHANGES
+        )
 
     def check_convergence(self) -> bool:
         """RELION's checkConvergence, at the start of an iteration: converged once the sampling was found fine enough
@@ -153,7 +170,9 @@ class Schedule:
             self.converged = self.final_iteration = True
         return self.converged
 
-    def update_angular_sampling(self, accuracy_deg: float, auto_local_order: int, accuracy_offset_px: float, angpix: float) -> str | None:
+    def update_angular_sampling(
+        self, accuracy_deg: float, auto_local_order: int, accuracy_offset_px: float, angpix: float
+    ) -> str | None:
         """RELION's updateAngularSampling (from the second iteration on, before its E-step, also in the final one): when
         both counters have stalled, either the fine (oversampled) step is already below 0.75 of the expected angular
         accuracy (fine enough: nothing changes) or the sampling gets one HEALPix order finer, the offsets following the
@@ -179,7 +198,10 @@ class Schedule:
         self.smallest_change_orientation_deg = 999.0
         self.smallest_change_offset_px = 999.0
         self.smallest_change_classes = RESET_CHANGE_CLASSES
-        return f"finer sampling: healpix order {self.healpix_order} ({self.angular_step_deg(self.healpix_order):.2f}°), offsets {self.offset_range_px:.2f}/{self.offset_step_px:.2f} px" + (f", local searches sigma {self.sigma_ang_deg:.2f}°" if self.local_search else "")
+        return (
+            f"finer sampling: healpix order {self.healpix_order} ({self.angular_step_deg(self.healpix_order):.2f}°), offsets {self.offset_range_px:.2f}/{self.offset_step_px:.2f} px"
+            + (f", local searches sigma {self.sigma_ang_deg:.2f}°" if self.local_search else "")
+        )
 
     def _finer_offsets(self, accuracy_offset_px: float, angpix: float) -> tuple[float, float]:
         """RELION's offset range and (coarse) step for the next sampling, in pixels: the step from the translational

@@ -85,7 +85,10 @@ class StageTimer:
         """{name: {'seconds', 'flops', 'shapes': {key: calls}}} since the last call, then cleared."""
         sub = self.sub_seconds
         names = set(sub) | set(self.flops)
-        out = {n: {"seconds": sub.get(n, 0.0), "flops": self.flops.get(n, 0.0), "shapes": dict(self.shapes.get(n, {}))} for n in sorted(names)}
+        out = {
+            n: {"seconds": sub.get(n, 0.0), "flops": self.flops.get(n, 0.0), "shapes": dict(self.shapes.get(n, {}))}
+            for n in sorted(names)
+        }
         sub.clear()
         self.flops.clear()
         self.shapes.clear()
@@ -134,7 +137,13 @@ def profiled(iteration: int, final: bool = False):
     if torch.cuda.is_available():
         text.append(ka.table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=60))
     text.append(ka.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
-    text.append(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total",
-                                                                 row_limit=25, max_name_column_width=40, max_shapes_column_width=80))
+    text.append(
+        prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total",
+            row_limit=25,
+            max_name_column_width=40,
+            max_shapes_column_width=80,
+        )
+    )
     with open(path, "a") as fh:
         fh.write("\n".join(text) + "\n")
