@@ -136,7 +136,8 @@ def write_relion(d: Path, out: Path, tweak=None) -> Path:
             (out / "run_it004_half1_model.star").write_text("")
             continue
         cls_o = model_o["model_class_1"]
-        for h, k in ((1, 1.1), (2, 0.9)):  # RELION: per-half σ², τ², σ_offset (their means are ours' / box⁴)
+        for h in (1, 2):  # RELION: per-half σ², τ², σ_offset, ours' half h's (in RELION's units: / box⁴)
+            model_h = read_star(d / "ours" / f"run_it{min(max(it, 1), 3):03d}_half{h}_model.star")
             general = {
                 "rlnReferenceDimensionality": 3,
                 "rlnDataDimensionality": 2,
@@ -149,7 +150,7 @@ def write_relion(d: Path, out: Path, tweak=None) -> Path:
                 "rlnNrBodies": 1,
                 "rlnNrGroups": 1,
                 "rlnTau2FudgeFactor": 1.0,
-                "rlnSigmaOffsetsAngst": float(g_o["rlnSigmaOffsetsAngst"]) + (0.1 if h == 1 else -0.1),
+                "rlnSigmaOffsetsAngst": float(model_h["model_general"].iloc[0]["rlnSigmaOffsetsAngst"]),
                 "rlnOrientationalPriorMode": 0,
                 "rlnSigmaPriorRotAngle": 0.0,
                 "rlnSigmaPriorTiltAngle": 0.0,
@@ -174,7 +175,7 @@ def write_relion(d: Path, out: Path, tweak=None) -> Path:
                     "rlnGoldStandardFsc": cls_o["rlnGoldStandardFsc"].to_numpy(),
                     "rlnFourierCompleteness": np.ones(n_sh),
                     "rlnReferenceSigma2": np.full(n_sh, 1e-4),
-                    "rlnReferenceTau2": cls_o["rlnReferenceTau2"].to_numpy() / BOX**4 * k,
+                    "rlnReferenceTau2": model_h["model_class_1"]["rlnReferenceTau2"].to_numpy() / BOX**4,
                     "rlnSpectralOrientabilityContribution": np.zeros(n_sh),
                 }
             )
@@ -190,7 +191,7 @@ def write_relion(d: Path, out: Path, tweak=None) -> Path:
                 {
                     "rlnSpectralIndex": shells,
                     "rlnResolution": res,
-                    "rlnSigma2Noise": model_o["model_group_1"]["rlnSigma2Noise"].to_numpy() / BOX**4 * (2 - k),
+                    "rlnSigma2Noise": model_h["model_group_1"]["rlnSigma2Noise"].to_numpy() / BOX**4,
                 }
             )
             blocks = {

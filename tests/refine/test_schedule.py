@@ -7,7 +7,8 @@ import torch
 from cryorefine.geometry.euler import euler_to_matrix, matrix_to_euler
 from cryorefine.geometry.symmetry import symmetry_matrices
 from cryorefine.refine.engine import angular_change_deg
-from cryorefine.refine.schedule import Schedule, resolution_from_data_vs_prior, strict_window_shell
+from cryorefine.mstep.maximize import resolution_from_data_vs_prior
+from cryorefine.refine.schedule import Schedule, strict_window_shell
 
 
 def test_strict_highres_caps_the_window_at_relions_shell():

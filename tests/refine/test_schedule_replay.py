@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cryorefine.refine.schedule import Schedule, relion_round
+from cryorefine.fourier.grids import relion_round
+from cryorefine.refine.schedule import Schedule
 
 DATA = Path(__file__).parent / "data"
 SETS = ["bigbox", "sym", "prefori"]  # box 192 C1, box 80 C2, box 96 with 70 % preferred views

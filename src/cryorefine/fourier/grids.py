@@ -8,6 +8,8 @@ projector. ``ifftshift`` before the forward transform puts the phase origin at t
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -78,3 +80,8 @@ def window_pixels_2d(box: int, max_shell: int, device=None, include_dc: bool = F
     order = torch.argsort(shells[idx] * (box * box) + idx)  # stable: by shell, then raster
     idx = idx[order]
     return idx, ky[idx], kx[idx], shells[idx]
+
+
+def relion_round(x: float) -> int:
+    """RELION's ROUND: halves away from zero."""
+    return int(math.floor(abs(x) + 0.5)) * (1 if x >= 0 else -1)

@@ -1,8 +1,18 @@
-"""RELION's learned orientation prior (pdf_direction): where the posterior mass of the last iteration went."""
+"""RELION's learned priors: of the classes (pdf_class) and of the orientations (pdf_direction), where the posterior
+mass of the last iteration went."""
 
 from __future__ import annotations
 
 import torch
+
+
+MIN_CLASS_PRIOR = 1e-5  # a class's prior is kept at least this (then renormalised): an empty class may be refilled
+
+
+def class_prior(class_weight: torch.Tensor) -> torch.Tensor:
+    """RELION's pdf_class, (K,): each class's share of the posterior mass, at least MIN_CLASS_PRIOR, summing to 1."""
+    prior = (class_weight / class_weight.sum().clamp(min=1e-30)).clamp(min=MIN_CLASS_PRIOR)
+    return prior / prior.sum()
 
 
 def direction_prior(direction_weight: torch.Tensor) -> torch.Tensor:

@@ -31,14 +31,12 @@ from ..io.star import write_star_table
 from ..mstep.noise import initial_sigma2
 from ..mstep.statistics import ModelStatistics, updated_statistics
 from ..mstep.priors import direction_log_prior, direction_prior
-from ..mstep.tau2 import reconstruct_gold_standard
+from ..mstep.maximize import joined_at_low_resolution, maximize_half_sets
 from ..parallel.collectives import all_reduce_sum_, broadcast_from_main, broadcast_tensors_, merge_rows_, per_rank
 from ..parallel.context import Dist
 from ..parallel.pool import TaskPool
 from ..pause import pause_point
-from ..projection.insert import BackProjector
-from ..reconstruction.fsc import fsc_curve, fsc_to_ssnr, halves_fsc, shell_to_angstrom
-from ..reconstruction.reconstruct import padded_shell_index, reconstruct
+from ..reconstruction.fsc import fsc_to_ssnr, shell_to_angstrom
 from ..reconstruction.symmetrise import symmetrise_backprojector
 from ..transfer import to_device
 from ..validate import check_random_subsets
@@ -46,7 +44,8 @@ from .accuracy import N_TRIALS, expected_accuracy
 from .engine import ParticlePoses, angular_change_deg, prepare_references, run_expectation
 from .log import RunLog
 from .progress import Progress
-from .schedule import Schedule, relion_round, resolution_from_data_vs_prior, strict_window_shell
+from ..fourier.grids import relion_round
+from .schedule import Schedule, strict_window_shell
 from .state import read_state, saved_maps
 from .timing import StageTimer, profiled
 
@@ -236,6 +235,7 @@ class AutoRefine:
                 None,
                 None,
             ]  # per half set: RELION's pdf_direction (mstep/priors.py), uniform at first
+        self.tau2 = [torch.zeros(self.box // 2 + 1, dtype=torch.float64)]  # the last M-step's τ² per model (none yet)
         self._check_device_memory()
         self.images = self._image_cache()
 
@@ -528,13 +528,12 @@ class AutoRefine:
 
     # ------------------------------------------------------------------ M-step
     def maximization(self, sums: list[WeightedSums], window_shell: int) -> dict:
+        """RELION's gold-standard M-step: each half set's statistics from its own sums (pooled in the final iteration,
+        when RELION joins the halves), the accumulators symmetrised and joined at low resolution (RELION's
+        joinTwoHalvesAtLowResolution: up to --low_resol_join_halves or the current resolution, whichever is lower),
+        compared, and reconstructed (mstep/maximize.py). RELION keeps the initial σ² (and scales) after a
+        cross-correlation iteration."""
         cfg, sch = self.cfg, self.schedule
-        bps = [s.backprojectors[0] for s in sums]
-        for bp in bps:
-            symmetrise_backprojector(bp, cfg.sym)
-        # noise, scale and offset statistics: each half set's from its own sums, as RELION's two half models; both
-        # halves' pooled in the final iteration, when RELION joins them. RELION keeps the initial σ² (and scales) after a
-        # cross-correlation iteration.
         cc_iteration = cfg.firstiter_cc and self.iteration == 1
         pooled = [sums] * 2 if sch.final_iteration else [[s] for s in sums]
         self.stats = [
@@ -544,48 +543,31 @@ class AutoRefine:
             for st, ss in zip(self.stats, pooled)
         ]
         self.direction_prior = [direction_prior(s.direction_weight.cpu()) for s in sums]
-        # halves joined at low resolution (RELION's joinTwoHalvesAtLowResolution): up to --low_resol_join_halves or
-        # the current resolution, whichever is lower, on the padded radii <= ROUND(pad · CEIL(box·angpix / that))
+        bps = [s.backprojectors[0] for s in sums]
+        for bp in bps:
+            symmetrise_backprojector(bp, cfg.sym)
         if cfg.low_resol_join_halves > 0 and not sch.final_iteration:
-            join_angst = max(
-                cfg.low_resol_join_halves, shell_to_angstrom(sch.current_resolution_shell, self.box, cfg.angpix)
-            )
-            join_r_pad = relion_round(cfg.pad * math.ceil(self.box * cfg.angpix / join_angst))
-            r_pad, _ = padded_shell_index(bps[0].size, cfg.pad, self.device)
-            low = torch.round(r_pad**2) <= join_r_pad**2
-            d_sum, w_sum = bps[0].data + bps[1].data, bps[0].weight + bps[1].weight
-            for bp in bps:
-                bp.data = torch.where(low, d_sum, bp.data)
-                bp.weight = torch.where(low, w_sum, bp.weight)
-        if sch.final_iteration:  # the unfiltered half maps are outputs: the FSC of the maps themselves
-            unfil = [reconstruct(bp) for bp in bps]
-            fsc = fsc_curve(unfil[0], unfil[1]).cpu()
-        else:  # RELION's compareTwoHalves: from the accumulators in Fourier space, no reconstruction
-            fsc = halves_fsc(bps[0], bps[1], window_shell).cpu()
-        pause_point("mstep", self.iteration, self._writer.wait)
-        self.fsc = fsc
-        # RELION's data-to-prior ratio T·FSC/(1−FSC) (of the map from both halves in the final iteration: FSC 0.143 of
-        # the halves) sets the resolution
-        res_shell = resolution_from_data_vs_prior(fsc_to_ssnr(fsc, cfg.tau2_fudge, whole=sch.final_iteration), self.box)
+            current = shell_to_angstrom(sch.current_resolution_shell, self.box, cfg.angpix)
+            bps = joined_at_low_resolution(bps, max(cfg.low_resol_join_halves, current), cfg.angpix)
+        m = maximize_half_sets(
+            bps,
+            window_shell,
+            cfg.tau2_fudge,
+            sch.final_iteration,
+            settle=lambda: pause_point("mstep", self.iteration, self._writer.wait),
+        )
+        self.fsc, self.tau2 = m.fsc, m.tau2
         if sch.final_iteration:
-            joined = BackProjector(bps[0].data + bps[1].data, bps[0].weight + bps[1].weight, self.box, cfg.pad)
-            final_map, tau2 = reconstruct_gold_standard(joined, fsc, cfg.tau2_fudge, whole=True)
-            self.final_map = final_map.cpu()
-            self.unfil = [u.cpu() for u in unfil]
-            self.tau2 = tau2.cpu()
+            self.final_map, self.unfil = m.final_map, m.unfiltered
         else:
-            new_maps = []
-            for bp in bps:
-                new_map, tau2 = reconstruct_gold_standard(bp, fsc, cfg.tau2_fudge, max_shell=window_shell)
-                new_maps.append(new_map)  # kept on the device
-            self.maps = self._after_cc_iteration(new_maps) if cc_iteration else new_maps
-            self.tau2 = tau2.cpu()
-        if cc_iteration:  # RELION's updateCurrentResolution keeps --ini_high for the iteration after the CC one
-            res_shell = self._ini_shell()
+            assert m.references is not None
+            self.maps = self._after_cc_iteration(m.references) if cc_iteration else m.references
+        # RELION's updateCurrentResolution keeps --ini_high for the iteration after the CC one
+        res_shell = self._ini_shell() if cc_iteration else m.resolution_shell
         return {
             "resolution_shell": res_shell,
             "resolution_angst": shell_to_angstrom(res_shell, self.box, cfg.angpix),
-            "fsc": fsc,
+            "fsc": m.fsc,
         }
 
     def _after_cc_iteration(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -637,7 +619,7 @@ class AutoRefine:
                 "rlnOverallFourierCompleteness": 1.0,
             }
         ]
-        tau2 = self.tau2.numpy() if hasattr(self, "tau2") else np.zeros(n_sh)
+        tau2 = self.tau2[min(model, len(self.tau2) - 1)].numpy()
         class_table = pd.DataFrame(
             {
                 "rlnSpectralIndex": shells,

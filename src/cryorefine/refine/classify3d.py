@@ -23,9 +23,10 @@ from ..io.mrc import write_map
 from ..io.outputs import it_prefix, write_model_star, write_sampling_star
 from ..io.particles import write_particles
 from ..mstep.statistics import updated_statistics
-from ..mstep.priors import direction_log_prior, direction_prior
+from ..mstep.maximize import maximize_classes
+from ..mstep.priors import class_prior, direction_log_prior, direction_prior
 from ..mstep.tau2 import tau2_from_reference
-from ..reconstruction.reconstruct import MIN_REGULARISED_SHELL, data_vs_prior, reconstruct
+from ..reconstruction.fsc import shell_to_angstrom
 from ..reconstruction.symmetrise import symmetrise_backprojector
 from ..parallel.context import Dist
 from .auto_refine import AutoRefine, IterationPlan, RefineConfig
@@ -180,27 +181,15 @@ class Classify3D(AutoRefine):
         cc_iteration = cfg.firstiter_cc and self.iteration == 1
         # RELION keeps the initial σ² after a cross-correlation iteration
         self.stats = [updated_statistics(self.stats[0], [sums], cfg.min_sigma2_offset, noise=not cc_iteration)]
-        total = float(sums.class_weight.sum())
-        self.class_prior = (sums.class_weight / max(total, 1e-30)).clamp(min=1e-5).cpu()
-        self.class_prior /= self.class_prior.sum()
+        self.class_prior = class_prior(sums.class_weight.cpu())
         self.direction_prior = direction_prior(sums.direction_weight.cpu())
-        new_maps, res_shells = [], []
-        n_sh = self.box // 2 + 1
-        for k, bp in enumerate(sums.backprojectors):
+        for bp in sums.backprojectors:
             symmetrise_backprojector(bp, cfg.sym)
-            tau2 = self.class_tau2[k]
-            new_maps.append(reconstruct(bp, tau2, cfg.tau2_fudge, max_shell=window_shell))  # kept on the device
-            # resolution (RELION): one shell inside the first where the data-to-prior ratio drops below 1
-            below = (data_vs_prior(bp, tau2, cfg.tau2_fudge, n_sh, window_shell)[1:] < 1).nonzero()
-            res_shells.append(int(below[0, 0]) if below.numel() else n_sh - 1)
+        new_maps, res_shells = maximize_classes(sums.backprojectors, self.class_tau2, cfg.tau2_fudge, window_shell)
         self.maps = self._after_cc_iteration(new_maps) if cc_iteration else new_maps
         # RELION keeps --ini_high as the resolution for the iteration after the CC one
-        self.class_resolution = (
-            [self._ini_shell()] * cfg.K if cc_iteration else [max(MIN_REGULARISED_SHELL, s) for s in res_shells]
-        )
+        self.class_resolution = [self._ini_shell()] * cfg.K if cc_iteration else res_shells
         best = max(self.class_resolution)
-        from ..reconstruction.fsc import shell_to_angstrom
-
         return {
             "resolution_shell": best,
             "resolution_angst": shell_to_angstrom(best, self.box, cfg.angpix),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..fourier.grids import relion_round
 from ..reconstruction.reconstruct import MIN_REGULARISED_SHELL
 
 MAX_ITER_WITHOUT_RESOLUTION_GAIN = 1
@@ -22,33 +23,10 @@ HIGH_FSC_AT_LIMIT = 0.2  # RELION: once the FSC at the window's last shell excee
 JUMP_MIN_AVE_PMAX = 0.1  # ... by 25 % of Nyquist, but only while the mean pmax is above this (not over-marginalised)
 
 
-def relion_round(x: float) -> int:
-    """RELION's ROUND: halves away from zero."""
-    return int(math.floor(abs(x) + 0.5)) * (1 if x >= 0 else -1)
-
-
 def first_below(curve, threshold: float) -> int:
     """Index of the first value below ``threshold`` (from index 0), -1 if none (RELION's fsc05/fsc0143 search)."""
     below = [i for i, v in enumerate(curve) if v < threshold]
     return below[0] if below else -1
-
-
-def resolution_from_data_vs_prior(data_vs_prior, box: int, min_shell: int = MIN_REGULARISED_SHELL) -> int:
-    """RELION's updateCurrentResolution for gold-standard refinement: one shell inside the first where the spectral
-    data-to-prior ratio (T·FSC/(1−FSC) of the halves) drops below 1; but if, searching from d/2 − 1 downwards, a shell
-    more than 3 shells higher still has a ratio above 1, that one (FSC curves that dip and rise again); at least
-    ``min_shell`` (minres_map)."""
-    dvp = [float(v) for v in data_vs_prior]
-    ires = 1
-    while ires < box // 2 and dvp[ires] >= 1.0:
-        ires += 1
-    ires -= 1
-    ires2 = box // 2 - 1
-    while ires2 >= ires and not dvp[ires2] > 1.0:
-        ires2 -= 1
-    if ires2 > ires + 3:
-        ires = ires2
-    return max(ires, min_shell)
 
 
 @dataclass

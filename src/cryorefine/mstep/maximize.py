@@ -1,0 +1,100 @@
+"""The M-step's reconstructions as functions of the accumulators: auto-refine's two half sets (joined at low
+resolution, compared, each regularised by their gold-standard FSC) and classification's classes (each regularised by
+the power of the reference it was aligned to). The noise and prior statistics are mstep/statistics.py's."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..fourier.grids import relion_round
+from ..projection.insert import BackProjector
+from ..reconstruction.fsc import fsc_curve, fsc_to_ssnr, halves_fsc
+from ..reconstruction.reconstruct import MIN_REGULARISED_SHELL, data_vs_prior, padded_shell_index, reconstruct
+from .tau2 import reconstruct_gold_standard
+
+
+def joined_at_low_resolution(bps: list[BackProjector], join_angst: float, angpix: float) -> list[BackProjector]:
+    """RELION's joinTwoHalvesAtLowResolution: both half sets' accumulators summed on the padded radii
+    <= ROUND(pad · CEIL(box·angpix / join_angst)); new accumulators, the given ones unchanged."""
+    box, pad = bps[0].box, bps[0].pad
+    join_r_pad = relion_round(pad * math.ceil(box * angpix / join_angst))
+    r_pad, _ = padded_shell_index(bps[0].size, pad, bps[0].weight.device)
+    low = torch.round(r_pad**2) <= join_r_pad**2
+    d_sum, w_sum = bps[0].data + bps[1].data, bps[0].weight + bps[1].weight
+    return [BackProjector(torch.where(low, d_sum, bp.data), torch.where(low, w_sum, bp.weight), box, pad) for bp in bps]
+
+
+def resolution_from_data_vs_prior(data_vs_prior, box: int, min_shell: int = MIN_REGULARISED_SHELL) -> int:
+    """RELION's updateCurrentResolution for gold-standard refinement: one shell inside the first where the spectral
+    data-to-prior ratio (T·FSC/(1−FSC) of the halves) drops below 1; but if, searching from d/2 − 1 downwards, a shell
+    more than 3 shells higher still has a ratio above 1, that one (FSC curves that dip and rise again); at least
+    ``min_shell`` (minres_map)."""
+    dvp = [float(v) for v in data_vs_prior]
+    ires = 1
+    while ires < box // 2 and dvp[ires] >= 1.0:
+        ires += 1
+    ires -= 1
+    ires2 = box // 2 - 1
+    while ires2 >= ires and not dvp[ires2] > 1.0:
+        ires2 -= 1
+    if ires2 > ires + 3:
+        ires = ires2
+    return max(ires, min_shell)
+
+
+@dataclass(frozen=True)
+class HalfSetMaps:
+    """The M-step of the two half sets: their FSC and the resolution it gives, and either the next references
+    (intermediate iterations) or the final map with the unfiltered half maps."""
+
+    fsc: torch.Tensor  # (d//2+1,) gold-standard FSC (float64, CPU)
+    resolution_shell: int  # RELION's resolution from the data-to-prior ratio
+    tau2: list[torch.Tensor]  # τ² per half set (intermediate) or of the joined map (final), (d//2+1,) CPU
+    references: list[torch.Tensor] | None = None  # (d, d, d) per half set, on the accumulators' device
+    final_map: torch.Tensor | None = None  # (d, d, d) CPU
+    unfiltered: list[torch.Tensor] | None = None  # (d, d, d) per half set, CPU
+
+
+def maximize_half_sets(
+    bps: list[BackProjector], window_shell: int, tau2_fudge: float, final: bool, settle=None
+) -> HalfSetMaps:
+    """RELION's gold-standard M-step of two (symmetrised, joined) half sets. Intermediate iterations compare the
+    accumulators in Fourier space (compareTwoHalves, no reconstruction) and reconstruct each half regularised by that
+    FSC over ``window_shell``; the final one compares the unfiltered half maps and reconstructs both halves joined,
+    with the FSC of the whole (twice the particles). ``settle()``, if given, runs between the FSC and the
+    reconstructions (a test hook: a run killed there has its earlier outputs complete)."""
+    box = bps[0].box
+    if final:
+        unfiltered = [reconstruct(bp) for bp in bps]
+        fsc = fsc_curve(unfiltered[0], unfiltered[1]).cpu()
+    else:
+        fsc = halves_fsc(bps[0], bps[1], window_shell).cpu()
+    if settle is not None:
+        settle()
+    resolution_shell = resolution_from_data_vs_prior(fsc_to_ssnr(fsc, tau2_fudge, whole=final), box)
+    if final:
+        joined = BackProjector(bps[0].data + bps[1].data, bps[0].weight + bps[1].weight, box, bps[0].pad)
+        final_map, tau2 = reconstruct_gold_standard(joined, fsc, tau2_fudge, whole=True)
+        return HalfSetMaps(
+            fsc, resolution_shell, [tau2.cpu()], final_map=final_map.cpu(), unfiltered=[u.cpu() for u in unfiltered]
+        )
+    made = [reconstruct_gold_standard(bp, fsc, tau2_fudge, max_shell=window_shell) for bp in bps]
+    return HalfSetMaps(fsc, resolution_shell, [t.cpu() for _, t in made], references=[m for m, _ in made])
+
+
+def maximize_classes(
+    bps: list[BackProjector], class_tau2: list[torch.Tensor], tau2_fudge: float, window_shell: int
+) -> tuple[list[torch.Tensor], list[int]]:
+    """Classification's M-step of K (symmetrised) classes: each map regularised by its τ² (from the power of the
+    reference it was aligned to) × T, and its resolution (RELION: one shell inside the first where the data-to-prior
+    ratio drops below 1, at least the first regularised shell). Returns (maps on the accumulators' device, shells)."""
+    n_shells = bps[0].box // 2 + 1
+    maps, shells = [], []
+    for bp, tau2 in zip(bps, class_tau2):
+        maps.append(reconstruct(bp, tau2, tau2_fudge, max_shell=window_shell))
+        below = (data_vs_prior(bp, tau2, tau2_fudge, n_shells, window_shell)[1:] < 1).nonzero()
+        shells.append(max(MIN_REGULARISED_SHELL, int(below[0, 0]) if below.numel() else n_shells - 1))
+    return maps, shells
