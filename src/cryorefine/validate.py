@@ -43,17 +43,23 @@ def check_symmetry(sym: str) -> None:
     parse_symmetry(sym)
 
 
-def check_particles(star, project_dir=None) -> ParticleTable:
-    """Load the STAR or .cs file (missing/empty/malformed, columns, stacks) and check every stack it uses."""
-    table = load_particles(star, project_dir)
-    box = table.box  # raises for optics groups with different boxes
-    angpix = np.unique(np.round(table.angpix, 4))
+def check_one_pixel_size(table: ParticleTable) -> float:
+    """The particles' pixel size (Å); optics groups of different pixel sizes are refused (one run, one pixel size)."""
+    angpix = np.unique(np.round(np.asarray(table.angpix, dtype=np.float64), 4))
     if len(angpix) > 1:
         raise CryoInputError(
             f"optics groups have different pixel sizes ({', '.join(map(str, angpix))} "
             "Å); refine them separately or re-extract at one pixel size",
-            path=star,
+            path=table.star_path,
         )
+    return float(angpix[0])
+
+
+def check_particles(star, project_dir=None) -> ParticleTable:
+    """Load the STAR or .cs file (missing/empty/malformed, columns, stacks) and check every stack it uses."""
+    table = load_particles(star, project_dir)
+    box = table.box  # raises for optics groups with different boxes
+    check_one_pixel_size(table)
     try:
         stacks, inverse, counts = np.unique(table.image_stack.astype(str), return_inverse=True, return_counts=True)
         by_stack = np.split(np.argsort(inverse.reshape(-1), kind="stable"), np.cumsum(counts)[:-1])

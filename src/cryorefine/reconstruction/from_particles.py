@@ -27,6 +27,7 @@ from ..geometry.euler import euler_to_matrix
 from ..geometry.symmetry import symmetry_matrices
 from ..io.particles import ParticleTable, read_images
 from ..projection.insert import BackProjector
+from ..validate import check_one_pixel_size
 from .reconstruct import reconstruct
 
 MAX_INSERT_ELEMENTS = 1 << 21  # (rotations × pixels) per scatter-add call: bounds the (r, j, 8) temporaries
@@ -36,16 +37,6 @@ def expand_poses(rotations: torch.Tensor, sym_ops: torch.Tensor) -> torch.Tensor
     """Symmetry-equivalent poses A·S, (n, 3, 3) × (G, 3, 3) -> (n·G, 3, 3), particle-major (RELION's convention)."""
     S = sym_ops.to(device=rotations.device, dtype=rotations.dtype)
     return (rotations.unsqueeze(1) @ S.unsqueeze(0)).reshape(-1, 3, 3)
-
-
-def _table_angpix(table: ParticleTable) -> float:
-    angpix = np.array([g.angpix for g in table.optics], np.float64)
-    if (np.abs(angpix - angpix[0]) > 1e-4 * angpix[0]).any():
-        raise CryoInputError(
-            f"optics groups have different pixel sizes {sorted(set(angpix.round(4).tolist()))} Å; rescale the particles to one pixel size",
-            path=table.star_path,
-        )
-    return float(angpix[0])
 
 
 def backproject_particles(
@@ -117,7 +108,7 @@ def reconstruct_from_particles(
             path=table.star_path,
         )
     box = table.box
-    angpix = _table_angpix(table)
+    angpix = check_one_pixel_size(table)
     indices = np.arange(len(table))
     if subset in (1, 2):
         indices = np.flatnonzero(table.random_subset == subset)

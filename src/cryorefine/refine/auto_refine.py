@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..errors import CryoInputError, DistributedError
+from ..errors import DistributedError
 from ..estep.settings import EStepSettings
 from ..estep.images import Window, ctf_and_inverse_noise
 from ..estep.memory import available_bytes, check_fixed_volumes, fixed_volume_bytes, image_cache_bytes
@@ -39,7 +39,13 @@ from ..pause import pause_point
 from ..reconstruction.fsc import fsc_to_ssnr, shell_to_angstrom
 from ..reconstruction.symmetrise import symmetrise_backprojector
 from ..transfer import to_device
-from ..validate import check_random_subsets
+from ..validate import (
+    check_diameter_fits,
+    check_diameter_sign,
+    check_one_pixel_size,
+    check_random_subsets,
+    check_reference,
+)
 from .accuracy import N_TRIALS, expected_accuracy
 from .engine import ParticlePoses, angular_change_deg, prepare_references, run_expectation
 from .log import RunLog
@@ -122,27 +128,6 @@ def _halves(table: ParticleTable, seed: int) -> np.ndarray:
     return out
 
 
-def _check_inputs(cfg: RefineConfig, table: ParticleTable, ref: np.ndarray, ref_angpix: float) -> None:
-    if cfg.particle_diameter <= 0:
-        raise CryoInputError(
-            f"--particle_diameter must be positive (got {cfg.particle_diameter} Å); give the particle's longest dimension in Å"
-        )
-    if ref.shape[0] != table.box:
-        raise CryoInputError(
-            f"reference box {ref.shape[0]} differs from the particle box {table.box}; resample the reference to {table.box} px",
-            cfg.reference,
-        )
-    if abs(ref_angpix - cfg.angpix) > 0.01 * cfg.angpix:
-        raise CryoInputError(
-            f"reference pixel size {ref_angpix:.4f} Å differs from the particles' {cfg.angpix:.4f} Å; rescale the reference or fix its header",
-            cfg.reference,
-        )
-    if cfg.particle_diameter > table.box * cfg.angpix:
-        raise CryoInputError(
-            f"--particle_diameter {cfg.particle_diameter} Å is larger than the box ({table.box * cfg.angpix:.1f} Å)"
-        )
-
-
 @dataclass
 class IterationPlan:
     """What one iteration's E-step needs: orientations and pose grid, Fourier windows (shells), settings."""
@@ -171,22 +156,15 @@ class AutoRefine:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         self.table = load_particles(cfg.particles)
-        angpix = np.unique(np.round(self.table.angpix, 4))
-        if len(angpix) > 1:
-            raise CryoInputError(
-                f"optics groups have different pixel sizes ({', '.join(map(str, angpix))} Å); refine them separately or re-extract at one pixel size",
-                cfg.particles,
-            )
-        cfg.angpix = float(angpix[0])
-        ref, ref_angpix = read_map(cfg.reference)
-        _check_inputs(cfg, self.table, ref, ref_angpix)
+        # the CLI validated these already (validate.py); a program that builds the engine itself gets the same checks
+        cfg.angpix = check_one_pixel_size(self.table)
+        check_diameter_sign(cfg.particle_diameter)
+        check_reference(cfg.reference, self.table.box, cfg.angpix)
+        check_diameter_fits(cfg.particle_diameter, self.table.box, cfg.angpix)
+        ref, _ = read_map(cfg.reference)
         if cfg.solvent_mask:
-            m, _ = read_map(cfg.solvent_mask)
-            if m.shape[0] != self.table.box:
-                raise CryoInputError(
-                    f"solvent mask box {m.shape[0]} differs from the particle box {self.table.box}", cfg.solvent_mask
-                )
-            cfg.solvent_mask_volume = torch.from_numpy(m).float()
+            check_reference(cfg.solvent_mask, self.table.box, cfg.angpix, what="solvent mask")
+            cfg.solvent_mask_volume = torch.from_numpy(read_map(cfg.solvent_mask)[0]).float()
         self.box = self.table.box
         self.device = torch.device(cfg.device)
         self.n_groups = len(self.table.optics)
