@@ -78,7 +78,7 @@ def main():
         f"{meta['sym']}, --ini_high {meta['ini_high']}, --particle_diameter {meta['particle_diameter']}; both programs start from "
         "particles.star without poses, the same start map, half sets and flags (bench/relion_fidelity.sh).",
         "",
-        f"Ours: {ours.get('device', '?')}, {ours.get('wall_s', '?')} s (report written at {res['commit']}; the commit ours ran at is in bench/results/2026-12-03-device-runs.md) ({' '.join(map(str, ours.get('argv', [])))}). "
+        f"Ours: {ours.get('device', '?')}, {ours.get('wall_s', '?')} s (report written at {res['commit']}; the commit ours ran at is in that day's bench/results/<date>-device-runs.md) ({' '.join(map(str, ours.get('argv', [])))}). "
         f"RELION 3.1.3: `mpirun -n 3 relion_refine_mpi` on this 2-core CPU shared with other jobs, {wall} s.",
         "",
         "| | cryorefine | RELION 3.1.3 |",
