@@ -14,6 +14,7 @@ from cryorefine.io.mrc import read_map
 from cryorefine.io.particles import load_particles
 from cryorefine.mixture import state_maps
 from cryorefine.mstep.noise import initial_sigma2
+from cryorefine.mstep.norm import updated_norm_corrections
 from cryorefine.refine.auto_refine import RefineConfig
 from cryorefine.refine.engine import ParticlePoses, prepare_references, run_expectation
 from cryorefine.refine.timing import StageTimer
@@ -53,7 +54,7 @@ def estimated_norms(tmp_path, scales):
         64,
         avg_norm=1.0,
     )
-    return poses.norm_correction
+    return updated_norm_corrections(poses.norm_correction, 1.0, poses.residual_power, BOX)  # the M-step's update
 
 
 def test_norm_correction_follows_image_scale(tmp_path):

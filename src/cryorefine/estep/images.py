@@ -140,12 +140,14 @@ def prepare_batch(
     device=None,
     norm_scale: torch.Tensor | None = None,
     images: np.ndarray | torch.Tensor | None = None,
+    old_offsets_angst: np.ndarray | None = None,
 ) -> ImageBatch:
     """Read, mask and transform a batch; σ² is (groups, shells) per-component noise variance.
 
     ``norm_scale`` (n,): multiplies each image (RELION's avg_norm_correction / rlnNormCorrection, --norm).
     ``images`` (n, d, d) float32: the batch's images if already read (read ahead, or from the GPU's image cache),
-    else they are read here.
+    else they are read here. ``old_offsets_angst`` (n, 2): the particles' previous origin offsets (x, y) in Å (the
+    refinement's current poses), else the table's.
     """
     box = window.box
     imgs = to_device(read_images(table, indices) if images is None else images, device)
@@ -164,7 +166,9 @@ def prepare_batch(
         1, beyond_shell, (f_masked[:, beyond].abs() ** 2).double()
     )
     ctf, inv_sigma2 = ctf_and_inverse_noise(table, indices, group, window, sigma2, do_ctf, device)
-    offsets = np.stack([table.origin_x_angst[indices], table.origin_y_angst[indices]], -1) / angpix
+    if old_offsets_angst is None:
+        old_offsets_angst = np.stack([table.origin_x_angst[indices], table.origin_y_angst[indices]], -1)
+    offsets = np.asarray(old_offsets_angst, dtype=np.float64) / angpix
     return ImageBatch(
         indices=np.asarray(indices),
         f_masked=f_masked[:, window.flat_index],

@@ -29,6 +29,7 @@ from ..io.outputs import it_prefix, write_angdist_bild, write_model_star, write_
 from ..io.particles import ParticleTable, load_particles, write_particles
 from ..io.star import write_star_table
 from ..mstep.noise import initial_sigma2
+from ..mstep.norm import updated_norm_corrections
 from ..mstep.statistics import ModelStatistics, updated_statistics
 from ..mstep.priors import direction_log_prior, direction_prior
 from ..mstep.maximize import joined_at_low_resolution, maximize_half_sets
@@ -370,6 +371,19 @@ class AutoRefine:
         rlnNormCorrection), then the mean of the corrections the last E-step estimated for them."""
         return 1.0 if self.iteration == 1 else float(np.mean(self.poses.norm_correction[rows]))
 
+    def _update_norm_corrections(self) -> None:
+        """--norm, in the M-step: each particle's rlnNormCorrection from its residual power in the E-step just done,
+        relative to its model's average that the E-step used (mstep/norm.py)."""
+        if not self.cfg.norm:
+            return
+        p, model = self.poses, self._model_of_particle()
+        for m in np.unique(model):
+            rows = np.flatnonzero(model == m)
+            avg = self._average_norm_correction(rows)
+            p.norm_correction[rows] = updated_norm_corrections(
+                p.norm_correction[rows], avg, p.residual_power[rows], self.box
+            )
+
     def _progress(self, bar):
         return self.pool.progress(f"it{self.iteration}", bar)
 
@@ -513,6 +527,7 @@ class AutoRefine:
         cross-correlation iteration."""
         cfg, sch = self.cfg, self.schedule
         cc_iteration = cfg.firstiter_cc and self.iteration == 1
+        self._update_norm_corrections()
         pooled = [sums] * 2 if sch.final_iteration else [[s] for s in sums]
         self.stats = [
             updated_statistics(
@@ -748,7 +763,9 @@ class AutoRefine:
         self.iteration, self.perturbation = s["iteration"], s["perturbation"]
         self.maps, self.stats = s["maps"], s["stats"]
         self.schedule = Schedule(**s["schedule"])
-        self.poses = ParticlePoses(**s["poses"])
+        self.poses = ParticlePoses(
+            **{"residual_power": np.zeros(len(self.table)), **s["poses"]}
+        )  # (older states lack it)
         self.halves, self.history, self.fsc, self.direction_prior = (
             s["halves"],
             s["history"],
@@ -756,7 +773,6 @@ class AutoRefine:
             s["direction_prior"],
         )
         self.rng.bit_generator.state = s["numpy_rng"]
-        self.poses.apply_to(self.table)
         self._restore_extra_state(s)
 
     def _save_state(self, pre: str) -> None:

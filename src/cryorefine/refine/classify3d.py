@@ -179,6 +179,7 @@ class Classify3D(AutoRefine):
     def maximization(self, sums: WeightedSums, window_shell: int) -> dict:
         cfg = self.cfg
         cc_iteration = cfg.firstiter_cc and self.iteration == 1
+        self._update_norm_corrections()
         # RELION keeps the initial σ² after a cross-correlation iteration
         self.stats = [updated_statistics(self.stats[0], [sums], cfg.min_sigma2_offset, noise=not cc_iteration)]
         self.class_prior = class_prior(sums.class_weight.cpu())

@@ -39,6 +39,7 @@ class ParticlePoses:
     angular_spread_deg: np.ndarray
     offset_spread_px: np.ndarray
     norm_correction: np.ndarray  # RELION's rlnNormCorrection (the image noise std it estimates, --norm)
+    residual_power: np.ndarray  # Σ Γ |X̃ − sCP|² of the last E-step over every pixel (the M-step's --norm input)
 
     @classmethod
     def from_table(cls, t: ParticleTable) -> "ParticlePoses":
@@ -62,11 +63,8 @@ class ParticlePoses:
             np.full(n, 999.0),
             np.full(n, 999.0),
             norm,
+            np.zeros(n),
         )
-
-    def apply_to(self, t: ParticleTable) -> None:
-        t.rot_deg[:], t.tilt_deg[:], t.psi_deg[:] = self.rot_deg, self.tilt_deg, self.psi_deg
-        t.origin_x_angst[:], t.origin_y_angst[:] = self.origin_x_angst, self.origin_y_angst
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -148,13 +146,14 @@ def run_expectation(
     tasks: Callable[[int], Iterable[int]] | None = None,
     cache: ImageCache | None = None,
 ) -> np.ndarray:
-    """E-step over ``rows`` in batches; writes the new best poses into ``poses_now`` and adds into ``sums``.
+    """E-step over ``rows`` in batches; writes the new best poses and each particle's residual power into ``poses_now``
+    and adds into ``sums``. The previous offsets come from ``poses_now`` (the particle table is only read from).
 
     ``tasks(n_batches)`` yields the indices of the batches this process does (a task pool; default: all, in order).
     Returns the rows it did; ``progress(n)`` is called after each batch of n particles.
 
-    With ``avg_norm`` (--norm), each image is scaled by avg_norm / rlnNormCorrection and the particle's correction is
-    re-estimated as RELION does: old/avg · sqrt(2 Σ residual power / d⁴), the image's residual noise std.
+    With ``avg_norm`` (--norm), each image is scaled by avg_norm / rlnNormCorrection (the M-step re-estimates the
+    correction from the residual power: mstep/norm.py).
     Host memory holds two batches of images at most: the next one is read from the stacks while this one is computed;
     ``cache`` (GPU) keeps images after their first read (none: every image is read in every pass).
     """
@@ -175,9 +174,6 @@ def run_expectation(
         idx = batches[b]
         with timer("getFourierTransformsAndCTFs"):
             images = cache.images(idx, loaded)
-            # the E-step reads the particles' previous offsets from the table
-            table.origin_x_angst[idx] = poses_now.origin_x_angst[idx]
-            table.origin_y_angst[idx] = poses_now.origin_y_angst[idx]
             norm_scale = (
                 None
                 if avg_norm is None
@@ -197,6 +193,7 @@ def run_expectation(
                 device,
                 norm_scale,
                 images,
+                np.stack([poses_now.origin_x_angst[idx], poses_now.origin_y_angst[idx]], -1),
             )
             local_prior = None
             if local:
@@ -217,12 +214,8 @@ def run_expectation(
         poses_now.loglik[idx] = res.loglik.cpu().numpy()
         poses_now.angular_spread_deg[idx] = res.angular_spread_deg.double().cpu().numpy()
         poses_now.offset_spread_px[idx] = res.offset_spread_px.double().cpu().numpy()
-        if avg_norm is not None and res.residual_power is not None:
-            d4 = float(table.box) ** 4
-            total = (res.residual_power + batch.power_outside).cpu().numpy()
-            poses_now.norm_correction[idx] = (
-                poses_now.norm_correction[idx] / avg_norm * np.sqrt(np.maximum(2.0 * total / d4, 1e-12))
-            )
+        if res.residual_power is not None:
+            poses_now.residual_power[idx] = (res.residual_power + batch.power_outside).cpu().numpy()
         done.append(idx)
         if progress is not None:
             progress(len(idx))
