@@ -17,7 +17,8 @@ import numpy as np
 from cryorefine.errors import CryoInputError
 from cryorefine.geometry.symmetry import parse_symmetry
 from cryorefine.io.mrc import read_map
-from cryorefine.io.particles import ParticleTable, load_particles
+from cryorefine.io.particles import load_particles
+from cryorefine.io.table import ParticleTable
 
 PIXEL_SIZE_TOLERANCE = 0.01  # relative STAR vs reference header
 DISK_RESERVE_BYTES = 100 * 1024**2  # free space needed besides the maps

@@ -14,7 +14,8 @@ import pytest
 
 from cryorefine.cli.main import main
 from cryorefine.density import atoms_to_map, packaged_model, read_atoms
-from cryorefine.io.particles import load_particles, read_images
+from cryorefine.io.particles import load_particles
+from cryorefine.io.table import read_images
 from cryorefine.io.star import read_star, write_star
 from cryorefine.simulate import simulate_particles
 

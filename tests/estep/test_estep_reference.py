@@ -29,7 +29,8 @@ from cryorefine.estep.poses import PoseGrid
 from cryorefine.estep.sums import WeightedSums
 from cryorefine.geometry.euler import euler_to_matrix
 from cryorefine.geometry.healpix import make_sampling
-from cryorefine.io.particles import load_particles, read_images
+from cryorefine.io.particles import load_particles
+from cryorefine.io.table import read_images
 from cryorefine.projection.extract import extract_central_slices, prepare_padded_transform
 from cryorefine.projection.insert import BackProjector
 from cryorefine.simulate import simulate_particles

@@ -17,7 +17,8 @@ from cryorefine.cli.main import main
 from cryorefine.density import atoms_to_map, packaged_model, read_atoms
 from cryorefine.io.cryosparc import pose_to_euler_deg
 from cryorefine.io.mrc import read_map
-from cryorefine.io.particles import load_particles, read_images
+from cryorefine.io.particles import load_particles
+from cryorefine.io.table import read_images
 from cryorefine.reconstruction.from_particles import reconstruct_from_particles
 from cryorefine.reconstruction.fsc import fsc_curve
 from cryorefine.simulate import simulate_particles

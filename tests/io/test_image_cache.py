@@ -10,7 +10,8 @@ import cryorefine.io.image_cache as image_cache
 import cryorefine.refine.auto_refine as auto_refine
 from cryorefine.io.image_cache import ImageCache
 from cryorefine.io.mrc import read_map
-from cryorefine.io.particles import load_particles, read_images
+from cryorefine.io.particles import load_particles
+from cryorefine.io.table import read_images
 from cryorefine.io.star import read_star
 from cryorefine.refine.auto_refine import AutoRefine, RefineConfig
 from small_set import small_set

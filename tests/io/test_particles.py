@@ -8,7 +8,8 @@ import pytest
 
 from cryorefine.errors import CryoInputError
 from cryorefine.io.mrc import write_stack
-from cryorefine.io.particles import load_particles, particle_blocks, read_images, write_particles
+from cryorefine.io.particles import load_particles, particle_blocks, write_particles
+from cryorefine.io.table import read_images
 from cryorefine.io.star import read_star, write_star
 
 BOX = 8

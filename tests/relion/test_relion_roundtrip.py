@@ -18,7 +18,8 @@ from cryorefine.fourier.grids import irfft2_centered, rfft2_centered, rfft_freqs
 from cryorefine.geometry.euler import euler_to_matrix, matrix_to_euler
 from cryorefine.geometry.symmetry import symmetry_matrices
 from cryorefine.io.mrc import read_map
-from cryorefine.io.particles import load_particles, read_images, write_particles
+from cryorefine.io.particles import load_particles, write_particles
+from cryorefine.io.table import read_images
 from cryorefine.projection.extract import prepare_padded_transform
 from cryorefine.reconstruction import from_particles
 from cryorefine.reconstruction.from_particles import reconstruct_from_particles

@@ -10,7 +10,7 @@ import torch
 from ..ctf import ctf_for_particles
 from ..fourier.filters import soft_mask_outside_map
 from ..fourier.grids import counted_once_2d, irfft2_centered, rfft2_centered, shell_index_2d
-from ..io.particles import ParticleTable, read_images
+from ..io.table import ParticleTable, read_images
 from ..transfer import to_device
 
 MASK_EDGE_PX = 5.0  # RELION's width_mask_edge

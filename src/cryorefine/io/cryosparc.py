@@ -29,7 +29,7 @@ import torch
 from cryorefine.errors import CryoInputError
 from cryorefine.geometry.axis_angle import axis_angle_to_matrix
 from cryorefine.geometry.euler import matrix_to_euler
-from cryorefine.io.particles import OpticsGroup, ParticleTable, project_relative, resolve_stack
+from cryorefine.io.table import OpticsGroup, ParticleTable, project_relative, resolve_stack
 
 REQUIRED_FIELDS = (
     "blob/path",

@@ -17,7 +17,8 @@ import numpy as np
 
 from cryorefine.io.atomic import atomic_write
 from cryorefine.io.cryosparc import load_cs_particles
-from cryorefine.io.particles import project_relative, write_particles
+from cryorefine.io.particles import write_particles
+from cryorefine.io.table import project_relative
 
 
 def relion_stack_name(stack_path: str) -> str:

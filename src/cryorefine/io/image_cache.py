@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..transfer import to_device
-from .particles import ParticleTable, read_images
+from .table import ParticleTable, read_images
 
 
 class ImageCache:

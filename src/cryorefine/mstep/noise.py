@@ -7,7 +7,7 @@ import torch
 
 from ..fourier.filters import soft_mask_outside_map
 from ..fourier.grids import rfft2_centered, shell_index_2d
-from ..io.particles import ParticleTable, read_images
+from ..io.table import ParticleTable, read_images
 
 
 def initial_sigma2(

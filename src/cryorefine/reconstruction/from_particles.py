@@ -25,7 +25,7 @@ from ..fourier.grids import rfft2_centered, rfft_freqs_2d
 from ..fourier.shift import phase_shift_factors
 from ..geometry.euler import euler_to_matrix
 from ..geometry.symmetry import symmetry_matrices
-from ..io.particles import ParticleTable, read_images
+from ..io.table import ParticleTable, read_images
 from ..projection.insert import BackProjector
 from ..validate import check_one_pixel_size
 from .reconstruct import reconstruct

@@ -26,7 +26,8 @@ from ..io.background import BackgroundWriter
 from ..io.image_cache import ImageCache
 from ..io.mrc import read_map, write_map
 from ..io.outputs import it_prefix, write_angdist_bild, write_model_star, write_sampling_star
-from ..io.particles import ParticleTable, load_particles, write_particles
+from ..io.particles import load_particles, write_particles
+from ..io.table import ParticleTable
 from ..io.star import write_star_table
 from ..mstep.noise import initial_sigma2
 from ..mstep.norm import updated_norm_corrections

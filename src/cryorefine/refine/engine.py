@@ -17,7 +17,7 @@ from ..fourier.filters import soft_sphere
 from ..geometry.euler import euler_to_matrix
 from ..geometry.symmetry import symmetry_matrices
 from ..io.image_cache import ImageCache
-from ..io.particles import ParticleTable
+from ..io.table import ParticleTable
 from ..io.prefetch import read_ahead
 from ..projection.extract import PaddedTransform, prepare_padded_transform
 from ..transfer import to_device
