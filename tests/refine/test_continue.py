@@ -3,7 +3,7 @@ complete files under final names; continued from its last finished iteration, it
 iteration as the uninterrupted run did and ends with the full output set at the same resolution.
 
 The kill lands at a named point: CRYOREFINE_TEST_PAUSE_AT makes the run write a marker file there and sleep
-(cryorefine.pause); the test waits for the marker, then sends SIGKILL.
+(cryorefine.debug_hooks); the test waits for the marker, then sends SIGKILL.
 """
 
 import os

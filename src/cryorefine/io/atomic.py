@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from cryorefine.errors import CryoInputError
-from cryorefine.pause import pause_point
+from cryorefine.debug_hooks import pause_point
 
 _USER_ERRNOS = {
     errno.ENOSPC: "the disk is full",

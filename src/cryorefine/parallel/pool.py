@@ -4,26 +4,18 @@ A counter per E-step (key) in torch.distributed's store: ``store.add(key, 1)`` r
 faster rank takes more batches. With one process the counter is local. Results must not depend on which rank does a
 batch (the E-step keys its random noise by batch).
 
-Test hook: CRYOREFINE_SLOW_RANK="rank:seconds" makes that rank sleep after each batch (load-balancing tests).
+Test hook: debug_hooks.slow_rank_delay (CRYOREFINE_SLOW_RANK) makes a rank sleep after each batch (load balancing).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 from typing import Callable, Iterator
 
+from ..debug_hooks import slow_rank_delay
 from .collectives import guarded
 from .context import Dist
-
-
-def _delay(rank: int) -> float:
-    spec = os.environ.get("CRYOREFINE_SLOW_RANK", "")
-    if not spec:
-        return 0.0
-    r, seconds = spec.split(":")
-    return float(seconds) if int(r) == rank else 0.0
 
 
 class TaskPool:
@@ -31,7 +23,7 @@ class TaskPool:
         self.dist = dist
         self._local = Counter()
         self._taken = 0
-        self._sleep = _delay(dist.rank)
+        self._sleep = slow_rank_delay(dist.rank)
 
     def _add(self, key: str, n: int) -> int:
         if self.dist.store is None:

@@ -37,7 +37,7 @@ from ..mstep.maximize import joined_at_low_resolution, maximize_half_sets
 from ..parallel.collectives import all_reduce_sum_, broadcast_from_main, broadcast_tensors_, merge_rows_, per_rank
 from ..parallel.context import Dist
 from ..parallel.pool import TaskPool
-from ..pause import pause_point
+from ..debug_hooks import pause_point
 from ..reconstruction.fsc import fsc_to_ssnr, shell_to_angstrom
 from ..reconstruction.symmetrise import symmetrise_backprojector
 from ..transfer import to_device

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 
 import torch
 
+from ..debug_hooks import profile_request
+
 
 class StageTimer:
     """On a GPU a stage is timed by CUDA events on the current stream, read at the end of the iteration: timing does
@@ -101,14 +103,12 @@ def profiled(iteration: int, final: bool = False):
     CRYOREFINE_PROFILE=8,final CRYOREFINE_PROFILE_OUT=prof.txt; "final": auto-refine's last, joined iteration);
     writes the operators sorted by device and by host time, or with CRYOREFINE_PROFILE_MODE=python the Python
     functions (cProfile) by cumulative and own time, and what the functions CRYOREFINE_PROFILE_FOCUS names call."""
-    import os
-
-    wanted = os.environ.get("CRYOREFINE_PROFILE", "").split(",")
-    if str(iteration) not in wanted and not (final and "final" in wanted):
+    request = profile_request()
+    if not request.wants(iteration, final):
         yield
         return
-    path = os.environ.get("CRYOREFINE_PROFILE_OUT", f"profile_it{iteration:03d}.txt")
-    if os.environ.get("CRYOREFINE_PROFILE_MODE") == "python":  # host view: where the wall time of the Python goes
+    path = request.out or f"profile_it{iteration:03d}.txt"
+    if request.python:  # host view: where the wall time of the Python goes
         import cProfile
         import io
         import pstats
@@ -122,7 +122,7 @@ def profiled(iteration: int, final: bool = False):
         text = io.StringIO()
         for key in ("cumulative", "tottime"):
             pstats.Stats(prof, stream=text).sort_stats(key).print_stats(45)
-        for name in filter(None, os.environ.get("CRYOREFINE_PROFILE_FOCUS", "").split(",")):  # e.g. maximization
+        for name in request.focus:  # e.g. maximization
             pstats.Stats(prof, stream=text).sort_stats("cumulative").print_callees(name)
         with open(path, "a") as fh:
             fh.write(f"# iteration {iteration} (cProfile)\n" + text.getvalue())
