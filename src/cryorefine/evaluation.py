@@ -38,14 +38,14 @@ class Poses:
 
 def read_poses(star_path) -> Poses:
     """Poses of a RELION 3.0/3.1 particle STAR file (origins in Å; 3.0 pixel origins converted)."""
-    from .io.particles import _optics_31, _particles_block, _pixel_size_angst
+    from .io.particles import origins_angst, particle_pixel_sizes, particles_block
     from .io.star import read_star
 
     star_path = Path(star_path)
     if not star_path.is_file():
         raise CryoInputError("STAR file not found", path=star_path)
     blocks = read_star(star_path)
-    block, df = _particles_block(blocks, star_path)
+    block, df = particles_block(blocks, star_path)
     if "rlnImageName" not in df.columns:
         raise CryoInputError(
             f"missing column rlnImageName in data_{block}; particles are matched by it", path=star_path
@@ -57,23 +57,7 @@ def read_poses(star_path) -> Poses:
     def col(name):
         return df[name].to_numpy(np.float64) if name in df.columns else np.zeros(len(df))
 
-    if "rlnOriginXAngst" in df.columns or "rlnOriginYAngst" in df.columns:
-        ox, oy = col("rlnOriginXAngst"), col("rlnOriginYAngst")
-    elif "rlnOriginX" in df.columns or "rlnOriginY" in df.columns:
-        if "optics" in blocks:
-            groups = _optics_31(blocks["optics"], star_path)
-            lut = {g.number: g.angpix for g in groups}
-            numbers = (
-                df["rlnOpticsGroup"].to_numpy(np.int64)
-                if "rlnOpticsGroup" in df.columns
-                else np.full(len(df), groups[0].number)
-            )
-            angpix = np.array([lut[int(k)] for k in numbers])
-        else:
-            angpix = _pixel_size_angst(df, block, star_path)
-        ox, oy = col("rlnOriginX") * angpix, col("rlnOriginY") * angpix
-    else:
-        ox, oy = np.zeros(len(df)), np.zeros(len(df))
+    ox, oy = origins_angst(df, lambda: particle_pixel_sizes(blocks, block, df, star_path))
     return Poses(
         df["rlnImageName"].astype(str).to_numpy(object),
         col("rlnAngleRot"),

@@ -165,11 +165,11 @@ def simulate_particles(
 def _poses_table(poses_star):
     """(optics DataFrame or None, particles DataFrame) of a STAR file of poses (RELION 3.0 or 3.1; no images needed)."""
     from .errors import CryoInputError
-    from .io.particles import _particles_block
+    from .io.particles import particles_block
     from .io.star import read_star
 
     blocks = read_star(poses_star)
-    _, parts = _particles_block(blocks, poses_star)
+    _, parts = particles_block(blocks, poses_star)
     parts = parts.reset_index(drop=True)
     for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"):
         if col not in parts.columns:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -89,7 +90,7 @@ def _parse_image_names(names: np.ndarray, path) -> tuple[np.ndarray, np.ndarray]
     return index_1.astype(np.int64) - 1, stacks
 
 
-def _particles_block(blocks: dict, path) -> tuple[str, pd.DataFrame]:
+def particles_block(blocks: dict, path) -> tuple[str, pd.DataFrame]:
     if "particles" in blocks:
         return "particles", blocks["particles"]
     for name, df in blocks.items():
@@ -149,13 +150,42 @@ def _optics_30(df: pd.DataFrame, path) -> tuple[list[OpticsGroup], np.ndarray, n
     return groups, codes.astype(np.int64), angpix
 
 
+def particle_pixel_sizes(blocks: dict, block: str, df: pd.DataFrame, path) -> np.ndarray:
+    """Å/px of every particle of ``df`` (the particles block ``block`` of ``blocks``): its optics group's (STAR 3.1) or
+    its own columns' (3.0)."""
+    if "optics" not in blocks:
+        return _pixel_size_angst(df, block, path)
+    groups = _optics_31(blocks["optics"], path)
+    lut = {g.number: g.angpix for g in groups}
+    numbers = (
+        df["rlnOpticsGroup"].to_numpy(np.int64)
+        if "rlnOpticsGroup" in df.columns
+        else np.full(len(df), groups[0].number)
+    )
+    unknown = sorted(set(np.unique(numbers).tolist()) - set(lut))
+    if unknown:
+        raise CryoInputError(f"particles refer to optics group(s) {unknown} absent from data_optics", path=path)
+    return np.array([lut[int(k)] for k in numbers], np.float64)
+
+
+def origins_angst(df: pd.DataFrame, pixel_sizes: Callable[[], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Origin offsets (x, y) in Å of every particle: rlnOriginX/YAngst (STAR 3.1), else rlnOriginX/Y in pixels (3.0)
+    times ``pixel_sizes()`` (asked only then), else zero."""
+    if "rlnOriginXAngst" in df.columns or "rlnOriginYAngst" in df.columns:
+        return _column(df, "rlnOriginXAngst", 0.0), _column(df, "rlnOriginYAngst", 0.0)
+    if "rlnOriginX" in df.columns or "rlnOriginY" in df.columns:
+        angpix = pixel_sizes()
+        return _column(df, "rlnOriginX", 0.0) * angpix, _column(df, "rlnOriginY", 0.0) * angpix
+    return np.zeros(len(df)), np.zeros(len(df))
+
+
 def load_particles(star_path, project_dir=None) -> ParticleTable:
     """Load a RELION 3.0/3.1+ STAR file (stacks resolved as RELION does) or a cryoSPARC .cs file."""
     star_path = Path(star_path)
     if star_path.suffix == ".cs":
         return load_cs_particles(star_path, project_dir)
     blocks = read_star(star_path)
-    block, df = _particles_block(blocks, star_path)
+    block, df = particles_block(blocks, star_path)
     _require(df, ("rlnImageName",), block, star_path)
     if len(df) == 0:
         raise CryoInputError(f"no particles in data_{block}", path=star_path)
@@ -204,12 +234,7 @@ def load_particles(star_path, project_dir=None) -> ParticleTable:
                 with open_stack(image_stack[members[0]]) as stack:
                     group.box = stack.shape[-1]
 
-    # origins: Å (3.1) or pixels (3.0)
-    if "rlnOriginXAngst" in df.columns or "rlnOriginYAngst" in df.columns:
-        origin_x, origin_y = _column(df, "rlnOriginXAngst", 0.0), _column(df, "rlnOriginYAngst", 0.0)
-    else:
-        origin_x = _column(df, "rlnOriginX", 0.0) * particle_angpix
-        origin_y = _column(df, "rlnOriginY", 0.0) * particle_angpix
+    origin_x, origin_y = origins_angst(df, lambda: particle_angpix)
 
     has_ctf = "rlnDefocusU" in df.columns
     defocus_u = _column(df, "rlnDefocusU", 0.0)
