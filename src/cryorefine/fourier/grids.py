@@ -85,3 +85,17 @@ def window_pixels_2d(box: int, max_shell: int, device=None, include_dc: bool = F
 def relion_round(x: float) -> int:
     """RELION's ROUND: halves away from zero."""
     return int(math.floor(abs(x) + 0.5)) * (1 if x >= 0 else -1)
+
+
+def centred_half_radius(rows: torch.Tensor, n_x: int) -> torch.Tensor:
+    """|k| on a centred half grid: rows (m,) the frequencies of the first two axes (z and y, e.g. index − size//2),
+    x from 0 to n_x − 1; (m, m, n_x) float64."""
+    k = rows.to(torch.float64)
+    kx = torch.arange(n_x, device=rows.device, dtype=torch.float64)
+    return torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
+
+
+def shell_sum(values: torch.Tensor, shell: torch.Tensor, n_shells: int) -> torch.Tensor:
+    """Σ of ``values`` per integer ``shell`` (same shape, 0 <= shell < n_shells), (n_shells,) float64."""
+    out = torch.zeros(n_shells, dtype=torch.float64, device=values.device)
+    return out.index_add_(0, shell.reshape(-1), values.reshape(-1).to(torch.float64))

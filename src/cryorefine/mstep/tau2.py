@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..fourier.grids import centred_half_radius, shell_sum
 from ..projection.extract import PaddedTransform
 from ..projection.insert import BackProjector
 from ..reconstruction.fsc import fsc_to_ssnr
@@ -38,14 +39,9 @@ def tau2_from_reference(ref: PaddedTransform, max_shell: int) -> torch.Tensor:
     R, c, n = int(round(max_shell * ref.pad)), ref.size // 2, ref.box // 2 + 1
     lo, hi = max(0, c - R), min(ref.size, c + R + 1)
     f = ref.f_padded[lo:hi, lo:hi, : R + 1]  # the cube around the origin that holds the sphere: not the whole grid
-    k = torch.arange(lo, hi, device=f.device, dtype=torch.float64) - c
-    kx = torch.arange(f.shape[2], device=f.device, dtype=torch.float64)
-    r_pad = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
+    r_pad = centred_half_radius(torch.arange(lo, hi, device=f.device) - c, f.shape[2])
     shell = torch.round(r_pad / ref.pad).long()
     keep = (r_pad <= R) & (shell < n)
     s = shell[keep]
-    p = torch.zeros(n, dtype=torch.float64, device=f.device).index_add_(0, s, (f[keep].abs() ** 2).to(torch.float64))
-    c = torch.zeros(n, dtype=torch.float64, device=f.device).index_add_(
-        0, s, torch.ones(s.shape, dtype=torch.float64, device=f.device)
-    )
+    p, c = shell_sum(f[keep].abs() ** 2, s, n), shell_sum(torch.ones(s.shape, device=f.device), s, n)
     return torch.where(c > 0, p / c.clamp(min=1) / 2.0, torch.zeros_like(p))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..fourier.grids import rfft3_centered, shell_index_3d
+from ..fourier.grids import centred_half_radius, rfft3_centered, shell_index_3d, shell_sum
 
 
 def fsc_curve(map1: torch.Tensor, map2: torch.Tensor) -> torch.Tensor:
@@ -17,11 +17,11 @@ def fsc_curve(map1: torch.Tensor, map2: torch.Tensor) -> torch.Tensor:
     keep = shells < n
     s = shells[keep]
 
-    def shell_sum(x):
-        return torch.zeros(n, dtype=torch.float64, device=x.device).index_add_(0, s, x.flatten()[keep])
+    def by_shell(x):
+        return shell_sum(x.flatten()[keep], s, n)
 
-    num = shell_sum((f1 * f2.conj()).real)
-    den = torch.sqrt(shell_sum(f1.abs() ** 2) * shell_sum(f2.abs() ** 2))
+    num = by_shell((f1 * f2.conj()).real)
+    den = torch.sqrt(by_shell(f1.abs() ** 2) * by_shell(f2.abs() ** 2))
     return torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros_like(num))
 
 
@@ -64,22 +64,16 @@ def halves_fsc(bp1, bp2, max_shell: int) -> torch.Tensor:
     intermediate auto-refine iterations take their resolution from this."""
     a1, a2 = downsampled_average(bp1, max_shell), downsampled_average(bp2, max_shell)
     n0, _, nx = a1.shape
-    dev = a1.device
-    k = torch.arange(n0, device=dev, dtype=torch.float64) - n0 // 2
-    r = torch.sqrt(
-        k[:, None, None] ** 2
-        + k[None, :, None] ** 2
-        + torch.arange(nx, device=dev, dtype=torch.float64)[None, None, :] ** 2
-    )
+    r = centred_half_radius(torch.arange(n0, device=a1.device) - n0 // 2, nx)
     n = bp1.box // 2 + 1
     keep = (r <= max_shell) & (r < n - 0.5)
     shell = _round_half_away(r[keep]).long()
 
-    def shell_sum(v):
-        return torch.zeros(n, dtype=torch.float64, device=dev).index_add_(0, shell, v[keep])
+    def by_shell(v):
+        return shell_sum(v[keep], shell, n)
 
-    num = shell_sum((a1 * a2.conj()).real)
-    den = shell_sum(a1.abs() ** 2) * shell_sum(a2.abs() ** 2)
+    num = by_shell((a1 * a2.conj()).real)
+    den = by_shell(a1.abs() ** 2) * by_shell(a2.abs() ** 2)
     fsc = torch.where(den > 0, num / den.clamp(min=1e-300).sqrt(), torch.zeros_like(num))
     fsc[0] = 1.0
     return fsc

@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..fourier.filters import soft_mask_outside_map
-from ..fourier.grids import irfft3_centered
+from ..fourier.grids import centred_half_radius, irfft3_centered, shell_sum
 from ..projection.extract import sinc2_gridding_kernel
 from ..projection.insert import BackProjector, enforce_hermitian_x0
 
@@ -16,9 +16,7 @@ MIN_REGULARISED_SHELL = 5  # RELION's minres_map: no prior term on the lowest sh
 
 def padded_shell_index(size: int, pad: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """For the centred padded half grid (P, P, P//2+1): padded radius and original-grid shell round(R/pad)."""
-    k = torch.arange(size, device=device, dtype=torch.float64) - size // 2
-    kx = torch.arange(size // 2 + 1, device=device, dtype=torch.float64)
-    r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
+    r = centred_half_radius(torch.arange(size, device=device) - size // 2, size // 2 + 1)
     return r, torch.round(r / pad).long()
 
 
@@ -57,8 +55,7 @@ def reconstruction_noise_power(bp: BackProjector, n_shells: int, max_shell: int 
     """RELION's σ² of the reconstruction per shell (s,): 1/⟨pad³·weight⟩, the mean over all the shell's voxels
     inside ``max_shell`` (voxels without data count as 0); 0 for shells without weight."""
     shell, w = _shell_voxels(bp, n_shells, max_shell)
-    total = torch.zeros(n_shells, dtype=torch.float64, device=w.device).index_add_(0, shell, bp.pad**3 * w)
-    count = torch.zeros(n_shells, dtype=torch.float64, device=w.device).index_add_(0, shell, torch.ones_like(w))
+    total, count = shell_sum(bp.pad**3 * w, shell, n_shells), shell_sum(torch.ones_like(w), shell, n_shells)
     return torch.where(total > 1e-10, count / total.clamp(min=1e-300), torch.zeros_like(total))
 
 
@@ -71,8 +68,7 @@ def data_vs_prior(
     shell, w = _shell_voxels(bp, n_shells, max_shell)
     t = tau2.to(device=w.device, dtype=torch.float64)[shell.clamp(max=tau2.numel() - 1)]
     ratio = torch.where(t > 0, w * bp.pad**3 * tau2_fudge * t, 0.001 * w * w)
-    total = torch.zeros(n_shells, dtype=torch.float64, device=w.device).index_add_(0, shell, ratio)
-    count = torch.zeros(n_shells, dtype=torch.float64, device=w.device).index_add_(0, shell, torch.ones_like(w))
+    total, count = shell_sum(ratio, shell, n_shells), shell_sum(torch.ones_like(w), shell, n_shells)
     out = torch.where(count > 0.001, total / count.clamp(min=1), torch.full_like(total, 999.0))
     last = bp.box // 2 if max_shell is None else max_shell
     out[last + 1 :] = 0.0
@@ -89,10 +85,7 @@ def weight_floor(weight: torch.Tensor, r_pad: torch.Tensor, pad: int, max_shell:
     within = torch.round(r_pad**2) < round((max_shell * pad) ** 2)
     n = max(int(max_shell), 1)
     s = shell[within].clamp(max=n - 1)
-    total = torch.zeros(n, dtype=torch.float64, device=w.device).index_add_(0, s, w[within])
-    count = torch.zeros(n, dtype=torch.float64, device=w.device).index_add_(
-        0, s, torch.ones_like(s, dtype=torch.float64)
-    )
+    total, count = shell_sum(w[within], s, n), shell_sum(torch.ones_like(s, dtype=torch.float64), s, n)
     radial = total / (1000.0 * count.clamp(min=1))
     return radial[shell.clamp(max=n - 1)]
 
