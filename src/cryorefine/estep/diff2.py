@@ -8,16 +8,19 @@ one batched GEMM per particle over its own slots. Scores leave out the per-parti
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..fourier.shift import phase_shift_factors
-from ..projection.extract import PaddedTransform, extract_central_slices_planar
+from ..projection.extract import PaddedTransform, extract_central_slices, extract_central_slices_planar
 from . import fused_local
 from .images import ImageBatch, Window
 from .memory import LOCAL_GATHER_ELEMENTS
-from .poses import PoseGrid
+from .poses import N_ROT_CHILDREN, N_TRANS_CHILDREN, PoseGrid
 from .precision import matmul_nt
 from .settings import EStepSettings
+from .slots import FineSlots
 
 
 def as_real(z: torch.Tensor) -> torch.Tensor:
@@ -181,3 +184,74 @@ def coarse_log_posterior(batch, window, jc, refs, poses, settings, local_prior, 
         held = torch.arange(K, device=dev)[None, :] == forced_class.to(dev)[:, None]  # (n, K)
         logp = torch.where(held[:, :, None, None], logp, torch.full_like(logp, -torch.inf))
     return logp, rot_prior
+
+
+@dataclass(frozen=True)
+class FinePassInputs:
+    """What every particle of a tile brings to the fine pass."""
+
+    w: torch.Tensor  # (n, J) score weights
+    sc: torch.Tensor  # (n, J) scale × CTF
+    offsets_px: torch.Tensor  # (n, T4, 2) absolute fine offsets
+    offset_log_prior: torch.Tensor  # (n, T4) of each fine offset: its coarse translation's, as RELION
+    scored: int  # pixels scored (--strict_highres_exp); all J are stored
+    constant: torch.Tensor  # (n,) float64 Σ w|X|² over the scored pixels, the constant the scores leave out
+
+
+def fine_pass_inputs(batch: ImageBatch, window: Window, poses: PoseGrid, settings: EStepSettings) -> FinePassInputs:
+    n, T = len(batch), poses.n_translations
+    w = score_weights(batch, window, settings.firstiter_cc)
+    offsets = (batch.old_offset_px[:, None, None, :] + poses.fine_translations()[None]).reshape(
+        n, T * N_TRANS_CHILDREN, 2
+    )
+    # RELION's convertAllSquaredDifferencesToWeights takes the offset prior at the coarse translation for all its
+    # fine children (the prior at each fine offset favours the children nearer the centre: other posteriors)
+    coarse = batch.old_offset_px[:, None, :] + poses.translations_px[None]
+    prior = translation_log_prior(coarse, settings).repeat_interleave(N_TRANS_CHILDREN, 1)
+    js = window.size if settings.score_shell is None else window.prefix(settings.score_shell)
+    constant = (w[:, :js] * batch.f_masked[:, :js].abs() ** 2).sum(1).double()
+    return FinePassInputs(w, batch.scale[:, None] * batch.ctf, offsets, prior, js, constant)
+
+
+def fine_projections(
+    refs: list[PaddedTransform], poses: PoseGrid, slots: FineSlots, window: Window, dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8 fine rotations of every (class, coarse rotation) pair of the tile's union and their projections:
+    ((G·8, 3, 3), (G·8, J))."""
+    rotations = poses.fine_rotations(slots.g_coarse).reshape(-1, 3, 3)
+    proj = torch.empty(rotations.shape[0], window.size, dtype=dtype, device=rotations.device)
+    for k, ref in enumerate(refs):
+        sel = (slots.g_class == k).repeat_interleave(N_ROT_CHILDREN)
+        if sel.any():
+            proj[sel] = extract_central_slices(ref, rotations[sel], window.ky, window.kx)
+    return rotations, proj
+
+
+def fine_log_posterior(
+    batch: ImageBatch,
+    window: Window,
+    fine: FinePassInputs,
+    slots: FineSlots,
+    rows: torch.Tensor,
+    n_slots: int,
+    proj: torch.Tensor,
+    cc: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fine pass of the particles ``rows`` over their first ``n_slots`` slots: log-scores (m, T4, 8L) (−diff2 plus
+    the offset and rotation log priors, or the CC; −inf where the coarse sample was not significant), the rows of
+    their slots' rotations in ``proj`` (m, 8L), and those projections and their power (m, 8L, J)."""
+    m = len(rows)
+    child = torch.arange(N_ROT_CHILDREN, device=rows.device)
+    rows8 = (slots.slot_g[rows, :n_slots][:, :, None] * N_ROT_CHILDREN + child).reshape(m, -1)
+    pg = proj[rows8]
+    p2 = pg.real**2 + pg.imag**2
+    js = fine.scored
+    scores = get_all_squared_differences_fine(
+        batch.f_masked[rows, :js], fine.w[rows, :js], fine.sc[rows, :js], window, fine.offsets_px[rows], pg, p2, cc
+    )
+    lg = -scores
+    if not cc:
+        rot_prior = slots.slot_prior[rows, :n_slots].repeat_interleave(N_ROT_CHILDREN, 1)
+        lg = lg + fine.offset_log_prior[rows][:, :, None] + rot_prior[:, None, :]
+    ok = slots.allowed[rows, :, :n_slots].repeat_interleave(N_TRANS_CHILDREN, 1).repeat_interleave(N_ROT_CHILDREN, 2)
+    return torch.where(ok, lg, torch.full_like(lg, -torch.inf)), rows8, pg, p2

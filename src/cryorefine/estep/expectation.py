@@ -12,17 +12,20 @@ the results beyond float32 summation order.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from ..projection.extract import PaddedTransform, extract_central_slices
+from ..projection.extract import PaddedTransform
 from ..tiling import run_tiles
 from .diff2 import (
+    FinePassInputs,
     coarse_gemm_flops,
     coarse_log_posterior,
-    get_all_squared_differences_fine,
-    score_weights,
-    translation_log_prior,
+    fine_log_posterior,
+    fine_pass_inputs,
+    fine_projections,
 )
 from .images import ImageBatch, Window
 from .memory import TileShape, fine_particles_per_chunk, particles_per_tile, tile_budget
@@ -91,6 +94,72 @@ def expectation_batch(
     return BatchPoses.cat(parts)
 
 
+@dataclass
+class _TileResults:
+    """Per-particle results of a tile, filled group by group of the fine pass."""
+
+    max_prob: torch.Tensor
+    loglik: torch.Tensor
+    best_class: torch.Tensor
+    best_coarse: torch.Tensor
+    best_child: torch.Tensor
+    best_off: torch.Tensor
+    ang_spread: torch.Tensor
+    off_spread: torch.Tensor
+    residual: torch.Tensor
+
+    @classmethod
+    def zeros(cls, n: int, device) -> "_TileResults":
+        f32, f64, i64 = ({"dtype": t, "device": device} for t in (torch.float32, torch.float64, torch.long))
+        return cls(
+            torch.zeros(n, **f32),
+            torch.zeros(n, **f64),
+            torch.zeros(n, **i64),
+            torch.zeros(n, **i64),
+            torch.zeros(n, **i64),
+            torch.zeros(n, 2, **f32),
+            torch.zeros(n, **f32),
+            torch.zeros(n, **f32),
+            torch.zeros(n, **f64),
+        )
+
+    def record(self, rows, fw, fine: FinePassInputs, slots, rows8, rotations, L8: int) -> None:
+        """The best sample (class, coarse rotation, child, offset), RELION's max probability and log-likelihood, and
+        the posterior's RMS angle and offset distance from the best sample (the expected errors) of ``rows``."""
+        m = len(rows)
+        at = torch.arange(m, device=rows.device)
+        self.max_prob[rows] = fw.max_prob.float()
+        self.loglik[rows] = fw.log_sum - fine.constant[rows]
+        t4, r8 = fw.best // L8, fw.best % L8
+        g_best = slots.slot_g[rows, r8 // N_ROT_CHILDREN]
+        self.best_class[rows], self.best_coarse[rows] = slots.g_class[g_best], slots.g_coarse[g_best]
+        self.best_child[rows] = r8 % N_ROT_CHILDREN
+        offsets = fine.offsets_px[rows]
+        self.best_off[rows] = offsets[at, t4]
+        g3 = fw.gamma.reshape(m, -1, L8)
+        cosang = ((torch.einsum("mij,mrij->mr", rotations[rows8[at, r8]], rotations[rows8]) - 1.0) / 2.0).clamp(
+            -1.0, 1.0
+        )
+        self.ang_spread[rows] = torch.sqrt((g3.sum(1) * torch.rad2deg(torch.acos(cosang)) ** 2).sum(1))
+        doff = ((offsets - self.best_off[rows][:, None, :]) ** 2).sum(-1)  # (m, T4)
+        self.off_spread[rows] = torch.sqrt((g3.sum(2) * doff).sum(1))
+
+    def batch_poses(self, n_significant: torch.Tensor, poses: PoseGrid) -> BatchPoses:
+        n = len(self.best_coarse)
+        eul = poses.fine_eulers_deg(self.best_coarse.cpu().numpy())[np.arange(n), self.best_child.cpu().numpy()]
+        return BatchPoses(
+            self.best_class,
+            eul,
+            self.best_off,
+            self.max_prob,
+            n_significant,
+            self.loglik,
+            self.ang_spread,
+            self.off_spread,
+            self.residual,
+        )
+
+
 def _expectation_tile(
     batch, window, coarse_shell, refs, poses, settings, sums, local_prior, stage: Stages, forced_class, budget
 ) -> tuple[BatchPoses, TileSums | None]:
@@ -102,131 +171,43 @@ def _expectation_tile(
     storeWeightedSums is matrix products over the same grid (per-rotation sums of images, then one insertion per
     rotation, when the tile is committed).
     """
-    dev = batch.f_masked.device
-    n, K, T, J = len(batch), len(refs), poses.n_translations, window.size
+    n, T, J, cc = len(batch), poses.n_translations, window.size, settings.firstiter_cc
     jc = window.prefix(coarse_shell)
-    cc = settings.firstiter_cc
-
     with stage("getAllSquaredDifferences"):
         with stage.substage("coarse"):
             logp, rot_prior = coarse_log_posterior(batch, window, jc, refs, poses, settings, local_prior, forced_class)
-        stage.add_flops("coarse", *coarse_gemm_flops(n, K, T, logp.shape[-1], jc, local_prior is not None))
+        stage.add_flops("coarse", *coarse_gemm_flops(n, len(refs), T, logp.shape[-1], jc, local_prior is not None))
     with stage("convertAllDiff2ToWeights"):
         mask, nsig = coarse_significant(logp, settings)
         del logp  # the coarse samples are not needed beyond their significance: free them for the fine pass
-        fs = fine_slots(mask, rot_prior, local_prior, poses.n_rotations)
+        slots = fine_slots(mask, rot_prior, local_prior, poses.n_rotations)
         del mask
-
-    # the fine projections: of the union (over the tile) of significant (class, coarse rotation) pairs
     with stage("getAllSquaredDifferences"):
-        G = len(fs.g_class)
-        g_rot = poses.fine_rotations(fs.g_coarse)  # (G, 8, 3, 3)
-        rot8_all = g_rot.reshape(-1, 3, 3)
-        p_all = torch.empty(G * N_ROT_CHILDREN, J, dtype=batch.f_masked.dtype, device=dev)
-        for k in range(K):
-            sel = (fs.g_class == k).repeat_interleave(N_ROT_CHILDREN)
-            if sel.any():
-                p_all[sel] = extract_central_slices(refs[k], rot8_all[sel], window.ky, window.kx)
-        w = score_weights(batch, window, cc)
-        sc = batch.scale[:, None] * batch.ctf
-        off_fine = (batch.old_offset_px[:, None, None, :] + poses.fine_translations()[None]).reshape(
-            n, T * N_TRANS_CHILDREN, 2
-        )
-        # RELION's convertAllSquaredDifferencesToWeights takes the offset prior at the coarse translation for all its
-        # fine children (the prior at each fine offset favours the children nearer the centre: other posteriors)
-        t_prior = translation_log_prior(
-            batch.old_offset_px[:, None, :] + poses.translations_px[None], settings
-        ).repeat_interleave(N_TRANS_CHILDREN, 1)
-        js = (
-            J if settings.score_shell is None else window.prefix(settings.score_shell)
-        )  # the pixels scored; all are stored
-        const = (w[:, :js] * batch.f_masked[:, :js].abs() ** 2).sum(1).double()  # (n,)
-
-    T4 = T * N_TRANS_CHILDREN
-    Ls = fs.slot_g.shape[1]
-    fine_particles_per_chunk(
-        n, budget, G * N_ROT_CHILDREN, T4, Ls * N_ROT_CHILDREN, J
-    )  # one particle of the most slots fits, or a clear stop
-    child = torch.arange(N_ROT_CHILDREN, device=dev)
-    out = {name: torch.zeros(n, device=dev) for name in ("max_prob", "ang_spread", "off_spread")}
-    out.update(
-        loglik=torch.zeros(n, dtype=torch.float64, device=dev),
-        residual=torch.zeros(n, dtype=torch.float64, device=dev),
-        best_off=torch.zeros(n, 2, device=dev),
-        **{name: torch.zeros(n, dtype=torch.long, device=dev) for name in ("best_class", "best_coarse", "best_child")},
+        rotations, proj = fine_projections(refs, poses, slots, window, batch.f_masked.dtype)
+        fine = fine_pass_inputs(batch, window, poses, settings)
+    G8, T4, Ls8 = len(rotations), T * N_TRANS_CHILDREN, slots.slot_g.shape[1] * N_ROT_CHILDREN
+    fine_particles_per_chunk(n, budget, G8, T4, Ls8, J)  # one particle of the most slots fits, or a clear stop
+    results = _TileResults.zeros(n, batch.f_masked.device)
+    tile = (
+        None
+        if sums is None
+        else TileSums.zeros(sums, rotations, slots.g_class.repeat_interleave(N_ROT_CHILDREN), J, proj.dtype)
     )
-    tile = None
-    if sums is not None:
-        tile = TileSums(
-            sums.empty_stats(),
-            rot8_all,
-            fs.g_class.repeat_interleave(N_ROT_CHILDREN),
-            torch.zeros(G * N_ROT_CHILDREN, J, dtype=batch.f_masked.dtype, device=dev),
-            torch.zeros(G * N_ROT_CHILDREN, J, device=dev),
-            torch.zeros(G * N_ROT_CHILDREN, device=dev),
-        )
-    for rows, Lc in slot_groups(
-        fs.counts, lambda L: fine_particles_per_chunk(n, budget, G * N_ROT_CHILDREN, T4, min(L, Ls) * N_ROT_CHILDREN, J)
-    ):
-        m, L8 = len(rows), Lc * N_ROT_CHILDREN
+    groups = slot_groups(
+        slots.counts, lambda L: fine_particles_per_chunk(n, budget, G8, T4, min(L * N_ROT_CHILDREN, Ls8), J)
+    )
+    for rows, n_slots in groups:
+        m, L8 = len(rows), n_slots * N_ROT_CHILDREN
         with stage("getAllSquaredDifferences"):
-            rows8 = (fs.slot_g[rows, :Lc][:, :, None] * N_ROT_CHILDREN + child).reshape(m, L8)  # (m, 8L) rows of p_all
-            pg = p_all[rows8]  # (m, 8L, J)
-            p2 = pg.real**2 + pg.imag**2
-            scores = get_all_squared_differences_fine(
-                batch.f_masked[rows, :js], w[rows, :js], sc[rows, :js], window, off_fine[rows], pg, p2, cc
-            )
-            stage.add_flops(
-                "fine", 2.0 * m * T4 * 2 * js * L8 + 2.0 * m * L8 * js
-            )  # (m, T4, 2js) @ (m, 2js, 8L) and the |P|² term
-            lg = -scores
-            if not cc:
-                lg = (
-                    lg
-                    + t_prior[rows][:, :, None]
-                    + fs.slot_prior[rows, :Lc].repeat_interleave(N_ROT_CHILDREN, 1)[:, None, :]
-                )
-            ok = fs.allowed[rows, :, :Lc].repeat_interleave(N_TRANS_CHILDREN, 1).repeat_interleave(N_ROT_CHILDREN, 2)
-            lg = torch.where(ok, lg, torch.full_like(lg, -torch.inf))
+            lg, rows8, pg, p2 = fine_log_posterior(batch, window, fine, slots, rows, n_slots, proj, cc)
+            stage.add_flops("fine", 2.0 * m * T4 * 2 * fine.scored * L8 + 2.0 * m * L8 * fine.scored)
         with stage("convertAllDiff2ToWeights"):
             fw = convert_fine_to_weights(lg.reshape(m, -1), cc)
-            _record_best(out, rows, fw, const, fs, rows8, rot8_all, off_fine, L8)
+            results.record(rows, fw, fine, slots, rows8, rotations, L8)
         if tile is not None:
             with stage("storeWeightedSums"):
                 gam = fw.gamma if cc else negligible_dropped(fw.gamma, settings.adaptive_fraction)
-                chunk = FineChunk(rows, rows8, off_fine[rows], gam.reshape(m, T4, L8), pg, p2)
+                chunk = FineChunk(rows, rows8, fine.offsets_px[rows], gam.reshape(m, T4, L8), pg, p2)
                 stage.add_flops("store", 8.0 * m * T4 * L8 * J)  # the four (m, 8L|T4, T4|8L) x (m, ., J) products
-                out["residual"][rows] = store_weighted_sums(batch, window, chunk, fs, tile, settings, poses)
-    eul = poses.fine_eulers_deg(out["best_coarse"].cpu().numpy())[np.arange(n), out["best_child"].cpu().numpy()]
-    return BatchPoses(
-        out["best_class"],
-        eul,
-        out["best_off"],
-        out["max_prob"],
-        nsig,
-        out["loglik"],
-        out["ang_spread"],
-        out["off_spread"],
-        out["residual"],
-    ), tile
-
-
-def _record_best(out: dict, rows, fw, const, fs, rows8, rot8_all, off_fine, L8: int) -> None:
-    """Per particle of ``rows``: the best sample (class, coarse rotation, child, offset), RELION's max probability and
-    log-likelihood, and the posterior's RMS angle and offset distance from the best sample (the expected errors)."""
-    m = len(rows)
-    dev = rows.device
-    out["max_prob"][rows] = fw.max_prob.float()
-    out["loglik"][rows] = fw.log_sum - const[rows]
-    t4, r8 = fw.best // L8, fw.best % L8
-    g_best = fs.slot_g[rows, r8 // N_ROT_CHILDREN]
-    out["best_class"][rows] = fs.g_class[g_best]
-    out["best_coarse"][rows] = fs.g_coarse[g_best]
-    out["best_child"][rows] = r8 % N_ROT_CHILDREN
-    out["best_off"][rows] = off_fine[rows][torch.arange(m, device=dev), t4]
-    g3 = fw.gamma.reshape(m, -1, L8)
-    r_best = rot8_all[rows8[torch.arange(m, device=dev), r8]]  # (m, 3, 3)
-    cosang = ((torch.einsum("mij,mrij->mr", r_best, rot8_all[rows8]) - 1.0) / 2.0).clamp(-1.0, 1.0)
-    out["ang_spread"][rows] = torch.sqrt((g3.sum(1) * torch.rad2deg(torch.acos(cosang)) ** 2).sum(1))
-    doff = ((off_fine[rows] - out["best_off"][rows][:, None, :]) ** 2).sum(-1)  # (m, T4)
-    out["off_spread"][rows] = torch.sqrt((g3.sum(2) * doff).sum(1))
+                results.residual[rows] = store_weighted_sums(batch, window, chunk, slots, tile, settings, poses)
+    return results.batch_poses(nsig, poses), tile

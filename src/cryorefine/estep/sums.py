@@ -76,6 +76,21 @@ class TileSums:
     weights: torch.Tensor  # (r, J): Σ Γ s² C² / σ² per rotation
     mass: torch.Tensor  # (r,): Σ Γ per rotation, the posterior probability the tile's particles give it
 
+    @classmethod
+    def zeros(
+        cls, sums: WeightedSums, rotations: torch.Tensor, classes: torch.Tensor, n_pixels: int, dtype
+    ) -> "TileSums":
+        """Empty sums of a tile over ``rotations`` (r, 3, 3) of ``classes`` (r,), like ``sums``."""
+        r, dev = rotations.shape[0], rotations.device
+        return cls(
+            sums.empty_stats(),
+            rotations,
+            classes,
+            torch.zeros(r, n_pixels, dtype=dtype, device=dev),
+            torch.zeros(r, n_pixels, device=dev),
+            torch.zeros(r, device=dev),
+        )
+
     def add_to(self, sums: WeightedSums, ky: torch.Tensor, kx: torch.Tensor) -> None:
         """Insert the slices (at window pixels (kx, ky) (J,)) of rotations with any posterior weight (the E-step
         leaves negligible samples out: weights.negligible_dropped), and add the statistics."""
