@@ -25,7 +25,14 @@ from cryorefine.geometry.healpix import make_sampling
 from cryorefine.io.mrc import read_map
 from cryorefine.io.particles import load_particles
 from cryorefine.mstep.noise import initial_sigma2
-from cryorefine.refine.engine import ParticlePoses, angular_change_deg, prepare_references, run_expectation
+from cryorefine.refine.engine import (
+    EStepPass,
+    EStepRuntime,
+    ParticlePoses,
+    angular_change_deg,
+    prepare_references,
+    run_expectation,
+)
 from cryorefine.refine.auto_refine import RefineConfig
 from cryorefine.refine.schedule import Schedule
 from cryorefine.refine.timing import StageTimer
@@ -65,24 +72,9 @@ def one_estep(device: str, star: str, ref_path: str, diameter: float, n: int, wi
     settings = EStepSettings(angpix=angpix, sigma2_offset_angst2=(5 * angpix) ** 2)
     rows = np.arange(min(n, len(table)))
     t0 = time.perf_counter()
-    run_expectation(
-        table,
-        rows,
-        refs,
-        poses,
-        grid,
-        window,
-        coarse,
-        sigma2,
-        torch.ones(len(table.optics), dtype=torch.float64),
-        settings,
-        sums,
-        cfg,
-        (0, 1, 1),
-        timer,
-        None,
-        1024 if device.startswith("cuda") else 256,
-    )
+    job = EStepPass(refs, grid, window, coarse, sigma2, torch.ones(len(table.optics), dtype=torch.float64), settings)
+    runtime = EStepRuntime(cfg, (0, 1, 1), timer, None, 1024 if device.startswith("cuda") else 256)
+    run_expectation(table, rows, poses, job, sums, runtime)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0

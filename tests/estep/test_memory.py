@@ -402,7 +402,7 @@ def test_read_ahead_loads_the_next_item_while_the_current_is_used():
 def test_expectation_reads_images_batch_by_batch(tmp_path, monkeypatch):
     from cryorefine.io import image_cache
     from cryorefine.refine.auto_refine import RefineConfig
-    from cryorefine.refine.engine import ParticlePoses, run_expectation
+    from cryorefine.refine.engine import EStepPass, EStepRuntime, ParticlePoses, run_expectation
     from cryorefine.refine.timing import StageTimer
 
     c = make_case(tmp_path)
@@ -415,23 +415,14 @@ def test_expectation_reads_images_batch_by_batch(tmp_path, monkeypatch):
     cfg.angpix = ANGPIX
     sums = WeightedSums.zeros(1, BOX, 2, 1, c["grid"].sampling.n_directions)
     sigma2 = torch.full((1, BOX // 2 + 1), BOX * BOX / 2.0, dtype=torch.float64)
+    job = EStepPass([c["ref"]], c["grid"], c["window"], 6, sigma2, torch.ones(1, dtype=torch.float64), c["settings"])
     run_expectation(
         c["table"],
         np.arange(N),
-        [c["ref"]],
         ParticlePoses.from_table(c["table"]),
-        c["grid"],
-        c["window"],
-        6,
-        sigma2,
-        torch.ones(1, dtype=torch.float64),
-        c["settings"],
+        job,
         sums,
-        cfg,
-        (0, 1, 1),
-        StageTimer(),
-        None,
-        3,
+        EStepRuntime(cfg, (0, 1, 1), StageTimer(), None, 3),
     )
     assert reads == [3, 3, 2]
 
@@ -441,7 +432,7 @@ def test_a_pass_over_cached_images_takes_each_batch_only_when_the_last_is_done(t
     cache there is nothing to read, and a batch taken early would leave one rank two batches at a pass's end."""
     from cryorefine.io.image_cache import ImageCache
     from cryorefine.refine.auto_refine import RefineConfig
-    from cryorefine.refine.engine import ParticlePoses, run_expectation
+    from cryorefine.refine.engine import EStepPass, EStepRuntime, ParticlePoses, run_expectation
     from cryorefine.refine.timing import StageTimer
 
     c = make_case(tmp_path)
@@ -461,26 +452,13 @@ def test_a_pass_over_cached_images_takes_each_batch_only_when_the_last_is_done(t
                 yield b
 
         sums = WeightedSums.zeros(1, BOX, 2, 1, c["grid"].sampling.n_directions)
-        run_expectation(
-            c["table"],
-            np.arange(N),
-            [c["ref"]],
-            ParticlePoses.from_table(c["table"]),
-            c["grid"],
-            c["window"],
-            6,
-            sigma2,
-            torch.ones(1, dtype=torch.float64),
-            c["settings"],
-            sums,
-            cfg,
-            (0, 1, 1),
-            StageTimer(),
-            lambda n: events.append("done"),
-            3,
-            tasks=tasks,
-            cache=cache,
+        job = EStepPass(
+            [c["ref"]], c["grid"], c["window"], 6, sigma2, torch.ones(1, dtype=torch.float64), c["settings"]
         )
+        runtime = EStepRuntime(
+            cfg, (0, 1, 1), StageTimer(), lambda n: events.append("done"), 3, tasks=tasks, cache=cache
+        )
+        run_expectation(c["table"], np.arange(N), ParticlePoses.from_table(c["table"]), job, sums, runtime)
         return events
 
     assert one_pass()[:3] == ["take", "take", "done"]  # images to read: the second batch is taken (and read) ahead

@@ -16,7 +16,7 @@ from cryorefine.mixture import state_maps
 from cryorefine.mstep.noise import initial_sigma2
 from cryorefine.mstep.norm import updated_norm_corrections
 from cryorefine.refine.auto_refine import RefineConfig
-from cryorefine.refine.engine import ParticlePoses, prepare_references, run_expectation
+from cryorefine.refine.engine import EStepPass, EStepRuntime, ParticlePoses, prepare_references, run_expectation
 from cryorefine.refine.timing import StageTimer
 from cryorefine.simulate import simulate_particles
 
@@ -35,25 +35,12 @@ def estimated_norms(tmp_path, scales):
     window = Window.build(BOX, 12)
     poses = ParticlePoses.from_table(table)
     sums = WeightedSums.zeros(1, BOX, 2, 1, grid.sampling.n_directions)
-    run_expectation(
-        table,
-        np.arange(N),
-        prepare_references([torch.from_numpy(truth)], 2, cfg, None),
-        poses,
-        grid,
-        window,
-        8,
-        initial_sigma2(table, 1)[0],
-        torch.ones(1, dtype=torch.float64),
-        EStepSettings(angpix=ANGPIX, sigma2_offset_angst2=36.0),
-        sums,
-        cfg,
-        (0, 1, 0),
-        StageTimer(),
-        None,
-        64,
-        avg_norm=1.0,
+    refs = prepare_references([torch.from_numpy(truth)], 2, cfg, None)
+    settings = EStepSettings(angpix=ANGPIX, sigma2_offset_angst2=36.0)
+    job = EStepPass(
+        refs, grid, window, 8, initial_sigma2(table, 1)[0], torch.ones(1, dtype=torch.float64), settings, avg_norm=1.0
     )
+    run_expectation(table, np.arange(N), poses, job, sums, EStepRuntime(cfg, (0, 1, 0), StageTimer(), None, 64))
     return updated_norm_corrections(poses.norm_correction, 1.0, poses.residual_power, BOX)  # the M-step's update
 
 

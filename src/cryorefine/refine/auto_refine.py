@@ -49,7 +49,7 @@ from ..validate import (
     check_reference,
 )
 from .accuracy import N_TRIALS, expected_accuracy
-from .engine import ParticlePoses, angular_change_deg, prepare_references, run_expectation
+from .engine import EStepPass, EStepRuntime, ParticlePoses, angular_change_deg, prepare_references, run_expectation
 from .log import RunLog
 from .progress import Progress
 from ..fourier.grids import relion_round
@@ -331,28 +331,27 @@ class AutoRefine:
         key = f"it{self.iteration}/half{half}"
         stats = self.stats[max(half - 1, 0)]
         settings = replace(plan.settings, sigma2_offset_angst2=stats.sigma2_offset_angst2)
-        return run_expectation(
-            self.table,
-            rows,
+        job = EStepPass(
             refs,
-            self.poses,
             plan.grid,
             plan.window,
             plan.coarse_shell,
             stats.sigma2.to(self.device),
             stats.scale,
             settings,
-            sums,
+            local=self.schedule.local_search,
+            **kw,
+        )
+        runtime = EStepRuntime(
             self.cfg,
             (self.cfg.random_seed, self.iteration, half),
             self.timer,
             progress,
             self._batch_size(),
-            local=self.schedule.local_search,
             tasks=lambda n: self.pool.take(key, n),
             cache=self.images,
-            **kw,
         )
+        return run_expectation(self.table, rows, self.poses, job, sums, runtime)
 
     def _combine(self, sums: list[WeightedSums], done: np.ndarray) -> dict:
         """Accumulators summed and per-particle results gathered over ranks; returns each rank's batches and E-step

@@ -10,6 +10,7 @@ import torch
 
 from ..estep.expectation import expectation_batch
 from ..estep.settings import EStepSettings
+from ..estep.stages import Stages
 from ..estep.images import Window, prepare_batch
 from ..estep.poses import PoseGrid
 from ..estep.sums import WeightedSums
@@ -123,46 +124,62 @@ def batch_generator(noise_key: tuple[int, ...], batch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
+@dataclass(frozen=True)
+class EStepPass:
+    """What one E-step pass over a set of particles needs besides them: references and sampling, windows, the noise
+    model and the settings."""
+
+    refs: list[PaddedTransform]
+    grid: PoseGrid
+    window: Window
+    coarse_shell: int
+    sigma2: torch.Tensor  # (G, d//2+1) on the compute device
+    scale: torch.Tensor  # (G,)
+    settings: EStepSettings
+    local: bool = False  # local searches about each particle's pose (settings.local_sigma_deg)
+    forced_class: np.ndarray | None = None  # (n,) 0-based: hold each particle to this class
+    avg_norm: float | None = None  # --norm: images scaled by avg_norm / rlnNormCorrection
+
+
+@dataclass(frozen=True)
+class EStepRuntime:
+    """How a pass runs: the image settings (``cfg``: particle_diameter, angpix, ctf, zero_mask, device), its random
+    stream, timer, progress, batch size, the task pool's batches and the GPU's image cache."""
+
+    cfg: object
+    noise_key: tuple[int, ...]
+    timer: Stages
+    progress: Callable[[int], None] | None = None
+    batch_size: int = 128
+    tasks: Callable[[int], Iterable[int]] | None = None
+    cache: ImageCache | None = None
+
+
 def run_expectation(
     table: ParticleTable,
     rows: np.ndarray,
-    refs: list[PaddedTransform],
     poses_now: ParticlePoses,
-    grid: PoseGrid,
-    window: Window,
-    coarse_shell: int,
-    sigma2: torch.Tensor,
-    scale: torch.Tensor,
-    settings: EStepSettings,
+    job: EStepPass,
     sums: WeightedSums,
-    cfg,
-    noise_key: tuple[int, ...],
-    timer,
-    progress=None,
-    batch_size: int = 128,
-    local: bool = False,
-    forced_class: np.ndarray | None = None,
-    avg_norm: float | None = None,
-    tasks: Callable[[int], Iterable[int]] | None = None,
-    cache: ImageCache | None = None,
+    run: EStepRuntime,
 ) -> np.ndarray:
     """E-step over ``rows`` in batches; writes the new best poses and each particle's residual power into ``poses_now``
     and adds into ``sums``. The previous offsets come from ``poses_now`` (the particle table is only read from).
 
-    ``tasks(n_batches)`` yields the indices of the batches this process does (a task pool; default: all, in order).
-    Returns the rows it did; ``progress(n)`` is called after each batch of n particles.
+    ``run.tasks(n_batches)`` yields the indices of the batches this process does (a task pool; default: all, in
+    order). Returns the rows it did; ``run.progress(n)`` is called after each batch of n particles.
 
-    With ``avg_norm`` (--norm), each image is scaled by avg_norm / rlnNormCorrection (the M-step re-estimates the
+    With ``job.avg_norm`` (--norm), each image is scaled by avg_norm / rlnNormCorrection (the M-step re-estimates the
     correction from the residual power: mstep/norm.py).
     Host memory holds two batches of images at most: the next one is read from the stacks while this one is computed;
-    ``cache`` (GPU) keeps images after their first read (none: every image is read in every pass).
+    ``run.cache`` (GPU) keeps images after their first read (none: every image is read in every pass).
     """
-    device = cfg.device
-    if cache is None:
-        cache = ImageCache(len(table), table.box, 0, device)
-    batches = [rows[s0 : s0 + batch_size] for s0 in range(0, len(rows), batch_size)]
+    cfg, timer, settings, avg_norm = run.cfg, run.timer, job.settings, job.avg_norm
+    device = cfg.device  # type: ignore[attr-defined]
+    cache = run.cache if run.cache is not None else ImageCache(len(table), table.box, 0, device)
+    batches = [rows[s0 : s0 + run.batch_size] for s0 in range(0, len(rows), run.batch_size)]
     done = []
-    order = range(len(batches)) if tasks is None else tasks(len(batches))
+    order = range(len(batches)) if run.tasks is None else run.tasks(len(batches))
 
     def load(b: int):
         return cache.load(table, batches[b])
@@ -182,26 +199,28 @@ def run_expectation(
             batch = prepare_batch(
                 table,
                 idx,
-                window,
-                sigma2,
-                scale,
+                job.window,
+                job.sigma2,
+                job.scale,
                 cfg.particle_diameter,
                 cfg.angpix,
                 cfg.ctf,
                 cfg.zero_mask,
-                batch_generator(noise_key, b),
+                batch_generator(run.noise_key, b),
                 device,
                 norm_scale,
                 images,
                 np.stack([poses_now.origin_x_angst[idx], poses_now.origin_y_angst[idx]], -1),
             )
             local_prior = None
-            if local:
-                local_prior = grid.local_candidates(
+            if job.local:
+                local_prior = job.grid.local_candidates(
                     poses_now.rot_deg[idx], poses_now.tilt_deg[idx], poses_now.psi_deg[idx], settings.local_sigma_deg
                 )
-        forced = None if forced_class is None else to_device(forced_class[idx], device)
-        res = expectation_batch(batch, window, coarse_shell, refs, grid, settings, sums, local_prior, timer, forced)
+        forced = None if job.forced_class is None else to_device(job.forced_class[idx], device)
+        res = expectation_batch(
+            batch, job.window, job.coarse_shell, job.refs, job.grid, settings, sums, local_prior, timer, forced
+        )
         poses_now.rot_deg[idx] = res.eulers_deg[:, 0]
         poses_now.tilt_deg[idx] = res.eulers_deg[:, 1]
         poses_now.psi_deg[idx] = res.eulers_deg[:, 2]
@@ -217,6 +236,6 @@ def run_expectation(
         if res.residual_power is not None:
             poses_now.residual_power[idx] = (res.residual_power + batch.power_outside).cpu().numpy()
         done.append(idx)
-        if progress is not None:
-            progress(len(idx))
+        if run.progress is not None:
+            run.progress(len(idx))
     return np.concatenate(done) if done else np.zeros(0, dtype=np.int64)
