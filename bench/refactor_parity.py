@@ -22,26 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-FLAGS = [
-    "--ini_high",
-    "30",
-    "--particle_diameter",
-    "200",
-    "--ctf",
-    "--zero_mask",
-    "--flatten_solvent",
-    "--norm",
-    "--healpix_order",
-    "1",
-    "--offset_range",
-    "3",
-    "--offset_step",
-    "1.5",
-    "--iter",
-    "3",
-    "--random_seed",
-    "3",
-]
+FLAGS = (
+    "--ini_high 30 --particle_diameter 200 --ctf --zero_mask --flatten_solvent --norm --healpix_order 1 "
+    "--offset_range 3 --offset_step 1.5 --iter 3 --random_seed 3"
+).split()
 
 
 def run_at(commit: str, work: Path, data: Path, gpu: bool) -> Path:

@@ -1,7 +1,9 @@
-"""A small simulated particle set for engine tests: one state of the packaged mixture, and a start map low-passed to 30 Å."""
+"""Small simulated particle sets for engine tests: one state of the packaged mixture with a start map low-passed to
+30 Å; the packaged 6msm model for the tests beside RELION."""
 
 import torch
 
+from cryorefine.density import atoms_to_map, packaged_model, read_atoms
 from cryorefine.fourier.filters import low_pass_filter
 from cryorefine.io.mrc import read_map, write_map
 from cryorefine.mixture import state_maps
@@ -13,4 +15,13 @@ def small_set(d, box: int, angpix: float, n: int, seed: int):
     simulate_particles(state_maps(box, angpix, 100.0)[0], angpix, d, n, snr=0.5, seed=seed, max_shift_angst=3.0)
     t, _ = read_map(d / "truth.mrc")
     write_map(d / "start.mrc", low_pass_filter(torch.from_numpy(t).double(), 30.0, angpix).float().numpy(), angpix)
+    return d
+
+
+def packaged_model_set(d, n: int, seed: int, box: int = 32, angpix: float = 6.0):
+    """The packaged model's particles (SNR 0.1) in folder ``d`` (particles_noposes.star, truth.mrc, ...), with an
+    empty ``d/r`` for a RELION run's outputs; returns ``d``."""
+    xyz, w = read_atoms(packaged_model())
+    simulate_particles(atoms_to_map(xyz, w, box, angpix), angpix, d, n, snr=0.1, seed=seed)
+    (d / "r").mkdir()
     return d

@@ -23,14 +23,13 @@ import starfile
 import torch
 
 from cryorefine.cli.main import main as cli
-from cryorefine.density import atoms_to_map, packaged_model, read_atoms
 from cryorefine.io.particles import load_particles
 from cryorefine.mstep.noise import initial_sigma2
 from cryorefine.fourier.grids import rfft3_centered, shell_index_3d
 from cryorefine.io.mrc import read_map
 from cryorefine.mstep.tau2 import tau2_from_reference
 from cryorefine.projection.extract import prepare_padded_transform
-from cryorefine.simulate import simulate_particles
+from small_set import packaged_model_set
 
 pytestmark = [
     pytest.mark.relion,
@@ -40,39 +39,15 @@ pytestmark = [
 BOX, ANGPIX = 32, 6.0
 LOW, HIGH = 0.90, 1.10
 SIGMA2_TOL = 0.12
-FLAGS = [
-    "--K",
-    "2",
-    "--iter",
-    "2",
-    "--tau2_fudge",
-    "4",
-    "--ini_high",
-    "30",
-    "--particle_diameter",
-    "170",
-    "--healpix_order",
-    "1",
-    "--offset_range",
-    "2",
-    "--offset_step",
-    "2",
-    "--ctf",
-    "--flatten_solvent",
-    "--zero_mask",
-    "--pad",
-    "2",
-    "--random_seed",
-    "0",
-]
+FLAGS = (
+    "--K 2 --iter 2 --tau2_fudge 4 --ini_high 30 --particle_diameter 170 --healpix_order 1 --offset_range "
+    "2 --offset_step 2 --ctf --flatten_solvent --zero_mask --pad 2 --random_seed 0"
+).split()
 
 
 @pytest.fixture(scope="module")
 def relion_run(tmp_path_factory):
-    d = tmp_path_factory.mktemp("relion_class_tau2")
-    xyz, w = read_atoms(packaged_model())
-    simulate_particles(atoms_to_map(xyz, w, BOX, ANGPIX), ANGPIX, d, 40, snr=0.1, seed=2)
-    (d / "r").mkdir()
+    d = packaged_model_set(tmp_path_factory.mktemp("relion_class_tau2"), 40, seed=2, box=BOX, angpix=ANGPIX)
     p = subprocess.run(
         ["relion_refine", "--i", "particles_noposes.star", "--o", "r/run", "--ref", "truth.mrc", "--j", "2", *FLAGS],
         cwd=d,

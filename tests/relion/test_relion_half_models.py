@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 import starfile
 
-from cryorefine.density import atoms_to_map, packaged_model, read_atoms
 from cryorefine.io.particles import load_particles
 from cryorefine.mstep.noise import initial_sigma2
-from cryorefine.simulate import simulate_particles
+from small_set import packaged_model_set
 
 pytestmark = [
     pytest.mark.relion,
@@ -34,48 +33,13 @@ TOL = 0.01
 
 @pytest.fixture(scope="module")
 def relion_half_models(tmp_path_factory):
-    d = tmp_path_factory.mktemp("relion_halves")
-    xyz, w = read_atoms(packaged_model())
-    simulate_particles(atoms_to_map(xyz, w, BOX, ANGPIX), ANGPIX, d, 60, snr=0.1, seed=4)
-    (d / "r").mkdir()
-    cmd = [
-        "mpirun",
-        "--allow-run-as-root",
-        "--oversubscribe",
-        "-n",
-        "3",
-        "relion_refine_mpi",
-        "--i",
-        "particles_noposes.star",
-        "--o",
-        "r/run",
-        "--ref",
-        "truth.mrc",
-        "--ini_high",
-        "40",
-        "--auto_refine",
-        "--split_random_halves",
-        "--particle_diameter",
-        str(DIAMETER),
-        "--healpix_order",
-        "1",
-        "--offset_range",
-        "2",
-        "--offset_step",
-        "2",
-        "--ctf",
-        "--zero_mask",
-        "--flatten_solvent",
-        "--auto_iter_max",
-        "1",
-        "--pad",
-        "2",
-        "--random_seed",
-        "0",
-        "--j",
-        "1",
-        "--dont_combine_weights_via_disc",
-    ]
+    d = packaged_model_set(tmp_path_factory.mktemp("relion_halves"), 60, seed=4, box=BOX, angpix=ANGPIX)
+    flags = (
+        "--i particles_noposes.star --o r/run --ref truth.mrc --ini_high 40 --auto_refine --split_random_halves "
+        f"--particle_diameter {DIAMETER} --healpix_order 1 --offset_range 2 --offset_step 2 --ctf --zero_mask "
+        "--flatten_solvent --auto_iter_max 1 --pad 2 --random_seed 0 --j 1 --dont_combine_weights_via_disc"
+    )
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "3", "relion_refine_mpi", *flags.split()]
     p = subprocess.run(cmd, cwd=d, capture_output=True, text=True, timeout=600)
     assert (d / "r" / "run_it000_half2_model.star").exists(), p.stdout[-2000:] + p.stderr[-2000:]
     relion = np.stack(
