@@ -36,7 +36,8 @@ def rfft_freqs_2d(box: int, device=None, dtype=torch.float32) -> tuple[torch.Ten
     """Integer frequencies (ky, kx), each (d, d//2+1), of torch's rfft2 layout (ky unshifted)."""
     ky = torch.fft.fftfreq(box, d=1.0 / box, device=device, dtype=dtype)
     kx = torch.arange(box // 2 + 1, device=device, dtype=dtype)
-    return torch.meshgrid(ky, kx, indexing="ij")
+    grid_y, grid_x = torch.meshgrid(ky, kx, indexing="ij")
+    return grid_y, grid_x
 
 
 def rfft_freqs_3d(box: int, device=None, dtype=torch.float32):

@@ -43,5 +43,5 @@ def tau2_from_reference(ref: PaddedTransform, max_shell: int) -> torch.Tensor:
     shell = torch.round(r_pad / ref.pad).long()
     keep = (r_pad <= R) & (shell < n)
     s = shell[keep]
-    p, c = shell_sum(f[keep].abs() ** 2, s, n), shell_sum(torch.ones(s.shape, device=f.device), s, n)
-    return torch.where(c > 0, p / c.clamp(min=1) / 2.0, torch.zeros_like(p))
+    p, count = shell_sum(f[keep].abs() ** 2, s, n), shell_sum(torch.ones(s.shape, device=f.device), s, n)
+    return torch.where(count > 0, p / count.clamp(min=1) / 2.0, torch.zeros_like(p))

@@ -29,7 +29,7 @@ class Dist:
     device: str = "cpu"
     backend: str | None = None  # None: no process group
     timeout_s: float = 600.0
-    store: object | None = None
+    store: torch.distributed.Store | None = None
     device_peers: int = 1  # ranks on this rank's device (this one included): they share its memory
 
     @property

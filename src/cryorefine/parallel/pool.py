@@ -21,7 +21,7 @@ from .context import Dist
 class TaskPool:
     def __init__(self, dist: Dist):
         self.dist = dist
-        self._local = Counter()
+        self._local: Counter[str] = Counter()
         self._taken = 0
         self._sleep = slow_rank_delay(dist.rank)
 

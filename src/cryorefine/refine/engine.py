@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
 import numpy as np
 import torch
@@ -141,12 +141,22 @@ class EStepPass:
     avg_norm: float | None = None  # --norm: images scaled by avg_norm / rlnNormCorrection
 
 
+class ImageSettings(Protocol):
+    """What the E-step reads of a run's configuration (RefineConfig has it): how images are masked and corrected."""
+
+    particle_diameter: float  # Å
+    angpix: float  # Å/px
+    ctf: bool
+    zero_mask: bool
+    device: torch.device | str | None
+
+
 @dataclass(frozen=True)
 class EStepRuntime:
-    """How a pass runs: the image settings (``cfg``: particle_diameter, angpix, ctf, zero_mask, device), its random
-    stream, timer, progress, batch size, the task pool's batches and the GPU's image cache."""
+    """How a pass runs: the image settings, its random stream, timer, progress, batch size, the task pool's batches
+    and the GPU's image cache."""
 
-    cfg: object
+    cfg: ImageSettings
     noise_key: tuple[int, ...]
     timer: Stages
     progress: Callable[[int], None] | None = None
@@ -175,7 +185,7 @@ def run_expectation(
     ``run.cache`` (GPU) keeps images after their first read (none: every image is read in every pass).
     """
     cfg, timer, settings, avg_norm = run.cfg, run.timer, job.settings, job.avg_norm
-    device = cfg.device  # type: ignore[attr-defined]
+    device = cfg.device
     cache = run.cache if run.cache is not None else ImageCache(len(table), table.box, 0, device)
     batches = [rows[s0 : s0 + run.batch_size] for s0 in range(0, len(rows), run.batch_size)]
     done = []
@@ -233,7 +243,7 @@ def run_expectation(
         poses_now.loglik[idx] = res.loglik.cpu().numpy()
         poses_now.angular_spread_deg[idx] = res.angular_spread_deg.double().cpu().numpy()
         poses_now.offset_spread_px[idx] = res.offset_spread_px.double().cpu().numpy()
-        if res.residual_power is not None:
+        if res.residual_power is not None and batch.power_outside is not None:
             poses_now.residual_power[idx] = (res.residual_power + batch.power_outside).cpu().numpy()
         done.append(idx)
         if run.progress is not None:
