@@ -20,7 +20,7 @@ from ..estep.memory import available_bytes, check_fixed_volumes, fixed_volume_by
 from ..estep.poses import PoseGrid
 from ..estep.sums import WeightedSums
 from ..fourier.filters import low_pass_filter
-from ..geometry.healpix import make_sampling, next_random_perturbation
+from ..geometry.healpix import angular_step_deg, make_sampling, next_random_perturbation
 from ..io.atomic import remove_stale_temporaries
 from ..io.background import BackgroundWriter
 from ..io.image_cache import ImageCache
@@ -655,6 +655,22 @@ class AutoRefine:
             "rlnGroupNumber": self.table.optics_group + 1,
         }
 
+    def _write_sampling_star(self, pre: str) -> None:
+        """run_itNNN_sampling.star of this iteration's sampling (both modes)."""
+        cfg, sch = self.cfg, self.schedule
+        write_sampling_star(
+            f"{pre}_sampling.star",
+            sch.healpix_order,
+            angular_step_deg(sch.healpix_order),
+            sch.offset_range_px * cfg.angpix,
+            sch.offset_step_px * cfg.angpix,
+            cfg.perturb,
+            self.perturbation,
+            cfg.sym,
+            sch.local_search,
+            sch.sigma_ang_deg,
+        )
+
     def _write_iteration_files(self, info, record) -> None:
         cfg = self.cfg
         pre = it_prefix(self.root, self.iteration)
@@ -665,19 +681,7 @@ class AutoRefine:
                 write_map(f"{pre}_half{h}_class001_unfil.mrc", self.unfil[h - 1].numpy(), cfg.angpix)
             write_model_star(f"{pre}_half{h}_model.star", *self._model_tables(info, record, h - 1))
         write_particles(f"{pre}_data.star", self.table, **self._data_columns())
-        sch = self.schedule
-        write_sampling_star(
-            f"{pre}_sampling.star",
-            sch.healpix_order,
-            60.0 / 2**sch.healpix_order,
-            sch.offset_range_px * cfg.angpix,
-            sch.offset_step_px * cfg.angpix,
-            cfg.perturb,
-            self.perturbation,
-            cfg.sym,
-            sch.local_search,
-            sch.sigma_ang_deg,
-        )
+        self._write_sampling_star(pre)
         if self.schedule.final_iteration:
             write_map(f"{self.root}_class001.mrc", self.final_map.numpy(), cfg.angpix)
             for h in (1, 2):

@@ -20,7 +20,7 @@ import torch
 from ..estep.settings import EStepSettings
 from ..estep.sums import WeightedSums
 from ..io.mrc import write_map
-from ..io.outputs import it_prefix, write_model_star, write_sampling_star
+from ..io.outputs import it_prefix, write_model_star
 from ..io.particles import write_particles
 from ..mstep.statistics import updated_statistics
 from ..mstep.maximize import maximize_classes
@@ -226,19 +226,7 @@ class Classify3D(AutoRefine):
         cols = self._data_columns()
         cols.pop("rlnRandomSubset")
         write_particles(f"{pre}_data.star", self.table, **cols)
-        sch = self.schedule
-        write_sampling_star(
-            f"{pre}_sampling.star",
-            sch.healpix_order,
-            60.0 / 2**sch.healpix_order,
-            sch.offset_range_px * cfg.angpix,
-            sch.offset_step_px * cfg.angpix,
-            cfg.perturb,
-            self.perturbation,
-            cfg.sym,
-            sch.local_search,
-            sch.sigma_ang_deg,
-        )
+        self._write_sampling_star(pre)
         self._report(
             np.zeros(n_sh),
             self.maps[int(torch.argmax(self.class_prior))].cpu().numpy(),
