@@ -66,7 +66,7 @@ def one_estep(device: str, star: str, ref_path: str, diameter: float, n: int, wi
     coarse = sch.coarse_shell(window_shell, box, angpix, diameter)
     window = Window.build(box, window_shell, device)
     timer = StageTimer(device)
-    refs = prepare_references(starts, 2, cfg, device)
+    refs = prepare_references(starts, 2, device)
     poses = ParticlePoses.from_table(table)
     sums = WeightedSums.zeros(K, box, 2, len(table.optics), grid.sampling.n_directions, device=device)
     settings = EStepSettings(angpix=angpix, sigma2_offset_angst2=(5 * angpix) ** 2)

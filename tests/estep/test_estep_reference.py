@@ -3,7 +3,8 @@
 The reference computes diff2 = Σ_j |X̃_j(t) − s C_j P_j|² / (2σ²_j) directly (elementwise difference, sum over
 pixels; no expansion into cross terms and no matrix products over poses), for every coarse sample, then the
 significant set (smallest set holding ``adaptive_fraction`` of the coarse posterior), then every fine child
-(4 translations × 8 rotations) of each significant coarse sample at the full window. It shares with production
+(4 translations × 8 rotations) of each significant coarse sample at the full window; projections are zero and nothing
+is back-projected beyond each pass's radius (RELION's r_max), while σ² and the scores count every rounded shell. It shares with production
 only its inputs: the ImageBatch (masked/unmasked pixels, CTF, 1/σ², scale, previous offsets), the Window, the
 PoseGrid's angles and translations, and central slices of a float64 padded transform (not under test).
 
@@ -138,6 +139,9 @@ def reference_estep(d, grid: PoseGrid, local=None, sign: float = 1.0, with_sums:
     # RELION's Mresol_fine: the kx = 0, ky < 0 half column (the conjugates of ky > 0) is neither scored nor counted in
     # the noise and scale statistics; the back-projection takes every pixel
     scored = ((kx != 0) | (ky >= 0)).double()
+    # RELION's Projector and BackProjector stop at the radius of the pass's image size (r_max): between that circle
+    # and the last rounded shell the projection is zero (the image's power still counts) and nothing is inserted
+    in_fine = (kx**2 + ky**2 <= MAX_SHELL**2).double()
     J = win.size
     jc = win.prefix(COARSE_SHELL)
     trans = grid.translations_px.double()  # (T, 2) relative
@@ -167,7 +171,8 @@ def reference_estep(d, grid: PoseGrid, local=None, sign: float = 1.0, with_sums:
             ids = local[0][i].cpu().numpy()[valid]
             rprior = local[1][i].double()[torch.as_tensor(valid)]
         # ---- coarse pass at the coarse window
-        proj_c = extract_central_slices(ref, rot_c[torch.as_tensor(ids)], ky[:jc], kx[:jc])  # (L, jc)
+        in_coarse = (kx[:jc] ** 2 + ky[:jc] ** 2 <= COARSE_SHELL**2).double()
+        proj_c = extract_central_slices(ref, rot_c[torch.as_tensor(ids)], ky[:jc], kx[:jc]) * in_coarse  # (L, jc)
         off_c = old[None, :] + trans  # (T, 2) absolute
         xt = _moved(xm[:jc], ky[:jc], kx[:jc], off_c, sign)
         logp = -_diff2(xt, sc[:jc], proj_c, w_s2[:jc]) + _trans_prior(off_c)[:, None] + rprior[None, :]  # (T, L)
@@ -188,7 +193,7 @@ def reference_estep(d, grid: PoseGrid, local=None, sign: float = 1.0, with_sums:
             c = int(ids[slot])
             e = grid.fine_eulers_deg(np.array([c]))[0]  # (8, 3)
             rot_f = euler_to_matrix(*(torch.as_tensor(e[:, k]) for k in range(3)))
-            proj_f = extract_central_slices(ref, rot_f, ky, kx)  # (8, J)
+            proj_f = extract_central_slices(ref, rot_f, ky, kx) * in_fine  # (8, J)
             off_f = old[None, :] + trans[t][None, :] + children  # (4, 2)
             xf = _moved(xm, ky, kx, off_f, sign)
             # RELION: the offset prior of the coarse translation, shared by its four fine children
@@ -218,8 +223,8 @@ def reference_estep(d, grid: PoseGrid, local=None, sign: float = 1.0, with_sums:
                 xuf = _moved(xu, ky, kx, off_f, sign)  # (4, J) unmasked, moved
                 g = gam[q][:, :, None]  # (4, 8, 1): Γ of each fine sample
                 rots.append(rot_f[None].expand(4, 8, 3, 3).reshape(32, 3, 3))
-                vals.append((g * (sc * inv_s2 * xuf)[:, None, :]).reshape(32, J))
-                wts.append((g * (sc * sc * inv_s2)).expand(4, 8, J).reshape(32, J))
+                vals.append((g * (in_fine * sc * inv_s2 * xuf)[:, None, :]).reshape(32, J))
+                wts.append((g * (in_fine * sc * sc * inv_s2)).expand(4, 8, J).reshape(32, J))
                 # the noise and scale statistics from the masked image (RELION's storeWeightedSums)
                 xmf = _moved(xm, ky, kx, off_f, sign)
                 r = xmf[:, None, :] - sc * proj_f[None, :, :]  # (4, 8, J) residual of every fine sample

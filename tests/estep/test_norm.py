@@ -35,7 +35,7 @@ def estimated_norms(tmp_path, scales):
     window = Window.build(BOX, 12)
     poses = ParticlePoses.from_table(table)
     sums = WeightedSums.zeros(1, BOX, 2, 1, grid.sampling.n_directions)
-    refs = prepare_references([torch.from_numpy(truth)], 2, cfg, None)
+    refs = prepare_references([torch.from_numpy(truth)], 2, None)
     settings = EStepSettings(angpix=ANGPIX, sigma2_offset_angst2=36.0)
     job = EStepPass(
         refs, grid, window, 8, initial_sigma2(table, 1)[0], torch.ones(1, dtype=torch.float64), settings, avg_norm=1.0

@@ -57,7 +57,8 @@ def reference_diff2(d, ref64) -> dict:
     w = (
         b.inv_sigma2[:, :jc].double() * 0.5 * ((kx != 0) | (ky >= 0))
     )  # RELION scores the kx = 0 column's ky >= 0 half only
-    sc = b.scale[:, None].double() * b.ctf[:, :jc].double()
+    # RELION's projector stops at the coarse image's radius (r_max): beyond it the projection is zero
+    sc = b.scale[:, None].double() * b.ctf[:, :jc].double() * (kx**2 + ky**2 <= COARSE_SHELL**2)
     off = b.old_offset_px.double()[:, None, :] + grid.translations_px.double()[None]  # (n, T, 2)
     xt = b.f_masked[:, :jc].to(torch.complex128)[:, None, :] * phase_shift_factors(ky, kx, off, BOX)  # (n, T, jc)
     diff2 = torch.empty(N, grid.n_translations, grid.n_rotations, dtype=torch.float64)

@@ -73,7 +73,7 @@ def get_all_squared_differences_coarse(
     """
     ky, kx = window.ky[:jc], window.kx[:jc]
     w = score_weights(batch, window, cc)[:, :jc]
-    sc = batch.scale[:, None] * batch.ctf[:, :jc]
+    sc = batch.scale[:, None] * batch.ctf[:, :jc] * window.in_circle(window.shell_of_prefix(jc))[:jc]  # P = 0 beyond
     xt = translated(
         batch.f_masked[:, :jc], window, batch.old_offset_px[:, None, :] + poses.translations_px[None]
     )  # (n, T, jc)
@@ -208,9 +208,11 @@ def fine_pass_inputs(batch: ImageBatch, window: Window, poses: PoseGrid, setting
     # fine children (the prior at each fine offset favours the children nearer the centre: other posteriors)
     coarse = batch.old_offset_px[:, None, :] + poses.translations_px[None]
     prior = translation_log_prior(coarse, settings).repeat_interleave(N_TRANS_CHILDREN, 1)
-    js = window.size if settings.score_shell is None else window.prefix(settings.score_shell)
+    score_shell = window.max_shell if settings.score_shell is None else settings.score_shell
+    js = window.prefix(score_shell)
     constant = (w[:, :js] * batch.f_masked[:, :js].abs() ** 2).sum(1).double()
-    return FinePassInputs(w, batch.scale[:, None] * batch.ctf, offsets, prior, js, constant)
+    sc = batch.scale[:, None] * batch.ctf * window.in_circle(score_shell)  # the scores' projections stop at its radius
+    return FinePassInputs(w, sc, offsets, prior, js, constant)
 
 
 def fine_projections(
@@ -224,7 +226,7 @@ def fine_projections(
         sel = (slots.g_class == k).repeat_interleave(N_ROT_CHILDREN)
         if sel.any():
             proj[sel] = extract_central_slices(ref, rotations[sel], window.ky, window.kx)
-    return rotations, proj
+    return rotations, proj * window.in_circle(window.max_shell)  # RELION's projector stops at the window's radius
 
 
 def fine_log_posterior(

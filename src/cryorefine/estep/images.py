@@ -41,11 +41,25 @@ class Window:
             self._scored = counted_once_2d(self.box, self.ky.device).flatten()[self.flat_index].to(self.ky.dtype)
         return self._scored
 
+    def in_circle(self, shell: int) -> torch.Tensor:
+        """(j,) 1 for the pixels with kx² + ky² <= shell², else 0: where RELION's Projector and BackProjector work for an
+        image of size 2·shell (r_max), while its scores and σ² count every pixel whose shell rounds to <= shell. Between
+        the two (shell < |k| < shell + ½) the projection is zero: the image's power enters the scores, σ² and --norm
+        there, and nothing is back-projected."""
+        cache = self.__dict__.setdefault("_in_circle", {})
+        if shell not in cache:
+            cache[shell] = ((self.kx**2 + self.ky**2) <= shell * shell).to(self.ky.dtype)
+        return cache[shell]
+
     def _host_shells(self) -> np.ndarray:
         """A host copy of the shells, made once (no device sync in the hot path)."""
         if "_shell_host" not in self.__dict__:
             self._shell_host = self.shell.cpu().numpy()
         return self._shell_host
+
+    def shell_of_prefix(self, j: int) -> int:
+        """The shell of the last of the leading ``j`` pixels (host side: no device sync)."""
+        return int(self._host_shells()[j - 1]) if j > 0 else 0
 
     def prefix(self, max_shell: int) -> int:
         """Number of leading pixels with shell <= max_shell."""

@@ -58,7 +58,8 @@ def store_weighted_sums(
     xm = translated(batch.f_masked[rows], window, chunk.offsets_px)
     m, T4, J = xu.shape
     s = batch.scale[rows][:, None]
-    ctf, inv_s2 = batch.ctf[rows], batch.inv_sigma2[rows]
+    # nothing is back-projected beyond the window's radius (RELION's BackProjector r_max; fine_projections)
+    ctf, inv_s2 = batch.ctf[rows] * window.in_circle(window.max_shell), batch.inv_sigma2[rows]
     z = xu * (s * ctf * inv_s2)[:, None, :]
     gt = gam.transpose(1, 2)  # (m, 8L, T4)
     tile.values.index_add_(0, rows8.reshape(-1), real_bmm(gt, z).reshape(-1, J))

@@ -49,7 +49,15 @@ from ..validate import (
     check_reference,
 )
 from .accuracy import N_TRIALS, expected_accuracy
-from .engine import EStepPass, EStepRuntime, ParticlePoses, angular_change_deg, prepare_references, run_expectation
+from .engine import (
+    EStepPass,
+    EStepRuntime,
+    ParticlePoses,
+    angular_change_deg,
+    prepare_references,
+    run_expectation,
+    solvent_masked,
+)
 from .log import RunLog
 from .progress import Progress
 from ..fourier.grids import relion_round
@@ -394,7 +402,7 @@ class AutoRefine:
         with Progress(len(self.table), f"iteration {self.iteration:3d}", self.dist.is_main) as bar:
             for half in (1, 2):
                 with self.timer("getFourierTransformsAndCTFs"):
-                    refs = prepare_references([self.maps[half - 1]], cfg.pad, cfg, self.device)
+                    refs = prepare_references([self.maps[half - 1]], cfg.pad, self.device)
                 s = WeightedSums.zeros(
                     1, self.box, cfg.pad, self.n_groups, plan.sampling.n_directions, device=self.device
                 )
@@ -495,7 +503,7 @@ class AutoRefine:
         pick = np.sort(rng.choice(rows, min(N_TRIALS, len(rows)), replace=False))
         score_shell = strict_window_shell(window_shell, self.box, cfg.angpix, cfg.strict_highres_exp)
         window = Window.build(self.box, score_shell, self.device)
-        ref = prepare_references([volume], cfg.pad, cfg, self.device)[0]
+        ref = prepare_references([volume], cfg.pad, self.device)[0]
         group = to_device(self.table.optics_group[pick], self.device)
         ctf, inv_sigma2 = ctf_and_inverse_noise(
             self.table, pick, group, window, self.stats[0].sigma2.to(self.device), cfg.ctf, self.device
@@ -554,7 +562,7 @@ class AutoRefine:
             self.final_map, self.unfil = m.final_map, m.unfiltered
         else:
             assert m.references is not None
-            self.maps = self._after_cc_iteration(m.references) if cc_iteration else m.references
+            self.maps = self._flattened(self._after_cc_iteration(m.references) if cc_iteration else m.references)
         # RELION's updateCurrentResolution keeps --ini_high for the iteration after the CC one
         res_shell = self._ini_shell() if cc_iteration else m.resolution_shell
         return {
@@ -562,6 +570,15 @@ class AutoRefine:
             "resolution_angst": shell_to_angstrom(res_shell, self.box, cfg.angpix),
             "fsc": m.fsc,
         }
+
+    def _flattened(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """RELION's solventFlatten of the new references (not after the final iteration): the next E-step, the expected
+        accuracy and the written maps see them masked."""
+        cfg = self.cfg
+        return [
+            solvent_masked(m, cfg.particle_diameter, cfg.angpix, cfg.flatten_solvent, cfg.solvent_mask_volume)
+            for m in maps
+        ]
 
     def _after_cc_iteration(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
         """RELION, after the --firstiter_cc iteration: the new references are low-passed to --ini_high again."""

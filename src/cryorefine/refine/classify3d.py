@@ -112,7 +112,7 @@ class Classify3D(AutoRefine):
         cfg = self.cfg
         random_class_iter = 2 if cfg.firstiter_cc else 1
         with self.timer("getFourierTransformsAndCTFs"):
-            refs = prepare_references(self.maps, cfg.pad, cfg, self.device)
+            refs = prepare_references(self.maps, cfg.pad, self.device)
             # RELION takes each class's τ² for this iteration's reconstruction from the reference as prepared here
             self.class_tau2 = [tau2_from_reference(r, plan.window_shell) for r in refs]
         sums = WeightedSums.zeros(
@@ -187,7 +187,7 @@ class Classify3D(AutoRefine):
         for bp in sums.backprojectors:
             symmetrise_backprojector(bp, cfg.sym)
         new_maps, res_shells = maximize_classes(sums.backprojectors, self.class_tau2, cfg.tau2_fudge, window_shell)
-        self.maps = self._after_cc_iteration(new_maps) if cc_iteration else new_maps
+        self.maps = self._flattened(self._after_cc_iteration(new_maps) if cc_iteration else new_maps)
         # RELION keeps --ini_high as the resolution for the iteration after the CC one
         self.class_resolution = [self._ini_shell()] * cfg.K if cc_iteration else res_shells
         best = max(self.class_resolution)

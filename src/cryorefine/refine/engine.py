@@ -78,7 +78,9 @@ def solvent_masked(
     flatten_solvent: bool,
     solvent_mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The reference the E-step sees: multiplied by the solvent mask or a soft sphere with --flatten_solvent."""
+    """RELION's solventFlatten: the new reference multiplied by the solvent mask or, with --flatten_solvent, a soft
+    sphere of the particle diameter (5 px edge). RELION does this at the end of each M-step but the final one (the maps
+    it writes are masked); the initial reference enters the first E-step unmasked."""
     if solvent_mask is not None:
         return volume * solvent_mask.to(volume)
     if flatten_solvent:
@@ -88,20 +90,9 @@ def solvent_masked(
     return volume
 
 
-def prepare_references(maps: list[torch.Tensor], pad: int, cfg, device) -> list[PaddedTransform]:
-    return [
-        prepare_padded_transform(
-            solvent_masked(
-                m.to(device=device, dtype=torch.float32),
-                cfg.particle_diameter,
-                cfg.angpix,
-                cfg.flatten_solvent,
-                cfg.solvent_mask_volume,
-            ),
-            pad,
-        )
-        for m in maps
-    ]
+def prepare_references(maps: list[torch.Tensor], pad: int, device) -> list[PaddedTransform]:
+    """The E-step's projectors of ``maps`` as they are (the M-step has flattened them already: solvent_masked)."""
+    return [prepare_padded_transform(m.to(device=device, dtype=torch.float32), pad) for m in maps]
 
 
 def angular_change_deg(rot0, tilt0, psi0, rot1, tilt1, psi1, sym: str = "C1") -> np.ndarray:
