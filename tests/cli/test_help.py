@@ -39,6 +39,7 @@ NO_UNIT = {
     "--o",
     "--ref",
     "--sym",
+    "--skip_gridding",
     "--solvent_mask",
     "--flatten_solvent",
     "--zero_mask",

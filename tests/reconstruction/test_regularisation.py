@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from cryorefine.projection.insert import BackProjector
@@ -61,8 +62,11 @@ def test_whole_map_ssnr_uses_relion_fsc_transform():
     assert whole[1] > 2 * half[1]  # at FSC 0.5: 4.45, not twice the half-map SSNR
 
 
-def test_zero_prior_power_beyond_the_data_leaves_the_map_unchanged():
-    """τ² = 0 on shells without data must not wipe the map (empty voxels' regularised denominators are huge)."""
+@pytest.mark.parametrize("gridding", [0, 10])
+def test_zero_prior_power_beyond_the_data_leaves_the_map_unchanged(gridding):
+    """τ² = 0 on shells without data must not wipe the map (empty voxels' regularised denominators are huge); with
+    gridding iterations the prior terms of the empty voxels next to the data enter the blob's convolution, a small
+    change at the data's edge only."""
     from cryorefine.reconstruction.reconstruct import reconstruct
 
     bp = BackProjector.zeros(BOX, PAD, dtype=torch.float64)
@@ -78,9 +82,11 @@ def test_zero_prior_power_beyond_the_data_leaves_the_map_unchanged():
     tau2 = torch.full((n,), 1e6, dtype=torch.float64)
     tau2_cut = tau2.clone()
     tau2_cut[6:] = 0.0
-    ref = reconstruct(bp, tau2)
+    ref = reconstruct(bp, tau2, gridding_iterations=gridding)
     assert ref.abs().max() > 0
-    assert torch.allclose(reconstruct(bp, tau2_cut), ref, rtol=1e-6, atol=1e-9 * ref.abs().max().item())
+    cut = reconstruct(bp, tau2_cut, gridding_iterations=gridding)
+    tol = 1e-9 if gridding == 0 else 0.05  # gridding: 0.018 measured (RELION 3.1 alike)
+    assert float((cut - ref).norm() / ref.norm()) < tol
 
 
 def test_windowed_m_step_equals_the_whole_grid_with_nothing_beyond_the_window():
@@ -100,8 +106,9 @@ def test_windowed_m_step_equals_the_whole_grid_with_nothing_beyond_the_window():
     whole = BackProjector(data.masked_fill(beyond, 0), weight.masked_fill(beyond, 0), BOX, PAD)
     tau2 = torch.linspace(2.0, 0.5, n, dtype=torch.float64)
     tau2[s + 1 :] = 0.0
-    ref = reconstruct(whole, tau2, max_shell=None)
-    got = reconstruct(BackProjector(data, weight, BOX, PAD), tau2, max_shell=s)
+    # the division path (gridding iterations run on the whole grid anyway, and their window is the radius itself)
+    ref = reconstruct(whole, tau2, max_shell=None, gridding_iterations=0)
+    got = reconstruct(BackProjector(data, weight, BOX, PAD), tau2, max_shell=s, gridding_iterations=0)
     assert ref.abs().max() > 0
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12 * ref.abs().max().item())
     noise = reconstruction_noise_power(BackProjector(data, weight, BOX, PAD), n, max_shell=s)

@@ -24,6 +24,11 @@ def add_args(p):
         default=None,
         help="folder the stack paths in rlnImageName are relative to (default: current directory)",
     )
+    p.add_argument(
+        "--skip_gridding",
+        action="store_true",
+        help="divide by the weights instead of 10 gridding iterations (relion_reconstruct's --skip_gridding)",
+    )
     p.add_argument("--gpu", action="store_true", help="compute on the first CUDA device")
 
 
@@ -35,6 +40,7 @@ def main(args):
     from ..errors import CryoInputError
     from ..io.mrc import write_map
     from ..reconstruction.from_particles import reconstruct_from_particles
+    from ..reconstruction.reconstruct import GRIDDING_ITERATIONS
     from ..validate import check_output_folder, check_particles
 
     if args.pad < 1 or args.batch < 1:
@@ -54,6 +60,7 @@ def main(args):
         batch=args.batch,
         device="cuda" if args.gpu else None,
         subset=subset,
+        gridding_iterations=0 if args.skip_gridding else GRIDDING_ITERATIONS,
     )
     write_map(args.o, vol.cpu().numpy(), angpix)
     n = int((table.random_subset == subset).sum()) if subset else len(table)

@@ -111,6 +111,12 @@ def add_common_args(p, classify: bool = False) -> None:
     )
     p.add_argument("--tau2_fudge", type=float, default=4.0 if classify else 1.0, help="regularisation parameter T")
     p.add_argument(
+        "--skip_gridding",
+        action="store_true",
+        help="reconstruct without the 10 gridding (density-compensation) iterations: RELION >= 4's default; "
+        "the default here is RELION 3.1's, with them (better maps from few particles per voxel)",
+    )
+    p.add_argument(
         "--iter",
         "--auto_iter_max",
         dest="max_iter",

@@ -59,16 +59,24 @@ class HalfSetMaps:
 
 
 def maximize_half_sets(
-    bps: list[BackProjector], window_shell: int, tau2_fudge: float, final: bool, settle=None
+    bps: list[BackProjector],
+    particles: list[float],
+    window_shell: int,
+    tau2_fudge: float,
+    gridding_iterations: int,
+    final: bool,
+    settle=None,
 ) -> HalfSetMaps:
-    """RELION's gold-standard M-step of two (symmetrised, joined) half sets. Intermediate iterations compare the
-    accumulators in Fourier space (compareTwoHalves, no reconstruction) and reconstruct each half regularised by that
-    FSC over ``window_shell``; the final one compares the unfiltered half maps and reconstructs both halves joined,
-    with the FSC of the whole (twice the particles). ``settle()``, if given, runs between the FSC and the
-    reconstructions (a test hook: a run killed there has its earlier outputs complete)."""
+    """RELION's gold-standard M-step of two (symmetrised, joined) half sets with ``particles`` (their posterior mass)
+    each. Intermediate iterations compare the accumulators in Fourier space (compareTwoHalves, no reconstruction) and
+    reconstruct each half regularised by that FSC over ``window_shell``; the final one compares the unfiltered half
+    maps and reconstructs both halves joined, with the FSC of the whole (twice the particles). Reconstructions run
+    ``gridding_iterations`` (reconstruct). ``settle()``, if given, runs between the FSC and the reconstructions (a
+    test hook: a run killed there has its earlier outputs complete)."""
     box = bps[0].box
+    grid = dict(gridding_iterations=gridding_iterations)
     if final:
-        unfiltered = [reconstruct(bp) for bp in bps]
+        unfiltered = [reconstruct(bp, particles=n, **grid) for bp, n in zip(bps, particles)]
         fsc = fsc_curve(unfiltered[0], unfiltered[1]).cpu()
     else:
         fsc = halves_fsc(bps[0], bps[1], window_shell).cpu()
@@ -77,24 +85,38 @@ def maximize_half_sets(
     resolution_shell = resolution_from_data_vs_prior(fsc_to_ssnr(fsc, tau2_fudge, whole=final), box)
     if final:
         joined = BackProjector(bps[0].data + bps[1].data, bps[0].weight + bps[1].weight, box, bps[0].pad)
-        final_map, tau2 = reconstruct_gold_standard(joined, fsc, tau2_fudge, whole=True)
+        final_map, tau2 = reconstruct_gold_standard(
+            joined, fsc, tau2_fudge, whole=True, particles=sum(particles), **grid
+        )
         return HalfSetMaps(
             fsc, resolution_shell, [tau2.cpu()], final_map=final_map.cpu(), unfiltered=[u.cpu() for u in unfiltered]
         )
-    made = [reconstruct_gold_standard(bp, fsc, tau2_fudge, max_shell=window_shell) for bp in bps]
+    made = [
+        reconstruct_gold_standard(bp, fsc, tau2_fudge, max_shell=window_shell, particles=n, **grid)
+        for bp, n in zip(bps, particles)
+    ]
     return HalfSetMaps(fsc, resolution_shell, [t.cpu() for _, t in made], references=[m for m, _ in made])
 
 
 def maximize_classes(
-    bps: list[BackProjector], class_tau2: list[torch.Tensor], tau2_fudge: float, window_shell: int
+    bps: list[BackProjector],
+    particles: list[float],
+    class_tau2: list[torch.Tensor],
+    tau2_fudge: float,
+    window_shell: int,
+    gridding_iterations: int,
 ) -> tuple[list[torch.Tensor], list[int]]:
     """Classification's M-step of K (symmetrised) classes: each map regularised by its τ² (from the power of the
     reference it was aligned to) × T, and its resolution (RELION: one shell inside the first where the data-to-prior
     ratio drops below 1, at least the first regularised shell). Returns (maps on the accumulators' device, shells)."""
     n_shells = bps[0].box // 2 + 1
     maps, shells = [], []
-    for bp, tau2 in zip(bps, class_tau2):
-        maps.append(reconstruct(bp, tau2, tau2_fudge, max_shell=window_shell))
+    for bp, n, tau2 in zip(bps, particles, class_tau2):
+        maps.append(
+            reconstruct(
+                bp, tau2, tau2_fudge, window_shell, gridding_iterations=gridding_iterations, particles=max(n, 1e-6)
+            )
+        )
         below = (data_vs_prior(bp, tau2, tau2_fudge, n_shells, window_shell)[1:] < 1).nonzero()
         shells.append(max(MIN_REGULARISED_SHELL, int(below[0, 0]) if below.numel() else n_shells - 1))
     return maps, shells

@@ -21,13 +21,19 @@ def tau2_from_fsc(
 
 
 def reconstruct_gold_standard(
-    bp: BackProjector, fsc: torch.Tensor, tau2_fudge: float = 1.0, whole: bool = False, max_shell: int | None = None
+    bp: BackProjector,
+    fsc: torch.Tensor,
+    tau2_fudge: float = 1.0,
+    whole: bool = False,
+    max_shell: int | None = None,
+    **reconstruct_kw,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Auto-refine's regularised map from a half set's accumulators (``whole``: the final map of both): (map (d, d, d),
     τ² (s,)). As RELION's maximization, T enters twice: in τ² = T·SSNR·σ² (updateSSNRarrays) and again in the
-    regulariser 1/(pad³·T·τ²) (reconstruct), so --tau2_fudge 2 weakens the prior 4-fold (classification: once)."""
+    regulariser 1/(pad³·T·τ²) (reconstruct), so --tau2_fudge 2 weakens the prior 4-fold (classification: once).
+    ``reconstruct_kw``: reconstruct's gridding_iterations and particles."""
     tau2 = tau2_from_fsc(fsc, bp, tau2_fudge, whole, max_shell)
-    return reconstruct(bp, tau2.to(bp.weight.device), tau2_fudge, max_shell=max_shell), tau2
+    return reconstruct(bp, tau2.to(bp.weight.device), tau2_fudge, max_shell=max_shell, **reconstruct_kw), tau2
 
 
 def tau2_from_reference(ref: PaddedTransform, max_shell: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ from ..geometry.symmetry import symmetry_matrices
 from ..io.table import ParticleTable, read_images
 from ..projection.insert import BackProjector
 from ..validate import check_one_pixel_size
-from .reconstruct import reconstruct
+from .reconstruct import GRIDDING_ITERATIONS, reconstruct
 
 MAX_INSERT_ELEMENTS = 1 << 21  # (rotations × pixels) per scatter-add call: bounds the (r, j, 8) temporaries
 
@@ -95,12 +95,13 @@ def reconstruct_from_particles(
     device=None,
     subset: int | None = None,
     dtype=torch.float32,
+    gridding_iterations: int = GRIDDING_ITERATIONS,
 ) -> tuple[torch.Tensor, float]:
     """(map (d, d, d) on ``device``, angpix) from the particles' images and poses.
 
     sym: point group name (RELION's axes) or a (G, 3, 3) tensor of operators. ctf: back-project
     CTF·X with weight CTF² (needs CTF columns). subset: 1 or 2 to use only that rlnRandomSubset
-    half (None or other values: all particles).
+    half (None or other values: all particles). gridding_iterations: relion_reconstruct's --iter (0: --skip_gridding).
     """
     if ctf and not table.has_ctf:
         raise CryoInputError(
@@ -119,5 +120,5 @@ def reconstruct_from_particles(
     )
     bp = BackProjector.zeros(box, pad, device, dtype)
     backproject_particles(table, indices, bp, ops, ctf=ctf, batch=batch)
-    vol = reconstruct(bp)
+    vol = reconstruct(bp, gridding_iterations=gridding_iterations)
     return vol, angpix

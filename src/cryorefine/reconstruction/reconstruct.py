@@ -12,6 +12,9 @@ from ..projection.extract import sinc2_gridding_kernel
 from ..projection.insert import BackProjector, enforce_hermitian_x0
 
 MIN_REGULARISED_SHELL = 5  # RELION's minres_map: no prior term on the lowest shells
+GRIDDING_ITERATIONS = 10  # RELION 3.1's --gridding_iter (its default; RELION >= 4 skips them: --skip_gridding, 0)
+BLOB_RADIUS, BLOB_ALPHA = 3.8, 15.0  # RELION's back-projector blob (TabFtBlob: 2 × 1.9 padded voxels, order 0)
+BLOB_TABLE_STEP, BLOB_TABLE_SIZE = 0.5 / 10000, 10000  # its table: lookups round down to a sample, 0 past 0.5
 
 
 def padded_shell_index(size: int, pad: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,20 +93,69 @@ def weight_floor(weight: torch.Tensor, r_pad: torch.Tensor, pad: int, max_shell:
     return radial[shell.clamp(max=n - 1)]
 
 
+def blob_fourier_multiplier(size: int, device=None) -> torch.Tensor:
+    """(P, P, P) real-space factor of RELION's convoluteBlobRealSpace on the padded grid (origin at index 0, wrapped):
+    the Fourier transform of its Kaiser-Bessel blob (order 0, radius 3.8 padded voxels, α 15) at r / (d·pad), from
+    RELION's table (rounded down to a sample; 0 beyond 0.5), relative to its value at 0. For order 0 that transform is
+    ∝ I_{3/2}(σ)/σ^{3/2} with σ = √(α² − (2π·a·w)²) (Lewitt 1990; 2π·a·w < α over the table)."""
+    k = torch.fft.fftfreq(size, 1.0 / size, dtype=torch.float64, device=device)
+    r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
+    idx = torch.floor(r / size / BLOB_TABLE_STEP)  # RELION's rval = r / (d·pad)
+    w = idx.clamp(max=BLOB_TABLE_SIZE - 1) * BLOB_TABLE_STEP
+
+    def profile(w: torch.Tensor) -> torch.Tensor:
+        sigma = torch.sqrt(BLOB_ALPHA**2 - (2 * math.pi * BLOB_RADIUS * w) ** 2)
+        i15 = torch.sqrt(2 / (math.pi * sigma)) * (torch.cosh(sigma) - torch.sinh(sigma) / sigma)
+        return i15 / sigma**1.5
+
+    out = profile(w) / profile(torch.zeros((), dtype=torch.float64, device=device))
+    return torch.where(idx < BLOB_TABLE_SIZE, out, torch.zeros_like(out))
+
+
+def gridding_weights(weight: torch.Tensor, inside: torch.Tensor, iterations: int, blob: torch.Tensor) -> torch.Tensor:
+    """RELION 3.1's iterative density compensation (Pipe & Menon 1999) of the padded accumulators: W₀ = 1 inside the
+    window, then W ← W / max(10⁻⁶, |(W·weight) ∗ blob|) ``iterations`` times, the convolution done as a product with
+    the blob's transform in real space. ``weight`` (P, P, P//2+1) is the centred half grid with the prior term, in
+    RELION's units per particle (normalised by the particle count, as RELION's M-step: that sets where the 10⁻⁶ floor
+    acts); ``inside`` the voxels within the window. Returns W (same shape): the map is data·W instead of data/weight."""
+    size = weight.shape[0]
+    w_new = inside.to(torch.float64)
+    for _ in range(iterations):
+        f = torch.fft.ifftshift((w_new * weight).to(torch.complex128), dim=(0, 1))
+        real = torch.fft.irfftn(f, s=(size, size, size), norm="forward")  # RELION: backward transform unscaled
+        conv = torch.fft.fftshift(torch.fft.rfftn(real * blob, norm="forward"), dim=(0, 1))  # forward: 1/N
+        w_new = torch.where(inside, w_new / conv.abs().clamp(min=1e-6), w_new)
+    return w_new
+
+
+def _full_grid(cube: torch.Tensor, h: int, size: int) -> torch.Tensor:
+    """A centred cube of half width h (from _hermitian_window) back into the zero (P, P, P//2+1) grid."""
+    if h < 0:
+        return cube
+    c = size // 2
+    full = torch.zeros((size, size, size // 2 + 1), dtype=cube.dtype, device=cube.device)
+    full[c - h : c + h + 1, c - h : c + h + 1, : h + 1] = cube
+    return full
+
+
 def reconstruct(
     bp: BackProjector,
     tau2: torch.Tensor | None = None,
     tau2_fudge: float = 1.0,
     max_shell: int | None = None,
     min_regularised_shell: int = MIN_REGULARISED_SHELL,
+    gridding_iterations: int = GRIDDING_ITERATIONS,
+    particles: float = 1.0,
 ) -> torch.Tensor:
-    """(d, d, d) real map from accumulators, as RELION's BackProjector::reconstruct without gridding iterations.
+    """(d, d, d) real map from accumulators, as RELION's BackProjector::reconstruct.
 
-    F = data / max(weight + 1/(pad³·T·τ²(s)), floor) for shells s >= ``min_regularised_shell`` where τ² > 0
-    (τ² in unpadded units, RELION's regulariser), data / max(weight, floor) elsewhere (``tau2=None``: the
-    unregularised ``_unfil`` map); where τ² = 0 RELION's stand-in prior 1/(0.001·weight) is used; the floor is
-    :func:`weight_floor`. Components beyond ``max_shell`` (default d/2) are zero. Then inverse FFT, crop, RELION's
-    soft mask outside the box's inscribed sphere (corners to their mean), divide by sinc².
+    The denominator is weight + 1/(pad³·T·τ²(s)) for shells s >= ``min_regularised_shell`` where τ² > 0 (τ² in
+    unpadded units, RELION's regulariser), the weight elsewhere (``tau2=None``: the unregularised ``_unfil`` map);
+    where τ² = 0 RELION's stand-in prior 1/(0.001·weight) is used. With ``gridding_iterations`` (RELION 3.1's
+    default, 10) the map is data·W with W from :func:`gridding_weights` (``particles``: the accumulators' particle
+    count, RELION's normalisation); with 0 (RELION >= 4's default) data / max(denominator, :func:`weight_floor`).
+    Components beyond ``max_shell`` (default d/2) are zero. Then inverse FFT, crop, RELION's soft mask outside the
+    box's inscribed sphere (corners to their mean), divide by sinc².
     """
     d, pad, size = bp.box, bp.pad, bp.size
     data, weight, r_pad, shell, h = _hermitian_window(bp, max_shell)
@@ -116,18 +168,24 @@ def reconstruct(
         stand_in = torch.where(denom > 1e-20, 1.0 / (0.001 * denom).clamp(min=1e-300), torch.zeros_like(denom))
         reg = torch.where(t > 0, 1.0 / (pad**3 * tau2_fudge * t.clamp(min=1e-300)), stand_in)
         denom = denom + torch.where(shell >= min_regularised_shell, reg, torch.zeros_like(reg))
-    denom = torch.maximum(denom, weight_floor(denom, r_pad, pad, max_shell))
-    inside = (r_pad <= max_shell * pad) & (denom > 0)
-    f = torch.where(
-        inside,
-        data.to(torch.complex128) / denom.clamp(min=1e-300),
-        torch.zeros((), dtype=torch.complex128, device=data.device),
-    )
-    if h >= 0:  # the cube back into the zero grid the inverse transform needs
-        c = size // 2
-        full = torch.zeros((size, size, size // 2 + 1), dtype=torch.complex128, device=data.device)
-        full[c - h : c + h + 1, c - h : c + h + 1, : h + 1] = f
-        f = full
+    zero = torch.zeros((), dtype=torch.complex128, device=data.device)
+    if gridding_iterations > 0:
+        # on the whole padded grid (the blob's convolution is a product in real space), in RELION's units: its
+        # transforms are 1/N-normalised, so its weights are d⁴ times ours, and per particle
+        inside = torch.round(r_pad**2) < round(max_shell * pad) ** 2
+        units = float(d) ** 4 / particles
+        full_inside = _full_grid(inside, h, size)
+        w_new = gridding_weights(
+            _full_grid(denom * units, h, size),
+            full_inside,
+            gridding_iterations,
+            blob_fourier_multiplier(size, data.device),
+        )
+        f = torch.where(full_inside, _full_grid(data.to(torch.complex128), h, size) * (w_new * units), zero)
+    else:
+        denom = torch.maximum(denom, weight_floor(denom, r_pad, pad, max_shell))
+        inside = (r_pad <= max_shell * pad) & (denom > 0)
+        f = _full_grid(torch.where(inside, data.to(torch.complex128) / denom.clamp(min=1e-300), zero), h, size)
     f = torch.fft.ifftshift(f, dim=(0, 1))
     vol_padded = irfft3_centered(f, size)
     o = size // 2 - d // 2

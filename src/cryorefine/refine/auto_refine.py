@@ -39,6 +39,7 @@ from ..parallel.context import Dist
 from ..parallel.pool import TaskPool
 from ..debug_hooks import pause_point
 from ..reconstruction.fsc import fsc_to_ssnr, shell_to_angstrom
+from ..reconstruction.reconstruct import GRIDDING_ITERATIONS
 from ..reconstruction.symmetrise import symmetrise_backprojector
 from ..transfer import to_device
 from ..validate import (
@@ -97,6 +98,7 @@ class RefineConfig:
     strict_highres_exp: float = 0.0  # Å; > 0 scores poses and classes only up to this resolution
     adaptive_fraction: float = 0.999
     tau2_fudge: float = 1.0
+    skip_gridding: bool = False  # RELION >= 4's reconstruction; default RELION 3.1's gridding iterations
     max_iter: int = 999  # RELION's --auto_iter_max
     batch_size: int = 0  # 0: automatic
     max_seconds: float = 0.0  # > 0: stop cleanly before an iteration that would end past this many seconds of this call
@@ -552,8 +554,10 @@ class AutoRefine:
             bps = joined_at_low_resolution(bps, max(cfg.low_resol_join_halves, current), cfg.angpix)
         m = maximize_half_sets(
             bps,
+            [float(s.class_weight.sum()) for s in sums],
             window_shell,
             cfg.tau2_fudge,
+            0 if cfg.skip_gridding else GRIDDING_ITERATIONS,
             sch.final_iteration,
             settle=lambda: pause_point("mstep", self.iteration, self._writer.wait),
         )

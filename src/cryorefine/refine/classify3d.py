@@ -27,6 +27,7 @@ from ..mstep.maximize import maximize_classes
 from ..mstep.priors import class_prior, direction_log_prior, direction_prior
 from ..mstep.tau2 import tau2_from_reference
 from ..reconstruction.fsc import shell_to_angstrom
+from ..reconstruction.reconstruct import GRIDDING_ITERATIONS
 from ..reconstruction.symmetrise import symmetrise_backprojector
 from ..parallel.context import Dist
 from .auto_refine import AutoRefine, IterationPlan, RefineConfig
@@ -186,7 +187,14 @@ class Classify3D(AutoRefine):
         self.direction_prior = direction_prior(sums.direction_weight.cpu())
         for bp in sums.backprojectors:
             symmetrise_backprojector(bp, cfg.sym)
-        new_maps, res_shells = maximize_classes(sums.backprojectors, self.class_tau2, cfg.tau2_fudge, window_shell)
+        new_maps, res_shells = maximize_classes(
+            sums.backprojectors,
+            sums.class_weight.tolist(),
+            self.class_tau2,
+            cfg.tau2_fudge,
+            window_shell,
+            0 if cfg.skip_gridding else GRIDDING_ITERATIONS,
+        )
         self.maps = self._flattened(self._after_cc_iteration(new_maps) if cc_iteration else new_maps)
         # RELION keeps --ini_high as the resolution for the iteration after the CC one
         self.class_resolution = [self._ini_shell()] * cfg.K if cc_iteration else res_shells
