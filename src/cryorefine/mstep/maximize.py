@@ -74,9 +74,9 @@ def maximize_half_sets(
     ``gridding_iterations`` (reconstruct). ``settle()``, if given, runs between the FSC and the reconstructions (a
     test hook: a run killed there has its earlier outputs complete)."""
     box = bps[0].box
-    grid = dict(gridding_iterations=gridding_iterations)
+    it = gridding_iterations
     if final:
-        unfiltered = [reconstruct(bp, particles=n, **grid) for bp, n in zip(bps, particles)]
+        unfiltered = [reconstruct(bp, particles=n, gridding_iterations=it) for bp, n in zip(bps, particles)]
         fsc = fsc_curve(unfiltered[0], unfiltered[1]).cpu()
     else:
         fsc = halves_fsc(bps[0], bps[1], window_shell).cpu()
@@ -86,13 +86,13 @@ def maximize_half_sets(
     if final:
         joined = BackProjector(bps[0].data + bps[1].data, bps[0].weight + bps[1].weight, box, bps[0].pad)
         final_map, tau2 = reconstruct_gold_standard(
-            joined, fsc, tau2_fudge, whole=True, particles=sum(particles), **grid
+            joined, fsc, tau2_fudge, whole=True, particles=sum(particles), gridding_iterations=it
         )
         return HalfSetMaps(
             fsc, resolution_shell, [tau2.cpu()], final_map=final_map.cpu(), unfiltered=[u.cpu() for u in unfiltered]
         )
     made = [
-        reconstruct_gold_standard(bp, fsc, tau2_fudge, max_shell=window_shell, particles=n, **grid)
+        reconstruct_gold_standard(bp, fsc, tau2_fudge, max_shell=window_shell, particles=n, gridding_iterations=it)
         for bp, n in zip(bps, particles)
     ]
     return HalfSetMaps(fsc, resolution_shell, [t.cpu() for _, t in made], references=[m for m, _ in made])
