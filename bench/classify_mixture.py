@@ -145,7 +145,12 @@ def main():
     wall = time.perf_counter() - t0
     ours = score(f"{d}/{a.name}/run_it{a.iter:03d}", a.K, truths, truth_classes, a.angpix)
     # oracle: one E-step against the true maps (classes = states), no M-step influence
-    from cryorefine.refine.classify3d import Classify3D, ClassifyConfig
+    from dataclasses import replace
+
+    from cryorefine.refine.classify3d import ClassifyConfig, ClassifyMode
+    from cryorefine.refine.context import open_run
+    from cryorefine.refine.loop import iterate
+    from cryorefine.io.mrc import read_map
 
     ocfg = ClassifyConfig(
         particles=str(d / a.input),
@@ -161,13 +166,16 @@ def main():
         healpix_order=a.healpix_order,
         ini_high=a.ini_high,
     )
-    oracle = Classify3D(ocfg)
-    oracle.maps = [torch.from_numpy(t) for t in truths]
-    oracle.initial_class = None
-    oracle.class_resolution = [a.box // 2] * 3
-    oracle.cfg.firstiter_cc = False
+    mode = ClassifyMode(3)
+    octx = open_run(ocfg, None, {"references": 3, "backprojectors": 3, "join_halves": False})
+    start = mode.initial_state(octx, read_map(ocfg.reference)[0])
+    start = replace(
+        start,
+        maps=tuple(torch.from_numpy(t) for t in truths),
+        classes=replace(start.classes, initial_class=None, resolution_shell=(a.box // 2,) * 3),
+    )
     t1 = time.perf_counter()
-    oracle.iterate()
+    oracle, _ = iterate(mode, octx, start, t1)
     oracle_wall = time.perf_counter() - t1
     oracle_acc = float(np.mean(oracle.poses.class_number - 1 == truth_classes))
     out = {

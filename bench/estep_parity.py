@@ -33,7 +33,7 @@ from cryorefine.refine.engine import (
     prepare_references,
     run_expectation,
 )
-from cryorefine.refine.auto_refine import RefineConfig
+from cryorefine.refine.config import RefineConfig
 from cryorefine.refine.schedule import Schedule
 from cryorefine.refine.timing import StageTimer
 
@@ -52,8 +52,8 @@ def one_estep(device: str, star: str, ref_path: str, diameter: float, n: int, wi
         flatten_solvent=True,
         zero_mask=True,
         device=device,
+        angpix=angpix,
     )
-    cfg.angpix = angpix
     box = table.box
     if len(maps) == 1:
         starts = [low_pass_filter(torch.from_numpy(maps[0][0]).double(), 30.0, angpix).float()]

@@ -354,11 +354,11 @@ def test_fixed_volumes_at_box_256():
 
 
 def test_refine_stops_before_the_first_iteration_when_the_volumes_cannot_fit(tmp_path, monkeypatch, capsys):
-    import cryorefine.refine.auto_refine as auto_refine
+    import cryorefine.refine.context as run_context
 
     simulate_particles(_blob_map(24).float(), ANGPIX, tmp_path / "data", 8, snr=0.1, seed=2)
     write_map(tmp_path / "ref.mrc", _blob_map(24).float().numpy(), ANGPIX)
-    monkeypatch.setattr(auto_refine, "available_bytes", lambda device: 1 << 20)  # a GPU with 1 MiB free
+    monkeypatch.setattr(run_context, "available_bytes", lambda device: 1 << 20)  # a GPU with 1 MiB free
     for command in (["refine"], ["classify", "--K", "3"]):
         rc = cli(
             [
@@ -401,7 +401,7 @@ def test_read_ahead_loads_the_next_item_while_the_current_is_used():
 
 def test_expectation_reads_images_batch_by_batch(tmp_path, monkeypatch):
     from cryorefine.io import image_cache
-    from cryorefine.refine.auto_refine import RefineConfig
+    from cryorefine.refine.config import RefineConfig
     from cryorefine.refine.engine import EStepPass, EStepRuntime, ParticlePoses, run_expectation
     from cryorefine.refine.timing import StageTimer
 
@@ -410,9 +410,8 @@ def test_expectation_reads_images_batch_by_batch(tmp_path, monkeypatch):
     real = image_cache.read_images
     monkeypatch.setattr(image_cache, "read_images", lambda table, idx: reads.append(len(idx)) or real(table, idx))
     cfg = RefineConfig(
-        particles="", output_root="", reference="", particle_diameter=2.5 * BOX, ctf=True, zero_mask=True
+        particles="", output_root="", reference="", particle_diameter=2.5 * BOX, ctf=True, zero_mask=True, angpix=ANGPIX
     )
-    cfg.angpix = ANGPIX
     sums = WeightedSums.zeros(1, BOX, 2, 1, c["grid"].sampling.n_directions)
     sigma2 = torch.full((1, BOX // 2 + 1), BOX * BOX / 2.0, dtype=torch.float64)
     job = EStepPass([c["ref"]], c["grid"], c["window"], 6, sigma2, torch.ones(1, dtype=torch.float64), c["settings"])
@@ -431,15 +430,14 @@ def test_a_pass_over_cached_images_takes_each_batch_only_when_the_last_is_done(t
     """Reading ahead takes the next batch from the task pool while the current one runs; with every image in the GPU's
     cache there is nothing to read, and a batch taken early would leave one rank two batches at a pass's end."""
     from cryorefine.io.image_cache import ImageCache
-    from cryorefine.refine.auto_refine import RefineConfig
+    from cryorefine.refine.config import RefineConfig
     from cryorefine.refine.engine import EStepPass, EStepRuntime, ParticlePoses, run_expectation
     from cryorefine.refine.timing import StageTimer
 
     c = make_case(tmp_path)
     cfg = RefineConfig(
-        particles="", output_root="", reference="", particle_diameter=2.5 * BOX, ctf=True, zero_mask=True
+        particles="", output_root="", reference="", particle_diameter=2.5 * BOX, ctf=True, zero_mask=True, angpix=ANGPIX
     )
-    cfg.angpix = ANGPIX
     sigma2 = torch.full((1, BOX // 2 + 1), BOX * BOX / 2.0, dtype=torch.float64)
     cache = ImageCache(N, BOX, N, "cpu")
 

@@ -15,7 +15,7 @@ from cryorefine.io.particles import load_particles
 from cryorefine.mixture import state_maps
 from cryorefine.mstep.noise import initial_sigma2
 from cryorefine.mstep.norm import updated_norm_corrections
-from cryorefine.refine.auto_refine import RefineConfig
+from cryorefine.refine.config import RefineConfig
 from cryorefine.refine.engine import EStepPass, EStepRuntime, ParticlePoses, prepare_references, run_expectation
 from cryorefine.refine.timing import StageTimer
 from cryorefine.simulate import simulate_particles
@@ -29,8 +29,9 @@ def estimated_norms(tmp_path, scales):
         m.data[:] = m.data * scales[:, None, None].astype(np.float32)
     table = load_particles(tmp_path / "particles.star")
     truth, _ = read_map(tmp_path / "truth.mrc")
-    cfg = RefineConfig(particles="", output_root="", reference="", particle_diameter=170, ctf=True, zero_mask=True)
-    cfg.angpix = ANGPIX
+    cfg = RefineConfig(
+        particles="", output_root="", reference="", particle_diameter=170, ctf=True, zero_mask=True, angpix=ANGPIX
+    )
     grid = PoseGrid.build(make_sampling(1, "C1", 0.0), 2.0, 1.0)
     window = Window.build(BOX, 12)
     poses = ParticlePoses.from_table(table)

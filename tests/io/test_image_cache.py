@@ -7,13 +7,14 @@ import pytest
 import torch
 
 import cryorefine.io.image_cache as image_cache
-import cryorefine.refine.auto_refine as auto_refine
+import cryorefine.refine.context as run_context
 from cryorefine.io.image_cache import ImageCache
 from cryorefine.io.mrc import read_map
 from cryorefine.io.particles import load_particles
 from cryorefine.io.table import read_images
 from cryorefine.io.star import read_star
-from cryorefine.refine.auto_refine import AutoRefine, RefineConfig
+from cryorefine.refine.auto_refine import refine
+from cryorefine.refine.config import RefineConfig
 from small_set import small_set
 
 BOX, ANGPIX, N = 24, 6.0, 40
@@ -73,13 +74,13 @@ def _refine(d, out, batch, image_cache_on):
         low_resol_join_halves=0.0,
         image_cache=image_cache_on,
     )
-    AutoRefine(cfg).run()
+    refine(cfg)
 
 
 def test_refinement_with_the_cache_writes_the_same_files(data, tmp_path, monkeypatch):
     """Capacity for 15 of the 40 images (the room the GPU would give, forced on the CPU): batches of 7 mix kept and
     read images; data.star and the maps must be those of a run that reads every image every iteration."""
-    monkeypatch.setattr(auto_refine, "image_cache_bytes", lambda device, fixed, sharing=1: 15 * 4 * BOX * BOX)
+    monkeypatch.setattr(run_context, "image_cache_bytes", lambda device, fixed, sharing=1: 15 * 4 * BOX * BOX)
     _refine(data, tmp_path / "plain", 7, False)
     reads = _counting_reads(monkeypatch)
     _refine(data, tmp_path / "cached", 7, True)

@@ -10,17 +10,24 @@ import torch
 from cryorefine.cli.main import build_parser
 from cryorefine.cli.refine import config_from_args
 from cryorefine.parallel.context import Dist, distributed
-from cryorefine.refine.auto_refine import AutoRefine, RefineConfig
+import time
+
+from cryorefine.refine.auto_refine import FIXED_VOLUMES, AutoRefineMode, load_or_start
+from cryorefine.refine.config import RefineConfig
+from cryorefine.refine.context import open_run
+from cryorefine.refine.loop import run_estep
 
 
 def one_estep(refine_flags: list[str], dist: Dist | None = None) -> dict:
     """sums: each half's accumulators (WeightedSums.tensors()); poses: ParticlePoses arrays; batches: per rank."""
     cfg = config_from_args(build_parser().parse_args(["refine", *refine_flags]), RefineConfig)
-    engine = AutoRefine(cfg, dist)
-    sums, ranks = engine.expectation(engine.plan_iteration())
+    mode = AutoRefineMode()
+    ctx = open_run(cfg, dist, FIXED_VOLUMES)
+    plan, state = mode.plan(ctx, load_or_start(mode, ctx))
+    estep, poses, ranks = run_estep(mode, ctx, state, plan, time.perf_counter())
     return {
-        "sums": [[t.clone() for t in s.tensors()] for s in sums],
-        "poses": engine.poses.as_dict(),
+        "sums": [[t.clone() for t in s.tensors()] for s in estep.sums],
+        "poses": poses.as_dict(),
         "batches": ranks["batches_per_rank"],
         "estep_s": ranks["estep_s_per_rank"],
     }

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from cryorefine.parallel.context import Dist
-from cryorefine.refine.auto_refine import AutoRefine, auto_batch_size
+from cryorefine.refine.config import RefineConfig, auto_batch_size
+from cryorefine.refine.context import RunContext
 
 BETAGAL = 8915
 
 
 def batches_per_iteration(n: int, batch: int) -> int:
-    """Both half sets, each cut into batches of its own (as AutoRefine.expectation does)."""
+    """Both half sets, each cut into batches of its own (as auto-refine's E-step does)."""
     half = -(-n // 2)
     return 2 * -(-half // batch)
 
@@ -41,15 +42,12 @@ def test_bounds():
 
 
 def test_engine_uses_the_rule_unless_batch_is_given():
-    def engine(batch, world, dev):
-        return SimpleNamespace(
-            cfg=SimpleNamespace(batch_size=batch),
-            table=range(BETAGAL),
-            dist=Dist(world_size=world),
-            device=torch.device(dev),
-        )
+    def batch_size(batch, world, dev):
+        cfg = RefineConfig(particles="", output_root="", reference="", batch_size=batch)
+        ctx = SimpleNamespace(cfg=cfg, table=range(BETAGAL), dist=Dist(world_size=world), device=torch.device(dev))
+        return RunContext.batch_size.fget(ctx)
 
-    assert AutoRefine._batch_size(engine(0, 1, "cuda")) == 1024
-    assert AutoRefine._batch_size(engine(0, 2, "cuda")) == 544
-    assert AutoRefine._batch_size(engine(0, 2, "cpu")) == 256
-    assert AutoRefine._batch_size(engine(300, 4, "cuda")) == 300
+    assert batch_size(0, 1, "cuda") == 1024
+    assert batch_size(0, 2, "cuda") == 544
+    assert batch_size(0, 2, "cpu") == 256
+    assert batch_size(300, 4, "cuda") == 300

@@ -10,7 +10,8 @@ import torch
 
 from cryorefine.io.mrc import read_map
 from cryorefine.io.star import read_star
-from cryorefine.refine.auto_refine import AutoRefine, RefineConfig
+from cryorefine.refine.auto_refine import refine
+from cryorefine.refine.config import RefineConfig
 from small_set import small_set
 
 BOX, ANGPIX, N = 32, 6.0, 80
@@ -35,7 +36,7 @@ def _refine(d, out, device, continue_from=None):
         device=device,
         continue_from=continue_from,
     )
-    return AutoRefine(cfg).run()
+    return refine(cfg)
 
 
 def _corr(a, b):

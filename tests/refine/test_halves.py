@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cryorefine.errors import CryoInputError
-from cryorefine.refine.auto_refine import _halves
+from cryorefine.refine.auto_refine import halves_of
 
 
 class Table(SimpleNamespace):
@@ -17,16 +17,16 @@ class Table(SimpleNamespace):
 
 def test_given_halves_are_kept():
     t = Table(random_subset=np.array([2, 1, 1, 2, 2]), star_path="p.star")
-    assert _halves(t, 0).tolist() == [2, 1, 1, 2, 2]
+    assert halves_of(t, 0).tolist() == [2, 1, 1, 2, 2]
 
 
 def test_absent_halves_are_drawn_equal():
     t = Table(random_subset=np.zeros(10, dtype=np.int64), star_path="p.star")
-    h = _halves(t, 3)
+    h = halves_of(t, 3)
     assert sorted(np.bincount(h)[1:].tolist()) == [5, 5]
 
 
 def test_mixed_halves_stop_the_run():
     t = Table(random_subset=np.array([1, 2, 0, 1]), star_path="p.star")
     with pytest.raises(CryoInputError, match="rlnRandomSubset"):
-        _halves(t, 0)
+        halves_of(t, 0)

@@ -16,6 +16,6 @@ def add_args(p):
 
 
 def main(args):
-    from ..refine.classify3d import Classify3D, ClassifyConfig
+    from ..refine.classify3d import ClassifyConfig, classify
 
-    run_job(args, ClassifyConfig, Classify3D)
+    run_job(args, ClassifyConfig, classify)

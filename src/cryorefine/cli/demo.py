@@ -30,7 +30,8 @@ def main(args):
     from ..evaluation import map_resolution, pose_errors, read_poses, summarise_pose_errors
     from ..fourier.filters import low_pass_filter
     from ..io.mrc import read_map, write_map
-    from ..refine.auto_refine import AutoRefine, RefineConfig
+    from ..refine.auto_refine import refine
+    from ..refine.config import RefineConfig
     from ..simulate import NO_POSES_STAR, simulate_particles
     from .refine import device_from_args
 
@@ -74,7 +75,7 @@ def main(args):
         offset_range=3,
         offset_step=1.5,
     )
-    summary = AutoRefine(cfg).run()
+    summary = refine(cfg)
     errors = pose_errors(read_poses(cfg.output_root + "_data.star"), read_poses(out / "data" / "particles.star"), "C1")
     result = summarise_pose_errors(errors)
     final_map, _ = read_map(cfg.output_root + "_class001.mrc")

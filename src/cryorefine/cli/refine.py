@@ -249,20 +249,21 @@ def config_from_args(args, cls):
     return cls(**values)
 
 
-def run_job(args, config_cls, engine_cls) -> None:
-    """Validate, then run the engine in this process (or as one rank of a torchrun job); rank 0 prints the summary."""
+def run_job(args, config_cls, run_mode) -> None:
+    """Validate, then run the mode in this process (or as one rank of a torchrun job); rank 0 prints the summary."""
     from ..parallel.context import distributed
     from ..validate import validate_refine_inputs
 
     validate_refine_inputs(args)  # user mistakes stop here, before the engine is imported or run
     cfg = config_from_args(args, config_cls)
     with distributed(cfg.device, args.dist_timeout) as dist:
-        summary = engine_cls(cfg, dist).run()
+        summary = run_mode(cfg, dist)
         if dist.is_main:
             print(json.dumps(summary))
 
 
 def main(args):
-    from ..refine.auto_refine import AutoRefine, RefineConfig
+    from ..refine.auto_refine import refine
+    from ..refine.config import RefineConfig
 
-    run_job(args, RefineConfig, AutoRefine)
+    run_job(args, RefineConfig, refine)

@@ -1,45 +1,48 @@
-"""3D classification: K references on the same E-step engine (the class is one more dimension of the products).
+"""3D classification: K references on the same E-step engine (the class is one more dimension of the products), as a
+mode of the run's loop (loop.py).
 
 RELION's scheme: K copies of the low-passed reference; in the first iteration (the second with --firstiter_cc)
 each particle is held to a random class with a full pose search; then the E-step marginalises over classes and
 poses; the M-step reconstructs each class with τ² from the power of the reference the E-step used (× --tau2_fudge),
-and updates the class
-priors, the direction priors, σ² and the offset prior. Fixed sampling (optionally local searches, --sigma_ang).
+and updates the class priors, the direction priors, σ² and the offset prior. Fixed sampling (optionally local
+searches, --sigma_ang).
 """
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ..estep.settings import EStepSettings
+from ..errors import CryoInputError
 from ..estep.sums import WeightedSums
 from ..io.mrc import write_map
 from ..io.outputs import it_prefix, write_model_star
 from ..io.particles import write_particles
-from ..mstep.statistics import updated_statistics
 from ..mstep.maximize import maximize_classes
 from ..mstep.priors import class_prior, direction_log_prior, direction_prior
+from ..mstep.statistics import updated_statistics
 from ..mstep.tau2 import tau2_from_reference
+from ..parallel.context import Dist
 from ..reconstruction.fsc import shell_to_angstrom
 from ..reconstruction.reconstruct import GRIDDING_ITERATIONS
 from ..reconstruction.symmetrise import symmetrise_backprojector
-from ..parallel.context import Dist
-from .auto_refine import AutoRefine, IterationPlan, RefineConfig
-from .engine import ParticlePoses, prepare_references
+from . import steps
+from .auto_refine import halves_of, initial_schedule, initial_statistics, load_or_start, start_map
+from .config import RefineConfig
+from .context import RunContext, open_run
+from .engine import ParticlePoses
+from .loop import EStepOutput, run
 from .progress import Progress
-from .timing import profiled
-
+from .relion_files import data_columns, groups_table, model_general, noise_tables, shell_columns, write_sampling
+from .state import ClassState, RunState
 
 MIN_CLASS_FOR_ACCURACY = 0.01  # RELION estimates the accuracy of classes holding at least this fraction
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClassifyConfig(RefineConfig):
     K: int = 3
     tau2_fudge: float = 4.0
@@ -47,215 +50,187 @@ class ClassifyConfig(RefineConfig):
     ini_high: float = 60.0
 
 
-class Classify3D(AutoRefine):
+class ClassifyMode:
     command = "classify"
 
-    def __init__(self, cfg: ClassifyConfig, dist: Dist | None = None):
-        super().__init__(cfg, dist)
-        if cfg.K < 1:
-            from ..errors import CryoInputError
+    def __init__(self, K: int):
+        self.K = K
 
-            raise CryoInputError(f"--K must be at least 1 (got {cfg.K})")
-        if not cfg.continue_from:
-            self.maps = [self.maps[0].clone() for _ in range(cfg.K)]
-            self.class_prior = torch.full((cfg.K,), 1.0 / cfg.K, dtype=torch.float64)
-            self.direction_prior = None
-            self.class_resolution = [shell for shell in [self.schedule.current_resolution_shell] * cfg.K]
+    def describe(self, ctx: RunContext) -> str:
+        return f"K={self.K}"
+
+    def initial_state(self, ctx: RunContext, reference: np.ndarray) -> RunState:
+        cfg, n, K = ctx.cfg, len(ctx.table), self.K
+        start = start_map(ctx, reference)
+        schedule = initial_schedule(ctx)
+        return RunState(
+            iteration=0,
+            perturbation=0.0,
+            rng_state=np.random.default_rng(cfg.random_seed).bit_generator.state,
+            maps=tuple(start.clone() for _ in range(K)),
+            stats=initial_statistics(ctx, np.zeros(n, dtype=np.int64), 1),  # one model for all particles
+            schedule=schedule,
+            poses=ParticlePoses.from_table(ctx.table),
+            halves=halves_of(ctx.table, cfg.random_seed),
+            history=(),
+            fsc=torch.zeros(ctx.box // 2 + 1, dtype=torch.float64),
+            direction_prior=None,
             # RELION: the random class each particle is held to in the first iteration, drawn from its seed
-            self.initial_class = np.random.default_rng(cfg.random_seed + 1).integers(0, cfg.K, len(self.table))
-
-    def _fixed_volumes(self) -> dict:
-        """K padded references and K back-projectors (no half sets to join)."""
-        return {"references": self.cfg.K, "backprojectors": self.cfg.K, "join_halves": False}
-
-    def _map_files(self, pre: str) -> list[str]:
-        return [f"{pre}_class{k + 1:03d}.mrc" for k in range(self.cfg.K)]
-
-    def _extra_state(self) -> dict:
-        return {
-            "class_prior": self.class_prior,
-            "direction_prior": self.direction_prior,
-            "class_resolution": self.class_resolution,
-            "initial_class": self.initial_class,
-        }
-
-    def _restore_extra_state(self, s: dict) -> None:
-        self.class_prior, self.direction_prior = s["class_prior"], s["direction_prior"]
-        self.class_resolution, self.initial_class = s["class_resolution"], s["initial_class"]
-
-    def _model_of_particle(self) -> np.ndarray:
-        """One model for all particles."""
-        return np.zeros(len(self.table), dtype=np.int64)
-
-    def _window_shell(self) -> int:
-        return min(self.box // 2, max(self.class_resolution) + self.cfg.incr_size)
-
-    def _update_sampling(self, window_shell: int) -> None:
-        """Fixed sampling (each class's accuracy is estimated after its M-step, _conclude)."""
-        return None
-
-    def _settings(self, sampling) -> EStepSettings:
-        cfg, sch = self.cfg, self.schedule
-        dir_prior = direction_log_prior(self.direction_prior, sampling.n_directions, sch.local_search)
-        return EStepSettings(
-            adaptive_fraction=cfg.adaptive_fraction,
-            maxsig=cfg.maxsig,
-            firstiter_cc=cfg.firstiter_cc and self.iteration == 1,
-            local_sigma_deg=sch.sigma_ang_deg if sch.local_search else 0.0,
-            sigma2_offset_angst2=self.stats[0].sigma2_offset_angst2,
-            angpix=cfg.angpix,
-            direction_log_prior=dir_prior,
-            precision=cfg.precision,
+            classes=ClassState(
+                torch.full((K,), 1.0 / K, dtype=torch.float64),
+                (schedule.current_resolution_shell,) * K,
+                np.random.default_rng(cfg.random_seed + 1).integers(0, K, n),
+            ),
         )
 
-    def expectation(self, plan: IterationPlan) -> tuple[list[WeightedSums], dict]:
-        """E-step of all particles against the K references (this rank's share), combined over ranks."""
-        cfg = self.cfg
+    def before_iteration(self, ctx: RunContext, state: RunState) -> RunState | None:
+        return state if state.iteration < ctx.cfg.max_iter else None
+
+    def is_final(self, state: RunState) -> bool:
+        return False
+
+    def plan(self, ctx: RunContext, state: RunState) -> tuple[steps.IterationPlan, RunState]:
+        """Fixed sampling (each class's accuracy is estimated after its M-step, conclude); the window from the best
+        class's resolution."""
+        assert state.classes is not None
+        window_shell = min(ctx.box // 2, max(state.classes.resolution_shell) + ctx.cfg.incr_size)
+        perturbation, rng_state = steps.next_perturbation(ctx, state)
+        state = replace(state, iteration=state.iteration + 1, perturbation=perturbation, rng_state=rng_state)
+        plan = steps.plan_iteration(ctx, state, window_shell, steps.estep_settings(ctx, state), (999.0, 999.0), None)
+        prior = direction_log_prior(state.direction_prior, plan.sampling.n_directions, state.schedule.local_search)
+        return replace(plan, settings=replace(plan.settings, direction_log_prior=prior)), state
+
+    def expectation(
+        self, ctx: RunContext, state: RunState, plan: steps.IterationPlan, poses: ParticlePoses
+    ) -> EStepOutput:
+        """E-step of all particles against the K references (this rank's share)."""
+        cfg, classes = ctx.cfg, state.classes
+        assert classes is not None
         random_class_iter = 2 if cfg.firstiter_cc else 1
-        with self.timer("getFourierTransformsAndCTFs"):
-            refs = prepare_references(self.maps, cfg.pad, self.device)
+        with ctx.timer("getFourierTransformsAndCTFs"):
+            refs = steps.references(ctx, state.maps)
             # RELION takes each class's τ² for this iteration's reconstruction from the reference as prepared here
-            self.class_tau2 = [tau2_from_reference(r, plan.window_shell) for r in refs]
-        sums = WeightedSums.zeros(
-            cfg.K, self.box, cfg.pad, self.n_groups, plan.sampling.n_directions, device=self.device
-        )
-        forced = self.initial_class if self.iteration <= random_class_iter else None
-        avg_norm = self._average_norm_correction(np.arange(len(self.table))) if cfg.norm else None
-        with Progress(len(self.table), f"iteration {self.iteration:3d}", self.dist.is_main) as bar:
-            done = self._estep_pass(
-                0,
-                np.arange(len(self.table)),
-                refs,
-                plan,
-                sums,
-                self._progress(bar),
-                forced_class=forced,
-                avg_norm=avg_norm,
+            class_tau2 = [tau2_from_reference(r, plan.window_shell) for r in refs]
+        sums = WeightedSums.zeros(self.K, ctx.box, cfg.pad, ctx.n_groups, plan.sampling.n_directions, device=ctx.device)
+        forced = classes.initial_class if state.iteration <= random_class_iter else None
+        rows = np.arange(len(ctx.table))
+        avg_norm = steps.average_norm_correction(poses, rows, state.iteration) if cfg.norm else None
+        with Progress(len(ctx.table), f"iteration {state.iteration:3d}", ctx.dist.is_main) as bar:
+            progress = ctx.pool.progress(f"it{state.iteration}", bar)
+            done = steps.estep_pass(
+                ctx, state, poses, 0, rows, refs, plan, sums, progress, forced_class=forced, avg_norm=avg_norm
             )
-        return [sums], self._combine([sums], done)
+        return EStepOutput([sums], done, class_tau2)
 
-    def _conclude(
-        self, plan: IterationPlan, sums: list[WeightedSums], previous: ParticlePoses, ranks: dict
-    ) -> tuple[dict, dict]:
-        sch = self.schedule
-        with self.timer("M-step"):
-            info = self.maximization(sums[0], plan.window_shell)
-            # RELION: each class of at least 1 % against all particles; 999 for the others; overall the smallest.
-            # From this iteration's maps and poses: RELION writes the same estimate into the next iteration's model.star
-            rows = np.arange(len(self.table))
-            acc = [
-                self._expected_accuracy(plan.window_shell, m, rows)
-                if float(p) >= MIN_CLASS_FOR_ACCURACY
-                else (999.0, 999.0)
-                for m, p in zip(self.maps, self.class_prior)
-            ]
-        change_ang, change_off = self._pose_changes(previous)
-        record = {
-            "iteration": self.iteration,
-            "resolution_angst": info["resolution_angst"],
-            "healpix_order": sch.healpix_order,
-            "local": sch.local_search,
-            "window_shell": plan.window_shell,
-            "coarse_shell": plan.coarse_shell,
-            "change_orientation_deg": change_ang,
-            "change_offset_px": change_off,
-            "change_class_fraction": float(np.mean(previous.class_number != self.poses.class_number)),
-            "mean_significant": float(np.mean(self.poses.n_significant)),
-            "mean_max_prob": float(np.mean(self.poses.max_prob)),
-            "accuracy_rotation_deg": min(a[0] for a in acc),
-            "accuracy_offset_px": min(a[1] for a in acc),
-            "class_accuracy": [list(a) for a in acc],
-            "posterior_spread_deg": float(np.median(self.poses.angular_spread_deg)),
-            "class_distribution": self.class_prior.tolist(),
-            "class_resolution_angst": info["class_resolution_angst"],
-            "sigma_offset_angst": math.sqrt(self.stats[0].sigma2_offset_angst2),
-            **ranks,
-            "seconds": time.perf_counter() - self._clock,
-            "stages": self.timer.reset(),
-            "final": False,
-            "counters": self.timer.reset_counters(),
-        }
-        return record, info
-
-    def maximization(self, sums: WeightedSums, window_shell: int) -> dict:
-        cfg = self.cfg
-        cc_iteration = cfg.firstiter_cc and self.iteration == 1
-        self._update_norm_corrections()
-        # RELION keeps the initial σ² after a cross-correlation iteration
-        self.stats = [updated_statistics(self.stats[0], [sums], cfg.min_sigma2_offset, noise=not cc_iteration)]
-        self.class_prior = class_prior(sums.class_weight.cpu())
-        self.direction_prior = direction_prior(sums.direction_weight.cpu())
+    def conclude(
+        self, ctx: RunContext, state: RunState, plan: steps.IterationPlan, estep: EStepOutput, poses: ParticlePoses
+    ) -> tuple[RunState, dict, dict]:
+        """The classes' M-step (RELION keeps the initial σ² after a cross-correlation iteration, and --ini_high as the
+        resolution for the iteration after it) and each class's expected accuracy."""
+        cfg, sums, classes = ctx.cfg, estep.sums[0], state.classes
+        assert estep.class_tau2 is not None and classes is not None
+        cc = steps.is_cc_iteration(ctx, state.iteration)
+        steps.update_norm_corrections(ctx, poses, np.zeros(len(ctx.table), dtype=np.int64), state.iteration)
+        stats = (updated_statistics(state.stats[0], [sums], cfg.min_sigma2_offset, noise=not cc),)
         for bp in sums.backprojectors:
             symmetrise_backprojector(bp, cfg.sym)
         new_maps, res_shells = maximize_classes(
             sums.backprojectors,
             sums.class_weight.tolist(),
-            self.class_tau2,
+            estep.class_tau2,
             cfg.tau2_fudge,
-            window_shell,
+            plan.window_shell,
             0 if cfg.skip_gridding else GRIDDING_ITERATIONS,
         )
-        self.maps = self._flattened(self._after_cc_iteration(new_maps) if cc_iteration else new_maps)
-        # RELION keeps --ini_high as the resolution for the iteration after the CC one
-        self.class_resolution = [self._ini_shell()] * cfg.K if cc_iteration else res_shells
-        best = max(self.class_resolution)
-        return {
-            "resolution_shell": best,
-            "resolution_angst": shell_to_angstrom(best, self.box, cfg.angpix),
-            "class_resolution_angst": [shell_to_angstrom(s, self.box, cfg.angpix) for s in self.class_resolution],
+        shells = (steps.ini_shell(ctx),) * self.K if cc else tuple(res_shells)
+        new = replace(
+            state,
+            maps=steps.new_references(ctx, new_maps, state.iteration),
+            stats=stats,
+            poses=poses,
+            direction_prior=direction_prior(sums.direction_weight.cpu()),
+            classes=replace(classes, prior=class_prior(sums.class_weight.cpu()), resolution_shell=shells),
+        )
+        assert new.classes is not None
+        # RELION: each class of at least 1 % against all particles; 999 for the others; overall the smallest.
+        # From this iteration's maps and poses: RELION writes the same estimate into the next iteration's model.star
+        rows = np.arange(len(ctx.table))
+        acc = [
+            steps.accuracy_of(ctx, new, plan.window_shell, m, rows)
+            if float(p) >= MIN_CLASS_FOR_ACCURACY
+            else (999.0, 999.0)
+            for m, p in zip(new.maps, new.classes.prior)
+        ]
+        best = max(shells)
+        class_res = [shell_to_angstrom(s, ctx.box, cfg.angpix) for s in shells]
+        record = {
+            **steps.base_record(ctx, state, plan, poses, steps.pose_changes(ctx, state.poses, poses), {}),
+            "resolution_angst": shell_to_angstrom(best, ctx.box, cfg.angpix),
+            "change_class_fraction": float(np.mean(state.poses.class_number != poses.class_number)),
+            "accuracy_rotation_deg": min(a[0] for a in acc),
+            "accuracy_offset_px": min(a[1] for a in acc),
+            "class_accuracy": [list(a) for a in acc],
+            "class_distribution": new.classes.prior.tolist(),
+            "class_resolution_angst": class_res,
+            "sigma_offset_angst": float(stats[0].sigma2_offset_angst2 ** 0.5),
+            "final": False,
         }
+        info = {
+            "resolution_angst": record["resolution_angst"],
+            "class_resolution_angst": class_res,
+            "class_accuracy": record["class_accuracy"],
+            "class_tau2": estep.class_tau2,
+            "window_shell": plan.window_shell,
+        }
+        return new, record, info
 
-    def _write_iteration_files(self, info, record) -> None:
-        cfg = self.cfg
-        pre = it_prefix(self.root, self.iteration)
-        for k, m in enumerate(self.maps):
-            write_map(f"{pre}_class{k + 1:03d}.mrc", m.cpu().numpy(), cfg.angpix)
-        general, _, _, groups, sig = self._model_tables(info, record)
-        general.update({"rlnNrClasses": cfg.K, "rlnTau2FudgeFactor": cfg.tau2_fudge})
-        classes = [
+    def write_files(self, ctx: RunContext, state: RunState, info: dict) -> list[str]:
+        cfg, classes = ctx.cfg, state.classes
+        assert classes is not None
+        pre = it_prefix(ctx.root, state.iteration)
+        files = [f"{pre}_class{k + 1:03d}.mrc" for k in range(self.K)]
+        for f, m in zip(files, state.maps):
+            write_map(f, m.cpu().numpy(), cfg.angpix)
+        stats = state.stats[0]
+        general = model_general(ctx, state, stats, slice(None), info["resolution_angst"], info["window_shell"])
+        class_rows = [
             {
-                "rlnReferenceImage": f"{pre}_class{k + 1:03d}.mrc",
-                "rlnClassDistribution": float(self.class_prior[k]),
-                "rlnAccuracyRotations": record["class_accuracy"][k][0],
-                "rlnAccuracyTranslationsAngst": min(999.0, record["class_accuracy"][k][1] * cfg.angpix),
+                "rlnReferenceImage": files[k],
+                "rlnClassDistribution": float(classes.prior[k]),
+                "rlnAccuracyRotations": info["class_accuracy"][k][0],
+                "rlnAccuracyTranslationsAngst": min(999.0, info["class_accuracy"][k][1] * cfg.angpix),
                 "rlnEstimatedResolution": info["class_resolution_angst"][k],
                 "rlnOverallFourierCompleteness": 1.0,
             }
-            for k in range(cfg.K)
+            for k in range(self.K)
         ]
-        n_sh = self.box // 2 + 1
-        shells = np.arange(n_sh)
-        res = np.where(shells > 0, shells / (self.box * cfg.angpix), 0.0)
+        n_sh = ctx.box // 2 + 1
         tables = [
-            pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": res, "rlnReferenceTau2": t.cpu().numpy()[:n_sh]})
-            for t in self.class_tau2
+            pd.DataFrame({**shell_columns(ctx.box, cfg.angpix), "rlnReferenceTau2": t.cpu().numpy()[:n_sh]})
+            for t in info["class_tau2"]
         ]
-        write_model_star(f"{pre}_model.star", general, classes, tables, groups, sig)
-        cols = self._data_columns()
-        cols.pop("rlnRandomSubset")
-        write_particles(f"{pre}_data.star", self.table, **cols)
-        self._write_sampling_star(pre)
-        self._report(
-            np.zeros(n_sh),
-            self.maps[int(torch.argmax(self.class_prior))].cpu().numpy(),
-            force=self.iteration >= cfg.max_iter,
+        write_model_star(
+            f"{pre}_model.star", general, class_rows, tables, groups_table(ctx, stats), noise_tables(ctx, stats)
         )
-        self._save_state(pre)  # last: an iteration with an optimiser.star has all its outputs
+        write_particles(f"{pre}_data.star", ctx.table, **data_columns(ctx, state, random_subset=False))
+        write_sampling(ctx, state, pre)
+        biggest = state.maps[int(torch.argmax(classes.prior))].cpu().numpy()
+        steps.submit_report(ctx, state, np.zeros(n_sh), biggest, force=state.iteration >= cfg.max_iter)
+        return files
 
-    def _describe(self) -> str:
-        return f"K={self.cfg.K}"
-
-    def _iterate_until_done(self, t0: float) -> dict:
-        last = None
-        while self.iteration < self.cfg.max_iter:
-            if self._out_of_time(t0, last):
-                return self._stopped(t0)
-            t_it = time.perf_counter()
-            with profiled(self.iteration + 1):
-                self.iterate()
-            last = time.perf_counter() - t_it
+    def summary(self, ctx: RunContext, state: RunState) -> dict:
+        assert state.classes is not None
         return {
-            "iterations": self.iteration,
-            "class_distribution": [round(float(x), 4) for x in self.class_prior],
-            "class_resolution_angst": self.history[-1]["class_resolution_angst"],
+            "iterations": state.iteration,
+            "class_distribution": [round(float(x), 4) for x in state.classes.prior],
+            "class_resolution_angst": state.history[-1]["class_resolution_angst"],
         }
+
+
+def classify(cfg: ClassifyConfig, dist: Dist | None = None) -> dict:
+    """3D classification (``cryorefine classify``): returns the run's summary."""
+    if cfg.K < 1:
+        raise CryoInputError(f"--K must be at least 1 (got {cfg.K})")
+    mode = ClassifyMode(cfg.K)
+    ctx = open_run(cfg, dist, {"references": cfg.K, "backprojectors": cfg.K, "join_halves": False})
+    return run(mode, ctx, load_or_start(mode, ctx))

@@ -70,6 +70,10 @@ class ParticlePoses:
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
+    def copy(self) -> "ParticlePoses":
+        """A copy with arrays of its own (an iteration's E-step and M-step write into it)."""
+        return ParticlePoses(**{k: v.copy() for k, v in self.as_dict().items()})
+
 
 def solvent_masked(
     volume: torch.Tensor,
@@ -135,11 +139,20 @@ class EStepPass:
 class ImageSettings(Protocol):
     """What the E-step reads of a run's configuration (RefineConfig has it): how images are masked and corrected."""
 
-    particle_diameter: float  # Å
-    angpix: float  # Å/px
-    ctf: bool
-    zero_mask: bool
-    device: torch.device | str | None
+    @property
+    def particle_diameter(self) -> float: ...  # Å
+
+    @property
+    def angpix(self) -> float: ...  # Å/px
+
+    @property
+    def ctf(self) -> bool: ...
+
+    @property
+    def zero_mask(self) -> bool: ...
+
+    @property
+    def device(self) -> str: ...
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,63 @@
+"""A run's configuration, as the command line gave it (frozen; the run resolves the pixel size into a copy)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    particles: str
+    output_root: str
+    reference: str
+    ini_high: float = 30.0
+    particle_diameter: float = 0.0
+    sym: str = "C1"
+    healpix_order: int = 2
+    offset_range: float = 5.0  # pixels
+    offset_step: float = 2.0  # pixels
+    sigma_offset: float = 10.0  # Å: initial width of the offset prior (RELION's --offset)
+    min_sigma2_offset: float = 2.0  # Å²: lower bound of the offset prior's variance (RELION 5)
+    auto_local_healpix_order: int = 4
+    sigma_ang: float = 0.0
+    low_resol_join_halves: float = 40.0
+    solvent_mask: str | None = None
+    flatten_solvent: bool = False
+    zero_mask: bool = False
+    ctf: bool = False
+    norm: bool = False
+    scale: bool = False
+    firstiter_cc: bool = False
+    pad: int = 2
+    maxsig: int = 0
+    random_seed: int = 0
+    perturb: float = 0.5
+    incr_size: int = 10
+    strict_highres_exp: float = 0.0  # Å; > 0 scores poses and classes only up to this resolution
+    adaptive_fraction: float = 0.999
+    tau2_fudge: float = 1.0
+    skip_gridding: bool = False  # RELION >= 4's reconstruction; default RELION 3.1's gridding iterations
+    max_iter: int = 999  # RELION's --auto_iter_max
+    batch_size: int = 0  # 0: automatic
+    max_seconds: float = 0.0  # > 0: stop cleanly before an iteration that would end past this many seconds of this call
+    precision: str = "fp32"  # coarse-pass matrix products: fp32, tf32 or fp16
+    image_cache: bool = True  # on a GPU, keep the particle images there after their first read while they fit
+    device: str = "cpu"
+    threads: int = 0
+    continue_from: str | None = None
+    angpix: float = 0.0  # Å/px: 0 until the run reads it from the particles (RunContext.cfg has it)
+
+
+BATCHES_PER_RANK = 8  # per iteration, at least, under torchrun with several ranks (the pool's granularity)
+
+
+def auto_batch_size(n_particles: int, world_size: int, on_gpu: bool) -> int:
+    """Particles per E-step batch for --batch 0: 1024 on a GPU, 256 on the CPU. With several ranks, smaller batches
+    so that each rank gets about BATCHES_PER_RANK of an iteration's batches or more (the pool balances ranks only batch
+    by batch): n / (8 · ranks), rounded down to a multiple of 32, at least 64 (and never above the one-process size)."""
+    base = 1024 if on_gpu else 256
+    if world_size <= 1:
+        return base
+    share = math.ceil(n_particles / (BATCHES_PER_RANK * world_size))
+    return min(base, max(64, share // 32 * 32))

@@ -1,0 +1,103 @@
+"""What stays fixed through a run: the resolved configuration, the particles and the device, with the run's services
+(log, stage timer, task pool, GPU image cache, background writer, report refresher). Built once by :func:`open_run`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ..estep.memory import available_bytes, check_fixed_volumes, fixed_volume_bytes, image_cache_bytes
+from ..io.atomic import remove_stale_temporaries
+from ..io.background import BackgroundWriter
+from ..io.image_cache import ImageCache
+from ..io.mrc import read_map
+from ..io.particles import load_particles
+from ..io.table import ParticleTable
+from ..parallel.context import Dist
+from ..parallel.pool import TaskPool
+from ..validate import check_diameter_fits, check_diameter_sign, check_one_pixel_size, check_reference
+from .config import RefineConfig, auto_batch_size
+from .log import RunLog
+from .report_refresh import ReportRefresher
+from .timing import StageTimer
+
+
+@dataclass(frozen=True)
+class RunContext:
+    cfg: RefineConfig  # with the particles' pixel size (cfg.angpix)
+    dist: Dist
+    table: ParticleTable
+    device: torch.device
+    solvent_mask: torch.Tensor | None  # --solvent_mask, (d, d, d) on the host
+    log: RunLog
+    timer: StageTimer
+    pool: TaskPool
+    images: ImageCache
+    writer: BackgroundWriter  # rank 0's files of an iteration, written while the next one computes
+    report: ReportRefresher
+
+    @property
+    def box(self) -> int:
+        return self.table.box
+
+    @property
+    def angpix(self) -> float:
+        return self.cfg.angpix
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.table.optics)
+
+    @property
+    def root(self) -> str:
+        return self.cfg.output_root
+
+    @property
+    def batch_size(self) -> int:
+        if self.cfg.batch_size > 0:
+            return self.cfg.batch_size
+        return auto_batch_size(len(self.table), self.dist.world_size, self.device.type == "cuda")
+
+
+def open_run(cfg: RefineConfig, dist: Dist | None, fixed_volumes: dict) -> RunContext:
+    """Read and check the inputs (validate.py's checks: the CLI made them already, a program that runs the engine
+    itself gets the same), stop with one line when the GPU cannot hold ``fixed_volumes`` (estep/memory.py's
+    references, back-projectors, joined halves), and set up the run's services. Rank 0 alone writes files."""
+    dist = dist if dist is not None else Dist(device=cfg.device)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    table = load_particles(cfg.particles)
+    cfg = replace(cfg, angpix=check_one_pixel_size(table))
+    check_diameter_sign(cfg.particle_diameter)
+    check_reference(cfg.reference, table.box, cfg.angpix)
+    check_diameter_fits(cfg.particle_diameter, table.box, cfg.angpix)
+    solvent_mask = None
+    if cfg.solvent_mask:
+        check_reference(cfg.solvent_mask, table.box, cfg.angpix, what="solvent mask")
+        solvent_mask = torch.from_numpy(read_map(cfg.solvent_mask)[0]).float()
+    device = torch.device(cfg.device)
+    symmetric = cfg.sym.upper() != "C1"
+    free = available_bytes(device)
+    if free is not None:
+        check_fixed_volumes(table.box, cfg.pad, symmetry=symmetric, free=free, **fixed_volumes)
+    out = Path(cfg.output_root).parent
+    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:  # temporaries are named by pid, which other hosts cannot check
+        remove_stale_temporaries(out)  # left by a killed run
+    log = RunLog(out / "run.log", enabled=dist.is_main)
+    room = 0
+    if cfg.image_cache:
+        fixed = sum(fixed_volume_bytes(table.box, cfg.pad, symmetry=symmetric, **fixed_volumes).values())
+        room = image_cache_bytes(device, fixed, dist.device_peers)
+    images = ImageCache(len(table), table.box, room // (4 * table.box * table.box), device)
+    if device.type == "cuda":
+        log.line(
+            f"GPU image cache: {images.capacity} of {len(table)} particles ({images.nbytes / 2**30:.2f} GiB)"
+            + ("" if cfg.image_cache else "; off (--no_image_cache)")
+        )
+    return RunContext(
+        cfg, dist, table, device, solvent_mask, log, StageTimer(device), TaskPool(dist), images, BackgroundWriter(),
+        ReportRefresher(),
+    )  # fmt: skip

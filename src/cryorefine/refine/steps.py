@@ -1,0 +1,248 @@
+"""Steps both modes take within an iteration, as functions of the run's context and state: the plan (sampling, pose
+grid, windows, settings), an E-step pass over a set of particles, the --norm update, pose changes, the expected
+accuracy, and the solvent flattening of new references."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..estep.images import Window, ctf_and_inverse_noise
+from ..estep.poses import PoseGrid
+from ..estep.settings import EStepSettings
+from ..estep.sums import WeightedSums
+from ..fourier.filters import low_pass_filter
+from ..fourier.grids import relion_round
+from ..geometry.healpix import HealpixSampling, make_sampling, next_random_perturbation
+from ..mstep.norm import updated_norm_corrections
+from ..transfer import to_device
+from .accuracy import N_TRIALS, expected_accuracy
+from .context import RunContext
+from .engine import (
+    EStepPass,
+    EStepRuntime,
+    ParticlePoses,
+    angular_change_deg,
+    prepare_references,
+    run_expectation,
+    solvent_masked,
+)
+from .schedule import strict_window_shell
+from .state import RunState
+
+
+@dataclass(frozen=True)
+class IterationPlan:
+    """What one iteration's E-step needs: orientations and pose grid, Fourier windows (shells), settings; and what the
+    plan found on the way (the expected accuracy it was based on, a note on the sampling)."""
+
+    sampling: HealpixSampling
+    grid: PoseGrid
+    window: Window
+    window_shell: int
+    coarse_shell: int
+    settings: EStepSettings
+    accuracy: tuple[float, float] = (999.0, 999.0)  # degrees, pixels
+    note: str | None = None
+
+
+def ini_shell(ctx: RunContext) -> int:
+    """RELION's resolution before the first iteration: the shell of --ini_high."""
+    return max(1, relion_round(ctx.box * ctx.angpix / ctx.cfg.ini_high))
+
+
+def is_cc_iteration(ctx: RunContext, iteration: int) -> bool:
+    return ctx.cfg.firstiter_cc and iteration == 1
+
+
+def next_perturbation(ctx: RunContext, state: RunState) -> tuple[float, Mapping[str, Any]]:
+    """RELION's random perturbation of the next iteration's grid (--perturb), and the generator's state after it."""
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state.rng_state
+    return next_random_perturbation(state.perturbation, ctx.cfg.perturb, rng), rng.bit_generator.state
+
+
+def plan_iteration(
+    ctx: RunContext, state: RunState, window_shell: int, settings: EStepSettings, accuracy, note
+) -> IterationPlan:
+    """The plan of ``state``'s iteration (its sampling already updated) at ``window_shell``: pose grid, windows and
+    ``settings`` with the scored shell."""
+    cfg, sch = ctx.cfg, state.schedule
+    sampling = make_sampling(sch.healpix_order, cfg.sym, state.perturbation)
+    grid = PoseGrid.build(sampling, sch.offset_range_px, sch.offset_step_px, device=ctx.device)
+    # --strict_highres_exp (RELION's meaning): both passes score up to that shell (it replaces the adaptive coarse
+    # size); reconstruction and σ² still use the whole window
+    score_shell = strict_window_shell(window_shell, ctx.box, cfg.angpix, cfg.strict_highres_exp)
+    coarse_shell = (
+        score_shell
+        if cfg.strict_highres_exp > 0
+        else sch.coarse_shell(window_shell, ctx.box, cfg.angpix, cfg.particle_diameter)
+    )
+    return IterationPlan(
+        sampling,
+        grid,
+        Window.build(ctx.box, window_shell, ctx.device),
+        window_shell,
+        coarse_shell,
+        replace(settings, score_shell=score_shell),
+        accuracy,
+        note,
+    )
+
+
+def estep_settings(ctx: RunContext, state: RunState, direction_log_prior=None) -> EStepSettings:
+    cfg, sch = ctx.cfg, state.schedule
+    return EStepSettings(
+        adaptive_fraction=cfg.adaptive_fraction,
+        maxsig=cfg.maxsig,
+        firstiter_cc=is_cc_iteration(ctx, state.iteration),
+        local_sigma_deg=sch.sigma_ang_deg if sch.local_search else 0.0,
+        sigma2_offset_angst2=state.stats[0].sigma2_offset_angst2,
+        angpix=cfg.angpix,
+        direction_log_prior=direction_log_prior,
+        precision=cfg.precision,
+    )
+
+
+def references(ctx: RunContext, maps) -> list:
+    return prepare_references(list(maps), ctx.cfg.pad, ctx.device)
+
+
+def estep_pass(
+    ctx: RunContext,
+    state: RunState,
+    poses: ParticlePoses,
+    half: int,
+    rows: np.ndarray,
+    refs,
+    plan: IterationPlan,
+    sums: WeightedSums,
+    progress,
+    **kw,
+) -> np.ndarray:
+    """This rank's batches of one E-step pass over ``rows`` (``half``: 1, 2, or 0 for all), written into ``poses`` and
+    ``sums``; returns the rows it did."""
+    key = f"it{state.iteration}/half{half}"
+    stats = state.stats[max(half - 1, 0)]
+    settings = replace(plan.settings, sigma2_offset_angst2=stats.sigma2_offset_angst2)
+    job = EStepPass(
+        refs,
+        plan.grid,
+        plan.window,
+        plan.coarse_shell,
+        stats.sigma2.to(ctx.device),
+        stats.scale,
+        settings,
+        local=state.schedule.local_search,
+        **kw,
+    )
+    runtime = EStepRuntime(
+        ctx.cfg,
+        (ctx.cfg.random_seed, state.iteration, half),
+        ctx.timer,
+        progress,
+        ctx.batch_size,
+        tasks=lambda n: ctx.pool.take(key, n),
+        cache=ctx.images,
+    )
+    return run_expectation(ctx.table, rows, poses, job, sums, runtime)
+
+
+def average_norm_correction(poses: ParticlePoses, rows: np.ndarray, iteration: int) -> float:
+    """RELION's avg_norm_correction of the model of ``rows``: 1 in a run's first iteration (whatever the input's
+    rlnNormCorrection), then the mean of the corrections the last E-step estimated for them."""
+    return 1.0 if iteration == 1 else float(np.mean(poses.norm_correction[rows]))
+
+
+def update_norm_corrections(ctx: RunContext, poses: ParticlePoses, model_of_particle: np.ndarray, iteration: int):
+    """--norm, in the M-step: each particle's rlnNormCorrection from its residual power in the E-step just done,
+    relative to its model's average that the E-step used (mstep/norm.py); written into this iteration's ``poses``."""
+    if not ctx.cfg.norm:
+        return
+    for m in np.unique(model_of_particle):
+        rows = np.flatnonzero(model_of_particle == m)
+        avg = average_norm_correction(poses, rows, iteration)
+        poses.norm_correction[rows] = updated_norm_corrections(
+            poses.norm_correction[rows], avg, poses.residual_power[rows], ctx.box
+        )
+
+
+def pose_changes(ctx: RunContext, previous: ParticlePoses, poses: ParticlePoses) -> tuple[float, float]:
+    """Mean angular change (°, RELION's symmetry-aware measure) and rms offset change (px) since ``previous``."""
+    d_ang = angular_change_deg(
+        previous.rot_deg, previous.tilt_deg, previous.psi_deg, poses.rot_deg, poses.tilt_deg, poses.psi_deg, ctx.cfg.sym
+    )
+    d_off = (
+        np.hypot(previous.origin_x_angst - poses.origin_x_angst, previous.origin_y_angst - poses.origin_y_angst)
+        / ctx.angpix
+    )
+    return float(np.mean(d_ang)), float(np.sqrt(np.mean(d_off**2)))
+
+
+def accuracy_of(
+    ctx: RunContext, state: RunState, window_shell: int, volume: torch.Tensor, rows: np.ndarray
+) -> tuple[float, float]:
+    """RELION's expected accuracy (accuracy.py; degrees, pixels) of up to 100 of ``rows``, drawn anew each
+    iteration (the same for every map), at their poses in ``state`` against ``volume``, over ``window_shell`` (capped
+    by --strict_highres_exp, as the E-step's scores), with the first model's σ²."""
+    cfg = ctx.cfg
+    rng = np.random.default_rng([cfg.random_seed, state.iteration, 17])
+    pick = np.sort(rng.choice(rows, min(N_TRIALS, len(rows)), replace=False))
+    score_shell = strict_window_shell(window_shell, ctx.box, cfg.angpix, cfg.strict_highres_exp)
+    window = Window.build(ctx.box, score_shell, ctx.device)
+    ref = references(ctx, [volume])[0]
+    group = to_device(ctx.table.optics_group[pick], ctx.device)
+    ctf, inv_sigma2 = ctf_and_inverse_noise(
+        ctx.table, pick, group, window, state.stats[0].sigma2.to(ctx.device), cfg.ctf, ctx.device
+    )
+    p = state.poses
+    eulers = np.stack([p.rot_deg[pick], p.tilt_deg[pick], p.psi_deg[pick]], -1)
+    return expected_accuracy(ref, eulers, ctf, inv_sigma2, window, rng)
+
+
+def new_references(ctx: RunContext, maps: list[torch.Tensor], iteration: int) -> tuple[torch.Tensor, ...]:
+    """The M-step's maps as the next references: after the --firstiter_cc iteration low-passed to --ini_high again,
+    then RELION's solventFlatten (solvent_masked): the next E-step, the expected accuracy and the written maps see
+    them masked."""
+    cfg = ctx.cfg
+    if is_cc_iteration(ctx, iteration):
+        maps = [low_pass_filter(m.double(), cfg.ini_high, cfg.angpix).to(m.dtype) for m in maps]
+    return tuple(
+        solvent_masked(m, cfg.particle_diameter, cfg.angpix, cfg.flatten_solvent, ctx.solvent_mask) for m in maps
+    )
+
+
+def base_record(ctx: RunContext, state: RunState, plan: IterationPlan, poses: ParticlePoses, changes, ranks) -> dict:
+    """The fields of an iteration's record that both modes have (run.log, the report, trajectory tools)."""
+    sch = state.schedule
+    return {
+        "iteration": state.iteration,
+        "healpix_order": sch.healpix_order,
+        "local": sch.local_search,
+        "window_shell": plan.window_shell,
+        "coarse_shell": plan.coarse_shell,
+        "change_orientation_deg": changes[0],
+        "change_offset_px": changes[1],
+        "mean_significant": float(np.mean(poses.n_significant)),
+        "mean_max_prob": float(np.mean(poses.max_prob)),
+        "posterior_spread_deg": float(np.median(poses.angular_spread_deg)),
+        **ranks,
+    }
+
+
+def submit_report(ctx: RunContext, state: RunState, fsc: np.ndarray, volume: np.ndarray, force: bool) -> None:
+    """report.html of ``state`` to the run's refresher (written now if due or ``force``d; skipped where matplotlib is
+    missing)."""
+    try:
+        from ..report import write_report
+    except ImportError:
+        return
+    root, history = Path(ctx.root), list(state.history)
+    ctx.report.submit(
+        lambda: write_report(root.parent, str(root), history, fsc, ctx.box, ctx.angpix, state.poses, volume), force
+    )
