@@ -1,6 +1,7 @@
-# Copied unchanged from /work/shared/bench/add_noise.py (sha256 11d2ba0a4508...), which added the noise for RELION-5's timings.
-# Memory: it memory-maps the stack and adds noise 256 images at a time (float64 temporaries of 256 images), and estimates
-# the clean variance from ~500 evenly spaced images, so a 9 GB stack needs no 9 GB of RAM. Float32 (mode 2) stacks only.
+# Copied unchanged from /work/shared/bench/add_noise.py (sha256 11d2ba0a4508...), which added the noise for RELION-5's
+# timings. Memory: it memory-maps the stack and adds noise 256 images at a time (float64 temporaries of 256 images), and
+# estimates the clean variance from ~500 evenly spaced images, so a 9 GB stack needs no 9 GB of RAM. Float32 (mode 2)
+# stacks only.
 """Add white Gaussian noise to an MRC stack in place, at a given SNR (mean image variance / noise variance).
 
 usage: add_noise.py STACK.mrcs SNR [SEED=0]   numpy only; prints the noise sigma used.

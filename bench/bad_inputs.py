@@ -58,7 +58,8 @@ def markdown(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|",
     ]
     body = [
-        f"| {r['case']} | `{r['command']}` | {r['rc']} | {'yes' if r['one_line'] else 'NO'} | {'yes' if r['untouched'] else 'NO'} | "
+        f"| {r['case']} | `{r['command']}` | {r['rc']} | {'yes' if r['one_line'] else 'NO'} | "
+        f"{'yes' if r['untouched'] else 'NO'} | "
         f"`{r['message'].replace('|', '/')}` |"
         for r in rows
     ]

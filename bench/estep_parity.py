@@ -1,6 +1,8 @@
-"""One E-step from the same state on CPU and on CUDA: same best pose, max-probability and log-likelihood, time per stage.
+"""One E-step from the same state on CPU and on CUDA: same best pose, max-probability and log-likelihood, time per
+stage.
 
-usage: python bench/estep_parity.py PARTICLES.star REF.mrc[,REF2.mrc,...] DIAMETER_ANGST [N_PARTICLES] [WINDOW_SHELL] > result.json
+usage: python bench/estep_parity.py PARTICLES.star REF.mrc[,REF2.mrc,...] DIAMETER_ANGST [N_PARTICLES] [WINDOW_SHELL]
+       > result.json
 With one reference the state is the start of an auto-refine (reference low-passed to 30 Å, σ² from the images);
 with K comma-separated class maps (e.g. from a classification run) it is a K-class E-step with the maps as given
 and equal class priors, and the result adds the fraction of particles given the same class. Healpix order 2

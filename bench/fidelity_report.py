@@ -74,11 +74,14 @@ def main():
     md = [
         f"# Fidelity: cryorefine beside RELION 3.1.3 on the held-out set `{meta['name']}`",
         "",
-        f"Set (bench/fidelity_sets.py): box {meta['box']}, {meta['angpix']} Å/px, {meta['n']} particles, SNR {meta['snr']}, "
-        f"{meta['sym']}, --ini_high {meta['ini_high']}, --particle_diameter {meta['particle_diameter']}; both programs start from "
+        f"Set (bench/fidelity_sets.py): box {meta['box']}, {meta['angpix']} Å/px, {meta['n']} particles, "
+        f"SNR {meta['snr']}, {meta['sym']}, --ini_high {meta['ini_high']}, "
+        f"--particle_diameter {meta['particle_diameter']}; both programs start from "
         "particles.star without poses, the same start map, half sets and flags (bench/relion_fidelity.sh).",
         "",
-        f"Ours: {ours.get('device', '?')}, {ours.get('wall_s', '?')} s (report written at {res['commit']}; the commit ours ran at is in that day's bench/results/<date>-device-runs.md) ({' '.join(map(str, ours.get('argv', [])))}). "
+        f"Ours: {ours.get('device', '?')}, {ours.get('wall_s', '?')} s (report written at {res['commit']}; "
+        "the commit ours ran at is in that day's bench/results/<date>-device-runs.md) "
+        f"({' '.join(map(str, ours.get('argv', [])))}). "
         f"RELION 3.1.3: `mpirun -n 3 relion_refine_mpi` on this 2-core CPU shared with other jobs, {wall} s.",
         "",
         "| | cryorefine | RELION 3.1.3 |",

@@ -24,8 +24,8 @@ Files per set:
   particles.star        the same particles without rlnAngle*/rlnOrigin* columns, with rlnRandomSubset (1/2, a seeded
                         random split into equal halves) so both programs refine the same half sets
   start.mrc             truth low-passed to ini_high (cryorefine.fourier.filters.low_pass_filter)
-  set.json              every parameter plus fingerprints (image 1's float64 mean/std/sum; sha256 of the stack's and maps'
-                        float32 data, headers excluded)
+  set.json              every parameter plus fingerprints (image 1's float64 mean/std/sum; sha256 of the stack's and
+                        maps' float32 data, headers excluded)
 
 Image names are relative (000001@particles.mrcs): run RELION from inside the set folder (bench/relion_fidelity.sh does).
 """

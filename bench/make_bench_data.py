@@ -1,6 +1,6 @@
 # Copied from /work/shared/bench/make_bench_data.py (the benchmark data of the paper-sized RELION-5 timings in
-# /work/shared/bench/README.md; sha256 aabc0640d79a...). Arguments and seeds unchanged. One change: the default model path
-# falls back to the packaged src/cryorefine/data/6msm.pdb.bz2 when ../data/pdb/6msm.pdb.bz2 is absent (same file).
+# /work/shared/bench/README.md; sha256 aabc0640d79a...). Arguments and seeds unchanged. One change: the default model
+# path falls back to the packaged src/cryorefine/data/6msm.pdb.bz2 when ../data/pdb/6msm.pdb.bz2 is absent (same file).
 """Synthetic benchmark data shaped like a real data set, for timing refinement programs side by side.
 
 A pseudo-complex of COPIES copies of an atomic model (default 6msm, ~9.5k atoms each) placed around a

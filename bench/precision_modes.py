@@ -117,7 +117,8 @@ def float64_diff2(c) -> torch.Tensor:
 
 
 def coarse_operands(c):
-    """The coarse products' operands as the coarse pass forms them: a (n·T, 2jc), [Re, Im] slices (R, 2jc), b (n, jc), |P|² (R, jc)."""
+    """The coarse products' operands as the coarse pass forms them: a (n·T, 2jc), [Re, Im] slices (R, 2jc), b (n, jc),
+    |P|² (R, jc)."""
     b, win, grid, jc = c["batch"], c["window"], c["grid"], c["jc"]
     w = b.inv_sigma2[:, :jc] * 0.5
     sc = b.scale[:, None] * b.ctf[:, :jc]
@@ -178,15 +179,17 @@ def markdown(result: dict) -> str:
         "",
         f"torch {result['torch']}, commit {result['commit']}; diff2 errors against float64 on the significant samples.",
         "",
-        "| box | n × T × R × jc | mode | GEMM ms | TFLOP/s | coarse pass ms | max abs Δdiff2 | median abs Δdiff2 | same best rotation |",
+        "| box | n × T × R × jc | mode | GEMM ms | TFLOP/s | coarse pass ms | max abs Δdiff2 | median abs Δdiff2 "
+        "| same best rotation |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["boxes"]:
         shape = f"{r['particles']} × {r['translations']} × {r['rotations']} × {r['coarse_pixels']}"
         for mode, m in r["modes"].items():
             lines.append(
-                f"| {r['box']} | {shape} | {mode} | {m['gemm_ms']:.2f} | {m['gemm_tflops']:.1f} | {m['coarse_pass_ms']:.2f} | "
-                f"{m['max_abs_diff2_significant']:.3g} | {m['median_abs_diff2_significant']:.3g} | {100 * m['same_best_rotation']:.1f} % |"
+                f"| {r['box']} | {shape} | {mode} | {m['gemm_ms']:.2f} | {m['gemm_tflops']:.1f} | "
+                f"{m['coarse_pass_ms']:.2f} | {m['max_abs_diff2_significant']:.3g} | "
+                f"{m['median_abs_diff2_significant']:.3g} | {100 * m['same_best_rotation']:.1f} % |"
             )
     return "\n".join(lines) + "\n"
 

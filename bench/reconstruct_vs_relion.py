@@ -1,8 +1,9 @@
-"""With the true poses, our reconstruction beside relion_reconstruct's (RELION 3.1.3) on a noisy simulated set: the map of
-all particles and the two half maps (rlnRandomSubset 1/2, what an auto-refine's _unfil maps are), each judged by its
+"""With the true poses, our reconstruction beside relion_reconstruct's (RELION 3.1.3) on a noisy simulated set: the map
+of all particles and the two half maps (rlnRandomSubset 1/2, what an auto-refine's _unfil maps are), each judged by its
 unmasked FSC to the truth (0.5 and 0.143 crossings, one FSC tool for both programs).
 
-usage: python bench/reconstruct_vs_relion.py WORKDIR [--model 4E43.pdb] [--n 3000] [--box 96] [--angpix 1.2] [--snr 0.05]
+usage: python bench/reconstruct_vs_relion.py WORKDIR [--model 4E43.pdb] [--n 3000] [--box 96] [--angpix 1.2]
+       [--snr 0.05]
 Writes bench/results/<date>-cpu-reconstruct-vs-relion.{md,json} (or --out PREFIX).
 """
 
@@ -103,7 +104,8 @@ def main():
         "",
         f"{res['date']}, {res['machine']}, commit {res['commit']}: `{res['command']}`",
         "",
-        f"{a.n} particles of {res['set']['model']}, box {a.box}, {a.angpix} Å/px, SNR {a.snr}, CTF; unmasked FSC to the truth.",
+        f"{a.n} particles of {res['set']['model']}, box {a.box}, {a.angpix} Å/px, SNR {a.snr}, CTF; "
+        "unmasked FSC to the truth.",
         "",
         "| map | ours FSC 0.5 | RELION FSC 0.5 | ours FSC 0.143 | RELION FSC 0.143 |",
         "|---|---|---|---|---|",
@@ -111,7 +113,8 @@ def main():
     for label in ("all", "half1", "half2"):
         o, r = res[label]["ours"], res[label]["relion"]
         md.append(
-            f"| {label} | {o['fsc_0.5']['angst']} Å (shell {o['fsc_0.5']['shell']}) | {r['fsc_0.5']['angst']} Å (shell {r['fsc_0.5']['shell']}) "
+            f"| {label} | {o['fsc_0.5']['angst']} Å (shell {o['fsc_0.5']['shell']}) | "
+            f"{r['fsc_0.5']['angst']} Å (shell {r['fsc_0.5']['shell']}) "
             f"| {o['fsc_0.143']['angst']} Å | {r['fsc_0.143']['angst']} Å |"
         )
     Path(prefix + ".md").write_text("\n".join(md) + "\n")

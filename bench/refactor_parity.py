@@ -1,6 +1,7 @@
 """A refactor must not change results: a fixed-seed refinement and classification run at two commits, outputs compared.
 
-usage: python bench/refactor_parity.py OLD NEW OUT.json [--gpu] [--workdir DIR]   (OLD, NEW: commits, or checkouts with src/)
+usage: python bench/refactor_parity.py OLD NEW OUT.json [--gpu] [--workdir DIR]
+       (OLD, NEW: commits, or checkouts with src/)
 
 Each commit is checked out into a git worktree and runs, in its own process with PYTHONPATH at its src/, the same
 `cryorefine simulate` set (packaged 6msm, box 48, 4.5 Å/px, 300 particles, SNR 0.1, seed 11) through

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+# ANCHOR is verbatim RELION 3.1.3 source (matched byte for byte) and DUMP is inserted as is: neither is wrapped.
 ANCHOR = """											long int ihidden_over = sampling.getPositionOversampledSamplingPoint(ihidden, exp_current_oversampling,
 																											iover_rot, iover_trans);
-"""
+"""  # noqa: E501
 DUMP = """											{
 												static const char* dumpdir = getenv("RELION_DUMP_DIR");
 												if (dumpdir != NULL && iter <= 2 && (exp_ipass == 1 || part_id < 3))
@@ -37,7 +38,7 @@ DUMP = """											{
 														oversampled_translations_x[iover_trans], oversampled_translations_y[iover_trans], diff2, pdf_orientation, itrans, ihidden_over);
 												}
 											}
-"""
+"""  # noqa: E501
 
 
 def patch(src: str) -> None:

@@ -2,26 +2,30 @@
 """Scaling of our auto-refine over 1, 2, 4, 8 GPUs of one host (issue 7): torchrun, NCCL, one process per GPU.
 
 usage:
-  python bench/scaling.py SET [--gpus "1 2 4 8"] [--workdir W] [--out DIR] [--budget S] [--max_seconds S] [--no_gpu] [--extra FLAGS]
+  python bench/scaling.py SET [--gpus "1 2 4 8"] [--workdir W] [--out DIR] [--budget S] [--max_seconds S]
+                              [--no_gpu] [--extra FLAGS]
 
-SET: a refine set of bench/paper_bench.py (betagal, trpv1 = the 5,000-particle TRPV1 subset, tiny for tests). The data are
-built once (paper_bench.build, cached in W/SET/data); then, for each N of --gpus (default: 1, 2, 4, 8 up to the GPUs
-there are), a fresh run in W/SET/scaling/nN:
+SET: a refine set of bench/paper_bench.py (betagal, trpv1 = the 5,000-particle TRPV1 subset, tiny for tests).
+The data are built once (paper_bench.build, cached in W/SET/data); then, for each N of --gpus (default: 1, 2, 4, 8
+up to the GPUs there are), a fresh run in W/SET/scaling/nN:
 
-  python -m torch.distributed.run --standalone --nproc_per_node N -m cryorefine.cli.main refine ... --gpu --max_seconds T
+  python -m torch.distributed.run --standalone --nproc_per_node N -m cryorefine.cli.main refine ... \\
+      --gpu --max_seconds T
 
-with RELION's benchmark flags (paper_bench.job_argv). Each rank takes GPU LOCAL_RANK; --batch is automatic (1024 with one
-rank, about 8 batches per rank per iteration with more: auto_refine.auto_batch_size). OMP_NUM_THREADS = host CPUs / N
-for every N (torchrun would set 1 for N > 1 only). T (--max_seconds, default $SCALING_MAX_SECONDS or 200) is capped so
-that all runs fit --budget (the seconds of this call, default $SCALING_BUDGET or 540); a run that stops early is
-compared with N=1 on the iterations both finished. A run that fails is recorded with its error tail; the next N runs.
+with RELION's benchmark flags (paper_bench.job_argv). Each rank takes GPU LOCAL_RANK; --batch is automatic (1024
+with one rank, about 8 batches per rank per iteration with more: auto_refine.auto_batch_size). OMP_NUM_THREADS =
+host CPUs / N for every N (torchrun would set 1 for N > 1 only). T (--max_seconds, default $SCALING_MAX_SECONDS or
+200) is capped so that all runs fit --budget (the seconds of this call, default $SCALING_BUDGET or 540); a run that
+stops early is compared with N=1 on the iterations both finished. A run that fails is recorded with its error tail;
+the next N runs.
 
-Results (rewritten after every run, so a killed call leaves what it had): OUT/<date>-<device>-scaling-<SET>.md and .json,
-OUT/<date>-<device>-scaling-<SET>-logs.tgz (each run's torchrun output and run.log). Per N: wall time (process and
-iterations), seconds per iteration, iterations, gold-standard resolution (FSC 0.143 of the unfiltered half maps), speed-up
-and parallel efficiency T1 / (N · TN) against N=1 of this call, the "combine ranks" stage per iteration (rank 0's
-all-reduce of the accumulators and poses, including its wait for the slowest rank), batches per rank per iteration.
---no_gpu runs CPU ranks with gloo (tests). The commit is $COMMIT when set (the device copy's git HEAD can be stale).
+Results (rewritten after every run, so a killed call leaves what it had): OUT/<date>-<device>-scaling-<SET>.md and
+.json, OUT/<date>-<device>-scaling-<SET>-logs.tgz (each run's torchrun output and run.log). Per N: wall time
+(process and iterations), seconds per iteration, iterations, gold-standard resolution (FSC 0.143 of the unfiltered
+half maps), speed-up and parallel efficiency T1 / (N · TN) against N=1 of this call, the "combine ranks" stage per
+iteration (rank 0's all-reduce of the accumulators and poses, including its wait for the slowest rank), batches per
+rank per iteration. --no_gpu runs CPU ranks with gloo (tests). The commit is $COMMIT when set (the device copy's git
+HEAD can be stale).
 """
 
 from __future__ import annotations
@@ -144,7 +148,8 @@ def log_tail(path: Path, n: int = 25) -> str:
 
 
 def run_summary(path: Path) -> dict | None:
-    """Rank 0's last JSON line on stdout: {"final_resolution_angst", "iterations", "seconds"} or {"stopped": true, ...}."""
+    """Rank 0's last JSON line on stdout: {"final_resolution_angst", "iterations", "seconds"} or
+    {"stopped": true, ...}."""
     try:
         text = path.read_text(errors="replace")
     except OSError:
@@ -322,7 +327,8 @@ def render_md(rep: dict) -> str:
     L = [f"# Scaling of auto-refine over GPUs of one host: {s.title}", ""]
     L.append(f"- Device: {h['device']} × {h['gpus']} GPUs" if h["gpus"] else "- Device: CPU ranks (gloo; --no_gpu)")
     L.append(
-        f"- Date {rep['date']}; commit {rep['commit'][:12]} ({rep['commit_source']}{', uncommitted changes in this copy' if rep.get('dirty') else ''}); "
+        f"- Date {rep['date']}; commit {rep['commit'][:12]} "
+        f"({rep['commit_source']}{', uncommitted changes in this copy' if rep.get('dirty') else ''}); "
         f"torch {h['torch']} (CUDA {h['cuda']}); {h['host_cpus']} host CPUs."
     )
     L.append(
@@ -333,19 +339,23 @@ def render_md(rep: dict) -> str:
     d = rep.get("data") or {}
     if d:
         L.append(
-            f"- Data: {d.get('n', s.n):,} particles, box {d.get('box')}, {d.get('angpix')} Å/px (paper_bench build, {d.get('seconds')} s; this call: {rep['build_s']:.1f} s)."
+            f"- Data: {d.get('n', s.n):,} particles, box {d.get('box')}, {d.get('angpix')} Å/px "
+            f"(paper_bench build, {d.get('seconds')} s; this call: {rep['build_s']:.1f} s)."
         )
     L.append(
-        f"- Each run: `torchrun --standalone --nproc_per_node N -m cryorefine.cli.main refine ...{' --gpu' if h['gpus'] else ''} --max_seconds T` "
-        f"(RELION's benchmark flags of bench/paper_bench.py), fresh output dir; OMP_NUM_THREADS = host CPUs / N; automatic --batch "
-        f"(1024 for one rank, about 8 batches per rank per iteration for more). Budget of the call {rep['budget_s']:.0f} s, T ≤ {rep['max_seconds']:.0f} s."
+        "- Each run: `torchrun --standalone --nproc_per_node N -m cryorefine.cli.main refine ..."
+        f"{' --gpu' if h['gpus'] else ''} --max_seconds T` "
+        "(RELION's benchmark flags of bench/paper_bench.py), fresh output dir; OMP_NUM_THREADS = host CPUs / N; "
+        "automatic --batch (1024 for one rank, about 8 batches per rank per iteration for more). "
+        f"Budget of the call {rep['budget_s']:.0f} s, T ≤ {rep['max_seconds']:.0f} s."
     )
     L += [
         "",
         "## Summary",
         "",
-        "| N | backend | batch | status | iterations | process wall s | iterations s | s / iteration (common its) | speed-up | efficiency T1/(N·TN) | "
-        "speed-up, its ≥ 2 | total speed-up (both finished) | combine ranks s / it | gold 0.143 (Å) |",
+        "| N | backend | batch | status | iterations | process wall s | iterations s | s / iteration (common its) "
+        "| speed-up | efficiency T1/(N·TN) | speed-up, its ≥ 2 | total speed-up (both finished) "
+        "| combine ranks s / it | gold 0.143 (Å) |",
         "|" + "---|" * 14,
     ]
     for r in rep["runs"]:
@@ -357,9 +367,12 @@ def render_md(rep: dict) -> str:
             else "—"
         )
         L.append(
-            f"| {r['n']} | {r.get('backend') or '—'} | {r.get('batch_size') or '—'} | {r['status']} | {r['n_iterations']} | {fmt(r['process_wall_s'])} | "
-            f"{fmt(r['iterations_wall_s'])} | {fmt(c.get('s_per_iteration') if c else None, 2)} | {fmt(c.get('speedup_iterations'), 2)} | "
-            f"{fmt(c.get('efficiency_iterations'), 2)} | {fmt(c.get('speedup_after_first'), 2)} | {tot} | {fmt(comb, 3)} | "
+            f"| {r['n']} | {r.get('backend') or '—'} | {r.get('batch_size') or '—'} | {r['status']} | "
+            f"{r['n_iterations']} | {fmt(r['process_wall_s'])} | "
+            f"{fmt(r['iterations_wall_s'])} | {fmt(c.get('s_per_iteration') if c else None, 2)} | "
+            f"{fmt(c.get('speedup_iterations'), 2)} | "
+            f"{fmt(c.get('efficiency_iterations'), 2)} | {fmt(c.get('speedup_after_first'), 2)} | {tot} | "
+            f"{fmt(comb, 3)} | "
             f"{fmt((r.get('gold') or {}).get('fsc0143_angst'), 2)} |"
         )
     L.append("")
@@ -381,10 +394,12 @@ def render_md(rep: dict) -> str:
     if notes:
         L += [f"- {x}" for x in notes] + [""]
     L += [
-        "Speed-up = T1 / TN on the same iterations (iteration wall times of rank 0's history); efficiency = speed-up / N. 'its ≥ 2' leaves out "
-        "iteration 1 (CUDA/cuBLAS warm-up). Process wall includes torchrun start-up, loading and the final files. 'combine ranks' is rank 0's "
-        "all-reduce of the accumulators and poses, and includes rank 0's wait for the slowest rank. 'E-step s per rank': each rank's "
-        "seconds from its iteration's start to the end of its last batch (after a device synchronisation).",
+        "Speed-up = T1 / TN on the same iterations (iteration wall times of rank 0's history); "
+        "efficiency = speed-up / N. 'its ≥ 2' leaves out iteration 1 (CUDA/cuBLAS warm-up). "
+        "Process wall includes torchrun start-up, loading and the final files. 'combine ranks' is rank 0's "
+        "all-reduce of the accumulators and poses, and includes rank 0's wait for the slowest rank. "
+        "'E-step s per rank': each rank's seconds from its iteration's start to the end of its last batch "
+        "(after a device synchronisation).",
         "",
     ]
     L += ["## Per iteration", ""]
@@ -418,7 +433,8 @@ def render_md(rep: dict) -> str:
     L += ["", "## Runs", ""]
     for r in rep["runs"]:
         L.append(
-            f"- N={r['n']} ({r['started']}, rc {r['rc']}, {r['status']}, OMP_NUM_THREADS={r['omp_num_threads']}): `{' '.join(r['argv'])}`"
+            f"- N={r['n']} ({r['started']}, rc {r['rc']}, {r['status']}, OMP_NUM_THREADS={r['omp_num_threads']}): "
+            f"`{' '.join(r['argv'])}`"
         )
     if h.get("topology"):
         L += ["", "## GPU topology (nvidia-smi topo -m)", "", "```", h["topology"], "```"]
@@ -447,16 +463,20 @@ def print_summary(rep: dict) -> None:
     where = f"{h['device']} x{h['gpus']}" if h["gpus"] else "CPU ranks (gloo)"
     print(f"scaling {rep['set']} on {where} (commit {rep['commit'][:12]}, {rep['wall_s']:.0f} s):")
     print(
-        f"{'N':>3} {'status':<28} {'its':>4} {'wall s':>8} {'its s':>8} {'s/it':>7} {'speedup':>8} {'eff':>6} {'tot.sp':>7} {'comb s/it':>9} {'gold Å':>7}  batches/rank (last it)"
+        f"{'N':>3} {'status':<28} {'its':>4} {'wall s':>8} {'its s':>8} {'s/it':>7} {'speedup':>8} {'eff':>6} "
+        f"{'tot.sp':>7} {'comb s/it':>9} {'gold Å':>7}  batches/rank (last it)"
     )
     for r in rep["runs"]:
         c = r.get("vs_n1") or {}
         comb = r["combine_s"] / r["n_iterations"] if r["n_iterations"] else None
         last = r["iterations"][-1]["batches_per_rank"] if r["iterations"] else None
         print(
-            f"{r['n']:>3} {r['status'][:28]:<28} {r['n_iterations']:>4} {fmt(r['process_wall_s']):>8} {fmt(r['iterations_wall_s']):>8} "
-            f"{fmt(c.get('s_per_iteration'), 2):>7} {fmt(c.get('speedup_iterations'), 2):>8} {fmt(c.get('efficiency_iterations'), 2):>6} "
-            f"{fmt(c.get('speedup_total'), 2):>7} {fmt(comb, 3):>9} {fmt((r.get('gold') or {}).get('fsc0143_angst'), 2):>7}  {last}"
+            f"{r['n']:>3} {r['status'][:28]:<28} {r['n_iterations']:>4} {fmt(r['process_wall_s']):>8} "
+            f"{fmt(r['iterations_wall_s']):>8} "
+            f"{fmt(c.get('s_per_iteration'), 2):>7} {fmt(c.get('speedup_iterations'), 2):>8} "
+            f"{fmt(c.get('efficiency_iterations'), 2):>6} "
+            f"{fmt(c.get('speedup_total'), 2):>7} {fmt(comb, 3):>9} "
+            f"{fmt((r.get('gold') or {}).get('fsc0143_angst'), 2):>7}  {last}"
         )
     for x in rep["skipped"]:
         print(f"skipped: {x}")

@@ -1,6 +1,7 @@
 """Side by side, iteration by iteration: an auto-refine run of cryorefine and one of RELION 3.1.3, and where they part.
 
-usage: python bench/trajectory.py OURS_DIR RELION_DIR [--o OUT.md] [--json OUT.json] [--root run] [--input particles.star]
+usage: python bench/trajectory.py OURS_DIR RELION_DIR [--o OUT.md] [--json OUT.json] [--root run]
+       [--input particles.star]
 
 Both folders hold RELION-named files (ROOT_itNNN_{optimiser,sampling,data}.star, ROOT_itNNN_half{1,2}_model.star; the
 last iteration also ROOT_model.star / ROOT_data.star). Runs of different lengths and missing or half-written files are
@@ -36,9 +37,10 @@ UNITS. cryorefine's transforms are unnormalised (src/cryorefine/fourier/grids.py
 the volume's 3D transform equals the 2D transform of its projection). RELION's forward FFT divides by the number of
 real-space pixels (src/fftw.cpp, FourierTransformer::Transform: `DIRECT_MULTIDIM_ELEM(fFourier,n) /= size` with
 size = MULTIDIM_SIZE(*fReal)), so an image coefficient is ours / box²; its 3D reference is put in the same units
-(src/projector.cpp, Projector::computeFourierTransformMap: normfft = pad³·ori_size for a 3D map and 2D data, on top of the
-(pad·box)³ of the padded FFT, i.e. ours / box²). σ² (mstep/noise.py: ⟨|X − sCP|²⟩/2 per shell) and τ² (mstep/tau2.py:
-T·SSNR / ⟨pad³·Σ CTF²/σ²⟩, RELION's BackProjector::updateSSNRarrays) are powers of those coefficients: ours / box⁴.
+(src/projector.cpp, Projector::computeFourierTransformMap: normfft = pad³·ori_size for a 3D map and 2D data, on top of
+the (pad·box)³ of the padded FFT, i.e. ours / box²). σ² (mstep/noise.py: ⟨|X − sCP|²⟩/2 per shell) and τ²
+(mstep/tau2.py: T·SSNR / ⟨pad³·Σ CTF²/σ²⟩, RELION's BackProjector::updateSSNRarrays) are powers of those coefficients:
+ours / box⁴.
 
 ALIGNMENT. RELION 3.1.3 decides iteration N's sampling, window and expected accuracy at its start ("Auto-refine:
 Iteration= N" in its stdout, before "Expectation iteration N") and writes them into iteration N's files. cryorefine
@@ -336,7 +338,8 @@ class Run:
         return r
 
     def summary(self, last_record: dict | None) -> dict:
-        """Iterations to convergence, final resolution (ROOT_model.star), the last iteration's HEALPix order and step."""
+        """Iterations to convergence, final resolution (ROOT_model.star), the last iteration's HEALPix order and
+        step."""
         final = _general(self.star(None, "model"), "model_general")
         last = self.iterations[-1] if self.iterations else None
         opt = _general(self.star(last, "optimiser"), "optimiser_general") if last is not None else {}
@@ -599,8 +602,8 @@ def build(ours_dir, relion_dir, root: str = "run", input_star=None) -> dict:
         "common_iterations": common,
         "alignment": alignment,
         "parted": parted,
-        "parting_rule": "first common iteration where the HEALPix order, global/local or the offset step differ, the resolution "
-        "differs by more than one Fourier shell, or the E-step window by more than 2 shells",
+        "parting_rule": "first common iteration where the HEALPix order, global/local or the offset step differ, "
+        "the resolution differs by more than one Fourier shell, or the E-step window by more than 2 shells",
         "summary": {
             name: runs[name].summary(records[name].get(runs[name].iterations[-1]) if runs[name].iterations else None)
             for name in PROGRAMS
@@ -666,7 +669,8 @@ def markdown(res: dict) -> str:
         L.append("**No common iterations** to compare.")
     L += [
         "",
-        f"Parting rule: {res['parting_rule']}. Cells are ours / RELION; · = iteration absent, – = file or label missing.",
+        f"Parting rule: {res['parting_rule']}. Cells are ours / RELION; · = iteration absent, "
+        "– = file or label missing.",
         "",
     ]
     L += ["## Summary", "", "| | cryorefine | RELION 3.1.3 |", "|---|---|---|"]
@@ -683,10 +687,12 @@ def markdown(res: dict) -> str:
 
     L.append(f"| iterations to convergence | {conv(so)} | {conv(sr)} |")
     L.append(
-        f"| final resolution (run_model.star, Å) | {_fmt(so['final_resolution_angst'])} | {_fmt(sr['final_resolution_angst'])} |"
+        f"| final resolution (run_model.star, Å) | {_fmt(so['final_resolution_angst'])} | "
+        f"{_fmt(sr['final_resolution_angst'])} |"
     )
     L.append(
-        f"| final HEALPix order / angular step (°) | {_fmt(so['final_healpix_order'])} / {_fmt(so['final_angular_step_deg'])} | "
+        f"| final HEALPix order / angular step (°) | {_fmt(so['final_healpix_order'])} / "
+        f"{_fmt(so['final_angular_step_deg'])} | "
         f"{_fmt(sr['final_healpix_order'])} / {_fmt(sr['final_angular_step_deg'])} |"
     )
     L.append("")
@@ -699,13 +705,15 @@ def markdown(res: dict) -> str:
     L += [
         "## Sampling and resolution",
         "",
-        "| it | HEALPix order | step (°) | offsets range/step (Å) | search | resolution (Å) | res. shell | window (shells) | differs |",
+        "| it | HEALPix order | step (°) | offsets range/step (Å) | search | resolution (Å) | res. shell "
+        "| window (shells) | differs |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in res["iterations"]:
         o, r, it = row["ours"], row["relion"], row["iteration"]
         L.append(
-            f"| {it}{mark(it)} | {_pair(o, r, 'healpix_order')} | {_pair(o, r, 'angular_step_deg')} | {_offsets(o)} / {_offsets(r)} | "
+            f"| {it}{mark(it)} | {_pair(o, r, 'healpix_order')} | {_pair(o, r, 'angular_step_deg')} | "
+            f"{_offsets(o)} / {_offsets(r)} | "
             f"{_search(o)} / {_search(r)} | {_pair(o, r, 'resolution_angst')} | {_pair(o, r, 'resolution_shell')} | "
             f"{_pair(o, r, 'window_shells')} | {'; '.join(row['differs']) or ''} |"
         )
@@ -713,17 +721,20 @@ def markdown(res: dict) -> str:
         "",
         "## Particles, changes, accuracy",
         "",
-        "Changes by RELION 3.1.3's definitions from consecutive data.star files (angle: mean Euler-axes distance; offset: "
-        'sqrt(Σ(Δx²+Δy²)/2N)); "RELION\'s own" is its optimiser.star rlnChangesOptimalOrientations / rlnChangesOptimalOffsets.',
+        "Changes by RELION 3.1.3's definitions from consecutive data.star files (angle: mean Euler-axes distance; "
+        'offset: sqrt(Σ(Δx²+Δy²)/2N)); "RELION\'s own" is its optimiser.star rlnChangesOptimalOrientations / '
+        "rlnChangesOptimalOffsets.",
         "",
-        "| it | ⟨nr significant⟩ | ⟨max prob⟩ | Δangle (°) | Δoffset (Å) | RELION's own Δangle / Δoffset | acc. rot (°) | acc. trans (Å) | σ_offset (Å) |",
+        "| it | ⟨nr significant⟩ | ⟨max prob⟩ | Δangle (°) | Δoffset (Å) | RELION's own Δangle / Δoffset "
+        "| acc. rot (°) | acc. trans (Å) | σ_offset (Å) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in res["iterations"]:
         o, r, it = row["ours"], row["relion"], row["iteration"]
         own = f"{_fmt(r.get('own_change_orientation_deg'))} / {_fmt(r.get('own_change_offset_angst'))}" if r else "·"
         L.append(
-            f"| {it}{mark(it)} | {_pair(o, r, 'mean_significant')} | {_pair(o, r, 'mean_max_prob')} | {_pair(o, r, 'change_orientation_deg')} | "
+            f"| {it}{mark(it)} | {_pair(o, r, 'mean_significant')} | {_pair(o, r, 'mean_max_prob')} | "
+            f"{_pair(o, r, 'change_orientation_deg')} | "
             f"{_pair(o, r, 'change_offset_angst')} | {own} | {_pair(o, r, 'accuracy_rotation_deg')} | "
             f"{_pair(o, r, 'accuracy_translation_angst')} | {_pair(o, r, 'sigma_offset_angst')} |"
         )
@@ -731,11 +742,14 @@ def markdown(res: dict) -> str:
         "",
         "## Spectra",
         "",
-        f"σ² ratio = (ours / box⁴) / RELION of rlnSigma2Noise (box {res['box']}, box⁴ = {_fmt(res['sigma2_tau2_unit_factor'])}) at 1/4, 1/2, 3/4 "
-        "of the smaller E-step window [shell]. At the shells where RELION's half-set FSC last stays ≥ 0.8 / 0.5 / 0.143 [shell]: "
-        "τ² ratio (ours / box⁴) / RELION, rlnSsnrMap and rlnGoldStandardFsc as ours / RELION.",
+        f"σ² ratio = (ours / box⁴) / RELION of rlnSigma2Noise (box {res['box']}, "
+        f"box⁴ = {_fmt(res['sigma2_tau2_unit_factor'])}) at 1/4, 1/2, 3/4 "
+        "of the smaller E-step window [shell]. At the shells where RELION's half-set FSC last stays "
+        "≥ 0.8 / 0.5 / 0.143 [shell]: τ² ratio (ours / box⁴) / RELION, rlnSsnrMap and rlnGoldStandardFsc "
+        "as ours / RELION.",
         "",
-        "| it | σ² ratio ¼ | σ² ratio ½ | σ² ratio ¾ | τ² ratio @0.8 / 0.5 / 0.143 | SSNR @0.8 | SSNR @0.5 | SSNR @0.143 | FSC @0.8 | FSC @0.5 | FSC @0.143 |",
+        "| it | σ² ratio ¼ | σ² ratio ½ | σ² ratio ¾ | τ² ratio @0.8 / 0.5 / 0.143 | SSNR @0.8 | SSNR @0.5 "
+        "| SSNR @0.143 | FSC @0.8 | FSC @0.5 | FSC @0.143 |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in res["iterations"]:

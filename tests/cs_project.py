@@ -29,7 +29,8 @@ def write_cs(path, fields: dict) -> None:
 
 
 def read_simulation(sim_dir):
-    """(particles DataFrame, optics row, images (n, box, box)) of `cryorefine simulate` output, read with starfile/mrcfile."""
+    """(particles DataFrame, optics row, images (n, box, box)) of `cryorefine simulate` output, read with
+    starfile/mrcfile."""
     blocks = starfile.read(Path(sim_dir) / "particles.star", always_dict=True)
     with mrcfile.open(Path(sim_dir) / "particles.mrcs") as m:
         images = np.array(m.data)

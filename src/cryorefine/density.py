@@ -108,7 +108,9 @@ def two_fold_axis_to_z(path, chain_a: str = "A", chain_b: str = "B") -> tuple[np
     try:
         ca = {
             name: {
-                res.seqid.num: np.array(res["CA"][0].pos.tolist()) for res in model[name] if res.find_atom("CA", "*")
+                res.seqid.num: np.array(res["CA"][0].pos.tolist())
+                for res in model[name]
+                if res.find_atom("CA", "*") and res.seqid.num is not None
             }
             for name in (chain_a, chain_b)
         }

@@ -50,9 +50,9 @@ def read_poses(star_path) -> Poses:
         raise CryoInputError(
             f"missing column rlnImageName in data_{block}; particles are matched by it", path=star_path
         )
-    for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"):
-        if col not in df.columns:
-            raise CryoInputError(f"missing column {col} in data_{block}; poses are needed", path=star_path)
+    for column in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"):
+        if column not in df.columns:
+            raise CryoInputError(f"missing column {column} in data_{block}; poses are needed", path=star_path)
 
     def col(name):
         return df[name].to_numpy(np.float64) if name in df.columns else np.zeros(len(df))

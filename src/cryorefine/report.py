@@ -47,8 +47,10 @@ _STAGE_COLOURS = [
 ]
 
 _CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1200px;color:#222;background:#fff}
-h1{font-size:22px;margin:0 0 6px 0;word-break:break-all} h2{font-size:17px;margin:26px 0 8px 0;border-bottom:1px solid #ddd;padding-bottom:3px}
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif;margin:24px auto;
+max-width:1200px;color:#222;background:#fff}
+h1{font-size:22px;margin:0 0 6px 0;word-break:break-all}
+h2{font-size:17px;margin:26px 0 8px 0;border-bottom:1px solid #ddd;padding-bottom:3px}
 .meta{color:#444;font-size:14px;line-height:1.6} .meta b{color:#000}
 .grid{display:flex;flex-wrap:wrap;gap:16px} .grid figure{margin:0}
 figure img{display:block;max-width:100%;height:auto;border:1px solid #eee}
@@ -82,7 +84,8 @@ def _img(title: str, draw, *args) -> str:
             return ""
         data = _png(fig)
     except Exception as exc:  # a broken plot must never break the refinement
-        return f'<div class="err">{html.escape(title)}: could not draw ({html.escape(type(exc).__name__)}: {html.escape(str(exc))})</div>'
+        why = f"{html.escape(type(exc).__name__)}: {html.escape(str(exc))}"
+        return f'<div class="err">{html.escape(title)}: could not draw ({why})</div>'
     return (
         f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
         f"<figcaption>{html.escape(title)}</figcaption></figure>"

@@ -125,6 +125,7 @@ def simulate_particles(
     except BaseException:
         writer.abort()
         raise
+    assert grey is not None  # set by the first batch (n > 0)
     write_map(out / "truth.mrc", (truth / grey).cpu().numpy().astype(np.float32), angpix)
     optics = pd.DataFrame(
         {
@@ -180,7 +181,8 @@ def _poses_table(poses_star):
 
 
 def _per_particle_optics(optics: pd.DataFrame | None, parts: pd.DataFrame, microscope: Microscope) -> dict:
-    """Voltage, Cs and amplitude contrast of every particle: the optics group's (3.1), the particle's own (3.0), else ``microscope``."""
+    """Voltage, Cs and amplitude contrast of every particle: the optics group's (3.1), the particle's own (3.0), else
+    ``microscope``."""
     n = len(parts)
     names = {"voltage": "rlnVoltage", "cs": "rlnSphericalAberration", "q0": "rlnAmplitudeContrast"}
     default = {"voltage": microscope.voltage_kv, "cs": microscope.cs_mm, "q0": microscope.amplitude_contrast}
@@ -234,7 +236,8 @@ def project_poses(
     if optics is not None:
         if "rlnImageSize" in optics.columns and (optics["rlnImageSize"].astype(int) != box).any():
             raise CryoInputError(
-                f"rlnImageSize {sorted(set(optics['rlnImageSize'].astype(int)))} of the poses differs from the map box {box}",
+                f"rlnImageSize {sorted(set(optics['rlnImageSize'].astype(int)))} of the poses differs from the map "
+                f"box {box}",
                 poses_star,
             )
         if (
@@ -242,7 +245,8 @@ def project_poses(
             and (np.abs(optics["rlnImagePixelSize"].astype(float) - angpix) > 1e-3 * angpix).any()
         ):
             raise CryoInputError(
-                f"rlnImagePixelSize {sorted(set(optics['rlnImagePixelSize'].astype(float)))} of the poses differs from the map's {angpix:.4f} Å",
+                f"rlnImagePixelSize {sorted(set(optics['rlnImagePixelSize'].astype(float)))} of the poses differs "
+                f"from the map's {angpix:.4f} Å",
                 poses_star,
             )
     n = len(parts)
@@ -299,7 +303,7 @@ def project_poses(
                 ).to(torch.float32)
             origin_px = (torch.stack([t(ox), t(oy)], -1) / angpix).to(torch.float32)
             img = irfft2_centered(particle_image_rfft(transform, A, origin_px, c, box), box)
-            if signal_var is None:
+            if noise_sigma is None:
                 signal_var = float(img.var(dim=(-2, -1)).mean())
                 noise_sigma = (signal_var / snr) ** 0.5 if snr > 0 else 0.0
             if snr > 0:

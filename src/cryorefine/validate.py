@@ -225,4 +225,4 @@ def validate_refine_inputs(args) -> None:
     if getattr(args, "solvent_mask", None):
         check_reference(args.solvent_mask, box, angpix, what="solvent mask")
     check_diameter_fits(diameter, box, angpix)
-    check_output_folder(Path(output_root).parent, box)
+    check_output_folder(Path(args.output_root).parent, box)

@@ -10,7 +10,8 @@ from torch.utils._pytree import tree_leaves
 
 
 class LiveBytes(TorchDispatchMode):
-    """``with LiveBytes() as lb: ...``; then ``lb.peak``: the most bytes of storages created inside that were alive at once."""
+    """``with LiveBytes() as lb: ...``; then ``lb.peak``: the most bytes of storages created inside that were alive at
+    once."""
 
     def __init__(self):
         super().__init__()

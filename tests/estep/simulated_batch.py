@@ -1,4 +1,5 @@
-"""A simulated batch of the packaged 6msm model's particles for E-step tests (CTF, B-factor 50 Å², σ² from the images)."""
+"""A simulated batch of the packaged 6msm model's particles for E-step tests (CTF, B-factor 50 Å², σ² from the
+images)."""
 
 from pathlib import Path
 

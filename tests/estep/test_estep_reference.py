@@ -4,9 +4,9 @@ The reference computes diff2 = Σ_j |X̃_j(t) − s C_j P_j|² / (2σ²_j) direc
 pixels; no expansion into cross terms and no matrix products over poses), for every coarse sample, then the
 significant set (smallest set holding ``adaptive_fraction`` of the coarse posterior), then every fine child
 (4 translations × 8 rotations) of each significant coarse sample at the full window; projections are zero and nothing
-is back-projected beyond each pass's radius (RELION's r_max), while σ² and the scores count every rounded shell. It shares with production
-only its inputs: the ImageBatch (masked/unmasked pixels, CTF, 1/σ², scale, previous offsets), the Window, the
-PoseGrid's angles and translations, and central slices of a float64 padded transform (not under test).
+is back-projected beyond each pass's radius (RELION's r_max), while σ² and the scores count every rounded shell. It
+shares with production only its inputs: the ImageBatch (masked/unmasked pixels, CTF, 1/σ², scale, previous offsets), the
+Window, the PoseGrid's angles and translations, and central slices of a float64 padded transform (not under test).
 
 Checked: best pose (class, fine Euler angles, offsets), rlnMaxValueProbDistribution, n_significant, the
 log-likelihood log Σ exp(−diff2 + log priors) (the offset prior of each fine sample is its coarse translation's, as

@@ -16,7 +16,8 @@ def test_gpu_fused_local_scores_match_float64_gathered_path(T):
     torch.manual_seed(1)
     box, pad, U, n, L = 32, 2, 300, 7, 45
     vol = torch.randn(box, box, box, dtype=torch.float64)
-    # the whole rfft square: pixels past Nyquist reach beyond the padded grid (its border is read) and both Friedel halves
+    # the whole rfft square: pixels past Nyquist reach beyond the padded grid (its border is read) and both Friedel
+    # halves
     ky, kx = torch.meshgrid(
         torch.arange(-box // 2, box // 2, dtype=torch.float64),
         torch.arange(0, box // 2 + 1, dtype=torch.float64),

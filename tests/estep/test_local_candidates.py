@@ -8,7 +8,8 @@ from cryorefine.geometry.healpix import directions_within, make_sampling
 
 
 def reference_sets(grid, rot, tilt, psi, sigma, cutoff=3.0):
-    """Per particle {coarse id: normalised log prior}: directions and psi strictly within cutoff·σ (else the nearest)."""
+    """Per particle {coarse id: normalised log prior}: directions and psi strictly within cutoff·σ (else the
+    nearest)."""
     s = grid.sampling
     dmask, dang = directions_within(s.order, rot, tilt, cutoff * sigma, s.sym_matrices, ipix=s.ipix)
     out = []

@@ -44,7 +44,8 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def make_case(tmp_path, box=BOX, n=N, noise_temper=1.0, device=None):
-    """A simulated batch (CTF, SNR 0.05) with its window, reference and pose grid; σ² × noise_temper flattens posteriors."""
+    """A simulated batch (CTF, SNR 0.05) with its window, reference and pose grid; σ² × noise_temper flattens
+    posteriors."""
     truth = _blob_map(box)
     info = simulate_particles(
         truth.float(),
@@ -126,7 +127,8 @@ def run_tile(c, sums: bool = True):
 
 
 def predicted_tile_bytes(c, slots) -> tuple[int, int]:
-    """(coarse stage, whole tile) bytes predicted for the case's batch as one tile, its fine pass in groups of similar slot counts."""
+    """(coarse stage, whole tile) bytes predicted for the case's batch as one tile, its fine pass in groups of similar
+    slot counts."""
     n, g, J = len(c["batch"]), c["grid"], c["window"].size
     G8, T4 = len(slots.g_class) * 8, g.n_translations * 4
     coarse = memory.coarse_bytes(n, tile_shape(c))
@@ -151,7 +153,8 @@ def test_tile_model_bounds_the_measured_peak(tmp_path, monkeypatch, noise_temper
         run_tile(c)
     pred_coarse, pred_tile = predicted_tile_bytes(c, slots)
     print(
-        f"\n[temper {noise_temper}] coarse stage: measured {coarse_peak.peak / 1e6:.1f} MB, predicted {pred_coarse / 1e6:.1f} MB; "
+        f"\n[temper {noise_temper}] coarse stage: measured {coarse_peak.peak / 1e6:.1f} MB, "
+        f"predicted {pred_coarse / 1e6:.1f} MB; "
         f"tile: measured {tile_peak.peak / 1e6:.1f} MB, predicted {pred_tile / 1e6:.1f} MB"
     )
     assert coarse_peak.peak <= pred_coarse <= 3 * coarse_peak.peak
@@ -529,7 +532,8 @@ def test_gpu_estep_under_a_memory_cap_matches_uncapped(tmp_path, monkeypatch):
         whole_bytes // 4, budget=4 * whole_bytes
     )  # plans whole tiles; the allocator's errors halve them
     print(
-        f"\n[gpu] whole tile predicted {whole_bytes / 2**30:.2f} GiB; tiles by the model under a cap of a quarter: {model_tiles}; "
+        f"\n[gpu] whole tile predicted {whole_bytes / 2**30:.2f} GiB; "
+        f"tiles by the model under a cap of a quarter: {model_tiles}; "
         f"tried while halving: {tiles}"
     )
     assert 1 < max(model_tiles) < 256

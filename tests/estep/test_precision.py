@@ -50,7 +50,8 @@ def case(tmp_path_factory):
 
 
 def reference_diff2(d, ref64) -> dict:
-    """float64, elementwise: diff2 (n, T, R) with the constant Σ w|X|², its significant set and best coarse rotations."""
+    """float64, elementwise: diff2 (n, T, R) with the constant Σ w|X|², its significant set and best coarse
+    rotations."""
     b, win, grid, jc = d["batch"], d["window"], d["grid"], d["jc"]
     ky, kx = win.ky[:jc].double(), win.kx[:jc].double()
     rot = euler_to_matrix(*(torch.as_tensor(grid.coarse_eulers_deg[:, i], dtype=torch.float64) for i in range(3)))
@@ -113,7 +114,8 @@ def test_significant_set_is_a_real_selection(case):
 def test_coarse_diff2_matches_float64(case, precision, tol):
     err, best = coarse_errors(case, precision)
     print(
-        f"\n[{precision}] max |Δdiff2| on significant samples = {err:.3g}; same best rotation for {int((best == case['best']).sum())}/{N}"
+        f"\n[{precision}] max |Δdiff2| on significant samples = {err:.3g}; "
+        f"same best rotation for {int((best == case['best']).sum())}/{N}"
     )
     assert err < tol
     assert torch.equal(best, case["best"])
@@ -159,7 +161,8 @@ def test_row_scaling_keeps_fp16_in_range():
 def test_gpu_coarse_diff2_matches_float64(case, precision):
     err, best = coarse_errors(case, precision, device="cuda")
     print(
-        f"\n[gpu {precision}] max |Δdiff2| on significant samples = {err:.3g}; same best rotation for {int((best == case['best']).sum())}/{N}"
+        f"\n[gpu {precision}] max |Δdiff2| on significant samples = {err:.3g}; "
+        f"same best rotation for {int((best == case['best']).sum())}/{N}"
     )
     assert err < (FP32_TOL if precision == "fp32" else DIFF2_TOL)
     assert torch.equal(best, case["best"])

@@ -1,6 +1,7 @@
 """One auto-refine E-step from the start state, combined over ranks; rank 0 saves the accumulators and poses.
 
-usage: torchrun --standalone --nproc_per_node N estep_worker.py OUT.pt REFINE_FLAGS...   (tests/parallel/test_distributed.py)
+usage: torchrun --standalone --nproc_per_node N estep_worker.py OUT.pt REFINE_FLAGS...
+       (tests/parallel/test_distributed.py)
 """
 
 import sys

@@ -89,8 +89,8 @@ def test_weight_floor_matches_relions_loop(box, r_max):
 
 
 def test_reconstruction_floors_a_starved_voxel_and_masks_the_corners():
-    """One voxel that a single slice barely reached (weight 1e-9 of the others) must not dominate the map: RELION divides
-    it by 1/1000 of its shell's mean weight, not by its own weight. The map's corners are their mean."""
+    """One voxel that a single slice barely reached (weight 1e-9 of the others) must not dominate the map: RELION
+    divides it by 1/1000 of its shell's mean weight, not by its own weight. The map's corners are their mean."""
     box, pad = 16, 2
     P = box * pad
     bp = BackProjector.zeros(box, pad, dtype=torch.float64)

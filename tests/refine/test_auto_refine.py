@@ -1,8 +1,9 @@
 """A small auto-refinement end to end on CPU: it must converge to the known truth (poses and map).
 
 Box 40 at 4.8 Å/px (Nyquist 9.6 Å), 300 particles of the packaged 6msm model at SNR 0.2, started from the truth
-low-passed to 30 Å and from particles without poses (particles_noposes.star), as a user starts. Broken E-step signs, CTF or M-step give median pose errors of tens of degrees and FSC-to-truth
-far below 0.5 at 30 Å, so the thresholds below fail then.
+low-passed to 30 Å and from particles without poses (particles_noposes.star), as a user starts. Broken E-step signs,
+CTF or M-step give median pose errors of tens of degrees and FSC-to-truth far below 0.5 at 30 Å, so the thresholds
+below fail then.
 """
 
 import numpy as np

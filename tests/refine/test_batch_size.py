@@ -1,4 +1,5 @@
-"""--batch 0 (automatic): one process keeps 1024 (GPU) / 256 (CPU); several ranks get about 8 batches each per iteration."""
+"""--batch 0 (automatic): one process keeps 1024 (GPU) / 256 (CPU); several ranks get about 8 batches each per
+iteration."""
 
 from types import SimpleNamespace
 

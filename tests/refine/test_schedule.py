@@ -85,8 +85,8 @@ def test_resolution_gain_is_against_the_previous_iteration():
 
 
 def test_window_jumps_by_a_quarter_of_nyquist_once_the_fsc_is_high_at_its_edge():
-    # ml_optimiser_mpi.cpp: has_high_fsc_at_limit once FSC[current_size/2 - 1] > 0.2; updateImageSizeAndResolutionPointers:
-    # + ROUND(0.25 · ori_size / 2) while ave_Pmax > 0.1, else + incr_size
+    # ml_optimiser_mpi.cpp: has_high_fsc_at_limit once FSC[current_size/2 - 1] > 0.2;
+    # updateImageSizeAndResolutionPointers: + ROUND(0.25 · ori_size / 2) while ave_Pmax > 0.1, else + incr_size
     box = 256
     sch = Schedule(healpix_order=2, offset_range_px=5, offset_step_px=2, current_resolution_shell=20, incr_size=10)
     fsc = np.zeros(box // 2 + 1)

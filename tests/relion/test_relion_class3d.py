@@ -1,5 +1,5 @@
-"""Classification's noise and prior statistics against Debian's RELION 3.1.3: relion_refine --K 2 for two iterations on a
-tiny simulated set, and ours with the same flags on the same particles.
+"""Classification's noise and prior statistics against Debian's RELION 3.1.3: relion_refine --K 2 for two iterations on
+a tiny simulated set, and ours with the same flags on the same particles.
 
 τ²: ours from each iteration's starting class map (mstep/tau2.py tau2_from_reference, on the padded, gridding
 pre-corrected transform as the E-step prepares it) against the rlnReferenceTau2 RELION wrote for that iteration.
@@ -11,7 +11,8 @@ and must fail the same bounds.
 σ²: RELION estimates the noise from the masked images (with --zero_mask, about the noise power times the mask's
 area fraction). Our initial estimate (shells 2 .. box/2 - 1) and our σ² after each iteration (on the
 noise-dominated shells current size / 4 .. current size / 2 - 1; below, each program's misfit adds to it, and RELION's
-first iteration has ~100 times the noise at shells 0-2) against RELION's, within 12 %; control: the unmasked images' noise power (1.14-1.28 times RELION's here) must fail.
+first iteration has ~100 times the noise at shells 0-2) against RELION's, within 12 %; control: the unmasked images'
+noise power (1.14-1.28 times RELION's here) must fail.
 """
 
 import shutil
@@ -163,7 +164,8 @@ def test_expected_accuracy_matches_relion(relion_run, k, monkeypatch):
     ref = prepare_padded_transform(torch.from_numpy(read_map(relion_run / f"run_it001_class{k:03d}.mrc")[0]).float(), 2)
     ours_rot, ours_trans = accuracy.expected_accuracy(ref, eulers, ctf, inv_sigma2, window, np.random.default_rng(0))
     print(
-        f"class {k}: rotations ours {ours_rot:.2f}° RELION {theirs_rot:.2f}°; translations ours {ours_trans:.2f} px RELION {theirs_trans:.2f} px"
+        f"class {k}: rotations ours {ours_rot:.2f}° RELION {theirs_rot:.2f}°; "
+        f"translations ours {ours_trans:.2f} px RELION {theirs_trans:.2f} px"
     )
     assert abs(ours_rot / theirs_rot - 1) < 0.3 and abs(ours_trans / theirs_trans - 1) < 0.3
     monkeypatch.setattr(accuracy, "LOG_LIKELIHOOD_DROP", 0.5)

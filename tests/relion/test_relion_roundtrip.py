@@ -221,7 +221,8 @@ def test_symmetric_round_trip(tmp_path, sym, n, monkeypatch):
     )
     f_sa = min_fsc_to_two_thirds(fsc_to_truth(reconstruct_from_particles(rp, sym=sym)[0], truth), box)
     print(
-        f"{sym}: relion_reconstruct --sym {f_relion:.4f}; ours sym {f_ours:.4f}; ours C1 {f_c1:.4f}; ours S·A {f_sa:.4f}"
+        f"{sym}: relion_reconstruct --sym {f_relion:.4f}; ours sym {f_ours:.4f}; ours C1 {f_c1:.4f}; "
+        f"ours S·A {f_sa:.4f}"
     )
     assert f_relion >= 0.9 and f_ours >= 0.9
     assert f_c1 < f_ours - 0.03

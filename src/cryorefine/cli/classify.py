@@ -1,6 +1,7 @@
 """3D classification into K classes (RELION's relion_refine --K without --auto_refine).
 
-Example: cryorefine classify --i particles.star --o Class3D/run --ref init.mrc --K 3 --iter 25 --tau2_fudge 4 --ini_high 40 --particle_diameter 160 --ctf
+Example: cryorefine classify --i particles.star --o Class3D/run --ref init.mrc --K 3 --iter 25 --tau2_fudge 4 \
+    --ini_high 40 --particle_diameter 160 --ctf
 Outputs: run_itNNN_classKKK.mrc, run_itNNN_model.star (class distribution, per-class resolution),
 run_itNNN_data.star (rlnClassNumber, rlnMaxValueProbDistribution), run_itNNN_optimiser.star, run.log, report.html.
 """

@@ -1,6 +1,7 @@
 """Pose and map errors of a refinement against the truth (e.g. from `cryorefine simulate`).
 
-Example: cryorefine evaluate --data Refine3D/run_data.star --truth sim/particles.star --map Refine3D/run_class001.mrc --truth_map sim/truth.mrc --sym C1
+Example: cryorefine evaluate --data Refine3D/run_data.star --truth sim/particles.star \
+    --map Refine3D/run_class001.mrc --truth_map sim/truth.mrc --sym C1
 Particles are matched by rlnImageName. Prints one JSON line: matched count, median and 90th
 percentile angular error (deg, minimised over the --sym equivalents) and shift error (Å), and with
 maps the resolution (Å) where the FSC to the truth drops below 0.5 and 0.143. Maps are compared as

@@ -70,7 +70,8 @@ def main(args):
     (a, pa), (b, pb) = read_map(args.map1), read_map(args.map2)
     if a.shape != b.shape:
         raise CryoInputError(
-            f"box {a.shape[0]} of {args.map1} differs from box {b.shape[0]} of {args.map2}; resample one (relion_image_handler --new_box)"
+            f"box {a.shape[0]} of {args.map1} differs from box {b.shape[0]} of {args.map2}; "
+            "resample one (relion_image_handler --new_box)"
         )
     if args.angpix is not None:
         if args.angpix <= 0:
@@ -79,7 +80,8 @@ def main(args):
     else:
         if abs(pa - pb) > 1e-3 * max(pa, pb):
             raise CryoInputError(
-                f"pixel size {pa:.4f} Å of {args.map1} differs from {pb:.4f} Å of {args.map2}; rescale one, or pass --angpix if a header is wrong"
+                f"pixel size {pa:.4f} Å of {args.map1} differs from {pb:.4f} Å of {args.map2}; "
+                "rescale one, or pass --angpix if a header is wrong"
             )
         angpix = pa
         if angpix <= 0:

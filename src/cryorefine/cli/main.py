@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         print(f"cryorefine {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        fix = _OS_ERROR_FIXES.get(exc.errno)
+        fix = None if exc.errno is None else _OS_ERROR_FIXES.get(exc.errno)
         if fix is None:
             raise
         where = f"{exc.filename}: " if exc.filename else ""

@@ -1,6 +1,7 @@
 """3D auto-refine (gold-standard MAP-EM), flags as relion_refine --auto_refine --split_random_halves.
 
-Example: cryorefine refine --i particles.star --o out/run --ref init.mrc --ini_high 30 --particle_diameter 160 --ctf --flatten_solvent
+Example: cryorefine refine --i particles.star --o out/run --ref init.mrc --ini_high 30 --particle_diameter 160 --ctf \
+    --flatten_solvent
 Outputs RELION's names: out/run_itNNN_{data,optimiser,sampling}.star, run_itNNN_half{1,2}_{model.star,class001.mrc},
 finally run_class001.mrc, run_half{1,2}_class001_unfil.mrc, run_data.star, run_model.star, run.log and report.html.
 """
@@ -46,7 +47,8 @@ def add_common_args(p, classify: bool = False) -> None:
         "--healpix_order",
         type=int,
         default=2,
-        help="initial angular sampling: HEALPix order of the coarse pass (1 = 30°, 2 = 15°, 3 = 7.5° ...); the fine pass samples twice as finely, as relion_refine's oversampling",
+        help="initial angular sampling: HEALPix order of the coarse pass (1 = 30°, 2 = 15°, 3 = 7.5° ...); "
+        "the fine pass samples twice as finely, as relion_refine's oversampling",
     )
     p.add_argument("--offset_range", type=float, default=5.0, help="search range of origin offsets (pixels)")
     p.add_argument("--offset_step", type=float, default=2.0, help="step of origin offsets (pixels)")
@@ -82,7 +84,8 @@ def add_common_args(p, classify: bool = False) -> None:
     p.add_argument(
         "--norm",
         action="store_true",
-        help="normalisation-error correction: scale each image by the average over its own residual noise level (rlnNormCorrection)",
+        help="normalisation-error correction: scale each image by the average over its own residual noise level "
+        "(rlnNormCorrection)",
     )
     p.add_argument("--scale", action="store_true", help="intensity-scale correction per optics group")
     p.add_argument("--firstiter_cc", action="store_true", help="first iteration by cross-correlation (best pose only)")
@@ -107,7 +110,8 @@ def add_common_args(p, classify: bool = False) -> None:
         "--strict_highres_exp",
         type=float,
         default=0.0,
-        help="score poses and classes with the images only up to this resolution (Å); reconstruction still uses all the current resolution, as RELION's expert option (0 = no limit)",
+        help="score poses and classes with the images only up to this resolution (Å); reconstruction still uses all "
+        "the current resolution, as RELION's expert option (0 = no limit)",
     )
     p.add_argument("--tau2_fudge", type=float, default=4.0 if classify else 1.0, help="regularisation parameter T")
     p.add_argument(
@@ -130,26 +134,30 @@ def add_common_args(p, classify: bool = False) -> None:
         dest="batch_size",
         type=int,
         default=0,
-        help="particles read per E-step batch (0 = automatic); the GPU works through it in tiles that fit its free memory",
+        help="particles read per E-step batch (0 = automatic); the GPU works through it in tiles that fit its free "
+        "memory",
     )
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
         default="fp32",
-        help="coarse-pass matrix products: fp32, tf32 (GPU tensor cores) or fp16 (scaled half precision); the rest stays fp32",
+        help="coarse-pass matrix products: fp32, tf32 (GPU tensor cores) or fp16 (scaled half precision); the rest "
+        "stays fp32",
     )
     p.add_argument(
         "--gpu",
         nargs="?",
         const="",
         default=None,
-        help="use CUDA: GPU 0, under torchrun GPU LOCAL_RANK; or ids, e.g. --gpu 1 or --gpu 0,1 (rank LOCAL_RANK takes the LOCAL_RANK-th)",
+        help="use CUDA: GPU 0, under torchrun GPU LOCAL_RANK; or ids, e.g. --gpu 1 or --gpu 0,1 "
+        "(rank LOCAL_RANK takes the LOCAL_RANK-th)",
     )
     p.add_argument(
         "--no_image_cache",
         dest="image_cache",
         action="store_false",
-        help="turn off the GPU's image cache, which keeps the particle images in GPU memory after their first read (as many as fit "
+        help="turn off the GPU's image cache, which keeps the particle images in GPU memory after their first read "
+        "(as many as fit "
         "in a quarter of it) so that later iterations skip the stacks; image cache on (default: %(default)s)",
     )
     p.add_argument("--j", dest="threads", type=int, default=0, help="CPU threads (0 = PyTorch's default)")
@@ -163,7 +171,8 @@ def add_common_args(p, classify: bool = False) -> None:
         "--dist_timeout",
         type=float,
         default=600.0,
-        help="under torchrun: seconds a rank waits for the others (joining, combining an iteration) before the job stops",
+        help="under torchrun: seconds a rank waits for the others (joining, combining an iteration) before the job "
+        "stops",
     )
     p.add_argument(
         "--max_seconds",
@@ -215,7 +224,8 @@ def config_from_args(args, cls):
 
     if getattr(args, "oversampling", 1) != 1:
         raise CryoInputError(
-            f"--oversampling {args.oversampling} is not supported: the fine pass is RELION's order 1 (8 rotations x 4 translations per coarse sample); pass --oversampling 1"
+            f"--oversampling {args.oversampling} is not supported: the fine pass is RELION's order 1 "
+            "(8 rotations x 4 translations per coarse sample); pass --oversampling 1"
         )
     if getattr(args, "strict_highres_exp", 0.0) < 0:
         raise CryoInputError("--strict_highres_exp must be 0 (no limit) or a resolution in Å")

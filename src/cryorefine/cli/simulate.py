@@ -50,7 +50,8 @@ def add_args(p):
         "--poses",
         default=None,
         help="STAR file of poses (RELION 3.0/3.1, e.g. make_bench_data.py's poses.star): project at these "
-        "angles, origin offsets and CTFs instead of random ones (--n, --box, --angpix, defocus and shift options are then unused)",
+        "angles, origin offsets and CTFs instead of random ones "
+        "(--n, --box, --angpix, defocus and shift options are then unused)",
     )
     p.add_argument("--batch", type=int, default=256, help="images projected per batch")
 
@@ -92,7 +93,8 @@ def _main_poses(args):
         optics = read_star(args.poses).get("optics")
         if optics is None or "rlnImageSize" not in optics or "rlnImagePixelSize" not in optics:
             raise CryoInputError(
-                "with an atomic model, --poses needs an optics table with rlnImageSize and rlnImagePixelSize; or give a map with --map",
+                "with an atomic model, --poses needs an optics table with rlnImageSize and rlnImagePixelSize; "
+                "or give a map with --map",
                 args.poses,
             )
         box, angpix = int(optics["rlnImageSize"].iloc[0]), float(optics["rlnImagePixelSize"].iloc[0])

@@ -37,8 +37,8 @@ def translated(x: torch.Tensor, window: Window, offsets_px: torch.Tensor) -> tor
 
 def score_weights(batch: ImageBatch, window: Window, cc: bool) -> torch.Tensor:
     """(n, j) weight of each pixel in the scores: 1/(2σ²) for diff2; 1 for RELION's --firstiter_cc cross-correlation
-    −Σ Re(X·conj(CP)) / √Σ|CP|², which is not noise-whitened (the image's own norm, a constant per particle, is left out:
-    it does not change which pose is best). 0 on the redundant half of the kx = 0 column (Window.scored)."""
+    −Σ Re(X·conj(CP)) / √Σ|CP|², which is not noise-whitened (the image's own norm, a constant per particle, is left
+    out: it does not change which pose is best). 0 on the redundant half of the kx = 0 column (Window.scored)."""
     return (torch.ones_like(batch.inv_sigma2) if cc else batch.inv_sigma2 * 0.5) * window.scored
 
 
@@ -156,7 +156,8 @@ def translation_log_prior(offsets_abs_px: torch.Tensor, settings: EStepSettings)
 
 
 def coarse_log_posterior(batch, window, jc, refs, poses, settings, local_prior, forced_class):
-    """The coarse pass as log-posteriors (n, K, T, L) (−diff2 + priors; −CC with --firstiter_cc) and the rotation log prior (n, K, L)."""
+    """The coarse pass as log-posteriors (n, K, T, L) (−diff2 + priors; −CC with --firstiter_cc) and the rotation log
+    prior (n, K, L)."""
     dev = batch.f_masked.device
     n, K = len(batch), len(refs)
     cc = settings.firstiter_cc

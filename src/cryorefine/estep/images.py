@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,10 +43,10 @@ class Window:
         return self._scored
 
     def in_circle(self, shell: int) -> torch.Tensor:
-        """(j,) 1 for the pixels with kx² + ky² <= shell², else 0: where RELION's Projector and BackProjector work for an
-        image of size 2·shell (r_max), while its scores and σ² count every pixel whose shell rounds to <= shell. Between
-        the two (shell < |k| < shell + ½) the projection is zero: the image's power enters the scores, σ² and --norm
-        there, and nothing is back-projected."""
+        """(j,) 1 for the pixels with kx² + ky² <= shell², else 0: where RELION's Projector and BackProjector work for
+        an image of size 2·shell (r_max), while its scores and σ² count every pixel whose shell rounds to <= shell.
+        Between the two (shell < |k| < shell + ½) the projection is zero: the image's power enters the scores, σ² and
+        --norm there, and nothing is back-projected."""
         cache = self.__dict__.setdefault("_in_circle", {})
         if shell not in cache:
             cache[shell] = ((self.kx**2 + self.ky**2) <= shell * shell).to(self.ky.dtype)
@@ -110,7 +111,8 @@ class ImageBatch:
 
     def rows(self, rows: slice) -> "ImageBatch":
         """The particles ``rows`` (a slice: every tensor is a view, nothing is copied)."""
-        return ImageBatch(**{k: (None if v is None else v[rows]) for k, v in vars(self).items()})
+        views: dict[str, Any] = {k: (None if v is None else v[rows]) for k, v in vars(self).items()}
+        return ImageBatch(**views)
 
 
 def noise_images(sigma2_shells: torch.Tensor, box: int, generator: torch.Generator, device=None) -> torch.Tensor:

@@ -152,7 +152,8 @@ def particles_per_tile(n: int, budget: int, s: TileShape) -> int:
 def fine_particles_per_chunk(
     n: int, budget: int, fine_rotations: int, fine_translations: int, fine_slots: int, window_pixels: int
 ) -> int:
-    """Particles per fine-pass chunk of a tile of ``n``; raises TileTooLarge when the union and one particle cannot fit."""
+    """Particles per fine-pass chunk of a tile of ``n``; raises TileTooLarge when the union and one particle cannot
+    fit."""
     union = union_bytes(fine_rotations, window_pixels)
     m = largest_fitting(n, budget - union, lambda k: fine_chunk_bytes(k, fine_translations, fine_slots, window_pixels))
     making = fine_projection_bytes(fine_rotations, window_pixels)
@@ -198,15 +199,17 @@ def fixed_volume_bytes(
 def check_fixed_volumes(
     box: int, pad: int, references: int, backprojectors: int, symmetry: bool, join_halves: bool, free: int
 ) -> None:
-    """Raise CryoInputError (one line: the sizes, the free memory, the fixes) when the fixed volumes exceed ``free`` bytes."""
+    """Raise CryoInputError (one line: the sizes, the free memory, the fixes) when the fixed volumes exceed ``free``
+    bytes."""
     sizes = fixed_volume_bytes(box, pad, references, backprojectors, symmetry, join_halves)
     need = sum(sizes.values())
     if need <= free:
         return
     raise CryoInputError(
         f"the GPU cannot hold the run's fixed volumes at box {box}, --pad {pad}: {references} padded reference(s) "
-        f"{sizes['references'] / GIB:.2f} GiB + {backprojectors} back-projector(s) {sizes['backprojectors'] / GIB:.2f} GiB + "
-        f"M-step workspace {sizes['mstep'] / GIB:.2f} GiB = {need / GIB:.2f} GiB, but {max(free, 0) / GIB:.2f} GiB are free; "
+        f"{sizes['references'] / GIB:.2f} GiB + {backprojectors} back-projector(s) "
+        f"{sizes['backprojectors'] / GIB:.2f} GiB + M-step workspace {sizes['mstep'] / GIB:.2f} GiB = "
+        f"{need / GIB:.2f} GiB, but {max(free, 0) / GIB:.2f} GiB are free; "
         "use a smaller --pad (e.g. --pad 1), fewer classes, the CPU (drop --gpu) or a GPU with more memory"
     )
 
@@ -245,7 +248,9 @@ def image_cache_bytes(device, fixed_bytes: int, sharing: int = 1) -> int:
     if index is None:
         return 0
     total = torch.cuda.get_per_process_memory_fraction(index) * torch.cuda.mem_get_info(index)[1]
-    left = available_bytes(index) - fixed_bytes
+    available = available_bytes(index)
+    assert available is not None  # on a GPU
+    left = available - fixed_bytes
     return max(0, int(min(IMAGE_CACHE_FRACTION * total, left / 2) / max(1, sharing)))
 
 

@@ -137,7 +137,8 @@ class PoseGrid:
     def _coarse_angles(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rot (D,), tilt (D,), psi (P,)) of the grid's directions and psi angles, on the device."""
         s = self.sampling
-        return self._device_angles("angles", lambda: (s.rot_deg, s.tilt_deg, s.psi_deg))
+        rot, tilt, psi = self._device_angles("angles", lambda: (s.rot_deg, s.tilt_deg, s.psi_deg))
+        return rot, tilt, psi
 
     def _perturbed(self, a: torch.Tensor) -> torch.Tensor:
         """RELION's getOrientations perturbation of matrices (..., 3, 3): A · R(d, d, d), d = perturbation × step."""

@@ -1,4 +1,5 @@
-"""Accumulators of one iteration (RELION's wsum_model): back-projectors, σ², scale, offsets, class and direction weights."""
+"""Accumulators of one iteration (RELION's wsum_model): back-projectors, σ², scale, offsets, class and direction
+weights."""
 
 from __future__ import annotations
 

@@ -127,7 +127,10 @@ def angular_step_deg(order: int) -> float:
 
 def psi_angles_deg(order: int | None = None, psi_step_deg: float | None = None) -> np.ndarray:
     """In-plane samples: n = ceil(360 / step), psi_i = i * 360 / n (first sample at 0)."""
-    step = angular_step_deg(order) if psi_step_deg is None else float(psi_step_deg)
+    if psi_step_deg is None:
+        assert order is not None, "give an order or a psi step"
+        psi_step_deg = angular_step_deg(order)
+    step = float(psi_step_deg)
     n = math.ceil(360.0 / step - 1e-9)
     return np.arange(n) * (360.0 / n)
 
@@ -223,7 +226,7 @@ class HealpixSampling:
     tilt_deg: np.ndarray
     psi_deg: np.ndarray
     random_perturbation: float = 0.0  # RELION's random_perturbation (fraction of a step)
-    sym_matrices: torch.Tensor = field(default=None, repr=False)
+    sym_matrices: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def directions(self) -> tuple[np.ndarray, np.ndarray]:

@@ -23,7 +23,8 @@ import torch
 from cryorefine.errors import CryoInputError
 
 _PHI = (1 + math.sqrt(5)) / 2
-_GENERATORS = {  # (fold, axis) per group, as in RELION's fill_symmetry_class
+# (fold, axis) per group, as in RELION's fill_symmetry_class
+_GENERATORS: dict[str, list[tuple[int, tuple[float, float, float]]]] = {
     "T": [(3, (0, 0, 1)), (2, (0, math.sqrt(2 / 3), math.sqrt(1 / 3)))],
     "O": [(3, (1, 1, 1)), (4, (0, 0, 1))],
     "I2": [(2, (0, 0, 1)), (5, (1, 0, _PHI)), (3, (0, 1 / _PHI, _PHI))],

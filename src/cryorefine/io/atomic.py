@@ -53,7 +53,7 @@ def remove_stale_temporaries(folder) -> list[Path]:
 
 def user_os_error(exc: OSError, folder) -> CryoInputError | None:
     """A CryoInputError for OS errors the user can fix (full disk, no permission), else None."""
-    reason = _USER_ERRNOS.get(exc.errno)
+    reason = None if exc.errno is None else _USER_ERRNOS.get(exc.errno)
     if reason is None:
         return None
     return CryoInputError(

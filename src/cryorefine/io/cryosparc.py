@@ -104,6 +104,7 @@ def _text(values) -> np.ndarray:
 
 
 def _field(cs: np.ndarray, name: str, default) -> np.ndarray:
+    assert cs.dtype.names is not None  # a structured array (read_cs)
     return np.asarray(cs[name], np.float64) if name in cs.dtype.names else np.full(len(cs), default, np.float64)
 
 
@@ -145,6 +146,7 @@ def load_cs_particles(cs_path, project_dir=None) -> ParticleTable:
     'index@stack' with the stack found, relative to the current directory (RELION's project directory)."""
     cs_path = Path(cs_path)
     cs = read_cs(cs_path)
+    assert cs.dtype.names is not None  # read_cs checked it
     n = len(cs)
     cs_dir = cs_path.resolve().parent
     folders = [

@@ -40,7 +40,8 @@ class ImageCache:
         return 0 if self.data is None else self.data.numel() * 4
 
     def load(self, table: ParticleTable, rows: np.ndarray) -> tuple[np.ndarray, torch.Tensor | None]:
-        """(positions in ``rows`` not cached, their images read from the stacks; pinned for a GPU, None if all cached)."""
+        """(positions in ``rows`` not cached, their images read from the stacks; pinned for a GPU, None if all
+        cached)."""
         missing = np.flatnonzero(self.slot[rows] < 0)
         if len(missing) == 0:
             return missing, None
@@ -57,12 +58,15 @@ class ImageCache:
         out = None if host is None else to_device(host, self.device)
         keep = 0 if out is None else min(len(missing), self.capacity - self.used)
         if keep:
+            assert out is not None and self.data is not None  # keep > 0: images were read and there is room
             slots = np.arange(self.used, self.used + keep)
             self.data[to_device(slots, self.device)] = out[:keep]
             self.slot[rows[missing[:keep]]] = slots
             self.used += keep
         if len(hit) == 0:
+            assert out is not None  # rows is not empty
             return out
+        assert self.data is not None  # hits are cached
         from_cache = self.data[to_device(self.slot[rows[hit]], self.device)]
         if out is None:
             return from_cache

@@ -149,7 +149,8 @@ class ImageStack:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in self._data.shape)
+        n, h, w = self._data.shape
+        return int(n), int(h), int(w)
 
     def __len__(self) -> int:
         return self.shape[0]

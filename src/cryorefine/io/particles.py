@@ -1,4 +1,5 @@
-"""The particle table (STAR 3.0 / 3.1, and cryoSPARC .cs through io.cryosparc) as structure-of-arrays, plus image reads."""
+"""The particle table (STAR 3.0 / 3.1, and cryoSPARC .cs through io.cryosparc) as structure-of-arrays, plus image
+reads."""
 
 from __future__ import annotations
 

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import enum
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Callable, Final, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
-_END = object()
+
+
+class _End(enum.Enum):
+    END = enum.auto()
+
+
+_END: Final = _End.END
 
 
 def read_ahead(load: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[T, R]]:

@@ -93,7 +93,8 @@ def _block_lines(name: str, block) -> list[str]:
 
 
 def write_star_table(path, blocks: dict) -> None:
-    """Write blocks atomically; a DataFrame is a loop_ block, a dict of scalars a key/value block (RELION 3.1 layout)."""
+    """Write blocks atomically; a DataFrame is a loop_ block, a dict of scalars a key/value block (RELION 3.1
+    layout)."""
     lines = ["", "# version 30001", ""]
     for name, block in blocks.items():
         lines += _block_lines(name, _as_block(block))

@@ -132,7 +132,8 @@ class ParticleTable:
 
 
 def resolve_stack(name: str, folders: list[tuple[Path, str]], source) -> str:
-    """Absolute path of stack `name`: as given if absolute, else in the first of `folders` ((folder, label)) holding it."""
+    """Absolute path of stack `name`: as given if absolute, else in the first of `folders` ((folder, label))
+    holding it."""
     for suffix in (":mrcs", ":mrc"):
         if name.endswith(suffix):
             name = name[: -len(suffix)]

@@ -75,7 +75,8 @@ def _stopped_by_launcher(signum, frame):
 
 @contextmanager
 def distributed(device: str, timeout_s: float = 600.0):
-    """Yield this process's Dist: under torchrun, a process group on every rank (even a world of one), else one process."""
+    """Yield this process's Dist: under torchrun, a process group on every rank (even a world of one), else one
+    process."""
     if not launched_by_torchrun():
         yield Dist(device=device, timeout_s=timeout_s)
         return

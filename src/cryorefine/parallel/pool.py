@@ -44,7 +44,8 @@ class TaskPool:
         return n
 
     def progress(self, key: str, bar) -> Callable[[int], None]:
-        """Callback for n particles done on this rank: counts over all ranks in the store; ``bar`` (or None) shows the total."""
+        """Callback for n particles done on this rank: counts over all ranks in the store; ``bar`` (or None) shows
+        the total."""
 
         def done(n: int) -> None:
             total = self._add(f"{key}/done", n)

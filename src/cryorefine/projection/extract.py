@@ -56,7 +56,8 @@ def prepare_padded_transform(volume: torch.Tensor, pad: int = 2) -> PaddedTransf
 
 
 def slice_coordinates(rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor, pad: int) -> torch.Tensor:
-    """3D padded-grid coordinates (..., r, j, 3) as (x, y, z) of 2D pixels (kx, ky) (j,) under rotations (..., r, 3, 3)."""
+    """3D padded-grid coordinates (..., r, j, 3) as (x, y, z) of 2D pixels (kx, ky) (j,) under rotations
+    (..., r, 3, 3)."""
     k2 = torch.stack([kx, ky], dim=-1).to(rotations.dtype)  # (j, 2)
     return pad * torch.einsum("jc,...rcd->...rjd", k2, rotations[..., :2, :])
 
@@ -150,7 +151,8 @@ def _extract_into(
 
 
 def project_rfft(transform: PaddedTransform, rotations: torch.Tensor, max_shell: float | None = None) -> torch.Tensor:
-    """Whole projections (r, d, d//2+1) in rfft2 layout (phase origin at pixel d//2); zero beyond ``max_shell`` (d/2)."""
+    """Whole projections (r, d, d//2+1) in rfft2 layout (phase origin at pixel d//2); zero beyond ``max_shell``
+    (d/2)."""
     from ..fourier.grids import rfft_freqs_2d
 
     d = transform.box

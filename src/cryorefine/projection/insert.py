@@ -36,7 +36,8 @@ class BackProjector:
     def insert(
         self, rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor, values: torch.Tensor, weights: torch.Tensor
     ) -> None:
-        """Add slices ``values`` (r, j) complex with ``weights`` (r, j) at Fourier pixels (kx, ky) (j,) under rotations (r, 3, 3).
+        """Add slices ``values`` (r, j) complex with ``weights`` (r, j) at Fourier pixels (kx, ky) (j,) under
+        rotations (r, 3, 3).
 
         In chunks of rotations (MAX_POINTS points), each added whole once computed, so a chunk that runs out of
         memory is halved and retried without double counting (tiling.run_tiles). float32 accumulators on a CUDA device

@@ -47,7 +47,8 @@ def backproject_particles(
     ctf: bool = True,
     batch: int = 256,
 ) -> None:
-    """Add the particles ``indices`` of ``table`` to ``bp`` (in place), each under its poses A·S for S in ``sym_ops``."""
+    """Add the particles ``indices`` of ``table`` to ``bp`` (in place), each under its poses A·S for S in
+    ``sym_ops``."""
     box = bp.box
     device, dtype = bp.weight.device, bp.weight.dtype
     ky2, kx2 = rfft_freqs_2d(box, device, dtype)

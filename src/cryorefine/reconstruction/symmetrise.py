@@ -25,7 +25,7 @@ def symmetrise_map(volume: torch.Tensor, sym: str) -> torch.Tensor:
     ops = symmetry_matrices(sym).to(device=volume.device, dtype=volume.dtype)
     if len(ops) == 1:
         return volume
-    return sum(rotate_map(volume, R) for R in ops) / len(ops)
+    return sum((rotate_map(volume, R) for R in ops), torch.zeros_like(volume)) / len(ops)
 
 
 def symmetrise_backprojector(bp, sym: str) -> None:

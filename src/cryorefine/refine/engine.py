@@ -1,4 +1,5 @@
-"""Shared machinery of auto-refine and classification: references, batched E-step over a particle set, pose bookkeeping."""
+"""Shared machinery of auto-refine and classification: references, batched E-step over a particle set, pose
+bookkeeping."""
 
 from __future__ import annotations
 

@@ -34,9 +34,11 @@ class RunLog:
             if r.get("estep_s_per_rank"):
                 extra += ", E-step s/rank " + "/".join(f"{x:.2f}" for x in r["estep_s_per_rank"])
         self.line(
-            f"iter {r['iteration']:3d}{' (final)' if r.get('final') else ''}: resolution {r['resolution_angst']:.2f} Å, "
+            f"iter {r['iteration']:3d}{' (final)' if r.get('final') else ''}: "
+            f"resolution {r['resolution_angst']:.2f} Å, "
             f"hp{r['healpix_order']} {mode}, window {r['window_shell']} (coarse {r['coarse_shell']}) shells, "
             f"Δangle {r['change_orientation_deg']:.2f}°, Δoffset {r['change_offset_px']:.2f} px, "
-            f"nsig {r['mean_significant']:.1f}, pmax {r['mean_max_prob']:.3f}, accuracy {r.get('accuracy_rotation_deg', 0):.2f}°{extra}, {r['seconds']:.1f} s [{stages}]"
+            f"nsig {r['mean_significant']:.1f}, pmax {r['mean_max_prob']:.3f}, "
+            f"accuracy {r.get('accuracy_rotation_deg', 0):.2f}°{extra}, {r['seconds']:.1f} s [{stages}]"
             + (f" — {r['note']}" if r.get("note") else "")
         )

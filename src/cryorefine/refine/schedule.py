@@ -163,7 +163,10 @@ class Schedule:
         fine_step = self.angular_step_deg(self.healpix_order) / 2  # the oversampled step of the fine pass
         if fine_step < FINE_ENOUGH * accuracy_deg:
             self.fine_enough = True
-            return f"sampling fine enough (fine step {fine_step:.2f}° < {FINE_ENOUGH} × estimated accuracy {accuracy_deg:.2f}°)"
+            return (
+                f"sampling fine enough (fine step {fine_step:.2f}° < {FINE_ENOUGH} × "
+                f"estimated accuracy {accuracy_deg:.2f}°)"
+            )
         self.fine_enough = False
         self.healpix_order += 1
         self.offset_range_px, self.offset_step_px = self._finer_offsets(accuracy_offset_px, angpix)
@@ -177,7 +180,8 @@ class Schedule:
         self.smallest_change_offset_px = 999.0
         self.smallest_change_classes = RESET_CHANGE_CLASSES
         return (
-            f"finer sampling: healpix order {self.healpix_order} ({self.angular_step_deg(self.healpix_order):.2f}°), offsets {self.offset_range_px:.2f}/{self.offset_step_px:.2f} px"
+            f"finer sampling: healpix order {self.healpix_order} ({self.angular_step_deg(self.healpix_order):.2f}°), "
+            f"offsets {self.offset_range_px:.2f}/{self.offset_step_px:.2f} px"
             + (f", local searches sigma {self.sigma_ang_deg:.2f}°" if self.local_search else "")
         )
 

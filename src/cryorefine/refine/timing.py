@@ -133,11 +133,11 @@ def profiled(iteration: int, final: bool = False):
     with profile(activities=acts, record_shapes=True) as prof:
         yield
     ka = prof.key_averages(group_by_input_shape=False)
-    text = [f"# iteration {iteration}"]
+    lines = [f"# iteration {iteration}"]
     if torch.cuda.is_available():
-        text.append(ka.table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=60))
-    text.append(ka.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
-    text.append(
+        lines.append(ka.table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=60))
+    lines.append(ka.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+    lines.append(
         prof.key_averages(group_by_input_shape=True).table(
             sort_by="self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total",
             row_limit=25,
@@ -146,4 +146,4 @@ def profiled(iteration: int, final: bool = False):
         )
     )
     with open(path, "a") as fh:
-        fh.write("\n".join(text) + "\n")
+        fh.write("\n".join(lines) + "\n")
