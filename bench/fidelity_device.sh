@@ -4,6 +4,7 @@
 # and refine each with cryorefine (bench/fidelity_ours.py) on the GPU, or on the CPU with DEVICE=cpu.
 # $OUT/fidelity-<label>.tar.xz holds every set's judgement (.json), log and STAR files (the 8-file limit of a call).
 #   bash bench/fidelity_device.sh [SETS] [LABEL]      (default: "tightbox sym prefori bigbox" ours)
+# SEED=N in the environment passes --random_seed N (default 0, as bench/relion_fidelity.sh).
 set -uo pipefail
 source bench/device_env.sh
 export FIDELITY_PDB_DIR=${FIDELITY_PDB_DIR:-$PWD/.fidpdb}  # the models, carried (../shared does not travel)
@@ -21,7 +22,7 @@ if [ -n "$missing" ]; then
 fi
 for s in $sets; do
   rm -rf /tmp/fid/$s/$label
-  timeout ${SET_TIMEOUT:-420} python3 bench/fidelity_ours.py /tmp/fid/$s "$work" $how --label $label --check bench/results/fidelity-sets-fingerprints.json > "$work/$s-$label.log" 2>&1
+  timeout ${SET_TIMEOUT:-420} python3 bench/fidelity_ours.py /tmp/fid/$s "$work" $how --label $label --seed "${SEED:-0}" --check bench/results/fidelity-sets-fingerprints.json > "$work/$s-$label.log" 2>&1
   echo "$s rc $?: $(tail -1 "$work/$s-$label.log")"
 done
 tar cJf "$out/fidelity-$label.tar.xz" -C $work .

@@ -26,8 +26,8 @@ from compare_refine import judge  # noqa: E402
 from cryorefine.cli.main import main as cli  # noqa: E402
 
 
-def relion_flags(meta: dict) -> list[str]:
-    """bench/relion_fidelity.sh's flags, in our CLI."""
+def relion_flags(meta: dict, seed: int = 0) -> list[str]:
+    """bench/relion_fidelity.sh's flags, in our CLI (its SEED is --random_seed)."""
     return [
         "--ini_high",
         str(meta["ini_high"]),
@@ -53,12 +53,13 @@ def relion_flags(meta: dict) -> list[str]:
         "--pad",
         "2",
         "--random_seed",
-        "0",
+        str(seed),
     ]
 
 
 def check_fingerprint(setdir: Path, meta: dict, recorded: dict) -> dict:
-    """Image 1's mean/std/sum here against the recorded ones (float32 FFTs may differ in the last bits between machines)."""
+    """Image 1's mean/std/sum here against the recorded ones (float32 FFTs may differ in the last bits between
+    machines)."""
     mine, theirs = meta["fingerprint"], recorded[meta["name"]]
     diff = {
         k: abs(mine[k] - theirs[k]) / max(abs(theirs[k]), 1e-12) for k in ("image1_mean", "image1_std", "image1_sum")
@@ -74,6 +75,7 @@ def main():
     ap.add_argument("--gpu", action="store_true"), ap.add_argument("--j", type=int, default=0)
     ap.add_argument("--check", default=None, help="JSON of {set: fingerprint} recorded where RELION ran")
     ap.add_argument("--label", default="ours")
+    ap.add_argument("--seed", type=int, default=0, help="--random_seed (run-to-run scatter)")
     a = ap.parse_args()
     setdir, out = Path(a.setdir), Path(a.outdir)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,7 +90,7 @@ def main():
         str(root),
         "--ref",
         str(setdir / "start.mrc"),
-        *relion_flags(meta),
+        *relion_flags(meta, a.seed),
     ]
     argv += ["--gpu"] if a.gpu else ["--j", str(a.j)]
     t0 = time.perf_counter()
