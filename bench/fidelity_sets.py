@@ -33,6 +33,7 @@ Image names are relative (000001@particles.mrcs): run RELION from inside the set
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -256,7 +257,7 @@ def build_set(name: str, root: Path) -> dict:
 
     t0 = time.time()
     p = SETS[name]
-    out = root / name
+    out = (root / name).resolve()
     out.mkdir(parents=True, exist_ok=True)
     info: dict = {}
     vol, box, diameter = build_truth(name, p, info)
@@ -265,9 +266,10 @@ def build_set(name: str, root: Path) -> dict:
     parts = make_poses(name, p, box, rng)
     poses = out / "poses_tmp.star"
     write_star(poses, {"optics": optics_table(box, angpix), "particles": parts})
-    summary = project_poses(
-        vol.float(), angpix, out, poses, snr=p["snr"], seed=p["seed"], batch=256, device=None, ctf=True
-    )
+    with contextlib.chdir(out):  # image names relative to the set folder, where bench/relion_fidelity.sh runs RELION
+        summary = project_poses(
+            vol.float(), angpix, out, poses, snr=p["snr"], seed=p["seed"], batch=256, device=None, ctf=True
+        )
     poses.unlink()
     (out / "particles.star").replace(out / "particles_truth.star")
     # greyscale: background noise variance 1 (as after relion_preprocess); the truth on the same scale

@@ -78,10 +78,10 @@ def main():
     }
     for label, subset in (("all", None), ("half1", 1), ("half2", 2)):
         t0 = time.perf_counter()
-        args = ["relion_reconstruct", "--i", "particles.star", "--o", f"relion_{label}.mrc", "--ctf"] + (
-            [] if subset is None else ["--subset", str(subset)]
-        )
-        p = subprocess.run(args, cwd=d, capture_output=True, text=True)
+        args = ["relion_reconstruct", "--i", str(d / "particles.star"), "--o", str(d / f"relion_{label}.mrc"), "--ctf"]
+        args += [] if subset is None else ["--subset", str(subset)]
+        # from the directory simulate ran in: the image names are relative to it
+        p = subprocess.run(args, capture_output=True, text=True)
         assert p.returncode == 0, p.stderr[-2000:]
         t_relion = time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -16,6 +16,7 @@ from .fourier.shift import shift_images_rfft
 from .geometry.euler import euler_to_matrix
 from .io.mrc import StackWriter, write_map
 from .io.star import write_star
+from .io.table import project_relative
 
 NO_POSES_STAR = "particles_noposes.star"  # the simulated particles as a user has them: no angles, no origin offsets
 
@@ -141,7 +142,7 @@ def simulate_particles(
     )
     parts = pd.DataFrame(
         {
-            "rlnImageName": [f"{i + 1:06d}@particles.mrcs" for i in range(n)],
+            "rlnImageName": _image_names(out / "particles.mrcs", n),
             "rlnAngleRot": rot.numpy(),
             "rlnAngleTilt": tilt.numpy(),
             "rlnAnglePsi": psi.numpy(),
@@ -161,6 +162,13 @@ def simulate_particles(
     write_star(out / "particles.star", {"optics": optics, "particles": parts})
     write_star(out / NO_POSES_STAR, {"optics": optics, "particles": without_poses(parts)})
     return {"n": n, "box": box, "angpix": angpix, "snr": snr, "noise_sigma": noise_sigma}
+
+
+def _image_names(stack: Path, n: int) -> list[str]:
+    """rlnImageName of the n images of ``stack``, relative to the directory the command runs in, where RELION's
+    programs look for them (it is the project directory)."""
+    name = project_relative(stack)
+    return [f"{i + 1:06d}@{name}" for i in range(n)]
 
 
 def _poses_table(poses_star):
@@ -314,7 +322,7 @@ def project_poses(
         writer.abort()
         raise
     star = parts.drop(columns=["rlnImageName"], errors="ignore")
-    star.insert(0, "rlnImageName", [f"{i + 1:06d}@{stack_name}" for i in range(n)])
+    star.insert(0, "rlnImageName", _image_names(out / stack_name, n))
     if optics is None:
         optics = pd.DataFrame(
             {

@@ -31,7 +31,7 @@ def classified(tmp_path_factory):
         sigma = info["noise_sigma"]
         b = read_star(d / f"s{k + 1}" / "particles.star")
         p = b["particles"]
-        p["rlnImageName"] = [n.replace("@", f"@s{k + 1}/") for n in p["rlnImageName"]]
+        p["rlnImageName"] = [f"{i + 1:06d}@s{k + 1}/particles.mrcs" for i in range(len(p))]  # from d's STAR
         p["rlnClassNumber"] = k + 1
         parts.append(p)
     import pandas as pd

@@ -71,13 +71,16 @@ class Case:
 
 
 def make_base(folder) -> Path:
-    """The valid project's data/ folder contents, built once."""
-    folder = Path(folder)
+    """The valid project's data/ folder, built once in ``folder``/data (image names data/particles.mrcs, relative to
+    the project directory as simulate writes them)."""
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
     z, y, x = torch.meshgrid(*(torch.arange(BOX, dtype=torch.float32) - BOX // 2,) * 3, indexing="ij")
     truth = torch.exp(-((x - 1) ** 2 + y**2 + (z + 2) ** 2) / 8.0)
-    simulate_particles(truth, ANGPIX, folder, n=N, snr=0)
-    make_cs_project(folder, folder / "P1")
-    return folder
+    with contextlib.chdir(folder):
+        simulate_particles(truth, ANGPIX, Path("data"), n=N, snr=0)
+    make_cs_project(folder / "data", folder / "data" / "P1")
+    return folder / "data"
 
 
 def make_project(base, folder) -> Path:

@@ -35,8 +35,9 @@ def sim(tmp_path_factory):
     return d
 
 
-def test_poses_reproduce_the_simulator(sim):
+def test_poses_reproduce_the_simulator(sim, monkeypatch):
     d = sim
+    monkeypatch.chdir(d)  # the project directory: image names are written relative to it
     rc = main(
         [
             "simulate",
@@ -60,7 +61,7 @@ def test_poses_reproduce_the_simulator(sim):
     a, b = read_star(d / "p" / "particles.star")["particles"], read_star(d / "sim" / "particles.star")["particles"]
     for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "rlnDefocusU"):
         np.testing.assert_allclose(a[col].to_numpy(), b[col].to_numpy(), atol=1e-5)
-    assert a["rlnImageName"].iloc[0] == "000001@particles.mrcs"
+    assert a["rlnImageName"].iloc[0] == "000001@p/particles.mrcs"
     # negative control: without the CTF the images are far off
     assert (
         main(

@@ -1,7 +1,8 @@
 """Simulate particles from an atomic model (PDB/mmCIF) or a map, with CTF, shifts and noise; the truth is kept.
 
 Example: cryorefine simulate --model 6msm.pdb --o sim --n 2000 --box 96 --angpix 2.0 --snr 0.05
-Writes DIR/particles.star (RELION 3.1, true poses), DIR/particles.mrcs and DIR/truth.mrc.
+Writes DIR/particles.star (RELION 3.1, true poses), DIR/particles.mrcs and DIR/truth.mrc. Image names are relative to
+the directory the command runs in (the RELION project directory), where RELION's programs look for them.
 
 Given poses: cryorefine simulate --map truth.mrc --poses poses.star --o DIR --snr 0 --gpu
 projects the map at the poses, CTFs and origin offsets of a STAR file (like relion_project --ang --ctf), streaming

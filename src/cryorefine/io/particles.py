@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from cryorefine.errors import CryoInputError
-from cryorefine.io.table import OpticsGroup, ParticleTable, resolve_stack
+from cryorefine.io.table import OpticsGroup, ParticleTable, project_relative, resolve_stack
 from cryorefine.io.cryosparc import load_cs_particles
 from cryorefine.io.mrc import open_stack
 from cryorefine.io.star import read_star, write_star
@@ -266,10 +266,23 @@ def load_particles(star_path, project_dir=None) -> ParticleTable:
     )
 
 
-# ---------------------------------------------------------------- images
-
-
 # ---------------------------------------------------------------- writing
+
+
+def image_names_from_here(table: ParticleTable) -> np.ndarray:
+    """rlnImageName with each stack relative to the directory the command runs in (RELION's project directory, where
+    its programs look), whichever folder the input's names were found in; names that already are so are kept."""
+    stacks, inverse = np.unique(table.image_stack.astype(str), return_inverse=True)
+    here = pd.Series([project_relative(s) for s in stacks], dtype=object)[inverse.reshape(-1)].to_numpy(object)
+    parts = pd.Series(table.image_name, dtype=object).astype(str).str.partition("@")
+    has_at = (parts[1] == "@").to_numpy()
+    given = parts[2].where(has_at, parts[0]).str.replace(r":mrcs?$", "", regex=True).to_numpy(object)
+    moved = np.flatnonzero(given != here)
+    if len(moved) == 0:
+        return table.image_name
+    names = table.image_name.copy()
+    names[moved] = [f"{table.image_index[i] + 1:06d}@{here[i]}" if has_at[i] else here[i] for i in moved]
+    return names
 
 
 def particle_blocks(table: ParticleTable, **updated_columns) -> dict[str, pd.DataFrame]:
@@ -289,7 +302,7 @@ def particle_blocks(table: ParticleTable, **updated_columns) -> dict[str, pd.Dat
         row.update({k: v for k, v in g.extra.items() if k not in row})
         optics_rows.append(row)
     cols = {
-        "rlnImageName": table.image_name,
+        "rlnImageName": image_names_from_here(table),
         "rlnAngleRot": table.rot_deg,
         "rlnAngleTilt": table.tilt_deg,
         "rlnAnglePsi": table.psi_deg,
