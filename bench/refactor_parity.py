@@ -1,6 +1,6 @@
 """A refactor must not change results: a fixed-seed refinement and classification run at two commits, outputs compared.
 
-usage: python bench/refactor_parity.py OLD NEW OUT.json [--gpu] [--workdir DIR]
+usage: python bench/refactor_parity.py OLD NEW OUT.json [--gpu] [--deterministic] [--workdir DIR]
        (OLD, NEW: commits, or checkouts with src/)
 
 Each commit is checked out into a git worktree and runs, in its own process with PYTHONPATH at its src/, the same
@@ -9,6 +9,8 @@ Each commit is checked out into a git worktree and runs, in its own process with
 Compared: the final maps (largest |new − old| / max |old|), the half maps of the refinement, the poses in data.star
 (largest angle and offset difference) and the classes. Pass: maps within 1e-5 relative, the same poses (≤ 1e-3°,
 1e-4 Å) and classes. Writes OUT.json with every figure, the commits and the device.
+--deterministic runs both under torch.use_deterministic_algorithms (CUBLAS_WORKSPACE_CONFIG=:4096:8), set here and
+not by the code under test, so that the GPU's atomic additions do not hide or fake a difference.
 """
 
 from __future__ import annotations
@@ -23,13 +25,17 @@ from pathlib import Path
 
 import numpy as np
 
+DETERMINISTIC_MAIN = (
+    "import sys, torch; torch.use_deterministic_algorithms(True, warn_only=True); "
+    "from cryorefine.cli.main import main; sys.exit(main())"
+)
 FLAGS = (
     "--ini_high 30 --particle_diameter 200 --ctf --zero_mask --flatten_solvent --norm --healpix_order 1 "
     "--offset_range 3 --offset_step 1.5 --iter 3 --random_seed 3"
 ).split()
 
 
-def run_at(commit: str, work: Path, data: Path, gpu: bool) -> Path:
+def run_at(commit: str, work: Path, data: Path, gpu: bool, deterministic: bool) -> Path:
     tree = Path(commit) if Path(commit).is_dir() else work / f"tree-{commit}"  # a checkout (with src/) or a commit
     if not tree.exists():
         subprocess.run(["git", "worktree", "add", "-f", "--detach", str(tree), commit], check=True, capture_output=True)
@@ -38,6 +44,9 @@ def run_at(commit: str, work: Path, data: Path, gpu: bool) -> Path:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree / "src"), os.environ.get("PYTHONPATH", "")]))
     dev = ["--gpu"] if gpu else ["--j", "2"]
     cmd = [sys.executable, "-m", "cryorefine.cli.main"]
+    if deterministic:
+        env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+        cmd = [sys.executable, "-c", DETERMINISTIC_MAIN]
     common = ["--i", str(data / "particles_noposes.star"), "--ref", str(data / "start.mrc"), *FLAGS, *dev]
     subprocess.run(
         [*cmd, "refine", "--o", str(out / "refine" / "run"), *common], check=True, env=env, capture_output=True
@@ -89,6 +98,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("old"), ap.add_argument("new"), ap.add_argument("out")
     ap.add_argument("--gpu", action="store_true"), ap.add_argument("--workdir", default=None)
+    ap.add_argument("--deterministic", action="store_true")
     a = ap.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="parity-"))
     data = work / "data"
@@ -123,8 +133,9 @@ def main() -> None:
         write_map(
             data / "start.mrc", low_pass_filter(torch.from_numpy(t).double(), 30.0, angpix).float().numpy(), angpix
         )
-    old, new = (run_at(c, work, data, a.gpu) for c in (a.old, a.new))
-    res = {"old": a.old, "new": a.new, "device": "gpu" if a.gpu else "cpu", **compare(old, new)}
+    old, new = (run_at(c, work, data, a.gpu, a.deterministic) for c in (a.old, a.new))
+    res = {"old": a.old, "new": a.new, "device": "gpu" if a.gpu else "cpu", "deterministic": a.deterministic}
+    res |= compare(old, new)
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps(res, indent=1))
 
