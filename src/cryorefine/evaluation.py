@@ -57,7 +57,7 @@ def read_poses(star_path) -> Poses:
     def col(name):
         return df[name].to_numpy(np.float64) if name in df.columns else np.zeros(len(df))
 
-    ox, oy = origins_angst(df, lambda: particle_pixel_sizes(blocks, block, df, star_path))
+    ox, oy = origins_angst(df, lambda: particle_pixel_sizes(blocks, block, df, star_path), block, star_path)
     return Poses(
         df["rlnImageName"].astype(str).to_numpy(object),
         col("rlnAngleRot"),

@@ -66,15 +66,23 @@ def check_particles(star, project_dir=None) -> ParticleTable:
         by_stack = np.split(np.argsort(inverse.reshape(-1), kind="stable"), np.cumsum(counts)[:-1])
         per_stack = FINITE_CHECK_BYTES // max(1, len(stacks)) // (4 * box * box)
         for path, rows in zip(stacks, by_stack):
-            stack = table.stack(path)  # raises for non-MRC or non-square images
+            try:
+                stack = table.stack(path)  # raises for non-MRC or non-square images
+            except CryoInputError as exc:  # the stack's own message, and which particle file names it
+                raise CryoInputError(f"{exc} (an image stack named in {star})") from exc
             if stack.shape[1] != box:
                 raise CryoInputError(
-                    f"images are {stack.shape[1]} px but rlnImageSize is {box} in "
-                    f"{star}; fix rlnImageSize or re-extract",
+                    f"images are {stack.shape[1]} px but {star} gives a box of {box} px (rlnImageSize, or "
+                    "blob/shape of a .cs file); fix it or re-extract",
                     path=path,
                 )
             used = np.unique(table.image_index[rows])
-            stack.read(used[-1:])  # raises if an index is past the end of the stack
+            if used[-1] >= len(stack):
+                raise CryoInputError(
+                    f"image {used[-1] + 1} (1-based) named in {star} is past the end of the stack, which holds "
+                    f"{len(stack)} images; check the image indices (rlnImageName, or blob/idx of a .cs file)",
+                    path=path,
+                )
             _check_finite(stack, used, max(2, per_stack))
     finally:
         table.close()

@@ -15,6 +15,7 @@ from scipy.spatial.transform import Rotation
 
 from cryorefine.cli.main import main
 from cryorefine.density import atoms_to_map, packaged_model, read_atoms
+from cryorefine.errors import CryoInputError
 from cryorefine.io.cryosparc import pose_to_euler_deg
 from cryorefine.io.mrc import read_map
 from cryorefine.io.particles import load_particles
@@ -183,3 +184,35 @@ def test_cs_without_alignments_gives_identity_poses(project):
         table.random_subset,
     ):
         np.testing.assert_array_equal(np.abs(values), 0)
+
+
+def _tiny_cs_fields(n=2) -> dict:
+    return {
+        "blob/path": np.array([b"J7/extract/stack_0.mrc"] * n, "S64"),
+        "blob/idx": np.arange(n, dtype=np.uint32),
+        "blob/shape": np.full((n, 2), 8, np.uint32),
+        "blob/psize_A": np.full(n, 2.0, np.float32),
+        "ctf/accel_kv": np.full(n, 300.0, np.float32),
+        "ctf/cs_mm": np.full(n, 2.7, np.float32),
+        "ctf/amp_contrast": np.full(n, 0.1, np.float32),
+        "alignments3D/pose": np.zeros((n, 3), np.float32),
+    }
+
+
+@pytest.mark.parametrize(
+    "name, value, words",
+    [
+        ("alignments3D/pose", np.zeros(2, np.float32), "field alignments3D/pose holds float32 values of shape ()"),
+        ("blob/psize_A", np.array([b"2.0"] * 2), "field blob/psize_A holds |S3 values"),
+        ("blob/idx", np.array([0, 2**63], np.uint64), "field blob/idx of row 2 is 9223372036854775808; it must be"),
+        ("ctf/amp_contrast", np.array([0.1, 1.5], np.float32), "field ctf/amp_contrast of row 2 is 1.5; it must be"),
+        ("blob/path", np.array([b"J7/st\xffck.mrc"] * 2, "S16"), "field blob/path of row 1 is not UTF-8 text"),
+    ],
+)
+def test_cs_fields_of_the_wrong_type_or_range(tmp_path, name, value, words):
+    fields = _tiny_cs_fields()
+    fields[name] = value
+    write_cs(tmp_path / "p.cs", fields)
+    with pytest.raises(CryoInputError) as info:
+        load_particles(tmp_path / "p.cs")
+    assert words in str(info.value) and "p.cs" in str(info.value)

@@ -284,3 +284,32 @@ def test_relion_reads_our_files(project, tmp_path):
     again = load_particles(root / "relion_out.star")
     assert len(again) == 6
     np.testing.assert_allclose(again.rot_deg, table.rot_deg, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "block, column, value, words",
+    [
+        ("particles", "rlnDefocusU", "abc", "rlnDefocusU in data_particles row 3 is 'abc', not a finite number"),
+        ("particles", "rlnAngleRot", "inf", "rlnAngleRot in data_particles row 3 is inf"),
+        ("particles", "rlnOpticsGroup", "1.5", "rlnOpticsGroup in data_particles row 3 is 1.5, not a whole number"),
+        ("optics", "rlnAmplitudeContrast", "1.5", "rlnAmplitudeContrast in data_optics row 1 is 1.5; it must be"),
+        ("optics", "rlnImagePixelSize", "0", "rlnImagePixelSize in data_optics row 1 is 0; it must be the pixel"),
+        ("optics", "rlnImageSize", "-8", "rlnImageSize in data_optics row 1 is -8; it must be the image size"),
+    ],
+)
+def test_bad_numbers_name_column_and_row(project, block, column, value, words):
+    root, star, _ = project
+    blocks = {"optics": optics_df().astype(object), "particles": particles_df(6).astype(object)}
+    blocks[block].loc[min(2, len(blocks[block]) - 1), column] = value
+    write_star(star, blocks)
+    with pytest.raises(CryoInputError) as info:
+        load_particles(star)
+    assert words in str(info.value) and "particles.star" in str(info.value)
+
+
+def test_large_optics_group_number(project):
+    """Group numbers are looked up, not used as indices (10^12 once asked for a 7 TiB table)."""
+    root, star, _ = project
+    write_star(star, {"optics": optics_df(rlnOpticsGroup=10**12), "particles": particles_df(6, rlnOpticsGroup=10**12)})
+    table = load_particles(star)
+    assert table.optics[0].number == 10**12 and (table.optics_group == 0).all()

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -84,6 +85,28 @@ def test_read_errors(tmp_path):
     with pytest.raises(CryoInputError, match="junk.star"):
         read_star(tmp_path / "junk.star")
     (tmp_path / "bad.star").write_text("data_\nloop_\n_rlnA #1\n_rlnB #2\n1 2 3\n")
-    with pytest.raises(CryoInputError, match="malformed") as info:
+    with pytest.raises(CryoInputError, match="line 5 has 3 values but the loop of data_ has 2 labels") as info:
         read_star(tmp_path / "bad.star")
     assert "bad.star" in str(info.value)
+    (tmp_path / "cut.star").write_text("data_optics\nloop_\n_rlnA #1\n1\n\ndata_particles\n")
+    with pytest.raises(CryoInputError, match=r"data_particles \(line 6\) holds no loop_ or values"):
+        read_star(tmp_path / "cut.star")
+
+
+def test_read_after_a_failed_read_of_the_same_path(tmp_path, monkeypatch):
+    """starfile reads through linecache, which a failed parse left holding the file's old lines."""
+    monkeypatch.chdir(tmp_path)
+    Path("p.star").write_text("data_\nloop_\n_rlnA #1\n_rlnB #2\n1 2 3\n")
+    with pytest.raises(CryoInputError, match="line 5 has 3 values"):
+        read_star("p.star")
+    Path("p.star").write_text("data_\nloop_\n_rlnA #1\n_rlnB #2\n1 2\n")
+    assert read_star("p.star")[""].to_dict("records") == [{"rlnA": 1, "rlnB": 2}]
+
+
+def test_duplicate_label_and_non_utf8_bytes(tmp_path):
+    (tmp_path / "dup.star").write_text("data_particles\nloop_\n_rlnA #1\n_rlnA #2\n1 2\n")
+    with pytest.raises(CryoInputError, match="column rlnA appears twice in data_particles"):
+        read_star(tmp_path / "dup.star")
+    (tmp_path / "latin1.star").write_bytes("data_particles\nloop_\n_rlnA #1\ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(CryoInputError, match=r"latin1.star: line 4 holds bytes that are not UTF-8"):
+        read_star(tmp_path / "latin1.star")

@@ -20,6 +20,7 @@ rlnOriginXAngst = shift_x · alignments3D/psize_A; defocus 1/2 are DefocusU/V; a
 from __future__ import annotations
 
 import pickle
+import tokenize
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,21 @@ import torch
 from cryorefine.errors import CryoInputError
 from cryorefine.geometry.axis_angle import axis_angle_to_matrix
 from cryorefine.geometry.euler import matrix_to_euler
-from cryorefine.io.table import OpticsGroup, ParticleTable, project_relative, resolve_stack
+from cryorefine.io.table import (
+    ANGPIX_RULE,
+    CS_RULE,
+    MAX_ANGPIX,
+    MAX_CS_MM,
+    MAX_ORIGIN_ANGST,
+    MAX_VOLTAGE_KV,
+    MIN_ANGPIX,
+    ORIGIN_RULE,
+    VOLTAGE_RULE,
+    OpticsGroup,
+    ParticleTable,
+    project_relative,
+    resolve_stack,
+)
 
 REQUIRED_FIELDS = (
     "blob/path",
@@ -40,6 +55,34 @@ REQUIRED_FIELDS = (
     "ctf/cs_mm",
     "ctf/amp_contrast",
 )
+_TEXT, _WHOLE, _NUMBER = "SUO", "iu", "iuf"  # numpy dtype kinds
+FIELD_TYPES = {  # every field read: (dtype kinds, shape of one row's value, what it must be)
+    "blob/path": (_TEXT, (), "a path"),
+    "blob/idx": (_WHOLE, (), "a 0-based image index"),
+    "blob/shape": (_WHOLE, (2,), "the image size (ny, nx) in pixels"),
+    "blob/psize_A": (_NUMBER, (), "a pixel size"),
+    "ctf/accel_kv": (_NUMBER, (), "a voltage"),
+    "ctf/cs_mm": (_NUMBER, (), "a spherical aberration"),
+    "ctf/amp_contrast": (_NUMBER, (), "an amplitude contrast"),
+    "ctf/df1_A": (_NUMBER, (), "a defocus"),
+    "ctf/df2_A": (_NUMBER, (), "a defocus"),
+    "ctf/df_angle_rad": (_NUMBER, (), "an angle"),
+    "ctf/phase_shift_rad": (_NUMBER, (), "an angle"),
+    "ctf/bfactor": (_NUMBER, (), "a B-factor"),
+    "ctf/exp_group_id": (_WHOLE, (), "an exposure group number"),
+    "alignments3D/pose": (_NUMBER, (3,), "an axis-angle rotation (3 numbers)"),
+    "alignments3D/shift": (_NUMBER, (2,), "a shift (x, y)"),
+    "alignments3D/psize_A": (_NUMBER, (), "a pixel size"),
+    "alignments3D/split": (_WHOLE, (), "a half-set number"),
+}
+FIELD_RANGES = {  # field: (accepted, the rule quoted in the message)
+    "blob/idx": (lambda v: (v >= 0) & (v < 2**62), "must be a 0-based image index (0 to 2^62)"),
+    "blob/shape": (lambda v: v > 0, "must be the image size in pixels (> 0)"),
+    "blob/psize_A": (lambda v: (v >= MIN_ANGPIX) & (v <= MAX_ANGPIX), ANGPIX_RULE),
+    "ctf/accel_kv": (lambda v: (v > 0) & (v <= MAX_VOLTAGE_KV), VOLTAGE_RULE),
+    "ctf/cs_mm": (lambda v: np.abs(v) <= MAX_CS_MM, CS_RULE),
+    "ctf/amp_contrast": (lambda v: (v >= 0) & (v <= 1), "must be between 0 and 1"),
+}
 NUMPY_MAGIC = b"\x93NUMPY"
 FOLDERS_ABOVE = 3  # a .cs lies in a job folder (P1/J12) or an export (P1/exports/groups/NAME) of the project folder
 
@@ -51,9 +94,10 @@ def read_cs(path) -> np.ndarray:
         raise CryoInputError("file not found; check the path", path=path)
     try:
         cs = _load_numpy(path)
-    except (ValueError, OSError, EOFError, pickle.UnpicklingError) as exc:
+    except (ValueError, TypeError, SyntaxError, tokenize.TokenError, OSError, EOFError, pickle.UnpicklingError) as exc:
+        # what numpy's .npy reader raises for a damaged header (its dictionary is parsed as Python) or payload
         raise CryoInputError(
-            f"not a cryoSPARC .cs file ({type(exc).__name__}: {exc}); give the particles .cs "
+            f"not a cryoSPARC .cs file ({type(exc).__name__}: {str(exc)[:200]}); give the particles .cs "
             "of a cryoSPARC job or export",
             path=path,
         ) from exc
@@ -71,12 +115,40 @@ def read_cs(path) -> np.ndarray:
         )
     if len(cs) == 0:
         raise CryoInputError("the .cs file holds no particles", path=path)
+    _check_fields(cs, path)
     for name in cs.dtype.names:
         if cs.dtype[name].base.kind == "f" and not np.isfinite(cs[name]).all():
             raise CryoInputError(
                 f"field {name} holds NaN or Inf values; re-run or re-export the cryoSPARC job", path=path
             )
     return cs
+
+
+def _check_fields(cs: np.ndarray, path) -> None:
+    """Each field we read of the type and shape FIELD_TYPES says, and in FIELD_RANGES' range (NaN is checked after)."""
+    assert cs.dtype.names is not None
+    for name, (kinds, shape, what) in FIELD_TYPES.items():
+        if name not in cs.dtype.names:
+            continue
+        dtype = cs.dtype[name]
+        if dtype.base.kind not in kinds or dtype.shape != shape:
+            raise CryoInputError(
+                f"field {name} holds {dtype.base} values of shape {dtype.shape}, not {what}; re-export the particles "
+                "from cryoSPARC",
+                path=path,
+            )
+        if name in FIELD_RANGES:
+            accepted, rule = FIELD_RANGES[name]
+            values = np.asarray(cs[name])
+            with np.errstate(invalid="ignore"):  # NaN is refused by read_cs with its own message
+                ok = accepted(values) | np.isnan(values.astype(np.float64))
+            ok = ok.reshape(len(cs), -1).all(axis=1)
+            if not ok.all():
+                row = int(np.flatnonzero(~ok)[0])
+                raise CryoInputError(
+                    f"field {name} of row {row + 1} is {values[row]}; it {rule}; re-run or re-export the cryoSPARC job",
+                    path=path,
+                )
 
 
 def _load_numpy(path: Path) -> np.ndarray:
@@ -99,8 +171,27 @@ def pose_to_euler_deg(pose) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return rot.numpy(), tilt.numpy(), psi.numpy()
 
 
-def _text(values) -> np.ndarray:
-    return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values], object)
+def _text(values, name: str, path) -> np.ndarray:
+    """The strings of a text field (bytes as UTF-8, as cryoSPARC writes them)."""
+    out = np.empty(len(values), object)
+    for i, v in enumerate(values):
+        if isinstance(v, bytes):
+            try:
+                v = v.decode()
+            except UnicodeDecodeError as exc:
+                raise CryoInputError(
+                    f"field {name} of row {i + 1} is not UTF-8 text ({v[:60]!r}); re-export the particles from "
+                    "cryoSPARC",
+                    path=path,
+                ) from exc
+        elif not isinstance(v, str):
+            raise CryoInputError(
+                f"field {name} of row {i + 1} is a {type(v).__name__}, not text; re-export the particles from "
+                "cryoSPARC",
+                path=path,
+            )
+        out[i] = v
+    return out
 
 
 def _field(cs: np.ndarray, name: str, default) -> np.ndarray:
@@ -154,7 +245,7 @@ def load_cs_particles(cs_path, project_dir=None) -> ParticleTable:
         (cs_dir, ".cs folder"),
         *((d, f"{i + 1} up from the .cs folder") for i, d in enumerate(cs_dir.parents[:FOLDERS_ABOVE])),
     ]
-    names, inverse = np.unique(_text(cs["blob/path"]).astype(str), return_inverse=True)
+    names, inverse = np.unique(_text(cs["blob/path"], "blob/path", cs_path).astype(str), return_inverse=True)
     stacks = np.array([resolve_stack(name.lstrip(">"), folders, cs_path) for name in names], object)[
         inverse.reshape(-1)
     ]
@@ -172,6 +263,14 @@ def load_cs_particles(cs_path, project_dir=None) -> ParticleTable:
     shift = (
         np.asarray(cs["alignments3D/shift"], np.float64) if "alignments3D/shift" in cs.dtype.names else np.zeros((n, 2))
     )
+    too_far = (np.abs(shift) * shift_angpix[:, None] > MAX_ORIGIN_ANGST).any(axis=1)
+    if too_far.any():
+        row = int(np.flatnonzero(too_far)[0])
+        raise CryoInputError(
+            f"field alignments3D/shift of row {row + 1} is {shift[row]} px of {shift_angpix[row]:g} Å; the offset "
+            f"{ORIGIN_RULE}; re-run or re-export the cryoSPARC job",
+            path=cs_path,
+        )
     split = _field(cs, "alignments3D/split", -1).astype(np.int64)
     random_subset = split + 1 if set(np.unique(split).tolist()) == {0, 1} else np.zeros(n, np.int64)
     df1 = _field(cs, "ctf/df1_A", 0.0)

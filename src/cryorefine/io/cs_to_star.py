@@ -52,7 +52,8 @@ def convert_cs_to_star(cs_path, star_path, copy: bool = False, project_dir=None)
         _place(source, target, copy)
     names = np.array([project_relative(t) for t in targets], object)[inverse.reshape(-1)]
     image_name = np.array([f"{i + 1:06d}@{n}" for i, n in zip(table.image_index, names)], object)
-    write_particles(star_path, replace(table, image_name=image_name))
+    image_stack = np.array([os.path.abspath(t) for t in targets], object)[inverse.reshape(-1)]  # the links, named
+    write_particles(star_path, replace(table, image_name=image_name, image_stack=image_stack))
     return {
         "star": str(star_path),
         "particles": len(table),

@@ -13,6 +13,7 @@ from cryorefine.errors import CryoInputError
 from cryorefine.io.atomic import atomic_write, temp_path_for, user_os_error
 
 SUPPORTED_MODES = (0, 1, 2, 6, 12)
+_MODE_BYTES = {0: 1, 1: 2, 2: 4, 6: 2, 12: 2}
 
 
 def _open_mrc(path, mmap: bool = False):
@@ -20,10 +21,17 @@ def _open_mrc(path, mmap: bool = False):
     path = Path(path)
     if not path.is_file():
         raise CryoInputError("file not found; check the path", path=path)
+    short = _too_short(path)  # before mrcfile, which allocates what the header says (2 GB for a damaged nsymbt)
+    if short:
+        raise CryoInputError(short, path=path)
     opener = mrcfile.mmap if mmap else mrcfile.open
     try:
-        mrc = opener(path, mode="r", permissive=False)
-    except (ValueError, EOFError) as strict_exc:
+        with warnings.catch_warnings(record=True) as caught:  # strict mode warns only of a file longer than its header
+            warnings.simplefilter("always")
+            mrc = opener(path, mode="r", permissive=False)
+        for w in caught:
+            warnings.warn(f"{path}: {w.message} from its header; reading only the data the header describes")
+    except (ValueError, EOFError, OverflowError) as strict_exc:  # OverflowError: a data block too big to map
         if not _plausible_header(path):
             raise CryoInputError(
                 f"not an MRC file ({strict_exc}); check the file type or re-export it", path=path
@@ -63,16 +71,42 @@ def _plausible_header(path: Path) -> bool:
     return False
 
 
+def _too_short(path: Path) -> str | None:
+    """The message for a file shorter than its (plausible) header says, with both sizes; else None."""
+    with open(path, "rb") as f:
+        head = f.read(1024)
+    size = path.stat().st_size
+    if len(head) < 1024:
+        return None  # mrcfile says what is wrong
+    for order in "<>":
+        nx, ny, nz, mode = (int(v) for v in np.frombuffer(head[:16], dtype=f"{order}i4"))
+        nsymbt = int(np.frombuffer(head[92:96], dtype=f"{order}i4")[0])
+        if mode in _MODE_BYTES and min(nx, ny, nz) > 0 and nsymbt >= 0:
+            need = 1024 + nsymbt + nx * ny * nz * _MODE_BYTES[mode]
+            if size >= need:
+                return None
+            return (
+                f"the file is {size} bytes, shorter than the {need} its header says (nx {nx}, ny {ny}, nz {nz}, mode "
+                f"{mode}, extended header {nsymbt} bytes): it is truncated or its header is wrong; re-export it"
+            )
+    return None
+
+
 def _voxel_size_angst(mrc) -> float:
-    return float(mrc.voxel_size.x)
+    """The header's pixel size (cella.x / mx); 0.0 (unknown) where it is not a positive number."""
+    if int(mrc.header.mx) <= 0:
+        return 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):  # my or mz may be 0: only x is used
+        angpix = float(mrc.voxel_size.x)  # mrcfile's float32 division, as before
+    return angpix if np.isfinite(angpix) and angpix > 0 else 0.0
 
 
 def read_map(path) -> tuple[np.ndarray, float]:
-    """Read a cubic 3D map: (float32 array (z, y, x), voxel size in Å)."""
+    """Read a cubic 3D map: (float32 array (z, y, x), voxel size in Å; 0.0 where the header has none)."""
     with _open_mrc(path) as mrc:
         data = np.asarray(mrc.data)
         angpix = _voxel_size_angst(mrc)
-    if data.ndim != 3 or len(set(data.shape)) != 1:
+    if data.ndim != 3 or len(set(data.shape)) != 1 or data.size == 0:
         raise CryoInputError(
             f"not a cubic 3D map (shape {tuple(data.shape)}); give a cubic "
             "volume (resample/pad it, e.g. relion_image_handler --new_box)",
@@ -134,7 +168,7 @@ class ImageStack:
         data = self._mrc.data
         if data.ndim == 2:
             data = data[None]
-        if data.ndim != 3:
+        if data.ndim != 3 or data.size == 0:
             self.close()
             raise CryoInputError(f"not an image stack (shape {data.shape})", path=self.path)
         if data.shape[1] != data.shape[2]:

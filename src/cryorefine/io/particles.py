@@ -10,7 +10,21 @@ import numpy as np
 import pandas as pd
 
 from cryorefine.errors import CryoInputError
-from cryorefine.io.table import OpticsGroup, ParticleTable, project_relative, resolve_stack
+from cryorefine.io.table import (
+    ANGPIX_RULE,
+    CS_RULE,
+    MAX_ANGPIX,
+    MAX_CS_MM,
+    MAX_ORIGIN_ANGST,
+    MAX_VOLTAGE_KV,
+    MIN_ANGPIX,
+    ORIGIN_RULE,
+    VOLTAGE_RULE,
+    OpticsGroup,
+    ParticleTable,
+    project_relative,
+    resolve_stack,
+)
 from cryorefine.io.cryosparc import load_cs_particles
 from cryorefine.io.mrc import open_stack
 from cryorefine.io.star import read_star, write_star
@@ -53,26 +67,75 @@ def _require(df: pd.DataFrame, columns, block: str, path) -> None:
             raise CryoInputError(f"missing column {col} in data_{block}; add it or re-export the particles", path=path)
 
 
+_EXACT = 2.0**53  # whole numbers from here on are not exact in float64 (starfile may read a column as floats)
+
+
+def _numbers(df: pd.DataFrame, name: str, block: str, path, default=0.0, whole: bool = False) -> np.ndarray:
+    """Column ``name`` of data_``block`` as float64 (int64 if ``whole``), ``default`` in every row if it is absent.
+    Every value must be a finite number (a whole one if ``whole``): text, an empty or NaN field (also what a row with
+    too few values leaves) and Inf stop with the row and the value."""
+    if name not in df.columns:
+        return np.full(len(df), default, np.int64 if whole else np.float64)
+    raw = df[name]
+    if whole and raw.dtype.kind == "i":  # exact, whatever the size
+        return raw.to_numpy(np.int64, copy=True)
+    values = pd.to_numeric(raw, errors="coerce").to_numpy(np.float64, copy=True)  # text -> NaN
+    if raw.dtype.kind in "bO":  # pandas reads true/false as booleans, which are not numbers in a STAR file
+        values[raw.map(lambda v: isinstance(v, (bool, np.bool_))).to_numpy(bool)] = np.nan
+    bad = ~np.isfinite(values)
+    if whole:
+        bad |= (values != np.round(values)) | (np.abs(values) >= _EXACT)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        value = raw.iloc[i]
+        if isinstance(value, float) and np.isnan(value):
+            shown = "NaN or missing (a row with too few values?)"
+        else:
+            shown = repr(value) if isinstance(value, str) else str(value)
+        what = "a whole number (below 2^53)" if whole else "a finite number"
+        raise CryoInputError(
+            f"{name} in data_{block} row {i + 1} is {shown}, not {what}; fix the value or re-export the particles",
+            path=path,
+        )
+    return values.astype(np.int64) if whole else values
+
+
+def _check_values(values: np.ndarray, ok: np.ndarray, name: str, block: str, path, rule: str) -> None:
+    """Stop at the first row where ``ok`` is False: ``name`` in that row breaks ``rule`` (e.g. 'must be > 0')."""
+    if not ok.all():
+        i = int(np.flatnonzero(~ok)[0])
+        raise CryoInputError(
+            f"{name} in data_{block} row {i + 1} is {values[i]:g}; it {rule}; fix the value or re-export the particles",
+            path=path,
+        )
+
+
 def _pixel_size_angst(df: pd.DataFrame, block: str, path) -> np.ndarray:
     if "rlnImagePixelSize" in df.columns:
-        angpix = df["rlnImagePixelSize"].to_numpy(np.float64)
+        name, angpix = "rlnImagePixelSize", _numbers(df, "rlnImagePixelSize", block, path)
     elif "rlnDetectorPixelSize" in df.columns and "rlnMagnification" in df.columns:
-        angpix = df["rlnDetectorPixelSize"].to_numpy(np.float64) * 1e4 / df["rlnMagnification"].to_numpy(np.float64)
+        detector = _numbers(df, "rlnDetectorPixelSize", block, path)
+        magnification = _numbers(df, "rlnMagnification", block, path)
+        _check_values(magnification, magnification > 0, "rlnMagnification", block, path, "must be > 0")
+        name, angpix = "rlnDetectorPixelSize", detector * 1e4 / magnification
     else:
         raise CryoInputError(
             f"missing column rlnImagePixelSize (or rlnDetectorPixelSize and "
             f"rlnMagnification) in data_{block}; add the pixel size",
             path=path,
         )
-    if not (np.isfinite(angpix) & (angpix > 0)).all():
-        raise CryoInputError(f"invalid pixel size in data_{block} (must be > 0)", path=path)
+    _check_values(angpix, (angpix >= MIN_ANGPIX) & (angpix <= MAX_ANGPIX), name, block, path, ANGPIX_RULE)
     return angpix
 
 
-def _column(df: pd.DataFrame, name: str, default, dtype=np.float64) -> np.ndarray:
-    if name in df.columns:
-        return df[name].to_numpy(dtype, copy=True)
-    return np.full(len(df), default, dtype)
+def _optics_values(df: pd.DataFrame, block: str, path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(voltage kV, Cs mm, amplitude contrast) of every row, each checked: the CTF needs them in range."""
+    _require(df, _OPTICS_VALUE_COLUMNS, block, path)
+    voltage, cs, q0 = (_numbers(df, c, block, path) for c in _OPTICS_VALUE_COLUMNS)
+    _check_values(voltage, (voltage > 0) & (voltage <= MAX_VOLTAGE_KV), "rlnVoltage", block, path, VOLTAGE_RULE)
+    _check_values(cs, np.abs(cs) <= MAX_CS_MM, "rlnSphericalAberration", block, path, CS_RULE)
+    _check_values(q0, (q0 >= 0) & (q0 <= 1), "rlnAmplitudeContrast", block, path, "must be between 0 and 1")
+    return voltage, cs, q0
 
 
 def _parse_image_names(names: np.ndarray, path) -> tuple[np.ndarray, np.ndarray]:
@@ -82,7 +145,7 @@ def _parse_image_names(names: np.ndarray, path) -> tuple[np.ndarray, np.ndarray]
     stacks = np.where(has_at, parts[2].to_numpy(object), parts[0].to_numpy(object)).astype(object)
     index_text = parts[0].where(has_at, "1")
     index_1 = pd.to_numeric(index_text, errors="coerce").to_numpy(np.float64)
-    bad = ~np.isfinite(index_1) | (index_1 < 1) | (index_1 != np.round(index_1))
+    bad = ~np.isfinite(index_1) | (index_1 < 1) | (index_1 != np.round(index_1)) | (index_1 >= _EXACT)
     if bad.any():
         raise CryoInputError(
             f"bad rlnImageName {names[np.flatnonzero(bad)[0]]!r}; expected 'index@stack.mrcs' with a 1-based index",
@@ -105,11 +168,16 @@ def particles_block(blocks: dict, path) -> tuple[str, pd.DataFrame]:
 
 def _optics_31(optics_df: pd.DataFrame, path) -> list[OpticsGroup]:
     _require(optics_df, ("rlnOpticsGroup",), "optics", path)
+    if len(optics_df) == 0:
+        raise CryoInputError("data_optics has no rows; add a row for each optics group", path=path)
     angpix = _pixel_size_angst(optics_df, "optics", path)
-    _require(optics_df, _OPTICS_VALUE_COLUMNS, "optics", path)
-    numbers = optics_df["rlnOpticsGroup"].to_numpy(np.int64)
+    voltage, cs, q0 = _optics_values(optics_df, "optics", path)
+    numbers = _numbers(optics_df, "rlnOpticsGroup", "optics", path, whole=True)
     if len(set(numbers.tolist())) != len(numbers):
         raise CryoInputError("duplicate rlnOpticsGroup numbers in data_optics", path=path)
+    boxes = _numbers(optics_df, "rlnImageSize", "optics", path, default=0, whole=True)  # 0: from the stacks
+    if "rlnImageSize" in optics_df.columns:
+        _check_values(boxes, boxes > 0, "rlnImageSize", "optics", path, "must be the image size in pixels (> 0)")
     extra_cols = [c for c in optics_df.columns if c not in _OPTICS_OWN_COLUMNS]
     groups = []
     for i, row in enumerate(optics_df.to_dict("records")):
@@ -119,10 +187,10 @@ def _optics_31(optics_df: pd.DataFrame, path) -> list[OpticsGroup]:
                 number=number,
                 name=str(row.get("rlnOpticsGroupName", f"opticsGroup{number}")),
                 angpix=float(angpix[i]),
-                box=int(row["rlnImageSize"]) if "rlnImageSize" in row else 0,
-                voltage_kv=float(row["rlnVoltage"]),
-                cs_mm=float(row["rlnSphericalAberration"]),
-                amplitude_contrast=float(row["rlnAmplitudeContrast"]),
+                box=int(boxes[i]),
+                voltage_kv=float(voltage[i]),
+                cs_mm=float(cs[i]),
+                amplitude_contrast=float(q0[i]),
                 extra={c: row[c] for c in extra_cols},
             )
         )
@@ -132,8 +200,7 @@ def _optics_31(optics_df: pd.DataFrame, path) -> list[OpticsGroup]:
 def _optics_30(df: pd.DataFrame, path) -> tuple[list[OpticsGroup], np.ndarray, np.ndarray]:
     """Optics groups from the unique (voltage, Cs, Q0, pixel size) rows of a STAR 3.0 table."""
     angpix = _pixel_size_angst(df, "", path)
-    _require(df, _OPTICS_VALUE_COLUMNS, "", path)
-    keys = pd.DataFrame({c: df[c].to_numpy(np.float64) for c in _OPTICS_VALUE_COLUMNS})
+    keys = pd.DataFrame(dict(zip(_OPTICS_VALUE_COLUMNS, _optics_values(df, "", path))))
     keys["angpix"] = angpix
     codes, uniques = pd.MultiIndex.from_frame(keys).factorize()
     groups = [
@@ -157,27 +224,41 @@ def particle_pixel_sizes(blocks: dict, block: str, df: pd.DataFrame, path) -> np
     if "optics" not in blocks:
         return _pixel_size_angst(df, block, path)
     groups = _optics_31(blocks["optics"], path)
-    lut = {g.number: g.angpix for g in groups}
-    numbers = (
-        df["rlnOpticsGroup"].to_numpy(np.int64)
-        if "rlnOpticsGroup" in df.columns
-        else np.full(len(df), groups[0].number)
-    )
-    unknown = sorted(set(np.unique(numbers).tolist()) - set(lut))
-    if unknown:
+    group = _group_of_particles(df, block, groups, path)
+    return np.array([g.angpix for g in groups], np.float64)[group]
+
+
+def _group_of_particles(df: pd.DataFrame, block: str, groups: list[OpticsGroup], path) -> np.ndarray:
+    """The index into ``groups`` of every particle, by rlnOpticsGroup (optional where there is one group)."""
+    if "rlnOpticsGroup" in df.columns:
+        numbers = _numbers(df, "rlnOpticsGroup", block, path, whole=True)
+    elif len(groups) == 1:
+        numbers = np.full(len(df), groups[0].number, np.int64)
+    else:
+        raise CryoInputError(f"missing column rlnOpticsGroup in data_{block}", path=path)
+    group = pd.Index([g.number for g in groups]).get_indexer(numbers)
+    if (group < 0).any():
+        unknown = sorted(set(numbers[group < 0].tolist()))
         raise CryoInputError(f"particles refer to optics group(s) {unknown} absent from data_optics", path=path)
-    return np.array([lut[int(k)] for k in numbers], np.float64)
+    return group.astype(np.int64)
 
 
-def origins_angst(df: pd.DataFrame, pixel_sizes: Callable[[], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def origins_angst(
+    df: pd.DataFrame, pixel_sizes: Callable[[], np.ndarray], block: str = "particles", path=None
+) -> tuple[np.ndarray, np.ndarray]:
     """Origin offsets (x, y) in Å of every particle: rlnOriginX/YAngst (STAR 3.1), else rlnOriginX/Y in pixels (3.0)
-    times ``pixel_sizes()`` (asked only then), else zero."""
+    times ``pixel_sizes()`` (asked only then), else zero. ``block`` and ``path`` name the table in messages."""
     if "rlnOriginXAngst" in df.columns or "rlnOriginYAngst" in df.columns:
-        return _column(df, "rlnOriginXAngst", 0.0), _column(df, "rlnOriginYAngst", 0.0)
-    if "rlnOriginX" in df.columns or "rlnOriginY" in df.columns:
+        x, y = (_numbers(df, f"rlnOrigin{a}Angst", block, path) for a in "XY")
+    elif "rlnOriginX" in df.columns or "rlnOriginY" in df.columns:
         angpix = pixel_sizes()
-        return _column(df, "rlnOriginX", 0.0) * angpix, _column(df, "rlnOriginY", 0.0) * angpix
-    return np.zeros(len(df)), np.zeros(len(df))
+        x, y = (_numbers(df, f"rlnOrigin{a}", block, path) * angpix for a in "XY")
+    else:
+        return np.zeros(len(df)), np.zeros(len(df))
+    unit = "Angst" if "rlnOriginXAngst" in df.columns or "rlnOriginYAngst" in df.columns else ""
+    for axis, values in zip("XY", (x, y)):
+        _check_values(values, np.abs(values) <= MAX_ORIGIN_ANGST, f"rlnOrigin{axis}{unit}", block, path, ORIGIN_RULE)
+    return x, y
 
 
 def load_particles(star_path, project_dir=None) -> ParticleTable:
@@ -194,22 +275,7 @@ def load_particles(star_path, project_dir=None) -> ParticleTable:
 
     if "optics" in blocks:  # STAR 3.1
         optics = _optics_31(blocks["optics"], star_path)
-        number_to_index = {g.number: i for i, g in enumerate(optics)}
-        if "rlnOpticsGroup" in df.columns:
-            numbers = df["rlnOpticsGroup"].to_numpy(np.int64)
-        elif len(optics) == 1:
-            numbers = np.full(len(df), optics[0].number, np.int64)
-        else:
-            raise CryoInputError(f"missing column rlnOpticsGroup in data_{block}", path=star_path)
-        unknown = sorted(set(np.unique(numbers).tolist()) - set(number_to_index))
-        if unknown:
-            raise CryoInputError(
-                f"particles refer to optics group(s) {unknown} absent from data_optics", path=star_path
-            )
-        lut = np.zeros(max(number_to_index) + 1, np.int64)
-        for number, i in number_to_index.items():
-            lut[number] = i
-        optics_group = lut[numbers]
+        optics_group = _group_of_particles(df, block, optics, star_path)
         particle_angpix = np.array([g.angpix for g in optics])[optics_group]
         own = set(_PARTICLE_OWN_COLUMNS)
     else:  # STAR 3.0 (one block, per-particle optics)
@@ -235,30 +301,31 @@ def load_particles(star_path, project_dir=None) -> ParticleTable:
                 with open_stack(image_stack[members[0]]) as stack:
                     group.box = stack.shape[-1]
 
-    origin_x, origin_y = origins_angst(df, lambda: particle_angpix)
+    origin_x, origin_y = origins_angst(df, lambda: particle_angpix, block, star_path)
 
+    number = lambda name, default=0.0, whole=False: _numbers(df, name, block, star_path, default, whole)  # noqa: E731
     has_ctf = "rlnDefocusU" in df.columns
-    defocus_u = _column(df, "rlnDefocusU", 0.0)
-    defocus_v = df["rlnDefocusV"].to_numpy(np.float64) if "rlnDefocusV" in df.columns else defocus_u.copy()
+    defocus_u = number("rlnDefocusU")
+    defocus_v = number("rlnDefocusV") if "rlnDefocusV" in df.columns else defocus_u.copy()
 
     return ParticleTable(
         image_index=image_index,
         image_stack=image_stack,
         image_name=image_name,
-        rot_deg=_column(df, "rlnAngleRot", 0.0),
-        tilt_deg=_column(df, "rlnAngleTilt", 0.0),
-        psi_deg=_column(df, "rlnAnglePsi", 0.0),
+        rot_deg=number("rlnAngleRot"),
+        tilt_deg=number("rlnAngleTilt"),
+        psi_deg=number("rlnAnglePsi"),
         origin_x_angst=origin_x,
         origin_y_angst=origin_y,
         defocus_u_angst=defocus_u,
         defocus_v_angst=defocus_v,
-        defocus_angle_deg=_column(df, "rlnDefocusAngle", 0.0),
-        phase_shift_deg=_column(df, "rlnPhaseShift", 0.0),
-        ctf_bfactor=_column(df, "rlnCtfBfactor", 0.0),
-        ctf_scale=_column(df, "rlnCtfScalefactor", 1.0),
+        defocus_angle_deg=number("rlnDefocusAngle"),
+        phase_shift_deg=number("rlnPhaseShift"),
+        ctf_bfactor=number("rlnCtfBfactor"),
+        ctf_scale=number("rlnCtfScalefactor", 1.0),
         optics_group=optics_group,
-        random_subset=_column(df, "rlnRandomSubset", 0, np.int64),
-        class_number=_column(df, "rlnClassNumber", 1, np.int64),
+        random_subset=number("rlnRandomSubset", 0, whole=True),
+        class_number=number("rlnClassNumber", 1, whole=True),
         optics=optics,
         extra=df[[c for c in df.columns if c not in own]].copy(),
         has_ctf=has_ctf,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import linecache
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -19,18 +21,69 @@ def read_star(path) -> dict[str, pd.DataFrame]:
         raise CryoInputError("STAR file not found; check the path", path=path)
     if path.stat().st_size == 0:
         raise CryoInputError("STAR file is empty", path=path)
+    # starfile reads lines through linecache and clears it only after a successful parse: a failed parse would leave
+    # this path's lines cached, and a later read of the same path in this process (the file fixed, or another file
+    # under the same relative name) would parse the stale lines
+    linecache.clearcache()
     try:
         blocks = starfile.read(path, always_dict=True)
     except Exception as exc:  # starfile raises assorted errors on malformed input
         raise CryoInputError(
-            f"malformed STAR file ({type(exc).__name__}: {exc}); check that it is a RELION/cryoSPARC STAR file",
+            _layout_problem(path)
+            or f"malformed STAR file ({type(exc).__name__}: {exc}); check that it is a RELION/cryoSPARC STAR file",
             path=path,
         ) from exc
     if not blocks:
-        raise CryoInputError("STAR file holds no data_ blocks", path=path)
+        raise CryoInputError(_not_text(path) or "STAR file holds no data_ blocks", path=path)
+    for name, block in blocks.items():
+        if isinstance(block, pd.DataFrame) and block.columns.duplicated().any():
+            label = block.columns[block.columns.duplicated()][0]
+            raise CryoInputError(f"column {label} appears twice in data_{name}; remove one of them", path=path)
     return {
         name: (block if isinstance(block, pd.DataFrame) else pd.DataFrame([block])) for name, block in blocks.items()
     }
+
+
+def _layout_problem(path: Path) -> str | None:
+    """Where a STAR file that starfile could not parse breaks the layout (a loop_ row with more or fewer values than
+    the loop has labels, a data_ block with nothing in it), or None."""
+    block, block_line, labels, rows, in_loop = "", 0, 0, 0, False
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        s = line.strip()
+        if s.startswith("data_"):
+            if block and not (labels or rows):
+                return f"{block} (line {block_line}) holds no loop_ or values; complete or remove it"
+            block, block_line, labels, rows, in_loop = s.split()[0], number, 0, 0, False
+        elif s.startswith("loop_"):
+            in_loop = True
+        elif s.startswith("_"):
+            labels += 1
+        elif s and not s.startswith("#") and in_loop:
+            rows += 1
+            try:
+                values = len(shlex.split(s))
+            except ValueError:  # an unclosed quote
+                values = len(s.split())
+            if values != labels:
+                return (
+                    f"line {number} has {values} values but the loop of {block} has {labels} labels; fix or remove "
+                    "that row"
+                )
+    if block and not (labels or rows):
+        return f"{block} (line {block_line}) holds no loop_ or values (is the file cut short?); complete or remove it"
+    return None
+
+
+def _not_text(path: Path) -> str | None:
+    """What makes a file unreadable as text (starfile reads lines through linecache, which gives none for a file that
+    is not UTF-8), or None."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line, bad = data.count(b"\n", 0, exc.start) + 1, data[exc.start : exc.start + 4]
+        return f"line {line} holds bytes that are not UTF-8 text ({bad!r}); save the STAR file as plain UTF-8 text"
+    return None
 
 
 def _as_block(block):

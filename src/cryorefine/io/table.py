@@ -16,6 +16,16 @@ from cryorefine.errors import CryoInputError
 from cryorefine.io.mrc import ImageStack, open_stack
 
 MAX_OPEN_STACKS = 128
+# What both readers accept for the optics values (a value outside is a damaged or mislabelled file; an amplitude
+# contrast above 1 or a voltage <= 0 would turn the CTF into NaN); each rule is quoted in the reader's message.
+MIN_ANGPIX, MAX_ANGPIX = 0.01, 1000.0
+ANGPIX_RULE = f"must be the pixel size in Å ({MIN_ANGPIX:g} to {MAX_ANGPIX:g})"
+MAX_VOLTAGE_KV = 5000.0
+VOLTAGE_RULE = f"must be the acceleration voltage in kV (> 0, at most {MAX_VOLTAGE_KV:g})"
+MAX_CS_MM = 1000.0
+CS_RULE = f"must be the spherical aberration in mm (at most {MAX_CS_MM:g} either way)"
+MAX_ORIGIN_ANGST = 1e6  # far beyond any real offset; one of 1e30 Å overflowed the float32 re-centring (a NaN map)
+ORIGIN_RULE = f"must be an origin offset in Å (at most {MAX_ORIGIN_ANGST:g} either way)"
 
 
 @dataclass
