@@ -165,6 +165,22 @@ def test_max_seconds_stops_every_rank_after_the_same_iteration(data):
     assert sum(record["batches_per_rank"]) == N_BATCHES and "counters" in record
 
 
+def test_output_lock_held_elsewhere_stops_every_rank_with_one_line(data):
+    """Rank 0 alone takes out/run.lock and tells the others: a live holder (this test) stops every rank at once with
+    the refusal's line and exit code 2 (no rank left waiting, none aborting), and nothing is written."""
+    from cryorefine.io.run_lock import RunLock
+
+    out = data / "locked"
+    out.mkdir()
+    with RunLock(out / "run.lock"):
+        r = subprocess.run(torchrun(2, "refine", *flags(data, out)), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    ours = [line for line in r.stderr.splitlines() if line.startswith("cryorefine refine: error:")]
+    assert len(ours) == 2 and all(f"{out / 'run.lock'}: another cryorefine run (pid {os.getpid()}" in x for x in ours)
+    assert r.stderr.count("exitcode  : 2 ") == 2 and "SIGABRT" not in r.stderr, r.stderr[-3000:]
+    assert not list(out.iterdir())
+
+
 def _rank_pid(launcher_pid: int, rank: int) -> int:
     """The pid of torchrun's worker with RANK=rank (a child of the launcher)."""
     children = " ".join(Path(t, "children").read_text() for t in Path(f"/proc/{launcher_pid}/task").iterdir()).split()

@@ -4,6 +4,7 @@ Example: cryorefine classify --i particles.star --o Class3D/run --ref init.mrc -
     --ini_high 40 --particle_diameter 160 --ctf
 Outputs: run_itNNN_classKKK.mrc, run_itNNN_model.star (class distribution, per-class resolution),
 run_itNNN_data.star (rlnClassNumber, rlnMaxValueProbDistribution), run_itNNN_optimiser.star, run.log, report.html.
+While it runs, Class3D/run.lock keeps a second run (or --continue) from writing to Class3D/run at the same time.
 """
 
 from __future__ import annotations

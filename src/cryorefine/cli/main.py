@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import sys
+import warnings
+from collections.abc import Iterator
 
-from ..errors import CryoInputError, DistributedError
+from ..errors import CryoInputError, DistributedError, Terminated
 
 SUBCOMMANDS = {
     "demo": "Simulate a small set from the packaged 6msm model, refine it and report resolution and pose error",
@@ -27,6 +30,27 @@ _OS_ERROR_FIXES = {  # user-fixable OS errors: strerror (which says what happene
     errno.EACCES: "make it accessible or choose another output folder with --o",
     errno.EROFS: "choose another output folder with --o",
 }
+
+
+def _say(line: str) -> None:
+    """One line on stderr in one write: the ranks of a torchrun job print theirs at once, and print's separate write
+    of the newline let them run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def _warnings_held() -> Iterator[list]:
+    """Hold the warnings raised while a command runs and show them (as Python would have) when it ends. The caller
+    empties the list when a CryoInputError stops the command: its one-line error says what to fix, and a warning about
+    the same input (an MRC header read anyway) would only add lines before it."""
+    held: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as held:
+            yield held
+    finally:
+        for w in held:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
 
 
 def _gpu_out_of_memory():
@@ -77,6 +101,11 @@ def main(argv=None) -> int:
     if not hasattr(args, "_main"):
         parser.print_help()
         return 2
+    with _warnings_held() as held:
+        return _run(args, held)
+
+
+def _run(args, held: list) -> int:
     try:
         try:
             rc = args._main(args)
@@ -87,24 +116,23 @@ def main(argv=None) -> int:
                 "(e.g. half the last one) or use a GPU with more memory"
             ) from exc
     except CryoInputError as exc:
-        print(f"cryorefine {args.command}: error: {exc}", file=sys.stderr)
+        held.clear()
+        _say(f"cryorefine {args.command}: error: {exc}")
         return 2
     except DistributedError as exc:
-        print(f"cryorefine {args.command}: error: {exc}", file=sys.stderr)
+        _say(f"cryorefine {args.command}: error: {exc}")
         return 1
     except OSError as exc:
         fix = None if exc.errno is None else _OS_ERROR_FIXES.get(exc.errno)
         if fix is None:
             raise
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"cryorefine {args.command}: error: {where}{exc.strerror or exc}; {fix}", file=sys.stderr)
+        _say(f"cryorefine {args.command}: error: {where}{exc.strerror or exc}; {fix}")
         return 2
-    except KeyboardInterrupt:
-        print(
-            f"cryorefine {args.command}: interrupted; rerun with --continue to resume from the last finished iteration",
-            file=sys.stderr,
-        )
-        return 130
+    except KeyboardInterrupt as exc:
+        how = "stopped by SIGTERM" if isinstance(exc, Terminated) else "interrupted"
+        _say(f"cryorefine {args.command}: {how}; rerun with --continue to resume from the last finished iteration")
+        return 143 if isinstance(exc, Terminated) else 130
     return int(rc or 0)
 
 

@@ -4,15 +4,19 @@ Example: cryorefine refine --i particles.star --o out/run --ref init.mrc --ini_h
     --flatten_solvent
 Outputs RELION's names: out/run_itNNN_{data,optimiser,sampling}.star, run_itNNN_half{1,2}_{model.star,class001.mrc},
 finally run_class001.mrc, run_half{1,2}_class001_unfil.mrc, run_data.star, run_model.star, run.log and report.html.
+While it runs, out/run.lock keeps a second run (or --continue) from writing to out/run at the same time.
 """
 
 from __future__ import annotations
 
 import json
+import signal
+import threading
+from contextlib import contextmanager
 
 import torch
 
-from ..errors import CryoInputError
+from ..errors import CryoInputError, Terminated
 from ..estep.precision import PRECISIONS
 
 
@@ -259,6 +263,26 @@ def config_from_args(args, cls):
     return cls(**values)
 
 
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextmanager
+def sigterm_raises():
+    """SIGTERM raises Terminated (a KeyboardInterrupt) in the main thread while the block runs, so that a stopped
+    run ends as after Ctrl-C: its files finished, its output lock released. Only where SIGTERM would otherwise kill
+    the process outright (the default handler, in the main thread); under torchrun, parallel/context.distributed
+    installs its own, which raises too."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def run_job(args, config_cls, run_mode) -> None:
     """Validate, then run the mode in this process (or as one rank of a torchrun job); rank 0 prints the summary."""
     from ..parallel.context import distributed
@@ -266,8 +290,8 @@ def run_job(args, config_cls, run_mode) -> None:
 
     validate_refine_inputs(args)  # user mistakes stop here, before the engine is imported or run
     cfg = config_from_args(args, config_cls)
-    with distributed(cfg.device, args.dist_timeout) as dist:
-        summary = run_mode(cfg, dist)
+    with sigterm_raises(), distributed(cfg.device, args.dist_timeout) as dist:
+        summary = run_mode(cfg, dist)  # holds the output lock (refine/context.output_lock) while it runs
         if dist.is_main:
             print(json.dumps(summary))
 

@@ -102,9 +102,16 @@ def distributed(device: str, timeout_s: float = 600.0):
             "TORCH_NCCL_BLOCKING_WAIT", "1"
         )  # a timed-out collective raises here instead of aborting the process
     tdist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
-    yield Dist(
-        rank, world, int(os.environ["LOCAL_RANK"]), device, backend, timeout_s, store, devices.count(devices[rank])
-    )
+    try:
+        yield Dist(
+            rank, world, int(os.environ["LOCAL_RANK"]), device, backend, timeout_s, store, devices.count(devices[rank])
+        )
+    except CryoInputError:
+        # a refusal (e.g. refine/context.output_lock's, which every rank raises together): leave the group as on
+        # success, so that the rank exits with its one line and code 2, not an abort in the group's teardown
+        signal.signal(signal.SIGTERM, previous)
+        tdist.destroy_process_group()
+        raise
     # reached only on success: after a failure the process exits and torchrun stops the others
     signal.signal(signal.SIGTERM, previous)
     tdist.destroy_process_group()

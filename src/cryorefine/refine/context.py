@@ -1,20 +1,26 @@
 """What stays fixed through a run: the resolved configuration, the particles and the device, with the run's services
-(log, stage timer, task pool, GPU image cache, background writer, report refresher). Built once by :func:`open_run`."""
+(log, stage timer, task pool, GPU image cache, background writer, report refresher). Built once by :func:`open_run`,
+inside :func:`output_lock`, which holds the output prefix's lock for the run."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from ..errors import CryoInputError, DistributedError
 from ..estep.memory import available_bytes, check_fixed_volumes, fixed_volume_bytes, image_cache_bytes
 from ..io.atomic import remove_stale_temporaries
 from ..io.background import BackgroundWriter
 from ..io.image_cache import ImageCache
 from ..io.mrc import read_map
 from ..io.particles import load_particles
+from ..io.run_lock import RunLock, lock_path
 from ..io.table import ParticleTable
+from ..parallel.collectives import broadcast_from_main
 from ..parallel.context import Dist
 from ..parallel.pool import TaskPool
 from ..validate import check_diameter_fits, check_diameter_sign, check_one_pixel_size, check_reference
@@ -59,6 +65,41 @@ class RunContext:
         if self.cfg.batch_size > 0:
             return self.cfg.batch_size
         return auto_batch_size(len(self.table), self.dist.world_size, self.device.type == "cuda")
+
+
+@contextmanager
+def output_lock(cfg: RefineConfig, dist: Dist | None) -> Iterator[None]:
+    """Hold ``<output_root>.lock`` (io/run_lock.py) while the block runs: rank 0 alone takes it, before open_run
+    writes anything, and releases it however the block ends (success, error, Ctrl-C, SIGTERM: the CLI's and
+    torchrun's handlers raise). A live run's lock stops the start with one line (CryoInputError); a stale one is
+    replaced, with a line in run.log and on stderr naming it. Under torchrun rank 0's answer goes to every rank
+    before any other work, so that a refused start stops every rank at once with the same line and exit code, as
+    validate.py's checks (which every rank makes) do, instead of leaving the others at their first collective."""
+    dist = dist if dist is not None else Dist(device=cfg.device)
+    lock = RunLock(lock_path(cfg.output_root)) if dist.is_main else None
+    failure: Exception | None = None
+    if lock is not None:
+        try:
+            lock.path.parent.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except Exception as exc:  # noqa: BLE001 - told to the other ranks, then raised here
+            failure = exc
+    try:
+        told = None if failure is None else (isinstance(failure, CryoInputError), str(failure))
+        told = broadcast_from_main(told, dist, "agreeing on the output lock with rank 0")
+        if failure is not None:
+            raise failure
+        if told is not None:
+            refused, text = told
+            if refused:
+                raise CryoInputError(text)
+            raise DistributedError(f"rank {dist.rank}: rank 0 could not take the output lock ({text})")
+        if lock is not None and lock.replaced:
+            RunLog(Path(cfg.output_root).parent / "run.log").line(f"warning: {lock.replaced}")
+        yield
+    finally:
+        if lock is not None:
+            lock.release()  # nothing where it was not taken
 
 
 def open_run(cfg: RefineConfig, dist: Dist | None, fixed_volumes: dict) -> RunContext:
