@@ -209,6 +209,85 @@ def _per_particle_optics(optics: pd.DataFrame | None, parts: pd.DataFrame, micro
     return out
 
 
+def _check_optics_match_map(optics: pd.DataFrame | None, box: int, angpix: float, poses_star) -> None:
+    """The poses' optics table, where it gives a box or pixel size, must agree with the map's."""
+    from .errors import CryoInputError
+
+    if optics is None:
+        return
+    if "rlnImageSize" in optics.columns and (optics["rlnImageSize"].astype(int) != box).any():
+        raise CryoInputError(
+            f"rlnImageSize {sorted(set(optics['rlnImageSize'].astype(int)))} of the poses differs from the map "
+            f"box {box}",
+            poses_star,
+        )
+    if (
+        "rlnImagePixelSize" in optics.columns
+        and (np.abs(optics["rlnImagePixelSize"].astype(float) - angpix) > 1e-3 * angpix).any()
+    ):
+        raise CryoInputError(
+            f"rlnImagePixelSize {sorted(set(optics['rlnImagePixelSize'].astype(float)))} of the poses differs "
+            f"from the map's {angpix:.4f} Å",
+            poses_star,
+        )
+
+
+def _pose_columns(
+    parts: pd.DataFrame, angpix: float, ctf: bool, optics: pd.DataFrame | None, microscope: Microscope
+) -> dict[str, np.ndarray]:
+    """Per-particle float64 arrays: Euler angles (°), origins (Å), and with ``ctf`` (where the STAR has defocus) the
+    CTF's parameters with each particle's voltage, Cs and amplitude contrast."""
+    n = len(parts)
+
+    def col(name, default=0.0):
+        return parts[name].to_numpy(np.float64) if name in parts.columns else np.full(n, default)
+
+    cols = {"rot": col("rlnAngleRot"), "tilt": col("rlnAngleTilt"), "psi": col("rlnAnglePsi")}
+    if "rlnOriginXAngst" in parts.columns or "rlnOriginYAngst" in parts.columns:
+        cols |= {"ox": col("rlnOriginXAngst"), "oy": col("rlnOriginYAngst")}
+    else:
+        cols |= {"ox": col("rlnOriginX") * angpix, "oy": col("rlnOriginY") * angpix}
+    if ctf and "rlnDefocusU" in parts.columns:
+        du = col("rlnDefocusU")
+        mic = _per_particle_optics(optics, parts, microscope)
+        cols |= {
+            "du": du,
+            "dv": col("rlnDefocusV") if "rlnDefocusV" in parts.columns else du.copy(),
+            "dang": col("rlnDefocusAngle"),
+            "voltage": mic["voltage"],
+            "cs": mic["cs"],
+            "q0": mic["q0"],
+            "phase": col("rlnPhaseShift"),
+            "bfac": col("rlnCtfBfactor"),
+            "cscale": col("rlnCtfScalefactor", 1.0),
+        }
+    return cols
+
+
+def _write_projected_stars(
+    out: Path, stack_name: str, parts: pd.DataFrame, optics, microscope: Microscope, box: int, angpix: float
+) -> None:
+    """particles.star (every input column, the image names of the new stack) and particles_noposes.star."""
+    n = len(parts)
+    star = parts.drop(columns=["rlnImageName"], errors="ignore")
+    star.insert(0, "rlnImageName", _image_names(out / stack_name, n))
+    if optics is None:
+        optics = pd.DataFrame(
+            {
+                "rlnOpticsGroupName": ["opticsGroup1"],
+                "rlnOpticsGroup": [1],
+                "rlnVoltage": [microscope.voltage_kv],
+                "rlnSphericalAberration": [microscope.cs_mm],
+                "rlnAmplitudeContrast": [microscope.amplitude_contrast],
+            }
+        )
+        star["rlnOpticsGroup"] = 1
+    optics = optics.copy()
+    optics["rlnImagePixelSize"], optics["rlnImageSize"], optics["rlnImageDimensionality"] = angpix, box, 2
+    write_star(out / "particles.star", {"optics": optics, "particles": star})
+    write_star(out / NO_POSES_STAR, {"optics": optics, "particles": without_poses(star)})
+
+
 def project_poses(
     truth: torch.Tensor,
     angpix: float,
@@ -235,49 +314,14 @@ def project_poses(
     ``device`` from ``seed``; the images are not rescaled, so ``truth`` stays on their greyscale. ``snr`` = 0: clean
     images (add noise afterwards, e.g. with bench/add_noise.py).
     """
-    from .errors import CryoInputError
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     box = truth.shape[-1]
     optics, parts = _poses_table(poses_star)
-    if optics is not None:
-        if "rlnImageSize" in optics.columns and (optics["rlnImageSize"].astype(int) != box).any():
-            raise CryoInputError(
-                f"rlnImageSize {sorted(set(optics['rlnImageSize'].astype(int)))} of the poses differs from the map "
-                f"box {box}",
-                poses_star,
-            )
-        if (
-            "rlnImagePixelSize" in optics.columns
-            and (np.abs(optics["rlnImagePixelSize"].astype(float) - angpix) > 1e-3 * angpix).any()
-        ):
-            raise CryoInputError(
-                f"rlnImagePixelSize {sorted(set(optics['rlnImagePixelSize'].astype(float)))} of the poses differs "
-                f"from the map's {angpix:.4f} Å",
-                poses_star,
-            )
+    _check_optics_match_map(optics, box, angpix, poses_star)
     n = len(parts)
-
-    def col(name, default=0.0):
-        return parts[name].to_numpy(np.float64) if name in parts.columns else np.full(n, default)
-
-    rot, tilt, psi = col("rlnAngleRot"), col("rlnAngleTilt"), col("rlnAnglePsi")
-    if "rlnOriginXAngst" in parts.columns or "rlnOriginYAngst" in parts.columns:
-        ox, oy = col("rlnOriginXAngst"), col("rlnOriginYAngst")
-    else:
-        ox, oy = col("rlnOriginX") * angpix, col("rlnOriginY") * angpix
-    ctf = ctf and "rlnDefocusU" in parts.columns
-    if ctf:
-        du = col("rlnDefocusU")
-        dv = col("rlnDefocusV") if "rlnDefocusV" in parts.columns else du.copy()
-        dang, phase, bfac, cscale = (
-            col("rlnDefocusAngle"),
-            col("rlnPhaseShift"),
-            col("rlnCtfBfactor"),
-            col("rlnCtfScalefactor", 1.0),
-        )
-        mic = _per_particle_optics(optics, parts, microscope)
+    cols = _pose_columns(parts, angpix, ctf, optics, microscope)
+    ctf = "du" in cols
     transform = prepare_padded_transform(truth.to(device=device, dtype=torch.float32), 2)
     ky, kx = rfft_freqs_2d(box, device, torch.float64)
     gen = torch.Generator(device=transform.f_padded.device).manual_seed(seed) if snr > 0 else None
@@ -286,30 +330,16 @@ def project_poses(
     writer = StackWriter(out / stack_name, n, box, angpix)
     try:
         for start in range(0, n, batch):
-            sl = slice(start, min(start + batch, n))
-
-            def t(x):
-                return torch.tensor(np.ascontiguousarray(x[sl]), dtype=torch.float64, device=device)
-
-            A = euler_to_matrix(t(rot), t(tilt), t(psi)).to(torch.float32)
+            b = {k: torch.tensor(np.ascontiguousarray(v[start : start + batch]), dtype=torch.float64, device=device)
+                 for k, v in cols.items()}  # fmt: skip
+            A = euler_to_matrix(b["rot"], b["tilt"], b["psi"]).to(torch.float32)
             c = None
             if ctf:
                 c = compute_ctf(
-                    ky,
-                    kx,
-                    box,
-                    angpix,
-                    t(du),
-                    t(dv),
-                    t(dang),
-                    t(mic["voltage"]),
-                    t(mic["cs"]),
-                    t(mic["q0"]),
-                    t(phase),
-                    t(bfac),
-                    t(cscale),
-                ).to(torch.float32)
-            origin_px = (torch.stack([t(ox), t(oy)], -1) / angpix).to(torch.float32)
+                    ky, kx, box, angpix, b["du"], b["dv"], b["dang"], b["voltage"], b["cs"], b["q0"], b["phase"],
+                    b["bfac"], b["cscale"],
+                ).to(torch.float32)  # fmt: skip
+            origin_px = (torch.stack([b["ox"], b["oy"]], -1) / angpix).to(torch.float32)
             img = irfft2_centered(particle_image_rfft(transform, A, origin_px, c, box), box)
             if noise_sigma is None:
                 signal_var = float(img.var(dim=(-2, -1)).mean())
@@ -321,23 +351,7 @@ def project_poses(
     except BaseException:
         writer.abort()
         raise
-    star = parts.drop(columns=["rlnImageName"], errors="ignore")
-    star.insert(0, "rlnImageName", _image_names(out / stack_name, n))
-    if optics is None:
-        optics = pd.DataFrame(
-            {
-                "rlnOpticsGroupName": ["opticsGroup1"],
-                "rlnOpticsGroup": [1],
-                "rlnVoltage": [microscope.voltage_kv],
-                "rlnSphericalAberration": [microscope.cs_mm],
-                "rlnAmplitudeContrast": [microscope.amplitude_contrast],
-            }
-        )
-        star["rlnOpticsGroup"] = 1
-    optics = optics.copy()
-    optics["rlnImagePixelSize"], optics["rlnImageSize"], optics["rlnImageDimensionality"] = angpix, box, 2
-    write_star(out / "particles.star", {"optics": optics, "particles": star})
-    write_star(out / NO_POSES_STAR, {"optics": optics, "particles": without_poses(star)})
+    _write_projected_stars(out, stack_name, parts, optics, microscope, box, angpix)
     return {
         "n": n,
         "box": box,
