@@ -15,12 +15,14 @@ from dataclasses import dataclass
 
 PACKAGE = "cryorefine"
 ENTRY_POINT = "run_expectation"
+RUN_TIME = ("refine.", "estep.", "mstep.")  # the run-time layer the refactor is about
 
 
 @dataclass(frozen=True)
 class Shape:
     largest_class: tuple[str, int, int]  # (module.Class, methods, lines)
     longest_functions: list[tuple[str, int]]  # (module.function, lines), longest first
+    longest_run_time: list[tuple[str, int]]  # the same within refine/, estep/, mstep/
     entry_parameters: tuple[str, int]  # (module.function, parameters)
     cycles: list[list[str]]  # modules in each strongly connected component of the import graph
     modules: int
@@ -109,6 +111,9 @@ def measure(src: pathlib.Path) -> Shape:
     return Shape(
         largest_class=max(classes, key=lambda c: c[2]),
         longest_functions=sorted(functions, key=lambda f: -f[1])[:3],
+        longest_run_time=sorted(
+            (f for f in functions if f[0].startswith(tuple(f"{PACKAGE}.{p}" for p in RUN_TIME))), key=lambda f: -f[1]
+        )[:3],
         entry_parameters=entry,
         cycles=_strongly_connected(graph),
         modules=len(files),
@@ -122,6 +127,10 @@ def table(shapes: dict[str, Shape]) -> str:
         ("modules; lines", lambda s: f"{s.modules}; {s.lines}"),
         ("largest class (methods, lines)", lambda s: "{} ({}, {})".format(*s.largest_class)),
         ("longest functions (lines)", lambda s: "<br>".join(f"{n} ({k})" for n, k in s.longest_functions)),
+        (
+            "longest in refine/, estep/, mstep/ (lines)",
+            lambda s: "<br>".join(f"{n} ({k})" for n, k in s.longest_run_time),
+        ),
         (f"parameters of `{ENTRY_POINT}`", lambda s: "{1} ({0})".format(*s.entry_parameters)),
         ("import cycles", lambda s: "; ".join(" ↔ ".join(c) for c in s.cycles) or "none"),
     ]
