@@ -94,6 +94,31 @@ def compare(old: Path, new: Path) -> dict:
     return res
 
 
+def make_data(work: Path) -> Path:
+    """The simulated set (once per workdir): particles without poses and the truth low-passed to 30 Å."""
+    data = work / "data"
+    if (data / "particles_noposes.star").exists():
+        return data
+    simulate = ["simulate", "--o", str(data), "--n", "300", "--box", "48", "--angpix", "4.5", "--snr", "0.1"]
+    subprocess.run(
+        [sys.executable, "-m", "cryorefine.cli.main", *simulate, "--seed", "11"], check=True, capture_output=True
+    )
+    import torch
+
+    from cryorefine.fourier.filters import low_pass_filter
+    from cryorefine.io.mrc import read_map, write_map
+
+    t, angpix = read_map(data / "truth.mrc")
+    write_map(data / "start.mrc", low_pass_filter(torch.from_numpy(t).double(), 30.0, angpix).float().numpy(), angpix)
+    return data
+
+
+def parity(old: str, new: str, work: Path, gpu: bool = False, deterministic: bool = False) -> dict:
+    """Both versions on the same data in ``work``; the comparison of ``compare``."""
+    data = make_data(work)
+    return compare(*(run_at(c, work, data, gpu, deterministic) for c in (old, new)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("old"), ap.add_argument("new"), ap.add_argument("out")
@@ -101,41 +126,8 @@ def main() -> None:
     ap.add_argument("--deterministic", action="store_true")
     a = ap.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="parity-"))
-    data = work / "data"
-    if not (data / "particles_noposes.star").exists():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "cryorefine.cli.main",
-                "simulate",
-                "--o",
-                str(data),
-                "--n",
-                "300",
-                "--box",
-                "48",
-                "--angpix",
-                "4.5",
-                "--snr",
-                "0.1",
-                "--seed",
-                "11",
-            ],
-            check=True,
-            capture_output=True,
-        )
-        from cryorefine.fourier.filters import low_pass_filter
-        from cryorefine.io.mrc import read_map, write_map
-        import torch
-
-        t, angpix = read_map(data / "truth.mrc")
-        write_map(
-            data / "start.mrc", low_pass_filter(torch.from_numpy(t).double(), 30.0, angpix).float().numpy(), angpix
-        )
-    old, new = (run_at(c, work, data, a.gpu, a.deterministic) for c in (a.old, a.new))
     res = {"old": a.old, "new": a.new, "device": "gpu" if a.gpu else "cpu", "deterministic": a.deterministic}
-    res |= compare(old, new)
+    res |= parity(a.old, a.new, work, a.gpu, a.deterministic)
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps(res, indent=1))
 
