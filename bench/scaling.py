@@ -522,11 +522,6 @@ def main(argv=None) -> int:
     ns = [n for n in asked if n <= have]
     skipped = [f"N={n}: only {have} {'GPUs' if gpu else 'CPUs'}" for n in asked if n > have]
 
-    def on_term(signum, frame):
-        Runner.stop(5.0)
-        raise SystemExit(f"stopped by signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
     t0 = time.perf_counter()
     build_info = pb.build(s, p, gpu)
     build_s = time.perf_counter() - t0
@@ -571,5 +566,11 @@ def main(argv=None) -> int:
     return 0 if rep["runs"] and all(r["rc"] == 0 for r in rep["runs"]) else 1
 
 
+def _on_term(signum, frame):
+    Runner.stop(5.0)
+    raise SystemExit(f"stopped by signal {signum}")
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _on_term)  # as a script only: tests call main() in their own process
     sys.exit(main())
