@@ -11,8 +11,8 @@ Per iteration N and program (cells "ours / RELION"); the sampling, window and ex
 used (see ALIGNMENT), the rest is what iteration N produced:
   sampling      HEALPix order (sampling.star rlnHealpixOrder; the coarse pass, the fine pass is one order finer),
                 angular step rlnPsiStep (°), offset range / step (Å: both write Å in sampling.star), global or local
-                (ours: sampling.star rlnIsLocalSearch; RELION: model.star rlnOrientationalPriorMode > 0 and
-                rlnSigmaPriorRotAngle > 0) with the prior's σ (°)
+                (model.star rlnOrientationalPriorMode > 0 and rlnSigmaPriorRotAngle > 0; older runs of ours:
+                sampling.star rlnIsLocalSearch) with the prior's σ (°)
   resolution    model.star rlnCurrentResolution (Å) and its Fourier shell box·apix/res; the E-step window
                 rlnCurrentImageSize/2 (shells)
   particles     means of data.star rlnNrOfSignificantSamples and rlnMaxValueProbDistribution
@@ -26,10 +26,9 @@ used (see ALIGNMENT), the rest is what iteration N produced:
                 RELION 3.1.3 writes 0 into half 2's)
   σ_offset      model.star rlnSigmaOffsetsAngst (Å), the mean of the two half model.star files
   σ² noise      ratio ours/RELION of data_model_group_1 rlnSigma2Noise at 1/4, 1/2, 3/4 of the E-step window (the
-                smaller of the two programs' windows of that iteration), ours converted to RELION's units first:
-                ours / box⁴ (see UNITS below)
+                smaller of the two programs' windows of that iteration), both in RELION's units (see UNITS below)
   τ², SSNR, FSC at the shells where RELION's half-set FSC (rlnGoldStandardFsc) last stays >= 0.8, 0.5, 0.143: the
-                τ² ratio (rlnReferenceTau2, ours / box⁴), rlnSsnrMap and rlnGoldStandardFsc of both
+                τ² ratio (rlnReferenceTau2), rlnSsnrMap and rlnGoldStandardFsc of both
   Spectra are the mean of the two half model.star files: RELION keeps σ², τ² per half set; cryorefine writes one σ²
   (from both halves) and the τ² of its half 2 into both files.
 
@@ -40,7 +39,8 @@ size = MULTIDIM_SIZE(*fReal)), so an image coefficient is ours / box²; its 3D r
 (src/projector.cpp, Projector::computeFourierTransformMap: normfft = pad³·ori_size for a 3D map and 2D data, on top of
 the (pad·box)³ of the padded FFT, i.e. ours / box²). σ² (mstep/noise.py: ⟨|X − sCP|²⟩/2 per shell) and τ²
 (mstep/tau2.py: T·SSNR / ⟨pad³·Σ CTF²/σ²⟩, RELION's BackProjector::updateSSNRarrays) are powers of those coefficients:
-ours / box⁴.
+ours / box⁴. cryorefine's model.star holds them in RELION's units (refine/relion_files.py relion_power); runs it wrote
+before (their sampling.star still has rlnIsLocalSearch) hold its own, and those are divided by box⁴ here.
 
 ALIGNMENT. RELION 3.1.3 decides iteration N's sampling, window and expected accuracy at its start ("Auto-refine:
 Iteration= N" in its stdout, before "Expectation iteration N") and writes them into iteration N's files. cryorefine
@@ -467,12 +467,20 @@ def _ratio(a, b, factor=1.0):
     return a / factor / b
 
 
-def compare_iteration(it: int, o: dict | None, r: dict | None, win_o, win_r, box: int | None) -> dict:
-    """Ratios and the parting test of one iteration (o: ours, r: RELION records, None when the run lacks it)."""
+def ours_power_factor(records: dict, box: int | None) -> float | None:
+    """What ours' σ², τ² are divided by to be in RELION's units (see UNITS): 1, or box⁴ for a run written before
+    cryorefine's model.star held RELION's units (None if the box is unknown)."""
+    if not any(rec.get("local_from") == "sampling.star rlnIsLocalSearch" for rec in records.values()):
+        return 1.0
+    return None if box is None else float(box**4)
+
+
+def compare_iteration(it: int, o: dict | None, r: dict | None, win_o, win_r, units: float | None) -> dict:
+    """Ratios and the parting test of one iteration (o: ours, r: RELION records, None when the run lacks it; ours'
+    σ² and τ² divided by ``units`` to be in RELION's)."""
     out = {"spectra": {}, "differs": [], "checked": []}
     if o is None or r is None:
         return out
-    units = box**4 if box else None
     # σ² at fractions of the window both E-steps used
     win = min(w for w in (win_o, win_r) if w) if (win_o or win_r) else None
     sig = []
@@ -583,10 +591,10 @@ def build(ours_dir, relion_dir, root: str = "run", input_star=None) -> dict:
                 + (" (σ² compared on group 1)" if any((a or 0) > 1 for a, _ in g) else " (one noise group)")
             )
     all_its = sorted(set(records["ours"]) | set(records["relion"]))
-    rows, parted = [], None
+    rows, parted, units = [], None, ours_power_factor(records["ours"], box)
     for it in all_its:
         o, r = records["ours"].get(it), records["relion"].get(it)
-        cmp = compare_iteration(it, o, r, (o or {}).get("window_shells"), (r or {}).get("window_shells"), box)
+        cmp = compare_iteration(it, o, r, (o or {}).get("window_shells"), (r or {}).get("window_shells"), units)
         row = {"iteration": it, "ours": _public(o), "relion": _public(r), **cmp}
         if parted is None and cmp["differs"] and it >= 1:  # iteration 0 is the start (RELION's it000): no E-step ran
             parted = {"iteration": it, "what": cmp["differs"]}
@@ -597,7 +605,7 @@ def build(ours_dir, relion_dir, root: str = "run", input_star=None) -> dict:
         "relion_dir": str(relion_dir),
         "root": root,
         "box": box,
-        "sigma2_tau2_unit_factor": None if box is None else box**4,
+        "sigma2_tau2_unit_factor": units,
         "iterations": rows,
         "common_iterations": common,
         "alignment": alignment,
@@ -742,10 +750,10 @@ def markdown(res: dict) -> str:
         "",
         "## Spectra",
         "",
-        f"σ² ratio = (ours / box⁴) / RELION of rlnSigma2Noise (box {res['box']}, "
-        f"box⁴ = {_fmt(res['sigma2_tau2_unit_factor'])}) at 1/4, 1/2, 3/4 "
+        f"σ² ratio = (ours / f) / RELION of rlnSigma2Noise (box {res['box']}, "
+        f"f = {_fmt(res['sigma2_tau2_unit_factor'])}: ours in RELION's units, see UNITS) at 1/4, 1/2, 3/4 "
         "of the smaller E-step window [shell]. At the shells where RELION's half-set FSC last stays "
-        "≥ 0.8 / 0.5 / 0.143 [shell]: τ² ratio (ours / box⁴) / RELION, rlnSsnrMap and rlnGoldStandardFsc "
+        "≥ 0.8 / 0.5 / 0.143 [shell]: τ² ratio (ours / f) / RELION, rlnSsnrMap and rlnGoldStandardFsc "
         "as ours / RELION.",
         "",
         "| it | σ² ratio ¼ | σ² ratio ½ | σ² ratio ¾ | τ² ratio @0.8 / 0.5 / 0.143 | SSNR @0.8 | SSNR @0.5 "

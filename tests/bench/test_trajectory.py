@@ -3,9 +3,10 @@ RELION-3.1.3-shaped STAR files whose values are known: built from the cryorefine
 conventions, so that the runs never part (negative control), or changed at iteration 3 so that they part there. The
 RELION run is "still going": iteration 4 has its sampling and data.star, an empty model.star, no run_model.star.
 
-Checked: parsing of both layouts, σ²/τ² converted by box⁴ (ratios 1, not 32⁴), RELION's pose-change definitions
-(a psi step of 6° is a 4° Euler-axes distance; an x step of 3 Å is 3/√2 Å per axis), half-1 accuracies, means over
-the half sets, the parting rule and its tolerances, runs of different lengths and half-written files.
+Checked: parsing of both layouts, σ²/τ² in RELION's units on both sides (ratios 1, not 32⁴; older runs of ours
+divided by box⁴), RELION's pose-change definitions (a psi step of 6° is a 4° Euler-axes distance; an x step of 3 Å is
+3/√2 Å per axis), half-1 accuracies, means over the half sets, the parting rule and its tolerances, runs of different
+lengths and half-written files.
 """
 
 import importlib.util
@@ -136,7 +137,7 @@ def write_relion(d: Path, out: Path, tweak=None) -> Path:
             (out / "run_it004_half1_model.star").write_text("")
             continue
         cls_o = model_o["model_class_1"]
-        for h in (1, 2):  # RELION: per-half σ², τ², σ_offset, ours' half h's (in RELION's units: / box⁴)
+        for h in (1, 2):  # RELION: per-half σ², τ², σ_offset, ours' half h's (ours' model.star: RELION's units)
             model_h = read_star(d / "ours" / f"run_it{min(max(it, 1), 3):03d}_half{h}_model.star")
             general = {
                 "rlnReferenceDimensionality": 3,
@@ -175,7 +176,7 @@ def write_relion(d: Path, out: Path, tweak=None) -> Path:
                     "rlnGoldStandardFsc": cls_o["rlnGoldStandardFsc"].to_numpy(),
                     "rlnFourierCompleteness": np.ones(n_sh),
                     "rlnReferenceSigma2": np.full(n_sh, 1e-4),
-                    "rlnReferenceTau2": model_h["model_class_1"]["rlnReferenceTau2"].to_numpy() / BOX**4,
+                    "rlnReferenceTau2": model_h["model_class_1"]["rlnReferenceTau2"].to_numpy(),
                     "rlnSpectralOrientabilityContribution": np.zeros(n_sh),
                 }
             )
@@ -191,7 +192,7 @@ def write_relion(d: Path, out: Path, tweak=None) -> Path:
                 {
                     "rlnSpectralIndex": shells,
                     "rlnResolution": res,
-                    "rlnSigma2Noise": model_h["model_group_1"]["rlnSigma2Noise"].to_numpy() / BOX**4,
+                    "rlnSigma2Noise": model_h["model_group_1"]["rlnSigma2Noise"].to_numpy(),
                 }
             )
             blocks = {
@@ -230,7 +231,7 @@ def test_never_part_units_changes_lengths(ours, tmp_path, capsys):
         r["parted"] is None
         and r["common_iterations"] == [1, 2, 3]
         and r["box"] == BOX
-        and r["sigma2_tau2_unit_factor"] == BOX**4
+        and r["sigma2_tau2_unit_factor"] == 1.0
     )
     rows = {row["iteration"]: row for row in r["iterations"]}
     assert sorted(rows) == [0, 1, 2, 3, 4]
@@ -252,7 +253,7 @@ def test_never_part_units_changes_lengths(ours, tmp_path, capsys):
                 o["offset_step_angst"] == pytest.approx(rel["offset_step_angst"], abs=1e-5)
                 and "offset step (Å)" in rows[it]["checked"]
             )
-        # σ² and τ² in RELION's units: ours / box⁴ (the half sets' mean)
+        # σ² and τ² in RELION's units on both sides (the half sets' mean)
         for s in sp["sigma2"]:
             if s["ratio"] is not None:
                 n_sigma += 1
@@ -276,11 +277,10 @@ def test_never_part_units_changes_lengths(ours, tmp_path, capsys):
         ] == pytest.approx(3.0 + it)  # half 1's
         assert rel["sigma_offset_angst"] == pytest.approx(o["sigma_offset_angst"], abs=1e-4)
         assert rel["mean_max_prob"] == pytest.approx(0.25 * it) and rel["mean_significant"] == pytest.approx(10 * it)
-        assert (
-            o["change_orientation_deg"] is not None
-            and o["mean_max_prob"] is not None
-            and o["own_change_orientation_deg"] is None
-        )
+        assert o["change_orientation_deg"] is not None and o["mean_max_prob"] is not None
+        # ours' optimiser.star has RELION's change labels too, by RELION's definitions: the numbers computed here
+        assert o["own_change_orientation_deg"] == pytest.approx(o["change_orientation_deg"], rel=1e-4)
+        assert o["own_change_offset_angst"] == pytest.approx(o["change_offset_angst"], rel=1e-4, abs=1e-5)
     assert n_sigma >= 6 and n_tau >= 1
     assert "the other program's run_it000_data.star" in rows[1]["ours"]["change_against"]
     so, sr = r["summary"]["ours"], r["summary"]["relion"]
@@ -326,6 +326,26 @@ def test_part_at_iteration_3(ours, tmp_path):
 
     r = tr.build(ours / "ours", write_relion(ours, tmp_path / "res", resolution))
     assert r["parted"]["iteration"] == 3 and [w.split(":")[0] for w in r["parted"]["what"]] == ["resolution shell"]
+
+
+def test_older_runs_of_ours_in_unnormalised_units(ours, tmp_path):
+    """A run of ours written before model.star held RELION's units (σ², τ² × box⁴; its sampling.star had
+    rlnIsLocalSearch) is compared after dividing by box⁴: the same ratios of 1."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(ours / "ours", old)
+    for f in old.glob("run_it*_sampling.star"):
+        f.write_text(f.read_text().replace("_rlnHealpixOrder", "_rlnIsLocalSearch\t0\n_rlnHealpixOrder"))
+    for f in old.glob("run_it*_half?_model.star"):
+        blocks = read_star(f)
+        blocks["model_group_1"]["rlnSigma2Noise"] *= BOX**4
+        blocks["model_class_1"]["rlnReferenceTau2"] *= BOX**4
+        write_star_table(f, {k: v.iloc[0].to_dict() if k == "model_general" else v for k, v in blocks.items()})
+    r = tr.build(old, write_relion(ours, tmp_path / "relion"))
+    assert r["sigma2_tau2_unit_factor"] == BOX**4 and r["parted"] is None
+    ratios = [s["ratio"] for row in r["iterations"] for s in row["spectra"].get("sigma2", []) if s["ratio"]]
+    assert len(ratios) >= 6 and all(x == pytest.approx(1.0, rel=1e-4) for x in ratios)
 
 
 def test_alignment_from_the_log():

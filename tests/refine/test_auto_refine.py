@@ -140,3 +140,21 @@ def test_each_half_set_has_its_own_model(refined):
     assert starfile.read(d / "out" / "run_model.star")["model_general"]["rlnNormCorrectionAverage"] == pytest.approx(
         final["rlnNormCorrection"].mean(), rel=1e-5
     )
+
+
+def test_optimiser_star_names_the_half_set_models(refined):
+    """RELION's auto-refine optimiser.star (MlOptimiser::write with split halves): rlnModelStarFile the half-1 model,
+    rlnModelStarFile2 the half-2 model, each naming its own half's map; the final model.star names the final map.
+    (tests/relion/test_relion_continue.py has RELION continue a classification, whose optimiser.star names one.)"""
+    from cryorefine.io.star import read_star
+
+    d, _ = refined
+    out = d / "out"
+    opt = read_star(out / "run_it001_optimiser.star")["optimiser_general"].iloc[0]
+    assert int(opt["rlnDoAutoRefine"]) == 1 and int(opt["rlnDoSplitRandomHalves"]) == 1
+    for h, label in ((1, "rlnModelStarFile"), (2, "rlnModelStarFile2")):
+        assert opt[label] == str(out / f"run_it001_half{h}_model.star")
+        image = read_star(opt[label])["model_classes"]["rlnReferenceImage"].iloc[0]
+        assert image == str(out / f"run_it001_half{h}_class001.mrc") and (out / image).is_file()
+    final = read_star(out / "run_model.star")["model_classes"]["rlnReferenceImage"].iloc[0]
+    assert final == str(out / "run_class001.mrc")

@@ -21,14 +21,18 @@ def write_model_star(
     class_tables: list[pd.DataFrame],
     groups: pd.DataFrame,
     group_sigma2: list[pd.DataFrame],
+    directions: list[pd.DataFrame],
 ) -> None:
-    """RELION model.star layout: model_general, model_classes, model_class_N, model_groups, model_group_N."""
+    """RELION model.star layout: model_general, model_classes, model_class_N, model_groups, model_group_N,
+    model_pdf_orient_class_N (RELION's reader of a 3D model requires each)."""
     blocks = {"model_general": general, "model_classes": pd.DataFrame(classes)}
     for k, t in enumerate(class_tables):
         blocks[f"model_class_{k + 1}"] = t
     blocks["model_groups"] = groups
     for g, t in enumerate(group_sigma2):
         blocks[f"model_group_{g + 1}"] = t
+    for k, t in enumerate(directions):
+        blocks[f"model_pdf_orient_class_{k + 1}"] = t
     write_star_table(path, blocks)
 
 
@@ -41,24 +45,23 @@ def write_sampling_star(
     perturb: float,
     perturbation: float,
     sym: str,
-    local: bool,
-    sigma_ang: float,
 ) -> None:
+    """sampling_general as RELION 3.1's HealpixSampling::write has it, with every label its reader requires (a 3D
+    sampling of 2D offsets; no tilt limit: RELION's default -91)."""
     write_star_table(
         path,
         {
             "sampling_general": {
+                "rlnIs3DSampling": 1,
+                "rlnIs3DTranslationalSampling": 0,
                 "rlnHealpixOrder": healpix_order,
+                "rlnSymmetryGroup": sym,
+                "rlnTiltAngleLimit": -91.0,
                 "rlnPsiStep": psi_step,
                 "rlnOffsetRange": offset_range_angst,
                 "rlnOffsetStep": offset_step_angst,
-                "rlnSamplingPerturbFactor": perturb,
                 "rlnSamplingPerturbInstance": perturbation,
-                "rlnSymmetryGroup": sym,
-                "rlnIsLocalSearch": int(local),
-                "rlnSigmaPriorRotAngle": sigma_ang,
-                "rlnSigmaPriorTiltAngle": sigma_ang,
-                "rlnSigmaPriorPsiAngle": sigma_ang,
+                "rlnSamplingPerturbFactor": perturb,
             }
         },
     )

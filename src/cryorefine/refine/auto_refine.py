@@ -7,7 +7,6 @@ import math
 from dataclasses import replace
 
 import numpy as np
-import pandas as pd
 import torch
 
 from ..estep.sums import WeightedSums
@@ -29,11 +28,19 @@ from ..reconstruction.symmetrise import symmetrise_backprojector
 from ..validate import check_random_subsets
 from . import steps
 from .config import RefineConfig
-from .context import RunContext, open_run
+from .context import RunContext, open_run, output_lock
 from .engine import ParticlePoses
 from .loop import EStepOutput, run
 from .progress import Progress
-from .relion_files import data_columns, groups_table, model_general, noise_tables, shell_columns, write_sampling
+from .relion_files import (
+    class_table,
+    data_columns,
+    direction_tables,
+    groups_table,
+    model_general,
+    noise_tables,
+    write_sampling,
+)
 from .schedule import Schedule
 from .state import RunState, from_checkpoint, read_state
 
@@ -244,15 +251,15 @@ class AutoRefineMode:
         return new, record, info
 
     # ------------------------------------------------------------------ files
-    def _model_tables(self, ctx: RunContext, state: RunState, info: dict, model: int) -> tuple:
+    def _model_tables(self, ctx: RunContext, state: RunState, info: dict, model: int, reference: str) -> tuple:
         """model.star's tables of ``model`` (the half set − 1; in the final iteration the halves' pooled statistics,
-        the same for both)."""
+        the same for both), whose map is the file ``reference``."""
         stats, m = state.stats[model], info["m"]
         rows = slice(None) if state.schedule.final_iteration else np.flatnonzero(state.halves - 1 == model)
         general = model_general(ctx, state, stats, rows, info["resolution_angst"], info["window_shell"])
         classes = [
             {
-                "rlnReferenceImage": f"{it_prefix(ctx.root, state.iteration)}_half1_class001.mrc",
+                "rlnReferenceImage": reference,
                 "rlnClassDistribution": 1.0,
                 "rlnAccuracyRotations": info["accuracy"][0],
                 "rlnAccuracyTranslationsAngst": info["accuracy"][1] * ctx.angpix,
@@ -260,20 +267,10 @@ class AutoRefineMode:
                 "rlnOverallFourierCompleteness": 1.0,
             }
         ]
-        cols = shell_columns(ctx.box, ctx.angpix)
-        res, n_sh = cols["rlnResolution"], ctx.box // 2 + 1
-        tau2 = m.tau2[min(model, len(m.tau2) - 1)].numpy()
-        class_table = pd.DataFrame(
-            {
-                **cols,
-                "rlnAngstromResolution": np.where(res > 0, 1 / np.maximum(res, 1e-12), 999.0),
-                "rlnSsnrMap": fsc_to_ssnr(state.fsc).numpy(),
-                "rlnGoldStandardFsc": state.fsc.numpy(),
-                "rlnFourierCompleteness": np.ones(n_sh),
-                "rlnReferenceTau2": tau2[:n_sh],
-            }
-        )
-        return general, classes, [class_table], groups_table(ctx, stats), noise_tables(ctx, stats)
+        tau2 = m.tau2[min(model, len(m.tau2) - 1)]
+        half = class_table(ctx, tau2, fsc_to_ssnr(state.fsc), state.fsc)
+        directions = direction_tables(state.direction_prior[model])
+        return general, classes, [half], groups_table(ctx, stats), noise_tables(ctx, stats), directions
 
     def write_files(self, ctx: RunContext, state: RunState, info: dict) -> list[str] | None:
         cfg, m, final = ctx.cfg, info["m"], state.schedule.final_iteration
@@ -284,14 +281,17 @@ class AutoRefineMode:
             )
             if final:
                 write_map(f"{pre}_half{h}_class001_unfil.mrc", m.unfiltered[h - 1].numpy(), cfg.angpix)
-            write_model_star(f"{pre}_half{h}_model.star", *self._model_tables(ctx, state, info, h - 1))
+            tables = self._model_tables(ctx, state, info, h - 1, f"{pre}_half{h}_class001.mrc")
+            write_model_star(f"{pre}_half{h}_model.star", *tables)
         write_particles(f"{pre}_data.star", ctx.table, **data_columns(ctx, state, random_subset=True))
         write_sampling(ctx, state, pre)
         if final:
             write_map(f"{ctx.root}_class001.mrc", m.final_map.numpy(), cfg.angpix)
             for h in (1, 2):
                 write_map(f"{ctx.root}_half{h}_class001_unfil.mrc", m.unfiltered[h - 1].numpy(), cfg.angpix)
-            write_model_star(f"{ctx.root}_model.star", *self._model_tables(ctx, state, info, 0))
+            write_model_star(
+                f"{ctx.root}_model.star", *self._model_tables(ctx, state, info, 0, f"{ctx.root}_class001.mrc")
+            )
             write_particles(f"{ctx.root}_data.star", ctx.table, **data_columns(ctx, state, random_subset=True))
             p = state.poses
             radius = cfg.particle_diameter / (2 * cfg.angpix)
@@ -323,7 +323,8 @@ def load_or_start(mode, ctx: RunContext) -> RunState:
 def refine(cfg: RefineConfig, dist: Dist | None = None) -> dict:
     """Auto-refine (``cryorefine refine``): returns the run's summary."""
     mode = AutoRefineMode()
-    ctx = open_run(
-        cfg, dist, FIXED_VOLUMES if cfg.low_resol_join_halves > 0 else {**FIXED_VOLUMES, "join_halves": False}
-    )
-    return run(mode, ctx, load_or_start(mode, ctx))
+    with output_lock(cfg, dist):  # before open_run writes anything
+        ctx = open_run(
+            cfg, dist, FIXED_VOLUMES if cfg.low_resol_join_halves > 0 else {**FIXED_VOLUMES, "join_halves": False}
+        )
+        return run(mode, ctx, load_or_start(mode, ctx))

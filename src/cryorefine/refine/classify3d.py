@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
-import pandas as pd
 import torch
 
 from ..errors import CryoInputError
@@ -32,11 +31,19 @@ from ..reconstruction.symmetrise import symmetrise_backprojector
 from . import steps
 from .auto_refine import halves_of, initial_schedule, initial_statistics, load_or_start, start_map
 from .config import RefineConfig
-from .context import RunContext, open_run
+from .context import RunContext, open_run, output_lock
 from .engine import ParticlePoses
 from .loop import EStepOutput, run
 from .progress import Progress
-from .relion_files import data_columns, groups_table, model_general, noise_tables, shell_columns, write_sampling
+from .relion_files import (
+    class_table,
+    data_columns,
+    direction_tables,
+    groups_table,
+    model_general,
+    noise_tables,
+    write_sampling,
+)
 from .state import ClassState, RunState
 
 MIN_CLASS_FOR_ACCURACY = 0.01  # RELION estimates the accuracy of classes holding at least this fraction
@@ -134,7 +141,7 @@ class ClassifyMode:
         stats = (updated_statistics(state.stats[0], [sums], cfg.min_sigma2_offset, noise=not cc),)
         for bp in sums.backprojectors:
             symmetrise_backprojector(bp, cfg.sym)
-        new_maps, res_shells = maximize_classes(
+        new_maps, res_shells, class_ssnr = maximize_classes(
             sums.backprojectors,
             sums.class_weight.tolist(),
             estep.class_tau2,
@@ -180,6 +187,7 @@ class ClassifyMode:
             "class_resolution_angst": class_res,
             "class_accuracy": record["class_accuracy"],
             "class_tau2": estep.class_tau2,
+            "class_ssnr": class_ssnr,
             "window_shell": plan.window_shell,
         }
         return new, record, info
@@ -205,12 +213,15 @@ class ClassifyMode:
             for k in range(self.K)
         ]
         n_sh = ctx.box // 2 + 1
-        tables = [
-            pd.DataFrame({**shell_columns(ctx.box, cfg.angpix), "rlnReferenceTau2": t.cpu().numpy()[:n_sh]})
-            for t in info["class_tau2"]
-        ]
+        tables = [class_table(ctx, t.cpu(), r) for t, r in zip(info["class_tau2"], info["class_ssnr"])]
         write_model_star(
-            f"{pre}_model.star", general, class_rows, tables, groups_table(ctx, stats), noise_tables(ctx, stats)
+            f"{pre}_model.star",
+            general,
+            class_rows,
+            tables,
+            groups_table(ctx, stats),
+            noise_tables(ctx, stats),
+            direction_tables(state.direction_prior),
         )
         write_particles(f"{pre}_data.star", ctx.table, **data_columns(ctx, state, random_subset=False))
         write_sampling(ctx, state, pre)
@@ -232,5 +243,6 @@ def classify(cfg: ClassifyConfig, dist: Dist | None = None) -> dict:
     if cfg.K < 1:
         raise CryoInputError(f"--K must be at least 1 (got {cfg.K})")
     mode = ClassifyMode(cfg.K)
-    ctx = open_run(cfg, dist, {"references": cfg.K, "backprojectors": cfg.K, "join_halves": False})
-    return run(mode, ctx, load_or_start(mode, ctx))
+    with output_lock(cfg, dist):  # before open_run writes anything
+        ctx = open_run(cfg, dist, {"references": cfg.K, "backprojectors": cfg.K, "join_halves": False})
+        return run(mode, ctx, load_or_start(mode, ctx))

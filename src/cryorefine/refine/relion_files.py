@@ -1,20 +1,37 @@
 """RELION's files of an iteration as functions of the run's context and state: model.star's tables, data.star's
-columns, sampling.star and optimiser.star (with the checkpoint beside it)."""
+columns, sampling.star and optimiser.star (with the checkpoint beside it).
+
+What RELION 3.1's readers require (MlOptimiser::read, MlModel::read, HealpixSampling::read: a missing label stops
+them), each in RELION's meaning and units, so that ``relion_refine --continue run_itNNN_optimiser.star`` and RELION's
+Select read our iterations as their own. A value we have no equivalent of is RELION's default (said where written)."""
 
 from __future__ import annotations
 
 import math
+import re
+import weakref
 from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
 
+from ..estep.images import MASK_EDGE_PX
 from ..geometry.healpix import angular_step_deg
 from ..io.outputs import it_prefix, write_sampling_star
 from ..io.star import write_star_table
+from ..io.table import ParticleTable
 from ..mstep.statistics import ModelStatistics
 from .context import RunContext
 from .state import RunState, save_checkpoint
+
+RELION_NONE = "None"  # RELION's name for "no file" (a mask, a τ² spectrum)
+NOT_ESTIMATED = 999.0  # RELION's accuracy and change before they are known
+
+
+def relion_power(power, box: int) -> np.ndarray:
+    """σ² or τ² (s,) in RELION's units: its transforms are normalised by 1/box² (2D images; its projections match),
+    ours are not, so RELION's power spectra are ours / box⁴."""
+    return np.asarray(power, dtype=np.float64) / float(box) ** 4
 
 
 def shell_columns(box: int, angpix: float) -> dict:
@@ -41,7 +58,7 @@ def model_general(
         "rlnPixelSize": cfg.angpix,
         "rlnNrClasses": 1 if state.classes is None else len(state.maps),
         "rlnNrBodies": 1,
-        "rlnNrGroups": ctx.n_groups,
+        "rlnNrGroups": len(relion_groups(ctx.table)[1]),
         "rlnTau2FudgeFactor": cfg.tau2_fudge,
         "rlnNormCorrectionAverage": float(np.mean(p.norm_correction[rows])),
         "rlnSigmaOffsetsAngst": math.sqrt(stats.sigma2_offset_angst2),
@@ -54,20 +71,99 @@ def model_general(
     }
 
 
-def groups_table(ctx: RunContext, stats: ModelStatistics) -> pd.DataFrame:
+def class_table(ctx: RunContext, tau2, ssnr, fsc=None) -> pd.DataFrame:
+    """model_class_N of one class (or half set), per shell: the SSNR^MAP (rlnSsnrMap, which sets the resolution), the
+    half sets' FSC (classification has none: 0, as RELION's) and τ² in RELION's units. rlnReferenceSigma2 is 0: we
+    keep no σ² of the reconstruction, and RELION's next M-step writes its own before anything reads it."""
+    cols = shell_columns(ctx.box, ctx.angpix)
+    res, n_sh = cols["rlnResolution"], ctx.box // 2 + 1
+    fsc = np.zeros(n_sh) if fsc is None else fsc
     return pd.DataFrame(
         {
-            "rlnGroupNumber": np.arange(1, ctx.n_groups + 1),
-            "rlnGroupName": [g.name for g in ctx.table.optics],
-            "rlnGroupNrParticles": np.bincount(ctx.table.optics_group, minlength=ctx.n_groups),
-            "rlnGroupScaleCorrection": stats.scale.numpy(),
+            **cols,
+            "rlnAngstromResolution": np.where(res > 0, 1 / np.maximum(res, 1e-12), 999.0),
+            "rlnSsnrMap": np.asarray(ssnr, dtype=np.float64)[:n_sh],
+            "rlnGoldStandardFsc": np.asarray(fsc, dtype=np.float64)[:n_sh],
+            "rlnFourierCompleteness": np.ones(n_sh),
+            "rlnReferenceSigma2": np.zeros(n_sh),
+            "rlnReferenceTau2": relion_power(tau2, ctx.box)[:n_sh],
+        }
+    )
+
+
+# (the last table, its groups): worked out once per run, not at each of an iteration's writes
+_GROUPS_MEMO: list = []
+
+
+def relion_groups(table: ParticleTable) -> tuple[np.ndarray, list[str]]:
+    """RELION 3.1's groups of the particles (Experiment::read), which its model.star's σ² and scale are per (ours are
+    per optics group): one group "group" without rlnMicrographName; else one per rlnGroupName, or per micrograph (its
+    name after the job folder), numbered as they first appear with the particles sorted by micrograph name (a stable
+    sort, as RELION's). RELION's continuation indexes its σ² by these groups: fewer in model.star would crash it.
+    Returns (each particle's group, 0-based (n,), the groups' names)."""
+    if _GROUPS_MEMO and _GROUPS_MEMO[0][0]() is table:
+        return _GROUPS_MEMO[0][1]
+    extra = table.extra
+    if "rlnMicrographName" not in extra.columns:
+        out: tuple[np.ndarray, list[str]] = (np.zeros(len(table), dtype=np.int64), ["group"])
+    else:
+        mics = extra["rlnMicrographName"].to_numpy().astype(str)
+        if "rlnGroupName" in extra.columns:
+            names = extra["rlnGroupName"].to_numpy().astype(str)
+        else:
+            unique_mics, of_mic = np.unique(mics, return_inverse=True)
+            names = np.array([_after_job_folder(m) for m in unique_mics])[of_mic]
+        unique, first = np.unique(names[np.argsort(mics, kind="stable")], return_index=True)
+        number = np.empty(len(unique), dtype=np.int64)
+        number[np.argsort(first)] = np.arange(len(unique))
+        out = (number[np.searchsorted(unique, names)], [str(n) for n in unique[np.argsort(first)]])
+    _GROUPS_MEMO[:] = [(weakref.ref(table), out)]
+    return out
+
+
+def _after_job_folder(name: str) -> str:
+    """RELION's decomposePipelineFileName: what follows the first ".../jobNNN/" of a name (the whole name without)."""
+    found = re.search(r"/job\d{3}", name[1:])
+    if found is None:
+        return name
+    end = name.find("/", found.start() + 7)
+    return name[end + 1 :] if end >= 0 else ""
+
+
+def _optics_of_groups(table: ParticleTable) -> np.ndarray:
+    """The optics group of each of RELION's groups (a micrograph's particles share one; RELION's takes its first's)."""
+    group, names = relion_groups(table)
+    optics = np.zeros(len(names), dtype=np.int64)
+    optics[group] = table.optics_group
+    return optics
+
+
+def groups_table(ctx: RunContext, stats: ModelStatistics) -> pd.DataFrame:
+    """model_groups: RELION's groups, each with the scale of its optics group."""
+    group, names = relion_groups(ctx.table)
+    return pd.DataFrame(
+        {
+            "rlnGroupNumber": np.arange(1, len(names) + 1),
+            "rlnGroupName": names,
+            "rlnGroupNrParticles": np.bincount(group, minlength=len(names)),
+            "rlnGroupScaleCorrection": stats.scale.numpy()[_optics_of_groups(ctx.table)],
         }
     )
 
 
 def noise_tables(ctx: RunContext, stats: ModelStatistics) -> list[pd.DataFrame]:
+    """model_group_N: the σ² of each RELION group's optics group, in RELION's units (its next E-step scores the images
+    with it)."""
     cols = shell_columns(ctx.box, ctx.angpix)
-    return [pd.DataFrame({**cols, "rlnSigma2Noise": stats.sigma2[g].numpy()}) for g in range(ctx.n_groups)]
+    sigma2 = [relion_power(s.numpy(), ctx.box) for s in stats.sigma2]
+    return [pd.DataFrame({**cols, "rlnSigma2Noise": sigma2[g]}) for g in _optics_of_groups(ctx.table)]
+
+
+def direction_tables(prior) -> list[pd.DataFrame]:
+    """model_pdf_orient_class_N: RELION's pdf_direction, one table per class (row of ``prior``, p(class, direction)
+    over the iteration's HEALPix directions), which its next iteration reads as the prior of a global search."""
+    rows = np.asarray(prior.cpu(), dtype=np.float64).reshape(-1, prior.shape[-1])
+    return [pd.DataFrame({"rlnOrientationDistribution": row}) for row in rows]
 
 
 def data_columns(ctx: RunContext, state: RunState, random_subset: bool) -> dict:
@@ -85,7 +181,7 @@ def data_columns(ctx: RunContext, state: RunState, random_subset: bool) -> dict:
         "rlnNrOfSignificantSamples": p.n_significant,
         "rlnLogLikeliContribution": p.loglik,
         "rlnNormCorrection": p.norm_correction,
-        "rlnGroupNumber": ctx.table.optics_group + 1,
+        "rlnGroupNumber": relion_groups(ctx.table)[0] + 1,
     }
     if not random_subset:
         cols.pop("rlnRandomSubset")
@@ -104,9 +200,82 @@ def write_sampling(ctx: RunContext, state: RunState, pre: str) -> None:
         cfg.perturb,
         state.perturbation,
         cfg.sym,
-        sch.local_search,
-        sch.sigma_ang_deg,
     )
+
+
+def _per_axis_angst(rms_2d_px: float, angpix: float) -> float:
+    """RELION's change of offsets: the rms per axis in Å (ours: the rms 2D change in pixels); 999 stays 999."""
+    return rms_2d_px if rms_2d_px >= NOT_ESTIMATED else rms_2d_px / math.sqrt(2) * angpix
+
+
+def optimiser_general(ctx: RunContext, state: RunState) -> dict:
+    """optimiser.star's table: every label RELION 3.1's MlOptimiser::read requires, as its MlOptimiser::write has
+    them. Auto-refine points to the two half-set models (rlnModelStarFile2 only there: RELION's reader requires it
+    exactly when the halves are split); classification to its one model.star. The schedule's counters, the last
+    iteration's changes and accuracy in RELION's units (offsets in Å, per axis; best resolution in 1/Å)."""
+    cfg, sch, angpix = ctx.cfg, state.schedule, ctx.angpix
+    pre, halves = it_prefix(ctx.root, state.iteration), state.classes is None
+    last = state.history[-1] if state.history else {}
+    models = (
+        {"rlnModelStarFile": f"{pre}_half1_model.star", "rlnModelStarFile2": f"{pre}_half2_model.star"}
+        if halves
+        else {"rlnModelStarFile": f"{pre}_model.star"}
+    )
+    best_angst = min((r["resolution_angst"] for r in state.history), default=NOT_ESTIMATED)
+    return {
+        "rlnOutputRootName": ctx.root,
+        **models,
+        "rlnExperimentalDataStarFile": f"{pre}_data.star",
+        "rlnOrientSamplingStarFile": f"{pre}_sampling.star",
+        "rlnCurrentIteration": state.iteration,
+        "rlnNumberOfIterations": cfg.max_iter,
+        "rlnDoSplitRandomHalves": int(halves),
+        "rlnJoinHalvesUntilThisResolution": cfg.low_resol_join_halves if halves else -1.0,  # -1: RELION's "none"
+        "rlnAdaptiveOversampleOrder": 1,  # ours is always RELION's default: 2× finer in the second pass
+        "rlnAdaptiveOversampleFraction": cfg.adaptive_fraction,
+        "rlnRandomSeed": cfg.random_seed,
+        "rlnParticleDiameter": cfg.particle_diameter,
+        "rlnWidthMaskEdge": int(MASK_EDGE_PX),
+        "rlnDoZeroMask": int(cfg.zero_mask),
+        "rlnDoSolventFlattening": int(cfg.flatten_solvent),
+        "rlnSolventMaskName": cfg.solvent_mask or RELION_NONE,
+        "rlnSolventMask2Name": RELION_NONE,
+        "rlnTauSpectrumName": RELION_NONE,
+        "rlnMaximumCoarseImageSize": -1,  # RELION's default: no cap on the coarse pass's size
+        "rlnHighresLimitExpectation": cfg.strict_highres_exp if cfg.strict_highres_exp > 0 else -1.0,
+        "rlnIncrementImageSize": sch.incr_size,
+        "rlnDoMapEstimation": 1,
+        "rlnDoAutoRefine": int(halves),
+        "rlnAutoLocalSearchesHealpixOrder": cfg.auto_local_healpix_order,
+        "rlnNumberOfIterWithoutResolutionGain": sch.iter_without_resolution_gain,
+        "rlnBestResolutionThusFar": 1.0 / best_angst,
+        "rlnNumberOfIterWithoutChangingAssignments": sch.iter_without_large_changes,
+        "rlnDoSkipAlign": 0,
+        "rlnOverallAccuracyRotations": last.get("accuracy_rotation_deg", NOT_ESTIMATED),
+        "rlnOverallAccuracyTranslationsAngst": min(
+            NOT_ESTIMATED, last.get("accuracy_offset_px", NOT_ESTIMATED) * angpix
+        ),
+        "rlnChangesOptimalOrientations": last.get("change_orientation_deg", NOT_ESTIMATED),
+        "rlnChangesOptimalOffsets": _per_axis_angst(last.get("change_offset_px", NOT_ESTIMATED), angpix),
+        "rlnChangesOptimalClasses": last.get("change_class_fraction", 0.0),  # one class: none change
+        "rlnSmallestChangesOrientations": sch.smallest_change_orientation_deg,
+        "rlnSmallestChangesOffsets": _per_axis_angst(sch.smallest_change_offset_px, angpix),
+        "rlnSmallestChangesClasses": int(sch.smallest_change_classes),
+        "rlnHasConverged": int(sch.converged),
+        "rlnHasHighFscAtResolLimit": int(sch.has_high_fsc_at_limit),
+        "rlnHasLargeSizeIncreaseIterationsAgo": 0,  # RELION's default (we keep no such counter)
+        "rlnDoCorrectNorm": int(cfg.norm),
+        "rlnDoCorrectScale": int(cfg.scale),
+        "rlnDoCorrectCtf": int(cfg.ctf),
+        "rlnDoIgnoreCtfUntilFirstPeak": 0,
+        "rlnCtfDataArePhaseFlipped": 0,
+        "rlnDoOnlyFlipCtfPhases": 0,
+        # RELION: after the first iteration the references are CTF-corrected (its E-step multiplies them by the CTF)
+        "rlnRefsAreCtfCorrected": int(cfg.ctf),
+        "rlnFixSigmaNoiseEstimates": 0,
+        "rlnFixSigmaOffsetEstimates": 0,
+        "rlnMaxNumberOfPooledParticles": 1,  # RELION's default --pool (its continuation sets it from --pool and --j)
+    }
 
 
 def saved_config(ctx: RunContext) -> dict:
@@ -116,31 +285,6 @@ def saved_config(ctx: RunContext) -> dict:
 def write_checkpoint(ctx: RunContext, state: RunState, map_files: list[str] | None) -> None:
     """run_itNNN_state.pt and run_itNNN_optimiser.star (last: an iteration with an optimiser.star has all its
     outputs)."""
-    cfg, pre = ctx.cfg, it_prefix(ctx.root, state.iteration)
+    pre = it_prefix(ctx.root, state.iteration)
     save_checkpoint(f"{pre}_state.pt", state, saved_config(ctx), map_files)
-    write_star_table(
-        f"{pre}_optimiser.star",
-        {
-            "optimiser_general": {
-                "rlnOutputRootName": ctx.root,
-                "rlnModelStarFile": f"{pre}_half1_model.star",
-                "rlnModelStarFile2": f"{pre}_half2_model.star",
-                "rlnExperimentalDataStarFile": f"{pre}_data.star",
-                "rlnOrientSamplingStarFile": f"{pre}_sampling.star",
-                "rlnCurrentIteration": state.iteration,
-                "rlnNumberOfIterations": cfg.max_iter,
-                "rlnDoSplitRandomHalves": 1,
-                "rlnJoinHalvesUntilThisResolution": cfg.low_resol_join_halves,
-                "rlnAdaptiveOversampleFraction": cfg.adaptive_fraction,
-                "rlnRandomSeed": cfg.random_seed,
-                "rlnParticleDiameter": cfg.particle_diameter,
-                "rlnDoAutoRefine": 1,
-                "rlnHasConverged": int(state.schedule.converged),
-                "rlnDoCorrectCtf": int(cfg.ctf),
-                "rlnDoZeroMask": int(cfg.zero_mask),
-                "rlnDoSolventFlattening": int(cfg.flatten_solvent),
-                "rlnSymmetryGroup": cfg.sym,
-                "rlnOptimiserStateFile": f"{pre}_state.pt",
-            }
-        },
-    )
+    write_star_table(f"{pre}_optimiser.star", {"optimiser_general": optimiser_general(ctx, state)})
