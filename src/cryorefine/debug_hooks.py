@@ -1,8 +1,9 @@
 """Test and benchmark hooks: the only module that reads them from the environment (production code asks here).
 
 - CRYOREFINE_TEST_PAUSE_AT=STAGE:KEY (kill tests): pause_point stops a run at a named point (estep:2 = between the
-  half sets of iteration 2's E-step, mstep:2 = in iteration 2's M-step after the half-set FSC, write:NAME = a
-  temporary holds the new content of file NAME but is not yet renamed onto it), writes the file named by
+  half sets of auto-refine's iteration 2 E-step, after classification's; mstep:2 = in iteration 2's M-step, after the
+  half-set FSC or the first class's map; write:NAME = a temporary holds the new content of file NAME but is not yet
+  renamed onto it), writes the file named by
   CRYOREFINE_TEST_PAUSE_MARKER (default cryorefine_paused.txt in the current directory) and sleeps until killed.
 - CRYOREFINE_SLOW_RANK=RANK:SECONDS (load-balancing tests): that rank sleeps after each E-step batch.
 - CRYOREFINE_PROFILE=ITERATIONS (benchmarks; e.g. 8,final), CRYOREFINE_PROFILE_OUT, CRYOREFINE_PROFILE_MODE=python,

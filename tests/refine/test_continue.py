@@ -6,17 +6,15 @@ The kill lands at a named point: CRYOREFINE_TEST_PAUSE_AT makes the run write a 
 (cryorefine.debug_hooks); the test waits for the marker, then sends SIGKILL.
 """
 
-import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
-import torch
 
 from cryorefine.io.mrc import read_map
 from cryorefine.io.star import read_star
+from killed_runs import assert_every_output_parses, final_names, kill_at
 from small_set import small_set
 
 BOX, ANGPIX = 32, 6.0
@@ -73,38 +71,6 @@ def data(tmp_path_factory):
     return d, ref
 
 
-def kill_at(cmd, stage_key, marker, timeout=300):
-    """Start `cmd` paused at `stage_key`, wait for it to get there, SIGKILL it."""
-    env = dict(os.environ, CRYOREFINE_TEST_PAUSE_AT=stage_key, CRYOREFINE_TEST_PAUSE_MARKER=str(marker))
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + timeout
-    while not marker.exists():
-        assert p.poll() is None, f"the run ended before reaching {stage_key}: {p.stderr.read().decode()[-2000:]}"
-        assert time.time() < deadline, f"{stage_key} not reached in {timeout} s"
-        time.sleep(0.05)
-    p.kill()
-    p.wait()
-    p.stderr.close()
-
-
-def final_names(folder):
-    """Files under their final names (temporaries start with a dot)."""
-    return {f.name for f in folder.iterdir() if not f.name.startswith(".")}
-
-
-def assert_every_output_parses(folder):
-    for name in final_names(folder):
-        path = folder / name
-        if name.endswith(".star"):
-            assert read_star(path), name
-        elif name.endswith(".mrc"):
-            assert read_map(path)[0].shape == (BOX,) * 3, name
-        elif name.endswith(".pt"):
-            assert torch.load(path, weights_only=False)["iteration"] >= 1, name
-        else:
-            assert path.stat().st_size > 0, name
-
-
 def resolution_shell(model_star):
     general = read_star(model_star)["model_general"]
     return BOX * ANGPIX / float(general["rlnCurrentResolution"].iloc[0])
@@ -118,7 +84,7 @@ def test_killed_run_continues_and_repeats_the_iteration(data, stage, tmp_path):
     # killed in iteration 2: iteration 1 is the last finished one, and every file under a final name is whole
     assert sorted(f.name for f in out.glob("run_it*_optimiser.star")) == ["run_it001_optimiser.star"]
     assert not (out / "run_class001.mrc").exists()
-    assert_every_output_parses(out)
+    assert_every_output_parses(out, BOX)
     if stage == "writing files":
         assert list(out.glob(".run_it002_data.tmp*.star")), "the kill should land between writing and renaming"
         assert (out / "run_it002_half1_class001.mrc").exists()
@@ -127,7 +93,7 @@ def test_killed_run_continues_and_repeats_the_iteration(data, stage, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert final_names(out) == final_names(ref)
     assert not list(out.glob(".*.tmp*")), "temporaries of the killed run are removed"
-    assert_every_output_parses(out)
+    assert_every_output_parses(out, BOX)
     # the repeated iteration 2 as in the uninterrupted run (same random state)
     a, b = read_star(ref / "run_it002_data.star")["particles"], read_star(out / "run_it002_data.star")["particles"]
     for col in [

@@ -105,11 +105,13 @@ def maximize_classes(
     tau2_fudge: float,
     window_shell: int,
     gridding_iterations: int,
+    settle=None,
 ) -> tuple[list[torch.Tensor], list[int], list[torch.Tensor]]:
     """Classification's M-step of K (symmetrised) classes: each map regularised by its τ² (from the power of the
     reference it was aligned to) × T, and its resolution (RELION: one shell inside the first where the data-to-prior
     ratio drops below 1, at least the first regularised shell). Returns (maps on the accumulators' device, shells, each
-    class's data-to-prior ratio per shell: RELION's data_vs_prior_class, model.star's rlnSsnrMap)."""
+    class's data-to-prior ratio per shell: RELION's data_vs_prior_class, model.star's rlnSsnrMap). ``settle()``, if
+    given, runs after the first class's reconstruction (the kill tests' M-step point)."""
     n_shells = bps[0].box // 2 + 1
     maps, shells, ratios = [], [], []
     for bp, n, tau2 in zip(bps, particles, class_tau2):
@@ -121,4 +123,6 @@ def maximize_classes(
         ratios.append(data_vs_prior(bp, tau2, tau2_fudge, n_shells, window_shell).cpu())
         below = (ratios[-1][1:] < 1).nonzero()
         shells.append(max(MIN_REGULARISED_SHELL, int(below[0, 0]) if below.numel() else n_shells - 1))
+        if settle is not None and len(maps) == 1:
+            settle()
     return maps, shells, ratios

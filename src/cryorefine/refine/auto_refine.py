@@ -177,8 +177,6 @@ class AutoRefineMode:
                     steps.estep_pass(ctx, state, poses, half, rows, refs, half_plan, s, progress, avg_norm=avg_norm)
                 )
                 sums.append(s)
-                if half == 1:
-                    pause_point("estep", state.iteration, ctx.writer.wait)
         return EStepOutput(sums, np.concatenate(done))
 
     # ------------------------------------------------------------------ M-step

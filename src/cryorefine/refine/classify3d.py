@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from ..debug_hooks import pause_point
 from ..errors import CryoInputError
 from ..estep.sums import WeightedSums
 from ..io.mrc import write_map
@@ -148,6 +149,7 @@ class ClassifyMode:
             cfg.tau2_fudge,
             plan.window_shell,
             0 if cfg.skip_gridding else GRIDDING_ITERATIONS,
+            settle=lambda: pause_point("mstep", state.iteration, ctx.writer.wait),
         )
         shells = (steps.ini_shell(ctx),) * self.K if cc else tuple(res_shells)
         new = replace(

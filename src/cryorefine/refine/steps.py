@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..debug_hooks import pause_point
 from ..estep.images import Window, ctf_and_inverse_noise
 from ..estep.poses import PoseGrid
 from ..estep.settings import EStepSettings
@@ -150,7 +151,10 @@ def estep_pass(
         tasks=lambda n: ctx.pool.take(key, n),
         cache=ctx.images,
     )
-    return run_expectation(ctx.table, rows, poses, job, sums, runtime)
+    done = run_expectation(ctx.table, rows, poses, job, sums, runtime)
+    if half <= 1:  # the kill tests' E-step point: after half set 1 of auto-refine, after classification's pass
+        pause_point("estep", state.iteration, ctx.writer.wait)
+    return done
 
 
 def average_norm_correction(poses: ParticlePoses, rows: np.ndarray, iteration: int) -> float:

@@ -1,0 +1,43 @@
+"""Kill tests' tools: stop a run with SIGKILL at a named point (cryorefine.debug_hooks' CRYOREFINE_TEST_PAUSE_AT) and
+check what it left under final names."""
+
+import os
+import subprocess
+import time
+
+import torch
+
+from cryorefine.io.mrc import read_map
+from cryorefine.io.star import read_star
+
+
+def kill_at(cmd, stage_key, marker, timeout=300):
+    """Start `cmd` paused at `stage_key`, wait for it to get there, SIGKILL it."""
+    env = dict(os.environ, CRYOREFINE_TEST_PAUSE_AT=stage_key, CRYOREFINE_TEST_PAUSE_MARKER=str(marker))
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while not marker.exists():
+        assert p.poll() is None, f"the run ended before reaching {stage_key}: {p.stderr.read().decode()[-2000:]}"
+        assert time.time() < deadline, f"{stage_key} not reached in {timeout} s"
+        time.sleep(0.05)
+    p.kill()
+    p.wait()
+    p.stderr.close()
+
+
+def final_names(folder):
+    """Files under their final names (temporaries start with a dot)."""
+    return {f.name for f in folder.iterdir() if not f.name.startswith(".")}
+
+
+def assert_every_output_parses(folder, box: int):
+    for name in final_names(folder):
+        path = folder / name
+        if name.endswith(".star"):
+            assert read_star(path), name
+        elif name.endswith(".mrc"):
+            assert read_map(path)[0].shape == (box,) * 3, name
+        elif name.endswith(".pt"):
+            assert torch.load(path, weights_only=False)["iteration"] >= 1, name
+        else:
+            assert path.stat().st_size > 0, name
