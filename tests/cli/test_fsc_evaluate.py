@@ -68,6 +68,19 @@ def test_fsc_angpix_override_and_errors(maps, capsys):
     assert rc == 0 and out["resolution_0.143_angst"] == pytest.approx(4.0)
 
 
+def test_fsc_mask_errors(maps, capsys):
+    rc, err = run(capsys, "fsc", maps / "a.mrc", maps / "a.mrc", "--mask", maps / "other_box.mrc")
+    assert rc == 2 and "other_box.mrc" in err and "box" in err and len(err.strip().splitlines()) == 1
+    rc, err = run(capsys, "fsc", maps / "a.mrc", maps / "a.mrc", "--mask", maps / "noise.mrc")
+    assert rc == 2 and "noise.mrc" in err and "0..1" in err
+    # identical maps: the unmasked FSC never drops below 0.8, so the shell must be given
+    write_map(maps / "ones.mrc", np.ones((BOX,) * 3, np.float32), ANGPIX)
+    rc, err = run(capsys, "fsc", maps / "a.mrc", maps / "a.mrc", "--mask", maps / "ones.mrc")
+    assert rc == 2 and "--randomize_at_A" in err
+    rc, out = run(capsys, "fsc", maps / "a.mrc", maps / "a.mrc", "--mask", maps / "ones.mrc", "--randomize_at_A", 20)
+    assert rc == 0 and out["resolution_0.143_angst"] == pytest.approx(2 * ANGPIX)
+
+
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
     d = tmp_path_factory.mktemp("sim")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..fourier.grids import centred_half_radius, rfft3_centered, shell_index_3d, shell_sum
@@ -111,3 +113,53 @@ def fsc_to_ssnr(fsc: torch.Tensor, fudge: float = 1.0, whole: bool = False) -> t
         f = torch.sqrt(2.0 * f / (f + 1.0))
     f = f.clamp(max=0.999)
     return fudge * f / (1.0 - f)
+
+
+def phase_randomised(volume: torch.Tensor, from_shell: int, generator: torch.Generator) -> torch.Tensor:
+    """RELION's randomizePhasesBeyond: the (d, d, d) map with every Fourier component at |k|² >= ``from_shell``² (k in
+    px⁻¹ of the box) given a uniform random phase, its amplitude kept. float64."""
+    d = volume.shape[-1]
+    f = torch.fft.rfftn(volume.to(torch.float64))
+    k = torch.fft.fftfreq(d, 1.0 / d, dtype=torch.float64, device=f.device)
+    kx = torch.arange(d // 2 + 1, dtype=torch.float64, device=f.device)
+    far = k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2 >= from_shell**2
+    phase = torch.rand(int(far.sum()), generator=generator, dtype=torch.float64) * (2 * torch.pi)
+    f[far] = torch.polar(f[far].abs(), phase.to(f.device))
+    return torch.fft.irfftn(f, s=volume.shape)
+
+
+@dataclass(frozen=True)
+class SolventCorrectedFSC:
+    """relion_postprocess's curves (d//2 + 1,) for two half maps and a mask: the unmasked and masked FSC, the masked
+    FSC of the maps with phases randomised from ``randomised_from`` (shells), and the corrected FSC
+    (FSC_masked − FSC_random) / (1 − FSC_random) from two shells past it (Chen et al. 2013)."""
+
+    unmasked: torch.Tensor
+    masked: torch.Tensor
+    random_masked: torch.Tensor
+    corrected: torch.Tensor
+    randomised_from: int
+
+
+def solvent_corrected_fsc(
+    half1: torch.Tensor, half2: torch.Tensor, mask: torch.Tensor, from_shell: int | None = None, below: float = 0.8,
+    seed: int = 0,
+) -> SolventCorrectedFSC:  # fmt: skip
+    """RELION's masked FSC with phase randomisation (postprocessing.cpp): phases randomised from ``from_shell``, or
+    from the first shell past DC where the unmasked FSC drops below ``below``. Raises ValueError if it never does."""
+    unmasked = fsc_curve(half1, half2)
+    if from_shell is None:
+        drops = (unmasked[1:] < below).nonzero()
+        if not drops.numel():
+            raise ValueError(f"the unmasked FSC never drops below {below}")
+        from_shell = int(drops[0, 0]) + 1
+    g = torch.Generator().manual_seed(seed)
+    masked = fsc_curve(half1 * mask, half2 * mask)
+    rand = fsc_curve(phase_randomised(half1, from_shell, g) * mask, phase_randomised(half2, from_shell, g) * mask)
+    for curve in (masked, rand):  # RELION: the origin's FSC can come out -1
+        if curve[0] <= 0:
+            curve[0] = 1.0
+    corrected = masked.clone()
+    tail = torch.arange(len(masked)) >= from_shell + 2
+    corrected[tail] = (masked[tail] - rand[tail]) / (1.0 - rand[tail])
+    return SolventCorrectedFSC(unmasked, masked, rand, corrected, from_shell)
