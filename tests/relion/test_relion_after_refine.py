@@ -199,3 +199,28 @@ def test_relion_polish_reads_our_run_data_up_to_the_movies(project):
     log = p.stdout + p.stderr
     print(log[-1500:])
     assert p.returncode != 0 and "MotionCorr/job002/Movies/mic000.star" in log, log[-3000:]
+
+
+@pytest.mark.skipif(shutil.which("relion_refine_mpi") is None or shutil.which("mpirun") is None, reason="no MPI RELION")
+def test_relion_continues_our_auto_refine(project):
+    """``relion_refine_mpi --continue run_it002_optimiser.star`` (auto-refine needs its MPI program for the half sets)
+    reads our optimiser, both half models, data and sampling files and runs iteration 3 (--auto_iter_max 3 stops it
+    there; without it RELION went on to converge, 11 iterations in 222 s here): both half models and maps, a posterior
+    that is not flat, and a half-set resolution within one shell of ours at iteration 2."""
+    d = project
+    argv = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "3", "relion_refine_mpi", "--continue",
+            "Refine3D/run_it002_optimiser.star", "--o", "Refine3D/run_ct2", "--auto_iter_max", "3", "--j", "1",
+            "--dont_combine_weights_via_disc"]  # fmt: skip
+    log = run(d, *argv)
+    assert "ERROR" not in log and "Auto-refine: Iteration= 3" in log
+    for suffix in ("data.star", "optimiser.star", "sampling.star", "half1_model.star", "half2_model.star",
+                   "half1_class001.mrc", "half2_class001.mrc"):  # fmt: skip
+        assert (d / f"Refine3D/run_ct2_it003_{suffix}").is_file(), suffix
+    shells = []
+    for model in ("Refine3D/run_ct2_it003_half1_model.star", "Refine3D/run_it002_half1_model.star"):
+        general = starfile.read(d / model)["model_general"]
+        shells.append(BOX * ANGPIX / float(general["rlnCurrentResolution"]))
+        if "ct2" in model:
+            assert float(general["rlnAveragePmax"]) > 0.05, "RELION's E-step on our files is flat"
+    print(f"RELION's iteration-3 resolution shell {shells[0]:.2f}, ours at iteration 2 {shells[1]:.2f}")
+    assert abs(shells[0] - shells[1]) <= 1.0 + 1e-6
