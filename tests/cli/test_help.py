@@ -32,6 +32,7 @@ UNITS = {
     "--dist_timeout": "seconds",
     "--offset": "Å",
     "--min_sigma2_offset": "Å²",
+    "--randomize_at_A": "Å",
 }
 # options without a physical unit: counts, switches, files, names, dimensionless factors
 NO_UNIT = {
@@ -75,6 +76,11 @@ NO_UNIT = {
     "--truth_map",
     "map1",
     "map2",
+    "--mask",
+    "--randomize_at_fsc",
+    "--force_mask",
+    "program",
+    "options",
     "cs",
     "star",
     "--pool",

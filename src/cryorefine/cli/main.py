@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "convert": "Convert a cryoSPARC particle file (.cs) into a RELION 3.1 STAR file",
     "fsc": "Fourier shell correlation between two maps",
     "evaluate": "Pose and map errors of a refinement against the truth",
+    "external": "Run refine or classify as a RELION External job (its flags in, its output nodes and exit files out)",
 }
 
 

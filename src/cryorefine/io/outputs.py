@@ -20,17 +20,17 @@ def write_model_star(
     classes: list[dict],
     class_tables: list[pd.DataFrame],
     groups: pd.DataFrame,
-    group_sigma2: list[pd.DataFrame],
+    noise: dict[str, pd.DataFrame],
     directions: list[pd.DataFrame],
 ) -> None:
-    """RELION model.star layout: model_general, model_classes, model_class_N, model_groups, model_group_N,
-    model_pdf_orient_class_N (RELION's reader of a 3D model requires each)."""
+    """RELION model.star layout: model_general, model_classes, model_class_N, model_groups, the σ² tables ``noise``
+    (RELION 3.1's model_group_N, RELION 4/5's model_optics_group_N), model_pdf_orient_class_N (RELION's reader of a 3D
+    model requires each)."""
     blocks = {"model_general": general, "model_classes": pd.DataFrame(classes)}
     for k, t in enumerate(class_tables):
         blocks[f"model_class_{k + 1}"] = t
     blocks["model_groups"] = groups
-    for g, t in enumerate(group_sigma2):
-        blocks[f"model_group_{g + 1}"] = t
+    blocks.update(noise)
     for k, t in enumerate(directions):
         blocks[f"model_pdf_orient_class_{k + 1}"] = t
     write_star_table(path, blocks)

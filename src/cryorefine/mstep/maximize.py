@@ -12,7 +12,13 @@ import torch
 from ..fourier.grids import relion_round
 from ..projection.insert import BackProjector
 from ..reconstruction.fsc import fsc_curve, fsc_to_ssnr, halves_fsc
-from ..reconstruction.reconstruct import MIN_REGULARISED_SHELL, data_vs_prior, padded_shell_index, reconstruct
+from ..reconstruction.reconstruct import (
+    MIN_REGULARISED_SHELL,
+    data_vs_prior,
+    fourier_completeness,
+    padded_shell_index,
+    reconstruct,
+)
 from .tau2 import reconstruct_gold_standard
 
 
@@ -53,6 +59,7 @@ class HalfSetMaps:
     fsc: torch.Tensor  # (d//2+1,) gold-standard FSC (float64, CPU)
     resolution_shell: int  # RELION's resolution from the data-to-prior ratio
     tau2: list[torch.Tensor]  # τ² per half set (intermediate) or of the joined map (final), (d//2+1,) CPU
+    completeness: list[torch.Tensor]  # rlnFourierCompleteness per shell, as tau2: per half set or of the joined map
     references: list[torch.Tensor] | None = None  # (d, d, d) per half set, on the accumulators' device
     final_map: torch.Tensor | None = None  # (d, d, d) CPU
     unfiltered: list[torch.Tensor] | None = None  # (d, d, d) per half set, CPU
@@ -88,14 +95,34 @@ def maximize_half_sets(
         final_map, tau2 = reconstruct_gold_standard(
             joined, fsc, tau2_fudge, whole=True, particles=sum(particles), gridding_iterations=it
         )
+        joined_completeness = fourier_completeness(joined, tau2, tau2_fudge, box // 2 + 1).cpu()
         return HalfSetMaps(
-            fsc, resolution_shell, [tau2.cpu()], final_map=final_map.cpu(), unfiltered=[u.cpu() for u in unfiltered]
+            fsc,
+            resolution_shell,
+            [tau2.cpu()],
+            [joined_completeness],
+            final_map=final_map.cpu(),
+            unfiltered=[u.cpu() for u in unfiltered],
         )
     made = [
         reconstruct_gold_standard(bp, fsc, tau2_fudge, max_shell=window_shell, particles=n, gridding_iterations=it)
         for bp, n in zip(bps, particles)
     ]
-    return HalfSetMaps(fsc, resolution_shell, [t.cpu() for _, t in made], references=[m for m, _ in made])
+    complete = [
+        fourier_completeness(bp, t, tau2_fudge, box // 2 + 1, window_shell).cpu() for bp, (_, t) in zip(bps, made)
+    ]
+    return HalfSetMaps(fsc, resolution_shell, [t.cpu() for _, t in made], complete, references=[m for m, _ in made])
+
+
+@dataclass(frozen=True)
+class ClassMaps:
+    """Classification's M-step: per class its map (on the accumulators' device), resolution shell, data-to-prior ratio
+    per shell (RELION's data_vs_prior_class, model.star's rlnSsnrMap) and Fourier completeness per shell (CPU)."""
+
+    maps: list[torch.Tensor]
+    shells: list[int]
+    ssnr: list[torch.Tensor]
+    completeness: list[torch.Tensor]
 
 
 def maximize_classes(
@@ -106,23 +133,24 @@ def maximize_classes(
     window_shell: int,
     gridding_iterations: int,
     settle=None,
-) -> tuple[list[torch.Tensor], list[int], list[torch.Tensor]]:
+) -> ClassMaps:
     """Classification's M-step of K (symmetrised) classes: each map regularised by its τ² (from the power of the
     reference it was aligned to) × T, and its resolution (RELION: one shell inside the first where the data-to-prior
-    ratio drops below 1, at least the first regularised shell). Returns (maps on the accumulators' device, shells, each
-    class's data-to-prior ratio per shell: RELION's data_vs_prior_class, model.star's rlnSsnrMap). ``settle()``, if
-    given, runs after the first class's reconstruction (the kill tests' M-step point)."""
+    ratio drops below 1, at least the first regularised shell). ``settle()``, if given, runs after the first class's
+    reconstruction (the kill tests' M-step point)."""
     n_shells = bps[0].box // 2 + 1
-    maps, shells, ratios = [], [], []
+    out = ClassMaps([], [], [], [])
     for bp, n, tau2 in zip(bps, particles, class_tau2):
-        maps.append(
+        out.maps.append(
             reconstruct(
                 bp, tau2, tau2_fudge, window_shell, gridding_iterations=gridding_iterations, particles=max(n, 1e-6)
             )
         )
-        ratios.append(data_vs_prior(bp, tau2, tau2_fudge, n_shells, window_shell).cpu())
-        below = (ratios[-1][1:] < 1).nonzero()
-        shells.append(max(MIN_REGULARISED_SHELL, int(below[0, 0]) if below.numel() else n_shells - 1))
-        if settle is not None and len(maps) == 1:
+        ratio = data_vs_prior(bp, tau2, tau2_fudge, n_shells, window_shell).cpu()
+        out.ssnr.append(ratio)
+        out.completeness.append(fourier_completeness(bp, tau2, tau2_fudge, n_shells, window_shell).cpu())
+        below = (ratio[1:] < 1).nonzero()
+        out.shells.append(max(MIN_REGULARISED_SHELL, int(below[0, 0]) if below.numel() else n_shells - 1))
+        if settle is not None and len(out.maps) == 1:
             settle()
-    return maps, shells, ratios
+    return out

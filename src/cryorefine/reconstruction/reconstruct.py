@@ -62,20 +62,57 @@ def reconstruction_noise_power(bp: BackProjector, n_shells: int, max_shell: int 
     return torch.where(total > 1e-10, count / total.clamp(min=1e-300), torch.zeros_like(total))
 
 
+def _voxel_data_vs_prior(
+    bp: BackProjector, tau2: torch.Tensor, tau2_fudge: float, n_shells: int, max_shell: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shell and data-to-prior ratio of every padded voxel inside ``max_shell``: weight·pad³·T·τ² (RELION's
+    invw / invtau2 in updateSSNRarrays; where τ² = 0, its stand-in prior gives 0.001·weight²)."""
+    shell, w = _shell_voxels(bp, n_shells, max_shell)
+    t = tau2.to(device=w.device, dtype=torch.float64)[shell.clamp(max=tau2.numel() - 1)]
+    return shell, torch.where(t > 0, w * bp.pad**3 * tau2_fudge * t, 0.001 * w * w)
+
+
 def data_vs_prior(
     bp: BackProjector, tau2: torch.Tensor, tau2_fudge: float, n_shells: int, max_shell: int | None = None
 ) -> torch.Tensor:
     """RELION's spectral data-to-prior ratio per shell (s,), which sets the resolution of a classification:
-    the shell mean of weight·pad³·T·τ² (where τ² = 0, RELION's stand-in prior gives 0.001·weight²);
-    999 for shells without voxels, 0 beyond ``max_shell``."""
-    shell, w = _shell_voxels(bp, n_shells, max_shell)
-    t = tau2.to(device=w.device, dtype=torch.float64)[shell.clamp(max=tau2.numel() - 1)]
-    ratio = torch.where(t > 0, w * bp.pad**3 * tau2_fudge * t, 0.001 * w * w)
-    total, count = shell_sum(ratio, shell, n_shells), shell_sum(torch.ones_like(w), shell, n_shells)
+    the shell mean of the voxels' ratios; 999 for shells without voxels, 0 beyond ``max_shell``."""
+    shell, ratio = _voxel_data_vs_prior(bp, tau2, tau2_fudge, n_shells, max_shell)
+    total, count = shell_sum(ratio, shell, n_shells), shell_sum(torch.ones_like(ratio), shell, n_shells)
     out = torch.where(count > 0.001, total / count.clamp(min=1), torch.full_like(total, 999.0))
     last = bp.box // 2 if max_shell is None else max_shell
     out[last + 1 :] = 0.0
     return out
+
+
+def fourier_completeness(
+    bp: BackProjector, tau2: torch.Tensor, tau2_fudge: float, n_shells: int, max_shell: int | None = None
+) -> torch.Tensor:
+    """RELION's Fourier coverage per shell (s,), model.star's rlnFourierCompleteness: the fraction of the shell's
+    padded voxels inside ``max_shell`` whose data-to-prior ratio is at least 1 (SNR > 1); 0 where none lie."""
+    shell, ratio = _voxel_data_vs_prior(bp, tau2, tau2_fudge, n_shells, max_shell)
+    hits, count = shell_sum((ratio >= 1).double(), shell, n_shells), shell_sum(torch.ones_like(ratio), shell, n_shells)
+    return torch.where(count > 0, hits / count.clamp(min=1), torch.zeros_like(hits))
+
+
+def overall_completeness(completeness, ssnr) -> float:
+    """RELION's calculateTotalFourierCoverage (rlnOverallFourierCompleteness): the shells' completeness averaged
+    over the integer frequencies k of the cube |k_x|, |k_y|, |k_z| < m with ⌊|k|⌋ <= m, where m is the last shell
+    (from 0) before the SSNR first drops below 1; 0 when it is below at shell 0 (RELION divides 0 by 0)."""
+    ssnr = torch.as_tensor(ssnr, dtype=torch.float64).cpu()
+    below = (ssnr < 1).nonzero()
+    m = int(below[0, 0]) - 1 if below.numel() else len(ssnr) - 1
+    if m < 1:
+        return 0.0
+    k = torch.arange(-(m - 1), m, dtype=torch.float64)
+    plane = k[:, None] ** 2 + k[None, :] ** 2
+    counts = torch.zeros(m + 1, dtype=torch.float64)
+    for kz in k:  # one plane at a time: the cube of a box-600 map would take GBs
+        r = torch.floor(torch.sqrt(plane + kz**2)).long().flatten()
+        r = r[r <= m]
+        counts += torch.bincount(r, minlength=m + 1).double()
+    c = torch.as_tensor(completeness, dtype=torch.float64).cpu()[: m + 1]
+    return float((counts * c).sum() / counts.sum())
 
 
 def weight_floor(weight: torch.Tensor, r_pad: torch.Tensor, pad: int, max_shell: int) -> torch.Tensor:

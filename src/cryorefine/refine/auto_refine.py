@@ -23,7 +23,7 @@ from ..parallel.collectives import broadcast_from_main
 from ..parallel.context import Dist
 from ..debug_hooks import pause_point
 from ..reconstruction.fsc import fsc_to_ssnr, shell_to_angstrom
-from ..reconstruction.reconstruct import GRIDDING_ITERATIONS
+from ..reconstruction.reconstruct import GRIDDING_ITERATIONS, overall_completeness
 from ..reconstruction.symmetrise import symmetrise_backprojector
 from ..validate import check_random_subsets
 from . import steps
@@ -255,6 +255,7 @@ class AutoRefineMode:
         stats, m = state.stats[model], info["m"]
         rows = slice(None) if state.schedule.final_iteration else np.flatnonzero(state.halves - 1 == model)
         general = model_general(ctx, state, stats, rows, info["resolution_angst"], info["window_shell"])
+        ssnr, completeness = fsc_to_ssnr(state.fsc), m.completeness[min(model, len(m.completeness) - 1)]
         classes = [
             {
                 "rlnReferenceImage": reference,
@@ -262,11 +263,11 @@ class AutoRefineMode:
                 "rlnAccuracyRotations": info["accuracy"][0],
                 "rlnAccuracyTranslationsAngst": info["accuracy"][1] * ctx.angpix,
                 "rlnEstimatedResolution": info["resolution_angst"],
-                "rlnOverallFourierCompleteness": 1.0,
+                "rlnOverallFourierCompleteness": overall_completeness(completeness, ssnr),
             }
         ]
         tau2 = m.tau2[min(model, len(m.tau2) - 1)]
-        half = class_table(ctx, tau2, fsc_to_ssnr(state.fsc), state.fsc)
+        half = class_table(ctx, tau2, ssnr, completeness, state.fsc)
         directions = direction_tables(state.direction_prior[model])
         return general, classes, [half], groups_table(ctx, stats), noise_tables(ctx, stats), directions
 

@@ -27,7 +27,7 @@ from ..mstep.statistics import updated_statistics
 from ..mstep.tau2 import tau2_from_reference
 from ..parallel.context import Dist
 from ..reconstruction.fsc import shell_to_angstrom
-from ..reconstruction.reconstruct import GRIDDING_ITERATIONS
+from ..reconstruction.reconstruct import GRIDDING_ITERATIONS, overall_completeness
 from ..reconstruction.symmetrise import symmetrise_backprojector
 from . import steps
 from .auto_refine import halves_of, initial_schedule, initial_statistics, load_or_start, start_map
@@ -142,7 +142,7 @@ class ClassifyMode:
         stats = (updated_statistics(state.stats[0], [sums], cfg.min_sigma2_offset, noise=not cc),)
         for bp in sums.backprojectors:
             symmetrise_backprojector(bp, cfg.sym)
-        new_maps, res_shells, class_ssnr = maximize_classes(
+        m = maximize_classes(
             sums.backprojectors,
             sums.class_weight.tolist(),
             estep.class_tau2,
@@ -151,10 +151,10 @@ class ClassifyMode:
             0 if cfg.skip_gridding else GRIDDING_ITERATIONS,
             settle=lambda: pause_point("mstep", state.iteration, ctx.writer.wait),
         )
-        shells = (steps.ini_shell(ctx),) * self.K if cc else tuple(res_shells)
+        shells = (steps.ini_shell(ctx),) * self.K if cc else tuple(m.shells)
         new = replace(
             state,
-            maps=steps.new_references(ctx, new_maps, state.iteration),
+            maps=steps.new_references(ctx, m.maps, state.iteration),
             stats=stats,
             poses=poses,
             direction_prior=direction_prior(sums.direction_weight.cpu()),
@@ -189,7 +189,8 @@ class ClassifyMode:
             "class_resolution_angst": class_res,
             "class_accuracy": record["class_accuracy"],
             "class_tau2": estep.class_tau2,
-            "class_ssnr": class_ssnr,
+            "class_ssnr": m.ssnr,
+            "class_completeness": m.completeness,
             "window_shell": plan.window_shell,
         }
         return new, record, info
@@ -210,12 +211,17 @@ class ClassifyMode:
                 "rlnAccuracyRotations": info["class_accuracy"][k][0],
                 "rlnAccuracyTranslationsAngst": min(999.0, info["class_accuracy"][k][1] * cfg.angpix),
                 "rlnEstimatedResolution": info["class_resolution_angst"][k],
-                "rlnOverallFourierCompleteness": 1.0,
+                "rlnOverallFourierCompleteness": overall_completeness(
+                    info["class_completeness"][k], info["class_ssnr"][k]
+                ),
             }
             for k in range(self.K)
         ]
         n_sh = ctx.box // 2 + 1
-        tables = [class_table(ctx, t.cpu(), r) for t, r in zip(info["class_tau2"], info["class_ssnr"])]
+        tables = [
+            class_table(ctx, t.cpu(), r, c)
+            for t, r, c in zip(info["class_tau2"], info["class_ssnr"], info["class_completeness"])
+        ]
         write_model_star(
             f"{pre}_model.star",
             general,

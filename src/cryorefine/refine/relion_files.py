@@ -59,6 +59,7 @@ def model_general(
         "rlnNrClasses": 1 if state.classes is None else len(state.maps),
         "rlnNrBodies": 1,
         "rlnNrGroups": len(relion_groups(ctx.table)[1]),
+        "rlnNrOpticsGroups": len(stats.sigma2),
         "rlnTau2FudgeFactor": cfg.tau2_fudge,
         "rlnNormCorrectionAverage": float(np.mean(p.norm_correction[rows])),
         "rlnSigmaOffsetsAngst": math.sqrt(stats.sigma2_offset_angst2),
@@ -71,10 +72,11 @@ def model_general(
     }
 
 
-def class_table(ctx: RunContext, tau2, ssnr, fsc=None) -> pd.DataFrame:
+def class_table(ctx: RunContext, tau2, ssnr, completeness, fsc=None) -> pd.DataFrame:
     """model_class_N of one class (or half set), per shell: the SSNR^MAP (rlnSsnrMap, which sets the resolution), the
-    half sets' FSC (classification has none: 0, as RELION's) and τ² in RELION's units. rlnReferenceSigma2 is 0: we
-    keep no σ² of the reconstruction, and RELION's next M-step writes its own before anything reads it."""
+    half sets' FSC (classification has none: 0, as RELION's), the Fourier completeness and τ² in RELION's units.
+    rlnReferenceSigma2 is 0: we keep no σ² of the reconstruction, and RELION's next M-step writes its own before
+    anything reads it."""
     cols = shell_columns(ctx.box, ctx.angpix)
     res, n_sh = cols["rlnResolution"], ctx.box // 2 + 1
     fsc = np.zeros(n_sh) if fsc is None else fsc
@@ -84,7 +86,7 @@ def class_table(ctx: RunContext, tau2, ssnr, fsc=None) -> pd.DataFrame:
             "rlnAngstromResolution": np.where(res > 0, 1 / np.maximum(res, 1e-12), 999.0),
             "rlnSsnrMap": np.asarray(ssnr, dtype=np.float64)[:n_sh],
             "rlnGoldStandardFsc": np.asarray(fsc, dtype=np.float64)[:n_sh],
-            "rlnFourierCompleteness": np.ones(n_sh),
+            "rlnFourierCompleteness": np.asarray(completeness, dtype=np.float64)[:n_sh],
             "rlnReferenceSigma2": np.zeros(n_sh),
             "rlnReferenceTau2": relion_power(tau2, ctx.box)[:n_sh],
         }
@@ -151,12 +153,23 @@ def groups_table(ctx: RunContext, stats: ModelStatistics) -> pd.DataFrame:
     )
 
 
-def noise_tables(ctx: RunContext, stats: ModelStatistics) -> list[pd.DataFrame]:
-    """model_group_N: the σ² of each RELION group's optics group, in RELION's units (its next E-step scores the images
-    with it)."""
+def noise_tables(ctx: RunContext, stats: ModelStatistics) -> dict[str, pd.DataFrame]:
+    """The σ² tables in RELION's units (its next E-step scores the images with them): RELION 3.1's model_group_N, the
+    σ² of each of its groups' optics group, and RELION 4/5's model_optics_group_N, one per optics group (the shells
+    with σ² > 0, as it writes them; model_general's rlnNrOpticsGroups tells it to read these)."""
     cols = shell_columns(ctx.box, ctx.angpix)
     sigma2 = [relion_power(s.numpy(), ctx.box) for s in stats.sigma2]
-    return [pd.DataFrame({**cols, "rlnSigma2Noise": sigma2[g]}) for g in _optics_of_groups(ctx.table)]
+    tables = {
+        f"model_group_{n + 1}": pd.DataFrame({**cols, "rlnSigma2Noise": sigma2[g]})
+        for n, g in enumerate(_optics_of_groups(ctx.table))
+    }
+    for g, s2 in enumerate(sigma2):
+        keep = s2 > 0
+        tables[f"model_optics_group_{g + 1}"] = pd.DataFrame(
+            {"rlnSpectralIndex": cols["rlnSpectralIndex"][keep], "rlnResolution": cols["rlnResolution"][keep],
+             "rlnSigma2Noise": s2[keep]}
+        )  # fmt: skip
+    return tables
 
 
 def direction_tables(prior) -> list[pd.DataFrame]:
