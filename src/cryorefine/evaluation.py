@@ -38,7 +38,7 @@ class Poses:
 
 def read_poses(star_path) -> Poses:
     """Poses of a RELION 3.0/3.1 particle STAR file (origins in Å; 3.0 pixel origins converted)."""
-    from .io.particles import origins_angst, particle_pixel_sizes, particles_block
+    from .io.particles import numeric_column, origins_angst, particle_pixel_sizes, particles_block
     from .io.star import read_star
 
     star_path = Path(star_path)
@@ -55,7 +55,7 @@ def read_poses(star_path) -> Poses:
             raise CryoInputError(f"missing column {column} in data_{block}; poses are needed", path=star_path)
 
     def col(name):
-        return df[name].to_numpy(np.float64) if name in df.columns else np.zeros(len(df))
+        return numeric_column(df, name, block, star_path)
 
     ox, oy = origins_angst(df, lambda: particle_pixel_sizes(blocks, block, df, star_path), block, star_path)
     return Poses(

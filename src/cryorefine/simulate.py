@@ -14,7 +14,9 @@ from .ctf import compute_ctf
 from .fourier.grids import irfft2_centered, rfft_freqs_2d
 from .fourier.shift import shift_images_rfft
 from .geometry.euler import euler_to_matrix
+from .errors import CryoInputError
 from .io.mrc import StackWriter, write_map
+from .io.particles import numeric_column
 from .io.star import write_star
 from .io.table import project_relative
 
@@ -173,7 +175,6 @@ def _image_names(stack: Path, n: int) -> list[str]:
 
 def _poses_table(poses_star):
     """(optics DataFrame or None, particles DataFrame) of a STAR file of poses (RELION 3.0 or 3.1; no images needed)."""
-    from .errors import CryoInputError
     from .io.particles import particles_block
     from .io.star import read_star
 
@@ -188,7 +189,7 @@ def _poses_table(poses_star):
     return blocks.get("optics"), parts
 
 
-def _per_particle_optics(optics: pd.DataFrame | None, parts: pd.DataFrame, microscope: Microscope) -> dict:
+def _per_particle_optics(optics: pd.DataFrame | None, parts: pd.DataFrame, microscope: Microscope, poses_star) -> dict:
     """Voltage, Cs and amplitude contrast of every particle: the optics group's (3.1), the particle's own (3.0), else
     ``microscope``."""
     n = len(parts)
@@ -198,12 +199,19 @@ def _per_particle_optics(optics: pd.DataFrame | None, parts: pd.DataFrame, micro
     for key, col in names.items():
         if optics is not None and col in optics.columns:
             if "rlnOpticsGroup" in parts.columns and "rlnOpticsGroup" in optics.columns:
-                lut = dict(zip(optics["rlnOpticsGroup"].astype(int), optics[col].astype(float)))
-                out[key] = np.array([lut[int(g)] for g in parts["rlnOpticsGroup"]], np.float64)
+                groups = numeric_column(optics, "rlnOpticsGroup", "optics", poses_star, whole=True)
+                lut = dict(zip(groups, numeric_column(optics, col, "optics", poses_star)))
+                of_particle = numeric_column(parts, "rlnOpticsGroup", "particles", poses_star, whole=True)
+                unknown = sorted(set(of_particle) - set(lut))
+                if unknown:
+                    raise CryoInputError(
+                        f"rlnOpticsGroup {unknown[0]} of the particles is not in data_optics", poses_star
+                    )
+                out[key] = np.array([lut[g] for g in of_particle], np.float64)
             else:
-                out[key] = np.full(n, float(optics[col].iloc[0]))
+                out[key] = np.full(n, numeric_column(optics, col, "optics", poses_star)[0])
         elif col in parts.columns:
-            out[key] = parts[col].to_numpy(np.float64)
+            out[key] = numeric_column(parts, col, "particles", poses_star)
         else:
             out[key] = np.full(n, default[key])
     return out
@@ -211,7 +219,6 @@ def _per_particle_optics(optics: pd.DataFrame | None, parts: pd.DataFrame, micro
 
 def _check_optics_match_map(optics: pd.DataFrame | None, box: int, angpix: float, poses_star) -> None:
     """The poses' optics table, where it gives a box or pixel size, must agree with the map's."""
-    from .errors import CryoInputError
 
     if optics is None:
         return
@@ -233,14 +240,13 @@ def _check_optics_match_map(optics: pd.DataFrame | None, box: int, angpix: float
 
 
 def _pose_columns(
-    parts: pd.DataFrame, angpix: float, ctf: bool, optics: pd.DataFrame | None, microscope: Microscope
+    parts: pd.DataFrame, angpix: float, ctf: bool, optics: pd.DataFrame | None, microscope: Microscope, poses_star
 ) -> dict[str, np.ndarray]:
     """Per-particle float64 arrays: Euler angles (°), origins (Å), and with ``ctf`` (where the STAR has defocus) the
     CTF's parameters with each particle's voltage, Cs and amplitude contrast."""
-    n = len(parts)
 
     def col(name, default=0.0):
-        return parts[name].to_numpy(np.float64) if name in parts.columns else np.full(n, default)
+        return numeric_column(parts, name, "particles", poses_star, default)
 
     cols = {"rot": col("rlnAngleRot"), "tilt": col("rlnAngleTilt"), "psi": col("rlnAnglePsi")}
     if "rlnOriginXAngst" in parts.columns or "rlnOriginYAngst" in parts.columns:
@@ -249,7 +255,7 @@ def _pose_columns(
         cols |= {"ox": col("rlnOriginX") * angpix, "oy": col("rlnOriginY") * angpix}
     if ctf and "rlnDefocusU" in parts.columns:
         du = col("rlnDefocusU")
-        mic = _per_particle_optics(optics, parts, microscope)
+        mic = _per_particle_optics(optics, parts, microscope, poses_star)
         cols |= {
             "du": du,
             "dv": col("rlnDefocusV") if "rlnDefocusV" in parts.columns else du.copy(),
@@ -320,7 +326,7 @@ def project_poses(
     optics, parts = _poses_table(poses_star)
     _check_optics_match_map(optics, box, angpix, poses_star)
     n = len(parts)
-    cols = _pose_columns(parts, angpix, ctf, optics, microscope)
+    cols = _pose_columns(parts, angpix, ctf, optics, microscope, poses_star)
     ctf = "du" in cols
     transform = prepare_padded_transform(truth.to(device=device, dtype=torch.float32), 2)
     ky, kx = rfft_freqs_2d(box, device, torch.float64)

@@ -34,6 +34,8 @@ from typing import Callable
 import mrcfile
 import numpy as np
 
+from cryorefine.io.cryosparc import REQUIRED_FIELDS
+
 BOX, ANGPIX, N = 16, 4.0, 8
 STAR = "data/particles.star"
 STACK = "data/particles.mrcs"
@@ -749,17 +751,6 @@ def cs_flip_payload(p, rng):
     return _flip(p / CS, rng, _npy_header_end(data), None, 4), "any"
 
 
-CS_REQUIRED = (
-    "blob/path",
-    "blob/idx",
-    "blob/shape",
-    "blob/psize_A",
-    "ctf/accel_kv",
-    "ctf/cs_mm",
-    "ctf/amp_contrast",
-)
-
-
 def cs_missing_field(p, rng):
     fields = _cs_fields(p)
     name = _pick(rng, list(fields))
@@ -767,7 +758,7 @@ def cs_missing_field(p, rng):
     _cs_write(p, fields)
     if name == "ctf/df1_A":  # no CTF: convert writes it so, reconstruct --ctf refuses it
         return f"{name} removed", "any"
-    return f"{name} removed", "error" if name in CS_REQUIRED else "ok"
+    return f"{name} removed", "error" if name in REQUIRED_FIELDS else "ok"
 
 
 def _wrong_dtypes(name: str, v: np.ndarray) -> list:

@@ -31,17 +31,18 @@ from cryorefine.errors import CryoInputError
 from cryorefine.geometry.axis_angle import axis_angle_to_matrix
 from cryorefine.geometry.euler import matrix_to_euler
 from cryorefine.io.table import (
+    AMPLITUDE_CONTRAST_RULE,
     ANGPIX_RULE,
     CS_RULE,
-    MAX_ANGPIX,
-    MAX_CS_MM,
-    MAX_ORIGIN_ANGST,
-    MAX_VOLTAGE_KV,
-    MIN_ANGPIX,
     ORIGIN_RULE,
     VOLTAGE_RULE,
     OpticsGroup,
     ParticleTable,
+    plausible_amplitude_contrast,
+    plausible_angpix,
+    plausible_cs,
+    plausible_origin,
+    plausible_voltage,
     project_relative,
     resolve_stack,
 )
@@ -78,10 +79,10 @@ FIELD_TYPES = {  # every field read: (dtype kinds, shape of one row's value, wha
 FIELD_RANGES = {  # field: (accepted, the rule quoted in the message)
     "blob/idx": (lambda v: (v >= 0) & (v < 2**62), "must be a 0-based image index (0 to 2^62)"),
     "blob/shape": (lambda v: v > 0, "must be the image size in pixels (> 0)"),
-    "blob/psize_A": (lambda v: (v >= MIN_ANGPIX) & (v <= MAX_ANGPIX), ANGPIX_RULE),
-    "ctf/accel_kv": (lambda v: (v > 0) & (v <= MAX_VOLTAGE_KV), VOLTAGE_RULE),
-    "ctf/cs_mm": (lambda v: np.abs(v) <= MAX_CS_MM, CS_RULE),
-    "ctf/amp_contrast": (lambda v: (v >= 0) & (v <= 1), "must be between 0 and 1"),
+    "blob/psize_A": (plausible_angpix, ANGPIX_RULE),
+    "ctf/accel_kv": (plausible_voltage, VOLTAGE_RULE),
+    "ctf/cs_mm": (plausible_cs, CS_RULE),
+    "ctf/amp_contrast": (plausible_amplitude_contrast, AMPLITUDE_CONTRAST_RULE),
 }
 NUMPY_MAGIC = b"\x93NUMPY"
 FOLDERS_ABOVE = 3  # a .cs lies in a job folder (P1/J12) or an export (P1/exports/groups/NAME) of the project folder
@@ -263,7 +264,7 @@ def load_cs_particles(cs_path, project_dir=None) -> ParticleTable:
     shift = (
         np.asarray(cs["alignments3D/shift"], np.float64) if "alignments3D/shift" in cs.dtype.names else np.zeros((n, 2))
     )
-    too_far = (np.abs(shift) * shift_angpix[:, None] > MAX_ORIGIN_ANGST).any(axis=1)
+    too_far = ~plausible_origin(shift * shift_angpix[:, None]).all(axis=1)
     if too_far.any():
         row = int(np.flatnonzero(too_far)[0])
         raise CryoInputError(

@@ -11,17 +11,18 @@ import pandas as pd
 
 from cryorefine.errors import CryoInputError
 from cryorefine.io.table import (
+    AMPLITUDE_CONTRAST_RULE,
     ANGPIX_RULE,
     CS_RULE,
-    MAX_ANGPIX,
-    MAX_CS_MM,
-    MAX_ORIGIN_ANGST,
-    MAX_VOLTAGE_KV,
-    MIN_ANGPIX,
     ORIGIN_RULE,
     VOLTAGE_RULE,
     OpticsGroup,
     ParticleTable,
+    plausible_amplitude_contrast,
+    plausible_angpix,
+    plausible_cs,
+    plausible_origin,
+    plausible_voltage,
     project_relative,
     resolve_stack,
 )
@@ -70,7 +71,7 @@ def _require(df: pd.DataFrame, columns, block: str, path) -> None:
 _EXACT = 2.0**53  # whole numbers from here on are not exact in float64 (starfile may read a column as floats)
 
 
-def _numbers(df: pd.DataFrame, name: str, block: str, path, default=0.0, whole: bool = False) -> np.ndarray:
+def numeric_column(df: pd.DataFrame, name: str, block: str, path, default=0.0, whole: bool = False) -> np.ndarray:
     """Column ``name`` of data_``block`` as float64 (int64 if ``whole``), ``default`` in every row if it is absent.
     Every value must be a finite number (a whole one if ``whole``): text, an empty or NaN field (also what a row with
     too few values leaves) and Inf stop with the row and the value."""
@@ -112,10 +113,10 @@ def _check_values(values: np.ndarray, ok: np.ndarray, name: str, block: str, pat
 
 def _pixel_size_angst(df: pd.DataFrame, block: str, path) -> np.ndarray:
     if "rlnImagePixelSize" in df.columns:
-        name, angpix = "rlnImagePixelSize", _numbers(df, "rlnImagePixelSize", block, path)
+        name, angpix = "rlnImagePixelSize", numeric_column(df, "rlnImagePixelSize", block, path)
     elif "rlnDetectorPixelSize" in df.columns and "rlnMagnification" in df.columns:
-        detector = _numbers(df, "rlnDetectorPixelSize", block, path)
-        magnification = _numbers(df, "rlnMagnification", block, path)
+        detector = numeric_column(df, "rlnDetectorPixelSize", block, path)
+        magnification = numeric_column(df, "rlnMagnification", block, path)
         _check_values(magnification, magnification > 0, "rlnMagnification", block, path, "must be > 0")
         name, angpix = "rlnDetectorPixelSize", detector * 1e4 / magnification
     else:
@@ -124,17 +125,17 @@ def _pixel_size_angst(df: pd.DataFrame, block: str, path) -> np.ndarray:
             f"rlnMagnification) in data_{block}; add the pixel size",
             path=path,
         )
-    _check_values(angpix, (angpix >= MIN_ANGPIX) & (angpix <= MAX_ANGPIX), name, block, path, ANGPIX_RULE)
+    _check_values(angpix, plausible_angpix(angpix), name, block, path, ANGPIX_RULE)
     return angpix
 
 
 def _optics_values(df: pd.DataFrame, block: str, path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(voltage kV, Cs mm, amplitude contrast) of every row, each checked: the CTF needs them in range."""
     _require(df, _OPTICS_VALUE_COLUMNS, block, path)
-    voltage, cs, q0 = (_numbers(df, c, block, path) for c in _OPTICS_VALUE_COLUMNS)
-    _check_values(voltage, (voltage > 0) & (voltage <= MAX_VOLTAGE_KV), "rlnVoltage", block, path, VOLTAGE_RULE)
-    _check_values(cs, np.abs(cs) <= MAX_CS_MM, "rlnSphericalAberration", block, path, CS_RULE)
-    _check_values(q0, (q0 >= 0) & (q0 <= 1), "rlnAmplitudeContrast", block, path, "must be between 0 and 1")
+    voltage, cs, q0 = (numeric_column(df, c, block, path) for c in _OPTICS_VALUE_COLUMNS)
+    _check_values(voltage, plausible_voltage(voltage), "rlnVoltage", block, path, VOLTAGE_RULE)
+    _check_values(cs, plausible_cs(cs), "rlnSphericalAberration", block, path, CS_RULE)
+    _check_values(q0, plausible_amplitude_contrast(q0), "rlnAmplitudeContrast", block, path, AMPLITUDE_CONTRAST_RULE)
     return voltage, cs, q0
 
 
@@ -172,10 +173,10 @@ def _optics_31(optics_df: pd.DataFrame, path) -> list[OpticsGroup]:
         raise CryoInputError("data_optics has no rows; add a row for each optics group", path=path)
     angpix = _pixel_size_angst(optics_df, "optics", path)
     voltage, cs, q0 = _optics_values(optics_df, "optics", path)
-    numbers = _numbers(optics_df, "rlnOpticsGroup", "optics", path, whole=True)
+    numbers = numeric_column(optics_df, "rlnOpticsGroup", "optics", path, whole=True)
     if len(set(numbers.tolist())) != len(numbers):
         raise CryoInputError("duplicate rlnOpticsGroup numbers in data_optics", path=path)
-    boxes = _numbers(optics_df, "rlnImageSize", "optics", path, default=0, whole=True)  # 0: from the stacks
+    boxes = numeric_column(optics_df, "rlnImageSize", "optics", path, default=0, whole=True)  # 0: from the stacks
     if "rlnImageSize" in optics_df.columns:
         _check_values(boxes, boxes > 0, "rlnImageSize", "optics", path, "must be the image size in pixels (> 0)")
     extra_cols = [c for c in optics_df.columns if c not in _OPTICS_OWN_COLUMNS]
@@ -231,7 +232,7 @@ def particle_pixel_sizes(blocks: dict, block: str, df: pd.DataFrame, path) -> np
 def _group_of_particles(df: pd.DataFrame, block: str, groups: list[OpticsGroup], path) -> np.ndarray:
     """The index into ``groups`` of every particle, by rlnOpticsGroup (optional where there is one group)."""
     if "rlnOpticsGroup" in df.columns:
-        numbers = _numbers(df, "rlnOpticsGroup", block, path, whole=True)
+        numbers = numeric_column(df, "rlnOpticsGroup", block, path, whole=True)
     elif len(groups) == 1:
         numbers = np.full(len(df), groups[0].number, np.int64)
     else:
@@ -249,15 +250,15 @@ def origins_angst(
     """Origin offsets (x, y) in Å of every particle: rlnOriginX/YAngst (STAR 3.1), else rlnOriginX/Y in pixels (3.0)
     times ``pixel_sizes()`` (asked only then), else zero. ``block`` and ``path`` name the table in messages."""
     if "rlnOriginXAngst" in df.columns or "rlnOriginYAngst" in df.columns:
-        x, y = (_numbers(df, f"rlnOrigin{a}Angst", block, path) for a in "XY")
+        x, y = (numeric_column(df, f"rlnOrigin{a}Angst", block, path) for a in "XY")
     elif "rlnOriginX" in df.columns or "rlnOriginY" in df.columns:
         angpix = pixel_sizes()
-        x, y = (_numbers(df, f"rlnOrigin{a}", block, path) * angpix for a in "XY")
+        x, y = (numeric_column(df, f"rlnOrigin{a}", block, path) * angpix for a in "XY")
     else:
         return np.zeros(len(df)), np.zeros(len(df))
     unit = "Angst" if "rlnOriginXAngst" in df.columns or "rlnOriginYAngst" in df.columns else ""
     for axis, values in zip("XY", (x, y)):
-        _check_values(values, np.abs(values) <= MAX_ORIGIN_ANGST, f"rlnOrigin{axis}{unit}", block, path, ORIGIN_RULE)
+        _check_values(values, plausible_origin(values), f"rlnOrigin{axis}{unit}", block, path, ORIGIN_RULE)
     return x, y
 
 
@@ -303,7 +304,7 @@ def load_particles(star_path, project_dir=None) -> ParticleTable:
 
     origin_x, origin_y = origins_angst(df, lambda: particle_angpix, block, star_path)
 
-    number = lambda name, default=0.0, whole=False: _numbers(df, name, block, star_path, default, whole)  # noqa: E731
+    number = lambda name, default=0.0, whole=False: numeric_column(df, name, block, star_path, default, whole)  # noqa: E731
     has_ctf = "rlnDefocusU" in df.columns
     defocus_u = number("rlnDefocusU")
     defocus_v = number("rlnDefocusV") if "rlnDefocusV" in df.columns else defocus_u.copy()

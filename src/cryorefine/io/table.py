@@ -26,6 +26,28 @@ MAX_CS_MM = 1000.0
 CS_RULE = f"must be the spherical aberration in mm (at most {MAX_CS_MM:g} either way)"
 MAX_ORIGIN_ANGST = 1e6  # far beyond any real offset; one of 1e30 Å overflowed the float32 re-centring (a NaN map)
 ORIGIN_RULE = f"must be an origin offset in Å (at most {MAX_ORIGIN_ANGST:g} either way)"
+AMPLITUDE_CONTRAST_RULE = "must be between 0 and 1"
+
+
+# each reader's test of the values above (arrays in, boolean arrays out)
+def plausible_angpix(v: np.ndarray) -> np.ndarray:
+    return (v >= MIN_ANGPIX) & (v <= MAX_ANGPIX)
+
+
+def plausible_voltage(v: np.ndarray) -> np.ndarray:
+    return (v > 0) & (v <= MAX_VOLTAGE_KV)
+
+
+def plausible_cs(v: np.ndarray) -> np.ndarray:
+    return np.abs(v) <= MAX_CS_MM
+
+
+def plausible_amplitude_contrast(v: np.ndarray) -> np.ndarray:
+    return (v >= 0) & (v <= 1)
+
+
+def plausible_origin(v_angst: np.ndarray) -> np.ndarray:
+    return np.abs(v_angst) <= MAX_ORIGIN_ANGST
 
 
 @dataclass

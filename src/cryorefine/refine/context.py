@@ -25,6 +25,7 @@ from ..parallel.context import Dist
 from ..parallel.pool import TaskPool
 from ..validate import check_diameter_fits, check_diameter_sign, check_one_pixel_size, check_reference
 from .config import RefineConfig, auto_batch_size
+from .groups import RelionGroups, relion_groups
 from .log import RunLog
 from .report_refresh import ReportRefresher
 from .timing import StageTimer
@@ -43,6 +44,7 @@ class RunContext:
     images: ImageCache
     writer: BackgroundWriter  # rank 0's files of an iteration, written while the next one computes
     report: ReportRefresher
+    groups: RelionGroups  # RELION's micrograph groups of the particles
 
     @property
     def box(self) -> int:
@@ -140,5 +142,5 @@ def open_run(cfg: RefineConfig, dist: Dist | None, fixed_volumes: dict) -> RunCo
         )
     return RunContext(
         cfg, dist, table, device, solvent_mask, log, StageTimer(device), TaskPool(dist), images, BackgroundWriter(),
-        ReportRefresher(),
+        ReportRefresher(), relion_groups(table),
     )  # fmt: skip

@@ -8,8 +8,6 @@ Select read our iterations as their own. A value we have no equivalent of is REL
 from __future__ import annotations
 
 import math
-import re
-import weakref
 from dataclasses import asdict
 
 import numpy as np
@@ -19,7 +17,6 @@ from ..estep.images import MASK_EDGE_PX
 from ..geometry.healpix import angular_step_deg
 from ..io.outputs import it_prefix, write_sampling_star
 from ..io.star import write_star_table
-from ..io.table import ParticleTable
 from ..mstep.statistics import ModelStatistics
 from .context import RunContext
 from .state import RunState, save_checkpoint
@@ -58,7 +55,7 @@ def model_general(
         "rlnPixelSize": cfg.angpix,
         "rlnNrClasses": 1 if state.classes is None else len(state.maps),
         "rlnNrBodies": 1,
-        "rlnNrGroups": len(relion_groups(ctx.table)[1]),
+        "rlnNrGroups": len(ctx.groups.names),
         "rlnNrOpticsGroups": len(stats.sigma2),
         "rlnTau2FudgeFactor": cfg.tau2_fudge,
         "rlnNormCorrectionAverage": float(np.mean(p.norm_correction[rows])),
@@ -93,62 +90,15 @@ def class_table(ctx: RunContext, tau2, ssnr, completeness, fsc=None) -> pd.DataF
     )
 
 
-# (the last table, its groups): worked out once per run, not at each of an iteration's writes
-_GROUPS_MEMO: list = []
-
-
-def relion_groups(table: ParticleTable) -> tuple[np.ndarray, list[str]]:
-    """RELION 3.1's groups of the particles (Experiment::read), which its model.star's σ² and scale are per (ours are
-    per optics group): one group "group" without rlnMicrographName; else one per rlnGroupName, or per micrograph (its
-    name after the job folder), numbered as they first appear with the particles sorted by micrograph name (a stable
-    sort, as RELION's). RELION's continuation indexes its σ² by these groups: fewer in model.star would crash it.
-    Returns (each particle's group, 0-based (n,), the groups' names)."""
-    if _GROUPS_MEMO and _GROUPS_MEMO[0][0]() is table:
-        return _GROUPS_MEMO[0][1]
-    extra = table.extra
-    if "rlnMicrographName" not in extra.columns:
-        out: tuple[np.ndarray, list[str]] = (np.zeros(len(table), dtype=np.int64), ["group"])
-    else:
-        mics = extra["rlnMicrographName"].to_numpy().astype(str)
-        if "rlnGroupName" in extra.columns:
-            names = extra["rlnGroupName"].to_numpy().astype(str)
-        else:
-            unique_mics, of_mic = np.unique(mics, return_inverse=True)
-            names = np.array([_after_job_folder(m) for m in unique_mics])[of_mic]
-        unique, first = np.unique(names[np.argsort(mics, kind="stable")], return_index=True)
-        number = np.empty(len(unique), dtype=np.int64)
-        number[np.argsort(first)] = np.arange(len(unique))
-        out = (number[np.searchsorted(unique, names)], [str(n) for n in unique[np.argsort(first)]])
-    _GROUPS_MEMO[:] = [(weakref.ref(table), out)]
-    return out
-
-
-def _after_job_folder(name: str) -> str:
-    """RELION's decomposePipelineFileName: what follows the first ".../jobNNN/" of a name (the whole name without)."""
-    found = re.search(r"/job\d{3}", name[1:])
-    if found is None:
-        return name
-    end = name.find("/", found.start() + 7)
-    return name[end + 1 :] if end >= 0 else ""
-
-
-def _optics_of_groups(table: ParticleTable) -> np.ndarray:
-    """The optics group of each of RELION's groups (a micrograph's particles share one; RELION's takes its first's)."""
-    group, names = relion_groups(table)
-    optics = np.zeros(len(names), dtype=np.int64)
-    optics[group] = table.optics_group
-    return optics
-
-
 def groups_table(ctx: RunContext, stats: ModelStatistics) -> pd.DataFrame:
     """model_groups: RELION's groups, each with the scale of its optics group."""
-    group, names = relion_groups(ctx.table)
+    g = ctx.groups
     return pd.DataFrame(
         {
-            "rlnGroupNumber": np.arange(1, len(names) + 1),
-            "rlnGroupName": names,
-            "rlnGroupNrParticles": np.bincount(group, minlength=len(names)),
-            "rlnGroupScaleCorrection": stats.scale.numpy()[_optics_of_groups(ctx.table)],
+            "rlnGroupNumber": np.arange(1, len(g.names) + 1),
+            "rlnGroupName": g.names,
+            "rlnGroupNrParticles": np.bincount(g.of_particle, minlength=len(g.names)),
+            "rlnGroupScaleCorrection": stats.scale.numpy()[g.optics],
         }
     )
 
@@ -161,7 +111,7 @@ def noise_tables(ctx: RunContext, stats: ModelStatistics) -> dict[str, pd.DataFr
     sigma2 = [relion_power(s.numpy(), ctx.box) for s in stats.sigma2]
     tables = {
         f"model_group_{n + 1}": pd.DataFrame({**cols, "rlnSigma2Noise": sigma2[g]})
-        for n, g in enumerate(_optics_of_groups(ctx.table))
+        for n, g in enumerate(ctx.groups.optics)
     }
     for g, s2 in enumerate(sigma2):
         keep = s2 > 0
@@ -194,7 +144,7 @@ def data_columns(ctx: RunContext, state: RunState, random_subset: bool) -> dict:
         "rlnNrOfSignificantSamples": p.n_significant,
         "rlnLogLikeliContribution": p.loglik,
         "rlnNormCorrection": p.norm_correction,
-        "rlnGroupNumber": relion_groups(ctx.table)[0] + 1,
+        "rlnGroupNumber": ctx.groups.of_particle + 1,
     }
     if not random_subset:
         cols.pop("rlnRandomSubset")
