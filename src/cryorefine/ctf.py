@@ -8,13 +8,23 @@ K5 the phase shift; u in 1/Å, λ in Å, Cs in Å. Positive (= Q0) at the origin
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
+from .optics import IDENTITY_MAG, electron_wavelength_angst, even_zernike_index, magnified, zernike_sum
 
-def electron_wavelength_angst(voltage_kv: torch.Tensor) -> torch.Tensor:
-    v = voltage_kv * 1e3
-    return 12.2643247 / torch.sqrt(v * (1.0 + v * 0.978466e-6))
+
+@dataclass(frozen=True)
+class CtfOptions:
+    """RELION's run-wide CTF flags (getFftwImage): they change the CTF of the E-step and the back-projection alike."""
+
+    intact_first_peak: bool = False  # --ctf_intact_first_peak: 1 where |γ| < π/2
+    phase_flipped: bool = False  # --ctf_phase_flipped (the images were phase-flipped): |CTF|
+    only_flip_phases: bool = False  # --only_flip_phases: sign(CTF), no envelope
+
+
+PLAIN_CTF = CtfOptions()
 
 
 def compute_ctf(
@@ -31,10 +41,15 @@ def compute_ctf(
     phase_shift_deg: torch.Tensor | float = 0.0,
     bfactor_angst2: torch.Tensor | float = 0.0,
     scale: torch.Tensor | float = 1.0,
+    *,
+    mag: tuple[float, float, float, float] = IDENTITY_MAG,
+    even_zernike: tuple[float, ...] = (),
+    options: CtfOptions = PLAIN_CTF,
 ) -> torch.Tensor:
     """CTF at integer frequencies ky_px, kx_px (any shape F) of a box of ``box`` pixels of ``angpix`` Å.
 
-    Each parameter is (n,) or a scalar; returns (n, *F).
+    Each parameter is (n,) or a scalar; returns (n, *F). ``mag`` (the optics group's magnification matrix) and
+    ``even_zernike`` (its even aberrations, added to γ) as RELION's (optics.py): the CTF is evaluated at k' = M·k.
     """
     dtype = ky_px.dtype
     dev = ky_px.device
@@ -44,7 +59,7 @@ def compute_ctf(
         return t.reshape(-1, *([1] * ky_px.dim()))
 
     to_per_angst = 1.0 / (box * per_particle(angpix))
-    ky_per_angst, kx_per_angst = ky_px * to_per_angst, kx_px * to_per_angst
+    kx_per_angst, ky_per_angst = magnified(kx_px * to_per_angst, ky_px * to_per_angst, mag)
 
     du, dv, ang = per_particle(defocus_u_angst), per_particle(defocus_v_angst), per_particle(defocus_angle_deg)
     lam = electron_wavelength_angst(per_particle(voltage_kv))
@@ -58,14 +73,25 @@ def compute_ctf(
     phi = torch.atan2(ky_per_angst, kx_per_angst)
     deltaf = -(du + dv) * 0.5 - (du - dv) * 0.5 * torch.cos(2.0 * (phi - torch.deg2rad(ang)))
     gamma = k1 * deltaf * u2 + k2 * u2 * u2 - k5 - k3
+    if even_zernike:
+        gamma = gamma + zernike_sum(even_zernike, even_zernike_index, kx_per_angst, ky_per_angst)
     ctf = -torch.sin(gamma)
+    if options.intact_first_peak:
+        ctf = torch.where(gamma.abs() < math.pi / 2, torch.ones_like(ctf), ctf)
     b = per_particle(bfactor_angst2)
-    ctf = ctf * torch.exp(-b * u2 / 4.0) * per_particle(scale)
-    return ctf
+    ctf = ctf * torch.exp(-b * u2 / 4.0)
+    if options.phase_flipped:
+        ctf = ctf.abs()
+    elif options.only_flip_phases:
+        ctf = torch.where(ctf >= 0, 1.0, -1.0).to(ctf.dtype)
+    return ctf * per_particle(scale)
 
 
-def ctf_for_particles(particles, indices, ky_px, kx_px, box: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """CTF (n, *freq_shape) for particles ``indices`` of a ParticleTable at integer frequencies (ky_px, kx_px)."""
+def ctf_for_particles(
+    particles, indices, ky_px, kx_px, box: int, device=None, dtype=torch.float32, options: CtfOptions = PLAIN_CTF
+) -> torch.Tensor:
+    """CTF (n, *freq_shape) for particles ``indices`` of a ParticleTable at integer frequencies (ky_px, kx_px), with
+    each optics group's magnification and even aberrations."""
     import numpy as np
 
     from .transfer import to_device
@@ -91,7 +117,14 @@ def ctf_for_particles(particles, indices, ky_px, kx_px, box: int, device=None, d
         ]
     ).astype(np.float64)
     cols = to_device(params, device).unbind(0)
-    ctf = compute_ctf(
-        ky_px.to(device=device, dtype=torch.float64), kx_px.to(device=device, dtype=torch.float64), box, *cols
-    )
+    ky, kx = ky_px.to(device=device, dtype=torch.float64), kx_px.to(device=device, dtype=torch.float64)
+    if all(o.mag == IDENTITY_MAG and not o.even_zernike for o in optics):
+        return compute_ctf(ky, kx, box, *cols, options=options).to(dtype)
+    ctf = torch.empty((len(idx), *ky.shape), dtype=torch.float64, device=ky.device)
+    for g in np.unique(og):
+        rows = to_device(np.flatnonzero(og == g), device)
+        o = optics[int(g)]
+        ctf[rows] = compute_ctf(
+            ky, kx, box, *(c[rows] for c in cols), mag=o.mag, even_zernike=o.even_zernike, options=options
+        )
     return ctf.to(dtype)

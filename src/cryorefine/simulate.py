@@ -16,9 +16,10 @@ from .fourier.shift import shift_images_rfft
 from .geometry.euler import euler_to_matrix
 from .errors import CryoInputError
 from .io.mrc import StackWriter, write_map
-from .io.particles import numeric_column
+from .io.particles import ABERRATION_COLUMNS, numeric_column
 from .io.star import write_star
-from .io.table import project_relative
+from .io.table import OpticsGroup, project_relative
+from .optics import IDENTITY_MAG, demodulation_factors
 
 NO_POSES_STAR = "particles_noposes.star"  # the simulated particles as a user has them: no angles, no origin offsets
 
@@ -34,6 +35,28 @@ class Microscope:
     voltage_kv: float = 300.0
     cs_mm: float = 2.7
     amplitude_contrast: float = 0.1
+    # the optics group's aberrations and magnification (RELION's meaning and order: optics.py)
+    beam_tilt_mrad: tuple[float, float] = (0.0, 0.0)
+    odd_zernike: tuple[float, ...] = ()
+    even_zernike: tuple[float, ...] = ()
+    mag: tuple[float, float, float, float] = IDENTITY_MAG
+
+    def optics_group(self, angpix: float, box: int) -> OpticsGroup:
+        return OpticsGroup(1, "opticsGroup1", angpix, box, self.voltage_kv, self.cs_mm, self.amplitude_contrast,
+                           beam_tilt_mrad=self.beam_tilt_mrad, odd_zernike=self.odd_zernike,
+                           even_zernike=self.even_zernike, mag=self.mag)  # fmt: skip
+
+    def optics_columns(self) -> dict:
+        """data_optics' columns of the aberrations the scope has (none for a perfect one)."""
+        cols: dict = {}
+        if self.beam_tilt_mrad != (0.0, 0.0):
+            cols |= {"rlnBeamTiltX": [self.beam_tilt_mrad[0]], "rlnBeamTiltY": [self.beam_tilt_mrad[1]]}
+        for name, values in (("rlnOddZernike", self.odd_zernike), ("rlnEvenZernike", self.even_zernike)):
+            if values:
+                cols[name] = ["[" + ",".join(f"{v:.12g}" for v in values) + "]"]
+        if self.mag != IDENTITY_MAG:
+            cols |= {f"rlnMagMat{ij}": [v] for ij, v in zip(("00", "01", "10", "11"), self.mag)}
+        return cols
 
 
 def random_poses(n: int, max_shift_angst: float, generator: torch.Generator):
@@ -46,16 +69,27 @@ def random_poses(n: int, max_shift_angst: float, generator: torch.Generator):
     return rot, tilt, psi, radius * torch.cos(phi), radius * torch.sin(phi)
 
 
-def particle_image_rfft(transform, rotations, origin_px, ctf, box: int):
-    """Clean particle transforms (n, d, d//2+1): CTF × projection, moved by the origin offset.
+def particle_image_rfft(transform, rotations, origin_px, ctf, box: int, mag=IDENTITY_MAG, modulation=None):
+    """Clean particle transforms (n, d, d//2+1): CTF × projection (of the map at M·k), times the odd aberrations'
+    phase ``modulation`` (d, d//2+1) if given, moved by the origin offset.
 
     RELION's rlnOriginX/Y (here in pixels) is the shift that brings the particle back onto the centre,
     so the particle itself sits at -origin.
     """
-    f = project_rfft(transform, rotations)
+    f = project_rfft(transform, rotations, mag=mag)
     if ctf is not None:
         f = f * ctf
+    if modulation is not None:
+        f = f * modulation
     return shift_images_rfft(f, -origin_px, box)
+
+
+def odd_modulation(microscope: Microscope, angpix: float, box: int, device=None) -> torch.Tensor | None:
+    """exp(+iφ) (d, d//2+1) of the scope's odd aberrations (beam tilt included): what RELION's demodulatePhase
+    removes. None without any."""
+    ky, kx = rfft_freqs_2d(box, device, torch.float64)
+    phase = demodulation_factors([microscope.optics_group(angpix, box)], ky.flatten(), kx.flatten(), box)
+    return None if phase is None else phase[0].conj().reshape(box, box // 2 + 1)
 
 
 def simulate_particles(
@@ -96,6 +130,7 @@ def simulate_particles(
     transform = prepare_padded_transform(truth.to(device=device, dtype=torch.float32), 2)
     ky, kx = rfft_freqs_2d(box, device, torch.float32)
     grey = None
+    modulation = odd_modulation(microscope, angpix, box, device)
     writer = StackWriter(out / "particles.mrcs", n, box, angpix)
     try:
         for start in range(0, n, batch):
@@ -114,9 +149,13 @@ def simulate_particles(
                     microscope.voltage_kv,
                     microscope.cs_mm,
                     microscope.amplitude_contrast,
+                    mag=microscope.mag,
+                    even_zernike=microscope.even_zernike,
                 ).to(torch.float32)
             origin_px = (torch.stack([ox[sl], oy[sl]], -1) / angpix).to(device=device, dtype=torch.float32)
-            clean = irfft2_centered(particle_image_rfft(transform, A, origin_px, c, box), box)
+            clean = irfft2_centered(
+                particle_image_rfft(transform, A, origin_px, c, box, microscope.mag, modulation), box
+            )
             if noise_sigma is None or grey is None:  # the first batch fixes the noise level for the whole set
                 signal_var = float(clean.var(dim=(-2, -1)).mean()) if snr > 0 else 0.0
                 if noise_sigma is None:  # else given: several sets on one greyscale
@@ -140,6 +179,7 @@ def simulate_particles(
             "rlnVoltage": [microscope.voltage_kv],
             "rlnSphericalAberration": [microscope.cs_mm],
             "rlnAmplitudeContrast": [microscope.amplitude_contrast],
+            **microscope.optics_columns(),
         }
     )
     parts = pd.DataFrame(
@@ -186,7 +226,15 @@ def _poses_table(poses_star):
             raise CryoInputError(f"missing column {col}; --poses needs the Euler angles of every particle", poses_star)
     if len(parts) == 0:
         raise CryoInputError("no particles in the poses file", poses_star)
-    return blocks.get("optics"), parts
+    optics = blocks.get("optics")
+    aberrations = [c for c in ABERRATION_COLUMNS if optics is not None and c in optics.columns]
+    if aberrations:
+        raise CryoInputError(
+            f"--poses does not apply {aberrations[0]} of data_optics; drop the aberration columns, or simulate "
+            "random poses with --beam_tilt/--mag_matrix/--odd_zernike/--even_zernike",
+            poses_star,
+        )
+    return optics, parts
 
 
 def _per_particle_optics(optics: pd.DataFrame | None, parts: pd.DataFrame, microscope: Microscope, poses_star) -> dict:

@@ -56,6 +56,18 @@ def check_one_pixel_size(table: ParticleTable) -> float:
     return float(angpix[0])
 
 
+def data_phase_flipped(table: ParticleTable) -> bool:
+    """Whether data_optics says the images were phase-flipped (rlnCtfDataArePhaseFlipped 1, as relion_preprocess
+    writes): RELION's --ctf_phase_flipped for the whole run, so every group must say the same."""
+    flags = {o.phase_flipped for o in table.optics}
+    if len(flags) > 1:
+        raise CryoInputError(
+            "some optics groups have rlnCtfDataArePhaseFlipped 1 and others 0; refine them separately",
+            path=table.star_path,
+        )
+    return flags == {True}
+
+
 def check_particles(star, project_dir=None) -> ParticleTable:
     """Load the STAR or .cs file (missing/empty/malformed, columns, stacks) and check every stack it uses."""
     table = load_particles(star, project_dir)

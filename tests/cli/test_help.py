@@ -33,6 +33,9 @@ UNITS = {
     "--offset": "Å",
     "--min_sigma2_offset": "Å²",
     "--randomize_at_A": "Å",
+    "--voltage": "kV",
+    "--cs": "mm",
+    "--beam_tilt": "mrad",
 }
 # options without a physical unit: counts, switches, files, names, dimensionless factors
 NO_UNIT = {
@@ -77,6 +80,12 @@ NO_UNIT = {
     "map1",
     "map2",
     "--mask",
+    "--ctf_intact_first_peak",
+    "--ctf_phase_flipped",
+    "--only_flip_phases",
+    "--mag_matrix",
+    "--odd_zernike",
+    "--even_zernike",
     "--randomize_at_fsc",
     "--force_mask",
     "program",

@@ -313,3 +313,48 @@ def test_large_optics_group_number(project):
     write_star(star, {"optics": optics_df(rlnOpticsGroup=10**12), "particles": particles_df(6, rlnOpticsGroup=10**12)})
     table = load_particles(star)
     assert table.optics[0].number == 10**12 and (table.optics_group == 0).all()
+
+
+def test_optics_aberrations_are_read(project):
+    """The columns CtfRefine writes (RELION's formats: vectors as [c0,c1,...]) into each group's fields."""
+    root, star, _ = project
+    optics = optics_df(rlnBeamTiltX=0.9, rlnBeamTiltY=-1.2, rlnOddZernike="[0.1,-0.2]", rlnEvenZernike="[0,1e-3,2]",
+                       rlnMagMat00=1.01, rlnMagMat01=0.002, rlnMagMat10=-0.001, rlnMagMat11=0.99)  # fmt: skip
+    write_star(star, {"optics": optics, "particles": particles_df(6)})
+    g = load_particles(star).optics[0]
+    assert g.beam_tilt_mrad == (0.9, -1.2) and g.odd_zernike == (0.1, -0.2) and g.even_zernike == (0.0, 1e-3, 2.0)
+    assert g.mag == (1.01, 0.002, -0.001, 0.99) and not g.ctf_premultiplied
+    assert load_particles(star).optics[0].extra["rlnBeamTiltX"] == 0.9  # written back as it came
+
+
+@pytest.mark.parametrize(
+    "column, value, words",
+    [
+        ("rlnBeamTiltX", "1000", "rlnBeamTiltX in data_optics row 1 is 1000; it must be the beam tilt in mrad"),
+        ("rlnBeamTiltY", "nan", "rlnBeamTiltY in data_optics row 1 is NaN or missing"),
+        ("rlnOddZernike", "[0.1,nan]", "rlnOddZernike in data_optics row 1 is '[0.1,nan]'; it must be RELION's list"),
+        ("rlnEvenZernike", "0.1 0.2", "rlnEvenZernike in data_optics row 1 is '0.1 0.2'; it must be RELION's list"),
+        ("rlnMagMat00", "0", "determinant of the magnification matrix; it must lie in 0.5..2 (a singular matrix"),
+        ("rlnCtfDataAreCtfPremultiplied", "2", "rlnCtfDataAreCtfPremultiplied in data_optics row 1 is 2; it must be"),
+    ],
+)
+def test_bad_optics_aberrations_name_column_and_fix(project, column, value, words):
+    root, star, _ = project
+    mag = {"rlnMagMat00": 1.0, "rlnMagMat01": 0.0, "rlnMagMat10": 0.0, "rlnMagMat11": 1.0}
+    optics = optics_df(**mag).astype(object)
+    optics.loc[0, column] = value
+    write_star(star, {"optics": optics, "particles": particles_df(6)})
+    with pytest.raises(CryoInputError) as info:
+        load_particles(star)
+    assert words in str(info.value) and "particles.star" in str(info.value), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_half_a_magnification_matrix_and_per_particle_beam_tilt_are_refused(project):
+    root, star, _ = project
+    write_star(star, {"optics": optics_df(rlnMagMat00=1.01), "particles": particles_df(6)})
+    with pytest.raises(CryoInputError, match="but not rlnMagMat01, rlnMagMat10, rlnMagMat11"):
+        load_particles(star)
+    write_star(star, {"optics": optics_df(), "particles": particles_df(6, rlnBeamTiltX=0.5)})
+    with pytest.raises(CryoInputError, match="per particle .RELION 3.0.*relion_convert_star"):
+        load_particles(star)

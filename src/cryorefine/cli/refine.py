@@ -86,6 +86,15 @@ def add_common_args(p, classify: bool = False) -> None:
     p.add_argument("--zero_mask", action="store_true", help="fill the particle background with zeros rather than noise")
     p.add_argument("--ctf", action="store_true", help="do CTF correction")
     p.add_argument(
+        "--ctf_intact_first_peak", action="store_true", help="ignore the CTF until its first peak (RELION's flag)"
+    )
+    p.add_argument(
+        "--ctf_phase_flipped",
+        action="store_true",
+        help="the images were phase-flipped: use |CTF| (also set by rlnCtfDataArePhaseFlipped 1 in data_optics)",
+    )
+    p.add_argument("--only_flip_phases", action="store_true", help="correct only the CTF's sign, not its amplitude")
+    p.add_argument(
         "--norm",
         action="store_true",
         help="normalisation-error correction: scale each image by the average over its own residual noise level "

@@ -55,6 +55,29 @@ def add_args(p):
         "(--n, --box, --angpix, defocus and shift options are then unused)",
     )
     p.add_argument("--batch", type=int, default=256, help="images projected per batch")
+    p.add_argument("--voltage", type=float, default=300.0, help="acceleration voltage (kV)")
+    p.add_argument("--cs", type=float, default=2.7, help="spherical aberration (mm)")
+    p.add_argument(
+        "--beam_tilt", type=float, nargs=2, default=(0.0, 0.0), metavar=("X", "Y"), help="beam tilt (mrad), x and y"
+    )
+    p.add_argument(
+        "--mag_matrix",
+        type=float,
+        nargs=4,
+        default=(1.0, 0.0, 0.0, 1.0),
+        metavar=("M00", "M01", "M10", "M11"),
+        help="anisotropic magnification matrix (RELION's rlnMagMat00 01 10 11)",
+    )
+    p.add_argument(
+        "--odd_zernike", type=float, nargs="+", default=(), help="odd aberrations, RELION's rlnOddZernike coefficients"
+    )
+    p.add_argument(
+        "--even_zernike",
+        type=float,
+        nargs="+",
+        default=(),
+        help="even aberrations, RELION's rlnEvenZernike coefficients",
+    )
 
 
 def truth_map(model, box: int, angpix: float, bfactor: float) -> torch.Tensor:
@@ -148,5 +171,24 @@ def main(args):
         seed=args.seed,
         device=device,
         ctf=not args.no_ctf,
+        microscope=microscope_from_args(args),
     )
     print(json.dumps(summary))
+
+
+def microscope_from_args(args):
+    """The simulated scope: its voltage, Cs and aberrations (checked as the particle reader checks them)."""
+    import numpy as np
+
+    from ..io.particles import MAG_DETERMINANT, MAX_BEAM_TILT_MRAD
+    from ..io.table import CS_RULE, VOLTAGE_RULE, plausible_cs, plausible_voltage
+    from ..simulate import Microscope
+
+    tilt, mag = tuple(args.beam_tilt), tuple(args.mag_matrix)
+    if not plausible_voltage(np.float64(args.voltage)) or not plausible_cs(np.float64(args.cs)):
+        raise CryoInputError(f"--voltage {VOLTAGE_RULE}; --cs {CS_RULE}")
+    if max(abs(t) for t in tilt) > MAX_BEAM_TILT_MRAD:
+        raise CryoInputError(f"--beam_tilt is in mrad: at most {MAX_BEAM_TILT_MRAD:g} either way")
+    if not MAG_DETERMINANT[0] <= mag[0] * mag[3] - mag[1] * mag[2] <= MAG_DETERMINANT[1]:
+        raise CryoInputError("--mag_matrix must be RELION's magnification matrix (determinant about 1)")
+    return Microscope(args.voltage, args.cs, 0.1, tilt, tuple(args.odd_zernike), tuple(args.even_zernike), mag)

@@ -71,7 +71,7 @@ def get_all_squared_differences_coarse(
     With ``cc`` the score is −CC (RELION's --firstiter_cc cross-correlation, score_weights).
     ``precision``: of the two matrix products (precision.py); diff2 is assembled from them in float32.
     """
-    ky, kx = window.ky[:jc], window.kx[:jc]
+    ky, kx = window.map_ky[:jc], window.map_kx[:jc]  # where the projections sample the references
     w = score_weights(batch, window, cc)[:, :jc]
     sc = batch.scale[:, None] * batch.ctf[:, :jc] * window.in_circle(window.shell_of_prefix(jc))[:jc]  # P = 0 beyond
     xt = translated(
@@ -226,7 +226,7 @@ def fine_projections(
     for k, ref in enumerate(refs):
         sel = (slots.g_class == k).repeat_interleave(N_ROT_CHILDREN)
         if sel.any():
-            proj[sel] = extract_central_slices(ref, rotations[sel], window.ky, window.kx)
+            proj[sel] = extract_central_slices(ref, rotations[sel], window.map_ky, window.map_kx)
     return rotations, proj * window.in_circle(window.max_shell)  # RELION's projector stops at the window's radius
 
 

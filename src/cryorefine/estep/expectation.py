@@ -85,7 +85,7 @@ def expectation_batch(
         parts.append(tile_poses)
         if sums is not None:
             with stage("storeWeightedSums"):
-                tile_sums.add_to(sums, window.ky, window.kx)
+                tile_sums.add_to(sums, window.map_ky, window.map_kx)
 
     run_tiles(len(batch), particles_per_tile(len(batch), budget, shape), compute, commit)
     if sums is not None and batch.spectrum_outside is not None:

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..ctf import ctf_for_particles
+from ..ctf import PLAIN_CTF, CtfOptions, ctf_for_particles
 from ..fourier.filters import soft_mask_outside_map
 from ..fourier.grids import counted_once_2d, irfft2_centered, rfft2_centered, shell_index_2d
 from ..io.table import ParticleTable, read_images
+from ..optics import IDENTITY_MAG, demodulation_factors, magnified
 from ..transfer import to_device
 
 MASK_EDGE_PX = 5.0  # RELION's width_mask_edge
@@ -22,10 +23,28 @@ class Window:
     """Fourier pixels of the E-step: rfft half plane, 0 < shell <= max_shell, sorted by shell (coarse = prefix)."""
 
     flat_index: torch.Tensor  # (j,)
-    ky: torch.Tensor
+    ky: torch.Tensor  # (j,) detector frame, pixels: the images' shifts, masks and shells
     kx: torch.Tensor
     shell: torch.Tensor
     box: int
+    map_k: tuple[torch.Tensor, torch.Tensor] | None = None  # (ky, kx) in the map's frame (optics.magnified), if not k
+
+    @property
+    def map_ky(self) -> torch.Tensor:
+        """(j,) the frequencies the pixels sample in the map (projection, back-projection): M·k with an optics
+        group's anisotropic magnification, else the detector's."""
+        return self.ky if self.map_k is None else self.map_k[0]
+
+    @property
+    def map_kx(self) -> torch.Tensor:
+        return self.kx if self.map_k is None else self.map_k[1]
+
+    def with_magnification(self, mag: tuple[float, float, float, float]) -> "Window":
+        """The window for the particles of an optics group with magnification matrix ``mag``."""
+        if mag == IDENTITY_MAG:
+            return self
+        kx, ky = magnified(self.kx, self.ky, mag)
+        return replace(self, map_k=(ky, kx))
 
     @classmethod
     def build(cls, box: int, max_shell: int, device=None) -> "Window":
@@ -96,7 +115,8 @@ class ImageBatch:
     indices: np.ndarray  # (n,) particle rows
     f_masked: torch.Tensor  # (n, j) complex: masked image, for the alignment, σ², the scale and --norm (as RELION)
     f_unmasked: torch.Tensor  # (n, j) complex: for the reconstruction
-    ctf: torch.Tensor  # (n, j) real (ones without CTF)
+    ctf: torch.Tensor  # (n, j) real (ones without CTF): what the E-step multiplies the references by (CTF²
+    # where the data are CTF-premultiplied)
     inv_sigma2: torch.Tensor  # (n, j) real: 1/σ² of the particle's noise group at each pixel
     scale: torch.Tensor  # (n,) intensity scale of the particle's group
     old_offset_px: torch.Tensor  # (n, 2) previous origin offset (x, y) in pixels
@@ -105,6 +125,8 @@ class ImageBatch:
         None  # (n,) Σ|X|² of the masked image's pixels beyond the window, up to Nyquist
     )
     spectrum_outside: torch.Tensor | None = None  # (n, d//2+1) that power per shell (0 inside the window)
+    bp_ctf: torch.Tensor | None = None  # (n, j) the CTF back-projection multiplies the image by, if not ``ctf``
+    # (1 for CTF-premultiplied data, the CTF for the others)
 
     def __len__(self):
         return len(self.indices)
@@ -131,11 +153,12 @@ def ctf_and_inverse_noise(
     sigma2: torch.Tensor,
     do_ctf: bool,
     device=None,
+    ctf_options: CtfOptions = PLAIN_CTF,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The particles' CTF (ones without CTF correction) and 1/σ² of their noise groups ``group`` (n,), both (n, j) on
     the ``window``'s pixels; σ² is (groups, shells) per-component noise variance."""
     if do_ctf and table.has_ctf:
-        ctf = ctf_for_particles(table, indices, window.ky, window.kx, window.box, device=device)
+        ctf = ctf_for_particles(table, indices, window.ky, window.kx, window.box, device=device, options=ctf_options)
     else:
         ctf = torch.ones(len(indices), window.size, device=device)
     shells = window.shell.clamp(max=sigma2.shape[1] - 1)
@@ -157,6 +180,7 @@ def prepare_batch(
     norm_scale: torch.Tensor | None = None,
     images: np.ndarray | torch.Tensor | None = None,
     old_offsets_angst: np.ndarray | None = None,
+    ctf_options: CtfOptions = PLAIN_CTF,
 ) -> ImageBatch:
     """Read, mask and transform a batch; σ² is (groups, shells) per-component noise variance.
 
@@ -181,14 +205,24 @@ def prepare_batch(
     spectrum_outside = torch.zeros(len(indices), box // 2 + 1, dtype=torch.float64, device=f_masked.device).index_add_(
         1, beyond_shell, (f_masked[:, beyond].abs() ** 2).double()
     )
-    ctf, inv_sigma2 = ctf_and_inverse_noise(table, indices, group, window, sigma2, do_ctf, device)
+    ctf, inv_sigma2 = ctf_and_inverse_noise(table, indices, group, window, sigma2, do_ctf, device, ctf_options)
+    bp_ctf = None
+    premultiplied = np.array([o.ctf_premultiplied for o in table.optics])[table.optics_group[indices]]
+    if do_ctf and premultiplied.any():
+        pre = to_device(premultiplied, device)[:, None]
+        ctf, bp_ctf = torch.where(pre, ctf * ctf, ctf), torch.where(pre, torch.ones_like(ctf), ctf)
+    f_masked, f_unmasked = f_masked[:, window.flat_index], f_full[:, window.flat_index]
+    phase = demodulation_factors(table.optics, window.ky, window.kx, window.box)
+    if phase is not None:
+        phase = phase.to(f_masked.device)[group]
+        f_masked, f_unmasked = f_masked * phase, f_unmasked * phase
     if old_offsets_angst is None:
         old_offsets_angst = np.stack([table.origin_x_angst[indices], table.origin_y_angst[indices]], -1)
     offsets = np.asarray(old_offsets_angst, dtype=np.float64) / angpix
     return ImageBatch(
         indices=np.asarray(indices),
-        f_masked=f_masked[:, window.flat_index],
-        f_unmasked=f_full[:, window.flat_index],
+        f_masked=f_masked,
+        f_unmasked=f_unmasked,
         ctf=ctf,
         inv_sigma2=inv_sigma2,
         scale=to_device(scale, device)[group].float(),
@@ -196,4 +230,5 @@ def prepare_batch(
         group=group,
         power_outside=spectrum_outside.sum(1),
         spectrum_outside=spectrum_outside,
+        bp_ctf=bp_ctf,
     )

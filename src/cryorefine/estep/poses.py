@@ -102,7 +102,7 @@ class PoseGrid:
         order-3 iteration on 2 cores. On a GPU the extraction is a small share of a global pass (its GEMMs run at
         ~39 TFLOP/s) and the memory is better left to the tiles, so nothing is kept there."""
         cache = self._cache.setdefault("coarse_projections", {})  # k -> (reference, pixels, projections)
-        ref, j = refs[k], ky.numel()
+        ref, j = refs[k], (ky.numel(), ky.data_ptr(), kx.data_ptr())  # the pixels: another magnification's differ
         hit = cache.get(k)
         if hit is not None and hit[0] is ref and hit[1] == j:
             return hit[2]

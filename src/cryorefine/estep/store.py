@@ -59,14 +59,22 @@ def store_weighted_sums(
     m, T4, J = xu.shape
     s = batch.scale[rows][:, None]
     # nothing is back-projected beyond the window's radius (RELION's BackProjector r_max; fine_projections)
-    ctf, inv_s2 = batch.ctf[rows] * window.in_circle(window.max_shell), batch.inv_sigma2[rows]
-    z = xu * (s * ctf * inv_s2)[:, None, :]
+    inside = window.in_circle(window.max_shell)
+    ctf, inv_s2 = batch.ctf[rows] * inside, batch.inv_sigma2[rows]
+    # the CTF the image is multiplied by: its CTF, or 1 where the data are CTF-premultiplied (RELION: the numerator
+    # takes the image as it is, the weight s²·CTF² either way; batch.ctf is then CTF²)
+    bp_ctf = ctf if batch.bp_ctf is None else batch.bp_ctf[rows] * inside
+    z = xu * (s * bp_ctf * inv_s2)[:, None, :]
     gt = gam.transpose(1, 2)  # (m, 8L, T4)
     tile.values.index_add_(0, rows8.reshape(-1), real_bmm(gt, z).reshape(-1, J))
     gsum = gam.sum(1)  # (m, 8L)
     tile.mass.index_add_(0, rows8.reshape(-1), gsum.reshape(-1))
     tile.weights.index_add_(
-        0, rows8.reshape(-1), (gsum[:, :, None] * ((s * ctf) ** 2 * inv_s2)[:, None, :]).reshape(-1, J)
+        0,
+        rows8.reshape(-1),
+        (
+            gsum[:, :, None] * (((s * ctf) ** 2 if batch.bp_ctf is None else s * s * ctf * bp_ctf) * inv_s2)[:, None, :]
+        ).reshape(-1, J),
     )
     q = real_bmm(gam, pg).conj()  # Σ_r Γ conj(P): (m, T4, J)
     xq = (xm * q).real.sum(1)  # Re Σ_t X̃ Σ_r Γ conj(P)

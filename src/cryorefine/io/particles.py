@@ -167,6 +167,74 @@ def particles_block(blocks: dict, path) -> tuple[str, pd.DataFrame]:
     return name, blocks[name]
 
 
+MAX_BEAM_TILT_MRAD = 50.0  # CtfRefine finds a few mrad; more is a mislabelled column (radians, µrad)
+MAG_DETERMINANT = (0.5, 2.0)  # a magnification matrix's determinant: ~1 ± a few %; outside, singular or mislabelled
+_MAG_COLUMNS = ("rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11")
+# optics columns that change the physics: read here, refused as per-particle (STAR 3.0) columns
+ABERRATION_COLUMNS = ("rlnBeamTiltX", "rlnBeamTiltY", "rlnOddZernike", "rlnEvenZernike", *_MAG_COLUMNS,
+                       "rlnCtfDataAreCtfPremultiplied", "rlnCtfDataArePhaseFlipped")  # fmt: skip
+
+
+def _zernike_lists(df: pd.DataFrame, name: str, block: str, path) -> list[tuple[float, ...]]:
+    """RELION's vector column (``[c0,c1,...]`` per row) as tuples of finite floats; () where absent."""
+    if name not in df.columns:
+        return [()] * len(df)
+    out = []
+    for i, raw in enumerate(df[name].tolist()):
+        text = str(raw).strip()
+        try:
+            if not (text.startswith("[") and text.endswith("]")):
+                raise ValueError
+            values = tuple(float(v) for v in text[1:-1].split(",") if v.strip())
+            if not all(np.isfinite(values)):
+                raise ValueError
+        except ValueError:
+            raise CryoInputError(
+                f"{name} in data_{block} row {i + 1} is {text!r}; it must be RELION's list of finite numbers "
+                "[c0,c1,...]; fix the value or re-run CtfRefine",
+                path=path,
+            ) from None
+        out.append(values)
+    return out
+
+
+def _aberrations(df: pd.DataFrame, path) -> list[dict]:
+    """Each optics row's beam tilt, odd and even aberrations, magnification matrix and premultiplied flag (the
+    OpticsGroup fields), checked: a value outside what a microscope gives stops with the row and the fix."""
+    n = len(df)
+    tilt = [numeric_column(df, c, "optics", path) for c in ("rlnBeamTiltX", "rlnBeamTiltY")]
+    for name, values in zip(("rlnBeamTiltX", "rlnBeamTiltY"), tilt):
+        rule = f"must be the beam tilt in mrad (at most {MAX_BEAM_TILT_MRAD:g} either way)"
+        _check_values(values, np.abs(values) <= MAX_BEAM_TILT_MRAD, name, "optics", path, rule)
+    present = [c in df.columns for c in _MAG_COLUMNS]
+    if any(present) and not all(present):
+        missing = [c for c, p in zip(_MAG_COLUMNS, present) if not p]
+        raise CryoInputError(f"data_optics has some magnification columns but not {', '.join(missing)}", path=path)
+    mag = np.stack([numeric_column(df, c, "optics", path, default=float(c[-2] == c[-1])) for c in _MAG_COLUMNS], 1)
+    det = mag[:, 0] * mag[:, 3] - mag[:, 1] * mag[:, 2]
+    lo, hi = MAG_DETERMINANT
+    rule = f"is the determinant of the magnification matrix; it must lie in {lo:g}..{hi:g} (a singular matrix, or " \
+        "not RELION's MagMat)"  # fmt: skip
+    _check_values(det, (det >= lo) & (det <= hi), "rlnMagMat00*11 - 01*10", "optics", path, rule)
+    flags = {c: numeric_column(df, c, "optics", path, whole=True)
+             for c in ("rlnCtfDataAreCtfPremultiplied", "rlnCtfDataArePhaseFlipped")}  # fmt: skip
+    for name, values in flags.items():
+        _check_values(values, np.isin(values, (0, 1)), name, "optics", path, "must be 0 or 1")
+    odd = _zernike_lists(df, "rlnOddZernike", "optics", path)
+    even = _zernike_lists(df, "rlnEvenZernike", "optics", path)
+    return [
+        {
+            "beam_tilt_mrad": (float(tilt[0][i]), float(tilt[1][i])),
+            "odd_zernike": odd[i],
+            "even_zernike": even[i],
+            "mag": tuple(float(v) for v in mag[i]),
+            "ctf_premultiplied": bool(flags["rlnCtfDataAreCtfPremultiplied"][i]),
+            "phase_flipped": bool(flags["rlnCtfDataArePhaseFlipped"][i]),
+        }
+        for i in range(n)
+    ]
+
+
 def _optics_31(optics_df: pd.DataFrame, path) -> list[OpticsGroup]:
     _require(optics_df, ("rlnOpticsGroup",), "optics", path)
     if len(optics_df) == 0:
@@ -180,6 +248,7 @@ def _optics_31(optics_df: pd.DataFrame, path) -> list[OpticsGroup]:
     if "rlnImageSize" in optics_df.columns:
         _check_values(boxes, boxes > 0, "rlnImageSize", "optics", path, "must be the image size in pixels (> 0)")
     extra_cols = [c for c in optics_df.columns if c not in _OPTICS_OWN_COLUMNS]
+    aberrations = _aberrations(optics_df, path)
     groups = []
     for i, row in enumerate(optics_df.to_dict("records")):
         number = int(numbers[i])
@@ -193,6 +262,7 @@ def _optics_31(optics_df: pd.DataFrame, path) -> list[OpticsGroup]:
                 cs_mm=float(cs[i]),
                 amplitude_contrast=float(q0[i]),
                 extra={c: row[c] for c in extra_cols},
+                **aberrations[i],
             )
         )
     return groups
@@ -273,6 +343,13 @@ def load_particles(star_path, project_dir=None) -> ParticleTable:
     if len(df) == 0:
         raise CryoInputError(f"no particles in data_{block}", path=star_path)
     df = df.reset_index(drop=True)
+    per_particle = [c for c in ABERRATION_COLUMNS if c in df.columns]
+    if per_particle:
+        raise CryoInputError(
+            f"{per_particle[0]} in data_{block} is per particle (RELION 3.0); RELION 3.1 keeps it per optics group: "
+            "convert the file with relion_convert_star",
+            path=star_path,
+        )
 
     if "optics" in blocks:  # STAR 3.1
         optics = _optics_31(blocks["optics"], star_path)

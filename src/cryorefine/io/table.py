@@ -14,6 +14,7 @@ import pandas as pd
 
 from cryorefine.errors import CryoInputError
 from cryorefine.io.mrc import ImageStack, open_stack
+from cryorefine.optics import IDENTITY_MAG, odd_coefficients
 
 MAX_OPEN_STACKS = 128
 # What both readers accept for the optics values (a value outside is a damaged or mislabelled file; an amplitude
@@ -61,7 +62,18 @@ class OpticsGroup:
     voltage_kv: float  # rlnVoltage
     cs_mm: float  # rlnSphericalAberration
     amplitude_contrast: float  # rlnAmplitudeContrast
-    extra: dict = field(default_factory=dict)  # other optics columns, written back unchanged
+    extra: dict = field(default_factory=dict)  # other optics columns (the aberrations too), written back unchanged
+    beam_tilt_mrad: tuple[float, float] = (0.0, 0.0)  # rlnBeamTiltX/Y
+    odd_zernike: tuple[float, ...] = ()  # rlnOddZernike (RELION's order, optics.py)
+    even_zernike: tuple[float, ...] = ()  # rlnEvenZernike
+    mag: tuple[float, float, float, float] = IDENTITY_MAG  # rlnMagMat00/01/10/11
+    ctf_premultiplied: bool = False  # rlnCtfDataAreCtfPremultiplied
+    phase_flipped: bool = False  # rlnCtfDataArePhaseFlipped
+
+    @property
+    def odd_phase_coefficients(self) -> tuple[float, ...]:
+        """The odd Zernike coefficients of the phase the images carry, beam tilt included (optics.py)."""
+        return odd_coefficients(self.odd_zernike, self.beam_tilt_mrad, self.cs_mm, self.voltage_kv)
 
 
 _PER_PARTICLE = (

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..optics import IDENTITY_MAG, magnified
 from ..fourier.grids import rfft3_centered
 
 
@@ -150,9 +151,14 @@ def _extract_into(
     torch.mul(vals[1], 1.0 - 2.0 * flip[..., 0].to(vals.dtype), out=out[:, 1])
 
 
-def project_rfft(transform: PaddedTransform, rotations: torch.Tensor, max_shell: float | None = None) -> torch.Tensor:
+def project_rfft(
+    transform: PaddedTransform,
+    rotations: torch.Tensor,
+    max_shell: float | None = None,
+    mag: tuple[float, float, float, float] = IDENTITY_MAG,
+) -> torch.Tensor:
     """Whole projections (r, d, d//2+1) in rfft2 layout (phase origin at pixel d//2); zero beyond ``max_shell``
-    (d/2)."""
+    (d/2). With an anisotropic magnification ``mag`` each pixel k shows the map's M·k (optics.py)."""
     from ..fourier.grids import rfft_freqs_2d
 
     d = transform.box
@@ -160,7 +166,8 @@ def project_rfft(transform: PaddedTransform, rotations: torch.Tensor, max_shell:
     r_max = d / 2 if max_shell is None else max_shell
     inside = (kx**2 + ky**2) <= r_max**2
     idx = torch.nonzero(inside.flatten()).squeeze(1)
-    slices = extract_central_slices(transform, rotations, ky.flatten()[idx], kx.flatten()[idx])
+    map_kx, map_ky = magnified(kx.flatten()[idx], ky.flatten()[idx], mag)
+    slices = extract_central_slices(transform, rotations, map_ky, map_kx)
     out = slices.new_zeros((*slices.shape[:-1], d * (d // 2 + 1)))
     out[..., idx] = slices
     return out.reshape(*slices.shape[:-1], d, d // 2 + 1)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..ctf import ctf_for_particles
+from ..optics import demodulation_factors, magnified
 from ..errors import CryoInputError
 from ..fourier.grids import rfft2_centered, rfft_freqs_2d
 from ..fourier.shift import phase_shift_factors
@@ -58,33 +59,41 @@ def backproject_particles(
     angpix = table.angpix
     ops = sym_ops.to(device=device, dtype=dtype)
     n_ops = ops.shape[0]
+    phase = demodulation_factors(table.optics, ky, kx, box) if ctf else None
     indices = np.asarray(indices, dtype=np.int64)
-    for start in range(0, len(indices), batch):
-        sel = indices[start : start + batch]
-        imgs = torch.from_numpy(read_images(table, sel)).to(device=device, dtype=dtype)
-        f = rfft2_centered(imgs).flatten(-2)[:, idx]  # (n, j)
-        origin_px = torch.as_tensor(
-            np.stack([table.origin_x_angst[sel], table.origin_y_angst[sel]], -1) / angpix[sel, None],
-            device=device,
-            dtype=dtype,
-        )
-        f = f * phase_shift_factors(ky, kx, origin_px, box).to(f.dtype)  # re-centre: move by +origin
-        if ctf:
-            c = ctf_for_particles(table, sel, ky, kx, box, device=device, dtype=dtype)  # (n, j)
-            values, weights = f * c, c * c
-        else:
-            values, weights = f, torch.ones_like(f.real)
-        A = euler_to_matrix(
-            torch.as_tensor(table.rot_deg[sel], dtype=torch.float64),
-            torch.as_tensor(table.tilt_deg[sel], dtype=torch.float64),
-            torch.as_tensor(table.psi_deg[sel], dtype=torch.float64),
-        ).to(device=device, dtype=dtype)
-        A_sym = expand_poses(A, ops)  # (n·G, 3, 3)
-        values = values.repeat_interleave(n_ops, 0)
-        weights = weights.repeat_interleave(n_ops, 0)
-        step = max(1, MAX_INSERT_ELEMENTS // max(1, len(idx)))
-        for r0 in range(0, A_sym.shape[0], step):
-            bp.insert(A_sym[r0 : r0 + step], ky, kx, values[r0 : r0 + step], weights[r0 : r0 + step])
+    # relion_reconstruct: each optics group's magnification always, its odd aberrations and premultiplied CTF with --ctf
+    for g in np.unique(table.optics_group[indices]):
+        optics = table.optics[int(g)]
+        of_group = indices[table.optics_group[indices] == g]
+        map_kx, map_ky = magnified(kx, ky, optics.mag)
+        for start in range(0, len(of_group), batch):
+            sel = of_group[start : start + batch]
+            imgs = torch.from_numpy(read_images(table, sel)).to(device=device, dtype=dtype)
+            f = rfft2_centered(imgs).flatten(-2)[:, idx]  # (n, j)
+            origin_px = torch.as_tensor(
+                np.stack([table.origin_x_angst[sel], table.origin_y_angst[sel]], -1) / angpix[sel, None],
+                device=device,
+                dtype=dtype,
+            )
+            f = f * phase_shift_factors(ky, kx, origin_px, box).to(f.dtype)  # re-centre: move by +origin
+            if phase is not None:
+                f = f * phase[int(g)].to(device=device, dtype=f.dtype)
+            if ctf:
+                c = ctf_for_particles(table, sel, ky, kx, box, device=device, dtype=dtype)  # (n, j)
+                values, weights = (f if optics.ctf_premultiplied else f * c), c * c
+            else:
+                values, weights = f, torch.ones_like(f.real)
+            A = euler_to_matrix(
+                torch.as_tensor(table.rot_deg[sel], dtype=torch.float64),
+                torch.as_tensor(table.tilt_deg[sel], dtype=torch.float64),
+                torch.as_tensor(table.psi_deg[sel], dtype=torch.float64),
+            ).to(device=device, dtype=dtype)
+            A_sym = expand_poses(A, ops)  # (n·G, 3, 3)
+            values = values.repeat_interleave(n_ops, 0)
+            weights = weights.repeat_interleave(n_ops, 0)
+            step = max(1, MAX_INSERT_ELEMENTS // max(1, len(idx)))
+            for r0 in range(0, A_sym.shape[0], step):
+                bp.insert(A_sym[r0 : r0 + step], map_ky, map_kx, values[r0 : r0 + step], weights[r0 : r0 + step])
 
 
 def reconstruct_from_particles(

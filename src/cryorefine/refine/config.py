@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..ctf import CtfOptions
+
 
 @dataclass(frozen=True)
 class RefineConfig:
@@ -26,6 +28,9 @@ class RefineConfig:
     flatten_solvent: bool = False
     zero_mask: bool = False
     ctf: bool = False
+    ctf_intact_first_peak: bool = False  # RELION's --ctf_intact_first_peak
+    ctf_phase_flipped: bool = False  # RELION's --ctf_phase_flipped (also set by data_optics' rlnCtfDataArePhaseFlipped)
+    only_flip_phases: bool = False  # RELION's --only_flip_phases
     norm: bool = False
     scale: bool = False
     firstiter_cc: bool = False
@@ -47,6 +52,11 @@ class RefineConfig:
     threads: int = 0
     continue_from: str | None = None
     angpix: float = 0.0  # Å/px: 0 until the run reads it from the particles (RunContext.cfg has it)
+
+    @property
+    def ctf_options(self) -> CtfOptions:
+        """The run's CTF flags (ctf.CtfOptions)."""
+        return CtfOptions(self.ctf_intact_first_peak, self.ctf_phase_flipped, self.only_flip_phases)
 
 
 BATCHES_PER_RANK = 8  # per iteration, at least, under torchrun with several ranks (the pool's granularity)

@@ -23,7 +23,13 @@ from ..io.table import ParticleTable
 from ..parallel.collectives import broadcast_from_main
 from ..parallel.context import Dist
 from ..parallel.pool import TaskPool
-from ..validate import check_diameter_fits, check_diameter_sign, check_one_pixel_size, check_reference
+from ..validate import (
+    check_diameter_fits,
+    check_diameter_sign,
+    check_one_pixel_size,
+    check_reference,
+    data_phase_flipped,
+)
 from .config import RefineConfig, auto_batch_size
 from .groups import RelionGroups, relion_groups
 from .log import RunLog
@@ -112,7 +118,9 @@ def open_run(cfg: RefineConfig, dist: Dist | None, fixed_volumes: dict) -> RunCo
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     table = load_particles(cfg.particles)
-    cfg = replace(cfg, angpix=check_one_pixel_size(table))
+    cfg = replace(
+        cfg, angpix=check_one_pixel_size(table), ctf_phase_flipped=cfg.ctf_phase_flipped or data_phase_flipped(table)
+    )
     check_diameter_sign(cfg.particle_diameter)
     check_reference(cfg.reference, table.box, cfg.angpix)
     check_diameter_fits(cfg.particle_diameter, table.box, cfg.angpix)

@@ -9,6 +9,7 @@ from typing import Callable, Iterable, Protocol
 import numpy as np
 import torch
 
+from ..ctf import CtfOptions
 from ..estep.expectation import expectation_batch
 from ..estep.settings import EStepSettings
 from ..estep.stages import Stages
@@ -150,6 +151,9 @@ class ImageSettings(Protocol):
     def ctf(self) -> bool: ...
 
     @property
+    def ctf_options(self) -> CtfOptions: ...
+
+    @property
     def zero_mask(self) -> bool: ...
 
     @property
@@ -168,6 +172,23 @@ class EStepRuntime:
     batch_size: int = 128
     tasks: Callable[[int], Iterable[int]] | None = None
     cache: ImageCache | None = None
+
+
+def magnification_batches(
+    table: ParticleTable, rows: np.ndarray, batch_size: int, window: Window
+) -> tuple[list[np.ndarray], list[Window]]:
+    """``rows`` cut into batches of at most ``batch_size``, each of optics groups with one magnification matrix, and
+    each batch's window (its projections and back-projections sample the map at M·k: Window.with_magnification)."""
+    mags = sorted({o.mag for o in table.optics})
+    key = np.array([mags.index(o.mag) for o in table.optics])[table.optics_group[rows]]
+    batches, windows = [], []
+    for m, mag in enumerate(mags):
+        these = rows[key == m] if len(mags) > 1 else rows
+        w = window.with_magnification(mag)
+        for s0 in range(0, len(these), batch_size):
+            batches.append(these[s0 : s0 + batch_size])
+            windows.append(w)
+    return batches, windows
 
 
 def run_expectation(
@@ -192,7 +213,7 @@ def run_expectation(
     cfg, timer, settings, avg_norm = run.cfg, run.timer, job.settings, job.avg_norm
     device = cfg.device
     cache = run.cache if run.cache is not None else ImageCache(len(table), table.box, 0, device)
-    batches = [rows[s0 : s0 + run.batch_size] for s0 in range(0, len(rows), run.batch_size)]
+    batches, windows = magnification_batches(table, rows, run.batch_size, job.window)
     done = []
     order = range(len(batches)) if run.tasks is None else run.tasks(len(batches))
 
@@ -214,7 +235,7 @@ def run_expectation(
             batch = prepare_batch(
                 table,
                 idx,
-                job.window,
+                windows[b],
                 job.sigma2,
                 job.scale,
                 cfg.particle_diameter,
@@ -226,6 +247,7 @@ def run_expectation(
                 norm_scale,
                 images,
                 np.stack([poses_now.origin_x_angst[idx], poses_now.origin_y_angst[idx]], -1),
+                cfg.ctf_options,
             )
             local_prior = None
             if job.local:
@@ -234,7 +256,7 @@ def run_expectation(
                 )
         forced = None if job.forced_class is None else to_device(job.forced_class[idx], device)
         res = expectation_batch(
-            batch, job.window, job.coarse_shell, job.refs, job.grid, settings, sums, local_prior, timer, forced
+            batch, windows[b], job.coarse_shell, job.refs, job.grid, settings, sums, local_prior, timer, forced
         )
         poses_now.rot_deg[idx] = res.eulers_deg[:, 0]
         poses_now.tilt_deg[idx] = res.eulers_deg[:, 1]

@@ -230,9 +230,9 @@ def optimiser_general(ctx: RunContext, state: RunState) -> dict:
         "rlnDoCorrectNorm": int(cfg.norm),
         "rlnDoCorrectScale": int(cfg.scale),
         "rlnDoCorrectCtf": int(cfg.ctf),
-        "rlnDoIgnoreCtfUntilFirstPeak": 0,
-        "rlnCtfDataArePhaseFlipped": 0,
-        "rlnDoOnlyFlipCtfPhases": 0,
+        "rlnDoIgnoreCtfUntilFirstPeak": int(cfg.ctf_intact_first_peak),
+        "rlnCtfDataArePhaseFlipped": int(cfg.ctf_phase_flipped),
+        "rlnDoOnlyFlipCtfPhases": int(cfg.only_flip_phases),
         # RELION: after the first iteration the references are CTF-corrected (its E-step multiplies them by the CTF)
         "rlnRefsAreCtfCorrected": int(cfg.ctf),
         "rlnFixSigmaNoiseEstimates": 0,

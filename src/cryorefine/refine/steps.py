@@ -202,7 +202,7 @@ def accuracy_of(
     ref = references(ctx, [volume])[0]
     group = to_device(ctx.table.optics_group[pick], ctx.device)
     ctf, inv_sigma2 = ctf_and_inverse_noise(
-        ctx.table, pick, group, window, state.stats[0].sigma2.to(ctx.device), cfg.ctf, ctx.device
+        ctx.table, pick, group, window, state.stats[0].sigma2.to(ctx.device), cfg.ctf, ctx.device, cfg.ctf_options
     )
     p = state.poses
     eulers = np.stack([p.rot_deg[pick], p.tilt_deg[pick], p.psi_deg[pick]], -1)
