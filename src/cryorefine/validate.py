@@ -18,7 +18,7 @@ from cryorefine.errors import CryoInputError
 from cryorefine.geometry.symmetry import parse_symmetry
 from cryorefine.io.mrc import read_map
 from cryorefine.io.particles import load_particles
-from cryorefine.io.table import ParticleTable
+from cryorefine.io.table import ParticleTable, read_images
 
 PIXEL_SIZE_TOLERANCE = 0.01  # relative STAR vs reference header
 DISK_RESERVE_BYTES = 100 * 1024**2  # free space needed besides the maps
@@ -66,6 +66,34 @@ def data_phase_flipped(table: ParticleTable) -> bool:
             path=table.star_path,
         )
     return flags == {True}
+
+
+NORMALISATION_SAMPLE = 200  # images read for the check (spread over the set): a systematic problem shows in any few
+
+
+def normalisation_warning(table: ParticleTable, radius_px: float) -> str | None:
+    """RELION's check that the images were normalised (calculateSumOfPowerSpectraAndAverageImage): outside a circle of
+    the particle's radius, the background's mean within ±0.5 of its standard deviation and that deviation within
+    0.5..2. Returns the first failing image's figures with RELION's advice, or None. Reads NORMALISATION_SAMPLE images
+    spread over the set (RELION reads them all, and stops warning at the first)."""
+    box = table.box
+    rows = np.unique(np.linspace(0, len(table) - 1, min(NORMALISATION_SAMPLE, len(table))).round().astype(np.int64))
+    y, x = np.mgrid[:box, :box] - box // 2
+    outside = (x * x + y * y) > round(radius_px) ** 2
+    if not outside.any():
+        return None
+    images = read_images(table, rows)[:, outside].astype(np.float64)
+    mean, sd = images.mean(1), images.std(1)
+    bad = (np.abs(mean) > 0.5 * sd) | (sd < 0.5) | (sd > 2.0)
+    if not bad.any():
+        return None
+    i = int(np.flatnonzero(bad)[0])
+    return (
+        f"image {table.image_name[rows[i]]} has a background (outside {round(radius_px)} px) of mean {mean[i]:.3g} and "
+        f"standard deviation {sd[i]:.3g}, not about 0 and 1: the images seem not normalised; normalise them "
+        "(relion_preprocess --norm, or RELION's Extract job with 'Normalize particles'), else the noise model and "
+        "the priors are off"
+    )
 
 
 def check_particles(star, project_dir=None) -> ParticleTable:

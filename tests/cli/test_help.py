@@ -81,6 +81,7 @@ NO_UNIT = {
     "map2",
     "--mask",
     "--ctf_intact_first_peak",
+    "--skip_align",
     "--ctf_phase_flipped",
     "--only_flip_phases",
     "--mag_matrix",

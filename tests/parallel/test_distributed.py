@@ -177,7 +177,8 @@ def test_output_lock_held_elsewhere_stops_every_rank_with_one_line(data):
     assert r.returncode != 0
     ours = [line for line in r.stderr.splitlines() if line.startswith("cryorefine refine: error:")]
     assert len(ours) == 2 and all(f"{out / 'run.lock'}: another cryorefine run (pid {os.getpid()}" in x for x in ours)
-    assert r.stderr.count("exitcode  : 2 ") == 2 and "SIGABRT" not in r.stderr, r.stderr[-3000:]
+    # torchrun reports the rank that exits first; the other may be stopped by its SIGTERM before it exits by itself
+    assert r.stderr.count("exitcode  : 2 ") >= 1 and "SIGABRT" not in r.stderr, r.stderr[-3000:]
     assert not list(out.iterdir())
 
 

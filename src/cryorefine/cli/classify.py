@@ -15,6 +15,12 @@ from .refine import add_common_args, run_job
 def add_args(p):
     add_common_args(p, classify=True)
     p.add_argument("--K", type=int, default=3, help="number of classes")
+    p.add_argument(
+        "--skip_align",
+        action="store_true",
+        help="keep each particle's orientation and offset from the STAR file (e.g. a consensus refinement's "
+        "run_data.star) and search only the classes: RELION's focused classification without alignment",
+    )
 
 
 def main(args):

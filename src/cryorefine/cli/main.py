@@ -50,8 +50,16 @@ def _warnings_held() -> Iterator[list]:
         with warnings.catch_warnings(record=True) as held:
             yield held
     finally:
-        for w in held:
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+        _show(held)
+
+
+def _show(held: list) -> None:
+    """Show the held warnings now, before a run's last line (how it stopped), and let go of them. (Written out here:
+    inside _warnings_held, warnings.showwarning is the recorder that appends to ``held``.)"""
+    for w in held:
+        sys.stderr.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line))
+    sys.stderr.flush()
+    held.clear()
 
 
 def _gpu_out_of_memory():
@@ -121,6 +129,7 @@ def _run(args, held: list) -> int:
         _say(f"cryorefine {args.command}: error: {exc}")
         return 2
     except DistributedError as exc:
+        _show(held)
         _say(f"cryorefine {args.command}: error: {exc}")
         return 1
     except OSError as exc:
@@ -131,6 +140,7 @@ def _run(args, held: list) -> int:
         _say(f"cryorefine {args.command}: error: {where}{exc.strerror or exc}; {fix}")
         return 2
     except KeyboardInterrupt as exc:
+        _show(held)
         how = "stopped by SIGTERM" if isinstance(exc, Terminated) else "interrupted"
         _say(f"cryorefine {args.command}: {how}; rerun with --continue to resume from the last finished iteration")
         return 143 if isinstance(exc, Terminated) else 130

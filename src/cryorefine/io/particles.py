@@ -408,6 +408,7 @@ def load_particles(star_path, project_dir=None) -> ParticleTable:
         extra=df[[c for c in df.columns if c not in own]].copy(),
         has_ctf=has_ctf,
         star_path=str(star_path),
+        has_angles=all(c in df.columns for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")),
     )
 
 

@@ -122,6 +122,7 @@ class ParticleTable:
     extra: pd.DataFrame
     has_ctf: bool
     star_path: str | None = None
+    has_angles: bool = False  # the file gave every particle's Euler angles (a refinement's output)
     _stacks: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
 
     def __len__(self) -> int:

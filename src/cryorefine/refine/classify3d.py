@@ -56,6 +56,7 @@ class ClassifyConfig(RefineConfig):
     tau2_fudge: float = 4.0
     max_iter: int = 25
     ini_high: float = 60.0
+    skip_align: bool = False  # RELION's --skip_align: classes only, at each particle's pose from the STAR
 
 
 class ClassifyMode:
@@ -69,6 +70,12 @@ class ClassifyMode:
 
     def initial_state(self, ctx: RunContext, reference: np.ndarray) -> RunState:
         cfg, n, K = ctx.cfg, len(ctx.table), self.K
+        if getattr(cfg, "skip_align", False) and not ctx.table.has_angles:
+            raise CryoInputError(
+                "--skip_align keeps each particle's pose, but the particles have no rlnAngleRot/Tilt/Psi; give a "
+                "refinement's run_data.star",
+                path=cfg.particles,
+            )
         start = start_map(ctx, reference)
         schedule = initial_schedule(ctx)
         return RunState(
@@ -126,8 +133,9 @@ class ClassifyMode:
         with Progress(len(ctx.table), f"iteration {state.iteration:3d}", ctx.dist.is_main) as bar:
             progress = ctx.pool.progress(f"it{state.iteration}", bar)
             done = steps.estep_pass(
-                ctx, state, poses, 0, rows, refs, plan, sums, progress, forced_class=forced, avg_norm=avg_norm
-            )
+                ctx, state, poses, 0, rows, refs, plan, sums, progress, forced_class=forced, avg_norm=avg_norm,
+                fixed_poses=getattr(cfg, "skip_align", False),
+            )  # fmt: skip
         return EStepOutput([sums], done, class_tau2)
 
     def conclude(

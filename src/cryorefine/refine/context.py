@@ -4,6 +4,7 @@ inside :func:`output_lock`, which holds the output prefix's lock for the run."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -29,6 +30,7 @@ from ..validate import (
     check_one_pixel_size,
     check_reference,
     data_phase_flipped,
+    normalisation_warning,
 )
 from .config import RefineConfig, auto_batch_size
 from .groups import RelionGroups, relion_groups
@@ -138,6 +140,10 @@ def open_run(cfg: RefineConfig, dist: Dist | None, fixed_volumes: dict) -> RunCo
     if dist.is_main:  # temporaries are named by pid, which other hosts cannot check
         remove_stale_temporaries(out)  # left by a killed run
     log = RunLog(out / "run.log", enabled=dist.is_main)
+    unnormalised = normalisation_warning(table, cfg.particle_diameter / (2 * cfg.angpix))
+    if unnormalised and dist.is_main:
+        log.line(f"WARNING: {unnormalised}")
+        warnings.warn(unnormalised, stacklevel=1)
     room = 0
     if cfg.image_cache:
         fixed = sum(fixed_volume_bytes(table.box, cfg.pad, symmetry=symmetric, **fixed_volumes).values())

@@ -11,7 +11,9 @@ import torch
 
 from ..ctf import CtfOptions
 from ..estep.expectation import expectation_batch
-from ..estep.settings import EStepSettings
+from ..estep.fixed_poses import expectation_fixed_poses
+from ..estep.store import add_power_beyond_window
+from ..estep.settings import BatchPoses, EStepSettings
 from ..estep.stages import Stages
 from ..estep.images import Window, prepare_batch
 from ..estep.poses import PoseGrid
@@ -136,6 +138,7 @@ class EStepPass:
     local: bool = False  # local searches about each particle's pose (settings.local_sigma_deg)
     forced_class: np.ndarray | None = None  # (n,) 0-based: hold each particle to this class
     avg_norm: float | None = None  # --norm: images scaled by avg_norm / rlnNormCorrection
+    fixed_poses: bool = False  # --skip_align: only the class is searched, at each particle's own pose
 
 
 class ImageSettings(Protocol):
@@ -189,6 +192,27 @@ def magnification_batches(
             batches.append(these[s0 : s0 + batch_size])
             windows.append(w)
     return batches, windows
+
+
+def fixed_pose_batch(
+    batch, window: Window, job: EStepPass, poses_now: ParticlePoses, idx: np.ndarray, sums, angpix: float, forced, timer
+) -> BatchPoses:
+    """--skip_align: the batch's classes at the particles' own poses (estep/fixed_poses.py), with the class prior of
+    ``job.settings.direction_log_prior`` (K, D) summed over its directions."""
+    prior = job.settings.direction_log_prior
+    k = len(job.refs)
+    log_prior = torch.zeros(k) if prior is None else torch.logsumexp(prior.double(), 1)
+    rotations = euler_to_matrix(
+        *(
+            torch.as_tensor(a[idx], dtype=torch.float64)
+            for a in (poses_now.rot_deg, poses_now.tilt_deg, poses_now.psi_deg)
+        )
+    ).to(batch.f_masked.device)
+    with timer("getAllSquaredDifferences"):
+        res = expectation_fixed_poses(batch, window, job.refs, rotations, log_prior, sums, angpix, forced)
+    if sums is not None and batch.spectrum_outside is not None:
+        add_power_beyond_window(sums, batch, window)
+    return res
 
 
 def run_expectation(
@@ -255,12 +279,15 @@ def run_expectation(
                     poses_now.rot_deg[idx], poses_now.tilt_deg[idx], poses_now.psi_deg[idx], settings.local_sigma_deg
                 )
         forced = None if job.forced_class is None else to_device(job.forced_class[idx], device)
-        res = expectation_batch(
-            batch, windows[b], job.coarse_shell, job.refs, job.grid, settings, sums, local_prior, timer, forced
-        )
-        poses_now.rot_deg[idx] = res.eulers_deg[:, 0]
-        poses_now.tilt_deg[idx] = res.eulers_deg[:, 1]
-        poses_now.psi_deg[idx] = res.eulers_deg[:, 2]
+        if job.fixed_poses:
+            res = fixed_pose_batch(batch, windows[b], job, poses_now, idx, sums, cfg.angpix, forced, timer)
+        else:
+            res = expectation_batch(
+                batch, windows[b], job.coarse_shell, job.refs, job.grid, settings, sums, local_prior, timer, forced
+            )
+            poses_now.rot_deg[idx] = res.eulers_deg[:, 0]
+            poses_now.tilt_deg[idx] = res.eulers_deg[:, 1]
+            poses_now.psi_deg[idx] = res.eulers_deg[:, 2]
         off = res.offsets_px.double().cpu().numpy() * cfg.angpix
         poses_now.origin_x_angst[idx] = off[:, 0]
         poses_now.origin_y_angst[idx] = off[:, 1]
