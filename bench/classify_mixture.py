@@ -150,7 +150,6 @@ def main():
     from cryorefine.refine.classify3d import ClassifyConfig, ClassifyMode
     from cryorefine.refine.context import open_run
     from cryorefine.refine.loop import iterate
-    from cryorefine.io.mrc import read_map
 
     ocfg = ClassifyConfig(
         particles=str(d / a.input),
