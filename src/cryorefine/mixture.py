@@ -48,7 +48,8 @@ def simulate_mixture(
     **kwargs,
 ) -> dict:
     """out_dir/particles.star over out_dir/state{1,2,3}/particles.mrcs (rlnClassNumber = the true state) and truth maps;
-    out_dir/particles_in.star is the same without the poses and the states (what a classification starts from)."""
+    out_dir/particles_in.star is the same without the poses and the states (what a classification starts from). The
+    image names are simulate's: relative to the directory this runs in (absolute for a folder outside it)."""
     out = Path(out_dir)
     maps = state_maps(box, angpix, third=third)
     counts = [n // 3 + (1 if i < n % 3 else 0) for i in range(3)]
@@ -70,7 +71,6 @@ def simulate_mixture(
         blocks = read_star(out / f"state{k + 1}" / "particles.star")
         optics = blocks["optics"]
         p = blocks["particles"]
-        p["rlnImageName"] = [name.replace("@", f"@state{k + 1}/") for name in p["rlnImageName"]]
         p["rlnClassNumber"] = k + 1
         parts.append(p)
     parts = pd.concat(parts, ignore_index=True)
