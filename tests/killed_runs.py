@@ -41,3 +41,25 @@ def assert_every_output_parses(folder, box: int):
             assert torch.load(path, weights_only=False)["iteration"] >= 1, name
         else:
             assert path.stat().st_size > 0, name
+
+
+def kill_then_continue(
+    cmd, continue_cmd, pause_at: str, out, ref, box: int, marker, absent: str, in_writing=None
+) -> None:
+    """Kill ``cmd`` (writing into folder ``out``) at ``pause_at`` in iteration 2 and check what it left: iteration 1's
+    optimiser.star the last, no file ``absent`` of a later stage, every file under a final name whole, and with
+    ``in_writing`` = (a temporary's glob, a file written before it) the kill between writing and renaming. Then
+    ``continue_cmd`` must finish with the uninterrupted run's (``ref``) file names, no temporaries left and every
+    output whole."""
+    kill_at(cmd, pause_at, marker)
+    assert sorted(f.name for f in out.glob("run_it*_optimiser.star")) == ["run_it001_optimiser.star"]
+    assert not (out / absent).exists()
+    assert_every_output_parses(out, box)
+    if in_writing is not None:
+        assert list(out.glob(in_writing[0])), "the kill should land between writing and renaming"
+        assert (out / in_writing[1]).exists()
+    r = subprocess.run(continue_cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert final_names(out) == final_names(ref)
+    assert not list(out.glob(".*.tmp*")), "temporaries of the killed run are removed"
+    assert_every_output_parses(out, box)

@@ -12,7 +12,7 @@ import pytest
 
 from cryorefine.io.mrc import read_map
 from cryorefine.io.star import read_star
-from killed_runs import assert_every_output_parses, final_names, kill_at
+from killed_runs import kill_then_continue
 from small_set import small_set
 
 BOX, ANGPIX, K = 32, 6.0, 2
@@ -45,20 +45,11 @@ def data(tmp_path_factory):
 def test_killed_classification_continues_and_repeats_the_iteration(data, stage, tmp_path):
     d, ref = data
     out = tmp_path / "run"
-    kill_at(_cmd(d, out), KILL_AT[stage], tmp_path / "paused")
-    assert sorted(f.name for f in out.glob("run_it*_optimiser.star")) == ["run_it001_optimiser.star"]
-    assert not (out / "run_it003_model.star").exists()
-    assert_every_output_parses(out, BOX)
-    if stage == "writing files":
-        assert list(out.glob(".run_it002_model.tmp*.star")), "the kill should land between writing and renaming"
-        assert (out / "run_it002_class001.mrc").exists()
-
-    r = subprocess.run([*CLI, "--continue", str(out / "run_it001_optimiser.star"), "--j", "1"], capture_output=True,
-                       text=True)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert final_names(out) == final_names(ref)
-    assert not list(out.glob(".*.tmp*")), "temporaries of the killed run are removed"
-    assert_every_output_parses(out, BOX)
+    written = (".run_it002_model.tmp*.star", "run_it002_class001.mrc") if stage == "writing files" else None
+    resume = [*CLI, "--continue", str(out / "run_it001_optimiser.star"), "--j", "1"]
+    kill_then_continue(
+        _cmd(d, out), resume, KILL_AT[stage], out, ref, BOX, tmp_path / "paused", "run_it003_model.star", written
+    )
     for it in (2, 3):  # the repeated iteration and the one after it, as in the uninterrupted run
         a = read_star(ref / f"run_it{it:03d}_data.star")["particles"]
         b = read_star(out / f"run_it{it:03d}_data.star")["particles"]

@@ -14,7 +14,7 @@ import pytest
 
 from cryorefine.io.mrc import read_map
 from cryorefine.io.star import read_star
-from killed_runs import assert_every_output_parses, final_names, kill_at
+from killed_runs import kill_then_continue
 from small_set import small_set
 
 BOX, ANGPIX = 32, 6.0
@@ -80,20 +80,11 @@ def resolution_shell(model_star):
 def test_killed_run_continues_and_repeats_the_iteration(data, stage, tmp_path):
     d, ref = data
     out = tmp_path / "run"
-    kill_at(_cmd(d, out), KILL_AT[stage], tmp_path / "paused")
-    # killed in iteration 2: iteration 1 is the last finished one, and every file under a final name is whole
-    assert sorted(f.name for f in out.glob("run_it*_optimiser.star")) == ["run_it001_optimiser.star"]
-    assert not (out / "run_class001.mrc").exists()
-    assert_every_output_parses(out, BOX)
-    if stage == "writing files":
-        assert list(out.glob(".run_it002_data.tmp*.star")), "the kill should land between writing and renaming"
-        assert (out / "run_it002_half1_class001.mrc").exists()
-
-    r = subprocess.run(_continue_cmd(out, out / "run_it001_optimiser.star"), capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert final_names(out) == final_names(ref)
-    assert not list(out.glob(".*.tmp*")), "temporaries of the killed run are removed"
-    assert_every_output_parses(out, BOX)
+    written = (".run_it002_data.tmp*.star", "run_it002_half1_class001.mrc") if stage == "writing files" else None
+    resume = _continue_cmd(out, out / "run_it001_optimiser.star")
+    kill_then_continue(
+        _cmd(d, out), resume, KILL_AT[stage], out, ref, BOX, tmp_path / "paused", "run_class001.mrc", written
+    )
     # the repeated iteration 2 as in the uninterrupted run (same random state)
     a, b = read_star(ref / "run_it002_data.star")["particles"], read_star(out / "run_it002_data.star")["particles"]
     for col in [
