@@ -106,11 +106,11 @@ def test_states_are_separated(classified):
     assert dist.min() > 0.3, dist
 
 
-def skip_align(d, star: str, out: str) -> tuple[np.ndarray, float]:
+def skip_align(d, star: str, out: str, how: str = "--skip_align") -> tuple[np.ndarray, float]:
     flags = "--K 2 --iter 6 --tau2_fudge 4 --ini_high 40 --particle_diameter 170 --ctf --flatten_solvent --zero_mask"
     t0 = time.perf_counter()
     argv = ["classify", "--i", str(d / star), "--o", str(d / out / "run"), "--ref", str(d / "start.mrc"),
-            "--skip_align", "--random_seed", "2", *flags.split()]  # fmt: skip
+            how, "--random_seed", "2", "--offset_range", "3", "--offset_step", "1", *flags.split()]  # fmt: skip
     assert main(argv) == 0
     seconds = time.perf_counter() - t0
     return read_star(d / out / "run_it006_data.star")["particles"]["rlnClassNumber"].to_numpy(), seconds
@@ -141,3 +141,20 @@ def test_skip_align_needs_poses(classified):
     argv = ["classify", "--i", str(d / "particles.star"), "--o", str(d / "nop" / "run"), "--ref", str(d / "start.mrc"),
             "--skip_align", "--K", "2", "--particle_diameter", "170"]  # fmt: skip
     assert main(argv) == 2
+
+
+def test_skip_rotate_finds_the_classes_and_the_offsets(classified):
+    """--skip_rotate: the true orientations kept, the offsets in the STAR moved by 2 px (12 Å each way) and searched
+    again with the classes (±3 px in 1 px steps): the classes as --skip_align finds them, the offsets back within a
+    step of the truth (the control: the moved offsets' own error, 17 Å)."""
+    d, truth = classified
+    blocks = read_star(d / "particles_poses.star")
+    true_offsets = blocks["particles"][["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()
+    blocks["particles"][["rlnOriginXAngst", "rlnOriginYAngst"]] = true_offsets + [12.0, -12.0]
+    write_star(d / "moved_offsets.star", blocks)
+    pred, seconds = skip_align(d, "moved_offsets.star", "rotate", "--skip_rotate")
+    acc = max(np.mean(pred == truth), np.mean(pred == 3 - truth))
+    found = read_star(d / "rotate" / "run_it006_data.star")["particles"][["rlnOriginXAngst", "rlnOriginYAngst"]]
+    error = np.median(np.hypot(*(found.to_numpy() - true_offsets).T))
+    print(f"--skip_rotate: {acc:.3f} right in {seconds:.1f} s; median offset error {error:.2f} Å (given: 16.97)")
+    assert acc >= 0.95 and error < ANGPIX

@@ -82,6 +82,7 @@ NO_UNIT = {
     "--mask",
     "--ctf_intact_first_peak",
     "--skip_align",
+    "--skip_rotate",
     "--ctf_phase_flipped",
     "--only_flip_phases",
     "--mag_matrix",

@@ -21,6 +21,12 @@ def add_args(p):
         help="keep each particle's orientation and offset from the STAR file (e.g. a consensus refinement's "
         "run_data.star) and search only the classes: RELION's focused classification without alignment",
     )
+    p.add_argument(
+        "--skip_rotate",
+        action="store_true",
+        help="keep each particle's orientation from the STAR file and search the classes and the offsets (about its "
+        "offset, --offset_range/--offset_step)",
+    )
 
 
 def main(args):

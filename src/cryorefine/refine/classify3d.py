@@ -57,6 +57,15 @@ class ClassifyConfig(RefineConfig):
     max_iter: int = 25
     ini_high: float = 60.0
     skip_align: bool = False  # RELION's --skip_align: classes only, at each particle's pose from the STAR
+    skip_rotate: bool = False  # RELION's --skip_rotate: classes and offsets, at each particle's orientation
+
+
+def fixed_poses(cfg) -> str:
+    """EStepPass.fixed_poses of a configuration: "skip_align", "skip_rotate" or "" (both: --skip_align wins, as in
+    RELION, where it implies --skip_rotate)."""
+    if getattr(cfg, "skip_align", False):
+        return "skip_align"
+    return "skip_rotate" if getattr(cfg, "skip_rotate", False) else ""
 
 
 class ClassifyMode:
@@ -70,10 +79,10 @@ class ClassifyMode:
 
     def initial_state(self, ctx: RunContext, reference: np.ndarray) -> RunState:
         cfg, n, K = ctx.cfg, len(ctx.table), self.K
-        if getattr(cfg, "skip_align", False) and not ctx.table.has_angles:
+        if fixed_poses(cfg) and not ctx.table.has_angles:
             raise CryoInputError(
-                "--skip_align keeps each particle's pose, but the particles have no rlnAngleRot/Tilt/Psi; give a "
-                "refinement's run_data.star",
+                f"--{fixed_poses(cfg)} keeps each particle's orientation, but the particles have no "
+                "rlnAngleRot/Tilt/Psi; give a refinement's run_data.star",
                 path=cfg.particles,
             )
         start = start_map(ctx, reference)
@@ -134,7 +143,7 @@ class ClassifyMode:
             progress = ctx.pool.progress(f"it{state.iteration}", bar)
             done = steps.estep_pass(
                 ctx, state, poses, 0, rows, refs, plan, sums, progress, forced_class=forced, avg_norm=avg_norm,
-                fixed_poses=getattr(cfg, "skip_align", False),
+                fixed_poses=fixed_poses(cfg),
             )  # fmt: skip
         return EStepOutput([sums], done, class_tau2)
 

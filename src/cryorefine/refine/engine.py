@@ -3,7 +3,7 @@ bookkeeping."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Protocol
 
 import numpy as np
@@ -138,7 +138,7 @@ class EStepPass:
     local: bool = False  # local searches about each particle's pose (settings.local_sigma_deg)
     forced_class: np.ndarray | None = None  # (n,) 0-based: hold each particle to this class
     avg_norm: float | None = None  # --norm: images scaled by avg_norm / rlnNormCorrection
-    fixed_poses: bool = False  # --skip_align: only the class is searched, at each particle's own pose
+    fixed_poses: str = ""  # "skip_align": only the class, at each particle's pose; "skip_rotate": and its offset
 
 
 class ImageSettings(Protocol):
@@ -197,8 +197,9 @@ def magnification_batches(
 def fixed_pose_batch(
     batch, window: Window, job: EStepPass, poses_now: ParticlePoses, idx: np.ndarray, sums, angpix: float, forced, timer
 ) -> BatchPoses:
-    """--skip_align: the batch's classes at the particles' own poses (estep/fixed_poses.py), with the class prior of
-    ``job.settings.direction_log_prior`` (K, D) summed over its directions."""
+    """--skip_align/--skip_rotate: the batch's classes (and offsets) at the particles' own orientations
+    (estep/fixed_poses.py), with the class prior of ``job.settings.direction_log_prior`` (K, D) summed over its
+    directions."""
     prior = job.settings.direction_log_prior
     k = len(job.refs)
     log_prior = torch.zeros(k) if prior is None else torch.logsumexp(prior.double(), 1)
@@ -208,8 +209,10 @@ def fixed_pose_batch(
             for a in (poses_now.rot_deg, poses_now.tilt_deg, poses_now.psi_deg)
         )
     ).to(batch.f_masked.device)
+    moves = job.grid.translations_px if job.fixed_poses == "skip_rotate" else None
+    settings = replace(job.settings, angpix=angpix)
     with timer("getAllSquaredDifferences"):
-        res = expectation_fixed_poses(batch, window, job.refs, rotations, log_prior, sums, angpix, forced)
+        res = expectation_fixed_poses(batch, window, job.refs, rotations, log_prior, sums, settings, moves, forced)
     if sums is not None and batch.spectrum_outside is not None:
         add_power_beyond_window(sums, batch, window)
     return res
