@@ -9,6 +9,7 @@ import torch
 
 from cryorefine.io.mrc import read_map
 from cryorefine.io.star import read_star
+from small_set import small_set
 
 
 def kill_at(cmd, stage_key, marker, timeout=300):
@@ -63,3 +64,11 @@ def kill_then_continue(
     assert final_names(out) == final_names(ref)
     assert not list(out.glob(".*.tmp*")), "temporaries of the killed run are removed"
     assert_every_output_parses(out, box)
+
+
+def set_and_uninterrupted_run(tmp_path_factory, name: str, seed: int, box: int, angpix: float, cmd):
+    """A small simulated set (tests/small_set.py, 60 particles) and the run ``cmd(set, out)`` done without a kill into
+    set/straight, what the killed runs are compared with: (set folder, the run's folder)."""
+    d = small_set(tmp_path_factory.mktemp(name), box, angpix, 60, seed=seed)
+    subprocess.run(cmd(d, d / "straight"), check=True, capture_output=True)
+    return d, d / "straight"

@@ -4,7 +4,6 @@ run leaves only complete files under final names; continued from iteration 1's o
 as the uninterrupted run did (same poses, classes and maps) and ends with the same output set and classes.
 """
 
-import subprocess
 import sys
 
 import numpy as np
@@ -12,8 +11,7 @@ import pytest
 
 from cryorefine.io.mrc import read_map
 from cryorefine.io.star import read_star
-from killed_runs import kill_then_continue
-from small_set import small_set
+from killed_runs import kill_then_continue, set_and_uninterrupted_run
 
 BOX, ANGPIX, K = 32, 6.0, 2
 KILL_AT = {  # stage -> CRYOREFINE_TEST_PAUSE_AT, all in iteration 2 of 3
@@ -35,10 +33,7 @@ def _cmd(d, out):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    d = small_set(tmp_path_factory.mktemp("classify_cont"), BOX, ANGPIX, 60, seed=6)
-    ref = d / "straight"
-    subprocess.run(_cmd(d, ref), check=True, capture_output=True)
-    return d, ref
+    return set_and_uninterrupted_run(tmp_path_factory, "classify_cont", 6, BOX, ANGPIX, _cmd)
 
 
 @pytest.mark.parametrize("stage", list(KILL_AT))

@@ -6,7 +6,6 @@ The kill lands at a named point: CRYOREFINE_TEST_PAUSE_AT makes the run write a 
 (cryorefine.debug_hooks); the test waits for the marker, then sends SIGKILL.
 """
 
-import subprocess
 import sys
 
 import numpy as np
@@ -14,8 +13,7 @@ import pytest
 
 from cryorefine.io.mrc import read_map
 from cryorefine.io.star import read_star
-from killed_runs import kill_then_continue
-from small_set import small_set
+from killed_runs import kill_then_continue, set_and_uninterrupted_run
 
 BOX, ANGPIX = 32, 6.0
 KILL_AT = {  # stage -> CRYOREFINE_TEST_PAUSE_AT, all in iteration 2 of 3
@@ -65,10 +63,7 @@ def _continue_cmd(out, optimiser):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    d = small_set(tmp_path_factory.mktemp("cont"), BOX, ANGPIX, 60, seed=5)
-    ref = d / "straight"
-    subprocess.run(_cmd(d, ref), check=True, capture_output=True)
-    return d, ref
+    return set_and_uninterrupted_run(tmp_path_factory, "cont", 5, BOX, ANGPIX, _cmd)
 
 
 def resolution_shell(model_star):
