@@ -1,7 +1,11 @@
-"""Simulated particle sets with known truth: projections of a map with CTF, shifts and Gaussian noise."""
+"""Simulated particle sets with known truth: projections of a map with CTF, shifts and Gaussian noise; optionally what
+real data has (micrographs with their defocus and scale, coloured noise, junk, preferred views, optics groups of
+different pixel sizes), the truth of each kept where no refinement reads it."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,19 +13,22 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .projection.extract import prepare_padded_transform, project_rfft
+from .projection.extract import PaddedTransform, prepare_padded_transform, project_rfft
 from .ctf import compute_ctf
-from .fourier.grids import irfft2_centered, rfft_freqs_2d
+from .fourier.grids import irfft2_centered, rfft2_centered, rfft_freqs_2d
 from .fourier.shift import shift_images_rfft
 from .geometry.euler import euler_to_matrix
 from .errors import CryoInputError
 from .io.mrc import StackWriter, write_map
 from .io.particles import ABERRATION_COLUMNS, numeric_column
-from .io.star import write_star
+from .io.star import read_star, write_star
 from .io.table import OpticsGroup, project_relative
 from .optics import IDENTITY_MAG, demodulation_factors
 
 NO_POSES_STAR = "particles_noposes.star"  # the simulated particles as a user has them: no angles, no origin offsets
+MICROGRAPHS_TRUTH_STAR = "micrographs_truth.star"  # each micrograph's defocus and true scale (no refinement reads it)
+TRUTH_CLASS_COLUMN = "rlnClassNumber"  # in the truth particles.star only: 1 a particle, JUNK_CLASS junk
+JUNK_CLASS = 2
 
 
 def without_poses(particles: pd.DataFrame) -> pd.DataFrame:
@@ -59,14 +66,215 @@ class Microscope:
         return cols
 
 
-def random_poses(n: int, max_shift_angst: float, generator: torch.Generator):
-    """Uniform rotations over SO(3) (ZYZ: rot, psi uniform, cos(tilt) uniform) and shifts uniform in a disc."""
+@dataclass(frozen=True)
+class Micrographs:
+    """The particles divided among ``count`` micrographs in contiguous runs (as extracted, micrograph by micrograph).
+
+    Each micrograph has its defocus (the set's defocus range, astigmatism and angle) and an intensity scale, uniform
+    in ``scale`` (min, max), that multiplies the signal of its particles, not their noise: the signal-to-noise
+    amplitude ratio RELION's --scale estimates per group (rlnGroupScaleCorrection). Each particle's defocus is its
+    micrograph's plus a Gaussian of sd ``defocus_spread_angst`` (Å), the same on U and V (its height in the ice).
+    """
+
+    count: int
+    defocus_spread_angst: float = 50.0
+    scale: tuple[float, float] = (1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class NoiseModel:
+    """The noise σ² spectra of a RELION 3.1 model.star, one per group, in RELION's units: the variance of the real and
+    of the imaginary part of its 2D transforms (normalised by 1/box²), per shell 0..box/2."""
+
+    names: tuple[str, ...]  # rlnGroupName of each group, in the file's order
+    sigma2: np.ndarray  # (groups, box // 2 + 1)
+    box: int  # rlnOriginalImageSize (px)
+    angpix: float  # rlnPixelSize (Å)
+
+
+@dataclass(frozen=True)
+class Junk:
+    """A ``fraction`` of the particles replaced by junk: pure noise, or with ``maps`` (one per optics group, each at its
+    box and pixel size) projections of another structure at the particle's pose, CTF and offset, the map scaled to the
+    power (sum of squares) of the group's truth map."""
+
+    fraction: float
+    maps: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass(frozen=True)
+class PreferredView:
+    """Projection directions from a von Mises–Fisher distribution of concentration ``kappa`` about +z (density on the
+    sphere ∝ exp(κ cos tilt)), a ``uniform_fraction`` of them uniform instead."""
+
+    kappa: float
+    uniform_fraction: float = 0.0
+
+
+def random_poses(
+    n: int,
+    max_shift_angst: float,
+    generator: torch.Generator,
+    view: PreferredView | None = None,
+    rng: np.random.Generator | None = None,
+):
+    """Rotations (ZYZ: rot and psi uniform; cos(tilt) uniform, i.e. uniform over SO(3), or from ``view``, ``rng``
+    choosing its uniform ones) and shifts (Å) uniform in a disc of radius ``max_shift_angst``."""
     rot = torch.rand(n, generator=generator, dtype=torch.float64) * 360 - 180
-    tilt = torch.rad2deg(torch.acos(torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1))
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    tilt = torch.rad2deg(torch.acos(u * 2 - 1 if view is None else view_cosines(u, view, rng)))
     psi = torch.rand(n, generator=generator, dtype=torch.float64) * 360 - 180
     radius = max_shift_angst * torch.sqrt(torch.rand(n, generator=generator, dtype=torch.float64))
     phi = torch.rand(n, generator=generator, dtype=torch.float64) * 2 * np.pi
     return rot, tilt, psi, radius * torch.cos(phi), radius * torch.sin(phi)
+
+
+def view_cosines(u: torch.Tensor, view: PreferredView, rng: np.random.Generator | None) -> torch.Tensor:
+    """cos(tilt) (n,) of ``view``'s directions from draws ``u`` (n,) uniform in [0, 1): the inverse of the von
+    Mises–Fisher distribution function of w = cos(tilt), F(w) = (e^{κw} − e^{−κ}) / (e^{κ} − e^{−κ}), written so that
+    a large κ cannot overflow; a ``view.uniform_fraction`` of them (chosen by ``rng``) uniform, 2u − 1."""
+    k = view.kappa
+    vmf = (1 + torch.log(u + (1 - u) * math.exp(-2 * k)) / k).clamp(-1.0, 1.0)
+    if view.uniform_fraction <= 0:
+        return vmf
+    assert rng is not None  # the uniform ones are chosen by draws of their own
+    uniform = torch.from_numpy(rng.random(len(u)) < view.uniform_fraction)
+    return torch.where(uniform, u * 2 - 1, vmf)
+
+
+def random_defocus(
+    n: int, defocus_min_angst: float, defocus_max_angst: float, astigmatism_angst: float, generator: torch.Generator
+):
+    """DefocusU, DefocusV (Å) and DefocusAngle (°), each (n,) float64: their mean uniform in [min, max], U − V uniform
+    in ±astigmatism/2, the angle uniform in [0, 180)."""
+    dmean = (
+        torch.rand(n, generator=generator, dtype=torch.float64) * (defocus_max_angst - defocus_min_angst)
+        + defocus_min_angst
+    )
+    dastig = (torch.rand(n, generator=generator, dtype=torch.float64) - 0.5) * astigmatism_angst
+    du, dv = dmean + dastig / 2, dmean - dastig / 2
+    return du, dv, torch.rand(n, generator=generator, dtype=torch.float64) * 180
+
+
+def contiguous_runs(n: int, parts: int) -> np.ndarray:
+    """(n,) int: the run each of n items falls in when they are divided into ``parts`` contiguous runs of (nearly)
+    equal length."""
+    return np.arange(n) * parts // n
+
+
+def micrograph_names(count: int) -> list[str]:
+    """RELION-like rlnMicrographName of ``count`` micrographs, as a Motion Correction job names them."""
+    return [f"MotionCorr/job002/Movies/mic{m + 1:04d}.mrc" for m in range(count)]
+
+
+@dataclass(frozen=True)
+class MicrographDraws:
+    table: pd.DataFrame  # one row per micrograph: its name, defocus (Å, °) and true scale
+    of_particle: np.ndarray  # (n,) int: each particle's micrograph
+    defocus: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # each particle's DefocusU, V (Å) and Angle (°), (n,)
+
+
+def draw_micrographs(
+    mics: Micrographs,
+    n: int,
+    defocus_min_angst: float,
+    defocus_max_angst: float,
+    astigmatism_angst: float,
+    generator: torch.Generator,
+) -> MicrographDraws:
+    """Each micrograph's defocus and scale, each particle's micrograph and defocus (``Micrographs``)."""
+    du, dv, dang = random_defocus(mics.count, defocus_min_angst, defocus_max_angst, astigmatism_angst, generator)
+    of = contiguous_runs(n, mics.count)
+    height = torch.randn(n, generator=generator, dtype=torch.float64) * mics.defocus_spread_angst
+    lo, hi = mics.scale
+    scale = lo + torch.rand(mics.count, generator=generator, dtype=torch.float64) * (hi - lo)
+    table = pd.DataFrame(
+        {
+            "rlnMicrographName": micrograph_names(mics.count),
+            "rlnDefocusU": du.numpy(),
+            "rlnDefocusV": dv.numpy(),
+            "rlnDefocusAngle": dang.numpy(),
+            "rlnGroupScaleCorrection": scale.numpy(),
+        }
+    )
+    i = torch.from_numpy(of)
+    return MicrographDraws(table, of, (du[i] + height, dv[i] + height, dang[i]))
+
+
+def read_noise_model(path) -> NoiseModel:
+    """The noise σ² spectra of a RELION 3.1 model.star (data_model_general, data_model_groups, data_model_group_N), as
+    relion_project --model_noise reads them."""
+    blocks = read_star(path)
+    general = blocks.get("model_general")
+    if general is None or not {"rlnOriginalImageSize", "rlnPixelSize"} <= set(general.columns):
+        raise CryoInputError(
+            "--model_noise needs RELION's model.star, with rlnOriginalImageSize and rlnPixelSize in data_model_general",
+            path,
+        )
+    box = int(numeric_column(general, "rlnOriginalImageSize", "model_general", path, whole=True)[0])
+    angpix = float(numeric_column(general, "rlnPixelSize", "model_general", path)[0])
+    tables: list[pd.DataFrame] = []
+    while f"model_group_{len(tables) + 1}" in blocks:
+        tables.append(blocks[f"model_group_{len(tables) + 1}"])
+    if box < 2 or angpix <= 0 or not tables or any("rlnSigma2Noise" not in t.columns for t in tables):
+        raise CryoInputError(
+            "--model_noise reads RELION 3.1's noise spectra (rlnSigma2Noise in data_model_group_1, 2, ...); give the "
+            "run_model.star or run_itNNN_model.star of a RELION 3.1 refinement or classification",
+            path,
+        )
+    sigma2 = np.zeros((len(tables), box // 2 + 1))
+    for k, t in enumerate(tables):
+        block = f"model_group_{k + 1}"
+        shell = numeric_column(t, "rlnSpectralIndex", block, path, whole=True) if "rlnSpectralIndex" in t else None
+        shell = np.arange(len(t)) if shell is None else shell
+        keep = (shell >= 0) & (shell <= box // 2)
+        sigma2[k, shell[keep]] = numeric_column(t, "rlnSigma2Noise", block, path)[keep]
+    if (sigma2 < 0).any():
+        raise CryoInputError("--model_noise: a negative rlnSigma2Noise; σ² is a variance, fix the file", path)
+    groups = blocks.get("model_groups")
+    names = [f"group{k + 1}" for k in range(len(tables))]
+    if groups is not None and "rlnGroupName" in groups and len(groups) == len(tables):
+        names = [str(v) for v in groups["rlnGroupName"]]
+    return NoiseModel(tuple(names), sigma2, box, angpix)
+
+
+def noise_sigma2_grid(model: NoiseModel, box: int, angpix: float) -> torch.Tensor:
+    """(groups, d, d) float64: the model's σ² at every pixel of a full 2D transform of this box (px) and pixel size
+    (Å), in torch.fft's layout.
+
+    As RELION's refinement maps a model's σ² onto an optics group of another box or pixel size: the pixel's shell
+    round(|k|) becomes the model's shell round(|k|·box_m·angpix_m / (box·angpix)), the same spatial frequency, and
+    the values are used as they are. Shells past the model's last take its last σ², as relion_project does past its
+    Nyquist."""
+    k = torch.fft.fftfreq(box, d=1.0 / box, dtype=torch.float64)
+    shell = torch.round(torch.sqrt(k[:, None] ** 2 + k[None, :] ** 2))
+    ratio = model.box * model.angpix / (box * angpix)
+    model_shell = torch.floor(shell * ratio + 0.5).long().clamp(max=model.sigma2.shape[1] - 1)  # RELION's ROUND
+    return torch.from_numpy(model.sigma2)[:, model_shell]
+
+
+def noise_filter(model: NoiseModel, box: int, angpix: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The filter (groups, d, d//2+1) that turns white noise of unit variance into noise of the model's σ² in this box
+    (px) and pixel size (Å), and that noise's real-space variance (groups,).
+
+    A unit white image's transform has variance d²/2 in each part (unnormalised; RELION's, normalised by 1/d²,
+    1/(2d²)): the filter is √(2d²σ²). By Parseval the real-space variance is the sum of E|F|² = 2σ² over the full
+    transform (RELION's normalisation)."""
+    sigma2 = noise_sigma2_grid(model, box, angpix)
+    return torch.sqrt(2 * box**2 * sigma2[..., : box // 2 + 1]), 2 * sigma2.sum(dim=(-2, -1))
+
+
+def junk_mask(n: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """(n,) bool: round(fraction·n) of the n particles, chosen at random, are junk."""
+    mask = np.zeros(n, dtype=bool)
+    mask[rng.choice(n, size=round(fraction * n), replace=False)] = True
+    return mask
+
+
+def _stream(seed: int, purpose: int) -> np.random.Generator:
+    """A random stream of its own for an optional draw (junk, uniform views): the option leaves every other draw, and
+    so every other image, as it is without it."""
+    return np.random.default_rng([seed, purpose])
 
 
 def particle_image_rfft(transform, rotations, origin_px, ctf, box: int, mag=IDENTITY_MAG, modulation=None):
@@ -92,6 +300,161 @@ def odd_modulation(microscope: Microscope, angpix: float, box: int, device=None)
     return None if phase is None else phase[0].conj().reshape(box, box // 2 + 1)
 
 
+@dataclass(frozen=True)
+class _Projector:
+    """Clean images of one map in one optics group (box d px, pixel size Å): projection, CTF, the scope's aberrations
+    and the particles' origin offsets."""
+
+    transform: PaddedTransform
+    angpix: float
+    microscope: Microscope
+    ctf: bool
+    device: torch.device | str | None
+    ky: torch.Tensor  # (d, d//2+1) float32
+    kx: torch.Tensor
+    modulation: torch.Tensor | None
+
+    @property
+    def box(self) -> int:
+        return self.ky.shape[0]
+
+    def images(self, draws: dict[str, torch.Tensor], rows: slice) -> torch.Tensor:
+        """(b, d, d) float32 images of the particles ``rows`` of ``draws`` (each (n,) float64: Euler angles in °,
+        origins in Å, defocus in Å and its angle in °)."""
+        A = euler_to_matrix(draws["rot"][rows], draws["tilt"][rows], draws["psi"][rows])
+        c = None
+        if self.ctf:
+            scope = self.microscope
+            c = compute_ctf(
+                self.ky, self.kx, self.box, self.angpix, draws["du"][rows], draws["dv"][rows], draws["dang"][rows],
+                scope.voltage_kv, scope.cs_mm, scope.amplitude_contrast, mag=scope.mag, even_zernike=scope.even_zernike,
+            ).to(torch.float32)  # fmt: skip
+        origin_px = torch.stack([draws["ox"][rows], draws["oy"][rows]], -1) / self.angpix
+        f = particle_image_rfft(
+            self.transform,
+            A.to(device=self.device, dtype=torch.float32),
+            origin_px.to(device=self.device, dtype=torch.float32),
+            c,
+            self.box,
+            self.microscope.mag,
+            self.modulation,
+        )
+        return irfft2_centered(f, self.box)
+
+
+def _projector(volume: torch.Tensor, angpix: float, microscope: Microscope, ctf: bool, device) -> _Projector:
+    box = volume.shape[-1]
+    transform = prepare_padded_transform(volume.to(device=device, dtype=torch.float32), 2)
+    ky, kx = rfft_freqs_2d(box, device, torch.float32)
+    return _Projector(
+        transform, angpix, microscope, ctf, device, ky, kx, odd_modulation(microscope, angpix, box, device)
+    )
+
+
+@dataclass
+class _Greyscale:
+    """The noise level and the images' greyscale, fixed by the first batch.
+
+    The noise is ``noise_sigma`` × a unit noise of real-space sd ``unit_sd`` (white: 1; coloured: that of the first
+    group's first micrograph), noise_sigma² the first batch's mean clean-image variance / SNR unless given. The images
+    are divided by ``grey`` = noise_sigma / unit_sd: their noise is white of unit variance, or coloured with the model's
+    σ², and the signal of every group on one scale."""
+
+    snr: float
+    noise_sigma: float | None
+    unit_sd: float = 1.0
+    grey: float | None = None
+
+    def fix(self, clean: torch.Tensor) -> float:
+        if self.grey is None:
+            if self.noise_sigma is None:  # else given: several sets on one greyscale
+                signal_var = float(clean.var(dim=(-2, -1)).mean()) if self.snr > 0 else 0.0
+                self.noise_sigma = (signal_var / self.snr) ** 0.5 if self.snr > 0 else 0.0
+            self.grey = self.noise_sigma / self.unit_sd if self.noise_sigma > 0 else 1.0
+        return self.grey
+
+    def noise(self, shape, generator: torch.Generator, device, amplitudes: torch.Tensor | None) -> torch.Tensor:
+        """(b, d, d) noise: white, or with ``amplitudes`` (b, d, d//2+1) white noise filtered (``noise_filter``)."""
+        assert self.noise_sigma is not None  # fixed by the first batch
+        white = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+        if amplitudes is None:
+            return white * self.noise_sigma
+        return irfft2_centered(rfft2_centered(white) * amplitudes, shape[-1]) * (self.noise_sigma / self.unit_sd)
+
+
+@dataclass(frozen=True)
+class _Extras:
+    """Per particle (n,): its micrograph's scale of the signal (None: 1), whether it is junk (None: none is), its noise
+    model's group; and the projector of the junk structure (None: pure-noise junk)."""
+
+    scale: torch.Tensor | None
+    is_junk: np.ndarray | None
+    noise_group: np.ndarray
+    junk: _Projector | None
+
+
+def _write_group_stack(
+    path: Path,
+    rows: range,
+    project: _Projector,
+    extras: _Extras,
+    draws: dict[str, torch.Tensor],
+    amplitudes: torch.Tensor | None,
+    grey: _Greyscale,
+    generator: torch.Generator,
+    batch: int,
+) -> None:
+    """The images of particles ``rows`` (one optics group) into the stack ``path``, batch by batch: clean images (the
+    first fixes the greyscale), junk, micrograph scales, noise (white, or coloured by ``amplitudes`` (groups, d,
+    d//2+1) of each particle's ``extras.noise_group``)."""
+    writer = StackWriter(path, len(rows), project.box, project.angpix)
+    try:
+        for start in range(0, len(rows), batch):
+            sl = slice(rows.start + start, rows.start + min(start + batch, len(rows)))
+            clean = project.images(draws, sl)
+            level = grey.fix(clean)  # before junk and micrograph scales: the SNR is that of the particles
+            if extras.is_junk is not None and extras.is_junk[sl].any():
+                junk = torch.zeros_like(clean) if extras.junk is None else extras.junk.images(draws, sl)
+                clean = torch.where(torch.from_numpy(extras.is_junk[sl]).to(clean.device)[:, None, None], junk, clean)
+            if extras.scale is not None:
+                clean = clean * extras.scale[sl].to(device=clean.device, dtype=clean.dtype)[:, None, None]
+            amp = None if amplitudes is None else amplitudes[torch.from_numpy(extras.noise_group[sl])]
+            noise = grey.noise(clean.shape, generator, clean.device, None if amp is None else amp.to(clean.device))
+            writer.write(start, ((clean + noise) / level).cpu().numpy())
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _optics_table(microscope: Microscope, groups: list[tuple[float, int]]) -> pd.DataFrame:
+    """data_optics, one row per optics group (pixel size Å, box px), each with the scope's aberrations."""
+    g = len(groups)
+    return pd.DataFrame(
+        {
+            "rlnOpticsGroupName": [f"opticsGroup{k + 1}" for k in range(g)],
+            "rlnOpticsGroup": list(range(1, g + 1)),
+            "rlnImagePixelSize": [a for a, _ in groups],
+            "rlnImageSize": [b for _, b in groups],
+            "rlnImageDimensionality": [2] * g,
+            "rlnVoltage": [microscope.voltage_kv] * g,
+            "rlnSphericalAberration": [microscope.cs_mm] * g,
+            "rlnAmplitudeContrast": [microscope.amplitude_contrast] * g,
+            **{name: values * g for name, values in microscope.optics_columns().items()},
+        }
+    )
+
+
+def _input_particles(parts: pd.DataFrame, mics: MicrographDraws | None) -> pd.DataFrame:
+    """particles_noposes.star's table: no poses, no truth labels, and with micrographs each particle's micrograph's
+    defocus (what CTF estimation gives), not its own."""
+    table = without_poses(parts).drop(columns=[TRUTH_CLASS_COLUMN], errors="ignore")
+    if mics is not None and "rlnDefocusU" in table:
+        for col in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"):
+            table[col] = mics.table[col].to_numpy()[mics.of_particle]
+    return table
+
+
 def simulate_particles(
     truth: torch.Tensor,
     angpix: float,
@@ -108,102 +471,121 @@ def simulate_particles(
     device=None,
     ctf: bool = True,
     noise_sigma: float | None = None,
+    micrographs: Micrographs | None = None,
+    noise_model: NoiseModel | None = None,
+    junk: Junk | None = None,
+    preferred_view: PreferredView | None = None,
+    more_groups: Sequence[tuple[torch.Tensor, float]] = (),
 ) -> dict:
     """Write out_dir/particles.star (with the true poses), particles_noposes.star (without them: the input of a
     refinement), particles.mrcs and truth.mrc; return a summary dict.
 
-    SNR = (mean variance of the clean images) / (noise variance), the noise white and Gaussian.
-    Images and truth are divided by the noise sigma, so the background has unit variance as after
-    relion_preprocess, and the truth map stays on the particles' greyscale.
+    SNR = (mean variance of the clean images) / (noise variance), the noise white and Gaussian, or with
+    ``noise_model`` coloured by its σ² spectra (micrograph m takes its group m mod groups; ``noise_filter``).
+    Images and truth are divided by the noise sigma, so the background has unit variance as after relion_preprocess
+    (with ``noise_model``: the model's σ², the signal scaled to the SNR against it), and the truth map stays on the
+    particles' greyscale.
+
+    ``micrographs``: rlnMicrographName, per-micrograph defocus and signal scale (``Micrographs``); particles.star has
+    each particle's true defocus, particles_noposes.star its micrograph's (what CTF estimation gives), and
+    micrographs_truth.star each micrograph's defocus and true scale. ``junk``: particles replaced by junk, marked
+    rlnClassNumber 2 (the particles 1) in particles.star only. ``preferred_view``: directions concentrated about +z.
+    ``more_groups``: each further optics group's truth map, at its box and pixel size and made independently of any
+    resampling (from the atomic model), with its pixel size (Å). The particles are divided evenly among the groups
+    (whole micrographs with ``micrographs``), each group's images in a stack of their own,
+    particles_opticsGroupG.mrcs; truth.mrc is the first group's map. The scope's aberrations apply to every group.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    box = truth.shape[-1]
+    maps = [(truth, angpix), *more_groups]
     g = torch.Generator().manual_seed(seed)
-    rot, tilt, psi, ox, oy = random_poses(n, max_shift_angst, g)
-    dmean = (
-        torch.rand(n, generator=g, dtype=torch.float64) * (defocus_max_angst - defocus_min_angst) + defocus_min_angst
-    )
-    dastig = (torch.rand(n, generator=g, dtype=torch.float64) - 0.5) * astigmatism_angst
-    du, dv = dmean + dastig / 2, dmean - dastig / 2
-    dang = torch.rand(n, generator=g, dtype=torch.float64) * 180
-    transform = prepare_padded_transform(truth.to(device=device, dtype=torch.float32), 2)
-    ky, kx = rfft_freqs_2d(box, device, torch.float32)
-    grey = None
-    modulation = odd_modulation(microscope, angpix, box, device)
-    writer = StackWriter(out / "particles.mrcs", n, box, angpix)
-    try:
-        for start in range(0, n, batch):
-            sl = slice(start, min(start + batch, n))
-            A = euler_to_matrix(rot[sl], tilt[sl], psi[sl]).to(device=device, dtype=torch.float32)
-            c = None
-            if ctf:
-                c = compute_ctf(
-                    ky,
-                    kx,
-                    box,
-                    angpix,
-                    du[sl],
-                    dv[sl],
-                    dang[sl],
-                    microscope.voltage_kv,
-                    microscope.cs_mm,
-                    microscope.amplitude_contrast,
-                    mag=microscope.mag,
-                    even_zernike=microscope.even_zernike,
-                ).to(torch.float32)
-            origin_px = (torch.stack([ox[sl], oy[sl]], -1) / angpix).to(device=device, dtype=torch.float32)
-            clean = irfft2_centered(
-                particle_image_rfft(transform, A, origin_px, c, box, microscope.mag, modulation), box
-            )
-            if noise_sigma is None or grey is None:  # the first batch fixes the noise level for the whole set
-                signal_var = float(clean.var(dim=(-2, -1)).mean()) if snr > 0 else 0.0
-                if noise_sigma is None:  # else given: several sets on one greyscale
-                    noise_sigma = (signal_var / snr) ** 0.5 if snr > 0 else 0.0
-                grey = noise_sigma if noise_sigma > 0 else 1.0
-            noise = torch.randn(clean.shape, generator=g, dtype=torch.float32).to(device) * noise_sigma
-            writer.write(start, ((clean + noise) / grey).cpu().numpy())
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    assert grey is not None  # set by the first batch (n > 0)
-    write_map(out / "truth.mrc", (truth / grey).cpu().numpy().astype(np.float32), angpix)
-    optics = pd.DataFrame(
-        {
-            "rlnOpticsGroupName": ["opticsGroup1"],
-            "rlnOpticsGroup": [1],
-            "rlnImagePixelSize": [angpix],
-            "rlnImageSize": [box],
-            "rlnImageDimensionality": [2],
-            "rlnVoltage": [microscope.voltage_kv],
-            "rlnSphericalAberration": [microscope.cs_mm],
-            "rlnAmplitudeContrast": [microscope.amplitude_contrast],
-            **microscope.optics_columns(),
-        }
-    )
+    rot, tilt, psi, ox, oy = random_poses(n, max_shift_angst, g, preferred_view, _stream(seed, 1))
+    defocus_range = (defocus_min_angst, defocus_max_angst, astigmatism_angst)
+    mics = None if micrographs is None else draw_micrographs(micrographs, n, *defocus_range, g)
+    du, dv, dang = random_defocus(n, *defocus_range, g) if mics is None else mics.defocus
+    draws = {"rot": rot, "tilt": tilt, "psi": psi, "ox": ox, "oy": oy, "du": du, "dv": dv, "dang": dang}
+    group, mic_group = _optics_groups(n, len(maps), mics)
+    of_micrograph = np.zeros(n, dtype=int) if mics is None else mics.of_particle
+    filters = [None if noise_model is None else noise_filter(noise_model, v.shape[-1], a) for v, a in maps]
+    first_filter = filters[0]
+    grey = _Greyscale(snr, noise_sigma, 1.0 if first_filter is None else float(first_filter[1][0]) ** 0.5)
+    is_junk = None if junk is None else junk_mask(n, junk.fraction, _stream(seed, 2))
+    scale = None if mics is None else torch.from_numpy(mics.table["rlnGroupScaleCorrection"].to_numpy()[of_micrograph])
+    noise_group = of_micrograph % (1 if noise_model is None else len(noise_model.names))
+    names: list[str] = []
+    for k, ((volume, pix), filt) in enumerate(zip(maps, filters)):
+        first, count = int(np.searchsorted(group, k)), int((group == k).sum())
+        stack = out / ("particles.mrcs" if len(maps) == 1 else f"particles_opticsGroup{k + 1}.mrcs")
+        junk_map = None
+        if junk is not None and junk.maps is not None:  # as strong as a particle: the truth map's power
+            other = junk.maps[k] * (volume.norm() / junk.maps[k].norm())
+            junk_map = _projector(other, pix, microscope, ctf, device)
+        extras = _Extras(scale, is_junk, noise_group, junk_map)
+        amplitudes = None if filt is None else filt[0].to(torch.float32)
+        project = _projector(volume, pix, microscope, ctf, device)
+        _write_group_stack(stack, range(first, first + count), project, extras, draws, amplitudes, grey, g, batch)
+        names += _image_names(stack, count)
+    assert grey.grey is not None  # set by the first batch (n > 0)
+    write_map(out / "truth.mrc", (truth / grey.grey).cpu().numpy().astype(np.float32), angpix)
+    optics = _optics_table(microscope, [(a, v.shape[-1]) for v, a in maps])
+    parts = _particles_table(names, draws, group, ctf)
+    if mics is not None and mic_group is not None:
+        parts.insert(1, "rlnMicrographName", mics.table["rlnMicrographName"].to_numpy()[mics.of_particle])
+        _write_micrographs_truth(out, mics.table, mic_group, noise_model, ctf)
+    if is_junk is not None:
+        parts[TRUTH_CLASS_COLUMN] = np.where(is_junk, JUNK_CLASS, 1)
+    write_star(out / "particles.star", {"optics": optics, "particles": parts})
+    write_star(out / NO_POSES_STAR, {"optics": optics, "particles": _input_particles(parts, mics)})
+    return {"n": n, "box": truth.shape[-1], "angpix": angpix, "snr": snr, "noise_sigma": grey.noise_sigma}
+
+
+def _optics_groups(n: int, groups: int, mics: MicrographDraws | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Each particle's optics group (n,) and each micrograph's (m,) (None without micrographs), 0-based: the particles,
+    or with micrographs whole micrographs, divided evenly; a group's particles are a contiguous run."""
+    if mics is None:
+        return contiguous_runs(n, groups), None
+    mic_group = contiguous_runs(len(mics.table), groups)
+    return mic_group[mics.of_particle], mic_group
+
+
+def _particles_table(names: list[str], draws: dict[str, torch.Tensor], group: np.ndarray, ctf: bool) -> pd.DataFrame:
+    """The truth particles.star's table: image names, true poses (°, Å), CTFs (without ``ctf``: none), optics groups
+    (``group`` (n,) 0-based) and half sets."""
+    n = len(names)
     parts = pd.DataFrame(
         {
-            "rlnImageName": _image_names(out / "particles.mrcs", n),
-            "rlnAngleRot": rot.numpy(),
-            "rlnAngleTilt": tilt.numpy(),
-            "rlnAnglePsi": psi.numpy(),
-            "rlnOriginXAngst": ox.numpy(),
-            "rlnOriginYAngst": oy.numpy(),
-            "rlnDefocusU": du.numpy(),
-            "rlnDefocusV": dv.numpy(),
-            "rlnDefocusAngle": dang.numpy(),
+            "rlnImageName": names,
+            "rlnAngleRot": draws["rot"].numpy(),
+            "rlnAngleTilt": draws["tilt"].numpy(),
+            "rlnAnglePsi": draws["psi"].numpy(),
+            "rlnOriginXAngst": draws["ox"].numpy(),
+            "rlnOriginYAngst": draws["oy"].numpy(),
+            "rlnDefocusU": draws["du"].numpy(),
+            "rlnDefocusV": draws["dv"].numpy(),
+            "rlnDefocusAngle": draws["dang"].numpy(),
             "rlnPhaseShift": np.zeros(n),
             "rlnCtfBfactor": np.zeros(n),
-            "rlnOpticsGroup": np.ones(n, dtype=int),
+            "rlnOpticsGroup": group + 1,
             "rlnRandomSubset": (np.arange(n) % 2) + 1,
         }
     )
     if not ctf:
         parts = parts.drop(columns=["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift", "rlnCtfBfactor"])
-    write_star(out / "particles.star", {"optics": optics, "particles": parts})
-    write_star(out / NO_POSES_STAR, {"optics": optics, "particles": without_poses(parts)})
-    return {"n": n, "box": box, "angpix": angpix, "snr": snr, "noise_sigma": noise_sigma}
+    return parts
+
+
+def _write_micrographs_truth(
+    out: Path, table: pd.DataFrame, mic_group: np.ndarray, noise_model: NoiseModel | None, ctf: bool
+) -> None:
+    """micrographs_truth.star: each micrograph's name, optics group (``mic_group`` (m,) 0-based), defocus (without
+    ``ctf``: none), true scale, and with ``noise_model`` the name of the model's group whose σ² its noise has."""
+    truth = table.copy()
+    truth.insert(1, "rlnOpticsGroup", mic_group + 1)
+    if not ctf:
+        truth = truth.drop(columns=["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"])
+    if noise_model is not None:
+        truth["rlnGroupName"] = [noise_model.names[m % len(noise_model.names)] for m in range(len(table))]
+    write_star(out / MICROGRAPHS_TRUTH_STAR, {"micrographs": truth})
 
 
 def _image_names(stack: Path, n: int) -> list[str]:

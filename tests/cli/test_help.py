@@ -25,6 +25,9 @@ UNITS = {
     "--offset_step": "pixels",
     "--box": "pixels",
     "--sigma_ang": "degrees",
+    "--sigma_rot": "degrees",
+    "--sigma_tilt": "degrees",
+    "--sigma_psi": "degrees",
     "--healpix_order": "°",
     "--auto_local_healpix_order": "°",
     "--incr_size": "shells",
@@ -36,6 +39,8 @@ UNITS = {
     "--voltage": "kV",
     "--cs": "mm",
     "--beam_tilt": "mrad",
+    "--defocus_spread": "Å",
+    "--optics": "Å",
 }
 # options without a physical unit: counts, switches, files, names, dimensionless factors
 NO_UNIT = {
@@ -45,6 +50,7 @@ NO_UNIT = {
     "--sym",
     "--skip_gridding",
     "--solvent_mask",
+    "--solvent_correct_fsc",
     "--flatten_solvent",
     "--zero_mask",
     "--ctf",
@@ -99,6 +105,13 @@ NO_UNIT = {
     "--poses",
     "--precision",
     "--no_image_cache",
+    "--micrographs",
+    "--mic_scale",
+    "--model_noise",
+    "--junk",
+    "--junk_map",
+    "--preferred_view",
+    "--uniform_fraction",
 }
 
 
