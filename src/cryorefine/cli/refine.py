@@ -73,8 +73,18 @@ def add_common_args(p, classify: bool = False) -> None:
         "--sigma_ang",
         type=float,
         default=0.0,
-        help="local angular searches from the start, with this Gaussian prior width (degrees); 0 = global",
+        help="local angular searches from the start, with this Gaussian prior width on all three angles (degrees), "
+        "about rlnAngleRot/Tilt/PsiPrior where the particles have them; 0 = global",
     )
+    for angle, what in (("rot", "first Euler angle"), ("tilt", "second Euler angle"), ("psi", "in-plane angle")):
+        p.add_argument(
+            f"--sigma_{angle}",
+            type=float,
+            default=0.0,
+            help=f"local angular searches from the start with this Gaussian prior width on the {what} (degrees; "
+            f"0 = unrestricted), about rlnAngle{angle.capitalize()}Prior where the particles have it, else their "
+            "current angle; --sigma_ang, if given, wins",
+        )
     p.add_argument(
         "--solvent_mask", default=None, help="mask (MRC) multiplied into the references (instead of a sphere)"
     )
@@ -100,7 +110,11 @@ def add_common_args(p, classify: bool = False) -> None:
         help="normalisation-error correction: scale each image by the average over its own residual noise level "
         "(rlnNormCorrection)",
     )
-    p.add_argument("--scale", action="store_true", help="intensity-scale correction per optics group")
+    p.add_argument(
+        "--scale",
+        action="store_true",
+        help="intensity-scale correction per micrograph group (rlnGroupName, else rlnMicrographName), as RELION",
+    )
     p.add_argument("--firstiter_cc", action="store_true", help="first iteration by cross-correlation (best pose only)")
     p.add_argument("--pad", type=int, default=2, help="padding factor of the Fourier-space interpolation")
     p.add_argument(
@@ -222,6 +236,12 @@ def add_args(p):
         default=40.0,
         help="join the half maps below this resolution (Å); RELION's CLI default is off, its GUI 40 Å; 0 = off",
     )
+    p.add_argument(
+        "--solvent_correct_fsc",
+        action="store_true",
+        help="each iteration's FSC (resolution and regularisation) from the unregularised half maps under "
+        "--solvent_mask, corrected for the mask by phase randomisation, as relion_postprocess; needs --solvent_mask",
+    )
     p.add_argument("--auto_refine", action="store_true", help="accepted for RELION users (always on)")
     p.add_argument("--split_random_halves", action="store_true", help="accepted for RELION users (always on)")
 
@@ -263,6 +283,8 @@ def config_from_args(args, cls):
                 if k in {f.name for f in dataclasses.fields(cls)} and k not in ("angpix",)
             }
         )
+    if getattr(args, "solvent_correct_fsc", False) and not args.solvent_mask:
+        raise CryoInputError("--solvent_correct_fsc corrects the FSC for a mask: give it with --solvent_mask")
     for flag, name in (("--i", "particles"), ("--o", "output_root"), ("--ref", "reference")):
         if not getattr(args, name):
             raise CryoInputError(f"{flag} is required (or --continue run_itNNN_optimiser.star)")

@@ -150,9 +150,13 @@ def coarse_gemm_flops(n: int, K: int, T: int, L: int, jc: int, local: bool) -> t
     return flops, shapes
 
 
-def translation_log_prior(offsets_abs_px: torch.Tensor, settings: EStepSettings) -> torch.Tensor:
-    d2 = (offsets_abs_px**2).sum(-1) * settings.angpix**2
-    return -d2 / (2.0 * settings.sigma2_offset_angst2)
+def translation_log_prior(
+    offsets_abs_px: torch.Tensor, settings: EStepSettings, centre_px: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(n, T) the Gaussian offset prior's log of absolute offsets (n, T, 2) px, centred on ``centre_px`` (n, 2) (the
+    particles' rlnOriginX/YPriorAngst; None: 0)."""
+    d = offsets_abs_px if centre_px is None else offsets_abs_px - centre_px[:, None, :]
+    return -(d**2).sum(-1) * settings.angpix**2 / (2.0 * settings.sigma2_offset_angst2)
 
 
 def coarse_log_posterior(batch, window, jc, refs, poses, settings, local_prior, forced_class):
@@ -176,7 +180,7 @@ def coarse_log_posterior(batch, window, jc, refs, poses, settings, local_prior, 
             dir_of_rot = torch.arange(L, device=dev) // poses.sampling.n_psi
             rot_prior = rot_prior + settings.direction_log_prior.to(dev).float()[:, dir_of_rot][None]
         trans_prior = translation_log_prior(
-            batch.old_offset_px[:, None, :] + poses.translations_px[None], settings
+            batch.old_offset_px[:, None, :] + poses.translations_px[None], settings, batch.offset_prior_px
         )  # (n, T)
         logp = logp + trans_prior[:, None, :, None] + rot_prior[:, :, None, :]
     elif local_prior is not None:
@@ -208,7 +212,7 @@ def fine_pass_inputs(batch: ImageBatch, window: Window, poses: PoseGrid, setting
     # RELION's convertAllSquaredDifferencesToWeights takes the offset prior at the coarse translation for all its
     # fine children (the prior at each fine offset favours the children nearer the centre: other posteriors)
     coarse = batch.old_offset_px[:, None, :] + poses.translations_px[None]
-    prior = translation_log_prior(coarse, settings).repeat_interleave(N_TRANS_CHILDREN, 1)
+    prior = translation_log_prior(coarse, settings, batch.offset_prior_px).repeat_interleave(N_TRANS_CHILDREN, 1)
     score_shell = window.max_shell if settings.score_shell is None else settings.score_shell
     js = window.prefix(score_shell)
     constant = (w[:, :js] * batch.f_masked[:, :js].abs() ** 2).sum(1).double()

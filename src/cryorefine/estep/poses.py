@@ -180,20 +180,26 @@ class PoseGrid:
         rot_deg: np.ndarray,
         tilt_deg: np.ndarray,
         psi_deg: np.ndarray,
-        sigma_ang_deg: float,
+        sigma_deg: float | tuple[float, float, float],
         sigma_cutoff: float = 3.0,
     ):
-        """Coarse rotation ids near each particle's previous pose with RELION's Gaussian prior.
+        """Coarse rotation ids near each particle's prior orientation (n,) with RELION's Gaussian prior
+        (HealpixSampling::selectOrientationsWithNonZeroPriorProbability).
 
-        Directions (with symmetry: the nearest symmetry image) and psi angles strictly within sigma_cutoff·σ of the
-        previous pose, or the single nearest where none is (RELION's selectOrientationsWithNonZeroPriorProbability);
-        the prior exp(-(Δdir² + Δpsi²) / 2σ²) normalised over each particle's set. Computed for the whole batch on
-        the grid's device (a per-particle loop on the host took ~0.4 s per 1,000 particles).
+        ``sigma_deg``: the prior's σ of rot, tilt and psi in degrees (0: that angle is not restricted), or one σ for
+        all three (--sigma_ang). Directions: with σ_rot and σ_tilt, those whose angle to the prior direction (its
+        nearest symmetry image) is strictly below sigma_cutoff·σ, σ = max(σ_rot, σ_tilt), weighted exp(−Δ²/2σ²); with
+        one of them, Δ is the angle out of the plane through z at the prior rot (calculateDeltaRot), or the
+        difference of tilts, each the smallest over the symmetry images; with neither, every direction, uniform. Psi
+        angles likewise with σ_psi. Where none is within the cutoff, the single nearest. The prior is normalised over
+        each particle's set. Computed for the whole batch on the grid's device (a per-particle loop on the host took
+        ~0.4 s per 1,000 particles).
         Returns (ids (n, L) int64, log_prior (n, L) float32, valid (n, L) bool), padded to the largest set.
         """
         s, dev = self.sampling, self.device
-        max_angle = sigma_cutoff * sigma_ang_deg
+        sig_rot, sig_tilt, sig_psi = (sigma_deg,) * 3 if isinstance(sigma_deg, (int, float)) else sigma_deg
         va = to_device(direction_vectors(rot_deg, tilt_deg), dev).reshape(-1, 3)  # (n, 3)
+        n = len(va)
         psi_all = self._coarse_angles()[2]
         dpsi = (
             torch.remainder(
@@ -202,26 +208,39 @@ class PoseGrid:
             - 180.0
         )
 
-        def chosen(dist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            """Entries strictly below the cutoff, or the nearest one where none is."""
+        def chosen(dist: torch.Tensor, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
+            """Entries strictly below ``limit``, or the nearest one where none is."""
             dist = dist.abs()
-            mask = dist < max_angle
+            mask = dist < limit
             mask[torch.arange(len(mask), device=dev), dist.argmin(1)] |= ~mask.any(1)
             return _compact(mask)
 
-        near = self._directions_near(va, max_angle) if s.order >= NEAR_MIN_ORDER else None
+        def width(sigma: float) -> float:
+            return sigma if sigma > 0 else torch.inf  # an unrestricted angle: every sample, a flat prior
+
+        sig_dir = width(max(sig_rot, sig_tilt))  # RELION: the larger where both are given (no separate widths)
+        max_angle = sigma_cutoff * sig_dir
+        near = None
+        if sig_rot > 0 and sig_tilt > 0 and s.order >= NEAR_MIN_ORDER:
+            near = self._directions_near(va, max_angle)
         if near is None:  # every direction against every particle
-            dir_ang = self._direction_angles(va, self._direction_vectors())  # (n, D)
-            d_ids, d_ok = chosen(dir_ang)
+            if sig_rot > 0 and sig_tilt > 0:
+                dir_ang = self._direction_angles(va, self._direction_vectors())  # (n, D)
+            elif sig_rot > 0:
+                dir_ang = self._out_of_rot_plane(to_device(np.asarray(rot_deg, dtype=np.float64), dev))
+            elif sig_tilt > 0:
+                dir_ang = self._tilt_differences(to_device(np.asarray(tilt_deg, dtype=np.float64), dev))
+            else:
+                dir_ang = torch.zeros(n, len(s.ipix), dtype=torch.float64, device=dev)
+            d_ids, d_ok = chosen(dir_ang, max_angle)
             d_ang = dir_ang.gather(1, d_ids)
         else:  # the candidates near each particle (ascending ids, as above), and their angles
             cols, ang, valid = near
             pos, d_ok = _compact(valid & (ang < max_angle))
             d_ids, d_ang = cols.gather(1, pos), ang.gather(1, pos)
-        p_ids, p_ok = chosen(dpsi)
-        n = len(d_ids)
-        two_var = 2.0 * sigma_ang_deg**2
-        lp = -(d_ang**2)[:, :, None] / two_var - (dpsi.gather(1, p_ids) ** 2)[:, None, :] / two_var
+        sig_p = width(sig_psi)
+        p_ids, p_ok = chosen(dpsi, sigma_cutoff * sig_p)
+        lp = -(d_ang**2)[:, :, None] / (2.0 * sig_dir**2) - (dpsi.gather(1, p_ids) ** 2)[:, None, :] / (2.0 * sig_p**2)
         ok = (d_ok[:, :, None] & p_ok[:, None, :]).reshape(n, -1)
         ids = (d_ids[:, :, None] * s.n_psi + p_ids[:, None, :]).reshape(n, -1)
         keep, ok = _compact(ok)  # the valid (direction, psi) pairs to the front, the largest set's width
@@ -229,6 +248,34 @@ class PoseGrid:
         lp = torch.where(ok, lp.reshape(n, -1).gather(1, keep), -torch.inf)
         lp = lp - torch.logsumexp(lp, 1, keepdim=True)
         return torch.where(ok, ids, 0), lp.float(), ok
+
+    def _direction_images(self) -> torch.Tensor:
+        """(g, D, 3) the sampling's directions under each symmetry operator (g = 1 without symmetry)."""
+        return self._images(self._direction_vectors())
+
+    def _out_of_rot_plane(self, rot_deg: torch.Tensor) -> torch.Tensor:
+        """(n, D) degrees between each direction and the plane through z at each particle's rot (n,) (RELION's
+        calculateDeltaRot: |asin| of the direction's y after turning it by −rot about z), the smallest over the
+        direction's symmetry images."""
+        a = torch.deg2rad(rot_deg)[:, None]
+        out = None
+        for v in self._direction_images():  # (D, 3) per operator: (n, D) at a time, not (g, n, D)
+            y = -torch.sin(a) * v[None, :, 0] + torch.cos(a) * v[None, :, 1]
+            d = torch.rad2deg(torch.asin(y.clamp(-1.0, 1.0))).abs()
+            out = d if out is None else torch.minimum(out, d)
+        assert out is not None
+        return out
+
+    def _tilt_differences(self, tilt_deg: torch.Tensor) -> torch.Tensor:
+        """(n, D) |tilt − each particle's tilt (n,)| in degrees (taken as 360 − it beyond 180, as RELION), the
+        smallest over the direction's symmetry images."""
+        out = None
+        for v in self._direction_images():
+            d = (torch.rad2deg(torch.acos(v[:, 2].clamp(-1.0, 1.0)))[None, :] - tilt_deg[:, None]).abs()
+            d = torch.where(d > 180.0, (d - 360.0).abs(), d)
+            out = d if out is None else torch.minimum(out, d)
+        assert out is not None
+        return out
 
     def _direction_vectors(self) -> torch.Tensor:
         """(D, 3) unit vectors of the sampling's directions, on the device."""

@@ -13,8 +13,10 @@ class EStepSettings:
     adaptive_fraction: float = 0.999
     maxsig: int = 0  # 0: no cap
     firstiter_cc: bool = False  # cross-correlation, best pose only
-    local_sigma_deg: float = 0.0  # > 0: local angular searches with this Gaussian prior
-    sigma2_offset_angst2: float = 100.0  # Gaussian prior on the absolute offset (centred on 0)
+    # local searches (EStepPass.local): the Gaussian prior's σ of rot, tilt and psi (degrees; 0: that angle is not
+    # restricted), or one σ for all three (PoseGrid.local_candidates)
+    local_sigma_deg: float | tuple[float, float, float] = 0.0
+    sigma2_offset_angst2: float = 100.0  # Gaussian prior on the absolute offset (centred on 0, or its STAR prior)
     angpix: float = 1.0
     direction_log_prior: torch.Tensor | None = (
         None  # (K, D) RELION's pdf_direction (joint with the class) in global searches

@@ -332,6 +332,71 @@ def origins_angst(
     return x, y
 
 
+ANGLE_PRIOR_COLUMNS = ("rlnAngleRotPrior", "rlnAngleTiltPrior", "rlnAnglePsiPrior")
+NO_ANGLE_PRIOR = 999.0  # RELION's value for "no prior on this angle" (it compares within ±0.01)
+MAX_PRIOR_ANGLE = 360.0
+ANGLE_PRIOR_RULE = f"must be an angle in degrees (at most {MAX_PRIOR_ANGLE:g} either way) or RELION's 999 for none"
+
+
+def _unset(angle_deg: np.ndarray) -> np.ndarray:
+    return np.abs(angle_deg - NO_ANGLE_PRIOR) < 0.01
+
+
+def checked_priors(extra: pd.DataFrame, angpix: np.ndarray, block: str, path) -> pd.DataFrame:
+    """``extra`` (the particles' other columns) with the orientation priors checked and as numbers: rlnAngleRot/Tilt/
+    PsiPrior (degrees, or RELION's 999 for none) and rlnOriginX/YPriorAngst (Å); STAR 3.0's rlnOriginX/YPrior (pixels)
+    become them with ``angpix`` (each particle's Å/px), as RELION's converter does. They are written back unchanged."""
+    out = extra.copy()
+    for name in ANGLE_PRIOR_COLUMNS:
+        if name in out.columns:
+            v = numeric_column(out, name, block, path)
+            _check_values(v, (np.abs(v) <= MAX_PRIOR_ANGLE) | _unset(v), name, block, path, ANGLE_PRIOR_RULE)
+            out[name] = v
+    for axis in "XY":
+        angst, pixels = f"rlnOrigin{axis}PriorAngst", f"rlnOrigin{axis}Prior"
+        if angst in out.columns:
+            name, v = angst, numeric_column(out, angst, block, path)
+        elif pixels in out.columns:
+            name, v = pixels, numeric_column(out, pixels, block, path) * angpix
+        else:
+            continue
+        _check_values(v, plausible_origin(v), name, block, path, ORIGIN_RULE)
+        out = out.drop(columns=[pixels], errors="ignore")
+        out[angst] = v
+    return out
+
+
+def angle_priors(
+    table: ParticleTable, rows: np.ndarray, rot_deg: np.ndarray, tilt_deg: np.ndarray, psi_deg: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The centres (rot, tilt, psi), degrees (len(rows),), of the local angular searches of the particles ``rows``:
+    each angle's rlnAngle*Prior where the file gives one (not 999), else the particle's current angle (``rot_deg``,
+    ``tilt_deg``, ``psi_deg``), as RELION."""
+    out = []
+    for name, current in zip(ANGLE_PRIOR_COLUMNS, (rot_deg, tilt_deg, psi_deg)):
+        if name not in table.extra.columns:
+            out.append(np.asarray(current, np.float64))
+            continue
+        prior = table.extra[name].to_numpy(np.float64)[rows]
+        out.append(np.where(_unset(prior), current, prior))
+    return out[0], out[1], out[2]
+
+
+def offset_priors_angst(table: ParticleTable, rows: np.ndarray) -> np.ndarray | None:
+    """(len(rows), 2) the centres (x, y) of the particles' offset prior, Å: rlnOriginX/YPriorAngst (0 for an axis
+    without); None when the file has neither (RELION centres the prior on 0)."""
+    names = [f"rlnOrigin{axis}PriorAngst" for axis in "XY"]
+    if not any(name in table.extra.columns for name in names):
+        return None
+    return np.stack(
+        [
+            table.extra[name].to_numpy(np.float64)[rows] if name in table.extra.columns else np.zeros(len(rows))
+            for name in names
+        ],
+        -1,
+    )
+
+
 def load_particles(star_path, project_dir=None) -> ParticleTable:
     """Load a RELION 3.0/3.1+ STAR file (stacks resolved as RELION does) or a cryoSPARC .cs file."""
     star_path = Path(star_path)
@@ -405,7 +470,7 @@ def load_particles(star_path, project_dir=None) -> ParticleTable:
         random_subset=number("rlnRandomSubset", 0, whole=True),
         class_number=number("rlnClassNumber", 1, whole=True),
         optics=optics,
-        extra=df[[c for c in df.columns if c not in own]].copy(),
+        extra=checked_priors(df[[c for c in df.columns if c not in own]], particle_angpix, block, star_path),
         has_ctf=has_ctf,
         star_path=str(star_path),
         has_angles=all(c in df.columns for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")),

@@ -11,7 +11,7 @@ import torch
 
 from ..fourier.grids import relion_round
 from ..projection.insert import BackProjector
-from ..reconstruction.fsc import fsc_curve, fsc_to_ssnr, halves_fsc
+from ..reconstruction.fsc import fsc_curve, fsc_to_ssnr, halves_fsc, refine_solvent_corrected_fsc
 from ..reconstruction.reconstruct import (
     MIN_REGULARISED_SHELL,
     data_vs_prior,
@@ -73,17 +73,26 @@ def maximize_half_sets(
     gridding_iterations: int,
     final: bool,
     settle=None,
+    solvent_mask: torch.Tensor | None = None,
 ) -> HalfSetMaps:
     """RELION's gold-standard M-step of two (symmetrised, joined) half sets with ``particles`` (their posterior mass)
     each. Intermediate iterations compare the accumulators in Fourier space (compareTwoHalves, no reconstruction) and
     reconstruct each half regularised by that FSC over ``window_shell``; the final one compares the unfiltered half
-    maps and reconstructs both halves joined, with the FSC of the whole (twice the particles). Reconstructions run
+    maps and reconstructs both halves joined, with the FSC of the whole (twice the particles). With ``solvent_mask``
+    (d, d, d) (--solvent_correct_fsc) every iteration's FSC is that of the unregularised half maps (within the
+    window) under the mask, corrected by phase randomisation (refine_solvent_corrected_fsc). Reconstructions run
     ``gridding_iterations`` (reconstruct). ``settle()``, if given, runs between the FSC and the reconstructions (a
     test hook: a run killed there has its earlier outputs complete)."""
     box = bps[0].box
     it = gridding_iterations
-    if final:
-        unfiltered = [reconstruct(bp, particles=n, gridding_iterations=it) for bp, n in zip(bps, particles)]
+    if final or solvent_mask is not None:
+        unfiltered = [
+            reconstruct(bp, max_shell=window_shell, particles=n, gridding_iterations=it)
+            for bp, n in zip(bps, particles)
+        ]
+    if solvent_mask is not None:
+        fsc = refine_solvent_corrected_fsc(unfiltered[0], unfiltered[1], solvent_mask, window_shell).cpu()
+    elif final:
         fsc = fsc_curve(unfiltered[0], unfiltered[1]).cpu()
     else:
         fsc = halves_fsc(bps[0], bps[1], window_shell).cpu()

@@ -128,6 +128,39 @@ def phase_randomised(volume: torch.Tensor, from_shell: int, generator: torch.Gen
     return torch.fft.irfftn(f, s=volume.shape)
 
 
+RANDOMISE_BELOW = 0.8  # RELION randomises phases from the first shell where the unmasked FSC drops below this
+
+
+def first_shell_below(fsc: torch.Tensor, threshold: float) -> int | None:
+    """The first shell past DC where ``fsc`` drops below ``threshold``; None if it never does."""
+    drops = (fsc[1:] < threshold).nonzero()
+    return int(drops[0, 0]) + 1 if drops.numel() else None
+
+
+def masked_fscs(
+    half1: torch.Tensor, half2: torch.Tensor, mask: torch.Tensor, from_shell: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FSC of the masked half maps, FSC of the masked half maps with phases randomised from ``from_shell``), each
+    (d//2 + 1,) float64."""
+    g = torch.Generator().manual_seed(seed)
+    mask = mask.to(half1)
+    masked = fsc_curve(half1 * mask, half2 * mask)
+    rand = fsc_curve(phase_randomised(half1, from_shell, g) * mask, phase_randomised(half2, from_shell, g) * mask)
+    for curve in (masked, rand):  # RELION: the origin's FSC can come out -1
+        if curve[0] <= 0:
+            curve[0] = 1.0
+    return masked, rand
+
+
+def corrected_by_random_phases(masked: torch.Tensor, rand: torch.Tensor, from_shell: int) -> torch.Tensor:
+    """Chen et al. (2013): (FSC_masked − FSC_random) / (1 − FSC_random) from two shells past ``from_shell`` (RELION
+    moved it there from artefacts near the randomisation's edge), FSC_masked before."""
+    corrected = masked.clone()
+    tail = torch.arange(len(masked), device=masked.device) >= from_shell + 2
+    corrected[tail] = (masked[tail] - rand[tail]) / (1.0 - rand[tail])
+    return corrected
+
+
 @dataclass(frozen=True)
 class SolventCorrectedFSC:
     """relion_postprocess's curves (d//2 + 1,) for two half maps and a mask: the unmasked and masked FSC, the masked
@@ -142,24 +175,36 @@ class SolventCorrectedFSC:
 
 
 def solvent_corrected_fsc(
-    half1: torch.Tensor, half2: torch.Tensor, mask: torch.Tensor, from_shell: int | None = None, below: float = 0.8,
-    seed: int = 0,
+    half1: torch.Tensor, half2: torch.Tensor, mask: torch.Tensor, from_shell: int | None = None,
+    below: float = RANDOMISE_BELOW, seed: int = 0,
 ) -> SolventCorrectedFSC:  # fmt: skip
     """RELION's masked FSC with phase randomisation (postprocessing.cpp): phases randomised from ``from_shell``, or
     from the first shell past DC where the unmasked FSC drops below ``below``. Raises ValueError if it never does."""
     unmasked = fsc_curve(half1, half2)
     if from_shell is None:
-        drops = (unmasked[1:] < below).nonzero()
-        if not drops.numel():
+        from_shell = first_shell_below(unmasked, below)
+        if from_shell is None:
             raise ValueError(f"the unmasked FSC never drops below {below}")
-        from_shell = int(drops[0, 0]) + 1
-    g = torch.Generator().manual_seed(seed)
-    masked = fsc_curve(half1 * mask, half2 * mask)
-    rand = fsc_curve(phase_randomised(half1, from_shell, g) * mask, phase_randomised(half2, from_shell, g) * mask)
-    for curve in (masked, rand):  # RELION: the origin's FSC can come out -1
-        if curve[0] <= 0:
-            curve[0] = 1.0
-    corrected = masked.clone()
-    tail = torch.arange(len(masked)) >= from_shell + 2
-    corrected[tail] = (masked[tail] - rand[tail]) / (1.0 - rand[tail])
-    return SolventCorrectedFSC(unmasked, masked, rand, corrected, from_shell)
+    masked, rand = masked_fscs(half1, half2, mask, from_shell, seed)
+    return SolventCorrectedFSC(unmasked, masked, rand, corrected_by_random_phases(masked, rand, from_shell), from_shell)
+
+
+def refine_solvent_corrected_fsc(
+    half1: torch.Tensor, half2: torch.Tensor, mask: torch.Tensor, max_shell: int, seed: int = 0
+) -> torch.Tensor:
+    """Auto-refine's gold-standard FSC (d//2 + 1,) with --solvent_correct_fsc, from the unregularised half maps
+    (d, d, d) and the solvent mask (RELION's reconstructUnregularisedMapAndCalculateSolventCorrectedFSC). As
+    postprocessing's, but where the randomised FSC exceeds the masked one the corrected FSC is 0, where the unmasked
+    FSC never drops below 0.8 it is used as it is (RELION warns that this should stop as the refinement proceeds),
+    and shells beyond ``max_shell`` (the E-step window) are 0."""
+    unmasked = fsc_curve(half1, half2)
+    from_shell = first_shell_below(unmasked, RANDOMISE_BELOW)
+    if from_shell is None:
+        fsc = unmasked
+    else:
+        masked, rand = masked_fscs(half1, half2, mask, from_shell, seed)
+        fsc = corrected_by_random_phases(masked, rand, from_shell)
+        past = torch.arange(len(fsc), device=fsc.device) >= from_shell + 2
+        fsc[past & (rand > masked)] = 0.0
+    fsc[max_shell + 1 :] = 0.0
+    return fsc

@@ -22,9 +22,15 @@ class RefineConfig:
     sigma_offset: float = 10.0  # Å: initial width of the offset prior (RELION's --offset)
     min_sigma2_offset: float = 2.0  # Å²: lower bound of the offset prior's variance (RELION 5)
     auto_local_healpix_order: int = 4
+    # degrees: local searches from the start with this prior σ on all three angles (RELION: wins over the next three),
+    # or these on each angle (0: that angle unrestricted), about the STAR's angle priors where it has them
     sigma_ang: float = 0.0
+    sigma_rot: float = 0.0
+    sigma_tilt: float = 0.0
+    sigma_psi: float = 0.0
     low_resol_join_halves: float = 40.0
     solvent_mask: str | None = None
+    solvent_correct_fsc: bool = False  # auto-refine: the FSC of the unregularised half maps under the solvent mask
     flatten_solvent: bool = False
     zero_mask: bool = False
     ctf: bool = False

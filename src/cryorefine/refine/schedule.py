@@ -41,6 +41,9 @@ class Schedule:
     offset_step_px: float
     local_search: bool = False
     sigma_ang_deg: float = 0.0
+    # --sigma_rot/--sigma_tilt/--sigma_psi (degrees, 0: unrestricted) until the schedule's own local searches give all
+    # three sigma_ang_deg (RELION's updateAngularSampling sets sigma2_rot, _tilt and _psi alike)
+    sigma_rot_tilt_psi_deg: tuple[float, float, float] | None = None
     current_resolution_shell: int = 0
     incr_size: int = 10  # RELION's incr_size: raised to the shells between FSC 0.5 and 0.143, plus 5
     has_high_fsc_at_limit: bool = False  # once set, stays set
@@ -62,6 +65,16 @@ class Schedule:
             self.initial_healpix_order = self.healpix_order
         if self.initial_offset_step_px < 0:
             self.initial_offset_step_px = self.offset_step_px
+
+    @property
+    def local_sigmas_deg(self) -> tuple[float, float, float]:
+        """The local searches' prior σ of rot, tilt and psi (degrees); zeros for global searches."""
+        if not self.local_search:
+            return (0.0, 0.0, 0.0)
+        if self.sigma_rot_tilt_psi_deg is not None:
+            rot, tilt, psi = self.sigma_rot_tilt_psi_deg  # a list after a checkpoint's JSON
+            return (rot, tilt, psi)
+        return (self.sigma_ang_deg,) * 3
 
     def window_shell(self, box: int, ave_pmax: float) -> int:
         """E-step window of the next iteration (RELION's updateImageSizeAndResolutionPointers): the current resolution
@@ -174,6 +187,7 @@ class Schedule:
             self.local_search = True
             # RELION: σ = 2 × the new fine (oversampled) step, i.e. one coarse step; 3σ bounds the candidates
             self.sigma_ang_deg = 2.0 * self.angular_step_deg(self.healpix_order) / 2
+            self.sigma_rot_tilt_psi_deg = None
         self.iter_without_resolution_gain = 0
         self.iter_without_large_changes = 0
         self.smallest_change_orientation_deg = 999.0
