@@ -83,40 +83,20 @@ def refine(root: Path, name: str, star: Path, truth_dir: Path, diameter: float, 
     }  # fmt: skip
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("outdir")
-    ap.add_argument("--gpu", action="store_true")
-    ap.add_argument("--j", type=int, default=0)
-    ap.add_argument("--n", type=int, default=6000)
-    ap.add_argument("--box", type=int, default=128)
-    ap.add_argument("--snr", type=float, default=0.1)
-    ap.add_argument("--work", default="/tmp/optics_fidelity")
-    a = ap.parse_args(argv)
-    out, root = Path(a.outdir), Path(a.work)
-    out.mkdir(parents=True, exist_ok=True)
-    how = ["--gpu"] if a.gpu else (["--j", str(a.j)] if a.j else [])
-    diameter = round(0.85 * a.box * ANGPIX)
-    t0 = time.perf_counter()
-    meta = build(root, a.n, a.box, a.snr)
-    meta["simulate_seconds"] = round(time.perf_counter() - t0, 1)
-    runs = {
-        "plain": refine(root, "plain", root / "plain/particles_noposes.star", root / "plain", diameter, how),
-        "optics": refine(root, "optics", root / "optics/particles_noposes.star", root / "optics", diameter, how),
-        "ignored": refine(root, "ignored", root / "optics/ignored_noposes.star", root / "optics", diameter, how),
-    }
+def write_results(stem: Path, title: str, gpu: bool, meta: dict, runs: dict, describe) -> str:
+    """``stem``.json (the runs with the device, date, commit and command) and ``stem``.md (a table of the runs, under
+    ``title`` and the line ``describe(result)``); returns the markdown."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    device = torch.cuda.get_device_name(0) if a.gpu else platform.processor() or platform.machine()
+    device = torch.cuda.get_device_name(0) if gpu else platform.processor() or platform.machine()
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit or "unknown",
         "device": device, "command": " ".join(["python", *sys.argv]), "set": meta, "runs": runs,
     }  # fmt: skip
-    (out / "optics-fidelity.json").write_text(json.dumps(result, indent=1))
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     lines = [
-        f"# Optics fidelity ({result['date']}, {device}, commit {result['commit']})",
+        f"# {title} ({result['date']}, {device}, commit {result['commit']})",
         "",
-        f"`{result['command']}`: {meta['n']} particles, box {meta['box']}, {ANGPIX} Å/px, SNR {meta['snr']}; "
-        f"beam tilt {meta['beam_tilt_mrad']} mrad, magnification matrix {meta['mag']}.",
+        describe(result),
         "",
         "| run | gold-standard (Å) | shell | FSC-to-truth 0.5 (Å) | median angle (°) | median shift (Å) | iterations "
         "| s |",
@@ -130,8 +110,49 @@ def main(argv=None) -> int:
             f"| {name} | {r['gold_standard_angst']} | {r['gold_shell']} | {r['fsc_to_truth_0.5_angst']} | "
             f"{r['median_angle_deg']} | {r['median_shift_angst']} | {r['iterations']} | {r['seconds']} |"
         )
-    (out / "optics-fidelity.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    markdown = "\n".join(lines) + "\n"
+    stem.with_suffix(".md").write_text(markdown)
+    return markdown
+
+
+def bench_parser(work: str) -> argparse.ArgumentParser:
+    """The options of issue 20's refinement benches: OUTDIR, --gpu, --j, --n, --snr and the work folder."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("outdir")
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--j", type=int, default=0)
+    ap.add_argument("--n", type=int, default=6000)
+    ap.add_argument("--snr", type=float, default=0.1)
+    ap.add_argument("--work", default=work)
+    return ap
+
+
+def bench_folders(a) -> tuple[Path, Path, list[str]]:
+    """(results folder, made; work folder; the refinement's device flags) of parsed bench_parser options."""
+    out, root = Path(a.outdir), Path(a.work)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, root, ["--gpu"] if a.gpu else (["--j", str(a.j)] if a.j else [])
+
+
+def main(argv=None) -> int:
+    ap = bench_parser("/tmp/optics_fidelity")
+    ap.add_argument("--box", type=int, default=128)
+    a = ap.parse_args(argv)
+    out, root, how = bench_folders(a)
+    diameter = round(0.85 * a.box * ANGPIX)
+    t0 = time.perf_counter()
+    meta = build(root, a.n, a.box, a.snr)
+    meta["simulate_seconds"] = round(time.perf_counter() - t0, 1)
+    runs = {
+        "plain": refine(root, "plain", root / "plain/particles_noposes.star", root / "plain", diameter, how),
+        "optics": refine(root, "optics", root / "optics/particles_noposes.star", root / "optics", diameter, how),
+        "ignored": refine(root, "ignored", root / "optics/ignored_noposes.star", root / "optics", diameter, how),
+    }
+    result = write_results(out / "optics-fidelity", "Optics fidelity", a.gpu, meta, runs, lambda r: (
+        f"`{r['command']}`: {meta['n']} particles, box {meta['box']}, {ANGPIX} Å/px, SNR {meta['snr']}; "
+        f"beam tilt {meta['beam_tilt_mrad']} mrad, magnification matrix {meta['mag']}."
+    ))  # fmt: skip
+    print(result)
     return 0
 
 

@@ -71,41 +71,66 @@ def data_phase_flipped(table: ParticleTable) -> bool:
 NORMALISATION_SAMPLE = 200  # images read for the check (spread over the set): a systematic problem shows in any few
 
 
-def normalisation_warning(table: ParticleTable, radius_px: float) -> str | None:
+def normalisation_warning(table: ParticleTable, diameter_angst: float) -> str | None:
     """RELION's check that the images were normalised (calculateSumOfPowerSpectraAndAverageImage): outside a circle of
     the particle's radius, the background's mean within ±0.5 of its standard deviation and that deviation within
     0.5..2. Returns the first failing image's figures with RELION's advice, or None. Reads NORMALISATION_SAMPLE images
-    spread over the set (RELION reads them all, and stops warning at the first)."""
-    box = table.box
-    rows = np.unique(np.linspace(0, len(table) - 1, min(NORMALISATION_SAMPLE, len(table))).round().astype(np.int64))
-    y, x = np.mgrid[:box, :box] - box // 2
-    outside = (x * x + y * y) > round(radius_px) ** 2
-    if not outside.any():
-        return None
-    images = read_images(table, rows)[:, outside].astype(np.float64)
-    mean, sd = images.mean(1), images.std(1)
-    bad = (np.abs(mean) > 0.5 * sd) | (sd < 0.5) | (sd > 2.0)
-    if not bad.any():
-        return None
-    i = int(np.flatnonzero(bad)[0])
+    spread over the set (RELION reads them all, and stops warning at the first), each optics group's under the
+    circle of the particle's ``diameter_angst`` in its own pixels."""
+    sample = np.unique(np.linspace(0, len(table) - 1, min(NORMALISATION_SAMPLE, len(table))).round().astype(np.int64))
+    for g, optics in enumerate(table.optics):
+        rows = sample[table.optics_group[sample] == g]
+        radius_px = round(diameter_angst / (2 * optics.angpix))
+        y, x = np.mgrid[: optics.box, : optics.box] - optics.box // 2
+        outside = (x * x + y * y) > radius_px**2
+        if len(rows) == 0 or not outside.any():
+            continue
+        images = read_images(table, rows)[:, outside].astype(np.float64)
+        mean, sd = images.mean(1), images.std(1)
+        bad = (np.abs(mean) > 0.5 * sd) | (sd < 0.5) | (sd > 2.0)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            return _unnormalised(str(table.image_name[rows[i]]), radius_px, mean[i], sd[i])
+    return None
+
+
+def _unnormalised(image: str, radius_px: int, mean: float, sd: float) -> str:
+    """The normalisation warning for one image's background figures, with RELION's advice."""
     return (
-        f"image {table.image_name[rows[i]]} has a background (outside {round(radius_px)} px) of mean {mean[i]:.3g} and "
-        f"standard deviation {sd[i]:.3g}, not about 0 and 1: the images seem not normalised; normalise them "
+        f"image {image} has a background (outside {radius_px} px) of mean {mean:.3g} and "
+        f"standard deviation {sd:.3g}, not about 0 and 1: the images seem not normalised; normalise them "
         "(relion_preprocess --norm, or RELION's Extract job with 'Normalize particles'), else the noise model and "
         "the priors are off"
     )
 
 
+def _stack_box(table: ParticleTable, rows: np.ndarray, path: str, star) -> int:
+    """The box (rlnImageSize) of the particles ``rows`` of one stack: their optics groups must agree on it."""
+    boxes = np.unique(table.boxes[rows])
+    if len(boxes) > 1:
+        raise CryoInputError(
+            f"{star} puts images of this stack in optics groups of different boxes ({', '.join(map(str, boxes))} px); "
+            "give each stack's particles one optics group box (rlnImageSize)",
+            path=path,
+        )
+    return int(boxes[0])
+
+
+def check_diameters_fit(diameter: float, table: ParticleTable) -> None:
+    """The particle diameter fits in every optics group's box."""
+    for optics in table.optics:
+        check_diameter_fits(diameter, optics.box, optics.angpix)
+
+
 def check_particles(star, project_dir=None) -> ParticleTable:
     """Load the STAR or .cs file (missing/empty/malformed, columns, stacks) and check every stack it uses."""
     table = load_particles(star, project_dir)
-    box = table.box  # raises for optics groups with different boxes
-    check_one_pixel_size(table)
     try:
         stacks, inverse, counts = np.unique(table.image_stack.astype(str), return_inverse=True, return_counts=True)
         by_stack = np.split(np.argsort(inverse.reshape(-1), kind="stable"), np.cumsum(counts)[:-1])
-        per_stack = FINITE_CHECK_BYTES // max(1, len(stacks)) // (4 * box * box)
         for path, rows in zip(stacks, by_stack):
+            box = _stack_box(table, rows, path, star)
+            per_stack = FINITE_CHECK_BYTES // max(1, len(stacks)) // (4 * box * box)
             try:
                 stack = table.stack(path)  # raises for non-MRC or non-square images
             except CryoInputError as exc:  # the stack's own message, and which particle file names it
@@ -268,9 +293,9 @@ def validate_refine_inputs(args) -> None:
     check_symmetry(getattr(args, "sym", "C1"))
     table = check_particles(args.particles)
     check_random_subsets(table)
-    box, angpix = table.box, float(table.angpix[0])
+    box, angpix = table.reference_optics.box, table.reference_optics.angpix
     check_reference(args.reference, box, angpix)
     if getattr(args, "solvent_mask", None):
         check_reference(args.solvent_mask, box, angpix, what="solvent mask")
-    check_diameter_fits(diameter, box, angpix)
+    check_diameters_fit(diameter, table)
     check_output_folder(Path(args.output_root).parent, box)

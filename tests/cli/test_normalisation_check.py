@@ -13,7 +13,7 @@ from cryorefine.io.star import read_star, write_star
 from cryorefine.validate import normalisation_warning
 from small_set import small_set
 
-BOX, ANGPIX, RADIUS_PX = 32, 6.0, 170 / 12
+BOX, ANGPIX, DIAMETER_ANGST = 32, 6.0, 170.0
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +29,12 @@ def data(tmp_path_factory):
 
 
 def test_normalised_particles_pass(data):
-    assert normalisation_warning(load_particles(data / "particles_noposes.star"), RADIUS_PX) is None
+    assert normalisation_warning(load_particles(data / "particles_noposes.star"), DIAMETER_ANGST) is None
 
 
 @pytest.mark.parametrize("name, figure", [("scaled", "standard deviation"), ("offset", "mean")])
 def test_unnormalised_particles_are_flagged(data, name, figure):
-    message = normalisation_warning(load_particles(data / f"{name}.star"), RADIUS_PX)
+    message = normalisation_warning(load_particles(data / f"{name}.star"), DIAMETER_ANGST)
     assert message is not None and figure in message and "relion_preprocess --norm" in message
     print(message)
 

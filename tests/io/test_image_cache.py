@@ -36,18 +36,19 @@ def _counting_reads(monkeypatch):
     return reads
 
 
-@pytest.mark.parametrize("capacity", [0, 13, N])
-def test_each_pass_gives_the_stack_images_and_kept_ones_are_not_read_again(data, monkeypatch, capacity):
+@pytest.mark.parametrize("capacity, slot_box", [(0, BOX), (13, BOX), (N, BOX), (13, BOX + 6)])
+def test_each_pass_gives_the_stack_images_and_kept_ones_are_not_read_again(data, monkeypatch, capacity, slot_box):
+    """A slot larger than the images (a larger optics group's box) gives them back as they were."""
     table = load_particles(data / "particles.star")
     truth = read_images(table, np.arange(N))
     reads = _counting_reads(monkeypatch)
-    cache = ImageCache(N, BOX, capacity, "cpu")
+    cache = ImageCache(N, slot_box, capacity, "cpu")
     rng = np.random.default_rng(0)
     for p in range(3):
         rows = rng.permutation(N)
         reads.clear()
         for batch in np.array_split(rows, 5):  # batches mixing kept and unkept images
-            got = cache.images(batch, cache.load(table, batch))
+            got = cache.images(batch, cache.load(table, batch), BOX)
             np.testing.assert_array_equal(got.numpy(), truth[batch])
         expected = N if p == 0 else N - capacity
         assert len(reads) == expected, f"pass {p}: {len(reads)} images read, expected {expected}"
@@ -103,7 +104,7 @@ def test_gpu_cache_gives_the_stack_images_and_its_room_follows_the_memory_cap(da
     cache = ImageCache(N, BOX, 13, "cuda")
     for p in range(2):
         for batch in np.array_split(np.random.default_rng(p).permutation(N), 3):
-            got = cache.images(batch, cache.load(table, batch))
+            got = cache.images(batch, cache.load(table, batch), BOX)
             assert got.is_cuda
             np.testing.assert_array_equal(got.cpu().numpy(), truth[batch])
     total = torch.cuda.mem_get_info(0)[1]

@@ -79,6 +79,6 @@ def test_initial_sigma2_without_zero_mask_is_the_noise_power(tmp_path):
     write_star(tmp_path / "p.star", {"optics": optics, "particles": parts})
     table = load_particles(tmp_path / "p.star", project_dir=tmp_path)
     unmasked = initial_sigma2(table, 1)[0, 0, 2 : box // 2].numpy() / (box * box / 2)
-    masked = initial_sigma2(table, 1, mask_radius_px=0.35 * box)[0, 0, 2 : box // 2].numpy() / (box * box / 2)
+    masked = initial_sigma2(table, 1, mask_radius_angst=0.35 * box)[0, 0, 2 : box // 2].numpy() / (box * box / 2)
     assert np.abs(unmasked - 1).max() < 0.1
     assert masked.max() < 0.7  # the masked spectrum (what --zero_mask uses) is not the noise power

@@ -111,3 +111,30 @@ def test_optimiser_star_is_written_last(data):
         if it == 3:  # the final iteration also writes the run's final outputs
             outputs += [f for f in ref.glob("run_*") if not f.name.startswith("run_it")]
         assert outputs and max(f.stat().st_mtime_ns for f in outputs) <= optimiser.stat().st_mtime_ns
+
+
+def test_a_checkpoint_from_before_the_micrograph_scales_continues(data, tmp_path):
+    """A run_itNNN_state.pt written before the scales were per micrograph group (its statistics: σ², a tensor of
+    per-optics-group scales, the offset prior; no data-to-prior ratio) still continues."""
+    import subprocess
+
+    import torch
+
+    from cryorefine.mstep.statistics import ModelStatistics
+
+    d, _ = data
+    old = tmp_path / "old"  # a run of its own: a continued run writes where its checkpoint's run did
+    subprocess.run(_cmd(d, old), check=True, capture_output=True)
+    for f in old.glob("run_it003_*"):
+        f.unlink()
+    state = torch.load(old / "run_it002_state.pt", weights_only=False)
+    stats = []
+    for s in state["stats"]:
+        before = object.__new__(ModelStatistics)  # the old layout, as its pickle unpickles
+        before.__dict__.update(sigma2=s.sigma2, scale=torch.ones(1, dtype=torch.float64),
+                               sigma2_offset_angst2=s.sigma2_offset_angst2)  # fmt: skip
+        stats.append(before)
+    torch.save({**state, "stats": stats}, old / "run_it002_state.pt")
+    done = subprocess.run(_continue_cmd(old, old / "run_it002_optimiser.star"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (old / "run_it003_optimiser.star").is_file()

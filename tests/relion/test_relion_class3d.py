@@ -95,7 +95,7 @@ def test_initial_sigma2_is_of_the_masked_images(relion_run):
     d = relion_run.parent
     theirs = sigma2_of(relion_run / "run_it000_model.star")[2 : BOX // 2]
     table = load_particles(d / "particles.star")
-    ours = initial_sigma2(table, 1, mask_radius_px=170 / (2 * ANGPIX))[0, 0].numpy()[2 : BOX // 2] / BOX**4
+    ours = initial_sigma2(table, 1, mask_radius_angst=170 / 2)[0, 0].numpy()[2 : BOX // 2] / BOX**4
     unmasked = initial_sigma2(table, 1)[0, 0].numpy()[2 : BOX // 2] / BOX**4
     print(f"initial sigma2 ours/RELION {np.round(ours / theirs, 3)}; unmasked/RELION {np.round(unmasked / theirs, 3)}")
     assert np.abs(ours / theirs - 1).max() < SIGMA2_TOL

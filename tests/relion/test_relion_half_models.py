@@ -61,11 +61,11 @@ def _worst(ours: np.ndarray, relion: np.ndarray) -> float:
 def test_each_half_starts_from_its_own_noise_spectrum(relion_half_models):
     table, halves, relion = relion_half_models
     assert np.abs(relion[0, 1:] / relion[1, 1:] - 1).max() > 3 * TOL  # RELION's two halves differ: the test can tell
-    ours = initial_sigma2(table, 1, halves - 1, mask_radius_px=DIAMETER / (2 * ANGPIX))[:, 0].numpy()
+    ours = initial_sigma2(table, 1, halves - 1, mask_radius_angst=DIAMETER / 2)[:, 0].numpy()
     assert _worst(ours, relion) < TOL
 
 
 def test_control_one_spectrum_for_both_halves_misses(relion_half_models):
     table, halves, relion = relion_half_models
-    pooled = initial_sigma2(table, 1, mask_radius_px=DIAMETER / (2 * ANGPIX))[0, 0].numpy()
+    pooled = initial_sigma2(table, 1, mask_radius_angst=DIAMETER / 2)[0, 0].numpy()
     assert _worst(np.stack([pooled, pooled]), relion) > 2 * TOL

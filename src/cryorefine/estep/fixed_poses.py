@@ -50,7 +50,7 @@ def expectation_fixed_poses(
     diff2 = first[:, None, None] - 2.0 * cross + third[..., None]  # (n, K, T)
     log_post = class_log_prior.to(diff2)[None, :, None] - diff2
     if translations_px is not None:
-        log_post = log_post + translation_log_prior(offsets, settings).double()[:, None, :]
+        log_post = log_post + translation_log_prior(offsets, settings, batch.offset_prior_px).double()[:, None, :]
     if forced_class is not None:
         held = torch.full_like(log_post[..., 0], -torch.inf).scatter(1, forced_class[:, None].long(), 0.0)
         log_post = log_post + held[..., None]
@@ -94,18 +94,19 @@ def _store(batch, window, offsets, proj, gamma, x_bar, residual, rot, sums: Weig
     shell = window.shell.clamp(max=S - 1)
     flat = (batch.group[:, None] * S + shell[None, :]).reshape(-1)
     scored = window.scored.double()
-    c = (batch.ctf * inside)[:, None, :]
+    c = (batch.ctf * inside)[:, None, :]  # (n, 1, j)
+    if sums.scale_shells is not None:  # each class's products only at its own shells (n, K, j)
+        c = c * sums.scale_shells.take[:, window.map_shell.clamp(max=sums.scale_shells.take.shape[1] - 1)]
     xa = ((c * (x_bar * proj.conj()).real).double() * scored).sum(1)
     aa = ((c * proj).abs() ** 2).double().mul(g_class[..., None].double()).sum(1) * scored
-    for target, value in (
-        (sums.sigma2_noise, residual),
-        (sums.sigma2_count, scored.expand_as(residual)),
-        (sums.scale_xa, xa),
-        (sums.scale_aa, aa),
-    ):
+    for target, value in ((sums.sigma2_noise, residual), (sums.sigma2_count, scored.expand_as(residual))):
         target.view(-1).index_add_(0, flat, value.reshape(-1))
+    flat_m = (batch.scale_group[:, None] * S + shell[None, :]).reshape(-1)  # per micrograph group
+    for target, value in ((sums.scale_xa, xa), (sums.scale_aa, aa)):
+        target.view(-1).index_add_(0, flat_m, value.reshape(-1))
     sums.class_weight += g_class.double().sum(0)
     sums.direction_weight[:, 0] += g_class.double().sum(0)  # one "direction" per class: the fixed poses have no others
     per_t = gamma.sum(1).double()  # (n, T)
-    sums.offset_sq_angst2 += (per_t * ((offsets.double() * angpix) ** 2).sum(-1)).sum()
+    from_centre = offsets if batch.offset_prior_px is None else offsets - batch.offset_prior_px[:, None, :]
+    sums.offset_sq_angst2 += (per_t * ((from_centre.double() * angpix) ** 2).sum(-1)).sum()
     sums.offset_weight += 2.0 * per_t.sum()

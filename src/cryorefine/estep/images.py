@@ -28,6 +28,7 @@ class Window:
     shell: torch.Tensor
     box: int
     map_k: tuple[torch.Tensor, torch.Tensor] | None = None  # (ky, kx) in the map's frame (optics.magnified), if not k
+    map_scale: float = 1.0  # the map's pixels per detector pixel: an optics group of another box or pixel size's
 
     @property
     def map_ky(self) -> torch.Tensor:
@@ -39,12 +40,33 @@ class Window:
     def map_kx(self) -> torch.Tensor:
         return self.kx if self.map_k is None else self.map_k[1]
 
-    def with_magnification(self, mag: tuple[float, float, float, float]) -> "Window":
-        """The window for the particles of an optics group with magnification matrix ``mag``."""
-        if mag == IDENTITY_MAG:
+    def in_map_frame(self, mag: tuple[float, float, float, float], scale: float = 1.0) -> "Window":
+        """The window for the particles of an optics group with magnification matrix ``mag`` whose box spans
+        1/``scale`` of the map's (RELION's applyScaleDifference: box·Å/px of the map over the group's): the map's
+        frequency (its pixels) of detector pixel k is scale·M·k."""
+        if mag == IDENTITY_MAG and scale == 1.0:
             return self
         kx, ky = magnified(self.kx, self.ky, mag)
-        return replace(self, map_k=(ky, kx))
+        return replace(self, map_k=(ky * scale, kx * scale), map_scale=scale)
+
+    @property
+    def map_shell(self) -> torch.Tensor:
+        """(j,) the map's shell of each pixel, where the model's per-shell figures (the classes' SSNR) are read: RELION
+        remaps an image shell i of another optics group to round(i · map_scale)."""
+        if self.map_scale == 1.0:
+            return self.shell
+        if "_map_shell" not in self.__dict__:
+            self._map_shell = torch.round(self.shell * self.map_scale).to(self.shell.dtype)
+        return self._map_shell
+
+    def map_prefix(self, map_shell: int) -> int:
+        """Number of leading pixels with a map shell <= ``map_shell`` (sorted by shell, the pixels are by map shell
+        too)."""
+        if self.map_scale == 1.0:
+            return self.prefix(map_shell)
+        if "_map_shell_host" not in self.__dict__:
+            self._map_shell_host = self.map_shell.cpu().numpy()
+        return int(np.searchsorted(self._map_shell_host, map_shell, side="right"))
 
     @classmethod
     def build(cls, box: int, max_shell: int, device=None) -> "Window":
@@ -118,14 +140,16 @@ class ImageBatch:
     ctf: torch.Tensor  # (n, j) real (ones without CTF): what the E-step multiplies the references by (CTF²
     # where the data are CTF-premultiplied)
     inv_sigma2: torch.Tensor  # (n, j) real: 1/σ² of the particle's noise group at each pixel
-    scale: torch.Tensor  # (n,) intensity scale of the particle's group
+    scale: torch.Tensor  # (n,) intensity scale of the particle's micrograph group (RELION's scale_correction)
     old_offset_px: torch.Tensor  # (n, 2) previous origin offset (x, y) in pixels
     group: torch.Tensor  # (n,) noise (optics) group index
+    scale_group: torch.Tensor  # (n,) scale (micrograph) group index
     power_outside: torch.Tensor | None = (
         None  # (n,) Σ|X|² of the masked image's pixels beyond the window, up to Nyquist
     )
     spectrum_outside: torch.Tensor | None = None  # (n, d//2+1) that power per shell (0 inside the window)
     bp_ctf: torch.Tensor | None = None  # (n, j) the CTF back-projection multiplies the image by, if not ``ctf``
+    offset_prior_px: torch.Tensor | None = None  # (n, 2) centre of the offset prior (rlnOriginX/YPriorAngst), None: 0
     # (1 for CTF-premultiplied data, the CTF for the others)
 
     def __len__(self):
@@ -181,13 +205,17 @@ def prepare_batch(
     images: np.ndarray | torch.Tensor | None = None,
     old_offsets_angst: np.ndarray | None = None,
     ctf_options: CtfOptions = PLAIN_CTF,
+    scale_group: np.ndarray | None = None,
+    offset_prior_angst: np.ndarray | None = None,
 ) -> ImageBatch:
-    """Read, mask and transform a batch; σ² is (groups, shells) per-component noise variance.
+    """Read, mask and transform a batch; σ² is (groups, shells) per-component noise variance; ``scale`` (Gm,) the
+    intensity scale of each of the particles' ``scale_group`` (n,) (None: all in group 0).
 
     ``norm_scale`` (n,): multiplies each image (RELION's avg_norm_correction / rlnNormCorrection, --norm).
     ``images`` (n, d, d) float32: the batch's images if already read (read ahead, or from the GPU's image cache),
     else they are read here. ``old_offsets_angst`` (n, 2): the particles' previous origin offsets (x, y) in Å (the
-    refinement's current poses), else the table's.
+    refinement's current poses), else the table's. ``offset_prior_angst`` (n, 2): the centres of the offset prior
+    (None: 0).
     """
     box = window.box
     imgs = to_device(read_images(table, indices) if images is None else images, device)
@@ -219,16 +247,21 @@ def prepare_batch(
     if old_offsets_angst is None:
         old_offsets_angst = np.stack([table.origin_x_angst[indices], table.origin_y_angst[indices]], -1)
     offsets = np.asarray(old_offsets_angst, dtype=np.float64) / angpix
+    sg = to_device(np.zeros(len(indices), np.int64) if scale_group is None else scale_group, device)
     return ImageBatch(
         indices=np.asarray(indices),
         f_masked=f_masked,
         f_unmasked=f_unmasked,
         ctf=ctf,
         inv_sigma2=inv_sigma2,
-        scale=to_device(scale, device)[group].float(),
+        scale=to_device(scale, device)[sg].float(),
         old_offset_px=to_device(offsets, device, torch.float32),
         group=group,
+        scale_group=sg,
         power_outside=spectrum_outside.sum(1),
         spectrum_outside=spectrum_outside,
         bp_ctf=bp_ctf,
+        offset_prior_px=None
+        if offset_prior_angst is None
+        else to_device(np.asarray(offset_prior_angst) / angpix, device, torch.float32),
     )

@@ -12,7 +12,7 @@ from .images import ImageBatch, Window
 from .poses import N_ROT_CHILDREN, PoseGrid
 from .settings import EStepSettings
 from .slots import FineSlots
-from .sums import TileSums, WeightedSums
+from .sums import ScaleShells, TileSums, WeightedSums
 
 
 @dataclass
@@ -78,16 +78,19 @@ def store_weighted_sums(
     )
     q = real_bmm(gam, pg).conj()  # Σ_r Γ conj(P): (m, T4, J)
     xq = (xm * q).real.sum(1)  # Re Σ_t X̃ Σ_r Γ conj(P)
-    del xm
     pp = torch.einsum("mr,mrj->mj", gsum, p2)
+    xa, aa = scale_products(xq, pp, sums.scale_shells, window, xm, gam, gsum, pg, p2, g_class[rows8 // N_ROT_CHILDREN])
+    del xm
     scored = window.scored.double()  # noise and scale statistics over RELION's Mresol_fine pixels
     resid = ((batch.f_masked[rows].abs() ** 2).double() + ((s * ctf) ** 2 * pp - 2.0 * s * ctf * xq).double()) * scored
-    xa, aa = (ctf * xq).double() * scored, (ctf**2 * pp).double() * scored
+    xa, aa = (ctf * xa).double() * scored, (ctf**2 * aa).double() * scored
     S = sums.sigma2_noise.shape[1]
     shell = window.shell.clamp(max=S - 1)
     flat_gs = (batch.group[rows][:, None] * S + shell[None, :]).reshape(-1)
-    for a_, v in ((sums.sigma2_noise, resid), (sums.scale_xa, xa), (sums.scale_aa, aa)):
-        a_.view(-1).index_add_(0, flat_gs, v.reshape(-1))
+    sums.sigma2_noise.view(-1).index_add_(0, flat_gs, resid.reshape(-1))
+    flat_ms = (batch.scale_group[rows][:, None] * S + shell[None, :]).reshape(-1)  # per micrograph group
+    for a_, v in ((sums.scale_xa, xa), (sums.scale_aa, aa)):
+        a_.view(-1).index_add_(0, flat_ms, v.reshape(-1))
     sums.sigma2_count.view(-1).index_add_(0, flat_gs, scored.expand(m, J).reshape(-1))
     g_of_row = rows8.reshape(-1) // N_ROT_CHILDREN
     wrow = gsum.reshape(-1).double()
@@ -97,18 +100,50 @@ def store_weighted_sums(
         0, g_class[g_of_row] * D + g_coarse[g_of_row] // grid.sampling.n_psi, wrow
     )
     tw = gam.sum(2)  # (m, T4)
-    off2 = ((chunk.offsets_px * settings.angpix) ** 2).sum(-1)
+    centre = batch.offset_prior_px
+    from_centre = chunk.offsets_px if centre is None else chunk.offsets_px - centre[rows][:, None, :]
+    off2 = ((from_centre * settings.angpix) ** 2).sum(-1)
     sums.offset_sq_angst2 += (tw.double() * off2.double()).sum()
     sums.offset_weight += 2.0 * tw.double().sum()
     return resid.sum(1)
+
+
+def scale_products(
+    xq: torch.Tensor,
+    pp: torch.Tensor,
+    shells: ScaleShells | None,
+    window: Window,
+    xm: torch.Tensor,
+    gam: torch.Tensor,
+    gsum: torch.Tensor,
+    pg: torch.Tensor,
+    p2: torch.Tensor,
+    slot_class: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re Σ_t X̃_t Σ_r Γ conj(P_r) and Σ_r Γ |P_r|² (m, J), each over the samples whose class takes the pixel's shell
+    into the scale's sums (``shells``; None: every sample): ``xq`` and ``pp`` (m, J), the sums over every sample, where
+    every class takes the shell; where the classes differ (a band of a few shells), the samples of the classes that
+    take it, from the translated masked images ``xm`` (m, T4, J), posteriors ``gam`` (m, T4, 8L) and their sums
+    ``gsum`` (m, 8L), the projections ``pg`` and their power ``p2`` (m, 8L, J) and each slot's class (m, 8L)."""
+    if shells is None:
+        return xq, pp
+    shell = window.map_shell.clamp(max=shells.common.numel() - 1)
+    xa, aa = xq * shells.common[shell], pp * shells.common[shell]
+    lo, hi = window.map_prefix(shells.band[0] - 1), window.map_prefix(shells.band[1])
+    if hi > lo:
+        own = (shells.take - shells.common)[slot_class][..., shell[lo:hi]]  # (m, 8L, b): the class's own shells
+        xa[:, lo:hi] += (xm[:, :, lo:hi] * real_bmm(gam, pg[:, :, lo:hi] * own).conj()).real.sum(1)
+        aa[:, lo:hi] += torch.einsum("mr,mrj->mj", gsum, p2[:, :, lo:hi] * own)
+    return xa, aa
 
 
 def add_power_beyond_window(sums: WeightedSums, batch: ImageBatch, window: Window) -> None:
     """RELION's storeWeightedSums beyond the window: each image's own power spectrum enters σ² (weight 1 per particle,
     the posterior's total) at the shells up to Nyquist that the window left out, so σ² follows the data at every shell,
     not only inside the windows seen so far."""
-    spectrum = batch.spectrum_outside  # (n, S), zero inside the window
+    spectrum = batch.spectrum_outside  # (n, d//2+1), zero inside the window
     assert spectrum is not None, "the batch was prepared without its power beyond the window"
     npix = window.beyond()[2]
-    sums.sigma2_noise.index_add_(0, batch.group, spectrum)
-    sums.sigma2_count.index_add_(0, batch.group, npix.expand_as(spectrum).contiguous())
+    n = npix.numel()  # this box's shells: a larger optics group's σ² has more
+    sums.sigma2_noise[:, :n].index_add_(0, batch.group, spectrum)
+    sums.sigma2_count[:, :n].index_add_(0, batch.group, npix.expand_as(spectrum).contiguous())

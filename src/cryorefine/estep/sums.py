@@ -3,11 +3,43 @@ weights."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
 from ..projection.insert import BackProjector
+
+
+@dataclass(frozen=True)
+class ScaleShells:
+    """Which shells of each class enter the scale's sums: RELION's storeWeightedSums takes a sample's XA and AA only
+    where its class's data_vs_prior (of the model the E-step aligns to) exceeds 3."""
+
+    take: torch.Tensor  # (K, S) 1 where class k's shell enters, else 0 (compute device, float32)
+    common: torch.Tensor  # (S,) 1 where every class's shell enters
+    band: tuple[int, int]  # first and last shell where the classes differ (host); (1, 0) where they never do
+
+    @classmethod
+    def of(cls, take: torch.Tensor, device=None) -> "ScaleShells":
+        """From ``take`` (K, S) bool."""
+        t = take.bool().cpu()
+        differ = torch.nonzero(t.any(0) & ~t.all(0)).flatten()
+        band = (int(differ[0]), int(differ[-1])) if differ.numel() else (1, 0)
+        f = t.to(device=device, dtype=torch.float32)
+        return cls(f, f.min(0).values, band)
+
+
+_STATS = (  # WeightedSums's accumulators other than the back-projectors, in its field order
+    "sigma2_noise",
+    "sigma2_count",
+    "scale_xa",
+    "scale_aa",
+    "class_weight",
+    "direction_weight",
+    "offset_sq_angst2",
+    "offset_weight",
+)
 
 
 @dataclass
@@ -15,47 +47,53 @@ class WeightedSums:
     backprojectors: list  # (K,) BackProjector per class (per half set in auto-refine)
     sigma2_noise: torch.Tensor  # (G, S) Σ Γ |X − sCP|² per group and shell (float64)
     sigma2_count: torch.Tensor  # (G, S) number of pixel terms (×Γ) per group and shell
-    scale_xa: torch.Tensor  # (G, S) Σ Γ Re(X conj(CP))
-    scale_aa: torch.Tensor  # (G, S) Σ Γ C²|P|²
+    scale_xa: torch.Tensor  # (Gm, S) Σ Γ Re(X conj(CP)) per micrograph group and shell (RELION's XA without the scale)
+    scale_aa: torch.Tensor  # (Gm, S) Σ Γ C²|P|²
     class_weight: torch.Tensor  # (K,)
     direction_weight: torch.Tensor  # (K, D)
     offset_sq_angst2: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
     offset_weight: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    scale_shells: ScaleShells | None = None  # the shells XA and AA take (None: every shell of every class)
 
     @classmethod
     def zeros(
-        cls, n_classes: int, box: int, pad: int, n_groups: int, n_directions: int, device=None, dtype=torch.float32
+        cls,
+        n_classes: int,
+        box: int,
+        pad: int,
+        n_groups: int,
+        n_directions: int,
+        device=None,
+        dtype=torch.float32,
+        n_shells: int | None = None,
+        n_scale_groups: int = 1,
+        scale_shells: ScaleShells | None = None,
     ):
-        s = box // 2 + 1
+        """Zeroed sums for maps of ``box``; σ² (per optics group) and scale (per micrograph group, over
+        ``scale_shells``) over ``n_shells`` (the largest optics group's d//2+1, default the map's)."""
+        s = box // 2 + 1 if n_shells is None else n_shells
         z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
         return cls(
             [BackProjector.zeros(box, pad, device, dtype) for _ in range(n_classes)],
             z(n_groups, s),
             z(n_groups, s),
-            z(n_groups, s),
-            z(n_groups, s),
+            z(n_scale_groups, s),
+            z(n_scale_groups, s),
             z(n_classes),
             z(n_classes, n_directions),
             z(()),
             z(()),
+            scale_shells,
         )
 
     def empty_stats(self) -> "WeightedSums":
         """Zeroed accumulators like these, without back-projectors (a tile's statistics, added when it has finished)."""
-        return WeightedSums([], *(torch.zeros_like(t) for t in self.stats_tensors()))
+        zeros: dict[str, Any] = {k: torch.zeros_like(getattr(self, k)) for k in _STATS}
+        return replace(self, backprojectors=[], **zeros)
 
     def stats_tensors(self) -> list[torch.Tensor]:
         """The accumulators other than the back-projectors, in the dataclass's field order."""
-        return [
-            self.sigma2_noise,
-            self.sigma2_count,
-            self.scale_xa,
-            self.scale_aa,
-            self.class_weight,
-            self.direction_weight,
-            self.offset_sq_angst2,
-            self.offset_weight,
-        ]
+        return [getattr(self, k) for k in _STATS]
 
     def tensors(self) -> list[torch.Tensor]:
         """Every accumulator as a tensor, in a fixed order (for all-reduce across ranks)."""

@@ -20,7 +20,8 @@ from .table import ParticleTable, read_images
 
 
 class ImageCache:
-    """Up to ``capacity`` images of a table of ``n_rows`` particles, on ``device``, kept in the order first read."""
+    """Up to ``capacity`` images of a table of ``n_rows`` particles, on ``device``, kept in the order first read. Slots
+    are ``box`` px, the largest optics group's: a smaller group's image fills a slot's top-left corner."""
 
     def __init__(self, n_rows: int, box: int, capacity: int, device):
         self.device = torch.device(device)
@@ -50,9 +51,9 @@ class ImageCache:
             host = host.pin_memory()  # here, on the reading thread, not on the thread that drives the GPU
         return missing, host
 
-    def images(self, rows: np.ndarray, loaded: tuple[np.ndarray, torch.Tensor | None]) -> torch.Tensor:
-        """The images of ``rows`` (len(rows), box, box) on the device, from ``load``'s result; keeps the newly read
-        ones while there is room."""
+    def images(self, rows: np.ndarray, loaded: tuple[np.ndarray, torch.Tensor | None], box: int) -> torch.Tensor:
+        """The images of ``rows`` (len(rows), box, box) on the device (their optics groups' ``box``), from ``load``'s
+        result; keeps the newly read ones while there is room."""
         missing, host = loaded
         hit = np.flatnonzero(self.slot[rows] >= 0)  # the complement of ``missing``
         out = None if host is None else to_device(host, self.device)
@@ -60,14 +61,14 @@ class ImageCache:
         if keep:
             assert out is not None and self.data is not None  # keep > 0: images were read and there is room
             slots = np.arange(self.used, self.used + keep)
-            self.data[to_device(slots, self.device)] = out[:keep]
+            self.data[to_device(slots, self.device), :box, :box] = out[:keep]
             self.slot[rows[missing[:keep]]] = slots
             self.used += keep
         if len(hit) == 0:
             assert out is not None  # rows is not empty
             return out
         assert self.data is not None  # hits are cached
-        from_cache = self.data[to_device(self.slot[rows[hit]], self.device)]
+        from_cache = self.data[to_device(self.slot[rows[hit]], self.device), :box, :box]
         if out is None:
             return from_cache
         batch = torch.empty((len(rows), *out.shape[1:]), dtype=out.dtype, device=self.device)

@@ -145,8 +145,19 @@ class ParticleTable:
         return np.array([g.angpix for g in self.optics], np.float64)[self.optics_group]
 
     @property
+    def boxes(self) -> np.ndarray:
+        """Per-particle box size (px): optics groups may differ (the map is on the first group's grid)."""
+        return np.array([g.box for g in self.optics], np.int64)[self.optics_group]
+
+    @property
+    def reference_optics(self) -> OpticsGroup:
+        """The first optics group: RELION's map takes its pixel size and box, the other groups' images are mapped onto
+        that grid (ObservationModel's scale difference)."""
+        return self.optics[0]
+
+    @property
     def box(self) -> int:
-        """The image box size (px), shared by all optics groups."""
+        """The image box size (px), shared by all optics groups (for what needs one box: mixed boxes raise)."""
         boxes = sorted({g.box for g in self.optics})
         if len(boxes) != 1:
             raise CryoInputError(
@@ -205,9 +216,13 @@ def project_relative(path) -> str:
 
 
 def read_images(table: ParticleTable, indices) -> np.ndarray:
-    """float32 images (len(indices), box, box) of the particles at `indices` (0-based table rows)."""
+    """float32 images (len(indices), box, box) of the particles at `indices` (0-based table rows), which share one
+    box size."""
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-    box = table.box
+    boxes = np.unique(table.boxes[indices]) if len(indices) else [table.reference_optics.box]
+    if len(boxes) != 1:
+        raise ValueError(f"images of different boxes {list(boxes)} read as one batch")  # a caller's bug
+    box = int(boxes[0])
     out = np.empty((len(indices), box, box), np.float32)
     if len(indices) == 0:
         return out

@@ -16,56 +16,76 @@ def initial_sigma2(
     subset: np.ndarray | None = None,
     batch: int = 256,
     device=None,
-    mask_radius_px: float | None = None,
+    mask_radius_angst: float | None = None,
     mask_edge_px: float = 5.0,
 ) -> torch.Tensor:
-    """(H, G, d//2+1) σ² from the images, RELION's start (calculateSumOfPowerSpectraAndAverageImage): per subset h
+    """(H, G, S) σ² from the images, RELION's start (calculateSumOfPowerSpectraAndAverageImage): per subset h
     (``subset`` (n,) labels 0..H−1, e.g. the half sets; None: one subset of all particles) and group, the mean power
-    per shell of that subset's images, minus the power of the average image of all particles, halved (per
-    real/imaginary component). Every image is read, as RELION does; the pixels past Nyquist (the corners) count in no
-    shell. The images are under the soft circular particle mask of ``mask_radius_px`` if given (RELION masks them
-    only with --zero_mask, as its E-step does)."""
-    box = table.box
-    S = box // 2 + 1
-    shells = shell_index_2d(box, device).flatten()
-    inside = shells < S
-    shells_in = shells[inside]
+    per shell of that subset's images, minus the power of the average image of all the group's particles, halved (per
+    real/imaginary component). Each group's σ² is in its own images' shells (S: the largest box's d//2+1; a smaller
+    box's row ends at its Nyquist, the rest is its last value). Every image is read, as RELION does; the pixels past
+    Nyquist (the corners) count in no shell. The images are under the soft circular particle mask of
+    ``mask_radius_angst`` if given (RELION masks them only with --zero_mask, as its E-step does)."""
     labels = np.zeros(len(table), dtype=np.int64) if subset is None else np.asarray(subset, dtype=np.int64)
     H = int(labels.max()) + 1 if len(labels) else 1
-    power = torch.zeros(H * n_groups, S, dtype=torch.float64, device=device)
-    count = torch.zeros(H * n_groups, dtype=torch.float64, device=device)
-    mean = torch.zeros(n_groups, box * (box // 2 + 1), dtype=torch.complex128, device=device)
-    for s0 in range(0, len(table), batch):
-        rows = np.arange(s0, min(s0 + batch, len(table)))
-        imgs = torch.from_numpy(read_images(table, rows)).to(device)
-        if mask_radius_px is not None:
-            imgs = soft_mask_outside_map(imgs, mask_radius_px, mask_edge_px, ndim=2)
-        f = rfft2_centered(imgs).flatten(1).to(torch.complex128)
-        g = torch.as_tensor(table.optics_group[rows], device=device)
-        hg = torch.as_tensor(labels[rows], device=device) * n_groups + g
-        p = torch.zeros(len(rows), S, dtype=torch.float64, device=device).index_add_(
-            1, shells_in, f[:, inside].abs() ** 2
+    S = max(o.box for o in table.optics) // 2 + 1
+    sigma2 = torch.zeros(H, n_groups, S, dtype=torch.float64, device=device)
+    count = torch.zeros(H, n_groups, dtype=torch.float64, device=device)
+    for g, optics in enumerate(table.optics[:n_groups]):
+        rows = np.flatnonzero(table.optics_group == g)
+        radius = None if mask_radius_angst is None else mask_radius_angst / optics.angpix
+        power, n, mean_power = _group_power(
+            table, rows, labels[rows], H, optics.box, batch, device, radius, mask_edge_px
         )
-        power.index_add_(0, hg, p)
-        count.index_add_(0, hg, torch.ones(len(rows), dtype=torch.float64, device=device))
-        mean.index_add_(0, g, f)
-    npix = torch.zeros(S, dtype=torch.float64, device=device).index_add_(
-        0, shells_in, torch.ones_like(shells_in, dtype=torch.float64)
-    )
-    per_group = torch.zeros(n_groups, dtype=torch.float64, device=device).index_add_(
-        0, torch.arange(H * n_groups, device=device) % n_groups, count
-    )
-    mean = mean / per_group.clamp(min=1)[:, None]
-    mean_power = torch.zeros(n_groups, S, dtype=torch.float64, device=device).index_add_(
-        1, shells_in, mean[:, inside].abs() ** 2
-    )
-    sigma2 = ((power / count.clamp(min=1)[:, None]).reshape(H, n_groups, S) - mean_power) / (2.0 * npix.clamp(min=1))
+        s = optics.box // 2 + 1
+        sigma2[:, g, :s] = (power / n.clamp(min=1)[:, None] - mean_power) / 2.0
+        sigma2[:, g, s:] = sigma2[:, g, s - 1 : s]
+        count[:, g] = n
     # a group without particles in a subset takes the average of that subset's others
-    empty = (count == 0).reshape(H, n_groups)
+    empty = count == 0
     for h in range(H):
         if empty[h].any() and not empty[h].all():
             sigma2[h, empty[h]] = sigma2[h, ~empty[h]].mean(0)
     return sigma2.clamp(min=1e-12)
+
+
+def _group_power(
+    table: ParticleTable,
+    rows: np.ndarray,
+    labels: np.ndarray,
+    H: int,
+    box: int,
+    batch: int,
+    device,
+    mask_radius_px: float | None,
+    mask_edge_px: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optics group's images ``rows`` (one ``box``): (Σ power per pixel of each shell (H, d//2+1) per subset,
+    images per subset (H,), the power of their average image per pixel of each shell (d//2+1,))."""
+    S = box // 2 + 1
+    shells = shell_index_2d(box, device).flatten()
+    inside = shells < S
+    shells_in = shells[inside]
+    npix = (
+        torch.zeros(S, dtype=torch.float64, device=device)
+        .index_add_(0, shells_in, torch.ones_like(shells_in, dtype=torch.float64))
+        .clamp(min=1)
+    )
+    power = torch.zeros(H, S, dtype=torch.float64, device=device)
+    mean = torch.zeros(int(inside.sum()), dtype=torch.complex128, device=device)
+    for s0 in range(0, len(rows), batch):
+        these = rows[s0 : s0 + batch]
+        imgs = torch.from_numpy(read_images(table, these)).to(device)
+        if mask_radius_px is not None:
+            imgs = soft_mask_outside_map(imgs, mask_radius_px, mask_edge_px, ndim=2)
+        f = rfft2_centered(imgs).flatten(1)[:, inside].to(torch.complex128)
+        p = torch.zeros(len(these), S, dtype=torch.float64, device=device).index_add_(1, shells_in, f.abs() ** 2)
+        power.index_add_(0, torch.as_tensor(labels[s0 : s0 + batch], device=device), p)
+        mean += f.sum(0)
+    n = torch.as_tensor(np.bincount(labels, minlength=H), dtype=torch.float64, device=device)
+    mean = mean / max(1, len(rows))
+    mean_power = torch.zeros(S, dtype=torch.float64, device=device).index_add_(0, shells_in, mean.abs() ** 2)
+    return power / npix, n, mean_power / npix
 
 
 def update_sigma2(old: torch.Tensor, wsum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,6 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from ..estep.sums import WeightedSums
 from ..fourier.filters import low_pass_filter
 from ..io.mrc import read_map, write_map
 from ..io.outputs import it_prefix, write_angdist_bild, write_model_star
@@ -18,7 +17,14 @@ from ..io.table import ParticleTable
 from ..mstep.maximize import joined_at_low_resolution, maximize_half_sets
 from ..mstep.noise import initial_sigma2
 from ..mstep.priors import direction_log_prior, direction_prior
-from ..mstep.statistics import ModelStatistics, updated_statistics
+from ..mstep.statistics import (
+    GroupScales,
+    ModelStatistics,
+    initial_data_vs_prior,
+    scale_spread,
+    updated_statistics,
+    upgraded,
+)
 from ..parallel.collectives import broadcast_from_main
 from ..parallel.context import Dist
 from ..debug_hooks import pause_point
@@ -60,15 +66,29 @@ def halves_of(table: ParticleTable, seed: int) -> np.ndarray:
     return out
 
 
-def initial_statistics(ctx: RunContext, model_of_particle: np.ndarray, n_models: int) -> tuple[ModelStatistics, ...]:
+def initial_statistics(
+    ctx: RunContext, model_of_particle: np.ndarray, n_models: int, start: torch.Tensor, n_classes: int = 1
+) -> tuple[ModelStatistics, ...]:
     """Each model's initial σ² from its particles' images (RELION masks them for this only with --zero_mask: without
     it, the E-step fills the area outside the mask with noise of this σ², so a masked spectrum would be the mask's
-    area fraction too small) and the initial offset prior."""
+    area fraction too small), the initial offset prior, scales 1 for its micrograph groups and RELION's initial
+    data-to-prior ratio of its ``n_classes`` from the low-passed ``start``."""
     cfg = ctx.cfg
-    radius = cfg.particle_diameter / (2 * cfg.angpix) if cfg.zero_mask else None
-    sigma2 = initial_sigma2(ctx.table, ctx.n_groups, model_of_particle, device=ctx.device, mask_radius_px=radius)
+    radius = cfg.particle_diameter / 2 if cfg.zero_mask else None
+    sigma2 = initial_sigma2(ctx.table, ctx.n_groups, model_of_particle, device=ctx.device, mask_radius_angst=radius)
     assert len(sigma2) == n_models
-    return tuple(ModelStatistics.initial(s, cfg.sigma_offset) for s in sigma2)
+    groups, optics = ctx.groups, ctx.table.optics_group
+    return tuple(
+        ModelStatistics.initial(
+            s,
+            cfg.sigma_offset,
+            GroupScales.ones(groups.of_particle, model_of_particle == h, len(groups.names)),
+            initial_data_vs_prior(
+                start, n_classes, s, np.bincount(optics[model_of_particle == h], minlength=ctx.n_groups), cfg.tau2_fudge
+            ),
+        )
+        for h, s in enumerate(sigma2)
+    )
 
 
 def initial_schedule(ctx: RunContext) -> Schedule:
@@ -80,8 +100,12 @@ def initial_schedule(ctx: RunContext) -> Schedule:
         current_resolution_shell=steps.ini_shell(ctx),
         incr_size=cfg.incr_size,
     )
+    # RELION: --sigma_ang wins over --sigma_rot/--sigma_tilt/--sigma_psi; either starts local searches
     if cfg.sigma_ang > 0:
         sch.local_search, sch.sigma_ang_deg = True, cfg.sigma_ang
+    elif max(cfg.sigma_rot, cfg.sigma_tilt, cfg.sigma_psi) > 0:
+        sch.local_search = True
+        sch.sigma_rot_tilt_psi_deg = (max(cfg.sigma_rot, 0.0), max(cfg.sigma_tilt, 0.0), max(cfg.sigma_psi, 0.0))
     return sch
 
 
@@ -107,7 +131,7 @@ class AutoRefineMode:
             perturbation=0.0,
             rng_state=np.random.default_rng(cfg.random_seed).bit_generator.state,
             maps=(start.clone(), start.clone()),
-            stats=initial_statistics(ctx, halves - 1, 2),
+            stats=initial_statistics(ctx, halves - 1, 2, start),
             schedule=initial_schedule(ctx),
             poses=ParticlePoses.from_table(ctx.table),
             halves=halves,
@@ -165,7 +189,7 @@ class AutoRefineMode:
             for half in (1, 2):
                 with ctx.timer("getFourierTransformsAndCTFs"):
                     refs = steps.references(ctx, [state.maps[half - 1]])
-                s = WeightedSums.zeros(1, ctx.box, cfg.pad, ctx.n_groups, plan.sampling.n_directions, device=ctx.device)
+                s = steps.weighted_sums(ctx, 1, plan.sampling.n_directions, state.stats[half - 1])
                 prior = direction_log_prior(
                     state.direction_prior[half - 1], plan.sampling.n_directions, state.schedule.local_search
                 )
@@ -197,6 +221,8 @@ class AutoRefineMode:
             updated_statistics(st, ss, cfg.min_sigma2_offset, noise=not cc, scale=cfg.scale and not cc)
             for st, ss in zip(state.stats, pooled)
         )
+        if cfg.scale and not cc and len(ctx.groups.names) > 1:
+            ctx.log.line(f"half set 1: {scale_spread(stats[0].scale)}")
         bps = [s.backprojectors[0] for s in sums]
         for bp in bps:
             symmetrise_backprojector(bp, cfg.sym)
@@ -211,6 +237,7 @@ class AutoRefineMode:
             0 if cfg.skip_gridding else GRIDDING_ITERATIONS,
             sch.final_iteration,
             settle=lambda: pause_point("mstep", state.iteration, ctx.writer.wait),
+            solvent_mask=ctx.solvent_mask if cfg.solvent_correct_fsc else None,
         )
         # RELION's updateCurrentResolution keeps --ini_high for the iteration after the CC one
         res_shell = steps.ini_shell(ctx) if cc else m.resolution_shell
@@ -237,10 +264,12 @@ class AutoRefineMode:
             sch.update_changes(*changes, change_classes=1.0 if state.iteration == 1 else 0.0)
             sch.update_resolution(res_shell)
             record.update({"incr_size": sch.incr_size, "has_high_fsc_at_limit": sch.has_high_fsc_at_limit})
+        # RELION's data_vs_prior_class in auto-refine: T·FSC/(1 − FSC) of the halves (the next E-step's scale shells)
+        ssnr = fsc_to_ssnr(m.fsc, cfg.tau2_fudge, whole=sch.final_iteration)[None]
         new = replace(
             state,
             maps=maps,
-            stats=stats,
+            stats=tuple(replace(st, data_vs_prior=ssnr) for st in stats),
             poses=poses,
             fsc=m.fsc,
             direction_prior=[direction_prior(s.direction_weight.cpu()) for s in sums],
@@ -315,7 +344,11 @@ def load_or_start(mode, ctx: RunContext) -> RunState:
     if ctx.cfg.continue_from:
         state = from_checkpoint(read_state(ctx.cfg.continue_from), len(ctx.table))
         ctx.log.line(f"continuing after iteration {state.iteration} from {ctx.cfg.continue_from}")
-        return state
+        one_model = len(state.stats) == 1  # classification's (K maps); else auto-refine's half sets (a map each)
+        model = np.zeros(len(ctx.table), np.int64) if one_model else state.halves - 1
+        classes, g = len(state.maps) if one_model else 1, ctx.groups
+        stats = (upgraded(s, g.of_particle, model == h, len(g.names), classes) for h, s in enumerate(state.stats))
+        return replace(state, stats=tuple(stats))
     return mode.initial_state(ctx, read_map(ctx.cfg.reference)[0])
 
 

@@ -17,13 +17,12 @@ import torch
 
 from ..debug_hooks import pause_point
 from ..errors import CryoInputError
-from ..estep.sums import WeightedSums
 from ..io.mrc import write_map
 from ..io.outputs import it_prefix, write_model_star
 from ..io.particles import write_particles
 from ..mstep.maximize import maximize_classes
 from ..mstep.priors import class_prior, direction_log_prior, direction_prior
-from ..mstep.statistics import updated_statistics
+from ..mstep.statistics import scale_spread, updated_statistics
 from ..mstep.tau2 import tau2_from_reference
 from ..parallel.context import Dist
 from ..reconstruction.fsc import shell_to_angstrom
@@ -92,7 +91,7 @@ class ClassifyMode:
             perturbation=0.0,
             rng_state=np.random.default_rng(cfg.random_seed).bit_generator.state,
             maps=tuple(start.clone() for _ in range(K)),
-            stats=initial_statistics(ctx, np.zeros(n, dtype=np.int64), 1),  # one model for all particles
+            stats=initial_statistics(ctx, np.zeros(n, dtype=np.int64), 1, start, K),  # one model for all particles
             schedule=schedule,
             poses=ParticlePoses.from_table(ctx.table),
             halves=halves_of(ctx.table, cfg.random_seed),
@@ -135,7 +134,7 @@ class ClassifyMode:
             refs = steps.references(ctx, state.maps)
             # RELION takes each class's τ² for this iteration's reconstruction from the reference as prepared here
             class_tau2 = [tau2_from_reference(r, plan.window_shell) for r in refs]
-        sums = WeightedSums.zeros(self.K, ctx.box, cfg.pad, ctx.n_groups, plan.sampling.n_directions, device=ctx.device)
+        sums = steps.weighted_sums(ctx, self.K, plan.sampling.n_directions, state.stats[0])
         forced = classes.initial_class if state.iteration <= random_class_iter else None
         rows = np.arange(len(ctx.table))
         avg_norm = steps.average_norm_correction(poses, rows, state.iteration) if cfg.norm else None
@@ -156,7 +155,11 @@ class ClassifyMode:
         assert estep.class_tau2 is not None and classes is not None
         cc = steps.is_cc_iteration(ctx, state.iteration)
         steps.update_norm_corrections(ctx, poses, np.zeros(len(ctx.table), dtype=np.int64), state.iteration)
-        stats = (updated_statistics(state.stats[0], [sums], cfg.min_sigma2_offset, noise=not cc),)
+        stats = (
+            updated_statistics(state.stats[0], [sums], cfg.min_sigma2_offset, noise=not cc, scale=cfg.scale and not cc),
+        )
+        if cfg.scale and not cc and len(ctx.groups.names) > 1:
+            ctx.log.line(scale_spread(stats[0].scale))
         for bp in sums.backprojectors:
             symmetrise_backprojector(bp, cfg.sym)
         m = maximize_classes(
@@ -172,7 +175,7 @@ class ClassifyMode:
         new = replace(
             state,
             maps=steps.new_references(ctx, m.maps, state.iteration),
-            stats=stats,
+            stats=(replace(stats[0], data_vs_prior=torch.stack(m.ssnr)),),  # the next E-step's scale shells
             poses=poses,
             direction_prior=direction_prior(sums.direction_weight.cpu()),
             classes=replace(classes, prior=class_prior(sums.class_weight.cpu()), resolution_shell=shells),

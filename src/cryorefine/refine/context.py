@@ -25,9 +25,8 @@ from ..parallel.collectives import broadcast_from_main
 from ..parallel.context import Dist
 from ..parallel.pool import TaskPool
 from ..validate import (
-    check_diameter_fits,
     check_diameter_sign,
-    check_one_pixel_size,
+    check_diameters_fit,
     check_reference,
     data_phase_flipped,
     normalisation_warning,
@@ -41,7 +40,7 @@ from .timing import StageTimer
 
 @dataclass(frozen=True)
 class RunContext:
-    cfg: RefineConfig  # with the particles' pixel size (cfg.angpix)
+    cfg: RefineConfig  # with the map's pixel size (cfg.angpix): the first optics group's
     dist: Dist
     table: ParticleTable
     device: torch.device
@@ -56,7 +55,13 @@ class RunContext:
 
     @property
     def box(self) -> int:
-        return self.table.box
+        """The map's box (px): the first optics group's (RELION's ori_size)."""
+        return self.table.reference_optics.box
+
+    @property
+    def n_shells(self) -> int:
+        """Length of the σ² spectra: each optics group's are in its own images' shells, up to the largest Nyquist."""
+        return max(o.box for o in self.table.optics) // 2 + 1
 
     @property
     def angpix(self) -> float:
@@ -121,34 +126,38 @@ def open_run(cfg: RefineConfig, dist: Dist | None, fixed_volumes: dict) -> RunCo
         torch.set_num_threads(cfg.threads)
     table = load_particles(cfg.particles)
     cfg = replace(
-        cfg, angpix=check_one_pixel_size(table), ctf_phase_flipped=cfg.ctf_phase_flipped or data_phase_flipped(table)
+        cfg,
+        angpix=table.reference_optics.angpix,
+        ctf_phase_flipped=cfg.ctf_phase_flipped or data_phase_flipped(table),
     )
+    box = table.reference_optics.box
     check_diameter_sign(cfg.particle_diameter)
-    check_reference(cfg.reference, table.box, cfg.angpix)
-    check_diameter_fits(cfg.particle_diameter, table.box, cfg.angpix)
+    check_reference(cfg.reference, box, cfg.angpix)
+    check_diameters_fit(cfg.particle_diameter, table)
     solvent_mask = None
     if cfg.solvent_mask:
-        check_reference(cfg.solvent_mask, table.box, cfg.angpix, what="solvent mask")
+        check_reference(cfg.solvent_mask, box, cfg.angpix, what="solvent mask")
         solvent_mask = torch.from_numpy(read_map(cfg.solvent_mask)[0]).float()
     device = torch.device(cfg.device)
     symmetric = cfg.sym.upper() != "C1"
     free = available_bytes(device)
     if free is not None:
-        check_fixed_volumes(table.box, cfg.pad, symmetry=symmetric, free=free, **fixed_volumes)
+        check_fixed_volumes(box, cfg.pad, symmetry=symmetric, free=free, **fixed_volumes)
     out = Path(cfg.output_root).parent
     out.mkdir(parents=True, exist_ok=True)
     if dist.is_main:  # temporaries are named by pid, which other hosts cannot check
         remove_stale_temporaries(out)  # left by a killed run
     log = RunLog(out / "run.log", enabled=dist.is_main)
-    unnormalised = normalisation_warning(table, cfg.particle_diameter / (2 * cfg.angpix))
+    unnormalised = normalisation_warning(table, cfg.particle_diameter)
     if unnormalised and dist.is_main:
         log.line(f"WARNING: {unnormalised}")
         warnings.warn(unnormalised, stacklevel=1)
     room = 0
     if cfg.image_cache:
-        fixed = sum(fixed_volume_bytes(table.box, cfg.pad, symmetry=symmetric, **fixed_volumes).values())
+        fixed = sum(fixed_volume_bytes(box, cfg.pad, symmetry=symmetric, **fixed_volumes).values())
         room = image_cache_bytes(device, fixed, dist.device_peers)
-    images = ImageCache(len(table), table.box, room // (4 * table.box * table.box), device)
+    largest = int(table.boxes.max())  # the cache's slots hold the largest optics group's images
+    images = ImageCache(len(table), largest, room // (4 * largest * largest), device)
     if device.type == "cuda":
         log.line(
             f"GPU image cache: {images.capacity} of {len(table)} particles ({images.nbytes / 2**30:.2f} GiB)"

@@ -3,6 +3,7 @@ bookkeeping."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Protocol
 
@@ -18,10 +19,12 @@ from ..estep.stages import Stages
 from ..estep.images import Window, prepare_batch
 from ..estep.poses import PoseGrid
 from ..estep.sums import WeightedSums
+from ..mstep.statistics import GroupScales, group_scales
 from ..fourier.filters import soft_sphere
 from ..geometry.euler import euler_to_matrix
 from ..geometry.symmetry import symmetry_matrices
 from ..io.image_cache import ImageCache
+from ..io.particles import angle_priors, offset_priors_angst
 from ..io.table import ParticleTable
 from ..io.prefetch import read_ahead
 from ..projection.extract import PaddedTransform, prepare_padded_transform
@@ -133,7 +136,7 @@ class EStepPass:
     window: Window
     coarse_shell: int
     sigma2: torch.Tensor  # (G, d//2+1) on the compute device
-    scale: torch.Tensor  # (G,)
+    scale: GroupScales | torch.Tensor  # per micrograph group, with each particle's group; a bare (1,): one for all
     settings: EStepSettings
     local: bool = False  # local searches about each particle's pose (settings.local_sigma_deg)
     forced_class: np.ndarray | None = None  # (n,) 0-based: hold each particle to this class
@@ -177,30 +180,71 @@ class EStepRuntime:
     cache: ImageCache | None = None
 
 
-def magnification_batches(
-    table: ParticleTable, rows: np.ndarray, batch_size: int, window: Window
-) -> tuple[list[np.ndarray], list[Window]]:
-    """``rows`` cut into batches of at most ``batch_size``, each of optics groups with one magnification matrix, and
-    each batch's window (its projections and back-projections sample the map at M·k: Window.with_magnification)."""
-    mags = sorted({o.mag for o in table.optics})
-    key = np.array([mags.index(o.mag) for o in table.optics])[table.optics_group[rows]]
-    batches, windows = [], []
-    for m, mag in enumerate(mags):
-        these = rows[key == m] if len(mags) > 1 else rows
-        w = window.with_magnification(mag)
+@dataclass(frozen=True)
+class OpticsFrame:
+    """The E-step of the particles of one optics geometry (box, pixel size, magnification): their window (the group's
+    pixels, sampling the map at scale·M·k), coarse shell, pose grid (offsets in the group's pixels) and settings."""
+
+    window: Window
+    coarse_shell: int
+    grid: PoseGrid
+    settings: EStepSettings
+
+    @property
+    def angpix(self) -> float:
+        return self.settings.angpix
+
+
+def optics_frame(job: EStepPass, box: int, angpix: float, mag: tuple[float, float, float, float]) -> OpticsFrame:
+    """``job`` (made on the map's grid: its window's box and settings.angpix, the first optics group's) for the images
+    of a ``box`` at ``angpix`` with magnification ``mag``, as RELION 3.1 maps optics groups of other sizes onto the
+    map: shells scale by the ratio of the boxes' lengths in Å (image_current_size and image_coarse_size, rounded up),
+    at most the group's Nyquist; offsets (Å) are in the group's pixels."""
+    ref_length = job.window.box * job.settings.angpix
+    if box == job.window.box and angpix == job.settings.angpix:
+        return OpticsFrame(job.window.in_map_frame(mag), job.coarse_shell, job.grid, job.settings)
+    to_group = box * angpix / ref_length  # a map shell's number in the group's shells
+    max_shell = min(box // 2, math.ceil(job.window.max_shell * to_group - 1e-9))
+    coarse = min(max_shell, math.ceil(job.coarse_shell * to_group - 1e-9))
+    score = job.settings.score_shell
+    window = Window.build(box, max_shell, job.window.ky.device).in_map_frame(mag, 1.0 / to_group)
+    px = job.settings.angpix / angpix  # the map's pixels in the group's
+    grid = replace(
+        job.grid,
+        translations_px=job.grid.translations_px * px,
+        translation_children_px=job.grid.translation_children_px * px,
+        offset_step_px=job.grid.offset_step_px * px,
+    )
+    settings = replace(
+        job.settings, angpix=angpix, score_shell=None if score is None else min(max_shell, round(score * to_group))
+    )
+    return OpticsFrame(window, coarse, grid, settings)
+
+
+def optics_batches(
+    table: ParticleTable, rows: np.ndarray, batch_size: int, job: EStepPass
+) -> tuple[list[np.ndarray], list[OpticsFrame]]:
+    """``rows`` cut into batches of at most ``batch_size``, each of optics groups with one geometry (box, pixel size,
+    magnification matrix), and each batch's frame (optics_frame)."""
+    geometries = sorted({(o.box, o.angpix, o.mag) for o in table.optics})
+    key = np.array([geometries.index((o.box, o.angpix, o.mag)) for o in table.optics])[table.optics_group[rows]]
+    batches, frames = [], []
+    for m, geometry in enumerate(geometries):
+        these = rows[key == m] if len(geometries) > 1 else rows
+        frame = optics_frame(job, *geometry)
         for s0 in range(0, len(these), batch_size):
             batches.append(these[s0 : s0 + batch_size])
-            windows.append(w)
-    return batches, windows
+            frames.append(frame)
+    return batches, frames
 
 
 def fixed_pose_batch(
-    batch, window: Window, job: EStepPass, poses_now: ParticlePoses, idx: np.ndarray, sums, angpix: float, forced, timer
+    batch, frame: OpticsFrame, job: EStepPass, poses_now: ParticlePoses, idx: np.ndarray, sums, forced, timer
 ) -> BatchPoses:
     """--skip_align/--skip_rotate: the batch's classes (and offsets) at the particles' own orientations
     (estep/fixed_poses.py), with the class prior of ``job.settings.direction_log_prior`` (K, D) summed over its
     directions."""
-    prior = job.settings.direction_log_prior
+    prior = frame.settings.direction_log_prior
     k = len(job.refs)
     log_prior = torch.zeros(k) if prior is None else torch.logsumexp(prior.double(), 1)
     rotations = euler_to_matrix(
@@ -209,12 +253,13 @@ def fixed_pose_batch(
             for a in (poses_now.rot_deg, poses_now.tilt_deg, poses_now.psi_deg)
         )
     ).to(batch.f_masked.device)
-    moves = job.grid.translations_px if job.fixed_poses == "skip_rotate" else None
-    settings = replace(job.settings, angpix=angpix)
+    moves = frame.grid.translations_px if job.fixed_poses == "skip_rotate" else None
     with timer("getAllSquaredDifferences"):
-        res = expectation_fixed_poses(batch, window, job.refs, rotations, log_prior, sums, settings, moves, forced)
+        res = expectation_fixed_poses(
+            batch, frame.window, job.refs, rotations, log_prior, sums, frame.settings, moves, forced
+        )
     if sums is not None and batch.spectrum_outside is not None:
-        add_power_beyond_window(sums, batch, window)
+        add_power_beyond_window(sums, batch, frame.window)
     return res
 
 
@@ -239,8 +284,8 @@ def run_expectation(
     """
     cfg, timer, settings, avg_norm = run.cfg, run.timer, job.settings, job.avg_norm
     device = cfg.device
-    cache = run.cache if run.cache is not None else ImageCache(len(table), table.box, 0, device)
-    batches, windows = magnification_batches(table, rows, run.batch_size, job.window)
+    cache = run.cache if run.cache is not None else ImageCache(len(table), int(table.boxes.max()), 0, device)
+    batches, frames = optics_batches(table, rows, run.batch_size, job)
     done = []
     order = range(len(batches)) if run.tasks is None else run.tasks(len(batches))
 
@@ -251,9 +296,9 @@ def run_expectation(
     # early, and at a pass's end that left one rank two batches while the others had none (4 GPUs: ~0.1 s a pass)
     loaded_batches = read_ahead(load, order) if not cache.holds(rows) else ((b, load(b)) for b in order)
     for b, loaded in loaded_batches:
-        idx = batches[b]
+        idx, frame = batches[b], frames[b]
         with timer("getFourierTransformsAndCTFs"):
-            images = cache.images(idx, loaded)
+            images = cache.images(idx, loaded, frame.window.box)
             norm_scale = (
                 None
                 if avg_norm is None
@@ -262,11 +307,11 @@ def run_expectation(
             batch = prepare_batch(
                 table,
                 idx,
-                windows[b],
+                frame.window,
                 job.sigma2,
-                job.scale,
+                group_scales(job.scale, len(table)).value,
                 cfg.particle_diameter,
-                cfg.angpix,
+                frame.angpix,
                 cfg.ctf,
                 cfg.zero_mask,
                 batch_generator(run.noise_key, b),
@@ -275,23 +320,28 @@ def run_expectation(
                 images,
                 np.stack([poses_now.origin_x_angst[idx], poses_now.origin_y_angst[idx]], -1),
                 cfg.ctf_options,
+                group_scales(job.scale, len(table)).of_particle[idx],
+                offset_priors_angst(table, idx),
             )
             local_prior = None
             if job.local:
+                # centred on the STAR's angle priors where it has them (RELION), else on the current angles
                 local_prior = job.grid.local_candidates(
-                    poses_now.rot_deg[idx], poses_now.tilt_deg[idx], poses_now.psi_deg[idx], settings.local_sigma_deg
+                    *angle_priors(table, idx, poses_now.rot_deg[idx], poses_now.tilt_deg[idx], poses_now.psi_deg[idx]),
+                    settings.local_sigma_deg,
                 )
         forced = None if job.forced_class is None else to_device(job.forced_class[idx], device)
         if job.fixed_poses:
-            res = fixed_pose_batch(batch, windows[b], job, poses_now, idx, sums, cfg.angpix, forced, timer)
+            res = fixed_pose_batch(batch, frame, job, poses_now, idx, sums, forced, timer)
         else:
             res = expectation_batch(
-                batch, windows[b], job.coarse_shell, job.refs, job.grid, settings, sums, local_prior, timer, forced
-            )
+                batch, frame.window, frame.coarse_shell, job.refs, frame.grid, frame.settings, sums, local_prior, timer,
+                forced,
+            )  # fmt: skip
             poses_now.rot_deg[idx] = res.eulers_deg[:, 0]
             poses_now.tilt_deg[idx] = res.eulers_deg[:, 1]
             poses_now.psi_deg[idx] = res.eulers_deg[:, 2]
-        off = res.offsets_px.double().cpu().numpy() * cfg.angpix
+        off = res.offsets_px.double().cpu().numpy() * frame.angpix
         poses_now.origin_x_angst[idx] = off[:, 0]
         poses_now.origin_y_angst[idx] = off[:, 1]
         poses_now.class_number[idx] = res.class_index.cpu().numpy() + 1

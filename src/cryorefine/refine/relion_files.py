@@ -31,6 +31,17 @@ def relion_power(power, box: int) -> np.ndarray:
     return np.asarray(power, dtype=np.float64) / float(box) ** 4
 
 
+def on_map_shells(spectrum: np.ndarray, group_box: int, group_angpix: float, box: int, angpix: float) -> np.ndarray:
+    """(box//2+1,) an optics group's spectrum (in its own images' shells, of ``group_box`` px of ``group_angpix`` Å)
+    on the shells of the map (``box`` px of ``angpix``), where RELION reads it (its image shell i takes the map's
+    shell round(i · map length / group length)): each map shell takes the group's nearest, at most its Nyquist."""
+    if group_box == box and group_angpix == angpix:
+        return spectrum[: box // 2 + 1]
+    to_group = group_box * group_angpix / (box * angpix)
+    nearest = np.minimum(np.round(np.arange(box // 2 + 1) * to_group).astype(np.int64), group_box // 2)
+    return spectrum[nearest]
+
+
 def shell_columns(box: int, angpix: float) -> dict:
     shells = np.arange(box // 2 + 1)
     res = np.where(shells > 0, shells / (box * angpix), 0.0)
@@ -61,9 +72,9 @@ def model_general(
         "rlnNormCorrectionAverage": float(np.mean(p.norm_correction[rows])),
         "rlnSigmaOffsetsAngst": math.sqrt(stats.sigma2_offset_angst2),
         "rlnOrientationalPriorMode": int(sch.local_search),
-        "rlnSigmaPriorRotAngle": sch.sigma_ang_deg,
-        "rlnSigmaPriorTiltAngle": sch.sigma_ang_deg,
-        "rlnSigmaPriorPsiAngle": sch.sigma_ang_deg,
+        "rlnSigmaPriorRotAngle": sch.local_sigmas_deg[0],
+        "rlnSigmaPriorTiltAngle": sch.local_sigmas_deg[1],
+        "rlnSigmaPriorPsiAngle": sch.local_sigmas_deg[2],
         "rlnLogLikelihood": float(np.sum(p.loglik)),
         "rlnAveragePmax": float(np.mean(p.max_prob)),
     }
@@ -91,14 +102,15 @@ def class_table(ctx: RunContext, tau2, ssnr, completeness, fsc=None) -> pd.DataF
 
 
 def groups_table(ctx: RunContext, stats: ModelStatistics) -> pd.DataFrame:
-    """model_groups: RELION's groups, each with the scale of its optics group."""
+    """model_groups: RELION's micrograph groups, each with the model's particles in it (a half set's in auto-refine, as
+    RELION's nr_particles_per_group) and its intensity scale."""
     g = ctx.groups
     return pd.DataFrame(
         {
             "rlnGroupNumber": np.arange(1, len(g.names) + 1),
             "rlnGroupName": g.names,
-            "rlnGroupNrParticles": np.bincount(g.of_particle, minlength=len(g.names)),
-            "rlnGroupScaleCorrection": stats.scale.numpy()[g.optics],
+            "rlnGroupNrParticles": stats.scale.particles.numpy().astype(np.int64),
+            "rlnGroupScaleCorrection": stats.scale.value.numpy(),
         }
     )
 
@@ -108,7 +120,10 @@ def noise_tables(ctx: RunContext, stats: ModelStatistics) -> dict[str, pd.DataFr
     σ² of each of its groups' optics group, and RELION 4/5's model_optics_group_N, one per optics group (the shells
     with σ² > 0, as it writes them; model_general's rlnNrOpticsGroups tells it to read these)."""
     cols = shell_columns(ctx.box, ctx.angpix)
-    sigma2 = [relion_power(s.numpy(), ctx.box) for s in stats.sigma2]
+    sigma2 = [
+        on_map_shells(relion_power(s.numpy(), o.box), o.box, o.angpix, ctx.box, ctx.angpix)
+        for s, o in zip(stats.sigma2, ctx.table.optics)
+    ]
     tables = {
         f"model_group_{n + 1}": pd.DataFrame({**cols, "rlnSigma2Noise": sigma2[g]})
         for n, g in enumerate(ctx.groups.optics)

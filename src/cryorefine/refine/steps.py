@@ -21,6 +21,7 @@ from ..fourier.filters import low_pass_filter
 from ..fourier.grids import relion_round
 from ..geometry.healpix import HealpixSampling, make_sampling, next_random_perturbation
 from ..mstep.norm import updated_norm_corrections
+from ..mstep.statistics import ModelStatistics, estep_scale_shells
 from ..transfer import to_device
 from .accuracy import N_TRIALS, expected_accuracy
 from .context import RunContext
@@ -102,12 +103,22 @@ def estep_settings(ctx: RunContext, state: RunState, direction_log_prior=None) -
         adaptive_fraction=cfg.adaptive_fraction,
         maxsig=cfg.maxsig,
         firstiter_cc=is_cc_iteration(ctx, state.iteration),
-        local_sigma_deg=sch.sigma_ang_deg if sch.local_search else 0.0,
+        local_sigma_deg=sch.local_sigmas_deg,
         sigma2_offset_angst2=state.stats[0].sigma2_offset_angst2,
         angpix=cfg.angpix,
         direction_log_prior=direction_log_prior,
         precision=cfg.precision,
     )
+
+
+def weighted_sums(ctx: RunContext, n_classes: int, n_directions: int, stats: ModelStatistics) -> WeightedSums:
+    """An E-step's zeroed accumulators for ``n_classes`` maps: σ² per optics group (up to the largest box's
+    Nyquist), the scales per micrograph group over the shells ``stats``' classes take (with --scale)."""
+    cfg = ctx.cfg
+    return WeightedSums.zeros(
+        n_classes, ctx.box, cfg.pad, ctx.n_groups, n_directions, device=ctx.device, n_shells=ctx.n_shells,
+        n_scale_groups=len(ctx.groups.names), scale_shells=estep_scale_shells(stats, cfg.scale, ctx.device),
+    )  # fmt: skip
 
 
 def references(ctx: RunContext, maps) -> list:
@@ -172,7 +183,7 @@ def update_norm_corrections(ctx: RunContext, poses: ParticlePoses, model_of_part
         rows = np.flatnonzero(model_of_particle == m)
         avg = average_norm_correction(poses, rows, iteration)
         poses.norm_correction[rows] = updated_norm_corrections(
-            poses.norm_correction[rows], avg, poses.residual_power[rows], ctx.box
+            poses.norm_correction[rows], avg, poses.residual_power[rows], ctx.table.boxes[rows]
         )
 
 
@@ -196,6 +207,8 @@ def accuracy_of(
     by --strict_highres_exp, as the E-step's scores), with the first model's σ²."""
     cfg = ctx.cfg
     rng = np.random.default_rng([cfg.random_seed, state.iteration, 17])
+    on_map_grid = rows[(ctx.table.boxes[rows] == ctx.box) & (ctx.table.angpix[rows] == ctx.angpix)]  # its window's
+    rows = on_map_grid if len(on_map_grid) else rows
     pick = np.sort(rng.choice(rows, min(N_TRIALS, len(rows)), replace=False))
     score_shell = strict_window_shell(window_shell, ctx.box, cfg.angpix, cfg.strict_highres_exp)
     window = Window.build(ctx.box, score_shell, ctx.device)
