@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT / "tests" / "refine"))
 from test_group_scale_refine import COMMON, group_scales, scaled_set  # noqa: E402
 
 from cryorefine.cli.main import main  # noqa: E402
+from cryorefine.io.star import read_star  # noqa: E402
 from cryorefine.simulate import NO_POSES_STAR  # noqa: E402
 
 RELION_COMMON = (
@@ -46,13 +47,20 @@ def compare(truth: pd.Series, runs: dict[str, Path]) -> dict:
     return out
 
 
+def final_model(folder: Path) -> Path:
+    """An auto-refine's run_model.star (written when it converged), else its last half-set 1 model."""
+    final = folder / "run_model.star"
+    return final if final.is_file() else sorted(folder.glob("run_it*_half1_model.star"))[-1]
+
+
 def run(out: Path, mics: int, per_mic: int, snr: float, iters: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     truth = scaled_set(out, mics, per_mic, snr)
     star, ref = out / NO_POSES_STAR, out / "start.mrc"
     flags = [*COMMON.split(), "--healpix_order", "1", "--random_seed", "3", "--scale"]
+    limit = ["--iter", str(iters)] if iters > 0 else []  # 0: both auto-refines run to convergence
     main(["refine", "--i", str(star), "--o", str(out / "ours_refine/run"), "--ref", str(ref), "--ini_high", "30",
-          "--iter", str(iters), *flags])  # fmt: skip
+          *limit, *flags])  # fmt: skip
     main(["classify", "--i", str(star), "--o", str(out / "ours_class/run"), "--ref", str(ref), "--ini_high", "30",
           "--K", "2", "--tau2_fudge", "4", "--iter", "4", *flags])  # fmt: skip
     for sub in ("relion_refine", "relion_class"):
@@ -61,7 +69,8 @@ def run(out: Path, mics: int, per_mic: int, snr: float, iters: int) -> dict:
         subprocess.run(
             ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "3", "relion_refine_mpi", "--i", str(star),
              "--o", "relion_refine/run", "--ref", str(ref), "--ini_high", "30", "--auto_refine",
-             "--split_random_halves", "--auto_iter_max", str(iters), "--j", "1", *RELION_COMMON.split()],
+             "--split_random_halves", *(["--auto_iter_max", str(iters)] if iters > 0 else []), "--j", "1",
+             *RELION_COMMON.split()],
             cwd=out, stdout=log, stderr=subprocess.STDOUT, check=True,
         )  # fmt: skip
     with open(out / "relion_class.log", "w") as log:
@@ -72,6 +81,10 @@ def run(out: Path, mics: int, per_mic: int, snr: float, iters: int) -> dict:
         )  # fmt: skip
     last = lambda d, pattern: sorted((out / d).glob(pattern))[-1]  # noqa: E731
     return {
+        "refine_resolution_angst": {  # the final model's (run_model.star), else the last iteration's
+            k: float(read_star(final_model(out / d))["model_general"]["rlnCurrentResolution"].iloc[0])
+            for k, d in (("ours", "ours_refine"), ("relion", "relion_refine"))
+        },
         "refine": compare(
             truth,
             {
@@ -92,6 +105,6 @@ if __name__ == "__main__":
     p.add_argument("--mics", type=int, default=16)
     p.add_argument("--per_mic", type=int, default=25)
     p.add_argument("--snr", type=float, default=0.5)
-    p.add_argument("--iter", type=int, default=6)
+    p.add_argument("--iter", type=int, default=6, help="auto-refine iterations (0: to convergence)")
     a = p.parse_args()
     print(json.dumps(run(a.out.resolve(), a.mics, a.per_mic, a.snr, a.iter), indent=1))
