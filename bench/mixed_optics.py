@@ -11,7 +11,7 @@ flags:
 Each run's gold-standard resolution, FSC-to-truth (0.5) of the final map and pose errors go to
 OUTDIR/mixed-optics.{json,md} with the device, date, commit and command.
 
-usage: python bench/mixed_optics.py OUTDIR [--gpu] [--n 6000] [--snr 0.1]
+usage: python bench/mixed_optics.py OUTDIR [--gpu] [--n 6000] [--snr 0.1] [--second 1.3:118] [--runs one_group,two_groups,wrong]
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from optics_fidelity import ANGPIX, bench_folders, bench_parser, refine, write_results  # noqa: E402  (the same refinement and figures)
 
 BOX = 128
-SECOND = (1.3, 118)  # the second optics group: Å/px, box (153.4 Å against the first's 153.6 Å)
+SECOND = "1.3:118"  # the second optics group, Å/px:box (153.4 Å against the first's 153.6 Å)
 
 
-def build(root: Path, n: int, snr: float) -> dict:
+def build(root: Path, n: int, snr: float, second_group: tuple[float, int]) -> dict:
     xyz, w = read_atoms(packaged_model())
     truth = atoms_to_map(xyz, w, BOX, ANGPIX, 50.0)
     one = simulate_particles(truth, ANGPIX, root / "one_group", n, snr=snr, seed=7)
-    second = (atoms_to_map(xyz, w, SECOND[1], SECOND[0], 50.0), SECOND[0])
+    second = (atoms_to_map(xyz, w, second_group[1], second_group[0], 50.0), second_group[0])
     simulate_particles(truth, ANGPIX, root / "two_groups", n, snr=snr, seed=7, noise_sigma=one["noise_sigma"],
                        more_groups=[second])  # fmt: skip
     blocks = starfile.read(root / "two_groups" / "particles_noposes.star")
@@ -47,22 +47,30 @@ def build(root: Path, n: int, snr: float) -> dict:
     starfile.write(blocks, root / "two_groups" / "wrong_noposes.star", overwrite=True)
     t, _ = read_map(root / "one_group" / "truth.mrc")
     write_map(root / "start.mrc", low_pass_filter(torch.from_numpy(t).double(), 30.0, ANGPIX).float().numpy(), ANGPIX)
-    return {"n": n, "snr": snr, "groups": [[ANGPIX, BOX], list(SECOND)]}
+    return {"n": n, "snr": snr, "groups": [[ANGPIX, BOX], list(second_group)]}
 
 
 def main(argv=None) -> int:
-    a = bench_parser("/tmp/mixed_optics").parse_args(argv)
+    ap = bench_parser("/tmp/mixed_optics")
+    ap.add_argument("--second", default=SECOND, help="the second optics group, Å/px:box")
+    ap.add_argument("--runs", default="one_group,two_groups,wrong", help="which of the three runs, comma-separated")
+    a = ap.parse_args(argv)
     out, root, how = bench_folders(a)
+    angpix, box = a.second.split(":")
     diameter = round(0.85 * BOX * ANGPIX)
     t0 = time.perf_counter()
-    meta = build(root, a.n, a.snr)
+    meta = build(root, a.n, a.snr, (float(angpix), int(box)))
     meta["simulate_seconds"] = round(time.perf_counter() - t0, 1)
     sets = {
         "one_group": (root / "one_group/particles_noposes.star", root / "one_group"),
         "two_groups": (root / "two_groups/particles_noposes.star", root / "two_groups"),
         "wrong": (root / "two_groups/wrong_noposes.star", root / "two_groups"),
     }
-    runs = {name: refine(root, name, star, truth, diameter, how) for name, (star, truth) in sets.items()}
+    runs = {
+        name: refine(root, name, star, truth, diameter, how)
+        for name, (star, truth) in sets.items()
+        if name in a.runs.split(",")
+    }
     print(write_results(out / "mixed-optics", "Mixed pixel sizes", a.gpu, meta, runs, lambda r: (
         f"`{r['command']}`: {meta['n']} particles, SNR {meta['snr']}; optics groups (Å/px, box) {meta['groups']} "
         f"(two_groups: half in each; wrong: the second written as {ANGPIX} Å/px)."
