@@ -11,7 +11,8 @@ flags:
 Each run's gold-standard resolution, FSC-to-truth (0.5) of the final map and pose errors go to
 OUTDIR/mixed-optics.{json,md} with the device, date, commit and command.
 
-usage: python bench/mixed_optics.py OUTDIR [--gpu] [--n 6000] [--snr 0.1] [--second 1.3:118] [--runs one_group,two_groups,wrong]
+usage: python bench/mixed_optics.py OUTDIR [--gpu] [--n 6000] [--snr 0.1] [--second 1.3:118]
+       [--runs one_group,two_groups,wrong] [--supersample 2]
 """
 
 from __future__ import annotations
@@ -35,11 +36,28 @@ BOX = 128
 SECOND = "1.3:118"  # the second optics group, Å/px:box (153.4 Å against the first's 153.6 Å)
 
 
-def build(root: Path, n: int, snr: float, second_group: tuple[float, int]) -> dict:
+def binned(volume: torch.Tensor, box: int) -> torch.Tensor:
+    """(box, box, box) a (B, B, B) map of mass per voxel resampled to ``box`` voxels of the same extent by cropping
+    its Fourier transform (band-limited, as binning super-resolution data); still mass per voxel."""
+    big, h = volume.shape[-1], box // 2
+    lo = big // 2 - h
+    f = torch.fft.fftshift(torch.fft.fftn(volume.double()))[lo : lo + box, lo : lo + box, lo : lo + box]
+    return torch.fft.ifftn(torch.fft.ifftshift(f)).real
+
+
+def truth_at(xyz, w, angpix: float, box: int, supersample: int) -> torch.Tensor:
+    """The atomic model's map at ``angpix`` in a ``box``: splatted there, or at 1/``supersample`` of the pixel size
+    and binned (no aliasing of the atoms' blobs at a coarse pixel size)."""
+    if supersample == 1:
+        return atoms_to_map(xyz, w, box, angpix, 50.0)
+    return binned(atoms_to_map(xyz, w, box * supersample, angpix / supersample, 50.0), box).float()
+
+
+def build(root: Path, n: int, snr: float, second_group: tuple[float, int], supersample: int) -> dict:
     xyz, w = read_atoms(packaged_model())
-    truth = atoms_to_map(xyz, w, BOX, ANGPIX, 50.0)
+    truth = truth_at(xyz, w, ANGPIX, BOX, supersample)
     one = simulate_particles(truth, ANGPIX, root / "one_group", n, snr=snr, seed=7)
-    second = (atoms_to_map(xyz, w, second_group[1], second_group[0], 50.0), second_group[0])
+    second = (truth_at(xyz, w, second_group[0], second_group[1], supersample), second_group[0])
     simulate_particles(truth, ANGPIX, root / "two_groups", n, snr=snr, seed=7, noise_sigma=one["noise_sigma"],
                        more_groups=[second])  # fmt: skip
     blocks = starfile.read(root / "two_groups" / "particles_noposes.star")
@@ -47,19 +65,20 @@ def build(root: Path, n: int, snr: float, second_group: tuple[float, int]) -> di
     starfile.write(blocks, root / "two_groups" / "wrong_noposes.star", overwrite=True)
     t, _ = read_map(root / "one_group" / "truth.mrc")
     write_map(root / "start.mrc", low_pass_filter(torch.from_numpy(t).double(), 30.0, ANGPIX).float().numpy(), ANGPIX)
-    return {"n": n, "snr": snr, "groups": [[ANGPIX, BOX], list(second_group)]}
+    return {"n": n, "snr": snr, "groups": [[ANGPIX, BOX], list(second_group)], "supersample": supersample}
 
 
 def main(argv=None) -> int:
     ap = bench_parser("/tmp/mixed_optics")
     ap.add_argument("--second", default=SECOND, help="the second optics group, Å/px:box")
     ap.add_argument("--runs", default="one_group,two_groups,wrong", help="which of the three runs, comma-separated")
+    ap.add_argument("--supersample", type=int, default=1, help="make the truths at this finer sampling, then bin")
     a = ap.parse_args(argv)
     out, root, how = bench_folders(a)
     angpix, box = a.second.split(":")
     diameter = round(0.85 * BOX * ANGPIX)
     t0 = time.perf_counter()
-    meta = build(root, a.n, a.snr, (float(angpix), int(box)))
+    meta = build(root, a.n, a.snr, (float(angpix), int(box)), a.supersample)
     meta["simulate_seconds"] = round(time.perf_counter() - t0, 1)
     sets = {
         "one_group": (root / "one_group/particles_noposes.star", root / "one_group"),
