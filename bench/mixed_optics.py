@@ -24,7 +24,7 @@ from pathlib import Path
 import starfile
 import torch
 
-from cryorefine.density import atoms_to_map, packaged_model, read_atoms
+from cryorefine.density import atoms_to_map, band_limited_map, packaged_model, read_atoms
 from cryorefine.fourier.filters import low_pass_filter
 from cryorefine.io.mrc import read_map, write_map
 from cryorefine.simulate import simulate_particles
@@ -36,21 +36,12 @@ BOX = 128
 SECOND = "1.3:118"  # the second optics group, Å/px:box (153.4 Å against the first's 153.6 Å)
 
 
-def binned(volume: torch.Tensor, box: int) -> torch.Tensor:
-    """(box, box, box) a (B, B, B) map of mass per voxel resampled to ``box`` voxels of the same extent by cropping
-    its Fourier transform (band-limited, as binning super-resolution data); still mass per voxel."""
-    big, h = volume.shape[-1], box // 2
-    lo = big // 2 - h
-    f = torch.fft.fftshift(torch.fft.fftn(volume.double()))[lo : lo + box, lo : lo + box, lo : lo + box]
-    return torch.fft.ifftn(torch.fft.ifftshift(f)).real
-
-
 def truth_at(xyz, w, angpix: float, box: int, supersample: int) -> torch.Tensor:
     """The atomic model's map at ``angpix`` in a ``box``: splatted there, or at 1/``supersample`` of the pixel size
-    and binned (no aliasing of the atoms' blobs at a coarse pixel size)."""
+    and binned (density.band_limited_map)."""
     if supersample == 1:
         return atoms_to_map(xyz, w, box, angpix, 50.0)
-    return binned(atoms_to_map(xyz, w, box * supersample, angpix / supersample, 50.0), box).float()
+    return band_limited_map(xyz, w, box, angpix, 50.0, supersample).float()
 
 
 def build(root: Path, n: int, snr: float, second_group: tuple[float, int], supersample: int) -> dict:

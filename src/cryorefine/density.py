@@ -144,3 +144,22 @@ def two_fold_axis_to_z(path, chain_a: str = "A", chain_b: str = "B") -> tuple[np
     xyz = (np.asarray(xyz) - point) @ F.T
     xyz[:, 2] -= xyz[:, 2].mean()
     return xyz, np.asarray(w, dtype=np.float64)
+
+
+def fourier_binned(volume: torch.Tensor, box: int) -> torch.Tensor:
+    """(box, box, box) a (B, B, B) map of mass per voxel resampled to ``box`` voxels of the same extent by cropping its
+    Fourier transform (band-limited, as super-resolution data are binned); still mass per voxel."""
+    big, h = volume.shape[-1], box // 2
+    lo = big // 2 - h
+    f = torch.fft.fftshift(torch.fft.fftn(volume.double()))[lo : lo + box, lo : lo + box, lo : lo + box]
+    return torch.fft.ifftn(torch.fft.ifftshift(f)).real
+
+
+def band_limited_map(
+    xyz_angst: np.ndarray, weights: np.ndarray, box: int, angpix: float, bfactor: float, supersample: int = 2
+) -> torch.Tensor:
+    """atoms_to_map made at 1/``supersample`` of the pixel size and binned (fourier_binned): the blobs of a B-factor
+    of ~50 Å² still have power at a coarse Nyquist, which a map splatted there aliases, so maps of one model at two
+    pixel sizes would differ near the coarser one's Nyquist; binned, both sample one band-limited object."""
+    fine = atoms_to_map(xyz_angst, weights, box * supersample, angpix / supersample, bfactor)
+    return fourier_binned(fine, box)
