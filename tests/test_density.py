@@ -2,8 +2,6 @@
 band-limited object (a map made at an even finer sampling and binned agrees with it to the last shell), where the map
 splatted straight at a coarse pixel size differs near its Nyquist (the aliasing the binned map avoids)."""
 
-import torch
-
 from cryorefine.density import atoms_to_map, band_limited_map, packaged_model, read_atoms
 from cryorefine.evaluation import map_resolution
 
