@@ -28,7 +28,7 @@ from cryorefine.simulate import NO_POSES_STAR  # noqa: E402
 
 RELION_COMMON = (
     "--particle_diameter 170 --ctf --flatten_solvent --zero_mask --offset_range 2 --offset_step 1 --healpix_order 1 "
-    "--pad 2 --random_seed 3 --scale --dont_combine_weights_via_disc"
+    "--pad 2 --random_seed 3 --scale --dont_combine_weights_via_disc --ctf_corrected_ref"
 )
 
 
