@@ -93,3 +93,15 @@ def update_sigma2(old: torch.Tensor, wsum: torch.Tensor, count: torch.Tensor) ->
     images' own power, estep.store.add_power_beyond_window); elsewhere the previous value."""
     new = wsum / (2.0 * count.clamp(min=1))
     return torch.where(count > 0, new, old).clamp(min=1e-12)
+
+
+def on_map_shells(spectrum, group_box: int, group_angpix: float, box: int, angpix: float):
+    """(box//2+1,) an optics group's spectrum (numpy or torch, in its own images' shells, of ``group_box`` px of
+    ``group_angpix`` Å) on the shells of the map (``box`` px of ``angpix``), where RELION reads it (its image shell i
+    takes the map's shell round(i · map length / group length)): each map shell takes the group's nearest, at most
+    its Nyquist."""
+    if group_box == box and group_angpix == angpix:
+        return spectrum[: box // 2 + 1]
+    to_group = group_box * group_angpix / (box * angpix)
+    nearest = np.minimum(np.round(np.arange(box // 2 + 1) * to_group).astype(np.int64), group_box // 2)
+    return spectrum[nearest]

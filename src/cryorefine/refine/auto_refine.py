@@ -15,7 +15,7 @@ from ..io.outputs import it_prefix, write_angdist_bild, write_model_star
 from ..io.particles import write_particles
 from ..io.table import ParticleTable
 from ..mstep.maximize import joined_at_low_resolution, maximize_half_sets
-from ..mstep.noise import initial_sigma2
+from ..mstep.noise import initial_sigma2, on_map_shells
 from ..mstep.priors import direction_log_prior, direction_prior
 from ..mstep.statistics import (
     GroupScales,
@@ -84,7 +84,13 @@ def initial_statistics(
             cfg.sigma_offset,
             GroupScales.ones(groups.of_particle, model_of_particle == h, len(groups.names)),
             initial_data_vs_prior(
-                start, n_classes, s, np.bincount(optics[model_of_particle == h], minlength=ctx.n_groups), cfg.tau2_fudge
+                start,
+                n_classes,
+                torch.stack(
+                    [on_map_shells(row, o.box, o.angpix, ctx.box, ctx.angpix) for row, o in zip(s, ctx.table.optics)]
+                ),
+                np.bincount(optics[model_of_particle == h], minlength=ctx.n_groups),
+                cfg.tau2_fudge,
             ),
         )
         for h, s in enumerate(sigma2)

@@ -17,6 +17,7 @@ from ..estep.images import MASK_EDGE_PX
 from ..geometry.healpix import angular_step_deg
 from ..io.outputs import it_prefix, write_sampling_star
 from ..io.star import write_star_table
+from ..mstep.noise import on_map_shells
 from ..mstep.statistics import ModelStatistics
 from .context import RunContext
 from .state import RunState, save_checkpoint
@@ -29,17 +30,6 @@ def relion_power(power, box: int) -> np.ndarray:
     """σ² or τ² (s,) in RELION's units: its transforms are normalised by 1/box² (2D images; its projections match),
     ours are not, so RELION's power spectra are ours / box⁴."""
     return np.asarray(power, dtype=np.float64) / float(box) ** 4
-
-
-def on_map_shells(spectrum: np.ndarray, group_box: int, group_angpix: float, box: int, angpix: float) -> np.ndarray:
-    """(box//2+1,) an optics group's spectrum (in its own images' shells, of ``group_box`` px of ``group_angpix`` Å)
-    on the shells of the map (``box`` px of ``angpix``), where RELION reads it (its image shell i takes the map's
-    shell round(i · map length / group length)): each map shell takes the group's nearest, at most its Nyquist."""
-    if group_box == box and group_angpix == angpix:
-        return spectrum[: box // 2 + 1]
-    to_group = group_box * group_angpix / (box * angpix)
-    nearest = np.minimum(np.round(np.arange(box // 2 + 1) * to_group).astype(np.int64), group_box // 2)
-    return spectrum[nearest]
 
 
 def shell_columns(box: int, angpix: float) -> dict:
