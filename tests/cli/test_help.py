@@ -11,6 +11,7 @@ from cryorefine.cli.main import SUBCOMMANDS, build_parser
 
 # option -> the unit its help must name
 UNITS = {
+    "--gpu_memory": "GiB",
     "--ini_high": "Å",
     "--strict_highres_exp": "Å",
     "--particle_diameter": "Å",

@@ -515,17 +515,22 @@ def test_gpu_estep_under_a_memory_cap_matches_uncapped(tmp_path, monkeypatch):
     tile = expectation._expectation_tile
     monkeypatch.setattr(expectation, "_expectation_tile", lambda batch, *a: tiles.append(len(batch)) or tile(batch, *a))
     total = torch.cuda.get_device_properties(0).total_memory
-    margin = max(memory.SAFETY_MIN_BYTES, int(memory.SAFETY_FRACTION * total))  # what available_bytes holds back
 
-    def capped(extra: int, budget=None):
+    def capped(extra: int, budget=None, margin: bool = False):
+        """The E-step under a cap of ``extra`` bytes above what is allocated; with ``margin``, ``extra`` more the
+        share available_bytes holds back of a cap (so that ``extra`` is what it reports available)."""
         torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated() + extra) / total)
+        used = torch.cuda.memory_allocated()
+        if margin:
+            f = memory.SAFETY_FRACTION
+            extra = max(extra + memory.SAFETY_MIN_BYTES, int((extra + f * used) / (1 - f)) + 1)
+        torch.cuda.set_per_process_memory_fraction((used + extra) / total)
         try:
             return estep(budget)
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0)
 
-    by_model = capped(whole_bytes // 4 + margin)
+    by_model = capped(whole_bytes // 4, margin=True)
     model_tiles = list(tiles)
     tiles.clear()
     by_halving = capped(

@@ -187,6 +187,13 @@ def add_common_args(p, classify: bool = False) -> None:
         "(as many as fit "
         "in a quarter of it) so that later iterations skip the stacks; image cache on (default: %(default)s)",
     )
+    p.add_argument(
+        "--gpu_memory",
+        dest="gpu_memory_gib",
+        type=float,
+        default=0.0,
+        help="use at most this much of each GPU (GiB, per process): for shared GPUs, or to leave room; 0 = all of it",
+    )
     p.add_argument("--j", dest="threads", type=int, default=0, help="CPU threads (0 = PyTorch's default)")
     p.add_argument(
         "--continue",
@@ -264,6 +271,8 @@ def config_from_args(args, cls):
         raise CryoInputError("--strict_highres_exp must be 0 (no limit) or a resolution in Å")
     if getattr(args, "max_seconds", 0.0) < 0:
         raise CryoInputError("--max_seconds must be 0 (no limit) or positive")
+    if getattr(args, "gpu_memory_gib", 0.0) < 0:
+        raise CryoInputError("--gpu_memory must be 0 (all of the GPU) or positive (GiB)")
 
     if args.continue_from:
         from ..refine.state import read_state
@@ -275,6 +284,7 @@ def config_from_args(args, cls):
             threads=args.threads,
             max_seconds=args.max_seconds,
             image_cache=args.image_cache,
+            gpu_memory_gib=args.gpu_memory_gib,
         )
         return cls(
             **{

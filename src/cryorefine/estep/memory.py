@@ -62,7 +62,9 @@ RECONSTRUCT_BYTES_PER_VOXEL = 112  # reconstruct(): float64/complex128 division,
 SYMMETRISE_BYTES_PER_VOXEL = 264  # symmetrise_backprojector() with a point group other than C1 [261]
 JOIN_HALVES_BYTES_PER_VOXEL = 24  # auto-refine: both halves' summed data and weights, alive while reconstructing
 
-SAFETY_FRACTION = 0.05  # of the device's total memory, held back for cuBLAS/cuFFT workspaces and fragmentation
+# of the memory the process may use (the device's, or its --gpu_memory cap), held back for cuBLAS/cuFFT workspaces
+# and fragmentation
+SAFETY_FRACTION = 0.05
 SAFETY_MIN_BYTES = 256 << 20
 IMAGE_CACHE_FRACTION = 0.25  # of the GPU's memory, at most, for the particle images kept there (io/image_cache.py)
 HOST_BUDGET_BYTES = 2 << 30  # CPU: bytes a tile may allocate at least (or half the free host memory, if more)
@@ -235,8 +237,8 @@ def available_bytes(device) -> int | None:
     free, total = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
     reusable = free + torch.cuda.memory_reserved(device) - allocated
-    capped = int(torch.cuda.get_per_process_memory_fraction(device) * total) - allocated
-    return min(reusable, capped) - max(SAFETY_MIN_BYTES, int(SAFETY_FRACTION * total))
+    allowed = int(torch.cuda.get_per_process_memory_fraction(device) * total)  # the cap (--gpu_memory), else all
+    return min(reusable, allowed - allocated) - max(SAFETY_MIN_BYTES, int(SAFETY_FRACTION * allowed))
 
 
 def image_cache_bytes(device, fixed_bytes: int, sharing: int = 1) -> int:

@@ -54,6 +54,7 @@ class RefineConfig:
     max_seconds: float = 0.0  # > 0: stop cleanly before an iteration that would end past this many seconds of this call
     precision: str = "fp32"  # coarse-pass matrix products: fp32, tf32 or fp16
     image_cache: bool = True  # on a GPU, keep the particle images there after their first read while they fit
+    gpu_memory_gib: float = 0.0  # --gpu_memory: at most this much of the GPU per process (0: all)
     device: str = "cpu"
     threads: int = 0
     continue_from: str | None = None

@@ -82,6 +82,17 @@ class RunContext:
         return auto_batch_size(len(self.table), self.dist.world_size, self.device.type == "cuda")
 
 
+def capped_gpu_memory(device: torch.device, gib: float) -> str | None:
+    """--gpu_memory: this process may allocate at most ``gib`` GiB of the GPU ``device`` (every memory decision,
+    estep/memory.py, reads the cap); the line for run.log, or None without a cap or a GPU."""
+    if gib <= 0 or device.type != "cuda":
+        return None
+    total = torch.cuda.mem_get_info(device)[1]
+    fraction = min(1.0, gib * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return f"--gpu_memory: at most {fraction * total / 2**30:.1f} of the GPU's {total / 2**30:.1f} GiB"
+
+
 @contextmanager
 def output_lock(cfg: RefineConfig, dist: Dist | None) -> Iterator[None]:
     """Hold ``<output_root>.lock`` (io/run_lock.py) while the block runs: rank 0 alone takes it, before open_run
@@ -139,6 +150,7 @@ def open_run(cfg: RefineConfig, dist: Dist | None, fixed_volumes: dict) -> RunCo
         check_reference(cfg.solvent_mask, box, cfg.angpix, what="solvent mask")
         solvent_mask = torch.from_numpy(read_map(cfg.solvent_mask)[0]).float()
     device = torch.device(cfg.device)
+    capped = capped_gpu_memory(device, cfg.gpu_memory_gib)
     symmetric = cfg.sym.upper() != "C1"
     free = available_bytes(device)
     if free is not None:
@@ -148,6 +160,8 @@ def open_run(cfg: RefineConfig, dist: Dist | None, fixed_volumes: dict) -> RunCo
     if dist.is_main:  # temporaries are named by pid, which other hosts cannot check
         remove_stale_temporaries(out)  # left by a killed run
     log = RunLog(out / "run.log", enabled=dist.is_main)
+    if capped is not None:
+        log.line(capped)
     unnormalised = normalisation_warning(table, cfg.particle_diameter)
     if unnormalised and dist.is_main:
         log.line(f"WARNING: {unnormalised}")
