@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from cryorefine.mstep.statistics import GroupScales
 from cryorefine.estep.settings import EStepSettings
 from cryorefine.estep.images import Window
 from cryorefine.estep.poses import PoseGrid
@@ -74,7 +75,7 @@ def one_estep(device: str, star: str, ref_path: str, diameter: float, n: int, wi
     settings = EStepSettings(angpix=angpix, sigma2_offset_angst2=(5 * angpix) ** 2)
     rows = np.arange(min(n, len(table)))
     t0 = time.perf_counter()
-    job = EStepPass(refs, grid, window, coarse, sigma2, torch.ones(len(table.optics), dtype=torch.float64), settings)
+    job = EStepPass(refs, grid, window, coarse, sigma2, GroupScales.one_for_all(len(table)), settings)
     runtime = EStepRuntime(cfg, (0, 1, 1), timer, None, 1024 if device.startswith("cuda") else 256)
     run_expectation(table, rows, poses, job, sums, runtime)
     if device.startswith("cuda"):

@@ -19,6 +19,7 @@ import cryorefine.estep.slots as slots_module
 import cryorefine.estep.weights as weights
 import cryorefine.projection.extract as extract
 import cryorefine.projection.insert as insert
+from cryorefine.mstep.statistics import GroupScales
 from cryorefine.cli.main import main as cli
 from cryorefine.estep import memory
 from cryorefine.estep.expectation import expectation_batch
@@ -417,7 +418,9 @@ def test_expectation_reads_images_batch_by_batch(tmp_path, monkeypatch):
     )
     sums = WeightedSums.zeros(1, BOX, 2, 1, c["grid"].sampling.n_directions)
     sigma2 = torch.full((1, BOX // 2 + 1), BOX * BOX / 2.0, dtype=torch.float64)
-    job = EStepPass([c["ref"]], c["grid"], c["window"], 6, sigma2, torch.ones(1, dtype=torch.float64), c["settings"])
+    job = EStepPass(
+        [c["ref"]], c["grid"], c["window"], 6, sigma2, GroupScales.one_for_all(len(c["table"])), c["settings"]
+    )
     run_expectation(
         c["table"],
         np.arange(N),
@@ -454,7 +457,7 @@ def test_a_pass_over_cached_images_takes_each_batch_only_when_the_last_is_done(t
 
         sums = WeightedSums.zeros(1, BOX, 2, 1, c["grid"].sampling.n_directions)
         job = EStepPass(
-            [c["ref"]], c["grid"], c["window"], 6, sigma2, torch.ones(1, dtype=torch.float64), c["settings"]
+            [c["ref"]], c["grid"], c["window"], 6, sigma2, GroupScales.one_for_all(len(c["table"])), c["settings"]
         )
         runtime = EStepRuntime(
             cfg, (0, 1, 1), StageTimer(), lambda n: events.append("done"), 3, tasks=tasks, cache=cache

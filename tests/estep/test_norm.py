@@ -5,6 +5,7 @@ import mrcfile
 import numpy as np
 import torch
 
+from cryorefine.mstep.statistics import GroupScales
 from cryorefine.estep.settings import EStepSettings
 from cryorefine.estep.images import Window
 from cryorefine.estep.poses import PoseGrid
@@ -39,7 +40,7 @@ def estimated_norms(tmp_path, scales):
     refs = prepare_references([torch.from_numpy(truth)], 2, None)
     settings = EStepSettings(angpix=ANGPIX, sigma2_offset_angst2=36.0)
     job = EStepPass(
-        refs, grid, window, 8, initial_sigma2(table, 1)[0], torch.ones(1, dtype=torch.float64), settings, avg_norm=1.0
+        refs, grid, window, 8, initial_sigma2(table, 1)[0], GroupScales.one_for_all(len(table)), settings, avg_norm=1.0
     )
     run_expectation(table, np.arange(N), poses, job, sums, EStepRuntime(cfg, (0, 1, 0), StageTimer(), None, 64))
     return updated_norm_corrections(poses.norm_correction, 1.0, poses.residual_power, BOX)  # the M-step's update

@@ -45,12 +45,10 @@ class GroupScales:
     def with_value(self, value: torch.Tensor) -> "GroupScales":
         return replace(self, value=torch.as_tensor(value, dtype=torch.float64))
 
-
-def group_scales(scale: GroupScales | torch.Tensor, n_particles: int) -> GroupScales:
-    """``scale`` as GroupScales: a bare tensor (Gm,) puts all ``n_particles`` in group 0 (one scale for all)."""
-    if isinstance(scale, GroupScales):
-        return scale
-    return GroupScales.ones(np.zeros(n_particles, np.int64), np.ones(n_particles, bool), len(scale)).with_value(scale)
+    @classmethod
+    def one_for_all(cls, n_particles: int) -> "GroupScales":
+        """Scale 1 for ``n_particles`` all in one group."""
+        return cls.ones(np.zeros(n_particles, np.int64), np.ones(n_particles, bool), 1)
 
 
 @dataclass(frozen=True)

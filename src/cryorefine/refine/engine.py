@@ -19,7 +19,7 @@ from ..estep.stages import Stages
 from ..estep.images import Window, prepare_batch
 from ..estep.poses import PoseGrid
 from ..estep.sums import WeightedSums
-from ..mstep.statistics import GroupScales, group_scales
+from ..mstep.statistics import GroupScales
 from ..fourier.filters import soft_sphere
 from ..geometry.euler import euler_to_matrix
 from ..geometry.symmetry import symmetry_matrices
@@ -136,7 +136,7 @@ class EStepPass:
     window: Window
     coarse_shell: int
     sigma2: torch.Tensor  # (G, d//2+1) on the compute device
-    scale: GroupScales | torch.Tensor  # per micrograph group, with each particle's group; a bare (1,): one for all
+    scale: GroupScales  # per micrograph group, with each particle's group
     settings: EStepSettings
     local: bool = False  # local searches about each particle's pose (settings.local_sigma_deg)
     forced_class: np.ndarray | None = None  # (n,) 0-based: hold each particle to this class
@@ -309,7 +309,7 @@ def run_expectation(
                 idx,
                 frame.window,
                 job.sigma2,
-                group_scales(job.scale, len(table)).value,
+                job.scale.value,
                 cfg.particle_diameter,
                 frame.angpix,
                 cfg.ctf,
@@ -320,7 +320,7 @@ def run_expectation(
                 images,
                 np.stack([poses_now.origin_x_angst[idx], poses_now.origin_y_angst[idx]], -1),
                 cfg.ctf_options,
-                group_scales(job.scale, len(table)).of_particle[idx],
+                job.scale.of_particle[idx],
                 offset_priors_angst(table, idx),
             )
             local_prior = None
