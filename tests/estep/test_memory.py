@@ -333,36 +333,42 @@ def test_insert_retries_a_chunk_that_runs_out_of_memory(monkeypatch):
 # ----------------------------------------------------------------------------- fixed volumes
 
 
-def test_fixed_volumes_at_box_256():
-    sizes = memory.fixed_volume_bytes(256, 2, 1, 2, symmetry=False, join_halves=True)
+def test_estep_volumes_at_box_256():
+    sizes = memory.estep_volume_bytes(512, 1, 2)
     per_half = (sizes["references"] + sizes["backprojectors"] / 2) / 1e9
     assert 1.3 < per_half < 1.4  # DESIGN.md: ~1.3 GB per half at box 256, pad 2
-    memory.check_fixed_volumes(256, 2, 1, 2, False, True, free=80 << 30)
+    memory.check_estep_volumes(256, 2, 512, 1, 2, free=80 << 30)
     with pytest.raises(Exception) as info:
-        memory.check_fixed_volumes(256, 2, 4, 4, True, False, free=8 << 30)
+        memory.check_estep_volumes(256, 2, 512, 4, 4, free=4 << 30)
     text = str(info.value)
     print("\n" + text)
     assert "\n" not in text
     for part in (
         "box 256",
-        "--pad 2",
+        "--pad 2 (whole)",
         "4 padded reference(s) 2.01 GiB",
         "4 back-projector(s) 3.01 GiB",
-        "8.00 GiB are free",
+        "4.00 GiB are free",
         "smaller --pad",
         "fewer classes",
         "CPU",
         "more memory",
     ):
         assert part in text, part
+    with pytest.raises(Exception) as info:
+        memory.check_estep_volumes(256, 2, 200, 6, 6, free=100 << 20)
+    assert "windowed to 200 of 512 padded voxels" in str(info.value)
 
 
 def test_refine_stops_before_the_first_iteration_when_the_volumes_cannot_fit(tmp_path, monkeypatch, capsys):
+    """Auto-refine stops at the start (its final iteration needs the whole grids); classification before its first
+    E-step (each iteration checks its window's grids)."""
     import cryorefine.refine.context as run_context
 
     simulate_particles(_blob_map(24).float(), ANGPIX, tmp_path / "data", 8, snr=0.1, seed=2)
     write_map(tmp_path / "ref.mrc", _blob_map(24).float().numpy(), ANGPIX)
     monkeypatch.setattr(run_context, "available_bytes", lambda device: 1 << 20)  # a GPU with 1 MiB free
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 20)
     for command in (["refine"], ["classify", "--K", "3"]):
         rc = cli(
             [
@@ -379,9 +385,9 @@ def test_refine_stops_before_the_first_iteration_when_the_volumes_cannot_fit(tmp
                 "1",
             ]
         )
-        err = capsys.readouterr().err.strip()
+        err = capsys.readouterr().err.strip().splitlines()[-1]
         print("\n" + err)
-        assert rc == 2 and len(err.splitlines()) == 1 and "fixed volumes" in err and "0.00 GiB are free" in err
+        assert rc == 2 and "E-step's volumes" in err and "0.00 GiB are free" in err
         assert not list((tmp_path / command[0]).glob("run_it*"))
 
 
@@ -548,3 +554,71 @@ def test_gpu_estep_under_a_memory_cap_matches_uncapped(tmp_path, monkeypatch):
     assert tiles[0] == 256 and min(tiles) < 256
     for run in (by_model, by_halving):
         _assert_same_estep(run, whole, same_fraction=0.99, tol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the M-step and the memory plan
+
+
+@pytest.mark.parametrize("box, grid, max_shell, gridding", [(48, 96, 24, 10), (48, 46, 10, 10), (40, 80, 8, 0)])
+def test_mstep_reconstruct_model_bounds_the_measured_peak(box, grid, max_shell, gridding, monkeypatch):
+    """reconstruct() of accumulators on a grid of edge ``grid`` (windowed when < 2·box) up to ``max_shell``, slabs
+    small (the cube and the P × P × m buffer, not one slab, set the peak)."""
+    import cryorefine.reconstruction.padded_fft as padded_fft
+    from cryorefine.reconstruction.reconstruct import reconstruct
+
+    monkeypatch.setattr(padded_fft, "SLAB_BYTES", 1 << 16)
+    bp = BackProjector.zeros(box, 2, size=grid)
+    bp.data.normal_(generator=torch.Generator().manual_seed(0))
+    bp.weight.uniform_(generator=torch.Generator().manual_seed(1))
+    tau2 = torch.linspace(2.0, 0.01, box // 2 + 1, dtype=torch.float64)
+    with LiveBytes() as lb:
+        reconstruct(bp, tau2, max_shell=max_shell, gridding_iterations=gridding, particles=5.0)
+    pred = memory.reconstruct_bytes(box, 2, grid, max_shell)
+    print(f"\nmeasured {lb.peak / 1e6:.1f} MB, predicted {pred / 1e6:.1f} MB")
+    assert lb.peak <= pred <= 2 * lb.peak
+
+
+def test_memory_plan_picks_the_gpu_or_the_host_and_says_why(monkeypatch):
+    """Given a free budget: the E-step's check (stop or go) and where the M-step runs, for the issue's jobs."""
+    from types import SimpleNamespace
+
+    from cryorefine.refine import steps
+
+    gib = 1 << 30
+    free = {"bytes": 0}
+    monkeypatch.setattr(memory, "available_bytes", lambda device: free["bytes"])
+
+    def ctx(box, sym="C1"):
+        return SimpleNamespace(device=torch.device("cuda", 0), box=box, cfg=SimpleNamespace(pad=2, sym=sym))
+
+    # box 450, --pad 2 on a 16 GiB card: an intermediate iteration's M-step (window 100 shells, ~11 GiB) fits beside
+    # its accumulators, the final iteration's whole-grid one (~57 GiB) does not: the host
+    mid, final = SimpleNamespace(map_radius=100.5), SimpleNamespace(map_radius=225.5)
+    free["bytes"] = 12 * gib
+    device, note = steps.mstep_device(ctx(450), mid, 100, memory.JOIN_HALVES_BYTES_PER_VOXEL)
+    assert device.type == "cuda" and "grids 406/900" in note and "M-step on the GPU" in note, note
+    device, note = steps.mstep_device(ctx(450), final, 225, memory.JOINED_BYTES_PER_VOXEL)
+    assert device.type == "cpu" and "grids 900/900" in note and "M-step on the host" in note, note
+    assert "12.00 GiB free" in note
+    steps.check_estep_memory(ctx(450), final, 1, 2)  # the final E-step's whole grids: 10.9 GiB
+    free["bytes"] = 10 * gib
+    with pytest.raises(Exception, match="10.89 GiB, but 10.00 GiB are free"):
+        steps.check_estep_memory(ctx(450), final, 1, 2)
+    # box 360, K = 6, --pad 2 at a class3d window of 40 shells: volumes of 0.1 GiB, M-step on a 12 GiB card
+    c3d = SimpleNamespace(map_radius=40.5)
+    steps.check_estep_memory(ctx(360), c3d, 6, 6)
+    device, note = steps.mstep_device(ctx(360), c3d, 40, 0)
+    assert device.type == "cuda", note
+    # the whole grids of six classes do not fit 12 GiB: one line, before the E-step
+    with pytest.raises(Exception, match="6 padded reference"):
+        steps.check_estep_memory(ctx(360), SimpleNamespace(map_radius=180.5), 6, 6)
+    # a point group: symmetrising the whole grid outgrows the budget first
+    free["bytes"] = 3 * gib
+    device, note = steps.mstep_device(ctx(360, "D7"), c3d, 40, 0)
+    assert device.type == "cuda", note
+    device, note = steps.mstep_device(ctx(360, "D7"), SimpleNamespace(map_radius=150.5), 150, 0)
+    assert device.type == "cpu", note
+    # on the CPU there is nothing to plan
+    monkeypatch.setattr(memory, "available_bytes", lambda device: None)
+    device, note = steps.mstep_device(SimpleNamespace(device=torch.device("cpu"), box=64, cfg=ctx(64).cfg), mid, 9, 0)
+    assert device.type == "cpu" and "M-step" not in note

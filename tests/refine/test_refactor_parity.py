@@ -2,8 +2,9 @@
 before the run became frozen state and one loop (aef3eed) and at this checkout give the same maps (within 1e-5
 relative), poses and classes on the CPU (bench/refactor_parity.py; the GPU comparison is in bench/results).
 
-Needs the repository's history (skipped in a shallow clone). MKL_CBWR=COMPATIBLE: MKL otherwise picks code paths by
-buffer alignment, which differs between the two versions, and its last bits with them.
+Both on the whole padded grids (CRYOREFINE_WHOLE_GRIDS; tests/estep/test_windowed_grids.py compares the windowed
+ones). Needs the repository's history (skipped in a shallow clone). MKL_CBWR=COMPATIBLE: MKL otherwise picks code
+paths by buffer alignment, which differs between the two versions, and its last bits with them.
 """
 
 import io
@@ -36,6 +37,7 @@ def test_loop_refactor_gives_the_same_results(tmp_path, monkeypatch):
     from refactor_parity import parity
 
     monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    monkeypatch.setenv("CRYOREFINE_WHOLE_GRIDS", "1")  # the windowed grids change the interpolation's last bits
     old = checkout(BEFORE, tmp_path / "before")
     res = parity(str(old), str(ROOT), tmp_path / "work")
     maps = {k: v for k, v in res.items() if k.startswith("map ")}

@@ -10,11 +10,12 @@ torch.cuda.max_memory_allocated, on the GPU.
 Units: bytes. K classes, T coarse translations, L coarse rotation slots per particle (all R rotations, or
 the local candidates), jc coarse-window pixels, J full-window pixels, G8 fine rotations (8 per significant
 (class, coarse rotation) pair in the tile's union), L8 fine rotation slots of one particle (8 per pair),
-T4 fine translations (4 per coarse one). V = P²(P/2+1) voxels of a padded half transform, P = pad·box.
+T4 fine translations (4 per coarse one). P = pad·box; the volumes are stored on grids of edge S <= P (windowed).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ import torch
 
 from ..errors import CryoInputError
 from ..projection.extract import MAX_POINTS
+from ..reconstruction import padded_fft, symmetrise
 from ..tiling import TileTooLarge
 
 # coarse pass + significance, per particle
@@ -55,12 +57,18 @@ INTERPOLATION_BYTES_PER_POINT = (
     48  # grid_sample's temporaries per point: coordinates, the flipped grid, Re/Im, conj sign [46]
 )
 
-# fixed volumes, per voxel of V
+# fixed volumes, per voxel of the stored grid (S²(S/2+1); S = P unless windowed)
 REFERENCE_BYTES_PER_VOXEL = 8  # padded transform, complex64
 BACKPROJECTOR_BYTES_PER_VOXEL = 12  # data complex64 + weight float32
-RECONSTRUCT_BYTES_PER_VOXEL = 112  # reconstruct(): float64/complex128 division, shell indices, inverse FFT [108]
-SYMMETRISE_BYTES_PER_VOXEL = 264  # symmetrise_backprojector() with a point group other than C1 [261]
-JOIN_HALVES_BYTES_PER_VOXEL = 24  # auto-refine: both halves' summed data and weights, alive while reconstructing
+# the M-step beyond its accumulators
+RECONSTRUCT_BYTES_PER_CUBE_VOXEL = (
+    200  # reconstruct()'s float64/complex128 work on the window's cube [126 gridding; 190 without]
+)
+SLAB_TEMPORARIES = 6  # padded_fft's slab temporaries and the blob factor's rows, in padded_fft.slab_bytes
+SYMMETRISE_BYTES_PER_VOXEL = 24  # symmetrise_backprojector() with a point group other than C1: the new sums [24]
+SYMMETRISE_BYTES_PER_CHUNK_VOXEL = 400  # and one chunk's interpolation [366]
+JOIN_HALVES_BYTES_PER_VOXEL = 48  # joined_at_low_resolution: the new accumulators, their sums and the radii [45]
+JOINED_BYTES_PER_VOXEL = 12  # the final iteration's one joined accumulator
 
 # of the memory the process may use (the device's, or its --gpu_memory cap), held back for cuBLAS/cuFFT workspaces
 # and fragmentation
@@ -172,46 +180,55 @@ def fine_particles_per_chunk(
 # ------------------------------------------------------------------ fixed volumes
 
 
-def padded_voxels(box: int, pad: int) -> int:
-    """V = P²(P/2+1), the voxels of a padded half transform."""
-    p = box * pad
-    return p * p * (p // 2 + 1)
+def grid_voxels(size: int) -> int:
+    """S²(S/2+1), the voxels of a stored padded half grid of edge S."""
+    return size * size * (size // 2 + 1)
 
 
-def fixed_volume_bytes(
-    box: int, pad: int, references: int, backprojectors: int, symmetry: bool, join_halves: bool
-) -> dict[str, int]:
-    """Device bytes a run holds besides the E-step tiles: references, back-projectors and the M-step's workspace.
-
-    ``references``: padded references alive at once (1 per half set in turn in auto-refine, K in classification);
-    ``backprojectors``: accumulators (2 half sets, or K classes). The M-step workspace is its peak beyond those:
-    symmetrising the accumulators (point groups other than C1), or the halves' sum plus one reconstruction.
-    """
-    v = padded_voxels(box, pad)
-    mstep = RECONSTRUCT_BYTES_PER_VOXEL + (JOIN_HALVES_BYTES_PER_VOXEL if join_halves else 0)
-    if symmetry:
-        mstep = max(mstep, SYMMETRISE_BYTES_PER_VOXEL)
+def estep_volume_bytes(grid_size: int, references: int, backprojectors: int) -> dict[str, int]:
+    """Device bytes of the E-step's volumes on a stored grid of edge ``grid_size`` (extract.window_grid_size):
+    ``references`` padded transforms alive at once (1, a half set's, in auto-refine; K in classification) and
+    ``backprojectors`` accumulators (2 half sets, or K classes)."""
+    v = grid_voxels(grid_size)
     return {
         "references": REFERENCE_BYTES_PER_VOXEL * v * references,
         "backprojectors": BACKPROJECTOR_BYTES_PER_VOXEL * v * backprojectors,
-        "mstep": mstep * v,
     }
 
 
-def check_fixed_volumes(
-    box: int, pad: int, references: int, backprojectors: int, symmetry: bool, join_halves: bool, free: int
-) -> None:
-    """Raise CryoInputError (one line: the sizes, the free memory, the fixes) when the fixed volumes exceed ``free``
-    bytes."""
-    sizes = fixed_volume_bytes(box, pad, references, backprojectors, symmetry, join_halves)
+def reconstruct_bytes(box: int, pad: int, grid_size: int, max_shell: int) -> int:
+    """Peak of one reconstruct() beyond its accumulators: float64 work on the cube of the padded radii up to
+    ``max_shell``·pad (reconstruct._hermitian_window; the stored grid when it reaches its edge), padded_fft's
+    P × P × m buffer (m the cube's x columns) and its slab temporaries."""
+    h = math.ceil(max_shell * pad) + 1
+    n, m = (grid_size, grid_size // 2 + 1) if h >= grid_size // 2 else (2 * h + 1, h + 1)
+    p = box * pad
+    return RECONSTRUCT_BYTES_PER_CUBE_VOXEL * n * n * m + 16 * p * p * m + SLAB_TEMPORARIES * padded_fft.slab_bytes(p)
+
+
+def mstep_bytes(box: int, pad: int, grid_size: int, max_shell: int, symmetry: bool, join_bytes_per_voxel: int) -> int:
+    """The M-step's peak beyond the accumulators it is given: symmetrising them (a point group other than C1), or
+    ``join_bytes_per_voxel`` of the stored grid (the halves joined: JOIN_HALVES_BYTES_PER_VOXEL, or
+    JOINED_BYTES_PER_VOXEL in the final iteration; 0 for classes) beside one reconstruction up to ``max_shell``."""
+    v = grid_voxels(grid_size)
+    joined = join_bytes_per_voxel * v + reconstruct_bytes(box, pad, grid_size, max_shell)
+    chunk = min(v, symmetrise.SYMMETRISE_CHUNK)
+    symmetrised = SYMMETRISE_BYTES_PER_VOXEL * v + SYMMETRISE_BYTES_PER_CHUNK_VOXEL * chunk
+    return max(symmetrised if symmetry else 0, joined)
+
+
+def check_estep_volumes(box: int, pad: int, grid_size: int, references: int, backprojectors: int, free: int) -> None:
+    """Raise CryoInputError (one line: the sizes, the free memory, the fixes) when the E-step's volumes on a grid of
+    edge ``grid_size`` exceed ``free`` bytes."""
+    sizes = estep_volume_bytes(grid_size, references, backprojectors)
     need = sum(sizes.values())
     if need <= free:
         return
+    window = "whole" if grid_size == box * pad else f"windowed to {grid_size} of {box * pad} padded voxels"
     raise CryoInputError(
-        f"the GPU cannot hold the run's fixed volumes at box {box}, --pad {pad}: {references} padded reference(s) "
-        f"{sizes['references'] / GIB:.2f} GiB + {backprojectors} back-projector(s) "
-        f"{sizes['backprojectors'] / GIB:.2f} GiB + M-step workspace {sizes['mstep'] / GIB:.2f} GiB = "
-        f"{need / GIB:.2f} GiB, but {max(free, 0) / GIB:.2f} GiB are free; "
+        f"the GPU cannot hold the E-step's volumes at box {box}, --pad {pad} ({window}): {references} padded "
+        f"reference(s) {sizes['references'] / GIB:.2f} GiB + {backprojectors} back-projector(s) "
+        f"{sizes['backprojectors'] / GIB:.2f} GiB = {need / GIB:.2f} GiB, but {max(free, 0) / GIB:.2f} GiB are free; "
         "use a smaller --pad (e.g. --pad 1), fewer classes, the CPU (drop --gpu) or a GPU with more memory"
     )
 

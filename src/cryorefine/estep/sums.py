@@ -68,13 +68,15 @@ class WeightedSums:
         n_shells: int | None = None,
         n_scale_groups: int = 1,
         scale_shells: ScaleShells | None = None,
+        grid_size: int | None = None,
     ):
-        """Zeroed sums for maps of ``box``; σ² (per optics group) and scale (per micrograph group, over
-        ``scale_shells``) over ``n_shells`` (the largest optics group's d//2+1, default the map's)."""
+        """Zeroed sums for maps of ``box``, back-projectors of ``grid_size`` (BackProjector.zeros); σ² (per optics
+        group) and scale (per micrograph group, over ``scale_shells``) over ``n_shells`` (the largest optics group's
+        d//2+1, default the map's)."""
         s = box // 2 + 1 if n_shells is None else n_shells
         z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
         return cls(
-            [BackProjector.zeros(box, pad, device, dtype) for _ in range(n_classes)],
+            [BackProjector.zeros(box, pad, device, dtype, grid_size) for _ in range(n_classes)],
             z(n_groups, s),
             z(n_groups, s),
             z(n_scale_groups, s),

@@ -32,6 +32,31 @@ def irfft3_centered(f_rfft: torch.Tensor, box: int) -> torch.Tensor:
     return torch.fft.fftshift(torch.fft.irfftn(f_rfft, s=(box, box, box), dim=(-3, -2, -1)), dim=(-3, -2, -1))
 
 
+def origin_first(x: torch.Tensor, dim: int, n: int) -> torch.Tensor:
+    """Axis ``dim`` (length m, centred: index i holds i − m//2) as the standard FFT layout of length ``n`` >= m: index
+    0 holds the centre, the m − m//2 samples from it come first and the m//2 before it wrap to the end, zeros between.
+    For a real-space axis this is the ifftshift of the centred axis zero-padded to n; for a centred frequency axis the
+    embedding of its frequencies in an n-point transform."""
+    m = x.shape[dim]
+    c = m // 2
+    shape = list(x.shape)
+    shape[dim] = n
+    out = x.new_zeros(shape)
+    out.narrow(dim, 0, m - c).copy_(x.narrow(dim, c, m - c))
+    if c:
+        out.narrow(dim, n - c, c).copy_(x.narrow(dim, 0, c))
+    return out
+
+
+def centred_take(x: torch.Tensor, dim: int, m: int) -> torch.Tensor:
+    """The inverse of :func:`origin_first`: the samples −m//2 .. m − m//2 − 1 of the standard-layout axis ``dim`` (its
+    length n), centred (index i holds i − m//2). The crop of a centred real-space axis, or the centred frequencies of a
+    transform."""
+    n = x.shape[dim]
+    keep = torch.arange(-(m // 2), m - m // 2, device=x.device) % n
+    return x.index_select(dim, keep)
+
+
 def rfft_freqs_2d(box: int, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer frequencies (ky, kx), each (d, d//2+1), of torch's rfft2 layout (ky unshifted)."""
     ky = torch.fft.fftfreq(box, d=1.0 / box, device=device, dtype=dtype)

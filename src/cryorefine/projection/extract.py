@@ -9,17 +9,20 @@ from their Friedel mate (conjugated).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from ..fourier.grids import centred_take, origin_first
 from ..optics import IDENTITY_MAG, magnified
-from ..fourier.grids import rfft3_centered
 
 
 @dataclass(frozen=True)
 class PaddedTransform:
-    """A padded 3D half transform, centred in z and y: (P, P, P//2 + 1) complex."""
+    """A padded 3D half transform, centred in z and y: (S, S, S//2 + 1) complex, the whole grid (S = P) or the cube of
+    frequencies −S/2 .. S/2 − 1 (z, y) and 0 .. S/2 (x) about the origin that an iteration's window reads (RELION sizes
+    its projectors by the current image size): index arithmetic is the same on both, relative to index S//2."""
 
     f_padded: torch.Tensor
     box: int
@@ -27,7 +30,19 @@ class PaddedTransform:
 
     @property
     def size(self) -> int:
-        return self.box * self.pad
+        """S, the stored grid's edge (padded voxels)."""
+        return self.f_padded.shape[0]
+
+
+def window_grid_size(radius_px: float | None, box: int, pad: int) -> int:
+    """Edge S of the stored padded grid that holds every trilinear corner of points up to ``radius_px`` (the map's
+    pixels) from the origin: 2·(⌊pad·radius⌋ + 2), or P = pad·box when that is not smaller (or ``radius_px`` is
+    None). A point at padded coordinate c < S/2 − 1 has its lower corner at most S/2 − 2, inside the grid."""
+    full = box * pad
+    if radius_px is None:
+        return full
+    s = 2 * (math.floor(pad * radius_px) + 2)
+    return s if s < full else full
 
 
 def sinc2_gridding_kernel(box: int, pad: int, device=None, dtype=torch.float64) -> torch.Tensor:
@@ -37,23 +52,20 @@ def sinc2_gridding_kernel(box: int, pad: int, device=None, dtype=torch.float64) 
     return torch.sinc(r) ** 2  # torch.sinc is sin(πx)/(πx)
 
 
-def pad_volume(volume: torch.Tensor, pad: int) -> torch.Tensor:
-    """Zero-pad (d, d, d) to (P, P, P) keeping the centre voxel d//2 at P//2."""
-    d = volume.shape[-1]
-    size = d * pad
-    out = volume.new_zeros((size, size, size))
-    o = size // 2 - d // 2
-    out[o : o + d, o : o + d, o : o + d] = volume
-    return out
+def prepare_padded_transform(volume: torch.Tensor, pad: int = 2, size: int | None = None) -> PaddedTransform:
+    """(d, d, d) real map (z, y, x) -> padded, gridding pre-corrected, centred half transform; ``size``: the edge S of
+    the stored grid (window_grid_size; default the whole P).
 
-
-def prepare_padded_transform(volume: torch.Tensor, pad: int = 2) -> PaddedTransform:
-    """(d, d, d) real map (z, y, x) -> padded, gridding pre-corrected, centred half transform."""
+    One axis at a time (x, then y, then z), each zero-padded to P and cropped to the stored frequencies before the
+    next: the P³ padded volume and its whole transform are never held (a box-450 map at --pad 2 took 9 GB of them)."""
     d = volume.shape[-1]
-    corrected = volume / sinc2_gridding_kernel(d, pad, volume.device, volume.dtype)
-    f = rfft3_centered(pad_volume(corrected, pad))
-    f = torch.fft.fftshift(f, dim=(0, 1))
-    return PaddedTransform(f, d, pad)
+    full = d * pad
+    size = full if size is None else size
+    f = volume / sinc2_gridding_kernel(d, pad, volume.device, volume.dtype)
+    f = torch.fft.rfft(origin_first(f, -1, full), dim=-1)[..., : size // 2 + 1]
+    for dim in (-2, -3):
+        f = centred_take(torch.fft.fft(origin_first(f, dim, full), dim=dim), dim, size)  # frequencies −S/2 .. S/2 − 1
+    return PaddedTransform(f.contiguous(), d, pad)
 
 
 def slice_coordinates(rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor, pad: int) -> torch.Tensor:

@@ -13,7 +13,9 @@ from .extract import MAX_POINTS, _trilinear_corners, slice_coordinates
 
 @dataclass
 class BackProjector:
-    """Accumulators on the padded grid: data (P, P, P//2+1) complex and weight (same shape) real."""
+    """Accumulators on the padded grid: data (S, S, S//2+1) complex and weight (same shape) real, centred as
+    PaddedTransform: the whole grid (S = P = pad·box) or the cube about the origin an iteration's window reaches
+    (extract.window_grid_size; RELION sizes its back-projectors by the current image size)."""
 
     data: torch.Tensor
     weight: torch.Tensor
@@ -21,8 +23,10 @@ class BackProjector:
     pad: int
 
     @classmethod
-    def zeros(cls, box: int, pad: int = 2, device=None, dtype=torch.float32) -> "BackProjector":
-        size = box * pad
+    def zeros(
+        cls, box: int, pad: int = 2, device=None, dtype=torch.float32, size: int | None = None
+    ) -> "BackProjector":
+        size = box * pad if size is None else size
         shape = (size, size, size // 2 + 1)
         cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
         return cls(
@@ -31,6 +35,12 @@ class BackProjector:
 
     @property
     def size(self) -> int:
+        """S, the stored grid's edge (padded voxels)."""
+        return self.data.shape[0]
+
+    @property
+    def padded_size(self) -> int:
+        """P = pad·box: the padded map's edge, whose transform the stored grid is (part of)."""
         return self.box * self.pad
 
     def insert(

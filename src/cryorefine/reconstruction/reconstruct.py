@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from ..fourier.filters import soft_mask_outside_map
-from ..fourier.grids import centred_half_radius, irfft3_centered, shell_sum
+from ..fourier.grids import centred_half_radius, shell_sum
 from ..projection.extract import sinc2_gridding_kernel
 from ..projection.insert import BackProjector, enforce_hermitian_x0
+from . import padded_fft
+from .padded_fft import blob_convolution_magnitude, central_box_of_inverse
 
 MIN_REGULARISED_SHELL = 5  # RELION's minres_map: no prior term on the lowest shells
 GRIDDING_ITERATIONS = 10  # RELION 3.1's --gridding_iter (its default; RELION >= 4 skips them: --skip_gridding, 0)
@@ -25,30 +28,30 @@ def padded_shell_index(size: int, pad: int, device=None) -> tuple[torch.Tensor, 
 
 def _hermitian_window(
     bp: BackProjector, max_shell: int | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The accumulators with the x = 0 plane made Hermitian (enforce_hermitian_x0), cropped to the cube about the
-    origin that holds the padded radii <= ``max_shell``·pad (default d/2; the whole grid when the cube reaches its
-    edge): (data, weight, r_pad, shell, h) with each voxel's padded radius and original-grid shell round(R/pad);
-    h is the cube's half width (index i of its first two axes holds frequency i - h), or -1 for the whole grid.
-    An intermediate iteration's window is a small share of the grid: the M-step's float64 work is done on the cube."""
+    origin that holds the padded radii <= ``max_shell``·pad (default d/2; the whole stored grid when the cube reaches
+    its edge): (data, weight, r_pad, shell), a centred half-grid cube (index i of its first two axes holds frequency
+    i − n//2), with each voxel's padded radius and original-grid shell round(R/pad). An intermediate iteration's
+    window is a small share of the grid: the M-step's float64 work is done on the cube."""
     max_shell = bp.box // 2 if max_shell is None else max_shell
     h = int(math.ceil(max_shell * bp.pad)) + 1
     if h >= bp.size // 2:
         data, weight = enforce_hermitian_x0(bp.data, bp.weight)
         r_pad, shell = padded_shell_index(bp.size, bp.pad, data.device)
-        return data, weight, r_pad, shell, -1
+        return data, weight, r_pad, shell
     c = bp.size // 2
     cube = slice(c - h, c + h + 1)  # centred on the origin (index h), so every x = 0 voxel's mate lies inside it
     data, weight = enforce_hermitian_x0(bp.data[cube, cube, : h + 1], bp.weight[cube, cube, : h + 1])
     k = torch.arange(-h, h + 1, device=data.device, dtype=torch.float64)
     kx = torch.arange(h + 1, device=data.device, dtype=torch.float64)
     r_pad = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
-    return data, weight, r_pad, torch.round(r_pad / bp.pad).long(), h
+    return data, weight, r_pad, torch.round(r_pad / bp.pad).long()
 
 
 def _shell_voxels(bp: BackProjector, n_shells: int, max_shell: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Original-grid shell and weight of every padded voxel inside ``max_shell`` (RELION's r² < r_max²·pad²)."""
-    _, w, r_pad, shell, _ = _hermitian_window(bp, max_shell)
+    _, w, r_pad, shell = _hermitian_window(bp, max_shell)
     max_shell = bp.box // 2 if max_shell is None else max_shell
     inside = (r_pad < max_shell * bp.pad) & (shell < n_shells)
     return shell[inside], w[inside].to(torch.float64)
@@ -130,49 +133,55 @@ def weight_floor(weight: torch.Tensor, r_pad: torch.Tensor, pad: int, max_shell:
     return radial[shell.clamp(max=n - 1)]
 
 
-def blob_fourier_multiplier(size: int, device=None) -> torch.Tensor:
-    """(P, P, P) real-space factor of RELION's convoluteBlobRealSpace on the padded grid (origin at index 0, wrapped):
-    the Fourier transform of its Kaiser-Bessel blob (order 0, radius 3.8 padded voxels, α 15) at r / (d·pad), from
-    RELION's table (rounded down to a sample; 0 beyond 0.5), relative to its value at 0. For order 0 that transform is
-    ∝ I_{3/2}(σ)/σ^{3/2} with σ = √(α² − (2π·a·w)²) (Lewitt 1990; 2π·a·w < α over the table)."""
+def blob_fourier_multiplier(size: int, rows: tuple[int, int] | None = None, device=None) -> torch.Tensor:
+    """(P, P, P) real-space factor of RELION's convoluteBlobRealSpace on the padded grid (origin at index 0, wrapped),
+    or its z ``rows`` (z0, z1) only: the Fourier transform of its Kaiser-Bessel blob (order 0, radius 3.8 padded
+    voxels, α 15) at r / (d·pad), from RELION's table (rounded down to a sample; 0 beyond 0.5), relative to its value
+    at 0. For order 0 that transform is ∝ I_{3/2}(σ)/σ^{3/2} with σ = √(α² − (2π·a·w)²) (Lewitt 1990; 2π·a·w < α over
+    the table)."""
     k = torch.fft.fftfreq(size, 1.0 / size, dtype=torch.float64, device=device)
-    r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
-    idx = torch.floor(r / size / BLOB_TABLE_STEP)  # RELION's rval = r / (d·pad)
-    w = idx.clamp(max=BLOB_TABLE_SIZE - 1) * BLOB_TABLE_STEP
+    kz = k if rows is None else k[rows[0] : rows[1]]
+    r = torch.sqrt(kz[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
+    idx = torch.floor(r / size / BLOB_TABLE_STEP).clamp(max=BLOB_TABLE_SIZE).long()  # RELION's rval = r / (d·pad)
+    return _blob_table(str(device if device is not None else "cpu"))[idx]
+
+
+@functools.lru_cache(maxsize=4)
+def _blob_table(device: str) -> torch.Tensor:
+    """(BLOB_TABLE_SIZE + 1,) the blob's transform at RELION's table samples relative to 0, and 0 past the table."""
+    w = torch.arange(BLOB_TABLE_SIZE, dtype=torch.float64, device=device) * BLOB_TABLE_STEP
 
     def profile(w: torch.Tensor) -> torch.Tensor:
         sigma = torch.sqrt(BLOB_ALPHA**2 - (2 * math.pi * BLOB_RADIUS * w) ** 2)
         i15 = torch.sqrt(2 / (math.pi * sigma)) * (torch.cosh(sigma) - torch.sinh(sigma) / sigma)
         return i15 / sigma**1.5
 
-    out = profile(w) / profile(torch.zeros((), dtype=torch.float64, device=device))
-    return torch.where(idx < BLOB_TABLE_SIZE, out, torch.zeros_like(out))
+    return torch.cat([profile(w) / profile(torch.zeros(1, dtype=torch.float64, device=device)), w.new_zeros(1)])
 
 
-def gridding_weights(weight: torch.Tensor, inside: torch.Tensor, iterations: int, blob: torch.Tensor) -> torch.Tensor:
+def gridding_weights(weight: torch.Tensor, inside: torch.Tensor, iterations: int, size: int) -> torch.Tensor:
     """RELION 3.1's iterative density compensation (Pipe & Menon 1999) of the padded accumulators: W₀ = 1 inside the
-    window, then W ← W / max(10⁻⁶, |(W·weight) ∗ blob|) ``iterations`` times, the convolution done as a product with
-    the blob's transform in real space. ``weight`` (P, P, P//2+1) is the centred half grid with the prior term, in
-    RELION's units per particle (normalised by the particle count, as RELION's M-step: that sets where the 10⁻⁶ floor
-    acts); ``inside`` the voxels within the window. Returns W (same shape): the map is data·W instead of data/weight."""
-    size = weight.shape[0]
+    window, then W ← W / max(10⁻⁶, |(W·weight) ∗ blob|) ``iterations`` times, the convolution done on the whole
+    ``size``-point padded grid as a product with the blob's transform in real space (padded_fft: by slabs).
+    ``weight`` is a centred half-grid cube (n, n, m) about the origin that holds every voxel of the window (zero
+    outside), with the prior term, in RELION's units per particle (normalised by the particle count, as RELION's
+    M-step: that sets where the 10⁻⁶ floor acts); ``inside`` the voxels within the window. Returns W (same shape): the
+    map is data·W instead of data/weight."""
     w_new = inside.to(torch.float64)
+    # the factor is made once (by slabs) when the whole of it is at most a slab's bytes, else a slab's rows when the
+    # slab is transformed
+    whole = None
+    if 8 * size**3 <= padded_fft.SLAB_BYTES:
+        rows = padded_fft.row_slabs(size)
+        whole = torch.cat([blob_fourier_multiplier(size, r, weight.device) for r in rows])
+
+    def multiplier(z0: int, z1: int) -> torch.Tensor:
+        return whole[z0:z1] if whole is not None else blob_fourier_multiplier(size, (z0, z1), weight.device)
+
     for _ in range(iterations):
-        f = torch.fft.ifftshift((w_new * weight).to(torch.complex128), dim=(0, 1))
-        real = torch.fft.irfftn(f, s=(size, size, size), norm="forward")  # RELION: backward transform unscaled
-        conv = torch.fft.fftshift(torch.fft.rfftn(real * blob, norm="forward"), dim=(0, 1))  # forward: 1/N
-        w_new = torch.where(inside, w_new / conv.abs().clamp(min=1e-6), w_new)
+        conv = blob_convolution_magnitude(w_new * weight, size, multiplier)
+        w_new = torch.where(inside, w_new / conv.clamp(min=1e-6), w_new)
     return w_new
-
-
-def _full_grid(cube: torch.Tensor, h: int, size: int) -> torch.Tensor:
-    """A centred cube of half width h (from _hermitian_window) back into the zero (P, P, P//2+1) grid."""
-    if h < 0:
-        return cube
-    c = size // 2
-    full = torch.zeros((size, size, size // 2 + 1), dtype=cube.dtype, device=cube.device)
-    full[c - h : c + h + 1, c - h : c + h + 1, : h + 1] = cube
-    return full
 
 
 def reconstruct(
@@ -194,8 +203,8 @@ def reconstruct(
     Components beyond ``max_shell`` (default d/2) are zero. Then inverse FFT, crop, RELION's soft mask outside the
     box's inscribed sphere (corners to their mean), divide by sinc².
     """
-    d, pad, size = bp.box, bp.pad, bp.size
-    data, weight, r_pad, shell, h = _hermitian_window(bp, max_shell)
+    d, pad, size = bp.box, bp.pad, bp.padded_size
+    data, weight, r_pad, shell = _hermitian_window(bp, max_shell)
     max_shell = d // 2 if max_shell is None else max_shell
     denom = weight.to(torch.float64)
     if tau2 is not None:
@@ -211,21 +220,12 @@ def reconstruct(
         # transforms are 1/N-normalised, so its weights are d⁴ times ours, and per particle
         inside = torch.round(r_pad**2) < round(max_shell * pad) ** 2
         units = float(d) ** 4 / particles
-        full_inside = _full_grid(inside, h, size)
-        w_new = gridding_weights(
-            _full_grid(denom * units, h, size),
-            full_inside,
-            gridding_iterations,
-            blob_fourier_multiplier(size, data.device),
-        )
-        f = torch.where(full_inside, _full_grid(data.to(torch.complex128), h, size) * (w_new * units), zero)
+        w_new = gridding_weights(denom * units, inside, gridding_iterations, size)
+        f = torch.where(inside, data.to(torch.complex128) * (w_new * units), zero)
     else:
         denom = torch.maximum(denom, weight_floor(denom, r_pad, pad, max_shell))
         inside = (r_pad <= max_shell * pad) & (denom > 0)
-        f = _full_grid(torch.where(inside, data.to(torch.complex128) / denom.clamp(min=1e-300), zero), h, size)
-    f = torch.fft.ifftshift(f, dim=(0, 1))
-    vol_padded = irfft3_centered(f, size)
-    o = size // 2 - d // 2
-    vol = soft_mask_outside_map(vol_padded[o : o + d, o : o + d, o : o + d])
+        f = torch.where(inside, data.to(torch.complex128) / denom.clamp(min=1e-300), zero)
+    vol = soft_mask_outside_map(central_box_of_inverse(f, size, d))
     vol = vol / sinc2_gridding_kernel(d, pad, vol.device, vol.dtype)
     return vol.to(weight.dtype)

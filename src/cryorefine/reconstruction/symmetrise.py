@@ -28,11 +28,14 @@ def symmetrise_map(volume: torch.Tensor, sym: str) -> torch.Tensor:
     return sum((rotate_map(volume, R) for R in ops), torch.zeros_like(volume)) / len(ops)
 
 
+SYMMETRISE_CHUNK = 1 << 20  # voxels interpolated at once: bounds the (voxels, 8 corners) temporaries (~300 MB)
+
+
 def symmetrise_backprojector(bp, sym: str) -> None:
     """Sum the accumulators over the point group in Fourier space (RELION's BackProjector::symmetrise), in place.
 
     data'(k) = Σ_g data(R_g k), weight'(k) = Σ_g weight(R_g k), read by trilinear interpolation on the
-    padded half grid (Friedel mates conjugated).
+    padded half grid (Friedel mates conjugated); SYMMETRISE_CHUNK voxels at a time.
     """
     from ..projection.extract import _trilinear_corners
 
@@ -42,18 +45,21 @@ def symmetrise_backprojector(bp, sym: str) -> None:
     size = bp.size
     dev = bp.data.device
     k = torch.arange(size, device=dev, dtype=bp.weight.dtype) - size // 2
-    kx = torch.arange(size // 2 + 1, device=dev, dtype=bp.weight.dtype)
-    z, y, x = torch.meshgrid(k, k, kx, indexing="ij")
-    coords = torch.stack([x, y, z], -1).reshape(-1, 3)  # grid order of the centred half transform
+    nx = size // 2 + 1
     data_tab = torch.view_as_real(bp.data).reshape(-1, 2)
     w_tab = bp.weight.reshape(-1)
     new_d = bp.data.clone().reshape(-1)
     new_w = bp.weight.clone().reshape(-1)
-    for R in ops[1:].to(device=dev, dtype=bp.weight.dtype):
-        flat, w, flip = _trilinear_corners(coords @ R, size)
-        d = (data_tab[flat] * w.unsqueeze(-1)).sum(-2)
-        d = torch.view_as_complex(d.contiguous())
-        new_d += torch.where(flip, d.conj(), d)
-        new_w += (w_tab[flat] * w).sum(-1)
+    rotations = ops[1:].to(device=dev, dtype=bp.weight.dtype)
+    for start in range(0, new_w.numel(), SYMMETRISE_CHUNK):
+        flat_index = torch.arange(start, min(new_w.numel(), start + SYMMETRISE_CHUNK), device=dev)
+        z, y, x = flat_index // (size * nx), (flat_index // nx) % size, flat_index % nx
+        coords = torch.stack([x.to(k.dtype), k[y], k[z]], -1)  # grid order of the centred half transform
+        for R in rotations:
+            flat, w, flip = _trilinear_corners(coords @ R, size)
+            d = (data_tab[flat] * w.unsqueeze(-1)).sum(-2)
+            d = torch.view_as_complex(d.contiguous())
+            new_d[flat_index] += torch.where(flip, d.conj(), d)
+            new_w[flat_index] += (w_tab[flat] * w).sum(-1)
     bp.data = new_d.reshape(bp.data.shape)
     bp.weight = new_w.reshape(bp.weight.shape)

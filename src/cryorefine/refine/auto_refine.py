@@ -14,6 +14,7 @@ from ..io.mrc import read_map, write_map
 from ..io.outputs import it_prefix, write_angdist_bild, write_model_star
 from ..io.particles import write_particles
 from ..io.table import ParticleTable
+from ..estep.memory import JOIN_HALVES_BYTES_PER_VOXEL, JOINED_BYTES_PER_VOXEL
 from ..mstep.maximize import joined_at_low_resolution, maximize_half_sets
 from ..mstep.noise import initial_sigma2, on_map_shells
 from ..mstep.priors import direction_log_prior, direction_prior
@@ -50,7 +51,8 @@ from .relion_files import (
 from .schedule import Schedule
 from .state import RunState, from_checkpoint, read_state
 
-FIXED_VOLUMES = {"references": 1, "backprojectors": 2, "join_halves": True}  # one half's reference at a time
+# one half's reference at a time; the final iteration's E-step holds the whole grids
+ESTEP_VOLUMES = {"references": 1, "backprojectors": 2, "whole": True}
 
 
 def halves_of(table: ParticleTable, seed: int) -> np.ndarray:
@@ -190,12 +192,15 @@ class AutoRefineMode:
     ) -> EStepOutput:
         """E-step of both half sets (this rank's share), each against its own reference and direction prior."""
         cfg = ctx.cfg
+        steps.check_estep_memory(ctx, plan, ESTEP_VOLUMES["references"], ESTEP_VOLUMES["backprojectors"])
         sums, done = [], []
+        refs: list | None = None
         with Progress(len(ctx.table), f"iteration {state.iteration:3d}", ctx.dist.is_main) as bar:
             for half in (1, 2):
                 with ctx.timer("getFourierTransformsAndCTFs"):
-                    refs = steps.references(ctx, [state.maps[half - 1]])
-                s = steps.weighted_sums(ctx, 1, plan.sampling.n_directions, state.stats[half - 1])
+                    refs = None  # the other half's, freed before this one's are made
+                    refs = steps.references(ctx, [state.maps[half - 1]], plan.map_radius)
+                s = steps.weighted_sums(ctx, 1, plan.sampling.n_directions, state.stats[half - 1], plan.map_radius)
                 prior = direction_log_prior(
                     state.direction_prior[half - 1], plan.sampling.n_directions, state.schedule.local_search
                 )
@@ -229,7 +234,11 @@ class AutoRefineMode:
         )
         if cfg.scale and not cc and len(ctx.groups.names) > 1:
             ctx.log.line(f"half set 1: {scale_spread(stats[0].scale)}")
-        bps = [s.backprojectors[0] for s in sums]
+        final_or_joined = JOINED_BYTES_PER_VOXEL if sch.final_iteration else JOIN_HALVES_BYTES_PER_VOXEL
+        device, memory_note = steps.mstep_device(
+            ctx, plan, ctx.box // 2 if sch.final_iteration else plan.window_shell, final_or_joined
+        )
+        bps = steps.on_device([s.backprojectors[0] for s in sums], device)
         for bp in bps:
             symmetrise_backprojector(bp, cfg.sym)
         if cfg.low_resol_join_halves > 0 and not sch.final_iteration:
@@ -263,6 +272,7 @@ class AutoRefineMode:
             "accuracy_offset_px": plan.accuracy[1],
             "final": sch.final_iteration,
             "note": plan.note,
+            "memory": memory_note,
         }
         if not sch.final_iteration:
             sch.update_after_halves_fsc(m.fsc, plan.window_shell)
@@ -362,7 +372,5 @@ def refine(cfg: RefineConfig, dist: Dist | None = None) -> dict:
     """Auto-refine (``cryorefine refine``): returns the run's summary."""
     mode = AutoRefineMode()
     with output_lock(cfg, dist):  # before open_run writes anything
-        ctx = open_run(
-            cfg, dist, FIXED_VOLUMES if cfg.low_resol_join_halves > 0 else {**FIXED_VOLUMES, "join_halves": False}
-        )
+        ctx = open_run(cfg, dist, ESTEP_VOLUMES)
         return run(mode, ctx, load_or_start(mode, ctx))

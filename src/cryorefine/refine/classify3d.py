@@ -130,11 +130,12 @@ class ClassifyMode:
         cfg, classes = ctx.cfg, state.classes
         assert classes is not None
         random_class_iter = 2 if cfg.firstiter_cc else 1
+        steps.check_estep_memory(ctx, plan, self.K, self.K)
         with ctx.timer("getFourierTransformsAndCTFs"):
-            refs = steps.references(ctx, state.maps)
+            refs = steps.references(ctx, state.maps, plan.map_radius)
             # RELION takes each class's τ² for this iteration's reconstruction from the reference as prepared here
             class_tau2 = [tau2_from_reference(r, plan.window_shell) for r in refs]
-        sums = steps.weighted_sums(ctx, self.K, plan.sampling.n_directions, state.stats[0])
+        sums = steps.weighted_sums(ctx, self.K, plan.sampling.n_directions, state.stats[0], plan.map_radius)
         forced = classes.initial_class if state.iteration <= random_class_iter else None
         rows = np.arange(len(ctx.table))
         avg_norm = steps.average_norm_correction(poses, rows, state.iteration) if cfg.norm else None
@@ -160,10 +161,12 @@ class ClassifyMode:
         )
         if cfg.scale and not cc and len(ctx.groups.names) > 1:
             ctx.log.line(scale_spread(stats[0].scale))
-        for bp in sums.backprojectors:
+        device, memory_note = steps.mstep_device(ctx, plan, plan.window_shell, 0)
+        bps = steps.on_device(sums.backprojectors, device)
+        for bp in bps:
             symmetrise_backprojector(bp, cfg.sym)
         m = maximize_classes(
-            sums.backprojectors,
+            bps,
             sums.class_weight.tolist(),
             estep.class_tau2,
             cfg.tau2_fudge,
@@ -203,6 +206,7 @@ class ClassifyMode:
             "class_resolution_angst": class_res,
             "sigma_offset_angst": float(stats[0].sigma2_offset_angst2 ** 0.5),
             "final": False,
+            "memory": memory_note,
         }
         info = {
             "resolution_angst": record["resolution_angst"],
@@ -272,5 +276,5 @@ def classify(cfg: ClassifyConfig, dist: Dist | None = None) -> dict:
         raise CryoInputError(f"--K must be at least 1 (got {cfg.K})")
     mode = ClassifyMode(cfg.K)
     with output_lock(cfg, dist):  # before open_run writes anything
-        ctx = open_run(cfg, dist, {"references": cfg.K, "backprojectors": cfg.K, "join_halves": False})
+        ctx = open_run(cfg, dist, {"references": cfg.K, "backprojectors": cfg.K, "whole": False})
         return run(mode, ctx, load_or_start(mode, ctx))

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CryoInputError, DistributedError
-from ..estep.memory import available_bytes, check_fixed_volumes, fixed_volume_bytes, image_cache_bytes
+from ..estep.memory import available_bytes, check_estep_volumes, estep_volume_bytes, image_cache_bytes
 from ..io.atomic import remove_stale_temporaries
 from ..io.background import BackgroundWriter
 from ..io.image_cache import ImageCache
@@ -128,10 +128,11 @@ def output_lock(cfg: RefineConfig, dist: Dist | None) -> Iterator[None]:
             lock.release()  # nothing where it was not taken
 
 
-def open_run(cfg: RefineConfig, dist: Dist | None, fixed_volumes: dict) -> RunContext:
+def open_run(cfg: RefineConfig, dist: Dist | None, volumes: dict) -> RunContext:
     """Read and check the inputs (validate.py's checks: the CLI made them already, a program that runs the engine
-    itself gets the same), stop with one line when the GPU cannot hold ``fixed_volumes`` (estep/memory.py's
-    references, back-projectors, joined halves), and set up the run's services. Rank 0 alone writes files."""
+    itself gets the same), stop with one line when the GPU cannot hold the E-step's ``volumes`` (``references`` and
+    ``backprojectors`` alive at once) on the whole grid where the run's last iteration needs it (``whole``; each
+    iteration checks its own window: steps.memory_plan), and set up the run's services. Rank 0 alone writes files."""
     dist = dist if dist is not None else Dist(device=cfg.device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -151,10 +152,10 @@ def open_run(cfg: RefineConfig, dist: Dist | None, fixed_volumes: dict) -> RunCo
         solvent_mask = torch.from_numpy(read_map(cfg.solvent_mask)[0]).float()
     device = torch.device(cfg.device)
     capped = capped_gpu_memory(device, cfg.gpu_memory_gib)
-    symmetric = cfg.sym.upper() != "C1"
     free = available_bytes(device)
-    if free is not None:
-        check_fixed_volumes(box, cfg.pad, symmetry=symmetric, free=free, **fixed_volumes)
+    counts = {"references": volumes["references"], "backprojectors": volumes["backprojectors"]}
+    if free is not None and volumes["whole"]:
+        check_estep_volumes(box, cfg.pad, box * cfg.pad, free=free, **counts)
     out = Path(cfg.output_root).parent
     out.mkdir(parents=True, exist_ok=True)
     if dist.is_main:  # temporaries are named by pid, which other hosts cannot check
@@ -167,9 +168,10 @@ def open_run(cfg: RefineConfig, dist: Dist | None, fixed_volumes: dict) -> RunCo
         log.line(f"WARNING: {unnormalised}")
         warnings.warn(unnormalised, stacklevel=1)
     room = 0
-    if cfg.image_cache:
-        fixed = sum(fixed_volume_bytes(box, cfg.pad, symmetry=symmetric, **fixed_volumes).values())
-        room = image_cache_bytes(device, fixed, dist.device_peers)
+    if cfg.image_cache and free is not None:
+        # room for the whole grids' volumes, or (runs whose windows may stay small) at most half the memory
+        fixed = sum(estep_volume_bytes(box * cfg.pad, **counts).values())
+        room = image_cache_bytes(device, fixed if volumes["whole"] else min(fixed, free // 2), dist.device_peers)
     largest = int(table.boxes.max())  # the cache's slots hold the largest optics group's images
     images = ImageCache(len(table), largest, room // (4 * largest * largest), device)
     if device.type == "cuda":

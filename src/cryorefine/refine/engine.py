@@ -101,9 +101,9 @@ def solvent_masked(
     return volume
 
 
-def prepare_references(maps: list[torch.Tensor], pad: int, device) -> list[PaddedTransform]:
+def prepare_references(maps: list[torch.Tensor], pad: int, device, size: int | None = None) -> list[PaddedTransform]:
     """The E-step's projectors of ``maps`` as they are (the M-step has flattened them already: solvent_masked)."""
-    return [prepare_padded_transform(m.to(device=device, dtype=torch.float32), pad) for m in maps]
+    return [prepare_padded_transform(m.to(device=device, dtype=torch.float32), pad, size) for m in maps]
 
 
 def angular_change_deg(rot0, tilt0, psi0, rot1, tilt1, psi1, sym: str = "C1") -> np.ndarray:
@@ -200,14 +200,12 @@ def optics_frame(job: EStepPass, box: int, angpix: float, mag: tuple[float, floa
     of a ``box`` at ``angpix`` with magnification ``mag``, as RELION 3.1 maps optics groups of other sizes onto the
     map: shells scale by the ratio of the boxes' lengths in Å (image_current_size and image_coarse_size, rounded up),
     at most the group's Nyquist; offsets (Å) are in the group's pixels."""
-    ref_length = job.window.box * job.settings.angpix
-    if box == job.window.box and angpix == job.settings.angpix:
-        return OpticsFrame(job.window.in_map_frame(mag), job.coarse_shell, job.grid, job.settings)
-    to_group = box * angpix / ref_length  # a map shell's number in the group's shells
-    max_shell = min(box // 2, math.ceil(job.window.max_shell * to_group - 1e-9))
+    window, to_group = group_window(job.window, job.settings.angpix, box, angpix, mag)
+    if to_group == 1.0 and box == job.window.box:
+        return OpticsFrame(window, job.coarse_shell, job.grid, job.settings)
+    max_shell = window.max_shell
     coarse = min(max_shell, math.ceil(job.coarse_shell * to_group - 1e-9))
     score = job.settings.score_shell
-    window = Window.build(box, max_shell, job.window.ky.device).in_map_frame(mag, 1.0 / to_group)
     px = job.settings.angpix / angpix  # the map's pixels in the group's
     grid = replace(
         job.grid,
@@ -219,6 +217,29 @@ def optics_frame(job: EStepPass, box: int, angpix: float, mag: tuple[float, floa
         job.settings, angpix=angpix, score_shell=None if score is None else min(max_shell, round(score * to_group))
     )
     return OpticsFrame(window, coarse, grid, settings)
+
+
+def group_window(
+    window: Window, map_angpix: float, box: int, angpix: float, mag: tuple[float, float, float, float]
+) -> tuple[Window, float]:
+    """The window of an optics group of ``box`` at ``angpix`` with magnification ``mag`` for the map's ``window`` (its
+    box at ``map_angpix``), and the ratio of the boxes' lengths in Å (a map shell's number in the group's shells):
+    RELION 3.1's image_current_size, scaled and rounded up, at most the group's Nyquist."""
+    if box == window.box and angpix == map_angpix:
+        return window.in_map_frame(mag), 1.0
+    to_group = box * angpix / (window.box * map_angpix)
+    max_shell = min(box // 2, math.ceil(window.max_shell * to_group - 1e-9))
+    return Window.build(box, max_shell, window.ky.device).in_map_frame(mag, 1.0 / to_group), to_group
+
+
+def map_frame_radius(table: ParticleTable, window: Window, map_angpix: float) -> float:
+    """The largest frequency (the map's pixels) the E-step of ``table``'s optics groups reads or writes for the map's
+    ``window``: what the windowed references and back-projectors must hold (extract.window_grid_size)."""
+    radius = 0.0
+    for box, angpix, mag in sorted({(o.box, o.angpix, o.mag) for o in table.optics}):
+        w, _ = group_window(window, map_angpix, box, angpix, mag)
+        radius = max(radius, float(torch.sqrt(w.map_kx.double() ** 2 + w.map_ky.double() ** 2).max()))
+    return radius
 
 
 def optics_batches(

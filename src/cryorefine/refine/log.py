@@ -40,5 +40,6 @@ class RunLog:
             f"Δangle {r['change_orientation_deg']:.2f}°, Δoffset {r['change_offset_px']:.2f} px, "
             f"nsig {r['mean_significant']:.1f}, pmax {r['mean_max_prob']:.3f}, "
             f"accuracy {r.get('accuracy_rotation_deg', 0):.2f}°{extra}, {r['seconds']:.1f} s [{stages}]"
+            + (f"; {r['memory']}" if r.get("memory") else "")
             + (f" — {r['note']}" if r.get("note") else "")
         )

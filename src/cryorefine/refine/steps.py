@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..debug_hooks import pause_point
+from ..debug_hooks import pause_point, whole_grids
+from ..estep import memory
 from ..estep.images import Window, ctf_and_inverse_noise
 from ..estep.poses import PoseGrid
 from ..estep.settings import EStepSettings
@@ -22,10 +23,13 @@ from ..fourier.grids import relion_round
 from ..geometry.healpix import HealpixSampling, make_sampling, next_random_perturbation
 from ..mstep.norm import updated_norm_corrections
 from ..mstep.statistics import ModelStatistics, estep_scale_shells
+from ..projection.extract import window_grid_size
+from ..projection.insert import BackProjector
 from ..transfer import to_device
 from .accuracy import N_TRIALS, expected_accuracy
 from .context import RunContext
 from .engine import (
+    map_frame_radius,
     EStepPass,
     EStepRuntime,
     ParticlePoses,
@@ -49,6 +53,7 @@ class IterationPlan:
     window_shell: int
     coarse_shell: int
     settings: EStepSettings
+    map_radius: float  # the largest frequency (the map's pixels) the E-step reads or writes: the windowed grids' reach
     accuracy: tuple[float, float] = (999.0, 999.0)  # degrees, pixels
     note: str | None = None
 
@@ -85,16 +90,60 @@ def plan_iteration(
         if cfg.strict_highres_exp > 0
         else sch.coarse_shell(window_shell, ctx.box, cfg.angpix, cfg.particle_diameter)
     )
+    window = Window.build(ctx.box, window_shell, ctx.device)
     return IterationPlan(
         sampling,
         grid,
-        Window.build(ctx.box, window_shell, ctx.device),
+        window,
         window_shell,
         coarse_shell,
         replace(settings, score_shell=score_shell),
+        map_frame_radius(ctx.table, window, ctx.angpix),
         accuracy,
         note,
     )
+
+
+def grid_size(ctx: RunContext, map_radius: float) -> int:
+    """Edge of the stored padded grids (references, back-projectors) that hold the frequencies up to ``map_radius``
+    (the map's pixels): the window's cube, or P (or P always: debug_hooks.whole_grids)."""
+    return window_grid_size(None if whole_grids() else map_radius, ctx.box, ctx.cfg.pad)
+
+
+def check_estep_memory(ctx: RunContext, plan: IterationPlan, references: int, backprojectors: int) -> None:
+    """Stop with one line (CryoInputError) before the E-step when the GPU cannot hold its ``references`` and
+    ``backprojectors`` on the iteration's windowed grids (the window has outgrown the card)."""
+    free = memory.available_bytes(ctx.device)
+    if free is not None:
+        memory.check_estep_volumes(
+            ctx.box, ctx.cfg.pad, grid_size(ctx, plan.map_radius), references, backprojectors, free
+        )
+
+
+def mstep_device(
+    ctx: RunContext, plan: IterationPlan, max_shell: int, join_bytes_per_voxel: int
+) -> tuple[torch.device, str]:
+    """Where the M-step runs, and why (run.log): on the GPU when its work (estep/memory.mstep_bytes, reconstructions
+    up to ``max_shell``) fits beside what is allocated there (the accumulators, the image cache); else on the host,
+    where RELION always runs it. The CPU: the CPU."""
+    free = memory.available_bytes(ctx.device)
+    size = grid_size(ctx, plan.map_radius)
+    grids = f"grids {size}/{ctx.box * ctx.cfg.pad} padded voxels"
+    if free is None:
+        return ctx.device, grids
+    symmetric = ctx.cfg.sym.upper() != "C1"
+    need = memory.mstep_bytes(ctx.box, ctx.cfg.pad, size, max_shell, symmetric, join_bytes_per_voxel)
+    where = "GPU" if need <= free else "host"
+    note = f"{grids}, M-step on the {where} (needs {need / memory.GIB:.2f} GiB, {free / memory.GIB:.2f} GiB free)"
+    return (ctx.device if where == "GPU" else torch.device("cpu")), note
+
+
+def on_device(bps: list[BackProjector], device: torch.device) -> list[BackProjector]:
+    """The accumulators on ``device`` (the same objects where they are there already)."""
+    return [
+        bp if bp.data.device == device else BackProjector(bp.data.to(device), bp.weight.to(device), bp.box, bp.pad)
+        for bp in bps
+    ]
 
 
 def estep_settings(ctx: RunContext, state: RunState, direction_log_prior=None) -> EStepSettings:
@@ -111,18 +160,23 @@ def estep_settings(ctx: RunContext, state: RunState, direction_log_prior=None) -
     )
 
 
-def weighted_sums(ctx: RunContext, n_classes: int, n_directions: int, stats: ModelStatistics) -> WeightedSums:
-    """An E-step's zeroed accumulators for ``n_classes`` maps: σ² per optics group (up to the largest box's
-    Nyquist), the scales per micrograph group over the shells ``stats``' classes take (with --scale)."""
+def weighted_sums(
+    ctx: RunContext, n_classes: int, n_directions: int, stats: ModelStatistics, map_radius: float
+) -> WeightedSums:
+    """An E-step's zeroed accumulators for ``n_classes`` maps, the back-projectors windowed to ``map_radius`` (the
+    map's pixels): σ² per optics group (up to the largest box's Nyquist), the scales per micrograph group over the
+    shells ``stats``' classes take (with --scale)."""
     cfg = ctx.cfg
     return WeightedSums.zeros(
         n_classes, ctx.box, cfg.pad, ctx.n_groups, n_directions, device=ctx.device, n_shells=ctx.n_shells,
         n_scale_groups=len(ctx.groups.names), scale_shells=estep_scale_shells(stats, cfg.scale, ctx.device),
+        grid_size=grid_size(ctx, map_radius),
     )  # fmt: skip
 
 
-def references(ctx: RunContext, maps) -> list:
-    return prepare_references(list(maps), ctx.cfg.pad, ctx.device)
+def references(ctx: RunContext, maps, map_radius: float) -> list:
+    """The padded transforms the E-step projects, windowed to ``map_radius`` (the map's pixels)."""
+    return prepare_references(list(maps), ctx.cfg.pad, ctx.device, grid_size(ctx, map_radius))
 
 
 def estep_pass(
@@ -212,7 +266,7 @@ def accuracy_of(
     pick = np.sort(rng.choice(rows, min(N_TRIALS, len(rows)), replace=False))
     score_shell = strict_window_shell(window_shell, ctx.box, cfg.angpix, cfg.strict_highres_exp)
     window = Window.build(ctx.box, score_shell, ctx.device)
-    ref = references(ctx, [volume])[0]
+    ref = references(ctx, [volume], map_frame_radius(ctx.table, window, ctx.angpix))[0]
     group = to_device(ctx.table.optics_group[pick], ctx.device)
     ctf, inv_sigma2 = ctf_and_inverse_noise(
         ctx.table, pick, group, window, state.stats[0].sigma2.to(ctx.device), cfg.ctf, ctx.device, cfg.ctf_options

@@ -1,0 +1,126 @@
+"""The M-step's slab transforms (padded_fft.py) and the windowed grids against whole-grid 3D transforms (float64):
+RELION's gridding convolution and final inverse transform on the P³ grid, and the padded transform of a map."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cryorefine.fourier.grids import irfft3_centered, rfft3_centered
+from cryorefine.projection.extract import prepare_padded_transform, sinc2_gridding_kernel, window_grid_size
+from cryorefine.projection.insert import BackProjector
+from cryorefine.reconstruction.padded_fft import blob_convolution_magnitude, central_box_of_inverse
+from cryorefine.reconstruction.reconstruct import blob_fourier_multiplier, reconstruct
+
+
+def _embed(cube: torch.Tensor, size: int) -> torch.Tensor:
+    """A centred cube (n, n, m) placed in the zero centred half grid (size, size, size//2 + 1)."""
+    n, m = cube.shape[0], cube.shape[2]
+    full = torch.zeros((size, size, size // 2 + 1), dtype=cube.dtype)
+    lo = size // 2 - n // 2
+    full[lo : lo + n, lo : lo + n, :m] = cube
+    return full
+
+
+def _hermitian_cube(n: int, m: int, seed: int) -> torch.Tensor:
+    """A real (n, n, m) cube, symmetric on x = 0 (k and −k equal), as accumulators after enforce_hermitian_x0."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand((n, n, m), generator=g, dtype=torch.float64)
+    if n % 2:  # odd: index i and n − 1 − i are mates
+        a[..., 0] = (a[..., 0] + a.flip(0, 1)[..., 0]) / 2
+    return a
+
+
+@pytest.mark.parametrize("n, m, size", [(9, 5, 16), (16, 9, 16), (11, 6, 15)])
+def test_blob_convolution_equals_the_whole_grid_transforms(n, m, size, monkeypatch):
+    import cryorefine.reconstruction.padded_fft as padded_fft
+
+    monkeypatch.setattr(padded_fft, "SLAB_BYTES", 1)  # one column and one row per slab
+    a = _hermitian_cube(n, m, 1)
+    blob = blob_fourier_multiplier(size)
+    full = torch.fft.ifftshift(_embed(a, size).to(torch.complex128), dim=(0, 1))
+    real = torch.fft.irfftn(full, s=(size, size, size), norm="forward")
+    want = torch.fft.fftshift(torch.fft.rfftn(real * blob, norm="forward"), dim=(0, 1)).abs()
+    lo = size // 2 - n // 2
+    want = want[lo : lo + n, lo : lo + n, :m]
+    got = blob_convolution_magnitude(a, size, lambda z0, z1: blob[z0:z1])
+    assert torch.allclose(got, want, rtol=0, atol=1e-12 * float(want.max()))
+    # the factor of a few rows is those rows of the whole factor
+    assert torch.allclose(blob_fourier_multiplier(size, (3, 7)), blob[3:7], rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("n, m, size, box", [(9, 5, 16, 8), (16, 9, 16, 8), (11, 6, 22, 11), (7, 4, 30, 10)])
+def test_central_box_equals_the_cropped_whole_inverse(n, m, size, box, monkeypatch):
+    import cryorefine.reconstruction.padded_fft as padded_fft
+
+    monkeypatch.setattr(padded_fft, "SLAB_BYTES", 1)
+    g = torch.Generator().manual_seed(2)
+    re, im = (torch.randn((n, n, m), generator=g, dtype=torch.float64) for _ in range(2))
+    f = torch.complex(re, im)
+    whole = irfft3_centered(torch.fft.ifftshift(_embed(f, size), dim=(0, 1)), size)
+    o = size // 2 - box // 2
+    want = whole[o : o + box, o : o + box, o : o + box]
+    assert torch.allclose(central_box_of_inverse(f, size, box), want, rtol=0, atol=1e-12 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("box, pad", [(16, 2), (15, 2), (17, 1), (12, 3)])
+def test_padded_transform_equals_the_whole_transform_and_its_window(box, pad):
+    volume = torch.randn((box, box, box), dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    size = box * pad
+    o = size // 2 - box // 2
+    padded = torch.zeros((size, size, size), dtype=torch.float64)
+    padded[o : o + box, o : o + box, o : o + box] = volume / sinc2_gridding_kernel(box, pad, dtype=torch.float64)
+    whole = torch.fft.fftshift(rfft3_centered(padded), dim=(0, 1))
+    got = prepare_padded_transform(volume, pad).f_padded
+    assert got.shape == whole.shape and torch.allclose(got, whole, rtol=0, atol=1e-9)
+    s = window_grid_size(box / 5, box, pad)
+    assert s < size and s % 2 == 0
+    c, h = size // 2, s // 2
+    window = prepare_padded_transform(volume, pad, s).f_padded
+    assert torch.allclose(window, whole[c - h : c + h, c - h : c + h, : h + 1], rtol=0, atol=1e-9)
+
+
+def test_window_grid_size_holds_every_corner_and_is_whole_when_not_smaller():
+    assert window_grid_size(None, 32, 2) == 64
+    assert window_grid_size(31.9, 64, 1) == 64  # 2·(31 + 2) = 66 is not smaller
+    assert window_grid_size(10.0, 64, 2) == 2 * (20 + 2)
+
+
+@pytest.mark.parametrize("iterations", [0, 10])
+def test_reconstruct_from_windowed_accumulators_equals_the_whole_grid(iterations):
+    """Accumulators with data inside shell 5 only: the windowed grid (S < P) gives the map of the whole grid."""
+    box, pad, shell = 20, 2, 5
+    size = box * pad
+    g = torch.Generator().manual_seed(4)
+    whole = BackProjector.zeros(box, pad, dtype=torch.float32)
+    k = torch.arange(size) - size // 2
+    r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + torch.arange(size // 2 + 1)[None, None, :] ** 2)
+    near = r < shell * pad + 1
+    whole.data[near] = torch.randn(int(near.sum()), dtype=torch.complex64, generator=g)
+    whole.weight[near] = torch.rand(int(near.sum()), generator=g) + 0.5
+    s = window_grid_size(shell + 0.5, box, pad)
+    c, h = size // 2, s // 2
+    cube = (slice(c - h, c + h), slice(c - h, c + h), slice(0, h + 1))
+    windowed = BackProjector(whole.data[cube].clone(), whole.weight[cube].clone(), box, pad)
+    assert windowed.size == s < size and windowed.padded_size == size
+    tau2 = torch.linspace(2.0, 0.1, box // 2 + 1, dtype=torch.float64)
+    want = reconstruct(whole, tau2, max_shell=shell, gridding_iterations=iterations, particles=10.0)
+    got = reconstruct(windowed, tau2, max_shell=shell, gridding_iterations=iterations, particles=10.0)
+    assert torch.allclose(got, want, rtol=0, atol=1e-6 * float(want.abs().max()))
+
+
+def test_symmetrise_in_chunks_equals_one_chunk(monkeypatch):
+    import cryorefine.reconstruction.symmetrise as symmetrise
+
+    g = torch.Generator().manual_seed(5)
+    shape = (20, 20, 11)
+    data = torch.complex(torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+    weight = torch.rand(shape, generator=g)
+    out = []
+    for chunk in (1 << 22, 37):
+        monkeypatch.setattr(symmetrise, "SYMMETRISE_CHUNK", chunk)
+        bp = BackProjector(data.clone(), weight.clone(), 10, 2)
+        symmetrise.symmetrise_backprojector(bp, "D3")
+        out.append(bp)
+    assert not torch.equal(out[0].weight, weight)
+    assert torch.equal(out[0].data, out[1].data) and torch.equal(out[0].weight, out[1].weight)
