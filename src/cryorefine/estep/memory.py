@@ -203,7 +203,9 @@ def reconstruct_bytes(box: int, pad: int, grid_size: int, max_shell: int) -> int
     h = math.ceil(max_shell * pad) + 1
     n, m = (grid_size, grid_size // 2 + 1) if h >= grid_size // 2 else (2 * h + 1, h + 1)
     p = box * pad
-    return RECONSTRUCT_BYTES_PER_CUBE_VOXEL * n * n * m + 16 * p * p * m + SLAB_TEMPORARIES * padded_fft.slab_bytes(p)
+    return (
+        RECONSTRUCT_BYTES_PER_CUBE_VOXEL * n * n * m + 16 * p * p * m + SLAB_TEMPORARIES * padded_fft.slab_bytes(p, m)
+    )
 
 
 def mstep_bytes(box: int, pad: int, grid_size: int, max_shell: int, symmetry: bool, join_bytes_per_voxel: int) -> int:

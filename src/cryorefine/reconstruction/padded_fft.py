@@ -20,9 +20,11 @@ from ..fourier.grids import centred_take, origin_first
 SLAB_BYTES = 1 << 28  # temporaries of one pass's slab
 
 
-def slab_bytes(size: int) -> int:
-    """Bytes of one pass's slab temporaries on a ``size``-point grid: SLAB_BYTES, or one column's when that is more."""
-    return max(SLAB_BYTES, 48 * size * size)
+def slab_bytes(size: int, columns: int) -> int:
+    """Bytes of one pass's slab temporaries on a ``size``-point grid of ``columns`` x columns: SLAB_BYTES, at least one
+    column's, at most all of them."""
+    column = 48 * size * size
+    return max(column, min(SLAB_BYTES, column * columns))
 
 
 def _slabs(total: int, bytes_each: int):
