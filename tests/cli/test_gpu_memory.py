@@ -33,3 +33,31 @@ def test_the_run_keeps_within_the_budget(tmp_path):
         assert "--gpu_memory: at most 2.0 of the GPU's" in (d / "r/run.log").read_text()
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, 0)  # the other GPU tests get the whole card
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("buffer", ["gpu", "host"])
+def test_an_mstep_that_does_not_fit_runs_on_the_host_with_the_same_result(tmp_path, monkeypatch, buffer):
+    """The memory plan told that the M-step cannot fit (and, for ``host``, neither its transforms' buffer): the
+    accumulators go to the host, run.log says so, and the run ends at the resolution of the all-GPU run."""
+    from cryorefine.estep import memory
+
+    d = small_set(tmp_path, 32, 6.0, 60, seed=1)
+    flags = "--ini_high 30 --particle_diameter 170 --iter 3 --healpix_order 1 --offset_range 2 --offset_step 1".split()
+    runs = {}
+    for name in ("gpu", "planned"):
+        if name == "planned":
+            monkeypatch.setattr(memory, "mstep_bytes", lambda *a: 1 << 50)
+            if buffer == "host":
+                monkeypatch.setattr(memory, "transform_buffer_bytes", lambda *a: 1 << 50)
+        argv = ["refine", "--i", str(d / "particles.star"), "--o", str(d / name / "run"), "--ref",
+                str(d / "start.mrc"), "--gpu", *flags]  # fmt: skip
+        assert cli(argv) == 0
+        runs[name] = (d / name / "run.log").read_text()
+    assert "M-step on the GPU" in runs["gpu"] and "M-step on the host" not in runs["gpu"]
+    where = "GPU" if buffer == "gpu" else "host (pinned)"
+    assert "M-step on the host" in runs["planned"] and f"buffer on the {where}" in runs["planned"]
+    resolution = [[line.split("resolution ")[1].split(" Å")[0] for line in log.splitlines() if "resolution " in line]
+                  for log in runs.values()]  # fmt: skip
+    assert resolution[0] == resolution[1]

@@ -559,7 +559,7 @@ def test_gpu_estep_under_a_memory_cap_matches_uncapped(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- the M-step and the memory plan
 
 
-@pytest.mark.parametrize("box, grid, max_shell, gridding", [(48, 96, 24, 10), (48, 46, 10, 10), (40, 80, 8, 0)])
+@pytest.mark.parametrize("box, grid, max_shell, gridding", [(48, 96, 24, 10), (48, 46, 10, 10), (64, 128, 32, 0)])
 def test_mstep_reconstruct_model_bounds_the_measured_peak(box, grid, max_shell, gridding, monkeypatch):
     """reconstruct() of accumulators on a grid of edge ``grid`` (windowed when < 2·box) up to ``max_shell``, slabs
     small (the cube and the P × P × m buffer, not one slab, set the peak)."""
@@ -579,7 +579,7 @@ def test_mstep_reconstruct_model_bounds_the_measured_peak(box, grid, max_shell, 
 
 
 def test_memory_plan_picks_the_gpu_or_the_host_and_says_why(monkeypatch):
-    """Given a free budget: the E-step's check (stop or go) and where the M-step runs, for the issue's jobs."""
+    """Given a free budget: the E-step's check (stop or go) and the M-step's rung, for the issue's jobs."""
     from types import SimpleNamespace
 
     from cryorefine.refine import steps
@@ -591,34 +591,42 @@ def test_memory_plan_picks_the_gpu_or_the_host_and_says_why(monkeypatch):
     def ctx(box, sym="C1"):
         return SimpleNamespace(device=torch.device("cuda", 0), box=box, cfg=SimpleNamespace(pad=2, sym=sym))
 
+    def m_step(box, radius, max_shell, join=0, sym="C1", bps=()):
+        return steps.mstep_plan(ctx(box, sym), SimpleNamespace(map_radius=radius), list(bps), max_shell, join)
+
     # box 450, --pad 2 on a 16 GiB card: an intermediate iteration's M-step (window 100 shells, ~11 GiB) fits beside
-    # its accumulators, the final iteration's whole-grid one (~57 GiB) does not: the host
-    mid, final = SimpleNamespace(map_radius=100.5), SimpleNamespace(map_radius=225.5)
+    # its accumulators; the final iteration's whole-grid one (~57 GiB) runs on the host, its transforms on the GPU
     free["bytes"] = 12 * gib
-    device, note = steps.mstep_device(ctx(450), mid, 100, memory.JOIN_HALVES_BYTES_PER_VOXEL)
-    assert device.type == "cuda" and "grids 406/900" in note and "M-step on the GPU" in note, note
-    device, note = steps.mstep_device(ctx(450), final, 225, memory.JOINED_BYTES_PER_VOXEL)
-    assert device.type == "cpu" and "grids 900/900" in note and "M-step on the host" in note, note
-    assert "12.00 GiB free" in note
-    steps.check_estep_memory(ctx(450), final, 1, 2)  # the final E-step's whole grids: 10.9 GiB
+    mid = m_step(450, 100.5, 100, memory.JOIN_HALVES_BYTES_PER_VOXEL)
+    assert mid.device.type == "cuda" and mid.slabs.transforms is None, mid
+    assert "grids 406/900" in mid.note and "M-step on the GPU" in mid.note
+    final = m_step(450, 225.5, 225, memory.JOINED_BYTES_PER_VOXEL)
+    assert final.device.type == "cpu" and final.slabs.transforms.type == "cuda" and final.slabs.buffer.type == "cuda"
+    assert "grids 900/900" in final.note and "M-step on the host" in final.note and "12.00 GiB are free" in final.note
+    # with 4 GiB free the 5.8 GiB buffer goes to pinned host memory, unless moving the accumulators frees enough
+    free["bytes"] = 4 * gib
+    assert m_step(450, 225.5, 225, memory.JOINED_BYTES_PER_VOXEL).slabs.buffer.type == "cpu"
+    gpu_bp = SimpleNamespace(data=SimpleNamespace(nbytes=3 * gib, device=torch.device("cuda", 0)),
+                             weight=SimpleNamespace(nbytes=gib))  # fmt: skip
+    assert m_step(450, 225.5, 225, memory.JOINED_BYTES_PER_VOXEL, bps=[gpu_bp]).slabs.buffer.type == "cuda"
+    # the final E-step's whole grids: 10.9 GiB
+    free["bytes"] = 12 * gib
+    steps.check_estep_memory(ctx(450), SimpleNamespace(map_radius=225.5), 1, 2)
     free["bytes"] = 10 * gib
     with pytest.raises(Exception, match="10.89 GiB, but 10.00 GiB are free"):
-        steps.check_estep_memory(ctx(450), final, 1, 2)
-    # box 360, K = 6, --pad 2 at a class3d window of 40 shells: volumes of 0.1 GiB, M-step on a 12 GiB card
-    c3d = SimpleNamespace(map_radius=40.5)
-    steps.check_estep_memory(ctx(360), c3d, 6, 6)
-    device, note = steps.mstep_device(ctx(360), c3d, 40, 0)
-    assert device.type == "cuda", note
-    # the whole grids of six classes do not fit 12 GiB: one line, before the E-step
+        steps.check_estep_memory(ctx(450), SimpleNamespace(map_radius=225.5), 1, 2)
+    # box 360, K = 6, --pad 2 at a class3d window of 40 shells on a 12 GiB card: small volumes, the M-step on the GPU
+    steps.check_estep_memory(ctx(360), SimpleNamespace(map_radius=40.5), 6, 6)
+    assert m_step(360, 40.5, 40).device.type == "cuda"
+    # the whole grids of six classes do not fit: one line, before the E-step
     with pytest.raises(Exception, match="6 padded reference"):
         steps.check_estep_memory(ctx(360), SimpleNamespace(map_radius=180.5), 6, 6)
-    # a point group: symmetrising the whole grid outgrows the budget first
+    # a point group: symmetrising a large window outgrows 3 GiB
     free["bytes"] = 3 * gib
-    device, note = steps.mstep_device(ctx(360, "D7"), c3d, 40, 0)
-    assert device.type == "cuda", note
-    device, note = steps.mstep_device(ctx(360, "D7"), SimpleNamespace(map_radius=150.5), 150, 0)
-    assert device.type == "cpu", note
+    assert m_step(360, 40.5, 40, sym="D7").device.type == "cuda"
+    assert m_step(360, 150.5, 150, sym="D7").device.type == "cpu"
     # on the CPU there is nothing to plan
     monkeypatch.setattr(memory, "available_bytes", lambda device: None)
-    device, note = steps.mstep_device(SimpleNamespace(device=torch.device("cpu"), box=64, cfg=ctx(64).cfg), mid, 9, 0)
-    assert device.type == "cpu" and "M-step" not in note
+    cpu = SimpleNamespace(device=torch.device("cpu"), box=64, cfg=SimpleNamespace(pad=2, sym="C1"))
+    plan = steps.mstep_plan(cpu, SimpleNamespace(map_radius=9.5), [], 9, 0)
+    assert plan.device.type == "cpu" and plan.slabs.transforms is None and "M-step" not in plan.note

@@ -9,7 +9,7 @@ import torch
 from cryorefine.fourier.grids import irfft3_centered, rfft3_centered
 from cryorefine.projection.extract import prepare_padded_transform, sinc2_gridding_kernel, window_grid_size
 from cryorefine.projection.insert import BackProjector
-from cryorefine.reconstruction.padded_fft import blob_convolution_magnitude, central_box_of_inverse
+from cryorefine.reconstruction.padded_fft import SAME_DEVICE, blob_convolution, central_box_of_inverse
 from cryorefine.reconstruction.reconstruct import blob_fourier_multiplier, reconstruct
 
 
@@ -43,7 +43,12 @@ def test_blob_convolution_equals_the_whole_grid_transforms(n, m, size, monkeypat
     want = torch.fft.fftshift(torch.fft.rfftn(real * blob, norm="forward"), dim=(0, 1)).abs()
     lo = size // 2 - n // 2
     want = want[lo : lo + n, lo : lo + n, :m]
-    got = blob_convolution_magnitude(a, size, lambda z0, z1: blob[z0:z1])
+    got = torch.full_like(a, float("nan"))
+
+    def consume(x0, x1, values):
+        got[:, :, x0:x1] = values
+
+    blob_convolution(lambda x0, x1: a[:, :, x0:x1], n, m, size, lambda z0, z1: blob[z0:z1], consume, SAME_DEVICE, a)
     assert torch.allclose(got, want, rtol=0, atol=1e-12 * float(want.max()))
     # the factor of a few rows is those rows of the whole factor
     assert torch.allclose(blob_fourier_multiplier(size, (3, 7)), blob[3:7], rtol=1e-14, atol=0)
@@ -124,3 +129,26 @@ def test_symmetrise_in_chunks_equals_one_chunk(monkeypatch):
         out.append(bp)
     assert not torch.equal(out[0].weight, weight)
     assert torch.equal(out[0].data, out[1].data) and torch.equal(out[0].weight, out[1].weight)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("buffer", ["cuda", "cpu"])
+def test_transforms_on_the_gpu_for_a_cube_on_the_host_equal_all_on_the_host(buffer, monkeypatch):
+    """The memory plan's host M-step: the cube's work on the host, the padded transforms on the GPU by slabs, their
+    buffer on the GPU or in pinned host memory."""
+    import cryorefine.reconstruction.padded_fft as padded_fft
+
+    monkeypatch.setattr(padded_fft, "SLAB_BYTES", 1 << 20)  # several slabs
+    box, pad = 40, 2
+    bp = BackProjector.zeros(box, pad, dtype=torch.float32)
+    g = torch.Generator().manual_seed(6)
+    bp.data.real.normal_(generator=g)
+    bp.weight.uniform_(generator=g)
+    tau2 = torch.linspace(2.0, 0.01, box // 2 + 1, dtype=torch.float64)
+    devices = padded_fft.SlabDevices(torch.device("cuda"), torch.device(buffer))
+    for shell in (9, None):
+        want = reconstruct(bp, tau2, max_shell=shell, gridding_iterations=10, particles=20.0)
+        got = reconstruct(bp, tau2, max_shell=shell, gridding_iterations=10, particles=20.0, devices=devices)
+        assert got.device.type == "cpu"
+        assert torch.allclose(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))

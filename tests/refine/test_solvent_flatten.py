@@ -24,7 +24,9 @@ def test_initial_reference_unmasked_and_written_maps_masked(tmp_path, monkeypatc
     d = packaged_model_set(tmp_path, 60, seed=3, box=BOX, angpix=ANGPIX)
     projected = []
     real = engine.prepare_padded_transform
-    monkeypatch.setattr(engine, "prepare_padded_transform", lambda v, pad: projected.append(v.cpu()) or real(v, pad))
+    monkeypatch.setattr(
+        engine, "prepare_padded_transform", lambda v, pad, size=None: projected.append(v.cpu()) or real(v, pad, size)
+    )
     flags = ["--particle_diameter", str(DIAMETER), "--ini_high", "30", "--healpix_order", "1"]
     flags += ["--offset_range", "2", "--offset_step", "1", "--iter", "2", "--flatten_solvent", "--zero_mask"]
     assert main(["refine", "--i", str(d / "particles_noposes.star"), "--o", str(d / "r" / "run"), "--ref",

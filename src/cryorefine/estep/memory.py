@@ -61,9 +61,7 @@ INTERPOLATION_BYTES_PER_POINT = (
 REFERENCE_BYTES_PER_VOXEL = 8  # padded transform, complex64
 BACKPROJECTOR_BYTES_PER_VOXEL = 12  # data complex64 + weight float32
 # the M-step beyond its accumulators
-RECONSTRUCT_BYTES_PER_CUBE_VOXEL = (
-    200  # reconstruct()'s float64/complex128 work on the window's cube [126 gridding; 190 without]
-)
+RECONSTRUCT_BYTES_PER_CUBE_VOXEL = 136  # reconstruct()'s float64/complex128 work on the window's cube [93-101]
 SLAB_TEMPORARIES = 6  # padded_fft's slab temporaries and the blob factor's rows, in padded_fft.slab_bytes
 SYMMETRISE_BYTES_PER_VOXEL = 24  # symmetrise_backprojector() with a point group other than C1: the new sums [24]
 SYMMETRISE_BYTES_PER_CHUNK_VOXEL = 400  # and one chunk's interpolation [366]
@@ -196,16 +194,27 @@ def estep_volume_bytes(grid_size: int, references: int, backprojectors: int) -> 
     }
 
 
+def _cube(pad: int, grid_size: int, max_shell: int) -> tuple[int, int]:
+    """(n, m): reconstruct()'s cube (n, n, m) for padded radii up to ``max_shell``·pad on a grid of edge ``grid_size``
+    (reconstruct._hermitian_window)."""
+    h = math.ceil(max_shell * pad) + 1
+    return (grid_size, grid_size // 2 + 1) if h >= grid_size // 2 else (2 * h + 1, h + 1)
+
+
 def reconstruct_bytes(box: int, pad: int, grid_size: int, max_shell: int) -> int:
     """Peak of one reconstruct() beyond its accumulators: float64 work on the cube of the padded radii up to
     ``max_shell``·pad (reconstruct._hermitian_window; the stored grid when it reaches its edge), padded_fft's
     P × P × m buffer (m the cube's x columns) and its slab temporaries."""
-    h = math.ceil(max_shell * pad) + 1
-    n, m = (grid_size, grid_size // 2 + 1) if h >= grid_size // 2 else (2 * h + 1, h + 1)
+    n, m = _cube(pad, grid_size, max_shell)
+    return RECONSTRUCT_BYTES_PER_CUBE_VOXEL * n * n * m + transform_buffer_bytes(box, pad, grid_size, max_shell)
+
+
+def transform_buffer_bytes(box: int, pad: int, grid_size: int, max_shell: int) -> int:
+    """Bytes of reconstruct()'s padded transforms (where its cube's work is elsewhere, the host, these are what the
+    GPU holds): padded_fft's P × P × m buffer and the slab temporaries."""
+    _, m = _cube(pad, grid_size, max_shell)
     p = box * pad
-    return (
-        RECONSTRUCT_BYTES_PER_CUBE_VOXEL * n * n * m + 16 * p * p * m + SLAB_TEMPORARIES * padded_fft.slab_bytes(p, m)
-    )
+    return 16 * p * p * m + SLAB_TEMPORARIES * padded_fft.slab_bytes(p, m)
 
 
 def mstep_bytes(box: int, pad: int, grid_size: int, max_shell: int, symmetry: bool, join_bytes_per_voxel: int) -> int:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..fourier.grids import relion_round
 from ..projection.insert import BackProjector
+from ..reconstruction.padded_fft import SAME_DEVICE, SlabDevices
 from ..reconstruction.fsc import fsc_curve, fsc_to_ssnr, halves_fsc, refine_solvent_corrected_fsc
 from ..reconstruction.reconstruct import (
     MIN_REGULARISED_SHELL,
@@ -74,6 +76,7 @@ def maximize_half_sets(
     final: bool,
     settle=None,
     solvent_mask: torch.Tensor | None = None,
+    devices: SlabDevices = SAME_DEVICE,
 ) -> HalfSetMaps:
     """RELION's gold-standard M-step of two (symmetrised, joined) half sets with ``particles`` (their posterior mass)
     each. Intermediate iterations compare the accumulators in Fourier space (compareTwoHalves, no reconstruction) and
@@ -81,15 +84,12 @@ def maximize_half_sets(
     maps and reconstructs both halves joined, with the FSC of the whole (twice the particles). With ``solvent_mask``
     (d, d, d) (--solvent_correct_fsc) every iteration's FSC is that of the unregularised half maps (within the
     window) under the mask, corrected by phase randomisation (refine_solvent_corrected_fsc). Reconstructions run
-    ``gridding_iterations`` (reconstruct). ``settle()``, if given, runs between the FSC and the reconstructions (a
-    test hook: a run killed there has its earlier outputs complete)."""
+    ``gridding_iterations`` (reconstruct) with their transforms on ``devices``. ``settle()``, if given, runs between
+    the FSC and the reconstructions (a test hook: a run killed there has its earlier outputs complete)."""
     box = bps[0].box
-    it = gridding_iterations
+    kw: dict[str, Any] = {"gridding_iterations": gridding_iterations, "devices": devices}
     if final or solvent_mask is not None:
-        unfiltered = [
-            reconstruct(bp, max_shell=window_shell, particles=n, gridding_iterations=it)
-            for bp, n in zip(bps, particles)
-        ]
+        unfiltered = [reconstruct(bp, max_shell=window_shell, particles=n, **kw) for bp, n in zip(bps, particles)]
     if solvent_mask is not None:
         fsc = refine_solvent_corrected_fsc(unfiltered[0], unfiltered[1], solvent_mask, window_shell).cpu()
     elif final:
@@ -101,9 +101,7 @@ def maximize_half_sets(
     resolution_shell = resolution_from_data_vs_prior(fsc_to_ssnr(fsc, tau2_fudge, whole=final), box)
     if final:
         joined = BackProjector(bps[0].data + bps[1].data, bps[0].weight + bps[1].weight, box, bps[0].pad)
-        final_map, tau2 = reconstruct_gold_standard(
-            joined, fsc, tau2_fudge, whole=True, particles=sum(particles), gridding_iterations=it
-        )
+        final_map, tau2 = reconstruct_gold_standard(joined, fsc, tau2_fudge, whole=True, particles=sum(particles), **kw)
         joined_completeness = fourier_completeness(joined, tau2, tau2_fudge, box // 2 + 1).cpu()
         return HalfSetMaps(
             fsc,
@@ -114,7 +112,7 @@ def maximize_half_sets(
             unfiltered=[u.cpu() for u in unfiltered],
         )
     made = [
-        reconstruct_gold_standard(bp, fsc, tau2_fudge, max_shell=window_shell, particles=n, gridding_iterations=it)
+        reconstruct_gold_standard(bp, fsc, tau2_fudge, max_shell=window_shell, particles=n, **kw)
         for bp, n in zip(bps, particles)
     ]
     complete = [
@@ -142,17 +140,24 @@ def maximize_classes(
     window_shell: int,
     gridding_iterations: int,
     settle=None,
+    devices: SlabDevices = SAME_DEVICE,
 ) -> ClassMaps:
     """Classification's M-step of K (symmetrised) classes: each map regularised by its τ² (from the power of the
     reference it was aligned to) × T, and its resolution (RELION: one shell inside the first where the data-to-prior
-    ratio drops below 1, at least the first regularised shell). ``settle()``, if given, runs after the first class's
-    reconstruction (the kill tests' M-step point)."""
+    ratio drops below 1, at least the first regularised shell), their transforms on ``devices``. ``settle()``, if
+    given, runs after the first class's reconstruction (the kill tests' M-step point)."""
     n_shells = bps[0].box // 2 + 1
     out = ClassMaps([], [], [], [])
     for bp, n, tau2 in zip(bps, particles, class_tau2):
         out.maps.append(
             reconstruct(
-                bp, tau2, tau2_fudge, window_shell, gridding_iterations=gridding_iterations, particles=max(n, 1e-6)
+                bp,
+                tau2,
+                tau2_fudge,
+                window_shell,
+                gridding_iterations=gridding_iterations,
+                particles=max(n, 1e-6),
+                devices=devices,
             )
         )
         ratio = data_vs_prior(bp, tau2, tau2_fudge, n_shells, window_shell).cpu()

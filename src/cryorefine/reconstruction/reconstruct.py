@@ -12,7 +12,7 @@ from ..fourier.grids import centred_half_radius, shell_sum
 from ..projection.extract import sinc2_gridding_kernel
 from ..projection.insert import BackProjector, enforce_hermitian_x0
 from . import padded_fft
-from .padded_fft import blob_convolution_magnitude, central_box_of_inverse
+from .padded_fft import SAME_DEVICE, SlabDevices, blob_convolution, central_box_of_inverse
 
 MIN_REGULARISED_SHELL = 5  # RELION's minres_map: no prior term on the lowest shells
 GRIDDING_ITERATIONS = 10  # RELION 3.1's --gridding_iter (its default; RELION >= 4 skips them: --skip_gridding, 0)
@@ -159,28 +159,38 @@ def _blob_table(device: str) -> torch.Tensor:
     return torch.cat([profile(w) / profile(torch.zeros(1, dtype=torch.float64, device=device)), w.new_zeros(1)])
 
 
-def gridding_weights(weight: torch.Tensor, inside: torch.Tensor, iterations: int, size: int) -> torch.Tensor:
+def gridding_weights(
+    weight: torch.Tensor, inside: torch.Tensor, iterations: int, size: int, devices: SlabDevices = SAME_DEVICE
+) -> torch.Tensor:
     """RELION 3.1's iterative density compensation (Pipe & Menon 1999) of the padded accumulators: W₀ = 1 inside the
     window, then W ← W / max(10⁻⁶, |(W·weight) ∗ blob|) ``iterations`` times, the convolution done on the whole
     ``size``-point padded grid as a product with the blob's transform in real space (padded_fft: by slabs).
     ``weight`` is a centred half-grid cube (n, n, m) about the origin that holds every voxel of the window (zero
     outside), with the prior term, in RELION's units per particle (normalised by the particle count, as RELION's
-    M-step: that sets where the 10⁻⁶ floor acts); ``inside`` the voxels within the window. Returns W (same shape): the
-    map is data·W instead of data/weight."""
+    M-step: that sets where the 10⁻⁶ floor acts); ``inside`` the voxels within the window; ``devices``: where the
+    transforms and their buffer are (padded_fft.SlabDevices). Returns W (same shape): the map is data·W instead of
+    data/weight."""
     w_new = inside.to(torch.float64)
+    on = devices.transforms or weight.device
     # the factor is made once (by slabs) when the whole of it is at most a slab's bytes, else a slab's rows when the
     # slab is transformed
     whole = None
     if 8 * size**3 <= padded_fft.SLAB_BYTES:
-        rows = padded_fft.row_slabs(size)
-        whole = torch.cat([blob_fourier_multiplier(size, r, weight.device) for r in rows])
+        whole = torch.cat([blob_fourier_multiplier(size, r, on) for r in padded_fft.row_slabs(size)])
 
     def multiplier(z0: int, z1: int) -> torch.Tensor:
-        return whole[z0:z1] if whole is not None else blob_fourier_multiplier(size, (z0, z1), weight.device)
+        return whole[z0:z1] if whole is not None else blob_fourier_multiplier(size, (z0, z1), on)
 
+    def columns(x0: int, x1: int) -> torch.Tensor:  # W·weight, a slab at a time on the transforms' device
+        return devices.to_transforms(w_new[:, :, x0:x1]) * devices.to_transforms(weight[:, :, x0:x1])
+
+    def update(x0: int, x1: int, conv: torch.Tensor) -> None:  # W / max(10⁻⁶, |conv|) inside the window
+        w = devices.to_transforms(w_new[:, :, x0:x1])
+        w_new[:, :, x0:x1] = torch.where(devices.to_transforms(inside[:, :, x0:x1]), w / conv.clamp(min=1e-6), w)
+
+    n, m = weight.shape[0], weight.shape[2]
     for _ in range(iterations):
-        conv = blob_convolution_magnitude(w_new * weight, size, multiplier)
-        w_new = torch.where(inside, w_new / conv.clamp(min=1e-6), w_new)
+        blob_convolution(columns, n, m, size, multiplier, update, devices, weight)
     return w_new
 
 
@@ -192,6 +202,7 @@ def reconstruct(
     min_regularised_shell: int = MIN_REGULARISED_SHELL,
     gridding_iterations: int = GRIDDING_ITERATIONS,
     particles: float = 1.0,
+    devices: SlabDevices = SAME_DEVICE,
 ) -> torch.Tensor:
     """(d, d, d) real map from accumulators, as RELION's BackProjector::reconstruct.
 
@@ -200,8 +211,9 @@ def reconstruct(
     where τ² = 0 RELION's stand-in prior 1/(0.001·weight) is used. With ``gridding_iterations`` (RELION 3.1's
     default, 10) the map is data·W with W from :func:`gridding_weights` (``particles``: the accumulators' particle
     count, RELION's normalisation); with 0 (RELION >= 4's default) data / max(denominator, :func:`weight_floor`).
-    Components beyond ``max_shell`` (default d/2) are zero. Then inverse FFT, crop, RELION's soft mask outside the
-    box's inscribed sphere (corners to their mean), divide by sinc².
+    Components beyond ``max_shell`` (default d/2) are zero. Then inverse FFT, crop, RELION's soft mask outside the box's
+    inscribed sphere (corners to their mean), divide by sinc². ``devices``: where the padded transforms run and keep
+    their buffer (padded_fft.SlabDevices; default the accumulators' device).
     """
     d, pad, size = bp.box, bp.pad, bp.padded_size
     data, weight, r_pad, shell = _hermitian_window(bp, max_shell)
@@ -220,12 +232,12 @@ def reconstruct(
         # transforms are 1/N-normalised, so its weights are d⁴ times ours, and per particle
         inside = torch.round(r_pad**2) < round(max_shell * pad) ** 2
         units = float(d) ** 4 / particles
-        w_new = gridding_weights(denom * units, inside, gridding_iterations, size)
+        w_new = gridding_weights(denom * units, inside, gridding_iterations, size, devices)
         f = torch.where(inside, data.to(torch.complex128) * (w_new * units), zero)
     else:
         denom = torch.maximum(denom, weight_floor(denom, r_pad, pad, max_shell))
         inside = (r_pad <= max_shell * pad) & (denom > 0)
         f = torch.where(inside, data.to(torch.complex128) / denom.clamp(min=1e-300), zero)
-    vol = soft_mask_outside_map(central_box_of_inverse(f, size, d))
+    vol = soft_mask_outside_map(central_box_of_inverse(f, size, d, devices))
     vol = vol / sinc2_gridding_kernel(d, pad, vol.device, vol.dtype)
     return vol.to(weight.dtype)

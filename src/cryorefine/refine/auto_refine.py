@@ -235,10 +235,10 @@ class AutoRefineMode:
         if cfg.scale and not cc and len(ctx.groups.names) > 1:
             ctx.log.line(f"half set 1: {scale_spread(stats[0].scale)}")
         final_or_joined = JOINED_BYTES_PER_VOXEL if sch.final_iteration else JOIN_HALVES_BYTES_PER_VOXEL
-        device, memory_note = steps.mstep_device(
-            ctx, plan, ctx.box // 2 if sch.final_iteration else plan.window_shell, final_or_joined
-        )
-        bps = steps.on_device([s.backprojectors[0] for s in sums], device)
+        bps = [s.backprojectors[0] for s in sums]
+        max_shell = ctx.box // 2 if sch.final_iteration else plan.window_shell
+        where = steps.mstep_plan(ctx, plan, bps, max_shell, final_or_joined)
+        bps = steps.on_device(bps, where.device)
         for bp in bps:
             symmetrise_backprojector(bp, cfg.sym)
         if cfg.low_resol_join_halves > 0 and not sch.final_iteration:
@@ -253,6 +253,7 @@ class AutoRefineMode:
             sch.final_iteration,
             settle=lambda: pause_point("mstep", state.iteration, ctx.writer.wait),
             solvent_mask=ctx.solvent_mask if cfg.solvent_correct_fsc else None,
+            devices=where.slabs,
         )
         # RELION's updateCurrentResolution keeps --ini_high for the iteration after the CC one
         res_shell = steps.ini_shell(ctx) if cc else m.resolution_shell
@@ -272,7 +273,7 @@ class AutoRefineMode:
             "accuracy_offset_px": plan.accuracy[1],
             "final": sch.final_iteration,
             "note": plan.note,
-            "memory": memory_note,
+            "memory": where.note,
         }
         if not sch.final_iteration:
             sch.update_after_halves_fsc(m.fsc, plan.window_shell)

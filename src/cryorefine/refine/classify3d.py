@@ -161,8 +161,8 @@ class ClassifyMode:
         )
         if cfg.scale and not cc and len(ctx.groups.names) > 1:
             ctx.log.line(scale_spread(stats[0].scale))
-        device, memory_note = steps.mstep_device(ctx, plan, plan.window_shell, 0)
-        bps = steps.on_device(sums.backprojectors, device)
+        where = steps.mstep_plan(ctx, plan, sums.backprojectors, plan.window_shell, 0)
+        bps = steps.on_device(sums.backprojectors, where.device)
         for bp in bps:
             symmetrise_backprojector(bp, cfg.sym)
         m = maximize_classes(
@@ -173,6 +173,7 @@ class ClassifyMode:
             plan.window_shell,
             0 if cfg.skip_gridding else GRIDDING_ITERATIONS,
             settle=lambda: pause_point("mstep", state.iteration, ctx.writer.wait),
+            devices=where.slabs,
         )
         shells = (steps.ini_shell(ctx),) * self.K if cc else tuple(m.shells)
         new = replace(
@@ -206,7 +207,7 @@ class ClassifyMode:
             "class_resolution_angst": class_res,
             "sigma_offset_angst": float(stats[0].sigma2_offset_angst2 ** 0.5),
             "final": False,
-            "memory": memory_note,
+            "memory": where.note,
         }
         info = {
             "resolution_angst": record["resolution_angst"],

@@ -25,6 +25,7 @@ from ..mstep.norm import updated_norm_corrections
 from ..mstep.statistics import ModelStatistics, estep_scale_shells
 from ..projection.extract import window_grid_size
 from ..projection.insert import BackProjector
+from ..reconstruction.padded_fft import SAME_DEVICE, SlabDevices
 from ..transfer import to_device
 from .accuracy import N_TRIALS, expected_accuracy
 from .context import RunContext
@@ -120,30 +121,53 @@ def check_estep_memory(ctx: RunContext, plan: IterationPlan, references: int, ba
         )
 
 
-def mstep_device(
-    ctx: RunContext, plan: IterationPlan, max_shell: int, join_bytes_per_voxel: int
-) -> tuple[torch.device, str]:
-    """Where the M-step runs, and why (run.log): on the GPU when its work (estep/memory.mstep_bytes, reconstructions
-    up to ``max_shell``) fits beside what is allocated there (the accumulators, the image cache); else on the host,
-    where RELION always runs it. The CPU: the CPU."""
+@dataclass(frozen=True)
+class MStepPlan:
+    """Where an iteration's M-step runs (the memory plan's M-step rungs) and why, for run.log."""
+
+    device: torch.device  # the accumulators and the float64 work on the window's cube
+    slabs: SlabDevices  # the padded transforms and their P × P × m buffer
+    note: str
+
+
+def mstep_plan(
+    ctx: RunContext, plan: IterationPlan, bps: list[BackProjector], max_shell: int, join_bytes_per_voxel: int
+) -> MStepPlan:
+    """The M-step's rung, from what it needs (estep/memory.mstep_bytes: reconstructions up to ``max_shell``) and what
+    is free on the GPU beside what is allocated there (the accumulators ``bps``, the image cache):
+    1. all of it on the GPU;
+    2. on the host (where RELION runs it), the accumulators moved there to free the GPU, the padded transforms on the
+       GPU by slabs with their buffer there;
+    3. the same with the buffer in pinned host memory.
+    The CPU: the CPU."""
     free = memory.available_bytes(ctx.device)
     size = grid_size(ctx, plan.map_radius)
     grids = f"grids {size}/{ctx.box * ctx.cfg.pad} padded voxels"
     if free is None:
-        return ctx.device, grids
+        return MStepPlan(ctx.device, SAME_DEVICE, grids)
     symmetric = ctx.cfg.sym.upper() != "C1"
     need = memory.mstep_bytes(ctx.box, ctx.cfg.pad, size, max_shell, symmetric, join_bytes_per_voxel)
-    where = "GPU" if need <= free else "host"
-    note = f"{grids}, M-step on the {where} (needs {need / memory.GIB:.2f} GiB, {free / memory.GIB:.2f} GiB free)"
-    return (ctx.device if where == "GPU" else torch.device("cpu")), note
+    gib = memory.GIB
+    if need <= free:
+        return MStepPlan(
+            ctx.device, SAME_DEVICE, f"{grids}, M-step on the GPU ({need / gib:.2f} of {free / gib:.2f} GiB free)"
+        )
+    freed = free + sum(bp.data.nbytes + bp.weight.nbytes for bp in bps if bp.data.device.type == "cuda")
+    buffer = memory.transform_buffer_bytes(ctx.box, ctx.cfg.pad, size, max_shell)
+    on_gpu = buffer <= freed
+    return MStepPlan(
+        torch.device("cpu"),
+        SlabDevices(ctx.device, ctx.device if on_gpu else torch.device("cpu")),
+        f"{grids}, M-step on the host (it needs {need / gib:.2f} GiB, {free / gib:.2f} GiB are free), its transforms "
+        f"on the GPU with their {buffer / gib:.2f} GiB buffer on the {'GPU' if on_gpu else 'host (pinned)'}",
+    )
 
 
 def on_device(bps: list[BackProjector], device: torch.device) -> list[BackProjector]:
-    """The accumulators on ``device`` (the same objects where they are there already)."""
-    return [
-        bp if bp.data.device == device else BackProjector(bp.data.to(device), bp.weight.to(device), bp.box, bp.pad)
-        for bp in bps
-    ]
+    """The accumulators moved to ``device`` in place (a GPU's memory is freed for the M-step); returns them."""
+    for bp in bps:
+        bp.data, bp.weight = bp.data.to(device), bp.weight.to(device)
+    return bps
 
 
 def estep_settings(ctx: RunContext, state: RunState, direction_log_prior=None) -> EStepSettings:
