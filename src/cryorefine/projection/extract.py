@@ -56,16 +56,22 @@ def prepare_padded_transform(volume: torch.Tensor, pad: int = 2, size: int | Non
     """(d, d, d) real map (z, y, x) -> padded, gridding pre-corrected, centred half transform; ``size``: the edge S of
     the stored grid (window_grid_size; default the whole P).
 
-    One axis at a time (x, then y, then z), each zero-padded to P and cropped to the stored frequencies before the
-    next: the P³ padded volume and its whole transform are never held (a box-450 map at --pad 2 took 9 GB of them)."""
+    One axis at a time (x, then y and z for a few x columns at a time), each zero-padded to P and cropped to the
+    stored frequencies: the P³ padded volume and its whole transform are never held (a box-450 map at --pad 2 took
+    9 GB of them; now the result and the map's x transform)."""
     d = volume.shape[-1]
     full = d * pad
     size = full if size is None else size
     f = volume / sinc2_gridding_kernel(d, pad, volume.device, volume.dtype)
     f = torch.fft.rfft(origin_first(f, -1, full), dim=-1)[..., : size // 2 + 1]
-    for dim in (-2, -3):
-        f = centred_take(torch.fft.fft(origin_first(f, dim, full), dim=dim), dim, size)  # frequencies −S/2 .. S/2 − 1
-    return PaddedTransform(f.contiguous(), d, pad)
+    out = torch.empty((size, size, f.shape[-1]), dtype=f.dtype, device=f.device)
+    step = max(1, MAX_POINTS // (full * full))
+    for x0 in range(0, f.shape[-1], step):
+        slab = f[..., x0 : x0 + step]
+        for dim in (-2, -3):  # frequencies −S/2 .. S/2 − 1
+            slab = centred_take(torch.fft.fft(origin_first(slab, dim, full), dim=dim), dim, size)
+        out[..., x0 : x0 + step] = slab
+    return PaddedTransform(out, d, pad)
 
 
 def slice_coordinates(rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor, pad: int) -> torch.Tensor:
