@@ -594,10 +594,10 @@ def test_memory_plan_picks_the_gpu_or_the_host_and_says_why(monkeypatch):
     def m_step(box, radius, max_shell, join=0, sym="C1", bps=()):
         return steps.mstep_plan(ctx(box, sym), SimpleNamespace(map_radius=radius), list(bps), max_shell, join)
 
-    # box 450, --pad 2 on a 16 GiB card: an intermediate iteration's M-step (window 100 shells, ~11 GiB) fits beside
+    # box 450, --pad 2 on a 16 GiB card: an intermediate iteration's M-step (window 100 shells, ~6 GiB) fits beside
     # its accumulators; the final iteration's whole-grid one (~57 GiB) runs on the host, its transforms on the GPU
     free["bytes"] = 12 * gib
-    mid = m_step(450, 100.5, 100, memory.JOIN_HALVES_BYTES_PER_VOXEL)
+    mid = m_step(450, 100.5, 100)
     assert mid.device.type == "cuda" and mid.slabs.transforms is None, mid
     assert "grids 406/900" in mid.note and "M-step on the GPU" in mid.note
     final = m_step(450, 225.5, 225, memory.JOINED_BYTES_PER_VOXEL)
@@ -612,6 +612,9 @@ def test_memory_plan_picks_the_gpu_or_the_host_and_says_why(monkeypatch):
     # the final E-step's whole grids: 10.9 GiB
     free["bytes"] = 12 * gib
     steps.check_estep_memory(ctx(450), SimpleNamespace(map_radius=225.5), 1, 2)
+    # its batches: half of what the volumes and the image cache leave on a 16 GiB card (~1.6 GiB) in box-450 images
+    assert memory.batch_fitting(int((15.2 - 10.89 - 1.13) * gib), 450, 1024) == 128
+    assert memory.batch_fitting(100 * gib, 450, 1024) == 1024 and memory.batch_fitting(0, 450, 1024) == 32
     free["bytes"] = 10 * gib
     with pytest.raises(Exception, match="10.89 GiB, but 10.00 GiB are free"):
         steps.check_estep_memory(ctx(450), SimpleNamespace(map_radius=225.5), 1, 2)

@@ -3,6 +3,8 @@ RELION's gridding convolution and final inverse transform on the P³ grid, and t
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -152,3 +154,25 @@ def test_transforms_on_the_gpu_for_a_cube_on_the_host_equal_all_on_the_host(buff
         got = reconstruct(bp, tau2, max_shell=shell, gridding_iterations=10, particles=20.0, devices=devices)
         assert got.device.type == "cpu"
         assert torch.allclose(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("size, join_angst", [(40, 30.0), (40, 4.0), (26, 12.0)])
+def test_halves_joined_in_place_on_the_low_resolution_sphere(size, join_angst):
+    """RELION's joinTwoHalvesAtLowResolution: the sums on padded radii <= ROUND(pad·CEIL(box·angpix/join)), read on
+    the whole grid; elsewhere each half keeps its own."""
+    from cryorefine.fourier.grids import centred_half_radius, relion_round
+    from cryorefine.mstep.maximize import join_at_low_resolution_
+
+    box, pad, angpix = 20, 2, 3.0
+    g = torch.Generator().manual_seed(7)
+    shape = (size, size, size // 2 + 1)
+    halves = [BackProjector(torch.randn(shape, dtype=torch.complex64, generator=g), torch.rand(shape, generator=g),
+                            box, pad) for _ in range(2)]  # fmt: skip
+    before = [(bp.data.clone(), bp.weight.clone()) for bp in halves]
+    join_at_low_resolution_(halves, join_angst, angpix)
+    r = centred_half_radius(torch.arange(size) - size // 2, size // 2 + 1)
+    low = torch.round(r**2) <= relion_round(pad * math.ceil(box * angpix / join_angst)) ** 2
+    assert 0 < int(low.sum()) < low.numel()
+    for bp, (d, w) in zip(halves, before):
+        assert torch.equal(bp.data, torch.where(low, before[0][0] + before[1][0], d))
+        assert torch.equal(bp.weight, torch.where(low, before[0][1] + before[1][1], w))

@@ -65,8 +65,10 @@ RECONSTRUCT_BYTES_PER_CUBE_VOXEL = 136  # reconstruct()'s float64/complex128 wor
 SLAB_TEMPORARIES = 6  # padded_fft's slab temporaries and the blob factor's rows, in padded_fft.slab_bytes
 SYMMETRISE_BYTES_PER_VOXEL = 24  # symmetrise_backprojector() with a point group other than C1: the new sums [24]
 SYMMETRISE_BYTES_PER_CHUNK_VOXEL = 400  # and one chunk's interpolation [366]
-JOIN_HALVES_BYTES_PER_VOXEL = 48  # joined_at_low_resolution: the new accumulators, their sums and the radii [45]
 JOINED_BYTES_PER_VOXEL = 12  # the final iteration's one joined accumulator
+
+# an E-step batch (prepare_batch: images read, transformed, masked, windowed), per image pixel (box²) [46]
+BATCH_BYTES_PER_IMAGE_PIXEL = 56
 
 # of the memory the process may use (the device's, or its --gpu_memory cap), held back for cuBLAS/cuFFT workspaces
 # and fragmentation
@@ -219,13 +221,20 @@ def transform_buffer_bytes(box: int, pad: int, grid_size: int, max_shell: int) -
 
 def mstep_bytes(box: int, pad: int, grid_size: int, max_shell: int, symmetry: bool, join_bytes_per_voxel: int) -> int:
     """The M-step's peak beyond the accumulators it is given: symmetrising them (a point group other than C1), or
-    ``join_bytes_per_voxel`` of the stored grid (the halves joined: JOIN_HALVES_BYTES_PER_VOXEL, or
-    JOINED_BYTES_PER_VOXEL in the final iteration; 0 for classes) beside one reconstruction up to ``max_shell``."""
+    ``join_bytes_per_voxel`` of the stored grid (JOINED_BYTES_PER_VOXEL: the final iteration's joined halves; 0
+    otherwise: the halves are joined at low resolution in place) beside one reconstruction up to ``max_shell``."""
     v = grid_voxels(grid_size)
     joined = join_bytes_per_voxel * v + reconstruct_bytes(box, pad, grid_size, max_shell)
     chunk = min(v, symmetrise.SYMMETRISE_CHUNK)
     symmetrised = SYMMETRISE_BYTES_PER_VOXEL * v + SYMMETRISE_BYTES_PER_CHUNK_VOXEL * chunk
     return max(symmetrised if symmetry else 0, joined)
+
+
+def batch_fitting(budget: int, box: int, batch: int) -> int:
+    """Particles per E-step batch of ``box`` images that take at most half of ``budget`` bytes (the tiles keep the
+    other half): ``batch`` or fewer, a multiple of 32 (at least 32)."""
+    fits = budget // 2 // (BATCH_BYTES_PER_IMAGE_PIXEL * box * box)
+    return max(32, min(batch, fits // 32 * 32))
 
 
 def check_estep_volumes(box: int, pad: int, grid_size: int, references: int, backprojectors: int, free: int) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..fourier.grids import relion_round
+from ..fourier.grids import centred_half_radius, relion_round
 from ..projection.insert import BackProjector
 from ..reconstruction.padded_fft import SAME_DEVICE, SlabDevices
 from ..reconstruction.fsc import fsc_curve, fsc_to_ssnr, halves_fsc, refine_solvent_corrected_fsc
@@ -18,21 +18,28 @@ from ..reconstruction.reconstruct import (
     MIN_REGULARISED_SHELL,
     data_vs_prior,
     fourier_completeness,
-    padded_shell_index,
     reconstruct,
 )
 from .tau2 import reconstruct_gold_standard
 
 
-def joined_at_low_resolution(bps: list[BackProjector], join_angst: float, angpix: float) -> list[BackProjector]:
-    """RELION's joinTwoHalvesAtLowResolution: both half sets' accumulators summed on the padded radii
-    <= ROUND(pad · CEIL(box·angpix / join_angst)); new accumulators, the given ones unchanged."""
-    box, pad = bps[0].box, bps[0].pad
+def join_at_low_resolution_(bps: list[BackProjector], join_angst: float, angpix: float) -> None:
+    """RELION's joinTwoHalvesAtLowResolution, in place: both half sets' accumulators summed on the padded radii
+    <= ROUND(pad · CEIL(box·angpix / join_angst)). Only the cube about the origin that holds that sphere is touched
+    (the low-resolution sums are a small share of the grid)."""
+    box, pad, size = bps[0].box, bps[0].pad, bps[0].size
     join_r_pad = relion_round(pad * math.ceil(box * angpix / join_angst))
-    r_pad, _ = padded_shell_index(bps[0].size, pad, bps[0].weight.device)
+    c = size // 2
+    h = min(c, join_r_pad + 1)
+    cube = (slice(c - h, min(size, c + h + 1)), slice(c - h, min(size, c + h + 1)), slice(0, h + 1))
+    k = torch.arange(c - h, min(size, c + h + 1), device=bps[0].weight.device) - c
+    r_pad = centred_half_radius(k, min(h + 1, size // 2 + 1))
     low = torch.round(r_pad**2) <= join_r_pad**2
-    d_sum, w_sum = bps[0].data + bps[1].data, bps[0].weight + bps[1].weight
-    return [BackProjector(torch.where(low, d_sum, bp.data), torch.where(low, w_sum, bp.weight), box, pad) for bp in bps]
+    d_sum = bps[0].data[cube] + bps[1].data[cube]
+    w_sum = bps[0].weight[cube] + bps[1].weight[cube]
+    for bp in bps:
+        bp.data[cube] = torch.where(low, d_sum, bp.data[cube])
+        bp.weight[cube] = torch.where(low, w_sum, bp.weight[cube])
 
 
 def resolution_from_data_vs_prior(data_vs_prior, box: int, min_shell: int = MIN_REGULARISED_SHELL) -> int:

@@ -181,17 +181,37 @@ def gridding_weights(
     def multiplier(z0: int, z1: int) -> torch.Tensor:
         return whole[z0:z1] if whole is not None else blob_fourier_multiplier(size, (z0, z1), on)
 
+    # W, the weights and the window by x columns: views of the cube, or (transforms on another device) x-major copies
+    # in pinned memory, so that each slab is one contiguous transfer
+    apart = on != weight.device
+    by_x = [_x_major(t, apart) for t in (w_new, weight, inside)]
+
+    def slab(t: torch.Tensor, x0: int, x1: int) -> torch.Tensor:
+        return t[x0:x1].to(on, non_blocking=True).permute(1, 2, 0) if apart else t[:, :, x0:x1]
+
     def columns(x0: int, x1: int) -> torch.Tensor:  # W·weight, a slab at a time on the transforms' device
-        return devices.to_transforms(w_new[:, :, x0:x1]) * devices.to_transforms(weight[:, :, x0:x1])
+        return slab(by_x[0], x0, x1) * slab(by_x[1], x0, x1)
 
     def update(x0: int, x1: int, conv: torch.Tensor) -> None:  # W / max(10⁻⁶, |conv|) inside the window
-        w = devices.to_transforms(w_new[:, :, x0:x1])
-        w_new[:, :, x0:x1] = torch.where(devices.to_transforms(inside[:, :, x0:x1]), w / conv.clamp(min=1e-6), w)
+        w = slab(by_x[0], x0, x1)
+        new = torch.where(slab(by_x[2], x0, x1), w / conv.clamp(min=1e-6), w)
+        if apart:
+            by_x[0][x0:x1].copy_(new.permute(2, 0, 1))
+        else:
+            by_x[0][:, :, x0:x1] = new
 
     n, m = weight.shape[0], weight.shape[2]
     for _ in range(iterations):
         blob_convolution(columns, n, m, size, multiplier, update, devices, weight)
-    return w_new
+    return by_x[0].permute(1, 2, 0) if apart else by_x[0]
+
+
+def _x_major(t: torch.Tensor, apart: bool) -> torch.Tensor:
+    """``t`` (n, n, m) as it is, or (``apart``) as an (m, n, n) contiguous copy in pinned memory."""
+    if not apart:
+        return t
+    out = torch.empty(t.shape[2], t.shape[0], t.shape[1], dtype=t.dtype, pin_memory=torch.cuda.is_available())
+    return out.copy_(t.permute(2, 0, 1))
 
 
 def reconstruct(

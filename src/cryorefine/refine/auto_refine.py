@@ -14,8 +14,8 @@ from ..io.mrc import read_map, write_map
 from ..io.outputs import it_prefix, write_angdist_bild, write_model_star
 from ..io.particles import write_particles
 from ..io.table import ParticleTable
-from ..estep.memory import JOIN_HALVES_BYTES_PER_VOXEL, JOINED_BYTES_PER_VOXEL
-from ..mstep.maximize import joined_at_low_resolution, maximize_half_sets
+from ..estep.memory import JOINED_BYTES_PER_VOXEL
+from ..mstep.maximize import join_at_low_resolution_, maximize_half_sets
 from ..mstep.noise import initial_sigma2, on_map_shells
 from ..mstep.priors import direction_log_prior, direction_prior
 from ..mstep.statistics import (
@@ -234,16 +234,16 @@ class AutoRefineMode:
         )
         if cfg.scale and not cc and len(ctx.groups.names) > 1:
             ctx.log.line(f"half set 1: {scale_spread(stats[0].scale)}")
-        final_or_joined = JOINED_BYTES_PER_VOXEL if sch.final_iteration else JOIN_HALVES_BYTES_PER_VOXEL
+        joined = JOINED_BYTES_PER_VOXEL if sch.final_iteration else 0  # the final map's joined accumulators
         bps = [s.backprojectors[0] for s in sums]
         max_shell = ctx.box // 2 if sch.final_iteration else plan.window_shell
-        where = steps.mstep_plan(ctx, plan, bps, max_shell, final_or_joined)
+        where = steps.mstep_plan(ctx, plan, bps, max_shell, joined)
         bps = steps.on_device(bps, where.device)
         for bp in bps:
             symmetrise_backprojector(bp, cfg.sym)
         if cfg.low_resol_join_halves > 0 and not sch.final_iteration:
             current = shell_to_angstrom(sch.current_resolution_shell, ctx.box, cfg.angpix)
-            bps = joined_at_low_resolution(bps, max(cfg.low_resol_join_halves, current), cfg.angpix)
+            join_at_low_resolution_(bps, max(cfg.low_resol_join_halves, current), cfg.angpix)
         m = maximize_half_sets(
             bps,
             [float(s.class_weight.sum()) for s in sums],

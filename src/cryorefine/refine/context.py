@@ -13,7 +13,13 @@ from pathlib import Path
 import torch
 
 from ..errors import CryoInputError, DistributedError
-from ..estep.memory import available_bytes, check_estep_volumes, estep_volume_bytes, image_cache_bytes
+from ..estep.memory import (
+    available_bytes,
+    batch_fitting,
+    check_estep_volumes,
+    estep_volume_bytes,
+    image_cache_bytes,
+)
 from ..io.atomic import remove_stale_temporaries
 from ..io.background import BackgroundWriter
 from ..io.image_cache import ImageCache
@@ -52,6 +58,7 @@ class RunContext:
     writer: BackgroundWriter  # rank 0's files of an iteration, written while the next one computes
     report: ReportRefresher
     groups: RelionGroups  # RELION's micrograph groups of the particles
+    memory_batch: int = 0  # the most particles per E-step batch the GPU's memory allows (0: no limit)
 
     @property
     def box(self) -> int:
@@ -79,7 +86,8 @@ class RunContext:
     def batch_size(self) -> int:
         if self.cfg.batch_size > 0:
             return self.cfg.batch_size
-        return auto_batch_size(len(self.table), self.dist.world_size, self.device.type == "cuda")
+        auto = auto_batch_size(len(self.table), self.dist.world_size, self.device.type == "cuda")
+        return min(auto, self.memory_batch) if self.memory_batch else auto
 
 
 def capped_gpu_memory(device: torch.device, gib: float) -> str | None:
@@ -167,13 +175,18 @@ def open_run(cfg: RefineConfig, dist: Dist | None, volumes: dict) -> RunContext:
     if unnormalised and dist.is_main:
         log.line(f"WARNING: {unnormalised}")
         warnings.warn(unnormalised, stacklevel=1)
-    room = 0
-    if cfg.image_cache and free is not None:
+    room, fixed = 0, 0
+    largest = int(table.boxes.max())  # the cache's slots hold the largest optics group's images
+    if free is not None:
         # room for the whole grids' volumes, or (runs whose windows may stay small) at most half the memory
         fixed = sum(estep_volume_bytes(box * cfg.pad, **counts).values())
-        room = image_cache_bytes(device, fixed if volumes["whole"] else min(fixed, free // 2), dist.device_peers)
-    largest = int(table.boxes.max())  # the cache's slots hold the largest optics group's images
+        fixed = fixed if volumes["whole"] else min(fixed, free // 2)
+        if cfg.image_cache:
+            room = image_cache_bytes(device, fixed, dist.device_peers)
     images = ImageCache(len(table), largest, room // (4 * largest * largest), device)
+    memory_batch = 0
+    if free is not None and cfg.batch_size == 0:
+        memory_batch = batch_fitting(free - fixed - images.nbytes, largest, 1 << 30)
     if device.type == "cuda":
         log.line(
             f"GPU image cache: {images.capacity} of {len(table)} particles ({images.nbytes / 2**30:.2f} GiB)"
@@ -181,5 +194,5 @@ def open_run(cfg: RefineConfig, dist: Dist | None, volumes: dict) -> RunContext:
         )
     return RunContext(
         cfg, dist, table, device, solvent_mask, log, StageTimer(device), TaskPool(dist), images, BackgroundWriter(),
-        ReportRefresher(), relion_groups(table),
+        ReportRefresher(), relion_groups(table), memory_batch,
     )  # fmt: skip
