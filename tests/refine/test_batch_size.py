@@ -43,12 +43,17 @@ def test_bounds():
 
 
 def test_engine_uses_the_rule_unless_batch_is_given():
-    def batch_size(batch, world, dev):
+    def batch_size(batch, world, dev, memory_batch=0):
         cfg = RefineConfig(particles="", output_root="", reference="", batch_size=batch)
-        ctx = SimpleNamespace(cfg=cfg, table=range(BETAGAL), dist=Dist(world_size=world), device=torch.device(dev))
+        ctx = SimpleNamespace(cfg=cfg, table=range(BETAGAL), dist=Dist(world_size=world), device=torch.device(dev),
+                              memory_batch=memory_batch)  # fmt: skip
         return RunContext.batch_size.fget(ctx)
 
     assert batch_size(0, 1, "cuda") == 1024
     assert batch_size(0, 2, "cuda") == 544
     assert batch_size(0, 2, "cpu") == 256
     assert batch_size(300, 4, "cuda") == 300
+    # a GPU whose memory fits fewer images per batch (estep/memory.batch_fitting), unless --batch says otherwise
+    assert batch_size(0, 1, "cuda", memory_batch=128) == 128
+    assert batch_size(0, 2, "cuda", memory_batch=1024) == 544
+    assert batch_size(300, 1, "cuda", memory_batch=128) == 300
