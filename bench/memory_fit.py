@@ -144,6 +144,8 @@ def same_pose_share(a: Path, b: Path) -> float:
 def compare(root: Path, caps: list[float], runs: dict) -> None:
     """Same-pose shares of each capped run against the uncapped one, after iteration 1 and the last iteration."""
     base = root / "cap0"
+    if 0 not in runs or runs[0]["rc"] != 0:  # the uncapped run comes later (or failed): nothing to compare yet
+        return
     for cap in caps:
         if cap == 0 or runs[cap]["rc"] != 0:
             continue
@@ -154,7 +156,7 @@ def compare(root: Path, caps: list[float], runs: dict) -> None:
         last = sorted(base.glob("run_it*_data.star"))[-1].name
         if (here / last).exists():
             runs[cap]["same_pose_last"] = same_pose_share(base / last, here / last)
-        if runs[0].get("seconds"):
+        if runs[0]["seconds"]:
             runs[cap]["time_ratio"] = round(runs[cap]["seconds"] / runs[0]["seconds"], 2)
 
 
