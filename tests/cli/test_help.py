@@ -106,6 +106,8 @@ NO_UNIT = {
     "--poses",
     "--precision",
     "--no_image_cache",
+    "--preread_images",
+    "--scratch_dir",
     "--micrographs",
     "--mic_scale",
     "--model_noise",

@@ -188,6 +188,18 @@ def add_common_args(p, classify: bool = False) -> None:
         "in a quarter of it) so that later iterations skip the stacks; image cache on (default: %(default)s)",
     )
     p.add_argument(
+        "--preread_images",
+        action="store_true",
+        help="read every particle image into host memory before the first iteration (RELION's flag): no stack reads "
+        "during the run; needs the stacks' size in free RAM",
+    )
+    p.add_argument(
+        "--scratch_dir",
+        default="",
+        help="copy the particle stacks to this (fast, local) folder before the first iteration and read them there "
+        "(RELION's flag); the copies are removed when the run ends, and the output STARs keep the original names",
+    )
+    p.add_argument(
         "--gpu_memory",
         dest="gpu_memory_gib",
         type=float,
@@ -285,6 +297,8 @@ def config_from_args(args, cls):
             max_seconds=args.max_seconds,
             image_cache=args.image_cache,
             gpu_memory_gib=args.gpu_memory_gib,
+            preread_images=args.preread_images,
+            scratch_dir=args.scratch_dir,
         )
         return cls(
             **{

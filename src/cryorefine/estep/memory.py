@@ -16,12 +16,12 @@ T4 fine translations (4 per coarse one). P = pad·box; the volumes are stored on
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import CryoInputError
+from ..io.image_cache import host_free_bytes
 from ..projection.extract import MAX_POINTS
 from ..reconstruction import padded_fft, symmetrise
 from ..tiling import TileTooLarge
@@ -299,8 +299,4 @@ def tile_budget(device) -> int:
     free = available_bytes(device)
     if free is not None:
         return free
-    try:
-        host_free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not on every OS
-        host_free = 0
-    return max(HOST_BUDGET_BYTES, host_free // 2)
+    return max(HOST_BUDGET_BYTES, host_free_bytes() // 2)

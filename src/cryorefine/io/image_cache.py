@@ -5,6 +5,8 @@ Reading a batch of 1,024 images of 256 px from the stacks, checking them for NaN
 bound by its reads. The cache holds the raw images (float32, as read) on the GPU only, up to a share of its memory
 (memory.image_cache_bytes), so host memory stays independent of the number of particles. Images past its capacity
 are read from their stacks in every iteration, as with no cache. On the CPU the capacity is 0: everything is read.
+With --preread_images every image is also held in host memory, read once before the first iteration: the images the
+GPU does not keep come from there instead of the stacks.
 
 Threads: ``load`` runs on the read-ahead thread for the next batch while ``images`` runs on the main thread for the
 current one; the two touch the slots of disjoint rows (a particle is in one batch of a pass).
@@ -12,11 +14,24 @@ current one; the two touch the slots of disjoint rows (a particle is in one batc
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
+from ..errors import CryoInputError
 from ..transfer import to_device
 from .table import ParticleTable, read_images
+
+HOST_SHARE = 0.8  # of the free host memory, at most, for --preread_images
+
+
+def host_free_bytes() -> int:
+    """Free host memory (bytes), 0 where the OS does not say."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on every OS
+        return 0
 
 
 class ImageCache:
@@ -31,6 +46,26 @@ class ImageCache:
             torch.empty((self.capacity, box, box), dtype=torch.float32, device=self.device) if self.capacity else None
         )
         self.used = 0
+        self.host: np.ndarray | None = None  # --preread_images: every image (n_rows, box, box) in host memory
+
+    def preread(self, table: ParticleTable, chunk: int = 1024) -> str:
+        """--preread_images: read every image of ``table`` into host memory now (the stacks are not read again);
+        returns a line for run.log. One line (CryoInputError) when they would not fit the free host memory."""
+        box = self.data.shape[1] if self.data is not None else int(table.boxes.max())
+        need = len(table) * box * box * 4
+        free = host_free_bytes()
+        if free and need > HOST_SHARE * free:
+            raise CryoInputError(
+                f"--preread_images needs {need / 2**30:.2f} GiB of host memory for {len(table)} images of {box} px "
+                f"but {free / 2**30:.2f} GiB are free; drop it (the images are then read batch by batch while the "
+                "GPU works) or use --scratch_dir"
+            )
+        self.host = np.zeros((len(table), box, box), np.float32)
+        for b in np.unique(table.boxes):
+            rows = np.flatnonzero(table.boxes == b)
+            for i in range(0, len(rows), chunk):
+                self.host[rows[i : i + chunk], :b, :b] = read_images(table, rows[i : i + chunk])
+        return f"--preread_images: {len(table)} images ({need / 2**30:.2f} GiB) in host memory"
 
     def holds(self, rows: np.ndarray) -> bool:
         """Whether every image of ``rows`` is kept."""
@@ -46,7 +81,11 @@ class ImageCache:
         missing = np.flatnonzero(self.slot[rows] < 0)
         if len(missing) == 0:
             return missing, None
-        host = torch.from_numpy(read_images(table, rows[missing]))
+        if self.host is not None:
+            b = int(table.boxes[rows[0]])
+            host = torch.from_numpy(self.host[rows[missing], :b, :b])  # a copy (fancy indexing)
+        else:
+            host = torch.from_numpy(read_images(table, rows[missing]))
         if self.device.type == "cuda":
             host = host.pin_memory()  # here, on the reading thread, not on the thread that drives the GPU
         return missing, host

@@ -124,6 +124,7 @@ class ParticleTable:
     star_path: str | None = None
     has_angles: bool = False  # the file gave every particle's Euler angles (a refinement's output)
     _stacks: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
+    read_from: dict = field(default_factory=dict, repr=False, compare=False)  # stack path → a copy read instead
 
     def __len__(self) -> int:
         return len(self.image_index)
@@ -167,10 +168,11 @@ class ParticleTable:
         return boxes[0]
 
     def stack(self, path: str) -> ImageStack:
-        """The open (memory-mapped) stack for a resolved path, opened lazily and cached."""
+        """The open (memory-mapped) stack for a resolved path (or its copy in ``read_from``), opened lazily and
+        cached."""
         stack = self._stacks.get(path)
         if stack is None:
-            stack = open_stack(path)
+            stack = open_stack(self.read_from.get(path, path))
             self._stacks[path] = stack
             while len(self._stacks) > MAX_OPEN_STACKS:
                 self._stacks.popitem(last=False)[1].close()

@@ -55,6 +55,8 @@ class RefineConfig:
     precision: str = "fp32"  # coarse-pass matrix products: fp32, tf32 or fp16
     image_cache: bool = True  # on a GPU, keep the particle images there after their first read while they fit
     gpu_memory_gib: float = 0.0  # --gpu_memory: at most this much of the GPU per process (0: all)
+    preread_images: bool = False  # every image in host memory before the first iteration
+    scratch_dir: str = ""  # copy the stacks here first and read them there
     device: str = "cpu"
     threads: int = 0
     continue_from: str | None = None

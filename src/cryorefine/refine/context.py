@@ -23,6 +23,7 @@ from ..estep.memory import (
 from ..io.atomic import remove_stale_temporaries
 from ..io.background import BackgroundWriter
 from ..io.image_cache import ImageCache
+from ..io.scratch import copy_to_scratch
 from ..io.mrc import read_map
 from ..io.particles import load_particles
 from ..io.run_lock import RunLock, lock_path
@@ -59,6 +60,7 @@ class RunContext:
     report: ReportRefresher
     groups: RelionGroups  # RELION's micrograph groups of the particles
     memory_batch: int = 0  # the most particles per E-step batch the GPU's memory allows (0: no limit)
+    scratch: Path | None = None  # --scratch_dir: this process's copies of the stacks (removed when the run ends)
 
     @property
     def box(self) -> int:
@@ -175,6 +177,10 @@ def open_run(cfg: RefineConfig, dist: Dist | None, volumes: dict) -> RunContext:
     if unnormalised and dist.is_main:
         log.line(f"WARNING: {unnormalised}")
         warnings.warn(unnormalised, stacklevel=1)
+    scratch = None
+    if cfg.scratch_dir:
+        table, scratch, line = copy_to_scratch(table, cfg.scratch_dir)
+        log.line(line)
     room, fixed = 0, 0
     largest = int(table.boxes.max())  # the cache's slots hold the largest optics group's images
     if free is not None:
@@ -184,6 +190,8 @@ def open_run(cfg: RefineConfig, dist: Dist | None, volumes: dict) -> RunContext:
         if cfg.image_cache:
             room = image_cache_bytes(device, fixed, dist.device_peers)
     images = ImageCache(len(table), largest, room // (4 * largest * largest), device)
+    if cfg.preread_images:
+        log.line(images.preread(table))
     memory_batch = 0
     if free is not None and cfg.batch_size == 0:
         memory_batch = batch_fitting(free - fixed - images.nbytes, largest, 1 << 30)
@@ -194,5 +202,5 @@ def open_run(cfg: RefineConfig, dist: Dist | None, volumes: dict) -> RunContext:
         )
     return RunContext(
         cfg, dist, table, device, solvent_mask, log, StageTimer(device), TaskPool(dist), images, BackgroundWriter(),
-        ReportRefresher(), relion_groups(table), memory_batch,
+        ReportRefresher(), relion_groups(table), memory_batch, scratch,
     )  # fmt: skip

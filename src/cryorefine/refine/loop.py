@@ -6,6 +6,7 @@ the log and the report. Auto-refine and classification are two modes (auto_refin
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -214,6 +215,9 @@ def run(mode: Mode, ctx: RunContext, state: RunState) -> dict:
             summary = _iterate_until_done(mode, ctx, share_state(ctx, state), t0)
         finally:
             ctx.writer.close()
+            if ctx.scratch is not None:  # --scratch_dir's copies
+                ctx.table.close()
+                shutil.rmtree(ctx.scratch, ignore_errors=True)
     except DistributedError as exc:  # also when torchrun's SIGTERM lands while the files are being finished
         try:
             ctx.writer.close()  # the hint names the last iteration whose files are complete
