@@ -633,3 +633,32 @@ def test_memory_plan_picks_the_gpu_or_the_host_and_says_why(monkeypatch):
     cpu = SimpleNamespace(device=torch.device("cpu"), box=64, cfg=SimpleNamespace(pad=2, sym="C1"))
     plan = steps.mstep_plan(cpu, SimpleNamespace(map_radius=9.5), [], 9, 0)
     assert plan.device.type == "cpu" and plan.slabs.transforms is None and "M-step" not in plan.note
+
+
+def test_an_mstep_that_runs_out_of_gpu_memory_runs_again_on_the_host():
+    """The byte model is an estimate: a GPU M-step that runs out of memory anyway runs once more on the host rung
+    (the accumulators moved there, the transforms on the GPU, their buffer pinned on the host), and says so."""
+    from types import SimpleNamespace
+
+    from cryorefine.reconstruction.padded_fft import SAME_DEVICE
+    from cryorefine.refine import steps
+
+    ctx = SimpleNamespace(device=torch.device("cuda", 0))
+    bps = [BackProjector.zeros(8, 2)]
+    calls = []
+
+    def maximize(bps, slabs):
+        calls.append(slabs)
+        if slabs.transforms is None:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return "maps"
+
+    gpu = steps.MStepPlan(torch.device("cuda", 0), SAME_DEVICE, "grids 16/16 padded voxels, M-step on the GPU")
+    where, result = steps.maximized(ctx, gpu, bps, maximize)
+    assert result == "maps" and len(calls) == 2
+    assert where.device.type == "cpu" and where.slabs.transforms.type == "cuda" and where.slabs.buffer.type == "cpu"
+    assert "ran out of GPU memory there: on the host" in where.note
+    # a host M-step that runs out of memory is not retried
+    host = steps.MStepPlan(torch.device("cpu"), where.slabs, "host")
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        steps.maximized(ctx, host, bps, lambda bps, slabs: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x")))

@@ -244,16 +244,21 @@ class AutoRefineMode:
         if cfg.low_resol_join_halves > 0 and not sch.final_iteration:
             current = shell_to_angstrom(sch.current_resolution_shell, ctx.box, cfg.angpix)
             join_at_low_resolution_(bps, max(cfg.low_resol_join_halves, current), cfg.angpix)
-        m = maximize_half_sets(
+        where, m = steps.maximized(
+            ctx,
+            where,
             bps,
-            [float(s.class_weight.sum()) for s in sums],
-            plan.window_shell,
-            cfg.tau2_fudge,
-            0 if cfg.skip_gridding else GRIDDING_ITERATIONS,
-            sch.final_iteration,
-            settle=lambda: pause_point("mstep", state.iteration, ctx.writer.wait),
-            solvent_mask=ctx.solvent_mask if cfg.solvent_correct_fsc else None,
-            devices=where.slabs,
+            lambda bps, slabs: maximize_half_sets(
+                bps,
+                [float(s.class_weight.sum()) for s in sums],
+                plan.window_shell,
+                cfg.tau2_fudge,
+                0 if cfg.skip_gridding else GRIDDING_ITERATIONS,
+                sch.final_iteration,
+                settle=lambda: pause_point("mstep", state.iteration, ctx.writer.wait),
+                solvent_mask=ctx.solvent_mask if cfg.solvent_correct_fsc else None,
+                devices=slabs,
+            ),
         )
         # RELION's updateCurrentResolution keeps --ini_high for the iteration after the CC one
         res_shell = steps.ini_shell(ctx) if cc else m.resolution_shell

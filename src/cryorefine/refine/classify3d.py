@@ -165,15 +165,21 @@ class ClassifyMode:
         bps = steps.on_device(sums.backprojectors, where.device)
         for bp in bps:
             symmetrise_backprojector(bp, cfg.sym)
-        m = maximize_classes(
+        class_tau2 = estep.class_tau2
+        where, m = steps.maximized(
+            ctx,
+            where,
             bps,
-            sums.class_weight.tolist(),
-            estep.class_tau2,
-            cfg.tau2_fudge,
-            plan.window_shell,
-            0 if cfg.skip_gridding else GRIDDING_ITERATIONS,
-            settle=lambda: pause_point("mstep", state.iteration, ctx.writer.wait),
-            devices=where.slabs,
+            lambda bps, slabs: maximize_classes(
+                bps,
+                sums.class_weight.tolist(),
+                class_tau2,
+                cfg.tau2_fudge,
+                plan.window_shell,
+                0 if cfg.skip_gridding else GRIDDING_ITERATIONS,
+                settle=lambda: pause_point("mstep", state.iteration, ctx.writer.wait),
+                devices=slabs,
+            ),
         )
         shells = (steps.ini_shell(ctx),) * self.K if cc else tuple(m.shells)
         new = replace(

@@ -163,6 +163,25 @@ def mstep_plan(
     )
 
 
+def maximized(ctx: RunContext, where: MStepPlan, bps: list[BackProjector], maximize) -> tuple[MStepPlan, Any]:
+    """``maximize(bps, slabs)`` (the M-step's reconstructions) where the plan put it; when a GPU M-step runs out of
+    memory anyway (the byte model is an estimate), once more on the host rung, the transforms' buffer in pinned host
+    memory: (the rung it ran on, its result)."""
+    try:
+        return where, maximize(bps, where.slabs)
+    except torch.cuda.OutOfMemoryError:
+        if where.device.type != "cuda":
+            raise
+    torch.cuda.empty_cache()
+    host = MStepPlan(
+        torch.device("cpu"),
+        SlabDevices(ctx.device, torch.device("cpu")),
+        f"{where.note}; it ran out of GPU memory there: on the host, its transforms on the GPU with their buffer on "
+        "the host (pinned)",
+    )
+    return host, maximize(on_device(bps, host.device), host.slabs)
+
+
 def on_device(bps: list[BackProjector], device: torch.device) -> list[BackProjector]:
     """The accumulators moved to ``device`` in place (a GPU's memory is freed for the M-step); returns them."""
     for bp in bps:
