@@ -13,7 +13,7 @@ from cryorefine.cli.refine import config_from_args
 from cryorefine.parallel.context import Dist, distributed
 import time
 
-from cryorefine.refine.auto_refine import FIXED_VOLUMES, AutoRefineMode, load_or_start
+from cryorefine.refine.auto_refine import ESTEP_VOLUMES, AutoRefineMode, load_or_start
 from cryorefine.refine.config import RefineConfig
 from cryorefine.refine.context import open_run
 from cryorefine.refine.loop import run_estep
@@ -23,7 +23,7 @@ def one_estep(refine_flags: list[str], dist: Dist | None = None) -> dict:
     """sums: each half's accumulators (WeightedSums.tensors()); poses: ParticlePoses arrays; batches: per rank."""
     cfg = config_from_args(build_parser().parse_args(["refine", *refine_flags]), RefineConfig)
     mode = AutoRefineMode()
-    ctx = open_run(cfg, dist, FIXED_VOLUMES)
+    ctx = open_run(cfg, dist, ESTEP_VOLUMES)
     plan, state = mode.plan(ctx, load_or_start(mode, ctx))
     estep, poses, ranks = run_estep(mode, ctx, state, plan, time.perf_counter())
     return {

@@ -181,14 +181,14 @@ def open_run(cfg: RefineConfig, dist: Dist | None, volumes: dict) -> RunContext:
     if cfg.scratch_dir:
         table, scratch, line = copy_to_scratch(table, cfg.scratch_dir)
         log.line(line)
-    room, fixed = 0, 0
+    room = 0
     largest = int(table.boxes.max())  # the cache's slots hold the largest optics group's images
-    if free is not None:
-        # room for the whole grids' volumes, or (runs whose windows may stay small) at most half the memory
-        fixed = sum(estep_volume_bytes(box * cfg.pad, **counts).values())
-        fixed = fixed if volumes["whole"] else min(fixed, free // 2)
-        if cfg.image_cache:
-            room = image_cache_bytes(device, fixed, dist.device_peers)
+    # room for the whole grids' volumes, or (runs whose windows may stay small) at most half the memory
+    fixed = sum(estep_volume_bytes(box * cfg.pad, **counts).values())
+    if free is not None and not volumes["whole"]:
+        fixed = min(fixed, free // 2)
+    if cfg.image_cache:
+        room = image_cache_bytes(device, fixed, dist.device_peers)  # 0 on the CPU
     images = ImageCache(len(table), largest, room // (4 * largest * largest), device)
     if cfg.preread_images:
         log.line(images.preread(table))
