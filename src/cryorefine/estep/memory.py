@@ -280,7 +280,7 @@ def available_bytes(device) -> int | None:
 
 def image_cache_bytes(device, fixed_bytes: int, sharing: int = 1) -> int:
     """Bytes the particle images may keep on ``device`` (io/image_cache.py): IMAGE_CACHE_FRACTION of its memory
-    (within a per-process cap), and at most half of what stays available once the ``fixed_bytes`` (fixed_volume_bytes)
+    (within a per-process cap), and at most half of what stays available once the ``fixed_bytes`` (estep_volume_bytes)
     are allocated, so that the E-step's tiles keep the other half; divided between ``sharing`` ranks on one GPU.
     0 on the CPU (host memory must not grow with the number of particles)."""
     index = _cuda_index(device)
