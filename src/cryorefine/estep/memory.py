@@ -61,7 +61,7 @@ INTERPOLATION_BYTES_PER_POINT = (
 REFERENCE_BYTES_PER_VOXEL = 8  # padded transform, complex64
 BACKPROJECTOR_BYTES_PER_VOXEL = 12  # data complex64 + weight float32
 # the M-step beyond its accumulators
-RECONSTRUCT_BYTES_PER_CUBE_VOXEL = 112  # reconstruct()'s float64/complex128 work on the window's cube [93-101]
+RECONSTRUCT_BYTES_PER_CUBE_VOXEL = 48  # reconstruct()'s float64/complex128 work on the window's cube [32-37]
 SLAB_TEMPORARIES = 6  # padded_fft's slab temporaries and the blob factor's rows, in padded_fft.slab_bytes
 SYMMETRISE_BYTES_PER_VOXEL = 24  # symmetrise_backprojector() with a point group other than C1: the new sums [24]
 SYMMETRISE_BYTES_PER_CHUNK_VOXEL = 400  # and one chunk's interpolation [366]

@@ -238,26 +238,42 @@ def reconstruct(
     d, pad, size = bp.box, bp.pad, bp.padded_size
     data, weight, r_pad, shell = _hermitian_window(bp, max_shell)
     max_shell = d // 2 if max_shell is None else max_shell
-    denom = weight.to(torch.float64)
+    out_dtype, denom = weight.dtype, weight.to(torch.float64)
+    del weight  # each cube-sized array goes as soon as it is used: they set the M-step's memory
     if tau2 is not None:
-        tau2 = tau2.to(device=data.device, dtype=torch.float64)
-        s = shell.clamp(max=tau2.numel() - 1)
-        t = tau2[s]
-        stand_in = torch.where(denom > 1e-20, 1.0 / (0.001 * denom).clamp(min=1e-300), torch.zeros_like(denom))
-        reg = torch.where(t > 0, 1.0 / (pad**3 * tau2_fudge * t.clamp(min=1e-300)), stand_in)
-        denom = denom + torch.where(shell >= min_regularised_shell, reg, torch.zeros_like(reg))
-    zero = torch.zeros((), dtype=torch.complex128, device=data.device)
+        denom += _regulariser(denom, shell, tau2.to(device=data.device, dtype=torch.float64), pad**3 * tau2_fudge,
+                              min_regularised_shell)  # fmt: skip
+    del shell
     if gridding_iterations > 0:
         # on the whole padded grid (the blob's convolution is a product in real space), in RELION's units: its
         # transforms are 1/N-normalised, so its weights are d⁴ times ours, and per particle
         inside = torch.round(r_pad**2) < round(max_shell * pad) ** 2
+        del r_pad
         units = float(d) ** 4 / particles
-        w_new = gridding_weights(denom * units, inside, gridding_iterations, size, devices)
-        f = torch.where(inside, data.to(torch.complex128) * (w_new * units), zero)
+        w_new = gridding_weights(denom.mul_(units), inside, gridding_iterations, size, devices)
+        del denom
+        f = data.to(torch.complex128).mul_(w_new.mul_(units))
     else:
         denom = torch.maximum(denom, weight_floor(denom, r_pad, pad, max_shell))
         inside = (r_pad <= max_shell * pad) & (denom > 0)
-        f = torch.where(inside, data.to(torch.complex128) / denom.clamp(min=1e-300), zero)
+        del r_pad
+        f = data.to(torch.complex128).div_(denom.clamp_(min=1e-300))
+    del data
+    f.masked_fill_(~inside, 0)
     vol = soft_mask_outside_map(central_box_of_inverse(f, size, d, devices))
     vol = vol / sinc2_gridding_kernel(d, pad, vol.device, vol.dtype)
-    return vol.to(weight.dtype)
+    return vol.to(out_dtype)
+
+
+def _regulariser(
+    denom: torch.Tensor, shell: torch.Tensor, tau2: torch.Tensor, scale: float, min_shell: int
+) -> torch.Tensor:
+    """reconstruct()'s prior term per voxel: 1/(scale·τ²(shell)) (scale = pad³·T) where τ² > 0, RELION's stand-in
+    1/(0.001·weight) where it is 0 (0 where the weight is), nothing below ``min_shell``; built in place."""
+    t = tau2[shell.clamp(max=tau2.numel() - 1)]
+    has_prior = t > 0
+    reg = t.clamp_(min=1e-300).mul_(scale).reciprocal_()
+    stand_in = (denom * 0.001).clamp_(min=1e-300).reciprocal_().masked_fill_(~(denom > 1e-20), 0.0)
+    reg = torch.where(has_prior, reg, stand_in)
+    del stand_in
+    return reg.masked_fill_(shell < min_shell, 0.0)
