@@ -65,3 +65,17 @@ def test_a_scratch_disk_too_small_reads_the_stacks_where_they_are(tmp_path, monk
     assert cli(argv) == 0
     assert "do not fit" in (d / "r" / "run.log").read_text()
     assert not list((tmp_path / "small").iterdir())
+
+
+def test_a_scratch_dir_that_cannot_be_made_is_one_line_and_leaves_the_outputs(tmp_path, capsys):
+    d = small_set(tmp_path, 32, 6.0, 20, seed=5)
+    (tmp_path / "a_file").write_text("not a folder")
+    (d / "r").mkdir()
+    earlier = d / "r" / "run_it001_data.star"
+    earlier.write_text("an earlier run's output\n")
+    argv = ["refine", "--i", str(d / "particles.star"), "--o", str(d / "r" / "run"), "--ref", str(d / "start.mrc"),
+            "--scratch_dir", str(tmp_path / "a_file" / "scratch"), *FLAGS.split()]  # fmt: skip
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--scratch_dir cannot be used" in err and "a_file" in err, err
+    assert earlier.read_text() == "an earlier run's output\n"

@@ -9,6 +9,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+from ..errors import CryoInputError
 from .table import ParticleTable
 
 SCRATCH_MARGIN_BYTES = 1 << 30  # left free on the scratch disk
@@ -25,8 +26,13 @@ def copy_to_scratch(table: ParticleTable, scratch_dir: str) -> tuple[ParticleTab
     stacks = sorted(set(table.image_stack.astype(str)))
     need = sum(os.path.getsize(s) for s in stacks)
     root = Path(scratch_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    free = free_bytes(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        free = free_bytes(root)
+    except OSError as exc:
+        raise CryoInputError(
+            f"--scratch_dir cannot be used ({exc.strerror}); give a writable folder", path=root
+        ) from exc
     if need > free - SCRATCH_MARGIN_BYTES:
         return (
             table,
@@ -37,11 +43,18 @@ def copy_to_scratch(table: ParticleTable, scratch_dir: str) -> tuple[ParticleTab
             ),
         )
     folder = root / f"cryorefine_{os.getpid()}"
-    folder.mkdir(exist_ok=True)
     copies = {}
-    for k, stack in enumerate(stacks):  # numbered: stacks of one name in different folders stay apart
-        copies[stack] = str(folder / f"{k:05d}_{Path(stack).name}")
-        shutil.copyfile(stack, copies[stack])
+    try:
+        folder.mkdir(exist_ok=True)
+        for k, stack in enumerate(stacks):  # numbered: stacks of one name in different folders stay apart
+            copies[stack] = str(folder / f"{k:05d}_{Path(stack).name}")
+            shutil.copyfile(stack, copies[stack])
+    except OSError as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise CryoInputError(
+            f"--scratch_dir: copying the stacks failed ({exc.strerror}); free space there or drop --scratch_dir",
+            path=root,
+        ) from exc
     table.close()  # stacks opened from the originals (the input checks) are opened again from the copies
     line = f"--scratch_dir: {len(stacks)} stack(s), {need / 2**30:.2f} GiB, copied to {folder}"
     return replace(table, read_from=copies), folder, line
