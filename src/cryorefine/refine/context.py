@@ -142,7 +142,8 @@ def open_run(cfg: RefineConfig, dist: Dist | None, volumes: dict) -> RunContext:
     """Read and check the inputs (validate.py's checks: the CLI made them already, a program that runs the engine
     itself gets the same), stop with one line when the GPU cannot hold the E-step's ``volumes`` (``references`` and
     ``backprojectors`` alive at once) on the whole grid where the run's last iteration needs it (``whole``; each
-    iteration checks its own window: steps.memory_plan), and set up the run's services. Rank 0 alone writes files."""
+    iteration checks its own window: steps.check_estep_memory), and set up the run's services. Rank 0 alone writes
+    files."""
     dist = dist if dist is not None else Dist(device=cfg.device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
