@@ -122,7 +122,7 @@ def coarse_operands(c):
     b, win, grid, jc = c["batch"], c["window"], c["grid"], c["jc"]
     w = b.inv_sigma2[:, :jc] * 0.5
     sc = b.scale[:, None] * b.ctf[:, :jc]
-    xt = translated(b.f_masked[:, :jc], win, b.old_offset_px[:, None, :] + grid.translations_px[None])
+    xt = translated(b.f_masked[:, :jc], win, b.old_offset_px, grid.translations_px)
     a = as_real(xt * (w * sc)[:, None, :])
     p = extract_central_slices(c["ref32"], grid.coarse_rotations, win.ky[:jc], win.kx[:jc])
     return a.reshape(-1, a.shape[-1]), as_real(p), w * sc * sc, p.real**2 + p.imag**2

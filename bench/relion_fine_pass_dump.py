@@ -58,11 +58,16 @@ def ours(out: str, argv: list[str]) -> None:
     from cryorefine.cli.main import main
 
     seen, cap = {}, {}
-    fine_projections, fine_log_posterior, fine_scores = (
+    fine_projections, fine_log_posterior, fine_scores, fine_pass_inputs = (
         expectation.fine_projections,
         expectation.fine_log_posterior,
         diff2.get_all_squared_differences_fine,
+        expectation.fine_pass_inputs,
     )
+
+    def inputs(batch, *a):
+        cap["batch"] = batch
+        return fine_pass_inputs(batch, *a)
 
     def projections(*a):
         cap["rot"], proj = fine_projections(*a)
@@ -72,9 +77,9 @@ def ours(out: str, argv: list[str]) -> None:
         cap["scores"] = fine_scores(*a, **k)
         return cap["scores"]
 
-    def posterior(batch, window, fine, slots, rows, n_slots, proj, cc):
-        out_ = fine_log_posterior(batch, window, fine, slots, rows, n_slots, proj, cc)
-        lg, rows8 = out_[0], out_[1]
+    def posterior(moved, fine, slots, rows, n_slots, proj, cc):
+        out_ = fine_log_posterior(moved, fine, slots, rows, n_slots, proj, cc)
+        lg, rows8, batch = out_[0], out_[1], cap["batch"]
         rot = cap["rot"].cpu().numpy()
         for i, p in enumerate(batch.indices[rows.cpu().numpy()]):
             if int(p) not in seen:
@@ -87,6 +92,7 @@ def ours(out: str, argv: list[str]) -> None:
         return out_
 
     expectation.fine_projections, expectation.fine_log_posterior = projections, posterior
+    expectation.fine_pass_inputs = inputs
     diff2.get_all_squared_differences_fine = scores
     try:
         main(argv)

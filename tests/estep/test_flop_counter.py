@@ -67,12 +67,13 @@ def test_coarse_flops_match_pytorch_count(setup, local):
     n, K, T, L = d2.shape
     ours, shapes = coarse_gemm_flops(n, K, T, L, jc, local)
     assert ours > 0 and len(shapes) == 2
-    # besides the GEMMs, the coarse pass only rotates the Fourier grid of each projection (a small einsum)
+    # besides the GEMMs, the coarse pass only rotates the Fourier grid of each projection (a small einsum on a GPU;
+    # none that PyTorch counts on the CPU, where a compiled loop interpolates)
     rot = grid.rotations(torch.unique(loc[0])) if local else grid.coarse_rotations
     proj_flops = sum(
         _counted(lambda r=r: extract_central_slices(r, rot, window.ky[:jc], window.kx[:jc]))[0] for r in refs
     )
-    assert 0 < proj_flops < ours
+    assert 0 <= proj_flops < ours
     assert torch_flops == ours + proj_flops, (ours, proj_flops, torch_flops)
 
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..fourier.shift import phase_shift_factors
 from ..projection.extract import PaddedTransform, extract_central_slices, extract_central_slices_planar
 from . import fused_local
 from .images import ImageBatch, Window
@@ -28,11 +27,14 @@ def as_real(z: torch.Tensor) -> torch.Tensor:
     return torch.cat([z.real, z.imag], -1)
 
 
-def translated(x: torch.Tensor, window: Window, offsets_px: torch.Tensor) -> torch.Tensor:
-    """X̃ = X moved by offsets (..., 2) px: (n, j) with offsets (n, ..., 2) -> (n, ..., j)."""
-    ph = phase_shift_factors(window.ky[: x.shape[-1]], window.kx[: x.shape[-1]], offsets_px, window.box)
-    shape = (x.shape[0],) + (1,) * (offsets_px.dim() - 2) + (x.shape[-1],)
-    return x.reshape(shape) * ph
+def translated(x: torch.Tensor, window: Window, centre_px: torch.Tensor, grid_px: torch.Tensor) -> torch.Tensor:
+    """X̃ = X moved by each particle's centre plus each offset of a grid: x (n, j), centre_px (n, 2), grid_px (T, 2) ->
+    (n, T, j). The phase factor of a sum of shifts is the product of theirs, so the images are moved to their centres
+    once (n, j) and the grid's factors (T, j) multiply them: one complex product per sample and pixel, where a sine and
+    cosine per sample and pixel were most of the cost of shifting on the CPU."""
+    j = x.shape[-1]
+    centred = x * window.phase_shift_factors(centre_px, j)
+    return centred[:, None, :] * window.phase_shift_factors(grid_px, j)[None]
 
 
 def score_weights(batch: ImageBatch, window: Window, cc: bool) -> torch.Tensor:
@@ -74,9 +76,7 @@ def get_all_squared_differences_coarse(
     ky, kx = window.map_ky[:jc], window.map_kx[:jc]  # where the projections sample the references
     w = score_weights(batch, window, cc)[:, :jc]
     sc = batch.scale[:, None] * batch.ctf[:, :jc] * window.in_circle(window.shell_of_prefix(jc))[:jc]  # P = 0 beyond
-    xt = translated(
-        batch.f_masked[:, :jc], window, batch.old_offset_px[:, None, :] + poses.translations_px[None]
-    )  # (n, T, jc)
+    xt = translated(batch.f_masked[:, :jc], window, batch.old_offset_px, poses.translations_px)  # (n, T, jc)
     a, b = score_operands(xt, w, sc)  # (n, T, 2jc), (n, jc)
     n, T = a.shape[:2]
     out = []
@@ -94,23 +94,21 @@ def get_all_squared_differences_coarse(
 
 
 def get_all_squared_differences_fine(
-    x_masked: torch.Tensor,
+    x_moved: torch.Tensor,
     w: torch.Tensor,
     sc: torch.Tensor,
-    window: Window,
-    offsets_px: torch.Tensor,
     proj: torch.Tensor,
     proj_power: torch.Tensor,
     cc: bool,
 ) -> torch.Tensor:
     """Fine pass of m particles against their own slots: diff2 without the constant (or −CC), (m, T4, 8L).
 
-    x_masked (m, js) masked images, w and sc (m, js) score weights and scaled CTF, offsets_px (m, T4, 2) the fine
-    translations, proj (m, 8L, J) and proj_power |proj|² (m, 8L, J) the slots' projections (only their first js
-    pixels are scored). One batched matrix product per particle.
+    x_moved (m, T4, js) the masked images at the fine translations, w and sc (m, js) score weights and scaled CTF,
+    proj (m, 8L, J) and proj_power |proj|² (m, 8L, J) the slots' projections (only their first js pixels are scored).
+    One batched matrix product per particle.
     """
-    js = x_masked.shape[-1]
-    a, b = score_operands(translated(x_masked, window, offsets_px), w, sc)  # (m, T4, 2js), (m, js)
+    js = x_moved.shape[-1]
+    a, b = score_operands(x_moved, w, sc)  # (m, T4, 2js), (m, js)
     cross = torch.bmm(a, as_real(proj[..., :js]).transpose(1, 2))  # (m, T4, 8L)
     third = torch.einsum("mj,mrj->mr", b, proj_power[..., :js])  # (m, 8L)
     return scores_from_products(cross, third, cc)
@@ -197,18 +195,18 @@ class FinePassInputs:
 
     w: torch.Tensor  # (n, J) score weights
     sc: torch.Tensor  # (n, J) scale × CTF
-    offsets_px: torch.Tensor  # (n, T4, 2) absolute fine offsets
+    offsets_px: torch.Tensor  # (n, T4, 2) absolute fine offsets: each particle's previous offset plus grid_px
+    grid_px: torch.Tensor  # (T4, 2) the fine translations
     offset_log_prior: torch.Tensor  # (n, T4) of each fine offset: its coarse translation's, as RELION
     scored: int  # pixels scored (--strict_highres_exp); all J are stored
     constant: torch.Tensor  # (n,) float64 Σ w|X|² over the scored pixels, the constant the scores leave out
 
 
 def fine_pass_inputs(batch: ImageBatch, window: Window, poses: PoseGrid, settings: EStepSettings) -> FinePassInputs:
-    n, T = len(batch), poses.n_translations
+    T = poses.n_translations
     w = score_weights(batch, window, settings.firstiter_cc)
-    offsets = (batch.old_offset_px[:, None, None, :] + poses.fine_translations()[None]).reshape(
-        n, T * N_TRANS_CHILDREN, 2
-    )
+    grid = poses.fine_translations().reshape(T * N_TRANS_CHILDREN, 2)
+    offsets = batch.old_offset_px[:, None, :] + grid[None]
     # RELION's convertAllSquaredDifferencesToWeights takes the offset prior at the coarse translation for all its
     # fine children (the prior at each fine offset favours the children nearer the centre: other posteriors)
     coarse = batch.old_offset_px[:, None, :] + poses.translations_px[None]
@@ -217,7 +215,7 @@ def fine_pass_inputs(batch: ImageBatch, window: Window, poses: PoseGrid, setting
     js = window.prefix(score_shell)
     constant = (w[:, :js] * batch.f_masked[:, :js].abs() ** 2).sum(1).double()
     sc = batch.scale[:, None] * batch.ctf * window.in_circle(score_shell)  # the scores' projections stop at its radius
-    return FinePassInputs(w, sc, offsets, prior, js, constant)
+    return FinePassInputs(w, sc, offsets, grid, prior, js, constant)
 
 
 def fine_projections(
@@ -235,8 +233,7 @@ def fine_projections(
 
 
 def fine_log_posterior(
-    batch: ImageBatch,
-    window: Window,
+    moved: torch.Tensor,
     fine: FinePassInputs,
     slots: FineSlots,
     rows: torch.Tensor,
@@ -244,7 +241,8 @@ def fine_log_posterior(
     proj: torch.Tensor,
     cc: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fine pass of the particles ``rows`` over their first ``n_slots`` slots: log-scores (m, T4, 8L) (−diff2 plus
+    """The fine pass of the particles ``rows``, their masked images ``moved`` (m, T4, J) at the fine translations
+    (translated), over their first ``n_slots`` slots: log-scores (m, T4, 8L) (−diff2 plus
     the offset and rotation log priors, or the CC; −inf where the coarse sample was not significant), the rows of
     their slots' rotations in ``proj`` (m, 8L), and those projections and their power (m, 8L, J)."""
     m = len(rows)
@@ -253,9 +251,7 @@ def fine_log_posterior(
     pg = proj[rows8]
     p2 = pg.real**2 + pg.imag**2
     js = fine.scored
-    scores = get_all_squared_differences_fine(
-        batch.f_masked[rows, :js], fine.w[rows, :js], fine.sc[rows, :js], window, fine.offsets_px[rows], pg, p2, cc
-    )
+    scores = get_all_squared_differences_fine(moved[..., :js], fine.w[rows, :js], fine.sc[rows, :js], pg, p2, cc)
     lg = -scores
     if not cc:
         rot_prior = slots.slot_prior[rows, :n_slots].repeat_interleave(N_ROT_CHILDREN, 1)

@@ -26,6 +26,7 @@ from .diff2 import (
     fine_log_posterior,
     fine_pass_inputs,
     fine_projections,
+    translated,
 )
 from .images import ImageBatch, Window
 from .memory import TileShape, fine_particles_per_chunk, particles_per_tile, tile_budget
@@ -199,7 +200,8 @@ def _expectation_tile(
     for rows, n_slots in groups:
         m, L8 = len(rows), n_slots * N_ROT_CHILDREN
         with stage("getAllSquaredDifferences"):
-            lg, rows8, pg, p2 = fine_log_posterior(batch, window, fine, slots, rows, n_slots, proj, cc)
+            moved = translated(batch.f_masked[rows], window, batch.old_offset_px[rows], fine.grid_px)  # (m, T4, J)
+            lg, rows8, pg, p2 = fine_log_posterior(moved, fine, slots, rows, n_slots, proj, cc)
             stage.add_flops("fine", 2.0 * m * T4 * 2 * fine.scored * L8 + 2.0 * m * L8 * fine.scored)
         with stage("convertAllDiff2ToWeights"):
             fw = convert_fine_to_weights(lg.reshape(m, -1), cc)
@@ -207,7 +209,9 @@ def _expectation_tile(
         if tile is not None:
             with stage("storeWeightedSums"):
                 gam = fw.gamma if cc else negligible_dropped(fw.gamma, settings.adaptive_fraction)
-                chunk = FineChunk(rows, rows8, fine.offsets_px[rows], gam.reshape(m, T4, L8), pg, p2)
+                chunk = FineChunk(
+                    rows, rows8, fine.offsets_px[rows], fine.grid_px, moved, gam.reshape(m, T4, L8), pg, p2
+                )
                 stage.add_flops("store", 8.0 * m * T4 * L8 * J)  # the four (m, 8L|T4, T4|8L) x (m, ., J) products
                 results.residual[rows] = store_weighted_sums(batch, window, chunk, slots, tile, settings, poses)
     return results.batch_poses(nsig, poses), tile

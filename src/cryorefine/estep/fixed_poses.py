@@ -38,7 +38,7 @@ def expectation_fixed_poses(
     t = torch.zeros(1, 2, device=dev) if translations_px is None else translations_px.to(dev, torch.float32)
     offsets = batch.old_offset_px[:, None, :] + t[None]  # (n, T, 2) absolute
     inside = window.in_circle(window.max_shell)
-    xm = translated(batch.f_masked, window, offsets)  # (n, T, j)
+    xm = translated(batch.f_masked, window, batch.old_offset_px, t)  # (n, T, j)
     w = score_weights(batch, window, cc=False)
     sc = batch.scale[:, None] * batch.ctf * inside  # (n, j)
     rot = rotations.to(refs[0].f_padded.real.dtype)
@@ -64,7 +64,7 @@ def expectation_fixed_poses(
     residual = ((xm[:, 0].abs() ** 2)[:, None, :] * g_class[..., None] + (model.abs() ** 2) * g_class[..., None]
                 - 2.0 * (x_bar * model.conj()).real).sum(1).double() * scored.double()  # fmt: skip
     if sums is not None:
-        _store(batch, window, offsets, proj, gamma, x_bar, residual, rot, sums, settings.angpix)
+        _store(batch, window, t, proj, gamma, x_bar, residual, rot, sums, settings.angpix)
     return BatchPoses(
         class_index=best // T,
         eulers_deg=np.full((n, 3), np.nan),  # the caller keeps the particles' own angles
@@ -78,10 +78,12 @@ def expectation_fixed_poses(
     )
 
 
-def _store(batch, window, offsets, proj, gamma, x_bar, residual, rot, sums: WeightedSums, angpix: float) -> None:
-    """RELION's storeWeightedSums for these samples: back-projection, σ², scale, class and offset weights."""
+def _store(batch, window, grid_px, proj, gamma, x_bar, residual, rot, sums: WeightedSums, angpix: float) -> None:
+    """RELION's storeWeightedSums for these samples (the offsets ``grid_px`` (T, 2) about each particle's previous one):
+    back-projection, σ², scale, class and offset weights."""
     inside = window.in_circle(window.max_shell)
-    xu = translated(batch.f_unmasked, window, offsets)  # (n, T, j)
+    offsets = batch.old_offset_px[:, None, :] + grid_px[None]  # (n, T, 2) absolute
+    xu = translated(batch.f_unmasked, window, batch.old_offset_px, grid_px)  # (n, T, j)
     s, inv = batch.scale[:, None], batch.inv_sigma2
     bp_ctf = batch.ctf * inside if batch.bp_ctf is None else batch.bp_ctf * inside
     g = gamma.to(xu.real.dtype)

@@ -11,6 +11,7 @@ import torch
 from ..ctf import PLAIN_CTF, CtfOptions, ctf_for_particles
 from ..fourier.filters import soft_mask_outside_map
 from ..fourier.grids import counted_once_2d, irfft2_centered, rfft2_centered, shell_index_2d
+from ..fourier.shift import phase_shift_factors
 from ..io.table import ParticleTable, read_images
 from ..optics import IDENTITY_MAG, demodulation_factors, magnified
 from ..transfer import to_device
@@ -121,6 +122,10 @@ class Window:
             )
             self._beyond = (idx, shells[idx], npix)
         return self._beyond
+
+    def phase_shift_factors(self, offsets_px: torch.Tensor, j: int) -> torch.Tensor:
+        """exp(−2πi k·s/d) of the first ``j`` pixels for offsets (..., 2) (x, y) px: (..., j) complex."""
+        return phase_shift_factors(self.ky[:j], self.kx[:j], offsets_px, self.box)
 
     @property
     def max_shell(self) -> int:

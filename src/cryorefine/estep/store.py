@@ -21,7 +21,9 @@ class FineChunk:
 
     rows: torch.Tensor  # (m,) the particles' rows in the tile
     rows8: torch.Tensor  # (m, 8L) rows of their slots' fine rotations in the tile's union (TileSums.rotations)
-    offsets_px: torch.Tensor  # (m, T4, 2) absolute fine offsets
+    offsets_px: torch.Tensor  # (m, T4, 2) absolute fine offsets: each particle's previous offset plus grid_px
+    grid_px: torch.Tensor  # (T4, 2) the fine translations
+    moved: torch.Tensor  # (m, T4, J) the masked images at the fine offsets (diff2.translated)
     gamma: torch.Tensor  # (m, T4, 8L) posterior of each fine sample
     proj: torch.Tensor  # (m, 8L, J) projections of the slots' fine rotations
     proj_power: torch.Tensor  # (m, 8L, J) their |P|²
@@ -54,8 +56,8 @@ def store_weighted_sums(
     """
     rows, rows8, gam, pg, p2 = chunk.rows, chunk.rows8, chunk.gamma, chunk.proj, chunk.proj_power
     sums, g_class, g_coarse = tile.stats, slots.g_class, slots.g_coarse
-    xu = translated(batch.f_unmasked[rows], window, chunk.offsets_px)  # (m, T4, J)
-    xm = translated(batch.f_masked[rows], window, chunk.offsets_px)
+    xu = translated(batch.f_unmasked[rows], window, batch.old_offset_px[rows], chunk.grid_px)  # (m, T4, J)
+    xm = chunk.moved
     m, T4, J = xu.shape
     s = batch.scale[rows][:, None]
     # nothing is back-projected beyond the window's radius (RELION's BackProjector r_max; fine_projections)
@@ -80,7 +82,6 @@ def store_weighted_sums(
     xq = (xm * q).real.sum(1)  # Re Σ_t X̃ Σ_r Γ conj(P)
     pp = torch.einsum("mr,mrj->mj", gsum, p2)
     xa, aa = scale_products(xq, pp, sums.scale_shells, window, xm, gam, gsum, pg, p2, g_class[rows8 // N_ROT_CHILDREN])
-    del xm
     scored = window.scored.double()  # noise and scale statistics over RELION's Mresol_fine pixels
     resid = ((batch.f_masked[rows].abs() ** 2).double() + ((s * ctf) ** 2 * pp - 2.0 * s * ctf * xq).double()) * scored
     xa, aa = (ctf * xa).double() * scored, (ctf**2 * aa).double() * scored

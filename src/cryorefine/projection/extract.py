@@ -124,16 +124,30 @@ def extract_central_slices_planar(
 ) -> torch.Tensor:
     """Projections as real and imaginary planes: (..., r, 2, j) real, so (r, 2j) rows [Re | Im] without a copy (the
     operand of the coarse pass's matrix products). Chunks of MAX_POINTS points are written into one output: no
-    complex, conjugated or concatenated intermediates (they were most of a local search's coarse pass)."""
+    complex, conjugated or concatenated intermediates (they were most of a local search's coarse pass). On the CPU a
+    compiled loop (cpu_kernels.py) does the same interpolation."""
     lead = rotations.shape[:-2]
     flat_rot = rotations.reshape(-1, 3, 3)
     j = ky.numel()
     f = transform.f_padded
     out = torch.empty(flat_rot.shape[0], 2, j, dtype=f.real.dtype, device=f.device)
-    step = max(1, MAX_POINTS // max(1, j))
-    for i in range(0, flat_rot.shape[0], step):
-        _extract_into(transform, flat_rot[i : i + step], ky, kx, out[i : i + step])
+    if f.device.type == "cpu":
+        from . import cpu_kernels  # numba: imported only where it runs
+
+        cpu_kernels.extract_planar(f, flat_rot, ky, kx, transform.pad, out)
+    else:
+        extract_by_grid_sample(transform, flat_rot, ky, kx, out)
     return out.reshape(*lead, 2, j)
+
+
+def extract_by_grid_sample(
+    transform: PaddedTransform, rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor, out: torch.Tensor
+) -> None:
+    """extract_central_slices_planar's interpolation by PyTorch operations (the GPU's), rotations (r, 3, 3), into
+    ``out`` (r, 2, j), in chunks of MAX_POINTS points."""
+    step = max(1, MAX_POINTS // max(1, ky.numel()))
+    for i in range(0, rotations.shape[0], step):
+        _extract_into(transform, rotations[i : i + step], ky, kx, out[i : i + step])
 
 
 def _xyz(x: float, yz: float, like: torch.Tensor) -> torch.Tensor:

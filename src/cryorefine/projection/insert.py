@@ -47,30 +47,44 @@ class BackProjector:
         self, rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor, values: torch.Tensor, weights: torch.Tensor
     ) -> None:
         """Add slices ``values`` (r, j) complex with ``weights`` (r, j) at Fourier pixels (kx, ky) (j,) under
-        rotations (r, 3, 3).
-
-        In chunks of rotations (MAX_POINTS points), each added whole once computed, so a chunk that runs out of
-        memory is halved and retried without double counting (tiling.run_tiles). float32 accumulators on a CUDA device
-        take the fused kernel of insert_kernel.py instead (no temporaries).
-        """
+        rotations (r, 3, 3): on the CPU by a compiled loop (cpu_kernels.py), float32 accumulators on a CUDA device by
+        the fused kernel of insert_kernel.py (neither holds temporaries), others by insert_by_index_add."""
         if insert_kernel.available(self.weight):
             insert_kernel.insert_fused(self.data, self.weight, self.pad, rotations, ky, kx, values, weights)
             return
+        if self.data.device.type == "cpu":
+            from . import cpu_kernels  # numba: imported only where it runs
 
-        def contributions(start: int, stop: int):
-            coords = slice_coordinates(rotations[start:stop].to(self.weight.dtype), ky, kx, self.pad)
-            flat, w, flip = _trilinear_corners(coords, self.size)  # (r, j, 8)
-            v = torch.where(flip, values[start:stop].conj(), values[start:stop]).to(self.data.dtype)
-            data = torch.view_as_real(v.unsqueeze(-1) * w.to(self.weight.dtype)).reshape(-1, 2)  # (r·j·8, 2)
-            weight = (weights[start:stop].to(self.weight.dtype).unsqueeze(-1) * w).reshape(-1)
-            return flat.reshape(-1), data, weight
+            cpu_kernels.insert(self.data, self.weight, self.pad, rotations, ky, kx, values, weights)
+            return
+        insert_by_index_add(self, rotations, ky, kx, values, weights)
 
-        def add(start: int, stop: int, c) -> None:
-            flat, data, weight = c
-            torch.view_as_real(self.data).reshape(-1, 2).index_add_(0, flat, data)
-            self.weight.view(-1).index_add_(0, flat, weight)
 
-        run_tiles(rotations.shape[0], max(1, MAX_POINTS // max(1, ky.numel())), contributions, add)
+def insert_by_index_add(
+    bp: BackProjector,
+    rotations: torch.Tensor,
+    ky: torch.Tensor,
+    kx: torch.Tensor,
+    values: torch.Tensor,
+    weights: torch.Tensor,
+) -> None:
+    """BackProjector.insert by PyTorch operations (float64 accumulators on a GPU): (r, j, 8 corners) contributions
+    scatter-added in chunks of rotations."""
+
+    def contributions(start: int, stop: int):
+        coords = slice_coordinates(rotations[start:stop].to(bp.weight.dtype), ky, kx, bp.pad)
+        flat, w, flip = _trilinear_corners(coords, bp.size)  # (r, j, 8)
+        v = torch.where(flip, values[start:stop].conj(), values[start:stop]).to(bp.data.dtype)
+        data = torch.view_as_real(v.unsqueeze(-1) * w.to(bp.weight.dtype)).reshape(-1, 2)  # (r·j·8, 2)
+        weight = (weights[start:stop].to(bp.weight.dtype).unsqueeze(-1) * w).reshape(-1)
+        return flat.reshape(-1), data, weight
+
+    def add(start: int, stop: int, c) -> None:
+        flat, data, weight = c
+        torch.view_as_real(bp.data).reshape(-1, 2).index_add_(0, flat, data)
+        bp.weight.view(-1).index_add_(0, flat, weight)
+
+    run_tiles(rotations.shape[0], max(1, MAX_POINTS // max(1, ky.numel())), contributions, add)
 
 
 def enforce_hermitian_x0(data: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -147,6 +147,10 @@ def open_run(cfg: RefineConfig, dist: Dist | None, volumes: dict) -> RunContext:
     dist = dist if dist is not None else Dist(device=cfg.device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+        if torch.device(cfg.device).type == "cpu":
+            from ..projection import cpu_kernels  # numba: imported only where it runs
+
+            cpu_kernels.set_threads(cfg.threads)
     table = load_particles(cfg.particles)
     cfg = replace(
         cfg,

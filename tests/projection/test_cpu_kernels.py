@@ -1,0 +1,55 @@
+"""The CPU's compiled trilinear loops (projection/cpu_kernels.py) against the PyTorch operations the GPU runs
+(grid_sample; index_add_ of the 8 corners), in float64, on points inside, at the edge of and beyond the grid."""
+
+from __future__ import annotations
+
+import torch
+
+from cryorefine.geometry.euler import euler_to_matrix
+from cryorefine.projection import extract, insert
+from cryorefine.projection.extract import PaddedTransform
+from cryorefine.projection.insert import BackProjector
+
+BOX, PAD = 16, 2
+
+
+def _case(dtype):
+    g = torch.Generator().manual_seed(3)
+    size = BOX * PAD
+    f = torch.randn(size, size, size // 2 + 1, dtype=dtype, generator=g)
+    # pixels of the whole plane up to and past Nyquist: both half-planes (the Friedel reads) and the grid's edge
+    ky, kx = (
+        k.flatten().to(f.real.dtype) for k in torch.meshgrid(torch.arange(-9, 10), torch.arange(-9, 10), indexing="ij")
+    )
+    rot = euler_to_matrix(*(torch.rand(30, generator=g, dtype=torch.float64) * s for s in (360.0, 180.0, 360.0)))
+    return PaddedTransform(f, BOX, PAD), rot.to(f.real.dtype), ky, kx, g
+
+
+def test_extraction_equals_grid_sample():
+    t, rot, ky, kx, _ = _case(torch.complex128)
+    compiled = extract.extract_central_slices_planar(t, rot, ky, kx)  # the CPU's loop
+    reference = torch.empty_like(compiled)
+    extract.extract_by_grid_sample(t, rot, ky, kx, reference)
+    torch.testing.assert_close(compiled, reference, rtol=0, atol=1e-12)
+    assert compiled.abs().max() > 1.0
+
+
+def test_extraction_float32_within_rounding():
+    t, rot, ky, kx, _ = _case(torch.complex64)
+    compiled = extract.extract_central_slices_planar(t, rot, ky, kx)
+    reference = torch.empty_like(compiled)
+    extract.extract_by_grid_sample(t, rot, ky, kx, reference)
+    torch.testing.assert_close(compiled, reference, rtol=0, atol=2e-5)
+
+
+def test_insertion_equals_index_add():
+    t, rot, ky, kx, g = _case(torch.complex128)
+    values = torch.randn(rot.shape[0], ky.numel(), dtype=torch.complex128, generator=g)
+    weights = torch.rand(rot.shape[0], ky.numel(), dtype=torch.float64, generator=g)
+    compiled = BackProjector.zeros(BOX, PAD, dtype=torch.float64)
+    compiled.insert(rot, ky, kx, values, weights)  # the CPU's loop
+    reference = BackProjector.zeros(BOX, PAD, dtype=torch.float64)
+    insert.insert_by_index_add(reference, rot, ky, kx, values, weights)
+    torch.testing.assert_close(compiled.data, reference.data, rtol=0, atol=1e-11)
+    torch.testing.assert_close(compiled.weight, reference.weight, rtol=0, atol=1e-11)
+    assert reference.weight.sum() > 100.0
