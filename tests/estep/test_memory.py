@@ -17,7 +17,6 @@ import cryorefine.estep.diff2 as diff2
 import cryorefine.estep.expectation as expectation
 import cryorefine.estep.slots as slots_module
 import cryorefine.estep.weights as weights
-import cryorefine.projection.cpu_kernels as cpu_kernels
 import cryorefine.projection.extract as extract
 import cryorefine.projection.insert as insert
 from cryorefine.mstep.statistics import GroupScales
@@ -170,9 +169,8 @@ def test_extraction_model_bounds_the_measured_peak(monkeypatch):
     rot = euler_to_matrix(*(torch.rand(600, generator=g) * s for s in (360.0, 180.0, 360.0))).float()
     # the model is the GPU's (grid_sample and its temporaries): measured on the same operations on the CPU
     monkeypatch.setattr(
-        cpu_kernels,
-        "extract_planar",
-        lambda f, r, ky, kx, pad, out: extract.extract_by_grid_sample(ref, r, ky, kx, out),
+        "cryorefine.projection.cpu_kernels.extract_planar",
+        lambda f, r, ky, kx, pad, out, power=None: extract.extract_by_grid_sample(ref, r, ky, kx, out),
     )
     with LiveBytes() as lb:
         extract.extract_central_slices(ref, rot, win.ky, win.kx)
@@ -332,7 +330,9 @@ def test_insert_retries_a_chunk_that_runs_out_of_memory(monkeypatch):
 
     monkeypatch.setattr(insert, "_trilinear_corners", tight)
     split = BackProjector.zeros(16, 2)  # the chunked PyTorch path (a GPU's float64 accumulators), run on the CPU
-    monkeypatch.setattr(cpu_kernels, "insert", lambda data, weight, pad, *a: insert.insert_by_index_add(split, *a))
+    monkeypatch.setattr(
+        "cryorefine.projection.cpu_kernels.insert", lambda data, weight, pad, *a: insert.insert_by_index_add(split, *a)
+    )
     split.insert(rot, win.ky, win.kx, values, weights)
     torch.testing.assert_close(split.data, plain.data, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(split.weight, plain.weight, rtol=1e-5, atol=1e-5)

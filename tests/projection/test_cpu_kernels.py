@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import numba
 import torch
 
 from cryorefine.geometry.euler import euler_to_matrix
-from cryorefine.projection import extract, insert
+from cryorefine.projection import cpu_kernels, extract, insert
 from cryorefine.projection.extract import PaddedTransform
 from cryorefine.projection.insert import BackProjector
 
@@ -34,6 +35,12 @@ def test_extraction_equals_grid_sample():
     assert compiled.abs().max() > 1.0
 
 
+def test_power_with_the_planes():
+    t, rot, ky, kx, _ = _case(torch.complex128)
+    planes, power = extract.extract_planar_with_power(t, rot, ky, kx)
+    torch.testing.assert_close(power, planes.square().sum(-2), rtol=1e-14, atol=0)
+
+
 def test_extraction_float32_within_rounding():
     t, rot, ky, kx, _ = _case(torch.complex64)
     compiled = extract.extract_central_slices_planar(t, rot, ky, kx)
@@ -53,3 +60,17 @@ def test_insertion_equals_index_add():
     torch.testing.assert_close(compiled.data, reference.data, rtol=0, atol=1e-11)
     torch.testing.assert_close(compiled.weight, reference.weight, rtol=0, atol=1e-11)
     assert reference.weight.sum() > 100.0
+
+
+def test_threaded_insertion_equals_one_thread(monkeypatch):
+    t, rot, ky, kx, g = _case(torch.complex64)
+    values = torch.randn(rot.shape[0], ky.numel(), dtype=torch.complex64, generator=g)
+    weights = torch.rand(rot.shape[0], ky.numel(), generator=g)
+    threaded = BackProjector.zeros(BOX, PAD)
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))  # two copies of the accumulators, summed
+    threaded.insert(rot, ky, kx, values, weights)
+    monkeypatch.setattr(cpu_kernels, "PARALLEL_COPY_BYTES", 0)  # no room for a copy: one thread
+    single = BackProjector.zeros(BOX, PAD)
+    single.insert(rot, ky, kx, values, weights)
+    torch.testing.assert_close(threaded.data, single.data, rtol=0, atol=1e-5)
+    torch.testing.assert_close(threaded.weight, single.weight, rtol=0, atol=1e-5)

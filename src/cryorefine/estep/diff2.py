@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..projection.extract import PaddedTransform, extract_central_slices, extract_central_slices_planar
+from ..projection.extract import PaddedTransform, extract_central_slices, extract_planar_with_power
 from . import fused_local
 from .images import ImageBatch, Window
 from .memory import LOCAL_GATHER_ELEMENTS
@@ -25,6 +25,12 @@ from .slots import FineSlots
 def as_real(z: torch.Tensor) -> torch.Tensor:
     """(..., j) complex -> (..., 2j) real [Re, Im]."""
     return torch.cat([z.real, z.imag], -1)
+
+
+def interleaved(z: torch.Tensor) -> torch.Tensor:
+    """(..., j) complex -> (..., 2j) real as (Re, Im) pairs: a view where z's pixels are contiguous. Products of two
+    operands in this layout are as_real's sums in another order, without its copies (the fine pass's)."""
+    return torch.view_as_real(z).flatten(-2)
 
 
 def translated(x: torch.Tensor, window: Window, centre_px: torch.Tensor, grid_px: torch.Tensor) -> torch.Tensor:
@@ -44,10 +50,13 @@ def score_weights(batch: ImageBatch, window: Window, cc: bool) -> torch.Tensor:
     return (torch.ones_like(batch.inv_sigma2) if cc else batch.inv_sigma2 * 0.5) * window.scored
 
 
-def score_operands(x_moved: torch.Tensor, w: torch.Tensor, sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two operands of the expansion: a = X̃·w·sC as real (n, T, 2j) from moved images (n, T, j), and
-    b = w·(sC)² (n, j), from the score weights w (n, j) and the scaled CTF sC (n, j)."""
-    return as_real(x_moved * (w * sc)[:, None, :]), w * sc * sc
+def score_operands(
+    x_moved: torch.Tensor, w: torch.Tensor, sc: torch.Tensor, real=as_real
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two operands of the expansion: a = X̃·w·sC as real (n, T, 2j) (in the layout ``real``: as_real or
+    interleaved) from moved images (n, T, j), and b = w·(sC)² (n, j), from the score weights w (n, j) and the scaled
+    CTF sC (n, j)."""
+    return real(x_moved * (w * sc)[:, None, :]), w * sc * sc
 
 
 def scores_from_products(cross: torch.Tensor, third: torch.Tensor, cc: bool) -> torch.Tensor:
@@ -108,20 +117,24 @@ def get_all_squared_differences_fine(
     One batched matrix product per particle.
     """
     js = x_moved.shape[-1]
-    a, b = score_operands(x_moved, w, sc)  # (m, T4, 2js), (m, js)
-    cross = torch.bmm(a, as_real(proj[..., :js]).transpose(1, 2))  # (m, T4, 8L)
+    a, b = score_operands(x_moved, w, sc, interleaved)  # (m, T4, 2js), (m, js)
+    cross = torch.bmm(a, interleaved(proj[..., :js]).transpose(1, 2))  # (m, T4, 8L)
     third = torch.einsum("mj,mrj->mr", b, proj_power[..., :js])  # (m, 8L)
     return scores_from_products(cross, third, cc)
 
 
 def local_scores_gathered(transform, rotations, idx, ky, kx, a, b, precision="fp32"):
-    """fused_local.local_scores's results by PyTorch operations (the CPU's path, and other precisions): each distinct
-    rotation's slice extracted once, gathered per particle in blocks and multiplied."""
-    pu = extract_central_slices_planar(transform, rotations, ky, kx)  # (U, 2, jc)
+    """fused_local.local_scores's results: each distinct rotation's slice extracted once, then each particle's
+    products with its candidates, on the CPU by a compiled loop (cpu_scores.py), else gathered per particle in blocks
+    and multiplied (other precisions, GPUs without the fused kernel)."""
     # the real operand [Re | Im] (a view) and |P|² once per distinct rotation, not per (particle, candidate):
     # the gathers below are then plain row copies
-    pu_real, pu_pow = pu.reshape(pu.shape[0], -1), pu.square().sum(1)  # (U, 2jc), (U, jc)
-    del pu
+    pu, pu_pow = extract_planar_with_power(transform, rotations, ky, kx)  # (U, 2, jc), (U, jc)
+    pu_real = pu.reshape(pu.shape[0], -1)  # (U, 2jc)
+    if a.device.type == "cpu" and precision == "fp32":
+        from . import cpu_scores  # numba: imported only where it runs
+
+        return cpu_scores.local_products(pu_real, pu_pow, idx, a, b)
     (n, T, _), L, jc = a.shape, idx.shape[1], ky.numel()
     cross = a.new_empty(n, T, L)
     third = a.new_empty(n, L)

@@ -24,7 +24,7 @@ def set_threads(n: int) -> None:
 
 
 @njit(parallel=True, cache=True)
-def _extract(f, rot, ky, kx, pad, out):  # pragma: no cover - compiled; tested through extract_planar
+def _extract(f, rot, ky, kx, pad, out, power):  # pragma: no cover - compiled; tested through extract_planar
     size, nx = f.shape[0], f.shape[2]
     half = size // 2
     for r in prange(rot.shape[0]):
@@ -51,13 +51,15 @@ def _extract(f, rot, ky, kx, pad, out):  # pragma: no cover - compiled; tested t
             v = (c00 * (1.0 - fy) + c01 * fy) * (1.0 - fz) + (c10 * (1.0 - fy) + c11 * fy) * fz
             out[r, 0, j] = v.real
             out[r, 1, j] = sign * v.imag
+            if power.shape[0]:
+                power[r, j] = v.real * v.real + v.imag * v.imag
 
 
 @njit(cache=True)
-def _insert(data, weight, rot, ky, kx, pad, values, weights):  # pragma: no cover - compiled; tested through insert
+def _insert_rows(data, weight, rot, ky, kx, pad, values, weights, r0, r1):  # pragma: no cover - compiled
     size, nx = data.shape[0], data.shape[2]
     half = size // 2
-    for r in range(rot.shape[0]):  # one thread: the points of different rotations add into the same voxels
+    for r in range(r0, r1):
         ax, ay, az = pad * rot[r, 0, 0], pad * rot[r, 0, 1], pad * rot[r, 0, 2]
         bx, by, bz = pad * rot[r, 1, 0], pad * rot[r, 1, 1], pad * rot[r, 1, 2]
         for j in range(ky.shape[0]):
@@ -84,16 +86,38 @@ def _insert(data, weight, rot, ky, kx, pad, values, weights):  # pragma: no cove
                         weight[z0 + dz, y0 + dy, x0 + dx] += w * c
 
 
+@njit(parallel=True, cache=True)
+def _insert(data, weight, rot, ky, kx, pad, values, weights, parts):  # pragma: no cover - compiled
+    # the points of different rotations add into the same voxels: each of ``parts`` threads adds a share of the
+    # rotations into its own zeroed copy (the first into the accumulators), then the copies are summed in
+    n = rot.shape[0]
+    data_copies = np.zeros((parts - 1,) + data.shape, data.dtype)
+    weight_copies = np.zeros((parts - 1,) + weight.shape, weight.dtype)
+    for p in prange(parts):
+        r0, r1 = p * n // parts, (p + 1) * n // parts
+        if p == 0:
+            _insert_rows(data, weight, rot, ky, kx, pad, values, weights, r0, r1)
+        else:
+            _insert_rows(data_copies[p - 1], weight_copies[p - 1], rot, ky, kx, pad, values, weights, r0, r1)
+    for z in prange(data.shape[0]):
+        for c in range(parts - 1):
+            data[z] += data_copies[c, z]
+            weight[z] += weight_copies[c, z]
+
+
+PARALLEL_COPY_BYTES = 256 << 20  # the accumulator copies of a threaded insertion, at most: beyond, one thread
+
+
 def _array(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     """``t`` as a C-contiguous numpy array of ``dtype`` (a view where it already is one)."""
     return np.ascontiguousarray(t.detach().to(dtype).numpy())
 
 
 def extract_planar(f: torch.Tensor, rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor, pad: int,
-                   out: torch.Tensor) -> None:  # fmt: skip
+                   out: torch.Tensor, power: torch.Tensor | None = None) -> None:  # fmt: skip
     """Central slices of the half transform ``f`` (S, S, S//2+1) complex at pixels (kx, ky) (j,) under ``rotations``
-    (r, 3, 3), written into ``out`` (r, 2, j) as real and imaginary planes; grid_sample's interpolation (border mode,
-    align_corners) on the CPU."""
+    (r, 3, 3), written into ``out`` (r, 2, j) as real and imaginary planes, and their power |P|² into ``power`` (r, j)
+    if given; grid_sample's interpolation (border mode, align_corners) on the CPU."""
     real = f.real.dtype
     _extract(
         f.numpy(),
@@ -102,6 +126,7 @@ def extract_planar(f: torch.Tensor, rotations: torch.Tensor, ky: torch.Tensor, k
         _array(kx, real),
         float(pad),
         out.numpy(),
+        np.empty((0, 0), out.numpy().dtype) if power is None else power.numpy(),
     )
 
 
@@ -109,8 +134,11 @@ def insert(data: torch.Tensor, weight: torch.Tensor, pad: int, rotations: torch.
            kx: torch.Tensor, values: torch.Tensor, weights: torch.Tensor) -> None:  # fmt: skip
     """Add ``values`` (r, j) complex with ``weights`` (r, j) at pixels (kx, ky) (j,) under ``rotations`` (r, 3, 3) into
     the accumulators ``data`` (S, S, S//2+1) complex and ``weight`` (same shape) real, in place (BackProjector.insert's
-    meaning) on the CPU."""
+    meaning) on the CPU: on as many threads as copies of the accumulators fit PARALLEL_COPY_BYTES (the sums' order,
+    so their rounding, depends on that number only)."""
     real = weight.dtype
+    copy_bytes = data.numel() * data.element_size() + weight.numel() * weight.element_size()
+    parts = max(1, min(numba.get_num_threads(), 1 + PARALLEL_COPY_BYTES // max(1, copy_bytes), rotations.shape[0]))
     _insert(
         data.numpy(),
         weight.numpy(),
@@ -120,4 +148,5 @@ def insert(data: torch.Tensor, weight: torch.Tensor, pad: int, rotations: torch.
         float(pad),
         _array(values, data.dtype),
         _array(weights, real),
+        parts,
     )

@@ -126,18 +126,36 @@ def extract_central_slices_planar(
     operand of the coarse pass's matrix products). Chunks of MAX_POINTS points are written into one output: no
     complex, conjugated or concatenated intermediates (they were most of a local search's coarse pass). On the CPU a
     compiled loop (cpu_kernels.py) does the same interpolation."""
+    return _planar(transform, rotations, ky, kx, False)[0]
+
+
+def extract_planar_with_power(
+    transform: PaddedTransform, rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """extract_central_slices_planar and the projections' power |P|² (..., r, j), computed as they are interpolated on
+    the CPU (a pass over the planes less)."""
+    planar, power = _planar(transform, rotations, ky, kx, True)
+    assert power is not None
+    return planar, power
+
+
+def _planar(transform, rotations, ky, kx, with_power: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     lead = rotations.shape[:-2]
     flat_rot = rotations.reshape(-1, 3, 3)
     j = ky.numel()
     f = transform.f_padded
     out = torch.empty(flat_rot.shape[0], 2, j, dtype=f.real.dtype, device=f.device)
+    power = None
     if f.device.type == "cpu":
         from . import cpu_kernels  # numba: imported only where it runs
 
-        cpu_kernels.extract_planar(f, flat_rot, ky, kx, transform.pad, out)
+        power = torch.empty(flat_rot.shape[0], j, dtype=out.dtype) if with_power else None
+        cpu_kernels.extract_planar(f, flat_rot, ky, kx, transform.pad, out, power)
     else:
         extract_by_grid_sample(transform, flat_rot, ky, kx, out)
-    return out.reshape(*lead, 2, j)
+        if with_power:
+            power = torch.addcmul(out[:, 0] * out[:, 0], out[:, 1], out[:, 1])
+    return out.reshape(*lead, 2, j), None if power is None else power.reshape(*lead, j)
 
 
 def extract_by_grid_sample(
