@@ -6,8 +6,6 @@
   renamed onto it), writes the file named by
   CRYOREFINE_TEST_PAUSE_MARKER (default cryorefine_paused.txt in the current directory) and sleeps until killed.
 - CRYOREFINE_SLOW_RANK=RANK:SECONDS (load-balancing tests): that rank sleeps after each E-step batch.
-- CRYOREFINE_WHOLE_GRIDS=1 (parity tests against commits before the windowed grids): references and back-projectors
-  on the whole padded grid in every iteration (the windowed grids change the E-step's interpolation at rounding level).
 - CRYOREFINE_PROFILE=ITERATIONS (benchmarks; e.g. 8,final), CRYOREFINE_PROFILE_OUT, CRYOREFINE_PROFILE_MODE=python,
   CRYOREFINE_PROFILE_FOCUS: which iterations refine/timing.py profiles, and how.
 Without the variables every hook does nothing.
@@ -41,11 +39,6 @@ def slow_rank_delay(rank: int) -> float:
         return 0.0
     r, seconds = spec.split(":")
     return float(seconds) if int(r) == rank else 0.0
-
-
-def whole_grids() -> bool:
-    """CRYOREFINE_WHOLE_GRIDS: the E-step's volumes on the whole padded grid, not windowed."""
-    return os.environ.get("CRYOREFINE_WHOLE_GRIDS") == "1"
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,6 @@ def local_products(
     L = idx.shape[1]
     cross = torch.empty(n, T, L, dtype=a.dtype)
     third = torch.empty(n, L, dtype=a.dtype)
-    arrays = (np.ascontiguousarray(t.numpy()) for t in (rows, power, idx, a, b))
-    _products(*arrays, cross.numpy(), third.numpy())
+    rows_, power_, idx_, a_, b_ = (np.ascontiguousarray(t.numpy()) for t in (rows, power, idx, a, b))
+    _products(rows_, power_, idx_, a_, b_, cross.numpy(), third.numpy())
     return cross, third

@@ -20,7 +20,7 @@ from numba import njit, prange
 
 def set_threads(n: int) -> None:
     """Use ``n`` threads in these loops (as torch.set_num_threads: --j)."""
-    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
 
 
 @njit(parallel=True, cache=True)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..debug_hooks import pause_point, whole_grids
+from ..debug_hooks import pause_point
 from ..estep import memory
 from ..estep.images import Window, ctf_and_inverse_noise
 from ..estep.poses import PoseGrid
@@ -107,8 +107,8 @@ def plan_iteration(
 
 def grid_size(ctx: RunContext, map_radius: float) -> int:
     """Edge of the stored padded grids (references, back-projectors) that hold the frequencies up to ``map_radius``
-    (the map's pixels): the window's cube, or P (or P always: debug_hooks.whole_grids)."""
-    return window_grid_size(None if whole_grids() else map_radius, ctx.box, ctx.cfg.pad)
+    (the map's pixels): the window's cube, or P."""
+    return window_grid_size(map_radius, ctx.box, ctx.cfg.pad)
 
 
 def check_estep_memory(ctx: RunContext, plan: IterationPlan, references: int, backprojectors: int) -> None:
