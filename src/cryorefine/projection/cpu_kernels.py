@@ -23,17 +23,28 @@ def set_threads(n: int) -> None:
     numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
 
 
+@njit(inline="always", cache=True)
+def _plane(rot, r, pad):  # pragma: no cover - compiled
+    """The padded grid's axes (x, y, z) along the image's kx and ky under rotation ``r``: pad·A[0], pad·A[1]."""
+    return (pad * rot[r, 0, 0], pad * rot[r, 0, 1], pad * rot[r, 0, 2], pad * rot[r, 1, 0], pad * rot[r, 1, 1],
+            pad * rot[r, 1, 2])  # fmt: skip
+
+
+@njit(inline="always", cache=True)
+def _point(plane, kx, ky):  # pragma: no cover - compiled
+    """(x, y, z) of pixel (kx, ky) on ``plane`` (_plane)."""
+    ax, ay, az, bx, by, bz = plane
+    return kx * ax + ky * bx, kx * ay + ky * by, kx * az + ky * bz
+
+
 @njit(parallel=True, cache=True)
 def _extract(f, rot, ky, kx, pad, out, power):  # pragma: no cover - compiled; tested through extract_planar
     size, nx = f.shape[0], f.shape[2]
     half = size // 2
     for r in prange(rot.shape[0]):
-        ax, ay, az = pad * rot[r, 0, 0], pad * rot[r, 0, 1], pad * rot[r, 0, 2]
-        bx, by, bz = pad * rot[r, 1, 0], pad * rot[r, 1, 1], pad * rot[r, 1, 2]
+        plane = _plane(rot, r, pad)
         for j in range(ky.shape[0]):
-            x = kx[j] * ax + ky[j] * bx
-            y = kx[j] * ay + ky[j] * by
-            z = kx[j] * az + ky[j] * bz
+            x, y, z = _point(plane, kx[j], ky[j])
             sign = 1.0
             if x < 0:
                 x, y, z, sign = -x, -y, -z, -1.0
@@ -60,12 +71,9 @@ def _insert_rows(data, weight, rot, ky, kx, pad, values, weights, r0, r1):  # pr
     size, nx = data.shape[0], data.shape[2]
     half = size // 2
     for r in range(r0, r1):
-        ax, ay, az = pad * rot[r, 0, 0], pad * rot[r, 0, 1], pad * rot[r, 0, 2]
-        bx, by, bz = pad * rot[r, 1, 0], pad * rot[r, 1, 1], pad * rot[r, 1, 2]
+        plane = _plane(rot, r, pad)
         for j in range(ky.shape[0]):
-            x = kx[j] * ax + ky[j] * bx
-            y = kx[j] * ay + ky[j] * by
-            z = kx[j] * az + ky[j] * bz
+            x, y, z = _point(plane, kx[j], ky[j])
             v = values[r, j]
             if x < 0:
                 x, y, z, v = -x, -y, -z, np.conj(v)
