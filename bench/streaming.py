@@ -7,7 +7,10 @@ particles_noposes.star for --iter iterations, run in a subprocess per mode so ea
   streamed   --gpu_memory small enough that the cache holds --cached_share of the set (the rest read every iteration)
   nocache    --no_image_cache (every image read from the stacks in every iteration)
   preread    --preread_images --no_image_cache (every image from host memory)
-Particle-iterations per second count iterations 2.. (the first reads everything in every mode). Results in
+Particle-iterations per second count iterations 2.. (the first reads everything in every mode). Host memory: the
+peak RSS and the peak anonymous memory (RssAnon, sampled); RSS also counts the touched pages of the memory-mapped
+stacks, which belong to the page cache, so run twice with different --n (and --work) to see what grows with the set.
+On the CPU there is no image cache: every mode but preread streams from the stacks. Results in
 OUTDIR/streaming.{json,md} with the device, date, commit and command.
 
 usage: python bench/streaming.py OUTDIR [--n 40000] [--box 128] [--iter 4] [--modes cached,streamed,nocache,preread]
@@ -48,13 +51,28 @@ def build(root: Path, n: int, box: int) -> float:
     return diameter
 
 
+# The child's peak anonymous memory (RssAnon, sampled every 50 ms): what the run itself holds. Its peak RSS also counts
+# the pages of the memory-mapped stacks it has read, which are the kernel's page cache (reclaimable, not the run's).
+PEAK_MEMORY = (
+    "import re, resource, sys, threading, time\n"
+    "peak = [0]\n"
+    "def _sample():\n"
+    "    while True:\n"
+    "        m = re.search(r'RssAnon:\\s+(\\d+)', open('/proc/self/status').read())\n"
+    "        peak[0] = max(peak[0], int(m.group(1)) if m else 0)\n"
+    "        time.sleep(0.05)\n"
+    "threading.Thread(target=_sample, daemon=True).start()\n"
+)
+
+
 def run(root: Path, mode: str, n: int, diameter: float, iterations: int, gpu_memory: float) -> dict:
     out = root / mode / "run"
     flags = {"cached": [], "streamed": ["--gpu_memory", str(gpu_memory)], "nocache": ["--no_image_cache"],
              "preread": ["--preread_images", "--no_image_cache"]}[mode]  # fmt: skip
     gpu = ["--gpu"] if torch.cuda.is_available() else []
-    argv = [sys.executable, "-c", "import resource, sys; from cryorefine.cli.main import main; rc = main(sys.argv[1:]);"
-            " print('maxrss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)",
+    argv = [sys.executable, "-c", PEAK_MEMORY + "from cryorefine.cli.main import main; rc = main(sys.argv[1:]); "
+            "print('maxrss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); "
+            "print('anon_kib', peak[0]); sys.exit(rc)",
             "classify", "--i", str(root / "data" / "particles_noposes.star"), "--o", str(out), "--ref",
             str(root / "start.mrc"), "--K", "1", "--iter", str(iterations), "--particle_diameter", f"{diameter:.0f}",
             "--ini_high", "30", "--healpix_order", "2", "--offset_range", "5", "--offset_step", "2", "--ctf", "--pad",
@@ -64,6 +82,8 @@ def run(root: Path, mode: str, n: int, diameter: float, iterations: int, gpu_mem
     result = {"mode": mode, "rc": p.returncode, "seconds": round(time.perf_counter() - t0, 1), "flags": flags}
     rss = re.findall(r"maxrss_kib (\d+)", p.stdout)
     result["host_peak_gib"] = round(int(rss[-1]) / 2**20, 2) if rss else None
+    anon = re.findall(r"anon_kib (\d+)", p.stdout)
+    result["host_peak_anon_gib"] = round(int(anon[-1]) / 2**20, 3) if anon else None
     log = (out.parent / "run.log").read_text() if (out.parent / "run.log").exists() else ""
     seconds = [float(s) for s in re.findall(r"\] iter +\d+:.*?, ([\d.]+) s \[", log)]
     result["iteration_s"] = seconds
@@ -99,12 +119,12 @@ def main() -> None:
               "command": " ".join(["python", *sys.argv]), "n": a.n, "box": a.box, "runs": runs}  # fmt: skip
     (outdir / "streaming.json").write_text(json.dumps(result, indent=1))
     lines = [f"# Streaming ({result['date']}, {device}, commit {commit})", "", f"`{result['command']}`", "",
-             "| mode | rc | images in the GPU cache | particle-iterations/s (its 2..) | host peak GiB | wall s |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+             "| mode | rc | images in the GPU cache | particle-iterations/s (its 2..) | host peak RSS GiB | "
+             "host peak anonymous GiB | wall s |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in runs:
         cached = "/".join(map(str, r["cached_images"])) if r["cached_images"] else ""
         lines.append(f"| {r['mode']} | {r['rc']} | {cached} | {r.get('particle_iterations_per_s', '')} | "
-                     f"{r['host_peak_gib']} | {r['seconds']} |")  # fmt: skip
+                     f"{r['host_peak_gib']} | {r['host_peak_anon_gib']} | {r['seconds']} |")  # fmt: skip
     (outdir / "streaming.md").write_text("\n".join(lines) + "\n")
 
 
