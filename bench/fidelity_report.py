@@ -80,9 +80,10 @@ def main():
         "particles.star without poses, the same start map, half sets and flags (bench/relion_fidelity.sh).",
         "",
         f"Ours: {ours.get('device', '?')}, {ours.get('wall_s', '?')} s (report written at {res['commit']}; "
-        "the commit ours ran at is in that day's bench/results/<date>-device-runs.md) "
+        "the commit ours ran at is in the run notes or that day's bench/results/<date>-device-runs.md) "
         f"({' '.join(map(str, ours.get('argv', [])))}). "
-        f"RELION 3.1.3: `mpirun -n 3 relion_refine_mpi` on this 2-core CPU shared with other jobs, {wall} s.",
+        f"RELION 3.1.3: `mpirun -n 3 relion_refine_mpi` on this 2-core CPU, {wall} s (what else ran beside it: "
+        "the run notes).",
         "",
         "| | cryorefine | RELION 3.1.3 |",
         "|---|---|---|",
