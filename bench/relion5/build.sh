@@ -26,7 +26,7 @@ export PATH=$mpich/bin:$PATH
 
 if [ ! -f tiff/lib/libtiff.a ]; then
   off=(-Djpeg=OFF -Dold-jpeg=OFF -Djbig=OFF -Dlerc=OFF -Dlzma=OFF -Dzstd=OFF -Dwebp=OFF -Dzlib=OFF -Dlibdeflate=OFF
-       -Dpixarlog=OFF -Dcxx=OFF -Dtiff-tools=OFF -Dtiff-tests=OFF -Dtiff-contrib=OFF -Dtiff-docs=OFF)
+       -Dpixarlog=OFF -Dtiff-cxx=OFF -Dtiff-opengl=OFF -Dtiff-tools=OFF -Dtiff-tests=OFF -Dtiff-contrib=OFF -Dtiff-docs=OFF)
   cmake -S libtiff -B libtiff/build -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DCMAKE_POSITION_INDEPENDENT_CODE=ON \
     -DCMAKE_INSTALL_PREFIX="$R/tiff" -DCMAKE_INSTALL_LIBDIR=lib "${off[@]}" > libtiff-cmake.log
   cmake --build libtiff/build -j "$jobs" > libtiff-build.log && cmake --install libtiff/build > /dev/null
