@@ -7,7 +7,7 @@
 #   usage: bash bench/relion5/build.sh            env: RELION5_HOME, RELION5_CUDA (ON|OFF), CUDA_ARCH (90), JOBS
 # Prints the path of relion_refine last. RELION's CMake needs MPI (MPICH from .relion5), TIFF (libtiff built here
 # without codecs, static) and FFTW (placed where RELION looks for a copy it built itself, external/fftw, so it
-# downloads nothing). Only relion_refine and relion_refine_mpi are built (of RELION's ~100 programs).
+# downloads nothing). Only relion_refine and relion_refine_mpi (targets refine, refine_mpi) are built, of ~100.
 set -euo pipefail
 src=$(git rev-parse --show-toplevel 2>/dev/null || pwd)/.relion5
 R=${RELION5_HOME:-/tmp/relion5}
@@ -40,7 +40,7 @@ if [ ! -f relion/build/Makefile ]; then
     -DMPI_C_COMPILER="$mpich/bin/mpicc" -DMPI_CXX_COMPILER="$mpich/bin/mpicxx" \
     -DTIFF_INCLUDE_DIR="$R/tiff/include" -DTIFF_LIBRARY="$R/tiff/lib/libtiff.a" 2>&1 | tee relion-cmake.log | tail -5
 fi
-cmake --build relion/build -j "$jobs" --target relion_refine relion_refine_mpi > relion-build.log 2>&1 \
+cmake --build relion/build -j "$jobs" --target refine refine_mpi > relion-build.log 2>&1 \
   || { tail -30 relion-build.log; exit 1; }
 "$bin/relion_refine" --version 2>&1 | head -3 || true
 echo "$bin/relion_refine"
