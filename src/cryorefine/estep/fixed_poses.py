@@ -64,7 +64,7 @@ def expectation_fixed_poses(
     residual = ((xm[:, 0].abs() ** 2)[:, None, :] * g_class[..., None] + (model.abs() ** 2) * g_class[..., None]
                 - 2.0 * (x_bar * model.conj()).real).sum(1).double() * scored.double()  # fmt: skip
     if sums is not None:
-        _store(batch, window, t, proj, gamma, x_bar, residual, rot, sums, settings.angpix)
+        _store(batch, window, t, offsets, proj, gamma, x_bar, residual, rot, sums, settings.angpix)
     return BatchPoses(
         class_index=best // T,
         eulers_deg=np.full((n, 3), np.nan),  # the caller keeps the particles' own angles
@@ -78,11 +78,12 @@ def expectation_fixed_poses(
     )
 
 
-def _store(batch, window, grid_px, proj, gamma, x_bar, residual, rot, sums: WeightedSums, angpix: float) -> None:
-    """RELION's storeWeightedSums for these samples (the offsets ``grid_px`` (T, 2) about each particle's previous one):
-    back-projection, σ², scale, class and offset weights."""
+def _store(
+    batch, window, grid_px, offsets, proj, gamma, x_bar, residual, rot, sums: WeightedSums, angpix: float
+) -> None:
+    """RELION's storeWeightedSums for these samples (the offsets ``grid_px`` (T, 2) about each particle's previous one,
+    ``offsets`` (n, T, 2) the absolute ones): back-projection, σ², scale, class and offset weights."""
     inside = window.in_circle(window.max_shell)
-    offsets = batch.old_offset_px[:, None, :] + grid_px[None]  # (n, T, 2) absolute
     xu = translated(batch.f_unmasked, window, batch.old_offset_px, grid_px)  # (n, T, j)
     s, inv = batch.scale[:, None], batch.inv_sigma2
     bp_ctf = batch.ctf * inside if batch.bp_ctf is None else batch.bp_ctf * inside
