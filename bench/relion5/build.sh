@@ -35,8 +35,12 @@ fi
 mkdir -p relion/external && rm -rf relion/external/fftw && cp -r fftw relion/external/fftw
 if [ ! -f relion/build/Makefile ]; then
   # CMAKE_POLICY_VERSION_MINIMUM: RELION asks for CMake 2.8, which CMake 4 refuses; 3.5 keeps FindCUDA's old policy.
+  # RELION_NVCC_FLAGS_RELEASE: RELION's own nvcc flags less its -D__INTEL_COMPILER, which makes CUDA 13's libcu++
+  # take the host compiler for Intel's and use a type-trait builtin that GCC 13 then rejects ("use of built-in trait
+  # '__remove_reference(_Tp)' in function signature"; seen on the device, 2026-12-05).
   cmake -S relion -B relion/build -DCMAKE_BUILD_TYPE=Release -DCMAKE_POLICY_VERSION_MINIMUM=3.5 \
     -DCUDA="$cuda" -DCUDA_ARCH="$arch" -DGUI=OFF -DFETCH_WEIGHTS=OFF -DALTCPU=OFF \
+    "-DRELION_NVCC_FLAGS_RELEASE=-arch=sm_$arch --default-stream per-thread --std=c++17 --disable-warnings" \
     -DMPI_C_COMPILER="$mpich/bin/mpicc" -DMPI_CXX_COMPILER="$mpich/bin/mpicxx" \
     -DTIFF_INCLUDE_DIR="$R/tiff/include" -DTIFF_LIBRARY="$R/tiff/lib/libtiff.a" 2>&1 | tee relion-cmake.log | tail -5
 fi
