@@ -643,6 +643,45 @@ def test_memory_plan_picks_the_gpu_or_the_host_and_says_why(monkeypatch):
     assert plan.device.type == "cpu" and plan.slabs.transforms is None and "M-step" not in plan.note
 
 
+def test_auto_refine_parks_half_set_1s_back_projector_where_two_would_crowd_the_tiles(monkeypatch):
+    """The volumes' last rung (auto-refine): half set 1's back-projector waits in host memory while half set 2 is
+    scored when a reference and two back-projectors would take more than half of the free memory; the GPU then
+    holds a reference and one back-projector, and the M-step counts the parked one as needed."""
+    from types import SimpleNamespace
+
+    from cryorefine.refine import steps
+
+    gib = 1 << 30
+    # box 450, --pad 2, the final iteration's whole grids (900): 2.72 + 2 × 4.08 = 10.89 GiB
+    assert memory.park_finished_half(int(15.2 * gib), 900)  # a 16 GiB card
+    assert not memory.park_finished_half(40 * gib, 900)
+    assert not memory.park_finished_half(10 * gib, 512)  # box 256: 2.01 GiB
+    free = {"bytes": 8 * gib}
+    monkeypatch.setattr(memory, "available_bytes", lambda device: free["bytes"])
+    ctx = SimpleNamespace(device=torch.device("cuda", 0), box=450, cfg=SimpleNamespace(pad=2, sym="C1"))
+    whole, mid = SimpleNamespace(map_radius=225.5), SimpleNamespace(map_radius=100.5)
+    steps.check_estep_memory(ctx, whole, 1, 1)  # 6.81 GiB: fits 8 GiB
+    with pytest.raises(Exception, match="10.89 GiB, but 8.00 GiB are free"):
+        steps.check_estep_memory(ctx, whole, 1, 2)
+    free["bytes"] = 12 * gib
+    note = steps.parking_note(ctx, whole)
+    assert "half set 1's back-projector in host memory" in note and "10.89 GiB, more than half of the 12.00" in note
+    assert steps.parking_note(ctx, mid) == ""  # window 100: grids 406, 1.0 GiB
+    monkeypatch.setattr(memory, "available_bytes", lambda device: None)
+    assert steps.parking_note(SimpleNamespace(device=torch.device("cpu"), box=450, cfg=ctx.cfg), whole) == ""
+    # the M-step at window 100: on the GPU unless the parked accumulators, brought back, no longer leave it room
+    monkeypatch.setattr(memory, "available_bytes", lambda device: free["bytes"])
+    need = memory.mstep_bytes(450, 2, 406, 100, False, 0)
+
+    def parked(nbytes):
+        return SimpleNamespace(
+            data=SimpleNamespace(nbytes=nbytes, device=torch.device("cpu")), weight=SimpleNamespace(nbytes=0)
+        )
+
+    assert steps.mstep_plan(ctx, mid, [parked(free["bytes"] - need - gib)], 100, 0).device.type == "cuda"
+    assert steps.mstep_plan(ctx, mid, [parked(free["bytes"] - need + gib)], 100, 0).device.type == "cpu"
+
+
 def test_an_mstep_that_runs_out_of_gpu_memory_runs_again_on_the_host():
     """The byte model is an estimate: a GPU M-step that runs out of memory anyway runs once more on the host rung
     (the accumulators moved there, the transforms on the GPU, their buffer pinned on the host), and says so."""

@@ -51,8 +51,9 @@ from .relion_files import (
 from .schedule import Schedule
 from .state import RunState, from_checkpoint, read_state
 
-# one half's reference at a time; the final iteration's E-step holds the whole grids
-ESTEP_VOLUMES = {"references": 1, "backprojectors": 2, "whole": True}
+# one half's reference at a time, both halves' back-projectors (half set 1's may wait in host memory while half set
+# 2 is scored: memory.park_finished_half); the final iteration's E-step holds the whole grids
+ESTEP_VOLUMES = {"references": 1, "backprojectors": 2, "resident_backprojectors": 1, "whole": True}
 
 
 def halves_of(table: ParticleTable, seed: int) -> np.ndarray:
@@ -192,7 +193,8 @@ class AutoRefineMode:
     ) -> EStepOutput:
         """E-step of both half sets (this rank's share), each against its own reference and direction prior."""
         cfg = ctx.cfg
-        steps.check_estep_memory(ctx, plan, ESTEP_VOLUMES["references"], ESTEP_VOLUMES["backprojectors"])
+        steps.check_estep_memory(ctx, plan, ESTEP_VOLUMES["references"], ESTEP_VOLUMES["resident_backprojectors"])
+        park = steps.parking_note(ctx, plan)
         sums, done = [], []
         refs: list | None = None
         with Progress(len(ctx.table), f"iteration {state.iteration:3d}", ctx.dist.is_main) as bar:
@@ -211,8 +213,10 @@ class AutoRefineMode:
                 done.append(
                     steps.estep_pass(ctx, state, poses, half, rows, refs, half_plan, s, progress, avg_norm=avg_norm)
                 )
+                if park and half == 1:
+                    steps.on_device(s.backprojectors, torch.device("cpu"))
                 sums.append(s)
-        return EStepOutput(sums, np.concatenate(done))
+        return EStepOutput(sums, np.concatenate(done), note=park)
 
     # ------------------------------------------------------------------ M-step
     def conclude(
@@ -278,7 +282,7 @@ class AutoRefineMode:
             "accuracy_offset_px": plan.accuracy[1],
             "final": sch.final_iteration,
             "note": plan.note,
-            "memory": where.note,
+            "memory": "; ".join(filter(None, [where.note, estep.note])),
         }
         if not sch.final_iteration:
             sch.update_after_halves_fsc(m.fsc, plan.window_shell)

@@ -141,9 +141,9 @@ def output_lock(cfg: RefineConfig, dist: Dist | None) -> Iterator[None]:
 def open_run(cfg: RefineConfig, dist: Dist | None, volumes: dict) -> RunContext:
     """Read and check the inputs (validate.py's checks: the CLI made them already, a program that runs the engine
     itself gets the same), stop with one line when the GPU cannot hold the E-step's ``volumes`` (``references`` and
-    ``backprojectors`` alive at once) on the whole grid where the run's last iteration needs it (``whole``; each
-    iteration checks its own window: steps.check_estep_memory), and set up the run's services. Rank 0 alone writes
-    files."""
+    ``backprojectors`` alive at once; of these at least ``resident_backprojectors`` on the GPU where the others may
+    wait in host memory) on the whole grid where the run's last iteration needs it (``whole``; each iteration checks
+    its own window: steps.check_estep_memory), and set up the run's services. Rank 0 alone writes files."""
     dist = dist if dist is not None else Dist(device=cfg.device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -170,7 +170,8 @@ def open_run(cfg: RefineConfig, dist: Dist | None, volumes: dict) -> RunContext:
     free = available_bytes(device)
     counts = {"references": volumes["references"], "backprojectors": volumes["backprojectors"]}
     if free is not None and volumes["whole"]:
-        check_estep_volumes(box, cfg.pad, box * cfg.pad, free=free, **counts)
+        resident = volumes.get("resident_backprojectors", volumes["backprojectors"])
+        check_estep_volumes(box, cfg.pad, box * cfg.pad, volumes["references"], resident, free)
     out = Path(cfg.output_root).parent
     out.mkdir(parents=True, exist_ok=True)
     if dist.is_main:  # temporaries are named by pid, which other hosts cannot check

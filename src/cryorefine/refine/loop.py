@@ -30,11 +30,13 @@ from .timing import profiled
 @dataclass(frozen=True)
 class EStepOutput:
     """A mode's E-step of one iteration on this rank: the weighted sums (per half set, or one for the classes), the
-    rows it did, and what the M-step needs from the references it used (classification's τ²)."""
+    rows it did, what the M-step needs from the references it used (classification's τ²), and where the memory plan
+    put volumes out of the GPU (for run.log; empty when it did not)."""
 
     sums: list[WeightedSums]
     done: np.ndarray
     class_tau2: list[torch.Tensor] | None = None
+    note: str = ""
 
 
 class Mode(Protocol):

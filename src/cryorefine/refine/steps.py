@@ -121,6 +121,20 @@ def check_estep_memory(ctx: RunContext, plan: IterationPlan, references: int, ba
         )
 
 
+def parking_note(ctx: RunContext, plan: IterationPlan) -> str:
+    """Auto-refine: why half set 1's back-projector waits in host memory while half set 2 is scored
+    (memory.park_finished_half), for run.log; empty when it stays on the GPU (and on the CPU)."""
+    free = memory.available_bytes(ctx.device)
+    size = grid_size(ctx, plan.map_radius)
+    if free is None or not memory.park_finished_half(free, size):
+        return ""
+    both = sum(memory.estep_volume_bytes(size, references=1, backprojectors=2).values())
+    return (
+        f"half set 1's back-projector in host memory while half set 2 was scored (a reference and two "
+        f"back-projectors: {both / memory.GIB:.2f} GiB, more than half of the {free / memory.GIB:.2f} GiB free)"
+    )
+
+
 @dataclass(frozen=True)
 class MStepPlan:
     """Where an iteration's M-step runs (the memory plan's M-step rungs) and why, for run.log."""
@@ -134,7 +148,8 @@ def mstep_plan(
     ctx: RunContext, plan: IterationPlan, bps: list[BackProjector], max_shell: int, join_bytes_per_voxel: int
 ) -> MStepPlan:
     """The M-step's rung, from what it needs (estep/memory.mstep_bytes: reconstructions up to ``max_shell``) and what
-    is free on the GPU beside what is allocated there (the accumulators ``bps``, the image cache):
+    is free on the GPU beside what is allocated there (the accumulators ``bps`` there, the image cache; accumulators
+    in host memory, parked there during the E-step, count as needed):
     1. all of it on the GPU;
     2. on the host (where RELION runs it), the accumulators moved there to free the GPU, the padded transforms on the
        GPU by slabs with their buffer there;
@@ -146,7 +161,8 @@ def mstep_plan(
     if free is None:
         return MStepPlan(ctx.device, SAME_DEVICE, grids)
     symmetric = ctx.cfg.sym.upper() != "C1"
-    need = memory.mstep_bytes(ctx.box, ctx.cfg.pad, size, max_shell, symmetric, join_bytes_per_voxel)
+    parked = sum(bp.data.nbytes + bp.weight.nbytes for bp in bps if bp.data.device.type != "cuda")
+    need = parked + memory.mstep_bytes(ctx.box, ctx.cfg.pad, size, max_shell, symmetric, join_bytes_per_voxel)
     gib = memory.GIB
     if need <= free:
         return MStepPlan(
