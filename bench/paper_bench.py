@@ -485,6 +485,14 @@ def job_argv(
     return argv + extra.split()
 
 
+def coarse_precision(argv: list[str], gpu: bool) -> str:
+    """The coarse products' precision a run with ``argv`` used (--precision, its default resolved for the device)."""
+    from cryorefine.estep.precision import AUTO, resolved
+
+    flag = argv[argv.index("--precision") + 1] if "--precision" in argv else AUTO
+    return resolved(flag, "cuda" if gpu else "cpu")
+
+
 def run_gpu(s: BenchSet, p: Paths, gpu: bool, max_seconds: float, extra: str = "") -> dict:
     import torch
 
@@ -520,6 +528,7 @@ def run_gpu(s: BenchSet, p: Paths, gpu: bool, max_seconds: float, extra: str = "
         "device": device_name(),
         "iterations": [before[-1] if before else 0, after[-1] if after else 0],
         "finished": is_finished(s, p),
+        "precision": coarse_precision(argv, gpu),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     if gpu:
@@ -724,7 +733,6 @@ def cublas_reference(shape_flops: dict, top: int = 3) -> dict:
     t = sum(shape_flops[r["shape"]] / (r["fp32_tflops"] * 1e12) for r in timed)
     return {
         "device": dev,
-        "allow_tf32_in_run": bool(old_tf32),
         "shapes": rows,
         "fp32_tflops_weighted": (f / t / 1e12) if t > 0 else None,
         "note": "rate cuBLAS reaches on the logged coarse shapes (flop-weighted over the timed shapes), random float32 "
@@ -1011,8 +1019,9 @@ def render_md(r: dict) -> str:
     ]
     cb = c.get("cublas_reference")
     if cb:
+        precision = ", ".join(sorted({call.get("precision", "fp32") for call in r["calls"]}))  # fp32 before auto
         L.append(
-            f"- cuBLAS on the same shapes ({cb['device']}, same process; TF32 in the run: {cb['allow_tf32_in_run']}): "
+            f"- cuBLAS on the same shapes ({cb['device']}, same process; the run's coarse products: {precision}): "
             f"flop-weighted {fmt(cb['fp32_tflops_weighted'], 2)} TFLOP/s"
         )
         for x in cb["shapes"]:

@@ -25,8 +25,9 @@ MAX_TRANSLATIONS = 64  # translations per launch
 
 
 def available(t: torch.Tensor, precision: str) -> bool:
-    """Whether the fused kernel can score operands like ``t`` (float32 on CUDA, Triton present, fp32 precision)."""
-    return triton is not None and t.is_cuda and t.dtype == torch.float32 and precision == "fp32"
+    """Whether the fused kernel can score operands like ``t`` (float32 on CUDA, Triton present, fp32 or tf32 precision:
+    its products are IEEE float32 under both)."""
+    return triton is not None and t.is_cuda and t.dtype == torch.float32 and precision in ("fp32", "tf32")
 
 
 if triton is not None:
@@ -119,7 +120,7 @@ def local_scores(
     precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cross (n, T, L) = a · [Re P | Im P] and third (n, L) = b · |P|² for each particle's candidates (float32 products:
-    ``precision`` is there for the signature shared with expectation's PyTorch path, and must be fp32).
+    ``precision`` is there for the signature shared with expectation's PyTorch path: fp32 or tf32).
 
     transform: extract.PaddedTransform (its f_padded (P, P, P//2+1) complex64); rotations (U, 3, 3); idx (n, L) rows of
     ``rotations``; pixels (kx, ky) (jc,); a (n, T, 2jc) the particles' weighted translated images [Re | Im];

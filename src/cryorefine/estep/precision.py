@@ -1,10 +1,13 @@
-"""Precision of the coarse pass's matrix products (--precision): fp32 (default), tf32 or scaled fp16.
+"""Precision of the coarse pass's matrix products (--precision): auto (the default: tf32 on a GPU, fp32 on the CPU),
+fp32, tf32 or scaled fp16.
 
 Only the coarse products Re⟨a, P⟩ and ⟨b, |P|²⟩ use these modes; diff2 is assembled from them in float32, and
 the fine pass and everything else stay float32. The significant set then absorbs the coarse error: a test
 bounds |Δdiff2| on the significant samples against float64 (tests/estep/test_precision.py).
 
-- tf32: TensorFloat-32 tensor cores (10-bit mantissa operands, float32 accumulation), CUDA only.
+- tf32: TensorFloat-32 tensor cores (10-bit mantissa operands, float32 accumulation), CUDA only. The local searches'
+  fused kernel (fused_local.py) keeps its IEEE float32 products under it: that pass is bound by interpolating the
+  candidates' slices, not by its products.
 - fp16: each row of both operands is scaled by a power of two so its largest |value| lies in [0.5, 1) (no
   overflow, no loss to subnormals for the large terms), rounded to float16, multiplied with float32
   accumulation and float32 output (cuBLAS), then unscaled exactly. On the CPU the same numbers come from
@@ -18,6 +21,15 @@ from contextlib import contextmanager
 import torch
 
 PRECISIONS = ("fp32", "tf32", "fp16")
+AUTO = "auto"
+
+
+def resolved(precision: str, device) -> str:
+    """--precision for ``device``: auto is tf32 on a GPU (its coarse products on tensor cores: one E-step keeps the
+    best poses, bench/precision_modes.py) and fp32 on the CPU (which has no TF32, and a compiled fp32 loop)."""
+    if precision != AUTO:
+        return precision
+    return "tf32" if torch.device(device).type == "cuda" else "fp32"
 
 
 @contextmanager
