@@ -485,12 +485,9 @@ def job_argv(
     return argv + extra.split()
 
 
-def coarse_precision(argv: list[str], gpu: bool) -> str:
-    """The coarse products' precision a run with ``argv`` used (--precision, its default resolved for the device)."""
-    from cryorefine.estep.precision import AUTO, resolved
-
-    flag = argv[argv.index("--precision") + 1] if "--precision" in argv else AUTO
-    return resolved(flag, "cuda" if gpu else "cpu")
+def coarse_precision(argv: list[str]) -> str:
+    """The coarse products' precision a run with ``argv`` used (--precision, else the default fp32)."""
+    return argv[argv.index("--precision") + 1] if "--precision" in argv else "fp32"
 
 
 def run_gpu(s: BenchSet, p: Paths, gpu: bool, max_seconds: float, extra: str = "") -> dict:
@@ -528,7 +525,7 @@ def run_gpu(s: BenchSet, p: Paths, gpu: bool, max_seconds: float, extra: str = "
         "device": device_name(),
         "iterations": [before[-1] if before else 0, after[-1] if after else 0],
         "finished": is_finished(s, p),
-        "precision": coarse_precision(argv, gpu),
+        "precision": coarse_precision(argv),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     if gpu:

@@ -176,14 +176,3 @@ def test_gpu_reduced_precisions_really_differ_from_fp32(case):
     for precision in ("tf32", "fp16"):
         e, _ = coarse_errors(case, precision, device="cuda")
         assert e > 5 * e32, precision
-
-
-def test_the_default_is_tf32_on_a_gpu_and_fp32_on_the_cpu():
-    """--precision auto (the default of the CLI and of RefineConfig) resolves per device; a named one is kept."""
-    from cryorefine.estep.precision import AUTO, resolved
-    from cryorefine.refine.config import RefineConfig
-
-    assert RefineConfig(particles="p.star", output_root="o/run", reference="r.mrc").precision == AUTO
-    assert resolved(AUTO, "cuda") == "tf32" and resolved(AUTO, torch.device("cuda", 1)) == "tf32"
-    assert resolved(AUTO, "cpu") == "fp32"
-    assert resolved("fp32", "cuda") == "fp32" and resolved("fp16", "cpu") == "fp16"

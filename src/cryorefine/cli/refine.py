@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 
 from ..errors import CryoInputError, Terminated
-from ..estep.precision import AUTO, PRECISIONS
+from ..estep.precision import PRECISIONS
 
 
 def add_common_args(p, classify: bool = False) -> None:
@@ -166,10 +166,10 @@ def add_common_args(p, classify: bool = False) -> None:
     )
     p.add_argument(
         "--precision",
-        choices=(AUTO, *PRECISIONS),
-        default=AUTO,
-        help="coarse-pass matrix products: auto (tf32 on a GPU, fp32 on the CPU), fp32, tf32 (GPU tensor cores) or "
-        "fp16 (scaled half precision); the rest stays fp32",
+        choices=PRECISIONS,
+        default="fp32",
+        help="coarse-pass matrix products: fp32, tf32 (GPU tensor cores) or fp16 (scaled half precision); the rest "
+        "stays fp32",
     )
     p.add_argument(
         "--gpu",

@@ -1,5 +1,7 @@
-"""Precision of the coarse pass's matrix products (--precision): auto (the default: tf32 on a GPU, fp32 on the CPU),
-fp32, tf32 or scaled fp16.
+"""Precision of the coarse pass's matrix products (--precision): fp32 (default), tf32 or scaled fp16.
+
+fp32 stays the default: on the betagal-like set (H200, 2026-12-05) tf32 made each iteration ~10 % faster but the run
+took one more iteration and ended one gold-standard shell coarser (bench/results/2026-12-05-h200-tf32-default.md).
 
 Only the coarse products Re⟨a, P⟩ and ⟨b, |P|²⟩ use these modes; diff2 is assembled from them in float32, and
 the fine pass and everything else stay float32. The significant set then absorbs the coarse error: a test
@@ -21,15 +23,6 @@ from contextlib import contextmanager
 import torch
 
 PRECISIONS = ("fp32", "tf32", "fp16")
-AUTO = "auto"
-
-
-def resolved(precision: str, device) -> str:
-    """--precision for ``device``: auto is tf32 on a GPU (its coarse products on tensor cores: one E-step keeps the
-    best poses, bench/precision_modes.py) and fp32 on the CPU (which has no TF32, and a compiled fp32 loop)."""
-    if precision != AUTO:
-        return precision
-    return "tf32" if torch.device(device).type == "cuda" else "fp32"
 
 
 @contextmanager

@@ -16,7 +16,6 @@ from ..debug_hooks import pause_point
 from ..estep import memory
 from ..estep.images import Window, ctf_and_inverse_noise
 from ..estep.poses import PoseGrid
-from ..estep.precision import resolved as resolved_precision
 from ..estep.settings import EStepSettings
 from ..estep.sums import WeightedSums
 from ..fourier.filters import low_pass_filter
@@ -216,7 +215,7 @@ def estep_settings(ctx: RunContext, state: RunState, direction_log_prior=None) -
         sigma2_offset_angst2=state.stats[0].sigma2_offset_angst2,
         angpix=cfg.angpix,
         direction_log_prior=direction_log_prior,
-        precision=resolved_precision(cfg.precision, ctx.device),
+        precision=cfg.precision,
     )
 
 
