@@ -20,9 +20,11 @@ on a machine without a GPU, on the tiny set).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -70,6 +72,22 @@ def mpirun(relion_bin: Path) -> list[str]:
     return [exe, "--allow-run-as-root", "--oversubscribe"] if "Open MPI" in v.stdout + v.stderr else [exe]
 
 
+def run_within(cmd: list[str], cwd: Path, log, budget_s: float) -> int | None:
+    """Run ``cmd`` in its own process group; past ``budget_s`` stop the whole group (mpirun and its ranks, which
+    would otherwise keep the GPU busy after mpirun is killed) and return None, else the exit status."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        return proc.wait(timeout=budget_s)
+    except subprocess.TimeoutExpired:
+        for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=wait_s)
+                break
+        return None
+
+
 def relion_version(binary: Path) -> str:
     try:
         p = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30)
@@ -105,11 +123,8 @@ def main(argv=None) -> int:
     pb.log(f"{s.name}: {' '.join(cmd)}")
     t0 = time.time()
     with open(work / "relion.log", "w") as logf:
-        try:
-            rc = subprocess.run(cmd, cwd=p.data, stdout=logf, stderr=subprocess.STDOUT, timeout=a.budget).returncode
-            status = "finished" if rc == 0 else f"exited {rc}"
-        except subprocess.TimeoutExpired:
-            rc, status = None, f"stopped after {a.budget:.0f} s"
+        rc = run_within(cmd, p.data, logf, a.budget)
+        status = f"stopped after {a.budget:.0f} s" if rc is None else "finished" if rc == 0 else f"exited {rc}"
     wall = time.time() - t0
     per = iteration_times(out_root, t0)
     if s.job == "refine" and rc == 0:

@@ -60,3 +60,18 @@ def test_relion_beside_the_tiny_run(tmp_path):
     assert r["relion5"]["source"].startswith("measured here") and r["relion5"]["wall_s"] == m["wall_s"]
     assert r["relion5_particle_iterations_per_s"] == pytest.approx(40 * m["iterations"] / m["wall_s"])
     assert "RELION-5 (measured here)" in next(out.glob("*-cpu-tiny.md")).read_text()
+
+
+def test_a_run_past_its_budget_is_stopped_with_its_children(tmp_path):
+    """Past the budget the whole process group goes (mpirun's ranks would otherwise keep the GPU busy)."""
+    import time
+
+    late = tmp_path / "child_still_alive"
+    with open(tmp_path / "log", "w") as log:
+        t0 = time.time()
+        rc = r5.run_within(["sh", "-c", f"(sleep 2; touch {late}) & sleep 30"], tmp_path, log, budget_s=0.5)
+    assert rc is None and time.time() - t0 < 15
+    time.sleep(2.5)
+    assert not late.exists()
+    with open(tmp_path / "log", "w") as log:
+        assert r5.run_within(["sh", "-c", "exit 3"], tmp_path, log, budget_s=10) == 3
