@@ -1,6 +1,9 @@
 """Auto-refine end to end on CUDA against the same run on the CPU, and --continue on CUDA: the maps stay on the GPU
 between iterations (and the particle images in its cache), so the files, the state and the ranks' exchange must
-bring them to the host where they are needed."""
+bring them to the host where they are needed. And the memory plan's last volume rung: half set 1's back-projector
+waits in host memory while half set 2 is scored (memory.park_finished_half, steps.parking_note; the decision is
+tested with the plan's others in tests/estep/test_memory.py): run.log says so, and on the GPU the M-step finds half
+set 1's accumulators on the host and the maps are those of a run that keeps both on the GPU."""
 
 import shutil
 
@@ -10,11 +13,13 @@ import torch
 
 from cryorefine.io.mrc import read_map
 from cryorefine.io.star import read_star
+from cryorefine.refine import steps
 from cryorefine.refine.auto_refine import refine
 from cryorefine.refine.config import RefineConfig
 from small_set import small_set
 
 BOX, ANGPIX, N = 32, 6.0, 80
+NOTE = "half set 1's back-projector in host memory (the test's)"
 
 
 def _refine(d, out, device, continue_from=None):
@@ -37,6 +42,20 @@ def _refine(d, out, device, continue_from=None):
         continue_from=continue_from,
     )
     return refine(cfg)
+
+
+def _parking(monkeypatch):
+    """Force the rung and record where the M-step finds each half set's accumulators."""
+    seen = []
+    plan = steps.mstep_plan
+
+    def spy(ctx, it, bps, *a):
+        seen.append([bp.data.device.type for bp in bps])
+        return plan(ctx, it, bps, *a)
+
+    monkeypatch.setattr(steps, "parking_note", lambda ctx, it: NOTE)
+    monkeypatch.setattr(steps, "mstep_plan", spy)
+    return seen
 
 
 def _corr(a, b):
@@ -67,3 +86,24 @@ def test_gpu_refinement_matches_the_cpu_and_continues(tmp_path):
         _corr(read_map(tmp_path / "gpu" / "run_class001.mrc")[0], read_map(tmp_path / "cont" / "run_class001.mrc")[0])
         > 0.999
     )
+
+
+def test_a_parked_half_is_said_in_run_log(tmp_path, monkeypatch):
+    d = small_set(tmp_path / "data", BOX, ANGPIX, N, seed=6)
+    seen = _parking(monkeypatch)
+    _refine(d, tmp_path / "cpu", "cpu")
+    log = (tmp_path / "cpu" / "run.log").read_text()
+    assert log.count(NOTE) == len(seen) >= 2, log
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_parked_half_gives_the_maps_of_one_kept_on_the_gpu(tmp_path, monkeypatch):
+    d = small_set(tmp_path / "data", BOX, ANGPIX, N, seed=6)
+    _refine(d, tmp_path / "kept", "cuda")
+    seen = _parking(monkeypatch)
+    _refine(d, tmp_path / "parked", "cuda")
+    assert seen and all(devices == ["cpu", "cuda"] for devices in seen), seen
+    for name in ("run_half1_class001_unfil.mrc", "run_half2_class001_unfil.mrc", "run_class001.mrc"):
+        kept, parked = read_map(tmp_path / "kept" / name)[0], read_map(tmp_path / "parked" / name)[0]
+        assert _corr(kept, parked) > 0.999, name
