@@ -486,8 +486,10 @@ def job_argv(
 
 
 def coarse_precision(argv: list[str]) -> str:
-    """The coarse products' precision a run with ``argv`` used (--precision, else the default fp32)."""
-    return argv[argv.index("--precision") + 1] if "--precision" in argv else "fp32"
+    """The coarse products' precision a run with ``argv`` used (--precision X or --precision=X, else fp32)."""
+    found = argparse.ArgumentParser(add_help=False)
+    found.add_argument("--precision", default="fp32")
+    return found.parse_known_args(argv)[0].precision
 
 
 def run_gpu(s: BenchSet, p: Paths, gpu: bool, max_seconds: float, extra: str = "") -> dict:
@@ -1016,7 +1018,7 @@ def render_md(r: dict) -> str:
     ]
     cb = c.get("cublas_reference")
     if cb:
-        precision = ", ".join(sorted({call.get("precision", "fp32") for call in r["calls"]}))  # fp32 before auto
+        precision = ", ".join(sorted({call.get("precision", "fp32") for call in r["calls"]}))  # older calls: fp32
         L.append(
             f"- cuBLAS on the same shapes ({cb['device']}, same process; the run's coarse products: {precision}): "
             f"flop-weighted {fmt(cb['fp32_tflops_weighted'], 2)} TFLOP/s"

@@ -73,19 +73,25 @@ def mpirun(relion_bin: Path) -> list[str]:
 
 
 def run_within(cmd: list[str], cwd: Path, log, budget_s: float) -> int | None:
-    """Run ``cmd`` in its own process group; past ``budget_s`` stop the whole group (mpirun and its ranks, which
-    would otherwise keep the GPU busy after mpirun is killed) and return None, else the exit status."""
+    """Run ``cmd`` in its own process group; return its exit status, or None past ``budget_s``. Whatever of the group
+    is left when it returns or is stopped (mpirun's ranks, which would otherwise keep the GPU busy) is killed: past
+    the budget SIGTERM first and SIGKILL after a grace of 10 s, SIGKILL in any case at the end."""
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def signal_group(sig) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+
     try:
         return proc.wait(timeout=budget_s)
     except subprocess.TimeoutExpired:
-        for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=wait_s)
-                break
+        signal_group(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
         return None
+    finally:
+        signal_group(signal.SIGKILL)
+        proc.wait()
 
 
 def relion_version(binary: Path) -> str:

@@ -63,15 +63,16 @@ def test_relion_beside_the_tiny_run(tmp_path):
 
 
 def test_a_run_past_its_budget_is_stopped_with_its_children(tmp_path):
-    """Past the budget the whole process group goes (mpirun's ranks would otherwise keep the GPU busy)."""
+    """Past the budget the whole process group goes, also a child that ignores SIGTERM (mpirun's ranks would
+    otherwise keep the GPU busy); and what a finished command leaves behind goes too."""
     import time
 
-    late = tmp_path / "child_still_alive"
+    late, stubborn, orphan = (tmp_path / name for name in ("child", "stubborn_child", "orphan"))
     with open(tmp_path / "log", "w") as log:
         t0 = time.time()
-        rc = r5.run_within(["sh", "-c", f"(sleep 2; touch {late}) & sleep 30"], tmp_path, log, budget_s=0.5)
-    assert rc is None and time.time() - t0 < 15
+        cmd = f"(sleep 2; touch {late}) & sh -c 'trap \"\" TERM; sleep 2; touch {stubborn}' & sleep 30"
+        rc = r5.run_within(["sh", "-c", cmd], tmp_path, log, budget_s=0.5)
+        assert rc is None and time.time() - t0 < 15
+        assert r5.run_within(["sh", "-c", f"(sleep 2; touch {orphan}) & exit 3"], tmp_path, log, budget_s=10) == 3
     time.sleep(2.5)
-    assert not late.exists()
-    with open(tmp_path / "log", "w") as log:
-        assert r5.run_within(["sh", "-c", "exit 3"], tmp_path, log, budget_s=10) == 3
+    assert not late.exists() and not stubborn.exists() and not orphan.exists()

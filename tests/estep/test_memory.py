@@ -399,6 +399,27 @@ def test_refine_stops_before_the_first_iteration_when_the_volumes_cannot_fit(tmp
         assert not list((tmp_path / command[0]).glob("run_it*"))
 
 
+def test_a_run_that_will_park_sizes_its_image_cache_beside_the_resident_volumes(tmp_path, monkeypatch):
+    """Auto-refine whose final iteration will park half set 1's back-projector: the image cache and the batches are
+    sized beside a reference and one back-projector (what the GPU then holds), not two."""
+    import cryorefine.refine.context as run_context
+    from cryorefine.refine.auto_refine import ESTEP_VOLUMES
+    from cryorefine.refine.config import RefineConfig
+
+    simulate_particles(_blob_map(24).float(), ANGPIX, tmp_path / "data", 8, snr=0.1, seed=2)
+    write_map(tmp_path / "ref.mrc", _blob_map(24).float().numpy(), ANGPIX)
+    cfg = RefineConfig(particles=str(tmp_path / "data" / "particles.star"), output_root=str(tmp_path / "out" / "run"),
+                       reference=str(tmp_path / "ref.mrc"), particle_diameter=60.0)  # fmt: skip
+    fixed = []
+    monkeypatch.setattr(run_context, "available_bytes", lambda device: 8 << 30)  # as if on a GPU
+    monkeypatch.setattr(run_context, "image_cache_bytes", lambda device, f, peers: fixed.append(f) or 0)
+    for parks in (False, True):
+        monkeypatch.setattr(run_context, "park_finished_half", lambda free, size, parks=parks: parks)
+        run_context.open_run(cfg, None, ESTEP_VOLUMES)
+    both, resident = (sum(memory.estep_volume_bytes(48, 1, k).values()) for k in (2, 1))
+    assert fixed == [both, resident]
+
+
 # ----------------------------------------------------------------------------- host memory: batches, read ahead
 
 

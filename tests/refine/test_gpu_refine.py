@@ -45,17 +45,23 @@ def _refine(d, out, device, continue_from=None):
 
 
 def _parking(monkeypatch):
-    """Force the rung and record where the M-step finds each half set's accumulators."""
-    seen = []
-    plan = steps.mstep_plan
+    """Force the rung and record where the M-step finds each half set's accumulators, and each move of accumulators
+    (the E-step's parking, the M-step's placing) with its destination."""
+    seen, moves = [], []
+    plan, move = steps.mstep_plan, steps.on_device
 
-    def spy(ctx, it, bps, *a):
+    def spy_plan(ctx, it, bps, *a):
         seen.append([bp.data.device.type for bp in bps])
         return plan(ctx, it, bps, *a)
 
+    def spy_move(bps, device):
+        moves.append((len(bps), device.type))
+        return move(bps, device)
+
     monkeypatch.setattr(steps, "parking_note", lambda ctx, it: NOTE)
-    monkeypatch.setattr(steps, "mstep_plan", spy)
-    return seen
+    monkeypatch.setattr(steps, "mstep_plan", spy_plan)
+    monkeypatch.setattr(steps, "on_device", spy_move)
+    return seen, moves
 
 
 def _corr(a, b):
@@ -90,10 +96,12 @@ def test_gpu_refinement_matches_the_cpu_and_continues(tmp_path):
 
 def test_a_parked_half_is_said_in_run_log(tmp_path, monkeypatch):
     d = small_set(tmp_path / "data", BOX, ANGPIX, N, seed=6)
-    seen = _parking(monkeypatch)
+    seen, moves = _parking(monkeypatch)
     _refine(d, tmp_path / "cpu", "cpu")
     log = (tmp_path / "cpu" / "run.log").read_text()
     assert log.count(NOTE) == len(seen) >= 2, log
+    # per iteration: half set 1's back-projector to the host after its pass, then both to the M-step's device
+    assert moves == [(1, "cpu"), (2, "cpu")] * len(seen), moves
 
 
 @pytest.mark.gpu
@@ -101,7 +109,7 @@ def test_a_parked_half_is_said_in_run_log(tmp_path, monkeypatch):
 def test_a_parked_half_gives_the_maps_of_one_kept_on_the_gpu(tmp_path, monkeypatch):
     d = small_set(tmp_path / "data", BOX, ANGPIX, N, seed=6)
     _refine(d, tmp_path / "kept", "cuda")
-    seen = _parking(monkeypatch)
+    seen, _ = _parking(monkeypatch)
     _refine(d, tmp_path / "parked", "cuda")
     assert seen and all(devices == ["cpu", "cuda"] for devices in seen), seen
     for name in ("run_half1_class001_unfil.mrc", "run_half2_class001_unfil.mrc", "run_class001.mrc"):

@@ -19,6 +19,7 @@ from ..estep.memory import (
     check_estep_volumes,
     estep_volume_bytes,
     image_cache_bytes,
+    park_finished_half,
 )
 from ..io.atomic import remove_stale_temporaries
 from ..io.background import BackgroundWriter
@@ -169,9 +170,11 @@ def open_run(cfg: RefineConfig, dist: Dist | None, volumes: dict) -> RunContext:
     capped = capped_gpu_memory(device, cfg.gpu_memory_gib)
     free = available_bytes(device)
     counts = {"references": volumes["references"], "backprojectors": volumes["backprojectors"]}
+    resident = volumes.get("resident_backprojectors", volumes["backprojectors"])
     if free is not None and volumes["whole"]:
-        resident = volumes.get("resident_backprojectors", volumes["backprojectors"])
         check_estep_volumes(box, cfg.pad, box * cfg.pad, volumes["references"], resident, free)
+        if park_finished_half(free, box * cfg.pad):  # the final iteration will park: the GPU holds the resident ones
+            counts["backprojectors"] = resident
     out = Path(cfg.output_root).parent
     out.mkdir(parents=True, exist_ok=True)
     if dist.is_main:  # temporaries are named by pid, which other hosts cannot check
