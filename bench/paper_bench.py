@@ -778,6 +778,7 @@ def build_report(s: BenchSet, p: Paths) -> dict:
             "coarse_s": c.get("seconds"),
             "coarse_tflops": (c["flops"] / c["seconds"] / 1e12) if c.get("seconds") else None,
             "fine_flops": (h.get("counters") or {}).get("fine", {}).get("flops"),
+            "store_flops": (h.get("counters") or {}).get("store", {}).get("flops"),
         }
         if s.job == "refine":
             g = gold_fsc(p, h["iteration"], dev)
@@ -792,6 +793,10 @@ def build_report(s: BenchSet, p: Paths) -> dict:
             shape_flops[key] = shape_flops.get(key, 0.0) + cnt * gemm_flops(key)
     total_it = sum(r["wall_s"] for r in its)
     stage_tot = {k: sum(r["stages_s"][k] for r in its) for k in STAGES}
+    stage_flops = {  # the E-step's counted matrix products, by the stage that runs them (RELION's names)
+        "getAllSquaredDifferences": sum((r["coarse_flops"] or 0) + (r["fine_flops"] or 0) for r in its),
+        "storeWeightedSums": sum(r["store_flops"] or 0 for r in its),
+    }
     cflops = sum(r["coarse_flops"] or 0 for r in its)
     cs = sum(r["coarse_s"] or 0 for r in its)
     gpu_name = next((c["device"] for c in reversed(calls) if c.get("device")), device_name())
@@ -831,6 +836,7 @@ def build_report(s: BenchSet, p: Paths) -> dict:
             "iterations_wall_s": total_it,
             "calls_wall_s": sum(c["wall_s"] for c in calls),
             "stages_s": stage_tot,
+            "stage_flops": stage_flops,
             "particle_iterations_per_s": (n * len(its) / total_it) if total_it else None,
         },
         "coarse": coarse,
@@ -996,11 +1002,22 @@ def render_md(r: dict) -> str:
         )
     st = tot["stages_s"]
     ssum = sum(st.values()) or 1.0
-    L += ["", "## Where the time goes (all iterations)", "", "| stage | s | share |", "|---|---|---|"]
-    L += [f"| {STAGE_LABEL.get(k, k)} | {fmt(st[k])} | {100 * st[k] / ssum:.0f} % |" for k in STAGES]
-    L.append(f"| other (writing files, bookkeeping) | {fmt(tot['iterations_wall_s'] - ssum)} | |")
     c = r["coarse"]
     pk = c.get("card_peak") or {}
+    head = "| stage | s | share | counted TFLOP | TFLOP/s | of FP32 peak |"
+    L += ["", "## Where the time goes (all iterations)", "", head, "|---|---|---|---|---|---|"]
+    for k in STAGES:
+        flops = (tot.get("stage_flops") or {}).get(k)
+        rate = flops / st[k] / 1e12 if flops and st[k] > 0 else None
+        peak = f"{100 * rate / pk['fp32_tflops']:.1f} %" if rate and pk else "—"
+        counted = f"{flops / 1e12:.2f} | {fmt(rate, 2)} | {peak}" if flops else "— | — | —"
+        L.append(f"| {STAGE_LABEL.get(k, k)} | {fmt(st[k])} | {100 * st[k] / ssum:.0f} % | {counted} |")
+    L.append(f"| other (writing files, bookkeeping) | {fmt(tot['iterations_wall_s'] - ssum)} | | | | |")
+    L.append(
+        "\nCounted: the matrix products of the coarse and fine passes (getAllSquaredDifferences) and of the weighted "
+        "sums (storeWeightedSums), 2·M·N·K each, over the stage's whole time (interpolation, masking and sorting "
+        "included): a lower bound on the products' rate. The other stages do no counted products."
+    )
     L += [
         "",
         "## Coarse pass (getAllSquaredDifferences, pass 0)",

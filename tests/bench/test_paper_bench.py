@@ -97,7 +97,10 @@ def test_tiny_run_stop_continue_and_results(tmp_path):
     for it in r["iterations"]:
         assert set(it["stages_s"]) == set(pb.STAGES) and it["wall_s"] > 0
         assert it["gold_fsc0143_angst"] and it["mean_rlnNrOfSignificantSamples"] >= 1
-        assert it["coarse_flops"] > 0 and it["coarse_tflops"] > 0
+        assert it["coarse_flops"] > 0 and it["coarse_tflops"] > 0 and it["fine_flops"] > 0 and it["store_flops"] > 0
+    flops = r["total"]["stage_flops"]
+    assert flops["getAllSquaredDifferences"] == sum(it["coarse_flops"] + it["fine_flops"] for it in r["iterations"])
+    assert flops["storeWeightedSums"] == sum(it["store_flops"] for it in r["iterations"])
     assert (
         r["final_gold"]["fsc0143_angst"] > 0
         and r["fsc_to_truth"]["fsc05_angst"] > 0
@@ -112,6 +115,7 @@ def test_tiny_run_stop_continue_and_results(tmp_path):
         "## Per iteration",
         "convertAllSquaredDifferencesToWeights",
         "## Coarse pass",
+        "| stage | s | share | counted TFLOP | TFLOP/s | of FP32 peak |",
         "## CPU path",
         "--low_resol_join_halves 0",
     ]:

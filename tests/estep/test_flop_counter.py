@@ -96,3 +96,18 @@ def test_timer_gets_the_coarse_flops(setup):
     assert c["coarse"]["seconds"] > 0 and c["fine"]["flops"] > 0 and c["store"]["flops"] > 0
     assert set(timer.seconds) >= {"getAllSquaredDifferences", "convertAllDiff2ToWeights", "storeWeightedSums"}
     assert timer.reset_counters() == {}
+
+
+def test_fine_and_store_flops_match_pytorch_count(setup):
+    """The fine pass's and storeWeightedSums' counted products (the reports' per-stage rates) against PyTorch's count
+    of every batched product of one E-step; the only other one is the posterior's angular spread (an einsum of 3×3
+    rotations per slot: a fraction of a percent here)."""
+    _, window, batch, grid, refs = setup
+    timer = StageTimer()
+    sums = WeightedSums.zeros(2, BOX, 2, 1, grid.sampling.n_directions)
+    settings = EStepSettings(angpix=ANGPIX, sigma2_offset_angst2=30.0)
+    torch_flops, _ = _counted(lambda: expectation_batch(batch, window, CSHELL, refs, grid, settings, sums, timer=timer))
+    c = timer.reset_counters()
+    fine_store = c["fine"]["flops"] + c["store"]["flops"]
+    bmm = torch_flops - c["coarse"]["flops"]  # the coarse pass's products: test_timer_gets_the_coarse_flops
+    assert 0 <= bmm - fine_store < 0.01 * fine_store, (bmm, c["fine"]["flops"], c["store"]["flops"])
