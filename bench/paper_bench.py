@@ -445,6 +445,39 @@ class Pruner(threading.Thread):
             self.prune()
 
 
+class BusySampler(threading.Thread):
+    """Samples how busy the GPU is while a run goes (issue 23: busy ≥ 85 % of the wall time): NVML's utilisation, the
+    percentage of the last sample period (1/6 s to 1 s, by the driver) in which a kernel ran, every ``period`` s.
+    ``read()`` gives one percentage (torch.cuda.utilization, which asks NVML; None where there is none)."""
+
+    def __init__(self, read, period: float = 0.1):
+        super().__init__(daemon=True)
+        self.read, self.period = read, period
+        self.samples: list[float] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.period):
+            value = self.read()
+            if value is None:
+                return
+            self.samples.append(float(value))
+
+    def mean_percent(self) -> float | None:
+        """The mean over the samples: the share of the sampled time the GPU ran a kernel, in percent."""
+        return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
+
+
+def gpu_utilization() -> float | None:
+    """NVML's GPU utilisation in percent (torch.cuda.utilization), None without CUDA or NVML."""
+    import torch
+
+    try:
+        return float(torch.cuda.utilization()) if torch.cuda.is_available() else None
+    except Exception:  # pynvml missing or NVML not answering: no samples, the report says so
+        return None
+
+
 def job_argv(
     s: BenchSet, p: Paths, gpu: bool, max_seconds: float | None, cpu_subset: Path | None = None, extra: str = ""
 ) -> list[str]:
@@ -509,12 +542,16 @@ def run_gpu(s: BenchSet, p: Paths, gpu: bool, max_seconds: float, extra: str = "
         pass
     pruner = Pruner(p.run_root, class_maps=s.job == "class3d")
     pruner.start()
+    busy = BusySampler(gpu_utilization if gpu else lambda: None)
+    busy.start()
     t0 = time.perf_counter()
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     try:
         rc = cli(argv)
     finally:
         wall = time.perf_counter() - t0
+        busy.stop.set()
+        busy.join()
         pruner.stop.set()
         pruner.join()
         pruner.prune()
@@ -528,6 +565,7 @@ def run_gpu(s: BenchSet, p: Paths, gpu: bool, max_seconds: float, extra: str = "
         "iterations": [before[-1] if before else 0, after[-1] if after else 0],
         "finished": is_finished(s, p),
         "precision": coarse_precision(argv),
+        "gpu_busy_percent": busy.mean_percent(),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     if gpu:
@@ -965,6 +1003,10 @@ def render_md(r: dict) -> str:
         f"| particle-iterations/s | {fmt(tot['particle_iterations_per_s'])} | "
         f"{fmt(r.get('relion5_particle_iterations_per_s'))} |"
     )
+    busy = [(c["wall_s"], c["gpu_busy_percent"]) for c in r["calls"] if c.get("gpu_busy_percent") is not None]
+    if busy:  # weighted by each call's wall time
+        mean = sum(w * b for w, b in busy) / sum(w for w, _ in busy)
+        L.append(f"| GPU busy (NVML utilisation, 0.1 s samples over the run's calls) | {mean:.1f} % | — |")
     pe = r.get("pose_errors")
     if pe:
         L.append(

@@ -123,3 +123,15 @@ def test_tiny_run_stop_continue_and_results(tmp_path):
     # a report call rebuilds the same files from the disk
     assert pb.main(["report", "tiny", "--workdir", str(w), "--out", str(out / "again"), "--no_gpu"]) == 0
     assert json.loads(next((out / "again").glob("*.json")).read_text())["n_iterations"] == 2
+
+
+def test_busy_sampler_averages_the_gpus_utilisation_and_stops_without_nvml():
+    readings = iter([100.0, 50.0, 0.0] + [None] * 100)
+    sampler = pb.BusySampler(lambda: next(readings), period=0.001)
+    sampler.start()
+    sampler.join(timeout=5)
+    assert not sampler.is_alive() and sampler.mean_percent() == 50.0
+    quiet = pb.BusySampler(lambda: None, period=0.001)
+    quiet.start()
+    quiet.join(timeout=5)
+    assert quiet.mean_percent() is None
