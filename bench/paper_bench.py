@@ -1184,7 +1184,11 @@ def main(argv=None) -> int:
         build(s, p, gpu)
     if a.action == "run" and not is_finished(s, p):
         if left() < 20:
-            log(f"{s.name}: no time left for the run in this call ({left():.0f} s)")
+            log(
+                f"{s.name}: no time left for the run in this call ({left():.0f} s: --budget {a.budget:.0f} s less "
+                f"{time.perf_counter() - t_start:.0f} s so far and --reserve {a.reserve:.0f} s for the report); give a "
+                "larger --budget or a smaller --reserve"
+            )
         else:
             run_gpu(s, p, gpu, max(1.0, left()), a.extra)
     if (
