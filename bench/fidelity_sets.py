@@ -25,7 +25,10 @@ Files per set:
                         random split into equal halves) so both programs refine the same half sets
   start.mrc             truth low-passed to ini_high (cryorefine.fourier.filters.low_pass_filter)
   set.json              every parameter plus fingerprints (image 1's float64 mean/std/sum; sha256 of the stack's and
-                        maps' float32 data, headers excluded)
+                        maps' float32 data, headers excluded). The sha256s match only on the same machine and torch
+                        build: regenerated elsewhere, the float32 data differ in the last bits (image 1's mean
+                        0.0125181071 against 0.0125180896, 2026-12-05), so compare sets across machines by the
+                        float64 statistics with a relative tolerance (~1e-5), not by sha256
 
 Image names are relative (000001@particles.mrcs): run RELION from inside the set folder (bench/relion_fidelity.sh does).
 """
