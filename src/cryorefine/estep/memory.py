@@ -196,13 +196,18 @@ def estep_volume_bytes(grid_size: int, references: int, backprojectors: int) -> 
     }
 
 
+def halves_volume_bytes(grid_size: int) -> int:
+    """Auto-refine's E-step volumes with both half sets' accumulators on the device: one reference and two
+    back-projectors on the grid of edge ``grid_size``."""
+    return sum(estep_volume_bytes(grid_size, references=1, backprojectors=2).values())
+
+
 def park_finished_half(free: int, grid_size: int) -> bool:
     """Auto-refine's last volume rung: whether half set 1's back-projector waits in host memory while half set 2 is
-    scored, so that the GPU holds one reference and one back-projector instead of one and two. Taken when one
-    reference and two back-projectors on the grid of edge ``grid_size`` would take more than half of the ``free``
-    bytes (the E-step's tiles keep at least the other half); the copy out and back, 12 bytes a voxel each way, is
-    small beside an iteration at such sizes."""
-    return sum(estep_volume_bytes(grid_size, references=1, backprojectors=2).values()) > free // 2
+    scored, so that the GPU holds one reference and one back-projector instead of one and two. Taken when
+    halves_volume_bytes would take more than half of the ``free`` bytes (the E-step's tiles keep at least the other
+    half); the copy out and back, 12 bytes a voxel each way, is small beside an iteration at such sizes."""
+    return halves_volume_bytes(grid_size) > free // 2
 
 
 def _cube(pad: int, grid_size: int, max_shell: int) -> tuple[int, int]:

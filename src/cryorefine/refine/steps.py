@@ -128,11 +128,16 @@ def parking_note(ctx: RunContext, plan: IterationPlan) -> str:
     size = grid_size(ctx, plan.map_radius)
     if free is None or not memory.park_finished_half(free, size):
         return ""
-    both = sum(memory.estep_volume_bytes(size, references=1, backprojectors=2).values())
+    both = memory.halves_volume_bytes(size) / memory.GIB
     return (
         f"half set 1's back-projector in host memory while half set 2 was scored (a reference and two "
-        f"back-projectors: {both / memory.GIB:.2f} GiB, more than half of the {free / memory.GIB:.2f} GiB free)"
+        f"back-projectors: {both:.2f} GiB, more than half of the {free / memory.GIB:.2f} GiB free)"
     )
+
+
+def _nbytes(bp: BackProjector) -> int:
+    """Bytes of a back-projector's accumulators (data and weight)."""
+    return bp.data.nbytes + bp.weight.nbytes
 
 
 @dataclass(frozen=True)
@@ -161,14 +166,14 @@ def mstep_plan(
     if free is None:
         return MStepPlan(ctx.device, SAME_DEVICE, grids)
     symmetric = ctx.cfg.sym.upper() != "C1"
-    parked = sum(bp.data.nbytes + bp.weight.nbytes for bp in bps if bp.data.device.type != "cuda")
+    parked = sum(_nbytes(bp) for bp in bps if bp.data.device.type != "cuda")
     need = parked + memory.mstep_bytes(ctx.box, ctx.cfg.pad, size, max_shell, symmetric, join_bytes_per_voxel)
     gib = memory.GIB
     if need <= free:
         return MStepPlan(
             ctx.device, SAME_DEVICE, f"{grids}, M-step on the GPU ({need / gib:.2f} of {free / gib:.2f} GiB free)"
         )
-    freed = free + sum(bp.data.nbytes + bp.weight.nbytes for bp in bps if bp.data.device.type == "cuda")
+    freed = free + sum(_nbytes(bp) for bp in bps if bp.data.device.type == "cuda")
     buffer = memory.transform_buffer_bytes(ctx.box, ctx.cfg.pad, size, max_shell)
     on_gpu = buffer <= freed
     return MStepPlan(
