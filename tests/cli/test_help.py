@@ -13,6 +13,7 @@ from cryorefine.cli.main import SUBCOMMANDS, build_parser
 UNITS = {
     "--gpu_memory": "GiB",
     "--ini_high": "Å",
+    "--maxres": "Å",
     "--strict_highres_exp": "Å",
     "--particle_diameter": "Å",
     "--low_resol_join_halves": "Å",

@@ -9,6 +9,7 @@ pixel size and particle count.
 from __future__ import annotations
 
 import json
+import math
 
 
 def add_args(p):
@@ -29,6 +30,12 @@ def add_args(p):
         action="store_true",
         help="divide by the weights instead of 10 gridding iterations (relion_reconstruct's --skip_gridding)",
     )
+    p.add_argument(
+        "--maxres",
+        type=float,
+        default=-1.0,
+        help="highest resolution (Å) back-projected and reconstructed (relion_reconstruct's --maxres; default Nyquist)",
+    )
     p.add_argument("--gpu", action="store_true", help="compute on the first CUDA device")
 
 
@@ -41,10 +48,12 @@ def main(args):
     from ..io.mrc import write_map
     from ..reconstruction.from_particles import reconstruct_from_particles
     from ..reconstruction.reconstruct import GRIDDING_ITERATIONS
-    from ..validate import check_output_folder, check_particles
+    from ..validate import check_one_pixel_size, check_output_folder, check_particles
 
     if args.pad < 1 or args.batch < 1:
         raise CryoInputError("--pad and --batch must be at least 1")
+    if args.maxres == 0:
+        raise CryoInputError("--maxres must be a resolution in Å (or negative for Nyquist)")
     if args.gpu and not torch.cuda.is_available():
         raise CryoInputError("--gpu given but no CUDA device is available; drop --gpu")
     if not str(args.o).endswith((".mrc", ".map")):
@@ -61,6 +70,7 @@ def main(args):
         device="cuda" if args.gpu else None,
         subset=subset,
         gridding_iterations=0 if args.skip_gridding else GRIDDING_ITERATIONS,
+        max_shell=math.ceil(table.box * check_one_pixel_size(table) / args.maxres) if args.maxres > 0 else None,
     )
     write_map(args.o, vol.cpu().numpy(), angpix)
     n = int((table.random_subset == subset).sum()) if subset else len(table)

@@ -24,6 +24,7 @@ from ..errors import CryoInputError
 from ..io.image_cache import host_free_bytes
 from ..projection.extract import MAX_POINTS
 from ..reconstruction import padded_fft, symmetrise
+from ..reconstruction.reconstruct import gridding_grid_size
 from ..tiling import TileTooLarge
 
 # coarse pass + significance, per particle
@@ -62,6 +63,7 @@ REFERENCE_BYTES_PER_VOXEL = 8  # padded transform, complex64
 BACKPROJECTOR_BYTES_PER_VOXEL = 12  # data complex64 + weight float32
 # the M-step beyond its accumulators
 RECONSTRUCT_BYTES_PER_CUBE_VOXEL = 48  # reconstruct()'s float64/complex128 work on the window's cube [32-37]
+MAP_BYTES_PER_VOXEL = 24  # reconstruct()'s real-space map (float64), its gridding correction and the corrected copy
 SLAB_TEMPORARIES = 6  # padded_fft's slab temporaries and the blob factor's rows, in padded_fft.slab_bytes
 SYMMETRISE_BYTES_PER_VOXEL = 24  # symmetrise_backprojector() with a point group other than C1: the new sums [24]
 SYMMETRISE_BYTES_PER_CHUNK_VOXEL = 400  # and one chunk's interpolation [366]
@@ -220,17 +222,21 @@ def _cube(pad: int, grid_size: int, max_shell: int) -> tuple[int, int]:
 def reconstruct_bytes(box: int, pad: int, grid_size: int, max_shell: int) -> int:
     """Peak of one reconstruct() beyond its accumulators: float64 work on the cube of the padded radii up to
     ``max_shell``·pad (reconstruct._hermitian_window; the stored grid when it reaches its edge), padded_fft's
-    P × P × m buffer (m the cube's x columns) and its slab temporaries."""
+    buffer and slab temporaries (transform_buffer_bytes) and the (d, d, d) real-space map's float64 copies."""
     n, m = _cube(pad, grid_size, max_shell)
-    return RECONSTRUCT_BYTES_PER_CUBE_VOXEL * n * n * m + transform_buffer_bytes(box, pad, grid_size, max_shell)
+    cube = RECONSTRUCT_BYTES_PER_CUBE_VOXEL * n * n * m
+    return cube + transform_buffer_bytes(box, pad, grid_size, max_shell) + MAP_BYTES_PER_VOXEL * box**3
 
 
 def transform_buffer_bytes(box: int, pad: int, grid_size: int, max_shell: int) -> int:
     """Bytes of reconstruct()'s padded transforms (where its cube's work is elsewhere, the host, these are what the
-    GPU holds): padded_fft's P × P × m buffer and the slab temporaries."""
+    GPU holds): padded_fft's buffer, G × G × m for the gridding iterations on RELION's grid of edge G
+    (gridding_grid_size) or d × d × m for the final inverse transform, and the slab temporaries of the larger of the
+    two grids (G, P = pad·d)."""
     _, m = _cube(pad, grid_size, max_shell)
-    p = box * pad
-    return 16 * p * p * m + SLAB_TEMPORARIES * padded_fft.slab_bytes(p, m)
+    g = gridding_grid_size(pad, max_shell)
+    edge = max(g, box)
+    return 16 * edge * edge * m + SLAB_TEMPORARIES * padded_fft.slab_bytes(max(g, box * pad), m)
 
 
 def mstep_bytes(box: int, pad: int, grid_size: int, max_shell: int, symmetry: bool, join_bytes_per_voxel: int) -> int:

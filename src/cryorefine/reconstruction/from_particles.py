@@ -47,13 +47,14 @@ def backproject_particles(
     sym_ops: torch.Tensor,
     ctf: bool = True,
     batch: int = 256,
+    max_shell: int | None = None,
 ) -> None:
     """Add the particles ``indices`` of ``table`` to ``bp`` (in place), each under its poses A·S for S in
-    ``sym_ops``."""
+    ``sym_ops``: their image frequencies up to ``max_shell`` pixels (default d/2)."""
     box = bp.box
     device, dtype = bp.weight.device, bp.weight.dtype
     ky2, kx2 = rfft_freqs_2d(box, device, dtype)
-    inside = (ky2**2 + kx2**2 <= (box / 2) ** 2).flatten()
+    inside = (ky2**2 + kx2**2 <= (box / 2 if max_shell is None else max_shell) ** 2).flatten()
     idx = torch.nonzero(inside).squeeze(1)  # (j,) rfft pixels inside the Nyquist circle
     ky, kx = ky2.flatten()[idx], kx2.flatten()[idx]
     angpix = table.angpix
@@ -106,12 +107,15 @@ def reconstruct_from_particles(
     subset: int | None = None,
     dtype=torch.float32,
     gridding_iterations: int = GRIDDING_ITERATIONS,
+    max_shell: int | None = None,
 ) -> tuple[torch.Tensor, float]:
     """(map (d, d, d) on ``device``, angpix) from the particles' images and poses.
 
     sym: point group name (RELION's axes) or a (G, 3, 3) tensor of operators. ctf: back-project
     CTF·X with weight CTF² (needs CTF columns). subset: 1 or 2 to use only that rlnRandomSubset
     half (None or other values: all particles). gridding_iterations: relion_reconstruct's --iter (0: --skip_gridding).
+    max_shell: the last Fourier shell (pixels) back-projected and reconstructed (relion_reconstruct's --maxres as
+    r_max = ⌈d·angpix / maxres⌉; default d/2).
     """
     if ctf and not table.has_ctf:
         raise CryoInputError(
@@ -129,6 +133,8 @@ def reconstruct_from_particles(
         symmetry_matrices(sym) if isinstance(sym, str) else torch.as_tensor(sym, dtype=torch.float64).reshape(-1, 3, 3)
     )
     bp = BackProjector.zeros(box, pad, device, dtype)
-    backproject_particles(table, indices, bp, ops, ctf=ctf, batch=batch)
-    vol = reconstruct(bp, gridding_iterations=gridding_iterations)
+    if max_shell is not None:
+        max_shell = min(max_shell, box // 2)
+    backproject_particles(table, indices, bp, ops, ctf=ctf, batch=batch, max_shell=max_shell)
+    vol = reconstruct(bp, max_shell=max_shell, gridding_iterations=gridding_iterations)
     return vol, angpix

@@ -1,12 +1,13 @@
 """The M-step's transforms of the padded grid, one slab at a time, from and to the cube of frequencies an iteration's
 window holds.
 
-RELION's gridding iterations and the final inverse transform run on the whole padded grid (P³, P = pad·box, float64:
-a box-450 map at --pad 2 held ~46 GiB of whole-grid temporaries). Only the cube about the origin that the window
-reaches has data, and only its values (or the central box of the real-space map) are wanted, so each 3D transform
-is done as separable passes: the two centred axes (z, y) for a few x columns at a time, then the x axis for a few z
-rows. The one whole-size buffer is P × P × m complex (m the cube's x columns), and each pass's temporaries are
-bounded by SLAB_BYTES. Same arithmetic as the 3D transforms, in another order (differences at rounding level).
+RELION's gridding iterations run on a grid of edge G (reconstruct.gridding_grid_size: about pad·(current size), P + 3
+for the whole map) and its final inverse transform on the padded grid (P³, P = pad·box; float64: a box-450 map at
+--pad 2 held ~46 GiB of whole-grid temporaries). Only the cube about the origin that the window reaches has data, and
+only its values (or the central box of the real-space map) are wanted, so each 3D transform is done as separable
+passes: the two centred axes (z, y) for a few x columns at a time, then the x axis for a few z rows. The one
+whole-size buffer is G × G × m or d × d × m complex (m the cube's x columns), and each pass's temporaries are bounded
+by SLAB_BYTES. Same arithmetic as the 3D transforms, in another order (differences at rounding level).
 
 Cubes are centred half grids: (n, n, m), index i of the first two axes holds frequency i − n//2, x from 0.
 """

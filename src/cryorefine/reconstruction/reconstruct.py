@@ -133,16 +133,27 @@ def weight_floor(weight: torch.Tensor, r_pad: torch.Tensor, pad: int, max_shell:
     return radial[shell.clamp(max=n - 1)]
 
 
-def blob_fourier_multiplier(size: int, rows: tuple[int, int] | None = None, device=None) -> torch.Tensor:
-    """(P, P, P) real-space factor of RELION's convoluteBlobRealSpace on the padded grid (origin at index 0, wrapped),
-    or its z ``rows`` (z0, z1) only: the Fourier transform of its Kaiser-Bessel blob (order 0, radius 3.8 padded
-    voxels, α 15) at r / (d·pad), from RELION's table (rounded down to a sample; 0 beyond 0.5), relative to its value
-    at 0. For order 0 that transform is ∝ I_{3/2}(σ)/σ^{3/2} with σ = √(α² − (2π·a·w)²) (Lewitt 1990; 2π·a·w < α over
-    the table)."""
-    k = torch.fft.fftfreq(size, 1.0 / size, dtype=torch.float64, device=device)
+def gridding_grid_size(pad: int, max_shell: int) -> int:
+    """Edge of the grid RELION's gridding iterations run on (its BackProjector's pad_size): 2·(round(pad·r_max) + 1) + 1
+    for the window's r_max = ``max_shell`` (its back-projectors are sized by the current image size): small while the
+    window is, P + 3 for the whole map. The convolution is circular on this grid, so the grid is part of the answer."""
+    return 2 * (round(pad * max_shell) + 1) + 1
+
+
+def blob_fourier_multiplier(
+    size: int, rows: tuple[int, int] | None = None, device=None, padded_size: int | None = None
+) -> torch.Tensor:
+    """(N, N, N) real-space factor of RELION's convoluteBlobRealSpace on an N = ``size``-point grid (origin at index 0,
+    wrapped as RELION does: indices from N//2 are negative, also for odd N), or its z ``rows`` (z0, z1) only: the
+    Fourier transform of its Kaiser-Bessel blob (order 0, radius 3.8 padded voxels, α 15) at r / P, P =
+    ``padded_size`` (default N; RELION divides by the padded map's edge whatever grid it is on), from RELION's table
+    (rounded down to a sample; 0 beyond 0.5), relative to its value at 0. For order 0 that transform is
+    ∝ I_{3/2}(σ)/σ^{3/2} with σ = √(α² − (2π·a·w)²) (Lewitt 1990; 2π·a·w < α over the table)."""
+    k = torch.arange(size, dtype=torch.float64, device=device)
+    k = torch.where(k < size // 2, k, k - size)
     kz = k if rows is None else k[rows[0] : rows[1]]
     r = torch.sqrt(kz[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
-    idx = torch.floor(r / size / BLOB_TABLE_STEP).clamp(max=BLOB_TABLE_SIZE).long()  # RELION's rval = r / (d·pad)
+    idx = torch.floor(r / (padded_size or size) / BLOB_TABLE_STEP).clamp(max=BLOB_TABLE_SIZE).long()
     return _blob_table(str(device if device is not None else "cpu"))[idx]
 
 
@@ -160,11 +171,17 @@ def _blob_table(device: str) -> torch.Tensor:
 
 
 def gridding_weights(
-    weight: torch.Tensor, inside: torch.Tensor, iterations: int, size: int, devices: SlabDevices = SAME_DEVICE
+    weight: torch.Tensor,
+    inside: torch.Tensor,
+    iterations: int,
+    size: int,
+    devices: SlabDevices = SAME_DEVICE,
+    padded_size: int | None = None,
 ) -> torch.Tensor:
     """RELION 3.1's iterative density compensation (Pipe & Menon 1999) of the padded accumulators: W₀ = 1 inside the
-    window, then W ← W / max(10⁻⁶, |(W·weight) ∗ blob|) ``iterations`` times, the convolution done on the whole
-    ``size``-point padded grid as a product with the blob's transform in real space (padded_fft: by slabs).
+    window, then W ← W / max(10⁻⁶, |(W·weight) ∗ blob|) ``iterations`` times, the convolution done on a ``size``-point
+    grid (gridding_grid_size) as a product with the blob's transform in real space (padded_fft: by slabs;
+    blob_fourier_multiplier with ``padded_size``).
     ``weight`` is a centred half-grid cube (n, n, m) about the origin that holds every voxel of the window (zero
     outside), with the prior term, in RELION's units per particle (normalised by the particle count, as RELION's
     M-step: that sets where the 10⁻⁶ floor acts); ``inside`` the voxels within the window; ``devices``: where the
@@ -176,10 +193,10 @@ def gridding_weights(
     # slab is transformed
     whole = None
     if 8 * size**3 <= padded_fft.SLAB_BYTES:
-        whole = torch.cat([blob_fourier_multiplier(size, r, on) for r in padded_fft.row_slabs(size)])
+        whole = torch.cat([blob_fourier_multiplier(size, r, on, padded_size) for r in padded_fft.row_slabs(size)])
 
     def multiplier(z0: int, z1: int) -> torch.Tensor:
-        return whole[z0:z1] if whole is not None else blob_fourier_multiplier(size, (z0, z1), on)
+        return whole[z0:z1] if whole is not None else blob_fourier_multiplier(size, (z0, z1), on, padded_size)
 
     # W, the weights and the window by x columns: views of the cube, or (transforms on another device) x-major copies
     # in pinned memory, so that each slab is one contiguous transfer
@@ -229,8 +246,10 @@ def reconstruct(
     The denominator is weight + 1/(pad³·T·τ²(s)) for shells s >= ``min_regularised_shell`` where τ² > 0 (τ² in
     unpadded units, RELION's regulariser), the weight elsewhere (``tau2=None``: the unregularised ``_unfil`` map);
     where τ² = 0 RELION's stand-in prior 1/(0.001·weight) is used. With ``gridding_iterations`` (RELION 3.1's
-    default, 10) the map is data·W with W from :func:`gridding_weights` (``particles``: the accumulators' particle
-    count, RELION's normalisation); with 0 (RELION >= 4's default) data / max(denominator, :func:`weight_floor`).
+    default, 10) the map is data·W with W from :func:`gridding_weights` on RELION's grid for the window
+    (gridding_grid_size: the iterations of a low-resolution window are cheap, and their circular convolution is
+    RELION's; ``particles``: the accumulators' particle count, RELION's normalisation); with 0 (RELION >= 4's
+    default) data / max(denominator, :func:`weight_floor`).
     Components beyond ``max_shell`` (default d/2) are zero. Then inverse FFT, crop, RELION's soft mask outside the box's
     inscribed sphere (corners to their mean), divide by sinc². ``devices``: where the padded transforms run and keep
     their buffer (padded_fft.SlabDevices; default the accumulators' device).
@@ -245,12 +264,13 @@ def reconstruct(
                               min_regularised_shell)  # fmt: skip
     del shell
     if gridding_iterations > 0:
-        # on the whole padded grid (the blob's convolution is a product in real space), in RELION's units: its
+        # on RELION's grid for the window (the blob's convolution is a product in real space), in RELION's units: its
         # transforms are 1/N-normalised, so its weights are d⁴ times ours, and per particle
         inside = torch.round(r_pad**2) < round(max_shell * pad) ** 2
         del r_pad
         units = float(d) ** 4 / particles
-        w_new = gridding_weights(denom.mul_(units), inside, gridding_iterations, size, devices)
+        grid = gridding_grid_size(pad, max_shell)
+        w_new = gridding_weights(denom.mul_(units), inside, gridding_iterations, grid, devices, padded_size=size)
         del denom
         f = data.to(torch.complex128).mul_(w_new.mul_(units))
     else:
