@@ -10,7 +10,7 @@ import pytest
 from cryorefine.errors import CryoInputError
 from cryorefine.io import atomic
 from cryorefine.io.atomic import atomic_write, temp_path_for
-from cryorefine.io.mrc import StackWriter, open_stack, read_map, write_map, write_stack
+from cryorefine.io.mrc import StackWriter, open_stack, read_map, write_map, write_maps, write_stack
 
 
 def test_map_round_trip(tmp_path):
@@ -24,6 +24,22 @@ def test_map_round_trip(tmp_path):
         assert mrc.header.mode == 2
         assert float(mrc.header.origin.z) == pytest.approx(3.0)
     assert [p.name for p in tmp_path.iterdir()] == ["map.mrc"]
+
+
+def test_write_maps_in_threads_writes_the_files_write_map_writes(tmp_path):
+    """Several maps at once (tensors or arrays) give byte for byte the files of write_map one at a time; a map whose
+    folder is missing stops the call with the one-line error."""
+    import torch
+
+    g = np.random.default_rng(2)
+    maps = [g.standard_normal((12, 12, 12)).astype(np.float32) for _ in range(3)]
+    for k, m in enumerate(maps):
+        write_map(tmp_path / f"one{k}.mrc", m, 1.3)
+    write_maps([tmp_path / f"many{k}.mrc" for k in range(3)], [torch.from_numpy(maps[0]), *maps[1:]], 1.3)
+    for k in range(3):
+        assert (tmp_path / f"many{k}.mrc").read_bytes() == (tmp_path / f"one{k}.mrc").read_bytes()
+    with pytest.raises(CryoInputError, match="output folder does not exist"):
+        write_maps([tmp_path / "a.mrc", tmp_path / "missing" / "b.mrc"], maps[:2], 1.3)
 
 
 @pytest.mark.parametrize("dtype", [np.int8, np.int16, np.uint16, np.float16, np.float32])

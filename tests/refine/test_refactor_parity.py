@@ -6,7 +6,9 @@ History of the baseline: aef3eed (before the run became frozen state and one loo
 6a09791. The CPU's compiled loops (51332a7, 795fc23: interpolation coordinates in float64, a local search's products
 summed in another order, shifts as centre times grid) then moved the last bits on purpose, which flips classes in this
 small classification; tests/projection/test_cpu_kernels.py and tests/estep/test_cpu_scores.py compare them with the
-PyTorch paths. The baseline is now 795fc23. Needs the repository's history (skipped in a shallow clone).
+PyTorch paths. c252e3c then moved the maps on purpose: the M-step's gridding iterations run on RELION's grid for the
+window (reconstruction/reconstruct.gridding_grid_size; tests/relion/test_relion_reconstruct_noisy.py compares it with
+relion_reconstruct --maxres). The baseline is now c252e3c. Needs the repository's history (skipped in a shallow clone).
 MKL_CBWR=COMPATIBLE: MKL otherwise picks code paths by buffer alignment, which differs between the two versions, and
 its last bits with them.
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-BEFORE = "795fc23"  # the CPU's compiled loops (see above)
+BEFORE = "c252e3c"  # RELION's gridding grid (see above)
 sys.path.insert(0, str(ROOT / "bench"))
 
 

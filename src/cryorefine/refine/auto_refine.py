@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..fourier.filters import low_pass_filter
-from ..io.mrc import read_map, write_map
+from ..io.mrc import read_map, write_maps
 from ..io.outputs import it_prefix, write_angdist_bild, write_model_star
 from ..io.particles import write_particles
 from ..io.table import ParticleTable
@@ -329,20 +329,18 @@ class AutoRefineMode:
     def write_files(self, ctx: RunContext, state: RunState, info: dict) -> list[str] | None:
         cfg, m, final = ctx.cfg, info["m"], state.schedule.final_iteration
         pre = it_prefix(ctx.root, state.iteration)
+        halves = [f"{pre}_half{h}_class001.mrc" for h in (1, 2)]
+        write_maps(halves, m.unfiltered if final else state.maps, cfg.angpix)
+        if final:
+            write_maps([f"{pre}_half{h}_class001_unfil.mrc" for h in (1, 2)], m.unfiltered, cfg.angpix)
         for h in (1, 2):
-            write_map(
-                f"{pre}_half{h}_class001.mrc", (m.unfiltered if final else state.maps)[h - 1].cpu().numpy(), cfg.angpix
-            )
-            if final:
-                write_map(f"{pre}_half{h}_class001_unfil.mrc", m.unfiltered[h - 1].numpy(), cfg.angpix)
             tables = self._model_tables(ctx, state, info, h - 1, f"{pre}_half{h}_class001.mrc")
             write_model_star(f"{pre}_half{h}_model.star", *tables)
         write_particles(f"{pre}_data.star", ctx.table, **data_columns(ctx, state, random_subset=True))
         write_sampling(ctx, state, pre)
         if final:
-            write_map(f"{ctx.root}_class001.mrc", m.final_map.numpy(), cfg.angpix)
-            for h in (1, 2):
-                write_map(f"{ctx.root}_half{h}_class001_unfil.mrc", m.unfiltered[h - 1].numpy(), cfg.angpix)
+            finals = [f"{ctx.root}_class001.mrc", *(f"{ctx.root}_half{h}_class001_unfil.mrc" for h in (1, 2))]
+            write_maps(finals, [m.final_map, *m.unfiltered], cfg.angpix)
             write_model_star(
                 f"{ctx.root}_model.star", *self._model_tables(ctx, state, info, 0, f"{ctx.root}_class001.mrc")
             )
@@ -355,7 +353,7 @@ class AutoRefineMode:
         volume = m.final_map if final else state.maps[0]
         steps.submit_report(ctx, state, state.fsc.numpy(), volume.cpu().numpy(), force=final)
         # the final iteration's half maps are the unfiltered ones: the checkpoint keeps the maps themselves
-        return None if final else [f"{pre}_half{h}_class001.mrc" for h in (1, 2)]
+        return None if final else halves
 
     def summary(self, ctx: RunContext, state: RunState) -> dict:
         return {

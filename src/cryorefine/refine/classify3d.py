@@ -17,7 +17,7 @@ import torch
 
 from ..debug_hooks import pause_point
 from ..errors import CryoInputError
-from ..io.mrc import write_map
+from ..io.mrc import write_maps
 from ..io.outputs import it_prefix, write_model_star
 from ..io.particles import write_particles
 from ..mstep.maximize import maximize_classes
@@ -231,8 +231,7 @@ class ClassifyMode:
         assert classes is not None
         pre = it_prefix(ctx.root, state.iteration)
         files = [f"{pre}_class{k + 1:03d}.mrc" for k in range(self.K)]
-        for f, m in zip(files, state.maps):
-            write_map(f, m.cpu().numpy(), cfg.angpix)
+        write_maps(files, state.maps, cfg.angpix)
         stats = state.stats[0]
         general = model_general(ctx, state, stats, slice(None), info["resolution_angst"], info["window_shell"])
         class_rows = [
