@@ -730,3 +730,33 @@ def test_an_mstep_that_runs_out_of_gpu_memory_runs_again_on_the_host():
     host = steps.MStepPlan(torch.device("cpu"), where.slabs, "host")
     with pytest.raises(torch.cuda.OutOfMemoryError):
         steps.maximized(ctx, host, bps, lambda bps, slabs: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x")))
+
+
+def test_classification_keeps_its_references_on_the_host_where_k_of_each_would_not_fit(monkeypatch):
+    """Classification's last volume rung: where K references and K back-projectors would not fit the free memory but
+    two references and K back-projectors do, the references wait in host memory (run.log says why) and the start
+    check counts two; where even that does not fit, the run still stops with one line."""
+    from types import SimpleNamespace
+
+    from cryorefine.refine import steps
+
+    gib = 1 << 30
+    # box 360, --pad 2, K = 6, whole grids (720): 20.91 GiB with the references, 15.34 GiB with two of them
+    assert memory.references_on_host(int(18 * gib), 720, 6)
+    assert not memory.references_on_host(int(22 * gib), 720, 6)  # everything fits: no copies
+    assert not memory.references_on_host(int(14 * gib), 720, 6)  # not even two: the start check refuses
+    assert not memory.references_on_host(int(18 * gib), 720, 2)  # two classes: nothing to gain
+    free = {"bytes": 18 * gib}
+    monkeypatch.setattr(memory, "available_bytes", lambda device: free["bytes"])
+    ctx = SimpleNamespace(device=torch.device("cuda", 0), box=360, cfg=SimpleNamespace(pad=2, sym="C1"))
+    whole, mid = SimpleNamespace(map_radius=180.5), SimpleNamespace(map_radius=70.5)
+    note = steps.references_on_host_note(ctx, whole, 6)
+    assert "the 6 references in host memory" in note and "20.91 GiB, 18.00 GiB free" in note
+    steps.check_estep_memory(ctx, whole, 2, 6)  # what classify3d checks when it takes the rung
+    with pytest.raises(Exception, match="20.91 GiB, but 18.00 GiB are free"):
+        steps.check_estep_memory(ctx, whole, 6, 6)
+    assert steps.references_on_host_note(ctx, mid, 6) == ""  # window 70: grids 286
+    monkeypatch.setattr(memory, "available_bytes", lambda device: None)
+    assert (
+        steps.references_on_host_note(SimpleNamespace(device=torch.device("cpu"), box=360, cfg=ctx.cfg), whole, 6) == ""
+    )

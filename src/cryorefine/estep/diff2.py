@@ -8,6 +8,8 @@ one batched GEMM per particle over its own slots. Scores leave out the per-parti
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from dataclasses import dataclass
 
 import torch
@@ -70,7 +72,7 @@ def get_all_squared_differences_coarse(
     batch: ImageBatch,
     window: Window,
     jc: int,
-    refs: list[PaddedTransform],
+    refs: Sequence[PaddedTransform],
     poses: PoseGrid,
     local=None,
     cc=False,
@@ -91,7 +93,7 @@ def get_all_squared_differences_coarse(
     out = []
     for k, ref in enumerate(refs):
         if local is None:
-            p = poses.coarse_projections(refs, k, ky, kx)  # (R, 2, jc)
+            p = poses.coarse_projections(ref, k, ky, kx)  # (R, 2, jc)
             cross = matmul_nt(a.reshape(n * T, -1), p.reshape(p.shape[0], -1), precision).reshape(n, T, -1)
             third = matmul_nt(b, p.square().sum(1), precision)  # (n, R)
         else:
@@ -232,7 +234,7 @@ def fine_pass_inputs(batch: ImageBatch, window: Window, poses: PoseGrid, setting
 
 
 def fine_projections(
-    refs: list[PaddedTransform], poses: PoseGrid, slots: FineSlots, window: Window, dtype
+    refs: Sequence[PaddedTransform], poses: PoseGrid, slots: FineSlots, window: Window, dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The 8 fine rotations of every (class, coarse rotation) pair of the tile's union and their projections:
     ((G·8, 3, 3), (G·8, J))."""

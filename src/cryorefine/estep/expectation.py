@@ -12,6 +12,8 @@ the results beyond float32 summation order.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +45,7 @@ def expectation_batch(
     batch: ImageBatch,
     window: Window,
     coarse_shell: int,
-    refs: list[PaddedTransform],
+    refs: Sequence[PaddedTransform],
     poses: PoseGrid,
     settings: EStepSettings,
     sums: WeightedSums | None,

@@ -10,6 +10,8 @@ the Gaussian offset prior, for a search only). The sums are RELION's for these s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -23,7 +25,7 @@ from .sums import WeightedSums
 def expectation_fixed_poses(
     batch: ImageBatch,
     window: Window,
-    refs: list[PaddedTransform],
+    refs: Sequence[PaddedTransform],
     rotations: torch.Tensor,
     class_log_prior: torch.Tensor,
     sums: WeightedSums | None,

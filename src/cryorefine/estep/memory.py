@@ -212,6 +212,16 @@ def park_finished_half(free: int, grid_size: int) -> bool:
     return halves_volume_bytes(grid_size) > free // 2
 
 
+def references_on_host(free: int, grid_size: int, classes: int) -> bool:
+    """Classification's last volume rung: whether the K padded references wait in pinned host memory, each copied to
+    the GPU when the E-step projects its class (engine.HostReferences), so that the GPU holds K back-projectors and at
+    most two references (one being scored, the next arriving) instead of K of each. Taken only where K of each would
+    not fit the ``free`` bytes (the copies, K per pass of a tile, cost time) and the smaller set does."""
+    if classes < 3 or sum(estep_volume_bytes(grid_size, classes, classes).values()) <= free:
+        return False
+    return sum(estep_volume_bytes(grid_size, 2, classes).values()) <= free
+
+
 def _cube(pad: int, grid_size: int, max_shell: int) -> tuple[int, int]:
     """(n, m): reconstruct()'s cube (n, n, m) for padded radii up to ``max_shell``·pad on a grid of edge ``grid_size``
     (reconstruct._hermitian_window)."""

@@ -94,15 +94,15 @@ class PoseGrid:
             self._cache["rotations"] = self.rotations(torch.arange(self.n_rotations, device=self.device))
         return self._cache["rotations"]
 
-    def coarse_projections(self, refs: list, k: int, ky: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:
-        """(R, 2, j) planar projections of reference ``refs[k]`` at every coarse rotation (global searches).
+    def coarse_projections(self, ref, k: int, ky: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:
+        """(R, 2, j) planar projections of class ``k``'s reference ``ref`` at every coarse rotation (global searches).
 
         On the CPU they are kept for this grid's later tiles and batches against the same reference (one reference
         serves a whole half pass), up to CPU_PROJECTION_CACHE_BYTES: re-extracting them per tile was half of an
         order-3 iteration on 2 cores. On a GPU the extraction is a small share of a global pass (its GEMMs run at
         ~39 TFLOP/s) and the memory is better left to the tiles, so nothing is kept there."""
         cache = self._cache.setdefault("coarse_projections", {})  # k -> (reference, pixels, projections)
-        ref, j = refs[k], (ky.numel(), ky.data_ptr(), kx.data_ptr())  # the pixels: another magnification's differ
+        j = (ky.numel(), ky.data_ptr(), kx.data_ptr())  # the pixels: another magnification's differ
         hit = cache.get(k)
         if hit is not None and hit[0] is ref and hit[1] == j:
             return hit[2]

@@ -282,7 +282,7 @@ class AutoRefineMode:
             "accuracy_offset_px": plan.accuracy[1],
             "final": sch.final_iteration,
             "note": plan.note,
-            "memory": "; ".join(filter(None, [where.note, estep.note])),
+            "memory": steps.memory_note(where.note, estep.note),
         }
         if not sch.final_iteration:
             sch.update_after_halves_fsc(m.fsc, plan.window_shell)

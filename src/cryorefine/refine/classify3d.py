@@ -130,9 +130,10 @@ class ClassifyMode:
         cfg, classes = ctx.cfg, state.classes
         assert classes is not None
         random_class_iter = 2 if cfg.firstiter_cc else 1
-        steps.check_estep_memory(ctx, plan, self.K, self.K)
+        host_refs = steps.references_on_host_note(ctx, plan, self.K)
+        steps.check_estep_memory(ctx, plan, 2 if host_refs else self.K, self.K)
         with ctx.timer("getFourierTransformsAndCTFs"):
-            refs = steps.references(ctx, state.maps, plan.map_radius)
+            refs = steps.references(ctx, state.maps, plan.map_radius, on_host=bool(host_refs))
             # RELION takes each class's τ² for this iteration's reconstruction from the reference as prepared here
             class_tau2 = [tau2_from_reference(r, plan.window_shell) for r in refs]
         sums = steps.weighted_sums(ctx, self.K, plan.sampling.n_directions, state.stats[0], plan.map_radius)
@@ -145,7 +146,7 @@ class ClassifyMode:
                 ctx, state, poses, 0, rows, refs, plan, sums, progress, forced_class=forced, avg_norm=avg_norm,
                 fixed_poses=fixed_poses(cfg),
             )  # fmt: skip
-        return EStepOutput([sums], done, class_tau2)
+        return EStepOutput([sums], done, class_tau2, note=host_refs)
 
     def conclude(
         self, ctx: RunContext, state: RunState, plan: steps.IterationPlan, estep: EStepOutput, poses: ParticlePoses
@@ -213,7 +214,7 @@ class ClassifyMode:
             "class_resolution_angst": class_res,
             "sigma_offset_angst": float(stats[0].sigma2_offset_angst2 ** 0.5),
             "final": False,
-            "memory": where.note,
+            "memory": steps.memory_note(where.note, estep.note),
         }
         info = {
             "resolution_angst": record["resolution_angst"],

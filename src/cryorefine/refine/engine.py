@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Protocol
+from collections.abc import Sequence
+from typing import Callable, Iterable, Protocol, overload
 
 import numpy as np
 import torch
@@ -101,9 +102,45 @@ def solvent_masked(
     return volume
 
 
-def prepare_references(maps: list[torch.Tensor], pad: int, device, size: int | None = None) -> list[PaddedTransform]:
-    """The E-step's projectors of ``maps`` as they are (the M-step has flattened them already: solvent_masked)."""
-    return [prepare_padded_transform(m.to(device=device, dtype=torch.float32), pad, size) for m in maps]
+def prepare_references(
+    maps: list[torch.Tensor], pad: int, device, size: int | None = None, on_host: bool = False
+) -> Sequence[PaddedTransform]:
+    """The E-step's projectors of ``maps`` as they are (the M-step has flattened them already: solvent_masked); with
+    ``on_host`` each is made on ``device`` and moved to pinned host memory at once (HostReferences)."""
+    if not on_host:
+        return [prepare_padded_transform(m.to(device=device, dtype=torch.float32), pad, size) for m in maps]
+    pin = torch.device(device).type == "cuda"
+    host = []
+    for m in maps:  # one reference on the device at a time
+        ref = prepare_padded_transform(m.to(device=device, dtype=torch.float32), pad, size)
+        kept = torch.empty(ref.f_padded.shape, dtype=ref.f_padded.dtype, pin_memory=pin).copy_(ref.f_padded)
+        host.append(replace(ref, f_padded=kept))
+        del ref
+    return HostReferences(host, torch.device(device))
+
+
+class HostReferences(Sequence[PaddedTransform]):
+    """Padded references kept in (pinned) host memory; item k is reference k's copy on ``device``, made when asked
+    for, so that a copy lives only while its class is projected (classification's last volume rung,
+    memory.references_on_host). The E-step asks once per class in each pass of a tile."""
+
+    def __init__(self, host: list[PaddedTransform], device: torch.device):
+        self._host, self._device = host, device
+
+    def __len__(self) -> int:
+        return len(self._host)
+
+    @overload
+    def __getitem__(self, k: int) -> PaddedTransform: ...
+
+    @overload
+    def __getitem__(self, k: slice) -> list[PaddedTransform]: ...
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(len(self))[k]]
+        ref = self._host[k]
+        return replace(ref, f_padded=ref.f_padded.to(self._device, non_blocking=True))
 
 
 def angular_change_deg(rot0, tilt0, psi0, rot1, tilt1, psi1, sym: str = "C1") -> np.ndarray:
@@ -131,7 +168,7 @@ class EStepPass:
     """What one E-step pass over a set of particles needs besides them: references and sampling, windows, the noise
     model and the settings."""
 
-    refs: list[PaddedTransform]
+    refs: Sequence[PaddedTransform]
     grid: PoseGrid
     window: Window
     coarse_shell: int

@@ -238,9 +238,29 @@ def weighted_sums(
     )  # fmt: skip
 
 
-def references(ctx: RunContext, maps, map_radius: float) -> list:
-    """The padded transforms the E-step projects, windowed to ``map_radius`` (the map's pixels)."""
-    return prepare_references(list(maps), ctx.cfg.pad, ctx.device, grid_size(ctx, map_radius))
+def references(ctx: RunContext, maps, map_radius: float, on_host: bool = False):
+    """The padded transforms the E-step projects, windowed to ``map_radius`` (the map's pixels); ``on_host``: kept in
+    host memory, each copied to the device when its class is projected (engine.HostReferences)."""
+    return prepare_references(list(maps), ctx.cfg.pad, ctx.device, grid_size(ctx, map_radius), on_host)
+
+
+def memory_note(*notes: str) -> str:
+    """run.log's "memory" field of an iteration: where the memory plan put the M-step and volumes out of the GPU."""
+    return "; ".join(filter(None, notes))
+
+
+def references_on_host_note(ctx: RunContext, plan: IterationPlan, classes: int) -> str:
+    """Classification: why the K references wait in host memory this iteration (memory.references_on_host), for
+    run.log; empty when they stay on the GPU (and on the CPU)."""
+    free = memory.available_bytes(ctx.device)
+    size = grid_size(ctx, plan.map_radius)
+    if free is None or not memory.references_on_host(free, size, classes):
+        return ""
+    need = sum(memory.estep_volume_bytes(size, classes, classes).values()) / memory.GIB
+    return (
+        f"the {classes} references in host memory, each copied to the GPU while its class was scored ({classes} "
+        f"references and back-projectors: {need:.2f} GiB, {free / memory.GIB:.2f} GiB free)"
+    )
 
 
 def estep_pass(
