@@ -18,6 +18,14 @@ def small_set(d, box: int, angpix: float, n: int, seed: int):
     return d
 
 
+def small_run_flags(d, out) -> list[str]:
+    """The flags the engine tests' small runs share on a :func:`small_set` folder ``d`` (output root ``out``/run): the
+    particles without poses, the start map, a 30 Å start, HEALPix order 1, offsets 2/1 px, CTF, flattened solvent."""
+    argv = ["--i", str(d / "particles_noposes.star"), "--o", str(out / "run"), "--ref", str(d / "start.mrc")]
+    argv += ["--ini_high", "30", "--particle_diameter", "170", "--ctf", "--flatten_solvent", "--healpix_order", "1"]
+    return argv + ["--offset_range", "2", "--offset_step", "1"]
+
+
 def packaged_model_set(d, n: int, seed: int, box: int = 32, angpix: float = 6.0):
     """The packaged model's particles (SNR 0.1) in folder ``d`` (particles_noposes.star, truth.mrc, ...), with an
     empty ``d/r`` for a RELION run's outputs; returns ``d``."""

@@ -12,26 +12,15 @@ from cryorefine.io.mrc import read_map
 from cryorefine.projection.extract import prepare_padded_transform
 from cryorefine.refine import steps
 from cryorefine.refine.engine import HostReferences, prepare_references
-from small_set import small_set
+from small_set import small_run_flags, small_set
 
 BOX, ANGPIX, N, K = 32, 6.0, 60, 3
 NOTE = "the 3 references in host memory (the test's)"
 
 
 def _classify(d, out, gpu=False):
-    argv = [
-        "classify",
-        "--i",
-        str(d / "particles_noposes.star"),
-        "--o",
-        str(out / "run"),
-        "--ref",
-        str(d / "start.mrc"),
-    ]
-    argv += ["--K", str(K), "--iter", "2", "--ini_high", "30", "--particle_diameter", "170", "--ctf"]
-    argv += ["--flatten_solvent", "--healpix_order", "1", "--offset_range", "2", "--offset_step", "1"]
-    argv += ["--random_seed", "4", *(["--gpu"] if gpu else [])]
-    assert main(argv) == 0
+    argv = ["classify", *small_run_flags(d, out), "--K", str(K), "--iter", "2", "--random_seed", "4"]
+    assert main(argv + (["--gpu"] if gpu else [])) == 0
 
 
 def _forced(monkeypatch):

@@ -20,7 +20,7 @@ import torch
 from cryorefine.cli.main import main
 from cryorefine.io.mrc import read_map
 from cryorefine.io.star import read_star
-from small_set import small_set
+from small_set import small_run_flags, small_set
 
 BOX, ANGPIX, N, BATCH = 24, 8.0, 96, 8
 N_BATCHES = 2 * -(-N // 2 // BATCH)  # per iteration, both halves
@@ -29,24 +29,7 @@ WORKER = Path(__file__).with_name("estep_worker.py")
 
 def flags(d: Path, out: Path, *extra) -> list[str]:
     return [
-        "--i",
-        str(d / "particles_noposes.star"),
-        "--o",
-        str(out / "run"),
-        "--ref",
-        str(d / "start.mrc"),
-        "--ini_high",
-        "30",
-        "--particle_diameter",
-        "170",
-        "--ctf",
-        "--flatten_solvent",
-        "--healpix_order",
-        "1",
-        "--offset_range",
-        "2",
-        "--offset_step",
-        "1",
+        *small_run_flags(d, out),
         "--iter",
         "2",
         "--random_seed",

@@ -14,6 +14,7 @@ import pytest
 from cryorefine.io.mrc import read_map
 from cryorefine.io.star import read_star
 from killed_runs import kill_then_continue, set_and_uninterrupted_run
+from small_set import small_run_flags
 
 BOX, ANGPIX = 32, 6.0
 KILL_AT = {  # stage -> CRYOREFINE_TEST_PAUSE_AT, all in iteration 2 of 3
@@ -29,24 +30,7 @@ def _cmd(d, out, *extra):
         "-m",
         "cryorefine.cli.main",
         "refine",
-        "--i",
-        str(d / "particles_noposes.star"),
-        "--o",
-        str(out / "run"),
-        "--ref",
-        str(d / "start.mrc"),
-        "--ini_high",
-        "30",
-        "--particle_diameter",
-        "170",
-        "--ctf",
-        "--flatten_solvent",
-        "--healpix_order",
-        "1",
-        "--offset_range",
-        "2",
-        "--offset_step",
-        "1",
+        *small_run_flags(d, out),
         "--iter",
         "3",
         "--random_seed",
