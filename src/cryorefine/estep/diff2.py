@@ -240,10 +240,10 @@ def fine_projections(
     ((G·8, 3, 3), (G·8, J))."""
     rotations = poses.fine_rotations(slots.g_coarse).reshape(-1, 3, 3)
     proj = torch.empty(rotations.shape[0], window.size, dtype=dtype, device=rotations.device)
-    for k, ref in enumerate(refs):
+    for k in range(len(refs)):
         sel = (slots.g_class == k).repeat_interleave(N_ROT_CHILDREN)
-        if sel.any():
-            proj[sel] = extract_central_slices(ref, rotations[sel], window.map_ky, window.map_kx)
+        if sel.any():  # refs[k] only then: references in host memory are copied to the device when asked for
+            proj[sel] = extract_central_slices(refs[k], rotations[sel], window.map_ky, window.map_kx)
     return rotations, proj * window.in_circle(window.max_shell)  # RELION's projector stops at the window's radius
 
 
