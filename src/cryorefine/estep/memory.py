@@ -198,10 +198,15 @@ def estep_volume_bytes(grid_size: int, references: int, backprojectors: int) -> 
     }
 
 
+def estep_volumes_total(grid_size: int, references: int, backprojectors: int) -> int:
+    """The sum of :func:`estep_volume_bytes`: the E-step's volumes' device bytes."""
+    return sum(estep_volume_bytes(grid_size, references, backprojectors).values())
+
+
 def halves_volume_bytes(grid_size: int) -> int:
     """Auto-refine's E-step volumes with both half sets' accumulators on the device: one reference and two
     back-projectors on the grid of edge ``grid_size``."""
-    return sum(estep_volume_bytes(grid_size, references=1, backprojectors=2).values())
+    return estep_volumes_total(grid_size, references=1, backprojectors=2)
 
 
 def park_finished_half(free: int, grid_size: int) -> bool:
@@ -217,9 +222,9 @@ def references_on_host(free: int, grid_size: int, classes: int) -> bool:
     the GPU when the E-step projects its class (engine.HostReferences), so that the GPU holds K back-projectors and at
     most two references (one being scored, the next arriving) instead of K of each. Taken only where K of each would
     not fit the ``free`` bytes (the copies, K per pass of a tile, cost time) and the smaller set does."""
-    if classes < 3 or sum(estep_volume_bytes(grid_size, classes, classes).values()) <= free:
+    if classes < 3 or estep_volumes_total(grid_size, classes, classes) <= free:
         return False
-    return sum(estep_volume_bytes(grid_size, 2, classes).values()) <= free
+    return estep_volumes_total(grid_size, 2, classes) <= free
 
 
 def _cube(pad: int, grid_size: int, max_shell: int) -> tuple[int, int]:

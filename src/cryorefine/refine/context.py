@@ -17,7 +17,7 @@ from ..estep.memory import (
     available_bytes,
     batch_fitting,
     check_estep_volumes,
-    estep_volume_bytes,
+    estep_volumes_total,
     image_cache_bytes,
     park_finished_half,
 )
@@ -193,7 +193,7 @@ def open_run(cfg: RefineConfig, dist: Dist | None, volumes: dict) -> RunContext:
     room = 0
     largest = int(table.boxes.max())  # the cache's slots hold the largest optics group's images
     # room for the whole grids' volumes, or (runs whose windows may stay small) at most half the memory
-    fixed = sum(estep_volume_bytes(box * cfg.pad, **counts).values())
+    fixed = estep_volumes_total(box * cfg.pad, **counts)
     if free is not None and not volumes["whole"]:
         fixed = min(fixed, free // 2)
     if cfg.image_cache:

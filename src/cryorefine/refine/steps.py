@@ -256,7 +256,7 @@ def references_on_host_note(ctx: RunContext, plan: IterationPlan, classes: int) 
     size = grid_size(ctx, plan.map_radius)
     if free is None or not memory.references_on_host(free, size, classes):
         return ""
-    need = sum(memory.estep_volume_bytes(size, classes, classes).values()) / memory.GIB
+    need = memory.estep_volumes_total(size, classes, classes) / memory.GIB
     return (
         f"the {classes} references in host memory, each copied to the GPU while its class was scored ({classes} "
         f"references and back-projectors: {need:.2f} GiB, {free / memory.GIB:.2f} GiB free)"
