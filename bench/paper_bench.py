@@ -808,6 +808,7 @@ def build_report(s: BenchSet, p: Paths) -> dict:
             "coarse_shell": h["coarse_shell"],
             "wall_s": h["seconds"],
             "stages_s": {k: h["stages"].get(k, 0.0) for k in STAGES},
+            "host_s": dict(h.get("host_s") or {}),
             "mean_rlnNrOfSignificantSamples": h["mean_significant"],
             "mean_max_prob": h["mean_max_prob"],
             "schedule_resolution_angst": h["resolution_angst"],
@@ -1054,7 +1055,14 @@ def render_md(r: dict) -> str:
         peak = f"{100 * rate / pk['fp32_tflops']:.1f} %" if rate and pk else "—"
         counted = f"{flops / 1e12:.2f} | {fmt(rate, 2)} | {peak}" if flops else "— | — | —"
         L.append(f"| {STAGE_LABEL.get(k, k)} | {fmt(st[k])} | {100 * st[k] / ssum:.0f} % | {counted} |")
-    L.append(f"| other (writing files, bookkeeping) | {fmt(tot['iterations_wall_s'] - ssum)} | | | | |")
+    host = {}
+    for x in r["iterations"]:
+        for k, v in (x.get("host_s") or {}).items():
+            host[k] = host.get(k, 0.0) + v
+    for k, v in host.items():  # host-only steps between the stages (the GPU has nothing queued): timing.host
+        L.append(f"| {k} (host only) | {fmt(v)} | | | | |")
+    rest = tot["iterations_wall_s"] - ssum - sum(host.values())
+    L.append(f"| other ({'the rest: ' if host else ''}writing files, bookkeeping) | {fmt(rest)} | | | | |")
     L.append(
         "\nCounted: the matrix products of the coarse and fine passes (getAllSquaredDifferences) and of the weighted "
         "sums (storeWeightedSums), 2·M·N·K each, over the stage's whole time (interpolation, masking and sorting "

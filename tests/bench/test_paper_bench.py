@@ -95,7 +95,7 @@ def test_tiny_run_stop_continue_and_results(tmp_path):
     assert r["finished"] and r["n_iterations"] == 2 and r["device"] == "cpu" and r["commit"]
     assert r["calls"][0]["argv"][1:3] == ["refine", "--continue"] and r["calls"][0]["iterations"] == [1, 2]
     for it in r["iterations"]:
-        assert set(it["stages_s"]) == set(pb.STAGES) and it["wall_s"] > 0
+        assert set(it["stages_s"]) == set(pb.STAGES) and it["wall_s"] > 0 and "plan" in it["host_s"]
         assert it["gold_fsc0143_angst"] and it["mean_rlnNrOfSignificantSamples"] >= 1
         assert it["coarse_flops"] > 0 and it["coarse_tflops"] > 0 and it["fine_flops"] > 0 and it["store_flops"] > 0
     flops = r["total"]["stage_flops"]
@@ -116,6 +116,7 @@ def test_tiny_run_stop_continue_and_results(tmp_path):
         "convertAllSquaredDifferencesToWeights",
         "## Coarse pass",
         "| stage | s | share | counted TFLOP | TFLOP/s | of FP32 peak |",
+        "| plan (host only) |",
         "## CPU path",
         "--low_resol_join_halves 0",
     ]:

@@ -25,6 +25,8 @@ class RunLog:
 
     def iteration(self, r: dict) -> None:
         stages = " ".join(f"{k}={v:.1f}s" for k, v in r["stages"].items())
+        host = ", ".join(f"{k} {v:.1f}s" for k, v in (r.get("host_s") or {}).items())
+        stages += f"; host: {host}" if host else ""
         mode = "local" if r["local"] else "global"
         extra = ""
         if "class_distribution" in r:

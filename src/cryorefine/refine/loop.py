@@ -123,7 +123,8 @@ def run_estep(
 def iterate(mode: Mode, ctx: RunContext, state: RunState, clock: float) -> tuple[RunState, dict | None]:
     """One iteration on every rank: E-step, rank 0's M-step, rank 0's state to every rank. Returns the new state and,
     on rank 0, the M-step's results for the files (None elsewhere). ``clock``: when the iteration began."""
-    plan, state = mode.plan(ctx, state)
+    with ctx.timer.host("plan"):
+        plan, state = mode.plan(ctx, state)
     estep, poses, ranks = run_estep(mode, ctx, state, plan, clock)
     new: RunState | None = None
     info = None
@@ -136,11 +137,13 @@ def iterate(mode: Mode, ctx: RunContext, state: RunState, clock: float) -> tuple
             "seconds": time.perf_counter() - clock,
             "stages": ctx.timer.reset(),
             "counters": ctx.timer.reset_counters(),
+            "host_s": ctx.timer.reset_host(),
         }
         new = replace(new, history=new.history + (record,))
     else:  # rank 0's record holds rank 0's stage times and counters
         ctx.timer.reset()
         ctx.timer.reset_counters()
+        ctx.timer.reset_host()
     return share_state(ctx, new), info
 
 
@@ -198,7 +201,8 @@ def _iterate_until_done(mode: Mode, ctx: RunContext, state: RunState, t0: float)
         if ctx.dist.is_main:
             # after sharing: the other ranks start the next E-step meanwhile, and the pool gives rank 0 fewer batches
             ctx.log.iteration(state.history[-1])
-            ctx.writer.submit(_write, mode, ctx, state, info)
+            with ctx.timer.host("waiting for files"):  # the last iteration's: counted in the next iteration's
+                ctx.writer.submit(_write, mode, ctx, state, info)
         last = time.perf_counter() - t_it
 
 

@@ -1,6 +1,8 @@
 """Wall time per stage (the paper's getFourier / getAll / convertAll / storeWeighted / M-step breakdown).
 
-Besides the stages (``seconds``, the same keys every iteration), a timer keeps two counters for the benchmarks,
+Besides the stages (``seconds``, the same keys every iteration), a timer keeps the wall time of host-only steps between
+the stages (``host(name)``: planning, waiting for the last iteration's files; the GPU has nothing queued then), and
+two counters for the benchmarks,
 reset by ``reset_counters()``: ``substage(name)`` times a part of a stage without adding to ``seconds`` (the coarse
 pass of getAllSquaredDifferences), and ``add_flops(name, flops, shapes)`` counts the floating-point operations of
 matrix products with the shapes they ran at (to time cuBLAS on the same shapes).
@@ -26,6 +28,7 @@ class StageTimer:
         self._seconds = defaultdict(float)
         self.cuda = device is not None and torch.device(device).type == "cuda"
         self._sub_seconds = defaultdict(float)
+        self._host_seconds: defaultdict[str, float] = defaultdict(float)
         self._events: list[tuple[dict, str, torch.cuda.Event, torch.cuda.Event]] = []
         self.flops = defaultdict(float)
         self.shapes = defaultdict(Counter)
@@ -67,6 +70,21 @@ class StageTimer:
 
     def __call__(self, name: str):
         return self._timed(self._seconds, name)
+
+    @contextmanager
+    def host(self, name: str):
+        """Add the wall time of the block to the host-only steps (``reset_host``), on every device."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._host_seconds[name] += time.perf_counter() - t0
+
+    def reset_host(self) -> dict:
+        """{name: seconds} of the host-only steps since the last call, then cleared."""
+        out = dict(self._host_seconds)
+        self._host_seconds.clear()
+        return out
 
     def substage(self, name: str):
         """Time a part of a stage into ``sub_seconds``; the stage's own time is unchanged."""
