@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .grids import irfft3_centered, rfft3_centered, rfft_freqs_3d
+from .grids import irfft3_centered, radial_map, rfft3_centered, rfft_freqs_3d
 
 
 def low_pass_filter(
@@ -25,23 +25,14 @@ def low_pass_filter(
     return irfft3_centered(f * filt.to(f.real.dtype), d).to(volume.dtype)
 
 
-def _radius_from_centre(shape, device, dtype):
-    axes = [torch.arange(n, device=device, dtype=dtype) - n // 2 for n in shape]
-    grids = torch.meshgrid(*axes, indexing="ij")
-    return torch.sqrt(sum(g**2 for g in grids))
-
-
 def soft_sphere(shape, radius_px: float, edge_px: float = 5.0, device=None, dtype=torch.float32) -> torch.Tensor:
     """1 inside ``radius_px`` of the centre pixel, cosine fall-off to 0 over ``edge_px`` (2D or 3D shape)."""
-    r = _radius_from_centre(shape, device, torch.float64)
-    m = torch.where(
-        r <= radius_px,
-        1.0,
-        torch.where(
-            r >= radius_px + edge_px, 0.0, 0.5 + 0.5 * torch.cos(math.pi * (r - radius_px) / max(edge_px, 1e-9))
-        ),
-    )
-    return m.to(dtype)
+
+    def profile(r: torch.Tensor) -> torch.Tensor:
+        edge = 0.5 + 0.5 * torch.cos(math.pi * (r - radius_px) / max(edge_px, 1e-9))
+        return torch.where(r <= radius_px, 1.0, torch.where(r >= radius_px + edge_px, 0.0, edge))
+
+    return radial_map(shape, profile, device, dtype)
 
 
 def soft_mask_outside_map(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..fourier.grids import centred_take, origin_first
+from ..fourier.grids import centred_take, origin_first, radial_map
 from ..optics import IDENTITY_MAG, magnified
 
 
@@ -47,9 +47,8 @@ def window_grid_size(radius_px: float | None, box: int, pad: int) -> int:
 
 def sinc2_gridding_kernel(box: int, pad: int, device=None, dtype=torch.float64) -> torch.Tensor:
     """(d, d, d) real-space sinc²(π r / P) of trilinear interpolation on the padded grid (r from d//2)."""
-    c = torch.arange(box, device=device, dtype=dtype) - box // 2
-    r = torch.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2) / (box * pad)
-    return torch.sinc(r) ** 2  # torch.sinc is sin(πx)/(πx)
+    # torch.sinc is sin(πx)/(πx)
+    return radial_map((box,) * 3, lambda r: torch.sinc(r / (box * pad)) ** 2, device, dtype, radius_dtype=dtype)
 
 
 def prepare_padded_transform(volume: torch.Tensor, pad: int = 2, size: int | None = None) -> PaddedTransform:
