@@ -25,14 +25,19 @@ def low_pass_filter(
     return irfft3_centered(f * filt.to(f.real.dtype), d).to(volume.dtype)
 
 
-def soft_sphere(shape, radius_px: float, edge_px: float = 5.0, device=None, dtype=torch.float32) -> torch.Tensor:
-    """1 inside ``radius_px`` of the centre pixel, cosine fall-off to 0 over ``edge_px`` (2D or 3D shape)."""
+def _raised_cosine(radius_px: float, edge_px: float):
+    """The soft sphere's radial profile: 1 up to ``radius_px``, a raised cosine down to 0 over ``edge_px`` (float64)."""
 
     def profile(r: torch.Tensor) -> torch.Tensor:
         edge = 0.5 + 0.5 * torch.cos(math.pi * (r - radius_px) / max(edge_px, 1e-9))
         return torch.where(r <= radius_px, 1.0, torch.where(r >= radius_px + edge_px, 0.0, edge))
 
-    return radial_map(shape, profile, device, dtype)
+    return profile
+
+
+def soft_sphere(shape, radius_px: float, edge_px: float = 5.0, device=None, dtype=torch.float32) -> torch.Tensor:
+    """1 inside ``radius_px`` of the centre pixel, cosine fall-off to 0 over ``edge_px`` (2D or 3D shape)."""
+    return radial_map(shape, _raised_cosine(radius_px, edge_px), device, dtype)
 
 
 def soft_mask_outside_map(
@@ -50,10 +55,12 @@ def soft_mask_outside_map(
     particle images with it (--particle_diameter, 5 px)."""
     shape = x.shape[-ndim:]
     radius = shape[-1] / 2.0 if radius_px is None else radius_px
-    noise_w = 1.0 - soft_sphere(shape, radius, edge_px, device=x.device, dtype=torch.float64).to(
-        x.dtype
-    )  # RELION's raised cosine
+    inside = _raised_cosine(radius, edge_px)
+    # both weights looked up per r² in x's dtype (radial_map), no arithmetic on the whole grid for them
+    noise_w = radial_map(shape, lambda r: 1.0 - inside(r).to(x.dtype), x.device, x.dtype)
+    keep_w = radial_map(shape, lambda r: 1.0 - (1.0 - inside(r).to(x.dtype)), x.device, x.dtype)
     if fill is None:
         axes = tuple(range(-ndim, 0))
         fill = (noise_w * x).sum(axes, keepdim=True) / noise_w.sum().clamp(min=1e-30)
-    return (1.0 - noise_w) * x + noise_w * fill
+    out, outside = keep_w * x, noise_w * fill
+    return out.add_(outside) if outside.shape == out.shape and outside.dtype == out.dtype else out + outside
