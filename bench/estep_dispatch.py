@@ -1,14 +1,16 @@
 """Issue 23's host-side view of the E-step: how many PyTorch calls a batch dispatches and how many of them make the host
 wait for the device (a read of a device value), per batch of a small auto-refine, global and local searches.
 
-On a GPU each call costs the host ~5-20 µs of Python, dispatch and launch whatever its size, and a read waits until
-the device has finished everything queued before it (the device then idles until the host queues more): with small
-kernels these, not the arithmetic, set the pace. The counts come from a torch.overrides.TorchFunctionMode over the
-E-step passes (steps.run_expectation), cut into batches at each expectation_batch call (a batch: its images'
-preparation, its E-step and its results to the host); they are the same on any device for the shared code (the CPU path has its compiled
-loops where CUDA has Triton kernels, one call each), so they are measured on the CPU and tracked from commit to
-commit. Reads counted (not in the CPU's own loops, whose tensors live on the host): .item()/int()/float()/bool() of a tensor, .cpu()/.numpy()/.tolist(), nonzero, unique,
-bincount, masked_select, argwhere, repeat_interleave by a tensor of counts, and indexing by a boolean mask.
+On a GPU each call costs the host of the order of 10 µs (Python, dispatch, launch) whatever its size, and a read
+waits until the device has finished everything queued before it (the device then idles until the host queues more):
+with small kernels these, more than the arithmetic, can set the pace. The counts come from a
+torch.overrides.TorchFunctionMode over the E-step passes (steps.run_expectation), cut into batches at each
+expectation_batch call (a batch: its images' preparation, its E-step and its results to the host). The shared code
+counts the same on any device (the CPU has compiled loops where CUDA has Triton kernels, one call each), so the counts
+are taken on the CPU and tracked from commit to commit. Reads counted (not in the CPU's own loops, whose tensors live
+on the host): .item()/int()/float()/bool() of a tensor, .cpu(), .tolist(), nonzero, unique, bincount,
+masked_select, argwhere, repeat_interleave by a tensor of counts, and indexing by a boolean mask (.numpy() of a
+device tensor needs .cpu() first: not counted twice).
 
 The set: tests/small_set.small_set (box 64, 3 Å/px, 400 particles, SNR 0.5), particles_noposes.star, auto-refine
 with HEALPix order 2 and local searches from order 2, batches of 200. Results in OUTDIR/estep_dispatch.{json,md}.

@@ -21,7 +21,7 @@ from .memory import LOCAL_GATHER_ELEMENTS
 from .poses import N_ROT_CHILDREN, N_TRANS_CHILDREN, PoseGrid
 from .precision import matmul_nt
 from .settings import EStepSettings
-from .slots import FineSlots
+from .slots import FineSlots, class_bounds
 
 
 def as_real(z: torch.Tensor) -> torch.Tensor:
@@ -240,10 +240,11 @@ def fine_projections(
     ((G·8, 3, 3), (G·8, J))."""
     rotations = poses.fine_rotations(slots.g_coarse).reshape(-1, 3, 3)
     proj = torch.empty(rotations.shape[0], window.size, dtype=dtype, device=rotations.device)
+    bounds = class_bounds(slots.g_class, len(refs))  # each class's rotations are a run of the union
     for k in range(len(refs)):
-        sel = (slots.g_class == k).repeat_interleave(N_ROT_CHILDREN)
-        if sel.any():  # refs[k] only then: references in host memory are copied to the device when asked for
-            proj[sel] = extract_central_slices(refs[k], rotations[sel], window.map_ky, window.map_kx)
+        a, b = bounds[k] * N_ROT_CHILDREN, bounds[k + 1] * N_ROT_CHILDREN
+        if b > a:  # refs[k] only then: references in host memory are copied to the device when asked for
+            proj[a:b] = extract_central_slices(refs[k], rotations[a:b], window.map_ky, window.map_kx)
     return rotations, proj * window.in_circle(window.max_shell)  # RELION's projector stops at the window's radius
 
 

@@ -149,7 +149,8 @@ class _TileResults:
 
     def batch_poses(self, n_significant: torch.Tensor, poses: PoseGrid) -> BatchPoses:
         n = len(self.best_coarse)
-        eul = poses.fine_eulers_deg(self.best_coarse.cpu().numpy())[np.arange(n), self.best_child.cpu().numpy()]
+        coarse, child = torch.stack([self.best_coarse, self.best_child]).cpu().numpy()  # one wait for both
+        eul = poses.fine_eulers_deg(coarse)[np.arange(n), child]
         return BatchPoses(
             self.best_class,
             eul,

@@ -10,10 +10,10 @@ import torch
 
 @dataclass
 class FineSlots:
-    """The fine pass's rotations: the union G of the tile's significant (class, coarse rotation) pairs, and each
-    particle's own pairs as slots into it, padded to the largest count Ls."""
+    """The fine pass's rotations: the union G of the tile's significant (class, coarse rotation) pairs (sorted by
+    class, then rotation), and each particle's own pairs as slots into it, padded to the largest count Ls."""
 
-    g_class: torch.Tensor  # (G,)
+    g_class: torch.Tensor  # (G,) ascending
     g_coarse: torch.Tensor  # (G,) coarse rotation ids
     slot_g: torch.Tensor  # (n, Ls) index into G (padding: 0)
     slot_prior: torch.Tensor  # (n, Ls) log prior of the slot's coarse rotation (padding: −inf)
@@ -34,7 +34,7 @@ def fine_slots(mask: torch.Tensor, rot_prior: torch.Tensor, local_prior, n_rotat
     G = len(gkeys)
     pk, pk_inv = torch.unique(i_idx * G + g_of_sig, return_inverse=True)
     p_part, p_g = pk // G, pk % G
-    counts = torch.bincount(p_part, minlength=n)
+    counts = torch.zeros(n, dtype=torch.long, device=dev).index_add_(0, p_part, torch.ones_like(p_part))  # no wait
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(len(pk), device=dev) - starts[p_part]
     Ls = int(counts.max())
@@ -45,6 +45,13 @@ def fine_slots(mask: torch.Tensor, rot_prior: torch.Tensor, local_prior, n_rotat
     allowed = torch.zeros(n, T, Ls, dtype=torch.bool, device=dev)
     allowed[i_idx, t_idx, slot[pk_inv]] = True
     return FineSlots(gkeys // R, gkeys % R, slot_g, slot_prior, allowed, counts)
+
+
+def class_bounds(sorted_classes: torch.Tensor, n_classes: int) -> list[int]:
+    """Where each class's run begins in ``sorted_classes`` (ascending class ids), and where the last ends: K + 1
+    offsets, read from the device at once (one wait for the host whatever K; a mask and a test per class were three)."""
+    k = torch.arange(n_classes + 1, device=sorted_classes.device, dtype=sorted_classes.dtype)
+    return torch.searchsorted(sorted_classes, k).tolist()
 
 
 def slot_groups(counts: torch.Tensor, rows_for) -> list[tuple[torch.Tensor, int]]:

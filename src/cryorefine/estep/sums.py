@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..projection.insert import BackProjector
+from .slots import class_bounds
 
 
 @dataclass(frozen=True)
@@ -135,10 +136,15 @@ class TileSums:
     def add_to(self, sums: WeightedSums, ky: torch.Tensor, kx: torch.Tensor) -> None:
         """Insert the slices (at window pixels (kx, ky) (J,)) of rotations with any posterior weight (the E-step
         leaves negligible samples out: weights.negligible_dropped), and add the statistics."""
-        used = self.mass > 0
+        K = len(sums.backprojectors)
+        # the used rotations of each class as a run: those without weight sorted after the last class (stable: in
+        # their order), the runs' bounds read at once
+        key = torch.where(self.mass > 0, self.classes, K)
+        order = torch.argsort(key, stable=True)
+        bounds = class_bounds(key[order], K)
         for k, bp in enumerate(sums.backprojectors):
-            sel = used & (self.classes == k)
-            if sel.any():
-                bp.insert(self.rotations[sel], ky, kx, self.values[sel], self.weights[sel])
+            if bounds[k + 1] > bounds[k]:
+                rows = order[bounds[k] : bounds[k + 1]]
+                bp.insert(self.rotations[rows], ky, kx, self.values[rows], self.weights[rows])
         for a, b in zip(sums.stats_tensors(), self.stats.stats_tensors()):
             a += b

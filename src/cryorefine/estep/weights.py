@@ -32,11 +32,12 @@ def significant_set(p: torch.Tensor, fraction: float, maxsig: int) -> tuple[torc
     if maxsig > 0:
         count = count.clamp(max=maxsig)
     thresh = sp.gather(1, (count.clamp(max=k) - 1)[:, None])
-    rows = (count > k).nonzero()[:, 0]  # the fraction lies beyond the top k (never with --maxsig <= k)
-    if len(rows):
-        full = torch.sort(p[rows], dim=1, descending=True).values
-        count[rows] = ((torch.cumsum(full, dim=1) < fraction).sum(1) + 1).clamp(max=S)
-        thresh[rows] = full.gather(1, (count[rows] - 1)[:, None])
+    if k < S:  # else sorted in full already (the clamps below give such rows all S samples): no wait for the device
+        rows = (count > k).nonzero()[:, 0]  # the fraction lies beyond the top k (never with --maxsig <= k)
+        if len(rows):
+            full = torch.sort(p[rows], dim=1, descending=True).values
+            count[rows] = ((torch.cumsum(full, dim=1) < fraction).sum(1) + 1).clamp(max=S)
+            thresh[rows] = full.gather(1, (count[rows] - 1)[:, None])
     count = count.clamp(max=S)
     mask = p >= thresh
     return mask, count

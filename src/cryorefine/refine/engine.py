@@ -321,6 +321,25 @@ def fixed_pose_batch(
     return res
 
 
+def results_on_host(res: BatchPoses, residual_power: torch.Tensor | None) -> dict[str, np.ndarray]:
+    """A batch's per-particle results (n,) on the host, float64, read from the device at once (the host waits for the
+    device once per batch, not once per column); class ids and counts are exact in float64."""
+    columns = {
+        "offset_x_px": res.offsets_px[:, 0],
+        "offset_y_px": res.offsets_px[:, 1],
+        "class_index": res.class_index,
+        "max_prob": res.max_prob,
+        "n_significant": res.n_significant,
+        "loglik": res.loglik,
+        "angular_spread_deg": res.angular_spread_deg,
+        "offset_spread_px": res.offset_spread_px,
+    }
+    if residual_power is not None:
+        columns["residual_power"] = residual_power
+    host = torch.stack([c.double() for c in columns.values()]).cpu().numpy()
+    return dict(zip(columns, host))
+
+
 def run_expectation(
     table: ParticleTable,
     rows: np.ndarray,
@@ -399,17 +418,20 @@ def run_expectation(
             poses_now.rot_deg[idx] = res.eulers_deg[:, 0]
             poses_now.tilt_deg[idx] = res.eulers_deg[:, 1]
             poses_now.psi_deg[idx] = res.eulers_deg[:, 2]
-        off = res.offsets_px.double().cpu().numpy() * frame.angpix
-        poses_now.origin_x_angst[idx] = off[:, 0]
-        poses_now.origin_y_angst[idx] = off[:, 1]
-        poses_now.class_number[idx] = res.class_index.cpu().numpy() + 1
-        poses_now.max_prob[idx] = res.max_prob.double().cpu().numpy()
-        poses_now.n_significant[idx] = res.n_significant.cpu().numpy()
-        poses_now.loglik[idx] = res.loglik.cpu().numpy()
-        poses_now.angular_spread_deg[idx] = res.angular_spread_deg.double().cpu().numpy()
-        poses_now.offset_spread_px[idx] = res.offset_spread_px.double().cpu().numpy()
+        residual = None
         if res.residual_power is not None and batch.power_outside is not None:
-            poses_now.residual_power[idx] = (res.residual_power + batch.power_outside).cpu().numpy()
+            residual = res.residual_power + batch.power_outside
+        host = results_on_host(res, residual)
+        poses_now.origin_x_angst[idx] = host["offset_x_px"] * frame.angpix
+        poses_now.origin_y_angst[idx] = host["offset_y_px"] * frame.angpix
+        poses_now.class_number[idx] = host["class_index"].astype(np.int64) + 1
+        poses_now.max_prob[idx] = host["max_prob"]
+        poses_now.n_significant[idx] = host["n_significant"]
+        poses_now.loglik[idx] = host["loglik"]
+        poses_now.angular_spread_deg[idx] = host["angular_spread_deg"]
+        poses_now.offset_spread_px[idx] = host["offset_spread_px"]
+        if residual is not None:
+            poses_now.residual_power[idx] = host["residual_power"]
         done.append(idx)
         if run.progress is not None:
             run.progress(len(idx))
