@@ -809,6 +809,8 @@ def build_report(s: BenchSet, p: Paths) -> dict:
             "wall_s": h["seconds"],
             "stages_s": {k: h["stages"].get(k, 0.0) for k in STAGES},
             "host_s": dict(h.get("host_s") or {}),
+            # from the iteration's clock (the last one's end) to its last batch's results (read: the device is done)
+            "estep_wall_s": (h.get("estep_s_per_rank") or [None])[0],
             "mean_rlnNrOfSignificantSamples": h["mean_significant"],
             "mean_max_prob": h["mean_max_prob"],
             "schedule_resolution_angst": h["resolution_angst"],
@@ -1061,7 +1063,15 @@ def render_md(r: dict) -> str:
             host[k] = host.get(k, 0.0) + v
     for k, v in host.items():  # host-only steps between the stages (the GPU has nothing queued): timing.host
         L.append(f"| {k} (host only) | {fmt(v)} | | | | |")
-    rest = tot["iterations_wall_s"] - ssum - sum(host.values())
+    # the E-step's wall time not in its stages' device spans: the device idle between and around its stages
+    gaps = [
+        x["estep_wall_s"] - sum((x.get("host_s") or {}).values()) - sum(x["stages_s"][k] for k in STAGES[:-1])
+        for x in r["iterations"]
+        if x.get("estep_wall_s") is not None and x.get("host_s")
+    ]
+    if gaps:
+        L.append(f"| E-step outside its stages (on a GPU: the device idle) | {fmt(sum(gaps))} | | | | |")
+    rest = tot["iterations_wall_s"] - ssum - sum(host.values()) - sum(gaps)
     L.append(f"| other ({'the rest: ' if host else ''}writing files, bookkeeping) | {fmt(rest)} | | | | |")
     L.append(
         "\nCounted: the matrix products of the coarse and fine passes (getAllSquaredDifferences) and of the weighted "

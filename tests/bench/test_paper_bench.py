@@ -96,6 +96,7 @@ def test_tiny_run_stop_continue_and_results(tmp_path):
     assert r["calls"][0]["argv"][1:3] == ["refine", "--continue"] and r["calls"][0]["iterations"] == [1, 2]
     for it in r["iterations"]:
         assert set(it["stages_s"]) == set(pb.STAGES) and it["wall_s"] > 0 and "plan" in it["host_s"]
+        assert it["estep_wall_s"] > sum(it["stages_s"][k] for k in pb.STAGES[:-1])
         assert it["gold_fsc0143_angst"] and it["mean_rlnNrOfSignificantSamples"] >= 1
         assert it["coarse_flops"] > 0 and it["coarse_tflops"] > 0 and it["fine_flops"] > 0 and it["store_flops"] > 0
     flops = r["total"]["stage_flops"]
@@ -117,6 +118,7 @@ def test_tiny_run_stop_continue_and_results(tmp_path):
         "## Coarse pass",
         "| stage | s | share | counted TFLOP | TFLOP/s | of FP32 peak |",
         "| plan (host only) |",
+        "| E-step outside its stages (on a GPU: the device idle) |",
         "## CPU path",
         "--low_resol_join_halves 0",
     ]:
