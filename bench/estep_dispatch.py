@@ -15,6 +15,9 @@ device tensor needs .cpu() first: not counted twice).
 The set: tests/small_set.small_set (box 64, 3 Å/px, 400 particles, SNR 0.5), particles_noposes.star, auto-refine
 with HEALPix order 2 and local searches from order 2, batches of 200. Results in OUTDIR/estep_dispatch.{json,md}.
 
+With --gpu the run is on CUDA and CUDA's own count is added: torch.cuda.set_sync_debug_mode("warn") warns at every
+call that synchronises the device (reads, and copies from pageable host memory), counted per batch.
+
 usage: python bench/estep_dispatch.py OUTDIR [--work /tmp/estep_dispatch] [--iterations 6] [--gpu]
 """
 
@@ -29,6 +32,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -86,6 +90,11 @@ class DispatchCounter(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def _syncs(caught: list) -> int:
+    """How many recorded warnings are CUDA's "synchronizing operation" ones (torch.cuda.set_sync_debug_mode)."""
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def main(cmdline=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("outdir")
@@ -111,11 +120,12 @@ def main(cmdline=None) -> int:
         if batches and "calls" not in batches[-1]:
             b = batches[-1]
             b["calls"], b["reads"] = counter.calls - b.pop("calls0"), counter.reads - b.pop("reads0")
+            b["cuda_syncs"] = _syncs(caught) - b.pop("syncs0")
 
     def batch_counted(batch, *args, **kwargs):
         close()
         batches.append({"particles": len(batch), "local": args[6] is not None,  # expectation_batch's local_prior
-                        "calls0": counter.calls, "reads0": counter.reads})  # fmt: skip
+                        "calls0": counter.calls, "reads0": counter.reads, "syncs0": _syncs(caught)})  # fmt: skip
         return expectation_batch(batch, *args, **kwargs)
 
     def pass_counted(*args, **kwargs):
@@ -132,8 +142,13 @@ def main(cmdline=None) -> int:
     argv += ["--batch", "200", "--random_seed", "0"] + (["--gpu"] if a.gpu else ["--j", "2"])
     shutil.rmtree(work / "run", ignore_errors=True)
     t0 = time.perf_counter()
-    with counter:
+    with counter, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if a.gpu:  # CUDA's own count: torch warns at every call that synchronises the device
+            torch.cuda.set_sync_debug_mode("warn")
         rc = cli(argv)
+        if a.gpu:
+            torch.cuda.set_sync_debug_mode("default")
     steps.run_expectation, engine.expectation_batch = run_expectation, expectation_batch
     if rc != 0:
         return rc
@@ -156,6 +171,8 @@ def main(cmdline=None) -> int:
         "mean_reads_global": mean(False, "reads"),
         "mean_calls_local": mean(True, "calls"),
         "mean_reads_local": mean(True, "reads"),
+        "mean_cuda_syncs_global": mean(False, "cuda_syncs") if a.gpu else None,
+        "mean_cuda_syncs_local": mean(True, "cuda_syncs") if a.gpu else None,
         "call_sites": dict(counter.call_sites.most_common(25)),
         "read_sites": dict(counter.read_sites.most_common()),
     }
@@ -174,10 +191,10 @@ def render(r: dict) -> str:
         f"- Date {r['date']}; commit {r['commit']}; {r['device']}; torch {r['torch']}.",
         f"- `{r['command']}` ({n} batches of a 400-particle auto-refine, box 64; {r['run_seconds']} s).",
         "",
-        "| batches | calls per batch (mean) | reads per batch (mean) |",
-        "|---|---|---|",
-        f"| global searches | {r['mean_calls_global']} | {r['mean_reads_global']} |",
-        f"| local searches | {r['mean_calls_local']} | {r['mean_reads_local']} |",
+        "| batches | calls per batch (mean) | reads per batch (mean) | CUDA's synchronising calls per batch (mean) |",
+        "|---|---|---|---|",
+        f"| global searches | {r['mean_calls_global']} | {r['mean_reads_global']} | {r['mean_cuda_syncs_global']} |",
+        f"| local searches | {r['mean_calls_local']} | {r['mean_reads_local']} | {r['mean_cuda_syncs_local']} |",
         "",
         "## Device reads by site (all batches)",
         "",
