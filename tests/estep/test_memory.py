@@ -467,10 +467,12 @@ def test_expectation_reads_images_batch_by_batch(tmp_path, monkeypatch):
     assert reads == [3, 3, 2]
 
 
-def test_a_pass_over_cached_images_takes_each_batch_only_when_the_last_is_done(tmp_path):
+def test_a_pass_over_cached_images_takes_each_batch_only_when_the_last_has_run(tmp_path, monkeypatch):
     """Reading ahead takes the next batch from the task pool while the current one runs; with every image in the GPU's
-    cache there is nothing to read, and a batch taken early would leave one rank two batches at a pass's end."""
+    cache there is nothing to read, and a batch taken early would leave one rank two batches at a pass's end. A batch's
+    results are stored (progress told) once the next batch's images are prepared, or at the pass's end."""
     from cryorefine.io.image_cache import ImageCache
+    from cryorefine.refine import engine
     from cryorefine.refine.config import RefineConfig
     from cryorefine.refine.engine import EStepPass, EStepRuntime, ParticlePoses, run_expectation
     from cryorefine.refine.timing import StageTimer
@@ -482,8 +484,17 @@ def test_a_pass_over_cached_images_takes_each_batch_only_when_the_last_is_done(t
     sigma2 = torch.full((1, BOX // 2 + 1), BOX * BOX / 2.0, dtype=torch.float64)
     cache = ImageCache(N, BOX, N, "cpu")
 
+    events: list[str] = []
+    expectation_batch = engine.expectation_batch
+
+    def estep(*args, **kwargs):
+        events.append("estep")
+        return expectation_batch(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "expectation_batch", estep)
+
     def one_pass():
-        events = []
+        events.clear()
 
         def tasks(n):
             for b in range(n):
@@ -498,10 +509,11 @@ def test_a_pass_over_cached_images_takes_each_batch_only_when_the_last_is_done(t
             cfg, (0, 1, 1), StageTimer(), lambda n: events.append("done"), 3, tasks=tasks, cache=cache
         )
         run_expectation(c["table"], np.arange(N), ParticlePoses.from_table(c["table"]), job, sums, runtime)
-        return events
+        return list(events)
 
-    assert one_pass()[:3] == ["take", "take", "done"]  # images to read: the second batch is taken (and read) ahead
-    assert one_pass() == ["take", "done"] * 3  # all cached: one batch at a time
+    assert one_pass()[:3] == ["take", "take", "estep"]  # images to read: the second batch is taken (and read) ahead
+    # all cached: one batch at a time, each stored when the next is prepared
+    assert one_pass() == ["take", "estep", "take", "done", "estep", "take", "done", "estep", "done"]
 
 
 # ----------------------------------------------------------------------------- GPU

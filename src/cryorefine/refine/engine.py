@@ -340,6 +340,32 @@ def results_on_host(res: BatchPoses, residual_power: torch.Tensor | None) -> dic
     return dict(zip(columns, host))
 
 
+def store_batch_results(
+    poses_now: ParticlePoses,
+    idx: np.ndarray,
+    angpix: float,
+    res: BatchPoses,
+    residual_power: torch.Tensor | None,
+    progress=None,
+) -> np.ndarray:
+    """A batch's results (offsets in ``angpix`` Å/px) into ``poses_now`` at rows ``idx``, read from the device at
+    once (results_on_host); ``progress(n)`` told; returns ``idx``."""
+    host = results_on_host(res, residual_power)
+    poses_now.origin_x_angst[idx] = host["offset_x_px"] * angpix
+    poses_now.origin_y_angst[idx] = host["offset_y_px"] * angpix
+    poses_now.class_number[idx] = host["class_index"].astype(np.int64) + 1
+    poses_now.max_prob[idx] = host["max_prob"]
+    poses_now.n_significant[idx] = host["n_significant"]
+    poses_now.loglik[idx] = host["loglik"]
+    poses_now.angular_spread_deg[idx] = host["angular_spread_deg"]
+    poses_now.offset_spread_px[idx] = host["offset_spread_px"]
+    if residual_power is not None:
+        poses_now.residual_power[idx] = host["residual_power"]
+    if progress is not None:
+        progress(len(idx))
+    return idx
+
+
 def run_expectation(
     table: ParticleTable,
     rows: np.ndarray,
@@ -352,7 +378,9 @@ def run_expectation(
     and adds into ``sums``. The previous offsets come from ``poses_now`` (the particle table is only read from).
 
     ``run.tasks(n_batches)`` yields the indices of the batches this process does (a task pool; default: all, in
-    order). Returns the rows it did; ``run.progress(n)`` is called after each batch of n particles.
+    order). Returns the rows it did; ``run.progress(n)`` is called as each batch's results of n particles are stored:
+    once the next batch's images are prepared, so that the host prepares them while the device finishes the batch
+    (its back-projection), not after waiting for it.
 
     With ``job.avg_norm`` (--norm), each image is scaled by avg_norm / rlnNormCorrection (the M-step re-estimates the
     correction from the residual power: mstep/norm.py).
@@ -372,6 +400,8 @@ def run_expectation(
     # read ahead only while there is something to read: a batch read ahead is taken from the task pool one batch
     # early, and at a pass's end that left one rank two batches while the others had none (4 GPUs: ~0.1 s a pass)
     loaded_batches = read_ahead(load, order) if not cache.holds(rows) else ((b, load(b)) for b in order)
+    # a batch's results are read (the host waits for the device) once the next batch's images are prepared
+    pending: tuple | None = None
     for b, loaded in loaded_batches:
         idx, frame = batches[b], frames[b]
         with timer("getFourierTransformsAndCTFs"):
@@ -407,6 +437,8 @@ def run_expectation(
                     *angle_priors(table, idx, poses_now.rot_deg[idx], poses_now.tilt_deg[idx], poses_now.psi_deg[idx]),
                     settings.local_sigma_deg,
                 )
+        if pending is not None:  # the last batch's: its back-projection ran on the device while this one was prepared
+            done.append(store_batch_results(poses_now, *pending, run.progress))
         forced = None if job.forced_class is None else to_device(job.forced_class[idx], device)
         if job.fixed_poses:
             res = fixed_pose_batch(batch, frame, job, poses_now, idx, sums, forced, timer)
@@ -421,18 +453,7 @@ def run_expectation(
         residual = None
         if res.residual_power is not None and batch.power_outside is not None:
             residual = res.residual_power + batch.power_outside
-        host = results_on_host(res, residual)
-        poses_now.origin_x_angst[idx] = host["offset_x_px"] * frame.angpix
-        poses_now.origin_y_angst[idx] = host["offset_y_px"] * frame.angpix
-        poses_now.class_number[idx] = host["class_index"].astype(np.int64) + 1
-        poses_now.max_prob[idx] = host["max_prob"]
-        poses_now.n_significant[idx] = host["n_significant"]
-        poses_now.loglik[idx] = host["loglik"]
-        poses_now.angular_spread_deg[idx] = host["angular_spread_deg"]
-        poses_now.offset_spread_px[idx] = host["offset_spread_px"]
-        if residual is not None:
-            poses_now.residual_power[idx] = host["residual_power"]
-        done.append(idx)
-        if run.progress is not None:
-            run.progress(len(idx))
+        pending = (idx, frame.angpix, res, residual)
+    if pending is not None:
+        done.append(store_batch_results(poses_now, *pending, run.progress))
     return np.concatenate(done) if done else np.zeros(0, dtype=np.int64)
