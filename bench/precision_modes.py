@@ -141,7 +141,7 @@ def run_box(box: int, args) -> dict:
     ref = float64_diff2(c)
     off = b.old_offset_px[:, None, :] + grid.translations_px[None]
     prior = translation_log_prior(off, EStepSettings(angpix=c["angpix"])).double()[:, :, None]
-    mask, nsig = significant_mask((prior - ref).reshape(n, -1), 0.999, 0)
+    mask, nsig, _ = significant_mask((prior - ref).reshape(n, -1), 0.999, 0)
     mask = mask.reshape(ref.shape)
     best_ref = (prior - ref).reshape(n, -1).argmax(1)
     a, p_real, bb, p2 = coarse_operands(c)

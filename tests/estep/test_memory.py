@@ -101,9 +101,9 @@ def coarse_stage(c):
     logp, rot_prior = diff2.coarse_log_posterior(
         c["batch"], c["window"], jc, [c["ref"]], c["grid"], c["settings"], None, None
     )
-    mask, _ = weights.coarse_significant(logp, c["settings"])
+    mask, _, total = weights.coarse_significant(logp, c["settings"])
     del logp
-    return slots_module.fine_slots(mask, rot_prior, None, c["grid"].n_rotations)
+    return slots_module.fine_slots(mask, total, rot_prior, None, c["grid"].n_rotations)
 
 
 def run_tile(c, sums: bool = True):
@@ -133,7 +133,7 @@ def predicted_tile_bytes(c, slots) -> tuple[int, int]:
     n, g, J = len(c["batch"]), c["grid"], c["window"].size
     G8, T4 = len(slots.g_class) * 8, g.n_translations * 4
     coarse = memory.coarse_bytes(n, tile_shape(c))
-    groups = slots_module.slot_groups(slots.counts, lambda L: n)  # the fine pass's groups of similar slot counts
+    groups = slots_module.slot_groups(slots, lambda L: n)  # the fine pass's groups of similar slot counts
     chunk = max(memory.fine_chunk_bytes(len(rows), T4, Lc * 8, J) for rows, Lc in groups)
     fine = max(memory.fine_projection_bytes(G8, J), memory.union_bytes(G8, J) + chunk)
     return coarse, max(coarse, fine)
@@ -289,7 +289,7 @@ def test_fine_pass_in_chunks_of_one_equals_one_chunk(tmp_path, monkeypatch):
     real_groups = expectation.slot_groups
     monkeypatch.setattr(expectation, "fine_particles_per_chunk", lambda n, *a: 1)
     monkeypatch.setattr(
-        expectation, "slot_groups", lambda counts, rows_for: groups.extend(g := real_groups(counts, rows_for)) or g
+        expectation, "slot_groups", lambda slots, rows_for: groups.extend(g := real_groups(slots, rows_for)) or g
     )
     _assert_same_estep(_estep(c), whole)
     assert groups and all(len(rows) == 1 for rows, _ in groups)  # the patched budget was used: one particle per group

@@ -68,7 +68,7 @@ def reference_diff2(d, ref64) -> dict:
         res = xt[:, :, None, :] - sc[:, None, None, :] * p[None, None]
         diff2[:, :, r0 : r0 + 128] = ((res.real**2 + res.imag**2) * w[:, None, None, :]).sum(-1)
     prior = translation_log_prior(off, EStepSettings(angpix=ANGPIX))[:, :, None]
-    mask, _ = significant_mask((prior - diff2).reshape(N, -1), 0.999, 0)
+    mask = significant_mask((prior - diff2).reshape(N, -1), 0.999, 0).mask
     return dict(
         diff2=diff2,
         const=(w * xt[:, 0].abs() ** 2).sum(-1),

@@ -24,7 +24,7 @@ def test_significant_set_matches_a_full_sort(maxsig):
     # sharpness from a single dominant sample to nearly flat: the flat rows need more than the top-k samples
     scales = np.array([300.0, 60.0, 20.0, 8.0, 3.0, 1.0, 0.3, 0.05])
     logits = rng.standard_normal((len(scales), S)) * scales[:, None]
-    mask, count = significant_mask(torch.from_numpy(logits).float(), 0.999, maxsig)
+    mask, count, _ = significant_mask(torch.from_numpy(logits).float(), 0.999, maxsig)
     ref = reference(logits, 0.999, maxsig)
     assert (count.numpy() == ref).all() or np.abs(
         count.numpy() - ref
@@ -36,3 +36,14 @@ def test_significant_set_matches_a_full_sort(maxsig):
         kept = np.flatnonzero(mask[i].numpy())
         assert len(kept) >= count[i]
         assert logits[i, kept].min() >= np.sort(logits[i])[::-1][count[i] - 1] - 1e-4
+
+
+@pytest.mark.parametrize("rows", [slice(0, 3), slice(None)])  # peaked rows only (top-k path); with the flat ones
+def test_the_counted_total_is_the_masks(rows):
+    rng = np.random.default_rng(3)
+    scales = np.array([300.0, 60.0, 20.0, 1.0, 0.05])[rows]
+    logits = torch.from_numpy(rng.standard_normal((len(scales), 20000)) * scales[:, None]).float()
+    plain = significant_mask(logits, 0.999, 0)
+    counted = significant_mask(logits, 0.999, 0, counted=True)
+    assert torch.equal(plain.mask, counted.mask) and torch.equal(plain.nsig, counted.nsig)
+    assert plain.total is None and counted.total == int(plain.mask.sum())

@@ -21,7 +21,7 @@ from .memory import LOCAL_GATHER_ELEMENTS
 from .poses import N_ROT_CHILDREN, N_TRANS_CHILDREN, PoseGrid
 from .precision import matmul_nt
 from .settings import EStepSettings
-from .slots import FineSlots, class_bounds
+from .slots import FineSlots
 
 
 def as_real(z: torch.Tensor) -> torch.Tensor:
@@ -240,7 +240,7 @@ def fine_projections(
     ((G·8, 3, 3), (G·8, J))."""
     rotations = poses.fine_rotations(slots.g_coarse).reshape(-1, 3, 3)
     proj = torch.empty(rotations.shape[0], window.size, dtype=dtype, device=rotations.device)
-    bounds = class_bounds(slots.g_class, len(refs))  # each class's rotations are a run of the union
+    bounds = slots.class_bounds  # each class's rotations are a run of the union
     for k in range(len(refs)):
         a, b = bounds[k] * N_ROT_CHILDREN, bounds[k + 1] * N_ROT_CHILDREN
         if b > a:  # refs[k] only then: references in host memory are copied to the device when asked for

@@ -182,9 +182,9 @@ def _expectation_tile(
             logp, rot_prior = coarse_log_posterior(batch, window, jc, refs, poses, settings, local_prior, forced_class)
         stage.add_flops("coarse", *coarse_gemm_flops(n, len(refs), T, logp.shape[-1], jc, local_prior is not None))
     with stage("convertAllDiff2ToWeights"):
-        mask, nsig = coarse_significant(logp, settings)
+        mask, nsig, total = coarse_significant(logp, settings)
         del logp  # the coarse samples are not needed beyond their significance: free them for the fine pass
-        slots = fine_slots(mask, rot_prior, local_prior, poses.n_rotations)
+        slots = fine_slots(mask, total, rot_prior, local_prior, poses.n_rotations)
         del mask
     with stage("getAllSquaredDifferences"):
         rotations, proj = fine_projections(refs, poses, slots, window, batch.f_masked.dtype)
@@ -197,9 +197,7 @@ def _expectation_tile(
         if sums is None
         else TileSums.zeros(sums, rotations, slots.g_class.repeat_interleave(N_ROT_CHILDREN), J, proj.dtype)
     )
-    groups = slot_groups(
-        slots.counts, lambda L: fine_particles_per_chunk(n, budget, G8, T4, min(L * N_ROT_CHILDREN, Ls8), J)
-    )
+    groups = slot_groups(slots, lambda L: fine_particles_per_chunk(n, budget, G8, T4, min(L * N_ROT_CHILDREN, Ls8), J))
     for rows, n_slots in groups:
         m, L8 = len(rows), n_slots * N_ROT_CHILDREN
         with stage("getAllSquaredDifferences"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -12,16 +13,22 @@ from .settings import EStepSettings
 TOPK_SIGNIFICANT = 256  # samples ranked per particle before falling back to a full sort
 
 
-def significant_mask(logits: torch.Tensor, fraction: float, maxsig: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per particle (rows of (n, S) logits): the smallest set holding ``fraction`` of the posterior mass.
+class SignificantSet(NamedTuple):
+    """The smallest set of each row's samples that holds a fraction of its posterior mass."""
 
-    Returns (mask (n, S), count (n,)). Sort + cumulative sum, as RELION's adaptive oversampling.
-    """
-    return significant_set(torch.softmax(logits, dim=1), fraction, maxsig)
+    mask: torch.Tensor  # (n, S) bool: the samples in the set (ties at the threshold included)
+    nsig: torch.Tensor  # (n,) the set's size as RELION counts it (rlnNrOfSignificantSamples)
+    total: int | None  # the mask's true entries, read from the device (None where not asked for)
 
 
-def significant_set(p: torch.Tensor, fraction: float, maxsig: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """significant_mask of rows that are already probabilities (n, S)."""
+def significant_mask(logits: torch.Tensor, fraction: float, maxsig: int, counted: bool = False) -> SignificantSet:
+    """Per particle (rows of (n, S) logits): the smallest set holding ``fraction`` of the posterior mass, by sort +
+    cumulative sum, as RELION's adaptive oversampling (significant_set of the softmax)."""
+    return significant_set(torch.softmax(logits, dim=1), fraction, maxsig, counted)
+
+
+def significant_set(p: torch.Tensor, fraction: float, maxsig: int, counted: bool = False) -> SignificantSet:
+    """significant_mask of rows that are already probabilities (n, S); with ``counted`` also the mask's total."""
     S = p.shape[1]
     # The mass is almost always in a few samples: rank the largest TOPK_SIGNIFICANT first (top-k, far cheaper than
     # sorting 10^5-10^6 samples per particle) and sort in full only the rows whose fraction lies beyond them: the
@@ -32,27 +39,40 @@ def significant_set(p: torch.Tensor, fraction: float, maxsig: int) -> tuple[torc
     if maxsig > 0:
         count = count.clamp(max=maxsig)
     thresh = sp.gather(1, (count.clamp(max=k) - 1)[:, None])
-    if k < S:  # else sorted in full already (the clamps below give such rows all S samples): no wait for the device
-        rows = (count > k).nonzero()[:, 0]  # the fraction lies beyond the top k (never with --maxsig <= k)
-        if len(rows):
+    mask, total = None, None
+    if k < S:  # else sorted in full already (the clamps below give such rows all S samples)
+        beyond = count > k  # the fraction lies beyond the top k (never with --maxsig <= k)
+        if counted:  # one wait for the device: the set's total, and whether any row needs its full sort
+            mask = p >= thresh
+            n_beyond, total = torch.stack([beyond.sum(), mask.sum()]).tolist()
+            rows = torch.nonzero_static(beyond, size=n_beyond)[:, 0] if n_beyond else None  # size known: no wait
+        else:  # one wait: the rows that do
+            rows = beyond.nonzero()[:, 0]
+        if rows is not None and len(rows):
             full = torch.sort(p[rows], dim=1, descending=True).values
             count[rows] = ((torch.cumsum(full, dim=1) < fraction).sum(1) + 1).clamp(max=S)
             thresh[rows] = full.gather(1, (count[rows] - 1)[:, None])
+            mask, total = None, None
     count = count.clamp(max=S)
-    mask = p >= thresh
-    return mask, count
+    if mask is None:
+        mask = p >= thresh
+    if counted and total is None:
+        total = int(mask.sum())
+    return SignificantSet(mask, count, total)
 
 
-def coarse_significant(logp: torch.Tensor, settings: EStepSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    """Significant coarse samples: mask (n, K, T, L) and count (n,); the best one only with --firstiter_cc."""
+def coarse_significant(logp: torch.Tensor, settings: EStepSettings) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Significant coarse samples: mask (n, K, T, L), count (n,) and the mask's total; the best one only with
+    --firstiter_cc."""
     n = logp.shape[0]
     flat = logp.reshape(n, -1)
     if settings.firstiter_cc:
         mask = torch.zeros_like(flat, dtype=torch.bool)
         mask[torch.arange(n, device=flat.device), flat.argmax(1)] = True
-        return mask.reshape(logp.shape), torch.ones(n, dtype=torch.long, device=flat.device)
-    mask, nsig = significant_mask(flat, settings.adaptive_fraction, settings.maxsig)
-    return mask.reshape(logp.shape), nsig
+        return mask.reshape(logp.shape), torch.ones(n, dtype=torch.long, device=flat.device), n
+    mask, nsig, total = significant_mask(flat, settings.adaptive_fraction, settings.maxsig, counted=True)
+    assert total is not None  # counted
+    return mask.reshape(logp.shape), nsig, total
 
 
 @dataclass
@@ -92,7 +112,7 @@ def negligible_dropped(gam: torch.Tensor, fraction: float) -> torch.Tensor:
     rotations), which was most of storeWeightedSums. The second condition bounds what a rounding-level change of a
     sample at the threshold can change (1e-5 of one particle), so tiling and rank count still give the same sums.
     """
-    keep, _ = significant_set(gam, fraction, 0)
+    keep = significant_set(gam, fraction, 0).mask
     return torch.where(
         keep | (gam >= NEGLIGIBLE_SAMPLE_WEIGHT), gam, torch.zeros((), dtype=gam.dtype, device=gam.device)
     )

@@ -401,7 +401,7 @@ def run_expectation(
     # early, and at a pass's end that left one rank two batches while the others had none (4 GPUs: ~0.1 s a pass)
     loaded_batches = read_ahead(load, order) if not cache.holds(rows) else ((b, load(b)) for b in order)
     # a batch's results are read (the host waits for the device) once the next batch's images are prepared
-    pending: tuple | None = None
+    pending: tuple[np.ndarray, float, BatchPoses, torch.Tensor | None] | None = None
     for b, loaded in loaded_batches:
         idx, frame = batches[b], frames[b]
         with timer("getFourierTransformsAndCTFs"):
