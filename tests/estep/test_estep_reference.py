@@ -300,9 +300,9 @@ def _angle_between_deg(e1: np.ndarray, e2: np.ndarray) -> np.ndarray:
     return torch.rad2deg(torch.acos(((tr - 1) / 2).clamp(-1, 1))).numpy()
 
 
-def _same_poses(prod, ref) -> np.ndarray:
+def _same_poses(prod, ref, grid) -> np.ndarray:
     """Per particle: same fine rotation (angle < 1e-3°) and same offset (1e-4 px)."""
-    ang = _angle_between_deg(np.asarray(prod.eulers_deg, dtype=np.float64), ref["eulers"])
+    ang = _angle_between_deg(grid.best_eulers_deg(prod.fine_pose.numpy()), ref["eulers"])
     doff = np.abs(prod.offsets_px.double().numpy() - ref["offsets"]).max(1)
     return (ang < 1e-3) & (doff < 1e-4)
 
@@ -310,7 +310,7 @@ def _same_poses(prod, ref) -> np.ndarray:
 def _compare(d, grid, local, label):
     prod, sums = _run_production(d, grid, local)
     ref = reference_estep(d, grid, local, with_sums=True)
-    same = _same_poses(prod, ref)
+    same = _same_poses(prod, ref, grid)
     dmp = np.abs(prod.max_prob.double().numpy() - ref["max_prob"])
     dll = np.abs(prod.loglik.double().numpy() - ref["loglik"])
     nsig_p = prod.n_significant.numpy()
@@ -361,7 +361,7 @@ def _compare(d, grid, local, label):
 
 def _negative_control(d, grid, local, prod, label):
     bad = reference_estep(d, grid, local, sign=-1.0)
-    same = _same_poses(prod, bad)
+    same = _same_poses(prod, bad, grid)
     print(f"[{label}] negative control (−offset): same pose {same.tolist()}")
     assert not same.all(), "moving the image by −offset in the reference did not change the best poses"
 

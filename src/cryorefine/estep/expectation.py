@@ -16,7 +16,6 @@ from collections.abc import Sequence
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ..projection.extract import PaddedTransform
@@ -147,13 +146,10 @@ class _TileResults:
         doff = ((offsets - self.best_off[rows][:, None, :]) ** 2).sum(-1)  # (m, T4)
         self.off_spread[rows] = torch.sqrt((g3.sum(2) * doff).sum(1))
 
-    def batch_poses(self, n_significant: torch.Tensor, poses: PoseGrid) -> BatchPoses:
-        n = len(self.best_coarse)
-        coarse, child = torch.stack([self.best_coarse, self.best_child]).cpu().numpy()  # one wait for both
-        eul = poses.fine_eulers_deg(coarse)[np.arange(n), child]
+    def batch_poses(self, n_significant: torch.Tensor) -> BatchPoses:
         return BatchPoses(
             self.best_class,
-            eul,
+            torch.stack([self.best_coarse, self.best_child], 1),
             self.best_off,
             self.max_prob,
             n_significant,
@@ -215,4 +211,4 @@ def _expectation_tile(
                 )
                 stage.add_flops("store", 8.0 * m * T4 * L8 * J)  # the four (m, 8L|T4, T4|8L) x (m, ., J) products
                 results.residual[rows] = store_weighted_sums(batch, window, chunk, slots, tile, settings, poses)
-    return results.batch_poses(nsig, poses), tile
+    return results.batch_poses(nsig), tile

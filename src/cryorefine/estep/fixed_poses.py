@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from ..projection.extract import PaddedTransform, extract_central_slices
@@ -69,7 +68,7 @@ def expectation_fixed_poses(
         _store(batch, window, t, offsets, proj, gamma, x_bar, residual, rot, sums, settings.angpix)
     return BatchPoses(
         class_index=best // T,
-        eulers_deg=np.full((n, 3), np.nan),  # the caller keeps the particles' own angles
+        fine_pose=None,  # the caller keeps the particles' own angles
         offsets_px=offsets[torch.arange(n, device=dev), best % T],
         max_prob=gamma.reshape(n, -1).max(1).values,
         n_significant=torch.ones(n, dtype=torch.int64, device=dev),

@@ -151,6 +151,11 @@ class PoseGrid:
         d, p = coarse_ids // s.n_psi, coarse_ids % s.n_psi
         return oversampled_eulers(s.order, s.ipix[d], s.psi_deg[p], random_perturbation=s.random_perturbation)
 
+    def best_eulers_deg(self, fine_pose: np.ndarray) -> np.ndarray:
+        """(n, 3) Euler angles (degrees) of fine samples given as (coarse rotation id, child) rows (n, 2)."""
+        coarse, child = np.asarray(fine_pose, dtype=np.int64).T
+        return self.fine_eulers_deg(coarse)[np.arange(len(coarse)), child]
+
     def fine_rotations(self, coarse_ids: torch.Tensor) -> torch.Tensor:
         """(m, 8, 3, 3) rotation matrices of the fine children of coarse ids (m,): the rotations of fine_eulers_deg,
         made on the grid's device in float64 from cached child directions (the host path took ~0.1 s per tile of a

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 
@@ -32,7 +31,9 @@ class BatchPoses:
     """Per-particle results: best pose and RELION's per-particle statistics."""
 
     class_index: torch.Tensor  # (n,)
-    eulers_deg: np.ndarray  # (n, 3)
+    # (n, 2) the best sample's coarse rotation id and fine child (PoseGrid.best_eulers_deg); None: the particles keep
+    # their angles (--skip_align, --skip_rotate). On the device: read with the other results, once per batch
+    fine_pose: torch.Tensor | None
     offsets_px: torch.Tensor  # (n, 2) new absolute origin offsets
     max_prob: torch.Tensor  # (n,)
     n_significant: torch.Tensor  # (n,)
@@ -49,6 +50,6 @@ class BatchPoses:
             values = [getattr(p, name) for p in parts]
             if values[0] is None:
                 return None
-            return np.concatenate(values) if isinstance(values[0], np.ndarray) else torch.cat(values)
+            return torch.cat(values)
 
         return cls(**{name: join(name) for name in cls.__dataclass_fields__})

@@ -336,6 +336,8 @@ def results_on_host(res: BatchPoses, residual_power: torch.Tensor | None) -> dic
     }
     if residual_power is not None:
         columns["residual_power"] = residual_power
+    if res.fine_pose is not None:
+        columns["coarse_rotation"], columns["fine_child"] = res.fine_pose.T
     host = torch.stack([c.double() for c in columns.values()]).cpu().numpy()
     return dict(zip(columns, host))
 
@@ -343,14 +345,18 @@ def results_on_host(res: BatchPoses, residual_power: torch.Tensor | None) -> dic
 def store_batch_results(
     poses_now: ParticlePoses,
     idx: np.ndarray,
-    angpix: float,
+    frame: OpticsFrame,
     res: BatchPoses,
     residual_power: torch.Tensor | None,
     progress=None,
 ) -> np.ndarray:
-    """A batch's results (offsets in ``angpix`` Å/px) into ``poses_now`` at rows ``idx``, read from the device at
-    once (results_on_host); ``progress(n)`` told; returns ``idx``."""
+    """A batch's results (offsets in the frame's Å/px, angles of its pose grid's samples) into ``poses_now`` at rows
+    ``idx``, read from the device at once (results_on_host); ``progress(n)`` told; returns ``idx``."""
     host = results_on_host(res, residual_power)
+    angpix = frame.angpix
+    if res.fine_pose is not None:  # else the particles keep their angles
+        eulers = frame.grid.best_eulers_deg(np.stack([host["coarse_rotation"], host["fine_child"]], 1))
+        poses_now.rot_deg[idx], poses_now.tilt_deg[idx], poses_now.psi_deg[idx] = eulers.T
     poses_now.origin_x_angst[idx] = host["offset_x_px"] * angpix
     poses_now.origin_y_angst[idx] = host["offset_y_px"] * angpix
     poses_now.class_number[idx] = host["class_index"].astype(np.int64) + 1
@@ -401,7 +407,7 @@ def run_expectation(
     # early, and at a pass's end that left one rank two batches while the others had none (4 GPUs: ~0.1 s a pass)
     loaded_batches = read_ahead(load, order) if not cache.holds(rows) else ((b, load(b)) for b in order)
     # a batch's results are read (the host waits for the device) once the next batch's images are prepared
-    pending: tuple[np.ndarray, float, BatchPoses, torch.Tensor | None] | None = None
+    pending: tuple[np.ndarray, OpticsFrame, BatchPoses, torch.Tensor | None] | None = None
     for b, loaded in loaded_batches:
         idx, frame = batches[b], frames[b]
         with timer("getFourierTransformsAndCTFs"):
@@ -447,13 +453,10 @@ def run_expectation(
                 batch, frame.window, frame.coarse_shell, job.refs, frame.grid, frame.settings, sums, local_prior, timer,
                 forced,
             )  # fmt: skip
-            poses_now.rot_deg[idx] = res.eulers_deg[:, 0]
-            poses_now.tilt_deg[idx] = res.eulers_deg[:, 1]
-            poses_now.psi_deg[idx] = res.eulers_deg[:, 2]
         residual = None
         if res.residual_power is not None and batch.power_outside is not None:
             residual = res.residual_power + batch.power_outside
-        pending = (idx, frame.angpix, res, residual)
+        pending = (idx, frame, res, residual)
     if pending is not None:
         done.append(store_batch_results(poses_now, *pending, run.progress))
     return np.concatenate(done) if done else np.zeros(0, dtype=np.int64)
