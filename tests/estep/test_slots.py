@@ -31,7 +31,8 @@ def test_fine_slots_match_a_loop(local):
     rng = np.random.default_rng(5)
     n, K, T, L, R = 9, 3, 4, 12, 12
     mask = rng.random((n, K, T, L)) < rng.uniform(0.01, 0.2, (n, 1, 1, 1))
-    mask[np.arange(n), rng.integers(0, K, n), rng.integers(0, T, n), rng.integers(0, L, n)] = True  # one at least
+    mask[:, 1] = False  # a class without significant samples: an empty run
+    mask[np.arange(n), rng.choice([0, 2], n), rng.integers(0, T, n), rng.integers(0, L, n)] = True  # one at least
     rot_prior = rng.standard_normal((n, K, L)).astype(np.float32)
     local_ids = np.stack([rng.permutation(40)[:L] for _ in range(n)]) if local else None
     R = 40 if local else R
@@ -42,6 +43,7 @@ def test_fine_slots_match_a_loop(local):
     union, rows = reference(mask, rot_prior, local_ids, R)
     assert list(zip(s.g_class.tolist(), s.g_coarse.tolist())) == union
     assert s.class_bounds == [sum(1 for k, _ in union if k < c) for c in range(K + 1)]
+    assert s.class_bounds[1] == s.class_bounds[2]
     assert s.counts.tolist() == [len(r) for r in rows]
     assert s.slot_g.shape[1] == max(len(r) for r in rows)
     for i, row in enumerate(rows):
