@@ -14,6 +14,7 @@ from ..io.mrc import read_map, write_maps
 from ..io.outputs import it_prefix, write_angdist_bild, write_model_star
 from ..io.particles import write_particles
 from ..io.table import ParticleTable
+from ..transfer import to_host
 from ..estep.memory import JOINED_BYTES_PER_VOXEL
 from ..mstep.maximize import join_at_low_resolution_, maximize_half_sets
 from ..mstep.noise import initial_sigma2, on_map_shells
@@ -351,7 +352,7 @@ class AutoRefineMode:
                 f"{ctx.root}_class001_angdist.bild", p.rot_deg, p.tilt_deg, radius, ctx.box // 2, cfg.angpix
             )
         volume = m.final_map if final else state.maps[0]
-        steps.submit_report(ctx, state, state.fsc.numpy(), volume.cpu().numpy(), force=final)
+        steps.submit_report(ctx, state, state.fsc.numpy(), to_host([volume])[0], force=final)
         # the final iteration's half maps are the unfiltered ones: the checkpoint keeps the maps themselves
         return None if final else halves
 

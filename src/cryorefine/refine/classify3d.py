@@ -18,6 +18,7 @@ import torch
 from ..debug_hooks import pause_point
 from ..errors import CryoInputError
 from ..io.mrc import write_maps
+from ..transfer import to_host
 from ..io.outputs import it_prefix, write_model_star
 from ..io.particles import write_particles
 from ..mstep.maximize import maximize_classes
@@ -264,7 +265,7 @@ class ClassifyMode:
         )
         write_particles(f"{pre}_data.star", ctx.table, **data_columns(ctx, state, random_subset=False))
         write_sampling(ctx, state, pre)
-        biggest = state.maps[int(torch.argmax(classes.prior))].cpu().numpy()
+        (biggest,) = to_host([state.maps[int(torch.argmax(classes.prior))]])
         steps.submit_report(ctx, state, np.zeros(n_sh), biggest, force=state.iteration >= cfg.max_iter)
         return files
 
