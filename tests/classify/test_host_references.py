@@ -64,12 +64,19 @@ def test_references_on_the_host_are_said_in_run_log_and_change_nothing(tmp_path,
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_references_on_the_host_give_the_maps_of_references_on_the_gpu(tmp_path, monkeypatch):
+    """The GPU's atomic additions make two runs of the same job differ slightly: the host run must stay as close to
+    a kept run as a second kept run does (or within 1e-5 of the map's peak where the GPU repeats itself)."""
     d = small_set(tmp_path / "data", BOX, ANGPIX, N, seed=8)
     _classify(d, tmp_path / "kept", gpu=True)
+    _classify(d, tmp_path / "again", gpu=True)
     kinds = _forced(monkeypatch)
     _classify(d, tmp_path / "host", gpu=True)
     assert kinds.count("HostReferences") == 2, kinds  # one per E-step (the accuracy estimates make lists)
     for k in range(1, K + 1):
         name = f"run_it002_class{k:03d}.mrc"
-        a, b = read_map(tmp_path / "kept" / name)[0], read_map(tmp_path / "host" / name)[0]
-        assert np.allclose(a, b, rtol=0, atol=1e-5 * float(np.abs(a).max())), name
+        a, again, b = (read_map(tmp_path / run / name)[0] for run in ("kept", "again", "host"))
+        peak = float(np.abs(a).max())
+        scatter = float(np.abs(a - again).max())
+        assert scatter < 0.05 * peak, (name, scatter, peak)  # the same job: no particle changed its class
+        diff = float(np.abs(a - b).max())
+        assert diff <= max(2 * scatter, 1e-5 * peak), (name, diff, scatter, peak)

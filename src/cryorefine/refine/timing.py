@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import torch
 
 from ..debug_hooks import profile_request
+from .device_idle import NamedRange, idle_report
 
 
 class StageTimer:
@@ -76,7 +77,8 @@ class StageTimer:
         """Add the wall time of the block to the host-only steps (``reset_host``), on every device."""
         t0 = time.perf_counter()
         try:
-            yield
+            with torch.profiler.record_function(name):
+                yield
         finally:
             self._host_seconds[name] += time.perf_counter() - t0
 
@@ -153,6 +155,7 @@ def profiled(iteration: int, final: bool = False):
     ka = prof.key_averages(group_by_input_shape=False)
     lines = [f"# iteration {iteration}"]
     if torch.cuda.is_available():
+        lines.append(_device_idle(prof))
         lines.append(ka.table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=60))
     lines.append(ka.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
     lines.append(
@@ -165,3 +168,19 @@ def profiled(iteration: int, final: bool = False):
     )
     with open(path, "a") as fh:
         fh.write("\n".join(lines) + "\n")
+
+
+def _device_idle(prof) -> str:
+    """device_idle's report of a torch.profiler run: its CUDA kernels, copies and sets against the named ranges."""
+    from torch.autograd import DeviceType
+
+    events = prof.profiler.kineto_results.events()
+    on_device = [e for e in events if e.device_type() == DeviceType.CUDA and not e.is_user_annotation()]
+    ranges = [
+        NamedRange(e.name(), e.start_ns() / 1e3, e.end_ns() / 1e3)
+        for e in events
+        if e.device_type() == DeviceType.CPU and e.is_user_annotation()
+    ]
+    start = min(e.start_ns() for e in events) / 1e3
+    end = max(e.end_ns() for e in events) / 1e3
+    return idle_report([(e.start_ns() / 1e3, e.end_ns() / 1e3) for e in on_device], ranges, start, end)
