@@ -66,14 +66,17 @@ STAGES = [
 STAGE_LABEL = {"convertAllDiff2ToWeights": "convertAllSquaredDifferencesToWeights"}
 ESTEP_PER_PARTICLE = ["getAllSquaredDifferences", "convertAllDiff2ToWeights", "storeWeightedSums"]
 
-# Peak dense rates (TFLOP/s) from NVIDIA's data sheets: FP32 on the CUDA cores, TF32 on the tensor cores (no sparsity).
-PEAKS = [  # (substring of torch.cuda.get_device_name, label, fp32, tf32)
-    ("H100 PCIe", "H100 PCIe", 51.2, 378.0),
-    ("H100 NVL", "H100 NVL", 60.0, 417.5),
-    ("H100", "H100 SXM5", 66.9, 494.7),
-    ("H200", "H200 SXM", 66.9, 494.7),
-    ("A100", "A100", 19.5, 156.0),
+# Peak dense rates (TFLOP/s) from NVIDIA's data sheets: FP32 on the CUDA cores, TF32 on the tensor cores (no sparsity),
+# and the memory bandwidth (TB/s).
+PEAKS = [  # (substring of torch.cuda.get_device_name, label, fp32, tf32, hbm)
+    ("H100 PCIe", "H100 PCIe", 51.2, 378.0, 2.0),
+    ("H100 NVL", "H100 NVL", 60.0, 417.5, 3.9),
+    ("H100", "H100 SXM5", 66.9, 494.7, 3.35),
+    ("H200", "H200 SXM", 66.9, 494.7, 4.8),
+    ("A100", "A100", 19.5, 156.0, 2.0),
 ]
+# the stage whose memory traffic each counter of bytes (timer.add_bytes) counts
+STAGE_BYTES = {"getFourierTransformsAndCTFs": "images", "convertAllDiff2ToWeights": "weights"}
 
 
 def refine_flags(diameter, ini_high=40, **over):
@@ -288,9 +291,9 @@ def gemm_flops(key: str) -> float:
 
 
 def peak_for(name: str):
-    for sub, label, fp32, tf32 in PEAKS:
+    for sub, label, fp32, tf32, hbm in PEAKS:
         if sub in name:
-            return {"card": label, "fp32_tflops": fp32, "tf32_tflops": tf32}
+            return {"card": label, "fp32_tflops": fp32, "tf32_tflops": tf32, "hbm_tbps": hbm}
     return None
 
 
@@ -820,6 +823,7 @@ def build_report(s: BenchSet, p: Paths) -> dict:
             "coarse_tflops": (c["flops"] / c["seconds"] / 1e12) if c.get("seconds") else None,
             "fine_flops": (h.get("counters") or {}).get("fine", {}).get("flops"),
             "store_flops": (h.get("counters") or {}).get("store", {}).get("flops"),
+            "stage_bytes": {k: (h.get("counters") or {}).get(c, {}).get("bytes") for k, c in STAGE_BYTES.items()},
         }
         if s.job == "refine":
             g = gold_fsc(p, h["iteration"], dev)
@@ -838,6 +842,7 @@ def build_report(s: BenchSet, p: Paths) -> dict:
         "getAllSquaredDifferences": sum((r["coarse_flops"] or 0) + (r["fine_flops"] or 0) for r in its),
         "storeWeightedSums": sum(r["store_flops"] or 0 for r in its),
     }
+    stage_bytes = {k: sum((r.get("stage_bytes") or {}).get(k) or 0 for r in its) for k in STAGE_BYTES}
     cflops = sum(r["coarse_flops"] or 0 for r in its)
     cs = sum(r["coarse_s"] or 0 for r in its)
     gpu_name = next((c["device"] for c in reversed(calls) if c.get("device")), device_name())
@@ -878,6 +883,7 @@ def build_report(s: BenchSet, p: Paths) -> dict:
             "calls_wall_s": sum(c["wall_s"] for c in calls),
             "stages_s": stage_tot,
             "stage_flops": stage_flops,
+            "stage_bytes": stage_bytes,
             "particle_iterations_per_s": (n * len(its) / total_it) if total_it else None,
         },
         "coarse": coarse,
@@ -1049,20 +1055,24 @@ def render_md(r: dict) -> str:
     ssum = sum(st.values()) or 1.0
     c = r["coarse"]
     pk = c.get("card_peak") or {}
-    head = "| stage | s | share | counted TFLOP | TFLOP/s | of FP32 peak |"
-    L += ["", "## Where the time goes (all iterations)", "", head, "|---|---|---|---|---|---|"]
+    head = "| stage | s | share | counted TFLOP | TFLOP/s | of FP32 peak | counted GB | GB/s | of HBM peak |"
+    L += ["", "## Where the time goes (all iterations)", "", head, "|---|---|---|---|---|---|---|---|---|"]
     for k in STAGES:
         flops = (tot.get("stage_flops") or {}).get(k)
         rate = flops / st[k] / 1e12 if flops and st[k] > 0 else None
         peak = f"{100 * rate / pk['fp32_tflops']:.1f} %" if rate and pk else "—"
         counted = f"{flops / 1e12:.2f} | {fmt(rate, 2)} | {peak}" if flops else "— | — | —"
-        L.append(f"| {STAGE_LABEL.get(k, k)} | {fmt(st[k])} | {100 * st[k] / ssum:.0f} % | {counted} |")
+        nbytes = (tot.get("stage_bytes") or {}).get(k)
+        gbps = nbytes / st[k] / 1e9 if nbytes and st[k] > 0 else None
+        of_hbm = f"{100 * gbps / 1e3 / pk['hbm_tbps']:.1f} %" if gbps and pk.get("hbm_tbps") else "—"
+        moved = f"{nbytes / 1e9:.1f} | {fmt(gbps, 1)} | {of_hbm}" if nbytes else "— | — | —"
+        L.append(f"| {STAGE_LABEL.get(k, k)} | {fmt(st[k])} | {100 * st[k] / ssum:.0f} % | {counted} | {moved} |")
     host = {}
     for x in r["iterations"]:
         for k, v in (x.get("host_s") or {}).items():
             host[k] = host.get(k, 0.0) + v
     for k, v in host.items():  # host-only steps between the stages (the GPU has nothing queued): timing.host
-        L.append(f"| {k} (host only) | {fmt(v)} | | | | |")
+        L.append(f"| {k} (host only) | {fmt(v)} | | | | | | | |")
     # the E-step's wall time not in its stages' device spans: the device idle between and around its stages
     gaps = [
         x["estep_wall_s"] - sum((x.get("host_s") or {}).values()) - sum(x["stages_s"][k] for k in STAGES[:-1])
@@ -1070,13 +1080,16 @@ def render_md(r: dict) -> str:
         if x.get("estep_wall_s") is not None and x.get("host_s")
     ]
     if gaps:
-        L.append(f"| E-step outside its stages (on a GPU: the device idle) | {fmt(sum(gaps))} | | | | |")
+        L.append(f"| E-step outside its stages (on a GPU: the device idle) | {fmt(sum(gaps))} | | | | | | | |")
     rest = tot["iterations_wall_s"] - ssum - sum(host.values()) - sum(gaps)
-    L.append(f"| other ({'the rest: ' if host else ''}writing files, bookkeeping) | {fmt(rest)} | | | | |")
+    L.append(f"| other ({'the rest: ' if host else ''}writing files, bookkeeping) | {fmt(rest)} | | | | | | | |")
     L.append(
         "\nCounted: the matrix products of the coarse and fine passes (getAllSquaredDifferences) and of the weighted "
         "sums (storeWeightedSums), 2·M·N·K each, over the stage's whole time (interpolation, masking and sorting "
-        "included): a lower bound on the products' rate. The other stages do no counted products."
+        "included): a lower bound on the products' rate. Counted bytes: the device memory a memory-bound stage must "
+        "touch at least once (getFourierTransformsAndCTFs: the images read and the transforms, CTFs and 1/σ² written; "
+        "convertAllSquaredDifferencesToWeights: the coarse scores read, the fine scores read and their weights "
+        "written), over the stage's time: a lower bound on its bandwidth."
     )
     L += [
         "",

@@ -102,6 +102,11 @@ def test_tiny_run_stop_continue_and_results(tmp_path):
     flops = r["total"]["stage_flops"]
     assert flops["getAllSquaredDifferences"] == sum(it["coarse_flops"] + it["fine_flops"] for it in r["iterations"])
     assert flops["storeWeightedSums"] == sum(it["store_flops"] for it in r["iterations"])
+    # bytes: each iteration reads the 40 images of 32² float32 once and writes at most a half-plane of 32 x 17 pixels
+    # of two transforms (complex64), the CTF and 1/σ² (float32) per particle
+    moved = r["total"]["stage_bytes"]
+    assert 2 * 40 * 32 * 32 * 4 < moved["getFourierTransformsAndCTFs"] <= 2 * 40 * (32 * 32 * 4 + 32 * 17 * 24)
+    assert moved["convertAllDiff2ToWeights"] > 0
     assert (
         r["final_gold"]["fsc0143_angst"] > 0
         and r["fsc_to_truth"]["fsc05_angst"] > 0
@@ -116,7 +121,7 @@ def test_tiny_run_stop_continue_and_results(tmp_path):
         "## Per iteration",
         "convertAllSquaredDifferencesToWeights",
         "## Coarse pass",
-        "| stage | s | share | counted TFLOP | TFLOP/s | of FP32 peak |",
+        "| stage | s | share | counted TFLOP | TFLOP/s | of FP32 peak | counted GB | GB/s | of HBM peak |",
         "| plan (host only) |",
         "| E-step outside its stages (on a GPU: the device idle) |",
         "## CPU path",

@@ -178,6 +178,7 @@ def _expectation_tile(
             logp, rot_prior = coarse_log_posterior(batch, window, jc, refs, poses, settings, local_prior, forced_class)
         stage.add_flops("coarse", *coarse_gemm_flops(n, len(refs), T, logp.shape[-1], jc, local_prior is not None))
     with stage("convertAllDiff2ToWeights"):
+        stage.add_bytes("weights", logp.nbytes)  # the coarse scores, read at least once
         mask, nsig, total = coarse_significant(logp, settings)
         del logp  # the coarse samples are not needed beyond their significance: free them for the fine pass
         slots = fine_slots(mask, total, rot_prior, local_prior, poses.n_rotations)
@@ -201,6 +202,7 @@ def _expectation_tile(
             lg, rows8, pg, p2 = fine_log_posterior(moved, fine, slots, rows, n_slots, proj, cc)
             stage.add_flops("fine", 2.0 * m * T4 * 2 * fine.scored * L8 + 2.0 * m * L8 * fine.scored)
         with stage("convertAllDiff2ToWeights"):
+            stage.add_bytes("weights", 2 * lg.nbytes)  # the fine scores read, the weights written
             fw = convert_fine_to_weights(lg.reshape(m, -1), cc)
             results.record(rows, fw, fine, slots, rows8, rotations, L8)
         if tile is not None:

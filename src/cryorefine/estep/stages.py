@@ -7,13 +7,15 @@ from typing import Protocol
 
 
 class Stages(Protocol):
-    """Times the paper's stages by name, their sub-stages, and counts floating-point operations."""
+    """Times the paper's stages by name, their sub-stages, and counts floating-point operations and memory traffic."""
 
     def __call__(self, name: str) -> AbstractContextManager: ...
 
     def substage(self, name: str) -> AbstractContextManager: ...
 
     def add_flops(self, name: str, flops: float, shapes=()) -> None: ...
+
+    def add_bytes(self, name: str, nbytes: float) -> None: ...
 
 
 class NoStages:
@@ -26,6 +28,9 @@ class NoStages:
         return nullcontext()
 
     def add_flops(self, name: str, flops: float, shapes=()) -> None:
+        return None
+
+    def add_bytes(self, name: str, nbytes: float) -> None:
         return None
 
 

@@ -436,6 +436,9 @@ def run_expectation(
                 job.scale.of_particle[idx],
                 offset_priors_angst(table, idx),
             )
+            # at least: the images read, the transforms, CTFs and 1/σ² the E-step takes written
+            outputs = (batch.f_masked, batch.f_unmasked, batch.ctf, batch.inv_sigma2)
+            timer.add_bytes("images", images.nbytes + sum(t.nbytes for t in outputs))
             local_prior = None
             if job.local:
                 # centred on the STAR's angle priors where it has them (RELION), else on the current angles

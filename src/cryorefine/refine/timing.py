@@ -2,10 +2,11 @@
 
 Besides the stages (``seconds``, the same keys every iteration), a timer keeps the wall time of host-only steps between
 the stages (``host(name)``: planning, waiting for the last iteration's files; the GPU has nothing queued then), and
-two counters for the benchmarks,
+counters for the benchmarks,
 reset by ``reset_counters()``: ``substage(name)`` times a part of a stage without adding to ``seconds`` (the coarse
-pass of getAllSquaredDifferences), and ``add_flops(name, flops, shapes)`` counts the floating-point operations of
-matrix products with the shapes they ran at (to time cuBLAS on the same shapes).
+pass of getAllSquaredDifferences), ``add_flops(name, flops, shapes)`` counts the floating-point operations of
+matrix products with the shapes they ran at (to time cuBLAS on the same shapes), and ``add_bytes(name, nbytes)`` the
+device memory a memory-bound stage must read or write at least once (its achieved GB/s against the card's).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class StageTimer:
         self._events: list[tuple[dict, str, torch.cuda.Event, torch.cuda.Event]] = []
         self.flops = defaultdict(float)
         self.shapes = defaultdict(Counter)
+        self.bytes = defaultdict(float)
 
     def _resolve(self) -> None:
         """Add the spans of the recorded CUDA events (waits for the last one)."""
@@ -98,22 +100,32 @@ class StageTimer:
         for key, count in shapes:
             self.shapes[name][key] += int(count)
 
+    def add_bytes(self, name: str, nbytes: float) -> None:
+        """Count ``nbytes`` of device memory traffic under ``name``."""
+        self.bytes[name] += float(nbytes)
+
     def reset(self) -> dict:
         out = dict(self.seconds)
         self._seconds.clear()
         return out
 
     def reset_counters(self) -> dict:
-        """{name: {'seconds', 'flops', 'shapes': {key: calls}}} since the last call, then cleared."""
+        """{name: {'seconds', 'flops', 'shapes': {key: calls}, 'bytes'}} since the last call, then cleared."""
         sub = self.sub_seconds
-        names = set(sub) | set(self.flops)
+        names = set(sub) | set(self.flops) | set(self.bytes)
         out = {
-            n: {"seconds": sub.get(n, 0.0), "flops": self.flops.get(n, 0.0), "shapes": dict(self.shapes.get(n, {}))}
+            n: {
+                "seconds": sub.get(n, 0.0),
+                "flops": self.flops.get(n, 0.0),
+                "shapes": dict(self.shapes.get(n, {})),
+                "bytes": self.bytes.get(n, 0.0),
+            }
             for n in sorted(names)
         }
         sub.clear()
         self.flops.clear()
         self.shapes.clear()
+        self.bytes.clear()
         return out
 
 
