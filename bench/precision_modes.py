@@ -8,7 +8,7 @@ images, 4608 coarse rotations (HEALPix order 2) × the translations of --offset_
 of box/4 shells (late global iterations). Per mode:
 - gemm_ms: the two coarse products (cross term [n·T, 2jc] × [2jc, R] and |P|² term [n, jc] × [jc, R]) alone, median
   of --repeats after warm-up (CUDA events), and the TFLOP/s this makes;
-- coarse_pass_ms: the whole coarse pass (get_all_squared_differences_coarse: shifts, slice extraction, products);
+- coarse_pass_ms: the whole coarse pass (diff2.coarse_scores: shifts, slice extraction, products);
 - the error of diff2 against float64 (the same expansion with float64 slices and float64 products, ~1e-12 off the
   exact value): max and median |Δdiff2| on the significant samples of the float64 posterior (fraction 0.999, with
   the translation prior), and the fraction of particles with the same best coarse sample (rotation).
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from cryorefine.density import atoms_to_map, packaged_model, read_atoms
-from cryorefine.estep.diff2 import as_real, get_all_squared_differences_coarse, translated, translation_log_prior
+from cryorefine.estep.diff2 import as_real, coarse_scores, translated, translation_log_prior
 from cryorefine.estep.settings import EStepSettings
 from cryorefine.estep.weights import significant_mask
 from cryorefine.estep.images import Window, prepare_batch
@@ -157,12 +157,12 @@ def run_box(box: int, args) -> dict:
         "modes": {},
     }
     for mode in PRECISIONS:
-        d2 = get_all_squared_differences_coarse(b, c["window"], jc, [c["ref32"]], grid, precision=mode)[:, 0].double()
+        d2 = -coarse_scores(b, c["window"], jc, [c["ref32"]], grid, precision=mode)[:, 0].double()
         err = (d2 - ref).abs()[mask]
         best = (prior - d2).reshape(n, -1).argmax(1)
         gemm = cuda_ms(lambda: (matmul_nt(a, p_real, mode), matmul_nt(bb, p2, mode)), args.repeats)
         whole = cuda_ms(
-            lambda: get_all_squared_differences_coarse(b, c["window"], jc, [c["ref32"]], grid, precision=mode),
+            lambda: coarse_scores(b, c["window"], jc, [c["ref32"]], grid, precision=mode),
             args.repeats,
         )
         out["modes"][mode] = {

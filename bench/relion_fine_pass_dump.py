@@ -61,7 +61,7 @@ def ours(out: str, argv: list[str]) -> None:
     fine_projections, fine_log_posterior, fine_scores, fine_pass_inputs = (
         expectation.fine_projections,
         expectation.fine_log_posterior,
-        diff2.get_all_squared_differences_fine,
+        diff2.fine_scores,
         expectation.fine_pass_inputs,
     )
 
@@ -87,13 +87,13 @@ def ours(out: str, argv: list[str]) -> None:
                 seen[int(p)] = dict(
                     rot=rot[rows8[i].cpu().numpy()[col]],
                     off=fine.offsets_px[rows[i]].cpu().numpy()[t],
-                    score=cap["scores"][i].cpu().numpy()[t, col],
+                    score=-cap["scores"][i].cpu().numpy()[t, col],  # diff2 less its constant
                 )
         return out_
 
     expectation.fine_projections, expectation.fine_log_posterior = projections, posterior
     expectation.fine_pass_inputs = inputs
-    diff2.get_all_squared_differences_fine = scores
+    diff2.fine_scores = scores
     try:
         main(argv)
     finally:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cryorefine.estep.diff2 import coarse_gemm_flops, get_all_squared_differences_coarse
+from cryorefine.estep.diff2 import coarse_gemm_flops, coarse_scores
 from cryorefine.estep.expectation import expectation_batch
 from cryorefine.estep.settings import EStepSettings
 from cryorefine.estep.images import Window, prepare_batch
@@ -66,7 +66,7 @@ def test_coarse_flops_match_pytorch_count(setup, local):
     # local: the gathered PyTorch products, which tf32 takes on the CPU too (fp32's compiled loop is not counted)
     precision = "tf32" if local else "fp32"
     torch_flops, d2 = _counted(
-        lambda: get_all_squared_differences_coarse(batch, window, jc, refs, grid, loc, precision=precision)
+        lambda: coarse_scores(batch, window, jc, refs, grid, loc, precision=precision)
     )
     n, K, T, L = d2.shape
     ours, shapes = coarse_gemm_flops(n, K, T, L, jc, local)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cryorefine.estep.diff2 import get_all_squared_differences_coarse, translation_log_prior
+from cryorefine.estep.diff2 import coarse_scores, translation_log_prior
 from cryorefine.estep.settings import EStepSettings
 from cryorefine.estep.weights import significant_mask
 from cryorefine.estep.images import Window
@@ -94,11 +94,7 @@ def coarse_errors(d, precision: str, device=None, local=None):
         )
     win = Window(*(move(getattr(d["window"], k)) for k in ("flat_index", "ky", "kx", "shell")), BOX)
     ref = type(d["ref32"])(move(d["ref32"].f_padded), BOX, 2)
-    d2 = (
-        get_all_squared_differences_coarse(batch, win, d["jc"], [ref], grid, local, precision=precision)[:, 0]
-        .cpu()
-        .double()
-    )
+    d2 = -coarse_scores(batch, win, d["jc"], [ref], grid, local, precision=precision)[:, 0].cpu().double()
     d2 = d2 + d["const"][:, None, None]
     err = (d2 - d["diff2"]).abs()
     return float(err[d["significant"]].max()), _best_rotation(d2, d["prior"])
@@ -134,8 +130,8 @@ def test_fp16_local_search_products_equal_global(case):
     ids = torch.arange(R).repeat(N, 1)
     local = (ids, torch.zeros(N, R), torch.ones(N, R, dtype=torch.bool))
     b, win, grid, jc, ref = case["batch"], case["window"], case["grid"], case["jc"], case["ref32"]
-    glob = get_all_squared_differences_coarse(b, win, jc, [ref], grid, None, precision="fp16")
-    loc = get_all_squared_differences_coarse(b, win, jc, [ref], grid, local, precision="fp16")
+    glob = coarse_scores(b, win, jc, [ref], grid, None, precision="fp16")
+    loc = coarse_scores(b, win, jc, [ref], grid, local, precision="fp16")
     assert (glob - loc).abs().max() < 1e-3
 
 

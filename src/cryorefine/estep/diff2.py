@@ -61,14 +61,16 @@ def score_operands(
     return real(x_moved * (w * sc)[:, None, :]), w * sc * sc
 
 
-def scores_from_products(cross: torch.Tensor, third: torch.Tensor, cc: bool) -> torch.Tensor:
-    """diff2 less its constant, third − 2·cross, or −CC = −cross / √third with ``cc``; cross (n, T, R), third (n, R)."""
+def scores_from_products_(cross: torch.Tensor, third: torch.Tensor, cc: bool) -> torch.Tensor:
+    """The score −diff2 less its constant, 2·cross − third, or the CC = cross / √third with ``cc``, written over
+    ``cross`` (n, T, R) and returned; third (n, R). In place: the coarse array is the E-step's largest (each pass
+    over it costs as much as a small product on the CPU), so no copy of it is made."""
     if cc:
-        return -cross / torch.sqrt(third.clamp(min=1e-30))[:, None, :]
-    return third[:, None, :] - 2.0 * cross
+        return cross.div_(torch.sqrt(third.clamp(min=1e-30))[:, None, :])
+    return cross.mul_(2.0).sub_(third[:, None, :])
 
 
-def get_all_squared_differences_coarse(
+def coarse_scores(
     batch: ImageBatch,
     window: Window,
     jc: int,
@@ -78,11 +80,11 @@ def get_all_squared_differences_coarse(
     cc=False,
     precision: str = "fp32",
 ):
-    """Coarse pass: diff2 without the per-particle constant, (n, K, T, L).
+    """Coarse pass: the scores −diff2 without the per-particle constant, (n, K, T, L).
 
     ``local`` = (ids (n, L), log_prior, valid) for per-particle rotation sets; else all R coarse rotations.
-    With ``cc`` the score is −CC (RELION's --firstiter_cc cross-correlation, score_weights).
-    ``precision``: of the two matrix products (precision.py); diff2 is assembled from them in float32.
+    With ``cc`` the score is the CC (RELION's --firstiter_cc cross-correlation, score_weights).
+    ``precision``: of the two matrix products (precision.py); the scores are assembled from them in float32.
     """
     ky, kx = window.map_ky[:jc], window.map_kx[:jc]  # where the projections sample the references
     w = score_weights(batch, window, cc)[:, :jc]
@@ -90,7 +92,7 @@ def get_all_squared_differences_coarse(
     xt = translated(batch.f_masked[:, :jc], window, batch.old_offset_px, poses.translations_px)  # (n, T, jc)
     a, b = score_operands(xt, w, sc)  # (n, T, 2jc), (n, jc)
     n, T = a.shape[:2]
-    out = []
+    out = None
     for k, ref in enumerate(refs):
         if local is None:
             p = poses.coarse_projections(ref, k, ky, kx)  # (R, 2, jc)
@@ -100,11 +102,16 @@ def get_all_squared_differences_coarse(
             uniq, inv = torch.unique(local[0], return_inverse=True)  # (U,), (n, L) rows of the distinct rotations
             scores = fused_local.local_scores if fused_local.available(a, precision) else local_scores_gathered
             cross, third = scores(ref, poses.rotations(uniq), inv, ky, kx, a, b, precision=precision)
-        out.append(scores_from_products(cross, third, cc))
-    return torch.stack(out, 1)
+        scores = scores_from_products_(cross, third, cc)
+        if len(refs) == 1:
+            return scores[:, None]
+        if out is None:
+            out = scores.new_empty(n, len(refs), *scores.shape[1:])
+        out[:, k] = scores
+    return out
 
 
-def get_all_squared_differences_fine(
+def fine_scores(
     x_moved: torch.Tensor,
     w: torch.Tensor,
     sc: torch.Tensor,
@@ -112,7 +119,8 @@ def get_all_squared_differences_fine(
     proj_power: torch.Tensor,
     cc: bool,
 ) -> torch.Tensor:
-    """Fine pass of m particles against their own slots: diff2 without the constant (or −CC), (m, T4, 8L).
+    """Fine pass of m particles against their own slots: the scores −diff2 without the constant (or the CC),
+    (m, T4, 8L).
 
     x_moved (m, T4, js) the masked images at the fine translations, w and sc (m, js) score weights and scaled CTF,
     proj (m, 8L, J) and proj_power |proj|² (m, 8L, J) the slots' projections (only their first js pixels are scored).
@@ -122,7 +130,7 @@ def get_all_squared_differences_fine(
     a, b = score_operands(x_moved, w, sc, interleaved)  # (m, T4, 2js), (m, js)
     cross = torch.bmm(a, interleaved(proj[..., :js]).transpose(1, 2))  # (m, T4, 8L)
     third = torch.einsum("mj,mrj->mr", b, proj_power[..., :js])  # (m, 8L)
-    return scores_from_products(cross, third, cc)
+    return scores_from_products_(cross, third, cc)
 
 
 def local_scores_gathered(transform, rotations, idx, ky, kx, a, b, precision="fp32"):
@@ -178,9 +186,7 @@ def coarse_log_posterior(batch, window, jc, refs, poses, settings, local_prior, 
     dev = batch.f_masked.device
     n, K = len(batch), len(refs)
     cc = settings.firstiter_cc
-    logp = -get_all_squared_differences_coarse(
-        batch, window, jc, refs, poses, local_prior, cc=cc, precision=settings.precision
-    )
+    logp = coarse_scores(batch, window, jc, refs, poses, local_prior, cc=cc, precision=settings.precision)
     L = logp.shape[-1]
     rot_prior = torch.zeros(n, K, L, device=dev)  # log prior of each coarse rotation slot
     if not cc:
@@ -195,12 +201,14 @@ def coarse_log_posterior(batch, window, jc, refs, poses, settings, local_prior, 
         trans_prior = translation_log_prior(
             batch.old_offset_px[:, None, :] + poses.translations_px[None], settings, batch.offset_prior_px
         )  # (n, T)
-        logp = logp + trans_prior[:, None, :, None] + rot_prior[:, :, None, :]
+        logp.add_(trans_prior[:, None, :, None])  # in place, as the scores (scores_from_products_)
+        if local_prior is not None or settings.direction_log_prior is not None:  # else zero
+            logp.add_(rot_prior[:, :, None, :])
     elif local_prior is not None:
-        logp = torch.where(local_prior[2][:, None, None, :], logp, torch.full_like(logp, -torch.inf))
+        logp.masked_fill_(~local_prior[2][:, None, None, :], -torch.inf)
     if forced_class is not None:
         held = torch.arange(K, device=dev)[None, :] == forced_class.to(dev)[:, None]  # (n, K)
-        logp = torch.where(held[:, :, None, None], logp, torch.full_like(logp, -torch.inf))
+        logp.masked_fill_(~held[:, :, None, None], -torch.inf)
     return logp, rot_prior
 
 
@@ -267,8 +275,7 @@ def fine_log_posterior(
     pg = proj[rows8]
     p2 = pg.real**2 + pg.imag**2
     js = fine.scored
-    scores = get_all_squared_differences_fine(moved[..., :js], fine.w[rows, :js], fine.sc[rows, :js], pg, p2, cc)
-    lg = -scores
+    lg = fine_scores(moved[..., :js], fine.w[rows, :js], fine.sc[rows, :js], pg, p2, cc)
     if not cc:
         rot_prior = slots.slot_prior[rows, :n_slots].repeat_interleave(N_ROT_CHILDREN, 1)
         lg = lg + fine.offset_log_prior[rows][:, :, None] + rot_prior[:, None, :]
