@@ -65,9 +65,7 @@ def test_coarse_flops_match_pytorch_count(setup, local):
     loc = grid.local_candidates(table.rot_deg, table.tilt_deg, table.psi_deg, 20.0) if local else None
     # local: the gathered PyTorch products, which tf32 takes on the CPU too (fp32's compiled loop is not counted)
     precision = "tf32" if local else "fp32"
-    torch_flops, d2 = _counted(
-        lambda: coarse_scores(batch, window, jc, refs, grid, loc, precision=precision)
-    )
+    torch_flops, d2 = _counted(lambda: coarse_scores(batch, window, jc, refs, grid, loc, precision=precision))
     n, K, T, L = d2.shape
     ours, shapes = coarse_gemm_flops(n, K, T, L, jc, local)
     assert ours > 0 and len(shapes) == 2

@@ -102,12 +102,12 @@ def coarse_scores(
             uniq, inv = torch.unique(local[0], return_inverse=True)  # (U,), (n, L) rows of the distinct rotations
             scores = fused_local.local_scores if fused_local.available(a, precision) else local_scores_gathered
             cross, third = scores(ref, poses.rotations(uniq), inv, ky, kx, a, b, precision=precision)
-        scores = scores_from_products_(cross, third, cc)
+        class_scores = scores_from_products_(cross, third, cc)
         if len(refs) == 1:
-            return scores[:, None]
+            return class_scores[:, None]
         if out is None:
-            out = scores.new_empty(n, len(refs), *scores.shape[1:])
-        out[:, k] = scores
+            out = class_scores.new_empty(n, len(refs), *class_scores.shape[1:])
+        out[:, k] = class_scores
     return out
 
 
