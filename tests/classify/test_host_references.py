@@ -18,8 +18,8 @@ BOX, ANGPIX, N, K = 32, 6.0, 60, 3
 NOTE = "the 3 references in host memory (the test's)"
 
 
-def _classify(d, out, gpu=False):
-    argv = ["classify", *small_run_flags(d, out), "--K", str(K), "--iter", "2", "--random_seed", "4"]
+def _classify(d, out, gpu=False, iterations=2):
+    argv = ["classify", *small_run_flags(d, out), "--K", str(K), "--iter", str(iterations), "--random_seed", "4"]
     assert main(argv + (["--gpu"] if gpu else [])) == 0
 
 
@@ -64,19 +64,16 @@ def test_references_on_the_host_are_said_in_run_log_and_change_nothing(tmp_path,
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_references_on_the_host_give_the_maps_of_references_on_the_gpu(tmp_path, monkeypatch):
-    """The GPU's atomic additions make two runs of the same job differ slightly: the host run must stay as close to
-    a kept run as a second kept run does (or within 1e-5 of the map's peak where the GPU repeats itself)."""
+    """One iteration: its E-step scores the same references either way, so only the back-projection's atomic
+    additions (their order) tell the maps apart. Not two: on an H100 two runs of this job with the references on
+    the GPU already differed by 6 % of the map's peak after iteration 2 (particles near a tie took other poses)."""
     d = small_set(tmp_path / "data", BOX, ANGPIX, N, seed=8)
-    _classify(d, tmp_path / "kept", gpu=True)
-    _classify(d, tmp_path / "again", gpu=True)
+    _classify(d, tmp_path / "kept", gpu=True, iterations=1)
     kinds = _forced(monkeypatch)
-    _classify(d, tmp_path / "host", gpu=True)
-    assert kinds.count("HostReferences") == 2, kinds  # one per E-step (the accuracy estimates make lists)
+    _classify(d, tmp_path / "host", gpu=True, iterations=1)
+    assert kinds.count("HostReferences") == 1, kinds  # the E-step's (the accuracy estimate makes a list)
     for k in range(1, K + 1):
-        name = f"run_it002_class{k:03d}.mrc"
-        a, again, b = (read_map(tmp_path / run / name)[0] for run in ("kept", "again", "host"))
-        peak = float(np.abs(a).max())
-        scatter = float(np.abs(a - again).max())
-        assert scatter < 0.05 * peak, (name, scatter, peak)  # the same job: no particle changed its class
-        diff = float(np.abs(a - b).max())
-        assert diff <= max(2 * scatter, 1e-5 * peak), (name, diff, scatter, peak)
+        name = f"run_it001_class{k:03d}.mrc"
+        a, b = read_map(tmp_path / "kept" / name)[0], read_map(tmp_path / "host" / name)[0]
+        diff, peak = float(np.abs(a - b).max()), float(np.abs(a).max())
+        assert diff <= 1e-4 * peak, (name, diff, peak)
