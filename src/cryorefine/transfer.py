@@ -25,17 +25,15 @@ def to_host(tensors) -> list[np.ndarray]:
     there joined the run's stream, so the run's next read of a device value (any wait for the device) also waited for
     these copies (six 360³ maps at every iteration's start)."""
     on_gpu = [t for t in tensors if isinstance(t, torch.Tensor) and t.device.type == "cuda"]
-    if not on_gpu:
-        return [t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t) for t in tensors]
-    device = on_gpu[0].device
-    side = torch.cuda.Stream(device=device)
-    side.wait_stream(torch.cuda.current_stream(device))  # the work that made them, queued before this call
-    with torch.cuda.stream(side):
-        out = [
-            torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-            if isinstance(t, torch.Tensor) and t.device.type == "cuda"
-            else t
-            for t in tensors
-        ]
-    side.synchronize()  # these copies only
-    return [t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t) for t in out]
+    if on_gpu:
+        side = torch.cuda.Stream(device=on_gpu[0].device)
+        side.wait_stream(torch.cuda.current_stream(on_gpu[0].device))  # the work that made them, queued before
+        with torch.cuda.stream(side):
+            tensors = [
+                torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                if isinstance(t, torch.Tensor) and t.device.type == "cuda"
+                else t
+                for t in tensors
+            ]
+        side.synchronize()  # these copies only
+    return [t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t) for t in tensors]
