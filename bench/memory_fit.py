@@ -105,7 +105,7 @@ def run(root: Path, job: str, cap: float, diameter: float, iterations: int, angp
     result = {"cap_gib": cap, "rc": rc, "seconds": round(seconds, 1), "argv": argv,
               "peak_gib": {k: round(v, 2) for k, v in peaks.items()}}  # fmt: skip
     log = (out.parent / "run.log").read_text().splitlines()
-    plan = [line.split("; ", 1)[1].split(" — ")[0] for line in log if "padded voxels" in line and "; " in line]
+    plan = [line.split("]; ", 1)[1].split(" — ")[0] for line in log if "padded voxels" in line and "]; " in line]
     result["memory_plan"] = plan
     result["iterations"] = len([line for line in log if "] iter " in line])
     if rc != 0:
