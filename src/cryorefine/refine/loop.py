@@ -189,11 +189,11 @@ def _resume_hint(ctx: RunContext) -> str:
 def _iterate_until_done(mode: Mode, ctx: RunContext, state: RunState, t0: float) -> dict:
     clock, last = time.perf_counter(), None
     while True:
+        ready = mode.before_iteration(ctx, state)
+        if ready is None:  # done before out of time: a run whose last iteration fitted the budget has finished
+            return mode.summary(ctx, state)
         if _out_of_time(ctx, state, t0, last):
             return _stopped(ctx, state, t0)
-        ready = mode.before_iteration(ctx, state)
-        if ready is None:
-            return mode.summary(ctx, state)
         t_it = time.perf_counter()
         with profiled(ready.iteration + 1, mode.is_final(ready)):
             state, info = iterate(mode, ctx, ready, clock)
