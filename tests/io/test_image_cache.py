@@ -78,14 +78,16 @@ def _refine(d, out, batch, image_cache_on):
     refine(cfg)
 
 
-def test_refinement_with_the_cache_writes_the_same_files(data, tmp_path, monkeypatch):
-    """Capacity for 15 of the 40 images (the room the GPU would give, forced on the CPU): batches of 7 mix kept and
-    read images; data.star and the maps must be those of a run that reads every image every iteration."""
-    monkeypatch.setattr(run_context, "image_cache_bytes", lambda device, fixed, sharing=1: 15 * 4 * BOX * BOX)
+@pytest.mark.parametrize("capacity", [15, N])
+def test_refinement_with_the_cache_writes_the_same_files(data, tmp_path, monkeypatch, capacity):
+    """Capacity for 15 of the 40 images (the room the GPU would give, forced on the CPU), or for all: batches of 7 mix
+    kept and read images; data.star and the maps must be those of a run that reads every image every iteration. The
+    initial noise spectra read every image through the cache: the iterations read only the ones it did not keep."""
+    monkeypatch.setattr(run_context, "image_cache_bytes", lambda device, fixed, sharing=1: capacity * 4 * BOX * BOX)
     _refine(data, tmp_path / "plain", 7, False)
     reads = _counting_reads(monkeypatch)
     _refine(data, tmp_path / "cached", 7, True)
-    assert len(reads) == N + (N - 15), "iteration 1 reads all, iteration 2 only the 25 not kept"
+    assert len(reads) == N + 2 * (N - capacity), "the start reads all; iterations 1 and 2 only the ones not kept"
     for name in ("run_it002_data.star",):
         a = read_star(tmp_path / "plain" / name)["particles"]
         b = read_star(tmp_path / "cached" / name)["particles"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -79,7 +80,18 @@ def initial_statistics(
     data-to-prior ratio of its ``n_classes`` from the low-passed ``start``."""
     cfg = ctx.cfg
     radius = cfg.particle_diameter / 2 if cfg.zero_mask else None
-    sigma2 = initial_sigma2(ctx.table, ctx.n_groups, model_of_particle, device=ctx.device, mask_radius_angst=radius)
+    # the images go through the GPU image cache, so the first iteration finds them there instead of reading the stacks
+    # again; with several ranks only when the cache holds the whole set (each rank reads every image here, but scores
+    # only the batches the task pool gives it, which a partly filled cache would mostly not hold)
+    cache = ctx.images if ctx.dist.world_size == 1 or ctx.images.capacity >= len(ctx.table) else None
+    sigma2 = initial_sigma2(
+        ctx.table,
+        ctx.n_groups,
+        model_of_particle,
+        device=ctx.device,
+        mask_radius_angst=radius,
+        read=None if cache is None else partial(cache.read, ctx.table),
+    )
     assert len(sigma2) == n_models
     groups, optics = ctx.groups, ctx.table.optics_group
     return tuple(
