@@ -4,6 +4,8 @@
 # same particles, start map and flags (bench/relion5/run.py), then the report quoting both ($OUT, else bench/results).
 # One call, because a machine left idle between calls goes back, and RELION's build with it.
 #   usage: bash bench/relion5/compare.sh SET [OUR_BUDGET_S=150] [RELION_BUDGET_S=390]
+#   OUR_BUDGET_S covers the data build, our run and paper_bench's report reserve (45 s): our run gets --max_seconds of
+#   what is left (betagal with 80 got 20 s and stopped after 11 of 14 iterations; 110 gave TRPV1-like 5k its 44 s).
 #   e.g.   bash bench/relion5/compare.sh empiar10028 150 240   (class3d: RELION's time per iteration from a partial run)
 #   env:   RELION5_RUN_ARGS: more run.py options (e.g. "--no_gpu --threads 1" with RELION5_BIN=/usr/bin on a CPU)
 set -uo pipefail
