@@ -78,22 +78,29 @@ def upgraded(stats, of_particle: np.ndarray, in_model: np.ndarray, n_groups: int
     )
 
 
-def initial_data_vs_prior(
-    start: torch.Tensor, n_classes: int, sigma2: torch.Tensor, optics_particles: np.ndarray, tau2_fudge: float
-) -> torch.Tensor:
-    """RELION's initialiseDataVersusPrior (K, d//2+1) for the first E-step, of K classes from the (low-passed) map
-    ``start`` (d, d, d), σ² (G, ≥ d//2+1) and the model's particles per optics group (G,): per shell i the evidence
-    N·p(k)/⟨σ²⟩ (/2i for i > 0, its 3D-to-2D shell ratio) over the prior 1/τ², τ² = T·⟨|F|²⟩/2 of the map (σ² and τ² in
-    our unnormalised DFT's units: their ratio is RELION's), ⟨σ²⟩ the particle-weighted mean over the groups."""
+def map_shell_power(start: torch.Tensor) -> torch.Tensor:
+    """RELION's getSpectrum of a map (d, d, d): the mean |F|² per shell (d//2+1,), float64 on the host; computed on
+    the map's device."""
     d = start.shape[-1]
     S = d // 2 + 1
-    n = torch.as_tensor(optics_particles, dtype=torch.float64)
-    avg_sigma2 = (n[:, None] * sigma2[:, :S].double().cpu()).sum(0) / n.sum()
     shells = shell_index_3d(d, start.device)
     inside = shells < S
     s = shells[inside]
-    power = shell_sum(rfft3_centered(start.double()).abs()[inside] ** 2, s, S)  # RELION's getSpectrum: mean |F|²
-    power = (power / shell_sum(torch.ones_like(s, dtype=torch.float64), s, S).clamp(min=1)).cpu()
+    power = shell_sum(rfft3_centered(start.double()).abs()[inside] ** 2, s, S)
+    return (power / shell_sum(torch.ones_like(s, dtype=torch.float64), s, S).clamp(min=1)).cpu()
+
+
+def initial_data_vs_prior(
+    power: torch.Tensor, n_classes: int, sigma2: torch.Tensor, optics_particles: np.ndarray, tau2_fudge: float
+) -> torch.Tensor:
+    """RELION's initialiseDataVersusPrior (K, d//2+1) for the first E-step, of K classes from the (low-passed) start
+    map's ``power`` per shell (d//2+1,) (map_shell_power), σ² (G, ≥ d//2+1) and the model's particles per optics group
+    (G,): per shell i the evidence N·p(k)/⟨σ²⟩ (/2i for i > 0, its 3D-to-2D shell ratio) over the prior 1/τ²,
+    τ² = T·⟨|F|²⟩/2 of the map (σ² and τ² in our unnormalised DFT's units: their ratio is RELION's), ⟨σ²⟩ the
+    particle-weighted mean over the groups."""
+    S = power.shape[0]
+    n = torch.as_tensor(optics_particles, dtype=torch.float64)
+    avg_sigma2 = (n[:, None] * sigma2[:, :S].double().cpu()).sum(0) / n.sum()
     i = torch.arange(S, dtype=torch.float64)
     evidence = n.sum() / n_classes / avg_sigma2 / torch.where(i > 0, 2.0 * i, 1.0)
     return (evidence * tau2_fudge * power / 2.0).expand(n_classes, S).clone()

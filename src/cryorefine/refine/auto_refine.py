@@ -24,6 +24,7 @@ from ..mstep.statistics import (
     GroupScales,
     ModelStatistics,
     initial_data_vs_prior,
+    map_shell_power,
     scale_spread,
     updated_statistics,
     upgraded,
@@ -94,13 +95,14 @@ def initial_statistics(
     )
     assert len(sigma2) == n_models
     groups, optics = ctx.groups, ctx.table.optics_group
+    power = on_device_or_host(map_shell_power, start, ctx.device)  # one map: the same for every model
     return tuple(
         ModelStatistics.initial(
             s,
             cfg.sigma_offset,
             GroupScales.ones(groups.of_particle, model_of_particle == h, len(groups.names)),
             initial_data_vs_prior(
-                start,
+                power,
                 n_classes,
                 torch.stack(
                     [on_map_shells(row, o.box, o.angpix, ctx.box, ctx.angpix) for row, o in zip(s, ctx.table.optics)]
@@ -131,9 +133,21 @@ def initial_schedule(ctx: RunContext) -> Schedule:
     return sch
 
 
+def on_device_or_host(fn, x: torch.Tensor, device) -> torch.Tensor:
+    """``fn(x)`` computed on ``device`` (a GPU's double-precision 3D transforms take milliseconds where the host's take
+    seconds at box 256+), returned on the host; on the host where the GPU has no room for it (a start under a tight
+    --gpu_memory)."""
+    try:
+        return fn(x.to(device)).cpu()
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return fn(x.cpu()).cpu()
+
+
 def start_map(ctx: RunContext, reference: np.ndarray) -> torch.Tensor:
-    """The reference low-passed to --ini_high (RELION's initialLowPassFilterReferences)."""
-    return low_pass_filter(torch.from_numpy(reference).double(), ctx.cfg.ini_high, ctx.angpix).float()
+    """The reference low-passed to --ini_high (RELION's initialLowPassFilterReferences), float32 on the host."""
+    lowpass = partial(low_pass_filter, resolution_angst=ctx.cfg.ini_high, angpix=ctx.angpix)
+    return on_device_or_host(lowpass, torch.from_numpy(reference).double(), ctx.device).float()
 
 
 class AutoRefineMode:

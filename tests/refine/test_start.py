@@ -1,0 +1,38 @@
+"""The start of a run: the start map's spectrum (RELION's getSpectrum) against numpy, and the start's transforms done on
+the run's device with the host as the fallback when the device has no room."""
+
+import numpy as np
+import torch
+
+from cryorefine.mstep.statistics import map_shell_power
+from cryorefine.refine.auto_refine import on_device_or_host
+
+
+def test_map_shell_power_is_the_mean_power_per_shell_of_the_half_transform():
+    d = 12
+    vol = np.random.default_rng(3).standard_normal((d, d, d))
+    f = np.fft.rfftn(vol)  # the phase origin does not change |F|
+    kz, ky, kx = np.meshgrid(np.fft.fftfreq(d, 1 / d), np.fft.fftfreq(d, 1 / d), np.arange(d // 2 + 1), indexing="ij")
+    shell = np.round(np.sqrt(kx**2 + ky**2 + kz**2)).astype(int)
+    expected = np.zeros(d // 2 + 1)
+    for s in range(d // 2 + 1):
+        expected[s] = np.mean(np.abs(f[shell == s]) ** 2)
+    got = map_shell_power(torch.from_numpy(vol).float())
+    assert got.dtype == torch.float64 and got.device.type == "cpu"
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
+
+
+def test_on_device_or_host_falls_back_to_the_host_when_the_device_is_full():
+    seen = []
+
+    def doubled(x):
+        seen.append(x.device.type)
+        if x.device.type != "cpu":
+            raise torch.cuda.OutOfMemoryError("no room")
+        return 2 * x
+
+    x = torch.arange(4.0)
+    out = on_device_or_host(doubled, x, torch.device("meta"))  # a device that "runs out of memory"
+    assert seen == ["meta", "cpu"] and out.device.type == "cpu" and torch.equal(out, 2 * x)
+    seen.clear()
+    assert torch.equal(on_device_or_host(doubled, x, "cpu"), 2 * x) and seen == ["cpu"]
