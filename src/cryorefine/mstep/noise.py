@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -10,6 +11,19 @@ import torch
 from ..fourier.filters import soft_mask_outside_map
 from ..fourier.grids import rfft2_centered, shell_index_2d
 from ..io.table import ParticleTable, read_images
+
+
+@dataclass(frozen=True)
+class SpectrumReads:
+    """Where initial_sigma2's images come from and which of them this process reads: ``read(rows, box)`` gives the raw
+    images of ``rows`` (len(rows), box, box) float32 on the device (a run's GPU image cache, which then keeps them for
+    the first iteration; None: the stacks); of several processes (``rank`` of ``ranks``) each reads every ranks-th
+    batch, and ``combine(tensors)`` sums their partial sums over the processes in place (an all-reduce)."""
+
+    read: Callable[[np.ndarray, int], torch.Tensor] | None = None
+    rank: int = 0
+    ranks: int = 1
+    combine: Callable[[list[torch.Tensor]], None] | None = None
 
 
 def initial_sigma2(
@@ -20,7 +34,7 @@ def initial_sigma2(
     device=None,
     mask_radius_angst: float | None = None,
     mask_edge_px: float = 5.0,
-    read: Callable[[np.ndarray, int], torch.Tensor] | None = None,
+    reads: SpectrumReads = SpectrumReads(),
 ) -> torch.Tensor:
     """(H, G, S) σ² from the images, RELION's start (calculateSumOfPowerSpectraAndAverageImage): per subset h
     (``subset`` (n,) labels 0..H−1, e.g. the half sets; None: one subset of all particles) and group, the mean power
@@ -28,9 +42,8 @@ def initial_sigma2(
     real/imaginary component). Each group's σ² is in its own images' shells (S: the largest box's d//2+1; a smaller
     box's row ends at its Nyquist, the rest is its last value). Every image is read, as RELION does; the pixels past
     Nyquist (the corners) count in no shell. The images are under the soft circular particle mask of
-    ``mask_radius_angst`` if given (RELION masks them only with --zero_mask, as its E-step does). ``read(rows, box)``:
-    the raw images of ``rows`` (len(rows), box, box) float32 on ``device`` (a run's GPU image cache, which then keeps
-    them for the first iteration); by default read from the stacks."""
+    ``mask_radius_angst`` if given (RELION masks them only with --zero_mask, as its E-step does); ``reads``: how the
+    images are read (SpectrumReads; by default all of them here, from the stacks)."""
     labels = np.zeros(len(table), dtype=np.int64) if subset is None else np.asarray(subset, dtype=np.int64)
     H = int(labels.max()) + 1 if len(labels) else 1
     S = max(o.box for o in table.optics) // 2 + 1
@@ -40,7 +53,7 @@ def initial_sigma2(
         rows = np.flatnonzero(table.optics_group == g)
         radius = None if mask_radius_angst is None else mask_radius_angst / optics.angpix
         power, n, mean_power = _group_power(
-            table, rows, labels[rows], H, optics.box, batch, device, radius, mask_edge_px, read
+            table, rows, labels[rows], H, optics.box, batch, device, radius, mask_edge_px, reads
         )
         s = optics.box // 2 + 1
         sigma2[:, g, :s] = (power / n.clamp(min=1)[:, None] - mean_power) / 2.0
@@ -64,7 +77,7 @@ def _group_power(
     device,
     mask_radius_px: float | None,
     mask_edge_px: float,
-    read: Callable[[np.ndarray, int], torch.Tensor] | None,
+    reads: SpectrumReads,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optics group's images ``rows`` (one ``box``): (Σ power per pixel of each shell (H, d//2+1) per subset,
     images per subset (H,), the power of their average image per pixel of each shell (d//2+1,))."""
@@ -79,15 +92,17 @@ def _group_power(
     )
     power = torch.zeros(H, S, dtype=torch.float64, device=device)
     mean = torch.zeros(int(inside.sum()), dtype=torch.complex128, device=device)
-    for s0 in range(0, len(rows), batch):
+    for s0 in range(reads.rank * batch, len(rows), reads.ranks * batch):  # this process's share of the batches
         these = rows[s0 : s0 + batch]
-        imgs = torch.from_numpy(read_images(table, these)).to(device) if read is None else read(these, box)
+        imgs = torch.from_numpy(read_images(table, these)).to(device) if reads.read is None else reads.read(these, box)
         if mask_radius_px is not None:
             imgs = soft_mask_outside_map(imgs, mask_radius_px, mask_edge_px, ndim=2)
         f = rfft2_centered(imgs).flatten(1)[:, inside].to(torch.complex128)
         p = torch.zeros(len(these), S, dtype=torch.float64, device=device).index_add_(1, shells_in, f.abs() ** 2)
         power.index_add_(0, torch.as_tensor(labels[s0 : s0 + batch], device=device), p)
         mean += f.sum(0)
+    if reads.combine is not None:
+        reads.combine([power, torch.view_as_real(mean)])
     n = torch.as_tensor(np.bincount(labels, minlength=H), dtype=torch.float64, device=device)
     mean = mean / max(1, len(rows))
     mean_power = torch.zeros(S, dtype=torch.float64, device=device).index_add_(0, shells_in, mean.abs() ** 2)

@@ -18,7 +18,7 @@ from ..io.table import ParticleTable
 from ..transfer import to_host
 from ..estep.memory import JOINED_BYTES_PER_VOXEL
 from ..mstep.maximize import join_at_low_resolution_, maximize_half_sets
-from ..mstep.noise import initial_sigma2, on_map_shells
+from ..mstep.noise import SpectrumReads, initial_sigma2, on_map_shells
 from ..mstep.priors import direction_log_prior, direction_prior
 from ..mstep.statistics import (
     GroupScales,
@@ -29,7 +29,7 @@ from ..mstep.statistics import (
     updated_statistics,
     upgraded,
 )
-from ..parallel.collectives import broadcast_from_main
+from ..parallel.collectives import all_reduce_sum_, broadcast_from_main
 from ..parallel.context import Dist
 from ..debug_hooks import pause_point
 from ..reconstruction.fsc import fsc_to_ssnr, shell_to_angstrom
@@ -82,16 +82,16 @@ def initial_statistics(
     cfg = ctx.cfg
     radius = cfg.particle_diameter / 2 if cfg.zero_mask else None
     # the images go through the GPU image cache, so the first iteration finds them there instead of reading the stacks
-    # again; with several ranks only when the cache holds the whole set (each rank reads every image here, but scores
-    # only the batches the task pool gives it, which a partly filled cache would mostly not hold)
-    cache = ctx.images if ctx.dist.world_size == 1 or ctx.images.capacity >= len(ctx.table) else None
+    # again; several ranks read a share each and sum their spectra
+    d = ctx.dist
+    reads = SpectrumReads(
+        partial(ctx.images.read, ctx.table),
+        d.rank,
+        d.world_size,
+        partial(all_reduce_sum_, dist=d, what="summing the initial noise spectra") if d.grouped else None,
+    )
     sigma2 = initial_sigma2(
-        ctx.table,
-        ctx.n_groups,
-        model_of_particle,
-        device=ctx.device,
-        mask_radius_angst=radius,
-        read=None if cache is None else partial(cache.read, ctx.table),
+        ctx.table, ctx.n_groups, model_of_particle, device=ctx.device, mask_radius_angst=radius, reads=reads
     )
     assert len(sigma2) == n_models
     groups, optics = ctx.groups, ctx.table.optics_group
