@@ -116,3 +116,22 @@ def test_gpu_cache_gives_the_stack_images_and_its_room_follows_the_memory_cap(da
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, 0)
     assert 0 < room <= IMAGE_CACHE_FRACTION * 0.1 * total
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_initial_noise_spectra_read_through_the_cache_keep_the_images(data):
+    """The start's σ² read through the GPU cache (pinned copies) equals σ² read from the stacks, and the cache then
+    holds every image as the stack has it."""
+    from functools import partial
+
+    from cryorefine.mstep.noise import SpectrumReads, initial_sigma2
+
+    table = load_particles(data / "particles.star")
+    cache = ImageCache(N, BOX, N, "cuda")
+    via_cache = initial_sigma2(table, 1, device="cuda", reads=SpectrumReads(partial(cache.read, table)))
+    from_stacks = initial_sigma2(table, 1, device="cuda")
+    torch.testing.assert_close(via_cache, from_stacks, rtol=1e-12, atol=0.0)
+    assert cache.holds(np.arange(N))
+    kept = cache.data[torch.as_tensor(cache.slot, device="cuda")].cpu().numpy()
+    np.testing.assert_array_equal(kept, read_images(table, np.arange(N)))

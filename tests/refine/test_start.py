@@ -1,9 +1,13 @@
 """The start of a run: the start map's spectrum (RELION's getSpectrum) against numpy, and the start's transforms done on
 the run's device with the host as the fallback when the device has no room."""
 
+from functools import partial
+
 import numpy as np
+import pytest
 import torch
 
+from cryorefine.fourier.filters import low_pass_filter
 from cryorefine.mstep.statistics import map_shell_power
 from cryorefine.refine.auto_refine import on_device_or_host
 
@@ -36,3 +40,16 @@ def test_on_device_or_host_falls_back_to_the_host_when_the_device_is_full():
     assert seen == ["meta", "cpu"] and out.device.type == "cpu" and torch.equal(out, 2 * x)
     seen.clear()
     assert torch.equal(on_device_or_host(doubled, x, "cpu"), 2 * x) and seen == ["cpu"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_start_transforms_match_the_host():
+    vol = torch.from_numpy(np.random.default_rng(4).standard_normal((40, 40, 40)))
+    lowpass = partial(low_pass_filter, resolution_angst=20.0, angpix=2.0)
+    on_gpu = on_device_or_host(lowpass, vol, "cuda")
+    assert on_gpu.device.type == "cpu"
+    torch.testing.assert_close(on_gpu, lowpass(vol), rtol=0.0, atol=1e-12 * float(vol.abs().max()))
+    torch.testing.assert_close(
+        on_device_or_host(map_shell_power, vol, "cuda"), map_shell_power(vol), rtol=1e-12, atol=0
+    )
