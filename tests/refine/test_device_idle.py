@@ -1,7 +1,17 @@
 """device_idle: the GPU's idle time of a profiled iteration, charged to the named host ranges, against hand-counted
 timelines."""
 
-from cryorefine.refine.device_idle import NamedRange, covered_us, idle_gaps, idle_report, innermost, merged
+from cryorefine.refine.device_idle import (
+    HostOp,
+    NamedRange,
+    covered_us,
+    host_during,
+    idle_gaps,
+    idle_report,
+    innermost,
+    merged,
+    top_level,
+)
 
 
 def test_overlapping_kernels_count_once():
@@ -34,3 +44,50 @@ def test_report_figures():
     assert "device busy 50.0% of 1.000 s" in text and "idle 0.500 s" in text
     assert "idle in M-step: 0.400 s" in text and "idle in plan: 0.100 s" in text
     assert text.splitlines()[-3].strip() == "0.3000 at 0.700 in M-step"  # the longest gap first
+
+
+def test_only_the_outermost_operators_of_a_thread_count():
+    ops = [
+        HostOp("aten::to", 0, 10, 1),
+        HostOp("aten::copy_", 2, 9, 1),  # inside aten::to
+        HostOp("cudaMemcpyAsync", 3, 8, 1),
+        HostOp("aten::mm", 12, 15, 1),
+        HostOp("aten::copy_", 4, 6, 2),  # another thread: its own outermost
+    ]
+    assert [(o.name, o.thread) for o in top_level(ops)] == [("aten::to", 1), ("aten::copy_", 2), ("aten::mm", 1)]
+
+
+def test_host_during_a_gap_names_its_operators_and_the_python_between():
+    ops = [HostOp("aten::item", 0, 1500, 7), HostOp("aten::index", 4000, 6000, 7), HostOp("aten::copy_", 0, 9000, 8)]
+    # gap 1000..9000 us: item's last 0.5 ms, index 2 ms, the rest (5.5 ms) between operators; thread 8 not counted
+    assert host_during(ops, 1000, 9000, main_thread=7) == (
+        "host: aten::index 2.0 ms, aten::item 0.5 ms, between operators 5.5 ms"
+    )
+
+
+def test_each_long_gap_says_what_the_host_did():
+    us = 1e6
+    text = idle_report(
+        [(0.0, 0.5 * us)], [], 0, us, host_ops=[HostOp("aten::nonzero", 0.6 * us, 0.7 * us, 3)], main_thread=3
+    )
+    assert text.splitlines()[-1].strip() == (
+        "0.5000 at 0.500 in outside the named ranges; host: aten::nonzero 100.0 ms, between operators 400.0 ms"
+    )
+
+
+def test_a_cpu_profile_reads_the_host_operators():
+    """The profiler's own events (on the CPU: no device activity, so the whole window is one gap)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from cryorefine.refine.timing import StageTimer, _device_idle
+
+    timer = StageTimer()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with timer("stage"):
+            x = torch.randn(300, 300, dtype=torch.float64)
+            for _ in range(3):
+                x = x @ x / 300.0
+    text = _device_idle(prof)
+    assert "device busy 0.0%" in text and "idle in stage" in text
+    assert "host: aten::matmul" in text or "host: aten::mm" in text, text

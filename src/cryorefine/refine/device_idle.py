@@ -17,6 +17,15 @@ class NamedRange(NamedTuple):
     end_us: float
 
 
+class HostOp(NamedTuple):
+    """An operator the host ran (aten op, CUDA runtime call) on thread ``thread``."""
+
+    name: str
+    start_us: float
+    end_us: float
+    thread: int = 0
+
+
 def merged(intervals: list[Interval]) -> list[Interval]:
     """The union of ``intervals`` as sorted, disjoint intervals (overlapping kernels on several streams count once)."""
     out: list[Interval] = []
@@ -55,9 +64,44 @@ def innermost(ranges: list[NamedRange], t: float) -> str:
     return min(holding, key=lambda r: r.end_us - r.start_us).name if holding else "outside the named ranges"
 
 
-def idle_report(device: list[Interval], ranges: list[NamedRange], start: float, end: float, top: int = 8) -> str:
+def top_level(ops: list[HostOp]) -> list[HostOp]:
+    """The operators not inside another one of the same thread (an aten op's own aten ops and runtime calls are
+    inside it)."""
+    out: list[HostOp] = []
+    end_of: dict[int, float] = {}
+    for op in sorted(ops, key=lambda o: (o.start_us, -o.end_us)):
+        if op.start_us >= end_of.get(op.thread, float("-inf")):
+            out.append(op)
+            end_of[op.thread] = op.end_us
+    return out
+
+
+def host_during(ops: list[HostOp], start: float, end: float, main_thread: int, top: int = 3) -> str:
+    """What the host's ``main_thread`` did in [start, end]: its top-level operators' time there by name (the ``top``
+    longest), and the rest, time in Python between operators (where a GPU waits for the host to queue work)."""
+    spent: dict[str, float] = {}
+    for op in top_level([o for o in ops if o.thread == main_thread]):
+        t = min(op.end_us, end) - max(op.start_us, start)
+        if t > 0:
+            spent[op.name] = spent.get(op.name, 0.0) + t
+    listed = sorted(spent.items(), key=lambda kv: -kv[1])[:top]
+    words = [f"{name} {t / 1e3:.1f} ms" for name, t in listed]
+    words.append(f"between operators {(end - start - sum(spent.values())) / 1e3:.1f} ms")
+    return "host: " + ", ".join(words)
+
+
+def idle_report(
+    device: list[Interval],
+    ranges: list[NamedRange],
+    start: float,
+    end: float,
+    top: int = 8,
+    host_ops: list[HostOp] | None = None,
+    main_thread: int = 0,
+) -> str:
     """Text: the device's busy share of [start, end], its idle time per named range (each gap charged to the
-    innermost range at its start) and the ``top`` longest gaps."""
+    innermost range at its start) and the ``top`` longest gaps, each with what ``main_thread`` (the one that queues the
+    device's work) did meanwhile, given the host's operators ``host_ops``."""
     busy = merged(device)
     wall = max(end - start, 1e-9)
     gaps = idle_gaps(busy, start, end)
@@ -72,5 +116,6 @@ def idle_report(device: list[Interval], ranges: list[NamedRange], start: float, 
     lines += [f"  idle in {n}: {t / 1e6:.3f} s" for n, t in sorted(by_range.items(), key=lambda kv: -kv[1])]
     lines.append("longest gaps (s, at s from the start, in):")
     for s, e in sorted(gaps, key=lambda g: g[0] - g[1])[:top]:
-        lines.append(f"  {(e - s) / 1e6:.4f} at {(s - start) / 1e6:.3f} in {innermost(ranges, s)}")
+        host = "" if host_ops is None else "; " + host_during(host_ops, s, e, main_thread)
+        lines.append(f"  {(e - s) / 1e6:.4f} at {(s - start) / 1e6:.3f} in {innermost(ranges, s)}{host}")
     return "\n".join(lines)

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import torch
 
 from ..debug_hooks import profile_request
-from .device_idle import NamedRange, idle_report
+from .device_idle import HostOp, NamedRange, idle_report
 
 
 class StageTimer:
@@ -193,6 +193,15 @@ def _device_idle(prof) -> str:
         for e in events
         if e.device_type() == DeviceType.CPU and e.is_user_annotation()
     ]
+    host = [
+        HostOp(e.name(), e.start_ns() / 1e3, e.end_ns() / 1e3, e.start_thread_id())
+        for e in events
+        if e.device_type() == DeviceType.CPU and not e.is_user_annotation()
+    ]
+    # the thread that queues the device's work: the one that ran the named stages
+    threads = [e.start_thread_id() for e in events if e.device_type() == DeviceType.CPU and e.is_user_annotation()]
+    main = max(set(threads), key=threads.count) if threads else 0
     start = min(e.start_ns() for e in events) / 1e3
     end = max(e.end_ns() for e in events) / 1e3
-    return idle_report([(e.start_ns() / 1e3, e.end_ns() / 1e3) for e in on_device], ranges, start, end)
+    device = [(e.start_ns() / 1e3, e.end_ns() / 1e3) for e in on_device]
+    return idle_report(device, ranges, start, end, host_ops=host, main_thread=main)
