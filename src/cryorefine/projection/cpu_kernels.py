@@ -12,6 +12,9 @@ points with x < 0 from their Friedel mate (conjugated); the grid is centred in z
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+
 import numba
 import numpy as np
 import torch
@@ -66,7 +69,7 @@ def _extract(f, rot, ky, kx, pad, out, power):  # pragma: no cover - compiled; t
                 power[r, j] = v.real * v.real + v.imag * v.imag
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _insert_rows(data, weight, rot, ky, kx, pad, values, weights, r0, r1):  # pragma: no cover - compiled
     size, nx = data.shape[0], data.shape[2]
     half = size // 2
@@ -94,23 +97,10 @@ def _insert_rows(data, weight, rot, ky, kx, pad, values, weights, r0, r1):  # pr
                         weight[z0 + dz, y0 + dy, x0 + dx] += w * c
 
 
-@njit(parallel=True, cache=True)
-def _insert(data, weight, rot, ky, kx, pad, values, weights, parts):  # pragma: no cover - compiled
-    # the points of different rotations add into the same voxels: each of ``parts`` threads adds a share of the
-    # rotations into its own zeroed copy (the first into the accumulators), then the copies are summed in
-    n = rot.shape[0]
-    data_copies = np.zeros((parts - 1,) + data.shape, data.dtype)
-    weight_copies = np.zeros((parts - 1,) + weight.shape, weight.dtype)
-    for p in prange(parts):
-        r0, r1 = p * n // parts, (p + 1) * n // parts
-        if p == 0:
-            _insert_rows(data, weight, rot, ky, kx, pad, values, weights, r0, r1)
-        else:
-            _insert_rows(data_copies[p - 1], weight_copies[p - 1], rot, ky, kx, pad, values, weights, r0, r1)
-    for z in prange(data.shape[0]):
-        for c in range(parts - 1):
-            data[z] += data_copies[c, z]
-            weight[z] += weight_copies[c, z]
+@cache
+def _threads() -> ThreadPoolExecutor:
+    """The insertion's threads, made once: numba's most (set_threads chooses how many an insertion uses)."""
+    return ThreadPoolExecutor(numba.config.NUMBA_NUM_THREADS, thread_name_prefix="cryorefine-insert")
 
 
 PARALLEL_COPY_BYTES = 256 << 20  # the accumulator copies of a threaded insertion, at most: beyond, one thread
@@ -147,14 +137,20 @@ def insert(data: torch.Tensor, weight: torch.Tensor, pad: int, rotations: torch.
     real = weight.dtype
     copy_bytes = data.numel() * data.element_size() + weight.numel() * weight.element_size()
     parts = max(1, min(numba.get_num_threads(), 1 + PARALLEL_COPY_BYTES // max(1, copy_bytes), rotations.shape[0]))
-    _insert(
-        data.numpy(),
-        weight.numpy(),
-        _array(rotations, real),
-        _array(ky, real),
-        _array(kx, real),
-        float(pad),
-        _array(values, data.dtype),
-        _array(weights, real),
-        parts,
-    )
+    d, w = data.numpy(), weight.numpy()
+    args = (_array(rotations, real), _array(ky, real), _array(kx, real), float(pad), _array(values, data.dtype),
+            _array(weights, real))  # fmt: skip
+    n = rotations.shape[0]
+    # the points of different rotations add into the same voxels: each of ``parts`` threads adds a share of the
+    # rotations into its own zeroed copy (the first into the accumulators), then the copies are added in order. Python
+    # threads around a nogil kernel, not numba's prange: the same work, and a first call that compiles in ~1 s where
+    # the parallel kernel took ~11 s (every fresh install's first refinement paid it).
+    copies = [(d, w)] + [(np.zeros_like(d), np.zeros_like(w)) for _ in range(parts - 1)]
+    shares = [(p * n // parts, (p + 1) * n // parts) for p in range(parts)]
+    if parts == 1:
+        _insert_rows(d, w, *args, *shares[0])
+    else:
+        list(_threads().map(lambda p: _insert_rows(*copies[p], *args, *shares[p]), range(parts)))
+        for cd, cw in copies[1:]:
+            d += cd
+            w += cw
