@@ -100,7 +100,7 @@ def _insert_rows(data, weight, rot, ky, kx, pad, values, weights, r0, r1):  # pr
 @cache
 def _threads() -> ThreadPoolExecutor:
     """The insertion's threads, made once: numba's most (set_threads chooses how many an insertion uses)."""
-    return ThreadPoolExecutor(numba.config.NUMBA_NUM_THREADS, thread_name_prefix="cryorefine-insert")
+    return ThreadPoolExecutor(numba.config.NUMBA_NUM_THREADS, "cryorefine-insert")  # type: ignore[attr-defined]
 
 
 PARALLEL_COPY_BYTES = 256 << 20  # the accumulator copies of a threaded insertion, at most: beyond, one thread
