@@ -79,8 +79,13 @@ def top_level(ops: list[HostOp]) -> list[HostOp]:
 def host_during(ops: list[HostOp], start: float, end: float, main_thread: int, top: int = 3) -> str:
     """What the host's ``main_thread`` did in [start, end]: its top-level operators' time there by name (the ``top``
     longest), and the rest, time in Python between operators (where a GPU waits for the host to queue work)."""
+    return _outer_during(top_level([o for o in ops if o.thread == main_thread]), start, end, top)
+
+
+def _outer_during(outer: list[HostOp], start: float, end: float, top: int = 3) -> str:
+    """host_during's text from one thread's outermost operators ``outer``."""
     spent: dict[str, float] = {}
-    for op in top_level([o for o in ops if o.thread == main_thread]):
+    for op in outer:
         t = min(op.end_us, end) - max(op.start_us, start)
         if t > 0:
             spent[op.name] = spent.get(op.name, 0.0) + t
@@ -115,7 +120,8 @@ def idle_report(
     ]
     lines += [f"  idle in {n}: {t / 1e6:.3f} s" for n, t in sorted(by_range.items(), key=lambda kv: -kv[1])]
     lines.append("longest gaps (s, at s from the start, in):")
+    outer = None if host_ops is None else top_level([o for o in host_ops if o.thread == main_thread])  # once
     for s, e in sorted(gaps, key=lambda g: g[0] - g[1])[:top]:
-        host = "" if host_ops is None else "; " + host_during(host_ops, s, e, main_thread)
+        host = "" if outer is None else "; " + _outer_during(outer, s, e)
         lines.append(f"  {(e - s) / 1e6:.4f} at {(s - start) / 1e6:.3f} in {innermost(ranges, s)}{host}")
     return "\n".join(lines)
