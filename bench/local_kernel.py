@@ -1,0 +1,128 @@
+"""The fused local-search coarse kernel (estep/fused_local.py) on its own, on a GPU: time, interpolations/s and counted
+TFLOP/s per block shape (candidates × pixels per step, warps for up to 16 translations: fused_local.BLOCK_L, BLOCK_J,
+NUM_WARPS), on the shapes of a box-256 local search (issue 23: the TRPV1-like set's local iterations spent most of
+getAllSquaredDifferences here, at 0.55-0.67 TFLOP/s, before the blocks were chosen with this script).
+
+Random map (box 256, pad 2, the grid windowed to the radius as the E-step stores it), n particles each with L
+candidate rotations within a few degrees of its own, T translations, the pixels of the half plane inside the radius.
+Errors: max |Δ| / max |x| against the float64 PyTorch path (diff2.local_scores_gathered) on the first particles.
+
+usage (device): python bench/local_kernel.py OUT.json [--n 1024] [--box 256] [--radius 80] [--TL 9x192,21x128]
+                                              [--sweep 'BLOCK_L;BLOCK_J;WARPS']
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from cryorefine.estep import fused_local  # noqa: E402
+from cryorefine.estep.diff2 import local_scores_gathered  # noqa: E402
+from cryorefine.geometry.euler import euler_to_matrix  # noqa: E402
+from cryorefine.projection.extract import prepare_padded_transform, window_grid_size  # noqa: E402
+
+
+def timed(fn, repeats: int = 5) -> float:
+    fn()
+    if not torch.cuda.is_available():  # a dry run under TRITON_INTERPRET=1 on the CPU
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--n", type=int, default=1024)
+    ap.add_argument("--box", type=int, default=256)
+    ap.add_argument("--radius", type=int, default=80)
+    ap.add_argument("--TL", default="9x192,21x128")
+    ap.add_argument("--check", type=int, default=8, help="particles checked against the float64 reference")
+    ap.add_argument("--sweep", default="16,32,64;32,64;2,4,8", help="BLOCK_L;BLOCK_J;NUM_WARPS lists")
+    args = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    pad, box = 2, args.box
+    vol = torch.randn(box, box, box, device=dev)
+    ref = prepare_padded_transform(vol, pad, window_grid_size(args.radius, box, pad))
+    ref64 = prepare_padded_transform(vol.double(), pad, window_grid_size(args.radius, box, pad))
+    ky, kx = torch.meshgrid(
+        torch.arange(-args.radius, args.radius + 1, device=dev, dtype=torch.float32),
+        torch.arange(0, args.radius + 1, device=dev, dtype=torch.float32),
+        indexing="ij",
+    )
+    keep = ky**2 + kx**2 < args.radius**2
+    ky, kx = ky[keep], kx[keep]
+    jc, rows = ky.numel(), []
+    for tl_ in args.TL.split(","):
+        T, L = (int(x) for x in tl_.split("x"))
+        n = args.n
+        base = torch.rand(n, 1, 3, device=dev) * torch.tensor([360.0, 180.0, 360.0], device=dev)
+        eul = (base + 3.0 * torch.randn(n, L, 3, device=dev)).reshape(-1, 3)
+        R = euler_to_matrix(eul[:, 0], eul[:, 1], eul[:, 2]).float()
+        idx = torch.arange(n * L, device=dev).reshape(n, L)
+        a = torch.randn(n, T, 2 * jc, device=dev)
+        b = torch.rand(n, jc, device=dev)
+        check = slice(0, min(n, args.check))  # a float64 reference for the first particles
+        ref_out = local_scores_gathered(
+            ref64, R.double(), idx[check], ky.double(), kx.double(), a[check].double(), b[check].double()
+        )
+        defaults = (fused_local.BLOCK_L, fused_local.BLOCK_J, fused_local.NUM_WARPS)
+        for bl, bj, nw in itertools.product(*(tuple(int(v) for v in x.split(",")) for x in args.sweep.split(";"))):
+            fused_local.BLOCK_L, fused_local.BLOCK_J, fused_local.NUM_WARPS = bl, bj, nw
+            try:
+                out = fused_local.local_scores(ref, R, idx, ky, kx, a, b)
+                t = timed(lambda: fused_local.local_scores(ref, R, idx, ky, kx, a, b))
+            except Exception as exc:  # noqa: BLE001 - a block shape that does not compile is a result too
+                print(f"T={T} L={L} blocks {bl}x{bj} warps {nw}: failed: {exc!s:.200}")
+                continue
+            finally:
+                fused_local.BLOCK_L, fused_local.BLOCK_J, fused_local.NUM_WARPS = defaults
+            err = [float((o[check].double() - r).abs().max() / r.abs().max()) for o, r in zip(out, ref_out)]
+            flops = n * (2.0 * T * 2 * jc * L + 2.0 * jc * L)
+            row = {
+                "T": T,
+                "L": L,
+                "n": n,
+                "jc": jc,
+                "block_l": bl,
+                "block_j": bj,
+                "warps": nw,
+                "ms": round(t * 1e3, 3),
+                "tflops": round(flops / t / 1e12, 3),
+                "ginterp_s": round(n * L * jc / t / 1e9, 2),
+                "err_cross": err[0],
+                "err_third": err[1],
+            }
+            rows.append(row)
+            print(json.dumps(row))
+    meta = {
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (TRITON_INTERPRET)",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "grid": list(ref.f_padded.shape),
+        "argv": sys.argv,
+    }
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
