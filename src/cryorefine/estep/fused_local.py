@@ -5,7 +5,8 @@ Written by hand because in a local search every particle has its own rotations: 
 distinct rotation's slice (grid_sample), gathers them per particle into (m, L, 2j) blocks and multiplies — three
 passes over memory for a small product (T translations per pixel), most of an order-5/6 iteration's coarse pass on
 an H100. Here a program takes one particle and a block of its candidates and loops over the pixels: trilinear reads of
-the padded transform (one 8-byte load per corner: the reads, scattered over the grid, set the pace), then a float32 (IEEE, not TF32) product with the image block.
+the padded transform (one 8-byte load per corner: these reads, scattered over the grid, set the pace), then a float32
+(IEEE, not TF32) product with the image block.
 The interpolation is extract.py's: Friedel mates read conjugated, coordinates clamped into the grid (grid_sample's
 border mode, align_corners).
 """

@@ -108,6 +108,19 @@ class Window:
         """Number of leading pixels with shell <= max_shell."""
         return int(np.searchsorted(self._host_shells(), max_shell, side="right"))
 
+    def shell_sums(self, values: torch.Tensor, n_shells: int) -> torch.Tensor:
+        """(m, n_shells) Σ of ``values`` (m, j) over each shell's pixels, shells past n_shells − 1 counted in the
+        last: as differences of running sums at the shells' ends (the pixels are sorted by shell). On a GPU an
+        index_add_ of (m, j) float64 values into a few hundred shells made every addition an atomic on a contended
+        address (~1.5 ms a call at m = 1,024, j ≈ 20,000 on an H100)."""
+        cache = self.__dict__.setdefault("_shell_ends", {})
+        if n_shells not in cache:  # pixels with shell <= s, for each s; all of them for the last
+            ends = np.searchsorted(self._host_shells(), np.arange(n_shells), side="right")
+            ends[-1] = self.size
+            cache[n_shells] = torch.as_tensor(ends, device=self.shell.device)
+        running = torch.nn.functional.pad(values.cumsum(1), (1, 0))  # (m, j + 1): Σ of the first k pixels
+        return torch.diff(running.index_select(1, cache[n_shells]), dim=1, prepend=running[:, :1])
+
     def beyond(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The rfft pixels past the window up to Nyquist, each conjugate pair once (fourier.grids.counted_once_2d):
         (flat_index (b,), shell (b,), pixels per shell (d//2+1,)); made once per window."""

@@ -86,13 +86,11 @@ def store_weighted_sums(
     resid = ((batch.f_masked[rows].abs() ** 2).double() + ((s * ctf) ** 2 * pp - 2.0 * s * ctf * xq).double()) * scored
     xa, aa = (ctf * xa).double() * scored, (ctf**2 * aa).double() * scored
     S = sums.sigma2_noise.shape[1]
-    shell = window.shell.clamp(max=S - 1)
-    flat_gs = (batch.group[rows][:, None] * S + shell[None, :]).reshape(-1)
-    sums.sigma2_noise.view(-1).index_add_(0, flat_gs, resid.reshape(-1))
-    flat_ms = (batch.scale_group[rows][:, None] * S + shell[None, :]).reshape(-1)  # per micrograph group
+    group, scale_group = batch.group[rows], batch.scale_group[rows]  # noise per optics group, scale per micrograph
+    sums.sigma2_noise.index_add_(0, group, window.shell_sums(resid, S))
     for a_, v in ((sums.scale_xa, xa), (sums.scale_aa, aa)):
-        a_.view(-1).index_add_(0, flat_ms, v.reshape(-1))
-    sums.sigma2_count.view(-1).index_add_(0, flat_gs, scored.expand(m, J).reshape(-1))
+        a_.index_add_(0, scale_group, window.shell_sums(v, S))
+    sums.sigma2_count.index_add_(0, group, window.shell_sums(scored[None, :], S).expand(m, S))
     g_of_row = rows8.reshape(-1) // N_ROT_CHILDREN
     wrow = gsum.reshape(-1).double()
     sums.class_weight.index_add_(0, g_class[g_of_row], wrow)
