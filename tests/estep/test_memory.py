@@ -470,7 +470,7 @@ def test_expectation_reads_images_batch_by_batch(tmp_path, monkeypatch):
 def test_a_pass_over_cached_images_takes_each_batch_only_when_the_last_has_run(tmp_path, monkeypatch):
     """Reading ahead takes the next batch from the task pool while the current one runs; with every image in the GPU's
     cache there is nothing to read, and a batch taken early would leave one rank two batches at a pass's end. A batch's
-    results are stored (progress told) once the next batch's images are prepared, or at the pass's end."""
+    results are stored (progress told) once the next batch's E-step is queued, or at the pass's end."""
     from cryorefine.io.image_cache import ImageCache
     from cryorefine.refine import engine
     from cryorefine.refine.config import RefineConfig
@@ -512,8 +512,8 @@ def test_a_pass_over_cached_images_takes_each_batch_only_when_the_last_has_run(t
         return list(events)
 
     assert one_pass()[:3] == ["take", "take", "estep"]  # images to read: the second batch is taken (and read) ahead
-    # all cached: one batch at a time, each stored when the next is prepared
-    assert one_pass() == ["take", "estep", "take", "done", "estep", "take", "done", "estep", "done"]
+    # all cached: one batch at a time, each stored when the next one's E-step is queued
+    assert one_pass() == ["take", "estep", "take", "estep", "done", "take", "estep", "done", "done"]
 
 
 # ----------------------------------------------------------------------------- GPU

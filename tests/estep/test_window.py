@@ -19,3 +19,22 @@ def test_shell_sums_are_the_sums_over_each_shells_pixels(n_shells):
     assert got.shape == (3, n_shells) and got.dtype == torch.float64
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-9)
     assert (got[:, 0] == 0).all()  # no pixel of shell 0 in the window
+
+
+def test_power_beyond_the_window_is_summed_per_shell_up_to_nyquist():
+    """Window.beyond's pixels (the rfft half plane past the window, each conjugate pair once) and their per-shell sums
+    through its running counts, against bincount over the shells of the same pixels."""
+    from cryorefine.fourier.grids import counted_once_2d, shell_index_2d, sorted_shell_sums
+
+    box, S = 24, 13
+    window = Window.build(box, 7)
+    idx, ends, npix = window.beyond()
+    shells = shell_index_2d(box).flatten()
+    want_idx = torch.nonzero((shells > 7) & (shells < S) & counted_once_2d(box).flatten()).squeeze(1)
+    assert sorted(idx.tolist()) == want_idx.tolist()
+    np.testing.assert_array_equal(npix.numpy(), np.bincount(shells[idx].numpy(), minlength=S))
+    power = torch.rand(2, box * (box // 2 + 1), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    got = sorted_shell_sums(power[:, idx], ends)
+    want = np.stack([np.bincount(shells[idx].numpy(), p[idx].numpy(), minlength=S) for p in power])
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12)
+    assert (got[:, :8] == 0).all()  # nothing inside the window

@@ -10,7 +10,13 @@ import torch
 
 from ..ctf import PLAIN_CTF, CtfOptions, ctf_for_particles
 from ..fourier.filters import soft_mask_outside_map
-from ..fourier.grids import counted_once_2d, irfft2_centered, rfft2_centered, shell_index_2d
+from ..fourier.grids import (
+    counted_once_2d,
+    irfft2_centered,
+    rfft2_centered,
+    shell_index_2d,
+    sorted_shell_sums,
+)
 from ..fourier.shift import phase_shift_factors
 from ..io.table import ParticleTable, read_images
 from ..optics import IDENTITY_MAG, demodulation_factors, magnified
@@ -110,30 +116,28 @@ class Window:
 
     def shell_sums(self, values: torch.Tensor, n_shells: int) -> torch.Tensor:
         """(m, n_shells) Σ of ``values`` (m, j) over each shell's pixels, shells past n_shells − 1 counted in the
-        last: as differences of running sums at the shells' ends (the pixels are sorted by shell). On a GPU an
-        index_add_ of (m, j) float64 values into a few hundred shells made every addition an atomic on a contended
-        address (~1.5 ms a call at m = 1,024, j ≈ 20,000 on an H100)."""
+        last (fourier.grids.sorted_shell_sums)."""
         cache = self.__dict__.setdefault("_shell_ends", {})
         if n_shells not in cache:  # pixels with shell <= s, for each s; all of them for the last
             ends = np.searchsorted(self._host_shells(), np.arange(n_shells), side="right")
             ends[-1] = self.size
             cache[n_shells] = torch.as_tensor(ends, device=self.shell.device)
-        running = torch.nn.functional.pad(values.cumsum(1), (1, 0))  # (m, j + 1): Σ of the first k pixels
-        return torch.diff(running.index_select(1, cache[n_shells]), dim=1, prepend=running[:, :1])
+        return sorted_shell_sums(values, cache[n_shells])
 
     def beyond(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The rfft pixels past the window up to Nyquist, each conjugate pair once (fourier.grids.counted_once_2d):
-        (flat_index (b,), shell (b,), pixels per shell (d//2+1,)); made once per window."""
+        """The rfft pixels past the window up to Nyquist, each conjugate pair once (fourier.grids.counted_once_2d), by
+        shell: (flat_index (b,), the number of them in shells <= s (d//2+1,) for sorted_shell_sums, pixels per shell
+        (d//2+1,) float64); made once per window."""
         if "_beyond" not in self.__dict__:
             S = self.box // 2 + 1
             shells = shell_index_2d(self.box, self.shell.device).flatten()
             idx = torch.nonzero(
                 (shells > self.max_shell) & (shells < S) & counted_once_2d(self.box, self.shell.device).flatten()
             ).squeeze(1)
-            npix = torch.zeros(S, dtype=torch.float64, device=idx.device).index_add_(
-                0, shells[idx], torch.ones(idx.numel(), dtype=torch.float64, device=idx.device)
-            )
-            self._beyond = (idx, shells[idx], npix)
+            idx = idx[torch.argsort(shells[idx], stable=True)]
+            ends = torch.searchsorted(shells[idx], torch.arange(S, device=idx.device), right=True)
+            npix = torch.diff(ends, prepend=ends.new_zeros(1)).to(torch.float64)
+            self._beyond = (idx, ends, npix)
         return self._beyond
 
     def phase_shift_factors(self, offsets_px: torch.Tensor, j: int) -> torch.Tensor:
@@ -247,10 +251,8 @@ def prepare_batch(
     f_masked = rfft2_centered(masked).flatten(1)
     # RELION's noise statistics come from the masked image; beyond the window its power spectrum stands in for the
     # residual (storeWeightedSums fills σ² and the norm correction with it), up to Nyquist
-    beyond, beyond_shell, _ = window.beyond()
-    spectrum_outside = torch.zeros(len(indices), box // 2 + 1, dtype=torch.float64, device=f_masked.device).index_add_(
-        1, beyond_shell, (f_masked[:, beyond].abs() ** 2).double()
-    )
+    beyond, beyond_ends, _ = window.beyond()
+    spectrum_outside = sorted_shell_sums((f_masked[:, beyond].abs() ** 2).double(), beyond_ends)
     ctf, inv_sigma2 = ctf_and_inverse_noise(table, indices, group, window, sigma2, do_ctf, device, ctf_options)
     bp_ctf = None
     premultiplied = np.array([o.ctf_premultiplied for o in table.optics])[table.optics_group[indices]]

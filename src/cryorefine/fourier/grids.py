@@ -145,3 +145,12 @@ def shell_sum(values: torch.Tensor, shell: torch.Tensor, n_shells: int) -> torch
     """Σ of ``values`` per integer ``shell`` (same shape, 0 <= shell < n_shells), (n_shells,) float64."""
     out = torch.zeros(n_shells, dtype=torch.float64, device=values.device)
     return out.index_add_(0, shell.reshape(-1), values.reshape(-1).to(torch.float64))
+
+
+def sorted_shell_sums(values: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """(m, S) Σ of ``values`` (m, j), whose pixels are sorted by shell, over each shell: ``ends`` (S,) the number of
+    pixels in shells <= s. Differences of running sums at the shells' ends: on a GPU an index_add_ of every pixel into
+    a few hundred shells made each addition an atomic on a contended address (float64: ~1.5 ms a call at m = 1,024,
+    j ≈ 20,000 on an H100)."""
+    running = torch.nn.functional.pad(values.cumsum(1), (1, 0))  # (m, j + 1): Σ of the first k pixels
+    return torch.diff(running.index_select(1, ends), dim=1, prepend=running[:, :1])
