@@ -5,7 +5,9 @@ getAllSquaredDifferences here, at 0.55-0.67 TFLOP/s, before the blocks were chos
 
 Random map (box 256, pad 2, the grid windowed to the radius as the E-step stores it), n particles each with L
 candidate rotations within a few degrees of its own, T translations, the pixels of the half plane inside the radius.
-Errors: max |Δ| / max |x| against the float64 PyTorch path (diff2.local_scores_gathered) on the first particles.
+Times: the median of 5 CUDA-event-timed calls after two warm-ups (precision_modes.cuda_ms; NaN in a dry run on the CPU
+under TRITON_INTERPRET=1). Errors: max |Δ| / max |x| against the float64 PyTorch path (diff2.local_scores_gathered) on
+the first particles.
 
 usage (device): python bench/local_kernel.py OUT.json [--n 1024] [--box 256] [--radius 80] [--TL 9x192,21x128]
                                               [--sweep 'BLOCK_L;BLOCK_J;WARPS']
@@ -17,7 +19,6 @@ import argparse
 import itertools
 import json
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,24 +29,7 @@ from cryorefine.estep import fused_local  # noqa: E402
 from cryorefine.estep.diff2 import local_scores_gathered  # noqa: E402
 from cryorefine.geometry.euler import euler_to_matrix  # noqa: E402
 from cryorefine.projection.extract import prepare_padded_transform, window_grid_size  # noqa: E402
-
-
-def timed(fn, repeats: int = 5) -> float:
-    fn()
-    if not torch.cuda.is_available():  # a dry run under TRITON_INTERPRET=1 on the CPU
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) / 1e3)
-    return sorted(times)[len(times) // 2]
+from precision_modes import cuda_ms  # noqa: E402  (bench/: the script's folder)
 
 
 def main() -> None:
@@ -90,7 +74,7 @@ def main() -> None:
             fused_local.BLOCK_L, fused_local.BLOCK_J, fused_local.NUM_WARPS = bl, bj, nw
             try:
                 out = fused_local.local_scores(ref, R, idx, ky, kx, a, b)
-                t = timed(lambda: fused_local.local_scores(ref, R, idx, ky, kx, a, b))
+                t = cuda_ms(lambda: fused_local.local_scores(ref, R, idx, ky, kx, a, b), 5) / 1e3
             except Exception as exc:  # noqa: BLE001 - a block shape that does not compile is a result too
                 print(f"T={T} L={L} blocks {bl}x{bj} warps {nw}: failed: {exc!s:.200}")
                 continue
