@@ -356,6 +356,8 @@ class AutoRefineMode:
     def write_files(self, ctx: RunContext, state: RunState, info: dict) -> list[str] | None:
         cfg, m, final = ctx.cfg, info["m"], state.schedule.final_iteration
         pre = it_prefix(ctx.root, state.iteration)
+        volume = m.final_map if final else state.maps[0]  # first: the report's worker draws while the files are written
+        steps.submit_report(ctx, state, state.fsc.numpy(), to_host([volume])[0], force=final)
         halves = [f"{pre}_half{h}_class001.mrc" for h in (1, 2)]
         write_maps(halves, m.unfiltered if final else state.maps, cfg.angpix)
         if final:
@@ -377,8 +379,6 @@ class AutoRefineMode:
             write_angdist_bild(
                 f"{ctx.root}_class001_angdist.bild", p.rot_deg, p.tilt_deg, radius, ctx.box // 2, cfg.angpix
             )
-        volume = m.final_map if final else state.maps[0]
-        steps.submit_report(ctx, state, state.fsc.numpy(), to_host([volume])[0], force=final)
         # the final iteration's half maps are the unfiltered ones: the checkpoint keeps the maps themselves
         return None if final else halves
 

@@ -232,6 +232,10 @@ class ClassifyMode:
         cfg, classes = ctx.cfg, state.classes
         assert classes is not None
         pre = it_prefix(ctx.root, state.iteration)
+        n_sh = ctx.box // 2 + 1
+        # first: the report's worker draws while the files are written
+        (biggest,) = to_host([state.maps[int(torch.argmax(classes.prior))]])
+        steps.submit_report(ctx, state, np.zeros(n_sh), biggest, force=state.iteration >= cfg.max_iter)
         files = [f"{pre}_class{k + 1:03d}.mrc" for k in range(self.K)]
         write_maps(files, state.maps, cfg.angpix)
         stats = state.stats[0]
@@ -249,7 +253,6 @@ class ClassifyMode:
             }
             for k in range(self.K)
         ]
-        n_sh = ctx.box // 2 + 1
         tables = [
             class_table(ctx, t.cpu(), r, c)
             for t, r, c in zip(info["class_tau2"], info["class_ssnr"], info["class_completeness"])
@@ -265,8 +268,6 @@ class ClassifyMode:
         )
         write_particles(f"{pre}_data.star", ctx.table, **data_columns(ctx, state, random_subset=False))
         write_sampling(ctx, state, pre)
-        (biggest,) = to_host([state.maps[int(torch.argmax(classes.prior))]])
-        steps.submit_report(ctx, state, np.zeros(n_sh), biggest, force=state.iteration >= cfg.max_iter)
         return files
 
     def summary(self, ctx: RunContext, state: RunState) -> dict:

@@ -211,5 +211,5 @@ def open_run(cfg: RefineConfig, dist: Dist | None, volumes: dict) -> RunContext:
         )
     return RunContext(
         cfg, dist, table, device, solvent_mask, log, StageTimer(device), TaskPool(dist), images, BackgroundWriter(),
-        ReportRefresher(), relion_groups(table), memory_batch, scratch,
+        ReportRefresher(log.line), relion_groups(table), memory_batch, scratch,
     )  # fmt: skip

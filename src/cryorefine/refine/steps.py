@@ -4,9 +4,11 @@ accuracy, and the solvent flattening of new references."""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -391,13 +393,10 @@ def base_record(ctx: RunContext, state: RunState, plan: IterationPlan, poses: Pa
 
 
 def submit_report(ctx: RunContext, state: RunState, fsc: np.ndarray, volume: np.ndarray, force: bool) -> None:
-    """report.html of ``state`` to the run's refresher (written now if due or ``force``d; skipped where matplotlib is
-    missing)."""
-    try:
-        from ..report import write_report
-    except ImportError:
+    """report.html of ``state`` to the run's refresher (drawn in its worker process if due or ``force``d; skipped
+    where matplotlib is missing). Of the poses the report takes the angles only, so that the worker imports no torch."""
+    if importlib.util.find_spec("matplotlib") is None:
         return
-    root, history = Path(ctx.root), list(state.history)
-    ctx.report.submit(
-        lambda: write_report(root.parent, str(root), history, fsc, ctx.box, ctx.angpix, state.poses, volume), force
-    )
+    root, p = Path(ctx.root), state.poses
+    angles = SimpleNamespace(rot_deg=p.rot_deg.copy(), tilt_deg=p.tilt_deg.copy())
+    ctx.report.submit((root.parent, str(root), list(state.history), fsc, ctx.box, ctx.angpix, angles, volume), force)
