@@ -1,0 +1,40 @@
+#!/bin/bash
+# The usual device call of issue 23 in one command, its results in two files under $OUT (a call brings back 8 files at
+# most, and a long output's head is lost): summary.txt, the lines to read, and session.tgz, every log, report and
+# profile. In order: `pytest -m gpu tests`, then `paper_bench.sh run` of each set (clean starts), then the profiles.
+#   bash bench/device_session.sh [SETS] [PROFILES]        e.g. bench/device_session.sh "trpv1 betagal" "trpv1:12"
+# SETS: paper_bench sets ("-" for none); PROFILES: SET:ITERATIONS for bench/profile_iteration.sh (after its set ran).
+# GPU_TESTS=0 skips the tests. Budgets: trpv1 130 s, betagal 80 s (reserve 25 s), others 480 s.
+set -uo pipefail
+sets=${1:-"trpv1 betagal"}; profiles=${2:-}
+[ "$sets" = "-" ] && sets=""
+final=${OUT:?OUT: the folder whose files come back}
+work=$(mktemp -d)
+summary=$final/summary.txt
+source bench/device_env.sh
+export OUT=$work out=$work  # the steps below write their files here
+say() { echo "$@" | tee -a "$summary"; }
+say "device: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); tree: $(git log -1 --format=%h 2>/dev/null) (the device's git may be stale); $(date -u +%FT%TZ)"
+if [ "${GPU_TESTS:-1}" != 0 ]; then
+  timeout 300 python3 -m pytest -m gpu tests -q -p no:warnings --tb=short > "$work/gpu_tests.txt" 2>&1
+  say "gpu tests: $(grep -E '[0-9]+ (passed|failed)' "$work/gpu_tests.txt" | tail -1)"
+  grep -E "^(FAILED|ERROR) |^E  " "$work/gpu_tests.txt" | head -20 | tee -a "$summary"
+fi
+for s in $sets; do
+  case $s in
+    trpv1) args="130" ;;
+    betagal) args="80 --reserve 25" ;;
+    *) args="480" ;;
+  esac
+  # shellcheck disable=SC2086
+  bash bench/paper_bench.sh run "$s" $args --cpu_n 0 > "$work/$s-call-out.log" 2>&1
+  say "$s: $(grep -E 'call took' "$work/$s-call-out.log" | tail -1)"
+  md=$(ls "$work"/*-"$s".md 2>/dev/null | head -1)
+  [ -n "$md" ] && grep -E "^\| (wall time|iterations|gold-standard|GPU busy)" "$md" | tee -a "$summary"
+done
+for p in $profiles; do
+  PROFILE_TIMEOUT=150 bash bench/profile_iteration.sh "${p%%:*}" "${p#*:}" > "$work/profile-${p%%:*}-out.log" 2>&1
+  head -16 "$work/profile-${p%%:*}-torch.txt" 2>/dev/null | tee -a "$summary"
+done
+tar czf "$final/session.tgz" -C "$work" .
+say "session.tgz: $(ls "$work" | wc -l) files"
