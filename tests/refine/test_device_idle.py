@@ -60,7 +60,7 @@ def test_only_the_outermost_operators_of_a_thread_count():
 def test_host_during_a_gap_names_its_operators_and_the_python_between():
     ops = [HostOp("aten::item", 0, 1500, 7), HostOp("aten::index", 4000, 6000, 7), HostOp("aten::copy_", 0, 9000, 8)]
     # gap 1000..9000 us: item's last 0.5 ms, index 2 ms, the rest (5.5 ms) between operators; thread 8 not counted
-    assert host_during(ops, 1000, 9000, main_thread=7) == (
+    assert host_during(top_level([o for o in ops if o.thread == 7]), 1000, 9000) == (
         "host: aten::index 2.0 ms, aten::item 0.5 ms, between operators 5.5 ms"
     )
 

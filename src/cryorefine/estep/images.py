@@ -119,9 +119,9 @@ class Window:
         last (fourier.grids.sorted_shell_sums)."""
         cache = self.__dict__.setdefault("_shell_ends", {})
         if n_shells not in cache:  # pixels with shell <= s, for each s; all of them for the last
-            ends = np.searchsorted(self._host_shells(), np.arange(n_shells), side="right")
+            ends = torch.searchsorted(self.shell, torch.arange(n_shells, device=self.shell.device), right=True)
             ends[-1] = self.size
-            cache[n_shells] = torch.as_tensor(ends, device=self.shell.device)
+            cache[n_shells] = ends
         return sorted_shell_sums(values, cache[n_shells])
 
     def beyond(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -76,14 +76,10 @@ def top_level(ops: list[HostOp]) -> list[HostOp]:
     return out
 
 
-def host_during(ops: list[HostOp], start: float, end: float, main_thread: int, top: int = 3) -> str:
-    """What the host's ``main_thread`` did in [start, end]: its top-level operators' time there by name (the ``top``
-    longest), and the rest, time in Python between operators (where a GPU waits for the host to queue work)."""
-    return _outer_during(top_level([o for o in ops if o.thread == main_thread]), start, end, top)
-
-
-def _outer_during(outer: list[HostOp], start: float, end: float, top: int = 3) -> str:
-    """host_during's text from one thread's outermost operators ``outer``."""
+def host_during(outer: list[HostOp], start: float, end: float, top: int = 3) -> str:
+    """What one host thread did in [start, end], given its outermost operators ``outer`` (top_level): their time there
+    by name (the ``top`` longest), and the rest, time in Python between operators (where a GPU waits for the host to
+    queue work)."""
     spent: dict[str, float] = {}
     for op in outer:
         t = min(op.end_us, end) - max(op.start_us, start)
@@ -122,6 +118,6 @@ def idle_report(
     lines.append("longest gaps (s, at s from the start, in):")
     outer = None if host_ops is None else top_level([o for o in host_ops if o.thread == main_thread])  # once
     for s, e in sorted(gaps, key=lambda g: g[0] - g[1])[:top]:
-        host = "" if outer is None else "; " + _outer_during(outer, s, e)
+        host = "" if outer is None else "; " + host_during(outer, s, e)
         lines.append(f"  {(e - s) / 1e6:.4f} at {(s - start) / 1e6:.3f} in {innermost(ranges, s)}{host}")
     return "\n".join(lines)
