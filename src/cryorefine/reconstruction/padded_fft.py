@@ -45,9 +45,10 @@ class SlabDevices:
     buffer: torch.device | None = None
 
     def buffer_like(self, shape: tuple[int, ...], cube: torch.Tensor) -> torch.Tensor:
+        """The P × P × m buffer, complex of ``cube``'s precision (complex64 for float32, complex128 for float64)."""
         device = self.buffer or cube.device
         pin = device.type == "cpu" and (self.transforms or cube.device).type == "cuda"  # pinned: faster copies
-        return torch.empty(shape, dtype=torch.complex128, device=device, pin_memory=pin)
+        return torch.empty(shape, dtype=torch.promote_types(cube.dtype, torch.complex64), device=device, pin_memory=pin)
 
     def to_transforms(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.transforms is None else x.to(self.transforms)
@@ -62,10 +63,10 @@ def _zy_inverse(
     """Inverse transforms along the centred z and y axes of a cube (n, n, m) embedded in a ``size``-point grid, the
     cube's x columns x0..x1 − 1 given by ``columns(x0, x1)`` on the transforms' device: (rows, rows, m), the real-space
     rows −rows//2 .. rows − rows//2 − 1 of both (all ``size`` in the standard layout when rows == size), in a buffer
-    on ``devices.buffer`` (default ``like``'s device)."""
+    on ``devices.buffer`` (default ``like``'s device) of ``like``'s precision."""
     out = devices.buffer_like((rows, rows, m), like)
     for x0, x1 in _slabs(m, 48 * size * size):
-        slab = columns(x0, x1).to(torch.complex128)
+        slab = columns(x0, x1).to(out.dtype)
         slab = torch.fft.ifft2(origin_first(origin_first(slab, 0, size), 1, size), dim=(0, 1), norm=norm)
         out[:, :, x0:x1] = slab if rows == size else centred_take(centred_take(slab, 0, rows), 1, rows)
     return out
@@ -79,12 +80,13 @@ def row_slabs(size: int) -> list[tuple[int, int]]:
 def blob_convolution(
     columns, n: int, m: int, size: int, multiplier_rows, consume, devices: SlabDevices, like: torch.Tensor
 ) -> None:
-    """|a ∗ blob| on a cube a (n, n, m) real (float64), the convolution done as RELION's gridding does it on the whole
+    """|a ∗ blob| on a cube a (n, n, m) real, the convolution done as RELION's gridding does it on the whole
     ``size``-point grid: inverse transform (unscaled), product with the blob's real-space transform, forward transform
     (scaled by 1/size³). By slabs on the transforms' device: a's x columns x0..x1 − 1 come from ``columns(x0, x1)``
     and the result's go to ``consume(x0, x1, values)`` once every column has been read (so it may update what
     ``columns`` reads); ``multiplier_rows(z0, z1)`` is the product's factor for real-space rows z0..z1 − 1 (standard
-    layout), (z1 − z0, size, size). ``like``: a tensor on the cube's device."""
+    layout), (z1 − z0, size, size). ``like``: a tensor on the cube's device, of a's precision (float32: the transforms
+    in complex64)."""
     g = _zy_inverse(columns, n, m, size, size, "forward", devices, like)  # (size, size, m): real z, y; frequency x
     for z0, z1 in row_slabs(size):
         real = torch.fft.irfft(devices.to_transforms(g[z0:z1]), n=size, dim=-1, norm="forward")

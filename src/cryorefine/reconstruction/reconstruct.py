@@ -18,6 +18,9 @@ MIN_REGULARISED_SHELL = 5  # RELION's minres_map: no prior term on the lowest sh
 GRIDDING_ITERATIONS = 10  # RELION 3.1's --gridding_iter (its default; RELION >= 4 skips them: --skip_gridding, 0)
 BLOB_RADIUS, BLOB_ALPHA = 3.8, 15.0  # RELION's back-projector blob (TabFtBlob: 2 × 1.9 padded voxels, order 0)
 BLOB_TABLE_STEP, BLOB_TABLE_SIZE = 0.5 / 10000, 10000  # its table: lookups round down to a sample, 0 past 0.5
+# W's ceiling in the gridding iterations: W grows 10⁶-fold an iteration where no weight lies within the blob's reach
+# (|conv| at its 10⁻⁶ floor), which overflows float32 by the 7th; there W multiplies zero weights and data only
+W_CEILING = 1e30
 
 
 def padded_shell_index(size: int, pad: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,18 +188,45 @@ def gridding_weights(
     ``weight`` is a centred half-grid cube (n, n, m) about the origin that holds every voxel of the window (zero
     outside), with the prior term, in RELION's units per particle (normalised by the particle count, as RELION's
     M-step: that sets where the 10⁻⁶ floor acts); ``inside`` the voxels within the window; ``devices``: where the
-    transforms and their buffer are (padded_fft.SlabDevices). Returns W (same shape): the map is data·W instead of
-    data/weight."""
-    w_new = inside.to(torch.float64)
+    transforms and their buffer are (padded_fft.SlabDevices). Returns W (same shape, float32): the map is data·W
+    instead of data/weight.
+    Precision (RELION works in double): the first iteration in ``weight``'s (float64 from reconstruct()), as its
+    convolution spans the weights' whole range (10⁴ and more from the origin to the window's edge; float32 transforms
+    leave errors there that the later iterations correct only slowly); the others, where W·weight is near 1 everywhere,
+    in float32, whose transforms move half the bytes. The map then differs from float64's by ~1e-6 of its peak
+    (tests/reconstruction/test_padded_fft.py)."""
+    w_new = inside.to(weight.dtype)
+    for first, count in ((True, min(iterations, 1)), (False, iterations - 1)):
+        if not first:
+            weight, w_new = weight.to(torch.float32), w_new.to(torch.float32)
+        if count > 0:
+            w_new = _gridding_iterations(w_new, weight, inside, count, size, devices, padded_size)
+    return w_new.to(torch.float32)
+
+
+def _gridding_iterations(
+    w_new: torch.Tensor,
+    weight: torch.Tensor,
+    inside: torch.Tensor,
+    iterations: int,
+    size: int,
+    devices: SlabDevices,
+    padded_size: int | None,
+) -> torch.Tensor:
+    """gridding_weights' iterations from W = ``w_new``, in ``weight``'s precision."""
     on = devices.transforms or weight.device
+
+    def rows_of(rows: tuple[int, int]) -> torch.Tensor:
+        return blob_fourier_multiplier(size, rows, on, padded_size).to(weight.dtype)
+
     # the factor is made once (by slabs) when the whole of it is at most a slab's bytes, else a slab's rows when the
     # slab is transformed
     whole = None
     if 8 * size**3 <= padded_fft.SLAB_BYTES:
-        whole = torch.cat([blob_fourier_multiplier(size, r, on, padded_size) for r in padded_fft.row_slabs(size)])
+        whole = torch.cat([rows_of(r) for r in padded_fft.row_slabs(size)])
 
     def multiplier(z0: int, z1: int) -> torch.Tensor:
-        return whole[z0:z1] if whole is not None else blob_fourier_multiplier(size, (z0, z1), on, padded_size)
+        return whole[z0:z1] if whole is not None else rows_of((z0, z1))
 
     # W, the weights and the window by x columns: views of the cube, or (transforms on another device) x-major copies
     # in pinned memory, so that each slab is one contiguous transfer
@@ -211,7 +241,7 @@ def gridding_weights(
 
     def update(x0: int, x1: int, conv: torch.Tensor) -> None:  # W / max(10⁻⁶, |conv|) inside the window
         w = slab(by_x[0], x0, x1)
-        new = torch.where(slab(by_x[2], x0, x1), w / conv.clamp(min=1e-6), w)
+        new = torch.where(slab(by_x[2], x0, x1), w / conv.clamp(min=1e-6), w).clamp_(max=W_CEILING)
         if apart:
             by_x[0][x0:x1].copy_(new.permute(2, 0, 1))
         else:
