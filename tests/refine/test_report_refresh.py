@@ -51,3 +51,48 @@ def test_without_a_worker_process_the_run_draws_the_report(tmp_path, monkeypatch
     refresher.submit((tmp_path / "a",), force=True)
     assert int((tmp_path / "a").read_text()) == os.getpid()
     assert len(said) == 1 and "no worker process (no processes left)" in said[0]
+
+
+def _ends_the_worker(path):
+    if int(os.environ.get("REPORT_TEST_PARENT", "0")) != os.getpid():  # in the worker: end it as a kill would
+        os._exit(1)
+    _pid_to(path)
+
+
+def test_a_worker_that_ends_leaves_the_reports_to_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPORT_TEST_PARENT", str(os.getpid()))
+    said: list[str] = []
+    refresher = ReportRefresher(said.append, _ends_the_worker)
+    refresher.submit((tmp_path / "a",), force=True)
+    refresher.submit((tmp_path / "b",), force=True)
+    refresher.flush()
+    assert int((tmp_path / "a").read_text()) == os.getpid() == int((tmp_path / "b").read_text())
+    assert said == ["report.html drawn in the run's process: its worker process ended"]
+
+
+SCRIPT = """
+import os, sys
+sys.path.insert(0, {tests!r})
+with open({runs!r}, "a") as f:  # the script's top level, without a main guard
+    f.write(str(os.getpid()) + "\\n")
+from cryorefine.refine.report_refresh import ReportRefresher
+from test_report_refresh import _pid_to
+r = ReportRefresher(print, _pid_to)
+r.submit(({drawn!r},), force=True)
+r.flush()
+"""
+
+
+def test_a_script_without_a_main_guard_is_not_run_again_by_the_worker(tmp_path):
+    """multiprocessing's spawn runs a script's top level again in a new process unless it is guarded: a user's
+    script calling cryorefine would start its work over in the report's worker."""
+    import subprocess
+    import sys
+
+    runs, drawn = tmp_path / "runs", tmp_path / "drawn"
+    script = tmp_path / "user_script.py"
+    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), runs=str(runs), drawn=str(drawn)))
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    (pid,) = runs.read_text().split()  # the top level ran once: in the script's process
+    assert int(drawn.read_text()) != int(pid)  # the report drawn by the worker

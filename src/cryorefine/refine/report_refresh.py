@@ -3,10 +3,14 @@ process."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.machinery
 import multiprocessing
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 REPORT_INTERVAL_S = 30.0
 
@@ -25,14 +29,16 @@ class ReportRefresher:
     A worker process draws them (spawned at the first refresh, kept for the run): the plots take ~1.4 s of CPU (a 256³
     map, 5,000 particles; 2-core machine), which in the run's process held the interpreter lock that the thread
     queuing the GPU's work needs, and the final report is drawn while the final maps are written. Where no worker
-    process can start, the report is drawn in the run's process. ``warn`` is told (one line) when a report could not
-    be drawn; the run goes on. ``draw`` (picklable, module-level): what draws, given submit's arguments."""
+    process can start, or the worker ends (killed), the reports are drawn in the run's process. ``warn`` is told (one
+    line) when a report could not be drawn; the run goes on. ``draw`` (picklable, module-level): what draws, given
+    submit's arguments."""
 
     def __init__(self, warn: Callable[[str], None] = print, draw: Callable[..., None] = draw_report) -> None:
         self._written = time.monotonic()
         self._pending: tuple | None = None
-        self._drawing: Future | None = None
+        self._drawing: tuple[Future, tuple] | None = None  # the report being drawn and its arguments
         self._pool: ProcessPoolExecutor | None = None
+        self._in_process = False  # the worker ended: the run's process draws the rest
         self._warn, self._draw = warn, draw
 
     def submit(self, args: tuple, force: bool = False) -> None:
@@ -41,7 +47,7 @@ class ReportRefresher:
         self._pending = args
         if force:
             self._wait()
-        elif self._drawing is not None and self._drawing.done():
+        elif self._drawing is not None and self._drawing[0].done():
             self._wait()  # its error, if any, told
         if force or (self._drawing is None and time.monotonic() - self._written >= REPORT_INTERVAL_S):
             self._start()
@@ -61,22 +67,54 @@ class ReportRefresher:
             return
         args, self._pending = self._pending, None
         self._written = time.monotonic()
+        if self._in_process:
+            self._report(lambda: self._draw(*args))
+            return
         try:
-            if self._pool is None:
-                self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-            self._drawing = self._pool.submit(self._draw, *args)
+            with _main_module_not_rerun():  # the worker starts at the pool's first submit
+                if self._pool is None:
+                    self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+                self._drawing = (self._pool.submit(self._draw, *args), args)
         except (OSError, RuntimeError) as exc:  # no worker (a broken pool is a RuntimeError too): draw it here
             self._warn(f"report.html drawn in the run's process: no worker process ({exc})")
-            self._pool = None
+            self._pool, self._in_process = None, True
             self._report(lambda: self._draw(*args))
 
     def _wait(self) -> None:
-        if self._drawing is not None:
-            drawing, self._drawing = self._drawing, None
-            self._report(drawing.result)
+        if self._drawing is None:
+            return
+        (drawing, args), self._drawing = self._drawing, None
+
+        def result() -> None:
+            try:
+                drawing.result()
+            except BrokenProcessPool:  # the worker ended (killed, out of memory): this one and the rest drawn here
+                self._warn("report.html drawn in the run's process: its worker process ended")
+                self._pool, self._in_process = None, True
+                self._draw(*args)
+
+        self._report(result)
 
     def _report(self, draw: Callable[[], None]) -> None:
         try:
             draw()
         except Exception as exc:  # noqa: BLE001 - a report problem never stops a refinement
             self._warn(f"report.html not written: {type(exc).__name__}: {exc}")
+
+
+@contextlib.contextmanager
+def _main_module_not_rerun() -> Iterator[None]:
+    """While a spawned process starts: the program's main module named as ``__main__`` to multiprocessing, which then
+    does not run it again in the new process (it re-runs a script given by path, and a script calling cryorefine
+    without an ``if __name__ == "__main__":`` guard would start its work over in the report's worker). The worker
+    needs nothing from it."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    spec = getattr(main, "__spec__", None)
+    main.__spec__ = importlib.machinery.ModuleSpec("__main__", None)
+    try:
+        yield
+    finally:
+        main.__spec__ = spec
