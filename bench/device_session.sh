@@ -5,6 +5,9 @@
 #   bash bench/device_session.sh [SETS] [PROFILES]        e.g. bench/device_session.sh "trpv1 betagal" "trpv1:12"
 # SETS: paper_bench sets ("-" for none); PROFILES: SET:ITERATIONS for bench/profile_iteration.sh (after its set ran).
 # GPU_TESTS=0 skips the tests. Budgets: trpv1 130 s, betagal 80 s (reserve 25 s), others 480 s.
+# MSTEP_BEFORE=DIR (a src/ folder of an earlier tree, carried: e.g. `git archive REV src | tar -x -C .before`) first
+# times the M-step's reconstruct() at TRPV1's size (bench/mstep_timing.py: box 256, window 80 and whole) with that
+# src/ and this one, alternating, twice each.
 set -uo pipefail
 sets=${1:-"trpv1 betagal"}; profiles=${2:-}
 [ "$sets" = "-" ] && sets=""
@@ -19,6 +22,15 @@ if [ "${GPU_TESTS:-1}" != 0 ]; then
   timeout 300 python3 -m pytest -m gpu tests -q -p no:warnings --tb=short > "$work/gpu_tests.txt" 2>&1
   say "gpu tests: $(grep -E '[0-9]+ (passed|failed)' "$work/gpu_tests.txt" | tail -1)"
   grep -E "^(FAILED|ERROR) |^E  " "$work/gpu_tests.txt" | head -20 | tee -a "$summary"
+fi
+if [ -n "${MSTEP_BEFORE:-}" ]; then
+  for rep in 1 2; do
+    for tree in "$MSTEP_BEFORE" "$PWD/src"; do
+      PYTHONPATH=/tmp/site:$tree python3 bench/mstep_timing.py "$work/mstep-$rep" --box 256 --window 80 \
+        --devices cuda 2>&1 | sed "s|^|$tree: |" >> "$work/mstep_ab.txt"
+    done
+  done
+  grep "'device'" "$work/mstep_ab.txt" | tee -a "$summary"
 fi
 for s in $sets; do
   case $s in

@@ -200,8 +200,13 @@ def _decaying_accumulators(box: int, pad: int, seed: int) -> BackProjector:
     return bp
 
 
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, NEEDS_CUDA])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("shell", [14, None])
-def test_gridding_in_float32_gives_the_float64_map(shell, monkeypatch):
+def test_gridding_in_float32_gives_the_float64_map(shell, device, monkeypatch):
     """reconstruct() runs RELION's gridding iterations after the first in float32 (RELION: double): against all ten
     in float64 the map differs by ~1e-6 of its peak, also where the weights span 10⁴ (all ten in float32: 6e-5 for
     the unregularised whole map) and where a region of the window has none (there W grows 10⁶-fold an iteration,
@@ -213,8 +218,9 @@ def test_gridding_in_float32_gives_the_float64_map(shell, monkeypatch):
         return reconstruct_module._gridding_iterations(start, weight, inside, iterations, size, devices, padded_size)
 
     box, pad = 40, 2
-    bp = _decaying_accumulators(box, pad, 8)
-    tau2 = torch.logspace(1, -3, box // 2 + 1, dtype=torch.float64)
+    host = _decaying_accumulators(box, pad, 8)
+    bp = BackProjector(host.data.to(device), host.weight.to(device), box, pad)
+    tau2 = torch.logspace(1, -3, box // 2 + 1, dtype=torch.float64, device=device)
     for regularised in (tau2, None):
         got = reconstruct(bp, regularised, 4.0, shell, particles=300.0)
         monkeypatch.setattr(reconstruct_module, "gridding_weights", in_float64)
