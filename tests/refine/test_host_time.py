@@ -1,5 +1,6 @@
 """run.log's host-only times: planning and the wait for the last iteration's files, the gaps in which the GPU has
-nothing queued (refine/timing.StageTimer.host), are measured where they happen."""
+nothing queued (refine/timing.StageTimer.host), are measured where they happen; the process's start-up (to its first
+E-step batch) is told in its first iteration."""
 
 import re
 import threading
@@ -42,3 +43,19 @@ def test_the_wait_for_slow_files_is_in_the_next_iteration(tmp_path, monkeypatch)
     # counted in the next iteration: after iteration 1 nothing was in flight; after iteration 2 iteration 1's files
     # were, for SLOW_FILES_S at least
     assert len(waits) == 2 and waits[0] < 0.05 and waits[1] >= SLOW_FILES_S - 0.05, lines
+    # the process's start-up is told once, in its first iteration
+    assert ["first batch" in x for x in lines] == [True, False, False], lines
+
+
+def test_seconds_since_process_start_against_the_parents_clock():
+    """A child process that sleeps 1 s before asking: at least that, at most the parent's wall time from before the
+    child was started to its answer."""
+    import subprocess
+    import sys
+
+    code = "import time; time.sleep(1.0); from cryorefine.refine.timing import seconds_since_process_start as s; "
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code + "print(s())"], capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - t0
+    told = float(out.stdout)
+    assert 1.0 <= told <= wall + 0.02, (told, wall)  # /proc's times are in 10 ms ticks

@@ -7,7 +7,8 @@ from typing import Protocol
 
 
 class Stages(Protocol):
-    """Times the paper's stages by name, their sub-stages, and counts floating-point operations and memory traffic."""
+    """Times the paper's stages by name, their sub-stages, and counts floating-point operations and memory traffic;
+    told when each E-step batch begins (the process's start-up ends at the first)."""
 
     def __call__(self, name: str) -> AbstractContextManager: ...
 
@@ -16,6 +17,8 @@ class Stages(Protocol):
     def add_flops(self, name: str, flops: float, shapes=()) -> None: ...
 
     def add_bytes(self, name: str, nbytes: float) -> None: ...
+
+    def first_batch(self) -> None: ...
 
 
 class NoStages:
@@ -31,6 +34,9 @@ class NoStages:
         return None
 
     def add_bytes(self, name: str, nbytes: float) -> None:
+        return None
+
+    def first_batch(self) -> None:
         return None
 
 

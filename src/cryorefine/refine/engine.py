@@ -411,6 +411,7 @@ def run_expectation(
     # them and began the next E-step (~9 ms a batch on an H100, TRPV1-like local iterations)
     pending: tuple[np.ndarray, OpticsFrame, BatchPoses, torch.Tensor | None] | None = None
     for b, loaded in loaded_batches:
+        timer.first_batch()
         idx, frame = batches[b], frames[b]
         with timer("getFourierTransformsAndCTFs"):
             images = cache.images(idx, loaded, frame.window.box)

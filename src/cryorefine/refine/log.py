@@ -27,6 +27,8 @@ class RunLog:
         stages = " ".join(f"{k}={v:.1f}s" for k, v in r["stages"].items())
         host = ", ".join(f"{k} {v:.1f}s" for k, v in (r.get("host_s") or {}).items())
         stages += f"; host: {host}" if host else ""
+        if r.get("startup_s") is not None:  # this process's start to its first E-step batch
+            stages += f"; first batch {r['startup_s']:.1f}s after the process started"
         mode = "local" if r["local"] else "global"
         extra = ""
         if "class_distribution" in r:

@@ -131,6 +131,7 @@ def iterate(mode: Mode, ctx: RunContext, state: RunState, clock: float) -> tuple
     if ctx.dist.is_main:
         with ctx.timer("M-step"):
             new, record, info = mode.conclude(ctx, state, plan, estep, poses)
+        startup = ctx.timer.take_startup()
         record = {
             **record,
             **ranks,
@@ -138,6 +139,7 @@ def iterate(mode: Mode, ctx: RunContext, state: RunState, clock: float) -> tuple
             "stages": ctx.timer.reset(),
             "counters": ctx.timer.reset_counters(),
             "host_s": ctx.timer.reset_host(),
+            **({} if startup is None else {"startup_s": startup}),
         }
         new = replace(new, history=new.history + (record,))
     else:  # rank 0's record holds rank 0's stage times and counters

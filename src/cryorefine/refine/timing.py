@@ -11,9 +11,11 @@ device memory a memory-bound stage must read or write at least once (its achieve
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter, defaultdict
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -35,6 +37,21 @@ class StageTimer:
         self.flops = defaultdict(float)
         self.shapes = defaultdict(Counter)
         self.bytes = defaultdict(float)
+        self._first_batch_seen = False
+        self._startup_s: float | None = None
+
+    def first_batch(self) -> None:
+        """Called as each E-step batch begins: the first call of the process notes the seconds since the process
+        started (imports, device start, inputs read, the first plan; issue 23's start-up), for take_startup."""
+        if not self._first_batch_seen:
+            self._first_batch_seen = True
+            self._startup_s = seconds_since_process_start()
+
+    def take_startup(self) -> float | None:
+        """The start-up first_batch noted (None if not noted, or taken already: only the process's first iteration
+        has one)."""
+        out, self._startup_s = self._startup_s, None
+        return out
 
     def _resolve(self) -> None:
         """Add the spans of the recorded CUDA events (waits for the last one)."""
@@ -127,6 +144,16 @@ class StageTimer:
         self.shapes.clear()
         self.bytes.clear()
         return out
+
+
+def seconds_since_process_start() -> float | None:
+    """Wall seconds since this process started, from Linux's /proc (10 ms resolution); None where it cannot be read."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        uptime_s = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime_s - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 @contextmanager
