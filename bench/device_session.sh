@@ -7,7 +7,7 @@
 # GPU_TESTS=0 skips the tests. Budgets: trpv1 130 s, betagal 80 s (reserve 25 s), others 480 s.
 # MSTEP_BEFORE=DIR (a src/ folder of an earlier tree, carried: e.g. `git archive REV src | tar -x -C .before`) first
 # times the M-step's reconstruct() at TRPV1's size (bench/mstep_timing.py: box 256, window 80 and whole) with that
-# src/ and this one, alternating, twice each.
+# src/ and this one, alternating, twice each (MSTEP_ARGS, default "--box 256 --window 80 --devices cuda").
 set -uo pipefail
 sets=${1:-"trpv1 betagal"}; profiles=${2:-}
 [ "$sets" = "-" ] && sets=""
@@ -26,8 +26,9 @@ fi
 if [ -n "${MSTEP_BEFORE:-}" ]; then
   for rep in 1 2; do
     for tree in "$MSTEP_BEFORE" "$PWD/src"; do
-      PYTHONPATH=/tmp/site:$tree python3 bench/mstep_timing.py "$work/mstep-$rep" --box 256 --window 80 \
-        --devices cuda 2>&1 | sed "s|^|$tree: |" >> "$work/mstep_ab.txt"
+      # shellcheck disable=SC2086
+      PYTHONPATH=/tmp/site:$tree python3 bench/mstep_timing.py "$work/mstep-$rep" \
+        ${MSTEP_ARGS:---box 256 --window 80 --devices cuda} 2>&1 | sed "s|^|$tree: |" >> "$work/mstep_ab.txt"
     done
   done
   grep "'device'" "$work/mstep_ab.txt" | tee -a "$summary"
