@@ -1,0 +1,68 @@
+"""Precision of the coarse pass's matrix products (--precision): fp32 (default), tf32 or scaled fp16.
+
+fp32 stays the default: on the betagal-like set (H200, 2026-12-05) tf32 made each iteration ~10 % faster but the run
+took one more iteration and ended one gold-standard shell coarser (bench/results/2026-12-05-h200-tf32-default.md).
+
+Only the coarse products Re⟨a, P⟩ and ⟨b, |P|²⟩ use these modes; diff2 is assembled from them in float32, and
+the fine pass and everything else stay float32. The significant set then absorbs the coarse error: a test
+bounds |Δdiff2| on the significant samples against float64 (tests/estep/test_precision.py).
+
+- tf32: TensorFloat-32 tensor cores (10-bit mantissa operands, float32 accumulation), CUDA only. The local searches'
+  fused kernel (fused_local.py) keeps its IEEE float32 products under it: that pass is bound by interpolating the
+  candidates' slices, not by its products.
+- fp16: each row of both operands is scaled by a power of two so its largest |value| lies in [0.5, 1) (no
+  overflow, no loss to subnormals for the large terms), rounded to float16, multiplied with float32
+  accumulation and float32 output (cuBLAS), then unscaled exactly. On the CPU the same numbers come from
+  float32 products of the float16-rounded operands.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+PRECISIONS = ("fp32", "tf32", "fp16")
+
+
+@contextmanager
+def tf32_matmul(enabled: bool):
+    """TF32 in CUDA float32 matrix products on (``enabled``) or off inside the block; the setting is restored after."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def row_scaled_half(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., rows, k) float32 -> (x·2^-e as float16, e (..., rows) float32) with max_k |x·2^-e| in [0.5, 1)."""
+    _, e = torch.frexp(x.abs().amax(-1))
+    e = e.float()
+    return (x * torch.exp2(-e)[..., None]).half(), e
+
+
+def _half_product(a16: torch.Tensor, b16_t: torch.Tensor) -> torch.Tensor:
+    """a16 (..., M, k) @ b16_t (..., k, N) with float32 accumulation and output."""
+    if a16.is_cuda:
+        mm = torch.mm if a16.dim() == 2 else torch.bmm
+        return mm(a16, b16_t, out_dtype=torch.float32)
+    return a16.float() @ b16_t.float()
+
+
+def matmul_nt(a: torch.Tensor, b: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """a (..., M, k) · b (..., N, k)ᵀ -> (..., M, N) float32 (2-D, or 3-D batched), in the given precision."""
+    if precision == "fp16":
+        a16, ea = row_scaled_half(a)
+        b16, eb = row_scaled_half(b)
+        # unscale in place (powers of two: exact), no second (M, N) array
+        return (
+            _half_product(a16, b16.transpose(-1, -2))
+            .mul_(torch.exp2(ea)[..., :, None])
+            .mul_(torch.exp2(eb)[..., None, :])
+        )
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; one of {', '.join(PRECISIONS)}")
+    with tf32_matmul(precision == "tf32"):
+        return a @ b.transpose(-1, -2)

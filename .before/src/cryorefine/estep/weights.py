@@ -1,0 +1,119 @@
+"""convertAllSquaredDifferencesToWeights: posteriors from the scores, and the significant samples of each pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from .settings import EStepSettings
+
+
+TOPK_SIGNIFICANT = 256  # samples ranked per particle before falling back to a full sort
+
+
+class SignificantSet(NamedTuple):
+    """The smallest set of each row's samples that holds a fraction of its posterior mass."""
+
+    mask: torch.Tensor  # (n, S) bool: the samples in the set (ties at the threshold included)
+    nsig: torch.Tensor  # (n,) the set's size as RELION counts it (rlnNrOfSignificantSamples)
+    total: int | None  # the mask's true entries, read from the device (None where not asked for)
+
+
+def significant_mask(logits: torch.Tensor, fraction: float, maxsig: int, counted: bool = False) -> SignificantSet:
+    """Per particle (rows of (n, S) logits): the smallest set holding ``fraction`` of the posterior mass, by sort +
+    cumulative sum, as RELION's adaptive oversampling (significant_set of the softmax)."""
+    return significant_set(torch.softmax(logits, dim=1), fraction, maxsig, counted)
+
+
+def significant_set(p: torch.Tensor, fraction: float, maxsig: int, counted: bool = False) -> SignificantSet:
+    """significant_mask of rows that are already probabilities (n, S); with ``counted`` also the mask's total."""
+    S = p.shape[1]
+    # The mass is almost always in a few samples: rank the largest TOPK_SIGNIFICANT first (top-k, far cheaper than
+    # sorting 10^5-10^6 samples per particle) and sort in full only the rows whose fraction lies beyond them: the
+    # same leading values in the same order, so the same set as a full sort (up to rounding in the cumulative sum).
+    k = min(S, max(TOPK_SIGNIFICANT, maxsig))
+    sp = torch.topk(p, k, dim=1).values if k < S else torch.sort(p, dim=1, descending=True).values
+    count = (torch.cumsum(sp, dim=1) < fraction).sum(1) + 1
+    if maxsig > 0:
+        count = count.clamp(max=maxsig)
+    thresh = sp.gather(1, (count.clamp(max=k) - 1)[:, None])
+    mask, total = None, None
+    if k < S:  # else sorted in full already (the clamps below give such rows all S samples)
+        beyond = count > k  # the fraction lies beyond the top k (never with --maxsig <= k)
+        if counted:  # one wait for the device: the set's total, and whether any row needs its full sort
+            mask = p >= thresh
+            # count_nonzero, not sum: a boolean sum widens to int64 first (on the CPU 20-50x slower at 10^8 samples)
+            n_beyond, total = torch.stack([torch.count_nonzero(beyond), torch.count_nonzero(mask)]).tolist()
+            rows = torch.nonzero_static(beyond, size=n_beyond)[:, 0] if n_beyond else None  # size known: no wait
+        else:  # one wait: the rows that do
+            rows = beyond.nonzero()[:, 0]
+        if rows is not None and len(rows):
+            full = torch.sort(p[rows], dim=1, descending=True).values
+            count[rows] = ((torch.cumsum(full, dim=1) < fraction).sum(1) + 1).clamp(max=S)
+            thresh[rows] = full.gather(1, (count[rows] - 1)[:, None])
+            mask, total = None, None
+    count = count.clamp(max=S)
+    if mask is None:
+        mask = p >= thresh
+    if counted and total is None:
+        total = int(torch.count_nonzero(mask))
+    return SignificantSet(mask, count, total)
+
+
+def coarse_significant(logp: torch.Tensor, settings: EStepSettings) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Significant coarse samples: mask (n, K, T, L), count (n,) and the mask's total; the best one only with
+    --firstiter_cc."""
+    n = logp.shape[0]
+    flat = logp.reshape(n, -1)
+    if settings.firstiter_cc:
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        mask[torch.arange(n, device=flat.device), flat.argmax(1)] = True
+        return mask.reshape(logp.shape), torch.ones(n, dtype=torch.long, device=flat.device), n
+    mask, nsig, total = significant_mask(flat, settings.adaptive_fraction, settings.maxsig, counted=True)
+    assert total is not None  # counted
+    return mask.reshape(logp.shape), nsig, total
+
+
+@dataclass
+class FineWeights:
+    """The fine posterior of m particles over their T4 translations × 8L slot rotations."""
+
+    gamma: (
+        torch.Tensor
+    )  # (m, T4·8L) posterior probability of each fine sample (one-hot on the best with --firstiter_cc)
+    best: torch.Tensor  # (m,) flat index of the best sample
+    max_prob: torch.Tensor  # (m,) its probability, RELION's rlnMaxValueProbDistribution (1 with --firstiter_cc)
+    log_sum: torch.Tensor  # (m,) float64 log Σ exp(score) (the best score with --firstiter_cc)
+
+
+def convert_fine_to_weights(log_scores: torch.Tensor, cc: bool) -> FineWeights:
+    """The fine pass's posteriors from log-scores (m, S) (−diff2 + log priors; −inf where not evaluated): normalised
+    exponentials, or with --firstiter_cc all weight on the best sample (ties shared), as RELION."""
+    mx, arg = log_scores.max(1)
+    if cc:
+        gamma = (log_scores == mx[:, None]).float()
+        gamma = gamma / gamma.sum(1, keepdim=True)
+        return FineWeights(gamma, arg, torch.ones_like(mx), mx.double())
+    lse = mx.double() + torch.log(torch.exp(log_scores - mx[:, None]).sum(1).double())
+    return FineWeights(torch.exp(log_scores - lse[:, None].float()), arg, torch.exp(mx.double() - lse).float(), lse)
+
+
+NEGLIGIBLE_SAMPLE_WEIGHT = (
+    1e-5  # posterior probability below which a fine sample outside RELION's significant set is dropped
+)
+
+
+def negligible_dropped(gam: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The fine posterior (m, S) without the samples RELION's storeWeightedSums skips (outside the smallest set holding
+    ``fraction`` of the mass) that also weigh < NEGLIGIBLE_SAMPLE_WEIGHT; not renormalised, as RELION's.
+
+    Rotations left without weight are then not back-projected (most children of a local search's significant coarse
+    rotations), which was most of storeWeightedSums. The second condition bounds what a rounding-level change of a
+    sample at the threshold can change (1e-5 of one particle), so tiling and rank count still give the same sums.
+    """
+    keep = significant_set(gam, fraction, 0).mask
+    return torch.where(
+        keep | (gam >= NEGLIGIBLE_SAMPLE_WEIGHT), gam, torch.zeros((), dtype=gam.dtype, device=gam.device)
+    )

@@ -1,0 +1,304 @@
+"""MRC maps and image stacks (numpy, float32), with user-facing errors and atomic writes."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+
+from cryorefine.errors import CryoInputError
+from cryorefine.io.atomic import atomic_write, temp_path_for, user_os_error
+from cryorefine.transfer import to_host
+
+SUPPORTED_MODES = (0, 1, 2, 6, 12)
+_MODE_BYTES = {0: 1, 1: 2, 2: 4, 6: 2, 12: 2}
+
+
+def _open_mrc(path, mmap: bool = False):
+    """Open an MRC read-only (strict header check first, then permissive with a warning)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CryoInputError("file not found; check the path", path=path)
+    short = _too_short(path)  # before mrcfile, which allocates what the header says (2 GB for a damaged nsymbt)
+    if short:
+        raise CryoInputError(short, path=path)
+    opener = mrcfile.mmap if mmap else mrcfile.open
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # strict mode warns only of a file longer than its header
+            warnings.simplefilter("always")
+            mrc = opener(path, mode="r", permissive=False)
+        for w in caught:
+            warnings.warn(f"{path}: {w.message} from its header; reading only the data the header describes")
+    except (ValueError, EOFError, OverflowError) as strict_exc:  # OverflowError: a data block too big to map
+        if not _plausible_header(path):
+            raise CryoInputError(
+                f"not an MRC file ({strict_exc}); check the file type or re-export it", path=path
+            ) from strict_exc
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mrc = opener(path, mode="r", permissive=True)
+        except Exception:
+            mrc = None
+        if mrc is None or mrc.data is None:
+            if mrc is not None:
+                mrc.close()
+            raise CryoInputError(
+                f"not a readable MRC file ({strict_exc}); check the file type or re-export it", path=path
+            ) from strict_exc
+        warnings.warn(f"{path}: MRC header is not standard ({strict_exc}); reading it anyway")
+    except OSError as exc:
+        raise CryoInputError(f"cannot read the file ({exc.strerror})", path=path) from exc
+    mode = int(mrc.header.mode)
+    if mode not in SUPPORTED_MODES:
+        mrc.close()
+        raise CryoInputError(f"MRC mode {mode} is not supported (use mode 0, 1, 2, 6 or 12)", path=path)
+    return mrc
+
+
+def _plausible_header(path: Path) -> bool:
+    """Cheap check that a file with a non-standard header still looks like an MRC (either byte order)."""
+    with open(path, "rb") as f:
+        head = f.read(1024)
+    if len(head) < 1024:
+        return False
+    for order in "<>":
+        nx, ny, nz, mode = np.frombuffer(head[:16], dtype=f"{order}i4")
+        if mode in SUPPORTED_MODES and 0 < nx < 2**16 and 0 < ny < 2**16 and 0 < nz < 2**24:
+            return True
+    return False
+
+
+def _too_short(path: Path) -> str | None:
+    """The message for a file shorter than its (plausible) header says, with both sizes; else None."""
+    with open(path, "rb") as f:
+        head = f.read(1024)
+    size = path.stat().st_size
+    if len(head) < 1024:
+        return None  # mrcfile says what is wrong
+    for order in "<>":
+        nx, ny, nz, mode = (int(v) for v in np.frombuffer(head[:16], dtype=f"{order}i4"))
+        nsymbt = int(np.frombuffer(head[92:96], dtype=f"{order}i4")[0])
+        if mode in _MODE_BYTES and min(nx, ny, nz) > 0 and nsymbt >= 0:
+            need = 1024 + nsymbt + nx * ny * nz * _MODE_BYTES[mode]
+            if size >= need:
+                return None
+            return (
+                f"the file is {size} bytes, shorter than the {need} its header says (nx {nx}, ny {ny}, nz {nz}, mode "
+                f"{mode}, extended header {nsymbt} bytes): it is truncated or its header is wrong; re-export it"
+            )
+    return None
+
+
+def _voxel_size_angst(mrc) -> float:
+    """The header's pixel size (cella.x / mx); 0.0 (unknown) where it is not a positive number."""
+    if int(mrc.header.mx) <= 0:
+        return 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):  # my or mz may be 0: only x is used
+        angpix = float(mrc.voxel_size.x)  # mrcfile's float32 division, as before
+    return angpix if np.isfinite(angpix) and angpix > 0 else 0.0
+
+
+def read_map(path) -> tuple[np.ndarray, float]:
+    """Read a cubic 3D map: (float32 array (z, y, x), voxel size in Å; 0.0 where the header has none)."""
+    with _open_mrc(path) as mrc:
+        data = np.asarray(mrc.data)
+        angpix = _voxel_size_angst(mrc)
+    if data.ndim != 3 or len(set(data.shape)) != 1 or data.size == 0:
+        raise CryoInputError(
+            f"not a cubic 3D map (shape {tuple(data.shape)}); give a cubic "
+            "volume (resample/pad it, e.g. relion_image_handler --new_box)",
+            path=path,
+        )
+    data = data.astype(np.float32, copy=True)
+    if not np.isfinite(data).all():
+        raise CryoInputError("the map contains NaN or Inf values; fix or regenerate it", path=path)
+    return data, angpix
+
+
+def _check_writable_folder(path) -> None:
+    folder = Path(path).resolve().parent
+    if not folder.is_dir():
+        raise CryoInputError("output folder does not exist; create it first", path=folder)
+
+
+def _set_stats(header, dmin: float, dmax: float, dmean: float, rms: float) -> None:
+    header.dmin, header.dmax, header.dmean, header.rms = dmin, dmax, dmean, rms
+
+
+def write_map(path, data: np.ndarray, angpix: float, origin_angst=None) -> None:
+    """Write a 3D map (z, y, x) as float32 MRC (mode 2) atomically; origin_angst = (x, y, z) in Å."""
+    data = np.asarray(data, dtype=np.float32)
+    if data.ndim != 3:
+        raise ValueError(f"write_map expects a 3D array, got shape {data.shape}")
+    _write_mrc(path, data, angpix, stack=False, origin_angst=origin_angst)
+
+
+def write_maps(paths, maps, angpix: float) -> None:
+    """Write several 3D maps (torch tensors on any device, or arrays) as :func:`write_map` does, each in its own thread:
+    the header statistics and the file writes release the interpreter lock, so K class maps take about one map's time
+    (measured on 2 cores: six 360³ maps 0.9-1.6 s against 1.8-2.2 s one after the other)."""
+    arrays = to_host(maps)  # device copies first, in this thread, off the run's stream
+    with ThreadPoolExecutor(min(len(arrays), 8) or 1, thread_name_prefix="cryorefine-map") as pool:
+        list(pool.map(lambda pm: write_map(pm[0], pm[1], angpix), zip(paths, arrays)))
+
+
+def write_stack(path, data: np.ndarray, angpix: float) -> None:
+    """Write an image stack (n, y, x) as float32 MRC (mode 2) atomically."""
+    data = np.asarray(data, dtype=np.float32)
+    if data.ndim == 2:
+        data = data[None]
+    if data.ndim != 3:
+        raise ValueError(f"write_stack expects (n, y, x), got shape {data.shape}")
+    _write_mrc(path, data, angpix, stack=True)
+
+
+def _write_mrc(path, data: np.ndarray, angpix: float, stack: bool, origin_angst=None) -> None:
+    _check_writable_folder(path)
+    with atomic_write(path) as tmp:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(data)
+            if stack:
+                mrc.set_image_stack()
+            mrc.voxel_size = float(angpix)
+            if origin_angst is not None:
+                ox, oy, oz = (float(v) for v in origin_angst)
+                mrc.header.origin.x, mrc.header.origin.y, mrc.header.origin.z = ox, oy, oz
+
+
+class ImageStack:
+    """Memory-mapped read access to an MRC image stack (or a single 2D image, n = 1)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._mrc = _open_mrc(self.path, mmap=True)
+        data = self._mrc.data
+        if data.ndim == 2:
+            data = data[None]
+        if data.ndim != 3 or data.size == 0:
+            self.close()
+            raise CryoInputError(f"not an image stack (shape {data.shape})", path=self.path)
+        if data.shape[1] != data.shape[2]:
+            self.close()
+            raise CryoInputError(
+                f"images are not square ({data.shape[2]} x {data.shape[1]} px); "
+                "re-extract the particles with a square box",
+                path=self.path,
+            )
+        self._data = data
+        self.angpix = _voxel_size_angst(self._mrc)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        n, h, w = self._data.shape
+        return int(n), int(h), int(w)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read(self, indices) -> np.ndarray:
+        """float32 images (len(indices), y, x) for 0-based `indices`, reading only those."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        bad = (indices < 0) | (indices >= len(self))
+        if bad.any():
+            first = int(indices[bad][0])
+            raise CryoInputError(
+                f"image {first + 1} (1-based) is past the end of the stack, which "
+                f"holds {len(self)} images; check the image indices (rlnImageName, or blob/idx of a "
+                ".cs file)",
+                path=self.path,
+            )
+        if len(indices) == 0:
+            return np.empty((0,) + self.shape[1:], np.float32)
+        return np.asarray(self._data[indices], dtype=np.float32)
+
+    def close(self) -> None:
+        if self._mrc is not None:
+            self._mrc.close()
+            self._mrc = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def open_stack(path) -> ImageStack:
+    """Open an MRC stack memory-mapped: len(), .shape (n, y, x), .angpix, .read(indices)."""
+    return ImageStack(path)
+
+
+class StackWriter:
+    """Write a big float32 stack in blocks into a memory-mapped file; atomically renamed on close()."""
+
+    def __init__(self, path, n: int, box: int, angpix: float):
+        self.path = Path(path)
+        _check_writable_folder(self.path)
+        self.n, self.box, self.angpix = int(n), int(box), float(angpix)
+        self._tmp = temp_path_for(self.path)
+        self._min, self._max, self._sum, self._sumsq, self._count = np.inf, -np.inf, 0.0, 0.0, 0
+        try:
+            self._mrc = mrcfile.new_mmap(self._tmp, shape=(self.n, self.box, self.box), mrc_mode=2, overwrite=True)
+            self._mrc.set_image_stack()
+            self._mrc.voxel_size = self.angpix
+        except OSError as exc:
+            self._tmp.unlink(missing_ok=True)
+            raise (user_os_error(exc, self.path.resolve().parent) or exc) from exc
+
+    def write(self, start: int, block: np.ndarray) -> None:
+        """Write images block (k, box, box) at 0-based position `start`."""
+        block = np.asarray(block, dtype=np.float32)
+        if block.ndim == 2:
+            block = block[None]
+        if block.shape[1:] != (self.box, self.box) or start < 0 or start + len(block) > self.n:
+            raise ValueError(f"block {block.shape} at {start} does not fit stack ({self.n}, {self.box}, {self.box})")
+        self._mrc.data[start : start + len(block)] = block
+        if block.size:
+            self._min, self._max = min(self._min, float(block.min())), max(self._max, float(block.max()))
+            self._sum += float(block.sum(dtype=np.float64))
+            self._sumsq += float(np.square(block, dtype=np.float64).sum())
+            self._count += block.size
+
+    def close(self) -> None:
+        """Finish the header and rename the file onto its final name."""
+        if self._mrc is None:
+            return
+        if self._count:
+            mean = self._sum / self._count
+            rms = np.sqrt(max(self._sumsq / self._count - mean * mean, 0.0))
+            _set_stats(self._mrc.header, self._min, self._max, mean, rms)
+        self._mrc.flush()
+        self._mrc.close()
+        self._mrc = None
+        try:
+            os.replace(self._tmp, self.path)
+        except OSError as exc:
+            self._tmp.unlink(missing_ok=True)
+            raise (user_os_error(exc, self.path.resolve().parent) or exc) from exc
+
+    def abort(self) -> None:
+        """Discard the partly written file."""
+        if self._mrc is not None:
+            self._mrc.close()
+            self._mrc = None
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -1,0 +1,207 @@
+"""Wall time per stage (the paper's getFourier / getAll / convertAll / storeWeighted / M-step breakdown).
+
+Besides the stages (``seconds``, the same keys every iteration), a timer keeps the wall time of host-only steps between
+the stages (``host(name)``: planning, waiting for the last iteration's files; the GPU has nothing queued then), and
+counters for the benchmarks,
+reset by ``reset_counters()``: ``substage(name)`` times a part of a stage without adding to ``seconds`` (the coarse
+pass of getAllSquaredDifferences), ``add_flops(name, flops, shapes)`` counts the floating-point operations of
+matrix products with the shapes they ran at (to time cuBLAS on the same shapes), and ``add_bytes(name, nbytes)`` the
+device memory a memory-bound stage must read or write at least once (its achieved GB/s against the card's).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from contextlib import contextmanager
+
+import torch
+
+from ..debug_hooks import profile_request
+from .device_idle import HostOp, NamedRange, idle_report
+
+
+class StageTimer:
+    """On a GPU a stage is timed by CUDA events on the current stream, read at the end of the iteration: timing does
+    not synchronise the device, so the host can queue the next kernels while the GPU works (a stage's time is the
+    stream's span from its start to its end: GPU time where the host runs ahead, wall time where the GPU waits)."""
+
+    def __init__(self, device=None):
+        self._seconds = defaultdict(float)
+        self.cuda = device is not None and torch.device(device).type == "cuda"
+        self._sub_seconds = defaultdict(float)
+        self._host_seconds: defaultdict[str, float] = defaultdict(float)
+        self._events: list[tuple[dict, str, torch.cuda.Event, torch.cuda.Event]] = []
+        self.flops = defaultdict(float)
+        self.shapes = defaultdict(Counter)
+        self.bytes = defaultdict(float)
+
+    def _resolve(self) -> None:
+        """Add the spans of the recorded CUDA events (waits for the last one)."""
+        if self._events:
+            self._events[-1][3].synchronize()
+            for into, name, start, end in self._events:
+                into[name] += start.elapsed_time(end) / 1000.0
+            self._events.clear()
+
+    @property
+    def seconds(self) -> dict:
+        self._resolve()
+        return self._seconds
+
+    @property
+    def sub_seconds(self) -> dict:
+        self._resolve()
+        return self._sub_seconds
+
+    @contextmanager
+    def _timed(self, into: dict, name: str):
+        """Add the time of the block to ``into[name]``: CUDA events on a GPU, else the wall time."""
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        try:
+            with torch.profiler.record_function(name):  # named ranges in a CRYOREFINE_PROFILE trace
+                yield
+        finally:
+            if self.cuda:
+                end.record()
+                self._events.append((into, name, start, end))
+            else:
+                into[name] += time.perf_counter() - t0
+
+    def __call__(self, name: str):
+        return self._timed(self._seconds, name)
+
+    @contextmanager
+    def host(self, name: str):
+        """Add the wall time of the block to the host-only steps (``reset_host``), on every device."""
+        t0 = time.perf_counter()
+        try:
+            with torch.profiler.record_function(name):
+                yield
+        finally:
+            self._host_seconds[name] += time.perf_counter() - t0
+
+    def reset_host(self) -> dict:
+        """{name: seconds} of the host-only steps since the last call, then cleared."""
+        out = dict(self._host_seconds)
+        self._host_seconds.clear()
+        return out
+
+    def substage(self, name: str):
+        """Time a part of a stage into ``sub_seconds``; the stage's own time is unchanged."""
+        return self._timed(self._sub_seconds, name)
+
+    def add_flops(self, name: str, flops: float, shapes=()) -> None:
+        """Count ``flops`` under ``name``; ``shapes``: (key, count) pairs, key like 'mm:MxKxN' or 'bmm:BxMxKxN'."""
+        self.flops[name] += float(flops)
+        for key, count in shapes:
+            self.shapes[name][key] += int(count)
+
+    def add_bytes(self, name: str, nbytes: float) -> None:
+        """Count ``nbytes`` of device memory traffic under ``name``."""
+        self.bytes[name] += float(nbytes)
+
+    def reset(self) -> dict:
+        out = dict(self.seconds)
+        self._seconds.clear()
+        return out
+
+    def reset_counters(self) -> dict:
+        """{name: {'seconds', 'flops', 'shapes': {key: calls}, 'bytes'}} since the last call, then cleared."""
+        sub = self.sub_seconds
+        names = set(sub) | set(self.flops) | set(self.bytes)
+        out = {
+            n: {
+                "seconds": sub.get(n, 0.0),
+                "flops": self.flops.get(n, 0.0),
+                "shapes": dict(self.shapes.get(n, {})),
+                "bytes": self.bytes.get(n, 0.0),
+            }
+            for n in sorted(names)
+        }
+        sub.clear()
+        self.flops.clear()
+        self.shapes.clear()
+        self.bytes.clear()
+        return out
+
+
+@contextmanager
+def profiled(iteration: int, final: bool = False):
+    """Run the block under torch.profiler when CRYOREFINE_PROFILE names this iteration (a benchmark hook, e.g.
+    CRYOREFINE_PROFILE=8,final CRYOREFINE_PROFILE_OUT=prof.txt; "final": auto-refine's last, joined iteration);
+    writes the operators sorted by device and by host time, or with CRYOREFINE_PROFILE_MODE=python the Python
+    functions (cProfile) by cumulative and own time, and what the functions CRYOREFINE_PROFILE_FOCUS names call."""
+    request = profile_request()
+    if not request.wants(iteration, final):
+        yield
+        return
+    path = request.out or f"profile_it{iteration:03d}.txt"
+    if request.python:  # host view: where the wall time of the Python goes
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        try:
+            yield
+        finally:
+            prof.disable()
+        text = io.StringIO()
+        for key in ("cumulative", "tottime"):
+            pstats.Stats(prof, stream=text).sort_stats(key).print_stats(45)
+        for name in request.focus:  # e.g. maximization
+            pstats.Stats(prof, stream=text).sort_stats("cumulative").print_callees(name)
+        with open(path, "a") as fh:
+            fh.write(f"# iteration {iteration} (cProfile)\n" + text.getvalue())
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts, record_shapes=True) as prof:
+        yield
+    ka = prof.key_averages(group_by_input_shape=False)
+    lines = [f"# iteration {iteration}"]
+    if torch.cuda.is_available():
+        lines.append(_device_idle(prof))
+        lines.append(ka.table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=60))
+    lines.append(ka.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+    lines.append(
+        prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total",
+            row_limit=25,
+            max_name_column_width=40,
+            max_shapes_column_width=80,
+        )
+    )
+    with open(path, "a") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def _device_idle(prof) -> str:
+    """device_idle's report of a torch.profiler run: its CUDA kernels, copies and sets against the named ranges."""
+    from torch.autograd import DeviceType
+
+    events = prof.profiler.kineto_results.events()
+    on_device = [e for e in events if e.device_type() == DeviceType.CUDA and not e.is_user_annotation()]
+    ranges = [
+        NamedRange(e.name(), e.start_ns() / 1e3, e.end_ns() / 1e3)
+        for e in events
+        if e.device_type() == DeviceType.CPU and e.is_user_annotation()
+    ]
+    host = [
+        HostOp(e.name(), e.start_ns() / 1e3, e.end_ns() / 1e3, e.start_thread_id())
+        for e in events
+        if e.device_type() == DeviceType.CPU and not e.is_user_annotation()
+    ]
+    # the thread that queues the device's work: the one that ran the named stages
+    threads = [e.start_thread_id() for e in events if e.device_type() == DeviceType.CPU and e.is_user_annotation()]
+    main = max(set(threads), key=threads.count) if threads else 0
+    start = min(e.start_ns() for e in events) / 1e3
+    end = max(e.end_ns() for e in events) / 1e3
+    device = [(e.start_ns() / 1e3, e.end_ns() / 1e3) for e in on_device]
+    return idle_report(device, ranges, start, end, host_ops=host, main_thread=main)
