@@ -196,12 +196,11 @@ def gridding_weights(
     in float32, whose transforms move half the bytes. The map then differs from float64's by ~1e-6 of its peak
     (tests/reconstruction/test_padded_fft.py)."""
     w_new = inside.to(weight.dtype)
-    for first, count in ((True, min(iterations, 1)), (False, iterations - 1)):
-        if not first:
-            weight, w_new = weight.to(torch.float32), w_new.to(torch.float32)
-        if count > 0:
-            w_new = _gridding_iterations(w_new, weight, inside, count, size, devices, padded_size)
-    return w_new.to(torch.float32)
+    if iterations > 0:
+        w_new = _gridding_iterations(w_new, weight, inside, 1, size, devices, padded_size)
+    if iterations > 1:
+        w_new = _gridding_iterations(w_new.float(), weight.float(), inside, iterations - 1, size, devices, padded_size)
+    return w_new.float()
 
 
 def _gridding_iterations(
