@@ -211,21 +211,40 @@ def test_gridding_in_float32_gives_the_float64_map(shell, device, monkeypatch):
     in float64 the map differs by ~1e-6 of its peak, also where the weights span 10⁴ (all ten in float32: 6e-5 for
     the unregularised whole map) and where a region of the window has none (there W grows 10⁶-fold an iteration,
     past float32's range, and multiplies zeros)."""
+    box, pad = 40, 2
+    host = _decaying_accumulators(box, pad, 8)
+    bp = BackProjector(host.data.to(device), host.weight.to(device), box, pad)
+    tau2 = torch.logspace(1, -3, box // 2 + 1, dtype=torch.float64, device=device)
+    for regularised in (tau2, None):
+        _assert_float64_map(bp, regularised, shell, 300.0, monkeypatch)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_gridding_of_a_class_of_one_particle_in_a_big_box(device, monkeypatch):
+    """RELION's units make the weights d⁴ / particles times ours: for a box of 160 and one particle, W at its ceiling
+    (in the ball without weights) times those units passes float32's range; the map must stay float64's there, where
+    the data are 0 (a class3d run of a box-360 set gave NaN maps when a class fell to ~30 particles)."""
+    box, pad = 160, 2
+    host = _decaying_accumulators(box, pad, 8)
+    bp = BackProjector(host.data.to(device), host.weight.to(device), box, pad)
+    no_prior_beyond = torch.logspace(1, -3, box // 2 + 1, dtype=torch.float64, device=device)
+    no_prior_beyond[10:] = 0.0  # RELION's stand-in prior, none where the weight is 0
+    for regularised in (no_prior_beyond, None):
+        _assert_float64_map(bp, regularised, 14, 1.0, monkeypatch)
+
+
+def _assert_float64_map(bp: BackProjector, tau2, shell, particles: float, monkeypatch) -> None:
+    """reconstruct()'s map is all ten gridding iterations in float64's to 3e-6 of its peak, and finite."""
     import cryorefine.reconstruction.reconstruct as reconstruct_module
 
     def in_float64(weight, inside, iterations, size, devices, padded_size=None):
         start = inside.to(torch.float64)
         return reconstruct_module._gridding_iterations(start, weight, inside, iterations, size, devices, padded_size)
 
-    box, pad = 40, 2
-    host = _decaying_accumulators(box, pad, 8)
-    bp = BackProjector(host.data.to(device), host.weight.to(device), box, pad)
-    tau2 = torch.logspace(1, -3, box // 2 + 1, dtype=torch.float64, device=device)
-    for regularised in (tau2, None):
-        got = reconstruct(bp, regularised, 4.0, shell, particles=300.0)
-        monkeypatch.setattr(reconstruct_module, "gridding_weights", in_float64)
-        want = reconstruct(bp, regularised, 4.0, shell, particles=300.0)
-        monkeypatch.undo()
-        assert torch.isfinite(got).all() and not torch.equal(got, want)
-        error = float((got - want).abs().max() / want.abs().max())
-        assert error < 3e-6, error
+    got = reconstruct(bp, tau2, 4.0, shell, particles=particles)
+    monkeypatch.setattr(reconstruct_module, "gridding_weights", in_float64)
+    want = reconstruct(bp, tau2, 4.0, shell, particles=particles)
+    monkeypatch.undo()
+    assert torch.isfinite(got).all() and not torch.equal(got, want)
+    error = float((got - want).abs().max() / want.abs().max())
+    assert error < 3e-6, error

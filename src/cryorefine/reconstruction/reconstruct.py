@@ -301,7 +301,9 @@ def reconstruct(
         grid = gridding_grid_size(pad, max_shell)
         w_new = gridding_weights(denom.mul_(units), inside, gridding_iterations, grid, devices, padded_size=size)
         del denom
-        f = data.to(torch.complex128).mul_(w_new.mul_(units))
+        # in double: W at its ceiling (no weight within the blob's reach) times the units passes float32's range
+        # for a class of few particles in a big box (d⁴ / particles); there the data are 0 and so is the product
+        f = data.to(torch.complex128).mul_(w_new).mul_(units)
     else:
         denom = torch.maximum(denom, weight_floor(denom, r_pad, pad, max_shell))
         inside = (r_pad <= max_shell * pad) & (denom > 0)
