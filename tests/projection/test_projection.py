@@ -90,10 +90,16 @@ def test_backprojection_round_trip(box):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_fused_insertion_matches_float64_scatter():
+@pytest.mark.parametrize("pairs", [True, False], ids=["vector-reductions", "scalar-atomics"])
+def test_gpu_fused_insertion_matches_float64_scatter(pairs, monkeypatch):
     """The CUDA insertion (one fused kernel) against the float64 scatter path on the CPU, with slices that reach
-    past the padded grid's edge (the clamped corners) and both Friedel halves."""
+    past the padded grid's edge (the clamped corners) and both Friedel halves; (re, im) as one vector reduction
+    (compute capability 9.0 and later) and as two scalar atomic adds."""
     from cryorefine.projection import insert_kernel
+
+    if pairs and not insert_kernel.pair_reductions(torch.device("cuda")):
+        pytest.skip("the GPU has no vector reductions (compute capability below 9.0)")
+    monkeypatch.setattr(insert_kernel, "pair_reductions", lambda device: pairs)
 
     torch.manual_seed(3)
     box, pad, r = 40, 2, 700
