@@ -233,6 +233,15 @@ def test_gridding_of_a_class_of_one_particle_in_a_big_box(device, monkeypatch):
         _assert_float64_map(bp, regularised, 14, 1.0, monkeypatch)
 
 
+def test_a_map_with_nan_stops_the_m_step():
+    """A NaN in the accumulators (a GPU fault, an overflow like the one above) stops reconstruct() with one line
+    instead of becoming the next iteration's reference."""
+    bp = _decaying_accumulators(40, 2, 8)
+    bp.data[40, 40, 3] = complex("nan")
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        reconstruct(bp, None, 4.0, 14, particles=300.0)
+
+
 def _assert_float64_map(bp: BackProjector, tau2, shell, particles: float, monkeypatch) -> None:
     """reconstruct()'s map is all ten gridding iterations in float64's to 3e-6 of its peak, and finite."""
     import cryorefine.reconstruction.reconstruct as reconstruct_module

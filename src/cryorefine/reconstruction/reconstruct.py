@@ -313,6 +313,11 @@ def reconstruct(
     f.masked_fill_(~inside, 0)
     vol = soft_mask_outside_map(central_box_of_inverse(f, size, d, devices))
     vol = vol / sinc2_gridding_kernel(d, pad, vol.device, vol.dtype)
+    if not bool(torch.isfinite(vol).all()):  # stop here: written, it would be the next E-step's reference
+        raise FloatingPointError(
+            f"reconstruction of a box-{d} map holds NaN or Inf (accumulators of {particles:g} particles); "
+            "the iteration's files were not written"
+        )
     return vol.to(out_dtype)
 
 
