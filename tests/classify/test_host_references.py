@@ -65,9 +65,12 @@ def test_references_on_the_host_are_said_in_run_log_and_change_nothing(tmp_path,
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_references_on_the_host_give_the_maps_of_references_on_the_gpu(tmp_path, monkeypatch):
-    """One iteration: its E-step scores the same references either way, so only the back-projection's atomic
-    additions (their order) tell the maps apart. Not two: on an H100 two runs of this job with the references on
-    the GPU already differed by 6 % of the map's peak after iteration 2 (particles near a tie took other poses)."""
+    """One iteration: its E-step scores the same references either way, so every particle takes the same pose and
+    class, and only the back-projection's atomic additions (their order) tell the maps apart. That order moves this
+    set's class 3 by 3e-4 of its peak (on the CPU, the same job with its slices inserted in two random orders: 1e-7
+    for classes 1 and 2; on an H100, 1.2e-4 to 3.8e-4 in five runs of this test), so the maps are held to 1e-3.
+    Not two iterations: on an H100 two runs of this job with the references on the GPU already differed by 6 % of
+    the map's peak after iteration 2 (particles near a tie took other poses)."""
     d = small_set(tmp_path / "data", BOX, ANGPIX, N, seed=8)
     _classify(d, tmp_path / "kept", gpu=True, iterations=1)
     kinds = _forced(monkeypatch)
@@ -78,8 +81,9 @@ def test_references_on_the_host_give_the_maps_of_references_on_the_gpu(tmp_path,
     poses = [read_star(tmp_path / run / "run_it001_data.star")["particles"] for run in ("kept", "host")]
     cols = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "rlnClassNumber"]
     moved = int((~np.isclose(poses[0][cols].to_numpy(), poses[1][cols].to_numpy(), atol=1e-3)).any(1).sum())
+    assert moved == 0, f"{moved} of {N} particles with another pose or class"
     for k in range(1, K + 1):
         name = f"run_it001_class{k:03d}.mrc"
         a, b = read_map(tmp_path / "kept" / name)[0], read_map(tmp_path / "host" / name)[0]
         diff, peak = float(np.abs(a - b).max()), float(np.abs(a).max())
-        assert diff <= 1e-4 * peak, (name, diff, peak, f"{moved} of {N} particles with another pose or class")
+        assert diff <= 1e-3 * peak, (name, diff, peak)

@@ -41,10 +41,10 @@ if triton is not None:
     @triton.jit
     def _add_pair(ptr, re, im, live):
         """Add (re, im) to the two float32 at ``ptr`` (8-byte aligned) where ``live``, as one vector reduction."""
-        return tl.inline_asm_elementwise(
+        return tl.inline_asm_elementwise(  # the address as an integer: the operands are broadcast as arithmetic ones
             "{ .reg .pred p; setp.ne.b32 p, $4, 0; @p red.global.add.v2.f32 [$1], {$2, $3}; mov.b32 $0, 0; }",
             "=r,l,f,f,r",
-            [ptr, re, im, live.to(tl.int32)],
+            [ptr.to(tl.int64), re, im, live.to(tl.int32)],
             dtype=tl.int32,
             is_pure=False,
             pack=1,
