@@ -122,3 +122,22 @@ def test_a_checkpoint_from_before_the_micrograph_scales_continues(data, tmp_path
     done = subprocess.run(_continue_cmd(old, old / "run_it002_optimiser.star"), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (old / "run_it003_optimiser.star").is_file()
+
+
+def test_continue_writes_to_a_new_output_root_and_iteration_limit_when_given(data, tmp_path):
+    """RELION's --continue takes --o and --iter: the continued iterations go to the new root, at most that many in
+    all, and the earlier run's files stay as they were (they were overwritten from iteration 2 on, --o and --iter
+    silently ignored)."""
+    import hashlib
+    import subprocess
+
+    _, ref = data
+    before = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in ref.iterdir() if f.is_file()}
+    new = tmp_path / "Refine3D" / "job002"
+    new.mkdir(parents=True)
+    cmd = _continue_cmd(new, ref / "run_it001_optimiser.star") + ["--o", str(new / "run"), "--iter", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (new / "run_it002_optimiser.star").is_file() and not list(new.glob("run_it003_*"))
+    assert (new / "run_class001.mrc").is_file()  # iteration 2 of at most 2: the final one
+    assert {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in ref.iterdir() if f.is_file()} == before

@@ -152,9 +152,9 @@ def add_common_args(p, classify: bool = False) -> None:
         "--auto_iter_max",
         dest="max_iter",
         type=int,
-        default=25 if classify else 999,
+        default=None,  # given or not: a continued run keeps its own unless given (config_from_args)
         help="number of iterations"
-        + ("" if classify else " at most (RELION's --auto_iter_max; auto-refine stops at convergence)"),
+        + (" (default 25)" if classify else " at most (RELION's --auto_iter_max; auto-refine stops at convergence)"),
     )
     p.add_argument(
         "--batch",
@@ -211,7 +211,8 @@ def add_common_args(p, classify: bool = False) -> None:
         "--continue",
         dest="continue_from",
         default=None,
-        help="continue from run_itNNN_optimiser.star (the other inputs and settings come from the saved run)",
+        help="continue from run_itNNN_optimiser.star: the other inputs and settings come from the saved run, its "
+        "files go on in its folder unless --o gives a new output root, and --iter (if given) a new iteration limit",
     )
     p.add_argument(
         "--dist_timeout",
@@ -290,6 +291,9 @@ def config_from_args(args, cls):
         from ..refine.state import read_state
 
         saved = read_state(args.continue_from)["config"]
+        # a new output root and iteration limit, where given, as RELION's --continue takes them (else the run's own:
+        # its files go on in its folder)
+        saved.update({k: v for k in ("output_root", "max_iter") if (v := getattr(args, k)) is not None})
         saved.update(
             continue_from=args.continue_from,
             device=device_from_args(args),
@@ -313,7 +317,7 @@ def config_from_args(args, cls):
         if not getattr(args, name):
             raise CryoInputError(f"{flag} is required (or --continue run_itNNN_optimiser.star)")
     fields = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in vars(args).items() if k in fields}
+    values = {k: v for k, v in vars(args).items() if k in fields and not (k == "max_iter" and v is None)}
     values["device"] = device_from_args(args)
     return cls(**values)
 
