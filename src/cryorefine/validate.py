@@ -197,6 +197,31 @@ def check_diameter_fits(diameter: float, box: int, angpix: float) -> None:
         )
 
 
+def check_no_later_iterations(continue_from, output_root: str | None) -> None:
+    """A run continued in its own root (no other --o) writes its next iterations under their old names: refuse when
+    one of them had finished (its optimiser.star written last), which it would overwrite. RELION's --continue names
+    such a run root_ctN instead; here a killed or stopped run resumes in place, and any other --o is free."""
+    path = Path(continue_from)
+    if not path.name.endswith("_optimiser.star") or "_it" not in path.name:
+        return
+    root, _, rest = path.name.rpartition("_it")
+    if not rest[:3].isdigit() or (output_root and Path(output_root).resolve() != (path.parent / root).resolve()):
+        return
+    later = sorted(
+        int(f.name[len(root) + 3 : len(root) + 6])
+        for f in path.parent.glob(f"{root}_it[0-9][0-9][0-9]_optimiser.star")
+        if int(f.name[len(root) + 3 : len(root) + 6]) > int(rest[:3])
+    )
+    if later:
+        raise CryoInputError(
+            f"iteration {later[0]} of this run has finished after the one continued from; continuing in the same "
+            f"folder would overwrite it: give a new output root with --o (e.g. --o {path.parent / root}_ct"
+            f"{int(rest[:3])}, as RELION names it) or continue from "
+            f"{path.parent / f'{root}_it{later[-1]:03d}_optimiser.star'}",
+            path=path,
+        )
+
+
 def check_output_folder(folder, box: int | None, flag: str = "--o") -> None:
     """Create `folder` if needed, write and remove a temporary file there, then check the free space.
     `flag` names the option that sets the folder, for the messages."""
@@ -280,6 +305,7 @@ def validate_refine_inputs(args) -> None:
         folder = Path(output_root).parent if output_root else Path(continue_from).parent
         if folder.is_dir() or output_root:
             check_output_folder(folder, None)
+        check_no_later_iterations(continue_from, output_root)
         return
     for flag, name in (("--i", "particles"), ("--o", "output_root"), ("--ref", "reference")):
         if not getattr(args, name, None):

@@ -141,3 +141,18 @@ def test_continue_writes_to_a_new_output_root_and_iteration_limit_when_given(dat
     assert (new / "run_it002_optimiser.star").is_file() and not list(new.glob("run_it003_*"))
     assert (new / "run_class001.mrc").is_file()  # iteration 2 of at most 2: the final one
     assert {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in ref.iterdir() if f.is_file()} == before
+
+
+def test_continuing_in_place_before_a_finished_iteration_is_refused(data, tmp_path):
+    """Continued in its own folder from iteration 1 of a run that finished 3, the run would overwrite iterations 2
+    and 3: one line says so and names the fixes, and no file changes."""
+    import hashlib
+    import subprocess
+
+    _, ref = data
+    before = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in ref.iterdir() if f.is_file()}
+    done = subprocess.run(_continue_cmd(ref, ref / "run_it001_optimiser.star"), capture_output=True, text=True)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "iteration 2 of this run has finished" in done.stderr and "--o" in done.stderr
+    assert "run_it003_optimiser.star" in done.stderr
+    assert {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in ref.iterdir() if f.is_file()} == before
