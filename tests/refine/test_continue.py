@@ -135,7 +135,7 @@ def test_continue_writes_to_a_new_output_root_and_iteration_limit_when_given(dat
     before = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in ref.iterdir() if f.is_file()}
     new = tmp_path / "Refine3D" / "job002"
     new.mkdir(parents=True)
-    cmd = _continue_cmd(new, ref / "run_it001_optimiser.star") + ["--o", str(new / "run"), "--iter", "2"]
+    cmd = _continue_cmd(new, ref / "run_it001_optimiser.star") + ["--o", str(new / "run"), "--iter", "2", "--pool", "3"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (new / "run_it002_optimiser.star").is_file() and not list(new.glob("run_it003_*"))
@@ -156,3 +156,17 @@ def test_continuing_in_place_before_a_finished_iteration_is_refused(data, tmp_pa
     assert "iteration 2 of this run has finished" in done.stderr and "--o" in done.stderr
     assert "run_it003_optimiser.star" in done.stderr
     assert {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in ref.iterdir() if f.is_file()} == before
+
+
+def test_a_setting_the_continued_run_would_drop_is_refused(data, tmp_path):
+    """--continue keeps the run's own settings: one given that differs (here --tau2_fudge and --healpix_order) would be
+    silently dropped, so the command stops with one line naming them, before any iteration runs."""
+    import subprocess
+
+    _, ref = data
+    cmd = _continue_cmd(tmp_path, ref / "run_it002_optimiser.star")
+    cmd += ["--o", str(tmp_path / "run"), "--tau2_fudge", "3", "--healpix_order", "3"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "--healpix_order, --tau2_fudge: a continued run keeps the settings it was started with" in done.stderr
+    assert not list(tmp_path.glob("run_it*"))

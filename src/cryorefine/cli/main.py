@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
             name, help=help_text, description=(module.__doc__ or help_text).strip(), formatter_class=_HelpFormatter
         )
         module.add_args(p)
-        p.set_defaults(_main=module.main)
+        # each option's flag and default by destination: what --continue compares a command line with
+        options = {a.dest: (a.option_strings[0] if a.option_strings else a.dest, a.default) for a in p._actions}
+        p.set_defaults(_main=module.main, _options=options)
     return parser
 
 

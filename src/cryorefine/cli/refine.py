@@ -272,6 +272,44 @@ def device_from_args(args) -> str:
     return rank_device(args.gpu, local_rank(), torch.cuda.device_count() if args.gpu is not None else 0)
 
 
+# what a continued run takes from its command line; every other setting is the saved run's
+ON_CONTINUE = {
+    "continue_from",
+    "output_root",
+    "max_iter",
+    "gpu",
+    "threads",
+    "max_seconds",
+    "image_cache",
+    "gpu_memory_gib",
+    "preread_images",
+    "scratch_dir",
+    "batch_size",
+    "dist_timeout",
+    "pool",  # accepted for RELION users, no effect
+    "auto_refine",
+    "split_random_halves",
+}
+
+
+def refuse_settings_on_continue(args, saved: dict) -> None:
+    """A setting given with --continue (other than its default) that differs from the ``saved`` run's stops the
+    command with one line: the continued run keeps its own, and the given one would be silently dropped."""
+    options = getattr(args, "_options", {})
+    dropped = sorted(
+        flag
+        for k, (flag, default) in options.items()
+        if k not in ON_CONTINUE and hasattr(args, k) and (v := getattr(args, k)) != default and v != saved.get(k)
+    )
+    if dropped:
+        raise CryoInputError(
+            f"{', '.join(dropped)}: a continued run keeps the settings it was started with (only --o, --iter and the "
+            "run-time options --gpu, --j, --batch, --max_seconds, --gpu_memory, --scratch_dir and the image cache "
+            "change); drop them, or start a new run from the last iteration's map (--ref)",
+            path=args.continue_from,
+        )
+
+
 def config_from_args(args, cls):
     import dataclasses
 
@@ -291,9 +329,12 @@ def config_from_args(args, cls):
         from ..refine.state import read_state
 
         saved = read_state(args.continue_from)["config"]
+        refuse_settings_on_continue(args, saved)
         # a new output root and iteration limit, where given, as RELION's --continue takes them (else the run's own:
         # its files go on in its folder)
         saved.update({k: v for k in ("output_root", "max_iter") if (v := getattr(args, k)) is not None})
+        if args.batch_size:  # given (0, the default, is automatic): else the run's own batches
+            saved["batch_size"] = args.batch_size
         saved.update(
             continue_from=args.continue_from,
             device=device_from_args(args),
