@@ -316,7 +316,7 @@ def reconstruct(
     if not bool(torch.isfinite(vol).all()):  # stop here: written, it would be the next E-step's reference
         raise FloatingPointError(
             f"reconstruction of a box-{d} map holds NaN or Inf (accumulators of {particles:g} particles); "
-            "the iteration's files were not written"
+            "the map was not written"
         )
     return vol.to(out_dtype)
 
