@@ -9,6 +9,7 @@ is removed again when a later check fails.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -25,6 +26,7 @@ DISK_RESERVE_BYTES = 100 * 1024**2  # free space needed besides the maps
 MAPS_PER_ITERATION = 2  # the half maps (unfiltered ones only at the end)
 ITERATIONS_OF_MAPS = 10  # iterations of maps we want room for
 FINITE_CHECK_BYTES = 128 * 1024**2  # pixels read for the NaN/Inf check (all of a small set)
+ITERATION_FILE = re.compile(r"(.+)_it(\d{3,})_optimiser\.star")  # an iteration's optimiser.star: (root, iteration)
 
 
 def required_free_bytes(box: int) -> int:
@@ -202,22 +204,17 @@ def check_no_later_iterations(continue_from, output_root: str | None) -> None:
     one of them had finished (its optimiser.star written last), which it would overwrite. RELION's --continue names
     such a run root_ctN instead; here a killed or stopped run resumes in place, and any other --o is free."""
     path = Path(continue_from)
-    if not path.name.endswith("_optimiser.star") or "_it" not in path.name:
+    named = ITERATION_FILE.fullmatch(path.name)
+    if named is None or (output_root and Path(output_root).resolve() != (path.parent / named[1]).resolve()):
         return
-    root, _, rest = path.name.rpartition("_it")
-    if not rest[:3].isdigit() or (output_root and Path(output_root).resolve() != (path.parent / root).resolve()):
-        return
-    later = sorted(
-        int(f.name[len(root) + 3 : len(root) + 6])
-        for f in path.parent.glob(f"{root}_it[0-9][0-9][0-9]_optimiser.star")
-        if int(f.name[len(root) + 3 : len(root) + 6]) > int(rest[:3])
-    )
+    root, it = named[1], int(named[2])
+    finished = (ITERATION_FILE.fullmatch(f.name) for f in path.parent.glob(f"{root}_it*_optimiser.star"))
+    later = sorted(int(m[2]) for m in finished if m is not None and m[1] == root and int(m[2]) > it)
     if later:
         raise CryoInputError(
             f"iteration {later[0]} of this run has finished after the one continued from; continuing in the same "
-            f"folder would overwrite it: give a new output root with --o (e.g. --o {path.parent / root}_ct"
-            f"{int(rest[:3])}, as RELION names it) or continue from "
-            f"{path.parent / f'{root}_it{later[-1]:03d}_optimiser.star'}",
+            f"folder would overwrite it: give a new output root with --o (e.g. --o {path.parent / root}_ct{it}, as "
+            f"RELION names it) or continue from {path.parent / f'{root}_it{later[-1]:03d}_optimiser.star'}",
             path=path,
         )
 
