@@ -6,8 +6,8 @@
   renamed onto it), writes the file named by
   CRYOREFINE_TEST_PAUSE_MARKER (default cryorefine_paused.txt in the current directory) and sleeps until killed.
 - CRYOREFINE_SLOW_RANK=RANK:SECONDS (load-balancing tests): that rank sleeps after each E-step batch.
-- CRYOREFINE_PROFILE=ITERATIONS (benchmarks; e.g. 8,final), CRYOREFINE_PROFILE_OUT, CRYOREFINE_PROFILE_MODE=python,
-  CRYOREFINE_PROFILE_FOCUS: which iterations refine/timing.py profiles, and how.
+- CRYOREFINE_PROFILE=ITERATIONS (benchmarks; e.g. 8,final), CRYOREFINE_PROFILE_OUT, CRYOREFINE_PROFILE_MODE=python
+  or waits, CRYOREFINE_PROFILE_FOCUS: which iterations refine/timing.py profiles, and how.
 Without the variables every hook does nothing.
 """
 
@@ -47,7 +47,7 @@ class ProfileRequest:
 
     iterations: tuple[str, ...]  # iteration numbers as text, and "final"
     out: str | None  # output file (default: profile_itNNN.txt)
-    python: bool  # cProfile of the Python functions instead of torch.profiler
+    mode: str  # torch (operators), python (cProfile of the Python functions) or waits (where the host waits)
     focus: tuple[str, ...]  # functions whose callees cProfile lists
 
     def wants(self, iteration: int, final: bool) -> bool:
@@ -58,6 +58,6 @@ def profile_request() -> ProfileRequest:
     return ProfileRequest(
         tuple(filter(None, os.environ.get("CRYOREFINE_PROFILE", "").split(","))),
         os.environ.get("CRYOREFINE_PROFILE_OUT"),
-        os.environ.get("CRYOREFINE_PROFILE_MODE") == "python",
+        os.environ.get("CRYOREFINE_PROFILE_MODE", "torch"),
         tuple(filter(None, os.environ.get("CRYOREFINE_PROFILE_FOCUS", "").split(","))),
     )

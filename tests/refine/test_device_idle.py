@@ -92,3 +92,21 @@ def test_a_cpu_profile_reads_the_host_operators():
     assert "device busy 0.0%" in text and "idle in stage" in text
     host = text.splitlines()[-1].split("host: ")[1]  # the three top-level operators, longest first (timing-dependent)
     assert ("aten::matmul" in host or "aten::mm" in host) and "aten::randn" in host and "between operators" in host
+
+
+def test_host_waits_names_the_call_site_of_each_wait(monkeypatch):
+    """timing.host_waits on a real profiler trace (CPU: an operator stands in for the CUDA runtime's waiting calls):
+    three calls of slots.class_bounds are one group, named by its operator and function."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from cryorefine.estep.slots import class_bounds
+    from cryorefine.refine import timing
+
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        for _ in range(3):
+            class_bounds(torch.tensor([0, 0, 1, 2]), 3)
+    monkeypatch.setattr(timing, "WAITS", ("aten::searchsorted",))
+    report = timing.host_waits(prof.events()).splitlines()
+    assert report[0].startswith("3 waiting calls")
+    assert report[1].split()[0] == "3" and "estep/slots.py" in report[1] and "class_bounds" in report[1]

@@ -161,13 +161,14 @@ def profiled(iteration: int, final: bool = False):
     """Run the block under torch.profiler when CRYOREFINE_PROFILE names this iteration (a benchmark hook, e.g.
     CRYOREFINE_PROFILE=8,final CRYOREFINE_PROFILE_OUT=prof.txt; "final": auto-refine's last, joined iteration);
     writes the operators sorted by device and by host time, or with CRYOREFINE_PROFILE_MODE=python the Python
-    functions (cProfile) by cumulative and own time, and what the functions CRYOREFINE_PROFILE_FOCUS names call."""
+    functions (cProfile) by cumulative and own time, and what the functions CRYOREFINE_PROFILE_FOCUS names call, or
+    with CRYOREFINE_PROFILE_MODE=waits where the host waited for the device (host_waits)."""
     request = profile_request()
     if not request.wants(iteration, final):
         yield
         return
     path = request.out or f"profile_it{iteration:03d}.txt"
-    if request.python:  # host view: where the wall time of the Python goes
+    if request.mode == "python":  # host view: where the wall time of the Python goes
         import cProfile
         import io
         import pstats
@@ -189,8 +190,12 @@ def profiled(iteration: int, final: bool = False):
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=acts, record_shapes=True) as prof:
+    with profile(activities=acts, record_shapes=True, with_stack=request.mode == "waits") as prof:
         yield
+    if request.mode == "waits":
+        with open(path, "a") as fh:
+            fh.write(f"# iteration {iteration}: where the host waited for the device\n{host_waits(prof.events())}\n")
+        return
     ka = prof.key_averages(group_by_input_shape=False)
     lines = [f"# iteration {iteration}"]
     if torch.cuda.is_available():
@@ -207,6 +212,35 @@ def profiled(iteration: int, final: bool = False):
     )
     with open(path, "a") as fh:
         fh.write("\n".join(lines) + "\n")
+
+
+# CUDA runtime calls in which the host can wait for the device (a copy to or from pageable memory waits too)
+WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync", "cudaMemcpy")
+
+
+def host_waits(events, frames: int = 4, top: int = 40) -> str:
+    """The waiting calls (WAITS) of a torch.profiler run (with_stack) grouped by the operator that made them and the
+    cryorefine frames it was called from (the ``frames`` innermost Python functions among its parents), most host time
+    first: each group's calls, total ms and call site."""
+    groups: dict[tuple, list] = {}
+    for e in events:
+        if e.name not in WAITS:
+            continue
+        op, stack, p = "-", list[str](), e.cpu_parent
+        while p is not None:
+            if op == "-" and p.name.startswith(("aten::", "<built-in method")):  # the operator, or the Tensor method
+                op = p.name.split(" of ")[0].removeprefix("<built-in method ")
+            elif "cryorefine" in p.name and len(stack) < frames:  # a Python frame: "path/file.py(line): function"
+                stack.append(p.name.split("cryorefine/")[-1])
+            p = p.cpu_parent
+        g = groups.setdefault((op, tuple(stack)), [0, 0.0])
+        g[0] += 1
+        g[1] += e.cpu_time_total / 1e3
+    rows = sorted(groups.items(), key=lambda kv: -kv[1][1])
+    lines = [f"{sum(g[0] for _, g in rows)} waiting calls, {sum(g[1] for _, g in rows):.1f} ms"]
+    for (name, stack), (count, ms) in rows[:top]:
+        lines.append(f"{count:6d} {ms:9.1f} ms  {name}  " + " < ".join(stack))
+    return "\n".join(lines)
 
 
 def _device_idle(prof) -> str:
