@@ -275,9 +275,12 @@ def fine_log_posterior(
     pg = proj[rows8]
     p2 = pg.real**2 + pg.imag**2
     js = fine.scored
-    lg = fine_scores(moved[..., :js], fine.w[rows, :js], fine.sc[rows, :js], pg, p2, cc)
+    lg = fine_scores(moved[..., :js], fine.w[rows, :js], fine.sc[rows, :js], pg, p2, cc)  # (m, T4, 8L), new
+    # in place on the (m, T, 4, L, 8) view (translation and rotation children consecutive): no repeated copies of the
+    # per-slot prior and mask
+    by_child = lg.view(m, -1, N_TRANS_CHILDREN, n_slots, N_ROT_CHILDREN)
     if not cc:
-        rot_prior = slots.slot_prior[rows, :n_slots].repeat_interleave(N_ROT_CHILDREN, 1)
-        lg = lg + fine.offset_log_prior[rows][:, :, None] + rot_prior[:, None, :]
-    ok = slots.allowed[rows, :, :n_slots].repeat_interleave(N_TRANS_CHILDREN, 1).repeat_interleave(N_ROT_CHILDREN, 2)
-    return torch.where(ok, lg, torch.full_like(lg, -torch.inf)), rows8, pg, p2
+        lg.add_(fine.offset_log_prior[rows][:, :, None])
+        by_child.add_(slots.slot_prior[rows, :n_slots][:, None, None, :, None])
+    by_child.masked_fill_(~slots.allowed[rows, :, :n_slots][:, :, None, :, None], -torch.inf)
+    return lg, rows8, pg, p2
