@@ -2,7 +2,8 @@
 # Profile iterations of a paper benchmark's run (auto-refine or class3d) on the device (after `paper_bench.sh run SET`
 # built its data); torch mode starts each iteration's report with where the GPU waited (refine/device_idle.py):
 #   bash bench/profile_iteration.sh SET ITERATIONS [MODE]     e.g. bench/profile_iteration.sh betagal 16,final
-# ITERATIONS: CRYOREFINE_PROFILE's list; MODE: torch (default) or python (cProfile). Writes $OUT/profile-SET-*.txt and
+# ITERATIONS: CRYOREFINE_PROFILE's list; MODE: torch (default), python (cProfile) or waits (where the host waits for
+# the device). Writes $OUT/profile-SET-*.txt and
 # the run's log; the run goes to /tmp/prof/SET (not the benchmark's run folder).
 # PROFILE_EXTRA: more options (e.g. "--iter 6" to stop a class3d run after its profiled iterations).
 set -uo pipefail
