@@ -1,9 +1,11 @@
-"""The CPU's compiled trilinear loops (projection/cpu_kernels.py) against the PyTorch operations the GPU runs
-(grid_sample; index_add_ of the 8 corners), in float64, on points inside, at the edge of and beyond the grid."""
+"""The CPU's compiled trilinear loops (projection/cpu_kernels.py) and the GPU's extraction kernel (extract_kernel.py)
+against the PyTorch operations (grid_sample; index_add_ of the 8 corners) in float64, on points inside, at the edge of
+and beyond the grid."""
 
 from __future__ import annotations
 
 import numba
+import pytest
 import torch
 
 from cryorefine.geometry.euler import euler_to_matrix
@@ -74,3 +76,24 @@ def test_threaded_insertion_equals_one_thread(monkeypatch):
     single.insert(rot, ky, kx, values, weights)
     torch.testing.assert_close(threaded.data, single.data, rtol=0, atol=1e-5)
     torch.testing.assert_close(threaded.weight, single.weight, rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fused_extraction_matches_float64_grid_sample():
+    """The CUDA extraction (extract_kernel.py) against grid_sample in float64 on the host, on the same points (inside,
+    at the edge of and beyond the grid, both Friedel halves), with and without the power."""
+    from cryorefine.projection import extract_kernel
+
+    t, rot, ky, kx, _ = _case(torch.complex128)
+    reference = torch.empty(rot.shape[0], 2, ky.numel(), dtype=torch.float64)
+    extract.extract_by_grid_sample(t, rot, ky, kx, reference)
+    gpu = PaddedTransform(t.f_padded.to(torch.complex64).cuda(), BOX, PAD)
+    assert extract_kernel.available(gpu.f_padded), "Triton missing from the CUDA build: the fused kernel would not run"
+    args = (rot.float().cuda(), ky.float().cuda(), kx.float().cuda())
+    planes = extract.extract_central_slices_planar(gpu, *args).cpu().double()
+    with_power, power = extract.extract_planar_with_power(gpu, *args)
+    scale = float(reference.abs().max())
+    assert float((planes - reference).abs().max()) < 1e-5 * scale
+    assert torch.equal(with_power.cpu().double(), planes)
+    torch.testing.assert_close(power.cpu().double(), reference.square().sum(-2), rtol=1e-5, atol=1e-5 * scale**2)

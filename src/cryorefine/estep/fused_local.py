@@ -34,7 +34,7 @@ def available(t: torch.Tensor, precision: str) -> bool:
 
 
 if triton is not None:
-    from ..projection.trilinear_triton import corner
+    from ..projection.trilinear_triton import sample
 
     @triton.jit(do_not_specialize=["T", "L", "jc", "size", "nx", "half"])
     def _local_scores(
@@ -72,7 +72,6 @@ if triton is not None:
         tm = ts < T
         acc = tl.zeros((BT, BL), dtype=tl.float32)
         third = tl.zeros((BL,), dtype=tl.float32)
-        plane = size * nx
         for j0 in range(0, jc, BJ):
             js = j0 + tl.arange(0, BJ)
             jm = js < jc
@@ -81,26 +80,7 @@ if triton is not None:
             x = pad * (r00[:, None] * kx + r10[:, None] * ky)  # (BL, BJ)
             y = pad * (r01[:, None] * kx + r11[:, None] * ky)
             z = pad * (r02[:, None] * kx + r12[:, None] * ky)
-            flip = x < 0
-            x = tl.minimum(tl.where(flip, -x, x), nx - 1.0)
-            y = tl.minimum(tl.maximum(tl.where(flip, -y, y), -half * 1.0), size - 1.0 - half)
-            z = tl.minimum(tl.maximum(tl.where(flip, -z, z), -half * 1.0), size - 1.0 - half)
-            x0 = tl.minimum(tl.floor(x), nx - 2.0)
-            y0 = tl.minimum(tl.floor(y), size - 2.0 - half)
-            z0 = tl.minimum(tl.floor(z), size - 2.0 - half)
-            fx = x - x0
-            fy = y - y0
-            fz = z - z0
-            base = ((z0.to(tl.int64) + half) * size + (y0.to(tl.int64) + half)) * nx + x0.to(tl.int64)
-            pm = lm[:, None] & jm[None, :]
-            pr = tl.zeros((BL, BJ), dtype=tl.float32)
-            pi = tl.zeros((BL, BJ), dtype=tl.float32)
-            for c in tl.static_range(8):
-                v, wc = corner(base, fx, fy, fz, plane, nx, c)
-                w = tl.load(vol_ptr + v, mask=pm, other=0)  # one 8-byte load of the voxel's (re, im)
-                pr += wc * (w & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
-                pi += wc * (w >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
-            pi = tl.where(flip, -pi, pi)
+            pr, pi = sample(vol_ptr, x, y, z, lm[:, None] & jm[None, :], size, nx, half)
             am = tm[:, None] & jm[None, :]
             arow = a_ptr + i * T * 2 * jc + ts[:, None] * 2 * jc + js[None, :]
             a_re = tl.load(arow, mask=am, other=0.0)  # (BT, BJ)

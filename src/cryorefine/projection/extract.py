@@ -16,6 +16,7 @@ import torch
 
 from ..fourier.grids import centred_take, origin_first, radial_map
 from ..optics import IDENTITY_MAG, magnified
+from . import extract_kernel
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def extract_central_slices_planar(
     """Projections as real and imaginary planes: (..., r, 2, j) real, so (r, 2j) rows [Re | Im] without a copy (the
     operand of the coarse pass's matrix products). Chunks of MAX_POINTS points are written into one output: no
     complex, conjugated or concatenated intermediates (they were most of a local search's coarse pass). On the CPU a
-    compiled loop (cpu_kernels.py) does the same interpolation."""
+    compiled loop (cpu_kernels.py) does the same interpolation, on CUDA a fused kernel (extract_kernel.py)."""
     return _planar(transform, rotations, ky, kx, False)[0]
 
 
@@ -151,7 +152,10 @@ def _planar(transform, rotations, ky, kx, with_power: bool) -> tuple[torch.Tenso
         power = torch.empty(flat_rot.shape[0], j, dtype=out.dtype) if with_power else None
         cpu_kernels.extract_planar(f, flat_rot, ky, kx, transform.pad, out, power)
     else:
-        extract_by_grid_sample(transform, flat_rot, ky, kx, out)
+        if extract_kernel.available(f) and out.is_contiguous():
+            extract_kernel.extract_fused(f, transform.pad, flat_rot, ky, kx, out)
+        else:
+            extract_by_grid_sample(transform, flat_rot, ky, kx, out)
         if with_power:
             power = torch.addcmul(out[:, 0] * out[:, 0], out[:, 1], out[:, 1])
     return out.reshape(*lead, 2, j), None if power is None else power.reshape(*lead, j)
@@ -160,8 +164,8 @@ def _planar(transform, rotations, ky, kx, with_power: bool) -> tuple[torch.Tenso
 def extract_by_grid_sample(
     transform: PaddedTransform, rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor, out: torch.Tensor
 ) -> None:
-    """extract_central_slices_planar's interpolation by PyTorch operations (the GPU's), rotations (r, 3, 3), into
-    ``out`` (r, 2, j), in chunks of MAX_POINTS points."""
+    """extract_central_slices_planar's interpolation by PyTorch operations (GPUs without Triton; the reference of the
+    compiled kernels), rotations (r, 3, 3), into ``out`` (r, 2, j), in chunks of MAX_POINTS points."""
     step = max(1, MAX_POINTS // max(1, ky.numel()))
     for i in range(0, rotations.shape[0], step):
         _extract_into(transform, rotations[i : i + step], ky, kx, out[i : i + step])
