@@ -1,7 +1,7 @@
 """The back-projection kernel alone (projection/insert_kernel.py) at a local search's size: the slices of many nearby
-rotations (each particle's fine rotations about its pose) inserted into the window's padded grid, with the (re, im)
-pair as one vector reduction and as two scalar atomic adds, alternating, timed by CUDA events; and the two grids'
-difference (the order of the float additions only).
+rotations (each particle's fine rotations about its pose) inserted into the window's padded grid with each reduction
+width the GPU has (insert_kernel.WIDTHS: scalar atomic adds, (re, im) pair and (re, im, weight) quad reductions),
+alternating, timed by CUDA events; and each grid's difference from the scalar one (the order of the float additions).
 
 usage: python bench/insert_timing.py OUTDIR [--box 100] [--pad 2] [--window 45] [--rotations 60000] [--repeats 3]
 Defaults: betagal-like's order-6 local iterations (box 100, window 45 shells; ~60,000 fine rotations with weight in
@@ -60,16 +60,15 @@ def main() -> None:
     values = torch.randn(rot.shape[0], ky.numel(), dtype=torch.complex64, device=dev, generator=g)
     weights = torch.rand(rot.shape[0], ky.numel(), device=dev, generator=g)
     size = window_grid_size(a.window + 0.5, a.box, a.pad)
-    variants = {"scalar atomics": False}
-    if insert_kernel.pair_reductions(dev):
-        variants["vector reductions"] = True
+    names = {1: "scalar atomics", 2: "pair reductions", 4: "quad reductions"}
+    variants = {names[w]: w for w in insert_kernel.WIDTHS if w <= insert_kernel.reduction_width(dev)}
     grids, times = {}, {name: [] for name in variants}
     for _ in range(a.repeats + 1):  # the first round compiles the kernels
-        for name, pairs in variants.items():
+        for name, width in variants.items():
             bp = BackProjector.zeros(a.box, a.pad, device=dev, size=size)
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            insert_kernel.insert_fused(bp.data, bp.weight, a.pad, rot, ky, kx, values, weights, pairs=pairs)
+            insert_kernel.insert_fused(bp.data, bp.weight, a.pad, rot, ky, kx, values, weights, width=width)
             stop.record()
             torch.cuda.synchronize()
             times[name].append(start.elapsed_time(stop) / 1000.0)
@@ -86,12 +85,15 @@ def main() -> None:
         "seconds (first round compiles)": {k: [round(t, 4) for t in v] for k, v in times.items()},
         "points per second (best)": {k: f"{points / min(v[1:]):.3e}" for k, v in times.items()},
     }
-    if len(grids) == 2:
-        s, v = grids["scalar atomics"], grids["vector reductions"]
-        out["max relative difference (data, weight)"] = [
+    s = grids["scalar atomics"]
+    out["max relative difference from scalar atomics (data, weight)"] = {
+        k: [
             float((s.data - v.data).abs().max() / s.data.abs().max()),
             float((s.weight - v.weight).abs().max() / s.weight.abs().max()),
         ]
+        for k, v in grids.items()
+        if k != "scalar atomics"
+    }
     Path(a.outdir).mkdir(parents=True, exist_ok=True)
     text = json.dumps(out, indent=1)
     (Path(a.outdir) / "insert_timing.json").write_text(text + "\n")

@@ -90,16 +90,16 @@ def test_backprojection_round_trip(box):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("pairs", [True, False], ids=["vector-reductions", "scalar-atomics"])
-def test_gpu_fused_insertion_matches_float64_scatter(pairs, monkeypatch):
+@pytest.mark.parametrize("width", [4, 2, 1], ids=["quad-reductions", "pair-reductions", "scalar-atomics"])
+def test_gpu_fused_insertion_matches_float64_scatter(width, monkeypatch):
     """The CUDA insertion (one fused kernel) against the float64 scatter path on the CPU, with slices that reach
-    past the padded grid's edge (the clamped corners) and both Friedel halves; (re, im) as one vector reduction
-    (compute capability 9.0 and later) and as two scalar atomic adds."""
+    past the padded grid's edge (the clamped corners) and both Friedel halves; with each reduction width
+    (insert_kernel.WIDTHS: vector reductions on compute capability 9.0 and later, scalar atomic adds)."""
     from cryorefine.projection import insert_kernel
 
-    if pairs and not insert_kernel.pair_reductions(torch.device("cuda")):
+    if width > 1 and insert_kernel.reduction_width(torch.device("cuda")) < width:
         pytest.skip("the GPU has no vector reductions (compute capability below 9.0)")
-    monkeypatch.setattr(insert_kernel, "pair_reductions", lambda device: pairs)
+    monkeypatch.setattr(insert_kernel, "reduction_width", lambda device: width)
 
     torch.manual_seed(3)
     box, pad, r = 40, 2, 700

@@ -7,8 +7,10 @@ weighted values (~100 bytes per point) before two index_add_ scatters: at a loca
 Same arithmetic as insert.py's path (lower corner clamped, weights from the unclamped position); only the order of
 the float additions differs.
 The atomic adds set the pace (a local search's order-6 iteration on an H100: 0.55 s of its 1.46 s of kernels). On
-compute capability 9.0 and later a corner's (re, im) pair goes as one 8-byte vector reduction (PTX
-red.global.add.v2.f32, which Triton's atomic_add does not emit): two requests a corner where three scalar adds were.
+compute capability 9.0 and later the adds go as vector reductions (PTX red.global.add.v2/v4.f32, which Triton's
+atomic_add does not emit): WIDTH 2 sends a corner's (re, im) as one 8-byte request and its weight as another (two
+requests a corner where three scalar adds were); WIDTH 4 sends (re, im, weight) as one 16-byte request into an
+interleaved (re, im, weight, unused) grid, added to the accumulators after the launch (one request a corner).
 """
 
 from __future__ import annotations
@@ -30,9 +32,12 @@ def available(t: torch.Tensor) -> bool:
     return triton is not None and t.is_cuda and t.dtype == torch.float32
 
 
-def pair_reductions(device: torch.device) -> bool:
-    """Whether the GPU has 8-byte vector reductions of float32 pairs (compute capability 9.0 or later)."""
-    return torch.cuda.get_device_capability(device) >= (9, 0)
+WIDTHS = (1, 2, 4)  # float32 values per reduction: scalar atomics, (re, im) pairs, (re, im, weight, 0) quads
+
+
+def reduction_width(device: torch.device) -> int:
+    """The widest reduction the GPU has: float32 vector reductions from compute capability 9.0, else scalar."""
+    return 4 if torch.cuda.get_device_capability(device) >= (9, 0) else 1
 
 
 if triton is not None:
@@ -45,6 +50,19 @@ if triton is not None:
             "{ .reg .pred p; setp.ne.b32 p, $4, 0; @p red.global.add.v2.f32 [$1], {$2, $3}; mov.b32 $0, 0; }",
             "=r,l,f,f,r",
             [ptr.to(tl.int64), re, im, live.to(tl.int32)],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+
+    @triton.jit
+    def _add_quad(ptr, re, im, w, live):
+        """Add (re, im, w, 0) to the four float32 at ``ptr`` (16-byte aligned) where ``live``: one vector reduction."""
+        return tl.inline_asm_elementwise(
+            "{ .reg .pred p; .reg .f32 z; setp.ne.b32 p, $5, 0; mov.f32 z, 0f00000000; "
+            "@p red.global.add.v4.f32 [$1], {$2, $3, $4, z}; mov.b32 $0, 0; }",
+            "=r,l,f,f,f,r",
+            [ptr.to(tl.int64), re, im, w, live.to(tl.int32)],
             dtype=tl.int32,
             is_pure=False,
             pack=1,
@@ -67,7 +85,7 @@ if triton is not None:
         half,
         pad,
         BLOCK: tl.constexpr,
-        PAIRS: tl.constexpr,
+        WIDTH: tl.constexpr,
     ):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         live = offs < n_points
@@ -100,12 +118,15 @@ if triton is not None:
         plane = size * nx
         for c in tl.static_range(8):
             idx, wc = corner(base, fx, fy, fz, plane, nx, c)
-            if PAIRS:
-                _add_pair(data_ptr + 2 * idx, re * wc, im * wc, live)
+            if WIDTH == 4:  # data_ptr: the interleaved grid
+                _add_quad(data_ptr + 4 * idx, re * wc, im * wc, wv * wc, live)
             else:
-                tl.atomic_add(data_ptr + 2 * idx, re * wc, mask=live, sem="relaxed")
-                tl.atomic_add(data_ptr + 2 * idx + 1, im * wc, mask=live, sem="relaxed")
-            tl.atomic_add(weight_ptr + idx, wv * wc, mask=live, sem="relaxed")
+                if WIDTH == 2:
+                    _add_pair(data_ptr + 2 * idx, re * wc, im * wc, live)
+                else:
+                    tl.atomic_add(data_ptr + 2 * idx, re * wc, mask=live, sem="relaxed")
+                    tl.atomic_add(data_ptr + 2 * idx + 1, im * wc, mask=live, sem="relaxed")
+                tl.atomic_add(weight_ptr + idx, wv * wc, mask=live, sem="relaxed")
 
 
 def insert_fused(
@@ -117,12 +138,13 @@ def insert_fused(
     kx: torch.Tensor,
     values: torch.Tensor,
     weights: torch.Tensor,
-    pairs: bool | None = None,
+    width: int | None = None,
 ) -> None:
     """Add ``values`` (r, j) complex64 and ``weights`` (r, j) at pixels (kx, ky) (j,) under ``rotations`` (r, 3, 3)
-    into ``data`` (P, P, P//2+1) complex64 and ``weight`` (same shape) float32, in place. ``pairs``: (re, im) as one
-    vector reduction (default: where the GPU has them, pair_reductions)."""
-    pairs = pair_reductions(data.device) if pairs is None else pairs
+    into ``data`` (P, P, P//2+1) complex64 and ``weight`` (same shape) float32, in place. ``width``: float32 values
+    per reduction (WIDTHS; default: the widest the GPU has, reduction_width)."""
+    width = reduction_width(data.device) if width is None else width
+    assert width in WIDTHS, width
     size = data.shape[0]
     J = ky.numel()
     rot = rotations.to(torch.float32).contiguous()
@@ -130,6 +152,8 @@ def insert_fused(
     vals = torch.view_as_real(values.to(torch.complex64).contiguous())
     wgts = weights.to(torch.float32).contiguous()
     acc = torch.view_as_real(data)
+    if width == 4:  # (re, im, weight, unused) per voxel, 16-byte aligned: one request a corner
+        acc = torch.zeros(*weight.shape, 4, dtype=torch.float32, device=weight.device)
     step = max(1, MAX_KERNEL_POINTS // max(1, J))
     for i in range(0, rot.shape[0], step):
         n = min(step, rot.shape[0] - i) * J
@@ -148,5 +172,8 @@ def insert_fused(
             size // 2,
             float(pad),
             BLOCK=BLOCK,
-            PAIRS=pairs,
+            WIDTH=width,
         )
+    if width == 4:
+        torch.view_as_real(data).add_(acc[..., :2])
+        weight.add_(acc[..., 2])
