@@ -7,10 +7,10 @@ weighted values (~100 bytes per point) before two index_add_ scatters: at a loca
 Same arithmetic as insert.py's path (lower corner clamped, weights from the unclamped position); only the order of
 the float additions differs.
 The atomic adds set the pace (a local search's order-6 iteration on an H100: 0.55 s of its 1.46 s of kernels). On
-compute capability 9.0 and later the adds go as vector reductions (PTX red.global.add.v2/v4.f32, which Triton's
-atomic_add does not emit): WIDTH 2 sends a corner's (re, im) as one 8-byte request and its weight as another (two
-requests a corner where three scalar adds were); WIDTH 4 sends (re, im, weight) as one 16-byte request into an
-interleaved (re, im, weight, unused) grid, added to the accumulators after the launch (one request a corner).
+compute capability 9.0 and later a corner's (re, im, weight) goes as one 16-byte vector reduction (PTX
+red.global.add.v4.f32, which Triton's atomic_add does not emit) into an interleaved (re, im, weight, unused) grid,
+added to the accumulators after the launch: one request a corner where three scalar adds were (H100: 1.00e10 points/s
+against 3.48e9; an 8-byte (re, im) reduction plus a scalar weight gave 5.13e9; bench/insert_timing.py).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def available(t: torch.Tensor) -> bool:
     return triton is not None and t.is_cuda and t.dtype == torch.float32
 
 
-WIDTHS = (1, 2, 4)  # float32 values per reduction: scalar atomics, (re, im) pairs, (re, im, weight, 0) quads
+WIDTHS = (1, 4)  # float32 values per reduction: scalar atomics, (re, im, weight, 0) quads
 
 
 def reduction_width(device: torch.device) -> int:
@@ -44,21 +44,9 @@ if triton is not None:
     from .trilinear_triton import corner
 
     @triton.jit
-    def _add_pair(ptr, re, im, live):
-        """Add (re, im) to the two float32 at ``ptr`` (8-byte aligned) where ``live``, as one vector reduction."""
-        return tl.inline_asm_elementwise(  # the address as an integer: the operands are broadcast as arithmetic ones
-            "{ .reg .pred p; setp.ne.b32 p, $4, 0; @p red.global.add.v2.f32 [$1], {$2, $3}; mov.b32 $0, 0; }",
-            "=r,l,f,f,r",
-            [ptr.to(tl.int64), re, im, live.to(tl.int32)],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
-        )
-
-    @triton.jit
     def _add_quad(ptr, re, im, w, live):
         """Add (re, im, w, 0) to the four float32 at ``ptr`` (16-byte aligned) where ``live``: one vector reduction."""
-        return tl.inline_asm_elementwise(
+        return tl.inline_asm_elementwise(  # the address as an integer: the operands are broadcast as arithmetic ones
             "{ .reg .pred p; .reg .f32 z; setp.ne.b32 p, $5, 0; mov.f32 z, 0f00000000; "
             "@p red.global.add.v4.f32 [$1], {$2, $3, $4, z}; mov.b32 $0, 0; }",
             "=r,l,f,f,f,r",
@@ -121,11 +109,8 @@ if triton is not None:
             if WIDTH == 4:  # data_ptr: the interleaved grid
                 _add_quad(data_ptr + 4 * idx, re * wc, im * wc, wv * wc, live)
             else:
-                if WIDTH == 2:
-                    _add_pair(data_ptr + 2 * idx, re * wc, im * wc, live)
-                else:
-                    tl.atomic_add(data_ptr + 2 * idx, re * wc, mask=live, sem="relaxed")
-                    tl.atomic_add(data_ptr + 2 * idx + 1, im * wc, mask=live, sem="relaxed")
+                tl.atomic_add(data_ptr + 2 * idx, re * wc, mask=live, sem="relaxed")
+                tl.atomic_add(data_ptr + 2 * idx + 1, im * wc, mask=live, sem="relaxed")
                 tl.atomic_add(weight_ptr + idx, wv * wc, mask=live, sem="relaxed")
 
 
