@@ -47,3 +47,18 @@ def test_the_counted_total_is_the_masks(rows):
     counted = significant_mask(logits, 0.999, 0, counted=True)
     assert torch.equal(plain.mask, counted.mask) and torch.equal(plain.nsig, counted.nsig)
     assert plain.total is None and counted.total == int(plain.mask.sum())
+
+
+@pytest.mark.parametrize("k", [1, 5, 256])
+def test_top_values_by_blocks_are_topk(k):
+    """weights.top_values against torch.topk on long rows (the block path): the same values in the same order, with
+    ties (repeated values, zeros of underflowed posteriors) and the largest values packed into a few blocks."""
+    from cryorefine.estep.weights import TOPK_BLOCK, top_values
+
+    g = torch.Generator().manual_seed(4)
+    S = 4 * 256 * TOPK_BLOCK * 2
+    p = torch.softmax(torch.randn(6, S, generator=g) * torch.tensor([0.1, 1, 5, 30, 300, 3])[:, None], 1)
+    p[5] = torch.round(p[5] * 1e6) / 1e6  # many ties
+    p[4, : S // 2] = 0.0  # half the row underflowed
+    p[3, 100 : 100 + 3 * TOPK_BLOCK] += 1.0  # the largest values in three neighbouring blocks
+    assert torch.equal(top_values(p, k), torch.topk(p, k, dim=1).values)

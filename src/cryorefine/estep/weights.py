@@ -11,6 +11,24 @@ from .settings import EStepSettings
 
 
 TOPK_SIGNIFICANT = 256  # samples ranked per particle before falling back to a full sort
+TOPK_BLOCK = 64  # samples per block of top_values's first pass
+
+
+def top_values(p: torch.Tensor, k: int) -> torch.Tensor:
+    """torch.topk(p, k).values (the k largest of each row of p (n, S), descending; k <= S), by way of blocks of
+    TOPK_BLOCK samples where the rows are long: each block's maximum (one pass over p), the k blocks with the largest
+    maxima, then the k largest of their samples. The same values in the same order: an element among a row's k largest
+    lies in a block whose maximum is at least as large, and at most k blocks have one (a larger element elsewhere would
+    make k + 1 larger ones). Where the rows are short, or S has no such blocks, topk itself. A global search's rows
+    are every coarse sample (~10^5-10^6), where a top-k select of the whole row was most of its significance step."""
+    n, S = p.shape
+    B = TOPK_BLOCK
+    if S % B or S < 4 * k * B or not p.is_contiguous():
+        return torch.topk(p, k, dim=1).values
+    blocks = p.view(n, S // B, B)
+    best = torch.topk(blocks.amax(2), k, dim=1).indices  # (n, k) the blocks with the k largest maxima
+    candidates = blocks.gather(1, best[:, :, None].expand(n, k, B)).reshape(n, k * B)
+    return torch.topk(candidates, k, dim=1).values
 
 
 class SignificantSet(NamedTuple):
@@ -34,7 +52,7 @@ def significant_set(p: torch.Tensor, fraction: float, maxsig: int, counted: bool
     # sorting 10^5-10^6 samples per particle) and sort in full only the rows whose fraction lies beyond them: the
     # same leading values in the same order, so the same set as a full sort (up to rounding in the cumulative sum).
     k = min(S, max(TOPK_SIGNIFICANT, maxsig))
-    sp = torch.topk(p, k, dim=1).values if k < S else torch.sort(p, dim=1, descending=True).values
+    sp = top_values(p, k) if k < S else torch.sort(p, dim=1, descending=True).values
     count = (torch.cumsum(sp, dim=1) < fraction).sum(1) + 1
     if maxsig > 0:
         count = count.clamp(max=maxsig)
