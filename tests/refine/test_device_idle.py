@@ -110,3 +110,20 @@ def test_host_waits_names_the_call_site_of_each_wait(monkeypatch):
     report = timing.host_waits(prof.events()).splitlines()
     assert report[0].startswith("3 waiting calls")
     assert report[1].split()[0] == "3" and "estep/slots.py" in report[1] and "class_bounds" in report[1]
+
+
+def test_sync_sites_counts_each_warning_by_its_call_site():
+    """timing.sync_sites: the warnings issued in the block (on a GPU PyTorch's sync debug mode issues one per
+    synchronising call) counted by message and cryorefine call site; none escapes the block."""
+    import warnings
+    from collections import Counter
+
+    from cryorefine.refine import timing
+
+    sites: Counter = Counter()
+    with timing.sync_sites(sites):
+        for _ in range(3):
+            warnings.warn("called a synchronizing CUDA operation")
+        warnings.warn("something else")
+    assert sorted(sites.values()) == [1, 3]
+    assert "3  called a synchronizing CUDA operation" in timing.format_sites(sites)

@@ -190,12 +190,18 @@ def profiled(iteration: int, final: bool = False):
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=acts, record_shapes=True, with_stack=request.mode == "waits") as prof:
-        yield
     if request.mode == "waits":
+        sites: Counter = Counter()
+        with profile(activities=acts, with_stack=True) as prof, sync_sites(sites):
+            yield
         with open(path, "a") as fh:
-            fh.write(f"# iteration {iteration}: where the host waited for the device\n{host_waits(prof.events())}\n")
+            fh.write(
+                f"# iteration {iteration}: where the host waited for the device\n{host_waits(prof.events())}\n"
+                f"synchronising calls PyTorch reported, by call site:\n{format_sites(sites)}\n"
+            )
         return
+    with profile(activities=acts, record_shapes=True) as prof:
+        yield
     ka = prof.key_averages(group_by_input_shape=False)
     lines = [f"# iteration {iteration}"]
     if torch.cuda.is_available():
@@ -212,6 +218,36 @@ def profiled(iteration: int, final: bool = False):
     )
     with open(path, "a") as fh:
         fh.write("\n".join(lines) + "\n")
+
+
+@contextmanager
+def sync_sites(sites: Counter, frames: int = 4):
+    """Count the synchronising calls PyTorch reports in the block (torch.cuda.set_sync_debug_mode("warn"): reads of
+    device values, copies that wait) by their innermost ``frames`` cryorefine call sites, into ``sites``."""
+    import traceback
+    import warnings
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        stack = [f for f in traceback.extract_stack() if "cryorefine" in f.filename and "timing.py" not in f.filename]
+        where = tuple(f"{f.filename.split('cryorefine/')[-1]}:{f.lineno} {f.name}" for f in stack[-frames:])
+        sites[(str(message).splitlines()[0][:60], where)] += 1
+
+    before = torch.cuda.get_sync_debug_mode() if torch.cuda.is_available() else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        if before is not None:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield
+        finally:
+            if before is not None:
+                torch.cuda.set_sync_debug_mode(before)
+
+
+def format_sites(sites: Counter, top: int = 40) -> str:
+    """sync_sites's counts, most first: count, message, call sites (innermost last)."""
+    return "\n".join(f"{n:6d}  {msg}  " + " > ".join(where) for (msg, where), n in sites.most_common(top))
 
 
 # CUDA runtime calls in which the host can wait for the device (a copy to or from pageable memory waits too)
