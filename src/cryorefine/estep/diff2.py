@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..projection.extract import PaddedTransform, extract_central_slices, extract_planar_with_power
+from ..transfer import to_device
 from . import fused_local
 from .images import ImageBatch, Window
 from .memory import LOCAL_GATHER_ELEMENTS
@@ -197,7 +198,8 @@ def coarse_log_posterior(batch, window, jc, refs, poses, settings, local_prior, 
             )
         elif settings.direction_log_prior is not None:
             dir_of_rot = torch.arange(L, device=dev) // poses.sampling.n_psi
-            rot_prior = rot_prior + settings.direction_log_prior.to(dev).float()[:, dir_of_rot][None]
+            # the prior lives on the host (the run's state): through pinned memory, or each tile would wait here
+            rot_prior = rot_prior + to_device(settings.direction_log_prior, dev, torch.float32)[:, dir_of_rot][None]
         trans_prior = translation_log_prior(
             batch.old_offset_px[:, None, :] + poses.translations_px[None], settings, batch.offset_prior_px
         )  # (n, T)

@@ -143,7 +143,12 @@ class PoseGrid:
     def _perturbed(self, a: torch.Tensor) -> torch.Tensor:
         """RELION's getOrientations perturbation of matrices (..., 3, 3): A · R(d, d, d), d = perturbation × step."""
         step = float(self.sampling.random_perturbation) * float(self.sampling.angular_step_deg)
-        return a @ euler_to_matrix(step, step, step).to(a) if step != 0 else a
+        if step == 0:
+            return a
+        key = ("perturbation", a.device, a.dtype)  # made once: a host matrix copied per call made the host wait
+        if key not in self._cache:
+            self._cache[key] = to_device(euler_to_matrix(step, step, step), a.device, a.dtype)
+        return a @ self._cache[key]
 
     def fine_eulers_deg(self, coarse_ids: np.ndarray) -> np.ndarray:
         """(m, 8, 3) Euler angles (degrees) of the fine children of coarse rotation ids (m,)."""
@@ -297,7 +302,9 @@ class PoseGrid:
         grid direction to the nearest image is RELION's angle under symmetry."""
         if self.sampling.sym_matrices is None:
             return va[None]
-        return va @ torch.as_tensor(self.sampling.sym_matrices, device=va.device, dtype=torch.float64)
+        if "sym" not in self._cache:  # once per grid: a copy from the host per batch made the host wait
+            self._cache["sym"] = to_device(np.asarray(self.sampling.sym_matrices, dtype=np.float64), va.device)
+        return va @ self._cache["sym"]
 
     def _direction_angles(self, va: torch.Tensor, vb: torch.Tensor) -> torch.Tensor:
         """(n, D) degrees between particle directions va (n, 3) and directions vb (D, 3), the nearest symmetry image."""

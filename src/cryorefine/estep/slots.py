@@ -76,7 +76,7 @@ def fine_slots(mask: torch.Tensor, total: int, rot_prior: torch.Tensor, local_pr
     slot_prior = torch.full((n, Ls), -torch.inf, device=dev)
     slot_prior[i_idx, slot] = rot_prior[i_idx, k_idx, l_idx]
     allowed = torch.zeros(n, T, Ls, dtype=torch.bool, device=dev)
-    allowed[i_idx, t_idx, slot] = True
+    allowed.index_put_((i_idx, t_idx, slot), torch.ones((), dtype=torch.bool, device=dev))  # a host True would wait
     return FineSlots(gkeys // R, gkeys % R, slot_g, slot_prior, allowed, counts, class_run, by_count, sorted_counts)
 
 
