@@ -11,14 +11,7 @@ from __future__ import annotations
 
 import torch
 
-try:  # CUDA builds of PyTorch ship Triton; CPU builds need neither
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the installation
-    triton = None
-
-BLOCK = 256
-MAX_KERNEL_POINTS = 1 << 30  # points per launch: keeps the kernel's flat point index in int32
+from .trilinear_triton import BLOCK, point_launches, triton
 
 
 def available(t: torch.Tensor) -> bool:
@@ -27,21 +20,16 @@ def available(t: torch.Tensor) -> bool:
 
 
 if triton is not None:
-    from .trilinear_triton import sample
+    import triton.language as tl
+
+    from .trilinear_triton import sample, slice_point
 
     # integer arguments unspecialised: Triton would otherwise compile anew for each window size J
     @triton.jit(do_not_specialize=["n_points", "J", "size", "nx", "half"])
     def _extract(vol_ptr, rot_ptr, kx_ptr, ky_ptr, out_ptr, n_points, J, size, nx, half, pad, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         live = offs < n_points
-        r = offs // J
-        j = offs - r * J
-        kx = tl.load(kx_ptr + j, mask=live, other=0.0)
-        ky = tl.load(ky_ptr + j, mask=live, other=0.0)
-        rb = rot_ptr + r * 9  # rows 0 and 1 of the rotation: the slice plane
-        x = pad * (kx * tl.load(rb + 0, mask=live, other=0.0) + ky * tl.load(rb + 3, mask=live, other=0.0))
-        y = pad * (kx * tl.load(rb + 1, mask=live, other=0.0) + ky * tl.load(rb + 4, mask=live, other=0.0))
-        z = pad * (kx * tl.load(rb + 2, mask=live, other=0.0) + ky * tl.load(rb + 5, mask=live, other=0.0))
+        r, j, x, y, z = slice_point(rot_ptr, kx_ptr, ky_ptr, offs, live, J, pad)
         pr, pi = sample(vol_ptr, x, y, z, live, size, nx, half)
         row = out_ptr + r * 2 * J + j  # out (r, 2, J): the real plane, then the imaginary one
         tl.store(row, pr, mask=live)
@@ -57,9 +45,7 @@ def extract_fused(
     vol = torch.view_as_real(f_padded.contiguous()).view(torch.int64)  # a voxel's (re, im) as one 8-byte word
     rot = rotations.to(torch.float32).contiguous()
     kx32, ky32 = kx.to(torch.float32).contiguous(), ky.to(torch.float32).contiguous()
-    step = max(1, MAX_KERNEL_POINTS // max(1, J))
-    for i in range(0, rot.shape[0], step):
-        n = min(step, rot.shape[0] - i) * J
+    for i, n in point_launches(rot.shape[0], J):
         _extract[(triton.cdiv(n, BLOCK),)](
             vol, rot[i:], kx32, ky32, out[i:], n, J, size, size // 2 + 1, size // 2, float(pad), BLOCK=BLOCK
         )

@@ -17,14 +17,7 @@ from __future__ import annotations
 
 import torch
 
-try:  # CUDA builds of PyTorch ship Triton; CPU builds need neither
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the installation
-    triton = None
-
-BLOCK = 256
-MAX_KERNEL_POINTS = 1 << 30  # points per launch: keeps the kernel's flat point index in int32
+from .trilinear_triton import BLOCK, point_launches, triton
 
 
 def available(t: torch.Tensor) -> bool:
@@ -41,7 +34,9 @@ def reduction_width(device: torch.device) -> int:
 
 
 if triton is not None:
-    from .trilinear_triton import corner
+    import triton.language as tl
+
+    from .trilinear_triton import corner, slice_point
 
     @triton.jit
     def _add_quad(ptr, re, im, w, live):
@@ -77,14 +72,7 @@ if triton is not None:
     ):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         live = offs < n_points
-        r = offs // J
-        j = offs - r * J
-        kx = tl.load(kx_ptr + j, mask=live, other=0.0)
-        ky = tl.load(ky_ptr + j, mask=live, other=0.0)
-        rb = rot_ptr + r * 9  # rows 0 and 1 of the rotation: the slice plane
-        x = pad * (kx * tl.load(rb + 0, mask=live, other=0.0) + ky * tl.load(rb + 3, mask=live, other=0.0))
-        y = pad * (kx * tl.load(rb + 1, mask=live, other=0.0) + ky * tl.load(rb + 4, mask=live, other=0.0))
-        z = pad * (kx * tl.load(rb + 2, mask=live, other=0.0) + ky * tl.load(rb + 5, mask=live, other=0.0))
+        r, j, x, y, z = slice_point(rot_ptr, kx_ptr, ky_ptr, offs, live, J, pad)
         re = tl.load(val_ptr + 2 * offs, mask=live, other=0.0)
         im = tl.load(val_ptr + 2 * offs + 1, mask=live, other=0.0)
         wv = tl.load(wgt_ptr + offs, mask=live, other=0.0)
@@ -139,9 +127,7 @@ def insert_fused(
     acc = torch.view_as_real(data)
     if width == 4:  # (re, im, weight, unused) per voxel, 16-byte aligned: one request a corner
         acc = torch.zeros(*weight.shape, 4, dtype=torch.float32, device=weight.device)
-    step = max(1, MAX_KERNEL_POINTS // max(1, J))
-    for i in range(0, rot.shape[0], step):
-        n = min(step, rot.shape[0] - i) * J
+    for i, n in point_launches(rot.shape[0], J):
         _insert[(triton.cdiv(n, BLOCK),)](
             rot[i:],
             kx32,

@@ -1,7 +1,9 @@
-"""Trilinear interpolation on the padded half grid inside Triton kernels (insert_kernel.py, extract_kernel.py,
-estep/fused_local.py)."""
+"""Slice points and trilinear interpolation on the padded half grid inside Triton kernels (insert_kernel.py,
+extract_kernel.py, estep/fused_local.py); the Triton import they share."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 try:  # CUDA builds of PyTorch ship Triton; CPU builds need neither
     import triton
@@ -9,7 +11,32 @@ try:  # CUDA builds of PyTorch ship Triton; CPU builds need neither
 except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
+BLOCK = 256  # slice points per program of the point-wise kernels (insertion, extraction)
+MAX_KERNEL_POINTS = 1 << 30  # points per launch: keeps the kernels' flat point index in int32
+
+
+def point_launches(n_rotations: int, J: int) -> Iterator[tuple[int, int]]:
+    """(first rotation, points) of each launch of a point-wise kernel over n_rotations slices of J pixels."""
+    step = max(1, MAX_KERNEL_POINTS // max(1, J))
+    for i in range(0, n_rotations, step):
+        yield i, min(step, n_rotations - i) * J
+
+
 if triton is not None:
+
+    @triton.jit
+    def slice_point(rot_ptr, kx_ptr, ky_ptr, offs, live, J, pad):
+        """Flat slice points ``offs`` (rotation r = offs // J, pixel j) -> (r, j, x, y, z): the padded coordinates
+        pad · (kx · A[0] + ky · A[1]) from rows 0 and 1 of rotation r (r, 3, 3) (the slice plane)."""
+        r = offs // J
+        j = offs - r * J
+        kx = tl.load(kx_ptr + j, mask=live, other=0.0)
+        ky = tl.load(ky_ptr + j, mask=live, other=0.0)
+        rb = rot_ptr + r * 9
+        x = pad * (kx * tl.load(rb + 0, mask=live, other=0.0) + ky * tl.load(rb + 3, mask=live, other=0.0))
+        y = pad * (kx * tl.load(rb + 1, mask=live, other=0.0) + ky * tl.load(rb + 4, mask=live, other=0.0))
+        z = pad * (kx * tl.load(rb + 2, mask=live, other=0.0) + ky * tl.load(rb + 5, mask=live, other=0.0))
+        return r, j, x, y, z
 
     @triton.jit
     def corner(base, fx, fy, fz, plane, nx, c: tl.constexpr):
