@@ -1,6 +1,6 @@
 """The back-projection kernel alone (projection/insert_kernel.py) at a local search's size: the slices of many nearby
 rotations (each particle's fine rotations about its pose) inserted into the window's padded grid with each reduction
-width the GPU has (insert_kernel.WIDTHS: scalar atomic adds, (re, im, weight) quad reductions),
+width the GPU has (insert_kernel.WIDTHS: scalar atomic adds, (re, im) pair and (re, im, weight) quad reductions),
 alternating, timed by CUDA events; and each grid's difference from the scalar one (the order of the float additions).
 
 usage: python bench/insert_timing.py OUTDIR [--box 100] [--pad 2] [--window 45] [--rotations 60000] [--repeats 3]
@@ -60,8 +60,9 @@ def main() -> None:
     values = torch.randn(rot.shape[0], ky.numel(), dtype=torch.complex64, device=dev, generator=g)
     weights = torch.rand(rot.shape[0], ky.numel(), device=dev, generator=g)
     size = window_grid_size(a.window + 0.5, a.box, a.pad)
-    names = {1: "scalar atomics", 4: "quad reductions"}
-    variants = {names[w]: w for w in insert_kernel.WIDTHS if w <= insert_kernel.reduction_width(dev)}
+    names = {1: "scalar atomics", 2: "pair reductions", 4: "quad reductions"}
+    widest = insert_kernel.reduction_width(torch.cuda.get_device_capability(dev), 0)
+    variants = {names[w]: w for w in insert_kernel.WIDTHS if w <= widest}
     grids, times = {}, {name: [] for name in variants}
     for _ in range(a.repeats + 1):  # the first round compiles the kernels
         for name, width in variants.items():

@@ -90,16 +90,16 @@ def test_backprojection_round_trip(box):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("width", [4, 1], ids=["quad-reductions", "scalar-atomics"])
+@pytest.mark.parametrize("width", [4, 2, 1], ids=["quad-reductions", "pair-reductions", "scalar-atomics"])
 def test_gpu_fused_insertion_matches_float64_scatter(width, monkeypatch):
     """The CUDA insertion (one fused kernel) against the float64 scatter path on the CPU, with slices that reach
     past the padded grid's edge (the clamped corners) and both Friedel halves; with each reduction width
     (insert_kernel.WIDTHS: vector reductions on compute capability 9.0 and later, scalar atomic adds)."""
     from cryorefine.projection import insert_kernel
 
-    if width > 1 and insert_kernel.reduction_width(torch.device("cuda")) < width:
+    if width > 1 and torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("the GPU has no vector reductions (compute capability below 9.0)")
-    monkeypatch.setattr(insert_kernel, "reduction_width", lambda device: width)
+    monkeypatch.setattr(insert_kernel, "reduction_width", lambda capability, voxels: width)
 
     torch.manual_seed(3)
     box, pad, r = 40, 2, 700
@@ -127,3 +127,15 @@ def test_gpu_fused_insertion_matches_float64_scatter(width, monkeypatch):
     err_w = float((gpu.weight.cpu().double() - ref.weight).abs().max() / ref.weight.abs().max())
     print(f"fused insertion vs float64 scatter: max rel err data {err_d:.2e}, weight {err_w:.2e}")
     assert err_d < 1e-5 and err_w < 1e-5
+
+
+def test_reduction_width_keeps_the_quads_grid_small():
+    """Quads (a transient interleaved grid of 16 bytes a voxel) only where that grid fits QUAD_GRID_BYTES; pairs (no
+    extra memory) above it, e.g. a box-450 map's whole padded grid; scalar atomics before compute capability 9.0."""
+    from cryorefine.projection.insert_kernel import QUAD_GRID_BYTES, reduction_width
+
+    betagal_window = 186 * 186 * 94  # the order-6 local iterations' grid (box 100, window 45 shells)
+    box450 = 900 * 900 * 451
+    assert reduction_width((9, 0), betagal_window) == 4
+    assert reduction_width((9, 0), box450) == 2 and 16 * box450 > QUAD_GRID_BYTES
+    assert reduction_width((8, 0), betagal_window) == 1

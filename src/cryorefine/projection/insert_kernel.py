@@ -10,7 +10,9 @@ The atomic adds set the pace (a local search's order-6 iteration on an H100: 0.5
 compute capability 9.0 and later a corner's (re, im, weight) goes as one 16-byte vector reduction (PTX
 red.global.add.v4.f32, which Triton's atomic_add does not emit) into an interleaved (re, im, weight, unused) grid,
 added to the accumulators after the launch: one request a corner where three scalar adds were (H100: 1.00e10 points/s
-against 3.48e9; an 8-byte (re, im) reduction plus a scalar weight gave 5.13e9; bench/insert_timing.py).
+against 3.48e9; bench/insert_timing.py). That grid is a transient 16 bytes a voxel, which the memory budget of big
+boxes on small cards does not count: above QUAD_GRID_BYTES the (re, im) pair goes as one 8-byte reduction and the
+weight as a scalar add into the accumulators themselves (5.13e9 points/s).
 """
 
 from __future__ import annotations
@@ -25,12 +27,16 @@ def available(t: torch.Tensor) -> bool:
     return triton is not None and t.is_cuda and t.dtype == torch.float32
 
 
-WIDTHS = (1, 4)  # float32 values per reduction: scalar atomics, (re, im, weight, 0) quads
+WIDTHS = (1, 2, 4)  # float32 values per reduction: scalar atomics, (re, im) pairs, (re, im, weight, 0) quads
+QUAD_GRID_BYTES = 256 << 20  # the largest interleaved grid made for quads (a window of ~80 shells at --pad 2)
 
 
-def reduction_width(device: torch.device) -> int:
-    """The widest reduction the GPU has: float32 vector reductions from compute capability 9.0, else scalar."""
-    return 4 if torch.cuda.get_device_capability(device) >= (9, 0) else 1
+def reduction_width(capability: tuple[int, int], voxels: int) -> int:
+    """The reduction width for a GPU of compute ``capability`` and a grid of ``voxels``: float32 vector reductions from
+    9.0, as quads where their interleaved grid stays within QUAD_GRID_BYTES, else pairs; scalar atomics before 9.0."""
+    if capability < (9, 0):
+        return 1
+    return 4 if 16 * voxels <= QUAD_GRID_BYTES else 2
 
 
 if triton is not None:
@@ -39,9 +45,21 @@ if triton is not None:
     from .trilinear_triton import corner, slice_point
 
     @triton.jit
+    def _add_pair(ptr, re, im, live):
+        """Add (re, im) to the two float32 at ``ptr`` (8-byte aligned) where ``live``, as one vector reduction."""
+        return tl.inline_asm_elementwise(  # the address as an integer: the operands are broadcast as arithmetic ones
+            "{ .reg .pred p; setp.ne.b32 p, $4, 0; @p red.global.add.v2.f32 [$1], {$2, $3}; mov.b32 $0, 0; }",
+            "=r,l,f,f,r",
+            [ptr.to(tl.int64), re, im, live.to(tl.int32)],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+
+    @triton.jit
     def _add_quad(ptr, re, im, w, live):
         """Add (re, im, w, 0) to the four float32 at ``ptr`` (16-byte aligned) where ``live``: one vector reduction."""
-        return tl.inline_asm_elementwise(  # the address as an integer: the operands are broadcast as arithmetic ones
+        return tl.inline_asm_elementwise(
             "{ .reg .pred p; .reg .f32 z; setp.ne.b32 p, $5, 0; mov.f32 z, 0f00000000; "
             "@p red.global.add.v4.f32 [$1], {$2, $3, $4, z}; mov.b32 $0, 0; }",
             "=r,l,f,f,f,r",
@@ -97,8 +115,11 @@ if triton is not None:
             if WIDTH == 4:  # data_ptr: the interleaved grid
                 _add_quad(data_ptr + 4 * idx, re * wc, im * wc, wv * wc, live)
             else:
-                tl.atomic_add(data_ptr + 2 * idx, re * wc, mask=live, sem="relaxed")
-                tl.atomic_add(data_ptr + 2 * idx + 1, im * wc, mask=live, sem="relaxed")
+                if WIDTH == 2:
+                    _add_pair(data_ptr + 2 * idx, re * wc, im * wc, live)
+                else:
+                    tl.atomic_add(data_ptr + 2 * idx, re * wc, mask=live, sem="relaxed")
+                    tl.atomic_add(data_ptr + 2 * idx + 1, im * wc, mask=live, sem="relaxed")
                 tl.atomic_add(weight_ptr + idx, wv * wc, mask=live, sem="relaxed")
 
 
@@ -115,8 +136,9 @@ def insert_fused(
 ) -> None:
     """Add ``values`` (r, j) complex64 and ``weights`` (r, j) at pixels (kx, ky) (j,) under ``rotations`` (r, 3, 3)
     into ``data`` (P, P, P//2+1) complex64 and ``weight`` (same shape) float32, in place. ``width``: float32 values
-    per reduction (WIDTHS; default: the widest the GPU has, reduction_width)."""
-    width = reduction_width(data.device) if width is None else width
+    per reduction (WIDTHS; default: reduction_width's for this GPU and grid)."""
+    if width is None:
+        width = reduction_width(torch.cuda.get_device_capability(data.device), weight.numel())
     assert width in WIDTHS, width
     size = data.shape[0]
     J = ky.numel()
