@@ -152,7 +152,7 @@ def _planar(transform, rotations, ky, kx, with_power: bool) -> tuple[torch.Tenso
         power = torch.empty(flat_rot.shape[0], j, dtype=out.dtype) if with_power else None
         cpu_kernels.extract_planar(f, flat_rot, ky, kx, transform.pad, out, power)
     else:
-        if extract_kernel.available(f) and out.is_contiguous():
+        if extract_kernel.available(f):
             extract_kernel.extract_fused(f, transform.pad, flat_rot, ky, kx, out)
         else:
             extract_by_grid_sample(transform, flat_rot, ky, kx, out)
