@@ -3,7 +3,8 @@
 # most, and a long output's head is lost): summary.txt, the lines to read, and session.tgz, every log, report and
 # profile. In order: `pytest -m gpu tests`, then `paper_bench.sh run` of each set (clean starts), then the profiles.
 #   bash bench/device_session.sh [SETS] [PROFILES]        e.g. bench/device_session.sh "trpv1 betagal" "trpv1:12"
-# SETS: paper_bench sets ("-" for none); PROFILES: SET:ITERATIONS for bench/profile_iteration.sh (after its set ran).
+# SETS: paper_bench sets ("-" for none); PROFILES: SET:ITERATIONS[:MODE] for bench/profile_iteration.sh (after its set
+# ran; MODE torch by default, or python, waits).
 # GPU_TESTS=0 skips the tests. Budgets: trpv1 130 s, betagal 80 s (reserve 25 s), others 480 s.
 # MSTEP_BEFORE=DIR (a src/ folder of an earlier tree, carried: e.g. `git archive REV src | tar -x -C .before`) first
 # times the M-step's reconstruct() at TRPV1's size (bench/mstep_timing.py: box 256, window 80 and whole) with that
@@ -46,8 +47,9 @@ for s in $sets; do
   [ -n "$md" ] && grep -E "^\| (wall time|iterations|gold-standard|GPU busy)" "$md" | tee -a "$summary"
 done
 for p in $profiles; do
-  PROFILE_TIMEOUT=150 bash bench/profile_iteration.sh "${p%%:*}" "${p#*:}" > "$work/profile-${p%%:*}-out.log" 2>&1
-  head -16 "$work/profile-${p%%:*}-torch.txt" 2>/dev/null | tee -a "$summary"
+  IFS=: read -r pset pits pmode <<< "$p"; pmode=${pmode:-torch}
+  PROFILE_TIMEOUT=150 bash bench/profile_iteration.sh "$pset" "$pits" "$pmode" > "$work/profile-$pset-$pmode-out.log" 2>&1
+  head -16 "$work/profile-$pset-$pmode.txt" 2>/dev/null | tee -a "$summary"
 done
 tar czf "$final/session.tgz" -C "$work" .
 say "session.tgz: $(ls "$work" | wc -l) files"
