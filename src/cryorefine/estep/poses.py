@@ -36,15 +36,24 @@ NEAR_LEVELS = (
 NEAR_MIN_ORDER = 4  # below this order every direction is compared with every particle (at most 768 of them per image)
 
 
-def _compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _compact(mask: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Column ids of each row's True entries, first and in order: (ids (n, m), valid (n, m)), m the largest count
-    (a cumulative-sum scatter: no sort)."""
+    (a cumulative-sum scatter: no sort). ``width``: that count where the caller has read it already (else read here,
+    a wait for the device)."""
     count = mask.sum(1)
-    m = int(count.max())
+    m = int(count.max()) if width is None else width
     slot = torch.where(mask, mask.cumsum(1) - 1, m)  # False entries go to a spare column
     cols = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     ids = torch.zeros(len(mask), m + 1, dtype=torch.int64, device=mask.device).scatter_(1, slot, cols)[:, :m]
     return ids, torch.arange(m, device=mask.device)[None, :] < count[:, None]
+
+
+def _set_widths(d_mask: torch.Tensor, p_mask: torch.Tensor) -> list[int]:
+    """The widths of a batch's local candidate sets from its chosen directions d_mask (n, D') and psi angles p_mask
+    (n, P), read from the device at once: [most directions, most psi angles, most (direction, psi) pairs, fewest
+    directions] of any particle."""
+    d, p = d_mask.sum(1), p_mask.sum(1)
+    return torch.stack([d.max(), p.max(), (d * p).max(), d.min()]).tolist()
 
 
 @dataclass
@@ -218,22 +227,29 @@ class PoseGrid:
             - 180.0
         )
 
-        def chosen(dist: torch.Tensor, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
-            """Entries strictly below ``limit``, or the nearest one where none is."""
+        def chosen(dist: torch.Tensor, limit: float) -> torch.Tensor:
+            """(n, N) bool: entries strictly below ``limit``, or the nearest one where none is."""
             dist = dist.abs()
             mask = dist < limit
             mask[torch.arange(len(mask), device=dev), dist.argmin(1)] |= ~mask.any(1)
-            return _compact(mask)
+            return mask
 
         def width(sigma: float) -> float:
             return sigma if sigma > 0 else torch.inf  # an unrestricted angle: every sample, a flat prior
 
         sig_dir = width(max(sig_rot, sig_tilt))  # RELION: the larger where both are given (no separate widths)
         max_angle = sigma_cutoff * sig_dir
-        near = None
+        sig_p = width(sig_psi)
+        p_mask = chosen(dpsi, sigma_cutoff * sig_p)
+        widths = None
         if sig_rot > 0 and sig_tilt > 0 and s.order >= NEAR_MIN_ORDER:
-            near = self._directions_near(va, max_angle)
-        if near is None:  # every direction against every particle
+            # the candidates near each particle (ascending ids, as below), and their angles
+            cols, dir_ang, valid = self._directions_near(va, max_angle)
+            d_mask = valid & (dir_ang < max_angle)
+            widths = _set_widths(d_mask, p_mask)
+            if widths[3] == 0:  # some particle has none within the cutoff: its nearest is found among all directions
+                widths = None
+        if widths is None:  # every direction against every particle
             if sig_rot > 0 and sig_tilt > 0:
                 dir_ang = self._direction_angles(va, self._direction_vectors())  # (n, D)
             elif sig_rot > 0:
@@ -242,18 +258,15 @@ class PoseGrid:
                 dir_ang = self._tilt_differences(to_device(np.asarray(tilt_deg, dtype=np.float64), dev))
             else:
                 dir_ang = torch.zeros(n, len(s.ipix), dtype=torch.float64, device=dev)
-            d_ids, d_ok = chosen(dir_ang, max_angle)
-            d_ang = dir_ang.gather(1, d_ids)
-        else:  # the candidates near each particle (ascending ids, as above), and their angles
-            cols, ang, valid = near
-            pos, d_ok = _compact(valid & (ang < max_angle))
-            d_ids, d_ang = cols.gather(1, pos), ang.gather(1, pos)
-        sig_p = width(sig_psi)
-        p_ids, p_ok = chosen(dpsi, sigma_cutoff * sig_p)
+            cols, d_mask = None, chosen(dir_ang, max_angle)
+            widths = _set_widths(d_mask, p_mask)
+        pos, d_ok = _compact(d_mask, widths[0])
+        d_ids, d_ang = pos if cols is None else cols.gather(1, pos), dir_ang.gather(1, pos)
+        p_ids, p_ok = _compact(p_mask, widths[1])
         lp = -(d_ang**2)[:, :, None] / (2.0 * sig_dir**2) - (dpsi.gather(1, p_ids) ** 2)[:, None, :] / (2.0 * sig_p**2)
         ok = (d_ok[:, :, None] & p_ok[:, None, :]).reshape(n, -1)
         ids = (d_ids[:, :, None] * s.n_psi + p_ids[:, None, :]).reshape(n, -1)
-        keep, ok = _compact(ok)  # the valid (direction, psi) pairs to the front, the largest set's width
+        keep, ok = _compact(ok, widths[2])  # the valid (direction, psi) pairs to the front, the largest set's width
         ids = ids.gather(1, keep)
         lp = torch.where(ok, lp.reshape(n, -1).gather(1, keep), -torch.inf)
         lp = lp - torch.logsumexp(lp, 1, keepdim=True)
@@ -316,8 +329,8 @@ class PoseGrid:
         the pixels NEAR_LEVELS orders coarser whose centres lie within max_angle + their radius of an image of the
         particle hold every such direction (NEST ids: a coarse pixel's children are consecutive). At HEALPix order 8
         the whole comparison would be (n × 786,432) per batch, seconds of an iteration. Returns (cols (n, M) direction
-        rows, ascending, angles (n, M) degrees, valid (n, M)) holding every direction within max_angle; None where
-        some particle has none (the nearest must then be found among all: the caller's full comparison)."""
+        rows, ascending, angles (n, M) degrees, valid (n, M)) holding every direction within max_angle (a particle
+        with none: its nearest must then be found among all, the caller's full comparison)."""
         s, dev = self.sampling, va.device
         k0 = s.order - NEAR_LEVELS
         children = 4**NEAR_LEVELS
@@ -349,6 +362,4 @@ class PoseGrid:
         cols = cols.clamp(max=D - 1)
         vb = self._direction_vectors()[cols]  # (n, M, 3)
         ang = torch.rad2deg(torch.arccos(torch.einsum("gnk,nmk->gnm", images, vb).amax(0).clamp(-1.0, 1.0)))
-        if not (valid & (ang < max_angle_deg)).any(1).all():
-            return None
         return cols, ang, valid
