@@ -104,6 +104,21 @@ def test_load_31_and_round_trip(project, tmp_path):
     assert len(table.subset([4, 1])) == 2
 
 
+def test_image_names_are_written_relative_to_the_directory_of_each_write(project, monkeypatch):
+    """The names are made once per table and directory (every iteration writes them): another directory, or a table
+    with other names (a subset, dataclasses.replace), gets its own."""
+    root, star, _ = project
+    table = load_particles(star)
+    names = lambda: list(particle_blocks(table)["particles"]["rlnImageName"])  # noqa: E731
+    assert names() == [f"{i + 1:06d}@Particles/stack.mrcs" for i in range(6)]
+    monkeypatch.chdir(root / "job")
+    assert names() == [f"{i + 1:06d}@{root}/Particles/stack.mrcs" for i in range(6)]
+    monkeypatch.chdir(root)
+    assert names()[0] == "000001@Particles/stack.mrcs"
+    table = table.subset([4, 1])
+    assert names() == ["000005@Particles/stack.mrcs", "000002@Particles/stack.mrcs"]
+
+
 def test_load_30_pixel_size_and_origin_in_pixels(tmp_path, monkeypatch):
     make_stack(tmp_path / "Particles" / "s.mrcs", 4)
     df = pd.DataFrame(

@@ -12,6 +12,12 @@ def _pid_to(path):  # module-level: the worker imports it by name
     Path(path).write_text(str(os.getpid()))
 
 
+def _report_loaded_to(path):
+    import sys
+
+    Path(path).write_text(str("cryorefine.report" in sys.modules))
+
+
 def _fails(path):
     raise ValueError("no plot")
 
@@ -31,6 +37,16 @@ def test_reports_are_drawn_in_a_worker_process_when_due_and_at_the_end(tmp_path,
     assert (tmp_path / "c").exists()
     refresher.flush()
     assert int((tmp_path / "d").read_text()) != os.getpid() and said == []
+
+
+def test_prepare_loads_the_report_modules_into_the_worker_before_the_first_report(tmp_path):
+    for prepared in (False, True):
+        refresher = ReportRefresher(print, _report_loaded_to)
+        if prepared:
+            refresher.prepare()
+        refresher.submit((tmp_path / "loaded",), force=True)
+        refresher.flush()
+        assert (tmp_path / "loaded").read_text() == str(prepared)
 
 
 def test_a_report_that_cannot_be_drawn_is_told_and_the_run_goes_on(tmp_path):

@@ -3,6 +3,8 @@ reads."""
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Callable
 
@@ -482,7 +484,16 @@ def load_particles(star_path, project_dir=None) -> ParticleTable:
 
 def image_names_from_here(table: ParticleTable) -> np.ndarray:
     """rlnImageName with each stack relative to the directory the command runs in (RELION's project directory, where
-    its programs look), whichever folder the input's names were found in; names that already are so are kept."""
+    its programs look), whichever folder the input's names were found in; names that already are so are kept.
+    Made once per table and directory (pandas string work that held the interpreter lock in the writer thread at
+    every iteration)."""
+    here = os.getcwd()
+    if here not in table.names_from:
+        table.names_from[here] = _names_from_here(table)
+    return table.names_from[here]
+
+
+def _names_from_here(table: ParticleTable) -> np.ndarray:
     stacks, inverse = np.unique(table.image_stack.astype(str), return_inverse=True)
     here = pd.Series([project_relative(s) for s in stacks], dtype=object)[inverse.reshape(-1)].to_numpy(object)
     parts = pd.Series(table.image_name, dtype=object).astype(str).str.partition("@")

@@ -102,6 +102,12 @@ def _texts(values) -> list[str]:
     return text.where(~quote, '"' + text + '"').tolist()
 
 
+def _text(value) -> str:
+    """One value as _texts writes it (without pandas: a key/value block's values, one by one)."""
+    text = str(value)
+    return f'"{text}"' if text == "" or any(c.isspace() for c in text) else text
+
+
 def _float_format(values: np.ndarray) -> str:
     """RELION's fixed 6 decimals, unless a value is too small or large for them (then 9 significant digits)."""
     mag = np.abs(values[np.isfinite(values) & (values != 0)])
@@ -136,7 +142,7 @@ def _block_lines(name: str, block) -> list[str]:
         for key, value in block.items():
             if isinstance(value, bool):
                 value = int(value)
-            text = (_float_format(np.array([value])) % value) if isinstance(value, float) else _texts([value])[0]
+            text = (_float_format(np.array([value])) % value) if isinstance(value, float) else _text(value)
             lines.append(f"_{key}\t{text}")
     else:
         lines.append("loop_")

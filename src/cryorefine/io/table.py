@@ -125,6 +125,9 @@ class ParticleTable:
     has_angles: bool = False  # the file gave every particle's Euler angles (a refinement's output)
     _stacks: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
     read_from: dict = field(default_factory=dict, repr=False, compare=False)  # stack path → a copy read instead
+    # working directory → rlnImageName as written from there (io.particles.image_names_from_here, every iteration);
+    # not an init field, so that dataclasses.replace starts a table with other names afresh
+    names_from: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.image_index)

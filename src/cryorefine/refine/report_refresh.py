@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.machinery
+import importlib.util
 import multiprocessing
 import sys
 import time
@@ -20,6 +21,11 @@ def draw_report(*args) -> None:
     from ..report import write_report
 
     write_report(*args)
+
+
+def load_report_module() -> None:
+    """What draw_report needs, matplotlib among it, loaded into the worker process ahead of the first report."""
+    from .. import report  # noqa: F401
 
 
 class ReportRefresher:
@@ -52,6 +58,15 @@ class ReportRefresher:
         if force or (self._drawing is None and time.monotonic() - self._written >= REPORT_INTERVAL_S):
             self._start()
 
+    def prepare(self) -> None:
+        """Start the worker process now and load the report's modules there, beside the run: a run shorter than
+        REPORT_INTERVAL_S draws its first report at its end, which then also waited for a new process's imports
+        (~2 s). Where matplotlib or a worker process is missing, nothing to do (the first report tells)."""
+        if self._pool is not None or self._in_process or importlib.util.find_spec("matplotlib") is None:
+            return
+        with contextlib.suppress(OSError, RuntimeError):
+            self._submit(load_report_module)
+
     def flush(self) -> None:
         """Draw the report held back, if any, and return once report.html is written (a run's end); the worker
         process ends."""
@@ -71,14 +86,18 @@ class ReportRefresher:
             self._report(lambda: self._draw(*args))
             return
         try:
-            with _main_module_not_rerun():  # the worker starts at the pool's first submit
-                if self._pool is None:
-                    self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-                self._drawing = (self._pool.submit(self._draw, *args), args)
+            self._drawing = (self._submit(self._draw, *args), args)
         except (OSError, RuntimeError) as exc:  # no worker (a broken pool is a RuntimeError too): draw it here
             self._warn(f"report.html drawn in the run's process: no worker process ({exc})")
             self._pool, self._in_process = None, True
             self._report(lambda: self._draw(*args))
+
+    def _submit(self, fn: Callable[..., None], *args) -> Future:
+        """fn(*args) in the worker process, started at the first call."""
+        with _main_module_not_rerun():  # the worker starts at the pool's first submit
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            return self._pool.submit(fn, *args)
 
     def _wait(self) -> None:
         if self._drawing is None:
