@@ -62,3 +62,37 @@ def test_top_values_by_blocks_are_topk(k):
     p[4, : S // 2] = 0.0  # half the row underflowed
     p[3, 100 : 100 + 3 * TOPK_BLOCK] += 1.0  # the largest values in three neighbouring blocks
     assert torch.equal(top_values(p, k), torch.topk(p, k, dim=1).values)
+
+
+def _posteriors(S: int = 20000) -> torch.Tensor:
+    """Rows from one dominant sample to flat (beyond the top-k: the sort path's full sorts), half a row underflowed
+    to zeros, a row of ties."""
+    g = torch.Generator().manual_seed(6)
+    scales = torch.tensor([300.0, 60.0, 20.0, 8.0, 3.0, 1.0, 0.3, 0.05, 0.0, 5.0])
+    p = torch.softmax(torch.randn(len(scales), S, generator=g) * scales[:, None], 1)
+    p[4, : S // 2] = 0.0
+    p[9] = torch.round(p[9] * 1e5) / 1e5
+    return p / p.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("fraction", [0.999, 0.9, 0.5])
+def test_the_radix_threshold_gives_the_sorted_set(fraction, monkeypatch):
+    """weights.set_threshold (no sort, no wait for the device) against the sort path's set, in chunks of rows too."""
+    from cryorefine.estep import weights
+
+    p = _posteriors()
+    expected = weights.significant_set(p, fraction, 0)
+    assert expected.nsig.max() > TOPK_SIGNIFICANT and expected.nsig.min() == 1  # both of its paths
+    assert torch.equal(p >= weights.set_threshold(p, fraction)[:, None], expected.mask)
+    monkeypatch.setattr(weights, "RADIX_CHUNK_SAMPLES", 3 * p.shape[1])  # chunks of 3 rows, the last of 1
+    assert torch.equal(p >= weights.set_threshold(p, fraction)[:, None], expected.mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_negligible_samples_dropped_as_on_the_cpu():
+    """negligible_dropped on a GPU (the radix threshold) against the CPU (top-k and sorts)."""
+    from cryorefine.estep.weights import negligible_dropped
+
+    p = _posteriors()
+    assert torch.equal(negligible_dropped(p.cuda(), 0.999).cpu(), negligible_dropped(p, 0.999))
