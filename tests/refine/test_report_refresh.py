@@ -4,6 +4,7 @@ end, a failure told in one line and the run going on, and the run's process draw
 import os
 from pathlib import Path
 
+from cryorefine import worker_process
 from cryorefine.refine import report_refresh
 from cryorefine.refine.report_refresh import ReportRefresher
 
@@ -61,7 +62,7 @@ def test_without_a_worker_process_the_run_draws_the_report(tmp_path, monkeypatch
     def no_process(*args, **kwargs):
         raise OSError("no processes left")
 
-    monkeypatch.setattr(report_refresh, "ProcessPoolExecutor", no_process)
+    monkeypatch.setattr(worker_process, "ProcessPoolExecutor", no_process)
     said: list[str] = []
     refresher = ReportRefresher(said.append, _pid_to)
     refresher.submit((tmp_path / "a",), force=True)

@@ -7,19 +7,59 @@ submit, wait or close.
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+
+from .. import worker_process
+from . import star
+
+
+class StarTextInProcess:
+    """STAR files' text made in a worker process (worker_process): formatting an iteration's tables (~0.4-0.6 s of
+    Python for 9,000 particles) in the writer thread held the interpreter lock that the thread queuing the GPU's
+    work needs. Where no worker starts, or it ends, the text is made here."""
+
+    def __init__(self, make: Callable[[dict], str] = star.star_text):
+        self._make = make  # picklable (module-level)
+        self._pool: ProcessPoolExecutor | None = None
+        self._here = False
+
+    def __call__(self, blocks: dict) -> str:
+        if not self._here:
+            try:
+                self._pool, job = worker_process.submit(self._pool, self._make, blocks)
+                return job.result()
+            except (OSError, RuntimeError):  # no worker, or it ended (BrokenProcessPool is a RuntimeError)
+                self.close()
+                self._here = True
+        return self._make(blocks)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
 
 class BackgroundWriter:
-    def __init__(self):
+    def __init__(self, star_in_process: bool = False):
+        """``star_in_process``: STAR files' text made in a worker process (StarTextInProcess; on a GPU, where the
+        run's thread is host-bound)."""
         self._pool: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
+        self._star = StarTextInProcess() if star_in_process else None
 
     def submit(self, fn, *args, **kwargs) -> None:
         self.wait()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="cryorefine-writer")
-        self._pending = self._pool.submit(fn, *args, **kwargs)
+        self._pending = self._pool.submit(self._job, fn, *args, **kwargs)
+
+    def _job(self, fn, *args, **kwargs) -> None:
+        token = star.TEXT_MAKER.set(self._star)
+        try:
+            fn(*args, **kwargs)
+        finally:
+            star.TEXT_MAKER.reset(token)
 
     def wait(self) -> None:
         """Block until the job in flight is done (re-raising its error)."""
@@ -34,3 +74,5 @@ class BackgroundWriter:
             if self._pool is not None:
                 self._pool.shutdown()
                 self._pool = None
+            if self._star is not None:
+                self._star.close()

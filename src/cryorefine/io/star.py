@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import linecache
 import shlex
+from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -151,14 +153,26 @@ def _block_lines(name: str, block) -> list[str]:
     return lines + ["", ""]
 
 
+def star_text(blocks: dict) -> str:
+    """The text of a STAR file of ``blocks`` (write_star_table's)."""
+    lines = ["", "# version 30001", ""]
+    for name, block in blocks.items():
+        lines += _block_lines(name, block)
+    return "\n".join(lines)
+
+
+# what makes a STAR file's text in this context (background.StarTextInProcess in a run's writer thread; else
+# star_text here)
+TEXT_MAKER: ContextVar[Callable[[dict], str] | None] = ContextVar("star_text_maker", default=None)
+
+
 def write_star_table(path, blocks: dict) -> None:
     """Write blocks atomically; a DataFrame is a loop_ block, a dict of scalars a key/value block (RELION 3.1
     layout)."""
-    lines = ["", "# version 30001", ""]
-    for name, block in blocks.items():
-        lines += _block_lines(name, _as_block(block))
+    blocks = {name: _as_block(block) for name, block in blocks.items()}
+    text = (TEXT_MAKER.get() or star_text)(blocks)
     with atomic_write(path) as tmp:
-        Path(tmp).write_text("\n".join(lines))
+        Path(tmp).write_text(text)
 
 
 def write_star(path, blocks: dict[str, pd.DataFrame]) -> None:

@@ -209,7 +209,8 @@ def open_run(cfg: RefineConfig, dist: Dist | None, volumes: dict) -> RunContext:
             f"GPU image cache: {images.capacity} of {len(table)} particles ({images.nbytes / 2**30:.2f} GiB)"
             + ("" if cfg.image_cache else "; off (--no_image_cache)")
         )
+    writer = BackgroundWriter(star_in_process=device.type == "cuda")  # on a GPU the run's thread is host-bound
     return RunContext(
-        cfg, dist, table, device, solvent_mask, log, StageTimer(device), TaskPool(dist), images, BackgroundWriter(),
+        cfg, dist, table, device, solvent_mask, log, StageTimer(device), TaskPool(dist), images, writer,
         ReportRefresher(log.line), relion_groups(table), memory_batch, scratch,
     )  # fmt: skip

@@ -4,14 +4,13 @@ process."""
 from __future__ import annotations
 
 import contextlib
-import importlib.machinery
 import importlib.util
-import multiprocessing
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+
+from .. import worker_process
 
 REPORT_INTERVAL_S = 30.0
 
@@ -94,10 +93,8 @@ class ReportRefresher:
 
     def _submit(self, fn: Callable[..., None], *args) -> Future:
         """fn(*args) in the worker process, started at the first call."""
-        with _main_module_not_rerun():  # the worker starts at the pool's first submit
-            if self._pool is None:
-                self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-            return self._pool.submit(fn, *args)
+        self._pool, job = worker_process.submit(self._pool, fn, *args)
+        return job
 
     def _wait(self) -> None:
         if self._drawing is None:
@@ -119,21 +116,3 @@ class ReportRefresher:
             draw()
         except Exception as exc:  # noqa: BLE001 - a report problem never stops a refinement
             self._warn(f"report.html not written: {type(exc).__name__}: {exc}")
-
-
-@contextlib.contextmanager
-def _main_module_not_rerun() -> Iterator[None]:
-    """While a spawned process starts: the program's main module named as ``__main__`` to multiprocessing, which then
-    does not run it again in the new process (it re-runs a script given by path, and a script calling cryorefine
-    without an ``if __name__ == "__main__":`` guard would start its work over in the report's worker). The worker
-    needs nothing from it."""
-    main = sys.modules.get("__main__")
-    if main is None:
-        yield
-        return
-    spec = getattr(main, "__spec__", None)
-    main.__spec__ = importlib.machinery.ModuleSpec("__main__", None)
-    try:
-        yield
-    finally:
-        main.__spec__ = spec

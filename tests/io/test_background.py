@@ -1,0 +1,49 @@
+"""The background writer: STAR files' text made in a worker process on request, the same bytes as made in the run's
+process, and made there where no worker can start."""
+
+import os
+
+import numpy as np
+import pandas as pd
+
+from cryorefine import worker_process
+from cryorefine.io.background import BackgroundWriter, StarTextInProcess
+from cryorefine.io.star import write_star_table
+
+
+def _pid_text(blocks):  # module-level: the worker imports it by name
+    return str(os.getpid())
+
+
+def _blocks():
+    n = 500
+    rng = np.random.default_rng(1)
+    particles = pd.DataFrame(
+        {
+            "rlnImageName": [f"{i + 1:06d}@Particles/a b.mrcs" for i in range(n)],
+            "rlnAngleRot": rng.uniform(-180, 180, n),
+            "rlnClassNumber": np.ones(n, np.int64),
+        }
+    )
+    return {"general": {"rlnName": "x y", "rlnSmall": 2.5e-8}, "particles": particles}
+
+
+def test_star_files_written_through_the_worker_are_the_same_bytes(tmp_path):
+    write_star_table(tmp_path / "here.star", _blocks())
+    writer = BackgroundWriter(star_in_process=True)
+    writer.submit(write_star_table, tmp_path / "worker.star", _blocks())
+    writer.close()
+    assert (tmp_path / "worker.star").read_bytes() == (tmp_path / "here.star").read_bytes()
+
+
+def test_the_text_is_made_in_another_process_else_here(monkeypatch):
+    made = StarTextInProcess(_pid_text)
+    assert int(made({})) != os.getpid()
+    made.close()
+
+    def no_process(*args, **kwargs):
+        raise OSError("no processes left")
+
+    monkeypatch.setattr(worker_process, "ProcessPoolExecutor", no_process)
+    made = StarTextInProcess(_pid_text)
+    assert int(made({})) == os.getpid() == int(made({}))
