@@ -137,6 +137,8 @@ def set_threshold(p: torch.Tensor, fraction: float) -> torch.Tensor:
     once per fine-pass group (20-40 waits an iteration); this does not. The same set up to rounding in the sums."""
     m, S = p.shape
     rows = max(1, RADIX_CHUNK_SAMPLES // max(1, S))
+    if m == 0:
+        return p.new_zeros(0)
     return torch.cat([_radix_threshold(p[r : r + rows].contiguous(), fraction) for r in range(0, m, rows)])
 
 
