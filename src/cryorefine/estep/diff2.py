@@ -93,6 +93,16 @@ def coarse_scores(
     xt = translated(batch.f_masked[:, :jc], window, batch.old_offset_px, poses.translations_px)  # (n, T, jc)
     a, b = score_operands(xt, w, sc)  # (n, T, 2jc), (n, jc)
     n, T = a.shape[:2]
+    if local is not None:
+        fused = fused_local.available(a, precision)
+        if fused:  # the fused kernel interpolates per candidate anyway: each one's matrix (torch.unique would wait)
+            ids = local[0]
+            rotations = poses.rotations(ids.reshape(-1))
+            rows = torch.arange(ids.numel(), device=ids.device).view(ids.shape)  # (n, L) rows of ``rotations``
+        else:  # the gathered path extracts each distinct rotation's slice once
+            uniq, rows = torch.unique(local[0], return_inverse=True)  # (U,), (n, L) rows of the distinct rotations
+            rotations = poses.rotations(uniq)
+        scores = fused_local.local_scores if fused else local_scores_gathered
     out = None
     for k, ref in enumerate(refs):
         if local is None:
@@ -100,9 +110,7 @@ def coarse_scores(
             cross = matmul_nt(a.reshape(n * T, -1), p.reshape(p.shape[0], -1), precision).reshape(n, T, -1)
             third = matmul_nt(b, p.square().sum(1), precision)  # (n, R)
         else:
-            uniq, inv = torch.unique(local[0], return_inverse=True)  # (U,), (n, L) rows of the distinct rotations
-            scores = fused_local.local_scores if fused_local.available(a, precision) else local_scores_gathered
-            cross, third = scores(ref, poses.rotations(uniq), inv, ky, kx, a, b, precision=precision)
+            cross, third = scores(ref, rotations, rows, ky, kx, a, b, precision=precision)
         class_scores = scores_from_products_(cross, third, cc)
         if len(refs) == 1:
             return class_scores[:, None]
