@@ -72,10 +72,13 @@ BATCHES_PER_RANK = 8  # per iteration, at least, under torchrun with several ran
 
 
 def auto_batch_size(n_particles: int, world_size: int, on_gpu: bool) -> int:
-    """Particles per E-step batch for --batch 0: 1024 on a GPU, 256 on the CPU. With several ranks, smaller batches
+    """Particles per E-step batch for --batch 0: 4096 on a GPU, 256 on the CPU. With several ranks, smaller batches
     so that each rank gets about BATCHES_PER_RANK of an iteration's batches or more (the pool balances ranks only batch
-    by batch): n / (8 · ranks), rounded down to a multiple of 32, at least 64 (and never above the one-process size)."""
-    base = 1024 if on_gpu else 256
+    by batch): n / (8 · ranks), rounded down to a multiple of 32, at least 64 (and never above the one-process size).
+    A GPU's batch is cut into tiles that fit its memory, and each batch costs the host its own candidate search,
+    image preparation and results read: on an H100 (2026-12-06) the betagal-like run's iterations took 16.5-16.6 s
+    in batches of 4096 against 17.9-18.4 s in batches of 1024 (bench/results/2026-12-06b-device-runs.md)."""
+    base = 4096 if on_gpu else 256
     if world_size <= 1:
         return base
     share = math.ceil(n_particles / (BATCHES_PER_RANK * world_size))
