@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from cryorefine.estep.poses import NEAR_MIN_ORDER, PoseGrid
 from cryorefine.geometry.healpix import directions_within, make_sampling
@@ -63,3 +64,24 @@ def test_local_candidates_match_the_per_particle_rule(order, sym, sigma, monkeyp
     # the search near each particle served the batch, not the fallback to all directions (which alone would pass),
     # but where some particle has no direction within the cutoff
     assert bool(compared_with_all) == (order < NEAR_MIN_ORDER or sigma <= 0.5)
+
+
+def test_a_batch_searched_in_pieces_gives_the_same_sets(monkeypatch):
+    """local_candidates in pieces of LOCAL_CANDIDATE_ROWS particles, each padded to the widest piece: the same ids,
+    priors and validity as in one piece."""
+    from cryorefine.estep import poses
+
+    grid = PoseGrid.build(make_sampling(4, "C1", 0.3), 1.25, 0.5)
+    rng = np.random.default_rng(7)
+    n = 50
+    rot, psi = rng.uniform(-180, 180, n), rng.uniform(-180, 180, n)
+    tilt = np.degrees(np.arccos(rng.uniform(-1, 1, n)))
+    sigma = rng.uniform(2.0, 6.0)
+    whole = grid.local_candidates(rot, tilt, psi, sigma)
+    monkeypatch.setattr(poses, "LOCAL_CANDIDATE_ROWS", 16)  # 16, 16, 16 and 2 particles
+    pieces = grid.local_candidates(rot, tilt, psi, sigma)
+    for a, b in zip(whole, pieces):
+        assert a.shape == b.shape and a.dtype == b.dtype
+    ok = whole[2]
+    assert torch.equal(ok, pieces[2]) and torch.equal(whole[0][ok], pieces[0][ok])
+    assert torch.equal(whole[1], pieces[1])  # -inf where not valid, in both

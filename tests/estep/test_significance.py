@@ -88,6 +88,19 @@ def test_the_radix_threshold_gives_the_sorted_set(fraction, monkeypatch):
     assert torch.equal(p >= weights.set_threshold(p, fraction)[:, None], expected.mask)
 
 
+def test_the_radix_threshold_at_exact_sums_short_mass_and_no_fraction():
+    """Sums that reach the fraction exactly (binary fractions: a set ends where the mass equals it), a row holding less
+    than the fraction (every sample), a fraction of 0 (the largest sample alone), no rows."""
+    from cryorefine.estep.weights import set_threshold, significant_set
+
+    p = torch.tensor([[0.5, 0.25, 0.125, 0.125], [0.125, 0.5, 0.125, 0.25], [0.3, 0.2, 0.1, 0.0]])
+    for fraction in (0.5, 0.75, 0.875, 0.999, 0.0):
+        expected = significant_set(p, fraction, 0).mask
+        assert torch.equal(p >= set_threshold(p, fraction)[:, None], expected), fraction
+    assert (p[2] >= set_threshold(p, 0.999)[2]).all()  # 0.6 of the mass: every sample
+    assert set_threshold(p[:0], 0.999).shape == (0,)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_negligible_samples_dropped_as_on_the_cpu():

@@ -8,6 +8,7 @@ import pandas as pd
 
 from cryorefine import worker_process
 from cryorefine.io.background import BackgroundWriter, StarTextInProcess
+from cryorefine.io import star
 from cryorefine.io.star import write_star_table
 
 
@@ -30,10 +31,18 @@ def _blocks():
 
 def test_star_files_written_through_the_worker_are_the_same_bytes(tmp_path):
     write_star_table(tmp_path / "here.star", _blocks())
+    makers = []
+
+    def job(path):
+        makers.append(star.TEXT_MAKER.get())
+        write_star_table(path, _blocks())
+
     writer = BackgroundWriter(star_in_process=True)
-    writer.submit(write_star_table, tmp_path / "worker.star", _blocks())
+    writer.submit(job, tmp_path / "worker.star")
     writer.close()
+    assert isinstance(makers[0], StarTextInProcess)  # the writer's jobs make their text through the worker
     assert (tmp_path / "worker.star").read_bytes() == (tmp_path / "here.star").read_bytes()
+    assert star.TEXT_MAKER.get() is None  # and only they
 
 
 def test_the_text_is_made_in_another_process_else_here(monkeypatch):
@@ -47,3 +56,19 @@ def test_the_text_is_made_in_another_process_else_here(monkeypatch):
     monkeypatch.setattr(worker_process, "ProcessPoolExecutor", no_process)
     made = StarTextInProcess(_pid_text)
     assert int(made({})) == os.getpid() == int(made({}))
+
+
+def _pid_or_raises(blocks):
+    if blocks:
+        raise NotImplementedError("a RuntimeError of the text itself")
+    return str(os.getpid())
+
+
+def test_an_error_of_the_text_itself_is_raised_and_the_worker_kept():
+    import pytest
+
+    made = StarTextInProcess(_pid_or_raises)
+    with pytest.raises(NotImplementedError):
+        made({"x": {}})
+    assert int(made({})) != os.getpid()  # still the worker's
+    made.close()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..geometry.euler import euler_to_matrix
 from ..geometry.healpix import (
@@ -33,6 +34,7 @@ N_TRANS_CHILDREN = 4
 NEAR_LEVELS = (
     3  # local searches find a particle's directions among the children of HEALPix pixels this many orders coarser
 )
+LOCAL_CANDIDATE_ROWS = 1024  # particles per piece of a batch's local candidate search
 NEAR_MIN_ORDER = 4  # below this order every direction is compared with every particle (at most 768 of them per image)
 
 
@@ -214,7 +216,21 @@ class PoseGrid:
         each particle's set. Computed for the whole batch on the grid's device (a per-particle loop on the host took
         ~0.4 s per 1,000 particles).
         Returns (ids (n, L) int64, log_prior (n, L) float32, valid (n, L) bool), padded to the largest set.
+        In pieces of LOCAL_CANDIDATE_ROWS particles: the search's (particles × directions) temporaries grow with the
+        batch, which its memory budget (the images') does not count.
         """
+        if len(rot_deg) <= LOCAL_CANDIDATE_ROWS:
+            return self._local_candidates(rot_deg, tilt_deg, psi_deg, sigma_deg, sigma_cutoff)
+        pieces = [slice(r, r + LOCAL_CANDIDATE_ROWS) for r in range(0, len(rot_deg), LOCAL_CANDIDATE_ROWS)]
+        parts = [self._local_candidates(rot_deg[p], tilt_deg[p], psi_deg[p], sigma_deg, sigma_cutoff) for p in pieces]
+        L = max(ids.shape[1] for ids, _, _ in parts)
+        return tuple(
+            torch.cat([F.pad(part[i], (0, L - part[i].shape[1]), value=fill) for part in parts])
+            for i, fill in enumerate((0, -torch.inf, False))
+        )
+
+    def _local_candidates(self, rot_deg, tilt_deg, psi_deg, sigma_deg, sigma_cutoff):
+        """local_candidates of up to LOCAL_CANDIDATE_ROWS particles."""
         s, dev = self.sampling, self.device
         sig_rot, sig_tilt, sig_psi = (sigma_deg,) * 3 if isinstance(sigma_deg, (int, float)) else sigma_deg
         va = to_device(direction_vectors(rot_deg, tilt_deg), dev).reshape(-1, 3)  # (n, 3)

@@ -123,22 +123,24 @@ NEGLIGIBLE_SAMPLE_WEIGHT = (
 )
 
 
-# set_threshold's radix levels: bits of a float32's pattern per level, from the top (sign and exponent first)
-RADIX_LEVELS = (13, 12, 7)
-RADIX_CHUNK_SAMPLES = 1 << 22  # samples per chunk of rows: its temporaries (~18 bytes a sample) stay ~72 MB
+# set_threshold's radix levels: bits of a float32's pattern per level, from the exponent's top (the sign bit of a
+# probability is 0); 256 buckets a level keep the per-row bucket arrays small where rows are short
+RADIX_LEVELS = (8, 8, 8, 7)
+RADIX_CHUNK_SAMPLES = 1 << 22  # samples (and buckets) per chunk of rows: its temporaries (~20 bytes each) ~80 MB
 
 
 def set_threshold(p: torch.Tensor, fraction: float) -> torch.Tensor:
     """The threshold (m,) of significant_set's set in each row of p (m, S) (probabilities, float32): the largest value
-    v of the row with Σ p[p ≥ v] ≥ ``fraction``, so that ``p >= threshold`` is the set (0 where the whole row holds
-    less). Found without sorting or waiting for the device: non-negative float32 values order as their bit patterns,
-    so a radix select over RADIX_LEVELS of the pattern, each level one scatter-add of the mass into buckets and a
-    cumulative sum from the top. On a GPU the sort path waits for the device to learn which rows need a full sort,
-    once per fine-pass group (20-40 waits an iteration); this does not. The same set up to rounding in the sums."""
+    v of the row with Σ p[p ≥ v] ≥ ``fraction`` (at most the row's largest), so that ``p >= threshold`` is the set (0
+    where the whole row holds less). Found without sorting or waiting for the device: non-negative float32 values
+    order as their bit patterns, so a radix select over RADIX_LEVELS of the pattern, each level one scatter-add of the
+    mass into buckets and a cumulative sum from the top. On a GPU the sort path waits for the device to learn which
+    rows need a full sort, once per fine-pass group (20-40 waits an iteration); this does not. The same set up to
+    rounding in the sums."""
     m, S = p.shape
-    rows = max(1, RADIX_CHUNK_SAMPLES // max(1, S))
     if m == 0:
         return p.new_zeros(0)
+    rows = max(1, RADIX_CHUNK_SAMPLES // max(S, 1 << max(RADIX_LEVELS)))
     return torch.cat([_radix_threshold(p[r : r + rows].contiguous(), fraction) for r in range(0, m, rows)])
 
 
@@ -148,14 +150,14 @@ def _radix_threshold(p: torch.Tensor, fraction: float) -> torch.Tensor:
     above = torch.zeros(m, dtype=torch.float64, device=dev)  # mass of the buckets above the chosen ones
     chosen = torch.zeros(m, dtype=torch.int32, device=dev)  # the threshold's pattern, level by level
     inside = torch.ones_like(bits, dtype=torch.bool)  # samples in the chosen buckets so far
-    shift = 32
+    shift = 31
     for width in RADIX_LEVELS:
         shift -= width
         key = ((bits >> shift) & ((1 << width) - 1)).long()
         buckets = torch.zeros(m, 1 << width, dtype=torch.float32, device=dev)
         buckets = buckets.scatter_add_(1, key, torch.where(inside, p, 0.0)).double()
         from_top = above[:, None] + buckets.flip(1).cumsum(1).flip(1)  # mass at or above each bucket
-        reached = from_top >= fraction
+        reached = (from_top >= fraction) & (from_top > 0)  # (> 0: a fraction <= 0 is reached at the largest sample)
         b = (reached.sum(1) - 1).clamp(min=0)  # the highest bucket reaching the fraction (0 where none does)
         above = torch.where(reached.any(1), (from_top - buckets).gather(1, b[:, None])[:, 0], 0.0)
         chosen |= b.int() << shift

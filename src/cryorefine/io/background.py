@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 from .. import worker_process
 from . import star
@@ -28,11 +29,18 @@ class StarTextInProcess:
         if not self._here:
             try:
                 self._pool, job = worker_process.submit(self._pool, self._make, blocks)
-                return job.result()
-            except (OSError, RuntimeError):  # no worker, or it ended (BrokenProcessPool is a RuntimeError)
-                self.close()
-                self._here = True
+            except (OSError, RuntimeError):  # no worker process can start
+                self._make_here()
+            else:
+                try:
+                    return job.result()  # the text's own errors are raised as they are
+                except BrokenProcessPool:  # the worker ended (killed, out of memory)
+                    self._make_here()
         return self._make(blocks)
+
+    def _make_here(self) -> None:
+        self.close()
+        self._here = True
 
     def close(self) -> None:
         if self._pool is not None:

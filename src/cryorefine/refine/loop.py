@@ -229,11 +229,15 @@ def run(mode: Mode, ctx: RunContext, state: RunState) -> dict:
                 ctx.table.close()
                 shutil.rmtree(ctx.scratch, ignore_errors=True)
     except DistributedError as exc:  # also when torchrun's SIGTERM lands while the files are being finished
+        ctx.report.close()
         try:
             ctx.writer.close()  # the hint names the last iteration whose files are complete
         except Exception:  # noqa: BLE001 - the distributed error is the one to report
             pass
         raise DistributedError(f"{exc}; {_resume_hint(ctx)}") from exc
+    except BaseException:
+        ctx.report.close()  # the worker prepare() started: not left idle until the interpreter exits
+        raise
     ctx.report.flush()  # a refresh the interval held back (a run stopped by --max_seconds)
     summary["seconds"] = time.perf_counter() - t0
     if not summary.get("stopped"):  # a run stopped by --max_seconds has logged how to resume

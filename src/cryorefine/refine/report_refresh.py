@@ -66,6 +66,12 @@ class ReportRefresher:
         with contextlib.suppress(OSError, RuntimeError):
             self._submit(load_report_module)
 
+    def close(self) -> None:
+        """End the worker process without drawing what is held back (a run that failed)."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool, self._drawing = None, None
+
     def flush(self) -> None:
         """Draw the report held back, if any, and return once report.html is written (a run's end); the worker
         process ends."""
