@@ -135,6 +135,20 @@ def test_tiny_run_stop_continue_and_results(tmp_path):
     # a report call rebuilds the same files from the disk
     assert pb.main(["report", "tiny", "--workdir", str(w), "--out", str(out / "again"), "--no_gpu"]) == 0
     assert json.loads(next((out / "again").glob("*.json")).read_text())["n_iterations"] == 2
+    # bench/startup_phases.py on the same data: a fresh process's phases, in order, the run inside them
+    spec = importlib.util.spec_from_file_location("startup_phases", REPO / "bench" / "startup_phases.py")
+    sp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sp)
+    assert sp.main(["tiny", str(tmp_path / "startup.json"), "--workdir", str(w)]) == 0
+    phases = json.loads((tmp_path / "startup.json").read_text())
+    marks = phases["marks_s"]
+    assert list(marks) == [
+        "interpreter up", "torch imported", "cryorefine imported", "first E-step batch", "run ended (main returned)",
+        "process ended",
+    ]  # fmt: skip
+    assert all(0 <= a < b for a, b in zip(list(marks.values()), list(marks.values())[1:])), marks
+    ran = marks["run ended (main returned)"] - marks["cryorefine imported"]
+    assert phases["summary"]["iterations"] == 2 and 0 < phases["run_s"] < ran
 
 
 def test_busy_sampler_averages_the_gpus_utilisation_and_stops_without_nvml():
