@@ -94,16 +94,12 @@ class PoseGrid:
     @property
     def coarse_eulers_deg(self) -> np.ndarray:
         """(R, 3) (rot, tilt, psi) degrees of every coarse rotation, perturbed (made on first use)."""
-        if "eulers" not in self._cache:
-            self._cache["eulers"] = sampling_eulers(self.sampling)
-        return self._cache["eulers"]
+        return self._once("eulers", lambda: sampling_eulers(self.sampling))
 
     @property
     def coarse_rotations(self) -> torch.Tensor:
         """(R, 3, 3) every coarse rotation (made on first use: global searches need them all)."""
-        if "rotations" not in self._cache:
-            self._cache["rotations"] = self.rotations(torch.arange(self.n_rotations, device=self.device))
-        return self._cache["rotations"]
+        return self._once("rotations", lambda: self.rotations(torch.arange(self.n_rotations, device=self.device)))
 
     def coarse_projections(self, ref, k: int, ky: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:
         """(R, 2, j) planar projections of class ``k``'s reference ``ref`` at every coarse rotation (global searches).
@@ -136,14 +132,19 @@ class PoseGrid:
         d, p = ids // s.n_psi, ids % s.n_psi
         return self._perturbed(euler_to_matrix(rot[d], tilt[d], psi[p])).to(self.dtype)
 
+    def _once(self, key, make):
+        """``make()``'s value, made once per grid under ``key`` (device copies of host arrays among them: a copy per
+        batch or tile made the host wait for the device)."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
     def _device_angles(self, key: str, make) -> tuple[torch.Tensor, ...]:
         """The angle arrays (degrees) that ``make()`` returns, as float64 tensors on the grid's device, made once per
         grid under ``key``."""
-        if key not in self._cache:
-            self._cache[key] = tuple(
-                torch.as_tensor(np.asarray(a, dtype=np.float64), device=self.device) for a in make()
-            )
-        return self._cache[key]
+        return self._once(
+            key, lambda: tuple(torch.as_tensor(np.asarray(a, dtype=np.float64), device=self.device) for a in make())
+        )
 
     def _coarse_angles(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rot (D,), tilt (D,), psi (P,)) of the grid's directions and psi angles, on the device."""
@@ -156,10 +157,8 @@ class PoseGrid:
         step = float(self.sampling.random_perturbation) * float(self.sampling.angular_step_deg)
         if step == 0:
             return a
-        key = ("perturbation", a.device, a.dtype)  # made once: a host matrix copied per call made the host wait
-        if key not in self._cache:
-            self._cache[key] = to_device(euler_to_matrix(step, step, step), a.device, a.dtype)
-        return a @ self._cache[key]
+        key = ("perturbation", a.device, a.dtype)
+        return a @ self._once(key, lambda: to_device(euler_to_matrix(step, step, step), a.device, a.dtype))
 
     def fine_eulers_deg(self, coarse_ids: np.ndarray) -> np.ndarray:
         """(m, 8, 3) Euler angles (degrees) of the fine children of coarse rotation ids (m,)."""
@@ -318,22 +317,22 @@ class PoseGrid:
 
     def _direction_vectors(self) -> torch.Tensor:
         """(D, 3) unit vectors of the sampling's directions, on the device."""
-        if "directions" not in self._cache:
+
+        def make() -> torch.Tensor:
             s = self.sampling
             rot_all, tilt_all = healpix_directions(s.order)
-            self._cache["directions"] = torch.as_tensor(
-                direction_vectors(rot_all[s.ipix], tilt_all[s.ipix]), device=self.device
-            )
-        return self._cache["directions"]
+            return torch.as_tensor(direction_vectors(rot_all[s.ipix], tilt_all[s.ipix]), device=self.device)
+
+        return self._once("directions", make)
 
     def _images(self, va: torch.Tensor) -> torch.Tensor:
         """(g, n, 3) the particles' directions under each symmetry operator (g = 1 without symmetry): the angle of a
         grid direction to the nearest image is RELION's angle under symmetry."""
         if self.sampling.sym_matrices is None:
             return va[None]
-        if "sym" not in self._cache:  # once per grid: a copy from the host per batch made the host wait
-            self._cache["sym"] = to_device(np.asarray(self.sampling.sym_matrices, dtype=np.float64), va.device)
-        return va @ self._cache["sym"]
+        return va @ self._once(
+            "sym", lambda: to_device(np.asarray(self.sampling.sym_matrices, dtype=np.float64), va.device)
+        )
 
     def _direction_angles(self, va: torch.Tensor, vb: torch.Tensor) -> torch.Tensor:
         """(n, D) degrees between particle directions va (n, 3) and directions vb (D, 3), the nearest symmetry image."""
@@ -350,17 +349,19 @@ class PoseGrid:
         s, dev = self.sampling, va.device
         k0 = s.order - NEAR_LEVELS
         children = 4**NEAR_LEVELS
-        if "near" not in self._cache:
+
+        def make():
             parents = np.unique(np.asarray(s.ipix) // children)  # coarse pixels with a sampled child
             rot_c, tilt_c = healpix_directions(k0)
             row = np.full(12 * 4**s.order, -1, dtype=np.int64)  # NEST id at the sampling's order -> direction row
             row[np.asarray(s.ipix)] = np.arange(len(s.ipix))
-            self._cache["near"] = (
+            return (
                 torch.as_tensor(parents, device=dev),
                 torch.as_tensor(direction_vectors(rot_c[parents], tilt_c[parents]), device=dev),
                 torch.as_tensor(row, device=dev),
             )
-        parents, vc, row = self._cache["near"]
+
+        parents, vc, row = self._once("near", make)
         images = self._images(va)  # (g, n, 3)
         g, n = images.shape[:2]
         reach = np.radians(max_angle_deg) + max_pixrad(k0) + 1e-9
