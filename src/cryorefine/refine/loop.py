@@ -5,6 +5,8 @@ the log and the report. Auto-refine and classification are two modes (auto_refin
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import shutil
 import time
@@ -229,14 +231,17 @@ def run(mode: Mode, ctx: RunContext, state: RunState) -> dict:
                 ctx.table.close()
                 shutil.rmtree(ctx.scratch, ignore_errors=True)
     except DistributedError as exc:  # also when torchrun's SIGTERM lands while the files are being finished
-        ctx.report.close()
-        try:
-            ctx.writer.close()  # the hint names the last iteration whose files are complete
-        except Exception:  # noqa: BLE001 - the distributed error is the one to report
-            pass
+        # the hint names the last iteration whose files are complete; a second error (torchrun's SIGTERM landing
+        # while these wait) must not replace the first without its hint
+        for close in (ctx.writer.close, ctx.report.close):
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - the distributed error is the one to report
+                pass
         raise DistributedError(f"{exc}; {_resume_hint(ctx)}") from exc
     except BaseException:
-        ctx.report.close()  # the worker prepare() started: not left idle until the interpreter exits
+        with contextlib.suppress(Exception):  # the error in flight is the one to report
+            ctx.report.close()  # the worker prepare() started: not left idle until the interpreter exits
         raise
     ctx.report.flush()  # a refresh the interval held back (a run stopped by --max_seconds)
     summary["seconds"] = time.perf_counter() - t0
