@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -110,5 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
-        sys.exit(child(sys.argv[2], sys.argv[3:]))
+        code = child(sys.argv[2], sys.argv[3:])
+        sys.stdout.flush()
+        os._exit(code)  # as the `cryorefine` program ends (cli.main.console)
     sys.exit(main())

@@ -1,6 +1,9 @@
 """`cryorefine fsc`, `cryorefine evaluate` and `cryorefine reconstruct` through the command line entry point."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -49,6 +52,20 @@ def test_fsc_identical_maps_reach_nyquist(maps, capsys, tmp_path):
     rc, out = run(capsys, "fsc", maps / "a.mrc", maps / "a.mrc", "--o", tmp_path / "c.star")
     star = read_star(tmp_path / "c.star")["fsc"]
     assert rc == 0 and np.allclose(star["rlnFourierShellCorrelation"], 1.0) and len(star) == BOX // 2 + 1
+
+
+def test_program_ends_with_its_output_and_code(maps, capsys, tmp_path):
+    """The program as a user runs it (console(): the process ends by os._exit once main() returns): its piped, so
+    block-buffered, output arrives whole, and its exit code is main()'s, for a finished command and for bad input."""
+    program = [sys.executable, "-m", "cryorefine.cli.main", "fsc", str(maps / "a.mrc")]
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run(
+        [*program, str(maps / "noise.mrc")], capture_output=True, text=True, check=False, env=buffered
+    )
+    rc, in_process = run(capsys, "fsc", maps / "a.mrc", maps / "noise.mrc")
+    assert done.returncode == rc == 0 and json.loads(done.stdout.strip().splitlines()[-1]) == in_process
+    bad = subprocess.run([*program, str(tmp_path / "missing.mrc")], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "missing.mrc" in bad.stderr and bad.stderr.strip().count("\n") == 0
 
 
 def test_fsc_against_noise_is_low(maps, capsys):

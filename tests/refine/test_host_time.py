@@ -3,12 +3,15 @@ nothing queued (refine/timing.StageTimer.host), are measured where they happen; 
 E-step batch) is told in its first iteration."""
 
 import re
+import sys
 import threading
 import time
 
+import pytest
+
 from cryorefine.cli.main import main
 from cryorefine.io.background import BackgroundWriter
-from cryorefine.refine import classify3d
+from cryorefine.refine import classify3d, loop
 from small_set import small_run_flags, small_set
 
 SLOW_FILES_S = 0.5
@@ -59,3 +62,25 @@ def test_seconds_since_process_start_against_the_parents_clock():
     wall = time.perf_counter() - t0
     told = float(out.stdout)
     assert 1.0 <= told <= wall + 0.02, (told, wall)  # /proc's times are in 10 ms ticks
+
+
+def test_threads_hand_over_promptly_while_a_run_writes(tmp_path, monkeypatch):
+    """While the run's thread and the file thread share the interpreter lock, it changes hands within
+    loop.SWITCH_INTERVAL_S (the run's thread waits for it at each torch call); the caller's interval is back after."""
+    d = small_set(tmp_path / "data", 40, 4.8, 60, seed=3)
+    write_files, seen = classify3d.ClassifyMode.write_files, []
+
+    def noting(self, ctx, state, info):
+        seen.append(sys.getswitchinterval())
+        return write_files(self, ctx, state, info)
+
+    monkeypatch.setattr(classify3d.ClassifyMode, "write_files", noting)
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.01)
+    try:
+        argv = ["classify", *small_run_flags(d, tmp_path / "out"), "--K", "2", "--iter", "2", "--random_seed", "1"]
+        assert main(argv) == 0
+        assert sys.getswitchinterval() == pytest.approx(0.01)
+    finally:
+        sys.setswitchinterval(before)
+    assert len(seen) == 2 and all(s == pytest.approx(loop.SWITCH_INTERVAL_S) for s in seen), seen
