@@ -71,6 +71,8 @@ def test_threads_hand_over_promptly_while_a_run_writes(tmp_path, monkeypatch):
     write_files, seen = classify3d.ClassifyMode.write_files, []
 
     def noting(self, ctx, state, info):
+        if state.iteration == 2:  # the last iteration's files, written while the run ends
+            time.sleep(0.3)
         seen.append(sys.getswitchinterval())
         return write_files(self, ctx, state, info)
 

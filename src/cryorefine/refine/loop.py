@@ -244,10 +244,12 @@ def run(mode: Mode, ctx: RunContext, state: RunState) -> dict:
     t0 = time.perf_counter()
     try:
         try:
-            with _prompt_thread_switches():
-                summary = _iterate_until_done(mode, ctx, share_state(ctx, state), t0)
+            with _prompt_thread_switches():  # until the file thread's last job is done (writer.close())
+                try:
+                    summary = _iterate_until_done(mode, ctx, share_state(ctx, state), t0)
+                finally:
+                    ctx.writer.close()
         finally:
-            ctx.writer.close()
             if ctx.scratch is not None:  # --scratch_dir's copies
                 ctx.table.close()
                 shutil.rmtree(ctx.scratch, ignore_errors=True)
