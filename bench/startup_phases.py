@@ -2,7 +2,7 @@
 2 s): each phase as seconds since the process started, as a user's shell would see it. bench/paper_bench.py runs
 its jobs inside a process that has imported torch and started CUDA already, so its start-up leaves these out.
 
-usage: python bench/startup_phases.py SET OUT.json [--workdir DIR] [--gpu] [--extra "FLAGS"]
+usage: python bench/startup_phases.py SET OUT.json [--workdir DIR] [--gpu] [--extra "FLAGS"] [--profile OUT.txt]
 SET: a bench/paper_bench.py set whose data `paper_bench.py build SET` made under DIR (default /tmp/cryobench).
 
 The job runs as its own process (this script, in child mode) with marks at: the interpreter up, torch imported, CUDA
@@ -14,8 +14,10 @@ marks, the run's summary, the command) and prints one line per phase.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import shlex
 import subprocess
 import sys
@@ -25,9 +27,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def child(marks_path: str, argv: list[str]) -> int:
+def child(marks_path: str, profile_path: str, argv: list[str]) -> int:
     """The job, with its marks written to ``marks_path`` as it ends (seconds since the process started: the marks are
-    taken on this clock and placed by /proc's start time once cryorefine, which reads it, is imported)."""
+    taken on this clock and placed by /proc's start time once cryorefine, which reads it, is imported). Unless
+    ``profile_path`` is "-", cProfile's table of the main thread from "cryorefine imported" to the first E-step
+    batch goes there (by cumulative and by own time)."""
     clock: dict[str, float] = {"interpreter up": time.perf_counter()}
 
     def mark(name: str) -> None:
@@ -53,6 +57,19 @@ def child(marks_path: str, argv: list[str]) -> int:
         first_batch(self)
 
     timing.StageTimer.first_batch = noted  # type: ignore[method-assign]
+    if profile_path != "-":
+        profiler = cProfile.Profile()
+
+        def noted_and_profiled(self) -> None:
+            if "first E-step batch" not in clock:
+                profiler.disable()
+                with open(profile_path, "w") as f:
+                    for order in ("cumulative", "tottime"):
+                        pstats.Stats(profiler, stream=f).sort_stats(order).print_stats(60)
+            noted(self)
+
+        timing.StageTimer.first_batch = noted_and_profiled  # type: ignore[method-assign]
+        profiler.enable()
     try:
         rc = main(argv)
     finally:
@@ -81,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default="/tmp/cryobench")
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--extra", default="", help="more flags for the job")
+    ap.add_argument("--profile", default="-", help="cProfile of the start-up (to the first batch) into this file")
     a = ap.parse_args(argv)
     run_dir = Path(a.workdir) / a.set / "startup"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     marks_path = run_dir / "marks.json"
     t0 = time.perf_counter()
     p = subprocess.run(
-        [sys.executable, __file__, "--child", str(marks_path), *job], capture_output=True, text=True, check=False
+        [sys.executable, __file__, "--child", str(marks_path), a.profile, *job],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     wall = time.perf_counter() - t0
     if p.returncode != 0:
@@ -111,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
-        code = child(sys.argv[2], sys.argv[3:])
+        code = child(sys.argv[2], sys.argv[3], sys.argv[4:])
         sys.stdout.flush()
         os._exit(code)  # as the `cryorefine` program ends (cli.main.console)
     sys.exit(main())

@@ -139,7 +139,9 @@ def test_tiny_run_stop_continue_and_results(tmp_path):
     spec = importlib.util.spec_from_file_location("startup_phases", REPO / "bench" / "startup_phases.py")
     sp = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sp)
-    assert sp.main(["tiny", str(tmp_path / "startup.json"), "--workdir", str(w)]) == 0
+    profile = tmp_path / "startup-profile.txt"
+    assert sp.main(["tiny", str(tmp_path / "startup.json"), "--workdir", str(w), "--profile", str(profile)]) == 0
+    assert "auto_refine.py:" in profile.read_text()  # the start-up profile holds the run set-up
     phases = json.loads((tmp_path / "startup.json").read_text())
     marks = phases["marks_s"]
     assert list(marks) == [
