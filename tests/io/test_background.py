@@ -58,6 +58,22 @@ def test_the_text_is_made_in_another_process_else_here(monkeypatch):
     assert int(made({})) == os.getpid() == int(made({}))
 
 
+def test_prepare_starts_the_worker_that_makes_the_first_text(monkeypatch):
+    made = StarTextInProcess(_pid_text)
+    made.prepare()
+    started = set(made._pool._processes)  # the worker process prepare() started, before any text was asked for
+    assert len(started) == 1 and int(made({})) in started
+    made.close()
+
+    def no_process(*args, **kwargs):
+        raise OSError("no processes left")
+
+    monkeypatch.setattr(worker_process, "ProcessPoolExecutor", no_process)
+    made = StarTextInProcess(_pid_text)
+    made.prepare()  # no worker: the text is made here
+    assert int(made({})) == os.getpid()
+
+
 def _pid_or_raises(blocks):
     if blocks:
         raise NotImplementedError("a RuntimeError of the text itself")

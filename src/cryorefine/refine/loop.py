@@ -239,8 +239,9 @@ def run(mode: Mode, ctx: RunContext, state: RunState) -> dict:
         f"cryorefine {mode.command}: {len(ctx.table)} particles, box {ctx.box}, {cfg.angpix:.3f} Å/px, device "
         f"{ctx.device}, {mode.describe(ctx)}{ranks}, batches of {ctx.batch_size}"
     )
-    if d.is_main:  # the one rank that draws reports
+    if d.is_main:  # the one rank that draws reports and writes files: their worker processes start now
         ctx.report.prepare()
+        ctx.writer.prepare()
     t0 = time.perf_counter()
     try:
         try:
