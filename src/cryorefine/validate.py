@@ -285,8 +285,9 @@ def check_random_subsets(table) -> None:
         )
 
 
-def validate_refine_inputs(args) -> None:
-    """All checks, cheapest first; the output folder last so nothing is created for a bad input."""
+def validate_refine_inputs(args) -> ParticleTable | None:
+    """All checks, cheapest first; the output folder last so nothing is created for a bad input. Returns the particle
+    table it read (None for --continue, which reads none), for the run to take instead of reading the file again."""
     if getattr(args, "dist_timeout", 1.0) <= 0:
         raise CryoInputError(f"--dist_timeout must be positive (got {args.dist_timeout} s)")
     if getattr(args, "sigma_offset", 1.0) <= 0:
@@ -303,7 +304,7 @@ def validate_refine_inputs(args) -> None:
         if folder.is_dir() or output_root:
             check_output_folder(folder, None)
         check_no_later_iterations(continue_from, output_root)
-        return
+        return None
     for flag, name in (("--i", "particles"), ("--o", "output_root"), ("--ref", "reference")):
         if not getattr(args, name, None):
             raise CryoInputError(f"{flag} is required (or --continue run_itNNN_optimiser.star)")
@@ -322,3 +323,4 @@ def validate_refine_inputs(args) -> None:
         check_reference(args.solvent_mask, box, angpix, what="solvent mask")
     check_diameters_fit(diameter, table)
     check_output_folder(Path(args.output_root).parent, box)
+    return table

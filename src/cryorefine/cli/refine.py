@@ -388,14 +388,14 @@ def run_job(args, config_cls, run_mode) -> None:
     from ..parallel.context import distributed
     from ..validate import validate_refine_inputs
 
-    validate_refine_inputs(args)  # user mistakes stop here, before the engine is imported or run
+    table = validate_refine_inputs(args)  # user mistakes stop here, before the engine is imported or run
     cfg = config_from_args(args, config_cls)
     if cfg.device.startswith("cuda"):
         from ..projection import triton_cache_key
 
         triton_cache_key.start()
     with sigterm_raises(), distributed(cfg.device, args.dist_timeout) as dist:
-        summary = run_mode(cfg, dist)  # holds the output lock (refine/context.output_lock) while it runs
+        summary = run_mode(cfg, dist, table)  # holds the output lock (refine/context.output_lock) while it runs
         if dist.is_main:
             print(json.dumps(summary))
 

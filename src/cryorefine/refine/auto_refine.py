@@ -403,9 +403,10 @@ def load_or_start(mode, ctx: RunContext) -> RunState:
     return mode.initial_state(ctx, read_map(ctx.cfg.reference)[0])
 
 
-def refine(cfg: RefineConfig, dist: Dist | None = None) -> dict:
-    """Auto-refine (``cryorefine refine``): returns the run's summary."""
+def refine(cfg: RefineConfig, dist: Dist | None = None, table: ParticleTable | None = None) -> dict:
+    """Auto-refine (``cryorefine refine``): returns the run's summary. ``table``: cfg.particles already read (by
+    validate.py), else read here."""
     mode = AutoRefineMode()
     with output_lock(cfg, dist):  # before open_run writes anything
-        ctx = open_run(cfg, dist, ESTEP_VOLUMES)
+        ctx = open_run(cfg, dist, ESTEP_VOLUMES, table)
         return run(mode, ctx, load_or_start(mode, ctx))

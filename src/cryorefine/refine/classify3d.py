@@ -21,6 +21,7 @@ from ..io.mrc import write_maps
 from ..transfer import to_host
 from ..io.outputs import it_prefix, write_model_star
 from ..io.particles import write_particles
+from ..io.table import ParticleTable
 from ..mstep.maximize import maximize_classes
 from ..mstep.priors import class_prior, direction_log_prior, direction_prior
 from ..mstep.statistics import scale_spread, updated_statistics
@@ -279,11 +280,12 @@ class ClassifyMode:
         }
 
 
-def classify(cfg: ClassifyConfig, dist: Dist | None = None) -> dict:
-    """3D classification (``cryorefine classify``): returns the run's summary."""
+def classify(cfg: ClassifyConfig, dist: Dist | None = None, table: ParticleTable | None = None) -> dict:
+    """3D classification (``cryorefine classify``): returns the run's summary. ``table``: cfg.particles already read
+    (by validate.py), else read here."""
     if cfg.K < 1:
         raise CryoInputError(f"--K must be at least 1 (got {cfg.K})")
     mode = ClassifyMode(cfg.K)
     with output_lock(cfg, dist):  # before open_run writes anything
-        ctx = open_run(cfg, dist, {"references": cfg.K, "backprojectors": cfg.K, "whole": False})
+        ctx = open_run(cfg, dist, {"references": cfg.K, "backprojectors": cfg.K, "whole": False}, table)
         return run(mode, ctx, load_or_start(mode, ctx))

@@ -139,12 +139,13 @@ def output_lock(cfg: RefineConfig, dist: Dist | None) -> Iterator[None]:
             lock.release()  # nothing where it was not taken
 
 
-def open_run(cfg: RefineConfig, dist: Dist | None, volumes: dict) -> RunContext:
+def open_run(cfg: RefineConfig, dist: Dist | None, volumes: dict, table: ParticleTable | None = None) -> RunContext:
     """Read and check the inputs (validate.py's checks: the CLI made them already, a program that runs the engine
     itself gets the same), stop with one line when the GPU cannot hold the E-step's ``volumes`` (``references`` and
     ``backprojectors`` alive at once; of these at least ``resident_backprojectors`` on the GPU where the others may
     wait in host memory) on the whole grid where the run's last iteration needs it (``whole``; each iteration checks
-    its own window: steps.check_estep_memory), and set up the run's services. Rank 0 alone writes files."""
+    its own window: steps.check_estep_memory), and set up the run's services. Rank 0 alone writes files. ``table``:
+    cfg.particles as validate.py read it (else read here: reading a large STAR file takes a while)."""
     dist = dist if dist is not None else Dist(device=cfg.device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -152,7 +153,8 @@ def open_run(cfg: RefineConfig, dist: Dist | None, volumes: dict) -> RunContext:
             from ..projection import cpu_kernels  # numba: imported only where it runs
 
             cpu_kernels.set_threads(cfg.threads)
-    table = load_particles(cfg.particles)
+    if table is None:
+        table = load_particles(cfg.particles)
     cfg = replace(
         cfg,
         angpix=table.reference_optics.angpix,
