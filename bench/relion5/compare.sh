@@ -12,6 +12,8 @@ set -uo pipefail
 set_=${1:?usage: compare.sh SET [OUR_BUDGET_S] [RELION_BUDGET_S]}; ours=${2:-150}; theirs=${3:-390}
 source bench/device_env.sh
 bash bench/relion5/build.sh > "$out/relion5-build.log" 2>&1 || { tail -20 "$out/relion5-build.log"; exit 1; }
+# our run made in this call, beside RELION's: paper_bench keeps a finished run of an earlier call on this machine
+rm -rf "${BENCH_WORKDIR:-/tmp/cryobench}/$set_/run"
 bash bench/paper_bench.sh run "$set_" "$ours" --cpu_n 0 | grep -E "finished|call took|Error|error" | tail -5
 timeout -k 10 $(( ${theirs%.*} + 60 )) python3 bench/relion5/run.py "$set_" --budget "$theirs" ${RELION5_RUN_ARGS:-} 2>&1 | tail -3
 cp "${BENCH_WORKDIR:-/tmp/cryobench}/$set_/relion5/relion.log" "$out/$set_-relion5.log" 2>/dev/null
