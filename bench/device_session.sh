@@ -5,7 +5,8 @@
 #   bash bench/device_session.sh [SETS] [PROFILES]        e.g. bench/device_session.sh "trpv1 betagal" "trpv1:12"
 # SETS: paper_bench sets ("-" for none); PROFILES: SET:ITERATIONS[:MODE] for bench/profile_iteration.sh (after its set
 # ran; MODE torch by default, or python, waits).
-# GPU_TESTS=0 skips the tests. Budgets: trpv1 130 s, betagal 80 s (reserve 25 s), others 480 s.
+# Then bench/startup_phases.py on the first set (a fresh process's phases and the profile of its start-up; STARTUP=0
+# skips it). GPU_TESTS=0 skips the tests. Budgets: trpv1 130 s, betagal 80 s (reserve 25 s), others 480 s.
 # MSTEP_BEFORE=DIR (a src/ folder of an earlier tree, carried: e.g. `git archive REV src | tar -x -C .before`) first
 # times the M-step's reconstruct() at TRPV1's size (bench/mstep_timing.py: box 256, window 80 and whole) with that
 # src/ and this one, alternating, twice each (MSTEP_ARGS, default "--box 256 --window 80 --devices cuda").
@@ -46,6 +47,12 @@ for s in $sets; do
   md=$(ls "$work"/*-"$s".md 2>/dev/null | head -1)
   [ -n "$md" ] && grep -E "^\| (wall time|iterations|gold-standard|GPU busy)" "$md" | tee -a "$summary"
 done
+first=${sets%% *}
+if [ -n "$first" ] && [ "${STARTUP:-1}" != 0 ]; then  # a fresh process's start-up on the first set's data, profiled
+  python3 bench/startup_phases.py "$first" "$work/startup-$first.json" --gpu --profile "$work/startup-$first-profile.txt" \
+    > "$work/startup-$first.txt" 2>&1
+  tee -a "$summary" < "$work/startup-$first.txt"
+fi
 for p in $profiles; do
   IFS=: read -r pset pits pmode <<< "$p"; pmode=${pmode:-torch}
   PROFILE_TIMEOUT=150 bash bench/profile_iteration.sh "$pset" "$pits" "$pmode" > "$work/profile-$pset-$pmode-out.log" 2>&1
