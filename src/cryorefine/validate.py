@@ -17,7 +17,7 @@ import numpy as np
 
 from cryorefine.errors import CryoInputError
 from cryorefine.geometry.symmetry import parse_symmetry
-from cryorefine.io.mrc import read_map
+from cryorefine.io.mrc import all_finite, read_map
 from cryorefine.io.particles import load_particles
 from cryorefine.io.table import ParticleTable, read_images
 
@@ -163,6 +163,8 @@ def _check_finite(stack, used: np.ndarray, n_max: int) -> None:
     for start in range(0, len(used), 256):
         chunk = used[start : start + 256]
         images = stack.read(chunk)
+        if all_finite(images):
+            continue
         finite = np.isfinite(images).all(axis=(1, 2))
         if not finite.all():
             first = int(chunk[np.flatnonzero(~finite)[0]]) + 1

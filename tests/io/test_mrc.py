@@ -92,6 +92,51 @@ def test_stack_round_trip_and_subset_read(tmp_path):
         assert mrc.header.mode == 2 and mrc.is_image_stack()
 
 
+def test_float32_stacks_read_by_file_reads_as_the_memory_map_gives_them(tmp_path):
+    """RELION's stacks (little-endian float32) are read by file reads, one per run of consecutive indices: the same
+    images as mrcfile's memory map, for runs, repeats and any order, after an extended header too; a big-endian
+    stack is read through the map."""
+    rng = np.random.default_rng(5)
+    data = rng.normal(size=(40, 8, 8)).astype(np.float32)
+    picks = np.array([3, 4, 5, 6, 0, 39, 38, 10, 10, 11, 12, 7, 20, 21])
+    for name, ext, dtype in (("plain", 0, "<f4"), ("extended", 3 * 1024 + 80, "<f4"), ("big_endian", 0, ">f4")):
+        path = tmp_path / f"{name}.mrcs"
+        with mrcfile.new(path) as mrc:
+            mrc.set_data(data.astype(dtype))
+            mrc.set_image_stack()
+            if ext:
+                mrc.set_extended_header(np.zeros(ext, dtype="V1"))
+        with mrcfile.mmap(path, mode="r") as mrc:
+            assert mrc.header.nsymbt == ext and mrc.data.dtype == np.dtype(dtype)
+            mapped = np.asarray(mrc.data[picks], dtype=np.float32)
+        with open_stack(path) as stack:
+            assert (stack._file is not None) == (dtype == "<f4"), name
+            out = stack.read(picks)
+            assert out.dtype == np.float32 and np.array_equal(out, mapped) and np.array_equal(out, data[picks]), name
+            assert np.array_equal(stack.read(np.arange(40)), data) and np.array_equal(stack.read([39]), data[39:])
+            into = np.full((len(picks), 8, 8), np.nan, np.float32)
+            assert stack.read(picks, out=into) is into and np.array_equal(into, data[picks]), name
+            with pytest.raises(ValueError, match="does not take"):
+                stack.read(picks, out=into[:, :4])
+
+
+def test_all_finite_finds_any_nan_or_inf_and_takes_an_overflowing_sum_as_finite():
+    from cryorefine.io.mrc import all_finite
+
+    images = np.random.default_rng(6).normal(size=(7, 16, 16)).astype(np.float32)
+    assert all_finite(images)
+    for bad in (np.nan, np.inf, -np.inf):
+        for where in ((0, 0, 0), (6, 15, 15), (3, 7, 2)):
+            damaged = images.copy()
+            damaged[where] = bad
+            assert not all_finite(damaged), (bad, where)
+    huge = np.full((4, 8, 8), 3e38, np.float32)  # finite pixels whose float32 sum overflows
+    with np.errstate(over="ignore"):
+        assert all_finite(huge) and not np.isfinite(np.add.reduce(huge, axis=None))
+    huge[1, 2, 3] = np.nan
+    assert not all_finite(huge)
+
+
 def test_single_image_and_float16_stack(tmp_path):
     img = np.arange(16, dtype=np.float32).reshape(4, 4)
     with mrcfile.new(tmp_path / "one.mrc") as mrc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -170,11 +171,22 @@ def _write_mrc(path, data: np.ndarray, angpix: float, stack: bool, origin_angst=
                 mrc.header.origin.x, mrc.header.origin.y, mrc.header.origin.z = ox, oy, oz
 
 
+def all_finite(images: np.ndarray) -> bool:
+    """No NaN or Inf in ``images`` (float32). Their sum is finite unless one is (a NaN or an Inf carries into it), or
+    the sum overflowed: then the pixels are checked one by one. A sum runs at ~14 GB/s here against ~4-8 for the
+    per-pixel test and its array of flags."""
+    with np.errstate(all="ignore"):  # an overflow or Inf − Inf is the answer, not a warning
+        total = np.add.reduce(images, axis=None)
+    return bool(np.isfinite(total)) or bool(np.isfinite(images).all())
+
+
 class ImageStack:
-    """Memory-mapped read access to an MRC image stack (or a single 2D image, n = 1)."""
+    """Read access to an MRC image stack (or a single 2D image, n = 1): memory-mapped, and a stack of little-endian
+    float32 images (RELION's) read by file reads straight into the result."""
 
     def __init__(self, path):
         self.path = Path(path)
+        self._file = None
         self._mrc = _open_mrc(self.path, mmap=True)
         data = self._mrc.data
         if data.ndim == 2:
@@ -191,6 +203,11 @@ class ImageStack:
             )
         self._data = data
         self.angpix = _voxel_size_angst(self._mrc)
+        offset = getattr(self._mrc.data, "offset", None)  # of mrcfile's memory map: where the images start
+        if offset is not None and data.dtype == np.dtype("<f4") and np.dtype("=f4") == np.dtype("<f4"):
+            self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+            self._data_offset = int(offset)
+            self._file_lock = threading.Lock()  # a seek and its reads are one step
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -200,8 +217,9 @@ class ImageStack:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def read(self, indices) -> np.ndarray:
-        """float32 images (len(indices), y, x) for 0-based `indices`, reading only those."""
+    def read(self, indices, out: np.ndarray | None = None) -> np.ndarray:
+        """float32 images (len(indices), y, x) for 0-based `indices`, reading only those; into ``out`` (C-contiguous
+        float32 of that shape) where given, which is returned."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         bad = (indices < 0) | (indices >= len(self))
         if bad.any():
@@ -212,11 +230,42 @@ class ImageStack:
                 ".cs file)",
                 path=self.path,
             )
+        if out is None:
+            out = np.empty((len(indices), *self.shape[1:]), np.float32)
+        if out.shape != (len(indices), *self.shape[1:]) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"out {out.shape} {out.dtype} does not take {len(indices)} images of {self.shape[1:]}")
         if len(indices) == 0:
-            return np.empty((0,) + self.shape[1:], np.float32)
-        return np.asarray(self._data[indices], dtype=np.float32)
+            return out
+        if self._file is not None:
+            return self._read_runs(indices, out)
+        out[...] = self._data[indices]
+        return out
+
+    def _read_runs(self, indices: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """The images by one file read per run of consecutive indices, into the result. A first read through the
+        memory map faults its pages in 4 KiB at a time: 2.4 GB/s against 5.3 GB/s here (2-core CPU, 2 GB stack in the
+        page cache), and a first read of every image is what a run's start does."""
+        _, h, w = self.shape
+        image = h * w * 4
+        starts = np.flatnonzero(np.diff(indices, prepend=indices[0] - 2) != 1)  # each run's first position
+        ends = np.append(starts[1:], len(indices))
+        whole = out.data.cast("B")
+        assert self._file is not None
+        with self._file_lock:
+            for a, b in zip(starts.tolist(), ends.tolist()):
+                self._file.seek(self._data_offset + int(indices[a]) * image)
+                view = whole[a * image : b * image]
+                while len(view):
+                    got = self._file.readinto(view)
+                    if not got:
+                        raise CryoInputError("the stack ends before the images its header describes", path=self.path)
+                    view = view[got:]
+        return out
 
     def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         if self._mrc is not None:
             self._mrc.close()
             self._mrc = None

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from cryorefine.errors import CryoInputError
-from cryorefine.io.mrc import ImageStack, open_stack
+from cryorefine.io.mrc import ImageStack, all_finite, open_stack
 from cryorefine.optics import IDENTITY_MAG, odd_coefficients
 
 MAX_OPEN_STACKS = 128
@@ -240,8 +240,11 @@ def read_images(table: ParticleTable, indices) -> np.ndarray:
             raise CryoInputError(
                 f"images are {stack.shape[1]} px but rlnImageSize is {box}; fix rlnImageSize or re-extract", path=path
             )
-        images = stack.read(table.image_index[indices[rows]])
-        if not np.isfinite(images).all():
+        if len(stacks) == 1:  # all of them, in order: straight into the result
+            images = stack.read(table.image_index[indices], out=out)
+        else:
+            images = stack.read(table.image_index[indices[rows]])
+            out[rows] = images
+        if not all_finite(images):
             raise CryoInputError("the stack contains NaN or Inf pixels; re-extract the particles", path=path)
-        out[rows] = images
     return out
