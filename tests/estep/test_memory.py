@@ -447,7 +447,9 @@ def test_expectation_reads_images_batch_by_batch(tmp_path, monkeypatch):
     c = make_case(tmp_path)
     reads = []
     real = image_cache.read_images
-    monkeypatch.setattr(image_cache, "read_images", lambda table, idx: reads.append(len(idx)) or real(table, idx))
+    monkeypatch.setattr(
+        image_cache, "read_images", lambda table, idx, out=None: reads.append(len(idx)) or real(table, idx, out=out)
+    )
     cfg = RefineConfig(
         particles="", output_root="", reference="", particle_diameter=2.5 * BOX, ctf=True, zero_mask=True, angpix=ANGPIX
     )

@@ -28,9 +28,9 @@ def data(tmp_path_factory):
 def _counting_reads(monkeypatch):
     reads = []
 
-    def counted(table, rows):
+    def counted(table, rows, out=None):
         reads.extend(np.asarray(rows).tolist())
-        return read_images(table, rows)
+        return read_images(table, rows, out=out)
 
     monkeypatch.setattr(image_cache, "read_images", counted)
     return reads
@@ -135,3 +135,12 @@ def test_gpu_initial_noise_spectra_read_through_the_cache_keep_the_images(data):
     assert cache.holds(np.arange(N))
     kept = cache.data[torch.as_tensor(cache.slot, device="cuda")].cpu().numpy()
     np.testing.assert_array_equal(kept, read_images(table, np.arange(N)))
+
+
+def test_read_images_into_a_given_buffer(data):
+    table = load_particles(data / "particles_noposes.star")
+    rows = np.array([5, 6, 7, 30, 2, 2])
+    into = np.full((len(rows), BOX, BOX), np.nan, np.float32)
+    assert read_images(table, rows, out=into) is into and np.array_equal(into, read_images(table, rows))
+    with pytest.raises(ValueError, match="does not take"):
+        read_images(table, rows, out=into[:-1])

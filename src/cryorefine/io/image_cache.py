@@ -83,13 +83,14 @@ class ImageCache:
         missing = np.flatnonzero(self.slot[rows] < 0)
         if len(missing) == 0:
             return missing, None
+        pinned = self.device.type == "cuda"  # pinned here, on the reading thread, not on the thread that drives the GPU
         if self.host is not None:
             b = int(table.boxes[rows[0]])
             host = torch.from_numpy(self.host[rows[missing], :b, :b])  # a copy (fancy indexing)
-        else:
-            host = torch.from_numpy(read_images(table, rows[missing]))
-        if self.device.type == "cuda":
-            host = host.pin_memory()  # here, on the reading thread, not on the thread that drives the GPU
+            return missing, host.pin_memory() if pinned else host
+        b = int(table.boxes[rows[missing[0]]])
+        host = torch.empty((len(missing), b, b), dtype=torch.float32, pin_memory=pinned)  # read straight into it
+        read_images(table, rows[missing], out=host.numpy())
         return missing, host
 
     def read(self, table: ParticleTable, rows: np.ndarray, box: int) -> torch.Tensor:

@@ -220,15 +220,18 @@ def project_relative(path) -> str:
     return str(path.relative_to(project)) if path.is_relative_to(project) else str(path)
 
 
-def read_images(table: ParticleTable, indices) -> np.ndarray:
+def read_images(table: ParticleTable, indices, out: np.ndarray | None = None) -> np.ndarray:
     """float32 images (len(indices), box, box) of the particles at `indices` (0-based table rows), which share one
-    box size."""
+    box size; into ``out`` (C-contiguous float32 of that shape, e.g. a pinned buffer's array) where given."""
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     boxes = np.unique(table.boxes[indices]) if len(indices) else [table.reference_optics.box]
     if len(boxes) != 1:
         raise ValueError(f"images of different boxes {list(boxes)} read as one batch")  # a caller's bug
     box = int(boxes[0])
-    out = np.empty((len(indices), box, box), np.float32)
+    if out is None:
+        out = np.empty((len(indices), box, box), np.float32)
+    elif out.shape != (len(indices), box, box) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out {out.shape} {out.dtype} does not take {len(indices)} images of {box} px")
     if len(indices) == 0:
         return out
     stacks, inverse = np.unique(table.image_stack[indices].astype(str), return_inverse=True)
