@@ -180,6 +180,16 @@ def all_finite(images: np.ndarray) -> bool:
     return bool(np.isfinite(total)) or bool(np.isfinite(images).all())
 
 
+def image_buffer(out: np.ndarray | None, n: int, box: int) -> np.ndarray:
+    """``out``, checked to take n float32 images of box × box (C-contiguous, e.g. a pinned buffer's array), or a new
+    array of them where None."""
+    if out is None:
+        return np.empty((n, box, box), np.float32)
+    if out.shape != (n, box, box) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out {out.shape} {out.dtype} does not take {n} images of {box} px")  # a caller's bug
+    return out
+
+
 class ImageStack:
     """Read access to an MRC image stack (or a single 2D image, n = 1): memory-mapped, and a stack of little-endian
     float32 images (RELION's) read by file reads straight into the result."""
@@ -230,10 +240,7 @@ class ImageStack:
                 ".cs file)",
                 path=self.path,
             )
-        if out is None:
-            out = np.empty((len(indices), *self.shape[1:]), np.float32)
-        if out.shape != (len(indices), *self.shape[1:]) or out.dtype != np.float32 or not out.flags.c_contiguous:
-            raise ValueError(f"out {out.shape} {out.dtype} does not take {len(indices)} images of {self.shape[1:]}")
+        out = image_buffer(out, len(indices), self.shape[1])
         if len(indices) == 0:
             return out
         if self._file is not None:

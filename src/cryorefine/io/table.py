@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from cryorefine.errors import CryoInputError
-from cryorefine.io.mrc import ImageStack, all_finite, open_stack
+from cryorefine.io.mrc import ImageStack, all_finite, image_buffer, open_stack
 from cryorefine.optics import IDENTITY_MAG, odd_coefficients
 
 MAX_OPEN_STACKS = 128
@@ -228,10 +228,7 @@ def read_images(table: ParticleTable, indices, out: np.ndarray | None = None) ->
     if len(boxes) != 1:
         raise ValueError(f"images of different boxes {list(boxes)} read as one batch")  # a caller's bug
     box = int(boxes[0])
-    if out is None:
-        out = np.empty((len(indices), box, box), np.float32)
-    elif out.shape != (len(indices), box, box) or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(f"out {out.shape} {out.dtype} does not take {len(indices)} images of {box} px")
+    out = image_buffer(out, len(indices), box)
     if len(indices) == 0:
         return out
     stacks, inverse = np.unique(table.image_stack[indices].astype(str), return_inverse=True)

@@ -6,7 +6,6 @@ the log and the report. Auto-refine and classification are two modes (auto_refin
 from __future__ import annotations
 
 import contextlib
-
 import json
 import shutil
 import sys
