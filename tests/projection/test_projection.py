@@ -99,7 +99,7 @@ def test_gpu_fused_insertion_matches_float64_scatter(width, monkeypatch):
 
     if width > 1 and torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("the GPU has no vector reductions (compute capability below 9.0)")
-    monkeypatch.setattr(insert_kernel, "reduction_width", lambda capability, voxels: width)
+    monkeypatch.setattr(insert_kernel, "reduction_width", lambda capability, voxels, spare_bytes=0: width)
 
     torch.manual_seed(3)
     box, pad, r = 40, 2, 700
@@ -130,12 +130,18 @@ def test_gpu_fused_insertion_matches_float64_scatter(width, monkeypatch):
 
 
 def test_reduction_width_keeps_the_quads_grid_small():
-    """Quads (a transient interleaved grid of 16 bytes a voxel) only where that grid fits QUAD_GRID_BYTES; pairs (no
-    extra memory) above it, e.g. a box-450 map's whole padded grid; scalar atomics before compute capability 9.0."""
+    """Quads (a transient interleaved grid of 16 bytes a voxel) only where that grid fits QUAD_GRID_BYTES or half the
+    spare memory; pairs (no extra memory) above it, e.g. a box-450 map's whole padded grid on a small card; scalar
+    atomics before compute capability 9.0."""
     from cryorefine.projection.insert_kernel import QUAD_GRID_BYTES, reduction_width
 
     betagal_window = 186 * 186 * 94  # the order-6 local iterations' grid (box 100, window 45 shells)
+    trpv1_order8 = 464 * 464 * 233  # the full TRPV1-like set's order-8 grid (box 256, window 115 shells): 0.8 GB
     box450 = 900 * 900 * 451
     assert reduction_width((9, 0), betagal_window) == 4
     assert reduction_width((9, 0), box450) == 2 and 16 * box450 > QUAD_GRID_BYTES
-    assert reduction_width((8, 0), betagal_window) == 1
+    assert reduction_width((9, 0), box450, spare_bytes=2 * 16 * box450 - 2) == 2  # half the spare memory is too little
+    assert reduction_width((9, 0), box450, spare_bytes=2 * 16 * box450) == 4
+    assert reduction_width((9, 0), trpv1_order8, spare_bytes=60 << 30) == 4  # an 80 GB card after a tile
+    assert reduction_width((9, 0), trpv1_order8, spare_bytes=1 << 30) == 2  # an 11 GB card
+    assert reduction_width((8, 0), betagal_window, spare_bytes=60 << 30) == 1

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..projection.insert import BackProjector
+from .memory import available_bytes
 from .slots import class_bounds
 
 
@@ -142,9 +143,10 @@ class TileSums:
         key = torch.where(self.mass > 0, self.classes, K)
         order = torch.argsort(key, stable=True)
         bounds = class_bounds(key[order], K)
+        spare = available_bytes(self.values.device) or 0  # the tile's temporaries are gone: room for faster insertion
         for k, bp in enumerate(sums.backprojectors):
             if bounds[k + 1] > bounds[k]:
                 rows = order[bounds[k] : bounds[k + 1]]
-                bp.insert(self.rotations[rows], ky, kx, self.values[rows], self.weights[rows])
+                bp.insert(self.rotations[rows], ky, kx, self.values[rows], self.weights[rows], spare)
         for a, b in zip(sums.stats_tensors(), self.stats.stats_tensors()):
             a += b

@@ -44,13 +44,22 @@ class BackProjector:
         return self.box * self.pad
 
     def insert(
-        self, rotations: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor, values: torch.Tensor, weights: torch.Tensor
+        self,
+        rotations: torch.Tensor,
+        ky: torch.Tensor,
+        kx: torch.Tensor,
+        values: torch.Tensor,
+        weights: torch.Tensor,
+        spare_bytes: int = 0,
     ) -> None:
         """Add slices ``values`` (r, j) complex with ``weights`` (r, j) at Fourier pixels (kx, ky) (j,) under
         rotations (r, 3, 3): on the CPU by a compiled loop (cpu_kernels.py), float32 accumulators on a CUDA device by
-        the fused kernel of insert_kernel.py (neither holds temporaries), others by insert_by_index_add."""
+        the fused kernel of insert_kernel.py (its fastest form needs a transient grid: ``spare_bytes`` says how much
+        memory may be allocated now), others by insert_by_index_add."""
         if insert_kernel.available(self.weight):
-            insert_kernel.insert_fused(self.data, self.weight, self.pad, rotations, ky, kx, values, weights)
+            insert_kernel.insert_fused(
+                self.data, self.weight, self.pad, rotations, ky, kx, values, weights, spare_bytes=spare_bytes
+            )
             return
         if self.data.device.type == "cpu":
             from . import cpu_kernels  # numba: imported only where it runs

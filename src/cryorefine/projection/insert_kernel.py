@@ -10,9 +10,11 @@ The atomic adds set the pace (a local search's order-6 iteration on an H100: 0.5
 compute capability 9.0 and later a corner's (re, im, weight) goes as one 16-byte vector reduction (PTX
 red.global.add.v4.f32, which Triton's atomic_add does not emit) into an interleaved (re, im, weight, unused) grid,
 added to the accumulators after the launch: one request a corner where three scalar adds were (H100: 1.00e10 points/s
-against 3.48e9; bench/insert_timing.py). That grid is a transient 16 bytes a voxel, which the memory budget of big
-boxes on small cards does not count: above QUAD_GRID_BYTES the (re, im) pair goes as one 8-byte reduction and the
-weight as a scalar add into the accumulators themselves (5.13e9 points/s).
+against 3.48e9; bench/insert_timing.py). That grid is a transient 16 bytes a voxel, which the memory budget does not
+plan for: it is made where it fits QUAD_GRID_BYTES, or half the memory the caller says is spare at the insertion (a
+tile's temporaries are gone by then: the full TRPV1-like set's order-8 grids of 464 voxels, 0.8 GB, on an 80 GB card);
+else the (re, im) pair goes as one 8-byte reduction and the weight as a scalar add into the accumulators themselves
+(5.13e9 points/s), as for a big box's whole grid on a small card.
 """
 
 from __future__ import annotations
@@ -28,15 +30,16 @@ def available(t: torch.Tensor) -> bool:
 
 
 WIDTHS = (1, 2, 4)  # float32 values per reduction: scalar atomics, (re, im) pairs, (re, im, weight, 0) quads
-QUAD_GRID_BYTES = 256 << 20  # the largest interleaved grid made for quads (a window of ~80 shells at --pad 2)
+QUAD_GRID_BYTES = 256 << 20  # an interleaved grid made for quads whatever the spare memory (~80 shells at --pad 2)
 
 
-def reduction_width(capability: tuple[int, int], voxels: int) -> int:
+def reduction_width(capability: tuple[int, int], voxels: int, spare_bytes: int = 0) -> int:
     """The reduction width for a GPU of compute ``capability`` and a grid of ``voxels``: float32 vector reductions from
-    9.0, as quads where their interleaved grid stays within QUAD_GRID_BYTES, else pairs; scalar atomics before 9.0."""
+    9.0, as quads where their interleaved grid stays within QUAD_GRID_BYTES or half of ``spare_bytes`` (memory that may
+    be allocated now), else pairs; scalar atomics before 9.0."""
     if capability < (9, 0):
         return 1
-    return 4 if 16 * voxels <= QUAD_GRID_BYTES else 2
+    return 4 if 16 * voxels <= max(QUAD_GRID_BYTES, spare_bytes // 2) else 2
 
 
 if triton is not None:
@@ -133,12 +136,13 @@ def insert_fused(
     values: torch.Tensor,
     weights: torch.Tensor,
     width: int | None = None,
+    spare_bytes: int = 0,
 ) -> None:
     """Add ``values`` (r, j) complex64 and ``weights`` (r, j) at pixels (kx, ky) (j,) under ``rotations`` (r, 3, 3)
     into ``data`` (P, P, P//2+1) complex64 and ``weight`` (same shape) float32, in place. ``width``: float32 values
-    per reduction (WIDTHS; default: reduction_width's for this GPU and grid)."""
+    per reduction (WIDTHS; default: reduction_width's for this GPU, grid and ``spare_bytes``)."""
     if width is None:
-        width = reduction_width(torch.cuda.get_device_capability(data.device), weight.numel())
+        width = reduction_width(torch.cuda.get_device_capability(data.device), weight.numel(), spare_bytes)
     assert width in WIDTHS, width
     size = data.shape[0]
     J = ky.numel()
