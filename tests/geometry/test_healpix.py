@@ -16,11 +16,13 @@ from cryorefine.geometry.healpix import (
     healpix_directions,
     make_sampling,
     max_pixrad,
+    nest_to_xyf,
     next_random_perturbation,
     oversampled_eulers,
     perturb_eulers,
     psi_angles_deg,
     sampling_eulers,
+    xyf_to_nest,
 )
 from cryorefine.geometry.symmetry import symmetry_matrices, symmetry_order
 
@@ -162,6 +164,37 @@ def test_child_directions():
     r2, t2 = healpix_directions(2)
     ang = direction_angles_deg(r2[p.ravel()], t2[p.ravel()], rot.reshape(-1), tilt.reshape(-1))
     assert (ang[np.arange(4)[:, None], np.arange(16).reshape(4, 4)] < angular_step_deg(2)).all()
+
+
+def test_nest_bits_against_a_loop_over_bits():
+    """x, y <-> NEST index (the shift-and-mask interleaving) against bit-by-bit interleaving, up to 29-bit coordinates
+    (HEALPix order 29, the format's limit)."""
+    rng = np.random.default_rng(0)
+    for order in (0, 1, 8, 13, 29):
+        x, y = rng.integers(0, 1 << order, size=(2, 500), endpoint=False) if order else np.zeros((2, 500), int)
+        face = rng.integers(0, 12, size=500)
+        spread = lambda v: sum(((int(v) >> k) & 1) << (2 * k) for k in range(order))  # noqa: E731
+        ref = [(int(f) << (2 * order)) + spread(a) + (spread(b) << 1) for a, b, f in zip(x, y, face)]
+        ipix = xyf_to_nest(order, x, y, face)
+        assert ipix.tolist() == ref
+        back = nest_to_xyf(order, ipix)
+        assert all(np.array_equal(u, v) for u, v in zip(back, (x, y, face)))
+
+
+@pytest.mark.parametrize("oversampling", [1, 2, 3])
+def test_child_directions_are_the_fine_grid_pixels(oversampling):
+    """The children of every order-3 pixel are the pixels (2^q·x + i, 2^q·y + j) of its face at order 3 + q, fine y
+    outer, x inner (RELION's getOrientations order)."""
+    p = np.arange(12 * 4**3)
+    ipix, rot, tilt = child_directions(3, p, oversampling)
+    x, y, face = nest_to_xyf(3, p)
+    f = 1 << oversampling
+    j, i = np.divmod(np.arange(f * f), f)
+    expected = xyf_to_nest(3 + oversampling, f * x[:, None] + i, f * y[:, None] + j, face[:, None])
+    np.testing.assert_array_equal(ipix, expected)
+    r, t = healpix_directions(3 + oversampling)
+    np.testing.assert_array_equal(rot, r[expected])
+    np.testing.assert_array_equal(tilt, t[expected])
 
 
 def test_oversampled_eulers_order():

@@ -38,19 +38,33 @@ _SEAM_LIMIT = 4000  # RELION only cleans asymmetric-unit seams below this many d
 
 
 # ----------------------------------------------------------------------------- HEALPix NEST
+# Morton (bit-interleaving) steps: a NEST index interleaves the bits of x (even) and y (odd). Five shifts and masks
+# each way, where a loop over 31 bits took ~0.7 s per 3 million pixels (the children of HEALPix order 8, which the
+# first order-8 iteration waited for).
+_SPREAD_STEPS = (  # (shift, mask after it): bit k of a 32-bit value moves to bit 2k
+    (16, 0x0000FFFF0000FFFF),
+    (8, 0x00FF00FF00FF00FF),
+    (4, 0x0F0F0F0F0F0F0F0F),
+    (2, 0x3333333333333333),
+    (1, 0x5555555555555555),
+)
+
+
 def _compress_bits(v: np.ndarray) -> np.ndarray:
     """Take the even bits of v (bit 2k -> bit k)."""
-    out = np.zeros_like(v)
-    for k in range(31):
-        out |= ((v >> (2 * k)) & 1) << k
-    return out
+    v = np.asarray(v, dtype=np.int64) & _SPREAD_STEPS[-1][1]
+    masks = [m for _, m in _SPREAD_STEPS[-2::-1]] + [0xFFFFFFFF]
+    for (shift, _), mask in zip(_SPREAD_STEPS[::-1], masks):
+        v = (v | (v >> shift)) & mask
+    return v
 
 
 def _spread_bits(v: np.ndarray) -> np.ndarray:
-    out = np.zeros_like(v)
-    for k in range(31):
-        out |= ((v >> k) & 1) << (2 * k)
-    return out
+    """Bit k of v (< 2**32) to bit 2k."""
+    v = np.asarray(v, dtype=np.int64) & 0xFFFFFFFF
+    for shift, mask in _SPREAD_STEPS:
+        v = (v | (v << shift)) & mask
+    return v
 
 
 def nest_to_xyf(order: int, ipix):
@@ -294,12 +308,10 @@ def child_directions(order: int, direction_index, oversampling: int = 1):
     in RELION's getOrientations order. Returns (ipix, rot_deg, tilt_deg), each (..., 4**q);
     for q = 1 the children are 4p, 4p+1, 4p+2, 4p+3."""
     p = np.asarray(direction_index, dtype=np.int64)
-    x, y, face = nest_to_xyf(order, p)
     f = 1 << oversampling
     dj, di = np.meshgrid(np.arange(f), np.arange(f), indexing="ij")  # fine y outer, x inner
-    fine = xyf_to_nest(
-        order + oversampling, f * x[..., None] + di.ravel(), f * y[..., None] + dj.ravel(), face[..., None]
-    )
+    # pixel (f·x + di, f·y + dj) of face at order + q: p's bits shifted up by 2q, the child's own interleaved below
+    fine = (p[..., None] << (2 * oversampling)) + xyf_to_nest(0, di.ravel(), dj.ravel(), 0)
     rot, tilt = _rot_tilt_from_z_phi(*healpix_z_phi(order + oversampling, fine))
     return fine, rot, tilt
 
