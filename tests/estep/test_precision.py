@@ -172,3 +172,15 @@ def test_gpu_reduced_precisions_really_differ_from_fp32(case):
     for precision in ("tf32", "fp16"):
         e, _ = coarse_errors(case, precision, device="cuda")
         assert e > 5 * e32, precision
+
+
+def test_tf32_is_fp32_off_cuda():
+    """The default (tf32) runs as fp32 on the CPU, exactly: no TF32 there, and the CPU's compiled local-search loop
+    takes fp32 only; CUDA keeps what it was given."""
+    from cryorefine.estep.precision import for_device
+    from cryorefine.refine.config import RefineConfig
+
+    assert RefineConfig.__dataclass_fields__["precision"].default == "tf32"
+    assert for_device("tf32", "cpu") == "fp32" and for_device("tf32", torch.device("cpu")) == "fp32"
+    assert for_device("tf32", "cuda") == for_device("tf32", "cuda:1") == "tf32"
+    assert for_device("fp16", "cpu") == "fp16" and for_device("fp32", "cuda") == "fp32"

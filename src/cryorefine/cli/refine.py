@@ -167,9 +167,9 @@ def add_common_args(p, classify: bool = False) -> None:
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
-        default="fp32",
-        help="coarse-pass matrix products: fp32, tf32 (GPU tensor cores) or fp16 (scaled half precision); the rest "
-        "stays fp32",
+        default="tf32",
+        help="coarse-pass matrix products: tf32 (GPU tensor cores; fp32 on the CPU), fp32 or fp16 (scaled half "
+        "precision); the rest stays fp32 (default: %(default)s)",
     )
     p.add_argument(
         "--gpu",

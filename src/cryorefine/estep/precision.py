@@ -1,7 +1,11 @@
-"""Precision of the coarse pass's matrix products (--precision): fp32 (default), tf32 or scaled fp16.
+"""Precision of the coarse pass's matrix products (--precision): tf32 (default on a GPU), fp32 or scaled fp16.
 
-fp32 stays the default: on the betagal-like set (H200, 2026-12-05) tf32 made each iteration ~10 % faster but the run
-took one more iteration and ended one gold-standard shell coarser (bench/results/2026-12-05-h200-tf32-default.md).
+tf32 is the default since 2026-12-06: on an H100 it kept every run's gold-standard shell, FSC to the truth and pose
+errors (TRPV1-like 5,000 particles, seeds 0 and 1: 3.84 Å as fp32's; the full 35,645: 3.05 Å as fp32's; betagal-like
+seed 1: 7.87 Å as fp32's, bench/results/2026-12-06d-device-runs.md, 2026-12-05e-device-runs.md), and the full set's
+global iterations took 13 s less (183.4 against 196.3 s the run). One betagal-like run on an H200 ended one shell
+coarser (2026-12-05-h200-tf32-default.md), the scatter between fp32's own seeds 0 and 1 on that set. On the CPU tf32
+means fp32 (for_device): there is no TF32 there.
 
 Only the coarse products Re⟨a, P⟩ and ⟨b, |P|²⟩ use these modes; diff2 is assembled from them in float32, and
 the fine pass and everything else stay float32. The significant set then absorbs the coarse error: a test
@@ -34,6 +38,12 @@ def tf32_matmul(enabled: bool):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def for_device(precision: str, device) -> str:
+    """The precision the coarse pass uses on ``device``: tf32 only on CUDA (TensorFloat-32 is a tensor-core format;
+    the CPU's products, and its compiled local-search loop, are float32), the others as given."""
+    return "fp32" if precision == "tf32" and torch.device(device).type != "cuda" else precision
 
 
 def row_scaled_half(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -52,7 +52,7 @@ class RefineConfig:
     max_iter: int = 999  # RELION's --auto_iter_max
     batch_size: int = 0  # 0: automatic
     max_seconds: float = 0.0  # > 0: stop cleanly before an iteration that would end past this many seconds of this call
-    precision: str = "fp32"  # coarse-pass matrix products: fp32, tf32 or fp16
+    precision: str = "tf32"  # coarse-pass matrix products: tf32 (fp32 on the CPU), fp32 or fp16
     image_cache: bool = True  # on a GPU, keep the particle images there after their first read while they fit
     gpu_memory_gib: float = 0.0  # --gpu_memory: at most this much of the GPU per process (0: all)
     preread_images: bool = False  # every image in host memory before the first iteration

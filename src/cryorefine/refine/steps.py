@@ -18,6 +18,7 @@ from ..debug_hooks import pause_point
 from ..estep import memory
 from ..estep.images import Window, ctf_and_inverse_noise
 from ..estep.poses import PoseGrid
+from ..estep.precision import for_device
 from ..estep.settings import EStepSettings
 from ..estep.sums import WeightedSums
 from ..fourier.filters import low_pass_filter
@@ -222,7 +223,7 @@ def estep_settings(ctx: RunContext, state: RunState, direction_log_prior=None) -
         sigma2_offset_angst2=state.stats[0].sigma2_offset_angst2,
         angpix=cfg.angpix,
         direction_log_prior=direction_log_prior,
-        precision=cfg.precision,
+        precision=for_device(cfg.precision, ctx.device),
     )
 
 
