@@ -3,9 +3,9 @@
 tf32 is the default since 2026-12-06: on an H100 it kept every run's gold-standard shell, FSC to the truth and pose
 errors (TRPV1-like 5,000 particles, seeds 0 and 1: 3.84 Å as fp32's; the full 35,645: 3.05 Å as fp32's; betagal-like
 seed 1: 7.87 Å as fp32's, bench/results/2026-12-06d-device-runs.md, 2026-12-05e-device-runs.md), and the full set's
-global iterations took 13 s less (183.4 against 196.3 s the run). One betagal-like run on an H200 ended one shell
-coarser (2026-12-05-h200-tf32-default.md), the scatter between fp32's own seeds 0 and 1 on that set. On the CPU tf32
-means fp32 (for_device): there is no TF32 there.
+iterations 6-8 (global at HEALPix order 3, then the first local one) took 25.3 s against 30.6 s. One betagal-like run on
+an H200 ended one shell coarser (2026-12-05-h200-tf32-default.md), the scatter between fp32's own seeds 0 and 1 on that
+set. On the CPU tf32 means fp32 (for_device): there is no TF32 there.
 
 Only the coarse products Re⟨a, P⟩ and ⟨b, |P|²⟩ use these modes; diff2 is assembled from them in float32, and
 the fine pass and everything else stay float32. The significant set then absorbs the coarse error: a test
