@@ -141,7 +141,9 @@ def test_tiny_run_stop_continue_and_results(tmp_path):
     spec.loader.exec_module(sp)
     profile = tmp_path / "startup-profile.txt"
     assert sp.main(["tiny", str(tmp_path / "startup.json"), "--workdir", str(w), "--profile", str(profile)]) == 0
-    assert "auto_refine.py:" in profile.read_text()  # the start-up profile holds the run set-up
+    text = profile.read_text()
+    assert "auto_refine.py:" in text  # the start-up profile holds the run set-up
+    assert "Callers of the main thread's waits and hashing:" in text
     phases = json.loads((tmp_path / "startup.json").read_text())
     marks = phases["marks_s"]
     assert list(marks) == [
