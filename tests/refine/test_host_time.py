@@ -11,7 +11,9 @@ import pytest
 
 from cryorefine.cli.main import main
 from cryorefine.io.background import BackgroundWriter
-from cryorefine.refine import classify3d, loop
+from cryorefine import validate as validation
+from cryorefine.refine import classify3d
+from cryorefine.thread_switches import SWITCH_INTERVAL_S
 from small_set import small_run_flags, small_set
 
 SLOW_FILES_S = 0.5
@@ -65,10 +67,18 @@ def test_seconds_since_process_start_against_the_parents_clock():
 
 
 def test_threads_hand_over_promptly_while_a_run_writes(tmp_path, monkeypatch):
-    """While the run's thread and the file thread share the interpreter lock, it changes hands within
-    loop.SWITCH_INTERVAL_S (the run's thread waits for it at each torch call); the caller's interval is back after."""
+    """While the run's thread and its other threads (files; Triton's cache key from the start) share the interpreter
+    lock, it changes hands within SWITCH_INTERVAL_S, from the validation of the inputs to the last file; the caller's
+    interval is back after."""
     d = small_set(tmp_path / "data", 40, 4.8, 60, seed=3)
     write_files, seen = classify3d.ClassifyMode.write_files, []
+    validate = validation.validate_refine_inputs
+
+    def validating(args):
+        seen.append(sys.getswitchinterval())
+        return validate(args)
+
+    monkeypatch.setattr(validation, "validate_refine_inputs", validating)
 
     def noting(self, ctx, state, info):
         if state.iteration == 2:  # the last iteration's files, written while the run ends
@@ -85,4 +95,4 @@ def test_threads_hand_over_promptly_while_a_run_writes(tmp_path, monkeypatch):
         assert sys.getswitchinterval() == pytest.approx(0.01)
     finally:
         sys.setswitchinterval(before)
-    assert len(seen) == 2 and all(s == pytest.approx(loop.SWITCH_INTERVAL_S) for s in seen), seen
+    assert len(seen) == 3 and all(s == pytest.approx(SWITCH_INTERVAL_S) for s in seen), seen

@@ -386,18 +386,20 @@ def sigterm_raises():
 def run_job(args, config_cls, run_mode) -> None:
     """Validate, then run the mode in this process (or as one rank of a torchrun job); rank 0 prints the summary."""
     from ..parallel.context import distributed
+    from ..thread_switches import prompt_thread_switches
     from ..validate import validate_refine_inputs
 
-    table = validate_refine_inputs(args)  # user mistakes stop here, before the engine is imported or run
-    cfg = config_from_args(args, config_cls)
-    if cfg.device.startswith("cuda"):
-        from ..projection import triton_cache_key
+    with prompt_thread_switches():  # from here on the run shares the interpreter with threads of its own
+        table = validate_refine_inputs(args)  # user mistakes stop here, before the engine is imported or run
+        cfg = config_from_args(args, config_cls)
+        if cfg.device.startswith("cuda"):
+            from ..projection import triton_cache_key
 
-        triton_cache_key.start()
-    with sigterm_raises(), distributed(cfg.device, args.dist_timeout) as dist:
-        summary = run_mode(cfg, dist, table)  # holds the output lock (refine/context.output_lock) while it runs
-        if dist.is_main:
-            print(json.dumps(summary))
+            triton_cache_key.start()
+        with sigterm_raises(), distributed(cfg.device, args.dist_timeout) as dist:
+            summary = run_mode(cfg, dist, table)  # holds the output lock (refine/context.output_lock) while it runs
+            if dist.is_main:
+                print(json.dumps(summary))
 
 
 def main(args):

@@ -8,9 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -23,6 +21,7 @@ from ..estep.precision import for_device
 from ..estep.sums import WeightedSums
 from ..io.outputs import it_prefix
 from ..parallel.collectives import all_reduce_sum_, broadcast_from_main, broadcast_tensors_, merge_rows_, per_rank
+from ..thread_switches import prompt_thread_switches
 from .context import RunContext
 from .engine import ParticlePoses
 from .relion_files import write_checkpoint
@@ -212,24 +211,6 @@ def _iterate_until_done(mode: Mode, ctx: RunContext, state: RunState, t0: float)
         last = time.perf_counter() - t_it
 
 
-# The interpreter lock's hand-over time while a run's threads share it (Python's default is 5 ms). The run's thread
-# gives up the lock for every torch call it makes (each kernel launch); whenever the file thread is running Python
-# (the last iteration's tables, checkpoint) at that moment, the run's thread waits up to the hand-over time to get it
-# back. A GPU run makes thousands of such calls an iteration, so at 5 ms the run's thread, not the GPU, set the pace.
-SWITCH_INTERVAL_S = 2e-4
-
-
-@contextlib.contextmanager
-def _prompt_thread_switches() -> Iterator[None]:
-    """SWITCH_INTERVAL_S while the block runs (at most: a shorter one set by the caller stays), then the caller's."""
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(min(before, SWITCH_INTERVAL_S))
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(before)
-
-
 def run(mode: Mode, ctx: RunContext, state: RunState) -> dict:
     """Iterate ``mode`` from ``state`` until it is done (or --max_seconds); every file of the last iteration is on disk
     when this returns. Returns the run's summary (printed as JSON by the CLI)."""
@@ -246,7 +227,7 @@ def run(mode: Mode, ctx: RunContext, state: RunState) -> dict:
     t0 = time.perf_counter()
     try:
         try:
-            with _prompt_thread_switches():  # until the file thread's last job is done (writer.close())
+            with prompt_thread_switches():  # until the file thread's last job is done (writer.close())
                 try:
                     summary = _iterate_until_done(mode, ctx, share_state(ctx, state), t0)
                 finally:
