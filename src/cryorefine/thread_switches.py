@@ -13,6 +13,8 @@ from collections.abc import Iterator
 # The other way round at the start: Triton's cache key is hashed in a thread (projection/triton_cache_key.py) that
 # waits up to the hand-over time after each file read and hash while the run's thread parses and reads in Python; at
 # 5 ms it had not finished by the first kernel launch, which hashed everything again (0.46 s in an H100's start-up).
+# bench/gil_handover.py: a thread hashing 400 files while the run's thread is busy in Python for 1.5 s finished after
+# 1.51 s at 5 ms and 0.22-0.24 s at 0.2 ms (2-core CPU, bench/results/2026-12-06d-cpu2-gil-handover.md).
 SWITCH_INTERVAL_S = 2e-4
 
 
