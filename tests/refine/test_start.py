@@ -74,3 +74,5 @@ def test_the_particles_star_file_is_read_once(tmp_path, monkeypatch, command):
     more = ["--iter", "1", "--K", "2"] if command == "classify" else ["--max_seconds", "0.01"]
     assert main([command, *small_run_flags(d, tmp_path / "out"), *more]) == 0
     assert reads.count(str(d / "particles_noposes.star")) == 1, reads
+    # the default precision (tf32) as the CPU runs it
+    assert "coarse products in fp32" in (tmp_path / "out" / "run.log").read_text()

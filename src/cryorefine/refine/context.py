@@ -21,13 +21,14 @@ from ..estep.memory import (
     image_cache_bytes,
     park_finished_half,
 )
+from ..estep.precision import for_device
 from ..io.atomic import remove_stale_temporaries
 from ..io.background import BackgroundWriter
 from ..io.image_cache import ImageCache
-from ..io.scratch import copy_to_scratch
 from ..io.mrc import read_map
 from ..io.particles import load_particles
 from ..io.run_lock import RunLock, lock_path
+from ..io.scratch import copy_to_scratch
 from ..io.table import ParticleTable
 from ..parallel.collectives import broadcast_from_main
 from ..parallel.context import Dist
@@ -159,6 +160,7 @@ def open_run(cfg: RefineConfig, dist: Dist | None, volumes: dict, table: Particl
         cfg,
         angpix=table.reference_optics.angpix,
         ctf_phase_flipped=cfg.ctf_phase_flipped or data_phase_flipped(table),
+        precision=for_device(cfg.precision, cfg.device),  # the one the coarse pass uses: tf32 is fp32 on the CPU
     )
     box = table.reference_optics.box
     check_diameter_sign(cfg.particle_diameter)

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from ..errors import DistributedError
-from ..estep.precision import for_device
 from ..estep.sums import WeightedSums
 from ..io.outputs import it_prefix
 from ..parallel.collectives import all_reduce_sum_, broadcast_from_main, broadcast_tensors_, merge_rows_, per_rank
@@ -219,7 +218,7 @@ def run(mode: Mode, ctx: RunContext, state: RunState) -> dict:
     ctx.log.line(
         f"cryorefine {mode.command}: {len(ctx.table)} particles, box {ctx.box}, {cfg.angpix:.3f} Å/px, device "
         f"{ctx.device}, {mode.describe(ctx)}{ranks}, batches of {ctx.batch_size}, coarse products in "
-        f"{for_device(cfg.precision, ctx.device)}"
+        f"{cfg.precision}"
     )
     if d.is_main:  # the one rank that draws reports and writes files: their worker processes start now
         ctx.report.prepare()

@@ -18,7 +18,6 @@ from ..debug_hooks import pause_point
 from ..estep import memory
 from ..estep.images import Window, ctf_and_inverse_noise
 from ..estep.poses import PoseGrid
-from ..estep.precision import for_device
 from ..estep.settings import EStepSettings
 from ..estep.sums import WeightedSums
 from ..fourier.filters import low_pass_filter
@@ -33,11 +32,11 @@ from ..transfer import to_device
 from .accuracy import N_TRIALS, expected_accuracy
 from .context import RunContext
 from .engine import (
-    map_frame_radius,
     EStepPass,
     EStepRuntime,
     ParticlePoses,
     angular_change_deg,
+    map_frame_radius,
     prepare_references,
     run_expectation,
     solvent_masked,
@@ -223,7 +222,7 @@ def estep_settings(ctx: RunContext, state: RunState, direction_log_prior=None) -
         sigma2_offset_angst2=state.stats[0].sigma2_offset_angst2,
         angpix=cfg.angpix,
         direction_log_prior=direction_log_prior,
-        precision=for_device(cfg.precision, ctx.device),
+        precision=cfg.precision,
     )
 
 
