@@ -50,11 +50,19 @@ _SPREAD_STEPS = (  # (shift, mask after it): bit k of a 32-bit value moves to bi
 )
 
 
+_COMPRESS_STEPS = (  # the same steps backwards: bit 2k moves to bit k
+    (1, 0x3333333333333333),
+    (2, 0x0F0F0F0F0F0F0F0F),
+    (4, 0x00FF00FF00FF00FF),
+    (8, 0x0000FFFF0000FFFF),
+    (16, 0x00000000FFFFFFFF),
+)
+
+
 def _compress_bits(v: np.ndarray) -> np.ndarray:
     """Take the even bits of v (bit 2k -> bit k)."""
-    v = np.asarray(v, dtype=np.int64) & _SPREAD_STEPS[-1][1]
-    masks = [m for _, m in _SPREAD_STEPS[-2::-1]] + [0xFFFFFFFF]
-    for (shift, _), mask in zip(_SPREAD_STEPS[::-1], masks):
+    v = np.asarray(v, dtype=np.int64) & 0x5555555555555555
+    for shift, mask in _COMPRESS_STEPS:
         v = (v | (v >> shift)) & mask
     return v
 
