@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -102,7 +103,8 @@ def coarse_scores(
         else:  # the gathered path extracts each distinct rotation's slice once
             uniq, rows = torch.unique(local[0], return_inverse=True)  # (U,), (n, L) rows of the distinct rotations
             rotations = poses.rotations(uniq)
-        scores = fused_local.local_scores if fused else local_scores_gathered
+        # the fused kernel skips each particle's padding (the valid candidates come first)
+        scores = partial(fused_local.local_scores, counts=local[2].sum(1)) if fused else local_scores_gathered
     out = None
     for k, ref in enumerate(refs):
         if local is None:

@@ -41,6 +41,7 @@ if triton is not None:
         vol_ptr,
         rot_ptr,
         idx_ptr,
+        count_ptr,
         kx_ptr,
         ky_ptr,
         a_ptr,
@@ -60,7 +61,8 @@ if triton is not None:
     ):
         i = tl.program_id(0).to(tl.int64)
         ls = tl.program_id(1) * BL + tl.arange(0, BL)
-        lm = ls < L
+        lv = ls < L  # the candidates' slots, written
+        lm = ls < tl.load(count_ptr + i)  # the valid ones, interpolated (the rest are padding: no loads)
         rb = rot_ptr + tl.load(idx_ptr + i * L + ls, mask=lm, other=0) * 9  # rows 0 and 1: the slice plane
         r00 = tl.load(rb + 0, mask=lm, other=0.0)
         r01 = tl.load(rb + 1, mask=lm, other=0.0)
@@ -89,8 +91,8 @@ if triton is not None:
             acc += tl.dot(a_im, tl.trans(pi), input_precision="ieee")
             b = tl.load(b_ptr + i * jc + js, mask=jm, other=0.0)
             third += tl.sum((pr * pr + pi * pi) * b[None, :], axis=1)
-        tl.store(cross_ptr + i * T * L + ts[:, None] * L + ls[None, :], acc, mask=tm[:, None] & lm[None, :])
-        tl.store(third_ptr + i * L + ls, third, mask=lm)
+        tl.store(cross_ptr + i * T * L + ts[:, None] * L + ls[None, :], acc, mask=tm[:, None] & lv[None, :])
+        tl.store(third_ptr + i * L + ls, third, mask=lv)
 
 
 def local_scores(
@@ -102,9 +104,12 @@ def local_scores(
     a: torch.Tensor,
     b: torch.Tensor,
     precision: str = "fp32",
+    counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cross (n, T, L) = a · [Re P | Im P] and third (n, L) = b · |P|² for each particle's candidates (float32 products:
-    ``precision`` is there for the signature shared with expectation's PyTorch path: fp32 or tf32).
+    ``precision`` is there for the signature shared with expectation's PyTorch path: fp32 or tf32). ``counts`` (n,):
+    each particle's valid candidates, the first of its row (PoseGrid.local_candidates pads the rest); the padding's
+    scores are 0, not computed (None: all L are valid).
 
     transform: extract.PaddedTransform (its f_padded (P, P, P//2+1) complex64); rotations (U, 3, 3); idx (n, L) rows of
     ``rotations``; pixels (kx, ky) (jc,); a (n, T, 2jc) the particles' weighted translated images [Re | Im];
@@ -127,6 +132,7 @@ def local_scores(
         idx.contiguous(),
         b.contiguous(),
     )
+    counts = torch.full((n,), L, device=a.device) if counts is None else counts.to(a.device, torch.int64).contiguous()
     for t0 in range(0, T, MAX_TRANSLATIONS):  # a program's (translations × candidates) block stays in registers
         t1 = min(T, t0 + MAX_TRANSLATIONS)
         part = cross if (t0, t1) == (0, T) else torch.empty(n, t1 - t0, L, dtype=torch.float32, device=a.device)
@@ -134,6 +140,7 @@ def local_scores(
             vol,
             rot,
             idx,
+            counts,
             kx32,
             ky32,
             a[:, t0:t1].contiguous(),
