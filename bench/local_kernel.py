@@ -1,7 +1,8 @@
-"""The fused local-search coarse kernel (estep/fused_local.py) on its own, on a GPU: time, interpolations/s and counted
-TFLOP/s per block shape (candidates × pixels per step, warps for up to 16 translations: fused_local.BLOCK_L, BLOCK_J,
-NUM_WARPS), on the shapes of a box-256 local search (issue 23: the TRPV1-like set's local iterations spent most of
-getAllSquaredDifferences here, at 0.55-0.67 TFLOP/s, before the blocks were chosen with this script).
+"""The fused local-search coarse kernel (estep/fused_local.py) on its own, on a GPU: time, interpolations/s and
+counted TFLOP/s per block shape (candidates × pixels per step, warps: fused_local.BLOCKS_FEW_TRANSLATIONS and
+BLOCKS_MANY_TRANSLATIONS, both set to each shape in turn), on the shapes of a box-256 local search (issue 23: the
+TRPV1-like set's local iterations spent most of getAllSquaredDifferences here, at 0.55-0.67 TFLOP/s, before the blocks
+were chosen with this script).
 
 Random map (box 256, pad 2, the grid windowed to the radius as the E-step stores it), n particles each with L
 candidate rotations within a few degrees of its own, T translations, the pixels of the half plane inside the radius.
@@ -16,7 +17,8 @@ E-step window's order (by shell, raster within one), or ``raster``. ``--counts``
 to the kernel (its padding not interpolated), else every slot is scored.
 
 usage (device): python bench/local_kernel.py OUT.json [--n 1024] [--box 256] [--radius 80] [--TL 9x192,21x128]
-                  [--sweep 'BLOCK_L;BLOCK_J;WARPS'] [--candidates random|local:ORDER] [--pixels shell|raster] [--counts]
+                  [--sweep 'CANDIDATES;PIXELS;WARPS'] [--candidates random|local:ORDER] [--pixels shell|raster]
+                  [--counts]
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def main() -> None:
     ap.add_argument("--radius", type=int, default=80)
     ap.add_argument("--TL", default="9x192,21x128")
     ap.add_argument("--check", type=int, default=8, help="particles checked against the float64 reference")
-    ap.add_argument("--sweep", default="16,32,64;32,64;2,4,8", help="BLOCK_L;BLOCK_J;NUM_WARPS lists")
+    ap.add_argument("--sweep", default="16,32,64;32,64;2,4,8", help="candidates;pixels;warps lists")
     ap.add_argument("--candidates", default="random", help="random, or local:ORDER (a local search's)")
     ap.add_argument("--pixels", default="raster", choices=["raster", "shell"])
     ap.add_argument("--counts", action="store_true", help="pass the valid candidates per particle")
@@ -100,9 +102,9 @@ def main() -> None:
         if counts is not None:  # the padding scores 0 in the kernel
             pad_ = torch.arange(L, device=dev)[None, :] >= counts[check, None]
             ref_out = (ref_out[0].masked_fill(pad_[:, None, :], 0.0), ref_out[1].masked_fill(pad_, 0.0))
-        defaults = (fused_local.BLOCK_L, fused_local.BLOCK_J, fused_local.NUM_WARPS)
+        defaults = (fused_local.BLOCKS_FEW_TRANSLATIONS, fused_local.BLOCKS_MANY_TRANSLATIONS)
         for bl, bj, nw in itertools.product(*(tuple(int(v) for v in x.split(",")) for x in args.sweep.split(";"))):
-            fused_local.BLOCK_L, fused_local.BLOCK_J, fused_local.NUM_WARPS = bl, bj, nw
+            fused_local.BLOCKS_FEW_TRANSLATIONS = fused_local.BLOCKS_MANY_TRANSLATIONS = (bl, bj, nw)
             try:
                 out = fused_local.local_scores(ref, R, idx, ky, kx, a, b, counts=counts)
                 t = cuda_ms(lambda: fused_local.local_scores(ref, R, idx, ky, kx, a, b, counts=counts), 5) / 1e3
@@ -110,7 +112,7 @@ def main() -> None:
                 print(f"T={T} L={L} blocks {bl}x{bj} warps {nw}: failed: {exc!s:.200}")
                 continue
             finally:
-                fused_local.BLOCK_L, fused_local.BLOCK_J, fused_local.NUM_WARPS = defaults
+                fused_local.BLOCKS_FEW_TRANSLATIONS, fused_local.BLOCKS_MANY_TRANSLATIONS = defaults
             err = [float((o[check].double() - r).abs().max() / r.abs().max()) for o, r in zip(out, ref_out)]
             flops = n * (2.0 * T * 2 * jc * L + 2.0 * jc * L)
             row = {

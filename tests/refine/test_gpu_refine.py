@@ -114,4 +114,7 @@ def test_a_parked_half_gives_the_maps_of_one_kept_on_the_gpu(tmp_path, monkeypat
     assert seen and all(devices == ["cpu", "cuda"] for devices in seen), seen
     for name in ("run_half1_class001_unfil.mrc", "run_half2_class001_unfil.mrc", "run_class001.mrc"):
         kept, parked = read_map(tmp_path / "kept" / name)[0], read_map(tmp_path / "parked" / name)[0]
-        assert _corr(kept, parked) > 0.999, name
+        # as the GPU and CPU runs above: the insertion's atomic additions sum in another order each run, and over three
+        # iterations of 80 particles a pose that flips moves a map by ~1 % (0.9978 seen on an H100 under TF32); a
+        # half set's sums lost or doubled in parking would not come near this
+        assert _corr(kept, parked) > 0.99, name

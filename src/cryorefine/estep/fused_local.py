@@ -21,9 +21,12 @@ try:  # CUDA builds of PyTorch ship Triton; CPU builds need neither
 except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
-# a program's candidates × pixels per step, and warps for up to 16 translations (twice as many above): the fastest of
-# 36 shapes on an H200 (bench/local_kernel.py; 2.6× the earlier 32 × 64) with 9 translations and 192 candidates
-BLOCK_L, BLOCK_J, NUM_WARPS = 16, 32, 4
+# a program's (candidates, pixels per step, warps) for up to 16 translations, and for more: the fastest of the block
+# shapes tried (bench/local_kernel.py). Up to 16: an order-7 local search's ~22 candidates per particle, T = 9, box 256
+# at 115 px, H100 (2026-12-06, bench/local_kernel_sweeps.sh): 32 × 16 × 2 warps in 31.4 ms against 35.8 ms for the
+# 16 × 32 × 4 chosen before on 192 random candidates; more: T = 21, 128 candidates, H200 (2026-12-05), 16 × 32 × 8
+BLOCKS_FEW_TRANSLATIONS = (32, 16, 2)
+BLOCKS_MANY_TRANSLATIONS = (16, 32, 8)
 MAX_TRANSLATIONS = 64  # translations per launch
 
 
@@ -136,7 +139,8 @@ def local_scores(
     for t0 in range(0, T, MAX_TRANSLATIONS):  # a program's (translations × candidates) block stays in registers
         t1 = min(T, t0 + MAX_TRANSLATIONS)
         part = cross if (t0, t1) == (0, T) else torch.empty(n, t1 - t0, L, dtype=torch.float32, device=a.device)
-        _local_scores[(n, triton.cdiv(L, BLOCK_L))](
+        bl, bj, warps = BLOCKS_FEW_TRANSLATIONS if t1 - t0 <= 16 else BLOCKS_MANY_TRANSLATIONS
+        _local_scores[(n, triton.cdiv(L, bl))](
             vol,
             rot,
             idx,
@@ -155,9 +159,9 @@ def local_scores(
             size // 2,
             float(pad),
             BT=max(16, triton.next_power_of_2(t1 - t0)),
-            BL=BLOCK_L,
-            BJ=BLOCK_J,
-            num_warps=NUM_WARPS if t1 - t0 <= 16 else 2 * NUM_WARPS,
+            BL=bl,
+            BJ=bj,
+            num_warps=warps,
             num_stages=1,
         )  # no pipelined copies: they overran shared memory
         if part is not cross:
