@@ -40,3 +40,15 @@ def test_fine_rotations_match_the_oversampled_eulers(order, sym, perturbation):
     # control: children taken in another order (psi-major) would not match
     swapped = got.reshape(300, 4, 2, 3, 3).transpose(1, 2).reshape(300, 8, 3, 3)
     assert (swapped - expect).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("order, sym, perturbation", [(2, "C1", 0.0), (3, "C1", 0.41), (5, "D2", -0.21)])
+def test_best_eulers_are_those_of_the_chosen_child(order, sym, perturbation):
+    """A batch's best samples (coarse id, child): each the child's Euler angles among all 8 children's."""
+    grid = PoseGrid.build(make_sampling(order, sym, perturbation), 3.0, 1.5)
+    rng = np.random.default_rng(1)
+    coarse, child = rng.integers(0, grid.n_rotations, 300), rng.integers(0, 8, 300)
+    best = grid.best_eulers_deg(np.stack([coarse, child], 1))
+    every = grid.fine_eulers_deg(coarse)  # (300, 8, 3)
+    np.testing.assert_array_equal(best, every[np.arange(300), child])
+    assert np.abs(best - every[np.arange(300), (child + 1) % 8]).max() > 1e-3  # the children differ

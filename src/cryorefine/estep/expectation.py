@@ -213,6 +213,6 @@ def _expectation_tile(
                 )
                 del pg, p2  # the chunk's (compacted) projections only: the sums' temporaries take their place
                 W8 = chunk.gamma.shape[2]  # the slots with weight
-                stage.add_flops("store", 8.0 * m * T4 * W8 * J)  # the four (m, 8L|T4, T4|8L) x (m, ., J) products
+                stage.add_flops("store", 8.0 * m * T4 * W8 * J)  # the four (m, W8|T4, T4|W8) x (m, ., J) products
                 results.residual[rows] = store_weighted_sums(batch, window, chunk, slots, tile, settings, poses)
     return results.batch_poses(nsig), tile

@@ -160,16 +160,19 @@ class PoseGrid:
         key = ("perturbation", a.device, a.dtype)
         return a @ self._once(key, lambda: to_device(euler_to_matrix(step, step, step), a.device, a.dtype))
 
-    def fine_eulers_deg(self, coarse_ids: np.ndarray) -> np.ndarray:
-        """(m, 8, 3) Euler angles (degrees) of the fine children of coarse rotation ids (m,)."""
+    def fine_eulers_deg(self, coarse_ids: np.ndarray, child: np.ndarray | None = None) -> np.ndarray:
+        """(m, 8, 3) Euler angles (degrees) of the fine children of coarse rotation ids (m,); with ``child`` (m,), only
+        that child of each: (m, 3)."""
         s = self.sampling
         d, p = coarse_ids // s.n_psi, coarse_ids % s.n_psi
-        return oversampled_eulers(s.order, s.ipix[d], s.psi_deg[p], random_perturbation=s.random_perturbation)
+        return oversampled_eulers(
+            s.order, s.ipix[d], s.psi_deg[p], random_perturbation=s.random_perturbation, child=child
+        )
 
     def best_eulers_deg(self, fine_pose: np.ndarray) -> np.ndarray:
         """(n, 3) Euler angles (degrees) of fine samples given as (coarse rotation id, child) rows (n, 2)."""
         coarse, child = np.asarray(fine_pose, dtype=np.int64).T
-        return self.fine_eulers_deg(coarse)[np.arange(len(coarse)), child]
+        return self.fine_eulers_deg(coarse, child)
 
     def fine_rotations(self, coarse_ids: torch.Tensor) -> torch.Tensor:
         """(m, 8, 3, 3) rotation matrices of the fine children of coarse ids (m,): the rotations of fine_eulers_deg,
