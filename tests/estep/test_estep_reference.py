@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 import torch
 
-from cryorefine.estep import expectation, store
 from cryorefine.estep.expectation import expectation_batch
 from cryorefine.estep.settings import EStepSettings
 from cryorefine.estep.images import Window, prepare_batch
@@ -370,35 +369,14 @@ def _negative_control(d, grid, local, prod, label):
 # ----------------------------------------------------------------------------- tests
 
 
-@pytest.fixture(params=["all slots", "slots with weight"])
-def compaction(request, monkeypatch):
-    """The store over every fine slot, or compacted to the slots with weight wherever any lack it (store.py's
-    slots_with_weight, forced either way); yields the widths (before, after) of each compaction."""
-    widths: list[tuple[int, int]] = []
-    compact = store.slots_with_weight
-
-    def spy(chunk):
-        out = compact(chunk)
-        widths.append((chunk.gamma.shape[2], out.gamma.shape[2]))
-        return out
-
-    monkeypatch.setattr(store, "COMPACT_BELOW", 1.0 if request.param == "slots with weight" else -1.0)
-    monkeypatch.setattr(expectation, "slots_with_weight", spy)
-    yield request.param, widths
-    if request.param == "slots with weight":
-        assert any(after < before for before, after in widths), f"no slots were left out: {widths}"
-    else:
-        assert all(after == before for before, after in widths)
-
-
-def test_global_search_matches_reference(data, compaction):
+def test_global_search_matches_reference(data):
     sampling = make_sampling(1, "C1", random_perturbation=0.13)
     grid = PoseGrid.build(sampling, offset_range_px=1.5, offset_step_px=1.0)
     prod = _compare(data, grid, None, "global")
     _negative_control(data, grid, None, prod, "global")
 
 
-def test_local_search_matches_reference(data, compaction):
+def test_local_search_matches_reference(data):
     sampling = make_sampling(2, "C1", random_perturbation=-0.21)
     grid = PoseGrid.build(sampling, offset_range_px=1.5, offset_step_px=1.0)
     rng = np.random.default_rng(7)

@@ -35,7 +35,7 @@ from .poses import N_ROT_CHILDREN, N_TRANS_CHILDREN, PoseGrid
 from .settings import BatchPoses, EStepSettings
 from .slots import fine_slots, slot_groups
 from .stages import NO_STAGES, Stages
-from .store import FineChunk, add_power_beyond_window, slots_with_weight, store_weighted_sums
+from .store import FineChunk, add_power_beyond_window, store_weighted_sums
 from .sums import TileSums, WeightedSums
 from .weights import coarse_significant, convert_fine_to_weights, negligible_dropped
 
@@ -208,11 +208,9 @@ def _expectation_tile(
         if tile is not None:
             with stage("storeWeightedSums"):
                 gam = fw.gamma if cc else negligible_dropped(fw.gamma, settings.adaptive_fraction)
-                chunk = slots_with_weight(
-                    FineChunk(rows, rows8, fine.offsets_px[rows], fine.grid_px, moved, gam.reshape(m, T4, L8), pg, p2)
+                chunk = FineChunk(
+                    rows, rows8, fine.offsets_px[rows], fine.grid_px, moved, gam.reshape(m, T4, L8), pg, p2
                 )
-                del pg, p2  # the chunk's (compacted) projections only: the sums' temporaries take their place
-                W8 = chunk.gamma.shape[2]  # the slots with weight
-                stage.add_flops("store", 8.0 * m * T4 * W8 * J)  # the four (m, W8|T4, T4|W8) x (m, ., J) products
+                stage.add_flops("store", 8.0 * m * T4 * L8 * J)  # the four (m, 8L|T4, T4|8L) x (m, ., J) products
                 results.residual[rows] = store_weighted_sums(batch, window, chunk, slots, tile, settings, poses)
     return results.batch_poses(nsig), tile

@@ -3,7 +3,7 @@ direction statistics), and the power beyond the window."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -27,31 +27,6 @@ class FineChunk:
     gamma: torch.Tensor  # (m, T4, 8L) posterior of each fine sample
     proj: torch.Tensor  # (m, 8L, J) projections of the slots' fine rotations
     proj_power: torch.Tensor  # (m, 8L, J) their |P|²
-
-
-COMPACT_BELOW = 0.75  # slots are compacted to those with weight where these are fewer than this share of them
-
-
-def slots_with_weight(chunk: FineChunk) -> FineChunk:
-    """``chunk`` over only the slots that carry posterior weight, each particle's first and padded to the most any
-    has (zero weight). weights.negligible_dropped leaves most fine rotations of a local search without weight; the
-    per-rotation sums, their insertion and the projections' products then skip them. The same sums up to the order of
-    float additions. One wait for the device (the width); where most slots have weight, the chunk as it is."""
-    live = chunk.gamma.sum(1) > 0  # (m, 8L)
-    S = live.shape[1]
-    W = int(live.sum(1).max()) if live.numel() else 0
-    if W > COMPACT_BELOW * S:
-        return chunk
-    keep = torch.argsort(live.to(torch.uint8), dim=1, descending=True, stable=True)[:, :W]  # (m, W)
-    m, T4 = chunk.gamma.shape[:2]
-    J = chunk.proj.shape[2]
-    return replace(
-        chunk,
-        rows8=chunk.rows8.gather(1, keep),
-        gamma=chunk.gamma.gather(2, keep[:, None, :].expand(m, T4, W)),
-        proj=chunk.proj.gather(1, keep[:, :, None].expand(m, W, J)),
-        proj_power=chunk.proj_power.gather(1, keep[:, :, None].expand(m, W, J)),
-    )
 
 
 def real_bmm(a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
