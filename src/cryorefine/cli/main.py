@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import NoReturn
 
 from ..errors import CryoInputError, DistributedError, Terminated
+from ..gc_pauses import imports_without_collections
 
 SUBCOMMANDS = {
     "demo": "Simulate a small set from the packaged 6msm model, refine it and report resolution and pose error",
@@ -115,9 +116,13 @@ def _huge_pages_for_large_tensors() -> None:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
-def main(argv=None) -> int:
+def main(argv=None, frozen_imports: bool = False) -> int:
+    """Run the command line ``argv`` (default sys.argv); returns the exit code. ``frozen_imports``: the subcommands'
+    imports without the garbage collector's pauses, their objects frozen (gc_pauses.py; the `cryorefine` program)."""
     _huge_pages_for_large_tensors()
-    parser = build_parser()
+    # the program's own process only: an in-process caller's garbage (tests: earlier runs' tensors) is not frozen
+    with imports_without_collections() if frozen_imports else contextlib.nullcontext():
+        parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "_main"):
         parser.print_help()
@@ -164,7 +169,7 @@ def console() -> NoReturn:
     process ends at once with its code. By then main() has closed every file, thread and worker process of ours; what
     the interpreter would still do is free torch's (and CUDA's) state module by module: 0.8 s on a 2-core CPU, for
     nothing. Not for callers of main() in-process (tests, scripts), whose interpreter goes on."""
-    rc = main()
+    rc = main(frozen_imports=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)
