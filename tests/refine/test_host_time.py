@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from cryorefine.cli.main import main
 from cryorefine.io.background import BackgroundWriter
@@ -96,3 +97,24 @@ def test_threads_hand_over_promptly_while_a_run_writes(tmp_path, monkeypatch):
     finally:
         sys.setswitchinterval(before)
     assert len(seen) == 3 and all(s == pytest.approx(SWITCH_INTERVAL_S) for s in seen), seen
+
+
+def test_the_allocator_events_are_those_of_the_iteration(device):
+    """A block larger than any the allocator holds makes it call cudaMalloc once; the same size again comes from its
+    cache, and nothing is told. On the CPU there is no allocator to ask."""
+    from cryorefine.refine.timing import StageTimer
+
+    timer = StageTimer(device)
+    timer.reset_allocator()
+    if device.type == "cpu":
+        assert timer.reset_allocator() == {}
+        return
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    timer.reset_allocator()
+    big = torch.empty(torch.cuda.memory_reserved(device) + 2**30, dtype=torch.uint8, device=device)
+    assert timer.reset_allocator().get("cudaMalloc", 0) >= 1
+    del big
+    again = torch.empty(2**30, dtype=torch.uint8, device=device)
+    assert "cudaMalloc" not in timer.reset_allocator()
+    del again

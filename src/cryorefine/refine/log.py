@@ -27,6 +27,8 @@ class RunLog:
         stages = " ".join(f"{k}={v:.1f}s" for k, v in r["stages"].items())
         host = ", ".join(f"{k} {v:.1f}s" for k, v in (r.get("host_s") or {}).items())
         stages += f"; host: {host}" if host else ""
+        if r.get("allocator"):  # the GPU idles while the caching allocator calls the driver
+            stages += "; GPU allocator: " + ", ".join(f"{k} {v}" for k, v in r["allocator"].items())
         if r.get("startup_s") is not None:  # this process's start to its first E-step batch
             stages += f"; first batch {r['startup_s']:.1f}s after the process started"
         mode = "local" if r["local"] else "global"

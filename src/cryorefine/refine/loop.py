@@ -141,6 +141,7 @@ def iterate(mode: Mode, ctx: RunContext, state: RunState, clock: float) -> tuple
             "stages": ctx.timer.reset(),
             "counters": ctx.timer.reset_counters(),
             "host_s": ctx.timer.reset_host(),
+            "allocator": ctx.timer.reset_allocator(),
             **({} if startup is None else {"startup_s": startup}),
         }
         new = replace(new, history=new.history + (record,))
@@ -148,6 +149,7 @@ def iterate(mode: Mode, ctx: RunContext, state: RunState, clock: float) -> tuple
         ctx.timer.reset()
         ctx.timer.reset_counters()
         ctx.timer.reset_host()
+        ctx.timer.reset_allocator()
     return share_state(ctx, new), info
 
 

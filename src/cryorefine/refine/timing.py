@@ -23,6 +23,9 @@ from ..debug_hooks import profile_request
 from .device_idle import HostOp, NamedRange, idle_report
 
 
+ALLOCATOR_EVENTS = {"cudaMalloc": "num_device_alloc", "cudaFree": "num_device_free", "retries": "num_alloc_retries"}
+
+
 class StageTimer:
     """On a GPU a stage is timed by CUDA events on the current stream, read at the end of the iteration: timing does
     not synchronise the device, so the host can queue the next kernels while the GPU works (a stage's time is the
@@ -31,6 +34,8 @@ class StageTimer:
     def __init__(self, device=None):
         self._seconds = defaultdict(float)
         self.cuda = device is not None and torch.device(device).type == "cuda"
+        self.device = torch.device(device) if self.cuda else None
+        self._allocator_before: dict[str, int] = {}
         self._sub_seconds = defaultdict(float)
         self._host_seconds: defaultdict[str, float] = defaultdict(float)
         self._events: list[tuple[dict, str, torch.cuda.Event, torch.cuda.Event]] = []
@@ -125,6 +130,18 @@ class StageTimer:
         out = dict(self.seconds)
         self._seconds.clear()
         return out
+
+    def reset_allocator(self) -> dict:
+        """{event: count} of the CUDA caching allocator since the last call, those that happened: cudaMalloc and
+        cudaFree calls, and retries (an allocation that failed, released the cache, synchronising the device, and
+        tried again). Each costs milliseconds of host time with the GPU idle; {} on the CPU."""
+        if not self.cuda:
+            return {}
+        stats = torch.cuda.memory_stats(self.device)
+        now = {name: int(stats.get(key, 0)) for name, key in ALLOCATOR_EVENTS.items()}
+        out = {name: n - self._allocator_before.get(name, 0) for name, n in now.items()}
+        self._allocator_before = now
+        return {name: n for name, n in out.items() if n}
 
     def reset_counters(self) -> dict:
         """{name: {'seconds', 'flops', 'shapes': {key: calls}, 'bytes'}} since the last call, then cleared."""
