@@ -393,9 +393,12 @@ def run_job(args, config_cls, run_mode) -> None:
         table = validate_refine_inputs(args)  # user mistakes stop here, before the engine is imported or run
         cfg = config_from_args(args, config_cls)
         if cfg.device.startswith("cuda"):
+            from .. import cuda_libraries
             from ..projection import triton_cache_key
 
             triton_cache_key.start()
+            if table is not None:  # (a --continue reads its table later)
+                cuda_libraries.start(cfg.device, table.reference_optics.box)
         with sigterm_raises(), distributed(cfg.device, args.dist_timeout) as dist:
             summary = run_mode(cfg, dist, table)  # holds the output lock (refine/context.output_lock) while it runs
             if dist.is_main:
