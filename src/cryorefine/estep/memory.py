@@ -308,8 +308,9 @@ def use_expandable_segments(device) -> bool:
     """On a GPU, the CUDA caching allocator's expandable segments, unless the environment configures the allocator:
     True where they were turned on. A run's tiles change shape with every window and sampling; with fixed segments a
     larger tile found no cached block, so the allocator released its cache (synchronising) and called cudaMalloc
-    again (H100, TRPV1-like 5k: up to 130 cudaMalloc and 126 cudaFree in one iteration, M-steps of 0.4-0.6 s instead
-    of 0.1-0.2 s). Expandable segments grow one mapping instead (bench/results/2026-12-06f-allocator-ab.md)."""
+    again (H100, TRPV1-like 5k: up to 130 cudaMalloc, 126 cudaFree and 5 retries in one iteration). Expandable
+    segments grow one mapping instead: no cudaFree or retry in any run, 0.4 s of betagal-like's 11.7 s of iterations
+    (bench/results/2026-12-06f-allocator-ab.md)."""
     if _cuda_index(device) is None or any(os.environ.get(name) for name in ALLOCATOR_ENVIRONMENT):
         return False
     # PyTorch's runtime setter (the environment variable is read once, when CUDA starts); renamed in 2.13
