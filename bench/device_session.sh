@@ -7,6 +7,8 @@
 # ran; MODE torch by default, or python, waits).
 # Then bench/startup_phases.py on the first set (a fresh process's phases and the profile of its start-up; STARTUP=0
 # skips it). GPU_TESTS=0 skips the tests. Budgets: trpv1 130 s, betagal 80 s (reserve 25 s), others 480 s.
+# REPEAT=2 runs each set twice, clean starts: a machine's first run of a set pays a once-per-machine cost at its new
+# windows' M-steps (bench/results/2026-12-06f-device-runs.md); the first run's files go to SET-first/.
 # MSTEP_BEFORE=DIR (a src/ folder of an earlier tree, carried: e.g. `git archive REV src | tar -x -C .before`) first
 # times the M-step's reconstruct() at TRPV1's size (bench/mstep_timing.py: box 256, window 80 and whole) with that
 # src/ and this one, alternating, twice each (MSTEP_ARGS, default "--box 256 --window 80 --devices cuda").
@@ -41,11 +43,17 @@ for s in $sets; do
     betagal) args="80 --reserve 25" ;;
     *) args="480" ;;
   esac
-  # shellcheck disable=SC2086
-  bash bench/paper_bench.sh run "$s" $args --cpu_n 0 > "$work/$s-call-out.log" 2>&1
-  say "$s: $(grep -E 'call took' "$work/$s-call-out.log" | tail -1)"
-  md=$(ls "$work"/*-"$s".md 2>/dev/null | head -1)
-  [ -n "$md" ] && grep -E "^\| (wall time|iterations|gold-standard|GPU busy)" "$md" | tee -a "$summary"
+  for rep in $(seq 1 "${REPEAT:-1}"); do
+    if [ "$rep" -gt 1 ]; then  # a clean start again: the run and the list of calls its report adds up
+      rm -rf "${BENCH_WORKDIR:-/tmp/cryobench}/$s/run" "${BENCH_WORKDIR:-/tmp/cryobench}/$s/calls.json"
+      mkdir -p "$work/$s-first" && mv "$work"/*-"$s"[.-]* "$work/$s-call-out.log" "$work/$s-first/" 2>/dev/null
+    fi
+    # shellcheck disable=SC2086
+    bash bench/paper_bench.sh run "$s" $args --cpu_n 0 > "$work/$s-call-out.log" 2>&1
+    say "$s (run $rep): $(grep -E 'call took' "$work/$s-call-out.log" | tail -1)"
+    md=$(ls "$work"/*-"$s".md 2>/dev/null | head -1)
+    [ -n "$md" ] && grep -E "^\| (wall time|iterations|gold-standard|GPU busy)" "$md" | tee -a "$summary"
+  done
 done
 first=${sets%% *}
 if [ -n "$first" ] && [ "${STARTUP:-1}" != 0 ]; then  # a fresh process's start-up on the first set's data, profiled
