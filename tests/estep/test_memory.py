@@ -794,3 +794,19 @@ def test_expandable_segments_unless_the_environment_sets_the_allocator(device, m
     ]
     assert segments and segments[0].get("is_expandable"), segments[:1]
     del block
+
+
+def test_an_allocator_without_expandable_segments_is_left_as_it_is(monkeypatch):
+    """A setter that refuses (an allocator with no such setting) leaves the run going with its allocator."""
+    for name in memory.ALLOCATOR_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(memory, "_cuda_index", lambda device: torch.device("cuda", 0))
+    calls = []
+
+    def refusing(setting):
+        calls.append(setting)
+        raise RuntimeError("not supported")
+
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", refusing, raising=False)
+    assert not memory.use_expandable_segments("cuda")
+    assert calls == ["expandable_segments:True"]

@@ -319,7 +319,10 @@ def use_expandable_segments(device) -> bool:
         setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
     if setter is None:
         return False
-    setter("expandable_segments:True")
+    try:
+        setter("expandable_segments:True")
+    except RuntimeError:  # an allocator that has no such setting (a pluggable one): left as it is
+        return False
     return True
 
 
