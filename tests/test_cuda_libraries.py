@@ -15,3 +15,38 @@ def test_the_thread_leaves_cufft_plans_for_the_runs_box(device):
     assert not thread.is_alive()
     if device.type == "cuda":
         assert torch.backends.cuda.cufft_plan_cache.size >= 2  # the 2D pair at least
+
+
+def test_expandable_segments_unless_the_environment_sets_the_allocator(device, monkeypatch):
+    """On a GPU a run turns on the allocator's expandable segments, and a new block lies in an expandable segment;
+    a user's PYTORCH_CUDA_ALLOC_CONF is left to rule. On the CPU there is no allocator to set."""
+    for name in cuda_libraries.ALLOCATOR_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
+    assert not cuda_libraries.use_expandable_segments(device)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    if device.type == "cpu":
+        assert not cuda_libraries.use_expandable_segments(device)
+        return
+    assert cuda_libraries.use_expandable_segments(device)
+    block = torch.empty(torch.cuda.memory_reserved(device) + (64 << 20), dtype=torch.uint8, device=device)
+    segments = [
+        s for s in torch.cuda.memory_snapshot() if s["address"] <= block.data_ptr() < s["address"] + s["total_size"]
+    ]
+    assert segments and segments[0].get("is_expandable"), segments[:1]
+    del block
+
+
+def test_an_allocator_without_expandable_segments_is_left_as_it_is(monkeypatch):
+    """A setter that refuses (an allocator with no such setting) leaves the run going with its allocator."""
+    for name in cuda_libraries.ALLOCATOR_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    calls = []
+
+    def refusing(setting):
+        calls.append(setting)
+        raise RuntimeError("not supported")
+
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", refusing, raising=False)
+    assert not cuda_libraries.use_expandable_segments("cuda")
+    assert calls == ["expandable_segments:True"]

@@ -1,11 +1,39 @@
-"""The GPU's libraries started beside a run's start-up instead of at their first use in it."""
+"""The GPU's set-up for a run: its allocator's setting, and its libraries started beside the run's start-up instead of
+at their first use in it."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 
 import torch
+
+ALLOCATOR_ENVIRONMENT = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")  # the user's allocator settings win
+
+
+def use_expandable_segments(device) -> bool:
+    """On a GPU, the CUDA caching allocator's expandable segments, unless the environment configures the allocator:
+    True where they were turned on. Called before the run's first allocation (CUDA need not have started: PyTorch
+    keeps the setting for its allocator), so that the libraries' thread allocates in them too. A run's tiles change
+    shape with every window and sampling; with fixed segments a larger tile found no cached block, so the allocator
+    released its cache (synchronising) and called cudaMalloc again (H100, TRPV1-like 5k: up to 130 cudaMalloc, 126
+    cudaFree and 5 retries in one iteration). Expandable segments grow one mapping instead: no cudaFree or retry in
+    any run, 0.4 s of betagal-like's 11.7 s of iterations (bench/results/2026-12-06f-allocator-ab.md)."""
+    if torch.device(device).type != "cuda" or any(os.environ.get(name) for name in ALLOCATOR_ENVIRONMENT):
+        return False
+    # PyTorch's runtime setter (the environment variable is read once, when CUDA starts); renamed in 2.13
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if setter is None:
+        setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    if setter is None:
+        return False
+    try:
+        setter("expandable_segments:True")
+    except RuntimeError:  # an allocator that has no such setting (a pluggable one): left as it is
+        return False
+    return True
+
 
 MAX_VOLUME_BOX = 256  # a larger box's float64 volume and transforms (~0.4 GiB at 256) are not worth holding early
 

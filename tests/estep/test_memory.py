@@ -774,39 +774,3 @@ def test_classification_keeps_its_references_on_the_host_where_k_of_each_would_n
     assert (
         steps.references_on_host_note(SimpleNamespace(device=torch.device("cpu"), box=360, cfg=ctx.cfg), whole, 6) == ""
     )
-
-
-def test_expandable_segments_unless_the_environment_sets_the_allocator(device, monkeypatch):
-    """On a GPU a run turns on the allocator's expandable segments, and a new block lies in an expandable segment;
-    a user's PYTORCH_CUDA_ALLOC_CONF is left to rule. On the CPU there is no allocator to set."""
-    for name in memory.ALLOCATOR_ENVIRONMENT:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
-    assert not memory.use_expandable_segments(device)
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
-    if device.type == "cpu":
-        assert not memory.use_expandable_segments(device)
-        return
-    assert memory.use_expandable_segments(device)
-    block = torch.empty(torch.cuda.memory_reserved(device) + (64 << 20), dtype=torch.uint8, device=device)
-    segments = [
-        s for s in torch.cuda.memory_snapshot() if s["address"] <= block.data_ptr() < s["address"] + s["total_size"]
-    ]
-    assert segments and segments[0].get("is_expandable"), segments[:1]
-    del block
-
-
-def test_an_allocator_without_expandable_segments_is_left_as_it_is(monkeypatch):
-    """A setter that refuses (an allocator with no such setting) leaves the run going with its allocator."""
-    for name in memory.ALLOCATOR_ENVIRONMENT:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(memory, "_cuda_index", lambda device: torch.device("cuda", 0))
-    calls = []
-
-    def refusing(setting):
-        calls.append(setting)
-        raise RuntimeError("not supported")
-
-    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", refusing, raising=False)
-    assert not memory.use_expandable_segments("cuda")
-    assert calls == ["expandable_segments:True"]

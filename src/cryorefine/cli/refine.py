@@ -396,6 +396,7 @@ def run_job(args, config_cls, run_mode) -> None:
             from .. import cuda_libraries
             from ..projection import triton_cache_key
 
+            cuda_libraries.use_expandable_segments(cfg.device)  # before any allocation, the threads' included
             triton_cache_key.start()
             if table is not None:  # (a --continue reads its table later)
                 cuda_libraries.start(cfg.device, table.reference_optics.box)

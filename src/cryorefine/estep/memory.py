@@ -16,7 +16,6 @@ T4 fine translations (4 per coarse one). P = pad·box; the volumes are stored on
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -299,31 +298,6 @@ def _cuda_index(device) -> torch.device | None:
     if device.index is None:  # plain "cuda": the current device (the per-process cap needs an index)
         device = torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-ALLOCATOR_ENVIRONMENT = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")  # the user's allocator settings win
-
-
-def use_expandable_segments(device) -> bool:
-    """On a GPU, the CUDA caching allocator's expandable segments, unless the environment configures the allocator:
-    True where they were turned on. A run's tiles change shape with every window and sampling; with fixed segments a
-    larger tile found no cached block, so the allocator released its cache (synchronising) and called cudaMalloc
-    again (H100, TRPV1-like 5k: up to 130 cudaMalloc, 126 cudaFree and 5 retries in one iteration). Expandable
-    segments grow one mapping instead: no cudaFree or retry in any run, 0.4 s of betagal-like's 11.7 s of iterations
-    (bench/results/2026-12-06f-allocator-ab.md)."""
-    if _cuda_index(device) is None or any(os.environ.get(name) for name in ALLOCATOR_ENVIRONMENT):
-        return False
-    # PyTorch's runtime setter (the environment variable is read once, when CUDA starts); renamed in 2.13
-    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
-    if setter is None:
-        setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
-    if setter is None:
-        return False
-    try:
-        setter("expandable_segments:True")
-    except RuntimeError:  # an allocator that has no such setting (a pluggable one): left as it is
-        return False
-    return True
 
 
 def available_bytes(device) -> int | None:

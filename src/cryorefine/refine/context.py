@@ -20,7 +20,6 @@ from ..estep.memory import (
     estep_volumes_total,
     image_cache_bytes,
     park_finished_half,
-    use_expandable_segments,
 )
 from ..estep.precision import for_device
 from ..io.atomic import remove_stale_temporaries
@@ -172,7 +171,6 @@ def open_run(cfg: RefineConfig, dist: Dist | None, volumes: dict, table: Particl
         check_reference(cfg.solvent_mask, box, cfg.angpix, what="solvent mask")
         solvent_mask = torch.from_numpy(read_map(cfg.solvent_mask)[0]).float()
     device = torch.device(cfg.device)
-    use_expandable_segments(device)
     capped = capped_gpu_memory(device, cfg.gpu_memory_gib)
     free = available_bytes(device)
     counts = {"references": volumes["references"], "backprojectors": volumes["backprojectors"]}
