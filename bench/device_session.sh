@@ -44,8 +44,8 @@ for s in $sets; do
     *) args="480" ;;
   esac
   for rep in $(seq 1 "${REPEAT:-1}"); do
-    if [ "$rep" -gt 1 ]; then  # a clean start again: the run and the list of calls its report adds up
-      rm -rf "${BENCH_WORKDIR:-/tmp/cryobench}/$s/run" "${BENCH_WORKDIR:-/tmp/cryobench}/$s/calls.json"
+    if [ "$rep" -gt 1 ]; then  # a clean start again (paper_bench then starts its list of calls again)
+      rm -rf "${BENCH_WORKDIR:-/tmp/cryobench}/$s/run"
       mkdir -p "$work/$s-first" && mv "$work"/*-"$s"[.-]* "$work/$s-call-out.log" "$work/$s-first/" 2>/dev/null
     fi
     # shellcheck disable=SC2086

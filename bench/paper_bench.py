@@ -580,11 +580,17 @@ def run_gpu(s: BenchSet, p: Paths, gpu: bool, max_seconds: float, extra: str = "
             peak_gpu_reserved_bytes=torch.cuda.max_memory_reserved(),
             gpu_total_bytes=torch.cuda.get_device_properties(0).total_memory,
         )
-    calls = read_json(p.calls, [])
-    calls.append(call)
-    write_json(p.calls, calls)
+    write_json(p.calls, calls_with(p, call))
     log(f"{s.name}: call took {wall:.1f} s, iterations {call['iterations']}, finished {call['finished']}")
     return call
+
+
+def calls_with(p: Paths, call: dict) -> list[dict]:
+    """The run's calls with ``call`` added: a call that began at iteration 0 is a clean start, and the calls before it
+    belonged to a run that is gone (a run folder removed for a clean start kept them, and the report added their
+    wall time to the new run's)."""
+    earlier = read_json(p.calls, []) if call["iterations"][0] > 0 else []
+    return [*earlier, call]
 
 
 def run_cpu(s: BenchSet, p: Paths, n: int, timeout: float) -> dict:

@@ -165,3 +165,17 @@ def test_busy_sampler_averages_the_gpus_utilisation_and_stops_without_nvml():
     quiet.start()
     quiet.join(timeout=5)
     assert quiet.mean_percent() is None
+
+
+def test_a_clean_start_drops_the_calls_of_the_run_before_it(tmp_path):
+    """A call that begins at iteration 0 starts the list of calls again (the report adds up their wall time); a call
+    that continues a run is added to it."""
+    p = pb.Paths(tmp_path, pb.SETS["tiny"])
+    p.root.mkdir(parents=True)
+    old = {"iterations": [0, 14], "wall_s": 13.5}
+    pb.write_json(p.calls, [old])
+    clean = {"iterations": [0, 15], "wall_s": 14.0}
+    assert pb.calls_with(p, clean) == [clean]
+    pb.write_json(p.calls, [clean])
+    more = {"iterations": [15, 16], "wall_s": 1.0}
+    assert pb.calls_with(p, more) == [clean, more]
