@@ -1,5 +1,10 @@
 """The GPU's libraries started in a thread beside a run's start-up (cuda_libraries.py)."""
 
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 
 from cryorefine import cuda_libraries
@@ -50,3 +55,24 @@ def test_an_allocator_without_expandable_segments_is_left_as_it_is(monkeypatch):
     monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", refusing, raising=False)
     assert not cuda_libraries.use_expandable_segments("cuda")
     assert calls == ["expandable_segments:True"]
+
+
+FRESH_PROCESS = """
+import torch
+from cryorefine.cuda_libraries import use_expandable_segments
+assert not torch.cuda.is_initialized()
+use_expandable_segments("cuda:0")
+block = torch.empty(64 << 20, dtype=torch.uint8, device="cuda:0")
+ends = [(s["address"], s["address"] + s["total_size"], s.get("is_expandable")) for s in torch.cuda.memory_snapshot()]
+print([e for a, b, e in ends if a <= block.data_ptr() < b])
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_expandable_segments_set_before_cuda_starts():
+    """As in a `cryorefine` process: the setting made before CUDA has started holds for the first block."""
+    env = {k: v for k, v in os.environ.items() if k not in cuda_libraries.ALLOCATOR_ENVIRONMENT}
+    done = subprocess.run([sys.executable, "-c", FRESH_PROCESS], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[True]", done.stdout
