@@ -23,9 +23,9 @@ def use_expandable_segments(device) -> bool:
     if torch.device(device).type != "cuda" or any(os.environ.get(name) for name in ALLOCATOR_ENVIRONMENT):
         return False
     # PyTorch's runtime setter (the environment variable is read once, when CUDA starts); renamed in 2.13
-    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
-    if setter is None:
-        setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or getattr(
+        torch.cuda.memory, "_set_allocator_settings", None
+    )
     if setter is None:
         return False
     try:
