@@ -522,10 +522,13 @@ def job_argv(
 
 
 def coarse_precision(argv: list[str]) -> str:
-    """The coarse products' precision a run with ``argv`` used (--precision X or --precision=X, else fp32)."""
-    found = argparse.ArgumentParser(add_help=False)
-    found.add_argument("--precision", default="fp32")
-    return found.parse_known_args(argv)[0].precision
+    """The coarse products' precision a run with ``argv`` used, read with cryorefine's own parser: --precision or
+    its default (tf32), which is fp32 on the CPU (estep.precision.for_device)."""
+    from cryorefine.cli.main import build_parser
+    from cryorefine.estep.precision import for_device
+
+    args = build_parser().parse_args(argv)
+    return for_device(args.precision, "cuda" if args.gpu is not None else "cpu")
 
 
 def run_gpu(s: BenchSet, p: Paths, gpu: bool, max_seconds: float, extra: str = "") -> dict:
@@ -777,13 +780,18 @@ def cublas_reference(shape_flops: dict, top: int = 3) -> dict:
     total = sum(shape_flops.values())
     for r in rows:
         r["share_of_coarse_flops"] = shape_flops[r["shape"]] / total if total else None
-    timed = [r for r in rows if "fp32_tflops" in r]
-    f = sum(shape_flops[r["shape"]] for r in timed)
-    t = sum(shape_flops[r["shape"]] / (r["fp32_tflops"] * 1e12) for r in timed)
+
+    def weighted(label: str) -> float | None:
+        timed = [r for r in rows if f"{label}_tflops" in r]
+        f = sum(shape_flops[r["shape"]] for r in timed)
+        t = sum(shape_flops[r["shape"]] / (r[f"{label}_tflops"] * 1e12) for r in timed)
+        return (f / t / 1e12) if t > 0 else None
+
     return {
         "device": dev,
         "shapes": rows,
-        "fp32_tflops_weighted": (f / t / 1e12) if t > 0 else None,
+        "fp32_tflops_weighted": weighted("fp32"),
+        "tf32_tflops_weighted": weighted("tf32"),
         "note": "rate cuBLAS reaches on the logged coarse shapes (flop-weighted over the timed shapes), random float32 "
         "inputs, same process",
     }
@@ -1138,7 +1146,8 @@ def render_md(r: dict) -> str:
         precision = ", ".join(sorted({call.get("precision", "fp32") for call in r["calls"]}))  # older calls: fp32
         L.append(
             f"- cuBLAS on the same shapes ({cb['device']}, same process; the run's coarse products: {precision}): "
-            f"flop-weighted {fmt(cb['fp32_tflops_weighted'], 2)} TFLOP/s"
+            f"flop-weighted {fmt(cb['fp32_tflops_weighted'], 2)} TFLOP/s fp32"
+            + (f", {fmt(cb['tf32_tflops_weighted'], 2)} TFLOP/s TF32" if cb.get("tf32_tflops_weighted") else "")
         )
         for x in cb["shapes"]:
             if "fp32_tflops" in x:

@@ -179,3 +179,12 @@ def test_a_clean_start_drops_the_calls_of_the_run_before_it(tmp_path):
     pb.write_json(p.calls, [clean])
     more = {"iterations": [15, 16], "wall_s": 1.0}
     assert pb.calls_with(p, more) == [clean, more]
+
+
+def test_coarse_precision_is_the_one_the_run_used():
+    """A GPU run without --precision used TF32 (the default); the report once called it fp32."""
+    base = ["refine", "--i", "p.star", "--o", "run/run", "--ref", "r.mrc"]
+    assert pb.coarse_precision([*base, "--gpu"]) == "tf32"
+    assert pb.coarse_precision([*base, "--gpu", "0", "--precision", "fp32"]) == "fp32"
+    assert pb.coarse_precision([*base, "--precision", "fp16", "--gpu"]) == "fp16"
+    assert pb.coarse_precision(base) == "fp32"  # the CPU has no TF32
