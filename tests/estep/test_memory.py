@@ -98,10 +98,10 @@ def tile_shape(c) -> memory.TileShape:
 def coarse_stage(c):
     """The tile's coarse pass, significance and fine slots, as _expectation_tile runs them (returns the slots)."""
     jc = c["window"].prefix(c["coarse_shell"])
-    logp, rot_prior = diff2.coarse_log_posterior(
+    logp, rot_prior, blocks = diff2.coarse_log_posterior(
         c["batch"], c["window"], jc, [c["ref"]], c["grid"], c["settings"], None, None
     )
-    mask, _, total = weights.coarse_significant(logp, c["settings"])
+    mask, _, total = weights.coarse_significant(logp, c["settings"], blocks)
     del logp
     return slots_module.fine_slots(mask, total, rot_prior, None, c["grid"].n_rotations)
 

@@ -109,3 +109,40 @@ def test_gpu_negligible_samples_dropped_as_on_the_cpu():
 
     p = _posteriors()
     assert torch.equal(negligible_dropped(p.cuda(), 0.999).cpu(), negligible_dropped(p, 0.999))
+
+
+def block_summaries(logits: torch.Tensor):
+    """Each TOPK_BLOCK block's largest logit and Σ exp(logit − largest), in float64 (coarse_epilogue's, exactly)."""
+    from cryorefine.estep.weights import TOPK_BLOCK
+
+    blocks = logits.double().view(logits.shape[0], -1, TOPK_BLOCK)
+    largest = blocks.amax(2)
+    return largest.float(), torch.exp(blocks - largest[..., None]).sum(2).float()
+
+
+@pytest.mark.parametrize("maxsig", [0, 7])
+def test_the_set_from_block_summaries_matches_a_full_sort(maxsig):
+    """significant_from_blocks (the set of a global search's coarse scores on a GPU) against the float64 sort, rows from
+    one dominant sample to nearly flat (beyond the top k: the rows then go through significant_mask), and its total."""
+    from cryorefine.estep.weights import significant_from_blocks
+
+    rng = np.random.default_rng(5)
+    scales = np.array([300.0, 60.0, 20.0, 8.0, 3.0, 1.0, 0.3, 0.05])
+    logits = rng.standard_normal((len(scales), 64 * 320)) * scales[:, None] + 40.0  # not normalised
+    t = torch.from_numpy(logits).float()
+    got = significant_from_blocks(t, *block_summaries(t), 0.999, maxsig)
+    ref = reference(logits, 0.999, maxsig)
+    plain = significant_mask(t, 0.999, maxsig)
+    ranked = ref <= TOPK_SIGNIFICANT
+    if maxsig == 0:
+        assert ranked.any() and not ranked.all()  # both paths are exercised
+    # rows ranked from the blocks: the float64 sort's count, up to float32 sums moving the edge by one; the others
+    # are significant_mask's rows
+    assert np.abs(got.nsig.numpy() - ref)[ranked].max() <= 1
+    assert torch.equal(got.nsig[~ranked], plain.nsig[~ranked]) and torch.equal(got.mask[~ranked], plain.mask[~ranked])
+    assert got.total == int(got.mask.sum())
+    for i in np.flatnonzero(ranked):  # the count largest samples, and none below them
+        kept = logits[i, got.mask[i].numpy()]
+        assert len(kept) == got.nsig[i]
+        assert kept.min() == np.sort(logits[i])[::-1][got.nsig[i] - 1]
+    assert (got.mask != plain.mask).sum() <= ranked.sum()  # the softmax path's set, up to rounding at its edge

@@ -21,7 +21,7 @@ from ..projection.extract import (
     extract_planar_with_power,
 )
 from ..transfer import to_device
-from . import fused_local
+from . import coarse_epilogue, fused_local
 from .images import ImageBatch, Window
 from .memory import LOCAL_GATHER_ELEMENTS
 from .poses import N_ROT_CHILDREN, N_TRANS_CHILDREN, PoseGrid
@@ -85,12 +85,14 @@ def coarse_scores(
     local=None,
     cc=False,
     precision: str = "fp32",
+    assemble=None,
 ):
     """Coarse pass: the scores −diff2 without the per-particle constant, (n, K, T, L).
 
     ``local`` = (ids (n, L), log_prior, valid) for per-particle rotation sets; else all R coarse rotations.
     With ``cc`` the score is the CC (RELION's --firstiter_cc cross-correlation, score_weights).
     ``precision``: of the two matrix products (precision.py); the scores are assembled from them in float32.
+    ``assemble(k, cross, third)``: class k's scores from its products, in place (default scores_from_products_).
     """
     ky, kx = window.map_ky[:jc], window.map_kx[:jc]  # where the projections sample the references
     w = score_weights(batch, window, cc)[:, :jc]
@@ -117,7 +119,7 @@ def coarse_scores(
             third = matmul_nt(b, p.square().sum(1), precision)  # (n, R)
         else:
             cross, third = scores(ref, rotations, rows, ky, kx, a, b, precision=precision)
-        class_scores = scores_from_products_(cross, third, cc)
+        class_scores = scores_from_products_(cross, third, cc) if assemble is None else assemble(k, cross, third)
         if len(refs) == 1:
             return class_scores[:, None]
         if out is None:
@@ -196,36 +198,54 @@ def translation_log_prior(
 
 
 def coarse_log_posterior(batch, window, jc, refs, poses, settings, local_prior, forced_class):
-    """The coarse pass as log-posteriors (n, K, T, L) (−diff2 + priors; −CC with --firstiter_cc) and the rotation log
-    prior (n, K, L)."""
+    """The coarse pass as log-posteriors (n, K, T, L) (−diff2 + priors; −CC with --firstiter_cc), the rotation log
+    prior (n, K, L), and where a global search's scores were assembled by coarse_epilogue (CUDA), their blocks'
+    (largest, Σ exp) for the significant set (weights.significant_from_blocks), else None."""
     dev = batch.f_masked.device
     n, K = len(batch), len(refs)
     cc = settings.firstiter_cc
-    logp = coarse_scores(batch, window, jc, refs, poses, local_prior, cc=cc, precision=settings.precision)
-    L = logp.shape[-1]
+    L = poses.n_rotations if local_prior is None else local_prior[0].shape[1]
     rot_prior = torch.zeros(n, K, L, device=dev)  # log prior of each coarse rotation slot
-    if not cc:
+    if cc:
+        logp = coarse_scores(batch, window, jc, refs, poses, local_prior, cc=cc, precision=settings.precision)
         if local_prior is not None:
-            rot_prior = (
-                rot_prior
-                + torch.where(local_prior[2], local_prior[1], torch.full_like(local_prior[1], -torch.inf))[:, None, :]
-            )
-        elif settings.direction_log_prior is not None:
-            dir_of_rot = torch.arange(L, device=dev) // poses.sampling.n_psi
-            # the prior lives on the host (the run's state): through pinned memory, or each tile would wait here
-            rot_prior = rot_prior + to_device(settings.direction_log_prior, dev, torch.float32)[:, dir_of_rot][None]
-        trans_prior = translation_log_prior(
-            batch.old_offset_px[:, None, :] + poses.translations_px[None], settings, batch.offset_prior_px
-        )  # (n, T)
-        logp.add_(trans_prior[:, None, :, None])  # in place, as the scores (scores_from_products_)
-        if local_prior is not None or settings.direction_log_prior is not None:  # else zero
-            logp.add_(rot_prior[:, :, None, :])
-    elif local_prior is not None:
-        logp.masked_fill_(~local_prior[2][:, None, None, :], -torch.inf)
+            logp.masked_fill_(~local_prior[2][:, None, None, :], -torch.inf)
+        return _forced(logp, forced_class), rot_prior, None
+    if local_prior is not None:
+        rot_prior = (
+            rot_prior
+            + torch.where(local_prior[2], local_prior[1], torch.full_like(local_prior[1], -torch.inf))[:, None, :]
+        )
+    elif settings.direction_log_prior is not None:
+        dir_of_rot = torch.arange(L, device=dev) // poses.sampling.n_psi
+        # the prior lives on the host (the run's state): through pinned memory, or each tile would wait here
+        rot_prior = rot_prior + to_device(settings.direction_log_prior, dev, torch.float32)[:, dir_of_rot][None]
+    trans_prior = translation_log_prior(
+        batch.old_offset_px[:, None, :] + poses.translations_px[None], settings, batch.offset_prior_px
+    )  # (n, T)
+    has_rot_prior = local_prior is not None or settings.direction_log_prior is not None  # else zero
+    if local_prior is None and forced_class is None and coarse_epilogue.usable(batch.inv_sigma2, L):
+        stats = coarse_epilogue.BlockStats.empty(n, K * poses.n_translations * L, dev)
+
+        def assemble(k, cross, third):
+            prior = rot_prior[0, k][None] if has_rot_prior else None  # a global search's is every particle's
+            return coarse_epilogue.assemble_scores_(cross, third, trans_prior, prior, stats, k)
+
+        logp = coarse_scores(batch, window, jc, refs, poses, precision=settings.precision, assemble=assemble)
+        return logp, rot_prior, (stats.largest, stats.sum_exp)
+    logp = coarse_scores(batch, window, jc, refs, poses, local_prior, precision=settings.precision)
+    logp.add_(trans_prior[:, None, :, None])  # in place, as the scores (scores_from_products_)
+    if has_rot_prior:
+        logp.add_(rot_prior[:, :, None, :])
+    return _forced(logp, forced_class), rot_prior, None
+
+
+def _forced(logp: torch.Tensor, forced_class: torch.Tensor | None) -> torch.Tensor:
+    """The log-posteriors (n, K, T, L) with every class but each particle's ``forced_class`` (n,) at −inf."""
     if forced_class is not None:
-        held = torch.arange(K, device=dev)[None, :] == forced_class.to(dev)[:, None]  # (n, K)
+        held = torch.arange(logp.shape[1], device=logp.device)[None, :] == forced_class.to(logp.device)[:, None]
         logp.masked_fill_(~held[:, :, None, None], -torch.inf)
-    return logp, rot_prior
+    return logp
 
 
 @dataclass(frozen=True)

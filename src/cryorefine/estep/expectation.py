@@ -175,11 +175,13 @@ def _expectation_tile(
     jc = window.prefix(coarse_shell)
     with stage("getAllSquaredDifferences"):
         with stage.substage("coarse"):
-            logp, rot_prior = coarse_log_posterior(batch, window, jc, refs, poses, settings, local_prior, forced_class)
+            logp, rot_prior, blocks = coarse_log_posterior(
+                batch, window, jc, refs, poses, settings, local_prior, forced_class
+            )
         stage.add_flops("coarse", *coarse_gemm_flops(n, len(refs), T, logp.shape[-1], jc, local_prior is not None))
     with stage("convertAllDiff2ToWeights"):
         stage.add_bytes("weights", logp.nbytes)  # the coarse scores, read at least once
-        mask, nsig, total = coarse_significant(logp, settings)
+        mask, nsig, total = coarse_significant(logp, settings, blocks)
         del logp  # the coarse samples are not needed beyond their significance: free them for the fine pass
         slots = fine_slots(mask, total, rot_prior, local_prior, poses.n_rotations)
         del mask

@@ -80,15 +80,53 @@ def significant_set(p: torch.Tensor, fraction: float, maxsig: int, counted: bool
     return SignificantSet(mask, count, total)
 
 
-def coarse_significant(logp: torch.Tensor, settings: EStepSettings) -> tuple[torch.Tensor, torch.Tensor, int]:
+def significant_from_blocks(
+    logits: torch.Tensor, largest: torch.Tensor, sum_exp: torch.Tensor, fraction: float, maxsig: int
+) -> SignificantSet:
+    """significant_mask(logits, ..., counted=True) of logits (n, S) whose blocks of TOPK_BLOCK consecutive samples are
+    summarised already: each block's ``largest`` logit and Σ exp(logit − largest) ``sum_exp`` (n, S / TOPK_BLOCK), as
+    coarse_epilogue writes them with the scores. The softmax's normaliser comes from the blocks, the ranked samples
+    from the blocks with the largest maxima (top_values's argument), and the set is the samples at or above the
+    threshold's logit: the logits are read once, for the mask, where softmax, top-k and the mask read them six times.
+    Rows whose fraction lies beyond the top TOPK_SIGNIFICANT go through significant_mask."""
+    n, S = logits.shape
+    B = TOPK_BLOCK
+    k = min(S, max(TOPK_SIGNIFICANT, maxsig))
+    top = largest.amax(1, keepdim=True)
+    log_norm = top + torch.log((sum_exp * torch.exp(largest - top)).sum(1, keepdim=True))
+    n_blocks = min(k, S // B)
+    best = torch.topk(largest, n_blocks, dim=1).indices
+    candidates = logits.view(n, S // B, B).gather(1, best[:, :, None].expand(n, n_blocks, B)).reshape(n, -1)
+    ranked = torch.topk(candidates, k, dim=1).values  # the k largest logits, descending
+    count = (torch.cumsum(torch.exp(ranked - log_norm), dim=1) < fraction).sum(1) + 1
+    if maxsig > 0:
+        count = count.clamp(max=maxsig)
+    mask = logits >= ranked.gather(1, (count.clamp(max=k) - 1)[:, None])
+    beyond = count > k  # the fraction lies beyond the top k (never with --maxsig <= k)
+    n_beyond, total = torch.stack([torch.count_nonzero(beyond), torch.count_nonzero(mask)]).tolist()
+    if n_beyond:
+        rows = torch.nonzero_static(beyond, size=n_beyond)[:, 0]
+        full = significant_mask(logits[rows], fraction, maxsig)
+        mask[rows], count[rows] = full.mask, full.nsig
+        total = int(torch.count_nonzero(mask))
+    return SignificantSet(mask, count.clamp(max=S), total)
+
+
+def coarse_significant(
+    logp: torch.Tensor, settings: EStepSettings, blocks: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Significant coarse samples: mask (n, K, T, L), count (n,) and the mask's total; the best one only with
-    --firstiter_cc."""
+    --firstiter_cc. ``blocks``: the scores' block maxima and sums (significant_from_blocks), where known."""
     n = logp.shape[0]
     flat = logp.reshape(n, -1)
     if settings.firstiter_cc:
         mask = torch.zeros_like(flat, dtype=torch.bool)
         mask[torch.arange(n, device=flat.device), flat.argmax(1)] = True
         return mask.reshape(logp.shape), torch.ones(n, dtype=torch.long, device=flat.device), n
+    if blocks is not None:
+        mask, nsig, total = significant_from_blocks(flat, *blocks, settings.adaptive_fraction, settings.maxsig)
+        assert total is not None  # counted
+        return mask.reshape(logp.shape), nsig, total
     mask, nsig, total = significant_mask(flat, settings.adaptive_fraction, settings.maxsig, counted=True)
     assert total is not None  # counted
     return mask.reshape(logp.shape), nsig, total
