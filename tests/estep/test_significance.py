@@ -128,7 +128,7 @@ def test_the_set_from_block_summaries_matches_a_full_sort(maxsig):
 
     rng = np.random.default_rng(5)
     scales = np.array([300.0, 60.0, 20.0, 8.0, 3.0, 1.0, 0.3, 0.05])
-    logits = rng.standard_normal((len(scales), 64 * 320)) * scales[:, None] + 40.0  # not normalised
+    logits = rng.standard_normal((len(scales), 64 * 320)) * scales[:, None] - 20000.0  # scores far from 0, as diff2 is
     t = torch.from_numpy(logits).float()
     got = significant_from_blocks(t, *block_summaries(t), 0.999, maxsig)
     ref = reference(logits, 0.999, maxsig)
