@@ -46,24 +46,34 @@ def test_gpu_scores_and_block_sums_match_pytorch():
     check_assembly("cuda")
 
 
+@pytest.mark.parametrize("classes", [1, 3])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_coarse_significant_set_as_without_the_epilogue(tmp_path, monkeypatch):
-    """A global search's coarse stage on a small simulated batch: the set from the epilogue's block sums is the
-    PyTorch path's (softmax, top-k), up to rounding at its edge."""
+def test_gpu_coarse_significant_set_as_without_the_epilogue(tmp_path, monkeypatch, classes):
+    """A global search's coarse stage on a small simulated batch (with 3 classes: references scaled apart and a
+    direction prior): the same scores as PyTorch's in-place path, and the set from the epilogue's block sums is the
+    softmax path's, up to rounding at its edge."""
+    from dataclasses import replace
+
     from cryorefine.estep import diff2, weights
 
     from test_memory import make_case
 
     c = make_case(tmp_path, device="cuda")
+    refs = [replace(c["ref"], f_padded=c["ref"].f_padded * (1.0 + 0.1 * k)) for k in range(classes)]
+    settings = c["settings"]
+    if classes > 1:
+        dirs = c["grid"].sampling.n_directions
+        prior = torch.log_softmax(torch.randn(classes, dirs, generator=torch.Generator().manual_seed(3)), 1)
+        settings = replace(settings, direction_log_prior=prior)
     jc = c["window"].prefix(c["coarse_shell"])
-    args = (c["batch"], c["window"], jc, [c["ref"]], c["grid"], c["settings"], None, None)
+    args = (c["batch"], c["window"], jc, refs, c["grid"], settings, None, None)
     logp, _, blocks = diff2.coarse_log_posterior(*args)
     assert blocks is not None, "the epilogue did not run"
-    fused = weights.coarse_significant(logp, c["settings"], blocks)
+    fused = weights.coarse_significant(logp, settings, blocks)
     monkeypatch.setattr(coarse_epilogue, "usable", lambda *a: False)
     logp_plain, _, none = diff2.coarse_log_posterior(*args)
     assert none is None and torch.equal(logp, logp_plain)
-    plain = weights.coarse_significant(logp_plain, c["settings"])
+    plain = weights.coarse_significant(logp_plain, settings)
     assert (fused[1] - plain[1]).abs().max() <= 1
     assert (fused[0] != plain[0]).sum() <= len(logp) and abs(fused[2] - plain[2]) <= len(logp)
