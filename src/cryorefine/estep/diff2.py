@@ -30,6 +30,9 @@ from .settings import EStepSettings
 from .slots import FineSlots
 
 
+ALIGNED_PIXELS = 8  # a global search's coarse pixels on a GPU, padded to a multiple of this (coarse_scores)
+
+
 def as_real(z: torch.Tensor) -> torch.Tensor:
     """(..., j) complex -> (..., 2j) real [Re, Im]."""
     return torch.cat([z.real, z.imag], -1)
@@ -98,6 +101,11 @@ def coarse_scores(
     w = score_weights(batch, window, cc)[:, :jc]
     sc = batch.scale[:, None] * batch.ctf[:, :jc] * window.in_circle(window.shell_of_prefix(jc))[:jc]  # P = 0 beyond
     xt = translated(batch.f_masked[:, :jc], window, batch.old_offset_px, poses.translations_px)  # (n, T, jc)
+    if local is None and xt.is_cuda and jc % ALIGNED_PIXELS:
+        # pixels of weight 0 (at the origin) up to whole 32-byte rows of the products' operands: cuBLAS's Hopper
+        # kernels need them, and an odd jc left the coarse products on its sm80 kernels (bench/gemm_alignment.py)
+        pad = ALIGNED_PIXELS - jc % ALIGNED_PIXELS
+        xt, w, sc, ky, kx = (torch.nn.functional.pad(t, (0, pad)) for t in (xt, w, sc, ky, kx))
     a, b = score_operands(xt, w, sc)  # (n, T, 2jc), (n, jc)
     n, T = a.shape[:2]
     if local is not None:
