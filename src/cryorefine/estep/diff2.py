@@ -30,7 +30,14 @@ from .settings import EStepSettings
 from .slots import FineSlots
 
 
-ALIGNED_PIXELS = 8  # a global search's coarse pixels on a GPU, padded to a multiple of this (coarse_scores)
+ALIGNED_PIXELS = 8  # a global search's coarse pixels on a GPU, padded to a multiple of this (product_pixels)
+
+
+def product_pixels(jc: int, local: bool, on_gpu: bool) -> int:
+    """The coarse products' pixels for ``jc`` coarse pixels: on a GPU a global search's are padded to whole 32-byte
+    rows of the operands. cuBLAS's Hopper kernels need them: with 2·jc = 2102 (betagal-like, order 3) an H100 took
+    its sm80 TF32 kernel at 118 TFLOP/s, with 2104 303 TFLOP/s (bench/gemm_alignment.py, 2026-12-06)."""
+    return -(-jc // ALIGNED_PIXELS) * ALIGNED_PIXELS if on_gpu and not local else jc
 
 
 def as_real(z: torch.Tensor) -> torch.Tensor:
@@ -101,10 +108,8 @@ def coarse_scores(
     w = score_weights(batch, window, cc)[:, :jc]
     sc = batch.scale[:, None] * batch.ctf[:, :jc] * window.in_circle(window.shell_of_prefix(jc))[:jc]  # P = 0 beyond
     xt = translated(batch.f_masked[:, :jc], window, batch.old_offset_px, poses.translations_px)  # (n, T, jc)
-    if local is None and xt.is_cuda and jc % ALIGNED_PIXELS:
-        # pixels of weight 0 (at the origin) up to whole 32-byte rows of the products' operands: cuBLAS's Hopper
-        # kernels need them, and an odd jc left the coarse products on its sm80 kernels (bench/gemm_alignment.py)
-        pad = ALIGNED_PIXELS - jc % ALIGNED_PIXELS
+    pad = product_pixels(jc, local is not None, xt.is_cuda) - jc
+    if pad:  # pixels of weight 0 (at the origin): the products are unchanged
         xt, w, sc, ky, kx = (torch.nn.functional.pad(t, (0, pad)) for t in (xt, w, sc, ky, kx))
     a, b = score_operands(xt, w, sc)  # (n, T, 2jc), (n, jc)
     n, T = a.shape[:2]
@@ -181,18 +186,20 @@ def local_scores_gathered(transform, rotations, idx, ky, kx, a, b, precision="fp
     return cross, third
 
 
-def coarse_gemm_flops(n: int, K: int, T: int, L: int, jc: int, local: bool) -> tuple[float, list]:
+def coarse_gemm_flops(n: int, K: int, T: int, L: int, jc: int, local: bool, on_gpu: bool = False) -> tuple[float, list]:
     """Floating-point operations of the coarse pass's matrix products and their shapes, for n particles.
 
     Per reference: the cross term (n·T, 2jc) @ (2jc, L) and the |P|² term (n, jc) @ (jc, L) (global search, one
-    GEMM each), or per particle (T, 2jc) @ (2jc, L) and (1, jc) @ (jc, L) (local searches, batched). 2·M·K·N each.
+    GEMM each), or per particle (T, 2jc) @ (2jc, L) and (1, jc) @ (jc, L) (local searches, batched). 2·M·K·N each,
+    over the jc pixels (not the padding of product_pixels, which the shapes show).
     Returns (flops, [(shape key, calls)]) with keys 'mm:MxKxN' or 'bmm:BxMxKxN'.
     """
     flops = K * (2.0 * n * T * 2 * jc * L + 2.0 * n * jc * L)
     if local:
         shapes = [(f"bmm:{n}x{T}x{2 * jc}x{L}", K), (f"bmm:{n}x1x{jc}x{L}", K)]
     else:
-        shapes = [(f"mm:{n * T}x{2 * jc}x{L}", K), (f"mm:{n}x{jc}x{L}", K)]
+        j = product_pixels(jc, local, on_gpu)
+        shapes = [(f"mm:{n * T}x{2 * j}x{L}", K), (f"mm:{n}x{j}x{L}", K)]
     return flops, shapes
 
 

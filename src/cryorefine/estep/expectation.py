@@ -178,7 +178,10 @@ def _expectation_tile(
             logp, rot_prior, blocks = coarse_log_posterior(
                 batch, window, jc, refs, poses, settings, local_prior, forced_class
             )
-        stage.add_flops("coarse", *coarse_gemm_flops(n, len(refs), T, logp.shape[-1], jc, local_prior is not None))
+        stage.add_flops(
+            "coarse",
+            *coarse_gemm_flops(n, len(refs), T, logp.shape[-1], jc, local_prior is not None, logp.is_cuda),
+        )
     with stage("convertAllDiff2ToWeights"):
         stage.add_bytes("weights", logp.nbytes)  # the coarse scores, read at least once
         mask, nsig, total = coarse_significant(logp, settings, blocks)
