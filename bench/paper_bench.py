@@ -523,11 +523,15 @@ def job_argv(
 
 def coarse_precision(argv: list[str]) -> str:
     """The coarse products' precision a run with ``argv`` used, read with cryorefine's own parser: --precision or
-    its default (tf32), which is fp32 on the CPU (estep.precision.for_device)."""
+    its default (tf32), which is fp32 on the CPU (estep.precision.for_device); "unknown" for a command line that
+    cryorefine refused (the call's rc says so)."""
     from cryorefine.cli.main import build_parser
     from cryorefine.estep.precision import for_device
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit:  # argparse's error is already on stderr, from the run itself
+        return "unknown"
     return for_device(args.precision, "cuda" if args.gpu is not None else "cpu")
 
 

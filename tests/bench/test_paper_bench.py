@@ -188,3 +188,4 @@ def test_coarse_precision_is_the_one_the_run_used():
     assert pb.coarse_precision([*base, "--gpu", "0", "--precision", "fp32"]) == "fp32"
     assert pb.coarse_precision([*base, "--precision", "fp16", "--gpu"]) == "fp16"
     assert pb.coarse_precision(base) == "fp32"  # the CPU has no TF32
+    assert pb.coarse_precision([*base, "--batch_size", "64"]) == "unknown"  # refused by cryorefine: no crash

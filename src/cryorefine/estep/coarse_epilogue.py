@@ -108,7 +108,7 @@ def assemble_scores_(
     if n == 0:
         return cross
     third, trans_prior = third.contiguous(), trans_prior.to(torch.float32).contiguous()
-    rp = third if rot_prior is None else rot_prior.to(torch.float32).contiguous()
+    rp = third if rot_prior is None else rot_prior.to(torch.float32).contiguous()  # third: a pointer, not read
     blocks_per_class = T * R // TOPK_BLOCK
     _assemble[(n * T, triton.cdiv(R, COLUMNS_PER_PROGRAM))](
         cross,

@@ -53,10 +53,7 @@ def significant_set(p: torch.Tensor, fraction: float, maxsig: int, counted: bool
     # same leading values in the same order, so the same set as a full sort (up to rounding in the cumulative sum).
     k = min(S, max(TOPK_SIGNIFICANT, maxsig))
     sp = top_values(p, k) if k < S else torch.sort(p, dim=1, descending=True).values
-    count = (torch.cumsum(sp, dim=1) < fraction).sum(1) + 1
-    if maxsig > 0:
-        count = count.clamp(max=maxsig)
-    thresh = sp.gather(1, (count.clamp(max=k) - 1)[:, None])
+    count, thresh = _edge(sp, sp, fraction, maxsig)
     mask, total = None, None
     if k < S:  # else sorted in full already (the clamps below give such rows all S samples)
         beyond = count > k  # the fraction lies beyond the top k (never with --maxsig <= k)
@@ -80,6 +77,18 @@ def significant_set(p: torch.Tensor, fraction: float, maxsig: int, counted: bool
     return SignificantSet(mask, count, total)
 
 
+def _edge(
+    ranked: torch.Tensor, probabilities: torch.Tensor, fraction: float, maxsig: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of the k largest samples ``ranked`` (n, k), descending, and their ``probabilities``: how many samples
+    the set takes (the smallest count whose mass reaches ``fraction``, at most ``maxsig`` if > 0; beyond k where the
+    k hold less) and the threshold value in ``ranked`` (its last sample within the k)."""
+    count = (torch.cumsum(probabilities, dim=1) < fraction).sum(1) + 1
+    if maxsig > 0:
+        count = count.clamp(max=maxsig)
+    return count, ranked.gather(1, (count.clamp(max=ranked.shape[1]) - 1)[:, None])
+
+
 def significant_from_blocks(
     logits: torch.Tensor, largest: torch.Tensor, sum_exp: torch.Tensor, fraction: float, maxsig: int
 ) -> SignificantSet:
@@ -100,10 +109,8 @@ def significant_from_blocks(
     best = torch.topk(largest, n_blocks, dim=1).indices
     candidates = logits.view(n, S // B, B).gather(1, best[:, :, None].expand(n, n_blocks, B)).reshape(n, -1)
     ranked = torch.topk(candidates, k, dim=1).values  # the k largest logits, descending
-    count = (torch.cumsum(torch.exp(ranked - top) / norm, dim=1) < fraction).sum(1) + 1
-    if maxsig > 0:
-        count = count.clamp(max=maxsig)
-    mask = logits >= ranked.gather(1, (count.clamp(max=k) - 1)[:, None])
+    count, thresh = _edge(ranked, torch.exp(ranked - top) / norm, fraction, maxsig)
+    mask = logits >= thresh
     beyond = count > k  # the fraction lies beyond the top k (never with --maxsig <= k)
     n_beyond, total = torch.stack([torch.count_nonzero(beyond), torch.count_nonzero(mask)]).tolist()
     if n_beyond:
@@ -125,13 +132,14 @@ def coarse_significant(
         mask = torch.zeros_like(flat, dtype=torch.bool)
         mask[torch.arange(n, device=flat.device), flat.argmax(1)] = True
         return mask.reshape(logp.shape), torch.ones(n, dtype=torch.long, device=flat.device), n
-    if blocks is not None:
-        mask, nsig, total = significant_from_blocks(flat, *blocks, settings.adaptive_fraction, settings.maxsig)
-        assert total is not None  # counted
-        return mask.reshape(logp.shape), nsig, total
-    mask, nsig, total = significant_mask(flat, settings.adaptive_fraction, settings.maxsig, counted=True)
-    assert total is not None  # counted
-    return mask.reshape(logp.shape), nsig, total
+    fraction, maxsig = settings.adaptive_fraction, settings.maxsig
+    found = (
+        significant_mask(flat, fraction, maxsig, counted=True)
+        if blocks is None
+        else significant_from_blocks(flat, *blocks, fraction, maxsig)
+    )
+    assert found.total is not None  # counted
+    return found.mask.reshape(logp.shape), found.nsig, found.total
 
 
 @dataclass
