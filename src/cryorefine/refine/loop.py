@@ -232,6 +232,7 @@ def run(mode: Mode, ctx: RunContext, state: RunState) -> dict:
                 try:
                     summary = _iterate_until_done(mode, ctx, share_state(ctx, state), t0)
                 finally:
+                    t_files = time.perf_counter()
                     ctx.writer.close()
         finally:
             if ctx.scratch is not None:  # --scratch_dir's copies
@@ -250,8 +251,12 @@ def run(mode: Mode, ctx: RunContext, state: RunState) -> dict:
         with contextlib.suppress(Exception):  # the error in flight is the one to report
             ctx.report.close()  # the worker prepare() started: not left idle until the interpreter exits
         raise
+    t_report = time.perf_counter()
     ctx.report.flush()  # a refresh the interval held back (a run stopped by --max_seconds)
-    summary["seconds"] = time.perf_counter() - t0
+    t_end = time.perf_counter()
+    # the run's tail after its last iteration: the last files, then report.html (drawn meanwhile)
+    summary["closing_s"] = {"files": round(t_report - t_files, 3), "report": round(t_end - t_report, 3)}
+    summary["seconds"] = t_end - t0
     if not summary.get("stopped"):  # a run stopped by --max_seconds has logged how to resume
         ctx.log.line("finished: " + json.dumps(summary))
     return summary
