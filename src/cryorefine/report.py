@@ -71,7 +71,8 @@ def _fig(w: float, h: float) -> Figure:
 
 def _png(fig: Figure) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=_DPI)
+    # zlib level 3: the central slices of a 256³ map encode in 2/3 of the default level's time, at about its size
+    fig.savefig(buf, format="png", dpi=_DPI, pil_kwargs={"compress_level": 3})
     fig.clear()
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
@@ -293,7 +294,8 @@ def _plot_slices(volume: np.ndarray, angpix: float):
         ("xz (y = centre)", v[:, d1 // 2, :], "x", "z"),
         ("yz (x = centre)", v[:, :, d2 // 2], "y", "z"),
     ]
-    finite = v[np.isfinite(v)]
+    shown = np.concatenate([img.ravel() for _, img, _, _ in slices])  # of the whole map: ~0.3 s at 256³
+    finite = shown[np.isfinite(shown)]
     lo, hi = np.percentile(finite, [0.5, 99.9]) if finite.size else (0.0, 1.0)
     if hi <= lo:
         hi = lo + 1.0
@@ -307,7 +309,7 @@ def _plot_slices(volume: np.ndarray, angpix: float):
         ax.set_ylabel(f"{yl} (px)", fontsize=8)
         ax.tick_params(labelsize=7)
     fig.suptitle(
-        f"central slices of the map ({d2}×{d1}×{d0} px, {angpix:.3g} Å/px; grey scale 0.5–99.9th percentile)",
+        f"central slices of the map ({d2}×{d1}×{d0} px, {angpix:.3g} Å/px; grey scale 0.5–99.9th percentile of the slices)",
         fontsize=10,
     )
     return fig
