@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from cryorefine.refine.steps import central_slices
 from cryorefine.report import write_report
 
 BOX, ANGPIX = 64, 1.5
@@ -70,7 +71,7 @@ def _inputs(n_iter=3, n_part=2000, classes=False, seed=0):
 
 def _write(tmp_path, **kw):
     history, fsc, poses, volume = _inputs(**kw)
-    write_report(tmp_path, str(tmp_path / "run"), history, fsc, BOX, ANGPIX, poses, volume)
+    write_report(tmp_path, str(tmp_path / "run"), history, fsc, BOX, ANGPIX, poses, central_slices(volume))
     return tmp_path / "report.html"
 
 
@@ -112,14 +113,14 @@ def test_report_is_self_contained_and_complete(tmp_path):
 
 def test_report_classification_and_empty_fsc(tmp_path):
     history, fsc, poses, volume = _inputs(classes=True, n_part=300)
-    write_report(tmp_path, "out/class", history, np.zeros_like(fsc), BOX, ANGPIX, poses, volume)
+    write_report(tmp_path, "out/class", history, np.zeros_like(fsc), BOX, ANGPIX, poses, central_slices(volume))
     text = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert "<h2>Class distribution and time per iteration</h2>" in text
     assert "<figcaption>Class distribution per iteration</figcaption>" in text
     assert len(re.findall(r'src="data:image/png;base64,', text)) >= 7
     assert 'class="err"' not in text
     # overwritten in place on the next iteration
-    write_report(tmp_path, "out/class", history[:1], fsc, BOX, ANGPIX, poses, volume)
+    write_report(tmp_path, "out/class", history[:1], fsc, BOX, ANGPIX, poses, central_slices(volume))
     assert (tmp_path / "report.html").read_text(encoding="utf-8").count("<tr") == 2
 
 

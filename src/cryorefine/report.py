@@ -284,17 +284,18 @@ def _plot_stages(history):
     return fig
 
 
-def _plot_slices(volume: np.ndarray, angpix: float):
-    v = np.asarray(volume, dtype=np.float32)
-    if v.ndim != 3:
-        raise ValueError(f"expected a 3D map, got shape {v.shape}")
-    d0, d1, d2 = v.shape
+def _plot_slices(slices, angpix: float):
+    """``slices``: the map's central (xy, xz, yz) planes (refine.steps.central_slices)."""
+    xy, xz, yz = (np.asarray(p, dtype=np.float32) for p in slices)
+    if xy.ndim != 2 or xz.ndim != 2 or yz.ndim != 2:
+        raise ValueError(f"expected three 2D slices, got shapes {xy.shape}, {xz.shape}, {yz.shape}")
+    d0, (d1, d2) = xz.shape[0], xy.shape
     slices = [
-        ("xy (z = centre)", v[d0 // 2], "x", "y"),
-        ("xz (y = centre)", v[:, d1 // 2, :], "x", "z"),
-        ("yz (x = centre)", v[:, :, d2 // 2], "y", "z"),
+        ("xy (z = centre)", xy, "x", "y"),
+        ("xz (y = centre)", xz, "x", "z"),
+        ("yz (x = centre)", yz, "y", "z"),
     ]
-    shown = np.concatenate([img.ravel() for _, img, _, _ in slices])  # of the whole map: ~0.3 s at 256³
+    shown = np.concatenate([img.ravel() for _, img, _, _ in slices])
     finite = shown[np.isfinite(shown)]
     lo, hi = np.percentile(finite, [0.5, 99.9]) if finite.size else (0.0, 1.0)
     if hi <= lo:
@@ -309,7 +310,8 @@ def _plot_slices(volume: np.ndarray, angpix: float):
         ax.set_ylabel(f"{yl} (px)", fontsize=8)
         ax.tick_params(labelsize=7)
     fig.suptitle(
-        f"central slices of the map ({d2}×{d1}×{d0} px, {angpix:.3g} Å/px; grey scale 0.5–99.9th percentile of the slices)",
+        f"central slices of the map ({d2}×{d1}×{d0} px, {angpix:.3g} Å/px; "
+        "grey scale 0.5–99.9th percentile of the slices)",
         fontsize=10,
     )
     return fig
@@ -357,9 +359,10 @@ def _table(history) -> str:
 
 
 def write_report(
-    out_dir, root: str, history: list[dict], fsc: np.ndarray, box: int, angpix: float, poses, volume: np.ndarray
+    out_dir, root: str, history: list[dict], fsc: np.ndarray, box: int, angpix: float, poses, slices
 ) -> None:
-    """Write `out_dir/report.html` (atomically): plots of the run so far, embedded as base64 PNGs."""
+    """Write `out_dir/report.html` (atomically): plots of the run so far, embedded as base64 PNGs. ``slices``: the
+    map's central (xy, xz, yz) planes (refine.steps.central_slices)."""
     history = list(history or [])
     last = history[-1] if history else {}
     res = _num(last.get("resolution_angst"))
@@ -391,7 +394,7 @@ def write_report(
                 _img("Time per stage per iteration", _plot_stages, history),
             )
         )
-    sections.append("<h2>Map</h2>" + _grid(_img("Central slices of the map", _plot_slices, volume, angpix)))
+    sections.append("<h2>Map</h2>" + _grid(_img("Central slices of the map", _plot_slices, slices, angpix)))
     sections.append("<h2>Iterations</h2>" + _table(history))
 
     total_s = sum(_num(h.get("seconds"), 0.0) for h in history)

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from cryorefine.refine.steps import central_slices
 from cryorefine.report import write_report
 
 HERE = Path(__file__).resolve().parent
@@ -91,7 +92,7 @@ for cz, cy, cx in centres:
 vol += rng.normal(0, 0.03, vol.shape).astype(np.float32)
 
 t0 = time.perf_counter()
-write_report(HERE, "out/run", history, fsc, BOX, ANGPIX, poses, vol)
+write_report(HERE, "out/run", history, fsc, BOX, ANGPIX, poses, central_slices(vol))
 print(f"write_report: {time.perf_counter() - t0:.2f} s")
 (HERE / "report.html").replace(HERE / "report_example.html")
 

@@ -15,7 +15,6 @@ from ..io.mrc import read_map, write_maps
 from ..io.outputs import it_prefix, write_angdist_bild, write_model_star
 from ..io.particles import write_particles
 from ..io.table import ParticleTable
-from ..transfer import to_host
 from ..estep.memory import JOINED_BYTES_PER_VOXEL
 from ..mstep.maximize import join_at_low_resolution_, maximize_half_sets
 from ..mstep.noise import SpectrumReads, initial_sigma2, on_map_shells
@@ -357,7 +356,7 @@ class AutoRefineMode:
         cfg, m, final = ctx.cfg, info["m"], state.schedule.final_iteration
         pre = it_prefix(ctx.root, state.iteration)
         volume = m.final_map if final else state.maps[0]  # first: the report's worker draws while the files are written
-        steps.submit_report(ctx, state, state.fsc.numpy(), to_host([volume])[0], force=final)
+        steps.submit_report(ctx, state, state.fsc.numpy(), volume, force=final)
         halves = [f"{pre}_half{h}_class001.mrc" for h in (1, 2)]
         write_maps(halves, m.unfiltered if final else state.maps, cfg.angpix)
         if final:

@@ -18,7 +18,6 @@ import torch
 from ..debug_hooks import pause_point
 from ..errors import CryoInputError
 from ..io.mrc import write_maps
-from ..transfer import to_host
 from ..io.outputs import it_prefix, write_model_star
 from ..io.particles import write_particles
 from ..io.table import ParticleTable
@@ -235,7 +234,7 @@ class ClassifyMode:
         pre = it_prefix(ctx.root, state.iteration)
         n_sh = ctx.box // 2 + 1
         # first: the report's worker draws while the files are written
-        (biggest,) = to_host([state.maps[int(torch.argmax(classes.prior))]])
+        biggest = state.maps[int(torch.argmax(classes.prior))]
         steps.submit_report(ctx, state, np.zeros(n_sh), biggest, force=state.iteration >= cfg.max_iter)
         files = [f"{pre}_class{k + 1:03d}.mrc" for k in range(self.K)]
         write_maps(files, state.maps, cfg.angpix)
