@@ -129,7 +129,7 @@ def test_gpu_initial_noise_spectra_read_through_the_cache_keep_the_images(data):
 
     table = load_particles(data / "particles.star")
     cache = ImageCache(N, BOX, N, "cuda")
-    via_cache = initial_sigma2(table, 1, device="cuda", reads=SpectrumReads(partial(cache.read, table)))
+    via_cache = initial_sigma2(table, 1, device="cuda", reads=SpectrumReads(partial(cache.load, table), cache.images))
     from_stacks = initial_sigma2(table, 1, device="cuda")
     torch.testing.assert_close(via_cache, from_stacks, rtol=1e-12, atol=0.0)
     assert cache.holds(np.arange(N))

@@ -28,7 +28,7 @@ def test_three_shares_summed_give_the_one_process_sigma2(tmp_path):
             t.copy_(sum(deposits[r][i] for r in range(ranks)))
         barrier.wait()  # every rank has summed before the next deposit
 
-    def read(rows, box):
+    def read(rows):
         with lock:
             reads.extend(rows.tolist())
         return torch.from_numpy(read_images(table, rows))
@@ -36,7 +36,7 @@ def test_three_shares_summed_give_the_one_process_sigma2(tmp_path):
     results = {}
 
     def rank_run(rank):
-        share = SpectrumReads(read, rank, ranks, lambda tensors: combine(rank, tensors))
+        share = SpectrumReads(read, None, rank, ranks, lambda tensors: combine(rank, tensors))
         results[rank] = initial_sigma2(table, 1, halves, batch=8, mask_radius_angst=60.0, reads=share)
 
     threads = [threading.Thread(target=rank_run, args=(r,)) for r in range(ranks)]

@@ -2,11 +2,11 @@
 
 Reading a batch of 1,024 images of 256 px from the stacks, checking them for NaNs, pinning and sending them costs
 ~0.25 s of host time, as much as the GPU needs to score them in the later iterations: without a cache a GPU run is
-bound by its reads. The first read is the initial noise spectra's (mstep/noise.initial_sigma2 through ``read``), so
-the first iteration does not read the stacks a second time. The cache holds the raw images (float32, as read) on the
-GPU only, up to a share of its memory (memory.image_cache_bytes), so host memory stays independent of the number of
-particles. Images past its capacity are read from their stacks in every iteration, as with no cache. On the CPU the
-capacity is 0: everything is read.
+bound by its reads. The first read is the initial noise spectra's (mstep/noise.initial_sigma2 through ``load`` and
+``images``), so the first iteration does not read the stacks a second time. The cache holds the raw images (float32,
+as read) on the GPU only, up to a share of its memory (memory.image_cache_bytes), so host memory stays independent of
+the number of particles. Images past its capacity are read from their stacks in every iteration, as with no cache. On
+the CPU the capacity is 0: everything is read.
 With --preread_images every image is also held in host memory, read once before the first iteration: the images the
 GPU does not keep come from there instead of the stacks.
 
@@ -92,10 +92,6 @@ class ImageCache:
         host = torch.empty((len(missing), b, b), dtype=torch.float32, pin_memory=pinned)  # read straight into it
         read_images(table, rows[missing], out=host.numpy())
         return missing, host
-
-    def read(self, table: ParticleTable, rows: np.ndarray, box: int) -> torch.Tensor:
-        """``load`` then ``images`` on one thread: the images of ``rows`` on the device, the new ones kept."""
-        return self.images(rows, self.load(table, rows), box)
 
     def images(self, rows: np.ndarray, loaded: tuple[np.ndarray, torch.Tensor | None], box: int) -> torch.Tensor:
         """The images of ``rows`` (len(rows), box, box) on the device (their optics groups' ``box``), from ``load``'s

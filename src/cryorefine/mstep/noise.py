@@ -4,23 +4,34 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..fourier.filters import soft_mask_outside_map
 from ..fourier.grids import rfft2_centered, shell_index_2d
+from ..io.prefetch import read_ahead
 from ..io.table import ParticleTable, read_images
+from ..transfer import to_device
+
+
+IMAGE_BATCH_BYTES = 64 << 20  # float32 images per batch of the initial spectra (256 of 256 px)
 
 
 @dataclass(frozen=True)
 class SpectrumReads:
-    """Where initial_sigma2's images come from and which of them this process reads: ``read(rows, box)`` gives the raw
-    images of ``rows`` (len(rows), box, box) float32 on the device (a run's GPU image cache, which then keeps them for
-    the first iteration; None: the stacks); of several processes (``rank`` of ``ranks``) each reads every ranks-th
-    batch, and ``combine(tensors)`` sums their partial sums over the processes in place (an all-reduce)."""
+    """Where initial_sigma2's images come from and which of them this process reads: ``load(rows)`` reads the raw
+    images of ``rows`` on the host, one batch ahead on a thread of its own (the next batch is read from the stacks
+    while the device takes this one: one after the other they took ~1 s of a 5,000-image start at 256 px), and
+    ``put(rows, loaded, box)`` gives them (len(rows), box, box) float32 on the device (a run's GPU image cache, which
+    then keeps them for the first iteration: ImageCache.load and .images). None: read_images from the stacks, and a
+    copy to the device. Of several processes (``rank`` of ``ranks``) each reads every ranks-th batch, and
+    ``combine(tensors)`` sums their partial sums over the processes in place (an all-reduce)."""
 
-    read: Callable[[np.ndarray, int], torch.Tensor] | None = None
+    load: Callable[[np.ndarray], Any] | None = None
+    put: Callable[[np.ndarray, Any, int], torch.Tensor] | None = None
     rank: int = 0
     ranks: int = 1
     combine: Callable[[list[torch.Tensor]], None] | None = None
@@ -30,7 +41,7 @@ def initial_sigma2(
     table: ParticleTable,
     n_groups: int,
     subset: np.ndarray | None = None,
-    batch: int = 256,
+    batch: int | None = None,
     device=None,
     mask_radius_angst: float | None = None,
     mask_edge_px: float = 5.0,
@@ -43,7 +54,8 @@ def initial_sigma2(
     box's row ends at its Nyquist, the rest is its last value). Every image is read, as RELION does; the pixels past
     Nyquist (the corners) count in no shell. The images are under the soft circular particle mask of
     ``mask_radius_angst`` if given (RELION masks them only with --zero_mask, as its E-step does); ``reads``: how the
-    images are read (SpectrumReads; by default all of them here, from the stacks)."""
+    images are read (SpectrumReads; by default all of them here, from the stacks), ``batch`` images at a time
+    (default: IMAGE_BATCH_BYTES of them)."""
     labels = np.zeros(len(table), dtype=np.int64) if subset is None else np.asarray(subset, dtype=np.int64)
     H = int(labels.max()) + 1 if len(labels) else 1
     S = max(o.box for o in table.optics) // 2 + 1
@@ -73,7 +85,7 @@ def _group_power(
     labels: np.ndarray,
     H: int,
     box: int,
-    batch: int,
+    batch: int | None,
     device,
     mask_radius_px: float | None,
     mask_edge_px: float,
@@ -92,9 +104,13 @@ def _group_power(
     )
     power = torch.zeros(H, S, dtype=torch.float64, device=device)
     mean = torch.zeros(int(inside.sum()), dtype=torch.complex128, device=device)
-    for s0 in range(reads.rank * batch, len(rows), reads.ranks * batch):  # this process's share of the batches
+    batch = batch or max(1, IMAGE_BATCH_BYTES // (4 * box * box))
+    load = partial(read_images, table) if reads.load is None else reads.load
+    put = reads.put or (lambda rows, host, box: to_device(host, device))
+    starts = range(reads.rank * batch, len(rows), reads.ranks * batch)  # this process's share of the batches
+    for s0, loaded in read_ahead(lambda s0: load(rows[s0 : s0 + batch]), starts):
         these = rows[s0 : s0 + batch]
-        imgs = torch.from_numpy(read_images(table, these)).to(device) if reads.read is None else reads.read(these, box)
+        imgs = put(these, loaded, box)
         if mask_radius_px is not None:
             imgs = soft_mask_outside_map(imgs, mask_radius_px, mask_edge_px, ndim=2)
         f = rfft2_centered(imgs).flatten(1)[:, inside].to(torch.complex128)

@@ -84,7 +84,8 @@ def initial_statistics(
     # again; several ranks read a share each and sum their spectra
     d = ctx.dist
     reads = SpectrumReads(
-        partial(ctx.images.read, ctx.table),
+        partial(ctx.images.load, ctx.table),
+        ctx.images.images,
         d.rank,
         d.world_size,
         partial(all_reduce_sum_, dist=d, what="summing the initial noise spectra") if d.grouped else None,
