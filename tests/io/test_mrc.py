@@ -9,6 +9,7 @@ import pytest
 
 from cryorefine.errors import CryoInputError
 from cryorefine.io import atomic
+from cryorefine.io import mrc as mrc_module
 from cryorefine.io.atomic import atomic_write, temp_path_for
 from cryorefine.io.mrc import StackWriter, open_stack, read_map, write_map, write_maps, write_stack
 
@@ -92,10 +93,14 @@ def test_stack_round_trip_and_subset_read(tmp_path):
         assert mrc.header.mode == 2 and mrc.is_image_stack()
 
 
-def test_float32_stacks_read_by_file_reads_as_the_memory_map_gives_them(tmp_path):
+@pytest.mark.parametrize("piece_bytes", [None, 600])
+def test_float32_stacks_read_by_file_reads_as_the_memory_map_gives_them(tmp_path, monkeypatch, piece_bytes):
     """RELION's stacks (little-endian float32) are read by file reads, one per run of consecutive indices: the same
     images as mrcfile's memory map, for runs, repeats and any order, after an extended header too; a big-endian
-    stack is read through the map."""
+    stack is read through the map. Also with reads shared by three threads in pieces that cut images (600 bytes)."""
+    if piece_bytes is not None:
+        monkeypatch.setattr(mrc_module, "READ_PIECE_BYTES", piece_bytes)
+        monkeypatch.setattr(mrc_module, "READ_THREADS", 3)
     rng = np.random.default_rng(5)
     data = rng.normal(size=(40, 8, 8)).astype(np.float32)
     picks = np.array([3, 4, 5, 6, 0, 39, 38, 10, 10, 11, 12, 7, 20, 21])

@@ -190,6 +190,10 @@ def image_buffer(out: np.ndarray | None, n: int, box: int) -> np.ndarray:
     return out
 
 
+READ_PIECE_BYTES = 16 << 20  # a stack read's share for one of READ_THREADS threads
+READ_THREADS = min(4, os.cpu_count() or 1)
+
+
 class ImageStack:
     """Read access to an MRC image stack (or a single 2D image, n = 1): memory-mapped, and a stack of little-endian
     float32 images (RELION's) read by file reads straight into the result."""
@@ -249,25 +253,44 @@ class ImageStack:
         return out
 
     def _read_runs(self, indices: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """The images by one file read per run of consecutive indices, into the result. A first read through the
+        """The images by file reads of each run of consecutive indices, into the result. A first read through the
         memory map faults its pages in 4 KiB at a time: 2.4 GB/s against 5.3 GB/s here (2-core CPU, 2 GB stack in the
-        page cache), and a first read of every image is what a run's start does."""
+        page cache), and a first read of every image is what a run's start does. A read of more than READ_PIECE_BYTES
+        is shared by up to READ_THREADS threads (positional reads, which release the interpreter lock): one thread
+        read 1.5-2.3 GB/s from the page cache here, two 2.3-3.2 GB/s."""
         _, h, w = self.shape
         image = h * w * 4
         starts = np.flatnonzero(np.diff(indices, prepend=indices[0] - 2) != 1)  # each run's first position
         ends = np.append(starts[1:], len(indices))
+        pieces = []  # (bytes into the result, file offset, bytes)
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            first = self._data_offset + int(indices[a]) * image
+            for at in range(a * image, b * image, READ_PIECE_BYTES):
+                pieces.append((at, first + at - a * image, min(READ_PIECE_BYTES, b * image - at)))
         whole = out.data.cast("B")
-        assert self._file is not None
-        with self._file_lock:
-            for a, b in zip(starts.tolist(), ends.tolist()):
-                self._file.seek(self._data_offset + int(indices[a]) * image)
-                view = whole[a * image : b * image]
-                while len(view):
-                    got = self._file.readinto(view)
-                    if not got:
-                        raise CryoInputError("the stack ends before the images its header describes", path=self.path)
-                    view = view[got:]
+        shares = [pieces[i::READ_THREADS] for i in range(READ_THREADS)] if len(whole) > READ_PIECE_BYTES else [pieces]
+        shares = [share for share in shares if share]
+        if len(shares) == 1 or not hasattr(os, "preadv"):
+            self._read_pieces(whole, pieces)
+        else:
+            with ThreadPoolExecutor(len(shares), thread_name_prefix="cryorefine-read") as pool:
+                list(pool.map(lambda share: self._read_pieces(whole, share), shares))
         return out
+
+    def _read_pieces(self, whole: memoryview, pieces: list[tuple[int, int, int]]) -> None:
+        assert self._file is not None
+        for at, offset, n in pieces:
+            view = whole[at : at + n]
+            while len(view):
+                if hasattr(os, "preadv"):
+                    got = os.preadv(self._file.fileno(), [view], offset)
+                else:  # no positional reads here: a seek and its read as one step
+                    with self._file_lock:
+                        self._file.seek(offset)
+                        got = self._file.readinto(view)
+                if not got:
+                    raise CryoInputError("the stack ends before the images its header describes", path=self.path)
+                view, offset = view[got:], offset + got
 
     def close(self) -> None:
         if self._file is not None:
