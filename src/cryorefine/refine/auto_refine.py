@@ -359,21 +359,25 @@ class AutoRefineMode:
         volume = m.final_map if final else state.maps[0]  # first: the report's worker draws while the files are written
         steps.submit_report(ctx, state, state.fsc.numpy(), volume, force=final)
         halves = [f"{pre}_half{h}_class001.mrc" for h in (1, 2)]
-        write_maps(halves, m.unfiltered if final else state.maps, cfg.angpix)
-        if final:
-            write_maps([f"{pre}_half{h}_class001_unfil.mrc" for h in (1, 2)], m.unfiltered, cfg.angpix)
+        if final:  # the seven maps at once (write_maps' threads): the last files of a run are what it waits for
+            unfil = [f"{pre}_half{h}_class001_unfil.mrc" for h in (1, 2)]
+            finals = [f"{ctx.root}_class001.mrc", *(f"{ctx.root}_half{h}_class001_unfil.mrc" for h in (1, 2))]
+            write_maps(
+                [*halves, *unfil, *finals], [*m.unfiltered, *m.unfiltered, m.final_map, *m.unfiltered], cfg.angpix
+            )
+        else:
+            write_maps(halves, state.maps, cfg.angpix)
         for h in (1, 2):
             tables = self._model_tables(ctx, state, info, h - 1, f"{pre}_half{h}_class001.mrc")
             write_model_star(f"{pre}_half{h}_model.star", *tables)
-        write_particles(f"{pre}_data.star", ctx.table, **data_columns(ctx, state, random_subset=True))
+        columns = data_columns(ctx, state, random_subset=True)
+        write_particles(f"{pre}_data.star", ctx.table, **columns)
         write_sampling(ctx, state, pre)
         if final:
-            finals = [f"{ctx.root}_class001.mrc", *(f"{ctx.root}_half{h}_class001_unfil.mrc" for h in (1, 2))]
-            write_maps(finals, [m.final_map, *m.unfiltered], cfg.angpix)
             write_model_star(
                 f"{ctx.root}_model.star", *self._model_tables(ctx, state, info, 0, f"{ctx.root}_class001.mrc")
             )
-            write_particles(f"{ctx.root}_data.star", ctx.table, **data_columns(ctx, state, random_subset=True))
+            write_particles(f"{ctx.root}_data.star", ctx.table, **columns)
             p = state.poses
             radius = cfg.particle_diameter / (2 * cfg.angpix)
             write_angdist_bild(
