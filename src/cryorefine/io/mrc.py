@@ -257,7 +257,7 @@ class ImageStack:
         memory map faults its pages in 4 KiB at a time: 2.4 GB/s against 5.3 GB/s here (2-core CPU, 2 GB stack in the
         page cache), and a first read of every image is what a run's start does. A read of more than READ_PIECE_BYTES
         is shared by up to READ_THREADS threads (positional reads, which release the interpreter lock): one thread
-        read 1.5-2.3 GB/s from the page cache here, two 2.3-3.2 GB/s."""
+        read 1.0-2.3 GB/s from the page cache here, two 2.3-3.2 GB/s (2 cores, the tests running beside)."""
         _, h, w = self.shape
         image = h * w * 4
         starts = np.flatnonzero(np.diff(indices, prepend=indices[0] - 2) != 1)  # each run's first position
