@@ -93,11 +93,13 @@ def test_stack_round_trip_and_subset_read(tmp_path):
         assert mrc.header.mode == 2 and mrc.is_image_stack()
 
 
-@pytest.mark.parametrize("piece_bytes", [None, 600])
-def test_float32_stacks_read_by_file_reads_as_the_memory_map_gives_them(tmp_path, monkeypatch, piece_bytes):
+@pytest.mark.parametrize("piece_bytes, positional", [(None, True), (600, True), (600, False)])
+def test_float32_stacks_read_by_file_reads_as_the_memory_map_gives_them(tmp_path, monkeypatch, piece_bytes, positional):
     """RELION's stacks (little-endian float32) are read by file reads, one per run of consecutive indices: the same
     images as mrcfile's memory map, for runs, repeats and any order, after an extended header too; a big-endian
-    stack is read through the map. Also with reads shared by three threads in pieces that cut images (600 bytes)."""
+    stack is read through the map. Also with reads shared by three threads in pieces that cut images (600 bytes), and
+    in such pieces by seeks and reads where the OS has no positional reads."""
+    monkeypatch.setattr(mrc_module, "POSITIONAL_READS", positional and mrc_module.POSITIONAL_READS)
     if piece_bytes is not None:
         monkeypatch.setattr(mrc_module, "READ_PIECE_BYTES", piece_bytes)
         monkeypatch.setattr(mrc_module, "READ_THREADS", 3)

@@ -192,6 +192,7 @@ def image_buffer(out: np.ndarray | None, n: int, box: int) -> np.ndarray:
 
 READ_PIECE_BYTES = 16 << 20  # a stack read's share for one of READ_THREADS threads
 READ_THREADS = min(4, os.cpu_count() or 1)
+POSITIONAL_READS = hasattr(os, "preadv")  # not on every OS: there one thread reads, a seek and its read as one step
 
 
 class ImageStack:
@@ -270,7 +271,7 @@ class ImageStack:
         whole = out.data.cast("B")
         shares = [pieces[i::READ_THREADS] for i in range(READ_THREADS)] if len(whole) > READ_PIECE_BYTES else [pieces]
         shares = [share for share in shares if share]
-        if len(shares) == 1 or not hasattr(os, "preadv"):
+        if len(shares) == 1 or not POSITIONAL_READS:
             self._read_pieces(whole, pieces)
         else:
             with ThreadPoolExecutor(len(shares), thread_name_prefix="cryorefine-read") as pool:
@@ -282,9 +283,9 @@ class ImageStack:
         for at, offset, n in pieces:
             view = whole[at : at + n]
             while len(view):
-                if hasattr(os, "preadv"):
+                if POSITIONAL_READS:
                     got = os.preadv(self._file.fileno(), [view], offset)
-                else:  # no positional reads here: a seek and its read as one step
+                else:
                     with self._file_lock:
                         self._file.seek(offset)
                         got = self._file.readinto(view)
