@@ -1,4 +1,5 @@
-"""report.html: a self-contained summary of a refinement, regenerated after every iteration.
+"""report.html's figures: a self-contained summary of a refinement, regenerated after every iteration (the page
+around them: report_page.py).
 
 Every plot is a matplotlib figure rendered with the Agg backend into a PNG that is embedded as a
 base64 `data:` URI, so the page needs no other file, no network and no JavaScript.  Figures are
@@ -14,10 +15,7 @@ from __future__ import annotations
 import base64
 import html
 import io
-import math
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 
@@ -30,7 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.colors import PowerNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from cryorefine.io.atomic import atomic_write  # noqa: E402
+from cryorefine.report_page import FIGURE_TITLES, figure_jobs, n_particles, number, write_page  # noqa: E402
 
 _DPI = 90
 _STAGE_COLOURS = [
@@ -45,21 +43,6 @@ _STAGE_COLOURS = [
     "#ccb974",
     "#64b5cd",
 ]
-
-_CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif;margin:24px auto;
-max-width:1200px;color:#222;background:#fff}
-h1{font-size:22px;margin:0 0 6px 0;word-break:break-all}
-h2{font-size:17px;margin:26px 0 8px 0;border-bottom:1px solid #ddd;padding-bottom:3px}
-.meta{color:#444;font-size:14px;line-height:1.6} .meta b{color:#000}
-.grid{display:flex;flex-wrap:wrap;gap:16px} .grid figure{margin:0}
-figure img{display:block;max-width:100%;height:auto;border:1px solid #eee}
-figcaption{font-size:12px;color:#666;margin-top:3px}
-.err{color:#a33;font-size:13px;padding:8px;border:1px dashed #c88}
-table{border-collapse:collapse;font-size:13px;margin-top:4px}
-th,td{border:1px solid #ddd;padding:3px 8px;text-align:right} th{background:#f3f3f3} th.note{text-align:left}
-td.note{text-align:left;max-width:420px} tr.final td{font-weight:bold}
-"""
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -93,16 +76,8 @@ def _img(title: str, draw, *args) -> str:
     )
 
 
-def _num(x, default=float("nan")) -> float:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return default
-    return v
-
-
 def _iters(history):
-    return np.array([_num(h.get("iteration"), i) for i, h in enumerate(history)])
+    return np.array([number(h.get("iteration"), i) for i, h in enumerate(history)])
 
 
 # ------------------------------------------------------------------------------------------ plots
@@ -153,7 +128,7 @@ def _plot_fsc(fsc: np.ndarray, box: int, angpix: float):
 
 def _plot_resolution(history):
     it = _iters(history)
-    res = np.array([_num(h.get("resolution_angst")) for h in history])
+    res = np.array([number(h.get("resolution_angst")) for h in history])
     fig = _fig(6.4, 3.6)
     ax = fig.add_subplot()
     ax.plot(it, res, "o-", color="#1f4e9c", ms=4)
@@ -171,8 +146,8 @@ def _plot_resolution(history):
 
 def _plot_changes(history):
     it = _iters(history)
-    ang = np.array([_num(h.get("change_orientation_deg")) for h in history])
-    off = np.array([_num(h.get("change_offset_px")) for h in history])
+    ang = np.array([number(h.get("change_orientation_deg")) for h in history])
+    off = np.array([number(h.get("change_offset_px")) for h in history])
     fig = _fig(6.4, 3.6)
     ax = fig.add_subplot()
     l1 = ax.plot(it, ang, "o-", color="#1f4e9c", ms=4, label="orientation (°)")
@@ -265,11 +240,11 @@ def _plot_stages(history):
     ax = fig.add_subplot()
     bottom = np.zeros(len(history))
     for j, name in enumerate(names):
-        v = np.array([_num((h.get("stages") or {}).get(name), 0.0) for h in history])
+        v = np.array([number((h.get("stages") or {}).get(name), 0.0) for h in history])
         v = np.nan_to_num(v)
         ax.bar(it, v, bottom=bottom, width=0.75, label=name, color=_STAGE_COLOURS[j % len(_STAGE_COLOURS)])
         bottom += v
-    total = np.array([_num(h.get("seconds"), 0.0) for h in history])
+    total = np.array([number(h.get("seconds"), 0.0) for h in history])
     other = np.clip(np.nan_to_num(total) - bottom, 0, None)
     if np.any(other > 0.01 * max(1e-9, float(np.max(total)))):
         ax.bar(it, other, bottom=bottom, width=0.75, label="other", color="#dddddd", edgecolor="#bbbbbb", lw=0.5)
@@ -318,98 +293,28 @@ def _plot_slices(slices, angpix: float):
 
 
 # ------------------------------------------------------------------------------------------- page
-def _grid(*figures: str) -> str:
-    return "<div class=grid>" + "".join(figures) + "</div>"
+_DRAW = {
+    "fsc": _plot_fsc,
+    "resolution": _plot_resolution,
+    "changes": _plot_changes,
+    "angdist": _plot_angdist,
+    "classes": _plot_classes,
+    "stages": _plot_stages,
+    "slices": _plot_slices,
+}
 
 
-def _fmt(x, spec: str, empty: str = "–") -> str:
-    v = _num(x)
-    return empty if not math.isfinite(v) else format(v, spec)
-
-
-def _table(history) -> str:
-    head = ("iteration", "resolution (Å)", "sampling", "Δangle (°)", "Δoffset (px)", "nsig", "pmax", "time (s)", "note")
-    out = [
-        "<table><thead><tr>"
-        + "".join(f"<th class=note>{h}</th>" if h == "note" else f"<th>{h}</th>" for h in head)
-        + "</tr></thead><tbody>"
-    ]
-    for h in history:
-        order = h.get("healpix_order")
-        samp = "–"
-        if order is not None:
-            samp = f"hp{int(order)} ({60.0 / 2 ** int(order):.2f}°), {'local' if h.get('local') else 'global'}"
-        note = h.get("note") or ""
-        if h.get("final"):
-            note = "final iteration" + ("; " + note if note else "")
-        cells = [
-            f"{int(_num(h.get('iteration'), 0))}",
-            _fmt(h.get("resolution_angst"), ".2f"),
-            html.escape(samp),
-            _fmt(h.get("change_orientation_deg"), ".2f"),
-            _fmt(h.get("change_offset_px"), ".2f"),
-            _fmt(h.get("mean_significant"), ".1f"),
-            _fmt(h.get("mean_max_prob"), ".3f"),
-            _fmt(h.get("seconds"), ".1f"),
-        ]
-        row = "".join(f"<td>{c}</td>" for c in cells) + f'<td class="note">{html.escape(str(note))}</td>'
-        out.append(f"<tr{' class=final' if h.get('final') else ''}>{row}</tr>")
-    out.append("</tbody></table>")
-    return "\n".join(out)
+def draw_figure(key: str, *args) -> str:
+    """The <figure> HTML of report_page.FIGURE_TITLES' ``key`` drawn from ``args`` (report_page.figure_jobs)."""
+    return _img(FIGURE_TITLES[key], _DRAW[key], *args)
 
 
 def write_report(
     out_dir, root: str, history: list[dict], fsc: np.ndarray, box: int, angpix: float, poses, slices
 ) -> None:
-    """Write `out_dir/report.html` (atomically): plots of the run so far, embedded as base64 PNGs. ``slices``: the
-    map's central (xy, xz, yz) planes (refine.steps.central_slices)."""
+    """Write `out_dir/report.html` (atomically): plots of the run so far, embedded as base64 PNGs, drawn here one
+    after the other. ``slices``: the map's central (xy, xz, yz) planes (refine.steps.central_slices)."""
     history = list(history or [])
-    last = history[-1] if history else {}
-    res = _num(last.get("resolution_angst"))
-    n_part = len(np.asarray(poses.rot_deg).ravel())
-    status = "finished" if last.get("final") else "running"
-    title = f"cryorefine report — {root}"
-
-    sections = []
-    sections.append(
-        "<h2>Resolution</h2>"
-        + _grid(
-            _img("Half-map FSC against resolution", _plot_fsc, fsc, box, angpix),
-            _img("Resolution per iteration", _plot_resolution, history) if history else "",
-        )
-    )
-    sections.append(
-        "<h2>Pose changes and angular distribution</h2>"
-        + _grid(
-            _img("Pose changes per iteration", _plot_changes, history) if history else "",
-            _img("Angular distribution (rot vs tilt)", _plot_angdist, poses),
-        )
-    )
-    has_classes = any(h.get("class_distribution") is not None for h in history)
-    if history:
-        sections.append(
-            f"<h2>{'Class distribution and time' if has_classes else 'Time'} per iteration</h2>"
-            + _grid(
-                _img("Class distribution per iteration", _plot_classes, history) if has_classes else "",
-                _img("Time per stage per iteration", _plot_stages, history),
-            )
-        )
-    sections.append("<h2>Map</h2>" + _grid(_img("Central slices of the map", _plot_slices, slices, angpix)))
-    sections.append("<h2>Iterations</h2>" + _table(history))
-
-    total_s = sum(_num(h.get("seconds"), 0.0) for h in history)
-    meta = (
-        f"<div class=meta>Generated <b>{time.strftime('%Y-%m-%d %H:%M:%S')}</b> · status <b>{status}</b> · "
-        f"<b>{len(history)}</b> iteration{'s' if len(history) != 1 else ''} · latest resolution "
-        f"<b>{_fmt(res, '.2f')} Å</b> · {n_part} particles · box {int(box)} px at {angpix:.4g} Å/px · "
-        f"total time {total_s:.1f} s</div>"
-    )
-    page = (
-        "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
-        f"<h1>{html.escape(title)}</h1>\n{meta}\n" + "\n".join(sections) + "\n</body></html>\n"
-    )
-
-    path = Path(out_dir) / "report.html"
-    with atomic_write(path) as tmp:
-        Path(tmp).write_text(page, encoding="utf-8")
+    jobs = figure_jobs(history, fsc, box, angpix, poses, slices)
+    figures = {key: draw_figure(key, *args) for key, args in jobs}
+    write_page(out_dir, root, history, box, angpix, n_particles(poses), figures)
