@@ -148,3 +148,23 @@ def test_report_renders_in_chromium(tmp_path):
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 20_000
+
+
+def test_a_page_from_figures_drawn_apart_is_the_report_drawn_whole(tmp_path):
+    """The last report's split (one job per figure, the page written by the run's process) leaves out no figure and
+    changes none."""
+    from cryorefine.refine.report_refresh import report_parts
+
+    history, fsc, poses, volume = _inputs(classes=True)
+    pages = []
+    for name in ("apart", "whole"):
+        (tmp_path / name).mkdir()
+        args = (tmp_path / name, "run", history, fsc, BOX, ANGPIX, poses, central_slices(volume))
+        if name == "apart":
+            jobs, write = report_parts(args)
+            write([fn(*a) for fn, *a in reversed(jobs)][::-1])
+        else:
+            write_report(*args)
+        text = (tmp_path / name / "report.html").read_text(encoding="utf-8")
+        pages.append(re.sub(r"Generated <b>[^<]*</b>", "", text))
+    assert pages[0] == pages[1] and pages[0].count("<figure>") == 7

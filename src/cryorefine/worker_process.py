@@ -1,9 +1,10 @@
-"""A worker process beside the run (spawned, one job at a time), for Python work that would otherwise hold the
+"""Worker processes beside the run (spawned; one unless asked for more), for Python work that would otherwise hold the
 interpreter lock the thread queuing the GPU's work needs: drawing reports, formatting STAR files."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.machinery
 import multiprocessing
 import signal
@@ -16,21 +17,27 @@ from concurrent.futures import Future, ProcessPoolExecutor
 _STARTING = threading.Lock()  # one process start at a time: each swaps the main module's spec
 
 
-def submit(pool: ProcessPoolExecutor | None, fn: Callable, *args) -> tuple[ProcessPoolExecutor, Future]:
-    """fn(*args) in ``pool``'s worker process, a new pool (spawned: the run's CUDA state is not forked) where None;
-    the process starts at a pool's first submit. Returns the pool and the job's future. Raises OSError or
+def submit(
+    pool: ProcessPoolExecutor | None, fn: Callable, *args, workers: int = 1, preload: str | None = None
+) -> tuple[ProcessPoolExecutor, Future]:
+    """fn(*args) in one of ``pool``'s worker processes, a new pool of up to ``workers`` (spawned: the run's CUDA state
+    is not forked) where None, each of which imports the module ``preload`` (if any) as it starts. A process starts
+    at a submit that finds none idle, up to ``workers``. Returns the pool and the job's future. Raises OSError or
     RuntimeError where no process can start (a broken pool is a RuntimeError too)."""
     with _STARTING, _main_module_not_rerun():
         if pool is None:
             pool = ProcessPoolExecutor(
-                1, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_interrupts
+                workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start, initargs=(preload,)
             )
         return pool, pool.submit(fn, *args)
 
 
-def _ignore_interrupts() -> None:
-    """In the worker: Ctrl-C is the run's to handle (the worker ends with it), not a traceback of its own."""
+def _start(preload: str | None) -> None:
+    """In a new worker: Ctrl-C is the run's to handle (the worker ends with it), not a traceback of its own; then
+    ``preload`` imported, so that the first job does not wait for it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if preload is not None:
+        importlib.import_module(preload)
 
 
 @contextlib.contextmanager

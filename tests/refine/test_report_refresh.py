@@ -13,10 +13,22 @@ def _pid_to(path):  # module-level: the worker imports it by name
     Path(path).write_text(str(os.getpid()))
 
 
-def _report_loaded_to(path):
+def _pid_and_report_loaded(path, wait_s):  # a figure's job: which process drew it, with the report loaded or not
     import sys
+    import time
 
-    Path(path).write_text(str("cryorefine.report" in sys.modules))
+    start = time.time()
+    time.sleep(wait_s)  # long enough that the other worker takes the next job
+    return os.getpid(), "cryorefine.report" in sys.modules, start, time.time()
+
+
+def _two_figures(args):  # parts: the report split in two jobs, the page (their results) written by the run's process
+    (path,) = args
+
+    def write(results):
+        Path(path).write_text(repr([*results, os.getpid()]))
+
+    return [(_pid_and_report_loaded, path, 1.0), (_pid_and_report_loaded, path, 1.0)], write
 
 
 def _fails(path):
@@ -40,14 +52,20 @@ def test_reports_are_drawn_in_a_worker_process_when_due_and_at_the_end(tmp_path,
     assert int((tmp_path / "d").read_text()) != os.getpid() and said == []
 
 
-def test_prepare_loads_the_report_modules_into_the_worker_before_the_first_report(tmp_path):
-    for prepared in (False, True):
-        refresher = ReportRefresher(print, _report_loaded_to)
-        if prepared:
-            refresher.prepare()
-        refresher.submit((tmp_path / "loaded",), force=True)
-        refresher.flush()
-        assert (tmp_path / "loaded").read_text() == str(prepared)
+def test_the_last_report_is_drawn_by_the_prepared_workers_side_by_side(tmp_path):
+    """prepare() starts the workers, each loading the report's modules; the last (forced) report's figures are drawn
+    one per worker and its page written by the run's process. A refresh is one job (``draw``)."""
+    refresher = ReportRefresher(print, _pid_to, _two_figures, workers=2)
+    refresher.prepare()
+    refresher.submit((tmp_path / "last",), force=True)
+    refresher.flush()
+    (pid1, loaded1, start1, end1), (pid2, loaded2, start2, end2), writer = eval((tmp_path / "last").read_text())
+    assert loaded1 and loaded2 and writer == os.getpid() and len({pid1, pid2, writer}) == 3
+    assert start2 < end1 and start1 < end2  # side by side
+    one_worker = ReportRefresher(print, _pid_to, _two_figures, workers=1)
+    one_worker.submit((tmp_path / "whole",), force=True)  # one worker: the whole report in one job
+    one_worker.flush()
+    assert int((tmp_path / "whole").read_text()) != os.getpid()
 
 
 def test_a_report_that_cannot_be_drawn_is_told_and_the_run_goes_on(tmp_path):
