@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from cryorefine import worker_process
-from cryorefine.io.background import BackgroundWriter, StarTextInProcess
+from cryorefine.io.background import BackgroundWriter, StarTextInProcess, side_by_side
 from cryorefine.io import star
 from cryorefine.io.star import write_star_table
 
@@ -88,3 +88,56 @@ def test_an_error_of_the_text_itself_is_raised_and_the_worker_kept():
         made({"x": {}})
     assert int(made({})) != os.getpid()  # still the worker's
     made.close()
+
+
+def test_files_side_by_side_run_at_once_with_the_callers_text_maker(tmp_path):
+    """The last iteration's files: jobs in several threads, each seeing the writer's STAR text maker; a failing job's
+    error raised once the others have written theirs. One thread: in order, here."""
+    import threading
+
+    import pytest
+
+    both = threading.Barrier(2, timeout=10)  # two jobs that can only finish together
+    seen, order = [], []
+
+    def job(name):
+        def run():
+            if name != "third":
+                both.wait()
+            seen.append(star.TEXT_MAKER.get())
+            if name == "fails":
+                raise ValueError("disk says no")
+            write_star_table(tmp_path / f"{name}.star", _blocks())
+
+        return run
+
+    token = star.TEXT_MAKER.set(star.star_text)
+    try:
+        with pytest.raises(ValueError, match="disk says no"):
+            side_by_side([job("fails"), job("written"), job("third")], threads=3)
+    finally:
+        star.TEXT_MAKER.reset(token)
+    assert (
+        seen == [star.star_text] * 3 and (tmp_path / "written.star").is_file() and (tmp_path / "third.star").is_file()
+    )
+    side_by_side([lambda n=n: order.append(n) for n in range(5)], threads=1)
+    assert order == list(range(5))
+
+
+def test_a_star_file_for_several_paths_has_its_text_made_once(tmp_path):
+    made = []
+
+    def maker(blocks):
+        made.append(1)
+        return star.star_text(blocks)
+
+    token = star.TEXT_MAKER.set(maker)
+    try:
+        write_star_table([tmp_path / "a.star", tmp_path / "b.star"], _blocks())
+    finally:
+        star.TEXT_MAKER.reset(token)
+    write_star_table(tmp_path / "one.star", _blocks())
+    assert made == [1]
+    assert (
+        (tmp_path / "a.star").read_bytes() == (tmp_path / "b.star").read_bytes() == (tmp_path / "one.star").read_bytes()
+    )

@@ -43,6 +43,32 @@ def test_write_maps_in_threads_writes_the_files_write_map_writes(tmp_path):
         write_maps([tmp_path / "a.mrc", tmp_path / "missing" / "b.mrc"], maps[:2], 1.3)
 
 
+def test_a_map_given_for_several_paths_is_copied_from_the_device_once(tmp_path, monkeypatch):
+    """auto-refine's last iteration names each unfiltered half three times: one host copy, the same file at each."""
+    import torch
+
+    from cryorefine.io import mrc
+
+    copied: list[int] = []
+
+    def counted(maps):
+        copied.append(len(maps))
+        return to_host(maps)
+
+    to_host = mrc.to_host
+    monkeypatch.setattr(mrc, "to_host", counted)
+    g = np.random.default_rng(3)
+    a, b = (torch.from_numpy(g.standard_normal((10, 10, 10)).astype(np.float32)) for _ in range(2))
+    names = ["a1", "b1", "a2", "a3", "b2"]
+    write_maps([tmp_path / f"{n}.mrc" for n in names], [a, b, a, a, b], 2.0)
+    assert copied == [2]
+    write_map(tmp_path / "a.mrc", a.numpy(), 2.0)
+    write_map(tmp_path / "b.mrc", b.numpy(), 2.0)
+    for n in names:
+        assert (tmp_path / f"{n}.mrc").read_bytes() == (tmp_path / f"{n[0]}.mrc").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(f"{n}.mrc" for n in names), "a.mrc", "b.mrc"])
+
+
 @pytest.mark.parametrize("dtype", [np.int8, np.int16, np.uint16, np.float16, np.float32])
 def test_read_map_modes(tmp_path, dtype):
     data = (np.arange(4**3).reshape(4, 4, 4) % 100).astype(dtype)

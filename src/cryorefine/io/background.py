@@ -7,12 +7,27 @@ submit, wait or close.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from .. import worker_process
 from . import star
+
+
+def side_by_side(jobs: list[Callable[[], None]], threads: int) -> None:
+    """Run independent file jobs (``threads`` at once; one: here, in order), each with the caller's context (the
+    STAR text's maker, TEXT_MAKER); the first error is raised once all have ended. For the files a run's end waits
+    for: the map writes let go of the interpreter lock, and STAR files' text is made in the worker process."""
+    if threads <= 1:
+        for job in jobs:
+            job()
+        return
+    with ThreadPoolExecutor(min(threads, len(jobs)), thread_name_prefix="cryorefine-files") as pool:
+        done = [pool.submit(contextvars.copy_context().run, job) for job in jobs]
+    for job in done:
+        job.result()
 
 
 def _ready() -> None:

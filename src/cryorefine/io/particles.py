@@ -561,5 +561,5 @@ def particle_blocks(table: ParticleTable, **updated_columns) -> dict[str, pd.Dat
 
 
 def write_particles(path, table: ParticleTable, **updated_columns) -> None:
-    """Write the table as a RELION 3.1 particle STAR file (atomically)."""
+    """Write the table as a RELION 3.1 particle STAR file (atomically; to ``path``, or each of a list of paths)."""
     write_star(path, particle_blocks(table, **updated_columns))

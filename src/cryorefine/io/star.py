@@ -167,14 +167,15 @@ TEXT_MAKER: ContextVar[Callable[[dict], str] | None] = ContextVar("star_text_mak
 
 
 def write_star_table(path, blocks: dict) -> None:
-    """Write blocks atomically; a DataFrame is a loop_ block, a dict of scalars a key/value block (RELION 3.1
-    layout)."""
+    """Write blocks atomically to ``path``, or to each path of a list (the text made once); a DataFrame is a loop_
+    block, a dict of scalars a key/value block (RELION 3.1 layout)."""
     blocks = {name: _as_block(block) for name, block in blocks.items()}
     text = (TEXT_MAKER.get() or star_text)(blocks)
-    with atomic_write(path) as tmp:
-        Path(tmp).write_text(text)
+    for each in path if isinstance(path, (list, tuple)) else [path]:
+        with atomic_write(each) as tmp:
+            Path(tmp).write_text(text)
 
 
 def write_star(path, blocks: dict[str, pd.DataFrame]) -> None:
-    """Write {name: DataFrame} loop_ blocks atomically."""
+    """Write {name: DataFrame} loop_ blocks atomically (to ``path``, or each of a list of paths)."""
     write_star_table(path, blocks)

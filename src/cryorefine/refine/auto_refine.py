@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..fourier.filters import low_pass_filter
+from ..io.background import side_by_side
 from ..io.mrc import read_map, write_maps
 from ..io.outputs import it_prefix, write_angdist_bild, write_model_star
 from ..io.particles import write_particles
@@ -53,6 +54,9 @@ from .relion_files import (
 from .schedule import Schedule
 from .state import RunState, from_checkpoint, read_state
 
+# the last iteration's files at once: seven maps (three written, four copies), three model.star, two data.star (one
+# text), the sampling and the angular distribution, which the run's end waits for
+FINAL_FILE_THREADS = 4
 # one half's reference at a time, both halves' back-projectors (half set 1's may wait in host memory while half set
 # 2 is scored: memory.park_finished_half); the final iteration's E-step holds the whole grids
 ESTEP_VOLUMES = {"references": 1, "backprojectors": 2, "resident_backprojectors": 1, "whole": True}
@@ -354,37 +358,42 @@ class AutoRefineMode:
         return general, classes, [half], groups_table(ctx, stats), noise_tables(ctx, stats), directions
 
     def write_files(self, ctx: RunContext, state: RunState, info: dict) -> list[str] | None:
+        """The iteration's files (RELION's names); the last iteration's side by side (FINAL_FILE_THREADS): the run's
+        end waits for them."""
         cfg, m, final = ctx.cfg, info["m"], state.schedule.final_iteration
         pre = it_prefix(ctx.root, state.iteration)
         volume = m.final_map if final else state.maps[0]  # first: the report's worker draws while the files are written
         steps.submit_report(ctx, state, state.fsc.numpy(), volume, force=final)
         halves = [f"{pre}_half{h}_class001.mrc" for h in (1, 2)]
-        if final:  # the seven maps at once (write_maps' threads): the last files of a run are what it waits for
+        models = [(f"{pre}_half{h}_model.star", h - 1, halves[h - 1]) for h in (1, 2)]
+        data_files = [f"{pre}_data.star"]
+        if final:  # the seven maps of three (write_maps writes each once, then copies its file)
             unfil = [f"{pre}_half{h}_class001_unfil.mrc" for h in (1, 2)]
             finals = [f"{ctx.root}_class001.mrc", *(f"{ctx.root}_half{h}_class001_unfil.mrc" for h in (1, 2))]
-            write_maps(
-                [*halves, *unfil, *finals], [*m.unfiltered, *m.unfiltered, m.final_map, *m.unfiltered], cfg.angpix
-            )
+            paths, maps = [*halves, *unfil, *finals], [*m.unfiltered, *m.unfiltered, m.final_map, *m.unfiltered]
+            models.append((f"{ctx.root}_model.star", 0, f"{ctx.root}_class001.mrc"))
+            data_files.append(f"{ctx.root}_data.star")  # the same text as the iteration's
         else:
-            write_maps(halves, state.maps, cfg.angpix)
-        for h in (1, 2):
-            tables = self._model_tables(ctx, state, info, h - 1, f"{pre}_half{h}_class001.mrc")
-            write_model_star(f"{pre}_half{h}_model.star", *tables)
+            paths, maps = halves, list(state.maps)
         columns = data_columns(ctx, state, random_subset=True)
-        write_particles(f"{pre}_data.star", ctx.table, **columns)
-        write_sampling(ctx, state, pre)
+        jobs = [
+            partial(write_maps, paths, maps, cfg.angpix),
+            *(partial(self._write_model, ctx, state, info, *model) for model in models),
+            partial(write_particles, data_files, ctx.table, **columns),
+            partial(write_sampling, ctx, state, pre),
+        ]
         if final:
-            write_model_star(
-                f"{ctx.root}_model.star", *self._model_tables(ctx, state, info, 0, f"{ctx.root}_class001.mrc")
-            )
-            write_particles(f"{ctx.root}_data.star", ctx.table, **columns)
             p = state.poses
             radius = cfg.particle_diameter / (2 * cfg.angpix)
-            write_angdist_bild(
-                f"{ctx.root}_class001_angdist.bild", p.rot_deg, p.tilt_deg, radius, ctx.box // 2, cfg.angpix
-            )
+            bild = f"{ctx.root}_class001_angdist.bild"
+            jobs.append(partial(write_angdist_bild, bild, p.rot_deg, p.tilt_deg, radius, ctx.box // 2, cfg.angpix))
+        side_by_side(jobs, FINAL_FILE_THREADS if final else 1)
         # the final iteration's half maps are the unfiltered ones: the checkpoint keeps the maps themselves
         return None if final else halves
+
+    def _write_model(self, ctx: RunContext, state: RunState, info: dict, path: str, model: int, reference: str):
+        """model.star of ``model`` (the half set − 1) at ``path``, naming ``reference`` as its map."""
+        write_model_star(path, *self._model_tables(ctx, state, info, model, reference))
 
     def summary(self, ctx: RunContext, state: RunState) -> dict:
         return {
