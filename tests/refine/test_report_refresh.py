@@ -53,8 +53,9 @@ def test_reports_are_drawn_in_a_worker_process_when_due_and_at_the_end(tmp_path,
 
 
 def test_the_last_report_is_drawn_by_the_prepared_workers_side_by_side(tmp_path):
-    """prepare() starts the workers, each loading the report's modules; the last (forced) report's figures are drawn
-    one per worker and its page written by the run's process. A refresh is one job (``draw``)."""
+    """prepare() starts a worker and the first submit the others, each loading the report's modules as it starts; the
+    last (forced) report's figures are drawn one per worker and its page written by the run's process. A refresh is
+    one job (``draw``)."""
     refresher = ReportRefresher(print, _pid_to, _two_figures, workers=2)
     refresher.prepare()
     refresher.submit((tmp_path / "last",), force=True)

@@ -60,14 +60,15 @@ class ReportRefresher:
     """The latest report to write, held back while the last refresh is recent or still being drawn. The first refresh
     comes REPORT_INTERVAL_S into the run.
 
-    Worker processes draw them (spawned at prepare() or the first refresh, kept for the run): the plots take ~1.2 s
-    of CPU (a 256³ map, 5,000 particles; 2-core machine), which in the run's process held the interpreter lock that
-    the thread queuing the GPU's work needs. A refresh is one job, drawn by one worker while the run goes on; the last
-    report (forced, or held back to the run's end), which the run's end waits for, is split by ``parts`` into one job
-    per figure for up to ``workers`` processes side by side, and the page written in the run's process. Where no
-    worker process can start, or a worker ends (killed), the reports are drawn in the run's process. ``warn`` is told
-    (one line) when a report could not be drawn; the run goes on. ``draw`` (picklable, module-level): what draws a
-    whole report, given submit's arguments; ``parts``: those arguments split as report_parts does."""
+    Worker processes draw them (one spawned at prepare(), the others at the first submit; kept for the run): the
+    plots take ~1.2 s of CPU (a 256³ map, 5,000 particles; 2-core machine), which in the run's process held the
+    interpreter lock that the thread queuing the GPU's work needs. A refresh is one job, drawn by one worker while the
+    run goes on; the last report (forced, or held back to the run's end), which the run's end waits for, is split by
+    ``parts`` into one job per figure for up to ``workers`` processes side by side, and the page written in the run's
+    process. Where no worker process can start, or a worker ends (killed), the reports are drawn in the run's
+    process. ``warn`` is told (one line) when a report could not be drawn; the run goes on. ``draw`` (picklable,
+    module-level): what draws a whole report, given submit's arguments; ``parts``: those arguments split as
+    report_parts does."""
 
     def __init__(
         self,
@@ -85,11 +86,13 @@ class ReportRefresher:
         self._in_process = False  # a worker ended: the run's process draws the rest
         self._warn, self._draw, self._parts = warn, draw, parts
         self._workers = report_workers() if workers is None else workers
+        self._started_all = self._workers == 1
 
     def submit(self, args: tuple, force: bool = False) -> None:
         """``args`` (picklable) of the latest report; drawn now if due and none is being drawn, or ``force``d (then
         after the one being drawn, split into figures: the run's last report)."""
         self._pending = args
+        self._start_the_rest()
         if force:
             self._wait()
         elif self._drawing is not None and all(job.done() for job in self._drawing[0]):
@@ -98,13 +101,24 @@ class ReportRefresher:
             self._start(split=force)
 
     def prepare(self) -> None:
-        """Start the worker processes now, each loading the report's modules, beside the run: a run shorter than
-        REPORT_INTERVAL_S draws its first report at its end, which then also waited for new processes' imports
-        (~2 s). Where matplotlib or a worker process is missing, nothing to do (the first report tells)."""
+        """Start one worker process now, loading the report's modules, beside the run: a run shorter than
+        REPORT_INTERVAL_S draws its first report at its end, which then also waited for a new process's imports
+        (~2 s). The others start at the first submit (an iteration's files, on the writer's thread): six started here
+        held the run's start back ~0.4 s (H100, betagal-like). Where matplotlib or a worker process is missing,
+        nothing to do (the first report tells)."""
         if self._pool is not None or self._in_process or importlib.util.find_spec("matplotlib") is None:
             return
         with contextlib.suppress(OSError, RuntimeError):
-            for _ in range(self._workers):  # each submit that finds no idle worker starts one more
+            self._submit(_started)
+
+    def _start_the_rest(self) -> None:
+        """Once, with a pool that prepare() started: the rest of the ``workers`` (each submit that finds no worker
+        idle starts one more; the idle one takes the first)."""
+        if self._pool is None or self._started_all or self._in_process:
+            return
+        self._started_all = True
+        with contextlib.suppress(OSError, RuntimeError):  # a broken pool: the next report tells
+            for _ in range(self._workers):
                 self._submit(_started)
 
     def close(self) -> None:
