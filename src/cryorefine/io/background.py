@@ -8,7 +8,7 @@ submit, wait or close.
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -16,7 +16,7 @@ from .. import worker_process
 from . import star
 
 
-def side_by_side(jobs: list[Callable[[], None]], threads: int) -> None:
+def side_by_side(jobs: Sequence[Callable[[], object]], threads: int) -> None:
     """Run independent file jobs (``threads`` at once; one: here, in order), each with the caller's context (the
     STAR text's maker, TEXT_MAKER); the first error is raised once all have ended. For the files a run's end waits
     for: the map writes let go of the interpreter lock, and STAR files' text is made in the worker process."""
@@ -26,8 +26,8 @@ def side_by_side(jobs: list[Callable[[], None]], threads: int) -> None:
         return
     with ThreadPoolExecutor(min(threads, len(jobs)), thread_name_prefix="cryorefine-files") as pool:
         done = [pool.submit(contextvars.copy_context().run, job) for job in jobs]
-    for job in done:
-        job.result()
+    for future in done:
+        future.result()
 
 
 def _ready() -> None:

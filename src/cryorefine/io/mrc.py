@@ -147,7 +147,8 @@ def write_maps(paths, maps, angpix: float) -> None:
     paths (the same object: auto-refine's last iteration writes its two unfiltered halves three times each) is copied
     from the device and written once, its file then copied to the other paths."""
     first: dict[int, int] = {}  # id(map) -> its place in ``unique``
-    unique, groups = [], []
+    unique: list = []
+    groups: list[list] = []
     for path, m in zip(paths, maps):
         k = first.setdefault(id(m), len(unique))
         if k == len(unique):
