@@ -536,7 +536,7 @@ def main(argv=None) -> int:
         "skipped": skipped,
         "budget_s": a.budget,
         "max_seconds": a.max_seconds,
-        "flags": s.flags,
+        "flags": s.our_flags,
         "data": build_info,
         "build_s": build_s,
         "runs": [],

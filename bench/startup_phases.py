@@ -94,7 +94,7 @@ def set_command(set_: str, workdir: str, gpu: bool, extra: str, out_root: str) -
     cmd = "classify" if s.job == "class3d" else "refine"
     particles, reference = data / "particles_noposes.star", data / f"init{int(s.ini_high)}.mrc"
     argv = [cmd, "--i", str(particles), "--o", out_root, "--ref", str(reference)]
-    return argv + list(s.flags) + (["--gpu"] if gpu else []) + shlex.split(extra)
+    return argv + list(s.our_flags) + (["--gpu"] if gpu else []) + shlex.split(extra)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,9 @@ def test_relion_gets_the_sets_flags_and_its_resource_flags(tmp_path):
     r = pb.SETS["betagal"]
     argv = r5.relion_argv(r, pb.Paths(tmp_path, r), tmp_path / "run", 1, False)
     assert argv.count("--auto_refine") == 1 and "--split_random_halves" in argv and "--gpu" not in argv
+    # RELION-5 reconstructs without gridding iterations by default (and warns of --skip_gridding): ours are told
+    ours = pb.job_argv(r, pb.Paths(tmp_path, r), True, None)
+    assert "--skip_gridding" not in argv and "--skip_gridding" in ours
 
 
 @pytest.mark.slow
