@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Issue 23's RELION-5 beside ours, step 3 of 3: RELION's relion_refine on one of paper_bench.py's sets, from the same
 particles (particles_noposes.star: no true angles or offsets), the same starting map and the same flags as our run
-of that set, clean start, so that paper_bench.py's report quotes this measured run instead of README figures.
+of that set (ours add paper_bench.AS_RELION5, which are RELION-5's defaults and are not passed here), clean start, so
+that paper_bench.py's report quotes this measured run instead of README figures.
 
 usage: python bench/relion5/run.py SET [--workdir W] [--relion BIN_DIR] [--ranks 3] [--threads 6] [--no_gpu]
                                        [--budget S] [--out DIR]
@@ -14,7 +15,7 @@ Writes W/SET/relion5/relion5.json (read by paper_bench.py's report) and OUT/<dat
 time, per-iteration times (from the optimiser files' times), iterations, resolution (FSC 0.143 of the final
 model.star, else the last iteration's rlnCurrentResolution), status, command, RELION version, device.
 With --relion pointing at Debian's /usr/bin and --no_gpu it runs RELION 3.1.3 on the CPU (how this script is tested
-on a machine without a GPU, on the tiny set).
+on a machine without a GPU, on the tiny set; RELION 3.1.3 then runs its gridding iterations, which ours skip).
 """
 
 from __future__ import annotations
