@@ -6,8 +6,6 @@ default order 2, which took two minutes of CI).
 With classes that do not separate (a broken class dimension, priors or M-step) the accuracy is ~50 %.
 """
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -20,7 +18,6 @@ from cryorefine.mixture import state_maps
 from cryorefine.simulate import simulate_particles, without_poses
 
 BOX, ANGPIX = 32, 6.0
-ALIGNED_SECONDS: list[float] = []  # the fixture's aligned classification
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +47,6 @@ def classified(tmp_path_factory):
     write_star(d / "particles_poses.star", {"optics": b["optics"], "particles": allp.drop(columns=["rlnClassNumber"])})
     avg = (read_map(d / "s1" / "truth.mrc")[0] + read_map(d / "s2" / "truth.mrc")[0]) / 2
     write_map(d / "start.mrc", low_pass_filter(torch.from_numpy(avg).double(), 40.0, ANGPIX).float().numpy(), ANGPIX)
-    t0 = time.perf_counter()
     rc = main(
         [
             "classify",
@@ -84,7 +80,6 @@ def classified(tmp_path_factory):
         ]
     )
     assert rc == 0
-    ALIGNED_SECONDS.append(time.perf_counter() - t0)
     truth = allp["rlnClassNumber"].to_numpy()
     return d, truth
 
@@ -110,31 +105,34 @@ def test_states_are_separated(classified):
     assert dist.min() > 0.3, dist
 
 
-def skip_align(d, star: str, out: str, how: str = "--skip_align") -> tuple[np.ndarray, float]:
+def skip_align(d, star: str, out: str, how: str = "--skip_align") -> np.ndarray:
     flags = "--K 2 --iter 6 --tau2_fudge 4 --ini_high 40 --particle_diameter 170 --ctf --flatten_solvent --zero_mask"
-    t0 = time.perf_counter()
     argv = ["classify", "--i", str(d / star), "--o", str(d / out / "run"), "--ref", str(d / "start.mrc"),
             how, "--random_seed", "2", "--offset_range", "3", "--offset_step", "1", *flags.split()]  # fmt: skip
     assert main(argv) == 0
-    seconds = time.perf_counter() - t0
-    return read_star(d / out / "run_it006_data.star")["particles"]["rlnClassNumber"].to_numpy(), seconds
+    return read_star(d / out / "run_it006_data.star")["particles"]["rlnClassNumber"].to_numpy()
 
 
 def test_skip_align_classifies_at_the_known_poses(classified):
     """--skip_align (focused classification after a consensus refinement): the same mixture with every particle's
-    true pose, only the classes searched: at least 95 % right, in a fraction of the aligned run's time. Control: the
+    true pose, only the classes searched: at least 95 % right, every pose as given (nothing aligned). Control: the
     same particles with their angles scrambled stay near chance."""
     d, truth = classified
-    pred, seconds = skip_align(d, "particles_poses.star", "skip")
+    pred = skip_align(d, "particles_poses.star", "skip")
     acc = max(np.mean(pred == truth), np.mean(pred == 3 - truth))
-    print(f"--skip_align: {acc:.3f} right in {seconds:.1f} s (aligned: {ALIGNED_SECONDS[0]:.1f} s)")
-    assert acc >= 0.95 and seconds < 0.5 * ALIGNED_SECONDS[0]
+    print(f"--skip_align: {acc:.3f} right")
+    assert acc >= 0.95
+    pose = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"]
+    given = read_star(d / "particles_poses.star")["particles"]
+    out = read_star(d / "skip" / "run_it006_data.star")["particles"]
+    assert [n.split("@")[0] for n in out["rlnImageName"]] == [n.split("@")[0] for n in given["rlnImageName"]]
+    np.testing.assert_allclose(out[pose].to_numpy(), given[pose].to_numpy(), atol=1e-4)
     blocks = read_star(d / "particles_poses.star")
     rng = np.random.default_rng(0)
     blocks["particles"]["rlnAngleRot"] = rng.uniform(-180, 180, len(truth))
     blocks["particles"]["rlnAnglePsi"] = rng.uniform(-180, 180, len(truth))
     write_star(d / "scrambled.star", blocks)
-    pred, _ = skip_align(d, "scrambled.star", "scrambled")
+    pred = skip_align(d, "scrambled.star", "scrambled")
     acc = max(np.mean(pred == truth), np.mean(pred == 3 - truth))
     print(f"control, angles scrambled: {acc:.3f} right")
     assert acc < 0.8
@@ -156,9 +154,9 @@ def test_skip_rotate_finds_the_classes_and_the_offsets(classified):
     true_offsets = blocks["particles"][["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()
     blocks["particles"][["rlnOriginXAngst", "rlnOriginYAngst"]] = true_offsets + [12.0, -12.0]
     write_star(d / "moved_offsets.star", blocks)
-    pred, seconds = skip_align(d, "moved_offsets.star", "rotate", "--skip_rotate")
+    pred = skip_align(d, "moved_offsets.star", "rotate", "--skip_rotate")
     acc = max(np.mean(pred == truth), np.mean(pred == 3 - truth))
     found = read_star(d / "rotate" / "run_it006_data.star")["particles"][["rlnOriginXAngst", "rlnOriginYAngst"]]
     error = np.median(np.hypot(*(found.to_numpy() - true_offsets).T))
-    print(f"--skip_rotate: {acc:.3f} right in {seconds:.1f} s; median offset error {error:.2f} Å (given: 16.97)")
+    print(f"--skip_rotate: {acc:.3f} right; median offset error {error:.2f} Å (given: 16.97)")
     assert acc >= 0.95 and error < ANGPIX
