@@ -52,7 +52,9 @@ def job_name(job) -> str:
     f = getattr(job, "func", job)
     name = getattr(f, "__name__", repr(f))
     path = next((a for a in getattr(job, "args", ()) if isinstance(a, (str, list))), "")
-    return f"{name} {Path(path[0] if isinstance(path, list) else path).name}".strip()
+    while isinstance(path, (list, tuple)):  # the first of several paths, or of (path, map) pairs
+        path = path[0] if path else ""
+    return f"{name} {Path(path).name}".strip()
 
 
 def set_argv(name: str, more: list[str]) -> list[str]:

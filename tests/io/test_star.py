@@ -110,3 +110,20 @@ def test_duplicate_label_and_non_utf8_bytes(tmp_path):
     (tmp_path / "latin1.star").write_bytes("data_particles\nloop_\n_rlnA #1\ncaf\xe9\n".encode("latin-1"))
     with pytest.raises(CryoInputError, match=r"latin1.star: line 4 holds bytes that are not UTF-8"):
         read_star(tmp_path / "latin1.star")
+
+
+def test_a_table_given_for_several_blocks_is_written_in_each(tmp_path):
+    """model.star's per-group σ² tables are one table per optics group, given for each of its groups: the text is that
+    of separate copies (star_text formats the shared table's rows once)."""
+    from cryorefine.io.star import star_text
+
+    shared = pd.DataFrame({"rlnSpectralIndex": [0, 1, 2], "rlnSigma2Noise": [1.5, 2.25e-7, 3.0]})
+    other = pd.DataFrame({"rlnSpectralIndex": [0, 1], "rlnSigma2Noise": [4.0, 5.0]})
+    blocks = {"model_group_1": shared, "model_group_2": other, "model_group_3": shared}
+    copies = {name: t.copy() for name, t in blocks.items()}
+    assert star_text(blocks) == star_text(copies)
+    write_star(tmp_path / "m.star", blocks)
+    back = read_star(tmp_path / "m.star")
+    assert list(back) == list(blocks)
+    for name, t in blocks.items():
+        np.testing.assert_allclose(back[name]["rlnSigma2Noise"], t["rlnSigma2Noise"])

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cryorefine.projection.insert import BackProjector
-from cryorefine.reconstruction.reconstruct import fourier_completeness, overall_completeness
+from cryorefine.reconstruction.reconstruct import _cube_shell_counts, fourier_completeness, overall_completeness
 
 BOX, PAD, FUDGE = 16, 3, 2.0
 
@@ -90,3 +90,12 @@ def test_overall_completeness_is_relions():
     for ssnr in ([9, 5, 3, 2, 1.5, 0.8, 2, 0.1, 0], [9] * 9, [0.5] * 9, [9, 0.5] + [0] * 7, [9, 9, 0.5] + [0] * 6):
         ssnr = np.array(ssnr, dtype=float)
         assert overall_completeness(completeness, ssnr) == pytest.approx(relion_total(completeness, ssnr), abs=1e-12)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 17, 44])
+def test_cube_shell_counts_are_the_cubes(m):
+    """overall_completeness's count of the cube's integer frequencies per shell, against the whole cube counted."""
+    k = np.arange(-(m - 1), m)
+    r = np.floor(np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)).astype(int).ravel()
+    cube = np.bincount(r[r <= m], minlength=m + 1)
+    np.testing.assert_array_equal(_cube_shell_counts(m).numpy(), cube)

@@ -7,6 +7,7 @@ below fail then.
 """
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -158,3 +159,13 @@ def test_optimiser_star_names_the_half_set_models(refined):
         assert image == str(out / f"run_it001_half{h}_class001.mrc") and (out / image).is_file()
     final = read_star(out / "run_model.star")["model_classes"]["rlnReferenceImage"].iloc[0]
     assert final == str(out / "run_class001.mrc")
+    # the last iteration's half-1 model.star has run_model.star's tables (made once for both), naming its own map
+    last = sorted(out.glob("run_it*_half1_model.star"))[-1]
+    mine, joined = read_star(last), read_star(out / "run_model.star")
+    assert list(mine) == list(joined) and len(mine) > 5
+    assert mine["model_classes"]["rlnReferenceImage"].iloc[0] == str(last).replace("_model.star", "_class001.mrc")
+    for name in mine:
+        a, b = mine[name], joined[name]
+        if name == "model_classes":
+            a, b = a.drop(columns="rlnReferenceImage"), b.drop(columns="rlnReferenceImage")
+        pd.testing.assert_frame_equal(a, b, obj=name)

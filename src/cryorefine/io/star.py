@@ -138,7 +138,9 @@ def _loop_rows(df: pd.DataFrame) -> list[str]:
     return [row % values for values in zip(*columns)]
 
 
-def _block_lines(name: str, block) -> list[str]:
+def _block_lines(name: str, block, rows: dict[int, list[str]]) -> list[str]:
+    """A block's lines; a loop_ block's rows taken from ``rows`` (by the table's id) where the same table came before
+    in this file, else formatted and kept there (model.star's per-group σ² tables: one table per optics group)."""
     lines = [f"data_{name}", ""]
     if isinstance(block, dict):
         for key, value in block.items():
@@ -149,15 +151,17 @@ def _block_lines(name: str, block) -> list[str]:
     else:
         lines.append("loop_")
         lines += [f"_{col} #{i}" for i, col in enumerate(block.columns, 1)]
-        lines += _loop_rows(block)
+        if id(block) not in rows:
+            rows[id(block)] = _loop_rows(block)
+        lines += rows[id(block)]
     return lines + ["", ""]
 
 
 def star_text(blocks: dict) -> str:
     """The text of a STAR file of ``blocks`` (write_star_table's)."""
-    lines = ["", "# version 30001", ""]
+    lines, rows = ["", "# version 30001", ""], {}
     for name, block in blocks.items():
-        lines += _block_lines(name, block)
+        lines += _block_lines(name, block, rows)
     return "\n".join(lines)
 
 

@@ -365,20 +365,21 @@ class AutoRefineMode:
         volume = m.final_map if final else state.maps[0]  # first: the report's worker draws while the files are written
         steps.submit_report(ctx, state, state.fsc.numpy(), volume, force=final)
         halves = [f"{pre}_half{h}_class001.mrc" for h in (1, 2)]
-        models = [(f"{pre}_half{h}_model.star", h - 1, halves[h - 1]) for h in (1, 2)]
+        # per half set: its model.star files, each naming its map
+        models = [[(f"{pre}_half{h}_model.star", halves[h - 1])] for h in (1, 2)]
         data_files = [f"{pre}_data.star"]
         if final:  # the seven maps of three (write_maps writes each once, then copies its file)
             unfil = [f"{pre}_half{h}_class001_unfil.mrc" for h in (1, 2)]
             finals = [f"{ctx.root}_class001.mrc", *(f"{ctx.root}_half{h}_class001_unfil.mrc" for h in (1, 2))]
             paths, maps = [*halves, *unfil, *finals], [*m.unfiltered, *m.unfiltered, m.final_map, *m.unfiltered]
-            models.append((f"{ctx.root}_model.star", 0, f"{ctx.root}_class001.mrc"))
+            models[0].append((f"{ctx.root}_model.star", f"{ctx.root}_class001.mrc"))  # half set 1's tables, once
             data_files.append(f"{ctx.root}_data.star")  # the same text as the iteration's
         else:
             paths, maps = halves, list(state.maps)
         columns = data_columns(ctx, state, random_subset=True)
         jobs = [
             partial(write_maps, paths, maps, cfg.angpix),
-            *(partial(self._write_model, ctx, state, info, *model) for model in models),
+            *(partial(self._write_model, ctx, state, info, model, files) for model, files in enumerate(models)),
             partial(write_particles, data_files, ctx.table, **columns),
             partial(write_sampling, ctx, state, pre),
         ]
@@ -391,9 +392,12 @@ class AutoRefineMode:
         # the final iteration's half maps are the unfiltered ones: the checkpoint keeps the maps themselves
         return None if final else halves
 
-    def _write_model(self, ctx: RunContext, state: RunState, info: dict, path: str, model: int, reference: str):
-        """model.star of ``model`` (the half set − 1) at ``path``, naming ``reference`` as its map."""
-        write_model_star(path, *self._model_tables(ctx, state, info, model, reference))
+    def _write_model(self, ctx: RunContext, state: RunState, info: dict, model: int, files: list[tuple[str, str]]):
+        """model.star of ``model`` (the half set − 1) at each (path, map) of ``files``, naming that map: the tables
+        made once."""
+        general, classes, *tables = self._model_tables(ctx, state, info, model, files[0][1])
+        for path, reference in files:
+            write_model_star(path, general, [{**classes[0], "rlnReferenceImage": reference}], *tables)
 
     def summary(self, ctx: RunContext, state: RunState) -> dict:
         return {

@@ -114,10 +114,9 @@ def noise_tables(ctx: RunContext, stats: ModelStatistics) -> dict[str, pd.DataFr
         on_map_shells(relion_power(s.numpy(), o.box), o.box, o.angpix, ctx.box, ctx.angpix)
         for s, o in zip(stats.sigma2, ctx.table.optics)
     ]
-    tables = {
-        f"model_group_{n + 1}": pd.DataFrame({**cols, "rlnSigma2Noise": sigma2[g]})
-        for n, g in enumerate(ctx.groups.optics)
-    }
+    # one table per optics group, shared by its micrograph groups (star_text formats a shared table once)
+    per_optics = [pd.DataFrame({**cols, "rlnSigma2Noise": s2}) for s2 in sigma2]
+    tables = {f"model_group_{n + 1}": per_optics[g] for n, g in enumerate(ctx.groups.optics)}
     for g, s2 in enumerate(sigma2):
         keep = s2 > 0
         tables[f"model_optics_group_{g + 1}"] = pd.DataFrame(
