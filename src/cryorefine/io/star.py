@@ -159,7 +159,8 @@ def _block_lines(name: str, block, rows: dict[int, list[str]]) -> list[str]:
 
 def star_text(blocks: dict) -> str:
     """The text of a STAR file of ``blocks`` (write_star_table's)."""
-    lines, rows = ["", "# version 30001", ""], {}
+    lines = ["", "# version 30001", ""]
+    rows: dict[int, list[str]] = {}
     for name, block in blocks.items():
         lines += _block_lines(name, block, rows)
     return "\n".join(lines)

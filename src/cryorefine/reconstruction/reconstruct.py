@@ -126,7 +126,7 @@ def _cube_shell_counts(m: int) -> torch.Tensor:
     sides = np.where(k == 0, 1.0, 2.0)  # ±k
     plane = np.bincount((k[:, None] ** 2 + k[None, :] ** 2).ravel(), weights=np.outer(sides, sides).ravel())
     counts = np.zeros(m + 1)
-    for kz, w in zip(k, sides):
+    for kz, w in zip(k.tolist(), sides):
         top = min(len(plane), (m + 1) ** 2 - kz * kz)  # squared radii below (m + 1)²: shells up to m
         shell = np.floor(np.sqrt(np.arange(top, dtype=np.float64) + kz * kz)).astype(np.int64)
         counts += w * np.bincount(shell, weights=plane[:top], minlength=m + 1)
