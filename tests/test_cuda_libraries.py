@@ -22,14 +22,6 @@ def test_the_thread_leaves_cufft_plans_for_the_runs_box(device):
         assert torch.backends.cuda.cufft_plan_cache.size >= 2  # the 2D pair at least
 
 
-def test_the_first_kernels_launch_on_the_device(device):
-    """The thread's early launches (the kernels a run's start-up and first iteration load) run on any device: an error
-    in one, which the thread would hide, fails here."""
-    cuda_libraries.first_kernels(device, cuda_libraries._start_kernels)
-    cuda_libraries.first_kernels(device, cuda_libraries._iteration_kernels)
-    cuda_libraries.triton_kernels(device)  # nothing to do without Triton and a GPU
-
-
 def test_expandable_segments_unless_the_environment_sets_the_allocator(device, monkeypatch):
     """On a GPU a run turns on the allocator's expandable segments, and a new block lies in an expandable segment;
     a user's PYTORCH_CUDA_ALLOC_CONF is left to rule. On the CPU there is no allocator to set."""

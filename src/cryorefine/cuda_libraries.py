@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable
-from types import SimpleNamespace
 
 import torch
 
@@ -54,7 +52,6 @@ def start(device: str, box: int) -> threading.Thread:
 def _load(device: torch.device, box: int) -> None:
     # the run's own call reports any error (no GPU memory, a broken driver): here it would only be lost
     with contextlib.suppress(Exception):
-        first_kernels(device, _start_kernels)
         images = torch.zeros(2, box, box, device=device)
         torch.fft.irfft2(torch.fft.rfft2(images), s=(box, box))  # the images' transforms (float32, 2D)
         if box <= MAX_VOLUME_BOX:
@@ -62,52 +59,4 @@ def _load(device: torch.device, box: int) -> None:
             torch.fft.irfftn(torch.fft.rfftn(volume), s=volume.shape)  # the start map's low-pass (float64, 3D)
         square = torch.zeros(64, 64, device=device)
         square @ square  # cuBLAS's handle and workspace (the coarse pass's products)
-        first_kernels(device, _iteration_kernels)
-        triton_kernels(device)
         torch.cuda.synchronize(device)
-
-
-# The kernels a run's start-up and first iteration launch first, each on a few values: CUDA loads a kernel's module
-# at its first launch (lazy loading), 2-40 ms each on an H100, with the device idle, and the run's thread waited 0.24 s
-# in its start-up and 0.32 s in its first iteration for 44 such first launches (bench/first_use_ops.py, betagal-like,
-# 2026-12-07); here they are loaded while the run reads its particles. Each call's comment: where the run makes it.
-# A module holds an operation's kernels for every dtype and size, except sorting's (a few values are sorted in
-# registers, many by a radix sort: 8,192 here). Products and transforms, whose kernels depend on their shapes, are left
-# to their first use (and TF32's switch, torch.backends.cuda.matmul.allow_tf32, is the process's: not touched here).
-def _start_kernels(t: SimpleNamespace) -> None:
-    torch.zeros_like(t.f64).index_add_(0, t.i64 % 4, t.f64)  # mstep/noise.py: shell sums
-    t.f64[t.mask], t.mask.sum(), t.f64 == 0.5  # noise.py: the pixels inside, their count, empty shells
-    torch.where(t.f64 <= 0.5, 1.0, torch.cos(torch.sqrt(t.f64**2 + t.f64) / 2.0))  # fourier/filters.py: soft edges
-    torch.round(torch.sqrt(t.f64)).long()  # fourier/grids.py: shells
-    torch.empty(1, pin_memory=t.f64.is_cuda)  # transfer.py: the first pinned buffer
-
-
-def _iteration_kernels(t: SimpleNamespace) -> None:
-    t.f64.view(4, 2, 2) @ torch.eye(2, dtype=t.f64.dtype, device=t.f64.device)  # estep/poses.py: perturbed rotations
-    t.i64 // 3, t.i64 % 3, (t.i64.int() >> 1) & 3, t.mask & t.mask  # poses.py, weights.py: ids, radix keys
-    torch.argsort(t.many), torch.sort(t.many.float(), descending=True), torch.topk(t.many.float(), 4)  # weights.py
-    torch.softmax(t.f32.view(4, 4), 1), torch.log(torch.exp(t.f64))  # weights.py: posteriors
-    torch.maximum(t.f64, t.f64), t.f32.min(0), t.f64.max(), t.f64.mean(), t.f32.argmax(), t.f64.argmin()  # M-step
-    t.f64.view(4, 4).cumsum(1), t.c64.index_select(0, t.i64 % 4), torch.complex(t.f32, t.f32)  # grids.py, extract.py
-    torch.acos(t.f32.clamp(-1, 1)), torch.atan2(t.f64, t.f64), torch.atan(t.f64), -t.f64, t.f64.abs()  # ctf.py
-
-
-def first_kernels(device: torch.device, kernels: Callable[[SimpleNamespace], None]) -> None:
-    """Launch ``kernels``' calls (_start_kernels, _iteration_kernels) on a few values on ``device``."""
-    f64 = torch.linspace(0.1, 1.0, 16, dtype=torch.float64, device=device)
-    i64 = torch.arange(16, device=device)
-    many = torch.arange(8192, 0, -1, device=device)
-    kernels(SimpleNamespace(f64=f64, f32=f64.float(), c64=f64.to(torch.complex64), i64=i64, many=many, mask=f64 > 0.5))
-
-
-def triton_kernels(device: torch.device) -> None:
-    """The Triton kernels whose first launch in a process costs most (loading their compiled code; H100: extraction
-    46 ms, insertion 13 ms, the others 2-4 ms; bench/triton_first_launch.py), launched on a few values."""
-    from .projection import extract_kernel, insert_kernel
-
-    grid = torch.zeros(8, 8, 5, dtype=torch.complex64, device=device)
-    if not (extract_kernel.available(grid) and insert_kernel.available(grid.real)):
-        return
-    rot, k = torch.eye(3, device=device)[None], torch.zeros(4, device=device)
-    extract_kernel.extract_fused(grid, 2, rot, k, k, torch.empty(1, 2, 4, device=device))
-    insert_kernel.insert_fused(grid, torch.zeros(8, 8, 5, device=device), 2, rot, k, k, grid[0, 0, :4][None], k[None])
