@@ -81,7 +81,9 @@ def main() -> None:
         at = sys.argv.index("--set")
         rest = set_argv(sys.argv[at + 1], sys.argv[at + 2 :])
     side_by_side = auto_refine.side_by_side
-    auto_refine.side_by_side = lambda jobs, threads: side_by_side([timed(job_name(j), j) for j in jobs], threads)
+    auto_refine.side_by_side = lambda jobs, threads, **kw: side_by_side(
+        [timed(job_name(j), j) for j in jobs], threads, **kw
+    )
     loop.write_checkpoint = timed("write_checkpoint", loop.write_checkpoint)
     loop.iterate = timed("iteration", loop.iterate)
     ReportRefresher.flush = timed("report flush", ReportRefresher.flush)
