@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "src"))  # after PYTHONPATH: CRYOREFINE_SRC wins
 from cryorefine.cli import main as cli  # noqa: E402
 from cryorefine.io.background import BackgroundWriter  # noqa: E402
 from cryorefine.refine import auto_refine, loop  # noqa: E402

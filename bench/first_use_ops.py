@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.overrides import TorchFunctionMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "src"))  # after PYTHONPATH: CRYOREFINE_SRC wins
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import paper_bench  # noqa: E402
 from cryorefine.cli import main as cli  # noqa: E402

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "src"))  # after PYTHONPATH: CRYOREFINE_SRC wins
 from cryorefine.estep import coarse_epilogue, fused_local  # noqa: E402
 from cryorefine.projection import extract_kernel, insert_kernel, triton_cache_key  # noqa: E402
 
