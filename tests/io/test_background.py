@@ -122,15 +122,6 @@ def test_files_side_by_side_run_at_once_with_the_callers_text_maker(tmp_path):
     )
     side_by_side([lambda n=n: order.append(n) for n in range(5)], threads=1)
     assert order == list(range(5))
-    # the run's end: the jobs make their text themselves; the caller's maker is left as it was
-    token = star.TEXT_MAKER.set(star.star_text)
-    try:
-        for threads in (1, 3):
-            seen.clear()
-            side_by_side([job("third"), job("third")], threads=threads, star_text_here=True)
-            assert seen == [None, None] and star.TEXT_MAKER.get() is star.star_text
-    finally:
-        star.TEXT_MAKER.reset(token)
 
 
 def test_a_star_file_for_several_paths_has_its_text_made_once(tmp_path):

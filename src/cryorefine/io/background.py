@@ -16,23 +16,16 @@ from .. import worker_process
 from . import star
 
 
-def side_by_side(jobs: Sequence[Callable[[], object]], threads: int, star_text_here: bool = False) -> None:
+def side_by_side(jobs: Sequence[Callable[[], object]], threads: int) -> None:
     """Run independent file jobs (``threads`` at once; one: here, in order), each with the caller's context (the
     STAR text's maker, TEXT_MAKER); the first error is raised once all have ended. For the files a run's end waits
-    for: the map writes let go of the interpreter lock. ``star_text_here``: the jobs make their STAR files' text
-    themselves, not in the caller's maker (the worker process, which makes one text at a time)."""
-
-    def run(job: Callable[[], object]) -> None:
-        if star_text_here:
-            star.TEXT_MAKER.set(None)  # in this job's copy of the context only
-        job()
-
+    for: the map writes let go of the interpreter lock, and STAR files' text is made in the worker process."""
     if threads <= 1:
         for job in jobs:
-            contextvars.copy_context().run(run, job)
+            job()
         return
     with ThreadPoolExecutor(min(threads, len(jobs)), thread_name_prefix="cryorefine-files") as pool:
-        done = [pool.submit(contextvars.copy_context().run, run, job) for job in jobs]
+        done = [pool.submit(contextvars.copy_context().run, job) for job in jobs]
     for future in done:
         future.result()
 

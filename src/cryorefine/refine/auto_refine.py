@@ -388,10 +388,7 @@ class AutoRefineMode:
             radius = cfg.particle_diameter / (2 * cfg.angpix)
             bild = f"{ctx.root}_class001_angdist.bild"
             jobs.append(partial(write_angdist_bild, bild, p.rot_deg, p.tilt_deg, radius, ctx.box // 2, cfg.angpix))
-        # the last iteration's files hold up the run's end, and its thread waits: their STAR text is made in the
-        # file threads, not queued for the one worker process (H100, betagal-like: sampling.star's 3 ms of text was
-        # done 0.15 s after it started; bench/results/2026-12-07d-device-runs.md)
-        side_by_side(jobs, FINAL_FILE_THREADS if final else 1, star_text_here=final)
+        side_by_side(jobs, FINAL_FILE_THREADS if final else 1)
         # the final iteration's half maps are the unfiltered ones: the checkpoint keeps the maps themselves
         return None if final else halves
 
