@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import json
+import shlex
+import shutil
 import sys
 import threading
 import time
@@ -22,6 +24,9 @@ from cryorefine.cli import main as cli  # noqa: E402
 from cryorefine.io.background import BackgroundWriter  # noqa: E402
 from cryorefine.refine import auto_refine, loop  # noqa: E402
 from cryorefine.refine.report_refresh import ReportRefresher  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from startup_phases import set_command  # noqa: E402  (bench/: the script's folder)
 
 EVENTS: list[dict] = []
 T0 = time.perf_counter()
@@ -58,25 +63,18 @@ def job_name(job) -> str:
 
 
 def set_argv(name: str, more: list[str]) -> list[str]:
-    """The refine arguments of paper benchmark ``name`` on its data (paper_bench.py build), a clean start."""
-    import shutil
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import paper_bench
-
-    s = paper_bench.SETS[name]
-    data, run = Path("/tmp/cryobench") / name / "data", Path("/tmp/closing_jobs") / name
+    """The command line of paper benchmark ``name`` on its data (paper_bench.py build) with ``more``, a clean start in
+    /tmp/closing_jobs/NAME."""
+    run = Path("/tmp/closing_jobs") / name
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
-    ref = data / f"init{int(s.ini_high)}.mrc"
-    argv = ["--i", str(data / "particles_noposes.star"), "--o", str(run / "run"), "--ref", str(ref), *s.our_flags]
-    return argv + more
+    return set_command(name, "/tmp/cryobench", False, shlex.join(more), str(run / "run"))
 
 
 def main() -> None:
     out = sys.argv[1]
     if "--" in sys.argv:
-        rest = sys.argv[sys.argv.index("--") + 1 :]
+        rest = ["refine", *sys.argv[sys.argv.index("--") + 1 :]]
     else:
         at = sys.argv.index("--set")
         rest = set_argv(sys.argv[at + 1], sys.argv[at + 2 :])
@@ -90,7 +88,7 @@ def main() -> None:
     BackgroundWriter.close = timed("writer close", BackgroundWriter.close)
     submit = auto_refine.steps.submit_report
     auto_refine.steps.submit_report = timed("submit_report", submit)
-    rc = cli.main(["refine", *rest])
+    rc = cli.main(rest)
     ends = [e["end_s"] for e in EVENTS if e["job"] == "iteration"]
     last = ends[-1] if ends else 0.0
     tail = [dict(e, start_s=round(e["start_s"] - last, 4), end_s=round(e["end_s"] - last, 4)) for e in EVENTS]

@@ -11,6 +11,7 @@ Data from `paper_bench.py build SET` in /tmp/cryobench/SET/data; the run goes to
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import statistics
 import sys
@@ -23,9 +24,9 @@ from torch.overrides import TorchFunctionMode
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "src"))  # after PYTHONPATH: CRYOREFINE_SRC wins
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import paper_bench  # noqa: E402
 from cryorefine.cli import main as cli  # noqa: E402
 from cryorefine.refine import loop  # noqa: E402
+from startup_phases import set_command  # noqa: E402  (bench/: the script's folder)
 
 SLOW_S = 0.002  # first calls reported: at least this long, and 3× their kind's later median
 
@@ -72,12 +73,10 @@ class FirstUse(TorchFunctionMode):
 def main() -> None:
     out, at = sys.argv[1], sys.argv.index("--set")
     name = sys.argv[at + 1]
-    s = paper_bench.SETS[name]
-    data, run = Path("/tmp/cryobench") / name / "data", Path("/tmp/first_use_ops") / name
+    run = Path("/tmp/first_use_ops") / name
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
-    argv = ["refine", "--i", str(data / "particles_noposes.star"), "--o", str(run / "run")]
-    argv += ["--ref", str(data / f"init{int(s.ini_high)}.mrc"), *s.our_flags, *sys.argv[at + 2 :]]
+    argv = set_command(name, "/tmp/cryobench", False, shlex.join(sys.argv[at + 2 :]), str(run / "run"))
     mode = FirstUse()
     iterate = loop.iterate
 

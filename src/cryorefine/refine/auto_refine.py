@@ -335,16 +335,15 @@ class AutoRefineMode:
         return new, record, info
 
     # ------------------------------------------------------------------ files
-    def _model_tables(self, ctx: RunContext, state: RunState, info: dict, model: int, reference: str) -> tuple:
+    def _model_tables(self, ctx: RunContext, state: RunState, info: dict, model: int) -> tuple:
         """model.star's tables of ``model`` (the half set − 1; in the final iteration the halves' pooled statistics,
-        the same for both), whose map is the file ``reference``."""
+        the same for both); model_classes without its map (rlnReferenceImage, one per file: _write_model)."""
         stats, m = state.stats[model], info["m"]
         rows = slice(None) if state.schedule.final_iteration else np.flatnonzero(state.halves - 1 == model)
         general = model_general(ctx, state, stats, rows, info["resolution_angst"], info["window_shell"])
         ssnr, completeness = fsc_to_ssnr(state.fsc), m.completeness[min(model, len(m.completeness) - 1)]
         classes = [
             {
-                "rlnReferenceImage": reference,
                 "rlnClassDistribution": 1.0,
                 "rlnAccuracyRotations": info["accuracy"][0],
                 "rlnAccuracyTranslationsAngst": info["accuracy"][1] * ctx.angpix,
@@ -395,9 +394,9 @@ class AutoRefineMode:
     def _write_model(self, ctx: RunContext, state: RunState, info: dict, model: int, files: list[tuple[str, str]]):
         """model.star of ``model`` (the half set − 1) at each (path, map) of ``files``, naming that map: the tables
         made once."""
-        general, classes, *tables = self._model_tables(ctx, state, info, model, files[0][1])
+        general, classes, *tables = self._model_tables(ctx, state, info, model)
         for path, reference in files:
-            write_model_star(path, general, [{**classes[0], "rlnReferenceImage": reference}], *tables)
+            write_model_star(path, general, [{"rlnReferenceImage": reference, **classes[0]}], *tables)
 
     def summary(self, ctx: RunContext, state: RunState) -> dict:
         return {
